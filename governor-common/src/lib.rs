@@ -1,0 +1,175 @@
+//! Types shared between the eBPF programs (`nodedb-governor-ebpf`) and the
+//! agent that loads them. Everything here is `#[repr(C)]` and plain old data:
+//! the same bytes are written by the kernel side and read by userspace.
+//!
+//! # Slots
+//! Every counter lives in a *slot*: an index into the per-CPU
+//! [`SlotStats`] array. The agent hands out slots; each governed process gets
+//! two of its own (its `unattributed` bucket for threads with no engine, and
+//! its `external` bucket for changes made to its memory from outside the
+//! process, such as reclaim), and each engine gets one.
+#![no_std]
+
+/// Number of slots in the per-CPU statistics array.
+pub const MAX_SLOTS: u32 = 1024;
+/// Number of governed processes the maps can hold.
+pub const MAX_PROCS: u32 = 256;
+/// Number of engine cgroups the identity map can hold.
+pub const MAX_ENGINE_CGROUPS: u32 = 1024;
+/// Number of threads the TID fallback map can hold.
+pub const MAX_TIDS: u32 = 65_536;
+/// Number of 2 MiB regions whose faulting engine is remembered.
+pub const MAX_REGIONS: u32 = 262_144;
+/// Ownership of memory is remembered per region of this many bytes (a PMD,
+/// the unit the kernel zaps and batches RSS updates in).
+pub const REGION_SHIFT: u32 = 21;
+/// No slot: the thread or region is not attributed.
+pub const NO_SLOT: u32 = u32::MAX;
+
+/// Resident-memory kinds, as buckets of [`SlotStats::resident_bytes`]. The
+/// kernel's `MM_*` counter numbers are mapped onto these at load time from
+/// the `rss_stat` tracepoint's print format, so a kernel that renumbers its
+/// counters does not silently swap them.
+pub mod kind {
+    pub const FILE: usize = 0;
+    pub const ANON: usize = 1;
+    pub const SWAP: usize = 2;
+    pub const SHMEM: usize = 3;
+    pub const COUNT: usize = 4;
+    /// Marks a kernel counter number the agent does not know.
+    pub const UNKNOWN: u8 = u8::MAX;
+}
+
+/// Counters of one slot on one CPU. Userspace sums them over CPUs; a single
+/// CPU's value may be negative (memory faulted on one CPU, released on
+/// another).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotStats {
+    /// Net resident bytes per [`kind`].
+    pub resident_bytes: [i64; kind::COUNT],
+    /// Net bytes of address space mapped (mmap, brk growth) minus unmapped.
+    pub mapped_bytes: i64,
+    /// User page faults taken by the slot's threads.
+    pub page_faults: u64,
+    /// Bytes this slot's threads released that another slot owned.
+    pub released_for_others_bytes: i64,
+    /// `rss_stat` events attributed to this slot.
+    pub rss_events: u64,
+}
+
+/// A governed process, keyed by TGID.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcInfo {
+    /// Slot for governed threads that belong to no engine.
+    pub unattributed_slot: u32,
+    /// Slot for changes to the process's memory made outside it (reclaim,
+    /// another process's access).
+    pub external_slot: u32,
+    /// Resident bytes per [`kind`] when the process was registered; the
+    /// first `rss_stat` event measures its delta against these.
+    pub baseline_bytes: [i64; kind::COUNT],
+}
+
+/// Last seen RSS counter values of one address space, keyed by the
+/// tracepoint's `mm_id`. Updated with atomic exchange so deltas computed on
+/// different CPUs always add up to the kernel's counter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmState {
+    pub last_bytes: [i64; kind::COUNT],
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// Key of the engine-by-cgroup map: a cgroup id within one process, so
+/// each process's engines have slots of their own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CgroupKey {
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// Key of the region-ownership map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RegionKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    /// Virtual address >> [`REGION_SHIFT`].
+    pub region: u64,
+}
+
+/// A release syscall (munmap, madvise, brk shrink) in progress on a thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReleaseCtx {
+    /// Slot that owned the released range, or [`NO_SLOT`].
+    pub owner_slot: u32,
+    /// Which syscall (`SYSCALL_*`).
+    pub syscall: u32,
+    /// Length of the range in bytes (munmap: mapped bytes go away).
+    pub len: u64,
+}
+
+pub const SYSCALL_MUNMAP: u32 = 1;
+pub const SYSCALL_MADVISE: u32 = 2;
+pub const SYSCALL_BRK: u32 = 3;
+pub const SYSCALL_MMAP: u32 = 4;
+
+/// Per-thread state between a syscall's entry and exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingMap {
+    pub len: u64,
+}
+
+/// Field offsets inside classic tracepoint records, read from tracefs
+/// `format` files at load time and written into the programs' read-only data.
+/// A kernel that moves a field therefore never feeds us garbage.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceOffsets {
+    pub rss_stat_mm_id: u32,
+    pub rss_stat_curr: u32,
+    pub rss_stat_member: u32,
+    pub rss_stat_size: u32,
+    pub munmap_addr: u32,
+    pub munmap_len: u32,
+    pub madvise_start: u32,
+    pub madvise_len: u32,
+    pub brk_brk: u32,
+    pub mmap_len: u32,
+    /// `ret` of every `syscalls/sys_exit_*` record we attach to.
+    pub sys_exit_ret: u32,
+    pub fork_parent_pid: u32,
+    pub fork_child_pid: u32,
+    pub _pad: u32,
+    /// `kind` bucket for each kernel `MM_*` counter number (index), or
+    /// [`kind::UNKNOWN`].
+    pub member_kind: [u8; 8],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type below is #[repr(C)], Copy, made of integers with
+    // explicit padding fields, so any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::SlotStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ProcInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MmState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RegionKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ReleaseCtx {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TraceOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PendingMap {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CgroupKey {}
+}

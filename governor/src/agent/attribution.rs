@@ -1,0 +1,534 @@
+//! Kernel attribution: loads the eBPF programs, keeps the maps that tell
+//! them which processes and threads are governed, and reads back resident
+//! bytes per engine.
+//!
+//! # Which source counts memory, and what it costs
+//! Two kernel sources could count an engine's resident memory:
+//! 1. `kmem/rss_stat`: the kernel's own RSS counters, one event per change.
+//!    We difference successive values with an atomic exchange, so the sum
+//!    over engines equals the counter exactly, whatever the interleaving. It
+//!    sees everything that changes RSS: transparent huge pages (512 pages in
+//!    one event), file fault-around (up to 16 pages per fault),
+//!    `MAP_POPULATE`, `mlock`, get_user_pages from the kernel, and frees.
+//!    On 6.1 (`SPLIT_RSS_COUNTING`) a thread's changes reach the mm counter
+//!    in batches of 64 (and at exit); from 6.2 every change fires, and the
+//!    kernel sums the per-CPU counters for each record, the cost the issue
+//!    warned about.
+//! 2. `exceptions/page_fault_user` alone, counting 4 KiB per fault: cheap,
+//!    but wrong wherever one fault maps more or less than one page.
+//!
+//! Measured on the 6.18 host (`cargo xtask bench`, see the README for the
+//! current table): source 2 misses fault-around and THP entirely and
+//! counts minor faults that add nothing, while source 1 matches VmRSS; the
+//! extra cost of the `rss_stat` program on a fault-heavy loop is reported
+//! there as a ratio against the same loop untraced. We count with source 1
+//! and use source 2 only for fault counts and for remembering which engine
+//! faulted each 2 MiB region (so a release by another thread is charged
+//! back to the owner).
+//!
+//! # Buckets
+//! Each process has an `unattributed` slot (governed threads with no
+//! engine) and an `external` slot (changes made from outside the process:
+//! reclaim, exit teardown). When reading, the external slot is spread over
+//! the process's engines in proportion to what they hold of that kind, and a
+//! bucket that would read negative (its memory was released by code we
+//! could not tie back to an owner) is clamped at zero with the remainder
+//! moved to `unattributed`, so the parts always add up to the process total.
+
+use std::{collections::BTreeMap, path::Path};
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
+    programs::{BtfTracePoint, TracePoint},
+};
+use nodedb_governor_common::{
+    CgroupKey, MAX_SLOTS, ProcInfo, SlotStats, kind,
+};
+
+use super::{
+    error::AgentError,
+    procfs,
+    status::{EngineUsage, ProcessUsage, Usage},
+    tracefs::{self, TraceFs},
+};
+
+/// The compiled eBPF object, built by `build.rs` with aya-build.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodedb-governor-ebpf"));
+
+/// Classic tracepoints we attach: (program, category, event).
+const TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("rss_stat", "kmem", "rss_stat"),
+    ("sys_enter_munmap", "syscalls", "sys_enter_munmap"),
+    ("sys_exit_munmap", "syscalls", "sys_exit_munmap"),
+    ("sys_enter_madvise", "syscalls", "sys_enter_madvise"),
+    ("sys_exit_madvise", "syscalls", "sys_exit_madvise"),
+    ("sys_enter_brk", "syscalls", "sys_enter_brk"),
+    ("sys_exit_brk", "syscalls", "sys_exit_brk"),
+    ("sys_enter_mmap", "syscalls", "sys_enter_mmap"),
+    ("sys_exit_mmap", "syscalls", "sys_exit_mmap"),
+    ("sched_process_fork", "sched", "sched_process_fork"),
+    ("sched_process_exit", "sched", "sched_process_exit"),
+];
+
+/// Which programs to attach. The full set is what the agent runs; the
+/// others exist so the tracing-cost benchmark can price each source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgramSet {
+    /// Everything: the agent's configuration.
+    Full,
+    /// Only `page_fault_user` (source 2 above).
+    FaultsOnly,
+    /// Only `rss_stat` (source 1 above).
+    RssOnly,
+}
+
+/// How a thread's engine is recognised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Identity {
+    /// The thread's cgroup v2 id (a threaded child cgroup per engine).
+    Cgroup,
+    /// The TID-to-engine map (where threaded cgroups are unavailable).
+    Tid,
+}
+
+struct TrackedProcess {
+    pid: u32,
+    start_time: u64,
+    unattributed_slot: u32,
+    external_slot: u32,
+    engines: BTreeMap<String, u32>,
+    cgroup_keys: Vec<CgroupKey>,
+    tids: Vec<u32>,
+}
+
+/// The loaded programs and the registry of governed processes.
+pub struct Attribution {
+    // Keeps programs and links alive; dropping it detaches everything.
+    _ebpf: Ebpf,
+    stats: PerCpuArray<MapData, SlotStats>,
+    procs_map: BpfHashMap<MapData, u32, ProcInfo>,
+    by_cgroup: BpfHashMap<MapData, CgroupKey, u32>,
+    by_tid: BpfHashMap<MapData, u32, u32>,
+    nr_cpus: usize,
+    free_slots: Vec<u32>,
+    procs: BTreeMap<u32, TrackedProcess>,
+}
+
+/// Checks what loading needs, naming what is missing.
+pub fn check_prerequisites() -> Result<(), AgentError> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        let caps = procfs::effective_caps().unwrap_or(0);
+        let missing: Vec<&str> = [
+            (38u32, "CAP_PERFMON"),
+            (39, "CAP_BPF"),
+            (21, "CAP_SYS_ADMIN"),
+        ]
+        .into_iter()
+        .filter(|(bit, _)| caps & (1 << bit) == 0)
+        .map(|(_, name)| name)
+        .collect();
+        if !missing.is_empty() {
+            return Err(AgentError::NotPrivileged {
+                uid: euid,
+                missing: missing.join(", "),
+            });
+        }
+    }
+    if !Path::new(super::paths::VMLINUX_BTF).exists() {
+        return Err(AgentError::NoBtf {
+            path: super::paths::VMLINUX_BTF.into(),
+        });
+    }
+    Ok(())
+}
+
+impl Attribution {
+    /// Loads and attaches the programs.
+    pub fn load(set: ProgramSet) -> Result<Self, AgentError> {
+        check_prerequisites()?;
+        raise_memlock();
+        let tracefs = TraceFs::find_or_mount()?;
+        let offsets = tracefs::trace_offsets(&tracefs)?;
+        let btf = Btf::from_sys_fs().map_err(|e| AgentError::ebpf("reading kernel BTF", e))?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global("OFFSETS", &offsets, true)
+            .load(EBPF_OBJECT)
+            .map_err(|e| AgentError::ebpf("loading the eBPF object", e))?;
+
+        let wanted = |name: &str| match set {
+            ProgramSet::Full => true,
+            ProgramSet::FaultsOnly => name == "page_fault_user",
+            ProgramSet::RssOnly => name == "rss_stat",
+        };
+        for &(prog, category, event) in TRACEPOINTS {
+            if !wanted(prog) {
+                continue;
+            }
+            let program: &mut TracePoint = ebpf
+                .program_mut(prog)
+                .ok_or_else(|| AgentError::ebpf(format!("program {prog}"), missing("program")))?
+                .try_into()
+                .map_err(|e| AgentError::ebpf(format!("program {prog} type"), e))?;
+            program.load().map_err(|e| AgentError::ebpf(format!("loading {prog}"), e))?;
+            program
+                .attach(category, event)
+                .map_err(|e| AgentError::ebpf(format!("attaching {prog} to {category}/{event}"), e))?;
+        }
+        if wanted("page_fault_user") {
+            let program: &mut BtfTracePoint = ebpf
+                .program_mut("page_fault_user")
+                .ok_or_else(|| AgentError::ebpf("program page_fault_user", missing("program")))?
+                .try_into()
+                .map_err(|e| AgentError::ebpf("program page_fault_user type", e))?;
+            program
+                .load("page_fault_user", &btf)
+                .map_err(|e| AgentError::ebpf("loading page_fault_user", e))?;
+            program
+                .attach()
+                .map_err(|e| AgentError::ebpf("attaching page_fault_user", e))?;
+        }
+
+        let stats = take(&mut ebpf, "STATS")?;
+        let procs_map = take(&mut ebpf, "PROCS")?;
+        let by_cgroup = take(&mut ebpf, "ENGINE_BY_CGROUP")?;
+        let by_tid = take(&mut ebpf, "ENGINE_BY_TID")?;
+        let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| AgentError::io(what, e))?;
+        Ok(Self {
+            _ebpf: ebpf,
+            stats,
+            procs_map,
+            by_cgroup,
+            by_tid,
+            nr_cpus,
+            free_slots: (0..MAX_SLOTS).rev().collect(),
+            procs: BTreeMap::new(),
+        })
+    }
+
+    fn alloc_slot(&mut self) -> Result<u32, AgentError> {
+        let slot = self.free_slots.pop().ok_or(AgentError::Full {
+            what: "counter slots",
+            limit: MAX_SLOTS,
+        })?;
+        // A reused slot starts from zero on every CPU.
+        let zero = PerCpuValues::try_from(vec![SlotStats::default(); self.nr_cpus])
+            .map_err(|e| AgentError::io("building per-CPU zeroes", e))?;
+        self.stats
+            .set(slot, zero, 0)
+            .map_err(|e| AgentError::ebpf(format!("resetting slot {slot}"), e))?;
+        Ok(slot)
+    }
+
+    /// Starts governing process `pid` with the named engines. Its current
+    /// resident memory is the baseline and counts as unattributed.
+    pub fn register_process(&mut self, pid: u32, engines: &[String]) -> Result<(), AgentError> {
+        if self.procs.contains_key(&pid) {
+            return Ok(());
+        }
+        let start_time = procfs::start_time(pid)?;
+        let baseline = procfs::rss_breakdown(pid)?;
+        let unattributed_slot = self.alloc_slot()?;
+        let external_slot = self.alloc_slot()?;
+        let mut slots = BTreeMap::new();
+        for name in engines {
+            slots.insert(name.clone(), self.alloc_slot()?);
+        }
+        let mut baseline_bytes = [0i64; kind::COUNT];
+        baseline_bytes[kind::ANON] = baseline.anon as i64;
+        baseline_bytes[kind::FILE] = baseline.file as i64;
+        baseline_bytes[kind::SHMEM] = baseline.shmem as i64;
+        baseline_bytes[kind::SWAP] = baseline.swap as i64;
+        // The baseline is resident before we started: it is unattributed.
+        let mut seed = SlotStats::default();
+        seed.resident_bytes = baseline_bytes;
+        let mut per_cpu = vec![SlotStats::default(); self.nr_cpus];
+        per_cpu[0] = seed;
+        self.stats
+            .set(
+                unattributed_slot,
+                PerCpuValues::try_from(per_cpu).map_err(|e| AgentError::io("per-CPU seed", e))?,
+                0,
+            )
+            .map_err(|e| AgentError::ebpf("seeding baseline", e))?;
+        let info = ProcInfo {
+            unattributed_slot,
+            external_slot,
+            baseline_bytes,
+        };
+        self.procs_map
+            .insert(pid, info, 0)
+            .map_err(|e| AgentError::ebpf(format!("registering pid {pid}"), e))?;
+        self.procs.insert(
+            pid,
+            TrackedProcess {
+                pid,
+                start_time,
+                unattributed_slot,
+                external_slot,
+                engines: slots,
+                cgroup_keys: Vec::new(),
+                tids: Vec::new(),
+            },
+        );
+        tracing::info!(pid, engines = engines.len(), "process registered");
+        Ok(())
+    }
+
+    /// Whether `pid` is governed.
+    pub fn is_registered(&self, pid: u32) -> bool {
+        self.procs.contains_key(&pid)
+    }
+
+    fn engine_slot(&self, pid: u32, engine: &str) -> Result<u32, AgentError> {
+        let proc_ = self
+            .procs
+            .get(&pid)
+            .ok_or(AgentError::NoSuchProcess { pid })?;
+        proc_
+            .engines
+            .get(engine)
+            .copied()
+            .ok_or_else(|| AgentError::UnknownEngine {
+                name: engine.to_owned(),
+                known: proc_.engines.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
+    }
+
+    /// Tells the programs that threads of `pid` in cgroup `cgroup_id` belong
+    /// to `engine` (cgroup identity).
+    pub fn bind_cgroup(&mut self, pid: u32, engine: &str, cgroup_id: u64) -> Result<(), AgentError> {
+        let slot = self.engine_slot(pid, engine)?;
+        let key = CgroupKey {
+            cgroup_id,
+            tgid: pid,
+            _pad: 0,
+        };
+        self.by_cgroup
+            .insert(key, slot, 0)
+            .map_err(|e| AgentError::ebpf(format!("binding cgroup {cgroup_id} to {engine}"), e))?;
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.cgroup_keys.push(key);
+        }
+        Ok(())
+    }
+
+    /// Assigns thread `tid` of `pid` to `engine` through the TID map. Threads
+    /// it creates afterwards inherit the engine.
+    pub fn assign_tid(&mut self, pid: u32, tid: u32, engine: &str) -> Result<(), AgentError> {
+        if !Path::new(&format!("/proc/{pid}/task/{tid}")).exists() {
+            return Err(AgentError::NoSuchThread { pid, tid });
+        }
+        let slot = self.engine_slot(pid, engine)?;
+        self.by_tid
+            .insert(tid, slot, 0)
+            .map_err(|e| AgentError::ebpf(format!("assigning thread {tid} to {engine}"), e))?;
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.tids.push(tid);
+        }
+        Ok(())
+    }
+
+    /// Stops governing `pid`: removes it from every map and frees its slots.
+    pub fn forget_process(&mut self, pid: u32) {
+        let Some(p) = self.procs.remove(&pid) else {
+            return;
+        };
+        let _ = self.procs_map.remove(&pid);
+        for key in &p.cgroup_keys {
+            let _ = self.by_cgroup.remove(key);
+        }
+        for tid in &p.tids {
+            let _ = self.by_tid.remove(tid);
+        }
+        self.free_slots.push(p.unattributed_slot);
+        self.free_slots.push(p.external_slot);
+        self.free_slots.extend(p.engines.values().copied());
+        tracing::info!(pid = p.pid, "process forgotten");
+    }
+
+    /// Forgets processes that have exited (or whose pid was reused), and
+    /// returns their pids.
+    pub fn reap_exited(&mut self) -> Vec<u32> {
+        let gone: Vec<u32> = self
+            .procs
+            .values()
+            .filter(|p| procfs::start_time(p.pid).ok() != Some(p.start_time))
+            .map(|p| p.pid)
+            .collect();
+        for pid in &gone {
+            self.forget_process(*pid);
+        }
+        gone
+    }
+
+    fn read_slot(&self, slot: u32) -> Result<SlotStats, AgentError> {
+        let values = self
+            .stats
+            .get(&slot, 0)
+            .map_err(|e| AgentError::ebpf(format!("reading slot {slot}"), e))?;
+        let mut sum = SlotStats::default();
+        for v in values.iter() {
+            for k in 0..kind::COUNT {
+                sum.resident_bytes[k] += v.resident_bytes[k];
+            }
+            sum.mapped_bytes += v.mapped_bytes;
+            sum.page_faults += v.page_faults;
+            sum.released_for_others_bytes += v.released_for_others_bytes;
+            sum.rss_events += v.rss_events;
+        }
+        Ok(sum)
+    }
+
+    /// Reads every governed process's attribution.
+    pub fn usage(&self) -> Result<Usage, AgentError> {
+        let mut processes = Vec::new();
+        for p in self.procs.values() {
+            let mut engines = BTreeMap::new();
+            for (name, slot) in &p.engines {
+                engines.insert(name.clone(), self.read_slot(*slot)?);
+            }
+            let unattributed = self.read_slot(p.unattributed_slot)?;
+            let external = self.read_slot(p.external_slot)?;
+            let vm_rss_bytes = procfs::rss_breakdown(p.pid).map(|b| b.total()).ok();
+            processes.push(settle(p.pid, engines, unattributed, external, vm_rss_bytes));
+        }
+        Ok(Usage { processes })
+    }
+}
+
+/// Turns raw slot counters into the reported figures: spreads the external
+/// slot over the buckets and clamps negatives into `unattributed`.
+fn settle(
+    pid: u32,
+    engines: BTreeMap<String, SlotStats>,
+    unattributed: SlotStats,
+    external: SlotStats,
+    vm_rss_bytes: Option<u64>,
+) -> ProcessUsage {
+    let names: Vec<String> = engines.keys().cloned().collect();
+    let mut rows: Vec<SlotStats> = engines.into_values().collect();
+    rows.push(unattributed);
+    for k in 0..kind::COUNT {
+        let ext = external.resident_bytes[k];
+        if ext != 0 {
+            let held: i64 = rows.iter().map(|r| r.resident_bytes[k].max(0)).sum();
+            let mut left = ext;
+            if held > 0 {
+                for r in rows.iter_mut() {
+                    let share = (ext as i128 * r.resident_bytes[k].max(0) as i128 / held as i128) as i64;
+                    r.resident_bytes[k] += share;
+                    left -= share;
+                }
+            }
+            // Rounding remainder, or nothing held at all: unattributed.
+            if let Some(last) = rows.last_mut() {
+                last.resident_bytes[k] += left;
+            }
+        }
+        let deficit: i64 = rows[..names.len()]
+            .iter_mut()
+            .map(|r| {
+                let neg = r.resident_bytes[k].min(0);
+                r.resident_bytes[k] -= neg;
+                neg
+            })
+            .sum();
+        if let Some(last) = rows.last_mut() {
+            last.resident_bytes[k] += deficit;
+        }
+    }
+    let unattributed = rows.pop().map(engine_usage).unwrap_or_default();
+    let engines = names
+        .into_iter()
+        .zip(rows)
+        .map(|(n, r)| (n, engine_usage(r)))
+        .collect();
+    ProcessUsage {
+        pid,
+        engines,
+        unattributed,
+        vm_rss_bytes,
+    }
+}
+
+fn engine_usage(s: SlotStats) -> EngineUsage {
+    let r = |k: usize| s.resident_bytes[k].max(0) as u64;
+    EngineUsage {
+        resident_bytes: r(kind::ANON) + r(kind::FILE) + r(kind::SHMEM),
+        anon_bytes: r(kind::ANON),
+        file_bytes: r(kind::FILE),
+        shmem_bytes: r(kind::SHMEM),
+        swap_bytes: r(kind::SWAP),
+        mapped_bytes: s.mapped_bytes.max(0) as u64,
+        page_faults: s.page_faults,
+        released_for_others_bytes: s.released_for_others_bytes.max(0) as u64,
+    }
+}
+
+fn take<V: TryFrom<aya::maps::Map>>(ebpf: &mut Ebpf, name: &str) -> Result<V, AgentError>
+where
+    V::Error: std::error::Error + Send + Sync + 'static,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| AgentError::ebpf(format!("map {name}"), missing("map")))?;
+    V::try_from(map).map_err(|e| AgentError::ebpf(format!("map {name} type"), e))
+}
+
+fn missing(what: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::NotFound, format!("{what} not in the eBPF object"))
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
+fn raise_memlock() {
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct for the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on 5.11+");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(anon: i64, file: i64) -> SlotStats {
+        let mut s = SlotStats::default();
+        s.resident_bytes[kind::ANON] = anon;
+        s.resident_bytes[kind::FILE] = file;
+        s
+    }
+
+    #[test]
+    fn external_changes_are_spread_by_share_and_parts_add_up() {
+        let mut engines = BTreeMap::new();
+        engines.insert("a".to_owned(), stats(300, 0));
+        engines.insert("b".to_owned(), stats(100, 50));
+        let u = settle(1, engines, stats(0, 50), stats(-200, -20), None);
+        assert_eq!(u.engines["a"].anon_bytes, 150);
+        assert_eq!(u.engines["b"].anon_bytes, 50);
+        assert_eq!(u.engines["b"].file_bytes, 40);
+        assert_eq!(u.unattributed.file_bytes, 40);
+        let total: u64 = u.engines.values().map(|e| e.resident_bytes).sum::<u64>() + u.unattributed.resident_bytes;
+        assert_eq!(total, 300 + 100 + 50 + 50 - 200 - 20);
+    }
+
+    #[test]
+    fn negative_engine_is_clamped_into_unattributed() {
+        let mut engines = BTreeMap::new();
+        engines.insert("a".to_owned(), stats(-4096, 0));
+        engines.insert("b".to_owned(), stats(8192, 0));
+        let u = settle(1, engines, stats(10_000, 0), SlotStats::default(), None);
+        assert_eq!(u.engines["a"].anon_bytes, 0);
+        assert_eq!(u.engines["b"].anon_bytes, 8192);
+        assert_eq!(u.unattributed.anon_bytes, 10_000 - 4096);
+    }
+}

@@ -1,0 +1,15 @@
+//! The privileged agent (feature `agent`): kernel attribution, the cgroup
+//! subtree, configuration and the admin interface. One module per duty.
+
+pub mod admin;
+pub mod attribution;
+pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod mounts;
+pub mod paths;
+pub mod procfs;
+pub mod run;
+pub mod status;
+pub mod tracefs;

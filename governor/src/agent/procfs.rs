@@ -1,0 +1,116 @@
+//! What the agent reads from /proc.
+
+use std::fs;
+
+use super::error::AgentError;
+
+/// A process's resident memory by kind, from `/proc/<pid>/status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RssBreakdown {
+    pub anon: u64,
+    pub file: u64,
+    pub shmem: u64,
+    pub swap: u64,
+}
+
+impl RssBreakdown {
+    /// VmRSS: anon + file + shmem.
+    pub fn total(&self) -> u64 {
+        self.anon + self.file + self.shmem
+    }
+}
+
+fn read(pid: u32, file: &str) -> Result<String, AgentError> {
+    fs::read_to_string(format!("/proc/{pid}/{file}")).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => AgentError::NoSuchProcess { pid },
+        _ => AgentError::io(format!("reading /proc/{pid}/{file}"), e),
+    })
+}
+
+/// Parses the `kB` fields of a status file.
+pub fn parse_rss(status: &str) -> RssBreakdown {
+    let mut out = RssBreakdown::default();
+    for line in status.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let bytes = value
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .map(|kb| kb * 1024)
+            .unwrap_or(0);
+        match key {
+            "RssAnon" => out.anon = bytes,
+            "RssFile" => out.file = bytes,
+            "RssShmem" => out.shmem = bytes,
+            "VmSwap" => out.swap = bytes,
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Resident memory of `pid` by kind.
+pub fn rss_breakdown(pid: u32) -> Result<RssBreakdown, AgentError> {
+    Ok(parse_rss(&read(pid, "status")?))
+}
+
+/// Start time of `pid` in clock ticks since boot (field 22 of stat): with
+/// the pid it identifies a process across pid reuse.
+pub fn start_time(pid: u32) -> Result<u64, AgentError> {
+    let stat = read(pid, "stat")?;
+    // The command name may hold spaces and parentheses: fields start after
+    // the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| AgentError::io(format!("parsing /proc/{pid}/stat"), std::io::Error::other("no ')'")))?;
+    rest.split_whitespace()
+        .nth(19)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| AgentError::io(format!("parsing /proc/{pid}/stat"), std::io::Error::other("no starttime")))
+}
+
+/// Threads of `pid`.
+pub fn threads(pid: u32) -> Result<Vec<u32>, AgentError> {
+    let dir = fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => AgentError::NoSuchProcess { pid },
+        _ => AgentError::io(format!("listing /proc/{pid}/task"), e),
+    })?;
+    Ok(dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect())
+}
+
+/// Effective capability bits of this process.
+pub fn effective_caps() -> Option<u64> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_status_kb_fields() {
+        let s = "Name:\tx\nVmRSS:\t  3000 kB\nRssAnon:\t  1000 kB\nRssFile:\t  1500 kB\nRssShmem:\t   500 kB\nVmSwap:\t 7 kB\n";
+        let b = parse_rss(s);
+        assert_eq!(b.anon, 1000 * 1024);
+        assert_eq!(b.file, 1500 * 1024);
+        assert_eq!(b.shmem, 500 * 1024);
+        assert_eq!(b.swap, 7 * 1024);
+        assert_eq!(b.total(), 3000 * 1024);
+    }
+
+    #[test]
+    fn own_process_has_a_start_time_and_threads() {
+        let me = std::process::id();
+        assert!(start_time(me).expect("start time") > 0);
+        assert!(threads(me).expect("threads").contains(&me));
+        assert!(matches!(start_time(u32::MAX - 1), Err(AgentError::NoSuchProcess { .. })));
+    }
+}

@@ -1,0 +1,154 @@
+//! The status report: what `nodedb-governor status --json` prints. Its
+//! schema is documented in the README and versioned by `schema`; fields are
+//! only ever added.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Current schema version of [`StatusReport`].
+pub const SCHEMA: &str = "nodedb-governor.status.v1";
+
+/// Attributed memory of one engine (or of the unattributed bucket).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineUsage {
+    /// anon + file + shmem.
+    pub resident_bytes: u64,
+    pub anon_bytes: u64,
+    pub file_bytes: u64,
+    pub shmem_bytes: u64,
+    pub swap_bytes: u64,
+    /// Address space mapped by the engine's threads and not yet unmapped.
+    pub mapped_bytes: u64,
+    pub page_faults: u64,
+    /// Memory this engine's threads released on behalf of other engines.
+    pub released_for_others_bytes: u64,
+}
+
+impl EngineUsage {
+    pub fn add(&mut self, o: &EngineUsage) {
+        self.resident_bytes += o.resident_bytes;
+        self.anon_bytes += o.anon_bytes;
+        self.file_bytes += o.file_bytes;
+        self.shmem_bytes += o.shmem_bytes;
+        self.swap_bytes += o.swap_bytes;
+        self.mapped_bytes += o.mapped_bytes;
+        self.page_faults += o.page_faults;
+        self.released_for_others_bytes += o.released_for_others_bytes;
+    }
+}
+
+/// One governed process.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessUsage {
+    pub pid: u32,
+    pub engines: BTreeMap<String, EngineUsage>,
+    pub unattributed: EngineUsage,
+    /// The kernel's VmRSS for the process, for comparison.
+    pub vm_rss_bytes: Option<u64>,
+}
+
+/// Every governed process.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub processes: Vec<ProcessUsage>,
+}
+
+/// What `status --json` prints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub schema: String,
+    pub database: String,
+    /// `cgroup` or `tid`.
+    pub identity: super::attribution::Identity,
+    /// The database's domain cgroup, when cgroup identity is used.
+    pub cgroup: Option<String>,
+    pub kernel: String,
+    /// Per engine, summed over the database's processes.
+    pub engines: BTreeMap<String, EngineUsage>,
+    pub unattributed: EngineUsage,
+    pub processes: Vec<ProcessUsage>,
+}
+
+impl StatusReport {
+    pub fn new(
+        database: &str,
+        identity: super::attribution::Identity,
+        cgroup: Option<String>,
+        engine_names: &[String],
+        usage: Usage,
+    ) -> Self {
+        let mut engines: BTreeMap<String, EngineUsage> = engine_names
+            .iter()
+            .map(|n| (n.clone(), EngineUsage::default()))
+            .collect();
+        let mut unattributed = EngineUsage::default();
+        for p in &usage.processes {
+            for (name, e) in &p.engines {
+                engines.entry(name.clone()).or_default().add(e);
+            }
+            unattributed.add(&p.unattributed);
+        }
+        Self {
+            schema: SCHEMA.into(),
+            database: database.into(),
+            identity,
+            cgroup,
+            kernel: kernel_release(),
+            engines,
+            unattributed,
+            processes: usage.processes,
+        }
+    }
+
+    /// A human-readable table.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "database {} ({} identity{}), kernel {}\n",
+            self.database,
+            match self.identity {
+                super::attribution::Identity::Cgroup => "cgroup",
+                super::attribution::Identity::Tid => "tid",
+            },
+            self.cgroup.as_deref().map(|c| format!(", {c}")).unwrap_or_default(),
+            self.kernel
+        );
+        out.push_str(&format!(
+            "{:<14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10}\n",
+            "engine", "resident", "anon", "file", "shmem", "mapped", "faults"
+        ));
+        let row = |name: &str, e: &EngineUsage| {
+            format!(
+                "{:<14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10}\n",
+                name,
+                mib(e.resident_bytes),
+                mib(e.anon_bytes),
+                mib(e.file_bytes),
+                mib(e.shmem_bytes),
+                mib(e.mapped_bytes),
+                e.page_faults
+            )
+        };
+        for (name, e) in &self.engines {
+            out.push_str(&row(name, e));
+        }
+        out.push_str(&row("(unattributed)", &self.unattributed));
+        let rss: u64 = self.processes.iter().filter_map(|p| p.vm_rss_bytes).sum();
+        out.push_str(&format!(
+            "{} process(es), VmRSS {}\n",
+            self.processes.len(),
+            mib(rss)
+        ));
+        out
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}

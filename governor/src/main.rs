@@ -1,0 +1,30 @@
+//! `nodedb-governor`: the privileged agent.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use nodedb_governor::agent::cli::{self, Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match Cli::parse().command {
+        Command::Run { config } => cli::load_config(config.as_ref()).and_then(|config| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(nodedb_governor::agent::run::run(config))
+        }),
+        other => cli::client(other),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nodedb-governor: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -304,23 +304,52 @@ pub fn page_fault_user(ctx: BtfTracePointContext) -> u32 {
 
 // ------------------------------------------------------ release syscalls
 
+/// Regions of a released range sampled to find its owner.
+const OWNER_SAMPLES: u64 = 64;
+/// Distinct owners tallied per range.
+const OWNER_CANDIDATES: usize = 4;
+
+/// The engine that faulted most of `[addr, addr + len)` in: a majority vote
+/// over up to 64 regions spread evenly over the range. Mappings are not
+/// 2 MiB aligned, so a range's first region is often shared with a
+/// neighbour; the vote keeps that neighbour from taking the whole release.
 #[inline(always)]
-fn region_owner(tgid: u32, addr: u64) -> u32 {
+fn region_owner(tgid: u32, addr: u64, len: u64) -> u32 {
+    let first = addr >> REGION_SHIFT;
+    let last = (addr + len.max(1) - 1) >> REGION_SHIFT;
+    let regions = last - first + 1;
+    let stride = regions.div_ceil(OWNER_SAMPLES).max(1);
+    let mut slots = [NO_SLOT; OWNER_CANDIDATES];
+    let mut votes = [0u32; OWNER_CANDIDATES];
     let mut key = RegionKey {
         tgid,
         _pad: 0,
-        region: addr >> REGION_SHIFT,
+        region: first,
     };
-    // The first regions of a range may never have been faulted (an
-    // allocator's guard, a hole): look a few regions further.
-    for _ in 0..8 {
-        // SAFETY: copy out of the map value.
-        if let Some(owner) = unsafe { REGIONS.get(&key) } {
-            return *owner;
+    for i in 0..OWNER_SAMPLES {
+        key.region = first + i * stride;
+        if key.region > last {
+            break;
         }
-        key.region += 1;
+        // SAFETY: copy out of the map value.
+        let Some(owner) = (unsafe { REGIONS.get(&key) }).copied() else {
+            continue;
+        };
+        for c in 0..OWNER_CANDIDATES {
+            if slots[c] == owner || slots[c] == NO_SLOT {
+                slots[c] = owner;
+                votes[c] += 1;
+                break;
+            }
+        }
     }
-    NO_SLOT
+    let mut best = 0;
+    for c in 1..OWNER_CANDIDATES {
+        if votes[c] > votes[best] {
+            best = c;
+        }
+    }
+    slots[best]
 }
 
 #[inline(always)]
@@ -331,7 +360,7 @@ fn begin_release(syscall: u32, addr: u64, len: u64) -> u32 {
         return 0;
     }
     let ctx = ReleaseCtx {
-        owner_slot: region_owner(tgid, addr),
+        owner_slot: region_owner(tgid, addr, len),
         syscall,
         len,
     };
@@ -442,7 +471,7 @@ pub fn sys_exit_brk(ctx: TracePointContext) -> u32 {
     } else if let Some(last) = last
         && now < last
     {
-        let owner = match region_owner(tgid, now) {
+        let owner = match region_owner(tgid, now, last - now) {
             NO_SLOT => current_slot(tgid, tid, proc_),
             s => s,
         };

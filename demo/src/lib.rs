@@ -1,0 +1,6 @@
+//! Building blocks for processes that play a multi-engine database: engines
+//! made of worker threads, each allocating memory in one of the ways a real
+//! engine does (anonymous mmap, the allocator, a file mapping).
+
+pub mod engine;
+pub mod memory;

@@ -80,7 +80,10 @@ impl Engine {
     }
 
     /// Runs `f(i)` on every worker at once and waits for all of them.
-    pub fn on_all<R: Send + 'static>(&self, f: impl Fn(usize) -> R + Send + Sync + 'static) -> Vec<R> {
+    pub fn on_all<R: Send + 'static>(
+        &self,
+        f: impl Fn(usize) -> R + Send + Sync + 'static,
+    ) -> Vec<R> {
         let f = Arc::new(f);
         let rxs: Vec<_> = self
             .workers
@@ -96,7 +99,9 @@ impl Engine {
                 rx
             })
             .collect();
-        rxs.into_iter().map(|rx| rx.recv().expect("engine worker died")).collect()
+        rxs.into_iter()
+            .map(|rx| rx.recv().expect("engine worker died"))
+            .collect()
     }
 
     /// Allocates and touches `bytes` of `kind`, split over the workers.
@@ -107,7 +112,11 @@ impl Engine {
             let mut share = bytes / n + if i == 0 { bytes % n } else { 0 };
             let mut mine = Vec::new();
             while share > 0 {
-                let len = if kind == Kind::Malloc { share.min(MALLOC_BLOCK) } else { share };
+                let len = if kind == Kind::Malloc {
+                    share.min(MALLOC_BLOCK)
+                } else {
+                    share
+                };
                 mine.push(Block::new(kind, len)?);
                 share -= len;
             }

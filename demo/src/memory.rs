@@ -24,7 +24,9 @@ impl std::str::FromStr for Kind {
             "mmap" | "anon" => Ok(Kind::Anon),
             "malloc" => Ok(Kind::Malloc),
             "file" => Ok(Kind::File),
-            other => Err(format!("unknown memory kind {other:?} (mmap, malloc, file)")),
+            other => Err(format!(
+                "unknown memory kind {other:?} (mmap, malloc, file)"
+            )),
         }
     }
 }
@@ -59,7 +61,11 @@ impl Block {
                     std::process::id(),
                     next_id()
                 ));
-                let file = File::options().read(true).write(true).create_new(true).open(&path)?;
+                let file = File::options()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)?;
                 std::fs::remove_file(&path)?;
                 file.set_len(len as u64)?;
                 map(len, libc::MAP_SHARED, file.as_raw_fd())?
@@ -73,6 +79,20 @@ impl Block {
         };
         block.touch();
         Ok(block)
+    }
+
+    /// Takes ownership of a touched region mapped elsewhere.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be a private mapping (for [`Kind::Anon`]) that
+    /// nothing else unmaps.
+    pub unsafe fn adopt(ptr: *mut u8, len: usize, kind: Kind) -> Self {
+        Self {
+            ptr: NonNull::new(ptr).expect("null region"),
+            len,
+            kind,
+            resident: true,
+        }
     }
 
     fn touch(&self) {

@@ -15,15 +15,12 @@ use std::{
 };
 
 use nodedb_governor::agent::{
-    attribution::{self, Attribution, ProgramSet},
+    attribution::{Attribution, ProgramSet},
     cgroup::{self, Subtree},
+    privilege,
 };
 
 const MIB: u64 = 1 << 20;
-
-fn skip_reason() -> Option<String> {
-    attribution::check_prerequisites().err().map(|e| e.to_string())
-}
 
 struct Probe {
     child: Child,
@@ -69,7 +66,9 @@ impl Probe {
     fn send(&mut self, command: &str) -> String {
         writeln!(self.stdin, "{command}").expect("writing to probe");
         let mut line = String::new();
-        self.stdout.read_line(&mut line).expect("reading from probe");
+        self.stdout
+            .read_line(&mut line)
+            .expect("reading from probe");
         line.trim().to_owned()
     }
 
@@ -184,8 +183,7 @@ fn scenario(att: &Attribution, probe: &mut Probe) {
 
 #[test]
 fn accuracy_with_cgroup_identity() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipping accuracy_with_cgroup_identity: {reason}");
+    if privilege::skip_unprivileged("accuracy_with_cgroup_identity") {
         return;
     }
     let Some(root) = cgroup::find_v2_mount() else {
@@ -193,18 +191,27 @@ fn accuracy_with_cgroup_identity() {
     };
     let mut att = Attribution::load(ProgramSet::Full).expect("loading eBPF");
     let engines: Vec<String> = ["vector", "timeseries", "query"].map(String::from).to_vec();
-    let subtree = Subtree::create_or_adopt(&root, &unique("nodedb-test"), &engines).expect("cgroup subtree");
+    let subtree =
+        Subtree::create_or_adopt(&root, &unique("nodedb-test"), &engines).expect("cgroup subtree");
     let guard = CgroupGuard(subtree);
     let mut probe = Probe::spawn();
-    guard.0.adopt_process(probe.pid).expect("adopting the probe");
-    att.register_process(probe.pid, &engines).expect("registering");
+    guard
+        .0
+        .adopt_process(probe.pid)
+        .expect("adopting the probe");
+    att.register_process(probe.pid, &engines)
+        .expect("registering");
     for (name, cg) in &guard.0.engines {
-        att.bind_cgroup(probe.pid, name, cg.id).expect("binding cgroup");
+        att.bind_cgroup(probe.pid, name, cg.id)
+            .expect("binding cgroup");
     }
     for (name, tids) in probe.engines.clone() {
         for tid in tids {
             guard.0.move_thread(tid, &name).expect("moving thread");
-            assert_eq!(guard.0.engine_of_thread(probe.pid, tid).as_deref(), Some(name.as_str()));
+            assert_eq!(
+                guard.0.engine_of_thread(probe.pid, tid).as_deref(),
+                Some(name.as_str())
+            );
         }
     }
     scenario(&att, &mut probe);
@@ -212,17 +219,18 @@ fn accuracy_with_cgroup_identity() {
 
 #[test]
 fn accuracy_with_tid_identity() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipping accuracy_with_tid_identity: {reason}");
+    if privilege::skip_unprivileged("accuracy_with_tid_identity") {
         return;
     }
     let mut att = Attribution::load(ProgramSet::Full).expect("loading eBPF");
     let engines: Vec<String> = ["vector", "timeseries", "query"].map(String::from).to_vec();
     let mut probe = Probe::spawn();
-    att.register_process(probe.pid, &engines).expect("registering");
+    att.register_process(probe.pid, &engines)
+        .expect("registering");
     for (name, tids) in probe.engines.clone() {
         for tid in tids {
-            att.assign_tid(probe.pid, tid, &name).expect("assigning thread");
+            att.assign_tid(probe.pid, tid, &name)
+                .expect("assigning thread");
         }
     }
     scenario(&att, &mut probe);

@@ -67,20 +67,89 @@ pub struct ProcInfo {
     /// Slot for changes to the process's memory made outside it (reclaim,
     /// another process's access).
     pub external_slot: u32,
-    /// Resident bytes per [`kind`] when the process was registered; the
-    /// first `rss_stat` event measures its delta against these.
-    pub baseline_bytes: [i64; kind::COUNT],
+    /// Index of the process's [`MmState`] in the `MM_STATES` array.
+    pub mm_index: u32,
+    pub _pad: u32,
 }
 
-/// Last seen RSS counter values of one address space, keyed by the
-/// tracepoint's `mm_id`. Updated with atomic exchange so deltas computed on
-/// different CPUs always add up to the kernel's counter.
+/// RSS counter state of one governed address space, in the `MM_STATES`
+/// array at the process's `mm_index`. `last_bytes` starts at the baseline
+/// the agent read at registration; the programs then difference each new
+/// counter value against it with an atomic exchange, so the deltas
+/// attributed on all CPUs always add up to the kernel's counter.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MmState {
+    /// Address of the process's `struct mm_struct`, learnt from its first
+    /// counter change (0 until then).
+    pub mm: u64,
     pub last_bytes: [i64; kind::COUNT],
+    /// The process owning the address space.
     pub tgid: u32,
-    pub _pad: u32,
+    /// Its slot for changes made from outside the process.
+    pub external_slot: u32,
+}
+
+/// Where the RSS counters are inside `struct mm_struct`, read from the
+/// kernel's BTF at load time (see the agent's `btf` module).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    /// Offset of each counter's value (`percpu_counter.count` from 6.2,
+    /// `atomic_long_t` before), by kernel counter number.
+    pub rss_counter: [u32; 4],
+    /// Offset of `mm` in `struct task_struct`.
+    pub task_mm: u32,
+    /// log2 of the page size.
+    pub page_shift: u32,
+    /// `kind` bucket for each kernel `MM_*` counter number, or
+    /// [`kind::UNKNOWN`].
+    pub member_kind: [u8; 8],
+}
+
+/// Per-CPU cache of the running thread's identity, so the hot programs
+/// resolve a thread's engine with no helper call and no hash lookup. A
+/// `sched_switch` program clears `valid` whenever another task gets the
+/// CPU; the generations catch registry changes (bumped by the agent) and
+/// cgroup moves (bumped by a `cgroup_attach_task` program); `check` rejects
+/// an entry torn by a preempted writer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdentityCache {
+    pub valid: u32,
+    /// 1 when the thread belongs to a governed process.
+    pub governed: u32,
+    pub slot: u32,
+    pub mm_index: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub agent_generation: u64,
+    pub kernel_generation: u64,
+    pub check: u64,
+}
+
+impl IdentityCache {
+    /// Mixes every other field into one word.
+    pub const fn checksum(&self) -> u64 {
+        let a = ((self.governed as u64) << 32) | self.slot as u64;
+        let b = ((self.mm_index as u64) << 32) | self.tgid as u64;
+        let c = ((self.tid as u64) << 32) | self.valid as u64;
+        (a ^ b.rotate_left(13)
+            ^ c.rotate_left(29)
+            ^ self.agent_generation.rotate_left(41)
+            ^ self.kernel_generation.rotate_left(53))
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+}
+
+/// Per-CPU memory of the last region whose owner was recorded, so a thread
+/// faulting its way through a region writes the ownership map once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegionCache {
+    pub region: u64,
+    pub tid: u32,
+    pub slot: u32,
 }
 
 /// Key of the engine-by-cgroup map: a cgroup id within one process, so
@@ -133,10 +202,6 @@ pub struct PendingMap {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TraceOffsets {
-    pub rss_stat_mm_id: u32,
-    pub rss_stat_curr: u32,
-    pub rss_stat_member: u32,
-    pub rss_stat_size: u32,
     pub munmap_addr: u32,
     pub munmap_len: u32,
     pub madvise_start: u32,
@@ -147,10 +212,6 @@ pub struct TraceOffsets {
     pub sys_exit_ret: u32,
     pub fork_parent_pid: u32,
     pub fork_child_pid: u32,
-    pub _pad: u32,
-    /// `kind` bucket for each kernel `MM_*` counter number (index), or
-    /// [`kind::UNKNOWN`].
-    pub member_kind: [u8; 8],
 }
 
 #[cfg(feature = "user")]
@@ -172,4 +233,10 @@ mod pod {
     unsafe impl aya::Pod for super::PendingMap {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CgroupKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KernelLayout {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::IdentityCache {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RegionCache {}
 }

@@ -1,1 +1,70 @@
-fn main() {}
+//! `cargo xtask`: the project's build, set-up, test, run and benchmark
+//! tasks. `run` and `test` set up what they need first.
+
+mod bench;
+mod cmd;
+mod ebpf;
+mod run;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain (nightly rust-src, LLVM 22, bpf-linker).
+    Setup,
+    /// Build the eBPF object (with BTF) and report where it is.
+    BuildEbpf,
+    /// Every check and test: fmt, clippy, unit, integration and privileged
+    /// eBPF tests (those fail instead of skipping under CI or as root).
+    Test,
+    /// The agent with the bundled default config and a three-engine demo,
+    /// showing per-engine attribution live until Ctrl-C.
+    Run {
+        /// Stop after this many seconds instead of waiting for Ctrl-C.
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+    /// Benchmarks: the cost of tracing (page-fault and mmap/munmap loops with
+    /// and without the programs attached, in one run).
+    Bench {
+        /// Rounds per configuration (more rounds, steadier medians).
+        #[arg(long, default_value_t = 7)]
+        rounds: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().task {
+        Task::Setup => setup::setup(),
+        Task::BuildEbpf => setup::setup().and_then(|()| ebpf::build()),
+        Task::Test => setup::setup().and_then(|()| test::test()),
+        Task::Run { seconds } => setup::setup().and_then(|()| run::run(seconds)),
+        Task::Bench { rounds } => setup::setup().and_then(|()| bench::bench(rounds)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_owned()
+}

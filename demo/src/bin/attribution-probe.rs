@@ -38,7 +38,9 @@ fn main() -> anyhow::Result<()> {
     memory::configure_malloc();
     let mut engines = BTreeMap::new();
     for spec in args.engines.split(',') {
-        let (name, threads) = spec.split_once(':').context("engine spec is NAME:THREADS")?;
+        let (name, threads) = spec
+            .split_once(':')
+            .context("engine spec is NAME:THREADS")?;
         engines.insert(name.to_owned(), Engine::start(name, threads.parse()?));
     }
     let hello = serde_json::json!({
@@ -64,11 +66,19 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn execute(engines: &BTreeMap<String, Engine>, words: &[&str]) -> anyhow::Result<Option<String>> {
-    let engine = |name: &str| engines.get(name).with_context(|| format!("no engine {name:?}"));
+    let engine = |name: &str| {
+        engines
+            .get(name)
+            .with_context(|| format!("no engine {name:?}"))
+    };
     let mib = |s: &str| -> anyhow::Result<usize> { Ok(s.parse::<usize>()? * MIB) };
     match words {
-        ["alloc", name, kind, n] => engine(name)?.alloc(kind.parse::<Kind>().map_err(anyhow::Error::msg)?, mib(n)?)?,
-        ["free", name, kind, n] => engine(name)?.free(kind.parse::<Kind>().map_err(anyhow::Error::msg)?, mib(n)?),
+        ["alloc", name, kind, n] => {
+            engine(name)?.alloc(kind.parse::<Kind>().map_err(anyhow::Error::msg)?, mib(n)?)?
+        }
+        ["free", name, kind, n] => {
+            engine(name)?.free(kind.parse::<Kind>().map_err(anyhow::Error::msg)?, mib(n)?)
+        }
         ["release", victim, by, how, n] => {
             let blocks = engine(victim)?.take(Kind::Anon, mib(n)?);
             let by = engine(by)?;

@@ -55,7 +55,10 @@ pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Reply> {
 /// Parses one request line, naming what is wrong.
 pub fn parse_request(line: &str) -> Result<Request, String> {
     if line.len() > MAX_REQUEST_BYTES {
-        return Err(format!("request of {} bytes exceeds {MAX_REQUEST_BYTES}", line.len()));
+        return Err(format!(
+            "request of {} bytes exceeds {MAX_REQUEST_BYTES}",
+            line.len()
+        ));
     }
     serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"))
 }
@@ -75,7 +78,10 @@ mod tests {
                 engine: "vector".into()
             }
         );
-        assert_eq!(parse_request(r#"{"op":"status"}"#).unwrap(), Request::Status);
+        assert_eq!(
+            parse_request(r#"{"op":"status"}"#).unwrap(),
+            Request::Status
+        );
         let e = parse_request(r#"{"op":"assign","pid":"x"}"#).unwrap_err();
         assert!(e.contains("malformed"), "{e}");
         let e = parse_request(r#"{"op":"explode"}"#).unwrap_err();

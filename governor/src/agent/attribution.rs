@@ -39,26 +39,27 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{BtfTracePoint, TracePoint},
 };
 use nodedb_governor_common::{
-    CgroupKey, MAX_SLOTS, ProcInfo, SlotStats, kind,
+    CgroupKey, KernelLayout, MAX_PROCS, MAX_SLOTS, MmState, ProcInfo, SlotStats, kind,
 };
 
 use super::{
+    btf,
     error::AgentError,
-    procfs,
+    privilege, procfs,
     status::{EngineUsage, ProcessUsage, Usage},
     tracefs::{self, TraceFs},
 };
 
 /// The compiled eBPF object, built by `build.rs` with aya-build.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodedb-governor-ebpf"));
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodedb-governor-ebpf"));
 
 /// Classic tracepoints we attach: (program, category, event).
 const TRACEPOINTS: &[(&str, &str, &str)] = &[
-    ("rss_stat", "kmem", "rss_stat"),
     ("sys_enter_munmap", "syscalls", "sys_enter_munmap"),
     ("sys_exit_munmap", "syscalls", "sys_exit_munmap"),
     ("sys_enter_madvise", "syscalls", "sys_enter_madvise"),
@@ -99,6 +100,7 @@ struct TrackedProcess {
     unattributed_slot: u32,
     external_slot: u32,
     engines: BTreeMap<String, u32>,
+    mm_index: u32,
     cgroup_keys: Vec<CgroupKey>,
     tids: Vec<u32>,
 }
@@ -111,52 +113,29 @@ pub struct Attribution {
     procs_map: BpfHashMap<MapData, u32, ProcInfo>,
     by_cgroup: BpfHashMap<MapData, CgroupKey, u32>,
     by_tid: BpfHashMap<MapData, u32, u32>,
+    mm_states: Array<MapData, MmState>,
+    mm_by_ptr: BpfHashMap<MapData, u64, u32>,
+    free_mm_indexes: Vec<u32>,
+    generation: Array<MapData, u64>,
+    generation_value: u64,
     nr_cpus: usize,
     free_slots: Vec<u32>,
     procs: BTreeMap<u32, TrackedProcess>,
 }
 
-/// Checks what loading needs, naming what is missing.
-pub fn check_prerequisites() -> Result<(), AgentError> {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    if euid != 0 {
-        let caps = procfs::effective_caps().unwrap_or(0);
-        let missing: Vec<&str> = [
-            (38u32, "CAP_PERFMON"),
-            (39, "CAP_BPF"),
-            (21, "CAP_SYS_ADMIN"),
-        ]
-        .into_iter()
-        .filter(|(bit, _)| caps & (1 << bit) == 0)
-        .map(|(_, name)| name)
-        .collect();
-        if !missing.is_empty() {
-            return Err(AgentError::NotPrivileged {
-                uid: euid,
-                missing: missing.join(", "),
-            });
-        }
-    }
-    if !Path::new(super::paths::VMLINUX_BTF).exists() {
-        return Err(AgentError::NoBtf {
-            path: super::paths::VMLINUX_BTF.into(),
-        });
-    }
-    Ok(())
-}
-
 impl Attribution {
     /// Loads and attaches the programs.
     pub fn load(set: ProgramSet) -> Result<Self, AgentError> {
-        check_prerequisites()?;
+        privilege::check_prerequisites()?;
         raise_memlock();
         let tracefs = TraceFs::find_or_mount()?;
         let offsets = tracefs::trace_offsets(&tracefs)?;
+        let layout = kernel_layout(&tracefs)?;
         let btf = Btf::from_sys_fs().map_err(|e| AgentError::ebpf("reading kernel BTF", e))?;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global("OFFSETS", &offsets, true)
+            .override_global("LAYOUT", &layout, true)
             .load(EBPF_OBJECT)
             .map_err(|e| AgentError::ebpf("loading the eBPF object", e))?;
 
@@ -174,29 +153,44 @@ impl Attribution {
                 .ok_or_else(|| AgentError::ebpf(format!("program {prog}"), missing("program")))?
                 .try_into()
                 .map_err(|e| AgentError::ebpf(format!("program {prog} type"), e))?;
-            program.load().map_err(|e| AgentError::ebpf(format!("loading {prog}"), e))?;
             program
-                .attach(category, event)
-                .map_err(|e| AgentError::ebpf(format!("attaching {prog} to {category}/{event}"), e))?;
+                .load()
+                .map_err(|e| AgentError::ebpf(format!("loading {prog}"), e))?;
+            program.attach(category, event).map_err(|e| {
+                AgentError::ebpf(format!("attaching {prog} to {category}/{event}"), e)
+            })?;
         }
-        if wanted("page_fault_user") {
+        // sched_switch and cgroup_attach_task keep the programs' identity
+        // cache honest, so they go wherever a hot program goes.
+        for (prog, event) in [
+            ("sched_switch", "sched_switch"),
+            ("cgroup_attach_task", "cgroup_attach_task"),
+            ("page_fault_user", "page_fault_user"),
+            ("rss_stat", "rss_stat"),
+        ] {
+            if !(wanted(prog) || matches!(prog, "sched_switch" | "cgroup_attach_task")) {
+                continue;
+            }
             let program: &mut BtfTracePoint = ebpf
-                .program_mut("page_fault_user")
-                .ok_or_else(|| AgentError::ebpf("program page_fault_user", missing("program")))?
+                .program_mut(prog)
+                .ok_or_else(|| AgentError::ebpf(format!("program {prog}"), missing("program")))?
                 .try_into()
-                .map_err(|e| AgentError::ebpf("program page_fault_user type", e))?;
+                .map_err(|e| AgentError::ebpf(format!("program {prog} type"), e))?;
             program
-                .load("page_fault_user", &btf)
-                .map_err(|e| AgentError::ebpf("loading page_fault_user", e))?;
+                .load(event, &btf)
+                .map_err(|e| AgentError::ebpf(format!("loading {prog}"), e))?;
             program
                 .attach()
-                .map_err(|e| AgentError::ebpf("attaching page_fault_user", e))?;
+                .map_err(|e| AgentError::ebpf(format!("attaching {prog}"), e))?;
         }
 
         let stats = take(&mut ebpf, "STATS")?;
         let procs_map = take(&mut ebpf, "PROCS")?;
         let by_cgroup = take(&mut ebpf, "ENGINE_BY_CGROUP")?;
         let by_tid = take(&mut ebpf, "ENGINE_BY_TID")?;
+        let mm_states = take(&mut ebpf, "MM_STATES")?;
+        let mm_by_ptr = take(&mut ebpf, "MM_BY_PTR")?;
+        let generation = take(&mut ebpf, "GENERATION")?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| AgentError::io(what, e))?;
         Ok(Self {
             _ebpf: ebpf,
@@ -204,10 +198,24 @@ impl Attribution {
             procs_map,
             by_cgroup,
             by_tid,
+            mm_states,
+            mm_by_ptr,
+            free_mm_indexes: (0..MAX_PROCS).rev().collect(),
+            generation,
+            generation_value: 0,
             nr_cpus,
             free_slots: (0..MAX_SLOTS).rev().collect(),
             procs: BTreeMap::new(),
         })
+    }
+
+    /// Invalidates the programs' per-CPU identity caches after a registry
+    /// change.
+    fn bump_generation(&mut self) -> Result<(), AgentError> {
+        self.generation_value += 1;
+        self.generation
+            .set(0, self.generation_value, 0)
+            .map_err(|e| AgentError::ebpf("bumping the registry generation", e))
     }
 
     fn alloc_slot(&mut self) -> Result<u32, AgentError> {
@@ -238,16 +246,21 @@ impl Attribution {
         for name in engines {
             slots.insert(name.clone(), self.alloc_slot()?);
         }
+        let mm_index = self.free_mm_indexes.pop().ok_or(AgentError::Full {
+            what: "governed processes",
+            limit: MAX_PROCS,
+        })?;
         let mut baseline_bytes = [0i64; kind::COUNT];
         baseline_bytes[kind::ANON] = baseline.anon as i64;
         baseline_bytes[kind::FILE] = baseline.file as i64;
         baseline_bytes[kind::SHMEM] = baseline.shmem as i64;
         baseline_bytes[kind::SWAP] = baseline.swap as i64;
         // The baseline is resident before we started: it is unattributed.
-        let mut seed = SlotStats::default();
-        seed.resident_bytes = baseline_bytes;
         let mut per_cpu = vec![SlotStats::default(); self.nr_cpus];
-        per_cpu[0] = seed;
+        per_cpu[0] = SlotStats {
+            resident_bytes: baseline_bytes,
+            ..SlotStats::default()
+        };
         self.stats
             .set(
                 unattributed_slot,
@@ -255,14 +268,27 @@ impl Attribution {
                 0,
             )
             .map_err(|e| AgentError::ebpf("seeding baseline", e))?;
+        // The programs difference the counters against this baseline from
+        // the process's first change on.
+        let state = MmState {
+            mm: 0,
+            last_bytes: baseline_bytes,
+            tgid: pid,
+            external_slot,
+        };
+        self.mm_states
+            .set(mm_index, state, 0)
+            .map_err(|e| AgentError::ebpf(format!("initialising counter state of pid {pid}"), e))?;
         let info = ProcInfo {
             unattributed_slot,
             external_slot,
-            baseline_bytes,
+            mm_index,
+            _pad: 0,
         };
         self.procs_map
             .insert(pid, info, 0)
             .map_err(|e| AgentError::ebpf(format!("registering pid {pid}"), e))?;
+        self.bump_generation()?;
         self.procs.insert(
             pid,
             TrackedProcess {
@@ -271,6 +297,7 @@ impl Attribution {
                 unattributed_slot,
                 external_slot,
                 engines: slots,
+                mm_index,
                 cgroup_keys: Vec::new(),
                 tids: Vec::new(),
             },
@@ -301,7 +328,12 @@ impl Attribution {
 
     /// Tells the programs that threads of `pid` in cgroup `cgroup_id` belong
     /// to `engine` (cgroup identity).
-    pub fn bind_cgroup(&mut self, pid: u32, engine: &str, cgroup_id: u64) -> Result<(), AgentError> {
+    pub fn bind_cgroup(
+        &mut self,
+        pid: u32,
+        engine: &str,
+        cgroup_id: u64,
+    ) -> Result<(), AgentError> {
         let slot = self.engine_slot(pid, engine)?;
         let key = CgroupKey {
             cgroup_id,
@@ -314,7 +346,7 @@ impl Attribution {
         if let Some(p) = self.procs.get_mut(&pid) {
             p.cgroup_keys.push(key);
         }
-        Ok(())
+        self.bump_generation()
     }
 
     /// Assigns thread `tid` of `pid` to `engine` through the TID map. Threads
@@ -330,7 +362,7 @@ impl Attribution {
         if let Some(p) = self.procs.get_mut(&pid) {
             p.tids.push(tid);
         }
-        Ok(())
+        self.bump_generation()
     }
 
     /// Stops governing `pid`: removes it from every map and frees its slots.
@@ -344,6 +376,14 @@ impl Attribution {
         }
         for tid in &p.tids {
             let _ = self.by_tid.remove(tid);
+        }
+        if let Ok(state) = self.mm_states.get(&p.mm_index, 0) {
+            let _ = self.mm_by_ptr.remove(&state.mm);
+        }
+        let _ = self.mm_states.set(p.mm_index, MmState::default(), 0);
+        self.free_mm_indexes.push(p.mm_index);
+        if let Err(e) = self.bump_generation() {
+            tracing::warn!(error = %e, "could not invalidate identity caches");
         }
         self.free_slots.push(p.unattributed_slot);
         self.free_slots.push(p.external_slot);
@@ -401,6 +441,27 @@ impl Attribution {
     }
 }
 
+/// The kernel layout the programs need: RSS counters from BTF, counter
+/// numbering from the `rss_stat` format, the page size.
+fn kernel_layout(tracefs: &TraceFs) -> Result<KernelLayout, AgentError> {
+    let rss = btf::rss_layout(&btf::Btf::from_sys_fs()?)?;
+    let member_kind = tracefs::member_kinds(&tracefs.format("kmem", "rss_stat")?)?;
+    // SAFETY: sysconf has no preconditions.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if page_size <= 0 || (page_size as u64).count_ones() != 1 {
+        return Err(AgentError::KernelLayout {
+            reason: format!("page size {page_size} is not a power of two"),
+        });
+    }
+    let counter = |member: u32| rss.first_counter + member * rss.stride;
+    Ok(KernelLayout {
+        rss_counter: [counter(0), counter(1), counter(2), counter(3)],
+        task_mm: rss.task_mm,
+        page_shift: (page_size as u64).trailing_zeros(),
+        member_kind,
+    })
+}
+
 /// Turns raw slot counters into the reported figures: spreads the external
 /// slot over the buckets and clamps negatives into `unattributed`.
 fn settle(
@@ -420,7 +481,8 @@ fn settle(
             let mut left = ext;
             if held > 0 {
                 for r in rows.iter_mut() {
-                    let share = (ext as i128 * r.resident_bytes[k].max(0) as i128 / held as i128) as i64;
+                    let share =
+                        (ext as i128 * r.resident_bytes[k].max(0) as i128 / held as i128) as i64;
                     r.resident_bytes[k] += share;
                     left -= share;
                 }
@@ -481,7 +543,10 @@ where
 }
 
 fn missing(what: &str) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::NotFound, format!("{what} not in the eBPF object"))
+    std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("{what} not in the eBPF object"),
+    )
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
@@ -517,7 +582,8 @@ mod tests {
         assert_eq!(u.engines["b"].anon_bytes, 50);
         assert_eq!(u.engines["b"].file_bytes, 40);
         assert_eq!(u.unattributed.file_bytes, 40);
-        let total: u64 = u.engines.values().map(|e| e.resident_bytes).sum::<u64>() + u.unattributed.resident_bytes;
+        let total: u64 = u.engines.values().map(|e| e.resident_bytes).sum::<u64>()
+            + u.unattributed.resident_bytes;
         assert_eq!(total, 300 + 100 + 50 + 50 - 200 - 20);
     }
 

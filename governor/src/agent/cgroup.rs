@@ -26,7 +26,8 @@ pub fn find_v2_mount() -> Option<PathBuf> {
         .lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
-            (right.split_whitespace().next() == Some("cgroup2")).then(|| left.split_whitespace().nth(4))?
+            (right.split_whitespace().next() == Some("cgroup2"))
+                .then(|| left.split_whitespace().nth(4))?
         })
         .collect();
     super::paths::CGROUP2_CANDIDATES
@@ -61,13 +62,19 @@ pub struct Subtree {
 impl Subtree {
     /// Creates `<root>/<database>/engine-<name>` for each engine, or adopts
     /// them if they exist, and makes the engine cgroups threaded.
-    pub fn create_or_adopt(root: &Path, database: &str, engines: &[String]) -> Result<Self, AgentError> {
+    pub fn create_or_adopt(
+        root: &Path,
+        database: &str,
+        engines: &[String],
+    ) -> Result<Self, AgentError> {
         let unusable = |reason: String| AgentError::CgroupUnusable {
             path: root.to_owned(),
             reason,
         };
         if !root.join("cgroup.procs").is_file() {
-            return Err(unusable("not a cgroup v2 directory (no cgroup.procs)".into()));
+            return Err(unusable(
+                "not a cgroup v2 directory (no cgroup.procs)".into(),
+            ));
         }
         let dir = root.join(database);
         match fs::create_dir(&dir) {
@@ -83,11 +90,11 @@ impl Subtree {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(unusable(format!("creating {}: {e}", edir.display()))),
             }
-            let ty = fs::read_to_string(edir.join("cgroup.type")).map_err(|e| unusable(format!("reading {}/cgroup.type: {e}", edir.display())))?;
+            let ty = fs::read_to_string(edir.join("cgroup.type"))
+                .map_err(|e| unusable(format!("reading {}/cgroup.type: {e}", edir.display())))?;
             if ty.trim() != "threaded" {
-                write_file(&edir.join("cgroup.type"), "threaded").map_err(|e| {
-                    unusable(format!("making {} threaded: {e}", edir.display()))
-                })?;
+                write_file(&edir.join("cgroup.type"), "threaded")
+                    .map_err(|e| unusable(format!("making {} threaded: {e}", edir.display())))?;
             }
             out.insert(
                 name.clone(),
@@ -112,18 +119,23 @@ impl Subtree {
 
     /// Moves one thread into an engine's cgroup.
     pub fn move_thread(&self, tid: u32, engine: &str) -> Result<(), AgentError> {
-        let cg = self.engines.get(engine).ok_or_else(|| AgentError::UnknownEngine {
-            name: engine.to_owned(),
-            known: self.engines.keys().cloned().collect::<Vec<_>>().join(", "),
-        })?;
-        write_file(&cg.dir.join("cgroup.threads"), &tid.to_string())
-            .map_err(|e| AgentError::io(format!("moving thread {tid} into {}", cg.dir.display()), e))
+        let cg = self
+            .engines
+            .get(engine)
+            .ok_or_else(|| AgentError::UnknownEngine {
+                name: engine.to_owned(),
+                known: self.engines.keys().cloned().collect::<Vec<_>>().join(", "),
+            })?;
+        write_file(&cg.dir.join("cgroup.threads"), &tid.to_string()).map_err(|e| {
+            AgentError::io(format!("moving thread {tid} into {}", cg.dir.display()), e)
+        })
     }
 
     /// Processes with threads anywhere in the subtree.
     pub fn pids(&self) -> Result<Vec<u32>, AgentError> {
-        let text = fs::read_to_string(self.dir.join("cgroup.procs"))
-            .map_err(|e| AgentError::io(format!("reading {}/cgroup.procs", self.dir.display()), e))?;
+        let text = fs::read_to_string(self.dir.join("cgroup.procs")).map_err(|e| {
+            AgentError::io(format!("reading {}/cgroup.procs", self.dir.display()), e)
+        })?;
         Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
     }
 

@@ -11,7 +11,11 @@ use super::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "nodedb-governor", version, about = "Kernel-assisted memory governor for multi-engine databases")]
+#[command(
+    name = "nodedb-governor",
+    version,
+    about = "Kernel-assisted memory governor for multi-engine databases"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -88,20 +92,32 @@ pub fn client(command: Command) -> anyhow::Result<()> {
         Command::Run { .. } => unreachable!("`run` is handled by main"),
         Command::CheckConfig { file } => {
             let c = load_config(Some(&file))?;
-            println!("{}: ok (database {}, {} engines)", file.display(), c.database, c.engines.len());
+            println!(
+                "{}: ok (database {}, {} engines)",
+                file.display(),
+                c.database,
+                c.engines.len()
+            );
             Ok(())
         }
-        Command::Assign { pid, tid, engine, target } => {
-            match admin::call(&target.socket()?, &Request::Assign { pid, tid, engine })? {
-                Reply::Assigned { pid, tid, engine } => {
-                    println!("thread {tid} of process {pid} is now in engine {engine}");
-                    Ok(())
-                }
-                Reply::Error { message } => anyhow::bail!("{message}"),
-                other => anyhow::bail!("unexpected reply {other:?}"),
+        Command::Assign {
+            pid,
+            tid,
+            engine,
+            target,
+        } => match admin::call(&target.socket()?, &Request::Assign { pid, tid, engine })? {
+            Reply::Assigned { pid, tid, engine } => {
+                println!("thread {tid} of process {pid} is now in engine {engine}");
+                Ok(())
             }
-        }
-        Command::Status { json, watch, target } => {
+            Reply::Error { message } => anyhow::bail!("{message}"),
+            other => anyhow::bail!("unexpected reply {other:?}"),
+        },
+        Command::Status {
+            json,
+            watch,
+            target,
+        } => {
             let socket = target.socket()?;
             loop {
                 let report = match admin::call(&socket, &Request::Status)? {

@@ -81,11 +81,16 @@ impl Config {
     /// Parses and validates a configuration.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| {
+            // serde names the field in its message ("unknown field `x`",
+            // "missing field `y`"); the span adds where, when it is narrower
+            // than the whole document.
             let field = e
                 .span()
+                .filter(|s| s.start > 0 || s.end < text.len())
                 .map(|s| {
-                    let line = text[..s.start].lines().count().max(1);
-                    format!("line {line}")
+                    let line = text[..s.start].matches('\n').count() + 1;
+                    let source = text.lines().nth(line - 1).unwrap_or_default().trim();
+                    format!("line {line} (`{source}`)")
                 })
                 .unwrap_or_else(|| "document".into());
             err(field, e.message().to_owned())
@@ -102,7 +107,10 @@ impl Config {
             ));
         }
         if !(10..=60_000).contains(&self.tick_ms) {
-            return Err(err("tick_ms", format!("{} is outside 10..=60000", self.tick_ms)));
+            return Err(err(
+                "tick_ms",
+                format!("{} is outside 10..=60000", self.tick_ms),
+            ));
         }
         if self.engines.is_empty() {
             return Err(err("engine", "at least one [[engine]] is required"));
@@ -116,16 +124,25 @@ impl Config {
                 ));
             }
             if !seen.insert(&e.name) {
-                return Err(err(format!("engine[{i}].name"), format!("duplicate engine {:?}", e.name)));
+                return Err(err(
+                    format!("engine[{i}].name"),
+                    format!("duplicate engine {:?}", e.name),
+                ));
             }
         }
         if let Some(root) = &self.cgroup_root
             && !root.is_absolute()
         {
-            return Err(err("cgroup_root", format!("{} is not an absolute path", root.display())));
+            return Err(err(
+                "cgroup_root",
+                format!("{} is not an absolute path", root.display()),
+            ));
         }
         if !self.run_dir.is_absolute() {
-            return Err(err("run_dir", format!("{} is not an absolute path", self.run_dir.display())));
+            return Err(err(
+                "run_dir",
+                format!("{} is not an absolute path", self.run_dir.display()),
+            ));
         }
         Ok(())
     }
@@ -156,14 +173,39 @@ mod tests {
         Config::parse(ok).expect("minimal config");
         let cases: &[(&str, &str)] = &[
             ("database = \"DB!\"\n[[engine]]\nname = \"a\"\n", "database"),
-            ("database = \"db\"\ntick_ms = 1\n[[engine]]\nname = \"a\"\n", "tick_ms"),
+            (
+                "database = \"db\"\ntick_ms = 1\n[[engine]]\nname = \"a\"\n",
+                "tick_ms",
+            ),
             ("database = \"db\"\nengine = []\n", "engine"),
-            ("database = \"db\"\n[[engine]]\nname = \"a\"\n[[engine]]\nname = \"a\"\n", "engine[1].name"),
-            ("database = \"db\"\n[[engine]]\nname = \"\"\n", "engine[0].name"),
-            ("database = \"db\"\ncgroup_root = \"rel\"\n[[engine]]\nname = \"a\"\n", "cgroup_root"),
-            ("database = \"db\"\nrun_dir = \"rel\"\n[[engine]]\nname = \"a\"\n", "run_dir"),
-            ("database = \"db\"\nidentity = \"magic\"\n[[engine]]\nname = \"a\"\n", "line 2"),
-            ("database = \"db\"\nbogus = 1\n[[engine]]\nname = \"a\"\n", "line 2"),
+            (
+                "database = \"db\"\n[[engine]]\nname = \"a\"\n[[engine]]\nname = \"a\"\n",
+                "engine[1].name",
+            ),
+            (
+                "database = \"db\"\n[[engine]]\nname = \"\"\n",
+                "engine[0].name",
+            ),
+            (
+                "database = \"db\"\ncgroup_root = \"rel\"\n[[engine]]\nname = \"a\"\n",
+                "cgroup_root",
+            ),
+            (
+                "database = \"db\"\nrun_dir = \"rel\"\n[[engine]]\nname = \"a\"\n",
+                "run_dir",
+            ),
+            (
+                "database = \"db\"\nidentity = \"magic\"\n[[engine]]\nname = \"a\"\n",
+                "magic",
+            ),
+            (
+                "database = \"db\"\nbogus = 1\n[[engine]]\nname = \"a\"\n",
+                "`bogus`",
+            ),
+            (
+                "database = \"db\"\ntick_ms = \"fast\"\n[[engine]]\nname = \"a\"\n",
+                "line 2 (`tick_ms",
+            ),
             ("[[engine]]\nname = \"a\"\n", "database"),
         ];
         for (text, field) in cases {

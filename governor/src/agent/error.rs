@@ -13,6 +13,8 @@ pub enum AgentError {
     NoBtf { path: PathBuf },
     #[error("tracefs is not available at {path} and could not be mounted: {source}")]
     NoTracefs { path: PathBuf, source: io::Error },
+    #[error("kernel struct layout (BTF): {reason}")]
+    KernelLayout { reason: String },
     #[error("tracepoint {event} has an unexpected format: {reason}")]
     TraceFormat { event: String, reason: String },
     #[error("no process with pid {pid}")]
@@ -43,7 +45,10 @@ impl AgentError {
         }
     }
 
-    pub fn ebpf(what: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+    pub fn ebpf(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
         Self::Ebpf {
             what: what.into(),
             source: Box::new(source),

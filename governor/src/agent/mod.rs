@@ -3,12 +3,14 @@
 
 pub mod admin;
 pub mod attribution;
+pub mod btf;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod mounts;
 pub mod paths;
+pub mod privilege;
 pub mod procfs;
 pub mod run;
 pub mod status;

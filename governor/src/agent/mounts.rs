@@ -14,7 +14,8 @@ pub fn is_mounted(path: &str, fstype: &str) -> bool {
         let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
             return false;
         };
-        left.split_whitespace().nth(4) == Some(path) && right.split_whitespace().next() == Some(fstype)
+        left.split_whitespace().nth(4) == Some(path)
+            && right.split_whitespace().next() == Some(fstype)
     })
 }
 
@@ -47,7 +48,10 @@ pub fn ensure_bpffs() -> io::Result<()> {
     if is_mounted(super::paths::BPFFS, "bpf") {
         return Ok(());
     }
-    tracing::warn!(path = super::paths::BPFFS, "bpffs is not mounted; mounting it");
+    tracing::warn!(
+        path = super::paths::BPFFS,
+        "bpffs is not mounted; mounting it"
+    );
     mount_pseudo("bpf", super::paths::BPFFS)
 }
 

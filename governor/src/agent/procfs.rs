@@ -63,14 +63,21 @@ pub fn start_time(pid: u32) -> Result<u64, AgentError> {
     let stat = read(pid, "stat")?;
     // The command name may hold spaces and parentheses: fields start after
     // the last ')'.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| AgentError::io(format!("parsing /proc/{pid}/stat"), std::io::Error::other("no ')'")))?;
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or_else(|| {
+        AgentError::io(
+            format!("parsing /proc/{pid}/stat"),
+            std::io::Error::other("no ')'"),
+        )
+    })?;
     rest.split_whitespace()
         .nth(19)
         .and_then(|v| v.parse().ok())
-        .ok_or_else(|| AgentError::io(format!("parsing /proc/{pid}/stat"), std::io::Error::other("no starttime")))
+        .ok_or_else(|| {
+            AgentError::io(
+                format!("parsing /proc/{pid}/stat"),
+                std::io::Error::other("no starttime"),
+            )
+        })
 }
 
 /// Threads of `pid`.
@@ -111,6 +118,9 @@ mod tests {
         let me = std::process::id();
         assert!(start_time(me).expect("start time") > 0);
         assert!(threads(me).expect("threads").contains(&me));
-        assert!(matches!(start_time(u32::MAX - 1), Err(AgentError::NoSuchProcess { .. })));
+        assert!(matches!(
+            start_time(u32::MAX - 1),
+            Err(AgentError::NoSuchProcess { .. })
+        ));
     }
 }

@@ -75,7 +75,8 @@ impl Agent {
         if self.attribution.is_registered(pid) {
             return Ok(());
         }
-        self.attribution.register_process(pid, &self.config.engine_names())?;
+        self.attribution
+            .register_process(pid, &self.config.engine_names())?;
         if let Some(s) = &self.subtree {
             for (name, cg) in &s.engines {
                 self.attribution.bind_cgroup(pid, name, cg.id)?;
@@ -121,7 +122,10 @@ impl Agent {
             Some(s) => {
                 s.adopt_process(pid)?;
                 self.register(pid)?;
-                self.subtree.as_ref().map(|s| s.move_thread(tid, engine)).transpose()?;
+                self.subtree
+                    .as_ref()
+                    .map(|s| s.move_thread(tid, engine))
+                    .transpose()?;
             }
             None => {
                 self.register(pid)?;
@@ -167,7 +171,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing {}", socket_path.display())),
     }
-    let listener = UnixListener::bind(&socket_path).with_context(|| format!("binding {}", socket_path.display()))?;
+    let listener = UnixListener::bind(&socket_path)
+        .with_context(|| format!("binding {}", socket_path.display()))?;
     fs::set_permissions(&socket_path, fs::Permissions::from_mode(0o660))?;
     tracing::info!(socket = %socket_path.display(), "agent running");
 
@@ -202,7 +207,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         let complete = buf.last() == Some(&b'\n');
                         let reply = match std::str::from_utf8(&buf) {
                             _ if !complete && buf.len() as u64 >= limit => Reply::Error {
-                                message: format!("request exceeds {} bytes", admin::MAX_REQUEST_BYTES),
+                                message: format!(
+                                    "request exceeds {} bytes",
+                                    admin::MAX_REQUEST_BYTES
+                                ),
                             },
                             Ok(line) => match admin::parse_request(line.trim_end()) {
                                 Ok(req) => lock(&agent).handle(req),

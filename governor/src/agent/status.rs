@@ -110,7 +110,10 @@ impl StatusReport {
                 super::attribution::Identity::Cgroup => "cgroup",
                 super::attribution::Identity::Tid => "tid",
             },
-            self.cgroup.as_deref().map(|c| format!(", {c}")).unwrap_or_default(),
+            self.cgroup
+                .as_deref()
+                .map(|c| format!(", {c}"))
+                .unwrap_or_default(),
             self.kernel
         );
         out.push_str(&format!(

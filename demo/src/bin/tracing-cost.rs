@@ -1,0 +1,319 @@
+//! The cost and accuracy of kernel attribution, measured in one run (root).
+//!
+//! Cost: a page-fault-heavy loop (map 64 MiB, write every page, unmap) and
+//! an mmap/munmap loop (map 64 KiB, touch a page, unmap), each run with no
+//! programs attached, with the full set, and with each counting source
+//! alone. The process is governed (registered, its thread assigned to an
+//! engine), so the programs take their full path. Configurations are
+//! interleaved round by round and each is reported as the median over
+//! rounds and as a ratio against the untraced median of the same run.
+//!
+//! Accuracy: what each source says for memory whose fault count and page
+//! count differ (a THP-backed region, a file read through fault-around, a
+//! read-only anonymous region backed by the zero page), against VmRSS.
+//!
+//! Prints a markdown report; `--json FILE` also writes the figures.
+
+use std::{path::PathBuf, time::Instant};
+
+use clap::Parser;
+use nodedb_governor::agent::{
+    attribution::{Attribution, ProgramSet},
+    procfs,
+};
+use nodedb_governor_demo::memory::{self, Block, Kind, MIB, PAGE};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 7)]
+    rounds: u32,
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Measure only the untraced baseline and this configuration
+    /// (full, faults, rss), and skip the accuracy table.
+    #[arg(long)]
+    only: Option<String>,
+    /// Profiling aid: keep the full set attached and run the fault loop for
+    /// this many seconds (read per-program times with `bpftool prog show`
+    /// and `kernel.bpf_stats_enabled=1` meanwhile), then exit.
+    #[arg(long)]
+    hold_seconds: Option<u64>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize)]
+enum Config {
+    Untraced,
+    Full,
+    FaultsOnly,
+    RssOnly,
+}
+
+impl Config {
+    fn label(self) -> &'static str {
+        match self {
+            Config::Untraced => "untraced",
+            Config::Full => "all programs (agent)",
+            Config::FaultsOnly => "page_fault_user only",
+            Config::RssOnly => "rss_stat only",
+        }
+    }
+}
+
+const CONFIGS: [Config; 4] = [
+    Config::Untraced,
+    Config::Full,
+    Config::FaultsOnly,
+    Config::RssOnly,
+];
+
+fn gettid() -> u32 {
+    // SAFETY: no preconditions.
+    unsafe { libc::gettid() as u32 }
+}
+
+fn attach(config: Config) -> Option<Attribution> {
+    let set = match config {
+        Config::Untraced => return None,
+        Config::Full => ProgramSet::Full,
+        Config::FaultsOnly => ProgramSet::FaultsOnly,
+        Config::RssOnly => ProgramSet::RssOnly,
+    };
+    let mut att = Attribution::load(set).expect("loading the eBPF programs");
+    let pid = std::process::id();
+    att.register_process(pid, &["bench".to_owned()])
+        .expect("registering");
+    att.assign_tid(pid, gettid(), "bench").expect("assigning");
+    Some(att)
+}
+
+/// ns per page of: map 64 MiB, write every page, unmap (x4).
+fn fault_loop() -> f64 {
+    let len = 64 * MIB;
+    let start = Instant::now();
+    for _ in 0..4 {
+        drop(Block::new(Kind::Anon, len).expect("mmap"));
+    }
+    start.elapsed().as_nanos() as f64 / (4 * len / PAGE) as f64
+}
+
+/// ns per map + touch + unmap of 64 KiB.
+fn mmap_loop() -> f64 {
+    let n = 20_000;
+    let start = Instant::now();
+    for _ in 0..n {
+        drop(Block::new(Kind::Anon, 64 * 1024).expect("mmap"));
+    }
+    start.elapsed().as_nanos() as f64 / n as f64
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[derive(serde::Serialize)]
+struct CostRow {
+    config: Config,
+    fault_ns_per_page: f64,
+    fault_ratio: f64,
+    mmap_ns_per_op: f64,
+    mmap_ratio: f64,
+}
+
+#[derive(serde::Serialize)]
+struct AccuracyRow {
+    case: &'static str,
+    truth_mib: f64,
+    rss_stat_mib: f64,
+    faults_x_4k_mib: f64,
+}
+
+fn accuracy() -> Vec<AccuracyRow> {
+    let att = attach(Config::Full).expect("full set");
+    let pid = std::process::id();
+    let read = || {
+        let u = att.usage().expect("usage");
+        let p = u
+            .processes
+            .into_iter()
+            .find(|p| p.pid == pid)
+            .expect("governed");
+        let e = p.engines["bench"];
+        (e.resident_bytes, e.page_faults)
+    };
+    let rss = || procfs::rss_breakdown(pid).expect("rss").total();
+    let mut rows = Vec::new();
+    let mut case = |name: &'static str, make: &dyn Fn() -> Vec<Block>| {
+        let (r0, f0, t0) = {
+            let (r, f) = read();
+            (r, f, rss())
+        };
+        let held = make();
+        let (r1, f1) = read();
+        let t1 = rss();
+        rows.push(AccuracyRow {
+            case: name,
+            truth_mib: (t1 as f64 - t0 as f64) / MIB as f64,
+            rss_stat_mib: (r1 as f64 - r0 as f64) / MIB as f64,
+            faults_x_4k_mib: ((f1 - f0) * PAGE as u64) as f64 / MIB as f64,
+        });
+        drop(held);
+    };
+    case("anon 64 MiB, THP (MADV_HUGEPAGE)", &|| {
+        vec![huge_block(64 * MIB)]
+    });
+    case("file 64 MiB read (fault-around)", &|| {
+        vec![Block::new(Kind::File, 64 * MIB).expect("file")]
+    });
+    case("anon 64 MiB read-only (zero page)", &|| {
+        vec![zero_page_block(64 * MIB)]
+    });
+    case("anon 64 MiB written, 4 KiB pages", &|| {
+        vec![Block::new(Kind::Anon, 64 * MIB).expect("anon")]
+    });
+    rows
+}
+
+/// A 2 MiB-aligned anonymous region with MADV_HUGEPAGE, written.
+fn huge_block(len: usize) -> Block {
+    raw_region(len, true, true)
+}
+
+/// An anonymous region only read: every fault maps the shared zero page.
+fn zero_page_block(len: usize) -> Block {
+    raw_region(len, false, false)
+}
+
+fn raw_region(len: usize, huge: bool, write: bool) -> Block {
+    // Over-map by 2 MiB to align, as allocators do for huge pages.
+    let align = 2 * MIB;
+    // SAFETY: fresh private anonymous mapping; all pointer arithmetic stays
+    // inside it; the trimmed edges are unmapped before use.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len + align,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        ) as usize;
+        assert_ne!(p, libc::MAP_FAILED as usize, "mmap");
+        let start = p.div_ceil(align) * align;
+        if start > p {
+            libc::munmap(p as *mut _, start - p);
+        }
+        let end = start + len;
+        if p + len + align > end {
+            libc::munmap(end as *mut _, p + len + align - end);
+        }
+        if huge {
+            libc::madvise(start as *mut _, len, libc::MADV_HUGEPAGE);
+        }
+        for off in (0..len).step_by(PAGE) {
+            let q = (start + off) as *mut u8;
+            if write {
+                std::ptr::write_volatile(q, 1);
+            } else {
+                std::ptr::read_volatile(q);
+            }
+        }
+        Block::adopt(start as *mut u8, len, Kind::Anon)
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    memory::configure_malloc();
+    if let Some(secs) = args.hold_seconds {
+        let _att = attach(Config::Full);
+        let start = Instant::now();
+        while start.elapsed().as_secs() < secs {
+            fault_loop();
+        }
+        return;
+    }
+    let configs: Vec<Config> = match args.only.as_deref() {
+        None => CONFIGS.to_vec(),
+        Some("full") => vec![Config::Untraced, Config::Full],
+        Some("faults") => vec![Config::Untraced, Config::FaultsOnly],
+        Some("rss") => vec![Config::Untraced, Config::RssOnly],
+        Some(other) => panic!("--only {other}: expected full, faults or rss"),
+    };
+    let mut fault: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    let mut mmap: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    for round in 0..args.rounds as usize {
+        for k in 0..configs.len() {
+            // Rotate the order so drift in the machine spreads evenly.
+            let i = (k + round) % configs.len();
+            let att = attach(configs[i]);
+            fault_loop(); // warm-up
+            fault[i].push(fault_loop());
+            mmap[i].push(mmap_loop());
+            drop(att);
+        }
+        eprintln!("round {}/{} done", round + 1, args.rounds);
+    }
+    // Ratios are paired: each configuration against the untraced sample of
+    // the same round, then the median over rounds, so slow drift of the
+    // machine cancels out.
+    let paired = |samples: &[Vec<f64>], i: usize| -> f64 {
+        let mut r: Vec<f64> = samples[i]
+            .iter()
+            .zip(&samples[0])
+            .map(|(c, b)| c / b)
+            .collect();
+        median(&mut r)
+    };
+    let cost: Vec<CostRow> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, &config)| CostRow {
+            config,
+            fault_ns_per_page: median(&mut fault[i].clone()),
+            fault_ratio: paired(&fault, i),
+            mmap_ns_per_op: median(&mut mmap[i].clone()),
+            mmap_ratio: paired(&mmap, i),
+        })
+        .collect();
+    let acc = if args.only.is_some() {
+        Vec::new()
+    } else {
+        accuracy()
+    };
+
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!(
+        "Tracing cost, kernel {}, {} rounds; times are medians, ratios are medians of per-round ratios to the untraced run:\n",
+        kernel.trim(),
+        args.rounds
+    );
+    println!(
+        "| programs attached | fault loop ns/page | vs untraced | mmap+touch+munmap ns | vs untraced |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for r in &cost {
+        println!(
+            "| {} | {:.0} | {:.3} | {:.0} | {:.3} |",
+            r.config.label(),
+            r.fault_ns_per_page,
+            r.fault_ratio,
+            r.mmap_ns_per_op,
+            r.mmap_ratio
+        );
+    }
+    println!("\nCounting sources against VmRSS (MiB):\n");
+    println!("| memory | VmRSS change | rss_stat (used) | page faults x 4 KiB |");
+    println!("|---|---:|---:|---:|");
+    for r in &acc {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} |",
+            r.case, r.truth_mib, r.rss_stat_mib, r.faults_x_4k_mib
+        );
+    }
+    if let Some(path) = args.json {
+        let doc = serde_json::json!({ "kernel": kernel.trim(), "rounds": args.rounds, "cost": cost, "accuracy": acc });
+        std::fs::write(&path, serde_json::to_string_pretty(&doc).expect("json"))
+            .expect("writing json");
+    }
+}

@@ -1,0 +1,47 @@
+//! `cargo xtask bench`: the cost of kernel attribution, measured against an
+//! untraced baseline in the same run (see demo/src/bin/tracing-cost.rs), and
+//! how each counting source compares with VmRSS. Writes
+//! `target/bench/tracing-cost.{md,json}`.
+
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+use crate::cmd::{self, step};
+
+pub fn bench(rounds: u32) -> anyhow::Result<()> {
+    if !cmd::is_root() {
+        bail!("the tracing benchmark attaches eBPF programs: run `cargo xtask bench` as root");
+    }
+    let root = crate::root();
+    step("building the benchmark (release)");
+    cmd::run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "nodedb-governor-demo",
+        "--bin",
+        "tracing-cost",
+    ]))?;
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let json = out_dir.join("tracing-cost.json");
+    step(&format!(
+        "tracing cost: {rounds} rounds of every configuration, interleaved"
+    ));
+    let out = Command::new(root.join("target/release/tracing-cost"))
+        .args(["--rounds", &rounds.to_string(), "--json"])
+        .arg(&json)
+        .output()
+        .context("running tracing-cost")?;
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("tracing-cost failed ({})", out.status);
+    }
+    let report = String::from_utf8_lossy(&out.stdout);
+    print!("{report}");
+    let md = out_dir.join("tracing-cost.md");
+    std::fs::write(&md, report.as_bytes())?;
+    eprintln!("==> wrote {} and {}", md.display(), json.display());
+    Ok(())
+}

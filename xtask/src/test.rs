@@ -1,0 +1,76 @@
+//! `cargo xtask test`: formatting, lints, and every test. The privileged
+//! tests (eBPF, cgroups) run for real as root; under CI they may not skip.
+
+use std::process::Command;
+
+use crate::cmd::{self, step};
+
+pub fn test() -> anyhow::Result<()> {
+    let root = crate::root();
+    step("cargo fmt --check");
+    cmd::run(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["fmt", "--all", "--check"]),
+    )?;
+    step("clippy (host crates)");
+    cmd::run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("clippy (library without the agent)");
+    cmd::run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "-p",
+        "nodedb-governor",
+        "--no-default-features",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("clippy (eBPF programs, nightly, bpf target)");
+    cmd::run(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args([
+                "+nightly",
+                "clippy",
+                "--release",
+                "-p",
+                "nodedb-governor-ebpf",
+            ])
+            .args([
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER"),
+    )?;
+    step("tests");
+    let mut test = Command::new("cargo");
+    test.current_dir(&root).args(["test", "--all-targets"]);
+    if cmd::is_root() {
+        // As root the privileged tests must run: a missing prerequisite is
+        // then a failure, not a skip.
+        test.env("NODEDB_GOVERNOR_REQUIRE_PRIVILEGED", "1");
+    } else {
+        eprintln!("    not root: privileged tests will skip, each saying why");
+    }
+    cmd::run(&mut test)?;
+    step("doc tests");
+    cmd::run(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["test", "--doc"]),
+    )?;
+    Ok(())
+}

@@ -107,49 +107,89 @@ pub struct KernelLayout {
     pub member_kind: [u8; 8],
 }
 
-/// Per-CPU cache of the running thread's identity, so the hot programs
-/// resolve a thread's engine with no helper call and no hash lookup. A
-/// `sched_switch` program clears `valid` whenever another task gets the
-/// CPU; the generations catch registry changes (bumped by the agent) and
-/// cgroup moves (bumped by a `cgroup_attach_task` program); `check` rejects
-/// an entry torn by a preempted writer.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IdentityCache {
-    pub valid: u32,
-    /// 1 when the thread belongs to a governed process.
-    pub governed: u32,
-    pub slot: u32,
-    pub mm_index: u32,
-    pub tgid: u32,
-    pub tid: u32,
-    pub agent_generation: u64,
-    pub kernel_generation: u64,
-    pub check: u64,
-}
+/// The per-CPU cache of the running thread's identity, packed into one
+/// 64-bit word so that a single store writes it (a program preempted while
+/// filling it can never leave a torn entry behind). A `sched_switch`
+/// program zeroes it whenever another task takes the CPU; the generation
+/// catches registry changes (the agent adds [`identity::AGENT_GENERATION_STEP`])
+/// and cgroup moves (a `cgroup_attach_task` program adds 1).
+///
+/// Layout: bit 63 valid, bit 62 governed, bits 52..62 slot, bits 44..52
+/// mm index, bits 0..44 generation.
+pub mod identity {
+    pub const VALID: u64 = 1 << 63;
+    pub const GOVERNED: u64 = 1 << 62;
+    const SLOT_SHIFT: u32 = 52;
+    const SLOT_MASK: u64 = 0x3ff;
+    const MM_SHIFT: u32 = 44;
+    const MM_MASK: u64 = 0xff;
+    pub const GENERATION_MASK: u64 = (1 << 44) - 1;
+    /// What the agent adds to the generation word per registry change; the
+    /// kernel side adds 1 per cgroup move. The word only grows, so a cached
+    /// generation is never seen again once it changes.
+    pub const AGENT_GENERATION_STEP: u64 = 1 << 20;
 
-impl IdentityCache {
-    /// Mixes every other field into one word.
-    pub const fn checksum(&self) -> u64 {
-        let a = ((self.governed as u64) << 32) | self.slot as u64;
-        let b = ((self.mm_index as u64) << 32) | self.tgid as u64;
-        let c = ((self.tid as u64) << 32) | self.valid as u64;
-        (a ^ b.rotate_left(13)
-            ^ c.rotate_left(29)
-            ^ self.agent_generation.rotate_left(41)
-            ^ self.kernel_generation.rotate_left(53))
-        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    const _: () = assert!(super::MAX_SLOTS as u64 <= SLOT_MASK + 1);
+    const _: () = assert!(super::MAX_PROCS as u64 <= MM_MASK + 1);
+
+    pub const fn pack(governed: bool, slot: u32, mm_index: u32, generation: u64) -> u64 {
+        VALID
+            | if governed { GOVERNED } else { 0 }
+            | ((slot as u64 & SLOT_MASK) << SLOT_SHIFT)
+            | ((mm_index as u64 & MM_MASK) << MM_SHIFT)
+            | (generation & GENERATION_MASK)
+    }
+
+    pub const fn slot(word: u64) -> u32 {
+        ((word >> SLOT_SHIFT) & SLOT_MASK) as u32
+    }
+
+    pub const fn mm_index(word: u64) -> u32 {
+        ((word >> MM_SHIFT) & MM_MASK) as u32
+    }
+
+    /// True when `word` is a valid entry for `generation`.
+    pub const fn current(word: u64, generation: u64) -> bool {
+        word & VALID != 0 && (word & GENERATION_MASK) == (generation & GENERATION_MASK)
     }
 }
 
-/// Per-CPU memory of the last region whose owner was recorded, so a thread
-/// faulting its way through a region writes the ownership map once.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RegionCache {
-    pub region: u64,
-    pub tid: u32,
-    pub slot: u32,
+/// The per-CPU memory of the last 2 MiB region whose owner was recorded,
+/// packed into one word like [`identity`] and zeroed on `sched_switch`:
+/// bit 63 valid, bits 53..63 slot, bits 0..53 region number.
+pub mod region_cache {
+    const SLOT_SHIFT: u32 = 53;
+    const REGION_MASK: u64 = (1 << 53) - 1;
+
+    pub const fn pack(slot: u32, region: u64) -> u64 {
+        super::identity::VALID | ((slot as u64 & 0x3ff) << SLOT_SHIFT) | (region & REGION_MASK)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_word_round_trips_and_generations_invalidate() {
+        let w = identity::pack(true, MAX_SLOTS - 1, MAX_PROCS - 1, 12345);
+        assert_eq!(identity::slot(w), MAX_SLOTS - 1);
+        assert_eq!(identity::mm_index(w), MAX_PROCS - 1);
+        assert!(w & identity::GOVERNED != 0);
+        assert!(identity::current(w, 12345));
+        assert!(!identity::current(w, 12346));
+        assert!(!identity::current(0, 0), "a cleared entry is never current");
+        let ungoverned = identity::pack(false, 0, 0, 7);
+        assert!(identity::current(ungoverned, 7) && ungoverned & identity::GOVERNED == 0);
+    }
+
+    #[test]
+    fn region_words_differ_by_slot_and_region() {
+        let a = region_cache::pack(3, 1 << 26);
+        assert_ne!(a, region_cache::pack(4, 1 << 26));
+        assert_ne!(a, region_cache::pack(3, (1 << 26) + 1));
+        assert_ne!(a, 0);
+    }
 }
 
 /// Key of the engine-by-cgroup map: a cgroup id within one process, so
@@ -235,8 +275,4 @@ mod pod {
     unsafe impl aya::Pod for super::CgroupKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelLayout {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::IdentityCache {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::RegionCache {}
 }

@@ -30,7 +30,7 @@ struct Args {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Measure only the untraced baseline and this configuration
-    /// (full, faults, rss), and skip the accuracy table.
+    /// (full, faults, rss, floor), and skip the accuracy table.
     #[arg(long)]
     only: Option<String>,
     /// Profiling aid: keep the full set attached and run the fault loop for
@@ -46,6 +46,7 @@ enum Config {
     Full,
     FaultsOnly,
     RssOnly,
+    Floor,
 }
 
 impl Config {
@@ -55,15 +56,17 @@ impl Config {
             Config::Full => "all programs (agent)",
             Config::FaultsOnly => "page_fault_user only",
             Config::RssOnly => "rss_stat only",
+            Config::Floor => "empty programs on the same fault-path tracepoints (floor)",
         }
     }
 }
 
-const CONFIGS: [Config; 4] = [
+const CONFIGS: [Config; 5] = [
     Config::Untraced,
     Config::Full,
     Config::FaultsOnly,
     Config::RssOnly,
+    Config::Floor,
 ];
 
 fn gettid() -> u32 {
@@ -77,6 +80,7 @@ fn attach(config: Config) -> Option<Attribution> {
         Config::Full => ProgramSet::Full,
         Config::FaultsOnly => ProgramSet::FaultsOnly,
         Config::RssOnly => ProgramSet::RssOnly,
+        Config::Floor => ProgramSet::Floor,
     };
     let mut att = Attribution::load(set).expect("loading the eBPF programs");
     let pid = std::process::id();
@@ -238,7 +242,8 @@ fn main() {
         Some("full") => vec![Config::Untraced, Config::Full],
         Some("faults") => vec![Config::Untraced, Config::FaultsOnly],
         Some("rss") => vec![Config::Untraced, Config::RssOnly],
-        Some(other) => panic!("--only {other}: expected full, faults or rss"),
+        Some("floor") => vec![Config::Untraced, Config::Floor],
+        Some(other) => panic!("--only {other}: expected full, faults, rss or floor"),
     };
     let mut fault: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     let mut mmap: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];

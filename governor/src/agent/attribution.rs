@@ -43,7 +43,7 @@ use aya::{
     programs::{BtfTracePoint, TracePoint},
 };
 use nodedb_governor_common::{
-    CgroupKey, KernelLayout, MAX_PROCS, MAX_SLOTS, MmState, ProcInfo, SlotStats, kind,
+    CgroupKey, KernelLayout, MAX_PROCS, MAX_SLOTS, MmState, ProcInfo, SlotStats, identity, kind,
 };
 
 use super::{
@@ -82,6 +82,10 @@ pub enum ProgramSet {
     FaultsOnly,
     /// Only `rss_stat` (source 1 above).
     RssOnly,
+    /// Empty programs on the fault-path tracepoints (`page_fault_user`,
+    /// `rss_stat`) and `sched_switch`: the benchmark's floor, the cost of
+    /// running any program there at all.
+    Floor,
 }
 
 /// How a thread's engine is recognised.
@@ -117,7 +121,6 @@ pub struct Attribution {
     mm_by_ptr: BpfHashMap<MapData, u64, u32>,
     free_mm_indexes: Vec<u32>,
     generation: Array<MapData, u64>,
-    generation_value: u64,
     nr_cpus: usize,
     free_slots: Vec<u32>,
     procs: BTreeMap<u32, TrackedProcess>,
@@ -140,9 +143,10 @@ impl Attribution {
             .map_err(|e| AgentError::ebpf("loading the eBPF object", e))?;
 
         let wanted = |name: &str| match set {
-            ProgramSet::Full => true,
+            ProgramSet::Full => !name.starts_with("floor_"),
             ProgramSet::FaultsOnly => name == "page_fault_user",
             ProgramSet::RssOnly => name == "rss_stat",
+            ProgramSet::Floor => matches!(name, "floor_page_fault_user" | "floor_rss_stat"),
         };
         for &(prog, category, event) in TRACEPOINTS {
             if !wanted(prog) {
@@ -167,6 +171,8 @@ impl Attribution {
             ("cgroup_attach_task", "cgroup_attach_task"),
             ("page_fault_user", "page_fault_user"),
             ("rss_stat", "rss_stat"),
+            ("floor_page_fault_user", "page_fault_user"),
+            ("floor_rss_stat", "rss_stat"),
         ] {
             if !(wanted(prog) || matches!(prog, "sched_switch" | "cgroup_attach_task")) {
                 continue;
@@ -202,7 +208,6 @@ impl Attribution {
             mm_by_ptr,
             free_mm_indexes: (0..MAX_PROCS).rev().collect(),
             generation,
-            generation_value: 0,
             nr_cpus,
             free_slots: (0..MAX_SLOTS).rev().collect(),
             procs: BTreeMap::new(),
@@ -210,11 +215,15 @@ impl Attribution {
     }
 
     /// Invalidates the programs' per-CPU identity caches after a registry
-    /// change.
+    /// change. The word only grows (the programs add 1 per cgroup move, we
+    /// add a large step), so no cached generation is ever current again.
     fn bump_generation(&mut self) -> Result<(), AgentError> {
-        self.generation_value += 1;
+        let now = self
+            .generation
+            .get(&0, 0)
+            .map_err(|e| AgentError::ebpf("reading the registry generation", e))?;
         self.generation
-            .set(0, self.generation_value, 0)
+            .set(0, now + identity::AGENT_GENERATION_STEP, 0)
             .map_err(|e| AgentError::ebpf("bumping the registry generation", e))
     }
 

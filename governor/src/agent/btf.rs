@@ -157,7 +157,11 @@ impl Btf {
 
     /// The running kernel's BTF.
     pub fn from_sys_fs() -> Result<Self, AgentError> {
-        let path = super::paths::VMLINUX_BTF;
+        Self::from_path(std::path::Path::new(super::paths::VMLINUX_BTF))
+    }
+
+    /// BTF from a file (a kernel without `CONFIG_DEBUG_INFO_BTF` has none).
+    pub fn from_path(path: &std::path::Path) -> Result<Self, AgentError> {
         let data = std::fs::read(path).map_err(|_| AgentError::NoBtf { path: path.into() })?;
         Self::parse(&data)
     }
@@ -411,6 +415,18 @@ mod tests {
         let btf = Btf::parse(&layout_6_2()).unwrap();
         let e = btf.struct_id("vm_area_struct").unwrap_err().to_string();
         assert!(e.contains("vm_area_struct"), "{e}");
+    }
+
+    #[test]
+    fn a_kernel_without_btf_is_named() {
+        let e = Btf::from_path(std::path::Path::new("/nonexistent/vmlinux"))
+            .err()
+            .expect("no BTF");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("BTF is missing") && msg.contains("CONFIG_DEBUG_INFO_BTF"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Mounting the pseudo filesystems the agent needs (tracefs, bpffs) when the
 //! host has not.
 
-use std::{ffi::CString, fs, io, path::Path};
+use std::{ffi::CString, fs, io};
 
 /// True when `path` is a mount point of filesystem type `fstype`.
 pub fn is_mounted(path: &str, fstype: &str) -> bool {
@@ -53,18 +53,4 @@ pub fn ensure_bpffs() -> io::Result<()> {
         "bpffs is not mounted; mounting it"
     );
     mount_pseudo("bpf", super::paths::BPFFS)
-}
-
-/// True when `path` lies on a bpffs mount (pinning needs one).
-pub fn on_bpffs(path: &Path) -> bool {
-    let mut dir = path;
-    loop {
-        if is_mounted(&dir.to_string_lossy(), "bpf") {
-            return true;
-        }
-        match dir.parent() {
-            Some(parent) => dir = parent,
-            None => return false,
-        }
-    }
 }

@@ -22,7 +22,7 @@ use super::{
     cgroup::{self, Subtree},
     config::{Config, IdentityMode},
     error::AgentError,
-    procfs,
+    mounts, procfs,
     status::StatusReport,
 };
 
@@ -38,6 +38,9 @@ impl Agent {
     /// Loads the programs and sets up the cgroup subtree.
     pub fn start(config: Config) -> Result<Self, AgentError> {
         let attribution = Attribution::load(ProgramSet::Full)?;
+        // bpffs is where BPF objects are pinned; like tracefs, mount it when
+        // the host has not.
+        mounts::ensure_bpffs().map_err(|e| AgentError::io("mounting bpffs", e))?;
         let engines = config.engine_names();
         let cgroup_subtree = || -> Result<Subtree, AgentError> {
             let root = match &config.cgroup_root {

@@ -153,6 +153,11 @@ impl TraceFs {
         })
     }
 
+    /// A tracefs mounted at `root`.
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
     /// Reads and parses `events/<category>/<name>/format`.
     pub fn format(&self, category: &str, name: &str) -> Result<Format, AgentError> {
         let path = self
@@ -287,6 +292,14 @@ print fmt: "mm_id=%u curr=%d type=%s size=%ldB", REC->mm_id, REC->curr, __print_
         let missing = Format::parse(&RSS_STAT.replace("MM_SHMEMPAGES", "MM_OTHER")).unwrap();
         let err = member_kinds(&missing).unwrap_err().to_string();
         assert!(err.contains("MM_SHMEMPAGES"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_tracepoint_is_named() {
+        let e = trace_offsets(&TraceFs::at("/nonexistent-tracefs"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sys_enter_munmap/format"), "{e}");
     }
 
     #[test]

@@ -1,0 +1,336 @@
+//! The agent binary end to end, as root: `run` with a configuration of its
+//! own (random database name, private runtime directory), `assign` and
+//! `status --json` through the admin socket, and every error the agent
+//! promises to name. Unprivileged runs skip with the reason.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use nodedb_governor::agent::{privilege, status::StatusReport};
+
+const BIN: &str = env!("CARGO_BIN_EXE_nodedb-governor");
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}-{}-{nanos:x}", std::process::id())
+}
+
+/// A running agent; stopped (SIGTERM) and its cgroups removed on drop.
+struct Agent {
+    child: Child,
+    dir: PathBuf,
+    config: PathBuf,
+    socket: PathBuf,
+    cgroup: Option<PathBuf>,
+}
+
+impl Agent {
+    fn start(identity: &str) -> Self {
+        let database = unique("nodedb-agent-test");
+        let dir = std::env::temp_dir().join(&database);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("governor.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "database = \"{database}\"\nidentity = \"{identity}\"\ntick_ms = 20\nrun_dir = \"{}\"\n\
+                 [[engine]]\nname = \"vector\"\n[[engine]]\nname = \"query\"\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the agent");
+        let socket = dir.join("agent.sock");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not open {}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut agent = Self {
+            child,
+            dir,
+            config,
+            socket,
+            cgroup: None,
+        };
+        let status = agent.status();
+        agent.cgroup = status.cgroup.map(PathBuf::from);
+        agent
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .expect("running the CLI")
+    }
+
+    fn status(&self) -> StatusReport {
+        let out = self.cli(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status --json parses as the documented schema")
+    }
+
+    fn raw(&self, request: &[u8]) -> String {
+        let mut s = UnixStream::connect(&self.socket).expect("connecting");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(request).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).expect("a reply");
+        line
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        if let Some(cg) = &self.cgroup {
+            // Governed test processes are gone by now; engines first.
+            for e in ["vector", "query"] {
+                let _ = std::fs::remove_dir(cg.join(format!("engine-{e}")));
+            }
+            let _ = std::fs::remove_dir(cg);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A governed stand-in process, killed on drop.
+struct Sleeper(Child);
+
+impl Sleeper {
+    fn start() -> Self {
+        Self(Command::new("sleep").arg("120").spawn().expect("sleep"))
+    }
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assign(agent: &Agent, pid: u32, tid: u32, engine: &str) -> Output {
+    agent.cli(&[
+        "assign",
+        "--pid",
+        &pid.to_string(),
+        "--tid",
+        &tid.to_string(),
+        "--engine",
+        engine,
+    ])
+}
+
+fn thread_cgroup(pid: u32, tid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup")).unwrap_or_default()
+}
+
+fn governs_and_reports(identity: &str) {
+    let agent = Agent::start(identity);
+    let sleeper = Sleeper::start();
+    let pid = sleeper.pid();
+    let out = assign(&agent, pid, pid, "vector");
+    assert!(out.status.success(), "assign failed: {}", stderr(&out));
+
+    let status = agent.status();
+    assert_eq!(status.schema, "nodedb-governor.status.v1");
+    assert_eq!(
+        status.engines.keys().collect::<Vec<_>>(),
+        ["query", "vector"]
+    );
+    let p = status
+        .processes
+        .iter()
+        .find(|p| p.pid == pid)
+        .expect("the process is governed");
+    let total: u64 =
+        p.engines.values().map(|e| e.resident_bytes).sum::<u64>() + p.unattributed.resident_bytes;
+    let rss = p.vm_rss_bytes.expect("VmRSS");
+    assert!(
+        total.abs_diff(rss) <= rss / 50 + 256 * 1024,
+        "parts {total} vs VmRSS {rss}"
+    );
+    if identity == "cgroup" {
+        let cg = thread_cgroup(pid, pid);
+        assert!(cg.contains("/engine-vector"), "thread not moved: {cg}");
+    }
+}
+
+#[test]
+fn governs_a_process_with_cgroup_identity() {
+    if privilege::skip_unprivileged("governs_a_process_with_cgroup_identity") {
+        return;
+    }
+    governs_and_reports("cgroup");
+}
+
+#[test]
+fn governs_a_process_with_tid_identity() {
+    if privilege::skip_unprivileged("governs_a_process_with_tid_identity") {
+        return;
+    }
+    governs_and_reports("tid");
+}
+
+#[test]
+fn bad_requests_get_errors_naming_what_is_wrong() {
+    if privilege::skip_unprivileged("bad_requests_get_errors_naming_what_is_wrong") {
+        return;
+    }
+    let agent = Agent::start("cgroup");
+    let sleeper = Sleeper::start();
+    let pid = sleeper.pid();
+
+    let out = assign(&agent, pid, pid, "gpu");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("unknown engine `gpu` (configured engines: vector, query)"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = assign(&agent, 4_000_000, 4_000_000, "vector");
+    assert!(
+        stderr(&out).contains("no process with pid 4000000"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = assign(&agent, pid, std::process::id(), "vector");
+    assert!(
+        stderr(&out).contains(&format!(
+            "thread {} does not belong to process {pid}",
+            std::process::id()
+        )),
+        "{}",
+        stderr(&out)
+    );
+
+    // Malformed, unknown and oversized requests over the raw socket: each
+    // answered with an error, and the agent keeps serving.
+    assert!(agent.raw(b"{not json\n").contains("malformed request"));
+    assert!(agent.raw(b"{\"op\":\"reboot\"}\n").contains("reboot"));
+    let mut big = vec![b'x'; 70 * 1024];
+    big.push(b'\n');
+    assert!(agent.raw(&big).contains("exceeds"));
+    assert_eq!(agent.status().schema, "nodedb-governor.status.v1");
+}
+
+#[test]
+fn a_cgroup_hierarchy_it_cannot_use_is_named() {
+    if privilege::skip_unprivileged("a_cgroup_hierarchy_it_cannot_use_is_named") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(unique("not-a-cgroup"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("governor.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database = \"db\"\nidentity = \"cgroup\"\ncgroup_root = \"{}\"\nrun_dir = \"{}\"\n[[engine]]\nname = \"a\"\n",
+            dir.display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(
+        e.contains("cannot use cgroup hierarchy") && e.contains("not a cgroup v2 directory"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_unprivileged_agent_names_the_missing_capabilities() {
+    // This one needs root to drop to `nobody`; as a normal user the agent
+    // would fail the same way, which the message check covers too.
+    let mut cmd = if privilege::check_prerequisites().is_ok() {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            BIN,
+        ]);
+        c
+    } else {
+        Command::new(BIN)
+    };
+    let out = cmd
+        .args(["run"])
+        .output()
+        .expect("running the agent unprivileged");
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(e.contains("needs root") && e.contains("CAP_BPF"), "{e}");
+}
+
+#[test]
+fn check_config_accepts_the_default_and_names_bad_fields() {
+    let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nodedb-governor.toml");
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&default)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = std::env::temp_dir().join(unique("bad-config"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "database = \"db\"\ntick_ms = 5\n[[engine]]\nname = \"a\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("tick_ms"), "{}", stderr(&out));
+}

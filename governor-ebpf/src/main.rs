@@ -163,7 +163,7 @@ fn identity() -> Option<Identity> {
 fn resolve_identity(cache: *mut u64, generation: u64) -> Option<Identity> {
     let (tgid, tid) = ids();
     // SAFETY: map values are plain integers; we copy them out at once.
-    let found = unsafe { PROCS.get(&tgid) }.copied().map(|proc_| {
+    let found = unsafe { PROCS.get(tgid) }.copied().map(|proc_| {
         let key = CgroupKey {
             // SAFETY: the helper takes no arguments and only reads current.
             cgroup_id: unsafe { bpf_get_current_cgroup_id() },
@@ -171,9 +171,9 @@ fn resolve_identity(cache: *mut u64, generation: u64) -> Option<Identity> {
             _pad: 0,
         };
         // SAFETY: as above.
-        let slot = if let Some(slot) = unsafe { ENGINE_BY_CGROUP.get(&key) } {
+        let slot = if let Some(slot) = unsafe { ENGINE_BY_CGROUP.get(key) } {
             *slot
-        } else if let Some(slot) = unsafe { ENGINE_BY_TID.get(&tid) } {
+        } else if let Some(slot) = unsafe { ENGINE_BY_TID.get(tid) } {
             *slot
         } else {
             proc_.unattributed_slot
@@ -420,8 +420,8 @@ pub fn page_fault_user(ctx: BtfTracePointContext) -> u32 {
         region,
     };
     // SAFETY: copy out of the map value.
-    if unsafe { REGIONS.get(&key) }.copied() != Some(me.slot) {
-        let _ = REGIONS.insert(&key, &me.slot, 0);
+    if unsafe { REGIONS.get(key) }.copied() != Some(me.slot) {
+        let _ = REGIONS.insert(key, me.slot, 0);
     }
     // SAFETY: as above; one 64-bit store.
     unsafe { core::ptr::write_volatile(cache, word) };

@@ -27,7 +27,6 @@ fn unique(prefix: &str) -> String {
 struct Agent {
     child: Child,
     dir: PathBuf,
-    config: PathBuf,
     socket: PathBuf,
     cgroup: Option<PathBuf>,
 }
@@ -66,7 +65,6 @@ impl Agent {
         let mut agent = Self {
             child,
             dir,
-            config,
             socket,
             cgroup: None,
         };

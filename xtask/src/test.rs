@@ -66,6 +66,22 @@ pub fn test() -> anyhow::Result<()> {
         eprintln!("    not root: privileged tests will skip, each saying why");
     }
     cmd::run(&mut test)?;
+    step("model checking the reservation core (loom)");
+    cmd::run(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args([
+                "test",
+                "-p",
+                "nodedb-governor",
+                "--no-default-features",
+                "--test",
+                "loom",
+                "--release",
+            ])
+            .args(["--target-dir", "target/loom"])
+            .env("RUSTFLAGS", "--cfg loom"),
+    )?;
     step("doc tests");
     cmd::run(
         Command::new("cargo")

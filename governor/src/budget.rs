@@ -1,0 +1,180 @@
+//! Budgets: a global ceiling, and per engine a guaranteed floor and a cap.
+//!
+//! The space above the floors (ceiling minus the sum of floors) is a pool
+//! any engine may borrow from, up to its cap. An engine's floor is kept free
+//! for it while it is not using it, unless the engine is idle and lends it
+//! (see [`MemoryGovernor::lend`](crate::MemoryGovernor::lend)); a lender
+//! that needs its floor back takes the loan back and borrowers are asked to
+//! spill.
+
+use std::{collections::BTreeSet, sync::Arc};
+
+use crate::{EngineId, MemError};
+
+/// One engine's share of the budget.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineBudget {
+    pub id: EngineId,
+    pub name: Arc<str>,
+    /// Guaranteed to the engine: other engines cannot take it while the
+    /// engine does not lend it.
+    pub floor_bytes: u64,
+    /// The engine never holds more than this through reservations.
+    pub cap_bytes: u64,
+}
+
+/// The whole budget. Built and validated by [`BudgetBuilder`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Budget {
+    pub ceiling_bytes: u64,
+    pub engines: Vec<EngineBudget>,
+}
+
+/// Builds a [`Budget`]; `build` refuses it whole, naming the field, if any
+/// part is inconsistent.
+#[derive(Clone, Debug)]
+pub struct BudgetBuilder {
+    ceiling_bytes: u64,
+    engines: Vec<EngineBudget>,
+    next_custom: u16,
+}
+
+impl Budget {
+    /// Starts a budget with a global ceiling.
+    pub fn builder(ceiling_bytes: u64) -> BudgetBuilder {
+        BudgetBuilder {
+            ceiling_bytes,
+            engines: Vec::new(),
+            next_custom: 0,
+        }
+    }
+}
+
+impl BudgetBuilder {
+    /// Adds a built-in engine.
+    pub fn engine(mut self, id: EngineId, floor_bytes: u64, cap_bytes: u64) -> Self {
+        let name: Arc<str> = match id.builtin_name() {
+            Some(n) => n.into(),
+            None => id.to_string().into(),
+        };
+        self.engines.push(EngineBudget {
+            id,
+            name,
+            floor_bytes,
+            cap_bytes,
+        });
+        self
+    }
+
+    /// Adds an engine defined by name; it gets the next `EngineId::Custom`.
+    /// A built-in engine's name maps to the built-in id.
+    pub fn named(mut self, name: &str, floor_bytes: u64, cap_bytes: u64) -> Self {
+        let id = EngineId::builtin(name).unwrap_or_else(|| {
+            let id = EngineId::Custom(self.next_custom);
+            self.next_custom += 1;
+            id
+        });
+        self.engines.push(EngineBudget {
+            id,
+            name: name.into(),
+            floor_bytes,
+            cap_bytes,
+        });
+        self
+    }
+
+    pub fn build(self) -> Result<Budget, MemError> {
+        let bad = |field: String, reason: String| MemError::InvalidBudget { field, reason };
+        if self.ceiling_bytes == 0 {
+            return Err(bad("ceiling_bytes".into(), "must be positive".into()));
+        }
+        if self.engines.is_empty() {
+            return Err(bad(
+                "engines".into(),
+                "at least one engine is required".into(),
+            ));
+        }
+        let mut ids = BTreeSet::new();
+        let mut names = BTreeSet::new();
+        let mut floors: u64 = 0;
+        for e in &self.engines {
+            let field = |f: &str| format!("engine {}.{f}", e.name);
+            if e.name.is_empty() {
+                return Err(bad("engine name".into(), "must not be empty".into()));
+            }
+            if !ids.insert(e.id) || !names.insert(e.name.clone()) {
+                return Err(bad(field("name"), "engine appears twice".into()));
+            }
+            if e.floor_bytes > e.cap_bytes {
+                return Err(bad(
+                    field("floor_bytes"),
+                    format!("{} is above the cap {}", e.floor_bytes, e.cap_bytes),
+                ));
+            }
+            if e.cap_bytes > self.ceiling_bytes {
+                return Err(bad(
+                    field("cap_bytes"),
+                    format!(
+                        "{} is above the ceiling {}",
+                        e.cap_bytes, self.ceiling_bytes
+                    ),
+                ));
+            }
+            floors = floors.saturating_add(e.floor_bytes);
+        }
+        if floors > self.ceiling_bytes {
+            return Err(bad(
+                "floors".into(),
+                format!(
+                    "they add up to {floors}, above the ceiling {}",
+                    self.ceiling_bytes
+                ),
+            ));
+        }
+        Ok(Budget {
+            ceiling_bytes: self.ceiling_bytes,
+            engines: self.engines,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_inconsistency_is_refused_naming_the_field() {
+        let ok = Budget::builder(100)
+            .engine(EngineId::Vector, 10, 50)
+            .named("graph", 20, 60);
+        let b = ok.clone().build().expect("valid");
+        assert_eq!(b.engines[1].id, EngineId::Custom(0));
+        let cases = [
+            (
+                Budget::builder(0).engine(EngineId::Vector, 0, 0),
+                "ceiling_bytes",
+            ),
+            (Budget::builder(100), "engines"),
+            (
+                Budget::builder(100).engine(EngineId::Vector, 60, 50),
+                "vector.floor_bytes",
+            ),
+            (
+                Budget::builder(100).engine(EngineId::Vector, 0, 150),
+                "vector.cap_bytes",
+            ),
+            (
+                Budget::builder(100)
+                    .engine(EngineId::Vector, 60, 60)
+                    .engine(EngineId::Query, 50, 60),
+                "floors",
+            ),
+            (ok.named("graph", 0, 1), "graph.name"),
+            (Budget::builder(100).named("", 0, 1), "engine name"),
+        ];
+        for (builder, field) in cases {
+            let e = builder.build().expect_err(field).to_string();
+            assert!(e.contains(field), "{e:?} should name {field}");
+        }
+    }
+}

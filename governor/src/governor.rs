@@ -1,0 +1,597 @@
+//! The reservation core: a ledger of what each engine holds, kept exact
+//! under one lock, and the [`Reservation`] guard that gives memory back when
+//! it is dropped.
+//!
+//! # Admission
+//! A request of `n` bytes for engine `e` is admitted when both hold:
+//! * `used(e) + n <= cap(e)`: the engine's own cap;
+//! * `n <= ceiling - total - protected(others)`, where `protected(x) =
+//!   floor(x) - used(x) - lent(x)` (never negative): the part of another
+//!   engine's floor it is not using and has not lent stays free for it.
+//!
+//! Everything above the floors is therefore a shared pool; an idle engine
+//! can lend its unused floor (`lend`), and takes the loan back the moment
+//! one of its own requests is refused. Refusals are deterministic: the same
+//! ledger and request always give the same answer, at once, with the
+//! numbers. The counters are checked arithmetic: a request that would
+//! overflow is refused, never wrapped.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    Budget, EngineId, MemError,
+    pressure::{PressureChange, PressureLevel, PressureThresholds, ThresholdsHandle},
+    sync::{Condvar, Mutex, MutexGuard},
+};
+
+const NO_SLOT: usize = usize::MAX;
+
+#[derive(Debug)]
+struct EngineLedger {
+    id: EngineId,
+    name: Arc<str>,
+    floor: u64,
+    cap: u64,
+    used: u64,
+    lent: u64,
+    peak: u64,
+    rejections: u64,
+    level: PressureLevel,
+}
+
+impl EngineLedger {
+    fn protected(&self) -> u64 {
+        self.floor
+            .saturating_sub(self.used.saturating_add(self.lent))
+    }
+}
+
+#[derive(Debug)]
+struct Ledger {
+    ceiling: u64,
+    total: u64,
+    /// Sum of every engine's `protected()`, kept up to date on each change.
+    protected_total: u64,
+    engines: Vec<EngineLedger>,
+    /// EngineId::index() -> position in `engines`, or NO_SLOT.
+    slots: Vec<usize>,
+    level: PressureLevel,
+}
+
+/// A snapshot of one engine's accounting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineUsage {
+    pub engine: EngineId,
+    pub name: Arc<str>,
+    pub used_bytes: u64,
+    pub floor_bytes: u64,
+    pub cap_bytes: u64,
+    pub lent_bytes: u64,
+    pub peak_bytes: u64,
+    pub rejections: u64,
+    pub level: PressureLevel,
+}
+
+type Subscriber = Box<dyn Fn(PressureChange) + Send + Sync>;
+
+/// Per-engine budgets under a global ceiling. See the crate documentation
+/// for the protocol.
+pub struct MemoryGovernor {
+    ledger: Mutex<Ledger>,
+    released: Condvar,
+    thresholds: ThresholdsHandle,
+    subscribers: Mutex<Vec<Subscriber>>,
+}
+
+impl std::fmt::Debug for MemoryGovernor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryGovernor")
+            .field("ledger", &*self.lock())
+            .field("thresholds", &self.thresholds.get())
+            .finish()
+    }
+}
+
+impl Ledger {
+    fn slot(&self, engine: EngineId) -> Result<usize, MemError> {
+        match self.slots.get(engine.index()) {
+            Some(&s) if s != NO_SLOT => Ok(s),
+            _ => Err(MemError::UnknownEngine { engine }),
+        }
+    }
+
+    /// Applies `f` to engine `i`, keeping `protected_total` in step.
+    fn update<R>(&mut self, i: usize, f: impl FnOnce(&mut EngineLedger) -> R) -> R {
+        let before = self.engines[i].protected();
+        let r = f(&mut self.engines[i]);
+        let after = self.engines[i].protected();
+        self.protected_total = self.protected_total - before + after;
+        r
+    }
+
+    fn admit(&mut self, i: usize, n: u64) -> Result<(), MemError> {
+        let e = &self.engines[i];
+        let name = || e.name.to_string();
+        let new_used = e
+            .used
+            .checked_add(n)
+            .ok_or_else(|| MemError::SizeOverflow {
+                engine: name(),
+                requested: n,
+                current: e.used,
+            })?;
+        let others = self.protected_total - e.protected();
+        let global_free = self
+            .ceiling
+            .saturating_sub(self.total)
+            .saturating_sub(others);
+        // A zero-byte request is a probe: it fails once the engine or the
+        // pool is exhausted, like any request would.
+        let need = n.max(1);
+        let refusal = if e.used.saturating_add(need) > e.cap || new_used > e.cap {
+            Some(MemError::BudgetExceeded {
+                engine: name(),
+                requested: n,
+                available: e.cap.saturating_sub(e.used),
+                limit: e.cap,
+            })
+        } else if need > global_free {
+            Some(MemError::GlobalCeilingExceeded {
+                engine: name(),
+                requested: n,
+                available: global_free,
+                limit: self.ceiling,
+            })
+        } else {
+            None
+        };
+        if let Some(err) = refusal {
+            self.update(i, |e| {
+                e.rejections += 1;
+                // A lender refused for want of memory takes its loan back;
+                // borrowers will have to give way.
+                if e.used < e.floor {
+                    e.lent = 0;
+                }
+            });
+            return Err(err);
+        }
+        self.add(i, n);
+        Ok(())
+    }
+
+    fn add(&mut self, i: usize, n: u64) {
+        self.update(i, |e| {
+            e.used += n;
+            e.peak = e.peak.max(e.used);
+        });
+        self.total += n;
+    }
+
+    fn release(&mut self, i: usize, n: u64) {
+        // A guard never holds more than was added for it.
+        debug_assert!(self.engines[i].used >= n && self.total >= n);
+        self.update(i, |e| e.used -= n);
+        self.total -= n;
+    }
+
+    /// Recomputes levels; returns the changes.
+    fn levels(&mut self, t: &PressureThresholds, out: &mut Vec<PressureChange>) {
+        for e in &mut self.engines {
+            let now = t.level(e.used, e.cap);
+            if now != e.level {
+                out.push(PressureChange {
+                    engine: Some(e.id),
+                    from: e.level,
+                    to: now,
+                });
+                e.level = now;
+            }
+        }
+        let now = t.level(self.total, self.ceiling);
+        if now != self.level {
+            out.push(PressureChange {
+                engine: None,
+                from: self.level,
+                to: now,
+            });
+            self.level = now;
+        }
+    }
+
+    fn usage(&self, i: usize) -> EngineUsage {
+        let e = &self.engines[i];
+        EngineUsage {
+            engine: e.id,
+            name: e.name.clone(),
+            used_bytes: e.used,
+            floor_bytes: e.floor,
+            cap_bytes: e.cap,
+            lent_bytes: e.lent,
+            peak_bytes: e.peak,
+            rejections: e.rejections,
+            level: e.level,
+        }
+    }
+}
+
+impl MemoryGovernor {
+    /// A governor for `budget` with the default pressure thresholds.
+    pub fn new(budget: Budget) -> Self {
+        Self::with_thresholds(budget, ThresholdsHandle::default())
+    }
+
+    /// A governor whose thresholds are shared with `thresholds` (change
+    /// them there at run time).
+    pub fn with_thresholds(budget: Budget, thresholds: ThresholdsHandle) -> Self {
+        let max_index = budget
+            .engines
+            .iter()
+            .map(|e| e.id.index())
+            .max()
+            .unwrap_or(0);
+        let mut slots = vec![NO_SLOT; max_index + 1];
+        let engines: Vec<EngineLedger> = budget
+            .engines
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                slots[e.id.index()] = i;
+                EngineLedger {
+                    id: e.id,
+                    name: e.name,
+                    floor: e.floor_bytes,
+                    cap: e.cap_bytes,
+                    used: 0,
+                    lent: 0,
+                    peak: 0,
+                    rejections: 0,
+                    level: PressureLevel::Normal,
+                }
+            })
+            .collect();
+        let protected_total = engines.iter().map(EngineLedger::protected).sum();
+        Self {
+            ledger: Mutex::new(Ledger {
+                ceiling: budget.ceiling_bytes,
+                total: 0,
+                protected_total,
+                engines,
+                slots,
+                level: PressureLevel::Normal,
+            }),
+            released: Condvar::new(),
+            thresholds,
+            subscribers: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Ledger> {
+        // Every mutation of the ledger is complete before any call that
+        // could panic, so a poisoned lock still guards a consistent ledger.
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the ledger, then tells subscribers about level changes
+    /// (outside the lock, so they may call back into the governor).
+    fn with_ledger<R>(&self, f: impl FnOnce(&mut Ledger) -> R) -> R {
+        let mut changes = Vec::new();
+        let r = {
+            let mut ledger = self.lock();
+            let r = f(&mut ledger);
+            ledger.levels(&self.thresholds.get(), &mut changes);
+            r
+        };
+        if !changes.is_empty() {
+            let subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+            for c in changes {
+                for s in subs.iter() {
+                    s(c);
+                }
+            }
+        }
+        r
+    }
+
+    /// Reserves `bytes` for `engine`, or refuses at once.
+    pub fn try_reserve(&self, engine: EngineId, bytes: u64) -> Result<Reservation<'_>, MemError> {
+        let slot = self.with_ledger(|l| {
+            let slot = l.slot(engine)?;
+            l.admit(slot, bytes).map(|()| slot)
+        })?;
+        Ok(Reservation {
+            gov: self,
+            slot,
+            engine,
+            bytes,
+        })
+    }
+
+    /// Like [`try_reserve`](Self::try_reserve), but waits up to `timeout`
+    /// for other reservations to be released (backpressure). A request that
+    /// could never fit (above the engine's cap) is refused at once.
+    pub fn reserve_timeout(
+        &self,
+        engine: EngineId,
+        bytes: u64,
+        timeout: Duration,
+    ) -> Result<Reservation<'_>, MemError> {
+        let start = Instant::now();
+        let mut ledger = self.lock();
+        let slot = ledger.slot(engine)?;
+        loop {
+            match ledger.admit(slot, bytes) {
+                Ok(()) => break,
+                Err(MemError::GlobalCeilingExceeded { .. }) => {}
+                Err(MemError::BudgetExceeded { .. }) if bytes <= ledger.engines[slot].cap => {}
+                Err(e) => return Err(e),
+            }
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Err(MemError::Timeout {
+                    engine: ledger.engines[slot].name.to_string(),
+                    requested: bytes,
+                    waited_ms: start.elapsed().as_millis() as u64,
+                });
+            }
+            ledger = self
+                .released
+                .wait_timeout(ledger, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        drop(ledger);
+        // Levels and subscribers, as every other change.
+        self.with_ledger(|_| ());
+        Ok(Reservation {
+            gov: self,
+            slot,
+            engine,
+            bytes,
+        })
+    }
+
+    /// Counts `bytes` that cannot be refused (memory already allocated
+    /// elsewhere, a page the kernel faulted in). It may take the engine
+    /// above its cap and the total above the ceiling; pressure then says so.
+    pub fn charge(&self, engine: EngineId, bytes: u64) -> Result<Reservation<'_>, MemError> {
+        let slot = self.with_ledger(|l| {
+            let slot = l.slot(engine)?;
+            let e = &l.engines[slot];
+            let fits = e.used.checked_add(bytes).and(l.total.checked_add(bytes));
+            if fits.is_none() {
+                return Err(MemError::SizeOverflow {
+                    engine: e.name.to_string(),
+                    requested: bytes,
+                    current: e.used,
+                });
+            }
+            l.add(slot, bytes);
+            Ok(slot)
+        })?;
+        Ok(Reservation {
+            gov: self,
+            slot,
+            engine,
+            bytes,
+        })
+    }
+
+    fn release(&self, slot: usize, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        self.with_ledger(|l| l.release(slot, bytes));
+        self.released.notify_all();
+    }
+
+    /// One engine's accounting.
+    pub fn usage(&self, engine: EngineId) -> Result<EngineUsage, MemError> {
+        let l = self.lock();
+        Ok(l.usage(l.slot(engine)?))
+    }
+
+    /// Every engine's accounting, in budget order.
+    pub fn usages(&self) -> Vec<EngineUsage> {
+        let l = self.lock();
+        (0..l.engines.len()).map(|i| l.usage(i)).collect()
+    }
+
+    /// Bytes held by all engines.
+    pub fn total_bytes(&self) -> u64 {
+        self.lock().total
+    }
+
+    pub fn ceiling_bytes(&self) -> u64 {
+        self.lock().ceiling
+    }
+
+    /// The process-wide pressure level.
+    pub fn level(&self) -> PressureLevel {
+        self.lock().level
+    }
+
+    /// The shared thresholds handle.
+    pub fn thresholds(&self) -> &ThresholdsHandle {
+        &self.thresholds
+    }
+
+    /// Calls `f` on every change of an engine's or the process's level.
+    pub fn subscribe(&self, f: impl Fn(PressureChange) + Send + Sync + 'static) {
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(f));
+    }
+
+    /// Changes an engine's floor and cap (rebalancing). Refused whole if it
+    /// would break an invariant: the cap may not drop below what the engine
+    /// holds (ask it to spill first), floors may not add up past the
+    /// ceiling.
+    pub fn set_limits(
+        &self,
+        engine: EngineId,
+        floor_bytes: u64,
+        cap_bytes: u64,
+    ) -> Result<(), MemError> {
+        self.with_ledger(|l| {
+            let i = l.slot(engine)?;
+            let e = &l.engines[i];
+            let bad = |field: &str, reason: String| MemError::InvalidBudget {
+                field: format!("engine {}.{field}", e.name),
+                reason,
+            };
+            if floor_bytes > cap_bytes {
+                return Err(bad(
+                    "floor_bytes",
+                    format!("{floor_bytes} is above the cap {cap_bytes}"),
+                ));
+            }
+            if cap_bytes > l.ceiling {
+                return Err(bad(
+                    "cap_bytes",
+                    format!("{cap_bytes} is above the ceiling {}", l.ceiling),
+                ));
+            }
+            if cap_bytes < e.used {
+                return Err(bad(
+                    "cap_bytes",
+                    format!(
+                        "{cap_bytes} is below the {} bytes it holds; spill first",
+                        e.used
+                    ),
+                ));
+            }
+            let floors: u64 =
+                l.engines.iter().map(|x| x.floor).sum::<u64>() - e.floor + floor_bytes;
+            if floors > l.ceiling {
+                return Err(bad(
+                    "floor_bytes",
+                    format!(
+                        "floors would add up to {floors}, above the ceiling {}",
+                        l.ceiling
+                    ),
+                ));
+            }
+            l.update(i, |e| {
+                e.floor = floor_bytes;
+                e.cap = cap_bytes;
+                e.lent = e.lent.min(floor_bytes);
+            });
+            Ok(())
+        })
+    }
+
+    /// Changes the global ceiling; refused if it is below what is held, a
+    /// cap, or the sum of floors.
+    pub fn set_ceiling(&self, ceiling_bytes: u64) -> Result<(), MemError> {
+        self.with_ledger(|l| {
+            let bad = |reason: String| MemError::InvalidBudget {
+                field: "ceiling_bytes".into(),
+                reason,
+            };
+            let floors: u64 = l.engines.iter().map(|e| e.floor).sum();
+            let max_cap = l.engines.iter().map(|e| e.cap).max().unwrap_or(0);
+            if ceiling_bytes < l.total {
+                return Err(bad(format!(
+                    "{ceiling_bytes} is below the {} bytes held",
+                    l.total
+                )));
+            }
+            if ceiling_bytes < max_cap || ceiling_bytes < floors {
+                return Err(bad(format!(
+                    "{ceiling_bytes} is below a cap ({max_cap}) or the floors ({floors})"
+                )));
+            }
+            l.ceiling = ceiling_bytes;
+            Ok(())
+        })
+    }
+
+    /// Lets other engines use up to `bytes` of `engine`'s unused floor (an
+    /// idle engine lends). The loan ends when the engine is next refused,
+    /// or by lending 0.
+    pub fn lend(&self, engine: EngineId, bytes: u64) -> Result<(), MemError> {
+        self.with_ledger(|l| {
+            let i = l.slot(engine)?;
+            l.update(i, |e| e.lent = bytes.min(e.floor));
+            Ok(())
+        })
+    }
+}
+
+/// Memory reserved for one engine. Dropping it (or [`free`](Self::free))
+/// gives the memory back; it can grow, shrink and split.
+#[must_use = "a reservation is released as soon as it is dropped"]
+#[derive(Debug)]
+pub struct Reservation<'g> {
+    gov: &'g MemoryGovernor,
+    slot: usize,
+    engine: EngineId,
+    bytes: u64,
+}
+
+impl<'g> Reservation<'g> {
+    pub fn size(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn engine(&self) -> EngineId {
+        self.engine
+    }
+
+    /// Reserves `bytes` more, or refuses at once (the reservation is then
+    /// unchanged).
+    pub fn try_grow(&mut self, bytes: u64) -> Result<(), MemError> {
+        let slot = self.slot;
+        self.gov.with_ledger(|l| l.admit(slot, bytes))?;
+        self.bytes += bytes;
+        Ok(())
+    }
+
+    /// Gives `bytes` back. Asking for more than is held is refused and
+    /// changes nothing.
+    pub fn shrink(&mut self, bytes: u64) -> Result<(), MemError> {
+        self.check_holds(bytes)?;
+        self.gov.release(self.slot, bytes);
+        self.bytes -= bytes;
+        Ok(())
+    }
+
+    /// Moves `bytes` into a new reservation of the same engine (no change
+    /// to the accounting).
+    pub fn split(&mut self, bytes: u64) -> Result<Reservation<'g>, MemError> {
+        self.check_holds(bytes)?;
+        self.bytes -= bytes;
+        Ok(Reservation {
+            gov: self.gov,
+            slot: self.slot,
+            engine: self.engine,
+            bytes,
+        })
+    }
+
+    /// Gives everything back now.
+    pub fn free(self) {}
+
+    fn check_holds(&self, bytes: u64) -> Result<(), MemError> {
+        if bytes > self.bytes {
+            let name = self.gov.lock().engines[self.slot].name.to_string();
+            return Err(MemError::BeyondReservation {
+                engine: name,
+                requested: bytes,
+                held: self.bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.gov.release(self.slot, self.bytes);
+    }
+}

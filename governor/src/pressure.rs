@@ -1,0 +1,160 @@
+//! Pressure levels: how close an engine (or the whole process) is to its
+//! limit, as a fraction of it. The thresholds can change at run time
+//! through a shared [`ThresholdsHandle`]; subscribers hear every change of
+//! level.
+
+use std::sync::{Arc, RwLock};
+
+use crate::{EngineId, MemError};
+
+/// How close to its limit an engine or the process is. Ordered: a higher
+/// level is worse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PressureLevel {
+    /// Below the warning threshold.
+    Normal,
+    /// Purge idle allocator memory; lend less.
+    Warning,
+    /// Spill; reservations beyond the budget are refused.
+    Critical,
+    /// Backpressure on everything that is not essential.
+    Emergency,
+}
+
+/// Fractions of a limit at which each level begins.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PressureThresholds {
+    pub warning: f64,
+    pub critical: f64,
+    pub emergency: f64,
+}
+
+impl Default for PressureThresholds {
+    /// Warning at 75% (the seed's restore point), Critical at 90% (the
+    /// seed's spill point), Emergency at 97%.
+    fn default() -> Self {
+        Self {
+            warning: 0.75,
+            critical: 0.90,
+            emergency: 0.97,
+        }
+    }
+}
+
+impl PressureThresholds {
+    /// Checks `0 < warning < critical < emergency <= 1`.
+    pub fn validate(&self) -> Result<(), MemError> {
+        let Self {
+            warning,
+            critical,
+            emergency,
+        } = *self;
+        let ordered =
+            0.0 < warning && warning < critical && critical < emergency && emergency <= 1.0;
+        if !ordered
+            || [warning, critical, emergency]
+                .iter()
+                .any(|v| !v.is_finite())
+        {
+            return Err(MemError::InvalidBudget {
+                field: "pressure thresholds".into(),
+                reason: format!(
+                    "need 0 < warning ({warning}) < critical ({critical}) < emergency ({emergency}) <= 1"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The level of `used` out of `limit`. A zero limit with anything used
+    /// is Emergency; an empty zero limit is Normal.
+    pub fn level(&self, used: u64, limit: u64) -> PressureLevel {
+        if limit == 0 {
+            return if used == 0 {
+                PressureLevel::Normal
+            } else {
+                PressureLevel::Emergency
+            };
+        }
+        let f = used as f64 / limit as f64;
+        if f >= self.emergency {
+            PressureLevel::Emergency
+        } else if f >= self.critical {
+            PressureLevel::Critical
+        } else if f >= self.warning {
+            PressureLevel::Warning
+        } else {
+            PressureLevel::Normal
+        }
+    }
+}
+
+/// A shared, run-time changeable set of thresholds.
+#[derive(Clone, Debug, Default)]
+pub struct ThresholdsHandle(Arc<RwLock<PressureThresholds>>);
+
+impl ThresholdsHandle {
+    pub fn new(t: PressureThresholds) -> Result<Self, MemError> {
+        t.validate()?;
+        Ok(Self(Arc::new(RwLock::new(t))))
+    }
+
+    pub fn get(&self) -> PressureThresholds {
+        *self.0.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the thresholds; an invalid set is refused and the old one
+    /// stays.
+    pub fn set(&self, t: PressureThresholds) -> Result<(), MemError> {
+        t.validate()?;
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = t;
+        Ok(())
+    }
+}
+
+/// What subscribers hear: `engine` is None for the process-wide level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PressureChange {
+    pub engine: Option<EngineId>,
+    pub from: PressureLevel,
+    pub to: PressureLevel,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_follow_the_thresholds() {
+        let t = PressureThresholds::default();
+        assert_eq!(t.level(0, 100), PressureLevel::Normal);
+        assert_eq!(t.level(75, 100), PressureLevel::Warning);
+        assert_eq!(t.level(90, 100), PressureLevel::Critical);
+        assert_eq!(t.level(97, 100), PressureLevel::Emergency);
+        assert_eq!(t.level(200, 100), PressureLevel::Emergency);
+        assert_eq!(t.level(0, 0), PressureLevel::Normal);
+        assert_eq!(t.level(1, 0), PressureLevel::Emergency);
+    }
+
+    #[test]
+    fn bad_thresholds_are_refused_and_the_old_ones_kept() {
+        let h = ThresholdsHandle::new(PressureThresholds::default()).unwrap();
+        let bad = PressureThresholds {
+            warning: 0.9,
+            critical: 0.8,
+            emergency: 0.95,
+        };
+        assert!(
+            h.set(bad)
+                .unwrap_err()
+                .to_string()
+                .contains("warning (0.9) < critical (0.8)")
+        );
+        assert_eq!(h.get(), PressureThresholds::default());
+        let nan = PressureThresholds {
+            warning: f64::NAN,
+            ..PressureThresholds::default()
+        };
+        assert!(h.set(nan).is_err());
+    }
+}

@@ -1,0 +1,175 @@
+//! Property tests of the reservation core against a reference model: for
+//! any sequence of reservations, growth, shrinking, splitting, frees,
+//! charges, loans and limit changes,
+//! * every decision (admit or refuse, and which refusal) equals the model's,
+//!   so refusals are a function of the state alone (deterministic);
+//! * the reservations held add up to each engine's counter, and the
+//!   counters to the total;
+//! * without charges, no engine is above its cap and the total never above
+//!   the ceiling.
+
+use nodedb_governor::{Budget, EngineId, MemError, MemoryGovernor, Reservation};
+use proptest::prelude::*;
+
+const CEILING: u64 = 100;
+const ENGINES: [EngineId; 3] = [EngineId::Vector, EngineId::Timeseries, EngineId::Query];
+
+#[derive(Clone, Debug)]
+enum Op {
+    Reserve(usize, u64),
+    Grow(usize, u64),
+    Shrink(usize, u64),
+    Split(usize, u64),
+    Free(usize),
+    Charge(usize, u64),
+    Lend(usize, u64),
+    SetLimits(usize, u64, u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..3usize, 0..60u64).prop_map(|(e, n)| Op::Reserve(e, n)),
+        3 => (0..8usize, 0..40u64).prop_map(|(r, n)| Op::Grow(r, n)),
+        2 => (0..8usize, 0..40u64).prop_map(|(r, n)| Op::Shrink(r, n)),
+        1 => (0..8usize, 0..40u64).prop_map(|(r, n)| Op::Split(r, n)),
+        2 => (0..8usize).prop_map(Op::Free),
+        1 => (0..3usize, 0..20u64).prop_map(|(e, n)| Op::Charge(e, n)),
+        1 => (0..3usize, 0..40u64).prop_map(|(e, n)| Op::Lend(e, n)),
+        1 => (0..3usize, 0..40u64, 0..101u64).prop_map(|(e, f, c)| Op::SetLimits(e, f, c)),
+    ]
+}
+
+/// The reference: the admission rule written out plainly.
+#[derive(Clone, Debug)]
+struct Model {
+    floor: [u64; 3],
+    cap: [u64; 3],
+    used: [u64; 3],
+    lent: [u64; 3],
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Ok,
+    Budget,
+    Global,
+}
+
+impl Model {
+    fn protected(&self, e: usize) -> u64 {
+        self.floor[e].saturating_sub(self.used[e] + self.lent[e])
+    }
+
+    fn admit(&mut self, e: usize, n: u64) -> Verdict {
+        let need = n.max(1);
+        let total: u64 = self.used.iter().sum();
+        let others: u64 = (0..3).filter(|&x| x != e).map(|x| self.protected(x)).sum();
+        let free = CEILING.saturating_sub(total).saturating_sub(others);
+        let v = if self.used[e] + need > self.cap[e] {
+            Verdict::Budget
+        } else if need > free {
+            Verdict::Global
+        } else {
+            Verdict::Ok
+        };
+        match v {
+            Verdict::Ok => self.used[e] += n,
+            _ if self.used[e] < self.floor[e] => self.lent[e] = 0,
+            _ => {}
+        }
+        v
+    }
+}
+
+fn verdict<T>(r: &Result<T, MemError>) -> Verdict {
+    match r {
+        Ok(_) => Verdict::Ok,
+        Err(MemError::BudgetExceeded { .. }) => Verdict::Budget,
+        Err(MemError::GlobalCeilingExceeded { .. }) => Verdict::Global,
+        Err(e) => panic!("unexpected error {e:?}"),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+    #[test]
+    fn decisions_match_the_model_and_invariants_hold(ops in prop::collection::vec(op(), 1..80)) {
+        let g = MemoryGovernor::new(
+            Budget::builder(CEILING)
+                .engine(ENGINES[0], 20, 80)
+                .engine(ENGINES[1], 10, 60)
+                .engine(ENGINES[2], 30, 100)
+                .build()
+                .unwrap(),
+        );
+        let mut m = Model { floor: [20, 10, 30], cap: [80, 60, 100], used: [0; 3], lent: [0; 3] };
+        let mut held: Vec<(usize, Reservation<'_>)> = Vec::new();
+        let mut charged = false;
+        for op in ops {
+            match op {
+                Op::Reserve(e, n) => {
+                    let r = g.try_reserve(ENGINES[e], n);
+                    prop_assert_eq!(verdict(&r), m.admit(e, n));
+                    if let Ok(r) = r { held.push((e, r)); }
+                }
+                Op::Grow(i, n) if i < held.len() => {
+                    let e = held[i].0;
+                    let r = held[i].1.try_grow(n);
+                    prop_assert_eq!(verdict(&r), m.admit(e, n));
+                }
+                Op::Shrink(i, n) if i < held.len() => {
+                    let (e, r) = &mut held[i];
+                    let ok = n <= r.size();
+                    prop_assert_eq!(r.shrink(n).is_ok(), ok);
+                    if ok { m.used[*e] -= n; }
+                }
+                Op::Split(i, n) if i < held.len() => {
+                    let e = held[i].0;
+                    if let Ok(part) = held[i].1.split(n) { held.push((e, part)); }
+                }
+                Op::Free(i) if i < held.len() => {
+                    let (e, r) = held.swap_remove(i);
+                    m.used[e] -= r.size();
+                    r.free();
+                }
+                Op::Charge(e, n) => {
+                    held.push((e, g.charge(ENGINES[e], n).unwrap()));
+                    m.used[e] += n;
+                    charged |= n > 0;
+                }
+                Op::Lend(e, n) => {
+                    g.lend(ENGINES[e], n).unwrap();
+                    m.lent[e] = n.min(m.floor[e]);
+                }
+                Op::SetLimits(e, f, c) => {
+                    let floors: u64 = m.floor.iter().sum::<u64>() - m.floor[e] + f;
+                    let ok = f <= c && c <= CEILING && c >= m.used[e] && floors <= CEILING;
+                    prop_assert_eq!(g.set_limits(ENGINES[e], f, c).is_ok(), ok);
+                    if ok {
+                        m.floor[e] = f;
+                        m.cap[e] = c;
+                        m.lent[e] = m.lent[e].min(f);
+                    }
+                }
+                _ => {}
+            }
+            // The ledger equals the model and the guards.
+            for (e, id) in ENGINES.iter().enumerate() {
+                let u = g.usage(*id).unwrap();
+                let guards: u64 = held.iter().filter(|(x, _)| *x == e).map(|(_, r)| r.size()).sum();
+                prop_assert_eq!(u.used_bytes, m.used[e]);
+                prop_assert_eq!(u.used_bytes, guards);
+                prop_assert_eq!(u.lent_bytes, m.lent[e]);
+                if !charged {
+                    prop_assert!(u.used_bytes <= u.cap_bytes);
+                }
+            }
+            prop_assert_eq!(g.total_bytes(), m.used.iter().sum::<u64>());
+            if !charged {
+                prop_assert!(g.total_bytes() <= CEILING);
+            }
+        }
+        drop(held);
+        prop_assert_eq!(g.total_bytes(), 0);
+    }
+}

@@ -17,12 +17,15 @@
 //! overflow is refused, never wrapped.
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use crate::{
-    Budget, EngineId, MemError,
+    Budget, EngineId, MemError, credit,
     pressure::{PressureChange, PressureLevel, PressureThresholds, ThresholdsHandle},
     sync::{Condvar, Mutex, MutexGuard},
 };
@@ -56,8 +59,6 @@ struct Ledger {
     /// Sum of every engine's `protected()`, kept up to date on each change.
     protected_total: u64,
     engines: Vec<EngineLedger>,
-    /// EngineId::index() -> position in `engines`, or NO_SLOT.
-    slots: Vec<usize>,
     level: PressureLevel,
 }
 
@@ -80,29 +81,43 @@ type Subscriber = Box<dyn Fn(PressureChange) + Send + Sync>;
 /// Per-engine budgets under a global ceiling. See the crate documentation
 /// for the protocol.
 pub struct MemoryGovernor {
+    shared: Arc<Shared>,
+}
+
+/// Everything the governor owns; thread-local credit points back here.
+pub(crate) struct Shared {
+    /// Tells governors apart in thread-local credit.
+    pub(crate) id: u64,
     ledger: Mutex<Ledger>,
     released: Condvar,
     thresholds: ThresholdsHandle,
     subscribers: Mutex<Vec<Subscriber>>,
+    /// EngineId::index() -> ledger position, or NO_SLOT (fixed at creation,
+    /// so the fast path reads it without the lock).
+    slots: Vec<usize>,
+    /// Per ledger position: true while the engine is far enough from its
+    /// limits for threads to reserve from batched credit.
+    fast: Vec<AtomicBool>,
+    /// Credit is drawn from the ledger this many bytes at a time.
+    pub(crate) batch: u64,
+    /// Fast mode needs this much headroom: 2 x cores x batch.
+    fast_headroom: u64,
 }
 
 impl std::fmt::Debug for MemoryGovernor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryGovernor")
-            .field("ledger", &*self.lock())
-            .field("thresholds", &self.thresholds.get())
+            .field("ledger", &*self.shared.lock())
+            .field("thresholds", &self.shared.thresholds.get())
+            .field("batch", &self.shared.batch)
             .finish()
     }
 }
 
-impl Ledger {
-    fn slot(&self, engine: EngineId) -> Result<usize, MemError> {
-        match self.slots.get(engine.index()) {
-            Some(&s) if s != NO_SLOT => Ok(s),
-            _ => Err(MemError::UnknownEngine { engine }),
-        }
-    }
+/// Default credit batch.
+pub const DEFAULT_BATCH_BYTES: u64 = 1 << 20;
 
+impl Ledger {
     /// Applies `f` to engine `i`, keeping `protected_total` in step.
     fn update<R>(&mut self, i: usize, f: impl FnOnce(&mut EngineLedger) -> R) -> R {
         let before = self.engines[i].protected();
@@ -113,6 +128,12 @@ impl Ledger {
     }
 
     fn admit(&mut self, i: usize, n: u64) -> Result<(), MemError> {
+        self.admit_as(i, n, true)
+    }
+
+    /// Admission; `counted` is false for credit draws, which are not the
+    /// caller's request and so neither count as refusals nor end loans.
+    fn admit_as(&mut self, i: usize, n: u64, counted: bool) -> Result<(), MemError> {
         let e = &self.engines[i];
         let name = || e.name.to_string();
         let new_used = e
@@ -149,6 +170,9 @@ impl Ledger {
             None
         };
         if let Some(err) = refusal {
+            if !counted {
+                return Err(err);
+            }
             self.update(i, |e| {
                 e.rejections += 1;
                 // A lender refused for want of memory takes its loan back;
@@ -202,6 +226,18 @@ impl Ledger {
         }
     }
 
+    /// Bytes the engine could still take: the smaller of its cap room and
+    /// the pool room left for it.
+    fn headroom(&self, i: usize) -> u64 {
+        let e = &self.engines[i];
+        let others = self.protected_total - e.protected();
+        let global_free = self
+            .ceiling
+            .saturating_sub(self.total)
+            .saturating_sub(others);
+        e.cap.saturating_sub(e.used).min(global_free)
+    }
+
     fn usage(&self, i: usize) -> EngineUsage {
         let e = &self.engines[i];
         EngineUsage {
@@ -218,6 +254,99 @@ impl Ledger {
     }
 }
 
+impl Shared {
+    fn slot(&self, engine: EngineId) -> Result<usize, MemError> {
+        match self.slots.get(engine.index()) {
+            Some(&s) if s != NO_SLOT => Ok(s),
+            _ => Err(MemError::UnknownEngine { engine }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Ledger> {
+        // Every mutation of the ledger is complete before any call that
+        // could panic, so a poisoned lock still guards a consistent ledger.
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the ledger, then tells subscribers about level changes
+    /// (outside the lock, so they may call back into the governor).
+    fn with_ledger<R>(&self, f: impl FnOnce(&mut Ledger) -> R) -> R {
+        let mut changes = Vec::new();
+        let r = {
+            let mut ledger = self.lock();
+            let r = f(&mut ledger);
+            ledger.levels(&self.thresholds.get(), &mut changes);
+            self.refresh_fast(&ledger);
+            r
+        };
+        if !changes.is_empty() {
+            let subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+            for c in changes {
+                for s in subs.iter() {
+                    s(c);
+                }
+            }
+        }
+        r
+    }
+
+    /// Engines far from their limits take credit; the others go exact.
+    fn refresh_fast(&self, ledger: &Ledger) {
+        for (i, flag) in self.fast.iter().enumerate() {
+            let fast = self.batch > 0 && ledger.headroom(i) >= self.fast_headroom;
+            flag.store(fast, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn is_fast(&self, slot: usize) -> bool {
+        self.fast[slot].load(Ordering::Relaxed)
+    }
+
+    /// Draws `bytes` of credit for engine `slot`, if it fits.
+    pub(crate) fn draw_credit(&self, slot: usize, bytes: u64) -> bool {
+        self.with_ledger(|l| l.admit_as(slot, bytes, false).is_ok())
+    }
+
+    /// Gives unused credit back.
+    pub(crate) fn return_credit(&self, slot: usize, bytes: u64) {
+        self.release(slot, bytes);
+    }
+
+    fn release(&self, slot: usize, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        self.with_ledger(|l| l.release(slot, bytes));
+        self.released.notify_all();
+    }
+
+    /// Takes `bytes` for `slot`: from this thread's credit while the engine
+    /// is far from its limits, else exactly under the lock.
+    fn reserve(self: &Arc<Self>, slot: usize, bytes: u64) -> Result<(), MemError> {
+        if self.is_fast(slot) && credit::take(self, slot, bytes) {
+            return Ok(());
+        }
+        // Exact: this thread's credit for the engine goes back first, so
+        // the decision sees the ledger as it really is.
+        credit::flush_slot(self, slot);
+        self.with_ledger(|l| l.admit(slot, bytes))
+    }
+
+    /// Gives `bytes` of `slot` back: small releases into this thread's
+    /// credit while the engine is fast (the next small reservation reuses
+    /// them), everything else to the ledger.
+    fn give_back(self: &Arc<Self>, slot: usize, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        if bytes <= self.batch && self.is_fast(slot) {
+            credit::put(self, slot, bytes);
+        } else {
+            self.release(slot, bytes);
+        }
+    }
+}
+
 impl MemoryGovernor {
     /// A governor for `budget` with the default pressure thresholds.
     pub fn new(budget: Budget) -> Self {
@@ -227,6 +356,13 @@ impl MemoryGovernor {
     /// A governor whose thresholds are shared with `thresholds` (change
     /// them there at run time).
     pub fn with_thresholds(budget: Budget, thresholds: ThresholdsHandle) -> Self {
+        Self::with_batch(budget, thresholds, DEFAULT_BATCH_BYTES)
+    }
+
+    /// A governor whose threads draw credit `batch_bytes` at a time; 0 turns
+    /// the fast path off (every decision takes the lock).
+    pub fn with_batch(budget: Budget, thresholds: ThresholdsHandle, batch_bytes: u64) -> Self {
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let max_index = budget
             .engines
             .iter()
@@ -254,54 +390,47 @@ impl MemoryGovernor {
             })
             .collect();
         let protected_total = engines.iter().map(EngineLedger::protected).sum();
-        Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        // Loom checks the exact core; the fast path is thread-local.
+        let batch = if cfg!(loom) { 0 } else { batch_bytes };
+        let fast = engines.iter().map(|_| AtomicBool::new(false)).collect();
+        let shared = Shared {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             ledger: Mutex::new(Ledger {
                 ceiling: budget.ceiling_bytes,
                 total: 0,
                 protected_total,
                 engines,
-                slots,
                 level: PressureLevel::Normal,
             }),
             released: Condvar::new(),
             thresholds,
             subscribers: Mutex::new(Vec::new()),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Ledger> {
-        // Every mutation of the ledger is complete before any call that
-        // could panic, so a poisoned lock still guards a consistent ledger.
-        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Runs `f` on the ledger, then tells subscribers about level changes
-    /// (outside the lock, so they may call back into the governor).
-    fn with_ledger<R>(&self, f: impl FnOnce(&mut Ledger) -> R) -> R {
-        let mut changes = Vec::new();
-        let r = {
-            let mut ledger = self.lock();
-            let r = f(&mut ledger);
-            ledger.levels(&self.thresholds.get(), &mut changes);
-            r
+            slots,
+            fast,
+            batch,
+            fast_headroom: batch.saturating_mul(2 * cores),
         };
-        if !changes.is_empty() {
-            let subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
-            for c in changes {
-                for s in subs.iter() {
-                    s(c);
-                }
-            }
+        shared.with_ledger(|_| ());
+        Self {
+            shared: Arc::new(shared),
         }
-        r
+    }
+
+    fn slot(&self, engine: EngineId) -> Result<usize, MemError> {
+        self.shared.slot(engine)
+    }
+
+    /// Returns the calling thread's unused credit for this governor to the
+    /// ledger (threads also do this when they exit).
+    pub fn flush_thread_credit(&self) {
+        credit::flush(&self.shared);
     }
 
     /// Reserves `bytes` for `engine`, or refuses at once.
     pub fn try_reserve(&self, engine: EngineId, bytes: u64) -> Result<Reservation<'_>, MemError> {
-        let slot = self.with_ledger(|l| {
-            let slot = l.slot(engine)?;
-            l.admit(slot, bytes).map(|()| slot)
-        })?;
+        let slot = self.slot(engine)?;
+        self.shared.reserve(slot, bytes)?;
         Ok(Reservation {
             gov: self,
             slot,
@@ -320,8 +449,9 @@ impl MemoryGovernor {
         timeout: Duration,
     ) -> Result<Reservation<'_>, MemError> {
         let start = Instant::now();
-        let mut ledger = self.lock();
-        let slot = ledger.slot(engine)?;
+        let slot = self.slot(engine)?;
+        credit::flush_slot(&self.shared, slot);
+        let mut ledger = self.shared.lock();
         loop {
             match ledger.admit(slot, bytes) {
                 Ok(()) => break,
@@ -338,6 +468,7 @@ impl MemoryGovernor {
                 });
             }
             ledger = self
+                .shared
                 .released
                 .wait_timeout(ledger, left)
                 .map(|(g, _)| g)
@@ -345,7 +476,7 @@ impl MemoryGovernor {
         }
         drop(ledger);
         // Levels and subscribers, as every other change.
-        self.with_ledger(|_| ());
+        self.shared.with_ledger(|_| ());
         Ok(Reservation {
             gov: self,
             slot,
@@ -358,8 +489,8 @@ impl MemoryGovernor {
     /// elsewhere, a page the kernel faulted in). It may take the engine
     /// above its cap and the total above the ceiling; pressure then says so.
     pub fn charge(&self, engine: EngineId, bytes: u64) -> Result<Reservation<'_>, MemError> {
-        let slot = self.with_ledger(|l| {
-            let slot = l.slot(engine)?;
+        let slot = self.slot(engine)?;
+        self.shared.with_ledger(|l| {
             let e = &l.engines[slot];
             let fits = e.used.checked_add(bytes).and(l.total.checked_add(bytes));
             if fits.is_none() {
@@ -370,7 +501,7 @@ impl MemoryGovernor {
                 });
             }
             l.add(slot, bytes);
-            Ok(slot)
+            Ok(())
         })?;
         Ok(Reservation {
             gov: self,
@@ -380,48 +511,41 @@ impl MemoryGovernor {
         })
     }
 
-    fn release(&self, slot: usize, bytes: u64) {
-        if bytes == 0 {
-            return;
-        }
-        self.with_ledger(|l| l.release(slot, bytes));
-        self.released.notify_all();
-    }
-
     /// One engine's accounting.
     pub fn usage(&self, engine: EngineId) -> Result<EngineUsage, MemError> {
-        let l = self.lock();
-        Ok(l.usage(l.slot(engine)?))
+        let slot = self.slot(engine)?;
+        Ok(self.shared.lock().usage(slot))
     }
 
     /// Every engine's accounting, in budget order.
     pub fn usages(&self) -> Vec<EngineUsage> {
-        let l = self.lock();
+        let l = self.shared.lock();
         (0..l.engines.len()).map(|i| l.usage(i)).collect()
     }
 
     /// Bytes held by all engines.
     pub fn total_bytes(&self) -> u64 {
-        self.lock().total
+        self.shared.lock().total
     }
 
     pub fn ceiling_bytes(&self) -> u64 {
-        self.lock().ceiling
+        self.shared.lock().ceiling
     }
 
     /// The process-wide pressure level.
     pub fn level(&self) -> PressureLevel {
-        self.lock().level
+        self.shared.lock().level
     }
 
     /// The shared thresholds handle.
     pub fn thresholds(&self) -> &ThresholdsHandle {
-        &self.thresholds
+        &self.shared.thresholds
     }
 
     /// Calls `f` on every change of an engine's or the process's level.
     pub fn subscribe(&self, f: impl Fn(PressureChange) + Send + Sync + 'static) {
-        self.subscribers
+        self.shared
+            .subscribers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Box::new(f));
@@ -437,8 +561,9 @@ impl MemoryGovernor {
         floor_bytes: u64,
         cap_bytes: u64,
     ) -> Result<(), MemError> {
-        self.with_ledger(|l| {
-            let i = l.slot(engine)?;
+        let i = self.slot(engine)?;
+        credit::flush_slot(&self.shared, i);
+        self.shared.with_ledger(|l| {
             let e = &l.engines[i];
             let bad = |field: &str, reason: String| MemError::InvalidBudget {
                 field: format!("engine {}.{field}", e.name),
@@ -488,7 +613,8 @@ impl MemoryGovernor {
     /// Changes the global ceiling; refused if it is below what is held, a
     /// cap, or the sum of floors.
     pub fn set_ceiling(&self, ceiling_bytes: u64) -> Result<(), MemError> {
-        self.with_ledger(|l| {
+        credit::flush(&self.shared);
+        self.shared.with_ledger(|l| {
             let bad = |reason: String| MemError::InvalidBudget {
                 field: "ceiling_bytes".into(),
                 reason,
@@ -515,11 +641,10 @@ impl MemoryGovernor {
     /// idle engine lends). The loan ends when the engine is next refused,
     /// or by lending 0.
     pub fn lend(&self, engine: EngineId, bytes: u64) -> Result<(), MemError> {
-        self.with_ledger(|l| {
-            let i = l.slot(engine)?;
-            l.update(i, |e| e.lent = bytes.min(e.floor));
-            Ok(())
-        })
+        let i = self.slot(engine)?;
+        self.shared
+            .with_ledger(|l| l.update(i, |e| e.lent = bytes.min(e.floor)));
+        Ok(())
     }
 }
 
@@ -546,8 +671,9 @@ impl<'g> Reservation<'g> {
     /// Reserves `bytes` more, or refuses at once (the reservation is then
     /// unchanged).
     pub fn try_grow(&mut self, bytes: u64) -> Result<(), MemError> {
-        let slot = self.slot;
-        self.gov.with_ledger(|l| l.admit(slot, bytes))?;
+        // The engine's counter already holds self.bytes, so a request the
+        // ledger admits cannot overflow this guard.
+        self.gov.shared.reserve(self.slot, bytes)?;
         self.bytes += bytes;
         Ok(())
     }
@@ -556,7 +682,7 @@ impl<'g> Reservation<'g> {
     /// changes nothing.
     pub fn shrink(&mut self, bytes: u64) -> Result<(), MemError> {
         self.check_holds(bytes)?;
-        self.gov.release(self.slot, bytes);
+        self.gov.shared.give_back(self.slot, bytes);
         self.bytes -= bytes;
         Ok(())
     }
@@ -579,7 +705,7 @@ impl<'g> Reservation<'g> {
 
     fn check_holds(&self, bytes: u64) -> Result<(), MemError> {
         if bytes > self.bytes {
-            let name = self.gov.lock().engines[self.slot].name.to_string();
+            let name = self.gov.shared.lock().engines[self.slot].name.to_string();
             return Err(MemError::BeyondReservation {
                 engine: name,
                 requested: bytes,
@@ -592,6 +718,6 @@ impl<'g> Reservation<'g> {
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        self.gov.release(self.slot, self.bytes);
+        self.gov.shared.give_back(self.slot, self.bytes);
     }
 }

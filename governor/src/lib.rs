@@ -60,6 +60,7 @@
 //! cgroup subtree it owns, and its interfaces.
 
 pub mod budget;
+mod credit;
 pub mod engine;
 pub mod error;
 pub mod governor;
@@ -69,7 +70,7 @@ mod sync;
 pub use budget::{Budget, BudgetBuilder, EngineBudget};
 pub use engine::EngineId;
 pub use error::MemError;
-pub use governor::{EngineUsage, MemoryGovernor, Reservation};
+pub use governor::{DEFAULT_BATCH_BYTES, EngineUsage, MemoryGovernor, Reservation};
 pub use pressure::{PressureChange, PressureLevel, PressureThresholds, ThresholdsHandle};
 
 #[cfg(feature = "agent")]

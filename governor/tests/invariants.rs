@@ -8,7 +8,7 @@
 //! * without charges, no engine is above its cap and the total never above
 //!   the ceiling.
 
-use nodedb_governor::{Budget, EngineId, MemError, MemoryGovernor, Reservation};
+use nodedb_governor::{Budget, EngineId, MemError, MemoryGovernor, Reservation, ThresholdsHandle};
 use proptest::prelude::*;
 
 const CEILING: u64 = 100;
@@ -92,59 +92,87 @@ fn verdict<T>(r: &Result<T, MemError>) -> Verdict {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
+    /// Every decision under the lock.
     #[test]
-    fn decisions_match_the_model_and_invariants_hold(ops in prop::collection::vec(op(), 1..80)) {
-        let g = MemoryGovernor::new(
-            Budget::builder(CEILING)
-                .engine(ENGINES[0], 20, 80)
-                .engine(ENGINES[1], 10, 60)
-                .engine(ENGINES[2], 30, 100)
+    fn exact_decisions_match_the_model(ops in prop::collection::vec(op(), 1..80)) {
+        check(ops, 1, 0)?;
+    }
+
+    /// Sizes in 64 KiB units with a one-unit credit batch: the thread-local
+    /// fast path is on whenever an engine has 2 x cores units of headroom,
+    /// and must decide exactly as the model does.
+    #[test]
+    fn fast_path_decisions_match_the_model(ops in prop::collection::vec(op(), 1..80)) {
+        check(ops, 64 * 1024, 64 * 1024)?;
+    }
+}
+
+fn check(ops: Vec<Op>, unit: u64, batch: u64) -> Result<(), TestCaseError> {
+    {
+        let g = MemoryGovernor::with_batch(
+            Budget::builder(CEILING * unit)
+                .engine(ENGINES[0], 20 * unit, 80 * unit)
+                .engine(ENGINES[1], 10 * unit, 60 * unit)
+                .engine(ENGINES[2], 30 * unit, 100 * unit)
                 .build()
                 .unwrap(),
+            ThresholdsHandle::default(),
+            batch,
         );
-        let mut m = Model { floor: [20, 10, 30], cap: [80, 60, 100], used: [0; 3], lent: [0; 3] };
+        let mut m = Model {
+            floor: [20, 10, 30],
+            cap: [80, 60, 100],
+            used: [0; 3],
+            lent: [0; 3],
+        };
         let mut held: Vec<(usize, Reservation<'_>)> = Vec::new();
         let mut charged = false;
         for op in ops {
             match op {
                 Op::Reserve(e, n) => {
-                    let r = g.try_reserve(ENGINES[e], n);
+                    let r = g.try_reserve(ENGINES[e], n * unit);
                     prop_assert_eq!(verdict(&r), m.admit(e, n));
-                    if let Ok(r) = r { held.push((e, r)); }
+                    if let Ok(r) = r {
+                        held.push((e, r));
+                    }
                 }
                 Op::Grow(i, n) if i < held.len() => {
                     let e = held[i].0;
-                    let r = held[i].1.try_grow(n);
+                    let r = held[i].1.try_grow(n * unit);
                     prop_assert_eq!(verdict(&r), m.admit(e, n));
                 }
                 Op::Shrink(i, n) if i < held.len() => {
                     let (e, r) = &mut held[i];
-                    let ok = n <= r.size();
-                    prop_assert_eq!(r.shrink(n).is_ok(), ok);
-                    if ok { m.used[*e] -= n; }
+                    let ok = n * unit <= r.size();
+                    prop_assert_eq!(r.shrink(n * unit).is_ok(), ok);
+                    if ok {
+                        m.used[*e] -= n;
+                    }
                 }
                 Op::Split(i, n) if i < held.len() => {
                     let e = held[i].0;
-                    if let Ok(part) = held[i].1.split(n) { held.push((e, part)); }
+                    if let Ok(part) = held[i].1.split(n * unit) {
+                        held.push((e, part));
+                    }
                 }
                 Op::Free(i) if i < held.len() => {
                     let (e, r) = held.swap_remove(i);
-                    m.used[e] -= r.size();
+                    m.used[e] -= r.size() / unit;
                     r.free();
                 }
                 Op::Charge(e, n) => {
-                    held.push((e, g.charge(ENGINES[e], n).unwrap()));
+                    held.push((e, g.charge(ENGINES[e], n * unit).unwrap()));
                     m.used[e] += n;
                     charged |= n > 0;
                 }
                 Op::Lend(e, n) => {
-                    g.lend(ENGINES[e], n).unwrap();
+                    g.lend(ENGINES[e], n * unit).unwrap();
                     m.lent[e] = n.min(m.floor[e]);
                 }
                 Op::SetLimits(e, f, c) => {
                     let floors: u64 = m.floor.iter().sum::<u64>() - m.floor[e] + f;
                     let ok = f <= c && c <= CEILING && c >= m.used[e] && floors <= CEILING;
-                    prop_assert_eq!(g.set_limits(ENGINES[e], f, c).is_ok(), ok);
+                    prop_assert_eq!(g.set_limits(ENGINES[e], f * unit, c * unit).is_ok(), ok);
                     if ok {
                         m.floor[e] = f;
                         m.cap[e] = c;
@@ -153,23 +181,31 @@ proptest! {
                 }
                 _ => {}
             }
-            // The ledger equals the model and the guards.
+            // Credit held by this thread counts in the ledger; nothing else
+            // may differ from the model and the guards.
+            g.flush_thread_credit();
             for (e, id) in ENGINES.iter().enumerate() {
                 let u = g.usage(*id).unwrap();
-                let guards: u64 = held.iter().filter(|(x, _)| *x == e).map(|(_, r)| r.size()).sum();
-                prop_assert_eq!(u.used_bytes, m.used[e]);
+                let guards: u64 = held
+                    .iter()
+                    .filter(|(x, _)| *x == e)
+                    .map(|(_, r)| r.size())
+                    .sum();
+                prop_assert_eq!(u.used_bytes, m.used[e] * unit);
                 prop_assert_eq!(u.used_bytes, guards);
-                prop_assert_eq!(u.lent_bytes, m.lent[e]);
+                prop_assert_eq!(u.lent_bytes, m.lent[e] * unit);
                 if !charged {
                     prop_assert!(u.used_bytes <= u.cap_bytes);
                 }
             }
-            prop_assert_eq!(g.total_bytes(), m.used.iter().sum::<u64>());
+            prop_assert_eq!(g.total_bytes(), m.used.iter().sum::<u64>() * unit);
             if !charged {
-                prop_assert!(g.total_bytes() <= CEILING);
+                prop_assert!(g.total_bytes() <= CEILING * unit);
             }
         }
         drop(held);
+        g.flush_thread_credit();
         prop_assert_eq!(g.total_bytes(), 0);
     }
+    Ok(())
 }

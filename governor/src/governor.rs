@@ -60,6 +60,12 @@ struct Ledger {
     protected_total: u64,
     engines: Vec<EngineLedger>,
     level: PressureLevel,
+    /// The thresholds in force and the handle version they came from.
+    thresholds: PressureThresholds,
+    thresholds_version: u64,
+    /// Threads in `reserve_timeout`: releases wake them only if there are
+    /// any (a futex wake is a system call).
+    waiters: usize,
 }
 
 /// A snapshot of one engine's accounting.
@@ -255,6 +261,7 @@ impl Ledger {
 }
 
 impl Shared {
+    #[inline]
     fn slot(&self, engine: EngineId) -> Result<usize, MemError> {
         match self.slots.get(engine.index()) {
             Some(&s) if s != NO_SLOT => Ok(s),
@@ -275,7 +282,13 @@ impl Shared {
         let r = {
             let mut ledger = self.lock();
             let r = f(&mut ledger);
-            ledger.levels(&self.thresholds.get(), &mut changes);
+            let version = self.thresholds.version();
+            if version != ledger.thresholds_version {
+                ledger.thresholds = self.thresholds.get();
+                ledger.thresholds_version = version;
+            }
+            let thresholds = ledger.thresholds;
+            ledger.levels(&thresholds, &mut changes);
             self.refresh_fast(&ledger);
             r
         };
@@ -294,10 +307,15 @@ impl Shared {
     fn refresh_fast(&self, ledger: &Ledger) {
         for (i, flag) in self.fast.iter().enumerate() {
             let fast = self.batch > 0 && ledger.headroom(i) >= self.fast_headroom;
-            flag.store(fast, Ordering::Relaxed);
+            // Write only on change: the flag's cache line is read by every
+            // reservation on every core.
+            if flag.load(Ordering::Relaxed) != fast {
+                flag.store(fast, Ordering::Relaxed);
+            }
         }
     }
 
+    #[inline]
     pub(crate) fn is_fast(&self, slot: usize) -> bool {
         self.fast[slot].load(Ordering::Relaxed)
     }
@@ -316,12 +334,18 @@ impl Shared {
         if bytes == 0 {
             return;
         }
-        self.with_ledger(|l| l.release(slot, bytes));
-        self.released.notify_all();
+        let waiters = self.with_ledger(|l| {
+            l.release(slot, bytes);
+            l.waiters > 0
+        });
+        if waiters {
+            self.released.notify_all();
+        }
     }
 
     /// Takes `bytes` for `slot`: from this thread's credit while the engine
     /// is far from its limits, else exactly under the lock.
+    #[inline]
     fn reserve(self: &Arc<Self>, slot: usize, bytes: u64) -> Result<(), MemError> {
         if self.is_fast(slot) && credit::take(self, slot, bytes) {
             return Ok(());
@@ -335,6 +359,7 @@ impl Shared {
     /// Gives `bytes` of `slot` back: small releases into this thread's
     /// credit while the engine is fast (the next small reservation reuses
     /// them), everything else to the ledger.
+    #[inline]
     fn give_back(self: &Arc<Self>, slot: usize, bytes: u64) {
         if bytes == 0 {
             return;
@@ -392,7 +417,7 @@ impl MemoryGovernor {
         let protected_total = engines.iter().map(EngineLedger::protected).sum();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
         // Loom checks the exact core; the fast path is thread-local.
-        let batch = if cfg!(loom) { 0 } else { batch_bytes };
+        let batch = if cfg!(nodedb_loom) { 0 } else { batch_bytes };
         let fast = engines.iter().map(|_| AtomicBool::new(false)).collect();
         let shared = Shared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -402,6 +427,9 @@ impl MemoryGovernor {
                 protected_total,
                 engines,
                 level: PressureLevel::Normal,
+                thresholds: thresholds.get(),
+                thresholds_version: thresholds.version(),
+                waiters: 0,
             }),
             released: Condvar::new(),
             thresholds,
@@ -417,6 +445,7 @@ impl MemoryGovernor {
         }
     }
 
+    #[inline]
     fn slot(&self, engine: EngineId) -> Result<usize, MemError> {
         self.shared.slot(engine)
     }
@@ -428,6 +457,7 @@ impl MemoryGovernor {
     }
 
     /// Reserves `bytes` for `engine`, or refuses at once.
+    #[inline]
     pub fn try_reserve(&self, engine: EngineId, bytes: u64) -> Result<Reservation<'_>, MemError> {
         let slot = self.slot(engine)?;
         self.shared.reserve(slot, bytes)?;
@@ -467,12 +497,14 @@ impl MemoryGovernor {
                     waited_ms: start.elapsed().as_millis() as u64,
                 });
             }
+            ledger.waiters += 1;
             ledger = self
                 .shared
                 .released
                 .wait_timeout(ledger, left)
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
+            ledger.waiters -= 1;
         }
         drop(ledger);
         // Levels and subscribers, as every other change.
@@ -717,6 +749,7 @@ impl<'g> Reservation<'g> {
 }
 
 impl Drop for Reservation<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.gov.shared.give_back(self.slot, self.bytes);
     }

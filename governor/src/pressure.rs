@@ -3,7 +3,10 @@
 //! through a shared [`ThresholdsHandle`]; subscribers hear every change of
 //! level.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{
+    Arc, RwLock,
+    atomic::{AtomicU64, Ordering},
+};
 
 use crate::{EngineId, MemError};
 
@@ -89,25 +92,33 @@ impl PressureThresholds {
     }
 }
 
-/// A shared, run-time changeable set of thresholds.
+/// A shared, run-time changeable set of thresholds. Readers that keep a
+/// copy check [`version`](Self::version), one atomic load, to see whether it
+/// changed.
 #[derive(Clone, Debug, Default)]
-pub struct ThresholdsHandle(Arc<RwLock<PressureThresholds>>);
+pub struct ThresholdsHandle(Arc<(RwLock<PressureThresholds>, AtomicU64)>);
 
 impl ThresholdsHandle {
     pub fn new(t: PressureThresholds) -> Result<Self, MemError> {
         t.validate()?;
-        Ok(Self(Arc::new(RwLock::new(t))))
+        Ok(Self(Arc::new((RwLock::new(t), AtomicU64::new(0)))))
     }
 
     pub fn get(&self) -> PressureThresholds {
-        *self.0.read().unwrap_or_else(|p| p.into_inner())
+        *self.0.0.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes every time the thresholds are replaced.
+    pub fn version(&self) -> u64 {
+        self.0.1.load(Ordering::Acquire)
     }
 
     /// Replaces the thresholds; an invalid set is refused and the old one
     /// stays.
     pub fn set(&self, t: PressureThresholds) -> Result<(), MemError> {
         t.validate()?;
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = t;
+        *self.0.0.write().unwrap_or_else(|p| p.into_inner()) = t;
+        self.0.1.fetch_add(1, Ordering::Release);
         Ok(())
     }
 }

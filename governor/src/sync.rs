@@ -1,7 +1,8 @@
-//! Synchronisation primitives, swapped for loom's under `--cfg loom` so the
-//! reservation core can be model-checked.
+//! Synchronisation primitives, swapped for loom's under `--cfg nodedb_loom`
+//! so the reservation core can be model-checked. (The cfg has a name of its
+//! own: tokio changes itself under `--cfg loom`.)
 
-#[cfg(loom)]
+#[cfg(nodedb_loom)]
 pub(crate) use loom::sync::{Condvar, Mutex, MutexGuard};
-#[cfg(not(loom))]
+#[cfg(not(nodedb_loom))]
 pub(crate) use std::sync::{Condvar, Mutex, MutexGuard};

@@ -64,9 +64,9 @@ fn contended_reservations_across_the_fast_and_exact_paths_stay_exact() {
                     let (mut refused, mut admitted) = (0u64, 0u64);
                     for i in 0..20_000 {
                         let r = rng(&mut seed);
-                        if held.len() < 24 && r % 3 != 0 {
+                        if held.len() < 24 && !r.is_multiple_of(3) {
                             // Mostly small, sometimes a large block.
-                            let size = if r % 5 == 0 {
+                            let size = if r.is_multiple_of(5) {
                                 4 * MIB
                             } else {
                                 (r >> 8) % (64 * KIB) + 1
@@ -80,7 +80,7 @@ fn contended_reservations_across_the_fast_and_exact_paths_stay_exact() {
                             }
                         } else if !held.is_empty() {
                             let i = (r >> 16) as usize % held.len();
-                            held.swap_remove(i);
+                            drop(held.swap_remove(i));
                         }
                         if i % 256 == 0 {
                             let t = g.total_bytes();

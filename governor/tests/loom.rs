@@ -1,8 +1,8 @@
 //! Model checking of the reservation core with loom: every interleaving of
 //! concurrent reservations, growth, releases and a waiting reservation.
-//! Run with `RUSTFLAGS="--cfg loom" cargo test -p nodedb-governor
+//! Run with `RUSTFLAGS="--cfg nodedb_loom" cargo test -p nodedb-governor
 //! --no-default-features --test loom --release` (`cargo xtask test` does).
-#![cfg(loom)]
+#![cfg(nodedb_loom)]
 
 use std::time::Duration;
 

@@ -1,7 +1,9 @@
-//! `cargo xtask bench`: the cost of kernel attribution, measured against an
-//! untraced baseline in the same run (see demo/src/bin/tracing-cost.rs), and
+//! `cargo xtask bench`: the reservation path against DataFusion's memory
+//! pools (criterion, one run), then the cost of kernel attribution against an
+//! untraced baseline in the same run (see demo/src/bin/tracing-cost.rs) and
 //! how each counting source compares with VmRSS. Writes
-//! `target/bench/tracing-cost.{md,json}`.
+//! `target/bench/tracing-cost.{md,json}`; criterion keeps its own reports in
+//! `target/criterion`.
 
 use std::process::Command;
 
@@ -14,7 +16,18 @@ pub fn bench(rounds: u32) -> anyhow::Result<()> {
         bail!("the tracing benchmark attaches eBPF programs: run `cargo xtask bench` as root");
     }
     let root = crate::root();
-    step("building the benchmark (release)");
+    step("reserve + release pairs: governor against DataFusion's pools (criterion)");
+    cmd::run(Command::new("cargo").current_dir(&root).args([
+        "bench",
+        "-p",
+        "nodedb-governor",
+        "--no-default-features",
+        "--features",
+        "datafusion",
+        "--bench",
+        "reservation",
+    ]))?;
+    step("building the tracing benchmark (release)");
     cmd::run(Command::new("cargo").current_dir(&root).args([
         "build",
         "--release",

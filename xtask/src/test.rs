@@ -32,6 +32,19 @@ pub fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    step("clippy (library with the datafusion feature, benchmarks included)");
+    cmd::run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "-p",
+        "nodedb-governor",
+        "--no-default-features",
+        "--features",
+        "datafusion",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     step("clippy (eBPF programs, nightly, bpf target)");
     cmd::run(
         Command::new("cargo")
@@ -80,7 +93,7 @@ pub fn test() -> anyhow::Result<()> {
                 "--release",
             ])
             .args(["--target-dir", "target/loom"])
-            .env("RUSTFLAGS", "--cfg loom"),
+            .env("RUSTFLAGS", "--cfg nodedb_loom"),
     )?;
     step("doc tests");
     cmd::run(

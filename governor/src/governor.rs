@@ -108,6 +108,10 @@ pub(crate) struct Shared {
     pub(crate) batch: u64,
     /// Fast mode needs this much headroom: 2 x cores x batch.
     fast_headroom: u64,
+    /// Fault injection: refuse the reservation attempt this many attempts
+    /// from now (0: off), and how many were refused so.
+    #[cfg(feature = "fault-injection")]
+    fault: (std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64),
 }
 
 impl std::fmt::Debug for MemoryGovernor {
@@ -347,6 +351,8 @@ impl Shared {
     /// is far from its limits, else exactly under the lock.
     #[inline]
     fn reserve(self: &Arc<Self>, slot: usize, bytes: u64) -> Result<(), MemError> {
+        #[cfg(feature = "fault-injection")]
+        self.injected_refusal(slot, bytes)?;
         if self.is_fast(slot) && credit::take(self, slot, bytes) {
             return Ok(());
         }
@@ -354,6 +360,27 @@ impl Shared {
         // the decision sees the ledger as it really is.
         credit::flush_slot(self, slot);
         self.with_ledger(|l| l.admit(slot, bytes))
+    }
+
+    /// Counts down to the injected refusal; refuses like a full pool would.
+    #[cfg(feature = "fault-injection")]
+    fn injected_refusal(&self, slot: usize, bytes: u64) -> Result<(), MemError> {
+        let hit = self
+            .fault
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok_and(|before| before == 1);
+        if !hit {
+            return Ok(());
+        }
+        self.fault.1.fetch_add(1, Ordering::Relaxed);
+        let l = self.lock();
+        Err(MemError::GlobalCeilingExceeded {
+            engine: l.engines[slot].name.to_string(),
+            requested: bytes,
+            available: 0,
+            limit: l.ceiling,
+        })
     }
 
     /// Gives `bytes` of `slot` back: small releases into this thread's
@@ -438,6 +465,8 @@ impl MemoryGovernor {
             fast,
             batch,
             fast_headroom: batch.saturating_mul(2 * cores),
+            #[cfg(feature = "fault-injection")]
+            fault: Default::default(),
         };
         shared.with_ledger(|_| ());
         Self {
@@ -448,6 +477,20 @@ impl MemoryGovernor {
     #[inline]
     fn slot(&self, engine: EngineId) -> Result<usize, MemError> {
         self.shared.slot(engine)
+    }
+
+    /// Fault injection: the `n`th reservation attempt from now (`try_reserve`
+    /// or `try_grow`, counting from 1) is refused as if the pool were full.
+    /// 0 turns it off.
+    #[cfg(feature = "fault-injection")]
+    pub fn refuse_nth_reservation(&self, n: u64) {
+        self.shared.fault.0.store(n, Ordering::Release);
+    }
+
+    /// Fault injection: how many reservations were refused by injection.
+    #[cfg(feature = "fault-injection")]
+    pub fn injected_refusals(&self) -> u64 {
+        self.shared.fault.1.load(Ordering::Relaxed)
     }
 
     /// Returns the calling thread's unused credit for this governor to the

@@ -65,6 +65,7 @@ pub mod engine;
 pub mod error;
 pub mod governor;
 pub mod pressure;
+pub mod spill;
 mod sync;
 
 pub use budget::{Budget, BudgetBuilder, EngineBudget};
@@ -72,6 +73,9 @@ pub use engine::EngineId;
 pub use error::MemError;
 pub use governor::{DEFAULT_BATCH_BYTES, EngineUsage, MemoryGovernor, Reservation};
 pub use pressure::{PressureChange, PressureLevel, PressureThresholds, ThresholdsHandle};
+pub use spill::{
+    HandlerRegistration, SpillAction, SpillConfig, SpillController, SpillHandler, SpillReport,
+};
 
 #[cfg(feature = "agent")]
 pub mod agent;

@@ -32,14 +32,14 @@ pub fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    step("clippy (library with the datafusion feature, benchmarks included)");
+    step("clippy (library with the datafusion and fault-injection features, benchmarks included)");
     cmd::run(Command::new("cargo").current_dir(&root).args([
         "clippy",
         "-p",
         "nodedb-governor",
         "--no-default-features",
         "--features",
-        "datafusion",
+        "datafusion,fault-injection",
         "--all-targets",
         "--",
         "-D",
@@ -79,6 +79,17 @@ pub fn test() -> anyhow::Result<()> {
         eprintln!("    not root: privileged tests will skip, each saying why");
     }
     cmd::run(&mut test)?;
+    step("fault injection: a refusal swept over every reservation of a workload");
+    cmd::run(Command::new("cargo").current_dir(&root).args([
+        "test",
+        "-p",
+        "nodedb-governor",
+        "--no-default-features",
+        "--features",
+        "fault-injection",
+        "--test",
+        "fault_injection",
+    ]))?;
     step("model checking the reservation core (loom)");
     cmd::run(
         Command::new("cargo")

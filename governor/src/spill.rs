@@ -1,0 +1,278 @@
+//! Spilling, for real: engines register [`SpillHandler`]s for their
+//! spillable consumers (a hash table that can write partitions to disk, a
+//! cache that can drop entries); the [`SpillController`] decides who spills
+//! and how much, and calls them.
+//!
+//! * **Hysteresis** ([`SpillConfig`], the seed's defaults): an engine whose
+//!   use of its cap reaches `spill_at` (90%) is spilled down to `restore_at`
+//!   (75%), and not again until it climbs back to `spill_at`, so it does not
+//!   oscillate around one threshold.
+//! * **Victims**: cheapest bytes first (the handler's cost hint per byte),
+//!   then the largest reclaimable amount, until the target is met.
+//! * **Refusals**: [`SpillController::reserve_or_spill`] turns a refusal for
+//!   lack of *shared* memory into a spill of other engines, borrowers (above
+//!   their floor) first, and one retry; no peer pool does this.
+//!
+//! The controller never holds its own lock while a handler runs: handlers
+//! free memory by dropping reservations, which takes the governor's lock,
+//! and may register or unregister handlers.
+
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicU64, Ordering},
+};
+
+use crate::{EngineId, MemError, MemoryGovernor, Reservation};
+
+/// A consumer that can give memory back on request.
+pub trait SpillHandler: Send + Sync {
+    /// Bytes it could free now.
+    fn reclaimable_bytes(&self) -> u64;
+    /// Relative cost of spilling one byte (lower spills first): dropping a
+    /// cache entry is cheap, writing a sorted run is dearer.
+    fn cost_per_byte(&self) -> f64 {
+        1.0
+    }
+    /// Frees about `target_bytes` (by releasing the reservations that
+    /// account for them) and returns how many bytes it freed.
+    fn spill(&self, target_bytes: u64) -> u64;
+}
+
+/// When engines spill.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SpillConfig {
+    /// Start spilling an engine at this fraction of its cap.
+    pub spill_at: f64,
+    /// ...and spill it down to this fraction.
+    pub restore_at: f64,
+}
+
+impl Default for SpillConfig {
+    fn default() -> Self {
+        Self {
+            spill_at: 0.90,
+            restore_at: 0.75,
+        }
+    }
+}
+
+impl SpillConfig {
+    pub fn validate(&self) -> Result<(), MemError> {
+        if !(0.0 < self.restore_at && self.restore_at < self.spill_at && self.spill_at <= 1.0) {
+            return Err(MemError::InvalidBudget {
+                field: "spill config".into(),
+                reason: format!(
+                    "need 0 < restore_at ({}) < spill_at ({}) <= 1",
+                    self.restore_at, self.spill_at
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// What the controller decided for one engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpillAction {
+    /// Spill `target_bytes` of `engine`.
+    Spill { engine: EngineId, target_bytes: u64 },
+}
+
+/// What a spill round did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SpillReport {
+    /// Per engine: (target, freed).
+    pub spilled: Vec<(EngineId, u64, u64)>,
+}
+
+impl SpillReport {
+    pub fn freed_bytes(&self) -> u64 {
+        self.spilled.iter().map(|(_, _, f)| f).sum()
+    }
+}
+
+struct Registered {
+    id: u64,
+    engine: EngineId,
+    handler: Arc<dyn SpillHandler>,
+}
+
+/// Decides who spills and calls their handlers.
+pub struct SpillController {
+    config: SpillConfig,
+    handlers: Mutex<Vec<Registered>>,
+    /// Engines currently being spilled down (hysteresis), by EngineId index.
+    spilling: Mutex<Vec<bool>>,
+    next_id: AtomicU64,
+    spilled_total: AtomicU64,
+}
+
+/// Keeps a handler registered; unregisters it when dropped.
+#[must_use = "the handler is unregistered when this is dropped"]
+pub struct HandlerRegistration<'c> {
+    controller: &'c SpillController,
+    id: u64,
+}
+
+impl Drop for HandlerRegistration<'_> {
+    fn drop(&mut self) {
+        self.controller.lock_handlers().retain(|r| r.id != self.id);
+    }
+}
+
+impl SpillController {
+    pub fn new(config: SpillConfig) -> Result<Self, MemError> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            handlers: Mutex::new(Vec::new()),
+            spilling: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+            spilled_total: AtomicU64::new(0),
+        })
+    }
+
+    fn lock_handlers(&self) -> std::sync::MutexGuard<'_, Vec<Registered>> {
+        self.handlers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a spillable consumer of `engine`.
+    pub fn register(
+        &self,
+        engine: EngineId,
+        handler: Arc<dyn SpillHandler>,
+    ) -> HandlerRegistration<'_> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock_handlers().push(Registered {
+            id,
+            engine,
+            handler,
+        });
+        HandlerRegistration {
+            controller: self,
+            id,
+        }
+    }
+
+    /// Bytes freed by every spill so far.
+    pub fn spilled_bytes_total(&self) -> u64 {
+        self.spilled_total.load(Ordering::Relaxed)
+    }
+
+    /// Which engines must spill, and how much, with hysteresis.
+    pub fn check(&self, governor: &MemoryGovernor) -> Vec<SpillAction> {
+        let mut spilling = self.spilling.lock().unwrap_or_else(|p| p.into_inner());
+        let mut actions = Vec::new();
+        for u in governor.usages() {
+            let i = u.engine.index();
+            if spilling.len() <= i {
+                spilling.resize(i + 1, false);
+            }
+            let cap = u.cap_bytes as f64;
+            let used = u.used_bytes as f64;
+            if cap == 0.0 {
+                continue;
+            }
+            if used >= cap * self.config.spill_at {
+                spilling[i] = true;
+            } else if used <= cap * self.config.restore_at {
+                spilling[i] = false;
+            }
+            if spilling[i] {
+                let target = (used - cap * self.config.restore_at).max(0.0).ceil() as u64;
+                if target > 0 {
+                    actions.push(SpillAction::Spill {
+                        engine: u.engine,
+                        target_bytes: target,
+                    });
+                }
+            }
+        }
+        actions
+    }
+
+    /// Checks and spills: every engine past `spill_at` is spilled down to
+    /// `restore_at` (as far as its handlers can).
+    pub fn run(&self, governor: &MemoryGovernor) -> SpillReport {
+        let mut report = SpillReport::default();
+        for SpillAction::Spill {
+            engine,
+            target_bytes,
+        } in self.check(governor)
+        {
+            let freed = self.spill_engines(&[engine], target_bytes);
+            if freed >= target_bytes {
+                // Down at the restore point: this episode is over, and the
+                // engine spills again only once it climbs back to spill_at.
+                let mut spilling = self.spilling.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(flag) = spilling.get_mut(engine.index()) {
+                    *flag = false;
+                }
+            }
+            report.spilled.push((engine, target_bytes, freed));
+        }
+        report
+    }
+
+    /// Frees up to `target_bytes` from the handlers of `engines`: cheapest
+    /// bytes first, then the largest. Returns the bytes freed.
+    pub fn spill_engines(&self, engines: &[EngineId], target_bytes: u64) -> u64 {
+        // Snapshot the candidates, then call them without our lock.
+        let mut candidates: Vec<(Arc<dyn SpillHandler>, f64, u64)> = self
+            .lock_handlers()
+            .iter()
+            .filter(|r| engines.contains(&r.engine))
+            .map(|r| {
+                (
+                    r.handler.clone(),
+                    r.handler.cost_per_byte(),
+                    r.handler.reclaimable_bytes(),
+                )
+            })
+            .filter(|(_, _, reclaimable)| *reclaimable > 0)
+            .collect();
+        candidates.sort_by(|a, b| a.1.total_cmp(&b.1).then(b.2.cmp(&a.2)));
+        let mut freed = 0;
+        for (handler, _, _) in candidates {
+            if freed >= target_bytes {
+                break;
+            }
+            freed += handler.spill(target_bytes - freed);
+        }
+        self.spilled_total.fetch_add(freed, Ordering::Relaxed);
+        freed
+    }
+
+    /// Reserves, and if the request was refused for lack of shared memory,
+    /// spills other engines (those above their floor first) by the
+    /// shortfall and tries once more. A refusal by the engine's own cap is
+    /// returned as it is: only the engine itself can make room there.
+    pub fn reserve_or_spill<'g>(
+        &self,
+        governor: &'g MemoryGovernor,
+        engine: EngineId,
+        bytes: u64,
+    ) -> Result<Reservation<'g>, MemError> {
+        match governor.try_reserve(engine, bytes) {
+            Err(MemError::GlobalCeilingExceeded { available, .. }) => {
+                let shortfall = bytes.saturating_sub(available);
+                let usages = governor.usages();
+                let others = |borrowing: bool| -> Vec<EngineId> {
+                    usages
+                        .iter()
+                        .filter(|u| {
+                            u.engine != engine && (u.used_bytes > u.floor_bytes) == borrowing
+                        })
+                        .map(|u| u.engine)
+                        .collect()
+                };
+                let freed = self.spill_engines(&others(true), shortfall);
+                if freed < shortfall {
+                    self.spill_engines(&others(false), shortfall - freed);
+                }
+                governor.try_reserve(engine, bytes)
+            }
+            other => other,
+        }
+    }
+}

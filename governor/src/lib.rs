@@ -64,6 +64,7 @@ mod credit;
 pub mod engine;
 pub mod error;
 pub mod governor;
+pub mod overflow;
 pub mod pressure;
 pub mod spill;
 mod sync;
@@ -72,6 +73,7 @@ pub use budget::{Budget, BudgetBuilder, EngineBudget};
 pub use engine::EngineId;
 pub use error::MemError;
 pub use governor::{DEFAULT_BATCH_BYTES, EngineUsage, MemoryGovernor, Reservation};
+pub use overflow::{OverflowError, OverflowRegion, OverflowSlot};
 pub use pressure::{PressureChange, PressureLevel, PressureThresholds, ThresholdsHandle};
 pub use spill::{
     HandlerRegistration, SpillAction, SpillConfig, SpillController, SpillHandler, SpillReport,

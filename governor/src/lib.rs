@@ -64,6 +64,8 @@ mod credit;
 pub mod engine;
 pub mod error;
 pub mod governor;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod overflow;
 pub mod pressure;
 pub mod spill;

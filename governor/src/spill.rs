@@ -17,9 +17,12 @@
 //! free memory by dropping reservations, which takes the governor's lock,
 //! and may register or unregister handlers.
 
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use crate::{EngineId, MemError, MemoryGovernor, Reservation};
@@ -105,6 +108,7 @@ pub struct SpillController {
     spilling: Mutex<Vec<bool>>,
     next_id: AtomicU64,
     spilled_total: AtomicU64,
+    spilled_by_engine: Mutex<BTreeMap<EngineId, u64>>,
 }
 
 /// Keeps a handler registered; unregisters it when dropped.
@@ -129,6 +133,7 @@ impl SpillController {
             spilling: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
             spilled_total: AtomicU64::new(0),
+            spilled_by_engine: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -157,6 +162,15 @@ impl SpillController {
     /// Bytes freed by every spill so far.
     pub fn spilled_bytes_total(&self) -> u64 {
         self.spilled_total.load(Ordering::Relaxed)
+    }
+
+    /// Bytes freed by `engine`'s handlers so far.
+    pub fn spilled_bytes(&self, engine: EngineId) -> u64 {
+        let by = self
+            .spilled_by_engine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        by.get(&engine).copied().unwrap_or(0)
     }
 
     /// Which engines must spill, and how much, with hysteresis.
@@ -218,26 +232,35 @@ impl SpillController {
     /// bytes first, then the largest. Returns the bytes freed.
     pub fn spill_engines(&self, engines: &[EngineId], target_bytes: u64) -> u64 {
         // Snapshot the candidates, then call them without our lock.
-        let mut candidates: Vec<(Arc<dyn SpillHandler>, f64, u64)> = self
+        // Clone the candidates under our lock; ask and call them outside it.
+        let registered: Vec<(EngineId, Arc<dyn SpillHandler>)> = self
             .lock_handlers()
             .iter()
             .filter(|r| engines.contains(&r.engine))
-            .map(|r| {
-                (
-                    r.handler.clone(),
-                    r.handler.cost_per_byte(),
-                    r.handler.reclaimable_bytes(),
-                )
-            })
-            .filter(|(_, _, reclaimable)| *reclaimable > 0)
+            .map(|r| (r.engine, r.handler.clone()))
             .collect();
-        candidates.sort_by(|a, b| a.1.total_cmp(&b.1).then(b.2.cmp(&a.2)));
+        let mut candidates: Vec<(EngineId, Arc<dyn SpillHandler>, f64, u64)> = registered
+            .into_iter()
+            .map(|(engine, h)| {
+                let (cost, reclaimable) = (h.cost_per_byte(), h.reclaimable_bytes());
+                (engine, h, cost, reclaimable)
+            })
+            .filter(|c| c.3 > 0)
+            .collect();
+        candidates.sort_by(|a, b| a.2.total_cmp(&b.2).then(b.3.cmp(&a.3)));
         let mut freed = 0;
-        for (handler, _, _) in candidates {
+        for (engine, handler, _, _) in candidates {
             if freed >= target_bytes {
                 break;
             }
-            freed += handler.spill(target_bytes - freed);
+            let got = handler.spill(target_bytes - freed);
+            freed += got;
+            *self
+                .spilled_by_engine
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(engine)
+                .or_default() += got;
         }
         self.spilled_total.fetch_add(freed, Ordering::Relaxed);
         freed

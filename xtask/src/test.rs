@@ -32,14 +32,16 @@ pub fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    step("clippy (library with the datafusion and fault-injection features, benchmarks included)");
+    step(
+        "clippy (library with the datafusion, fault-injection and metrics features, benchmarks included)",
+    );
     cmd::run(Command::new("cargo").current_dir(&root).args([
         "clippy",
         "-p",
         "nodedb-governor",
         "--no-default-features",
         "--features",
-        "datafusion,fault-injection",
+        "datafusion,fault-injection,metrics",
         "--all-targets",
         "--",
         "-D",
@@ -79,16 +81,18 @@ pub fn test() -> anyhow::Result<()> {
         eprintln!("    not root: privileged tests will skip, each saying why");
     }
     cmd::run(&mut test)?;
-    step("fault injection: a refusal swept over every reservation of a workload");
+    step("library features: fault injection swept over a workload; Prometheus metrics");
     cmd::run(Command::new("cargo").current_dir(&root).args([
         "test",
         "-p",
         "nodedb-governor",
         "--no-default-features",
         "--features",
-        "fault-injection",
+        "fault-injection,metrics",
         "--test",
         "fault_injection",
+        "--test",
+        "metrics",
     ]))?;
     step("model checking the reservation core (loom)");
     cmd::run(

@@ -1,0 +1,150 @@
+//! Prometheus metrics for the library's accounting (feature `metrics`).
+//!
+//! Register once on a `prometheus::Registry`, then call
+//! [`GovernorMetrics::update`] when the registry is scraped (or on a
+//! timer): gauges take the governor's current figures, counters advance by
+//! what the governor's monotonic counts moved since the last update.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `nodedb_governor_engine_reserved_bytes` | gauge | engine |
+//! | `nodedb_governor_engine_limit_bytes` | gauge (the cap) | engine |
+//! | `nodedb_governor_engine_floor_bytes` | gauge | engine |
+//! | `nodedb_governor_engine_lent_bytes` | gauge | engine |
+//! | `nodedb_governor_engine_pressure_level` | gauge, 0 Normal .. 3 Emergency | engine |
+//! | `nodedb_governor_engine_rejections_total` | counter | engine |
+//! | `nodedb_governor_engine_spilled_bytes_total` | counter | engine |
+//! | `nodedb_governor_reserved_bytes` | gauge | |
+//! | `nodedb_governor_ceiling_bytes` | gauge | |
+//! | `nodedb_governor_pressure_level` | gauge | |
+
+use std::{collections::BTreeMap, sync::Mutex};
+
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use crate::{MemoryGovernor, PressureLevel, SpillController};
+
+/// The library's metrics on one registry.
+pub struct GovernorMetrics {
+    reserved: IntGaugeVec,
+    limit: IntGaugeVec,
+    floor: IntGaugeVec,
+    lent: IntGaugeVec,
+    level: IntGaugeVec,
+    rejections: IntCounterVec,
+    spilled: IntCounterVec,
+    total: IntGauge,
+    ceiling: IntGauge,
+    global_level: IntGauge,
+    /// Last seen monotonic counts, per (engine, metric).
+    last: Mutex<BTreeMap<(String, &'static str), u64>>,
+}
+
+fn level_value(l: PressureLevel) -> i64 {
+    match l {
+        PressureLevel::Normal => 0,
+        PressureLevel::Warning => 1,
+        PressureLevel::Critical => 2,
+        PressureLevel::Emergency => 3,
+    }
+}
+
+fn saturate(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl GovernorMetrics {
+    /// Creates the metrics and registers them on `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let engine_gauge = |name: &str, help: &str| -> prometheus::Result<IntGaugeVec> {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["engine"])?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let engine_counter = |name: &str, help: &str| -> prometheus::Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(name, help), &["engine"])?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        Ok(Self {
+            reserved: engine_gauge(
+                "nodedb_governor_engine_reserved_bytes",
+                "Bytes reserved by the engine",
+            )?,
+            limit: engine_gauge("nodedb_governor_engine_limit_bytes", "The engine's cap")?,
+            floor: engine_gauge(
+                "nodedb_governor_engine_floor_bytes",
+                "The engine's guaranteed floor",
+            )?,
+            lent: engine_gauge(
+                "nodedb_governor_engine_lent_bytes",
+                "Floor the engine lends to others",
+            )?,
+            level: engine_gauge(
+                "nodedb_governor_engine_pressure_level",
+                "Pressure level: 0 Normal, 1 Warning, 2 Critical, 3 Emergency",
+            )?,
+            rejections: engine_counter(
+                "nodedb_governor_engine_rejections_total",
+                "Reservations refused",
+            )?,
+            spilled: engine_counter(
+                "nodedb_governor_engine_spilled_bytes_total",
+                "Bytes freed by spilling",
+            )?,
+            total: gauge(
+                "nodedb_governor_reserved_bytes",
+                "Bytes reserved by all engines",
+            )?,
+            ceiling: gauge("nodedb_governor_ceiling_bytes", "The global ceiling")?,
+            global_level: gauge(
+                "nodedb_governor_pressure_level",
+                "Process-wide pressure level",
+            )?,
+            last: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn advance(&self, counter: &IntCounterVec, engine: &str, metric: &'static str, now: u64) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = last.entry((engine.to_owned(), metric)).or_insert(0);
+        if now > *seen {
+            counter.with_label_values(&[engine]).inc_by(now - *seen);
+            *seen = now;
+        } else {
+            // Make the series exist even before the first event.
+            counter.with_label_values(&[engine]).inc_by(0);
+        }
+    }
+
+    /// Takes the current figures from `governor` (and `spill`, if any).
+    pub fn update(&self, governor: &MemoryGovernor, spill: Option<&SpillController>) {
+        for u in governor.usages() {
+            let e = &*u.name;
+            self.reserved
+                .with_label_values(&[e])
+                .set(saturate(u.used_bytes));
+            self.limit
+                .with_label_values(&[e])
+                .set(saturate(u.cap_bytes));
+            self.floor
+                .with_label_values(&[e])
+                .set(saturate(u.floor_bytes));
+            self.lent
+                .with_label_values(&[e])
+                .set(saturate(u.lent_bytes));
+            self.level.with_label_values(&[e]).set(level_value(u.level));
+            self.advance(&self.rejections, e, "rejections", u.rejections);
+            let spilled = spill.map_or(0, |s| s.spilled_bytes(u.engine));
+            self.advance(&self.spilled, e, "spilled", spilled);
+        }
+        self.total.set(saturate(governor.total_bytes()));
+        self.ceiling.set(saturate(governor.ceiling_bytes()));
+        self.global_level.set(level_value(governor.level()));
+    }
+}

@@ -59,6 +59,8 @@
 //! privileged agent: eBPF attribution of resident memory to engines, the
 //! cgroup subtree it owns, and its interfaces.
 
+#[cfg(feature = "jemalloc")]
+pub mod arena;
 pub mod budget;
 mod credit;
 pub mod engine;

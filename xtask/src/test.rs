@@ -32,16 +32,14 @@ pub fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    step(
-        "clippy (library with the datafusion, fault-injection and metrics features, benchmarks included)",
-    );
+    step("clippy (library with all its features, benchmarks included)");
     cmd::run(Command::new("cargo").current_dir(&root).args([
         "clippy",
         "-p",
         "nodedb-governor",
         "--no-default-features",
         "--features",
-        "datafusion,fault-injection,metrics",
+        "datafusion,fault-injection,metrics,jemalloc",
         "--all-targets",
         "--",
         "-D",
@@ -81,18 +79,20 @@ pub fn test() -> anyhow::Result<()> {
         eprintln!("    not root: privileged tests will skip, each saying why");
     }
     cmd::run(&mut test)?;
-    step("library features: fault injection swept over a workload; Prometheus metrics");
+    step("library features: fault injection swept over a workload; metrics; jemalloc arenas");
     cmd::run(Command::new("cargo").current_dir(&root).args([
         "test",
         "-p",
         "nodedb-governor",
         "--no-default-features",
         "--features",
-        "fault-injection,metrics",
+        "fault-injection,metrics,jemalloc",
         "--test",
         "fault_injection",
         "--test",
         "metrics",
+        "--test",
+        "arena",
     ]))?;
     step("model checking the reservation core (loom)");
     cmd::run(

@@ -218,16 +218,10 @@ pub struct RegionKey {
 pub struct ReleaseCtx {
     /// Slot that owned the released range, or [`NO_SLOT`].
     pub owner_slot: u32,
-    /// Which syscall (`SYSCALL_*`).
-    pub syscall: u32,
+    pub _pad: u32,
     /// Length of the range in bytes (munmap: mapped bytes go away).
     pub len: u64,
 }
-
-pub const SYSCALL_MUNMAP: u32 = 1;
-pub const SYSCALL_MADVISE: u32 = 2;
-pub const SYSCALL_BRK: u32 = 3;
-pub const SYSCALL_MMAP: u32 = 4;
 
 /// Per-thread state between a syscall's entry and exit.
 #[repr(C)]

@@ -52,9 +52,8 @@ use aya_ebpf::{
 };
 use nodedb_governor_common::{
     CgroupKey, KernelLayout, MAX_ENGINE_CGROUPS, MAX_PROCS, MAX_REGIONS, MAX_SLOTS, MAX_TIDS,
-    MmState, NO_SLOT, PendingMap, ProcInfo, REGION_SHIFT, RegionKey, ReleaseCtx, SYSCALL_BRK,
-    SYSCALL_MADVISE, SYSCALL_MUNMAP, SlotStats, TraceOffsets, identity as ident, kind,
-    region_cache,
+    MmState, NO_SLOT, PendingMap, ProcInfo, REGION_SHIFT, RegionKey, ReleaseCtx, SlotStats,
+    TraceOffsets, identity as ident, kind, region_cache,
 };
 
 /// Written by the agent at load time from tracefs `format` files.
@@ -479,14 +478,14 @@ fn region_owner(tgid: u32, addr: u64, len: u64) -> u32 {
 }
 
 #[inline(always)]
-fn begin_release(syscall: u32, addr: u64, len: u64) -> u32 {
+fn begin_release(addr: u64, len: u64) -> u32 {
     if identity().is_none() {
         return 0;
     }
     let (tgid, tid) = ids();
     let ctx = ReleaseCtx {
         owner_slot: region_owner(tgid, addr, len),
-        syscall,
+        _pad: 0,
         len,
     };
     let _ = RELEASING.insert(tid, ctx, 0);
@@ -519,7 +518,6 @@ fn read_ret(ctx: &TracePointContext) -> i64 {
 pub fn sys_enter_munmap(ctx: TracePointContext) -> u32 {
     let off = offsets();
     begin_release(
-        SYSCALL_MUNMAP,
         read_arg(&ctx, off.munmap_addr),
         read_arg(&ctx, off.munmap_len),
     )
@@ -549,7 +547,6 @@ pub fn sys_exit_munmap(ctx: TracePointContext) -> u32 {
 pub fn sys_enter_madvise(ctx: TracePointContext) -> u32 {
     let off = offsets();
     begin_release(
-        SYSCALL_MADVISE,
         read_arg(&ctx, off.madvise_start),
         read_arg(&ctx, off.madvise_len),
     )
@@ -571,7 +568,7 @@ pub fn sys_enter_brk(ctx: TracePointContext) -> u32 {
     };
     if new_brk != 0 && new_brk < last {
         // Shrinking: [new_brk, last) goes away, owned by whoever faulted it.
-        return begin_release(SYSCALL_BRK, new_brk, last - new_brk);
+        return begin_release(new_brk, last - new_brk);
     }
     0
 }

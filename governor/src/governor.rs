@@ -85,7 +85,8 @@ pub struct EngineUsage {
 type Subscriber = Box<dyn Fn(PressureChange) + Send + Sync>;
 
 /// Per-engine budgets under a global ceiling. See the crate documentation
-/// for the protocol.
+/// for the protocol. Cloning gives another handle to the same governor.
+#[derive(Clone)]
 pub struct MemoryGovernor {
     shared: Arc<Shared>,
 }
@@ -329,6 +330,26 @@ impl Shared {
         self.with_ledger(|l| l.admit_as(slot, bytes, false).is_ok())
     }
 
+    /// Counts bytes that cannot be refused (see `MemoryGovernor::charge`).
+    pub(crate) fn charge_slot(&self, slot: usize, bytes: u64) -> Result<(), MemError> {
+        self.with_ledger(|l| {
+            let e = &l.engines[slot];
+            if e.used
+                .checked_add(bytes)
+                .and(l.total.checked_add(bytes))
+                .is_none()
+            {
+                return Err(MemError::SizeOverflow {
+                    engine: e.name.to_string(),
+                    requested: bytes,
+                    current: e.used,
+                });
+            }
+            l.add(slot, bytes);
+            Ok(())
+        })
+    }
+
     /// Gives unused credit back.
     pub(crate) fn return_credit(&self, slot: usize, bytes: u64) {
         self.release(slot, bytes);
@@ -475,8 +496,26 @@ impl MemoryGovernor {
     }
 
     #[inline]
-    fn slot(&self, engine: EngineId) -> Result<usize, MemError> {
+    pub(crate) fn slot(&self, engine: EngineId) -> Result<usize, MemError> {
         self.shared.slot(engine)
+    }
+
+    #[cfg(feature = "datafusion")]
+    /// Reserves for a ledger slot without a guard (for pools that keep
+    /// their own books, such as the DataFusion pool).
+    pub(crate) fn reserve_slot(&self, slot: usize, bytes: u64) -> Result<(), MemError> {
+        self.shared.reserve(slot, bytes)
+    }
+
+    #[cfg(feature = "datafusion")]
+    /// Gives back what `reserve_slot` or `charge_slot` took.
+    pub(crate) fn release_slot(&self, slot: usize, bytes: u64) {
+        self.shared.give_back(slot, bytes);
+    }
+
+    #[cfg(feature = "datafusion")]
+    pub(crate) fn charge_slot(&self, slot: usize, bytes: u64) -> Result<(), MemError> {
+        self.shared.charge_slot(slot, bytes)
     }
 
     /// Fault injection: the `n`th reservation attempt from now (`try_reserve`
@@ -565,19 +604,7 @@ impl MemoryGovernor {
     /// above its cap and the total above the ceiling; pressure then says so.
     pub fn charge(&self, engine: EngineId, bytes: u64) -> Result<Reservation<'_>, MemError> {
         let slot = self.slot(engine)?;
-        self.shared.with_ledger(|l| {
-            let e = &l.engines[slot];
-            let fits = e.used.checked_add(bytes).and(l.total.checked_add(bytes));
-            if fits.is_none() {
-                return Err(MemError::SizeOverflow {
-                    engine: e.name.to_string(),
-                    requested: bytes,
-                    current: e.used,
-                });
-            }
-            l.add(slot, bytes);
-            Ok(())
-        })?;
+        self.shared.charge_slot(slot, bytes)?;
         Ok(Reservation {
             gov: self,
             slot,

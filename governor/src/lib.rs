@@ -63,6 +63,8 @@
 pub mod arena;
 pub mod budget;
 mod credit;
+#[cfg(feature = "datafusion")]
+pub mod datafusion_pool;
 pub mod engine;
 pub mod error;
 pub mod governor;

@@ -79,16 +79,18 @@ pub fn test() -> anyhow::Result<()> {
         eprintln!("    not root: privileged tests will skip, each saying why");
     }
     cmd::run(&mut test)?;
-    step("library features: fault injection swept over a workload; metrics; jemalloc arenas");
+    step("library features: fault injection, metrics, jemalloc arenas, DataFusion pool");
     cmd::run(Command::new("cargo").current_dir(&root).args([
         "test",
         "-p",
         "nodedb-governor",
         "--no-default-features",
         "--features",
-        "fault-injection,metrics,jemalloc",
+        "fault-injection,metrics,jemalloc,datafusion",
         "--test",
         "fault_injection",
+        "--test",
+        "datafusion_pool",
         "--test",
         "metrics",
         "--test",

@@ -3,29 +3,37 @@
 //! bytes per engine.
 //!
 //! # Which source counts memory, and what it costs
-//! Two kernel sources could count an engine's resident memory:
-//! 1. `kmem/rss_stat`: the kernel's own RSS counters, one event per change.
-//!    We difference successive values with an atomic exchange, so the sum
-//!    over engines equals the counter exactly, whatever the interleaving. It
-//!    sees everything that changes RSS: transparent huge pages (512 pages in
-//!    one event), file fault-around (up to 16 pages per fault),
-//!    `MAP_POPULATE`, `mlock`, get_user_pages from the kernel, and frees.
-//!    On 6.1 (`SPLIT_RSS_COUNTING`) a thread's changes reach the mm counter
-//!    in batches of 64 (and at exit); from 6.2 every change fires, and the
-//!    kernel sums the per-CPU counters for each record, the cost the issue
-//!    warned about.
-//! 2. `exceptions/page_fault_user` alone, counting 4 KiB per fault: cheap,
-//!    but wrong wherever one fault maps more or less than one page.
+//! Two kernel sources could count an engine's resident memory. Figures are
+//! from the 6.18 host, `cargo xtask bench`; the README has the tables.
+//! 1. **`rss_stat`**, the kernel's own RSS counters, one event per change.
+//!    - We difference successive values with an atomic exchange, so the sum
+//!      over engines equals the counter exactly, whatever the interleaving.
+//!    - It sees everything that changes RSS: transparent huge pages (512
+//!      pages in one event), file fault-around (up to 16 pages per fault),
+//!      `MAP_POPULATE`, `mlock`, get_user_pages from the kernel, and frees.
+//!    - On 6.1 (`SPLIT_RSS_COUNTING`) a thread's changes reach the mm counter
+//!      in batches of 64, and at exit. From 6.2 every change fires.
+//! 2. **`page_fault_user` alone**, counting 4 KiB per fault: cheap, but
+//!    wrong wherever one fault maps more or less than one page. For 64 MiB:
+//!    0.1 MiB counted under THP, 1.7 MiB under file fault-around, and
+//!    64 MiB for zero-page reads that add nothing.
 //!
-//! Measured on the 6.18 host (`cargo xtask bench`, see the README for the
-//! current table): source 2 misses fault-around and THP entirely and
-//! counts minor faults that add nothing, while source 1 matches VmRSS; the
-//! extra cost of the `rss_stat` program on a fault-heavy loop is reported
-//! there as a ratio against the same loop untraced. We count with source 1
-//! and use source 2 only for fault counts and for remembering which engine
-//! faulted each 2 MiB region (so a release by another thread is charged
-//! back to the owner).
+//! We count with source 1. Source 2 gives only fault counts and which engine
+//! faulted each 2 MiB region, so a release by another thread is charged back
+//! to the owner.
 //!
+//! How source 1 is read matters:
+//! - **The classic tracepoint** hands over the value, but its perf record,
+//!   and from 6.2 the kernel's exact per-CPU sum on every event, cost 4.6%
+//!   of a page fault even with an *empty* program.
+//! - **The BTF tracepoint** (what we use) costs 0.1% when empty. The program
+//!   reads the counter from `mm_struct` itself, at offsets taken from kernel
+//!   BTF ([`super::btf`]).
+//! - **On 6.2+** that value is the per-CPU counter's central count. It lags
+//!   the exact sum by at most `percpu_counter_batch` pages per CPU, about
+//!   0.1 MiB measured on 2 CPUs, which is the price of an O(1) read instead
+//!   of an O(CPUs) sum on every fault.
+
 //! # Buckets
 //! Each process has an `unattributed` slot (governed threads with no
 //! engine) and an `external` slot (changes made from outside the process:

@@ -211,13 +211,10 @@ pub fn trim_malloc() {
     unsafe { libc::malloc_trim(0) };
 }
 
-/// VmRSS of this process in bytes.
+/// VmRSS of this process in bytes (anon + file + shmem, as the kernel sums
+/// it), read the way the agent reads it.
 pub fn vm_rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
+    nodedb_governor::agent::procfs::rss_breakdown(std::process::id())
+        .map(|b| b.total())
         .unwrap_or(0)
 }

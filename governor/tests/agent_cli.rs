@@ -178,8 +178,14 @@ fn governs_and_reports(identity: &str) {
     let total: u64 =
         p.engines.values().map(|e| e.resident_bytes).sum::<u64>() + p.unattributed.resident_bytes;
     let rss = p.vm_rss_bytes.expect("VmRSS");
+    // From 6.2 the programs read each RSS counter's central value, which
+    // lags the exact sum /proc shows by at most percpu_counter_batch pages
+    // (max(32, 2 x CPUs)) per CPU, for each of anon, file and shmem. For a
+    // process this small that bound, not the 2%, dominates.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let lag = 3 * cpus * 32.max(2 * cpus) * 4096;
     assert!(
-        total.abs_diff(rss) <= rss / 50 + 256 * 1024,
+        total.abs_diff(rss) <= rss / 50 + lag,
         "parts {total} vs VmRSS {rss}"
     );
     if identity == "cgroup" {

@@ -5,7 +5,9 @@
 //! 1. the nightly toolchain's `rust-src` (for `-Z build-std=core`);
 //! 2. Debian's LLVM 22 development packages;
 //! 3. `bpf-linker`, built against that LLVM;
-//! 4. a check that the nightly's LLVM major version matches bpf-linker's.
+//! 4. a check that the nightly's LLVM major version matches bpf-linker's;
+//! 5. `make`, which building jemalloc (the library's `jemalloc` feature)
+//!    needs.
 
 use std::{path::Path, process::Command};
 
@@ -30,6 +32,7 @@ pub fn setup() -> anyhow::Result<()> {
     llvm_dev()?;
     bpf_linker()?;
     check_llvm_match()?;
+    make()?;
     eprintln!("    toolchain ready");
     Ok(())
 }
@@ -149,6 +152,22 @@ fn bpf_linker() -> anyhow::Result<()> {
                 &format!("llvm-{LLVM_MAJOR}"),
             ])
             .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}")),
+    )
+}
+
+fn make() -> anyhow::Result<()> {
+    if cmd::output(Command::new("make").arg("--version")).is_some() {
+        eprintln!("    make: present");
+        return Ok(());
+    }
+    if !Path::new("/etc/debian_version").exists() || !cmd::is_root() {
+        bail!("`make` is missing (jemalloc's build needs it): install GNU make");
+    }
+    step("installing make (jemalloc's build needs it)");
+    cmd::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", "make"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }
 

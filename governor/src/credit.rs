@@ -27,47 +27,48 @@ use std::{
 
 use crate::governor::Shared;
 
-/// The credit in use: which governor and engine, and how many bytes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Hot {
-    governor: u64,
-    slot: usize,
-    bytes: u64,
+/// Names a (governor, engine slot) pair in one word; 0 names nothing
+/// (governor ids start at 1). Slots are below 2^24 (`EngineId::index`).
+#[inline]
+fn key(shared: &Shared, slot: usize) -> u64 {
+    (shared.id << 24) | slot as u64
 }
 
-const NONE: Hot = Hot {
-    governor: 0,
-    slot: usize::MAX,
-    bytes: 0,
-};
+fn unkey(key: u64) -> (u64, usize) {
+    (key >> 24, (key & 0xff_ffff) as usize)
+}
 
 /// Credit parked while another (governor, engine) is hot, and the owners
 /// to give everything back to when the thread exits.
 struct Parked {
-    governor: u64,
-    slot: usize,
+    key: u64,
     bytes: u64,
     owner: Weak<Shared>,
 }
 
+/// The credit in use is two words (which pair, how many bytes), each its
+/// own `Cell` so the fast path is a load, a compare and a store straight
+/// to thread-local storage.
 struct Credits {
-    hot: Cell<Hot>,
+    hot_key: Cell<u64>,
+    hot_bytes: Cell<u64>,
     parked: RefCell<Vec<Parked>>,
 }
 
 impl Drop for Credits {
     fn drop(&mut self) {
-        let hot = self.hot.replace(NONE);
+        let hot_key = self.hot_key.replace(0);
+        let hot_bytes = self.hot_bytes.replace(0);
         let parked = std::mem::take(self.parked.get_mut());
         for p in parked {
             let mut bytes = p.bytes;
-            if hot.governor == p.governor && hot.slot == p.slot {
-                bytes += hot.bytes;
+            if hot_key == p.key {
+                bytes += hot_bytes;
             }
             if bytes > 0
                 && let Some(owner) = p.owner.upgrade()
             {
-                owner.return_credit(p.slot, bytes);
+                owner.return_credit(unkey(p.key).1, bytes);
             }
         }
     }
@@ -75,67 +76,50 @@ impl Drop for Credits {
 
 thread_local! {
     static CREDITS: Credits = const {
-        Credits { hot: Cell::new(NONE), parked: RefCell::new(Vec::new()) }
+        Credits {
+            hot_key: Cell::new(0),
+            hot_bytes: Cell::new(0),
+            parked: RefCell::new(Vec::new()),
+        }
     };
 }
 
 impl Credits {
     /// Makes (governor, slot) hot: parks the current hot credit and takes
     /// the new one's parked bytes. Runs no outside code.
-    fn switch(&self, shared: &Arc<Shared>, slot: usize) -> Hot {
-        let old = self.hot.get();
+    fn switch(&self, shared: &Arc<Shared>, slot: usize) {
+        let old_key = self.hot_key.get();
+        let old_bytes = self.hot_bytes.replace(0);
+        let new_key = key(shared, slot);
         let mut parked = self.parked.borrow_mut();
-        if old.bytes > 0
-            && let Some(p) = parked
-                .iter_mut()
-                .find(|p| p.governor == old.governor && p.slot == old.slot)
+        if old_bytes > 0
+            && let Some(p) = parked.iter_mut().find(|p| p.key == old_key)
         {
-            p.bytes += old.bytes;
+            p.bytes += old_bytes;
         }
-        let bytes = match parked
-            .iter_mut()
-            .find(|p| p.governor == shared.id && p.slot == slot)
-        {
+        let bytes = match parked.iter_mut().find(|p| p.key == new_key) {
             Some(p) => std::mem::take(&mut p.bytes),
             None => {
                 // Forget governors that are gone, then remember this one.
                 parked.retain(|p| p.owner.strong_count() > 0);
                 parked.push(Parked {
-                    governor: shared.id,
-                    slot,
+                    key: new_key,
                     bytes: 0,
                     owner: Arc::downgrade(shared),
                 });
                 0
             }
         };
-        let hot = Hot {
-            governor: shared.id,
-            slot,
-            bytes,
-        };
-        self.hot.set(hot);
-        hot
-    }
-
-    #[inline]
-    fn hot_for(&self, shared: &Arc<Shared>, slot: usize) -> Hot {
-        let hot = self.hot.get();
-        if hot.governor == shared.id && hot.slot == slot {
-            hot
-        } else {
-            self.switch(shared, slot)
-        }
+        self.hot_key.set(new_key);
+        self.hot_bytes.set(bytes);
     }
 
     /// Adds `bytes` to the hot credit if (governor, slot) is still hot.
-    fn add_if_hot(&self, shared: &Arc<Shared>, slot: usize, bytes: u64) -> bool {
-        let mut hot = self.hot.get();
-        if hot.governor != shared.id || hot.slot != slot {
+    fn add_if_hot(&self, k: u64, bytes: u64) -> bool {
+        if self.hot_key.get() != k {
             return false;
         }
-        hot.bytes += bytes;
-        self.hot.set(hot);
+        self.hot_bytes.set(self.hot_bytes.get() + bytes);
         true
     }
 }
@@ -144,31 +128,52 @@ impl Credits {
 /// it runs short. False: the caller must decide exactly.
 #[inline]
 pub(crate) fn take(shared: &Arc<Shared>, slot: usize, bytes: u64) -> bool {
+    let k = key(shared, slot);
+    let spent = CREDITS.try_with(|c| {
+        let have = c.hot_bytes.get();
+        if c.hot_key.get() == k && have >= bytes {
+            c.hot_bytes.set(have - bytes);
+            true
+        } else {
+            false
+        }
+    });
+    match spent {
+        Ok(true) => true,
+        Ok(false) => take_slow(shared, slot, bytes),
+        Err(_) => false,
+    }
+}
+
+/// `take` when the pair is not hot or its credit is short: switch, then
+/// draw a batch from the ledger.
+#[cold]
+#[inline(never)]
+fn take_slow(shared: &Arc<Shared>, slot: usize, bytes: u64) -> bool {
+    let k = key(shared, slot);
     CREDITS
         .try_with(|c| {
-            let mut hot = c.hot_for(shared, slot);
-            if hot.bytes >= bytes {
-                hot.bytes -= bytes;
-                c.hot.set(hot);
+            if c.hot_key.get() != k {
+                c.switch(shared, slot);
+            }
+            let held = c.hot_bytes.get();
+            if held >= bytes {
+                c.hot_bytes.set(held - bytes);
                 return true;
             }
-            let Some(want) = (bytes - hot.bytes).checked_add(shared.batch) else {
+            let Some(want) = (bytes - held).checked_add(shared.batch) else {
                 return false;
             };
             // Hold the hot bytes here while the ledger is asked: drawing may
             // run subscribers that reserve on this thread.
-            let held = hot.bytes;
-            c.hot.set(Hot { bytes: 0, ..hot });
+            c.hot_bytes.set(0);
             let drawn = shared.draw_credit(slot, want);
             // Spare: held + want - bytes (one batch) on success, held on failure.
             let spare = if drawn { held + want - bytes } else { held };
-            if !c.add_if_hot(shared, slot, spare) {
+            if !c.add_if_hot(k, spare) {
                 shared.return_credit(slot, spare);
             }
-            if !drawn {
-                return false;
-            }
-            true
+            drawn
         })
         .unwrap_or(false)
 }
@@ -177,16 +182,37 @@ pub(crate) fn take(shared: &Arc<Shared>, slot: usize, bytes: u64) -> bool {
 /// what exceeds two batches to the ledger.
 #[inline]
 pub(crate) fn put(shared: &Arc<Shared>, slot: usize, bytes: u64) {
+    let k = key(shared, slot);
+    let kept = CREDITS.try_with(|c| {
+        let now = c.hot_bytes.get().saturating_add(bytes);
+        if c.hot_key.get() == k && now <= shared.batch.saturating_mul(2) {
+            c.hot_bytes.set(now);
+            true
+        } else {
+            false
+        }
+    });
+    if kept != Ok(true) {
+        put_slow(shared, slot, bytes);
+    }
+}
+
+/// `put` when the pair is not hot or the credit would pass two batches.
+#[cold]
+#[inline(never)]
+fn put_slow(shared: &Arc<Shared>, slot: usize, bytes: u64) {
     let back = CREDITS
         .try_with(|c| {
-            let mut hot = c.hot_for(shared, slot);
-            hot.bytes += bytes;
-            let mut back = 0;
-            if hot.bytes > 2 * shared.batch {
-                back = hot.bytes - shared.batch;
-                hot.bytes = shared.batch;
+            if c.hot_key.get() != key(shared, slot) {
+                c.switch(shared, slot);
             }
-            c.hot.set(hot);
+            let mut now = c.hot_bytes.get().saturating_add(bytes);
+            let mut back = 0;
+            if now > shared.batch.saturating_mul(2) {
+                back = now - shared.batch;
+                now = shared.batch;
+            }
+            c.hot_bytes.set(now);
             back
         })
         // The thread is exiting: straight to the ledger.
@@ -202,19 +228,17 @@ fn take_credit(shared: &Arc<Shared>, slot: Option<usize>) -> Vec<(usize, u64)> {
     CREDITS
         .try_with(|c| {
             let mut out = Vec::new();
-            let matches = |g: u64, s: usize| g == shared.id && slot.is_none_or(|want| want == s);
-            let mut hot = c.hot.get();
-            if matches(hot.governor, hot.slot) && hot.bytes > 0 {
-                out.push((hot.slot, hot.bytes));
-                hot.bytes = 0;
-                c.hot.set(hot);
+            let matches = |k: u64| {
+                let (g, s) = unkey(k);
+                g == shared.id && slot.is_none_or(|want| want == s)
+            };
+            let hot_key = c.hot_key.get();
+            if matches(hot_key) && c.hot_bytes.get() > 0 {
+                out.push((unkey(hot_key).1, c.hot_bytes.replace(0)));
             }
             if let Ok(mut parked) = c.parked.try_borrow_mut() {
-                for p in parked
-                    .iter_mut()
-                    .filter(|p| matches(p.governor, p.slot) && p.bytes > 0)
-                {
-                    out.push((p.slot, std::mem::take(&mut p.bytes)));
+                for p in parked.iter_mut().filter(|p| matches(p.key) && p.bytes > 0) {
+                    out.push((unkey(p.key).1, std::mem::take(&mut p.bytes)));
                 }
             }
             out

@@ -355,6 +355,7 @@ impl Shared {
         self.release(slot, bytes);
     }
 
+    #[inline(never)]
     fn release(&self, slot: usize, bytes: u64) {
         if bytes == 0 {
             return;
@@ -377,6 +378,12 @@ impl Shared {
         if self.is_fast(slot) && credit::take(self, slot, bytes) {
             return Ok(());
         }
+        self.reserve_exact(slot, bytes)
+    }
+
+    /// Takes `bytes` for `slot` under the lock.
+    #[inline(never)]
+    fn reserve_exact(self: &Arc<Self>, slot: usize, bytes: u64) -> Result<(), MemError> {
         // Exact: this thread's credit for the engine goes back first, so
         // the decision sees the ledger as it really is.
         credit::flush_slot(self, slot);
@@ -465,7 +472,12 @@ impl MemoryGovernor {
         let protected_total = engines.iter().map(EngineLedger::protected).sum();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
         // Loom checks the exact core; the fast path is thread-local.
-        let batch = if cfg!(nodedb_loom) { 0 } else { batch_bytes };
+        // Batches are capped at 1 TiB so credit arithmetic never nears u64::MAX.
+        let batch = if cfg!(nodedb_loom) {
+            0
+        } else {
+            batch_bytes.min(1 << 40)
+        };
         let fast = engines.iter().map(|_| AtomicBool::new(false)).collect();
         let shared = Shared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),

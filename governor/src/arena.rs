@@ -99,6 +99,11 @@ impl EngineArenas {
         })
     }
 
+    /// The engines that have an arena.
+    pub fn engines(&self) -> impl Iterator<Item = EngineId> + '_ {
+        self.arenas.keys().copied()
+    }
+
     /// The arena index of `engine`.
     pub fn index(&self, engine: EngineId) -> Result<u32, ArenaError> {
         self.arenas

@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use datafusion_common::{DataFusionError, Result};
-use datafusion_execution::memory_pool::{MemoryPool, MemoryReservation};
+use datafusion_execution::memory_pool::{MemoryLimit, MemoryPool, MemoryReservation};
 
 use crate::{EngineId, MemError, MemoryGovernor};
 
@@ -88,5 +88,16 @@ impl MemoryPool for GovernorPool {
 
     fn reserved(&self) -> usize {
         self.reserved.load(Ordering::Relaxed)
+    }
+
+    /// The engine's cap (or the ceiling, if lower): what DataFusion could
+    /// get at most, for operators that size their buffers by the limit.
+    fn memory_limit(&self) -> MemoryLimit {
+        let cap = self
+            .governor
+            .usage(self.engine)
+            .map_or(0, |u| u.cap_bytes)
+            .min(self.governor.ceiling_bytes());
+        MemoryLimit::Finite(usize::try_from(cap).unwrap_or(usize::MAX))
     }
 }

@@ -27,7 +27,7 @@ use std::{
 use crate::{
     Budget, EngineId, MemError, credit,
     pressure::{PressureChange, PressureLevel, PressureThresholds, ThresholdsHandle},
-    sync::{Condvar, Mutex, MutexGuard},
+    sync::{Condvar, Mutex, MutexGuard, StdCondvar, StdMutex},
 };
 
 const NO_SLOT: usize = usize::MAX;
@@ -43,6 +43,13 @@ struct EngineLedger {
     peak: u64,
     rejections: u64,
     level: PressureLevel,
+    /// Ledger calls for the engine (admissions, refusals, credit draws,
+    /// charges): `rebalance` calls an engine idle when this stands still.
+    activity: u64,
+    /// The activity count at the last `rebalance`, and how many rounds in
+    /// a row it had not moved.
+    activity_seen: u64,
+    quiet_rounds: u32,
 }
 
 impl EngineLedger {
@@ -145,6 +152,7 @@ impl Ledger {
     /// Admission; `counted` is false for credit draws, which are not the
     /// caller's request and so neither count as refusals nor end loans.
     fn admit_as(&mut self, i: usize, n: u64, counted: bool) -> Result<(), MemError> {
+        self.engines[i].activity += 1;
         let e = &self.engines[i];
         let name = || e.name.to_string();
         let new_used = e
@@ -345,6 +353,7 @@ impl Shared {
                     current: e.used,
                 });
             }
+            l.engines[slot].activity += 1;
             l.add(slot, bytes);
             Ok(())
         })
@@ -466,6 +475,9 @@ impl MemoryGovernor {
                     peak: 0,
                     rejections: 0,
                     level: PressureLevel::Normal,
+                    activity: 0,
+                    activity_seen: 0,
+                    quiet_rounds: 0,
                 }
             })
             .collect();
@@ -759,6 +771,109 @@ impl MemoryGovernor {
         self.shared
             .with_ledger(|l| l.update(i, |e| e.lent = bytes.min(e.floor)));
         Ok(())
+    }
+
+    /// One round of automatic rebalancing: an engine that asked the
+    /// governor for nothing (no reservation, refusal, credit draw or
+    /// charge) for `idle_rounds` rounds in a row lends its whole unused
+    /// floor to the shared pool; an engine that was active takes its loan
+    /// back. Call it on a timer (see [`spawn_rebalancer`](Self::spawn_rebalancer)),
+    /// or let the agent drive it. Returns the loans that changed.
+    ///
+    /// Taking a loan back never takes memory from anyone: borrowers keep
+    /// what they hold, new requests see the floor protected again, and a
+    /// [`SpillController`](crate::SpillController) run asks borrowers to
+    /// spill until the floor is really free.
+    pub fn rebalance(&self, idle_rounds: u32) -> Vec<LoanChange> {
+        let idle_rounds = idle_rounds.max(1);
+        self.shared.with_ledger(|l| {
+            let mut changes = Vec::new();
+            for i in 0..l.engines.len() {
+                let e = &mut l.engines[i];
+                if e.activity == e.activity_seen {
+                    e.quiet_rounds = e.quiet_rounds.saturating_add(1);
+                } else {
+                    e.quiet_rounds = 0;
+                    e.activity_seen = e.activity;
+                }
+                let lend = if e.quiet_rounds >= idle_rounds {
+                    e.floor.saturating_sub(e.used)
+                } else {
+                    0
+                };
+                if lend != e.lent {
+                    changes.push(LoanChange {
+                        engine: e.id,
+                        from: e.lent,
+                        to: lend,
+                    });
+                    l.update(i, |e| e.lent = lend);
+                }
+            }
+            changes
+        })
+    }
+
+    /// Runs [`rebalance`](Self::rebalance) every `interval` on a thread of
+    /// its own until the returned handle is dropped (or the governor is).
+    pub fn spawn_rebalancer(&self, interval: Duration, idle_rounds: u32) -> Rebalancer {
+        let weak = Arc::downgrade(&self.shared);
+        let stop = Arc::new((StdMutex::new(false), StdCondvar::new()));
+        let signal = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("nodedb-rebalance".into())
+            .spawn(move || {
+                let (lock, cv) = &*signal;
+                let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    stopped = cv
+                        .wait_timeout(stopped, interval)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                    if *stopped {
+                        return;
+                    }
+                    let Some(shared) = weak.upgrade() else {
+                        return;
+                    };
+                    MemoryGovernor { shared }.rebalance(idle_rounds);
+                }
+            })
+            .ok();
+        Rebalancer { stop, thread }
+    }
+}
+
+/// A change of an engine's loan to the shared pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoanChange {
+    pub engine: EngineId,
+    pub from: u64,
+    pub to: u64,
+}
+
+/// The thread started by [`MemoryGovernor::spawn_rebalancer`]; dropping it
+/// stops the thread and waits for it.
+pub struct Rebalancer {
+    stop: Arc<(StdMutex<bool>, StdCondvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Rebalancer {
+    /// False if the thread could not be started.
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+impl Drop for Rebalancer {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.stop;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

@@ -78,7 +78,9 @@ mod sync;
 pub use budget::{Budget, BudgetBuilder, EngineBudget};
 pub use engine::EngineId;
 pub use error::MemError;
-pub use governor::{DEFAULT_BATCH_BYTES, EngineUsage, MemoryGovernor, Reservation};
+pub use governor::{
+    DEFAULT_BATCH_BYTES, EngineUsage, LoanChange, MemoryGovernor, Rebalancer, Reservation,
+};
 pub use overflow::{OverflowError, OverflowRegion, OverflowSlot};
 pub use pressure::{PressureChange, PressureLevel, PressureThresholds, ThresholdsHandle};
 pub use spill::{

@@ -14,6 +14,9 @@
 //! | `nodedb_governor_engine_pressure_level` | gauge, 0 Normal .. 3 Emergency | engine |
 //! | `nodedb_governor_engine_rejections_total` | counter | engine |
 //! | `nodedb_governor_engine_spilled_bytes_total` | counter | engine |
+//! | `nodedb_governor_engine_arena_resident_bytes` | gauge (feature `jemalloc`) | engine |
+//! | `nodedb_governor_engine_arena_active_bytes` | gauge (feature `jemalloc`) | engine |
+//! | `nodedb_governor_engine_arena_dirty_bytes` | gauge (feature `jemalloc`) | engine |
 //! | `nodedb_governor_reserved_bytes` | gauge | |
 //! | `nodedb_governor_ceiling_bytes` | gauge | |
 //! | `nodedb_governor_pressure_level` | gauge | |
@@ -36,6 +39,8 @@ pub struct GovernorMetrics {
     total: IntGauge,
     ceiling: IntGauge,
     global_level: IntGauge,
+    #[cfg(feature = "jemalloc")]
+    arena: [IntGaugeVec; 3],
     /// Last seen monotonic counts, per (engine, metric).
     last: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
@@ -106,6 +111,21 @@ impl GovernorMetrics {
                 "nodedb_governor_pressure_level",
                 "Process-wide pressure level",
             )?,
+            #[cfg(feature = "jemalloc")]
+            arena: [
+                engine_gauge(
+                    "nodedb_governor_engine_arena_resident_bytes",
+                    "Resident bytes of the engine's jemalloc arena",
+                )?,
+                engine_gauge(
+                    "nodedb_governor_engine_arena_active_bytes",
+                    "Bytes in active extents of the engine's jemalloc arena",
+                )?,
+                engine_gauge(
+                    "nodedb_governor_engine_arena_dirty_bytes",
+                    "Freed bytes the engine's jemalloc arena has not yet returned to the kernel",
+                )?,
+            ],
             last: Mutex::new(BTreeMap::new()),
         })
     }
@@ -146,5 +166,31 @@ impl GovernorMetrics {
         self.total.set(saturate(governor.total_bytes()));
         self.ceiling.set(saturate(governor.ceiling_bytes()));
         self.global_level.set(level_value(governor.level()));
+    }
+
+    /// Takes fresh statistics of each engine's jemalloc arena, labelled
+    /// with the engine's name in `governor`'s budget.
+    #[cfg(feature = "jemalloc")]
+    pub fn update_arenas(
+        &self,
+        governor: &MemoryGovernor,
+        arenas: &crate::arena::EngineArenas,
+    ) -> Result<(), crate::arena::ArenaError> {
+        for u in governor.usages() {
+            if arenas.index(u.engine).is_err() {
+                continue;
+            }
+            let st = arenas.stats(u.engine)?;
+            let e = &*u.name;
+            let [resident, active, dirty] = &self.arena;
+            resident
+                .with_label_values(&[e])
+                .set(saturate(st.resident_bytes));
+            active
+                .with_label_values(&[e])
+                .set(saturate(st.active_bytes));
+            dirty.with_label_values(&[e]).set(saturate(st.dirty_bytes));
+        }
+        Ok(())
     }
 }

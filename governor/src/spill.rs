@@ -84,13 +84,16 @@ pub enum SpillAction {
 /// What a spill round did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SpillReport {
-    /// Per engine: (target, freed).
+    /// Per engine past `spill_at`: (engine, target, freed).
     pub spilled: Vec<(EngineId, u64, u64)>,
+    /// Floors their owners took back while borrowers held the memory:
+    /// (target, freed) spilled from the borrowers.
+    pub floor_reclaim: (u64, u64),
 }
 
 impl SpillReport {
     pub fn freed_bytes(&self) -> u64 {
-        self.spilled.iter().map(|(_, _, f)| f).sum()
+        self.spilled.iter().map(|(_, _, f)| f).sum::<u64>() + self.floor_reclaim.1
     }
 }
 
@@ -225,7 +228,36 @@ impl SpillController {
             }
             report.spilled.push((engine, target_bytes, freed));
         }
+        report.floor_reclaim = self.reclaim_floors(governor);
         report
+    }
+
+    /// Floors that are protected (their owners did not lend them, or took
+    /// the loan back) but not free, because borrowers above their own floors
+    /// hold the memory: those borrowers spill by the shortfall. Returns
+    /// (shortfall, freed).
+    pub fn reclaim_floors(&self, governor: &MemoryGovernor) -> (u64, u64) {
+        let usages = governor.usages();
+        let protected: u64 = usages
+            .iter()
+            .map(|u| {
+                u.floor_bytes
+                    .saturating_sub(u.used_bytes.saturating_add(u.lent_bytes))
+            })
+            .sum();
+        let free = governor
+            .ceiling_bytes()
+            .saturating_sub(governor.total_bytes());
+        let shortfall = protected.saturating_sub(free);
+        if shortfall == 0 {
+            return (0, 0);
+        }
+        let borrowers: Vec<EngineId> = usages
+            .iter()
+            .filter(|u| u.used_bytes > u.floor_bytes)
+            .map(|u| u.engine)
+            .collect();
+        (shortfall, self.spill_engines(&borrowers, shortfall))
     }
 
     /// Frees up to `target_bytes` from the handlers of `engines`: cheapest

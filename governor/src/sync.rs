@@ -6,3 +6,6 @@
 pub(crate) use loom::sync::{Condvar, Mutex, MutexGuard};
 #[cfg(not(nodedb_loom))]
 pub(crate) use std::sync::{Condvar, Mutex, MutexGuard};
+
+/// Always std's, for threads loom does not model (the rebalancer).
+pub(crate) use std::sync::{Condvar as StdCondvar, Mutex as StdMutex};

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use datafusion_common::DataFusionError;
-use datafusion_execution::memory_pool::{MemoryConsumer, MemoryPool};
+use datafusion_execution::memory_pool::{MemoryConsumer, MemoryLimit, MemoryPool};
 use nodedb_governor::{
     Budget, EngineId, MemoryGovernor, ThresholdsHandle, datafusion_pool::GovernorPool,
 };
@@ -56,6 +56,9 @@ fn datafusion_reserves_from_the_query_budget_and_is_refused_by_it() {
         16 * MIB as u64
     );
     assert_eq!(pool.reserved(), 14 * MIB);
+
+    // DataFusion sizes some buffers by the pool's limit: the Query cap.
+    assert!(matches!(pool.memory_limit(), MemoryLimit::Finite(n) if n == 10 * MIB));
 
     drop(agg);
     drop(own);

@@ -9,8 +9,8 @@ use std::sync::{
 };
 
 use nodedb_governor::{
-    Budget, EngineId, MemError, MemoryGovernor, Reservation, SpillConfig, SpillController,
-    SpillHandler, ThresholdsHandle,
+    Budget, EngineId, LoanChange, MemError, MemoryGovernor, Reservation, SpillConfig,
+    SpillController, SpillHandler, ThresholdsHandle,
 };
 
 const MIB: u64 = 1 << 20;
@@ -198,4 +198,92 @@ fn bad_spill_configs_are_refused() {
         .expect("refused");
         assert!(e.to_string().contains("restore_at"), "{e}");
     }
+}
+
+#[test]
+fn an_idle_engine_lends_its_floor_and_borrowers_spill_when_it_is_needed_back() {
+    // Query's 20 MiB floor is protected until Query goes idle.
+    let g = governor(
+        120 * MIB,
+        &[
+            (EngineId::Vector, 0, 120 * MIB),
+            (EngineId::Query, 20 * MIB, 40 * MIB),
+        ],
+    );
+    let c = SpillController::new(SpillConfig {
+        spill_at: 0.95,
+        restore_at: 0.5,
+    })
+    .unwrap();
+    assert!(g.try_reserve(EngineId::Vector, 101 * MIB).is_err());
+
+    // Two quiet rounds for Query (Vector's refusal was activity for Vector).
+    assert_eq!(g.rebalance(2), vec![]);
+    let changes = g.rebalance(2);
+    assert_eq!(
+        changes,
+        vec![LoanChange {
+            engine: EngineId::Query,
+            from: 0,
+            to: 20 * MIB
+        }]
+    );
+    let cache = Chunks::new(g, EngineId::Vector, 110, 1.0);
+    let _reg = c.register(EngineId::Vector, cache.clone());
+    assert_eq!(g.total_bytes(), 110 * MIB, "Vector borrowed Query's floor");
+
+    // Query gets busy: refused at once, and the loan is called back.
+    let err = g.try_reserve(EngineId::Query, 15 * MIB).unwrap_err();
+    assert!(
+        matches!(err, MemError::GlobalCeilingExceeded { available, .. } if available == 10 * MIB),
+        "{err:?}"
+    );
+    assert_eq!(g.usage(EngineId::Query).unwrap().lent_bytes, 0);
+    // A rebalance round sees Query active and keeps the loan ended.
+    g.rebalance(2);
+    assert_eq!(g.usage(EngineId::Query).unwrap().lent_bytes, 0);
+
+    // The controller's round spills the borrower by the shortfall only.
+    let report = c.run(g);
+    assert!(report.spilled.is_empty(), "Vector is below spill_at");
+    assert_eq!(report.floor_reclaim, (10 * MIB, 10 * MIB));
+    assert_eq!(cache.held_bytes(), 100 * MIB);
+    let q = g
+        .try_reserve(EngineId::Query, 20 * MIB)
+        .expect("the floor is free again");
+    assert_eq!(g.total_bytes(), 120 * MIB);
+    drop(q);
+    // Nothing to reclaim any more.
+    assert_eq!(c.reclaim_floors(g), (0, 0));
+}
+
+#[test]
+fn the_rebalancer_thread_lends_for_idle_engines_and_stops_when_dropped() {
+    let g = governor(
+        100 * MIB,
+        &[
+            (EngineId::Vector, 10 * MIB, 100 * MIB),
+            (EngineId::Query, 30 * MIB, 100 * MIB),
+        ],
+    );
+    let held = g.try_reserve(EngineId::Query, 4 * MIB).unwrap();
+    let r = g.spawn_rebalancer(std::time::Duration::from_millis(2), 3);
+    assert!(r.is_running());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while g.usage(EngineId::Query).unwrap().lent_bytes == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rebalancer never lent"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    // Lends exactly the unused floor.
+    assert_eq!(g.usage(EngineId::Query).unwrap().lent_bytes, 26 * MIB);
+    assert_eq!(g.usage(EngineId::Vector).unwrap().lent_bytes, 10 * MIB);
+    drop(r);
+    // Stopped: activity no longer changes the loans.
+    let _v = g.try_reserve(EngineId::Vector, MIB).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    assert_eq!(g.usage(EngineId::Vector).unwrap().lent_bytes, 10 * MIB);
+    drop(held);
 }

@@ -1,0 +1,170 @@
+//! The SQL engine: a high-cardinality `GROUP BY` run by DataFusion with its
+//! memory drawn from the Query budget through the governor's
+//! [`GovernorPool`], spilling to disk when the governor refuses, and the
+//! reference answer computed without DataFusion to check it against.
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
+
+use anyhow::{Context, Result};
+use datafusion::{
+    arrow::{
+        array::{Int64Array, RecordBatch},
+        datatypes::{DataType, Field, Schema},
+    },
+    datasource::MemTable,
+    execution::{
+        disk_manager::{DiskManagerBuilder, DiskManagerMode},
+        memory_pool::MemoryPool,
+        runtime_env::RuntimeEnvBuilder,
+    },
+    physical_plan::{ExecutionPlan, collect, metrics::MetricsSet},
+    prelude::{SessionConfig, SessionContext},
+};
+use nodedb_governor::{EngineId, MemoryGovernor, datafusion_pool::GovernorPool};
+
+/// The input: `rows` rows of (k, v), with `keys` distinct keys.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupByData {
+    pub rows: usize,
+    pub keys: u64,
+    pub seed: u64,
+}
+
+/// One output row: key, SUM(v), COUNT(*).
+pub type Group = (i64, i64, i64);
+
+impl GroupByData {
+    /// Deterministic pseudo-random keys and values (splitmix64), in batches.
+    pub fn batches(&self, batch_rows: usize) -> Result<(Arc<Schema>, Vec<RecordBatch>)> {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Int64, false),
+        ]));
+        let mut state = self.seed;
+        let mut next = move || {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        let mut batches = Vec::new();
+        let mut left = self.rows;
+        while left > 0 {
+            let n = left.min(batch_rows);
+            let mut k = Vec::with_capacity(n);
+            let mut v = Vec::with_capacity(n);
+            for _ in 0..n {
+                k.push((next() % self.keys) as i64);
+                v.push((next() % 1000) as i64);
+            }
+            batches.push(RecordBatch::try_new(
+                schema.clone(),
+                vec![Arc::new(Int64Array::from(k)), Arc::new(Int64Array::from(v))],
+            )?);
+            left -= n;
+        }
+        Ok((schema, batches))
+    }
+}
+
+/// The answer computed without DataFusion, sorted by key.
+pub fn reference(batches: &[RecordBatch]) -> Vec<Group> {
+    let mut groups: HashMap<i64, (i64, i64)> = HashMap::new();
+    for b in batches {
+        let k = b.column(0).as_any().downcast_ref::<Int64Array>();
+        let v = b.column(1).as_any().downcast_ref::<Int64Array>();
+        let (Some(k), Some(v)) = (k, v) else {
+            continue;
+        };
+        for (k, v) in k.values().iter().zip(v.values()) {
+            let g = groups.entry(*k).or_default();
+            g.0 += v;
+            g.1 += 1;
+        }
+    }
+    let mut out: Vec<Group> = groups.into_iter().map(|(k, (s, c))| (k, s, c)).collect();
+    out.sort_unstable();
+    out
+}
+
+/// Where DataFusion may spill: a directory, or nowhere.
+#[derive(Clone, Debug)]
+pub enum Spill {
+    To(PathBuf),
+    Disabled,
+}
+
+/// What a GROUP BY returned and how much it spilled.
+#[derive(Debug)]
+pub struct GroupByOutcome {
+    /// The groups, sorted by key.
+    pub groups: Vec<Group>,
+    /// Spill files written and bytes spilled, summed over the plan.
+    pub spill_count: usize,
+    pub spilled_bytes: usize,
+}
+
+/// Sums a metric over every operator of an executed plan.
+fn plan_sum(plan: &Arc<dyn ExecutionPlan>, f: &impl Fn(&MetricsSet) -> Option<usize>) -> usize {
+    plan.metrics().as_ref().and_then(f).unwrap_or(0)
+        + plan
+            .children()
+            .into_iter()
+            .map(|c| plan_sum(c, f))
+            .sum::<usize>()
+}
+
+/// Runs `SELECT k, SUM(v), COUNT(*) FROM t GROUP BY k` with DataFusion's
+/// memory drawn from `engine`'s budget.
+pub async fn group_by(
+    governor: &MemoryGovernor,
+    engine: EngineId,
+    schema: Arc<Schema>,
+    batches: Vec<RecordBatch>,
+    partitions: usize,
+    spill: Spill,
+) -> Result<GroupByOutcome> {
+    let pool: Arc<dyn MemoryPool> = Arc::new(GovernorPool::new(governor, engine)?);
+    let mode = match spill {
+        Spill::To(dir) => DiskManagerMode::Directories(vec![dir]),
+        Spill::Disabled => DiskManagerMode::Disabled,
+    };
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(pool)
+        .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(mode))
+        .build_arc()?;
+    let config = SessionConfig::new()
+        .with_target_partitions(partitions)
+        .with_batch_size(8192);
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    // One partition of input per target partition.
+    let per = batches.len().div_ceil(partitions.max(1)).max(1);
+    let parts: Vec<Vec<RecordBatch>> = batches.chunks(per).map(<[_]>::to_vec).collect();
+    ctx.register_table("t", Arc::new(MemTable::try_new(schema, parts)?))?;
+    let plan = ctx
+        .sql("SELECT k, SUM(v) AS s, COUNT(*) AS c FROM t GROUP BY k")
+        .await?
+        .create_physical_plan()
+        .await?;
+    let result = collect(plan.clone(), ctx.task_ctx()).await?;
+    let mut out = Vec::new();
+    for b in &result {
+        let col = |i: usize| {
+            b.column(i)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .with_context(|| format!("column {i} of the result is not Int64"))
+        };
+        let (k, s, c) = (col(0)?, col(1)?, col(2)?);
+        for i in 0..b.num_rows() {
+            out.push((k.value(i), s.value(i), c.value(i)));
+        }
+    }
+    out.sort_unstable();
+    Ok(GroupByOutcome {
+        groups: out,
+        spill_count: plan_sum(&plan, &MetricsSet::spill_count),
+        spilled_bytes: plan_sum(&plan, &MetricsSet::spilled_bytes),
+    })
+}

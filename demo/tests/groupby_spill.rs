@@ -1,0 +1,120 @@
+//! A DataFusion GROUP BY over more data than the Query budget: it completes
+//! with the right answer by spilling when the governor refuses memory, and
+//! fails with the governor's refusal when it may not spill.
+
+use nodedb_governor::{Budget, EngineId, MemoryGovernor};
+use nodedb_governor_demo::query::{GroupByData, Spill, group_by, reference};
+
+const MIB: u64 = 1 << 20;
+const QUERY_CAP: u64 = 24 * MIB;
+
+fn governor() -> MemoryGovernor {
+    MemoryGovernor::new(
+        Budget::builder(256 * MIB)
+            .engine(EngineId::Vector, 32 * MIB, 128 * MIB)
+            .engine(EngineId::Query, 8 * MIB, QUERY_CAP)
+            .build()
+            .unwrap(),
+    )
+}
+
+/// 2 million distinct keys over 4 million rows: the hash tables alone need
+/// several times the Query cap.
+const DATA: GroupByData = GroupByData {
+    rows: 4_000_000,
+    keys: 2_000_000,
+    seed: 7,
+};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn group_by_over_the_budget_spills_and_is_right() {
+    let g = governor();
+    let (schema, batches) = DATA.batches(8192).unwrap();
+    let want = reference(&batches);
+    assert!(want.len() > 1_500_000, "the data is high-cardinality");
+    let dir = tempdir();
+    let got = runtime()
+        .block_on(group_by(
+            &g,
+            EngineId::Query,
+            schema,
+            batches,
+            2,
+            Spill::To(dir.clone()),
+        ))
+        .unwrap();
+    let q = g.usage(EngineId::Query).unwrap();
+    assert!(
+        q.rejections > 0,
+        "the query must have been refused memory at least once: {q:?}"
+    );
+    assert!(
+        q.peak_bytes <= QUERY_CAP,
+        "DataFusion stayed inside the Query cap: peak {} > {QUERY_CAP}",
+        q.peak_bytes
+    );
+    assert!(
+        got.spill_count > 0 && got.spilled_bytes > 0,
+        "DataFusion must have spilled: {} files, {} bytes",
+        got.spill_count,
+        got.spilled_bytes
+    );
+    eprintln!(
+        "GROUP BY: {} groups, {} refusals, peak {} MiB of a {} MiB cap, {} spill files, {} MiB spilled",
+        got.groups.len(),
+        q.rejections,
+        q.peak_bytes / MIB,
+        QUERY_CAP / MIB,
+        got.spill_count,
+        got.spilled_bytes as u64 / MIB
+    );
+    assert_eq!(got.groups.len(), want.len(), "number of groups");
+    assert!(
+        got.groups == want,
+        "GROUP BY result differs from the reference"
+    );
+    // DataFusion's threads are gone and gave everything back.
+    g.flush_thread_credit();
+    assert_eq!(g.usage(EngineId::Query).unwrap().used_bytes, 0);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn group_by_without_spilling_fails_with_the_governors_refusal() {
+    let g = governor();
+    let (schema, batches) = DATA.batches(8192).unwrap();
+    let err = runtime()
+        .block_on(group_by(
+            &g,
+            EngineId::Query,
+            schema,
+            batches,
+            2,
+            Spill::Disabled,
+        ))
+        .expect_err("a GROUP BY that cannot spill must fail inside the budget");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("engine query refused"),
+        "the error must be the governor's refusal: {msg}"
+    );
+    let q = g.usage(EngineId::Query).unwrap();
+    assert!(q.peak_bytes <= QUERY_CAP, "{q:?}");
+    // Everything DataFusion held went back when the query failed.
+    g.flush_thread_credit();
+    assert_eq!(g.usage(EngineId::Query).unwrap().used_bytes, 0);
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("nodedb-groupby-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

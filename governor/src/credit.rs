@@ -12,8 +12,9 @@
 //!
 //! The cost of the speed: up to two batches per thread that used an engine
 //! and went quiet stay counted in that engine's ledger. Near the limits the
-//! fast path is off, and a thread that decides exactly first returns its own
-//! credit, so a reserving thread's slack never decides its refusal.
+//! fast path is off, and a thread that decides exactly first returns all its
+//! credit for the governor, so a reserving thread's own slack never decides
+//! its refusal (other threads' credit can: at most two batches each).
 //!
 //! The credit in use is a `Cell` (a load and a store, no borrow flag), and
 //! no code outside this module runs while it is being changed: drawing from

@@ -393,9 +393,9 @@ impl Shared {
     /// Takes `bytes` for `slot` under the lock.
     #[inline(never)]
     fn reserve_exact(self: &Arc<Self>, slot: usize, bytes: u64) -> Result<(), MemError> {
-        // Exact: this thread's credit for the engine goes back first, so
-        // the decision sees the ledger as it really is.
-        credit::flush_slot(self, slot);
+        // Exact: this thread's credit (for every engine of this governor)
+        // goes back first, so its own slack never decides its refusal.
+        credit::flush(self);
         self.with_ledger(|l| l.admit(slot, bytes))
     }
 

@@ -53,6 +53,138 @@
 //! [`ThresholdsHandle`], and [`subscribe`](MemoryGovernor::subscribe)rs hear
 //! every change.
 //!
+//! ### The fast path
+//! While an engine is far from its limits, a thread reserves from
+//! *credit* it drew for the engine a batch (1 MiB) at a time: a
+//! reserve+release pair is then two thread-local words, no lock and no
+//! shared atomic. Near the limits every decision is exact, under the lock,
+//! and the deciding thread first gives its own credit back, so refusals are
+//! as exact as without the fast path. Credit goes back when a thread exits
+//! and on [`flush_thread_credit`](MemoryGovernor::flush_thread_credit); until
+//! then a quiet thread's credit (up to two batches) counts as the engine's.
+//!
+//! ## Spilling: a refusal becomes freed memory
+//! Engines register a [`SpillHandler`] for each consumer that can give
+//! memory back (a cache that drops entries, a hash table that writes
+//! partitions to disk). The [`SpillController`] decides who spills and calls
+//! them: [`run`](SpillController::run) spills every engine past 90% of its
+//! cap down to 75% (hysteresis), and
+//! [`reserve_or_spill`](SpillController::reserve_or_spill) answers a refusal
+//! for lack of shared memory by spilling *other* engines (borrowers above
+//! their floor first) and trying once more.
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use nodedb_governor::*;
+//!
+//! const MIB: u64 = 1 << 20;
+//! # fn main() -> Result<(), MemError> {
+//! let budget = Budget::builder(100 * MIB)
+//!     .engine(EngineId::Vector, 0, 100 * MIB)
+//!     .engine(EngineId::Query, 0, 100 * MIB)
+//!     .build()?;
+//! // 'static so the cache's reservations can live in a handler.
+//! let governor: &'static MemoryGovernor = Box::leak(Box::new(MemoryGovernor::new(budget)));
+//!
+//! /// The vector engine's cache: 1 MiB entries it can drop.
+//! struct Cache(Mutex<Vec<Reservation<'static>>>);
+//! impl SpillHandler for Cache {
+//!     fn reclaimable_bytes(&self) -> u64 {
+//!         self.0.lock().unwrap().iter().map(Reservation::size).sum()
+//!     }
+//!     fn cost_per_byte(&self) -> f64 { 0.1 } // cheap: it can be recomputed
+//!     fn spill(&self, target: u64) -> u64 {
+//!         let mut entries = self.0.lock().unwrap();
+//!         let mut freed = 0;
+//!         while freed < target {
+//!             let Some(entry) = entries.pop() else { break };
+//!             freed += entry.size(); // dropping the entry releases it
+//!         }
+//!         freed
+//!     }
+//! }
+//! let entries = (0..80).map(|_| governor.try_reserve(EngineId::Vector, MIB)).collect::<Result<_, _>>()?;
+//! let cache = Arc::new(Cache(Mutex::new(entries)));
+//! let spill = SpillController::new(SpillConfig::default())?;
+//! let _registered = spill.register(EngineId::Vector, cache.clone());
+//!
+//! // The query needs 40 MiB; only 20 are free. The cache gives way.
+//! assert!(governor.try_reserve(EngineId::Query, 40 * MIB).is_err());
+//! let table = spill.reserve_or_spill(governor, EngineId::Query, 40 * MIB)?;
+//! assert_eq!(table.size(), 40 * MIB);
+//! assert_eq!(spill.spilled_bytes(EngineId::Vector), 20 * MIB);
+//! # Ok(()) }
+//! ```
+//!
+//! ## Rebalancing: idle engines lend
+//! A floor is guaranteed: other engines cannot take it even when its owner
+//! is not using it, unless the owner lends it. [`MemoryGovernor::rebalance`]
+//! (on a timer: [`MemoryGovernor::spawn_rebalancer`], or driven by the
+//! agent) lends the unused floor of every engine that has asked for nothing
+//! for a few rounds, and takes the loan back once it is active again; a
+//! lender that is refused takes its loan back at once, and
+//! [`SpillController::run`] then spills borrowers until the floor is free.
+//! Limits change at run time with [`set_limits`](MemoryGovernor::set_limits)
+//! and [`set_ceiling`](MemoryGovernor::set_ceiling), refused whole if they
+//! would break an invariant.
+//!
+//! ```
+//! use nodedb_governor::*;
+//!
+//! const MIB: u64 = 1 << 20;
+//! # fn main() -> Result<(), MemError> {
+//! let governor = MemoryGovernor::new(
+//!     Budget::builder(100 * MIB)
+//!         .engine(EngineId::Timeseries, 40 * MIB, 100 * MIB)
+//!         .engine(EngineId::Query, 0, 100 * MIB)
+//!         .build()?,
+//! );
+//! // Timeseries' 40 MiB floor is kept free for it...
+//! assert!(governor.try_reserve(EngineId::Query, 61 * MIB).is_err());
+//! // ...until it has been idle for two rounds.
+//! governor.rebalance(2);
+//! governor.rebalance(2);
+//! assert_eq!(governor.usage(EngineId::Timeseries)?.lent_bytes, 40 * MIB);
+//! let big = governor.try_reserve(EngineId::Query, 90 * MIB)?;
+//! // Timeseries wakes up: refused now, and the loan ends.
+//! assert!(governor.try_reserve(EngineId::Timeseries, 20 * MIB).is_err());
+//! assert_eq!(governor.usage(EngineId::Timeseries)?.lent_bytes, 0);
+//! drop(big);
+//! # Ok(()) }
+//! ```
+//!
+//! ## Spilling somewhere: the overflow region
+//! An [`OverflowRegion`] is a bounded mmap (anonymous or file-backed) that
+//! spilled data can go to: slots read back exactly what was written, freed
+//! space is merged and its pages returned to the kernel, and it is safe to
+//! share between threads.
+//!
+//! ```
+//! use nodedb_governor::OverflowRegion;
+//!
+//! let region = OverflowRegion::anonymous(1 << 20).unwrap();
+//! let slot = region.write(b"a spilled partition").unwrap();
+//! assert_eq!(slot.read(), b"a spilled partition");
+//! assert!(region.write(&vec![0u8; 2 << 20]).is_err(), "bounded");
+//! drop(slot);
+//! assert_eq!(region.used_bytes(), 0);
+//! ```
+//!
+//! ## Features
+//! * `metrics`: [`metrics::GovernorMetrics`] publishes the accounting on a
+//!   `prometheus::Registry` (per engine: reserved, limit, floor, lent,
+//!   pressure level, rejections, spilled bytes; with `jemalloc`, arena
+//!   resident, active and dirty bytes).
+//! * `jemalloc`: [`arena::EngineArenas`] gives each engine a dedicated
+//!   jemalloc arena (`arenas.create`), pins threads to it, reads its
+//!   statistics and purges it. The embedder installs jemalloc as the
+//!   global allocator.
+//! * `datafusion`: [`datafusion_pool::GovernorPool`] is DataFusion's
+//!   `MemoryPool` over one engine's budget: DataFusion's spillable operators
+//!   spill when the governor refuses them.
+//! * `fault-injection`: [`MemoryGovernor::refuse_nth_reservation`] refuses
+//!   the Nth reservation, to test callers' refusal paths.
+//!
 //! ## The agent
 //! With the `agent` feature (on by default; a database that only embeds the
 //! library builds with `default-features = false`), [`agent`] holds the

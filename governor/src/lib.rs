@@ -194,6 +194,8 @@
 #[cfg(feature = "jemalloc")]
 pub mod arena;
 pub mod budget;
+#[cfg(feature = "control")]
+pub mod control;
 mod credit;
 #[cfg(feature = "datafusion")]
 pub mod datafusion_pool;

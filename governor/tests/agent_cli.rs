@@ -41,7 +41,8 @@ impl Agent {
             &config,
             format!(
                 "database = \"{database}\"\nidentity = \"{identity}\"\ntick_ms = 20\nrun_dir = \"{}\"\n\
-                 [[engine]]\nname = \"vector\"\n[[engine]]\nname = \"query\"\n",
+                 ceiling = \"1GiB\"\n[[engine]]\nname = \"vector\"\nbudget = \"50%\"\n\
+                 [[engine]]\nname = \"query\"\nbudget = \"50%\"\n",
                 dir.display()
             ),
         )
@@ -265,7 +266,7 @@ fn a_cgroup_hierarchy_it_cannot_use_is_named() {
     std::fs::write(
         &config,
         format!(
-            "database = \"db\"\nidentity = \"cgroup\"\ncgroup_root = \"{}\"\nrun_dir = \"{}\"\n[[engine]]\nname = \"a\"\n",
+            "database = \"db\"\nidentity = \"cgroup\"\ncgroup_root = \"{}\"\nrun_dir = \"{}\"\nceiling = 1048576\n[[engine]]\nname = \"a\"\nbudget = 1024\n",
             dir.display(),
             dir.display()
         ),
@@ -326,7 +327,7 @@ fn check_config_accepts_the_default_and_names_bad_fields() {
     let bad = dir.join("bad.toml");
     std::fs::write(
         &bad,
-        "database = \"db\"\ntick_ms = 5\n[[engine]]\nname = \"a\"\n",
+        "database = \"db\"\nceiling = 1048576\ntick_ms = 5\n[[engine]]\nname = \"a\"\nbudget = 1024\n",
     )
     .unwrap();
     let out = Command::new(BIN)

@@ -19,13 +19,136 @@ pub enum IdentityMode {
     Tid,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+/// A size in the config: bytes (an integer, or a string with a unit:
+/// "512MiB", "2GiB", "64kB"...), or for engines a percentage of the
+/// ceiling ("25%").
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum SizeSpec {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeSpec {
+    /// The size in bytes; percentages are of `whole` (None: not allowed).
+    pub fn resolve(&self, whole: Option<u64>) -> Result<u64, String> {
+        let text = match self {
+            SizeSpec::Bytes(b) => return Ok(*b),
+            SizeSpec::Text(t) => t.trim(),
+        };
+        if let Some(pct) = text.strip_suffix('%') {
+            let Some(whole) = whole else {
+                return Err(format!("{text:?}: a percentage is not allowed here"));
+            };
+            let p: f64 = pct
+                .trim()
+                .parse()
+                .map_err(|_| format!("{text:?} is not a percentage"))?;
+            if !(0.0..=100.0).contains(&p) {
+                return Err(format!("{text:?} is outside 0%..=100%"));
+            }
+            return Ok((whole as f64 * p / 100.0) as u64);
+        }
+        let split = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
+        let (num, unit) = text.split_at(split);
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size (like 512MiB, 2GiB or 25%)"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" => 1 << 10,
+            "MiB" | "M" => 1 << 20,
+            "GiB" | "G" => 1 << 30,
+            "TiB" | "T" => 1 << 40,
+            "kB" | "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            other => {
+                return Err(format!(
+                    "{text:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, TiB, kB, MB, GB, TB)"
+                ));
+            }
+        };
+        let bytes = n * mult as f64;
+        if !bytes.is_finite() || bytes > u64::MAX as f64 {
+            return Err(format!("{text:?} is too large"));
+        }
+        Ok(bytes as u64)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineConfig {
     pub name: String,
+    /// The engine's budget (its cap): bytes or a percentage of the ceiling.
+    pub budget: SizeSpec,
+    /// The part of the budget guaranteed to it (default 0).
+    #[serde(default)]
+    pub floor: Option<SizeSpec>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+/// Pressure thresholds, as fractions of a budget (or of the ceiling).
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdsConfig {
+    #[serde(default = "d_warning")]
+    pub warning: f64,
+    #[serde(default = "d_critical")]
+    pub critical: f64,
+    #[serde(default = "d_emergency")]
+    pub emergency: f64,
+    /// A spill request brings the engine down to this fraction.
+    #[serde(default = "d_restore")]
+    pub restore: f64,
+}
+
+fn d_warning() -> f64 {
+    0.75
+}
+fn d_critical() -> f64 {
+    0.90
+}
+fn d_emergency() -> f64 {
+    0.97
+}
+fn d_restore() -> f64 {
+    0.75
+}
+
+impl Default for ThresholdsConfig {
+    fn default() -> Self {
+        Self {
+            warning: d_warning(),
+            critical: d_critical(),
+            emergency: d_emergency(),
+            restore: d_restore(),
+        }
+    }
+}
+
+impl ThresholdsConfig {
+    pub fn pressure(&self) -> crate::PressureThresholds {
+        crate::PressureThresholds {
+            warning: self.warning,
+            critical: self.critical,
+            emergency: self.emergency,
+        }
+    }
+}
+
+/// An engine's limits in bytes, resolved against the ceiling.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineLimits {
+    pub name: String,
+    pub floor_bytes: u64,
+    pub budget_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Name of the database: its domain cgroup is `<cgroup_root>/<database>`.
@@ -42,12 +165,23 @@ pub struct Config {
     /// Runtime directory for the admin socket.
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
+    /// The database's memory ceiling: bytes, or a size with a unit.
+    pub ceiling: SizeSpec,
+    /// The control socket libraries connect to (default
+    /// `<run_dir>/control.sock`).
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    /// Uids allowed on the control socket (root always is).
+    #[serde(default)]
+    pub allowed_uids: Vec<u32>,
+    #[serde(default)]
+    pub thresholds: ThresholdsConfig,
     #[serde(rename = "engine")]
     pub engines: Vec<EngineConfig>,
 }
 
 fn default_tick_ms() -> u64 {
-    100
+    20
 }
 
 fn default_run_dir() -> PathBuf {
@@ -130,6 +264,72 @@ impl Config {
                 ));
             }
         }
+        let ceiling = self
+            .ceiling
+            .resolve(None)
+            .map_err(|reason| err("ceiling", reason))?;
+        if ceiling == 0 {
+            return Err(err("ceiling", "must be above 0"));
+        }
+        let mut floors = 0u64;
+        for (i, e) in self.engines.iter().enumerate() {
+            let budget = e
+                .budget
+                .resolve(Some(ceiling))
+                .map_err(|r| err(format!("engine[{i}].budget"), r))?;
+            if budget == 0 || budget > ceiling {
+                return Err(err(
+                    format!("engine[{i}].budget"),
+                    format!("{budget} bytes must be above 0 and at most the ceiling ({ceiling})"),
+                ));
+            }
+            let floor = match &e.floor {
+                Some(f) => f
+                    .resolve(Some(ceiling))
+                    .map_err(|r| err(format!("engine[{i}].floor"), r))?,
+                None => 0,
+            };
+            if floor > budget {
+                return Err(err(
+                    format!("engine[{i}].floor"),
+                    format!("{floor} bytes is above the engine's budget ({budget})"),
+                ));
+            }
+            floors = floors.saturating_add(floor);
+        }
+        if floors > ceiling {
+            return Err(err(
+                "engine.floor",
+                format!("the floors add up to {floors} bytes, above the ceiling ({ceiling})"),
+            ));
+        }
+        let t = &self.thresholds;
+        if t.pressure().validate().is_err() {
+            return Err(err(
+                "thresholds",
+                format!(
+                    "need 0 < warning ({}) < critical ({}) < emergency ({}) <= 1",
+                    t.warning, t.critical, t.emergency
+                ),
+            ));
+        }
+        if !(t.restore > 0.0 && t.restore < t.critical) {
+            return Err(err(
+                "thresholds.restore",
+                format!(
+                    "{} must be above 0 and below critical ({})",
+                    t.restore, t.critical
+                ),
+            ));
+        }
+        if let Some(p) = &self.control_socket
+            && !p.is_absolute()
+        {
+            return Err(err(
+                "control_socket",
+                format!("{} is not an absolute path", p.display()),
+            ));
+        }
         if let Some(root) = &self.cgroup_root
             && !root.is_absolute()
         {
@@ -154,6 +354,38 @@ impl Config {
     pub fn socket_path(&self) -> PathBuf {
         self.run_dir.join(super::paths::ADMIN_SOCKET)
     }
+
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| self.run_dir.join(super::paths::CONTROL_SOCKET))
+    }
+
+    /// The ceiling in bytes (validated at parse).
+    pub fn ceiling_bytes(&self) -> u64 {
+        self.ceiling.resolve(None).unwrap_or(0)
+    }
+
+    /// Every engine's limits in bytes (validated at parse).
+    pub fn limits(&self) -> Vec<EngineLimits> {
+        let ceiling = self.ceiling_bytes();
+        self.engines
+            .iter()
+            .map(|e| EngineLimits {
+                name: e.name.clone(),
+                budget_bytes: e.budget.resolve(Some(ceiling)).unwrap_or(0),
+                floor_bytes: e
+                    .floor
+                    .as_ref()
+                    .map_or(0, |f| f.resolve(Some(ceiling)).unwrap_or(0)),
+            })
+            .collect()
+    }
+
+    /// Whether `uid` may use the control socket.
+    pub fn uid_allowed(&self, uid: u32) -> bool {
+        uid == 0 || self.allowed_uids.contains(&uid)
+    }
 }
 
 #[cfg(test)]
@@ -164,51 +396,105 @@ mod tests {
     fn bundled_default_is_valid() {
         let c = Config::parse(DEFAULT_CONFIG).expect("default config");
         assert_eq!(c.engine_names(), ["vector", "timeseries", "query"]);
-        assert_eq!(c.tick_ms, 100);
+        assert_eq!(c.tick_ms, 20);
+        let limits = c.limits();
+        assert!(limits.iter().all(|l| l.floor_bytes <= l.budget_bytes));
+        assert!(limits.iter().map(|l| l.floor_bytes).sum::<u64>() <= c.ceiling_bytes());
     }
 
     #[test]
+    fn sizes_parse_with_units_and_percentages() {
+        let t = |s: &str| SizeSpec::Text(s.into());
+        assert_eq!(t("512MiB").resolve(None), Ok(512 << 20));
+        assert_eq!(t("1.5 GiB").resolve(None), Ok(3 << 29));
+        assert_eq!(t("64kB").resolve(None), Ok(64_000));
+        assert_eq!(t("25%").resolve(Some(1 << 30)), Ok(1 << 28));
+        assert_eq!(SizeSpec::Bytes(7).resolve(None), Ok(7));
+        assert!(t("25%").resolve(None).unwrap_err().contains("percentage"));
+        assert!(t("12 parsecs").resolve(None).unwrap_err().contains("unit"));
+        assert!(t("lots").resolve(None).unwrap_err().contains("not a size"));
+        assert!(t("150%").resolve(Some(1)).unwrap_err().contains("outside"));
+    }
+
+    /// One case per kind of bad config: each is refused whole, naming the
+    /// field.
+    #[test]
     fn each_bad_config_names_its_field() {
-        let ok = "database = \"db\"\n[[engine]]\nname = \"a\"\n";
-        Config::parse(ok).expect("minimal config");
-        let cases: &[(&str, &str)] = &[
-            ("database = \"DB!\"\n[[engine]]\nname = \"a\"\n", "database"),
+        const HEAD: &str = "database = \"db\"\nceiling = \"1GiB\"\n";
+        const ENGINE: &str = "[[engine]]\nname = \"a\"\nbudget = \"50%\"\n";
+        let ok = format!("{HEAD}{ENGINE}");
+        Config::parse(&ok).expect("minimal config");
+        let cases: Vec<(String, &str)> = vec![
             (
-                "database = \"db\"\ntick_ms = 1\n[[engine]]\nname = \"a\"\n",
-                "tick_ms",
+                format!("database = \"DB!\"\nceiling = 1\n{ENGINE}"),
+                "database",
             ),
-            ("database = \"db\"\nengine = []\n", "engine"),
+            (format!("{HEAD}tick_ms = 1\n{ENGINE}"), "tick_ms"),
+            (format!("{HEAD}engine = []\n"), "engine"),
+            (format!("{HEAD}{ENGINE}{ENGINE}"), "engine[1].name"),
             (
-                "database = \"db\"\n[[engine]]\nname = \"a\"\n[[engine]]\nname = \"a\"\n",
-                "engine[1].name",
-            ),
-            (
-                "database = \"db\"\n[[engine]]\nname = \"\"\n",
+                format!("{HEAD}[[engine]]\nname = \"\"\nbudget = 1\n"),
                 "engine[0].name",
             ),
             (
-                "database = \"db\"\ncgroup_root = \"rel\"\n[[engine]]\nname = \"a\"\n",
+                format!("{HEAD}cgroup_root = \"rel\"\n{ENGINE}"),
                 "cgroup_root",
             ),
+            (format!("{HEAD}run_dir = \"rel\"\n{ENGINE}"), "run_dir"),
             (
-                "database = \"db\"\nrun_dir = \"rel\"\n[[engine]]\nname = \"a\"\n",
-                "run_dir",
+                format!("{HEAD}control_socket = \"rel.sock\"\n{ENGINE}"),
+                "control_socket",
+            ),
+            (format!("{HEAD}identity = \"magic\"\n{ENGINE}"), "magic"),
+            (format!("{HEAD}bogus = 1\n{ENGINE}"), "`bogus`"),
+            (
+                format!("{HEAD}tick_ms = \"fast\"\n{ENGINE}"),
+                "line 3 (`tick_ms",
+            ),
+            (format!("ceiling = 1\n{ENGINE}"), "database"),
+            (format!("database = \"db\"\n{ENGINE}"), "ceiling"),
+            (
+                format!("database = \"db\"\nceiling = \"lots\"\n{ENGINE}"),
+                "ceiling",
             ),
             (
-                "database = \"db\"\nidentity = \"magic\"\n[[engine]]\nname = \"a\"\n",
-                "magic",
+                format!("database = \"db\"\nceiling = 0\n{ENGINE}"),
+                "ceiling",
+            ),
+            (format!("{HEAD}[[engine]]\nname = \"a\"\n"), "budget"),
+            (
+                format!("{HEAD}[[engine]]\nname = \"a\"\nbudget = \"2GiB\"\n"),
+                "engine[0].budget",
             ),
             (
-                "database = \"db\"\nbogus = 1\n[[engine]]\nname = \"a\"\n",
-                "`bogus`",
+                format!("{HEAD}[[engine]]\nname = \"a\"\nbudget = \"9 furlongs\"\n"),
+                "engine[0].budget",
             ),
             (
-                "database = \"db\"\ntick_ms = \"fast\"\n[[engine]]\nname = \"a\"\n",
-                "line 2 (`tick_ms",
+                format!("{HEAD}[[engine]]\nname = \"a\"\nbudget = \"10%\"\nfloor = \"20%\"\n"),
+                "engine[0].floor",
             ),
-            ("[[engine]]\nname = \"a\"\n", "database"),
+            (
+                format!(
+                    "{HEAD}[[engine]]\nname = \"a\"\nbudget = \"60%\"\nfloor = \"60%\"\n\
+                     [[engine]]\nname = \"b\"\nbudget = \"60%\"\nfloor = \"60%\"\n"
+                ),
+                "engine.floor",
+            ),
+            (
+                format!("{HEAD}[thresholds]\nwarning = 0.95\ncritical = 0.9\n{ENGINE}"),
+                "thresholds",
+            ),
+            (
+                format!("{HEAD}[thresholds]\nrestore = 0.95\n{ENGINE}"),
+                "thresholds.restore",
+            ),
+            (
+                format!("{HEAD}allowed_uids = [\"root\"]\n{ENGINE}"),
+                "allowed_uids",
+            ),
         ];
-        for (text, field) in cases {
+        for (text, field) in &cases {
             let e = Config::parse(text).expect_err(text);
             let msg = e.to_string();
             assert!(msg.contains(field), "{text:?}: {msg:?} should name {field}");

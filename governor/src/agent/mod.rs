@@ -7,6 +7,7 @@ pub mod btf;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod mounts;
 pub mod paths;

@@ -18,3 +18,5 @@ pub const DEFAULT_RUN_DIR: &str = "/run/nodedb-governor";
 pub const ADMIN_SOCKET: &str = "agent.sock";
 /// Mount table.
 pub const MOUNTINFO: &str = "/proc/self/mountinfo";
+/// Name of the control socket (libraries connect here) in the runtime directory.
+pub const CONTROL_SOCKET: &str = "control.sock";

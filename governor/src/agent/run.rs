@@ -3,6 +3,7 @@
 //! SIGTERM.
 
 use std::{
+    collections::BTreeMap,
     fs,
     os::unix::fs::PermissionsExt,
     path::PathBuf,
@@ -13,7 +14,8 @@ use std::{
 use anyhow::Context as _;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::UnixListener,
+    net::{UnixListener, UnixStream},
+    sync::mpsc::{UnboundedSender, unbounded_channel},
 };
 
 use super::{
@@ -21,10 +23,12 @@ use super::{
     attribution::{Attribution, Identity, ProgramSet},
     cgroup::{self, Subtree},
     config::{Config, IdentityMode},
+    control::Client,
     error::AgentError,
     mounts, procfs,
     status::StatusReport,
 };
+use crate::control::wire::{self, Decoder, ToAgent, ToLibrary};
 
 /// Everything the running agent owns.
 pub struct Agent {
@@ -32,6 +36,8 @@ pub struct Agent {
     identity: Identity,
     attribution: Attribution,
     subtree: Option<Subtree>,
+    /// Connected libraries, by connection id.
+    clients: BTreeMap<u64, Client>,
 }
 
 impl Agent {
@@ -71,6 +77,7 @@ impl Agent {
             identity,
             attribution,
             subtree,
+            clients: BTreeMap::new(),
         })
     }
 
@@ -106,6 +113,135 @@ impl Agent {
         for pid in self.attribution.reap_exited() {
             tracing::info!(pid, "governed process exited");
         }
+        if !self.clients.is_empty() {
+            match self.attribution.usage() {
+                Ok(usage) => {
+                    for c in self.clients.values_mut() {
+                        c.enforce(&self.config, &usage);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reading attribution"),
+            }
+        }
+    }
+
+    /// A library's hello: checks it, takes its process under governance,
+    /// and answers with the welcome and the engines' budgets.
+    pub fn hello(
+        &mut self,
+        id: u64,
+        pid: u32,
+        uid: u32,
+        tx: UnboundedSender<ToLibrary>,
+        hello: ToAgent,
+    ) -> Result<(), String> {
+        let ToAgent::Hello {
+            version,
+            database,
+            engines,
+        } = hello
+        else {
+            return Err("the first message must be hello".into());
+        };
+        if version != wire::VERSION {
+            return Err(format!(
+                "protocol version {version} is not supported (this agent speaks {})",
+                wire::VERSION
+            ));
+        }
+        if database != self.config.database {
+            return Err(format!(
+                "database {database:?} is not governed here (this agent governs {:?})",
+                self.config.database
+            ));
+        }
+        let known = self.config.engine_names();
+        if let Some(e) = engines.iter().find(|e| !known.contains(&e.name)) {
+            return Err(AgentError::UnknownEngine {
+                name: e.name.clone(),
+                known: known.join(", "),
+            }
+            .to_string());
+        }
+        if let Some(s) = &self.subtree {
+            s.adopt_process(pid).map_err(|e| e.to_string())?;
+        }
+        self.register(pid).map_err(|e| e.to_string())?;
+        // A subtree delegated to the library's user: it moves its threads
+        // itself.
+        let delegated = self.subtree.as_ref().filter(|s| {
+            uid != 0
+                && fs::metadata(&s.dir)
+                    .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == uid)
+        });
+        let engine_cgroups = delegated
+            .map(|s| {
+                s.engines
+                    .iter()
+                    .map(|(n, c)| (n.clone(), c.dir.display().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let client = Client::new(pid, uid, tx);
+        client.send(ToLibrary::Welcome {
+            version: wire::VERSION,
+            engine_cgroups,
+        });
+        for l in self.config.limits() {
+            if engines.iter().any(|e| e.name == l.name) {
+                client.send(ToLibrary::Limits {
+                    engine: l.name,
+                    floor_bytes: l.floor_bytes,
+                    cap_bytes: l.budget_bytes,
+                });
+            }
+        }
+        tracing::info!(pid, uid, engines = engines.len(), "library connected");
+        self.clients.insert(id, client);
+        Ok(())
+    }
+
+    /// A message from a welcomed library.
+    pub fn client_message(&mut self, id: u64, m: ToAgent) -> Result<(), String> {
+        let Some(pid) = self.clients.get(&id).map(|c| c.pid) else {
+            return Err("not welcomed".into());
+        };
+        match m {
+            ToAgent::Hello { .. } => Err("hello was already received".into()),
+            ToAgent::Thread { tid, engine, moved } => {
+                if moved {
+                    // The library moved it; check it is where it says.
+                    procfs::threads(pid)
+                        .map_err(|e| e.to_string())?
+                        .contains(&tid)
+                        .then_some(())
+                        .ok_or_else(|| AgentError::NoSuchThread { pid, tid }.to_string())?;
+                } else {
+                    self.assign(pid, tid, &engine).map_err(|e| e.to_string())?;
+                }
+                if let Some(c) = self.clients.get(&id) {
+                    c.send(ToLibrary::ThreadPlaced { tid, engine });
+                }
+                Ok(())
+            }
+            other => {
+                if let Some(c) = self.clients.get_mut(&id) {
+                    c.on_message(other);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The connection ended.
+    pub fn detach(&mut self, id: u64) {
+        if let Some(c) = self.clients.remove(&id) {
+            tracing::info!(pid = c.pid, "library disconnected");
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// Moves thread `tid` of `pid` into `engine`.
@@ -169,14 +305,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let agent = Arc::new(Mutex::new(Agent::start(config)?));
     let run_dir = socket_path.parent().map(PathBuf::from).unwrap_or_default();
     fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    match fs::remove_file(&socket_path) {
-        Ok(()) => tracing::info!(socket = %socket_path.display(), "removed a stale socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", socket_path.display())),
-    }
-    let listener = UnixListener::bind(&socket_path)
-        .with_context(|| format!("binding {}", socket_path.display()))?;
-    fs::set_permissions(&socket_path, fs::Permissions::from_mode(0o660))?;
+    let listener = bind_socket(&socket_path)?;
     tracing::info!(socket = %socket_path.display(), "agent running");
 
     let ticker = {
@@ -239,6 +368,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })
     };
 
+    let control_path = lock(&agent).config().control_socket_path();
+    let control_listener = bind_socket(&control_path)?;
+    tracing::info!(socket = %control_path.display(), "control socket open");
+    let control = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut next_id = 0u64;
+            loop {
+                let Ok((stream, _)) = control_listener.accept().await else {
+                    continue;
+                };
+                next_id += 1;
+                tokio::spawn(serve_control(agent.clone(), stream, next_id));
+            }
+        })
+    };
+
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
@@ -246,7 +392,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     ticker.abort();
     server.abort();
+    control.abort();
     let _ = fs::remove_file(&socket_path);
+    let _ = fs::remove_file(&control_path);
     Ok(())
 }
 
@@ -254,4 +402,115 @@ fn lock(agent: &Mutex<Agent>) -> std::sync::MutexGuard<'_, Agent> {
     // A panic while holding the lock must not wedge the agent: the state is
     // still consistent (every mutation is a single map update).
     agent.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Binds a Unix socket at `path` (replacing a stale one), mode 0660.
+fn bind_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match fs::remove_file(path) {
+        Ok(()) => tracing::info!(socket = %path.display(), "removed a stale socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(listener)
+}
+
+/// One library connection: peer credentials checked against the
+/// allow-list, then the hello, then messages until it ends. Bad frames are
+/// answered with an error; only an oversized frame (the stream cannot be
+/// resynchronised) or a refused hello ends the connection. Other clients
+/// are never held up: each connection is its own task.
+async fn serve_control(agent: Arc<Mutex<Agent>>, stream: UnixStream, id: u64) {
+    let cred = match stream.peer_cred() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "control connection without peer credentials");
+            return;
+        }
+    };
+    let uid = cred.uid();
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = unbounded_channel::<ToLibrary>();
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if wr.write_all(&wire::encode(&m)).await.is_err() {
+                break;
+            }
+        }
+    });
+    let refuse = |tx: &UnboundedSender<ToLibrary>, message: String| {
+        tracing::warn!(uid, %message, "control connection refused");
+        let _ = tx.send(ToLibrary::Error { message });
+    };
+    let allowed = lock(&agent).config().uid_allowed(uid);
+    let pid = cred.pid().and_then(|p| u32::try_from(p).ok());
+    match (allowed, pid) {
+        (false, _) => refuse(
+            &tx,
+            format!(
+                "uid {uid} is not allowed on the control socket (see allowed_uids in the config)"
+            ),
+        ),
+        (true, None) => refuse(&tx, "the peer's pid is unknown".into()),
+        (true, Some(pid)) => control_session(&agent, &mut rd, &tx, id, pid, uid).await,
+    }
+    lock(&agent).detach(id);
+    drop(tx);
+    let _ = writer.await;
+}
+
+async fn control_session(
+    agent: &Arc<Mutex<Agent>>,
+    rd: &mut tokio::net::unix::OwnedReadHalf,
+    tx: &UnboundedSender<ToLibrary>,
+    id: u64,
+    pid: u32,
+    uid: u32,
+) {
+    let mut decoder = Decoder::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut welcomed = false;
+    let reply_error = |message: String| {
+        tracing::warn!(pid, uid, %message, "bad control message");
+        let _ = tx.send(ToLibrary::Error { message });
+    };
+    loop {
+        match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                if let Err(e) = decoder.finish() {
+                    reply_error(e.to_string());
+                }
+                return;
+            }
+            Ok(n) => decoder.push(&buf[..n]),
+        }
+        while let Some(m) = decoder.next_message::<ToAgent>() {
+            match m {
+                Err(e) => {
+                    reply_error(e.to_string());
+                    if !e.is_recoverable() {
+                        return;
+                    }
+                }
+                Ok(m) if !welcomed => match lock(agent).hello(id, pid, uid, tx.clone(), m) {
+                    Ok(()) => welcomed = true,
+                    Err(message) => {
+                        reply_error(message);
+                        return;
+                    }
+                },
+                Ok(m) => {
+                    if let Err(message) = lock(agent).client_message(id, m) {
+                        reply_error(message);
+                    }
+                }
+            }
+        }
+    }
 }

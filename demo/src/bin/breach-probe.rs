@@ -1,0 +1,210 @@
+//! A process embedding the library, for the enforcement test: it connects
+//! to the agent over the control channel, registers a Vector thread, and in
+//! each round that thread touches memory *without reserving it* (only the
+//! kernel knows) until it is over the Vector budget the agent set. The
+//! agent sees it in the attribution and asks for a spill; the Vector spill
+//! handler unmaps what was touched. Prints one JSON line: per round, the
+//! breach-to-spill latency and what was freed.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use nodedb_governor::{
+    Budget, EngineId, MemoryGovernor, PressureLevel, SpillConfig, SpillController, SpillHandler,
+    control::{AgentLink, LinkConfig},
+};
+use nodedb_governor_demo::memory::{Block, Kind, MIB};
+
+#[derive(Parser)]
+struct Args {
+    /// The agent's control socket.
+    #[arg(long)]
+    socket: std::path::PathBuf,
+    #[arg(long)]
+    database: String,
+    /// Breaches to measure.
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+    /// Touched per step, MiB.
+    #[arg(long, default_value_t = 2)]
+    step_mib: usize,
+    /// The agent's Critical threshold (fraction of the budget): the breach
+    /// the agent must answer with a spill.
+    #[arg(long, default_value_t = 0.90)]
+    critical: f64,
+}
+
+/// Memory the Vector engine touched without reserving: its spill handler
+/// unmaps blocks until the target is met, and notes when it ran.
+#[derive(Default)]
+struct Untracked {
+    blocks: Mutex<Vec<Block>>,
+    spills: Mutex<Vec<(Instant, u64, u64)>>,
+}
+
+impl SpillHandler for Untracked {
+    fn reclaimable_bytes(&self) -> u64 {
+        self.blocks
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| b.len() as u64)
+            .sum()
+    }
+    fn spill(&self, target: u64) -> u64 {
+        let at = Instant::now();
+        let mut blocks = self.blocks.lock().unwrap();
+        let mut freed = 0;
+        while freed < target {
+            let Some(b) = blocks.pop() else { break };
+            freed += b.len() as u64;
+        }
+        drop(blocks);
+        self.spills.lock().unwrap().push((at, target, freed));
+        freed
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // The library's own budgets; the agent replaces them at hello.
+    let governor = MemoryGovernor::new(
+        Budget::builder(1 << 40)
+            .engine(EngineId::Vector, 0, 1 << 40)
+            .engine(EngineId::Timeseries, 0, 1 << 40)
+            .engine(EngineId::Query, 0, 1 << 40)
+            .build()?,
+    );
+    let spill = Arc::new(SpillController::new(SpillConfig::default())?);
+    let untracked = Arc::new(Untracked::default());
+    let _registration = spill.register(EngineId::Vector, untracked.clone());
+    let link = AgentLink::builder(
+        &governor,
+        LinkConfig::new(
+            &args.socket,
+            &args.database,
+            &[
+                ("vector", EngineId::Vector),
+                ("timeseries", EngineId::Timeseries),
+                ("query", EngineId::Query),
+            ],
+        ),
+    )
+    .spill_controller(spill.clone())
+    .start()?;
+    if !link.wait_connected(Duration::from_secs(20)) {
+        bail!("no agent: {:?}", link.stats().last_error);
+    }
+    // The agent's budgets arrive right after the welcome.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while link.stats().limit_changes < 3 {
+        if Instant::now() > deadline {
+            bail!("the agent sent no budgets: {:?}", link.stats());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let budget = governor.usage(EngineId::Vector)?.cap_bytes;
+
+    let worker = {
+        let link = &link;
+        let untracked = untracked.clone();
+        let step = args.step_mib * MIB;
+        let rounds = args.rounds;
+        let args_critical = args.critical;
+        std::thread::scope(|s| {
+            s.spawn(move || -> anyhow::Result<Vec<serde_json::Value>> {
+                let tid = link.register_current_thread(EngineId::Vector)?;
+                if !link.wait_placed(tid, Duration::from_secs(10)) {
+                    bail!("the agent did not place thread {tid}: {:?}", link.stats());
+                }
+                let mut out = Vec::new();
+                for round in 0..rounds {
+                    // Calm first: the last round's spill is seen by the agent.
+                    let calm = Instant::now() + Duration::from_secs(10);
+                    while link.agent_level(EngineId::Vector) >= Some(PressureLevel::Critical) {
+                        if Instant::now() > calm {
+                            bail!("round {round}: the engine never calmed down");
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    let spills_before = untracked.spills.lock().unwrap().len();
+                    let held = untracked.reclaimable_bytes() as usize;
+                    // Touch until the spill comes (or just over the budget):
+                    // the breach is crossing the Critical threshold.
+                    let critical = (budget as f64 * args_critical) as usize;
+                    let mut touched = held;
+                    let mut breach = None;
+                    let mut peak = touched;
+                    let wait = Instant::now() + Duration::from_secs(10);
+                    let spill = loop {
+                        if let Some(s) = untracked.spills.lock().unwrap().get(spills_before) {
+                            break *s;
+                        }
+                        if touched <= budget as usize {
+                            let b = Block::new(Kind::Anon, step).context("touching memory")?;
+                            touched += b.len();
+                            peak = peak.max(touched);
+                            untracked.blocks.lock().unwrap().push(b);
+                        } else {
+                            std::thread::sleep(Duration::from_micros(100));
+                        }
+                        if breach.is_none() && touched > critical {
+                            breach = Some(Instant::now());
+                        }
+                        if Instant::now() > wait {
+                            bail!("round {round}: no spill within 10 s of the breach");
+                        }
+                    };
+                    let Some(breach) = breach else {
+                        bail!("round {round}: spilled before the Critical threshold was crossed");
+                    };
+                    out.push(serde_json::json!({
+                        "round": round,
+                        "peak_touched_bytes": peak,
+                        "over_budget": peak > budget as usize,
+                        "latency_us": spill.0.saturating_duration_since(breach).as_micros() as u64,
+                        "target_bytes": spill.1,
+                        "freed_bytes": spill.2,
+                    }));
+                }
+                Ok(out)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the worker panicked"))?
+        })?
+    };
+    // After the last spill the agent must see the engine back under its
+    // budget (below Critical).
+    let calm = Instant::now() + Duration::from_secs(10);
+    while link.agent_level(EngineId::Vector) >= Some(PressureLevel::Critical) {
+        if Instant::now() > calm {
+            bail!("the engine never came back under its budget");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let final_level = link.agent_level(EngineId::Vector);
+    let mut lat: Vec<u64> = worker
+        .iter()
+        .filter_map(|r| r["latency_us"].as_u64())
+        .collect();
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
+    let stats = link.stats();
+    println!(
+        "{}",
+        serde_json::json!({
+            "budget_bytes": budget,
+            "rounds": worker,
+            "latency_us": { "p50": pct(0.50), "p99": pct(0.99), "max": lat[lat.len() - 1] },
+            "spill_requests": stats.spills,
+            "spilled_bytes": stats.spilled_bytes,
+            "connects": stats.connects,
+            "final_level": format!("{final_level:?}"),
+        })
+    );
+    Ok(())
+}

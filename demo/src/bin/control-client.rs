@@ -1,0 +1,48 @@
+//! Sends one hello on the agent's control socket and prints the agent's
+//! first reply as a JSON line (for tests that need another uid).
+
+use std::{io::Read, os::unix::net::UnixStream, time::Duration};
+
+use clap::Parser;
+use nodedb_governor::control::wire::{self, Decoder, EngineDecl, ToAgent, ToLibrary};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    socket: std::path::PathBuf,
+    #[arg(long)]
+    database: String,
+    #[arg(long, default_value = "vector")]
+    engine: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut s = UnixStream::connect(&args.socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    std::io::Write::write_all(
+        &mut s,
+        &wire::encode(&ToAgent::Hello {
+            version: wire::VERSION,
+            database: args.database,
+            engines: vec![EngineDecl {
+                name: args.engine,
+                floor_bytes: 0,
+                cap_bytes: 1 << 30,
+            }],
+        }),
+    )?;
+    let mut d = Decoder::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(m) = d.next_message::<ToLibrary>() {
+            println!("{}", serde_json::to_string(&m?)?);
+            return Ok(());
+        }
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            anyhow::bail!("the agent closed the connection without a reply");
+        }
+        d.push(&buf[..n]);
+    }
+}

@@ -1,0 +1,340 @@
+//! The agent enforcing, end to end, as root: a process embedding the
+//! library registers over the control socket; an engine driven over its
+//! budget by memory it never reserved (only the kernel knows) is caught by
+//! the attribution and spilled back under budget. The control socket
+//! refuses uids not on the allow-list and answers malformed, truncated and
+//! oversized frames with errors while a good client keeps working.
+//! Unprivileged runs skip with the reason.
+
+use std::{
+    io::{Read, Write},
+    os::unix::{fs::PermissionsExt, net::UnixStream, process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use nodedb_governor::{
+    agent::privilege,
+    control::wire::{self, Decoder, EngineDecl, MAX_FRAME, ToAgent, ToLibrary},
+};
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}-{}-{nanos:x}", std::process::id())
+}
+
+/// The agent binary, built by cargo (it belongs to another package).
+fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
+    let mut build = Command::new(env!("CARGO"));
+    build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+        "build",
+        "-q",
+        "-p",
+        "nodedb-governor",
+        "--bin",
+        "nodedb-governor",
+    ]);
+    if profile_dir.ends_with("release") {
+        build.arg("--release");
+    }
+    assert!(build.status().unwrap().success(), "building the agent");
+    profile_dir.join("nodedb-governor")
+}
+
+/// A running agent with a private config; stopped on drop.
+struct Agent {
+    child: Child,
+    dir: PathBuf,
+    database: String,
+    control: PathBuf,
+}
+
+impl Agent {
+    fn start(extra: &str) -> Self {
+        let database = unique("nodedb-enforce");
+        let dir = std::env::temp_dir().join(&database);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let config = dir.join("governor.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "database = \"{database}\"\nrun_dir = \"{}\"\nceiling = \"1GiB\"\n{extra}\n\
+                 [[engine]]\nname = \"vector\"\nbudget = \"64MiB\"\n\
+                 [[engine]]\nname = \"timeseries\"\nbudget = \"64MiB\"\n\
+                 [[engine]]\nname = \"query\"\nbudget = \"64MiB\"\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(agent_binary())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the agent");
+        let control = dir.join("control.sock");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !control.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not open its control socket"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            dir,
+            database,
+            control,
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        if let Some(root) = nodedb_governor::agent::cgroup::find_v2_mount() {
+            let cg = root.join(&self.database);
+            for e in ["vector", "timeseries", "query"] {
+                let _ = std::fs::remove_dir(cg.join(format!("engine-{e}")));
+            }
+            let _ = std::fs::remove_dir(cg);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn an_engine_over_its_budget_by_unreserved_memory_is_spilled_back_under_it() {
+    if privilege::skip_unprivileged("enforcement end to end") {
+        return;
+    }
+    let agent = Agent::start("");
+    let out = Command::new(env!("CARGO_BIN_EXE_breach-probe"))
+        .arg("--socket")
+        .arg(&agent.control)
+        .args(["--database", &agent.database, "--rounds", "40"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "breach-probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rounds = report["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 40, "every breach was answered with a spill");
+    for r in rounds {
+        assert!(
+            r["freed_bytes"].as_u64() >= r["target_bytes"].as_u64()
+                && r["target_bytes"].as_u64() > Some(0),
+            "each spill freed at least its target: {r}"
+        );
+    }
+    let final_level = report["final_level"].as_str().unwrap();
+    assert!(
+        final_level.contains("Normal") || final_level.contains("Warning"),
+        "the agent saw the engine back under its budget: {final_level}"
+    );
+    eprintln!(
+        "breach (Critical crossed) to spill, 40 rounds at the default tick: p50 {} us, p99 {} us, max {} us",
+        report["latency_us"]["p50"], report["latency_us"]["p99"], report["latency_us"]["max"]
+    );
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(body);
+    f
+}
+
+/// Reads one reply frame.
+fn reply(s: &mut UnixStream, d: &mut Decoder) -> ToLibrary {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(m) = d.next_message::<ToLibrary>() {
+            return m.expect("the agent's replies are well formed");
+        }
+        let n = s.read(&mut buf).expect("a reply");
+        assert!(n > 0, "the agent closed the connection without a reply");
+        d.push(&buf[..n]);
+    }
+}
+
+fn hello(database: &str) -> Vec<u8> {
+    wire::encode(&ToAgent::Hello {
+        version: wire::VERSION,
+        database: database.into(),
+        engines: vec![EngineDecl {
+            name: "query".into(),
+            floor_bytes: 0,
+            cap_bytes: 1 << 30,
+        }],
+    })
+}
+
+fn connect(agent: &Agent) -> (UnixStream, Decoder) {
+    let s = UnixStream::connect(&agent.control).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (s, Decoder::new())
+}
+
+#[test]
+fn bad_frames_get_errors_while_a_good_client_keeps_working() {
+    if privilege::skip_unprivileged("control socket robustness") {
+        return;
+    }
+    let agent = Agent::start("");
+    let (mut good, mut gd) = connect(&agent);
+    good.write_all(&hello(&agent.database)).unwrap();
+    assert!(matches!(
+        reply(&mut good, &mut gd),
+        ToLibrary::Welcome { .. }
+    ));
+
+    // Malformed JSON in a well-formed frame: an error, and the connection
+    // goes on (a later good message is served).
+    let (mut bad, mut bd) = connect(&agent);
+    bad.write_all(&hello(&agent.database)).unwrap();
+    assert!(matches!(
+        reply(&mut bad, &mut bd),
+        ToLibrary::Welcome { .. }
+    ));
+    while !matches!(reply(&mut bad, &mut bd), ToLibrary::Limits { .. }) {}
+    bad.write_all(&frame(b"{\"type\":\"report\",\"engines\":7}"))
+        .unwrap();
+    match reply(&mut bad, &mut bd) {
+        ToLibrary::Error { message } => assert!(message.contains("malformed"), "{message}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    bad.write_all(&frame(b"\xff\xfe not json")).unwrap();
+    assert!(matches!(reply(&mut bad, &mut bd), ToLibrary::Error { .. }));
+    // A thread that is not the sender's: named.
+    bad.write_all(&wire::encode(&ToAgent::Thread {
+        tid: 1,
+        engine: "query".into(),
+        moved: false,
+    }))
+    .unwrap();
+    match reply(&mut bad, &mut bd) {
+        ToLibrary::Error { message } => assert!(message.contains("thread 1"), "{message}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+
+    // Oversized: an error, then the connection ends.
+    let (mut big, mut bigd) = connect(&agent);
+    big.write_all(&((MAX_FRAME + 1) as u32).to_be_bytes())
+        .unwrap();
+    match reply(&mut big, &mut bigd) {
+        ToLibrary::Error { message } => assert!(message.contains("exceeds"), "{message}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    let mut rest = Vec::new();
+    assert_eq!(
+        big.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed after an oversized frame"
+    );
+
+    // Truncated: half a frame, then the writer closes.
+    let (mut cut, mut cd) = connect(&agent);
+    let h = hello(&agent.database);
+    cut.write_all(&h[..h.len() / 2]).unwrap();
+    cut.shutdown(std::net::Shutdown::Write).unwrap();
+    match reply(&mut cut, &mut cd) {
+        ToLibrary::Error { message } => assert!(message.contains("truncated"), "{message}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+
+    // A wrong first message, a wrong version, a wrong database: refused.
+    for (body, want) in [
+        (wire::encode(&ToAgent::Report { engines: vec![] }), "hello"),
+        (
+            wire::encode(&ToAgent::Hello {
+                version: 99,
+                database: agent.database.clone(),
+                engines: vec![],
+            }),
+            "version 99",
+        ),
+        (hello("someone-else"), "someone-else"),
+    ] {
+        let (mut s, mut d) = connect(&agent);
+        s.write_all(&body).unwrap();
+        match reply(&mut s, &mut d) {
+            ToLibrary::Error { message } => assert!(message.contains(want), "{message}"),
+            other => panic!("expected an error naming {want}, got {other:?}"),
+        }
+    }
+
+    // Through all of that the good client was served: its report is taken
+    // and a thread of its own is placed.
+    good.write_all(&wire::encode(&ToAgent::Report { engines: vec![] }))
+        .unwrap();
+    let tid = nodedb_governor::control::link::current_tid();
+    good.write_all(&wire::encode(&ToAgent::Thread {
+        tid,
+        engine: "query".into(),
+        moved: false,
+    }))
+    .unwrap();
+    loop {
+        match reply(&mut good, &mut gd) {
+            ToLibrary::ThreadPlaced { tid: t, .. } => {
+                assert_eq!(t, tid);
+                break;
+            }
+            ToLibrary::Error { message } => panic!("the good client got an error: {message}"),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn uids_not_on_the_allow_list_are_refused() {
+    if privilege::skip_unprivileged("control socket allow-list") {
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let run = |agent: &Agent| {
+        // The socket's group is the client's, as a deployment would set it,
+        // so only the allow-list stands in the way.
+        std::os::unix::fs::chown(&agent.control, None, Some(NOBODY)).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_control-client"))
+            .arg("--socket")
+            .arg(&agent.control)
+            .args(["--database", &agent.database])
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<ToLibrary>(&out.stdout).unwrap()
+    };
+    let agent = Agent::start("");
+    match run(&agent) {
+        ToLibrary::Error { message } => {
+            assert!(message.contains("uid 65534 is not allowed"), "{message}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    drop(agent);
+    let agent = Agent::start("allowed_uids = [65534]");
+    assert!(
+        matches!(run(&agent), ToLibrary::Welcome { .. }),
+        "an allowed uid is welcomed"
+    );
+}

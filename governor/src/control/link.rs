@@ -1,0 +1,559 @@
+//! The library's end of the control channel: a background thread that
+//! connects to the agent, declares the process's engines, registers engine
+//! threads, reports the books, and carries out the agent's requests
+//! (budget changes, spills, purges, pressure levels).
+//!
+//! Nothing on the allocation path waits for it: reservations only touch
+//! the governor; the link reads the governor's figures and changes its
+//! limits from its own thread. If the agent goes away the governor keeps
+//! its last budgets, and the link reconnects with exponential backoff,
+//! declaring everything again (engines and live threads).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{ErrorKind, Read, Write},
+    os::unix::net::UnixStream,
+    path::PathBuf,
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use super::wire::{self, Decoder, EngineDecl, EngineReport, ToAgent, ToLibrary};
+use crate::{EngineId, MemoryGovernor, PressureLevel, SpillController};
+
+/// How the link reaches the agent.
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    /// The agent's control socket.
+    pub socket: PathBuf,
+    /// The database's name, as in the agent's configuration.
+    pub database: String,
+    /// Each engine's name on the wire and its id in the governor.
+    pub engines: Vec<(String, EngineId)>,
+    /// How often the books are reported.
+    pub report_interval: Duration,
+    /// Reconnection backoff: first wait, and the longest.
+    pub backoff: (Duration, Duration),
+}
+
+impl LinkConfig {
+    pub fn new(socket: impl Into<PathBuf>, database: &str, engines: &[(&str, EngineId)]) -> Self {
+        Self {
+            socket: socket.into(),
+            database: database.to_owned(),
+            engines: engines.iter().map(|(n, e)| ((*n).to_owned(), *e)).collect(),
+            report_interval: Duration::from_millis(50),
+            backoff: (Duration::from_millis(20), Duration::from_secs(2)),
+        }
+    }
+}
+
+type PurgeFn = Box<dyn Fn(EngineId) -> Option<(u64, u64)> + Send + Sync>;
+type ArenaFn = Box<dyn Fn(EngineId) -> Option<u64> + Send + Sync>;
+
+/// What the link has seen, for callers and tests.
+#[derive(Clone, Debug, Default)]
+pub struct LinkStats {
+    /// Connected and welcomed right now.
+    pub connected: bool,
+    /// Successful connections so far (a reconnect adds one).
+    pub connects: u64,
+    pub spills: u64,
+    pub spilled_bytes: u64,
+    pub purges: u64,
+    pub limit_changes: u64,
+    /// The last error the agent sent, or the last connection failure.
+    pub last_error: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    stats: LinkStats,
+    /// Threads registered, by tid, and those the agent placed.
+    threads: BTreeMap<u32, String>,
+    placed: BTreeSet<u32>,
+    levels: BTreeMap<EngineId, PressureLevel>,
+    cgroups: BTreeMap<String, PathBuf>,
+}
+
+struct Inner {
+    config: LinkConfig,
+    governor: MemoryGovernor,
+    spill: Option<Arc<SpillController>>,
+    purge: Option<PurgeFn>,
+    arena_resident: Option<ArenaFn>,
+    outbox: Mutex<Vec<ToAgent>>,
+    state: Mutex<State>,
+    changed: Condvar,
+    stop: AtomicBool,
+}
+
+/// A running link; dropping it stops the thread (the connection closes,
+/// the governor keeps its budgets).
+pub struct AgentLink {
+    inner: Arc<Inner>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Builds an [`AgentLink`].
+pub struct AgentLinkBuilder {
+    config: LinkConfig,
+    governor: MemoryGovernor,
+    spill: Option<Arc<SpillController>>,
+    purge: Option<PurgeFn>,
+    arena_resident: Option<ArenaFn>,
+}
+
+impl AgentLinkBuilder {
+    /// Spill requests go to this controller's handlers.
+    pub fn spill_controller(mut self, spill: Arc<SpillController>) -> Self {
+        self.spill = Some(spill);
+        self
+    }
+
+    /// Purge requests call `f(engine)`, which returns resident bytes of the
+    /// engine's arena before and after (None: the engine has no arena).
+    pub fn on_purge(
+        mut self,
+        f: impl Fn(EngineId) -> Option<(u64, u64)> + Send + Sync + 'static,
+    ) -> Self {
+        self.purge = Some(Box::new(f));
+        self
+    }
+
+    /// Reports carry `f(engine)` as the engine's arena resident bytes.
+    pub fn arena_resident(
+        mut self,
+        f: impl Fn(EngineId) -> Option<u64> + Send + Sync + 'static,
+    ) -> Self {
+        self.arena_resident = Some(Box::new(f));
+        self
+    }
+
+    /// Per-engine jemalloc arenas: purges and reports go to them.
+    #[cfg(feature = "jemalloc")]
+    pub fn arenas(self, arenas: Arc<crate::arena::EngineArenas>) -> Self {
+        let a = arenas.clone();
+        self.on_purge(move |e| {
+            let before = a.stats(e).ok()?.resident_bytes;
+            a.purge(e).ok()?;
+            Some((before, a.stats(e).ok()?.resident_bytes))
+        })
+        .arena_resident(move |e| arenas.stats(e).ok().map(|s| s.resident_bytes))
+    }
+
+    /// Starts the link's thread.
+    pub fn start(self) -> std::io::Result<AgentLink> {
+        let inner = Arc::new(Inner {
+            config: self.config,
+            governor: self.governor,
+            spill: self.spill,
+            purge: self.purge,
+            arena_resident: self.arena_resident,
+            outbox: Mutex::new(Vec::new()),
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let run = inner.clone();
+        let thread = std::thread::Builder::new()
+            .name("nodedb-agent-link".into())
+            .spawn(move || run.run())?;
+        Ok(AgentLink {
+            inner,
+            thread: Some(thread),
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The calling thread's kernel thread id.
+pub fn current_tid() -> u32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::gettid() as u32 }
+}
+
+impl AgentLink {
+    pub fn builder(governor: &MemoryGovernor, config: LinkConfig) -> AgentLinkBuilder {
+        AgentLinkBuilder {
+            config,
+            governor: governor.clone(),
+            spill: None,
+            purge: None,
+            arena_resident: None,
+        }
+    }
+
+    /// Registers the calling thread as working for `engine`: the thread
+    /// goes into the engine's cgroup (moved by the library itself where
+    /// the agent delegated the subtree, else by the agent). Does not wait;
+    /// see [`wait_placed`](Self::wait_placed). Returns the thread's id.
+    pub fn register_current_thread(&self, engine: EngineId) -> Result<u32, crate::MemError> {
+        let name = self
+            .inner
+            .name_of(engine)
+            .ok_or(crate::MemError::UnknownEngine { engine })?
+            .to_owned();
+        let tid = current_tid();
+        let mut st = lock(&self.inner.state);
+        st.threads.insert(tid, name.clone());
+        let moved = self.inner.move_self(&st, tid, &name);
+        drop(st);
+        lock(&self.inner.outbox).push(ToAgent::Thread {
+            tid,
+            engine: name,
+            moved,
+        });
+        Ok(tid)
+    }
+
+    /// Waits until the agent confirmed thread `tid` is in its engine.
+    pub fn wait_placed(&self, tid: u32, timeout: Duration) -> bool {
+        self.inner.wait_for(timeout, |st| st.placed.contains(&tid))
+    }
+
+    /// Waits until the link is connected and welcomed.
+    pub fn wait_connected(&self, timeout: Duration) -> bool {
+        self.inner.wait_for(timeout, |st| st.stats.connected)
+    }
+
+    pub fn stats(&self) -> LinkStats {
+        lock(&self.inner.state).stats.clone()
+    }
+
+    /// The engine's pressure level as the agent last sent it (from the
+    /// kernel's attribution), if it sent one.
+    pub fn agent_level(&self, engine: EngineId) -> Option<PressureLevel> {
+        lock(&self.inner.state).levels.get(&engine).copied()
+    }
+}
+
+impl Drop for AgentLink {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::Release);
+        self.inner.changed.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Inner {
+    fn name_of(&self, engine: EngineId) -> Option<&str> {
+        self.config
+            .engines
+            .iter()
+            .find(|(_, e)| *e == engine)
+            .map(|(n, _)| n.as_str())
+    }
+
+    fn id_of(&self, name: &str) -> Option<EngineId> {
+        self.config
+            .engines
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, e)| *e)
+    }
+
+    /// Moves `tid` into the engine's cgroup itself, if the agent said it
+    /// may (a delegated subtree) and the kernel agrees.
+    fn move_self(&self, st: &State, tid: u32, engine: &str) -> bool {
+        st.cgroups
+            .get(engine)
+            .is_some_and(|dir| std::fs::write(dir.join("cgroup.threads"), tid.to_string()).is_ok())
+    }
+
+    fn wait_for(&self, timeout: Duration, done: impl Fn(&State) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = lock(&self.state);
+        while !done(&st) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        true
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Sleeps up to `d`, waking early when the link is dropped.
+    fn pause(&self, d: Duration) {
+        let st = lock(&self.state);
+        let _ = self.changed.wait_timeout_while(st, d, |_| !self.stopped());
+    }
+
+    fn run(self: Arc<Self>) {
+        let (min, max) = self.config.backoff;
+        let mut backoff = min;
+        while !self.stopped() {
+            match UnixStream::connect(&self.config.socket) {
+                Ok(stream) => {
+                    backoff = min;
+                    let outcome = self.serve(stream);
+                    let mut st = lock(&self.state);
+                    st.stats.connected = false;
+                    st.placed.clear();
+                    if let Err(e) = outcome {
+                        st.stats.last_error = Some(e);
+                    }
+                    drop(st);
+                    self.changed.notify_all();
+                }
+                Err(e) => {
+                    lock(&self.state).stats.last_error = Some(format!(
+                        "connecting to {}: {e}",
+                        self.config.socket.display()
+                    ));
+                }
+            }
+            if self.stopped() {
+                break;
+            }
+            self.pause(backoff);
+            backoff = (backoff * 2).min(max);
+        }
+    }
+
+    /// One connection, until it ends. Err: why it ended.
+    fn serve(&self, mut stream: UnixStream) -> Result<(), String> {
+        let io = |e: std::io::Error| format!("agent connection: {e}");
+        let hello = ToAgent::Hello {
+            version: wire::VERSION,
+            database: self.config.database.clone(),
+            engines: self
+                .governor
+                .usages()
+                .into_iter()
+                .filter_map(|u| {
+                    Some(EngineDecl {
+                        name: self.name_of(u.engine)?.to_owned(),
+                        floor_bytes: u.floor_bytes,
+                        cap_bytes: u.cap_bytes,
+                    })
+                })
+                .collect(),
+        };
+        stream.write_all(&wire::encode(&hello)).map_err(io)?;
+        // Threads registered before (or during an earlier connection) and
+        // still alive are declared again.
+        {
+            let mut st = lock(&self.state);
+            st.threads
+                .retain(|tid, _| std::path::Path::new(&format!("/proc/self/task/{tid}")).exists());
+            let mut out = lock(&self.outbox);
+            for (tid, engine) in &st.threads {
+                if !out
+                    .iter()
+                    .any(|m| matches!(m, ToAgent::Thread { tid: t, .. } if t == tid))
+                {
+                    out.push(ToAgent::Thread {
+                        tid: *tid,
+                        engine: engine.clone(),
+                        moved: false,
+                    });
+                }
+            }
+        }
+        let tick = (self.config.report_interval / 4)
+            .clamp(Duration::from_millis(1), Duration::from_millis(20));
+        stream.set_read_timeout(Some(tick)).map_err(io)?;
+        let mut decoder = Decoder::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut next_report = Instant::now();
+        loop {
+            if self.stopped() {
+                return Ok(());
+            }
+            match stream.read(&mut buf) {
+                Ok(0) => {
+                    decoder.finish().map_err(|e| e.to_string())?;
+                    return Err("the agent closed the connection".into());
+                }
+                Ok(n) => decoder.push(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(io(e)),
+            }
+            while let Some(msg) = decoder.next_message::<ToLibrary>() {
+                match msg {
+                    Ok(m) => {
+                        if let Some(reply) = self.handle(m)? {
+                            stream.write_all(&wire::encode(&reply)).map_err(io)?;
+                        }
+                    }
+                    Err(e) if e.is_recoverable() => {
+                        lock(&self.state).stats.last_error = Some(e.to_string());
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            if !lock(&self.state).stats.connected {
+                continue; // nothing but the hello until welcomed
+            }
+            if Instant::now() >= next_report {
+                next_report = Instant::now() + self.config.report_interval;
+                stream
+                    .write_all(&wire::encode(&self.report()))
+                    .map_err(io)?;
+            }
+            let out = std::mem::take(&mut *lock(&self.outbox));
+            for m in out {
+                stream.write_all(&wire::encode(&m)).map_err(io)?;
+            }
+        }
+    }
+
+    fn report(&self) -> ToAgent {
+        ToAgent::Report {
+            engines: self
+                .governor
+                .usages()
+                .into_iter()
+                .filter_map(|u| {
+                    Some(EngineReport {
+                        name: self.name_of(u.engine)?.to_owned(),
+                        reserved_bytes: u.used_bytes,
+                        rejections: u.rejections,
+                        arena_resident_bytes: self
+                            .arena_resident
+                            .as_ref()
+                            .and_then(|f| f(u.engine)),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Carries out one message from the agent; the reply to send, if any.
+    fn handle(&self, m: ToLibrary) -> Result<Option<ToAgent>, String> {
+        // An engine this process does not have is the agent's mistake:
+        // noted, and the connection goes on.
+        let engine = |name: &str| {
+            self.id_of(name).ok_or_else(|| {
+                lock(&self.state).stats.last_error = Some(format!(
+                    "the agent named an engine this process does not have: {name:?}"
+                ));
+            })
+        };
+        let reply = match m {
+            ToLibrary::Welcome {
+                version,
+                engine_cgroups,
+            } => {
+                if version != wire::VERSION {
+                    return Err(format!(
+                        "the agent speaks protocol {version}, this library {}",
+                        wire::VERSION
+                    ));
+                }
+                let mut st = lock(&self.state);
+                st.stats.connected = true;
+                st.stats.connects += 1;
+                st.cgroups = engine_cgroups
+                    .into_iter()
+                    .map(|(n, d)| (n, PathBuf::from(d)))
+                    .collect();
+                drop(st);
+                self.changed.notify_all();
+                None
+            }
+            ToLibrary::ThreadPlaced { tid, .. } => {
+                lock(&self.state).placed.insert(tid);
+                self.changed.notify_all();
+                None
+            }
+            ToLibrary::Limits {
+                engine: name,
+                floor_bytes,
+                cap_bytes,
+            } => {
+                let Ok(id) = engine(&name) else {
+                    return Ok(None);
+                };
+                let mut result = self.governor.set_limits(id, floor_bytes, cap_bytes);
+                if result.is_err()
+                    && let Some(spill) = &self.spill
+                {
+                    // Below what the engine holds: spill down to the new
+                    // cap, then apply it.
+                    let used = self.governor.usage(id).map_or(0, |u| u.used_bytes);
+                    spill.spill_engines(&[id], used.saturating_sub(cap_bytes));
+                    result = self.governor.set_limits(id, floor_bytes, cap_bytes);
+                }
+                let mut st = lock(&self.state);
+                match result {
+                    Ok(()) => st.stats.limit_changes += 1,
+                    Err(e) => st.stats.last_error = Some(e.to_string()),
+                }
+                None
+            }
+            ToLibrary::Pressure {
+                engine: name,
+                level,
+            } => {
+                if let Ok(id) = engine(&name) {
+                    lock(&self.state).levels.insert(id, level.into());
+                    self.changed.notify_all();
+                }
+                None
+            }
+            ToLibrary::Spill {
+                engine: name,
+                target_bytes,
+            } => {
+                let Ok(id) = engine(&name) else {
+                    return Ok(None);
+                };
+                let freed = self
+                    .spill
+                    .as_ref()
+                    .map_or(0, |s| s.spill_engines(&[id], target_bytes));
+                let mut st = lock(&self.state);
+                st.stats.spills += 1;
+                st.stats.spilled_bytes += freed;
+                drop(st);
+                self.changed.notify_all();
+                Some(ToAgent::Spilled {
+                    engine: name,
+                    target_bytes,
+                    freed_bytes: freed,
+                })
+            }
+            ToLibrary::Purge { engine: name } => {
+                let Ok(id) = engine(&name) else {
+                    return Ok(None);
+                };
+                let (before, after) = self.purge.as_ref().and_then(|f| f(id)).unwrap_or((0, 0));
+                lock(&self.state).stats.purges += 1;
+                Some(ToAgent::Purged {
+                    engine: name,
+                    before_bytes: before,
+                    after_bytes: after,
+                })
+            }
+            ToLibrary::Error { message } => {
+                lock(&self.state).stats.last_error = Some(message);
+                None
+            }
+        };
+        Ok(reply)
+    }
+}

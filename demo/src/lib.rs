@@ -5,3 +5,4 @@
 pub mod engine;
 pub mod memory;
 pub mod query;
+pub mod untracked;

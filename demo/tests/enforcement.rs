@@ -55,8 +55,16 @@ struct Agent {
     control: PathBuf,
 }
 
+const ENGINES: &str = "[[engine]]\nname = \"vector\"\nbudget = \"64MiB\"\n\
+     [[engine]]\nname = \"timeseries\"\nbudget = \"64MiB\"\n\
+     [[engine]]\nname = \"query\"\nbudget = \"64MiB\"\n";
+
 impl Agent {
     fn start(extra: &str) -> Self {
+        Self::with_engines(extra, ENGINES)
+    }
+
+    fn with_engines(extra: &str, engines: &str) -> Self {
         let database = unique("nodedb-enforce");
         let dir = std::env::temp_dir().join(&database);
         std::fs::create_dir_all(&dir).unwrap();
@@ -65,10 +73,7 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "database = \"{database}\"\nrun_dir = \"{}\"\nceiling = \"1GiB\"\n{extra}\n\
-                 [[engine]]\nname = \"vector\"\nbudget = \"64MiB\"\n\
-                 [[engine]]\nname = \"timeseries\"\nbudget = \"64MiB\"\n\
-                 [[engine]]\nname = \"query\"\nbudget = \"64MiB\"\n",
+                "database = \"{database}\"\nrun_dir = \"{}\"\nceiling = \"1GiB\"\n{extra}\n{engines}",
                 dir.display()
             ),
         )
@@ -118,7 +123,14 @@ fn an_engine_over_its_budget_by_unreserved_memory_is_spilled_back_under_it() {
     if privilege::skip_unprivileged("enforcement end to end") {
         return;
     }
-    let agent = Agent::start("");
+    // The other engines' floors are their whole budgets: nothing to
+    // borrow, so a breach must end in a spill.
+    let agent = Agent::with_engines(
+        "",
+        "[[engine]]\nname = \"vector\"\nbudget = \"64MiB\"\n\
+         [[engine]]\nname = \"timeseries\"\nbudget = \"64MiB\"\nfloor = \"64MiB\"\n\
+         [[engine]]\nname = \"query\"\nbudget = \"64MiB\"\nfloor = \"64MiB\"\n",
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_breach-probe"))
         .arg("--socket")
         .arg(&agent.control)
@@ -148,6 +160,54 @@ fn an_engine_over_its_budget_by_unreserved_memory_is_spilled_back_under_it() {
     eprintln!(
         "breach (Critical crossed) to spill, 40 rounds at the default tick: p50 {} us, p99 {} us, max {} us",
         report["latency_us"]["p50"], report["latency_us"]["p99"], report["latency_us"]["max"]
+    );
+}
+
+#[test]
+fn an_idle_engine_lends_its_budget_and_takes_it_back_with_spills_on_the_borrower() {
+    if privilege::skip_unprivileged("rebalancing end to end") {
+        return;
+    }
+    // Timeseries' floor is its whole budget, so Query is the only lender.
+    let agent = Agent::with_engines(
+        "",
+        "[[engine]]\nname = \"vector\"\nbudget = \"64MiB\"\n\
+         [[engine]]\nname = \"timeseries\"\nbudget = \"64MiB\"\nfloor = \"64MiB\"\n\
+         [[engine]]\nname = \"query\"\nbudget = \"64MiB\"\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_rebalance-probe"))
+        .arg("--socket")
+        .arg(&agent.control)
+        .args(["--database", &agent.database])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rebalance-probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let get = |k: &str| r[k].as_u64().unwrap();
+    const MIB: u64 = 1 << 20;
+    assert_eq!(get("configured_cap_bytes"), 64 * MIB);
+    // Query (idle, nothing held) keeps a quarter of its budget and lends
+    // the rest: 48 MiB.
+    assert_eq!(get("cap_during_loan_bytes"), 112 * MIB, "{r}");
+    assert_eq!(get("vector_held_during_loan_bytes"), 96 * MIB);
+    assert_eq!(
+        get("vector_spilled_during_loan_bytes"),
+        0,
+        "no spill while borrowing: {r}"
+    );
+    // Query got busy: the loan ended and Vector was spilled under its own
+    // budget again (to the 75% restore point, 48 MiB, or below).
+    assert_eq!(get("vector_cap_after_bytes"), 64 * MIB);
+    assert!(get("vector_spilled_after_bytes") >= 48 * MIB, "{r}");
+    assert!(get("vector_held_after_bytes") <= 48 * MIB, "{r}");
+    assert_eq!(
+        get("query_spilled_bytes"),
+        0,
+        "the lender is not spilled: {r}"
     );
 }
 

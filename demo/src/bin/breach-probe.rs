@@ -7,17 +7,21 @@
 //! breach-to-spill latency and what was freed.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use nodedb_governor::{
-    Budget, EngineId, MemoryGovernor, PressureLevel, SpillConfig, SpillController, SpillHandler,
+    Budget, EngineId, MemoryGovernor, PressureLevel, SpillConfig, SpillController,
+    SpillHandler as _,
     control::{AgentLink, LinkConfig},
 };
-use nodedb_governor_demo::memory::{Block, Kind, MIB};
+use nodedb_governor_demo::{
+    memory::{Block, Kind, MIB},
+    untracked::Untracked,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -36,37 +40,6 @@ struct Args {
     /// the agent must answer with a spill.
     #[arg(long, default_value_t = 0.90)]
     critical: f64,
-}
-
-/// Memory the Vector engine touched without reserving: its spill handler
-/// unmaps blocks until the target is met, and notes when it ran.
-#[derive(Default)]
-struct Untracked {
-    blocks: Mutex<Vec<Block>>,
-    spills: Mutex<Vec<(Instant, u64, u64)>>,
-}
-
-impl SpillHandler for Untracked {
-    fn reclaimable_bytes(&self) -> u64 {
-        self.blocks
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|b| b.len() as u64)
-            .sum()
-    }
-    fn spill(&self, target: u64) -> u64 {
-        let at = Instant::now();
-        let mut blocks = self.blocks.lock().unwrap();
-        let mut freed = 0;
-        while freed < target {
-            let Some(b) = blocks.pop() else { break };
-            freed += b.len() as u64;
-        }
-        drop(blocks);
-        self.spills.lock().unwrap().push((at, target, freed));
-        freed
-    }
 }
 
 fn main() -> anyhow::Result<()> {

@@ -29,6 +29,11 @@ use crate::{
 
 /// A spill request not answered within this is sent again.
 const SPILL_RETRY: Duration = Duration::from_millis(250);
+/// An engine lends only after its resident memory has not grown (by more
+/// than `GROWTH_BYTES`) for this long, and not for this long after it took
+/// a loan back.
+const IDLE_AFTER: Duration = Duration::from_millis(500);
+const GROWTH_BYTES: u64 = 1 << 20;
 
 /// Counters of what the ladder did, per engine.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -43,6 +48,14 @@ pub struct EngineEnforcement {
     pub level_changes: u64,
 }
 
+/// Budget one engine lends another, for as long as the lender is idle.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Loan {
+    pub lender: String,
+    pub borrower: String,
+    pub bytes: u64,
+}
+
 /// One connected library.
 pub struct Client {
     pub pid: u32,
@@ -52,6 +65,12 @@ pub struct Client {
     levels: BTreeMap<String, PressureLevel>,
     spill_pending: BTreeMap<String, Instant>,
     pub enforcement: BTreeMap<String, EngineEnforcement>,
+    /// Budgets in force (configured budgets moved by loans).
+    budgets: BTreeMap<String, u64>,
+    pub loans: Vec<Loan>,
+    /// Per engine: resident at the last tick, and when it last grew (or
+    /// took a loan back).
+    activity: BTreeMap<String, (u64, Instant)>,
 }
 
 impl Client {
@@ -64,6 +83,128 @@ impl Client {
             levels: BTreeMap::new(),
             spill_pending: BTreeMap::new(),
             enforcement: BTreeMap::new(),
+            budgets: BTreeMap::new(),
+            loans: Vec::new(),
+            activity: BTreeMap::new(),
+        }
+    }
+
+    /// The engine's budget in force.
+    pub fn budget(&self, engine: &str) -> Option<u64> {
+        self.budgets.get(engine).copied()
+    }
+
+    /// Rebalancing, from the kernel's figures: a busy engine (at Critical
+    /// of its budget) borrows the unused budget of an idle one (below
+    /// Warning, and not grown for `IDLE_AFTER`; it keeps its floor, what it
+    /// holds and a quarter of its configured budget as a cushion); a lender that gets busy (Warning
+    /// of its reduced budget) takes the loan back at once, and the
+    /// borrower's budget drops, so the ladder spills it. The sum of budgets
+    /// never changes. Every change goes to the library as `limits`.
+    fn rebalance(&mut self, config: &Config, resident: &BTreeMap<String, u64>) {
+        let limits = config.limits();
+        let t = config.thresholds;
+        for l in &limits {
+            self.budgets.entry(l.name.clone()).or_insert(l.budget_bytes);
+        }
+        let res = |n: &str| resident.get(n).copied().unwrap_or(0);
+        let now = Instant::now();
+        for l in &limits {
+            let r = res(&l.name);
+            // First seen: quiet (nothing has grown yet).
+            let seen = now.checked_sub(IDLE_AFTER).unwrap_or(now);
+            let a = self.activity.entry(l.name.clone()).or_insert((r, seen));
+            if r > a.0 + GROWTH_BYTES {
+                *a = (r, now);
+            } else if r < a.0 {
+                a.0 = r;
+            }
+        }
+        let mut changed: Vec<String> = Vec::new();
+        // Lenders that got busy take their loans back.
+        let mut i = 0;
+        while i < self.loans.len() {
+            let lender = &self.loans[i].lender;
+            if res(lender) as f64 >= self.budgets[lender] as f64 * t.warning {
+                let loan = self.loans.remove(i);
+                if let Some(b) = self.budgets.get_mut(&loan.lender) {
+                    *b += loan.bytes;
+                }
+                if let Some(b) = self.budgets.get_mut(&loan.borrower) {
+                    *b = b.saturating_sub(loan.bytes);
+                }
+                tracing::info!(pid = self.pid, lender = %loan.lender, borrower = %loan.borrower, bytes = loan.bytes, "loan taken back");
+                if let Some(a) = self.activity.get_mut(&loan.lender) {
+                    a.1 = now;
+                }
+                changed.push(loan.lender);
+                changed.push(loan.borrower);
+            } else {
+                i += 1;
+            }
+        }
+        // Busy engines borrow from idle ones.
+        for b in &limits {
+            if (res(&b.name) as f64) < self.budgets[&b.name] as f64 * t.critical {
+                continue;
+            }
+            let lender = limits
+                .iter()
+                .filter(|l| l.name != b.name && !self.loans.iter().any(|x| x.borrower == l.name))
+                .filter_map(|l| {
+                    let (r, budget) = (res(&l.name), self.budgets[&l.name]);
+                    let quiet = self
+                        .activity
+                        .get(&l.name)
+                        .is_some_and(|a| now.duration_since(a.1) >= IDLE_AFTER);
+                    if !quiet || r as f64 >= budget as f64 * t.warning {
+                        return None; // not idle
+                    }
+                    // What it holds: the kernel's figure, or the library's
+                    // reservations if they are larger (reserved, not yet
+                    // touched).
+                    let held = r.max(self.reports.get(&l.name).map_or(0, |x| x.reserved_bytes));
+                    let keep = l.floor_bytes.max(held + l.budget_bytes / 4);
+                    let lendable = budget.saturating_sub(keep);
+                    (lendable > 0).then(|| (l.name.clone(), lendable))
+                })
+                .max_by_key(|(_, lendable)| *lendable);
+            let Some((lender, bytes)) = lender else {
+                continue;
+            };
+            if let Some(x) = self.budgets.get_mut(&lender) {
+                *x -= bytes;
+            }
+            if let Some(x) = self.budgets.get_mut(&b.name) {
+                *x += bytes;
+            }
+            match self
+                .loans
+                .iter_mut()
+                .find(|x| x.lender == lender && x.borrower == b.name)
+            {
+                Some(x) => x.bytes += bytes,
+                None => self.loans.push(Loan {
+                    lender: lender.clone(),
+                    borrower: b.name.clone(),
+                    bytes,
+                }),
+            }
+            tracing::info!(pid = self.pid, %lender, borrower = %b.name, bytes, "budget lent");
+            changed.push(lender);
+            changed.push(b.name.clone());
+        }
+        changed.sort();
+        changed.dedup();
+        for name in changed {
+            if let Some(l) = limits.iter().find(|l| l.name == name) {
+                let cap = self.budgets[&name];
+                let _ = self.tx.send(ToLibrary::Limits {
+                    engine: name,
+                    floor_bytes: l.floor_bytes.min(cap),
+                    cap_bytes: cap,
+                });
+            }
         }
     }
 
@@ -117,9 +258,18 @@ impl Client {
         };
         let thresholds = config.thresholds.pressure();
         let now = Instant::now();
-        for limits in config.limits() {
+        let residents: BTreeMap<String, u64> = process
+            .engines
+            .iter()
+            .map(|(n, e)| (n.clone(), e.resident_bytes))
+            .collect();
+        self.rebalance(config, &residents);
+        for mut limits in config.limits() {
+            if let Some(b) = self.budgets.get(&limits.name) {
+                limits.budget_bytes = *b;
+            }
             let name = limits.name;
-            let resident = process.engines.get(&name).map_or(0, |e| e.resident_bytes);
+            let resident = residents.get(&name).copied().unwrap_or(0);
             let level = thresholds.level(resident, limits.budget_bytes);
             let before = self
                 .levels

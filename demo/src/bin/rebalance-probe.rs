@@ -1,0 +1,129 @@
+//! A process embedding the library, for the agent's rebalancing: Vector
+//! grows past its budget while Query is idle (the agent lends Vector
+//! Query's unused budget, so nothing spills), then Query gets busy (the
+//! agent takes the loan back and Vector, now over its budget, is spilled).
+//! Memory is touched without reserving it, so only the kernel's figures
+//! drive the agent. Prints one JSON line with what was observed.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use clap::Parser;
+use nodedb_governor::{
+    Budget, EngineId, MemoryGovernor, SpillConfig, SpillController,
+    control::{AgentLink, LinkConfig},
+};
+use nodedb_governor_demo::{memory::MIB, untracked::Untracked};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    socket: std::path::PathBuf,
+    #[arg(long)]
+    database: String,
+    /// Vector's growth, MiB (past its budget).
+    #[arg(long, default_value_t = 96)]
+    vector_mib: usize,
+    /// Query's growth once it gets busy, MiB.
+    #[arg(long, default_value_t = 40)]
+    query_mib: usize,
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let governor = MemoryGovernor::new(
+        Budget::builder(1 << 40)
+            .engine(EngineId::Vector, 0, 1 << 40)
+            .engine(EngineId::Timeseries, 0, 1 << 40)
+            .engine(EngineId::Query, 0, 1 << 40)
+            .build()?,
+    );
+    let spill = Arc::new(SpillController::new(SpillConfig::default())?);
+    let vector = Arc::new(Untracked::default());
+    let query = Arc::new(Untracked::default());
+    let _v = spill.register(EngineId::Vector, vector.clone());
+    let _q = spill.register(EngineId::Query, query.clone());
+    let link = AgentLink::builder(
+        &governor,
+        LinkConfig::new(
+            &args.socket,
+            &args.database,
+            &[
+                ("vector", EngineId::Vector),
+                ("timeseries", EngineId::Timeseries),
+                ("query", EngineId::Query),
+            ],
+        ),
+    )
+    .spill_controller(spill.clone())
+    .start()?;
+    if !link.wait_connected(Duration::from_secs(20)) {
+        bail!("no agent: {:?}", link.stats().last_error);
+    }
+    wait_until("the agent's budgets", || link.stats().limit_changes >= 3)?;
+    let cap = |e| governor.usage(e).map_or(0, |u| u.cap_bytes);
+    let configured = cap(EngineId::Vector);
+
+    let out = std::thread::scope(|s| -> anyhow::Result<serde_json::Value> {
+        // Vector grows past its budget while Query is idle.
+        let v = s.spawn(|| -> anyhow::Result<()> {
+            let tid = link.register_current_thread(EngineId::Vector)?;
+            if !link.wait_placed(tid, Duration::from_secs(10)) {
+                bail!("vector thread not placed");
+            }
+            vector.touch(args.vector_mib * MIB, 2 * MIB)?;
+            Ok(())
+        });
+        v.join()
+            .map_err(|_| anyhow::anyhow!("vector thread panicked"))??;
+        wait_until("a loan to vector", || cap(EngineId::Vector) > configured)?;
+        let lent_cap = cap(EngineId::Vector);
+        // Give the agent a few ticks: with the loan, Vector is not spilled.
+        std::thread::sleep(Duration::from_millis(300));
+        let spilled_during_loan = vector.spilled_bytes();
+        let held_during_loan = vector.held_bytes();
+
+        // Query gets busy: the loan comes back, Vector is spilled.
+        let q = s.spawn(|| -> anyhow::Result<()> {
+            let tid = link.register_current_thread(EngineId::Query)?;
+            if !link.wait_placed(tid, Duration::from_secs(10)) {
+                bail!("query thread not placed");
+            }
+            query.touch(args.query_mib * MIB, 2 * MIB)?;
+            Ok(())
+        });
+        q.join()
+            .map_err(|_| anyhow::anyhow!("query thread panicked"))??;
+        wait_until("the loan to end", || cap(EngineId::Vector) == configured)?;
+        wait_until("vector to be spilled", || {
+            (vector.held_bytes() as f64) < configured as f64 * 0.90
+        })?;
+        Ok(serde_json::json!({
+            "configured_cap_bytes": configured,
+            "cap_during_loan_bytes": lent_cap,
+            "vector_held_during_loan_bytes": held_during_loan,
+            "vector_spilled_during_loan_bytes": spilled_during_loan,
+            "vector_cap_after_bytes": cap(EngineId::Vector),
+            "vector_held_after_bytes": vector.held_bytes(),
+            "vector_spilled_after_bytes": vector.spilled_bytes(),
+            "query_held_bytes": query.held_bytes(),
+            "query_spilled_bytes": query.spilled_bytes(),
+        }))
+    })?;
+    println!("{out}");
+    Ok(())
+}

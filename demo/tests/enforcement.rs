@@ -10,7 +10,7 @@ use std::{
     io::{Read, Write},
     os::unix::{fs::PermissionsExt, net::UnixStream, process::CommandExt},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -73,20 +73,32 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "database = \"{database}\"\nrun_dir = \"{}\"\nceiling = \"1GiB\"\n{extra}\n{engines}",
-                dir.display()
+                "database = \"{database}\"\nrun_dir = \"{}\"\n{}\n{extra}\n{engines}",
+                dir.display(),
+                if extra.contains("ceiling") {
+                    ""
+                } else {
+                    "ceiling = \"1GiB\""
+                }
             ),
         )
         .unwrap();
-        let child = Command::new(agent_binary())
+        let log = dir.join("agent.log");
+        let mut child = Command::new(agent_binary())
             .args(["run", "--config"])
             .arg(&config)
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("starting the agent");
         let control = dir.join("control.sock");
         let deadline = Instant::now() + Duration::from_secs(60);
         while !control.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "the agent exited ({status}): {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
             assert!(
                 Instant::now() < deadline,
                 "the agent did not open its control socket"
@@ -208,6 +220,79 @@ fn an_idle_engine_lends_its_budget_and_takes_it_back_with_spills_on_the_borrower
         get("query_spilled_bytes"),
         0,
         "the lender is not spilled: {r}"
+    );
+}
+
+#[test]
+fn the_kernel_enforces_the_ceiling_on_the_databases_cgroup() {
+    if privilege::skip_unprivileged("ceiling enforcement") {
+        return;
+    }
+    let agent = Agent::with_engines(
+        "ceiling = \"48MiB\"",
+        "[[engine]]\nname = \"vector\"\nbudget = \"100%\"\n",
+    );
+    let status = |agent: &Agent| -> serde_json::Value {
+        let out = Command::new(agent_binary())
+            .args(["status", "--json", "--socket"])
+            .arg(agent.dir.join("agent.sock"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let before = status(&agent);
+    let ceiling = &before["ceiling"];
+    assert_eq!(ceiling["limit_bytes"], 48 << 20, "{before}");
+    let backend = ceiling["backend"].as_str().unwrap().to_owned();
+    let limit_file = match backend.as_str() {
+        "cgroup-v2" => "memory.max",
+        "cgroup-v1" => "memory.limit_in_bytes",
+        other => panic!("unknown backend {other}"),
+    };
+    let cgroup = PathBuf::from(ceiling["cgroup"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(cgroup.join(limit_file))
+            .unwrap()
+            .trim(),
+        (48u64 << 20).to_string(),
+        "the kernel holds the ceiling"
+    );
+    // A library process that touches twice the ceiling without asking:
+    // the kernel stops it at the ceiling (the OOM killer, inside the
+    // database's cgroup only).
+    let out = Command::new(env!("CARGO_BIN_EXE_control-client"))
+        .arg("--socket")
+        .arg(&agent.control)
+        .args([
+            "--database",
+            &agent.database,
+            "--touch-mib",
+            "96",
+            "--hold-ms",
+            "100",
+        ])
+        .output()
+        .unwrap();
+    let welcomed: ToLibrary =
+        serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert!(matches!(welcomed, ToLibrary::Welcome { .. }));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGKILL),
+        "killed at the ceiling: {:?}",
+        out.status
+    );
+    let after = status(&agent);
+    assert!(
+        after["ceiling"]["events"]["oom_kill"].as_u64() >= Some(1),
+        "the OOM kill is reported ({backend}): {}",
+        after["ceiling"]
     );
 }
 

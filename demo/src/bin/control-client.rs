@@ -14,13 +14,21 @@ struct Args {
     database: String,
     #[arg(long, default_value = "vector")]
     engine: String,
+    /// After the reply, touch this many MiB (without reserving them).
+    #[arg(long, default_value_t = 0)]
+    touch_mib: usize,
+    /// ...and stay connected this long.
+    #[arg(long, default_value_t = 0)]
+    hold_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut s = UnixStream::connect(&args.socket)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    std::io::Write::write_all(
+    // The agent may refuse (and close) before the hello is written: the
+    // reply is read either way.
+    let _ = std::io::Write::write_all(
         &mut s,
         &wire::encode(&ToAgent::Hello {
             version: wire::VERSION,
@@ -31,12 +39,22 @@ fn main() -> anyhow::Result<()> {
                 cap_bytes: 1 << 30,
             }],
         }),
-    )?;
+    );
     let mut d = Decoder::new();
     let mut buf = [0u8; 4096];
     loop {
         if let Some(m) = d.next_message::<ToLibrary>() {
             println!("{}", serde_json::to_string(&m?)?);
+            std::io::Write::flush(&mut std::io::stdout())?;
+            let mut held = Vec::new();
+            for _ in 0..args.touch_mib {
+                held.push(nodedb_governor_demo::memory::Block::new(
+                    nodedb_governor_demo::memory::Kind::Anon,
+                    nodedb_governor_demo::memory::MIB,
+                )?);
+            }
+            std::thread::sleep(Duration::from_millis(args.hold_ms));
+            drop(held);
             return Ok(());
         }
         let n = s.read(&mut buf)?;

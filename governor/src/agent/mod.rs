@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod attribution;
 pub mod btf;
+pub mod ceiling;
 pub mod cgroup;
 pub mod cli;
 pub mod config;

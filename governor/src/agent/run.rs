@@ -21,12 +21,13 @@ use tokio::{
 use super::{
     admin::{self, Reply, Request},
     attribution::{Attribution, Identity, ProgramSet},
+    ceiling::Ceiling,
     cgroup::{self, Subtree},
     config::{Config, IdentityMode},
     control::Client,
     error::AgentError,
     mounts, procfs,
-    status::StatusReport,
+    status::{ClientStatus, StatusReport},
 };
 use crate::control::wire::{self, Decoder, ToAgent, ToLibrary};
 
@@ -38,6 +39,8 @@ pub struct Agent {
     subtree: Option<Subtree>,
     /// Connected libraries, by connection id.
     clients: BTreeMap<u64, Client>,
+    ceiling: Option<Ceiling>,
+    ceiling_error: Option<String>,
 }
 
 impl Agent {
@@ -72,12 +75,31 @@ impl Agent {
         if let Some(s) = &subtree {
             tracing::info!(cgroup = %s.dir.display(), engines = engines.len(), "cgroup subtree ready");
         }
+        let limit = config.ceiling_bytes();
+        let high = (limit as f64 * config.thresholds.critical) as u64;
+        let (ceiling, ceiling_error) = match Ceiling::setup(
+            subtree.as_ref().map(|s| s.dir.as_path()),
+            &config.database,
+            limit,
+            high,
+        ) {
+            Ok(c) => {
+                tracing::info!(backend = ?c.backend(), cgroup = %c.dir().display(), limit, high, "ceiling enforced");
+                (Some(c), None)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the ceiling is not enforced by the kernel");
+                (None, Some(e.to_string()))
+            }
+        };
         Ok(Self {
             config,
             identity,
             attribution,
             subtree,
             clients: BTreeMap::new(),
+            ceiling,
+            ceiling_error,
         })
     }
 
@@ -87,6 +109,11 @@ impl Agent {
         }
         self.attribution
             .register_process(pid, &self.config.engine_names())?;
+        if let Some(c) = &self.ceiling
+            && let Err(e) = c.adopt(pid)
+        {
+            tracing::warn!(pid, error = %e, "could not put the process under the ceiling");
+        }
         if let Some(s) = &self.subtree {
             for (name, cg) in &s.engines {
                 self.attribution.bind_cgroup(pid, name, cg.id)?;
@@ -122,6 +149,29 @@ impl Agent {
                 }
                 Err(e) => tracing::warn!(error = %e, "reading attribution"),
             }
+        }
+        self.enforce_ceiling();
+    }
+
+    /// Process-wide Emergency (the ceiling's cgroup at the emergency
+    /// threshold): the high mark drops to the restore point to force
+    /// reclaim, and comes back once use is below the warning threshold.
+    fn enforce_ceiling(&mut self) {
+        let t = self.config.thresholds;
+        let Some(c) = &mut self.ceiling else {
+            return;
+        };
+        let st = c.status();
+        let f = st.current_bytes as f64 / st.limit_bytes.max(1) as f64;
+        let want = if f >= t.emergency {
+            Some((st.limit_bytes as f64 * t.restore) as u64)
+        } else if f < t.warning {
+            None
+        } else {
+            return;
+        };
+        if let Err(e) = c.set_high(want) {
+            tracing::warn!(error = %e, "changing the memory high mark");
         }
     }
 
@@ -276,13 +326,34 @@ impl Agent {
     }
 
     pub fn status(&self) -> Result<StatusReport, AgentError> {
-        Ok(StatusReport::new(
+        let mut report = StatusReport::new(
             &self.config.database,
             self.identity,
             self.subtree.as_ref().map(|s| s.dir.display().to_string()),
             &self.config.engine_names(),
             self.attribution.usage()?,
-        ))
+        );
+        report.ceiling = self.ceiling.as_ref().map(Ceiling::status);
+        report.ceiling_error = self.ceiling_error.clone();
+        report.clients = self
+            .clients
+            .values()
+            .map(|c| ClientStatus {
+                pid: c.pid,
+                uid: c.uid,
+                engines: c.enforcement.clone(),
+                loans: c.loans.clone(),
+            })
+            .collect();
+        Ok(report)
+    }
+
+    /// Leaves the kernel state the agent made (a v1 ceiling cgroup, once
+    /// its processes are gone).
+    pub fn shutdown(&self) {
+        if let Some(c) = &self.ceiling {
+            c.remove();
+        }
     }
 
     fn handle(&mut self, request: Request) -> Reply {
@@ -393,6 +464,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ticker.abort();
     server.abort();
     control.abort();
+    lock(&agent).shutdown();
     let _ = fs::remove_file(&socket_path);
     let _ = fs::remove_file(&control_path);
     Ok(())
@@ -460,9 +532,27 @@ async fn serve_control(agent: Arc<Mutex<Agent>>, stream: UnixStream, id: u64) {
         (true, None) => refuse(&tx, "the peer's pid is unknown".into()),
         (true, Some(pid)) => control_session(&agent, &mut rd, &tx, id, pid, uid).await,
     }
+    if !(allowed && pid.is_some()) {
+        linger(&mut rd).await;
+    }
     lock(&agent).detach(id);
     drop(tx);
     let _ = writer.await;
+}
+
+/// A refused peer may still be writing its hello: read (and drop) a
+/// little of it before closing, so it reads the refusal instead of failing
+/// on a broken pipe.
+async fn linger(rd: &mut tokio::net::unix::OwnedReadHalf) {
+    let mut sink = vec![0u8; wire::MAX_FRAME];
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Ok(n) = rd.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 async fn control_session(

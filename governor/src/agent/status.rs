@@ -68,6 +68,24 @@ pub struct StatusReport {
     pub engines: BTreeMap<String, EngineUsage>,
     pub unattributed: EngineUsage,
     pub processes: Vec<ProcessUsage>,
+    /// The ceiling as the kernel enforces it (absent: not enforced; see
+    /// `ceiling_error`).
+    #[serde(default)]
+    pub ceiling: Option<super::ceiling::CeilingStatus>,
+    #[serde(default)]
+    pub ceiling_error: Option<String>,
+    /// Connected libraries and what the ladder did for each engine.
+    #[serde(default)]
+    pub clients: Vec<ClientStatus>,
+}
+
+/// One library connected over the control channel.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientStatus {
+    pub pid: u32,
+    pub uid: u32,
+    pub engines: BTreeMap<String, super::control::EngineEnforcement>,
+    pub loans: Vec<super::control::Loan>,
 }
 
 impl StatusReport {
@@ -98,6 +116,9 @@ impl StatusReport {
             engines,
             unattributed,
             processes: usage.processes,
+            ceiling: None,
+            ceiling_error: None,
+            clients: Vec::new(),
         }
     }
 
@@ -142,6 +163,47 @@ impl StatusReport {
             self.processes.len(),
             mib(rss)
         ));
+        match (&self.ceiling, &self.ceiling_error) {
+            (Some(c), _) => out.push_str(&format!(
+                "ceiling {} ({:?}, high {}) on {}: {} in use; events high {} max {} oom {} oom_kill {}\n",
+                mib(c.limit_bytes),
+                c.backend,
+                mib(c.high_bytes),
+                c.cgroup,
+                mib(c.current_bytes),
+                c.events.high,
+                c.events.max,
+                c.events.oom,
+                c.events.oom_kill
+            )),
+            (None, Some(e)) => out.push_str(&format!("ceiling not enforced: {e}\n")),
+            (None, None) => {}
+        }
+        for c in &self.clients {
+            for (name, e) in &c.engines {
+                out.push_str(&format!(
+                    "pid {} {:<12} budget {} resident {} reserved {} level {} spills {} ({} freed) purges {}\n",
+                    c.pid,
+                    name,
+                    mib(e.budget_bytes),
+                    mib(e.resident_bytes),
+                    mib(e.reserved_bytes),
+                    e.level.as_deref().unwrap_or("-"),
+                    e.spill_requests,
+                    mib(e.spilled_bytes),
+                    e.purges
+                ));
+            }
+            for l in &c.loans {
+                out.push_str(&format!(
+                    "pid {} loan {} -> {}: {}\n",
+                    c.pid,
+                    l.lender,
+                    l.borrower,
+                    mib(l.bytes)
+                ));
+            }
+        }
         out
     }
 }

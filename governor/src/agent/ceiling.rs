@@ -1,0 +1,234 @@
+//! The database's memory ceiling, enforced by the kernel on its domain
+//! cgroup:
+//! * cgroup v2 with the memory controller: `memory.max` at the ceiling and
+//!   `memory.high` below it (at the Critical threshold), so the kernel
+//!   throttles and reclaims before anything is killed;
+//! * hosts whose memory controller is on cgroup v1 (hybrid hierarchies):
+//!   a `<v1 memory>/<database>` cgroup with `memory.limit_in_bytes` at the
+//!   ceiling and `memory.soft_limit_in_bytes` at the high mark. The status
+//!   says which one is in force.
+//!
+//! In Emergency the high mark is lowered to force reclaim (v2; on v1 the
+//! soft limit only acts under global pressure, and is reported as such),
+//! and restored when the pressure is gone. `memory.events` (v2) or
+//! `memory.failcnt` / `memory.oom_control` (v1) are read every tick.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::error::AgentError;
+
+/// Which kernel interface enforces the ceiling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    CgroupV2,
+    CgroupV1,
+}
+
+/// Counters of the ceiling's cgroup.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CeilingEvents {
+    /// v2 `high` (throttled above memory.high); v1: 0.
+    pub high: u64,
+    /// v2 `max` (hit memory.max); v1 `memory.failcnt`.
+    pub max: u64,
+    pub oom: u64,
+    pub oom_kill: u64,
+}
+
+/// The ceiling as the kernel enforces it now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CeilingStatus {
+    pub backend: Backend,
+    pub cgroup: String,
+    pub limit_bytes: u64,
+    pub high_bytes: u64,
+    pub current_bytes: u64,
+    pub events: CeilingEvents,
+}
+
+/// The ceiling the agent enforces.
+#[derive(Debug)]
+pub struct Ceiling {
+    backend: Backend,
+    dir: PathBuf,
+    limit: u64,
+    high: u64,
+    /// The high mark now (lowered in Emergency).
+    high_now: u64,
+}
+
+/// The cgroup v1 memory hierarchy's mount point, if any.
+fn v1_memory_mount() -> Option<PathBuf> {
+    let info = fs::read_to_string(super::paths::MOUNTINFO).ok()?;
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut r = right.split_whitespace();
+        let fstype = r.next()?;
+        let _source = r.next()?;
+        let options = r.next()?;
+        (fstype == "cgroup" && options.split(',').any(|o| o == "memory"))
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+fn write(path: &Path, value: &str) -> Result<(), AgentError> {
+    fs::write(path, value)
+        .map_err(|e| AgentError::io(format!("writing {value:?} to {}", path.display()), e))
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    let s = fs::read_to_string(path).ok()?;
+    let s = s.trim();
+    if s == "max" {
+        return Some(u64::MAX);
+    }
+    s.parse().ok()
+}
+
+/// `key value` lines (memory.events, memory.oom_control).
+fn keyed(path: &Path, key: &str) -> u64 {
+    fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == key).then(|| v.trim().parse().ok())?
+            })
+        })
+        .unwrap_or(0)
+}
+
+impl Ceiling {
+    /// Sets the ceiling up on the database's domain cgroup `v2_dir` (v2
+    /// with the memory controller), else on a v1 memory cgroup of the same
+    /// name. `high` is the throttling mark below `limit`.
+    pub fn setup(
+        v2_dir: Option<&Path>,
+        database: &str,
+        limit: u64,
+        high: u64,
+    ) -> Result<Self, AgentError> {
+        if let Some(dir) = v2_dir
+            && let Some(parent) = dir.parent()
+            && fs::read_to_string(parent.join("cgroup.controllers"))
+                .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"))
+        {
+            // The domain cgroup gets the memory controller from its parent.
+            let enabled = fs::read_to_string(parent.join("cgroup.subtree_control"))
+                .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"));
+            if !enabled {
+                write(&parent.join("cgroup.subtree_control"), "+memory")?;
+            }
+            let c = Self {
+                backend: Backend::CgroupV2,
+                dir: dir.to_owned(),
+                limit,
+                high,
+                high_now: high,
+            };
+            write(&dir.join("memory.max"), &limit.to_string())?;
+            write(&dir.join("memory.high"), &high.to_string())?;
+            return Ok(c);
+        }
+        let Some(mount) = v1_memory_mount() else {
+            return Err(AgentError::CgroupUnusable {
+                path: v2_dir.map(Path::to_owned).unwrap_or_else(|| "/sys/fs/cgroup".into()),
+                reason: "no memory controller: neither cgroup v2 (cgroup.controllers) nor a cgroup v1 memory hierarchy".into(),
+            });
+        };
+        let dir = mount.join(database);
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(AgentError::io(format!("creating {}", dir.display()), e)),
+        }
+        write(&dir.join("memory.limit_in_bytes"), &limit.to_string())?;
+        write(&dir.join("memory.soft_limit_in_bytes"), &high.to_string())?;
+        Ok(Self {
+            backend: Backend::CgroupV1,
+            dir,
+            limit,
+            high,
+            high_now: high,
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Puts a process under the ceiling (v1: its own hierarchy; on v2 the
+    /// process is in the domain cgroup already).
+    pub fn adopt(&self, pid: u32) -> Result<(), AgentError> {
+        if self.backend == Backend::CgroupV1 {
+            write(&self.dir.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Lowers the high mark to `bytes` (Emergency: force reclaim), or
+    /// restores the configured one (None).
+    pub fn set_high(&mut self, bytes: Option<u64>) -> Result<(), AgentError> {
+        let want = bytes.unwrap_or(self.high).min(self.high);
+        if want == self.high_now {
+            return Ok(());
+        }
+        let file = match self.backend {
+            Backend::CgroupV2 => "memory.high",
+            Backend::CgroupV1 => "memory.soft_limit_in_bytes",
+        };
+        write(&self.dir.join(file), &want.to_string())?;
+        tracing::info!(cgroup = %self.dir.display(), from = self.high_now, to = want, "memory high mark changed");
+        self.high_now = want;
+        Ok(())
+    }
+
+    pub fn status(&self) -> CeilingStatus {
+        let d = &self.dir;
+        let (current, events) = match self.backend {
+            Backend::CgroupV2 => (
+                read_u64(&d.join("memory.current")).unwrap_or(0),
+                CeilingEvents {
+                    high: keyed(&d.join("memory.events"), "high"),
+                    max: keyed(&d.join("memory.events"), "max"),
+                    oom: keyed(&d.join("memory.events"), "oom"),
+                    oom_kill: keyed(&d.join("memory.events"), "oom_kill"),
+                },
+            ),
+            Backend::CgroupV1 => (
+                read_u64(&d.join("memory.usage_in_bytes")).unwrap_or(0),
+                CeilingEvents {
+                    high: 0,
+                    max: read_u64(&d.join("memory.failcnt")).unwrap_or(0),
+                    oom: keyed(&d.join("memory.oom_control"), "under_oom"),
+                    oom_kill: keyed(&d.join("memory.oom_control"), "oom_kill"),
+                },
+            ),
+        };
+        CeilingStatus {
+            backend: self.backend,
+            cgroup: d.display().to_string(),
+            limit_bytes: self.limit,
+            high_bytes: self.high_now,
+            current_bytes: current,
+            events,
+        }
+    }
+
+    /// Removes a v1 cgroup the agent made (when it is empty).
+    pub fn remove(&self) {
+        if self.backend == Backend::CgroupV1 {
+            let _ = fs::remove_dir(&self.dir);
+        }
+    }
+}

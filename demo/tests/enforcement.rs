@@ -296,6 +296,79 @@ fn the_kernel_enforces_the_ceiling_on_the_databases_cgroup() {
     );
 }
 
+/// `GET path` over plain HTTP/1.0; the body.
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn metrics_are_served_over_http() {
+    if privilege::skip_unprivileged("metrics endpoint") {
+        return;
+    }
+    let agent = Agent::start("metrics_addr = \"127.0.0.1:0\"");
+    let status = Command::new(agent_binary())
+        .args(["status", "--json", "--socket"])
+        .arg(agent.dir.join("agent.sock"))
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let addr = status["metrics_addr"]
+        .as_str()
+        .expect("the bound address")
+        .to_owned();
+    assert_eq!(http_get(&addr, "/healthz"), "ok\n");
+
+    // A library that reports its books and stays a while.
+    let mut client = Command::new(env!("CARGO_BIN_EXE_control-client"))
+        .arg("--socket")
+        .arg(&agent.control)
+        .args(["--database", &agent.database, "--engine", "query"])
+        .args(["--report-reserved", "12345", "--hold-ms", "5000"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = client.id();
+    let want = format!(
+        "nodedb_governor_agent_engine_reserved_bytes{{engine=\"query\",pid=\"{pid}\"}} 12345"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = http_get(&addr, "/metrics");
+        if text.contains(&want) {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no {want} in:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = client.kill();
+    let _ = client.wait();
+    for series in [
+        format!("nodedb_governor_agent_engine_refusals_total{{engine=\"query\",pid=\"{pid}\"}} 3"),
+        format!(
+            "nodedb_governor_agent_engine_budget_bytes{{engine=\"query\",pid=\"{pid}\"}} 67108864"
+        ),
+        format!("nodedb_governor_agent_engine_resident_bytes{{engine=\"query\",pid=\"{pid}\"}}"),
+        "nodedb_governor_cgroup_memory_max_bytes{backend=".into(),
+        "nodedb_governor_agent_up 1".into(),
+        "nodedb_governor_agent_clients 1".into(),
+        "nodedb_governor_agent_ticks_total".into(),
+    ] {
+        assert!(text.contains(&series), "no {series} in:\n{text}");
+    }
+}
+
 fn frame(body: &[u8]) -> Vec<u8> {
     let mut f = (body.len() as u32).to_be_bytes().to_vec();
     f.extend_from_slice(body);

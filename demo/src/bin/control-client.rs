@@ -17,6 +17,9 @@ struct Args {
     /// After the reply, touch this many MiB (without reserving them).
     #[arg(long, default_value_t = 0)]
     touch_mib: usize,
+    /// After the reply, report this many bytes reserved for the engine.
+    #[arg(long)]
+    report_reserved: Option<u64>,
     /// ...and stay connected this long.
     #[arg(long, default_value_t = 0)]
     hold_ms: u64,
@@ -34,7 +37,7 @@ fn main() -> anyhow::Result<()> {
             version: wire::VERSION,
             database: args.database,
             engines: vec![EngineDecl {
-                name: args.engine,
+                name: args.engine.clone(),
                 floor_bytes: 0,
                 cap_bytes: 1 << 30,
             }],
@@ -46,6 +49,19 @@ fn main() -> anyhow::Result<()> {
         if let Some(m) = d.next_message::<ToLibrary>() {
             println!("{}", serde_json::to_string(&m?)?);
             std::io::Write::flush(&mut std::io::stdout())?;
+            if let Some(reserved) = args.report_reserved {
+                std::io::Write::write_all(
+                    &mut s,
+                    &wire::encode(&ToAgent::Report {
+                        engines: vec![wire::EngineReport {
+                            name: args.engine.clone(),
+                            reserved_bytes: reserved,
+                            rejections: 3,
+                            arena_resident_bytes: None,
+                        }],
+                    }),
+                )?;
+            }
             let mut held = Vec::new();
             for _ in 0..args.touch_mib {
                 held.push(nodedb_governor_demo::memory::Block::new(

@@ -176,6 +176,10 @@ pub struct Config {
     pub allowed_uids: Vec<u32>,
     #[serde(default)]
     pub thresholds: ThresholdsConfig,
+    /// Where `/metrics` is served over HTTP (absent: not served). Port 0
+    /// picks a free port (the status reports it).
+    #[serde(default)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     #[serde(rename = "engine")]
     pub engines: Vec<EngineConfig>,
 }

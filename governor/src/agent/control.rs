@@ -42,6 +42,9 @@ pub struct EngineEnforcement {
     pub budget_bytes: u64,
     pub resident_bytes: u64,
     pub reserved_bytes: u64,
+    /// Reservations the library refused (its own count).
+    #[serde(default)]
+    pub rejections: u64,
     pub spill_requests: u64,
     pub spilled_bytes: u64,
     pub purges: u64,
@@ -219,10 +222,9 @@ impl Client {
         match m {
             ToAgent::Report { engines } => {
                 for r in engines {
-                    self.enforcement
-                        .entry(r.name.clone())
-                        .or_default()
-                        .reserved_bytes = r.reserved_bytes;
+                    let e = self.enforcement.entry(r.name.clone()).or_default();
+                    e.reserved_bytes = r.reserved_bytes;
+                    e.rejections = r.rejections;
                     self.reports.insert(r.name.clone(), r);
                 }
             }

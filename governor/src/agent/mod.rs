@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod metrics_http;
 pub mod mounts;
 pub mod paths;
 pub mod privilege;

@@ -41,6 +41,15 @@ pub struct Agent {
     clients: BTreeMap<u64, Client>,
     ceiling: Option<Ceiling>,
     ceiling_error: Option<String>,
+    health: Health,
+    metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// How the agent's own loop is doing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Health {
+    pub ticks: u64,
+    pub last_tick: Duration,
 }
 
 impl Agent {
@@ -100,6 +109,8 @@ impl Agent {
             clients: BTreeMap::new(),
             ceiling,
             ceiling_error,
+            health: Health::default(),
+            metrics_addr: None,
         })
     }
 
@@ -125,6 +136,17 @@ impl Agent {
     /// One tick: picks up processes that entered the subtree, forgets those
     /// that exited.
     pub fn tick(&mut self) {
+        let started = std::time::Instant::now();
+        self.tick_inner();
+        self.health.ticks += 1;
+        self.health.last_tick = started.elapsed();
+    }
+
+    pub fn health(&self) -> Health {
+        self.health
+    }
+
+    fn tick_inner(&mut self) {
         if let Some(s) = &self.subtree {
             match s.pids() {
                 Ok(pids) => {
@@ -335,6 +357,7 @@ impl Agent {
         );
         report.ceiling = self.ceiling.as_ref().map(Ceiling::status);
         report.ceiling_error = self.ceiling_error.clone();
+        report.metrics_addr = self.metrics_addr.map(|a| a.to_string());
         report.clients = self
             .clients
             .values()
@@ -456,6 +479,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })
     };
 
+    let metrics_addr = lock(&agent).config().metrics_addr;
+    let metrics = match metrics_addr {
+        Some(addr) => {
+            let (bound, task) = super::metrics_http::serve(agent.clone(), addr).await?;
+            tracing::info!(addr = %bound, "serving /metrics");
+            lock(&agent).metrics_addr = Some(bound);
+            Some(task)
+        }
+        None => None,
+    };
+
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
@@ -464,6 +498,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ticker.abort();
     server.abort();
     control.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     lock(&agent).shutdown();
     let _ = fs::remove_file(&socket_path);
     let _ = fs::remove_file(&control_path);

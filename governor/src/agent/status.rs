@@ -77,6 +77,9 @@ pub struct StatusReport {
     /// Connected libraries and what the ladder did for each engine.
     #[serde(default)]
     pub clients: Vec<ClientStatus>,
+    /// Where `/metrics` is served, if it is.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
 }
 
 /// One library connected over the control channel.
@@ -119,6 +122,7 @@ impl StatusReport {
             ceiling: None,
             ceiling_error: None,
             clients: Vec::new(),
+            metrics_addr: None,
         }
     }
 

@@ -1,0 +1,282 @@
+//! The agent's Prometheus endpoint: `GET /metrics` (text format) and
+//! `GET /healthz`, served with axum on the agent's tokio runtime.
+//!
+//! Every scrape builds its figures from the agent's state at that moment
+//! (a fresh registry, so nothing stale survives a process that left):
+//!
+//! | metric | labels |
+//! |---|---|
+//! | `nodedb_governor_agent_engine_budget_bytes` | pid, engine |
+//! | `nodedb_governor_agent_engine_reserved_bytes` (the library's books) | pid, engine |
+//! | `nodedb_governor_agent_engine_resident_bytes` (the kernel's attribution) | pid, engine |
+//! | `nodedb_governor_agent_engine_page_faults_total` | pid, engine |
+//! | `nodedb_governor_agent_engine_pressure_level` (0 Normal .. 3 Emergency) | pid, engine |
+//! | `nodedb_governor_agent_engine_spill_requests_total` | pid, engine |
+//! | `nodedb_governor_agent_engine_spilled_bytes_total` | pid, engine |
+//! | `nodedb_governor_agent_engine_purges_total` | pid, engine |
+//! | `nodedb_governor_agent_engine_refusals_total` (the library's) | pid, engine |
+//! | `nodedb_governor_agent_unattributed_bytes` | pid |
+//! | `nodedb_governor_cgroup_memory_current_bytes`, `_high_bytes`, `_max_bytes` | backend |
+//! | `nodedb_governor_cgroup_memory_events_total` | backend, event |
+//! | `nodedb_governor_agent_clients`, `_processes`, `_ticks_total`, `_tick_seconds` | |
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use super::run::Agent;
+
+type Shared = Arc<Mutex<Agent>>;
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn counter(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn sat(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn level_value(level: Option<&str>) -> i64 {
+    match level {
+        Some("warning") => 1,
+        Some("critical") => 2,
+        Some("emergency") => 3,
+        _ => 0,
+    }
+}
+
+/// The metrics text for the agent's state now.
+pub fn render(agent: &Agent) -> Result<String, String> {
+    let status = agent.status().map_err(|e| e.to_string())?;
+    let health = agent.health();
+    let r = Registry::new();
+    let m = (|| -> prometheus::Result<String> {
+        let pe = &["pid", "engine"];
+        let budget = gauge(
+            &r,
+            "nodedb_governor_agent_engine_budget_bytes",
+            "The engine's budget in force (after loans)",
+            pe,
+        )?;
+        let reserved = gauge(
+            &r,
+            "nodedb_governor_agent_engine_reserved_bytes",
+            "Bytes the library has reserved for the engine",
+            pe,
+        )?;
+        let resident = gauge(
+            &r,
+            "nodedb_governor_agent_engine_resident_bytes",
+            "Resident bytes the kernel attributes to the engine",
+            pe,
+        )?;
+        let faults = counter(
+            &r,
+            "nodedb_governor_agent_engine_page_faults_total",
+            "Page faults of the engine's threads",
+            pe,
+        )?;
+        let level = gauge(
+            &r,
+            "nodedb_governor_agent_engine_pressure_level",
+            "Pressure level: 0 Normal, 1 Warning, 2 Critical, 3 Emergency",
+            pe,
+        )?;
+        let spills = counter(
+            &r,
+            "nodedb_governor_agent_engine_spill_requests_total",
+            "Spill requests sent",
+            pe,
+        )?;
+        let spilled = counter(
+            &r,
+            "nodedb_governor_agent_engine_spilled_bytes_total",
+            "Bytes freed by spill requests",
+            pe,
+        )?;
+        let purges = counter(
+            &r,
+            "nodedb_governor_agent_engine_purges_total",
+            "Arena purge requests sent",
+            pe,
+        )?;
+        let refusals = counter(
+            &r,
+            "nodedb_governor_agent_engine_refusals_total",
+            "Reservations the library refused",
+            pe,
+        )?;
+        let unattributed = gauge(
+            &r,
+            "nodedb_governor_agent_unattributed_bytes",
+            "Resident bytes of a governed process no engine caused",
+            &["pid"],
+        )?;
+        for p in &status.processes {
+            let pid = p.pid.to_string();
+            for (name, e) in &p.engines {
+                resident
+                    .with_label_values(&[&pid, name])
+                    .set(sat(e.resident_bytes));
+                faults
+                    .with_label_values(&[&pid, name])
+                    .inc_by(e.page_faults);
+            }
+            unattributed
+                .with_label_values(&[&pid])
+                .set(sat(p.unattributed.resident_bytes));
+        }
+        for c in &status.clients {
+            let pid = c.pid.to_string();
+            for (name, e) in &c.engines {
+                let l = [pid.as_str(), name.as_str()];
+                budget.with_label_values(&l).set(sat(e.budget_bytes));
+                reserved.with_label_values(&l).set(sat(e.reserved_bytes));
+                level
+                    .with_label_values(&l)
+                    .set(level_value(e.level.as_deref()));
+                spills.with_label_values(&l).inc_by(e.spill_requests);
+                spilled.with_label_values(&l).inc_by(e.spilled_bytes);
+                purges.with_label_values(&l).inc_by(e.purges);
+                refusals.with_label_values(&l).inc_by(e.rejections);
+            }
+        }
+        if let Some(c) = &status.ceiling {
+            let b = serde_json::to_value(c.backend)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            let g = |name: &str, help: &str, v: u64| -> prometheus::Result<()> {
+                gauge(&r, name, help, &["backend"])?
+                    .with_label_values(&[&b])
+                    .set(sat(v));
+                Ok(())
+            };
+            g(
+                "nodedb_governor_cgroup_memory_current_bytes",
+                "Memory charged to the database's cgroup",
+                c.current_bytes,
+            )?;
+            g(
+                "nodedb_governor_cgroup_memory_high_bytes",
+                "The cgroup's high mark (memory.high or the v1 soft limit)",
+                c.high_bytes,
+            )?;
+            g(
+                "nodedb_governor_cgroup_memory_max_bytes",
+                "The ceiling (memory.max or the v1 limit)",
+                c.limit_bytes,
+            )?;
+            let ev = counter(
+                &r,
+                "nodedb_governor_cgroup_memory_events_total",
+                "The cgroup's memory events",
+                &["backend", "event"],
+            )?;
+            for (e, v) in [
+                ("high", c.events.high),
+                ("max", c.events.max),
+                ("oom", c.events.oom),
+                ("oom_kill", c.events.oom_kill),
+            ] {
+                ev.with_label_values(&[&b, e]).inc_by(v);
+            }
+        }
+        let plain = |name: &str, help: &str, v: i64| -> prometheus::Result<()> {
+            let g = prometheus::IntGauge::new(name, help)?;
+            r.register(Box::new(g.clone()))?;
+            g.set(v);
+            Ok(())
+        };
+        plain("nodedb_governor_agent_up", "1 while the agent runs", 1)?;
+        plain(
+            "nodedb_governor_agent_clients",
+            "Libraries connected over the control channel",
+            status.clients.len() as i64,
+        )?;
+        plain(
+            "nodedb_governor_agent_processes",
+            "Governed processes",
+            status.processes.len() as i64,
+        )?;
+        let ticks = prometheus::IntCounter::new(
+            "nodedb_governor_agent_ticks_total",
+            "Enforcement ticks run",
+        )?;
+        r.register(Box::new(ticks.clone()))?;
+        ticks.inc_by(health.ticks);
+        let tick = prometheus::Gauge::new(
+            "nodedb_governor_agent_tick_seconds",
+            "Duration of the last tick",
+        )?;
+        r.register(Box::new(tick.clone()))?;
+        tick.set(health.last_tick.as_secs_f64());
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&r.gather(), &mut out)?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    })();
+    m.map_err(|e| e.to_string())
+}
+
+async fn metrics(State(agent): State<Shared>) -> impl IntoResponse {
+    let text = {
+        let a = agent.lock().unwrap_or_else(|p| p.into_inner());
+        render(&a)
+    };
+    match text {
+        Ok(t) => (
+            StatusCode::OK,
+            [("content-type", "text/plain; version=0.0.4")],
+            t,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "text/plain")],
+            format!("collecting metrics: {e}\n"),
+        ),
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Binds `addr` and serves until the task is aborted. Returns the bound
+/// address (a port of 0 picks one).
+pub async fn serve(
+    agent: Shared,
+    addr: SocketAddr,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    use anyhow::Context as _;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics address {addr}"))?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(agent);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok((bound, task))
+}

@@ -296,6 +296,101 @@ fn the_kernel_enforces_the_ceiling_on_the_databases_cgroup() {
     );
 }
 
+fn status_json(agent: &Agent) -> serde_json::Value {
+    let out = Command::new(agent_binary())
+        .args(["status", "--json", "--socket"])
+        .arg(agent.dir.join("agent.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sighup_reloads_the_config_atomically() {
+    if privilege::skip_unprivileged("configuration reload") {
+        return;
+    }
+    let agent = Agent::start("");
+    let config = agent.dir.join("governor.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let mut client = Command::new(env!("CARGO_BIN_EXE_control-client"))
+        .arg("--socket")
+        .arg(&agent.control)
+        .args(["--database", &agent.database, "--engine", "query"])
+        .args(["--report-reserved", "1", "--hold-ms", "20000"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let query_budget = |agent: &Agent| {
+        status_json(agent)["clients"][0]["engines"]["query"]["budget_bytes"].as_u64()
+    };
+    let ceiling = |agent: &Agent| status_json(agent)["ceiling"]["limit_bytes"].as_u64();
+    wait_for("the client's budget", || {
+        query_budget(&agent) == Some(64 << 20)
+    });
+    let hup = |agent: &Agent| {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };
+    };
+
+    // A good change: applied in place, the library told.
+    let changed = original
+        .replace("ceiling = \"1GiB\"", "ceiling = \"512MiB\"")
+        .replacen(
+            "name = \"query\"\nbudget = \"64MiB\"",
+            "name = \"query\"\nbudget = \"32MiB\"",
+            1,
+        );
+    assert_ne!(changed, original);
+    std::fs::write(&config, &changed).unwrap();
+    hup(&agent);
+    wait_for("the new budget", || query_budget(&agent) == Some(32 << 20));
+    assert_eq!(ceiling(&agent), Some(512 << 20));
+
+    // Bad ones: refused whole, the old one stays, the agent keeps running.
+    for (bad, named) in [
+        (
+            changed.replace("budget = \"32MiB\"", "budget = \"lots\""),
+            "budget",
+        ),
+        (
+            changed
+                .replace("budget = \"32MiB\"", "budget = \"16MiB\"")
+                .replace(&agent.database, "another-db"),
+            "database cannot change",
+        ),
+    ] {
+        std::fs::write(&config, &bad).unwrap();
+        hup(&agent);
+        let log = agent.dir.join("agent.log");
+        wait_for(&format!("a refusal naming {named}"), || {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|l| l.contains("configuration refused") && l.contains(named))
+        });
+        assert_eq!(
+            query_budget(&agent),
+            Some(32 << 20),
+            "nothing of it applied"
+        );
+        assert_eq!(ceiling(&agent), Some(512 << 20));
+    }
+    let _ = client.kill();
+    let _ = client.wait();
+}
+
 /// `GET path` over plain HTTP/1.0; the body.
 fn http_get(addr: &str, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();

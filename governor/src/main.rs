@@ -14,11 +14,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
-        Command::Run { config } => cli::load_config(config.as_ref()).and_then(|config| {
+        Command::Run { config: path } => cli::load_config(path.as_ref()).and_then(|config| {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(nodedb_governor::agent::run::run(config))
+                .block_on(nodedb_governor::agent::run::run(config, path))
         }),
         other => cli::client(other),
     };

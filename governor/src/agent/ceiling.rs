@@ -159,6 +159,22 @@ impl Ceiling {
         })
     }
 
+    /// Changes the ceiling and the high mark (a configuration reload).
+    /// A ceiling below what the cgroup holds is refused by the kernel
+    /// (v1: EBUSY), and then nothing changes.
+    pub fn set_limit(&mut self, limit: u64, high: u64) -> Result<(), AgentError> {
+        let (max_file, high_file) = match self.backend {
+            Backend::CgroupV2 => ("memory.max", "memory.high"),
+            Backend::CgroupV1 => ("memory.limit_in_bytes", "memory.soft_limit_in_bytes"),
+        };
+        write(&self.dir.join(max_file), &limit.to_string())?;
+        write(&self.dir.join(high_file), &high.to_string())?;
+        self.limit = limit;
+        self.high = high;
+        self.high_now = high;
+        Ok(())
+    }
+
     pub fn backend(&self) -> Backend {
         self.backend
     }

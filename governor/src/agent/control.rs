@@ -92,6 +92,23 @@ impl Client {
         }
     }
 
+    /// A new configuration: loans end and every engine gets its configured
+    /// budget, sent to the library.
+    pub fn reset_budgets(&mut self, config: &Config) {
+        self.loans.clear();
+        self.budgets.clear();
+        for l in config.limits() {
+            self.budgets.insert(l.name.clone(), l.budget_bytes);
+            if self.reports.contains_key(&l.name) || self.enforcement.contains_key(&l.name) {
+                self.send(ToLibrary::Limits {
+                    engine: l.name,
+                    floor_bytes: l.floor_bytes,
+                    cap_bytes: l.budget_bytes,
+                });
+            }
+        }
+    }
+
     /// The engine's budget in force.
     pub fn budget(&self, engine: &str) -> Option<u64> {
         self.budgets.get(engine).copied()

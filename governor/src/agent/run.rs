@@ -316,6 +316,40 @@ impl Agent {
         &self.config
     }
 
+    /// Applies a new (valid) configuration at once, or refuses it whole:
+    /// what only a restart can change (the database, identity, cgroup root,
+    /// sockets, the metrics address, the set of engines) must be unchanged.
+    /// Budgets, floors, thresholds, the ceiling, the tick and the allowed
+    /// uids change in place; libraries get their new budgets (loans end).
+    pub fn reload(&mut self, new: Config) -> Result<(), String> {
+        let old = &self.config;
+        let fixed: [(&str, bool); 7] = [
+            ("database", old.database == new.database),
+            ("identity", old.identity == new.identity),
+            ("cgroup_root", old.cgroup_root == new.cgroup_root),
+            ("run_dir", old.run_dir == new.run_dir),
+            (
+                "control_socket",
+                old.control_socket_path() == new.control_socket_path(),
+            ),
+            ("metrics_addr", old.metrics_addr == new.metrics_addr),
+            ("engine", old.engine_names() == new.engine_names()),
+        ];
+        if let Some((field, _)) = fixed.iter().find(|(_, same)| !same) {
+            return Err(format!("{field} cannot change without a restart"));
+        }
+        if let Some(c) = &mut self.ceiling {
+            let limit = new.ceiling_bytes();
+            let high = (limit as f64 * new.thresholds.critical) as u64;
+            c.set_limit(limit, high).map_err(|e| e.to_string())?;
+        }
+        self.config = new;
+        for c in self.clients.values_mut() {
+            c.reset_budgets(&self.config);
+        }
+        Ok(())
+    }
+
     /// Moves thread `tid` of `pid` into `engine`.
     pub fn assign(&mut self, pid: u32, tid: u32, engine: &str) -> Result<(), AgentError> {
         procfs::start_time(pid)?;
@@ -392,8 +426,9 @@ impl Agent {
     }
 }
 
-/// Runs the agent until SIGINT or SIGTERM.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the agent until SIGINT or SIGTERM; SIGHUP reloads `config_path`
+/// (the bundled default when None).
+pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let socket_path = config.socket_path();
     let tick = Duration::from_millis(config.tick_ms);
     let agent = Arc::new(Mutex::new(Agent::start(config)?));
@@ -408,7 +443,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let mut interval = tokio::time::interval(tick);
             loop {
                 interval.tick().await;
-                lock(&agent).tick();
+                let now = {
+                    let mut a = lock(&agent);
+                    a.tick();
+                    Duration::from_millis(a.config().tick_ms)
+                };
+                // A reload may change the tick.
+                if now != interval.period() {
+                    interval = tokio::time::interval(now);
+                    interval.tick().await;
+                }
             }
         })
     };
@@ -490,10 +534,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("SIGINT: stopping");
+                break;
+            }
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: stopping");
+                break;
+            }
+            _ = hup.recv() => {
+                match super::cli::load_config(config_path.as_ref()) {
+                    Ok(new) => match lock(&agent).reload(new) {
+                        Ok(()) => tracing::info!("SIGHUP: configuration reloaded"),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: configuration refused, the old one stays"),
+                    },
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "SIGHUP: configuration refused, the old one stays"),
+                }
+            }
+        }
     }
     ticker.abort();
     server.abort();

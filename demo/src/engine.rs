@@ -205,3 +205,46 @@ impl Engine {
             .sum()
     }
 }
+
+/// Spills an engine by giving back its newest blocks (unmapped, or freed
+/// to the allocator and trimmed), for the agent's spill requests.
+pub struct EngineSpill {
+    blocks: Arc<Mutex<Vec<Block>>>,
+}
+
+impl nodedb_governor::SpillHandler for EngineSpill {
+    fn reclaimable_bytes(&self) -> u64 {
+        self.blocks
+            .lock()
+            .map(|b| b.iter().map(|x| x.resident_bytes() as u64).sum())
+            .unwrap_or(0)
+    }
+
+    fn spill(&self, target_bytes: u64) -> u64 {
+        let mut freed = 0u64;
+        let mut malloc = false;
+        {
+            let Ok(mut blocks) = self.blocks.lock() else {
+                return 0;
+            };
+            while freed < target_bytes {
+                let Some(b) = blocks.pop() else { break };
+                freed += b.resident_bytes() as u64;
+                malloc |= b.kind() == Kind::Malloc;
+            }
+        }
+        if malloc {
+            memory::trim_malloc();
+        }
+        freed
+    }
+}
+
+impl Engine {
+    /// The engine's spill handler.
+    pub fn spill_handler(&self) -> Arc<EngineSpill> {
+        Arc::new(EngineSpill {
+            blocks: self.blocks.clone(),
+        })
+    }
+}

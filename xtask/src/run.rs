@@ -1,5 +1,9 @@
 //! `cargo xtask run`: the agent with the bundled default configuration and
-//! the three-engine demo, with per-engine attribution shown live.
+//! the three-engine demo, governed end to end: the demo embeds the library,
+//! connects over the control socket and registers its threads; its engines
+//! grow past their budgets and the agent spills them back. Attribution,
+//! budgets and spills are shown live; `/metrics` is served at
+//! 127.0.0.1:9187 and `nodedb-governor status` works in another terminal.
 
 use std::{
     io::{BufRead, BufReader},
@@ -31,6 +35,7 @@ impl Drop for Reaped {
 }
 
 const SOCKET: &str = "/run/nodedb-governor/agent.sock";
+const CONTROL: &str = "/run/nodedb-governor/control.sock";
 
 pub fn run(seconds: Option<u64>) -> anyhow::Result<()> {
     if !cmd::is_root() {
@@ -62,16 +67,19 @@ pub fn run(seconds: Option<u64>) -> anyhow::Result<()> {
         libc::SIGTERM,
     );
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !Path::new(SOCKET).exists() {
+    while !Path::new(SOCKET).exists() || !Path::new(CONTROL).exists() {
         if Instant::now() > deadline {
             bail!("the agent did not open {SOCKET} within 30 s");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    step("starting the demo database (vector, timeseries, query)");
+    step("starting the demo database (vector, timeseries, query), governed through the library");
+    // Scale 4: the query bursts and timeseries buffers outgrow their
+    // budgets (40% and 30% of the 1 GiB ceiling), so the agent spills them.
     let mut demo = Reaped(
         Command::new(bin.join("nodedb-demo"))
+            .args(["--scale", "4", "--control-socket", CONTROL])
             .stdout(Stdio::piped())
             .spawn()
             .context("starting nodedb-demo")?,
@@ -83,24 +91,10 @@ pub fn run(seconds: Option<u64>) -> anyhow::Result<()> {
         .context("reading the demo's engines")?;
     let hello: serde_json::Value = serde_json::from_str(&hello).context("demo hello is JSON")?;
     let pid = hello["pid"].as_u64().context("demo pid")?;
-    step(&format!(
-        "assigning the demo's threads (pid {pid}) to their engines"
-    ));
-    for (engine, tids) in hello["engines"].as_object().context("demo engines")? {
-        for tid in tids.as_array().into_iter().flatten() {
-            cmd::run(Command::new(&agent_bin).args([
-                "assign",
-                "--pid",
-                &pid.to_string(),
-                "--tid",
-                &tid.to_string(),
-                "--engine",
-                engine,
-            ]))?;
-        }
-    }
+    eprintln!("    demo pid {pid}: it registers its threads over {CONTROL}");
+    eprintln!("    metrics: curl -s http://127.0.0.1:9187/metrics | grep nodedb_governor");
 
-    step("live attribution (Ctrl-C to stop)");
+    step("live attribution and enforcement (Ctrl-C to stop)");
     let started = Instant::now();
     while !STOP.load(Ordering::SeqCst)
         && seconds.is_none_or(|s| started.elapsed() < Duration::from_secs(s))

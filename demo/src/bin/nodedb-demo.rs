@@ -4,22 +4,105 @@
 //! * timeseries (2 threads) ingests into allocator buffers and flushes them;
 //! * query (2 threads) runs a GROUP BY-like burst every few seconds.
 //!
-//! It prints `{"pid":P,"engines":{"name":[tids...]}}` first, so whoever
-//! starts it can assign its threads to engines, then runs until killed.
+//! With `--control-socket` it is governed the normal way: it embeds the
+//! library, connects to the agent, registers every worker thread with its
+//! engine, and each engine's spill handler gives memory back when the
+//! agent asks. Without it, it prints `{"pid":P,"engines":{"name":[tids...]}}`
+//! first, so whoever starts it can assign its threads, then runs until
+//! killed.
 
 use std::{collections::BTreeMap, thread, time::Duration};
 
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
 use clap::Parser;
+use nodedb_governor::{
+    Budget, EngineId, HandlerRegistration, MemoryGovernor, SpillConfig, SpillController,
+    control::{AgentLink, LinkConfig},
+};
 use nodedb_governor_demo::{
     engine::Engine,
     memory::{self, Kind, MIB},
 };
+
+const ENGINES: [(&str, EngineId); 3] = [
+    ("vector", EngineId::Vector),
+    ("timeseries", EngineId::Timeseries),
+    ("query", EngineId::Query),
+];
+
+/// What keeps the demo governed: the link and the spill registrations.
+struct Governed {
+    _registrations: Vec<HandlerRegistration<'static>>,
+    _link: Arc<AgentLink>,
+}
+
+/// Connects to the agent and registers every worker with its engine.
+fn govern(
+    socket: &std::path::Path,
+    database: &str,
+    engines: &[&Engine],
+) -> anyhow::Result<Governed> {
+    let governor = MemoryGovernor::new(
+        Budget::builder(1 << 40)
+            .engine(EngineId::Vector, 0, 1 << 40)
+            .engine(EngineId::Timeseries, 0, 1 << 40)
+            .engine(EngineId::Query, 0, 1 << 40)
+            .build()?,
+    );
+    // Lives as long as the process (handlers register for 'static).
+    let spill: &'static Arc<SpillController> = Box::leak(Box::new(Arc::new(SpillController::new(
+        SpillConfig::default(),
+    )?)));
+    let link = Arc::new(
+        AgentLink::builder(&governor, LinkConfig::new(socket, database, &ENGINES))
+            .spill_controller(spill.clone())
+            .start()?,
+    );
+    if !link.wait_connected(Duration::from_secs(30)) {
+        bail!(
+            "could not reach the agent at {}: {:?}",
+            socket.display(),
+            link.stats().last_error
+        );
+    }
+    let mut registrations = Vec::new();
+    for e in engines {
+        let (_, id) = ENGINES
+            .iter()
+            .find(|(n, _)| *n == e.name)
+            .context("engine name")?;
+        let id = *id;
+        let l = link.clone();
+        for tid in e.on_all(move |_| l.register_current_thread(id)) {
+            let tid = tid?;
+            if !link.wait_placed(tid, Duration::from_secs(10)) {
+                bail!("the agent did not place thread {tid}");
+            }
+        }
+        registrations.push((id, e.spill_handler()));
+    }
+    Ok(Governed {
+        _registrations: registrations
+            .into_iter()
+            .map(|(id, h)| spill.register(id, h))
+            .collect(),
+        _link: link,
+    })
+}
 
 #[derive(Parser)]
 struct Args {
     /// Multiplies every size.
     #[arg(long, default_value_t = 1)]
     scale: usize,
+    /// The agent's control socket: be governed through the library.
+    #[arg(long)]
+    control_socket: Option<std::path::PathBuf>,
+    /// The database name in the agent's configuration.
+    #[arg(long, default_value = "nodedb")]
+    database: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,8 +118,18 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let hello = serde_json::json!({ "pid": std::process::id(), "engines": engines });
     println!("{hello}");
-    // Let whoever started us assign the threads before memory moves.
-    thread::sleep(Duration::from_secs(1));
+    let _governed = match &args.control_socket {
+        Some(socket) => Some(govern(
+            socket,
+            &args.database,
+            &[&vector, &timeseries, &query],
+        )?),
+        // Let whoever started us assign the threads before memory moves.
+        None => {
+            thread::sleep(Duration::from_secs(1));
+            None
+        }
+    };
 
     let tick = Duration::from_millis(250);
     let mut index_mib = 0;

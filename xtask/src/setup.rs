@@ -18,6 +18,7 @@ use crate::cmd::{self, step};
 /// LLVM major version of both rustc (stable and nightly) here.
 const LLVM_MAJOR: u32 = 22;
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn llvm_packages() -> Vec<String> {
     ["llvm-{}-dev", "libclang-{}-dev", "libpolly-{}-dev"]
@@ -33,6 +34,7 @@ pub fn setup() -> anyhow::Result<()> {
     bpf_linker()?;
     check_llvm_match()?;
     make()?;
+    cargo_fuzz()?;
     eprintln!("    toolchain ready");
     Ok(())
 }
@@ -153,6 +155,24 @@ fn bpf_linker() -> anyhow::Result<()> {
             ])
             .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}")),
     )
+}
+
+/// cargo-fuzz, for the control channel decoder's fuzz target.
+fn cargo_fuzz() -> anyhow::Result<()> {
+    if let Some(v) = cmd::output(Command::new("cargo").args(["fuzz", "--version"])) {
+        eprintln!("    {}: present", v.trim());
+        return Ok(());
+    }
+    step(&format!(
+        "installing cargo-fuzz {CARGO_FUZZ_VERSION} (a minute, once)"
+    ));
+    cmd::run(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+    ]))
 }
 
 fn make() -> anyhow::Result<()> {

@@ -112,6 +112,15 @@ pub fn test() -> anyhow::Result<()> {
             .args(["--target-dir", "target/loom"])
             .env("RUSTFLAGS", "--cfg nodedb_loom"),
     )?;
+    step("fuzzing the control channel's decoder (cargo fuzz, 30 s)");
+    cmd::run(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["+nightly", "fuzz", "run", "decode", "--"])
+            .args(["-max_total_time=30", "-rss_limit_mb=2048"])
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER"),
+    )?;
     step("doc tests");
     cmd::run(
         Command::new("cargo")

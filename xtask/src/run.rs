@@ -93,6 +93,7 @@ pub fn run(seconds: Option<u64>) -> anyhow::Result<()> {
     let pid = hello["pid"].as_u64().context("demo pid")?;
     eprintln!("    demo pid {pid}: it registers its threads over {CONTROL}");
     eprintln!("    metrics: curl -s http://127.0.0.1:9187/metrics | grep nodedb_governor");
+    eprintln!("    live view: sudo target/release/nodedb-governor top   (in another terminal)");
 
     step("live attribution and enforcement (Ctrl-C to stop)");
     let started = Instant::now();

@@ -52,6 +52,15 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// A live view of every governed engine: resident against budget,
+    /// pressure, spills, loans (q quits).
+    Top {
+        /// Refresh interval, milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Validate a configuration file.
     CheckConfig { file: PathBuf },
 }
@@ -113,6 +122,13 @@ pub fn client(command: Command) -> anyhow::Result<()> {
             Reply::Error { message } => anyhow::bail!("{message}"),
             other => anyhow::bail!("unexpected reply {other:?}"),
         },
+        Command::Top {
+            interval_ms,
+            target,
+        } => super::top::run(
+            &target.socket()?,
+            std::time::Duration::from_millis(interval_ms.max(100)),
+        ),
         Command::Status {
             json,
             watch,

@@ -17,4 +17,5 @@ pub mod privilege;
 pub mod procfs;
 pub mod run;
 pub mod status;
+pub mod top;
 pub mod tracefs;

@@ -114,6 +114,34 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Starts the agent again on the same configuration.
+    fn restart(&mut self) {
+        let _ = std::fs::remove_file(&self.control);
+        let log = self.dir.join("agent.log");
+        self.child = Command::new(agent_binary())
+            .args(["run", "--config"])
+            .arg(self.dir.join("governor.toml"))
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("restarting the agent");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.control.exists() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the agent exited ({status}): {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the restarted agent did not open its socket"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         // SAFETY: signalling our own child.
@@ -389,6 +417,87 @@ fn sighup_reloads_the_config_atomically() {
     }
     let _ = client.kill();
     let _ = client.wait();
+}
+
+#[test]
+fn a_killed_agent_restarts_on_its_pinned_maps_and_the_library_reconnects() {
+    if privilege::skip_unprivileged("agent restart") {
+        return;
+    }
+    use std::io::BufRead;
+    let mut agent = Agent::start("");
+    let mut probe = Command::new(env!("CARGO_BIN_EXE_hold-probe"))
+        .arg("--socket")
+        .arg(&agent.control)
+        .args(["--database", &agent.database, "--mib", "48"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = probe.id();
+    let mut lines = std::io::BufReader::new(probe.stdout.take().unwrap()).lines();
+    let mut next = move || -> serde_json::Value {
+        serde_json::from_str(&lines.next().expect("the probe runs").unwrap()).unwrap()
+    };
+    assert_eq!(next()["held_bytes"], 48 << 20);
+    let vector = |agent: &Agent| -> (u64, u64) {
+        let s = status_json(agent);
+        let p = s["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pid"] == pid)
+            .cloned()
+            .unwrap_or_default();
+        (
+            p["engines"]["vector"]["resident_bytes"]
+                .as_u64()
+                .unwrap_or(0),
+            p["unattributed"]["resident_bytes"].as_u64().unwrap_or(0),
+        )
+    };
+    wait_for("48 MiB attributed to vector", || {
+        vector(&agent).0 >= 47 << 20
+    });
+    let (before, unattributed_before) = vector(&agent);
+
+    // SIGKILL: no clean-up, the pins and the registry stay.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGKILL) };
+    let _ = agent.child.wait();
+    let mut seen_down = false;
+    for _ in 0..50 {
+        if next()["connected"] == false {
+            seen_down = true;
+            break;
+        }
+    }
+    assert!(seen_down, "the library noticed the agent was gone");
+    // The database keeps running while the agent is away.
+    assert_eq!(probe.try_wait().unwrap(), None);
+
+    agent.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = next();
+        if st["connected"] == true && st["connects"].as_u64() >= Some(2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the library did not reconnect: {st}"
+        );
+    }
+    let (after, unattributed_after) = vector(&agent);
+    assert!(
+        after.abs_diff(before) < 2 << 20,
+        "the counts went on from the pinned maps: vector {before} before, {after} after"
+    );
+    assert!(
+        unattributed_after < unattributed_before + (2 << 20),
+        "the process was not registered afresh (its memory would be unattributed): {unattributed_before} -> {unattributed_after}"
+    );
+    let _ = probe.kill();
+    let _ = probe.wait();
 }
 
 /// `GET path` over plain HTTP/1.0; the body.

@@ -20,7 +20,7 @@ use tokio::{
 
 use super::{
     admin::{self, Reply, Request},
-    attribution::{Attribution, Identity, ProgramSet},
+    attribution::{Attribution, Identity, Persistence, ProgramSet},
     ceiling::Ceiling,
     cgroup::{self, Subtree},
     config::{Config, IdentityMode},
@@ -55,10 +55,23 @@ pub struct Health {
 impl Agent {
     /// Loads the programs and sets up the cgroup subtree.
     pub fn start(config: Config) -> Result<Self, AgentError> {
-        let attribution = Attribution::load(ProgramSet::Full)?;
-        // bpffs is where BPF objects are pinned; like tracefs, mount it when
+        // Name missing privileges before touching anything that needs them.
+        super::privilege::check_prerequisites()?;
+        // bpffs is where the maps are pinned; like tracefs, mount it when
         // the host has not.
         mounts::ensure_bpffs().map_err(|e| AgentError::io("mounting bpffs", e))?;
+        fs::create_dir_all(&config.run_dir)
+            .map_err(|e| AgentError::io(format!("creating {}", config.run_dir.display()), e))?;
+        let persistence = Persistence {
+            pin_dir: PathBuf::from(super::paths::DEFAULT_PIN_DIR).join(&config.database),
+            state_file: config
+                .run_dir
+                .join(format!("attribution-{}.json", config.database)),
+        };
+        let (attribution, restored) = Attribution::load_persistent(ProgramSet::Full, &persistence)?;
+        if restored {
+            tracing::info!("restarted: attribution continues from the pinned maps");
+        }
         let engines = config.engine_names();
         let cgroup_subtree = || -> Result<Subtree, AgentError> {
             let root = match &config.cgroup_root {
@@ -411,6 +424,7 @@ impl Agent {
         if let Some(c) = &self.ceiling {
             c.remove();
         }
+        self.attribution.unpin();
     }
 
     fn handle(&mut self, request: Request) -> Reply {

@@ -1,0 +1,70 @@
+//! A governed process that holds memory: it connects over the control
+//! channel, registers a Vector thread that touches `--mib` MiB and keeps
+//! it, then prints its link state as a JSON line every 100 ms (until
+//! killed), so a test can watch it ride out an agent restart.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Parser;
+use nodedb_governor::{
+    Budget, EngineId, MemoryGovernor,
+    control::{AgentLink, LinkConfig},
+};
+use nodedb_governor_demo::{memory::MIB, untracked::Untracked};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    socket: std::path::PathBuf,
+    #[arg(long)]
+    database: String,
+    #[arg(long, default_value_t = 32)]
+    mib: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let governor = MemoryGovernor::new(
+        Budget::builder(1 << 40)
+            .engine(EngineId::Vector, 0, 1 << 40)
+            .build()?,
+    );
+    let link = AgentLink::builder(
+        &governor,
+        LinkConfig::new(
+            &args.socket,
+            &args.database,
+            &[("vector", EngineId::Vector)],
+        ),
+    )
+    .start()?;
+    if !link.wait_connected(Duration::from_secs(20)) {
+        bail!("no agent: {:?}", link.stats().last_error);
+    }
+    let held = Untracked::default();
+    std::thread::scope(|s| {
+        s.spawn(|| -> anyhow::Result<()> {
+            let tid = link.register_current_thread(EngineId::Vector)?;
+            if !link.wait_placed(tid, Duration::from_secs(10)) {
+                bail!("thread not placed");
+            }
+            held.touch(args.mib * MIB, 2 * MIB)?;
+            Ok(())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("worker panicked"))?
+    })?;
+    loop {
+        let st = link.stats();
+        println!(
+            "{}",
+            serde_json::json!({
+                "connected": st.connected,
+                "connects": st.connects,
+                "held_bytes": held.held_bytes(),
+            })
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -731,7 +731,14 @@ fn uids_not_on_the_allow_list_are_refused() {
         // The socket's group is the client's, as a deployment would set it,
         // so only the allow-list stands in the way.
         std::os::unix::fs::chown(&agent.control, None, Some(NOBODY)).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_control-client"))
+        // The build tree may not be reachable by another uid (a 0700 clone
+        // directory): run a copy from the agent's world-readable directory.
+        let client = agent.dir.join("control-client");
+        if !client.exists() {
+            std::fs::copy(env!("CARGO_BIN_EXE_control-client"), &client).unwrap();
+            std::fs::set_permissions(&client, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let out = Command::new(&client)
             .arg("--socket")
             .arg(&agent.control)
             .args(["--database", &agent.database])

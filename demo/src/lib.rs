@@ -3,6 +3,7 @@
 //! engine does (anonymous mmap, the allocator, a file mapping).
 
 pub mod engine;
+pub mod governed;
 pub mod memory;
 pub mod query;
 pub mod untracked;

@@ -55,6 +55,33 @@ struct Agent {
     control: PathBuf,
 }
 
+/// Runs the agent on `dir`/governor.toml (its log in `dir`/agent.log) and
+/// waits for its control socket.
+fn launch(dir: &Path, control: &Path) -> Child {
+    let log = dir.join("agent.log");
+    let mut child = Command::new(agent_binary())
+        .args(["run", "--config"])
+        .arg(dir.join("governor.toml"))
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("starting the agent");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !control.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "the agent exited ({status}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not open its control socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 const ENGINES: &str = "[[engine]]\nname = \"vector\"\nbudget = \"64MiB\"\n\
      [[engine]]\nname = \"timeseries\"\nbudget = \"64MiB\"\n\
      [[engine]]\nname = \"query\"\nbudget = \"64MiB\"\n";
@@ -83,28 +110,8 @@ impl Agent {
             ),
         )
         .unwrap();
-        let log = dir.join("agent.log");
-        let mut child = Command::new(agent_binary())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("starting the agent");
         let control = dir.join("control.sock");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !control.exists() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "the agent exited ({status}): {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the agent did not open its control socket"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = launch(&dir, &control);
         Self {
             child,
             dir,
@@ -118,27 +125,7 @@ impl Agent {
     /// Starts the agent again on the same configuration.
     fn restart(&mut self) {
         let _ = std::fs::remove_file(&self.control);
-        let log = self.dir.join("agent.log");
-        self.child = Command::new(agent_binary())
-            .args(["run", "--config"])
-            .arg(self.dir.join("governor.toml"))
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("restarting the agent");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.control.exists() {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "the agent exited ({status}): {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the restarted agent did not open its socket"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.child = launch(&self.dir, &self.control);
     }
 }
 
@@ -260,20 +247,7 @@ fn the_kernel_enforces_the_ceiling_on_the_databases_cgroup() {
         "ceiling = \"48MiB\"",
         "[[engine]]\nname = \"vector\"\nbudget = \"100%\"\n",
     );
-    let status = |agent: &Agent| -> serde_json::Value {
-        let out = Command::new(agent_binary())
-            .args(["status", "--json", "--socket"])
-            .arg(agent.dir.join("agent.sock"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
-    let before = status(&agent);
+    let before = status_json(&agent);
     let ceiling = &before["ceiling"];
     assert_eq!(ceiling["limit_bytes"], 48 << 20, "{before}");
     let backend = ceiling["backend"].as_str().unwrap().to_owned();
@@ -316,7 +290,7 @@ fn the_kernel_enforces_the_ceiling_on_the_databases_cgroup() {
         "killed at the ceiling: {:?}",
         out.status
     );
-    let after = status(&agent);
+    let after = status_json(&agent);
     assert!(
         after["ceiling"]["events"]["oom_kill"].as_u64() >= Some(1),
         "the OOM kill is reported ({backend}): {}",
@@ -522,12 +496,7 @@ fn metrics_are_served_over_http() {
         return;
     }
     let agent = Agent::start("metrics_addr = \"127.0.0.1:0\"");
-    let status = Command::new(agent_binary())
-        .args(["status", "--json", "--socket"])
-        .arg(agent.dir.join("agent.sock"))
-        .output()
-        .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let status = status_json(&agent);
     let addr = status["metrics_addr"]
         .as_str()
         .expect("the bound address")

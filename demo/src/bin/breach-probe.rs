@@ -13,12 +13,9 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use nodedb_governor::{
-    Budget, EngineId, MemoryGovernor, PressureLevel, SpillConfig, SpillController,
-    SpillHandler as _,
-    control::{AgentLink, LinkConfig},
-};
+use nodedb_governor::{EngineId, PressureLevel, SpillConfig, SpillController, SpillHandler as _};
 use nodedb_governor_demo::{
+    governed,
     memory::{Block, Kind, MIB},
     untracked::Untracked,
 };
@@ -44,42 +41,15 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    // The library's own budgets; the agent replaces them at hello.
-    let governor = MemoryGovernor::new(
-        Budget::builder(1 << 40)
-            .engine(EngineId::Vector, 0, 1 << 40)
-            .engine(EngineId::Timeseries, 0, 1 << 40)
-            .engine(EngineId::Query, 0, 1 << 40)
-            .build()?,
-    );
     let spill = Arc::new(SpillController::new(SpillConfig::default())?);
     let untracked = Arc::new(Untracked::default());
     let _registration = spill.register(EngineId::Vector, untracked.clone());
-    let link = AgentLink::builder(
-        &governor,
-        LinkConfig::new(
-            &args.socket,
-            &args.database,
-            &[
-                ("vector", EngineId::Vector),
-                ("timeseries", EngineId::Timeseries),
-                ("query", EngineId::Query),
-            ],
-        ),
-    )
-    .spill_controller(spill.clone())
-    .start()?;
-    if !link.wait_connected(Duration::from_secs(20)) {
-        bail!("no agent: {:?}", link.stats().last_error);
-    }
-    // The agent's budgets arrive right after the welcome.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while link.stats().limit_changes < 3 {
-        if Instant::now() > deadline {
-            bail!("the agent sent no budgets: {:?}", link.stats());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (governor, link) = governed::connect(
+        &args.socket,
+        &args.database,
+        &governed::ENGINES,
+        Some(spill.clone()),
+    )?;
     let budget = governor.usage(EngineId::Vector)?.cap_bytes;
 
     let worker = {

@@ -7,11 +7,8 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::Parser;
-use nodedb_governor::{
-    Budget, EngineId, MemoryGovernor,
-    control::{AgentLink, LinkConfig},
-};
-use nodedb_governor_demo::{memory::MIB, untracked::Untracked};
+use nodedb_governor::EngineId;
+use nodedb_governor_demo::{governed, memory::MIB, untracked::Untracked};
 
 #[derive(Parser)]
 struct Args {
@@ -25,23 +22,12 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let governor = MemoryGovernor::new(
-        Budget::builder(1 << 40)
-            .engine(EngineId::Vector, 0, 1 << 40)
-            .build()?,
-    );
-    let link = AgentLink::builder(
-        &governor,
-        LinkConfig::new(
-            &args.socket,
-            &args.database,
-            &[("vector", EngineId::Vector)],
-        ),
-    )
-    .start()?;
-    if !link.wait_connected(Duration::from_secs(20)) {
-        bail!("no agent: {:?}", link.stats().last_error);
-    }
+    let (_governor, link) = governed::connect(
+        &args.socket,
+        &args.database,
+        &[("vector", EngineId::Vector)],
+        None,
+    )?;
     let held = Untracked::default();
     std::thread::scope(|s| {
         s.spawn(|| -> anyhow::Result<()> {

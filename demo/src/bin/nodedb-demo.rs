@@ -17,20 +17,12 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use nodedb_governor::{
-    Budget, EngineId, HandlerRegistration, MemoryGovernor, SpillConfig, SpillController,
-    control::{AgentLink, LinkConfig},
-};
+use nodedb_governor::{HandlerRegistration, SpillConfig, SpillController, control::AgentLink};
 use nodedb_governor_demo::{
     engine::Engine,
+    governed::{self, ENGINES},
     memory::{self, Kind, MIB},
 };
-
-const ENGINES: [(&str, EngineId); 3] = [
-    ("vector", EngineId::Vector),
-    ("timeseries", EngineId::Timeseries),
-    ("query", EngineId::Query),
-];
 
 /// What keeps the demo governed: the link and the spill registrations.
 struct Governed {
@@ -44,29 +36,12 @@ fn govern(
     database: &str,
     engines: &[&Engine],
 ) -> anyhow::Result<Governed> {
-    let governor = MemoryGovernor::new(
-        Budget::builder(1 << 40)
-            .engine(EngineId::Vector, 0, 1 << 40)
-            .engine(EngineId::Timeseries, 0, 1 << 40)
-            .engine(EngineId::Query, 0, 1 << 40)
-            .build()?,
-    );
     // Lives as long as the process (handlers register for 'static).
     let spill: &'static Arc<SpillController> = Box::leak(Box::new(Arc::new(SpillController::new(
         SpillConfig::default(),
     )?)));
-    let link = Arc::new(
-        AgentLink::builder(&governor, LinkConfig::new(socket, database, &ENGINES))
-            .spill_controller(spill.clone())
-            .start()?,
-    );
-    if !link.wait_connected(Duration::from_secs(30)) {
-        bail!(
-            "could not reach the agent at {}: {:?}",
-            socket.display(),
-            link.stats().last_error
-        );
-    }
+    let (_governor, link) = governed::connect(socket, database, &ENGINES, Some(spill.clone()))?;
+    let link = Arc::new(link);
     let mut registrations = Vec::new();
     for e in engines {
         let (_, id) = ENGINES

@@ -12,11 +12,8 @@ use std::{
 
 use anyhow::bail;
 use clap::Parser;
-use nodedb_governor::{
-    Budget, EngineId, MemoryGovernor, SpillConfig, SpillController,
-    control::{AgentLink, LinkConfig},
-};
-use nodedb_governor_demo::{memory::MIB, untracked::Untracked};
+use nodedb_governor::{EngineId, SpillConfig, SpillController};
+use nodedb_governor_demo::{governed, memory::MIB, untracked::Untracked};
 
 #[derive(Parser)]
 struct Args {
@@ -45,36 +42,17 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> 
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let governor = MemoryGovernor::new(
-        Budget::builder(1 << 40)
-            .engine(EngineId::Vector, 0, 1 << 40)
-            .engine(EngineId::Timeseries, 0, 1 << 40)
-            .engine(EngineId::Query, 0, 1 << 40)
-            .build()?,
-    );
     let spill = Arc::new(SpillController::new(SpillConfig::default())?);
     let vector = Arc::new(Untracked::default());
     let query = Arc::new(Untracked::default());
     let _v = spill.register(EngineId::Vector, vector.clone());
     let _q = spill.register(EngineId::Query, query.clone());
-    let link = AgentLink::builder(
-        &governor,
-        LinkConfig::new(
-            &args.socket,
-            &args.database,
-            &[
-                ("vector", EngineId::Vector),
-                ("timeseries", EngineId::Timeseries),
-                ("query", EngineId::Query),
-            ],
-        ),
-    )
-    .spill_controller(spill.clone())
-    .start()?;
-    if !link.wait_connected(Duration::from_secs(20)) {
-        bail!("no agent: {:?}", link.stats().last_error);
-    }
-    wait_until("the agent's budgets", || link.stats().limit_changes >= 3)?;
+    let (governor, link) = governed::connect(
+        &args.socket,
+        &args.database,
+        &governed::ENGINES,
+        Some(spill.clone()),
+    )?;
     let cap = |e| governor.usage(e).map_or(0, |u| u.cap_bytes);
     let configured = cap(EngineId::Vector);
 

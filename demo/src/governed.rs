@@ -1,0 +1,58 @@
+//! How the demo's processes join the agent: a governor whose budgets the
+//! agent sets, and the control-channel link, connected and with the
+//! agent's budgets applied.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use nodedb_governor::{
+    Budget, EngineId, MemoryGovernor, SpillController,
+    control::{AgentLink, LinkConfig},
+};
+
+/// The demo's engines, by their names in the agent's configuration.
+pub const ENGINES: [(&str, EngineId); 3] = [
+    ("vector", EngineId::Vector),
+    ("timeseries", EngineId::Timeseries),
+    ("query", EngineId::Query),
+];
+
+/// Connects `engines` to the agent at `socket`, with spill requests going
+/// to `spill`. Returns once the agent welcomed the process and its budgets
+/// replaced the library's own (which are unlimited until then).
+pub fn connect(
+    socket: &std::path::Path,
+    database: &str,
+    engines: &[(&str, EngineId)],
+    spill: Option<Arc<SpillController>>,
+) -> anyhow::Result<(MemoryGovernor, AgentLink)> {
+    let mut budget = Budget::builder(1 << 40);
+    for (_, id) in engines {
+        budget = budget.engine(*id, 0, 1 << 40);
+    }
+    let governor = MemoryGovernor::new(budget.build()?);
+    let mut builder = AgentLink::builder(&governor, LinkConfig::new(socket, database, engines));
+    if let Some(spill) = spill {
+        builder = builder.spill_controller(spill);
+    }
+    let link = builder.start()?;
+    if !link.wait_connected(Duration::from_secs(30)) {
+        bail!(
+            "could not reach the agent at {}: {:?}",
+            socket.display(),
+            link.stats().last_error
+        );
+    }
+    // The agent's budgets arrive right after the welcome.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while link.stats().limit_changes < engines.len() as u64 {
+        if Instant::now() > deadline {
+            bail!("the agent sent no budgets: {:?}", link.stats());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok((governor, link))
+}

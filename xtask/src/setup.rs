@@ -34,6 +34,7 @@ pub fn setup() -> anyhow::Result<()> {
     bpf_linker()?;
     check_llvm_match()?;
     make()?;
+    cxx()?;
     cargo_fuzz()?;
     eprintln!("    toolchain ready");
     Ok(())
@@ -154,6 +155,23 @@ fn bpf_linker() -> anyhow::Result<()> {
                 &format!("llvm-{LLVM_MAJOR}"),
             ])
             .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}")),
+    )
+}
+
+/// A C++ compiler: libfuzzer-sys (the fuzz target) builds libFuzzer.
+fn cxx() -> anyhow::Result<()> {
+    if cmd::output(Command::new("c++").arg("--version")).is_some() {
+        eprintln!("    c++: present");
+        return Ok(());
+    }
+    if !Path::new("/etc/debian_version").exists() || !cmd::is_root() {
+        bail!("no C++ compiler (`c++`; libFuzzer's build needs one): install g++");
+    }
+    step("installing g++ (libFuzzer's build needs it)");
+    cmd::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", "g++"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }
 

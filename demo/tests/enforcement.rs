@@ -527,6 +527,19 @@ fn metrics_are_served_over_http() {
     };
     let _ = client.kill();
     let _ = client.wait();
+    // The programs run on every page fault: their counts are there and
+    // move.
+    let runs = |text: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with("nodedb_governor_bpf_program_runs_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let first = runs(&text);
+    assert!(first > 0, "no program runs in:\n{text}");
+    let _ = Command::new("true").status();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(runs(&http_get(&addr, "/metrics")) > first, "the run counts move");
     for series in [
         format!("nodedb_governor_agent_engine_refusals_total{{engine=\"query\",pid=\"{pid}\"}} 3"),
         format!(
@@ -537,6 +550,12 @@ fn metrics_are_served_over_http() {
         "nodedb_governor_agent_up 1".into(),
         "nodedb_governor_agent_clients 1".into(),
         "nodedb_governor_agent_ticks_total".into(),
+        format!(
+            "nodedb_governor_agent_engine_limit_changes_total{{engine=\"query\",pid=\"{pid}\"}} 1"
+        ),
+        "nodedb_governor_emergency 0".into(),
+        "nodedb_governor_psi_triggers_total".into(),
+        "nodedb_governor_psi_memory_stall_seconds_total{kind=\"some\"}".into(),
     ] {
         assert!(text.contains(&series), "no {series} in:\n{text}");
     }
@@ -735,4 +754,130 @@ fn uids_not_on_the_allow_list_are_refused() {
         matches!(run(&agent), ToLibrary::Welcome { .. }),
         "an allowed uid is welcomed"
     );
+}
+
+/// The pressure inputs besides attribution: a PSI trigger on the
+/// database's cgroup (its tasks stalled on memory) purges every engine and
+/// spills engines from Warning on; an Emergency of the whole database (its
+/// cgroup at 97% of the ceiling) holds the non-essential engine to what it
+/// holds while the essential one keeps its budget, until use falls again.
+/// The pressure is real: a writer in the database's cgroups streams twice
+/// the ceiling through the page cache, so the kernel reclaims (and stalls)
+/// at the ceiling.
+#[test]
+fn memory_stalls_and_an_emergency_move_the_ladder() {
+    if privilege::skip_unprivileged("pressure inputs") {
+        return;
+    }
+    const MIB: u64 = 1 << 20;
+    let agent = Agent::with_engines(
+        "ceiling = \"160MiB\"\n[pressure_stall]\nstall_ms = 1\nwindow_ms = 2000",
+        "[[engine]]\nname = \"vector\"\nbudget = \"64MiB\"\n\
+         [[engine]]\nname = \"query\"\nbudget = \"64MiB\"\nessential = false\n",
+    );
+    let mut probe = Command::new(env!("CARGO_BIN_EXE_pressure-probe"))
+        .arg("--socket")
+        .arg(&agent.control)
+        .args(["--database", &agent.database])
+        .args(["--vector-mib", "52", "--query-mib", "8"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    {
+        let lines = lines.clone();
+        let out = probe.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&l) {
+                    lines.lock().unwrap().push(v);
+                }
+            }
+        });
+    }
+    let last = || lines.lock().unwrap().last().cloned().unwrap_or_default();
+    let vector = |s: &serde_json::Value| s["clients"][0]["engines"]["vector"].clone();
+    let query = |s: &serde_json::Value| s["clients"][0]["engines"]["query"].clone();
+    wait_for("the probe to hold its memory", || {
+        last()["held_bytes"].as_u64() >= Some(52 * MIB)
+            && vector(&status_json(&agent))["level"] == "warning"
+    });
+    let before = status_json(&agent);
+    assert_eq!(last()["query_granted"], true, "{}", last());
+    assert_eq!(
+        vector(&before)["spill_requests"],
+        0,
+        "Warning alone does not spill: {before}"
+    );
+    assert!(before["psi"]["source"].as_str().is_some(), "{before}");
+    assert_eq!(before["emergency"], false);
+    let purges_before = vector(&before)["purges"].as_u64().unwrap();
+
+    // The writer joins the database's cgroups (v2 for PSI, the ceiling's
+    // for the charge) and streams 2.5 times the ceiling to a file.
+    let fill = agent.dir.join("fill.dat");
+    let mut dirs = vec![before["cgroup"].as_str().unwrap().to_owned()];
+    let ceiling_dir = before["ceiling"]["cgroup"].as_str().unwrap().to_owned();
+    if !dirs.contains(&ceiling_dir) {
+        dirs.push(ceiling_dir);
+    }
+    let script = format!(
+        "for d in {}; do echo $$ > \"$d/cgroup.procs\" || exit 1; done; \
+         exec dd if=/dev/zero of={} bs=1M count=400 conv=fsync status=none",
+        dirs.join(" "),
+        fill.display()
+    );
+    let dd = Command::new("sh").arg("-c").arg(&script).status().unwrap();
+    assert!(dd.success(), "{script}");
+
+    wait_for("the PSI trigger to fire and the ladder to spill at Warning", || {
+        let s = status_json(&agent);
+        s["psi"]["triggers"].as_u64() >= Some(1) && vector(&s)["spill_requests"].as_u64() >= Some(1)
+    });
+    wait_for("backpressure on query while vector keeps its budget", || {
+        // Held to what it holds: its 8 MiB and at most the thread's
+        // credit (two 1 MiB batches).
+        lines.lock().unwrap().iter().any(|l| {
+            l["query_granted"] == false
+                && l["vector_granted"] == true
+                && (8 * MIB..=10 * MIB).contains(&l["query_cap_bytes"].as_u64().unwrap_or(0))
+        })
+    });
+    let during = status_json(&agent);
+    eprintln!(
+        "psi: {} ceiling: {}",
+        during["psi"], during["ceiling"]
+    );
+    assert!(
+        vector(&during)["purges"].as_u64() > Some(purges_before),
+        "the stall purged the arenas: {during}"
+    );
+    assert!(
+        query(&during)["purges"].as_u64() >= Some(1),
+        "every engine, not only those at Warning: {during}"
+    );
+    assert!(
+        last()["purges"].as_u64() >= Some(2),
+        "the library ran the purges: {}",
+        last()
+    );
+
+    // The pressure goes: the page cache is dropped with the file, use
+    // falls under the warning threshold, the backpressure ends.
+    std::fs::remove_file(&fill).unwrap();
+    wait_for("the backpressure to end", || {
+        let l = last();
+        l["query_granted"] == true && l["query_cap_bytes"] == 64 * MIB
+    });
+    let after = status_json(&agent);
+    assert_eq!(after["emergency"], false, "{after}");
+    assert_eq!(query(&after)["backpressure"], false, "{after}");
+    assert!(
+        query(&after)["limit_changes"].as_u64() >= Some(3),
+        "welcome, hold, release: {after}"
+    );
+    assert!(after["ceiling"]["limit_changes"].as_u64() >= Some(2), "the high mark was lowered and restored: {after}");
+    let _ = probe.kill();
+    let _ = probe.wait();
 }

@@ -24,7 +24,7 @@ pub enum Request {
     Assign { pid: u32, tid: u32, engine: String },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "lowercase")]
 pub enum Reply {
     Status(Box<StatusReport>),

@@ -165,7 +165,7 @@ struct SavedState {
 
 pub struct Attribution {
     // Keeps programs and links alive; dropping it detaches everything.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     persistence: Option<Persistence>,
     stats: PerCpuArray<MapData, SlotStats>,
     procs_map: BpfHashMap<MapData, u32, ProcInfo>,
@@ -288,6 +288,22 @@ impl Attribution {
         let _ = std::fs::remove_file(&p.state_file);
     }
 
+    /// Every loaded program with its run count and run time (zero unless
+    /// the kernel's program statistics are on: `aya::sys::enable_stats`).
+    pub fn program_stats(&self) -> Vec<super::status::ProgramStats> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let info = p.info().ok()?;
+                Some(super::status::ProgramStats {
+                    name: name.to_owned(),
+                    run_count: info.run_count(),
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                })
+            })
+            .collect()
+    }
+
     /// A clean stop: the pins and the registry go (the next agent starts
     /// afresh).
     pub fn unpin(&self) {
@@ -376,7 +392,7 @@ impl Attribution {
         let generation = take(&mut ebpf, "GENERATION")?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| AgentError::io(what, e))?;
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf,
             persistence,
             stats,
             procs_map,

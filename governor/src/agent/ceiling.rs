@@ -50,6 +50,9 @@ pub struct CeilingStatus {
     pub high_bytes: u64,
     pub current_bytes: u64,
     pub events: CeilingEvents,
+    /// Writes of the ceiling or the high mark since the agent started.
+    #[serde(default)]
+    pub limit_changes: u64,
 }
 
 /// The ceiling the agent enforces.
@@ -61,6 +64,7 @@ pub struct Ceiling {
     high: u64,
     /// The high mark now (lowered in Emergency).
     high_now: u64,
+    limit_changes: u64,
 }
 
 /// The cgroup v1 memory hierarchy's mount point, if any.
@@ -131,6 +135,7 @@ impl Ceiling {
                 limit,
                 high,
                 high_now: high,
+                limit_changes: 0,
             };
             write(&dir.join("memory.max"), &limit.to_string())?;
             write(&dir.join("memory.high"), &high.to_string())?;
@@ -156,6 +161,7 @@ impl Ceiling {
             limit,
             high,
             high_now: high,
+            limit_changes: 0,
         })
     }
 
@@ -169,9 +175,11 @@ impl Ceiling {
         };
         write(&self.dir.join(max_file), &limit.to_string())?;
         write(&self.dir.join(high_file), &high.to_string())?;
+        tracing::info!(cgroup = %self.dir.display(), limit, high, "ceiling changed");
         self.limit = limit;
         self.high = high;
         self.high_now = high;
+        self.limit_changes += 1;
         Ok(())
     }
 
@@ -206,6 +214,7 @@ impl Ceiling {
         write(&self.dir.join(file), &want.to_string())?;
         tracing::info!(cgroup = %self.dir.display(), from = self.high_now, to = want, "memory high mark changed");
         self.high_now = want;
+        self.limit_changes += 1;
         Ok(())
     }
 
@@ -238,6 +247,7 @@ impl Ceiling {
             high_bytes: self.high_now,
             current_bytes: current,
             events,
+            limit_changes: self.limit_changes,
         }
     }
 

@@ -89,6 +89,52 @@ pub struct EngineConfig {
     /// The part of the budget guaranteed to it (default 0).
     #[serde(default)]
     pub floor: Option<SizeSpec>,
+    /// Whether the engine keeps its budget in an Emergency of the whole
+    /// database (default true). A non-essential engine is held to what it
+    /// holds until the Emergency is over: its new reservations are refused
+    /// (backpressure).
+    #[serde(default = "yes")]
+    pub essential: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Pressure stall information as an input: a PSI trigger on the database's
+/// cgroup (`memory.pressure`), or the host's (`/proc/pressure/memory`)
+/// where there is no cgroup v2 subtree. When tasks stall on memory for
+/// `stall_ms` within `window_ms`, the agent purges every engine's arena
+/// and, for one window, spills engines from Warning on (not only from
+/// Critical).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PressureStallConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "d_stall_ms")]
+    pub stall_ms: u64,
+    /// 500..=10000 ms; without CAP_SYS_RESOURCE the kernel takes only
+    /// multiples of 2 s, and the agent rounds up (and says so).
+    #[serde(default = "d_window_ms")]
+    pub window_ms: u64,
+}
+
+fn d_stall_ms() -> u64 {
+    100
+}
+fn d_window_ms() -> u64 {
+    2000
+}
+
+impl Default for PressureStallConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            stall_ms: d_stall_ms(),
+            window_ms: d_window_ms(),
+        }
+    }
 }
 
 /// Pressure thresholds, as fractions of a budget (or of the ceiling).
@@ -146,6 +192,7 @@ pub struct EngineLimits {
     pub name: String,
     pub floor_bytes: u64,
     pub budget_bytes: u64,
+    pub essential: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -180,6 +227,12 @@ pub struct Config {
     /// picks a free port (the status reports it).
     #[serde(default)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Count every eBPF program's runs and run time (the kernel's
+    /// `bpf_stats`: two clock reads per run) for `/metrics`.
+    #[serde(default = "yes")]
+    pub program_stats: bool,
+    #[serde(default)]
+    pub pressure_stall: PressureStallConfig,
     #[serde(rename = "engine")]
     pub engines: Vec<EngineConfig>,
 }
@@ -326,6 +379,22 @@ impl Config {
                 ),
             ));
         }
+        let ps = &self.pressure_stall;
+        if !(500..=10_000).contains(&ps.window_ms) {
+            return Err(err(
+                "pressure_stall.window_ms",
+                format!("{} is outside 500..=10000", ps.window_ms),
+            ));
+        }
+        if ps.stall_ms == 0 || ps.stall_ms > ps.window_ms {
+            return Err(err(
+                "pressure_stall.stall_ms",
+                format!(
+                    "{} must be above 0 and at most window_ms ({})",
+                    ps.stall_ms, ps.window_ms
+                ),
+            ));
+        }
         if let Some(p) = &self.control_socket
             && !p.is_absolute()
         {
@@ -382,6 +451,7 @@ impl Config {
                     .floor
                     .as_ref()
                     .map_or(0, |f| f.resolve(Some(ceiling)).unwrap_or(0)),
+                essential: e.essential,
             })
             .collect()
     }
@@ -496,6 +566,26 @@ mod tests {
             (
                 format!("{HEAD}allowed_uids = [\"root\"]\n{ENGINE}"),
                 "allowed_uids",
+            ),
+            (
+                format!("{HEAD}[[engine]]\nname = \"a\"\nbudget = 1\nessential = \"no\"\n"),
+                "line 6 (`essential",
+            ),
+            (
+                format!("{HEAD}[pressure_stall]\nwindow_ms = 100\n{ENGINE}"),
+                "pressure_stall.window_ms",
+            ),
+            (
+                format!("{HEAD}[pressure_stall]\nstall_ms = 0\n{ENGINE}"),
+                "pressure_stall.stall_ms",
+            ),
+            (
+                format!("{HEAD}[pressure_stall]\nstall_ms = 3000\n{ENGINE}"),
+                "pressure_stall.stall_ms",
+            ),
+            (
+                format!("{HEAD}[pressure_stall]\nwindows = 3000\n{ENGINE}"),
+                "`windows`",
             ),
         ];
         for (text, field) in &cases {

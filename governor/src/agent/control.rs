@@ -13,15 +13,27 @@
 //!
 //! Every level change is sent to the library as `pressure`, logged and
 //! counted.
+//!
+//! Two inputs besides the attribution move the ladder:
+//! * a PSI trigger (the database's tasks stalled on memory): every engine's
+//!   arena is purged at once, and for one window engines are spilled from
+//!   Warning on;
+//! * an Emergency of the whole database (its cgroup at the emergency
+//!   threshold of the ceiling): engines that are not `essential` are held to
+//!   what they hold, so their new reservations are refused (backpressure),
+//!   until use is back under the warning threshold.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
 };
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{config::Config, status::Usage};
+use super::{
+    config::{Config, EngineLimits},
+    status::Usage,
+};
 use crate::{
     PressureLevel,
     control::wire::{EngineReport, Level, ToAgent, ToLibrary},
@@ -49,6 +61,15 @@ pub struct EngineEnforcement {
     pub spilled_bytes: u64,
     pub purges: u64,
     pub level_changes: u64,
+    /// Limits (floor and cap) sent to the library.
+    #[serde(default)]
+    pub limit_changes: u64,
+    /// The cap the library was last given.
+    #[serde(default)]
+    pub cap_bytes: u64,
+    /// Held to what it holds (an Emergency; the engine is not essential).
+    #[serde(default)]
+    pub backpressure: bool,
 }
 
 /// Budget one engine lends another, for as long as the lender is idle.
@@ -64,6 +85,10 @@ pub struct Client {
     pub pid: u32,
     pub uid: u32,
     tx: UnboundedSender<ToLibrary>,
+    /// The engines the library declared in its hello.
+    declared: BTreeSet<String>,
+    /// Engines under backpressure, and the cap they are held to.
+    backpressure: BTreeMap<String, u64>,
     pub reports: BTreeMap<String, EngineReport>,
     levels: BTreeMap<String, PressureLevel>,
     spill_pending: BTreeMap<String, Instant>,
@@ -77,11 +102,18 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(pid: u32, uid: u32, tx: UnboundedSender<ToLibrary>) -> Self {
+    pub fn new(
+        pid: u32,
+        uid: u32,
+        tx: UnboundedSender<ToLibrary>,
+        declared: impl IntoIterator<Item = String>,
+    ) -> Self {
         Self {
             pid,
             uid,
             tx,
+            declared: declared.into_iter().collect(),
+            backpressure: BTreeMap::new(),
             reports: BTreeMap::new(),
             levels: BTreeMap::new(),
             spill_pending: BTreeMap::new(),
@@ -99,13 +131,75 @@ impl Client {
         self.budgets.clear();
         for l in config.limits() {
             self.budgets.insert(l.name.clone(), l.budget_bytes);
-            if self.reports.contains_key(&l.name) || self.enforcement.contains_key(&l.name) {
-                self.send(ToLibrary::Limits {
-                    engine: l.name,
-                    floor_bytes: l.floor_bytes,
-                    cap_bytes: l.budget_bytes,
-                });
+            self.send_limits(&l, l.budget_bytes);
+        }
+    }
+
+    /// Sends an engine the limits in force: its floor and `budget`, or
+    /// less under backpressure. Logged and counted. Engines the library did
+    /// not declare are skipped.
+    fn send_limits(&mut self, l: &EngineLimits, budget: u64) {
+        if !self.declared.contains(&l.name) {
+            return;
+        }
+        let cap = self
+            .backpressure
+            .get(&l.name)
+            .map_or(budget, |held| (*held).min(budget));
+        let floor = l.floor_bytes.min(cap);
+        let e = self.enforcement.entry(l.name.clone()).or_default();
+        e.limit_changes += 1;
+        e.cap_bytes = cap;
+        tracing::info!(pid = self.pid, engine = %l.name, floor, cap, budget, "engine limits sent");
+        let _ = self.tx.send(ToLibrary::Limits {
+            engine: l.name.clone(),
+            floor_bytes: floor,
+            cap_bytes: cap,
+        });
+    }
+
+    /// Sends every declared engine its configured limits (the welcome).
+    pub fn send_initial_limits(&mut self, config: &Config) {
+        for l in config.limits() {
+            let budget = self.budget(&l.name).unwrap_or(l.budget_bytes);
+            self.send_limits(&l, budget);
+        }
+    }
+
+    /// The database's tasks stalled on memory (a PSI trigger): every
+    /// engine's arena is purged now (returning dirty pages is the cheapest
+    /// relief).
+    pub fn on_stall(&mut self) {
+        for name in self.declared.clone() {
+            self.enforcement.entry(name.clone()).or_default().purges += 1;
+            let _ = self.tx.send(ToLibrary::Purge { engine: name });
+        }
+        tracing::info!(pid = self.pid, engines = self.declared.len(), "memory stall: purge requested of every engine");
+    }
+
+    /// Starts (`on`) or ends backpressure on the engines that are not
+    /// essential: while on, an engine's cap is what it holds (its
+    /// reservations as last reported), so its new reservations are refused.
+    pub fn set_backpressure(&mut self, on: bool, config: &Config) {
+        for l in config.limits() {
+            if l.essential || !self.declared.contains(&l.name) {
+                continue;
             }
+            let budget = self.budget(&l.name).unwrap_or(l.budget_bytes);
+            if on && !self.backpressure.contains_key(&l.name) {
+                let held = self
+                    .reports
+                    .get(&l.name)
+                    .map_or(0, |r| r.reserved_bytes)
+                    .min(budget);
+                self.backpressure.insert(l.name.clone(), held);
+                tracing::warn!(pid = self.pid, engine = %l.name, held, "emergency: backpressure on a non-essential engine, its reservations beyond what it holds are refused");
+                self.send_limits(&l, budget);
+            } else if !on && self.backpressure.remove(&l.name).is_some() {
+                tracing::info!(pid = self.pid, engine = %l.name, "backpressure lifted");
+                self.send_limits(&l, budget);
+            }
+            self.enforcement.entry(l.name.clone()).or_default().backpressure = on;
         }
     }
 
@@ -218,12 +312,8 @@ impl Client {
         changed.dedup();
         for name in changed {
             if let Some(l) = limits.iter().find(|l| l.name == name) {
-                let cap = self.budgets[&name];
-                let _ = self.tx.send(ToLibrary::Limits {
-                    engine: name,
-                    floor_bytes: l.floor_bytes.min(cap),
-                    cap_bytes: cap,
-                });
+                let budget = self.budgets[&name];
+                self.send_limits(l, budget);
             }
         }
     }
@@ -270,8 +360,10 @@ impl Client {
         }
     }
 
-    /// One round of the ladder for this client's process.
-    pub fn enforce(&mut self, config: &Config, usage: &Usage) {
+    /// One round of the ladder for this client's process. While the
+    /// database is `stalling` on memory (PSI), engines are spilled from
+    /// Warning on.
+    pub fn enforce(&mut self, config: &Config, usage: &Usage, stalling: bool) {
         let Some(process) = usage.processes.iter().find(|p| p.pid == self.pid) else {
             return;
         };
@@ -320,7 +412,12 @@ impl Client {
                     });
                 }
             }
-            if level >= PressureLevel::Critical {
+            let spill_from = if stalling {
+                PressureLevel::Warning
+            } else {
+                PressureLevel::Critical
+            };
+            if level >= spill_from {
                 let due = self
                     .spill_pending
                     .get(&name)
@@ -335,6 +432,7 @@ impl Client {
                         resident,
                         budget = limits.budget_bytes,
                         target,
+                        stalling,
                         "spill requested"
                     );
                     self.spill_pending.insert(name.clone(), now);

@@ -18,6 +18,13 @@
 //! | `nodedb_governor_agent_unattributed_bytes` | pid |
 //! | `nodedb_governor_cgroup_memory_current_bytes`, `_high_bytes`, `_max_bytes` | backend |
 //! | `nodedb_governor_cgroup_memory_events_total` | backend, event |
+//! | `nodedb_governor_agent_engine_limit_changes_total` (limits sent to the library) | pid, engine |
+//! | `nodedb_governor_agent_engine_backpressure` (1: held to what it holds) | pid, engine |
+//! | `nodedb_governor_cgroup_limit_changes_total` (memory.max/high writes) | backend |
+//! | `nodedb_governor_emergency` (1: the database at the emergency threshold) | |
+//! | `nodedb_governor_psi_triggers_total`, `nodedb_governor_psi_stalling` | |
+//! | `nodedb_governor_psi_memory_stall_seconds_total`, `_avg10_ratio` | kind (some, full) |
+//! | `nodedb_governor_bpf_program_runs_total`, `_run_seconds_total` | program |
 //! | `nodedb_governor_agent_clients`, `_processes`, `_ticks_total`, `_tick_seconds` | |
 
 use std::{
@@ -123,6 +130,18 @@ pub fn render(agent: &Agent) -> Result<String, String> {
             "Reservations the library refused",
             pe,
         )?;
+        let limit_changes = counter(
+            &r,
+            "nodedb_governor_agent_engine_limit_changes_total",
+            "Limits (floor and cap) sent to the library",
+            pe,
+        )?;
+        let backpressure = gauge(
+            &r,
+            "nodedb_governor_agent_engine_backpressure",
+            "1 while a non-essential engine is held to what it holds (Emergency)",
+            pe,
+        )?;
         let unattributed = gauge(
             &r,
             "nodedb_governor_agent_unattributed_bytes",
@@ -156,6 +175,10 @@ pub fn render(agent: &Agent) -> Result<String, String> {
                 spilled.with_label_values(&l).inc_by(e.spilled_bytes);
                 purges.with_label_values(&l).inc_by(e.purges);
                 refusals.with_label_values(&l).inc_by(e.rejections);
+                limit_changes.with_label_values(&l).inc_by(e.limit_changes);
+                backpressure
+                    .with_label_values(&l)
+                    .set(i64::from(e.backpressure));
             }
         }
         if let Some(c) = &status.ceiling {
@@ -190,6 +213,14 @@ pub fn render(agent: &Agent) -> Result<String, String> {
                 "The cgroup's memory events",
                 &["backend", "event"],
             )?;
+            counter(
+                &r,
+                "nodedb_governor_cgroup_limit_changes_total",
+                "Writes of the ceiling or the high mark",
+                &["backend"],
+            )?
+            .with_label_values(&[&b])
+            .inc_by(c.limit_changes);
             for (e, v) in [
                 ("high", c.events.high),
                 ("max", c.events.max),
@@ -206,6 +237,71 @@ pub fn render(agent: &Agent) -> Result<String, String> {
             Ok(())
         };
         plain("nodedb_governor_agent_up", "1 while the agent runs", 1)?;
+        plain(
+            "nodedb_governor_emergency",
+            "1 while the database is at the emergency threshold of its ceiling",
+            i64::from(status.emergency),
+        )?;
+        if let Some(p) = &status.psi {
+            plain(
+                "nodedb_governor_psi_stalling",
+                "1 within a window of the last PSI trigger",
+                i64::from(p.stalling),
+            )?;
+            let t = prometheus::IntCounter::new(
+                "nodedb_governor_psi_triggers_total",
+                "Times the PSI trigger fired",
+            )?;
+            r.register(Box::new(t.clone()))?;
+            t.inc_by(p.triggers);
+            let stall = prometheus::CounterVec::new(
+                Opts::new(
+                    "nodedb_governor_psi_memory_stall_seconds_total",
+                    "Time the database's tasks stalled on memory",
+                ),
+                &["kind"],
+            )?;
+            r.register(Box::new(stall.clone()))?;
+            let avg = prometheus::GaugeVec::new(
+                Opts::new(
+                    "nodedb_governor_psi_memory_avg10_ratio",
+                    "Share of the last 10 s stalled on memory",
+                ),
+                &["kind"],
+            )?;
+            r.register(Box::new(avg.clone()))?;
+            let f = &p.figures;
+            for (kind, total, avg10) in [
+                ("some", f.some_total_us, f.some_avg10),
+                ("full", f.full_total_us, f.full_avg10),
+            ] {
+                stall
+                    .with_label_values(&[kind])
+                    .inc_by(total as f64 / 1e6);
+                avg.with_label_values(&[kind]).set(avg10);
+            }
+        }
+        if !status.programs.is_empty() {
+            let runs = counter(
+                &r,
+                "nodedb_governor_bpf_program_runs_total",
+                "Runs of the agent's eBPF programs (kernel program statistics)",
+                &["program"],
+            )?;
+            let time = prometheus::CounterVec::new(
+                Opts::new(
+                    "nodedb_governor_bpf_program_run_seconds_total",
+                    "Time spent in the agent's eBPF programs",
+                ),
+                &["program"],
+            )?;
+            r.register(Box::new(time.clone()))?;
+            for p in &status.programs {
+                runs.with_label_values(&[&p.name]).inc_by(p.run_count);
+                time.with_label_values(&[&p.name])
+                    .inc_by(p.run_time_ns as f64 / 1e9);
+            }
+        }
         plain(
             "nodedb_governor_agent_clients",
             "Libraries connected over the control channel",

@@ -15,6 +15,7 @@ pub mod mounts;
 pub mod paths;
 pub mod privilege;
 pub mod procfs;
+pub mod psi;
 pub mod run;
 pub mod status;
 pub mod top;

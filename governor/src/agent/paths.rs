@@ -20,3 +20,6 @@ pub const ADMIN_SOCKET: &str = "agent.sock";
 pub const MOUNTINFO: &str = "/proc/self/mountinfo";
 /// Name of the control socket (libraries connect here) in the runtime directory.
 pub const CONTROL_SOCKET: &str = "control.sock";
+/// The host's memory pressure (PSI), when the database has no cgroup v2
+/// directory of its own.
+pub const HOST_MEMORY_PRESSURE: &str = "/proc/pressure/memory";

@@ -8,7 +8,7 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -27,6 +27,7 @@ use super::{
     control::Client,
     error::AgentError,
     mounts, procfs,
+    psi::PsiMonitor,
     status::{ClientStatus, StatusReport},
 };
 use crate::control::wire::{self, Decoder, ToAgent, ToLibrary};
@@ -43,6 +44,16 @@ pub struct Agent {
     ceiling_error: Option<String>,
     health: Health,
     metrics_addr: Option<std::net::SocketAddr>,
+    /// The PSI trigger (absent: off, or unavailable: see `psi_error`).
+    psi: Option<PsiMonitor>,
+    psi_error: Option<String>,
+    /// Trigger events already acted on, and when the last one came.
+    psi_seen: u64,
+    psi_last: Option<Instant>,
+    /// The whole database is in Emergency (backpressure is on).
+    emergency: bool,
+    /// Keeps the kernel's program statistics on (run counts and times).
+    _program_stats: Option<std::os::fd::OwnedFd>,
 }
 
 /// How the agent's own loop is doing.
@@ -114,6 +125,40 @@ impl Agent {
                 (None, Some(e.to_string()))
             }
         };
+        let (psi, psi_error) = if config.pressure_stall.enabled {
+            // The database's cgroup (PSI is kept per cgroup v2, controller
+            // or not), else the host's.
+            let source = subtree
+                .as_ref()
+                .map(|s| s.dir.join("memory.pressure"))
+                .filter(|p| p.exists())
+                .unwrap_or_else(|| PathBuf::from(super::paths::HOST_MEMORY_PRESSURE));
+            let ps = config.pressure_stall;
+            match PsiMonitor::start(
+                &source,
+                Duration::from_millis(ps.stall_ms),
+                Duration::from_millis(ps.window_ms),
+            ) {
+                Ok(m) => (Some(m), None),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pressure stall information is not an input");
+                    (None, Some(e.to_string()))
+                }
+            }
+        } else {
+            (None, None)
+        };
+        let program_stats = if config.program_stats {
+            match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    tracing::warn!(error = %e, "eBPF program statistics are off");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(Self {
             config,
             identity,
@@ -124,6 +169,12 @@ impl Agent {
             ceiling_error,
             health: Health::default(),
             metrics_addr: None,
+            psi,
+            psi_error,
+            psi_seen: 0,
+            psi_last: None,
+            emergency: false,
+            _program_stats: program_stats,
         })
     }
 
@@ -149,7 +200,7 @@ impl Agent {
     /// One tick: picks up processes that entered the subtree, forgets those
     /// that exited.
     pub fn tick(&mut self) {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         self.tick_inner();
         self.health.ticks += 1;
         self.health.last_tick = started.elapsed();
@@ -175,39 +226,92 @@ impl Agent {
         for pid in self.attribution.reap_exited() {
             tracing::info!(pid, "governed process exited");
         }
-        if !self.clients.is_empty() {
-            match self.attribution.usage() {
-                Ok(usage) => {
-                    for c in self.clients.values_mut() {
-                        c.enforce(&self.config, &usage);
-                    }
+        let (new_stall, stalling) = self.pressure_stall();
+        let usage = match self.attribution.usage() {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading attribution");
+                None
+            }
+        };
+        if let Some(usage) = &usage {
+            for c in self.clients.values_mut() {
+                if new_stall {
+                    c.on_stall();
                 }
-                Err(e) => tracing::warn!(error = %e, "reading attribution"),
+                c.enforce(&self.config, usage, stalling);
             }
         }
-        self.enforce_ceiling();
+        let emergency = self.enforce_ceiling(usage.as_ref());
+        for c in self.clients.values_mut() {
+            c.set_backpressure(emergency, &self.config);
+        }
     }
 
-    /// Process-wide Emergency (the ceiling's cgroup at the emergency
-    /// threshold): the high mark drops to the restore point to force
-    /// reclaim, and comes back once use is below the warning threshold.
-    fn enforce_ceiling(&mut self) {
-        let t = self.config.thresholds;
-        let Some(c) = &mut self.ceiling else {
-            return;
+    /// Reads the PSI trigger's count: whether it fired since the last tick,
+    /// and whether the database is still within a window of the last event.
+    fn pressure_stall(&mut self) -> (bool, bool) {
+        let Some(m) = &self.psi else {
+            return (false, false);
         };
-        let st = c.status();
-        let f = st.current_bytes as f64 / st.limit_bytes.max(1) as f64;
-        let want = if f >= t.emergency {
-            Some((st.limit_bytes as f64 * t.restore) as u64)
-        } else if f < t.warning {
-            None
-        } else {
-            return;
-        };
-        if let Err(e) = c.set_high(want) {
-            tracing::warn!(error = %e, "changing the memory high mark");
+        let events = m.events();
+        let new = events > self.psi_seen;
+        if new {
+            self.psi_seen = events;
+            self.psi_last = Some(Instant::now());
+            tracing::warn!(source = %m.source().display(), events, "memory pressure stall (PSI trigger)");
         }
+        let stalling = self.psi_last.is_some_and(|t| t.elapsed() < m.window());
+        (new, stalling)
+    }
+
+    /// Process-wide Emergency: the database's use (the ceiling cgroup's
+    /// charge, or without one the memory attributed to its processes) at
+    /// the emergency threshold of the ceiling. The high mark drops to the
+    /// restore point to force reclaim, and the non-essential engines get
+    /// backpressure; both end once use is below the warning threshold.
+    /// Returns whether the database is in Emergency.
+    fn enforce_ceiling(&mut self, usage: Option<&super::status::Usage>) -> bool {
+        let t = self.config.thresholds;
+        let (current, limit) = match &self.ceiling {
+            Some(c) => {
+                let st = c.status();
+                (st.current_bytes, st.limit_bytes)
+            }
+            None => (
+                usage.map_or(0, |u| {
+                    u.processes
+                        .iter()
+                        .flat_map(|p| p.engines.values().chain([&p.unattributed]))
+                        .map(|e| e.resident_bytes)
+                        .sum()
+                }),
+                self.config.ceiling_bytes(),
+            ),
+        };
+        let f = current as f64 / limit.max(1) as f64;
+        let was = self.emergency;
+        if f >= t.emergency {
+            self.emergency = true;
+        } else if f < t.warning {
+            self.emergency = false;
+        }
+        if self.emergency != was {
+            if self.emergency {
+                tracing::warn!(current, limit, "the database is in Emergency");
+            } else {
+                tracing::info!(current, limit, "the database's Emergency is over");
+            }
+            if let Some(c) = &mut self.ceiling {
+                let want = self
+                    .emergency
+                    .then_some((limit as f64 * t.restore) as u64);
+                if let Err(e) = c.set_high(want) {
+                    tracing::warn!(error = %e, "changing the memory high mark");
+                }
+            }
+        }
+        self.emergency
     }
 
     /// A library's hello: checks it, takes its process under governance,
@@ -267,19 +371,14 @@ impl Agent {
                     .collect()
             })
             .unwrap_or_default();
-        let client = Client::new(pid, uid, tx);
+        let mut client = Client::new(pid, uid, tx, engines.iter().map(|e| e.name.clone()));
         client.send(ToLibrary::Welcome {
             version: wire::VERSION,
             engine_cgroups,
         });
-        for l in self.config.limits() {
-            if engines.iter().any(|e| e.name == l.name) {
-                client.send(ToLibrary::Limits {
-                    engine: l.name,
-                    floor_bytes: l.floor_bytes,
-                    cap_bytes: l.budget_bytes,
-                });
-            }
+        client.send_initial_limits(&self.config);
+        if self.emergency {
+            client.set_backpressure(true, &self.config);
         }
         tracing::info!(pid, uid, engines = engines.len(), "library connected");
         self.clients.insert(id, client);
@@ -405,6 +504,15 @@ impl Agent {
         report.ceiling = self.ceiling.as_ref().map(Ceiling::status);
         report.ceiling_error = self.ceiling_error.clone();
         report.metrics_addr = self.metrics_addr.map(|a| a.to_string());
+        report.emergency = self.emergency;
+        report.psi = self.psi.as_ref().map(|m| {
+            m.status(
+                self.psi_last
+                    .is_some_and(|t| t.elapsed() < m.window()),
+            )
+        });
+        report.psi_error = self.psi_error.clone();
+        report.programs = self.attribution.program_stats();
         report.clients = self
             .clients
             .values()

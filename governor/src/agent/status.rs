@@ -55,7 +55,7 @@ pub struct Usage {
 }
 
 /// What `status --json` prints.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub schema: String,
     pub database: String,
@@ -80,6 +80,28 @@ pub struct StatusReport {
     /// Where `/metrics` is served, if it is.
     #[serde(default)]
     pub metrics_addr: Option<String>,
+    /// The whole database is at the emergency threshold of its ceiling
+    /// (non-essential engines are under backpressure).
+    #[serde(default)]
+    pub emergency: bool,
+    /// The pressure stall trigger (absent: off or unavailable, see
+    /// `psi_error`).
+    #[serde(default)]
+    pub psi: Option<super::psi::PsiStatus>,
+    #[serde(default)]
+    pub psi_error: Option<String>,
+    /// The eBPF programs and how often they ran (when the kernel's program
+    /// statistics are on).
+    #[serde(default)]
+    pub programs: Vec<ProgramStats>,
+}
+
+/// One loaded eBPF program.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramStats {
+    pub name: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
 }
 
 /// One library connected over the control channel.
@@ -123,6 +145,10 @@ impl StatusReport {
             ceiling_error: None,
             clients: Vec::new(),
             metrics_addr: None,
+            emergency: false,
+            psi: None,
+            psi_error: None,
+            programs: Vec::new(),
         }
     }
 

@@ -498,6 +498,17 @@ impl Inner {
                     spill.spill_engines(&[id], used.saturating_sub(cap_bytes));
                     result = self.governor.set_limits(id, floor_bytes, cap_bytes);
                 }
+                if result.is_err() {
+                    // Still above the new cap (nothing to spill, or not
+                    // enough): the cap is what the engine holds, so every
+                    // new reservation is refused until it frees.
+                    let used = self.governor.usage(id).map_or(0, |u| u.used_bytes);
+                    if used > cap_bytes {
+                        result = self
+                            .governor
+                            .set_limits(id, floor_bytes.min(used), used);
+                    }
+                }
                 let mut st = lock(&self.state);
                 match result {
                     Ok(()) => st.stats.limit_changes += 1,

@@ -1,0 +1,281 @@
+//! Pressure stall information (PSI) as an input to the ladder.
+//!
+//! A trigger (`some <stall us> <window us>`) is written to a
+//! `memory.pressure` file: the database's cgroup v2 directory (PSI is
+//! accounted per cgroup v2 whether or not the memory controller is there,
+//! so this works on hybrid hosts too) or the host's `/proc/pressure/memory`.
+//! The kernel then wakes a `poll(POLLPRI)` whenever the cgroup's tasks
+//! stalled on memory (reclaim, refaults, throttling) for more than the
+//! stall time within a window. A thread of its own polls; the agent's tick
+//! reads the count of events, so the control loop never blocks on it.
+//!
+//! Without CAP_SYS_RESOURCE the kernel takes only windows that are
+//! multiples of 2 s (it then aggregates on its averaging clock instead of
+//! an RT poller): the window is rounded up, and the status says so.
+
+use std::{
+    fs,
+    io::Write,
+    os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::error::AgentError;
+
+/// What `memory.pressure` says now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PsiFigures {
+    /// Share of the last 10 s in which some task stalled on memory (0..1).
+    pub some_avg10: f64,
+    /// Share of the last 10 s in which all non-idle tasks stalled.
+    pub full_avg10: f64,
+    pub some_total_us: u64,
+    pub full_total_us: u64,
+}
+
+impl PsiFigures {
+    /// Parses the `some …`/`full …` lines of a pressure file.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut f = Self::default();
+        let mut seen = (false, false);
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            let kind = words.next().unwrap_or_default();
+            let (mut avg10, mut total) = (None, None);
+            for w in words {
+                match w.split_once('=') {
+                    Some(("avg10", v)) => avg10 = v.parse::<f64>().ok(),
+                    Some(("total", v)) => total = v.parse::<u64>().ok(),
+                    _ => {}
+                }
+            }
+            let (Some(avg10), Some(total)) = (avg10, total) else {
+                return Err(format!("unexpected pressure line {line:?}"));
+            };
+            match kind {
+                "some" => {
+                    (f.some_avg10, f.some_total_us) = (avg10 / 100.0, total);
+                    seen.0 = true;
+                }
+                "full" => {
+                    (f.full_avg10, f.full_total_us) = (avg10 / 100.0, total);
+                    seen.1 = true;
+                }
+                other => return Err(format!("unexpected pressure kind {other:?}")),
+            }
+        }
+        if !seen.0 {
+            return Err("no `some` line".into());
+        }
+        Ok(f)
+    }
+
+    pub fn read(path: &Path) -> Result<Self, String> {
+        let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+/// The PSI input as the status shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PsiStatus {
+    pub source: String,
+    pub stall_us: u64,
+    pub window_us: u64,
+    /// The window was rounded up to a multiple of 2 s (no
+    /// CAP_SYS_RESOURCE).
+    pub window_rounded: bool,
+    pub triggers: u64,
+    /// A trigger fired within the last window.
+    pub stalling: bool,
+    pub figures: PsiFigures,
+}
+
+/// A PSI trigger and the thread that polls it; stopped on drop.
+pub struct PsiMonitor {
+    source: PathBuf,
+    stall_us: u64,
+    window_us: u64,
+    window_rounded: bool,
+    events: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Opens `path` and writes the trigger into it. The kernel keeps the
+/// trigger as long as the file stays open.
+fn arm(path: &Path, stall_us: u64, window_us: u64) -> std::io::Result<fs::File> {
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    // The kernel overwrites the last byte written with a NUL: send one.
+    f.write_all(format!("some {stall_us} {window_us}\0").as_bytes())?;
+    Ok(f)
+}
+
+impl PsiMonitor {
+    /// Arms a trigger on `source` and starts polling it.
+    pub fn start(source: &Path, stall: Duration, window: Duration) -> Result<Self, AgentError> {
+        let stall_us = stall.as_micros() as u64;
+        let mut window_us = window.as_micros() as u64;
+        let mut window_rounded = false;
+        let file = match arm(source, stall_us, window_us) {
+            Ok(f) => f,
+            // Unprivileged triggers need 2 s windows.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && window_us % 2_000_000 != 0 => {
+                window_us = window_us.div_ceil(2_000_000) * 2_000_000;
+                window_rounded = true;
+                let f = arm(source, stall_us, window_us).map_err(|e| {
+                    AgentError::io(format!("arming a PSI trigger on {}", source.display()), e)
+                })?;
+                tracing::warn!(
+                    source = %source.display(),
+                    window_us,
+                    "the kernel refused a PSI window that is not a multiple of 2 s (no CAP_SYS_RESOURCE): rounded up"
+                );
+                f
+            }
+            Err(e) => {
+                return Err(AgentError::io(
+                    format!("arming a PSI trigger on {}", source.display()),
+                    e,
+                ));
+            }
+        };
+        let events = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (events, stop, source) = (events.clone(), stop.clone(), source.to_owned());
+            std::thread::Builder::new()
+                .name("psi-poll".into())
+                .spawn(move || poll_loop(&file, &events, &stop, &source))
+                .map_err(|e| AgentError::io("starting the PSI thread", e))?
+        };
+        tracing::info!(source = %source.display(), stall_us, window_us, "PSI trigger armed");
+        Ok(Self {
+            source: source.to_owned(),
+            stall_us,
+            window_us,
+            window_rounded,
+            events,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// How many times the trigger fired.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    pub fn window(&self) -> Duration {
+        Duration::from_micros(self.window_us)
+    }
+
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    pub fn status(&self, stalling: bool) -> PsiStatus {
+        PsiStatus {
+            source: self.source.display().to_string(),
+            stall_us: self.stall_us,
+            window_us: self.window_us,
+            window_rounded: self.window_rounded,
+            triggers: self.events(),
+            stalling,
+            figures: PsiFigures::read(&self.source).unwrap_or_default(),
+        }
+    }
+}
+
+fn poll_loop(file: &fs::File, events: &AtomicU64, stop: &AtomicBool, source: &Path) {
+    while !stop.load(Ordering::Relaxed) {
+        let mut pfd = libc::pollfd {
+            fd: file.as_raw_fd(),
+            events: libc::POLLPRI,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, 200) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::error!(source = %source.display(), error = %e, "polling the PSI trigger failed; PSI input stopped");
+            return;
+        }
+        if pfd.revents & libc::POLLERR != 0 {
+            tracing::error!(source = %source.display(), "the PSI trigger's cgroup went away; PSI input stopped");
+            return;
+        }
+        if pfd.revents & libc::POLLPRI != 0 {
+            events.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for PsiMonitor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pressure_files_parse() {
+        let f = PsiFigures::parse(
+            "some avg10=1.50 avg60=0.20 avg300=0.00 total=95369\n\
+             full avg10=0.25 avg60=0.00 avg300=0.00 total=1200\n",
+        )
+        .unwrap();
+        assert_eq!(f.some_total_us, 95369);
+        assert_eq!(f.full_total_us, 1200);
+        assert!((f.some_avg10 - 0.015).abs() < 1e-9);
+        assert!((f.full_avg10 - 0.0025).abs() < 1e-9);
+        // The host's cpu.pressure on old kernels has only `some`.
+        let only_some = PsiFigures::parse("some avg10=0.00 avg60=0.00 avg300=0.00 total=7").unwrap();
+        assert_eq!(only_some.some_total_us, 7);
+        assert!(PsiFigures::parse("").unwrap_err().contains("some"));
+        assert!(PsiFigures::parse("some avg10=x total=1").is_err());
+        assert!(PsiFigures::parse("most avg10=0.0 total=1").unwrap_err().contains("most"));
+    }
+
+    /// A trigger on the host's memory pressure arms (as root, with PSI in
+    /// the kernel) and rounds its window when it must.
+    #[test]
+    fn a_trigger_arms_on_the_host() {
+        if crate::agent::privilege::skip_unprivileged("PSI trigger") {
+            return;
+        }
+        let m = PsiMonitor::start(
+            Path::new("/proc/pressure/memory"),
+            Duration::from_millis(100),
+            Duration::from_millis(1000),
+        )
+        .expect("PSI trigger");
+        assert!(m.window() >= Duration::from_millis(1000));
+        assert_eq!(m.window().as_micros() % 1_000_000, 0);
+        let st = m.status(false);
+        assert_eq!(st.stall_us, 100_000);
+        assert_eq!(st.window_rounded, m.window() != Duration::from_millis(1000));
+        drop(m);
+    }
+}

@@ -60,11 +60,13 @@ impl SpillHandler for Untracked {
             let Some(b) = blocks.pop() else { break };
             freed += b.len() as u64;
         }
-        drop(blocks);
+        // Recorded before the blocks' lock is let go, so whoever sees the
+        // memory gone also sees the spill.
         self.spills
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push((at, target, freed));
+        drop(blocks);
         freed
     }
 }

@@ -191,8 +191,8 @@ fn accuracy_with_cgroup_identity() {
     };
     let mut att = Attribution::load(ProgramSet::Full).expect("loading eBPF");
     let engines: Vec<String> = ["vector", "timeseries", "query"].map(String::from).to_vec();
-    let subtree =
-        Subtree::create_or_adopt(&root, &unique("nodedb-test"), &engines).expect("cgroup subtree");
+    let subtree = Subtree::create_or_adopt(&root, &unique("nodedb-test"), &engines, &[])
+        .expect("cgroup subtree");
     let guard = CgroupGuard(subtree);
     let mut probe = Probe::spawn();
     guard

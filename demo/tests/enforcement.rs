@@ -135,14 +135,47 @@ impl Drop for Agent {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
         if let Some(root) = nodedb_governor::agent::cgroup::find_v2_mount() {
-            let cg = root.join(&self.database);
-            for e in ["vector", "timeseries", "query"] {
-                let _ = std::fs::remove_dir(cg.join(format!("engine-{e}")));
-            }
-            let _ = std::fs::remove_dir(cg);
+            remove_cgroup(&root.join(&self.database));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A child process killed when the test ends, failed or not (a probe left
+/// running would hold the test's output pipe open).
+struct Reaped(Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Removes a cgroup directory and its children, deepest first (cgroupfs
+/// takes only rmdir).
+fn remove_cgroup(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 #[test]
@@ -328,14 +361,16 @@ fn sighup_reloads_the_config_atomically() {
     let agent = Agent::start("");
     let config = agent.dir.join("governor.toml");
     let original = std::fs::read_to_string(&config).unwrap();
-    let mut client = Command::new(env!("CARGO_BIN_EXE_control-client"))
-        .arg("--socket")
-        .arg(&agent.control)
-        .args(["--database", &agent.database, "--engine", "query"])
-        .args(["--report-reserved", "1", "--hold-ms", "20000"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut client = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_control-client"))
+            .arg("--socket")
+            .arg(&agent.control)
+            .args(["--database", &agent.database, "--engine", "query"])
+            .args(["--report-reserved", "1", "--hold-ms", "20000"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let query_budget = |agent: &Agent| {
         status_json(agent)["clients"][0]["engines"]["query"]["budget_bytes"].as_u64()
     };
@@ -400,13 +435,15 @@ fn a_killed_agent_restarts_on_its_pinned_maps_and_the_library_reconnects() {
     }
     use std::io::BufRead;
     let mut agent = Agent::start("");
-    let mut probe = Command::new(env!("CARGO_BIN_EXE_hold-probe"))
-        .arg("--socket")
-        .arg(&agent.control)
-        .args(["--database", &agent.database, "--mib", "48"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut probe = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_hold-probe"))
+            .arg("--socket")
+            .arg(&agent.control)
+            .args(["--database", &agent.database, "--mib", "48"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let pid = probe.id();
     let mut lines = std::io::BufReader::new(probe.stdout.take().unwrap()).lines();
     let mut next = move || -> serde_json::Value {
@@ -504,14 +541,16 @@ fn metrics_are_served_over_http() {
     assert_eq!(http_get(&addr, "/healthz"), "ok\n");
 
     // A library that reports its books and stays a while.
-    let mut client = Command::new(env!("CARGO_BIN_EXE_control-client"))
-        .arg("--socket")
-        .arg(&agent.control)
-        .args(["--database", &agent.database, "--engine", "query"])
-        .args(["--report-reserved", "12345", "--hold-ms", "5000"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut client = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_control-client"))
+            .arg("--socket")
+            .arg(&agent.control)
+            .args(["--database", &agent.database, "--engine", "query"])
+            .args(["--report-reserved", "12345", "--hold-ms", "5000"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let pid = client.id();
     let want = format!(
         "nodedb_governor_agent_engine_reserved_bytes{{engine=\"query\",pid=\"{pid}\"}} 12345"
@@ -539,7 +578,10 @@ fn metrics_are_served_over_http() {
     assert!(first > 0, "no program runs in:\n{text}");
     let _ = Command::new("true").status();
     std::thread::sleep(Duration::from_millis(100));
-    assert!(runs(&http_get(&addr, "/metrics")) > first, "the run counts move");
+    assert!(
+        runs(&http_get(&addr, "/metrics")) > first,
+        "the run counts move"
+    );
     for series in [
         format!("nodedb_governor_agent_engine_refusals_total{{engine=\"query\",pid=\"{pid}\"}} 3"),
         format!(
@@ -775,14 +817,16 @@ fn memory_stalls_and_an_emergency_move_the_ladder() {
         "[[engine]]\nname = \"vector\"\nbudget = \"64MiB\"\n\
          [[engine]]\nname = \"query\"\nbudget = \"64MiB\"\nessential = false\n",
     );
-    let mut probe = Command::new(env!("CARGO_BIN_EXE_pressure-probe"))
-        .arg("--socket")
-        .arg(&agent.control)
-        .args(["--database", &agent.database])
-        .args(["--vector-mib", "52", "--query-mib", "8"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut probe = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_pressure-probe"))
+            .arg("--socket")
+            .arg(&agent.control)
+            .args(["--database", &agent.database])
+            .args(["--vector-mib", "52", "--query-mib", "8"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
     {
         let lines = lines.clone();
@@ -817,7 +861,7 @@ fn memory_stalls_and_an_emergency_move_the_ladder() {
     // The writer joins the database's cgroups (v2 for PSI, the ceiling's
     // for the charge) and streams 2.5 times the ceiling to a file.
     let fill = agent.dir.join("fill.dat");
-    let mut dirs = vec![before["cgroup"].as_str().unwrap().to_owned()];
+    let mut dirs = vec![format!("{}/shared", before["cgroup"].as_str().unwrap())];
     let ceiling_dir = before["ceiling"]["cgroup"].as_str().unwrap().to_owned();
     if !dirs.contains(&ceiling_dir) {
         dirs.push(ceiling_dir);
@@ -831,24 +875,34 @@ fn memory_stalls_and_an_emergency_move_the_ladder() {
     let dd = Command::new("sh").arg("-c").arg(&script).status().unwrap();
     assert!(dd.success(), "{script}");
 
-    wait_for("the PSI trigger to fire and the ladder to spill at Warning", || {
-        let s = status_json(&agent);
-        s["psi"]["triggers"].as_u64() >= Some(1) && vector(&s)["spill_requests"].as_u64() >= Some(1)
-    });
-    wait_for("backpressure on query while vector keeps its budget", || {
-        // Held to what it holds: its 8 MiB and at most the thread's
-        // credit (two 1 MiB batches).
-        lines.lock().unwrap().iter().any(|l| {
-            l["query_granted"] == false
-                && l["vector_granted"] == true
-                && (8 * MIB..=10 * MIB).contains(&l["query_cap_bytes"].as_u64().unwrap_or(0))
-        })
-    });
-    let during = status_json(&agent);
-    eprintln!(
-        "psi: {} ceiling: {}",
-        during["psi"], during["ceiling"]
+    let mut seen = serde_json::Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(seen["psi"]["triggers"].as_u64() >= Some(1)
+        && vector(&seen)["spill_requests"].as_u64() >= Some(1))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the PSI trigger did not fire, or the ladder did not spill at Warning: psi {} vector {}",
+            seen["psi"],
+            vector(&seen)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        seen = status_json(&agent);
+    }
+    wait_for(
+        "backpressure on query while vector keeps its budget",
+        || {
+            // Held to what it holds: its 8 MiB and at most the thread's
+            // credit (two 1 MiB batches).
+            lines.lock().unwrap().iter().any(|l| {
+                l["query_granted"] == false
+                    && l["vector_granted"] == true
+                    && (8 * MIB..=10 * MIB).contains(&l["query_cap_bytes"].as_u64().unwrap_or(0))
+            })
+        },
     );
+    let during = status_json(&agent);
+    eprintln!("psi: {} ceiling: {}", during["psi"], during["ceiling"]);
     assert!(
         vector(&during)["purges"].as_u64() > Some(purges_before),
         "the stall purged the arenas: {during}"
@@ -877,7 +931,177 @@ fn memory_stalls_and_an_emergency_move_the_ladder() {
         query(&after)["limit_changes"].as_u64() >= Some(3),
         "welcome, hold, release: {after}"
     );
-    assert!(after["ceiling"]["limit_changes"].as_u64() >= Some(2), "the high mark was lowered and restored: {after}");
+    assert!(
+        after["ceiling"]["limit_changes"].as_u64() >= Some(2),
+        "the high mark was lowered and restored: {after}"
+    );
     let _ = probe.kill();
     let _ = probe.wait();
+}
+
+/// An engine that runs as a process of its own (`own_process`) gets a
+/// domain cgroup of its own under the database's, with the engine's budget
+/// as its high mark (v2 `memory.high`; the v1 soft limit on hybrid hosts),
+/// all of the process's memory is the engine's, and the ladder governs it
+/// like any engine. A process may not declare such an engine with others.
+#[test]
+fn an_engine_in_its_own_process_gets_its_own_domain_cgroup() {
+    if privilege::skip_unprivileged("own-process engines") {
+        return;
+    }
+    const MIB: u64 = 1 << 20;
+    let agent = Agent::with_engines(
+        "",
+        "[[engine]]\nname = \"vector\"\nbudget = \"64MiB\"\n\
+         [[engine]]\nname = \"timeseries\"\nbudget = \"64MiB\"\nfloor = \"64MiB\"\nown_process = true\n",
+    );
+    // Declared with another engine: refused, naming why.
+    let mut s = UnixStream::connect(&agent.control).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let decl = |name: &str| EngineDecl {
+        name: name.into(),
+        floor_bytes: 0,
+        cap_bytes: 1 << 30,
+    };
+    s.write_all(&wire::encode(&ToAgent::Hello {
+        version: wire::VERSION,
+        database: agent.database.clone(),
+        engines: vec![decl("vector"), decl("timeseries")],
+    }))
+    .unwrap();
+    match reply(&mut s, &mut Decoder::new()) {
+        ToLibrary::Error { message } => assert!(
+            message.contains("timeseries") && message.contains("own_process"),
+            "{message}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    drop(s);
+
+    // 60 MiB of 64: Critical, so the ladder sends spill requests.
+    let mut probe = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_hold-probe"))
+            .arg("--socket")
+            .arg(&agent.control)
+            .args(["--database", &agent.database])
+            .args(["--engine", "timeseries", "--mib", "60"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = probe.id();
+    let engine = |s: &serde_json::Value| s["clients"][0]["engines"]["timeseries"].clone();
+    let mut status = serde_json::Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while engine(&status)["spill_requests"].as_u64().unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "no spill request: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+        status = status_json(&agent);
+    }
+    let domain = PathBuf::from(status["cgroup"].as_str().unwrap());
+    let own = domain.join("proc-timeseries");
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let v2 = cg.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+    assert!(
+        own.ends_with(v2.trim_start_matches('/')),
+        "the process sits in {v2}, not {}",
+        own.display()
+    );
+    let ceiling = &status["ceiling"];
+    let dom = &ceiling["engines"]["timeseries"];
+    assert_eq!(dom["high_bytes"], 64 * MIB, "{ceiling}");
+    let dom_dir = PathBuf::from(dom["cgroup"].as_str().unwrap());
+    let high_file = match ceiling["backend"].as_str().unwrap() {
+        "cgroup-v2" => "memory.high",
+        _ => "memory.soft_limit_in_bytes",
+    };
+    assert_eq!(
+        std::fs::read_to_string(dom_dir.join(high_file))
+            .unwrap()
+            .trim(),
+        (64 * MIB).to_string(),
+        "the kernel holds the engine's high mark"
+    );
+    assert!(
+        std::fs::read_to_string(dom_dir.join("cgroup.procs"))
+            .unwrap()
+            .lines()
+            .any(|l| l.trim() == pid.to_string()),
+        "the process is charged to its engine's cgroup"
+    );
+    assert!(
+        dom["current_bytes"].as_u64() >= Some(58 * MIB),
+        "its memory is charged there: {dom}"
+    );
+    let p = status["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == pid)
+        .unwrap();
+    assert!(
+        p["engines"]["timeseries"]["resident_bytes"].as_u64() >= Some(58 * MIB),
+        "the engine's memory is attributed to it: {p}"
+    );
+    assert_eq!(engine(&status)["budget_bytes"], 64 * MIB);
+    let _ = probe.kill();
+    let _ = probe.wait();
+}
+
+/// With the engine cgroups delegated to the database's user
+/// (`delegate_uid`), a library running as that user moves its threads
+/// into their engines itself (the agent only checks), and attribution
+/// follows.
+#[test]
+fn a_library_in_a_delegated_subtree_moves_its_own_threads() {
+    if privilege::skip_unprivileged("delegated subtree") {
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    const MIB: u64 = 1 << 20;
+    let agent = Agent::start("allowed_uids = [65534]\ndelegate_uid = 65534");
+    let status = status_json(&agent);
+    let shared = PathBuf::from(status["cgroup"].as_str().unwrap()).join("shared");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(shared.join("engine-vector/cgroup.threads"))
+            .unwrap()
+            .uid(),
+        NOBODY,
+        "delegated"
+    );
+    std::os::unix::fs::chown(&agent.control, None, Some(NOBODY)).unwrap();
+    // Run a copy from the agent's world-readable directory (the build
+    // tree may be out of that uid's reach).
+    let probe_bin = agent.dir.join("hold-probe");
+    std::fs::copy(env!("CARGO_BIN_EXE_hold-probe"), &probe_bin).unwrap();
+    std::fs::set_permissions(&probe_bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut probe = Reaped(
+        Command::new(&probe_bin)
+            .arg("--socket")
+            .arg(&agent.control)
+            .args(["--database", &agent.database, "--mib", "32"])
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = probe.id();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(probe.stdout.take().unwrap()));
+    let first: serde_json::Value =
+        serde_json::from_str(&lines.next().expect("the probe runs").unwrap()).unwrap();
+    assert_eq!(first["held_bytes"], 32 * MIB, "{first}");
+    // The worker (gone now; its memory stays) was moved by the library:
+    // a failed move would have fallen back to the agent ("assigned").
+    let log = std::fs::read_to_string(agent.dir.join("agent.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("thread moved by the library")
+            && l.contains(&format!("pid={pid}"))),
+        "the library moved it, not the agent:\n{log}"
+    );
+    assert!(!log.contains("thread assigned"), "{log}");
+    wait_for("the vector engine's memory to be attributed", || {
+        status_json(&agent)["engines"]["vector"]["resident_bytes"].as_u64() >= Some(30 * MIB)
+    });
 }

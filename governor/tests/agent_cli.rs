@@ -111,8 +111,9 @@ impl Drop for Agent {
         if let Some(cg) = &self.cgroup {
             // Governed test processes are gone by now; engines first.
             for e in ["vector", "query"] {
-                let _ = std::fs::remove_dir(cg.join(format!("engine-{e}")));
+                let _ = std::fs::remove_dir(cg.join("shared").join(format!("engine-{e}")));
             }
+            let _ = std::fs::remove_dir(cg.join("shared"));
             let _ = std::fs::remove_dir(cg);
         }
         let _ = std::fs::remove_dir_all(&self.dir);

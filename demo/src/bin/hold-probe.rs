@@ -1,13 +1,12 @@
 //! A governed process that holds memory: it connects over the control
-//! channel, registers a Vector thread that touches `--mib` MiB and keeps
-//! it, then prints its link state as a JSON line every 100 ms (until
+//! channel, registers a thread of `--engine` (default vector) that touches
+//! `--mib` MiB and keeps it, then prints its link state as a JSON line every 100 ms (until
 //! killed), so a test can watch it ride out an agent restart.
 
 use std::time::Duration;
 
 use anyhow::bail;
 use clap::Parser;
-use nodedb_governor::EngineId;
 use nodedb_governor_demo::{governed, memory::MIB, untracked::Untracked};
 
 #[derive(Parser)]
@@ -18,20 +17,24 @@ struct Args {
     database: String,
     #[arg(long, default_value_t = 32)]
     mib: usize,
+    /// The one engine this process runs.
+    #[arg(long, default_value = "vector")]
+    engine: String,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (_governor, link) = governed::connect(
-        &args.socket,
-        &args.database,
-        &[("vector", EngineId::Vector)],
-        None,
-    )?;
+    let Some(&(name, id)) = governed::ENGINES.iter().find(|(n, _)| *n == args.engine) else {
+        bail!(
+            "--engine {:?} is not one of the demo's engines",
+            args.engine
+        );
+    };
+    let (_governor, link) = governed::connect(&args.socket, &args.database, &[(name, id)], None)?;
     let held = Untracked::default();
     std::thread::scope(|s| {
         s.spawn(|| -> anyhow::Result<()> {
-            let tid = link.register_current_thread(EngineId::Vector)?;
+            let tid = link.register_current_thread(id)?;
             if !link.wait_placed(tid, Duration::from_secs(10)) {
                 bail!("thread not placed");
             }

@@ -8,6 +8,12 @@
 //!   ceiling and `memory.soft_limit_in_bytes` at the high mark. The status
 //!   says which one is in force.
 //!
+//! Engines that run as processes of their own get a domain cgroup each
+//! under the database's, with their own high mark at the engine's budget:
+//! v2 `<database>/proc-<engine>/memory.high` (the memory controller is
+//! enabled on the database's cgroup for them), v1
+//! `<v1 memory>/<database>/proc-<engine>/memory.soft_limit_in_bytes`.
+//!
 //! In Emergency the high mark is lowered to force reclaim (v2; on v1 the
 //! soft limit only acts under global pressure, and is reported as such),
 //! and restored when the pressure is gone. `memory.events` (v2) or
@@ -53,6 +59,18 @@ pub struct CeilingStatus {
     /// Writes of the ceiling or the high mark since the agent started.
     #[serde(default)]
     pub limit_changes: u64,
+    /// Engines that run as processes of their own, by name.
+    #[serde(default)]
+    pub engines: std::collections::BTreeMap<String, EngineDomainStatus>,
+}
+
+/// The domain cgroup of an engine that runs as a process of its own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineDomainStatus {
+    pub cgroup: String,
+    /// memory.high (v2) or the soft limit (v1): the engine's budget.
+    pub high_bytes: u64,
+    pub current_bytes: u64,
 }
 
 /// The ceiling the agent enforces.
@@ -65,6 +83,9 @@ pub struct Ceiling {
     /// The high mark now (lowered in Emergency).
     high_now: u64,
     limit_changes: u64,
+    /// Own-process engines: their cgroup (where the high mark is written)
+    /// and the mark.
+    engines: std::collections::BTreeMap<String, (PathBuf, u64)>,
 }
 
 /// The cgroup v1 memory hierarchy's mount point, if any.
@@ -136,6 +157,7 @@ impl Ceiling {
                 high,
                 high_now: high,
                 limit_changes: 0,
+                engines: Default::default(),
             };
             write(&dir.join("memory.max"), &limit.to_string())?;
             write(&dir.join("memory.high"), &high.to_string())?;
@@ -162,6 +184,7 @@ impl Ceiling {
             high,
             high_now: high,
             limit_changes: 0,
+            engines: Default::default(),
         })
     }
 
@@ -180,6 +203,74 @@ impl Ceiling {
         self.high = high;
         self.high_now = high;
         self.limit_changes += 1;
+        Ok(())
+    }
+
+    /// Sets up the domain cgroup of an engine that runs as a process of its
+    /// own, with its high mark at `high` (its budget). On v2 that is
+    /// `v2_dir` (made by the subtree), with the memory controller enabled
+    /// for the database's children; on v1 a `proc-<engine>` child of the
+    /// ceiling's cgroup.
+    pub fn setup_engine(
+        &mut self,
+        engine: &str,
+        v2_dir: Option<&Path>,
+        high: u64,
+    ) -> Result<(), AgentError> {
+        let dir = match self.backend {
+            Backend::CgroupV2 => {
+                let dir = v2_dir.ok_or_else(|| AgentError::CgroupUnusable {
+                    path: self.dir.clone(),
+                    reason: format!("no cgroup for engine {engine}"),
+                })?;
+                let enabled = fs::read_to_string(self.dir.join("cgroup.subtree_control"))
+                    .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"));
+                if !enabled {
+                    write(&self.dir.join("cgroup.subtree_control"), "+memory")?;
+                }
+                dir.to_owned()
+            }
+            Backend::CgroupV1 => {
+                let dir = self.dir.join(format!("proc-{engine}"));
+                match fs::create_dir(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(AgentError::io(format!("creating {}", dir.display()), e)),
+                }
+                dir
+            }
+        };
+        self.engines.insert(engine.to_owned(), (dir, u64::MAX));
+        self.set_engine_high(engine, high)
+    }
+
+    /// Changes an own-process engine's high mark (a reload).
+    pub fn set_engine_high(&mut self, engine: &str, high: u64) -> Result<(), AgentError> {
+        let file = match self.backend {
+            Backend::CgroupV2 => "memory.high",
+            Backend::CgroupV1 => "memory.soft_limit_in_bytes",
+        };
+        let Some((dir, now)) = self.engines.get_mut(engine) else {
+            return Ok(());
+        };
+        if *now == high {
+            return Ok(());
+        }
+        write(&dir.join(file), &high.to_string())?;
+        tracing::info!(engine, cgroup = %dir.display(), high, "engine high mark set");
+        *now = high;
+        self.limit_changes += 1;
+        Ok(())
+    }
+
+    /// Puts a process of an own-process engine under the engine's cgroup
+    /// (v1; on v2 the subtree has put it there).
+    pub fn adopt_engine(&self, pid: u32, engine: &str) -> Result<(), AgentError> {
+        if self.backend == Backend::CgroupV1
+            && let Some((dir, _)) = self.engines.get(engine)
+        {
+            write(&dir.join("cgroup.procs"), &pid.to_string())?;
+        }
         Ok(())
     }
 
@@ -248,12 +339,33 @@ impl Ceiling {
             current_bytes: current,
             events,
             limit_changes: self.limit_changes,
+            engines: self
+                .engines
+                .iter()
+                .map(|(name, (dir, high))| {
+                    let current = match self.backend {
+                        Backend::CgroupV2 => read_u64(&dir.join("memory.current")),
+                        Backend::CgroupV1 => read_u64(&dir.join("memory.usage_in_bytes")),
+                    };
+                    (
+                        name.clone(),
+                        EngineDomainStatus {
+                            cgroup: dir.display().to_string(),
+                            high_bytes: *high,
+                            current_bytes: current.unwrap_or(0),
+                        },
+                    )
+                })
+                .collect(),
         }
     }
 
-    /// Removes a v1 cgroup the agent made (when it is empty).
+    /// Removes the v1 cgroups the agent made (when they are empty).
     pub fn remove(&self) {
         if self.backend == Backend::CgroupV1 {
+            for (dir, _) in self.engines.values() {
+                let _ = fs::remove_dir(dir);
+            }
             let _ = fs::remove_dir(&self.dir);
         }
     }

@@ -1,8 +1,18 @@
-//! The cgroup v2 subtree the agent owns: `<root>/<database>/` is the
-//! database's domain cgroup, `engine-<name>/` under it a threaded child per
-//! engine. A thread's engine is the cgroup it sits in, which the eBPF side
-//! reads with `bpf_get_current_cgroup_id()`; threads inherit their creator's
+//! The cgroup v2 subtree the agent owns:
+//!
+//! ```text
+//! <root>/<database>/                 domain: the ceiling (memory.max, memory.high), PSI
+//! <root>/<database>/shared/          threaded domain: processes that run several engines
+//! <root>/<database>/shared/engine-<e>/   threaded, one per engine
+//! <root>/<database>/proc-<e>/        domain: engine <e> running as a process of its own
+//!                                    (`own_process`), with its own memory.high
+//! ```
+//!
+//! A thread's engine is the cgroup it sits in, which the eBPF side reads
+//! with `bpf_get_current_cgroup_id()`; threads inherit their creator's
 //! cgroup, so threads born after registration are attributed with no help.
+//! (A threaded domain's domain children would be invalid, hence `shared/`:
+//! the database's own cgroup holds no processes.)
 //!
 //! Threaded cgroups need no controller, so this works on hybrid hosts whose
 //! memory controller is on cgroup v1 (the v2 tree is then mounted at
@@ -52,20 +62,36 @@ pub struct EngineCgroup {
     pub id: u64,
 }
 
-/// The database's domain cgroup and its engines' threaded children.
+/// The database's domain cgroup, the threaded domain of its multi-engine
+/// processes with the engines' threaded children, and the domain cgroups of
+/// engines that run as processes of their own.
 #[derive(Clone, Debug)]
 pub struct Subtree {
+    /// `<root>/<database>`: the ceiling's cgroup.
+    pub domain: PathBuf,
+    /// `<domain>/shared`: where multi-engine processes live.
     pub dir: PathBuf,
     pub engines: BTreeMap<String, EngineCgroup>,
+    /// `<domain>/proc-<engine>`, for engines that run as their own process.
+    pub own: BTreeMap<String, EngineCgroup>,
+}
+
+fn mkdir(dir: &Path) -> io::Result<()> {
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        r => r,
+    }
 }
 
 impl Subtree {
-    /// Creates `<root>/<database>/engine-<name>` for each engine, or adopts
-    /// them if they exist, and makes the engine cgroups threaded.
+    /// Creates `<root>/<database>/shared/engine-<name>` for each engine
+    /// (threaded) and `<root>/<database>/proc-<name>` for each engine in
+    /// `own` (a domain), or adopts them if they exist.
     pub fn create_or_adopt(
         root: &Path,
         database: &str,
         engines: &[String],
+        own: &[String],
     ) -> Result<Self, AgentError> {
         let unusable = |reason: String| AgentError::CgroupUnusable {
             path: root.to_owned(),
@@ -76,20 +102,35 @@ impl Subtree {
                 "not a cgroup v2 directory (no cgroup.procs)".into(),
             ));
         }
-        let dir = root.join(database);
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(unusable(format!("creating {}: {e}", dir.display()))),
+        let domain = root.join(database);
+        let dir = domain.join("shared");
+        for d in [&domain, &dir] {
+            mkdir(d).map_err(|e| unusable(format!("creating {}: {e}", d.display())))?;
+        }
+        let mut own_out = BTreeMap::new();
+        for name in own {
+            let pdir = domain.join(format!("proc-{name}"));
+            mkdir(&pdir).map_err(|e| unusable(format!("creating {}: {e}", pdir.display())))?;
+            let ty = fs::read_to_string(pdir.join("cgroup.type")).unwrap_or_default();
+            if ty.trim() != "domain" {
+                return Err(unusable(format!(
+                    "{} is a {} cgroup, not a domain",
+                    pdir.display(),
+                    ty.trim()
+                )));
+            }
+            own_out.insert(
+                name.clone(),
+                EngineCgroup {
+                    id: cgroup_id(&pdir)?,
+                    dir: pdir,
+                },
+            );
         }
         let mut out = BTreeMap::new();
         for name in engines {
             let edir = dir.join(format!("engine-{name}"));
-            match fs::create_dir(&edir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(unusable(format!("creating {}: {e}", edir.display()))),
-            }
+            mkdir(&edir).map_err(|e| unusable(format!("creating {}: {e}", edir.display())))?;
             let ty = fs::read_to_string(edir.join("cgroup.type"))
                 .map_err(|e| unusable(format!("reading {}/cgroup.type: {e}", edir.display())))?;
             if ty.trim() != "threaded" {
@@ -104,7 +145,57 @@ impl Subtree {
                 },
             );
         }
-        Ok(Self { dir, engines: out })
+        Ok(Self {
+            domain,
+            dir,
+            engines: out,
+            own: own_out,
+        })
+    }
+
+    /// Delegates `shared/` and the engines' threaded cgroups to `uid` (the
+    /// directories and their cgroup.procs, cgroup.threads and
+    /// cgroup.subtree_control, as a service manager delegates): processes
+    /// of that uid can then move their own threads between engines.
+    pub fn delegate(&self, uid: u32) -> Result<(), AgentError> {
+        for dir in std::iter::once(&self.dir).chain(self.engines.values().map(|c| &c.dir)) {
+            let files = ["cgroup.procs", "cgroup.threads", "cgroup.subtree_control"];
+            for path in std::iter::once(dir.clone()).chain(files.iter().map(|f| dir.join(f))) {
+                std::os::unix::fs::chown(&path, Some(uid), None).map_err(|e| {
+                    AgentError::io(format!("delegating {} to uid {uid}", path.display()), e)
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a whole process into the domain cgroup of `engine`, which runs
+    /// as a process of its own.
+    pub fn adopt_own_process(&self, pid: u32, engine: &str) -> Result<(), AgentError> {
+        let cg = self
+            .own
+            .get(engine)
+            .ok_or_else(|| AgentError::UnknownEngine {
+                name: engine.to_owned(),
+                known: self.own.keys().cloned().collect::<Vec<_>>().join(", "),
+            })?;
+        write_file(&cg.dir.join("cgroup.procs"), &pid.to_string())
+            .map_err(|e| AgentError::io(format!("moving pid {pid} into {}", cg.dir.display()), e))
+    }
+
+    /// Processes in an own-process engine's cgroup, by engine.
+    pub fn own_pids(&self) -> Vec<(String, u32)> {
+        self.own
+            .iter()
+            .flat_map(|(name, cg)| {
+                fs::read_to_string(cg.dir.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .map(|pid| (name.clone(), pid))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// Moves a whole process into the database's domain cgroup (required
@@ -148,13 +239,14 @@ impl Subtree {
         self.engines.contains_key(engine).then(|| engine.to_owned())
     }
 
-    /// Removes the engine cgroups and the domain cgroup (they must hold no
-    /// threads: move them out first).
+    /// Removes the engine cgroups, `shared` and the domain cgroup (they
+    /// must hold no threads: move them out first).
     pub fn remove(&self) -> io::Result<()> {
-        for cg in self.engines.values() {
+        for cg in self.engines.values().chain(self.own.values()) {
             fs::remove_dir(&cg.dir)?;
         }
-        fs::remove_dir(&self.dir)
+        fs::remove_dir(&self.dir)?;
+        fs::remove_dir(&self.domain)
     }
 }
 

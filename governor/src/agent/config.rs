@@ -95,6 +95,12 @@ pub struct EngineConfig {
     /// (backpressure).
     #[serde(default = "yes")]
     pub essential: bool,
+    /// The engine runs as a process of its own (default false): such a
+    /// process declares only this engine, and the agent puts it in a domain
+    /// cgroup of its own (`<database>/proc-<name>`) whose `memory.high` is
+    /// the engine's budget (on cgroup v1 hosts: its soft limit).
+    #[serde(default)]
+    pub own_process: bool,
 }
 
 fn yes() -> bool {
@@ -193,6 +199,7 @@ pub struct EngineLimits {
     pub floor_bytes: u64,
     pub budget_bytes: u64,
     pub essential: bool,
+    pub own_process: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -221,6 +228,12 @@ pub struct Config {
     /// Uids allowed on the control socket (root always is).
     #[serde(default)]
     pub allowed_uids: Vec<u32>,
+    /// Delegates the multi-engine processes' cgroups (`shared/` and its
+    /// engine cgroups) to this uid, the database's user: its libraries then
+    /// move their threads into their engines themselves. Must be in
+    /// `allowed_uids`.
+    #[serde(default)]
+    pub delegate_uid: Option<u32>,
     #[serde(default)]
     pub thresholds: ThresholdsConfig,
     /// Where `/metrics` is served over HTTP (absent: not served). Port 0
@@ -379,6 +392,14 @@ impl Config {
                 ),
             ));
         }
+        if let Some(uid) = self.delegate_uid
+            && !self.allowed_uids.contains(&uid)
+        {
+            return Err(err(
+                "delegate_uid",
+                format!("uid {uid} is not in allowed_uids, so it could not connect"),
+            ));
+        }
         let ps = &self.pressure_stall;
         if !(500..=10_000).contains(&ps.window_ms) {
             return Err(err(
@@ -424,6 +445,15 @@ impl Config {
         self.engines.iter().map(|e| e.name.clone()).collect()
     }
 
+    /// Engines that run as processes of their own.
+    pub fn own_process_engines(&self) -> Vec<String> {
+        self.engines
+            .iter()
+            .filter(|e| e.own_process)
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
     pub fn socket_path(&self) -> PathBuf {
         self.run_dir.join(super::paths::ADMIN_SOCKET)
     }
@@ -452,6 +482,7 @@ impl Config {
                     .as_ref()
                     .map_or(0, |f| f.resolve(Some(ceiling)).unwrap_or(0)),
                 essential: e.essential,
+                own_process: e.own_process,
             })
             .collect()
     }
@@ -570,6 +601,10 @@ mod tests {
             (
                 format!("{HEAD}[[engine]]\nname = \"a\"\nbudget = 1\nessential = \"no\"\n"),
                 "line 6 (`essential",
+            ),
+            (
+                format!("{HEAD}delegate_uid = 1000\n{ENGINE}"),
+                "delegate_uid",
             ),
             (
                 format!("{HEAD}[pressure_stall]\nwindow_ms = 100\n{ENGINE}"),

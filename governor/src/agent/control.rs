@@ -174,7 +174,11 @@ impl Client {
             self.enforcement.entry(name.clone()).or_default().purges += 1;
             let _ = self.tx.send(ToLibrary::Purge { engine: name });
         }
-        tracing::info!(pid = self.pid, engines = self.declared.len(), "memory stall: purge requested of every engine");
+        tracing::info!(
+            pid = self.pid,
+            engines = self.declared.len(),
+            "memory stall: purge requested of every engine"
+        );
     }
 
     /// Starts (`on`) or ends backpressure on the engines that are not
@@ -199,8 +203,21 @@ impl Client {
                 tracing::info!(pid = self.pid, engine = %l.name, "backpressure lifted");
                 self.send_limits(&l, budget);
             }
-            self.enforcement.entry(l.name.clone()).or_default().backpressure = on;
+            self.enforcement
+                .entry(l.name.clone())
+                .or_default()
+                .backpressure = on;
         }
+    }
+
+    /// The limits of the engines this process declared (it lends, borrows
+    /// and is enforced only on those).
+    fn limits(&self, config: &Config) -> Vec<EngineLimits> {
+        config
+            .limits()
+            .into_iter()
+            .filter(|l| self.declared.contains(&l.name))
+            .collect()
     }
 
     /// The engine's budget in force.
@@ -216,7 +233,7 @@ impl Client {
     /// borrower's budget drops, so the ladder spills it. The sum of budgets
     /// never changes. Every change goes to the library as `limits`.
     fn rebalance(&mut self, config: &Config, resident: &BTreeMap<String, u64>) {
-        let limits = config.limits();
+        let limits = self.limits(config);
         let t = config.thresholds;
         for l in &limits {
             self.budgets.entry(l.name.clone()).or_insert(l.budget_bytes);
@@ -375,7 +392,7 @@ impl Client {
             .map(|(n, e)| (n.clone(), e.resident_bytes))
             .collect();
         self.rebalance(config, &residents);
-        for mut limits in config.limits() {
+        for mut limits in self.limits(config) {
             if let Some(b) = self.budgets.get(&limits.name) {
                 limits.budget_bytes = *b;
             }

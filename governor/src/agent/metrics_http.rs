@@ -275,9 +275,7 @@ pub fn render(agent: &Agent) -> Result<String, String> {
                 ("some", f.some_total_us, f.some_avg10),
                 ("full", f.full_total_us, f.full_avg10),
             ] {
-                stall
-                    .with_label_values(&[kind])
-                    .inc_by(total as f64 / 1e6);
+                stall.with_label_values(&[kind]).inc_by(total as f64 / 1e6);
                 avg.with_label_values(&[kind]).set(avg10);
             }
         }

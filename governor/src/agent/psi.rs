@@ -11,7 +11,12 @@
 //!
 //! Without CAP_SYS_RESOURCE the kernel takes only windows that are
 //! multiples of 2 s (it then aggregates on its averaging clock instead of
-//! an RT poller): the window is rounded up, and the status says so.
+//! an RT poller): the window is rounded up, and the status says so. Such a
+//! trigger has a quirk: a read of the pressure file that lands before the
+//! kernel's averaging work advances the averages without looking at the
+//! triggers, and the event is lost. So the figures are read by the polling
+//! thread alone, once per window, and a stall that grew past the threshold
+//! since its last read with no event counts as one.
 
 use std::{
     fs,
@@ -106,6 +111,7 @@ pub struct PsiMonitor {
     window_us: u64,
     window_rounded: bool,
     events: Arc<AtomicU64>,
+    figures: Arc<std::sync::Mutex<PsiFigures>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -132,7 +138,10 @@ impl PsiMonitor {
         let file = match arm(source, stall_us, window_us) {
             Ok(f) => f,
             // Unprivileged triggers need 2 s windows.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && window_us % 2_000_000 != 0 => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINVAL)
+                    && !window_us.is_multiple_of(2_000_000) =>
+            {
                 window_us = window_us.div_ceil(2_000_000) * 2_000_000;
                 window_rounded = true;
                 let f = arm(source, stall_us, window_us).map_err(|e| {
@@ -154,11 +163,24 @@ impl PsiMonitor {
         };
         let events = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let first = PsiFigures::read(source).map_err(|e| AgentError::CgroupUnusable {
+            path: source.to_owned(),
+            reason: e,
+        })?;
+        let figures = Arc::new(std::sync::Mutex::new(first));
         let thread = {
-            let (events, stop, source) = (events.clone(), stop.clone(), source.to_owned());
+            let poller = Poller {
+                file,
+                source: source.to_owned(),
+                stall_us,
+                window: Duration::from_micros(window_us),
+                events: events.clone(),
+                figures: figures.clone(),
+                stop: stop.clone(),
+            };
             std::thread::Builder::new()
                 .name("psi-poll".into())
-                .spawn(move || poll_loop(&file, &events, &stop, &source))
+                .spawn(move || poller.run())
                 .map_err(|e| AgentError::io("starting the PSI thread", e))?
         };
         tracing::info!(source = %source.display(), stall_us, window_us, "PSI trigger armed");
@@ -168,6 +190,7 @@ impl PsiMonitor {
             window_us,
             window_rounded,
             events,
+            figures,
             stop,
             thread: Some(thread),
         })
@@ -194,34 +217,69 @@ impl PsiMonitor {
             window_rounded: self.window_rounded,
             triggers: self.events(),
             stalling,
-            figures: PsiFigures::read(&self.source).unwrap_or_default(),
+            figures: *self.figures.lock().unwrap_or_else(|p| p.into_inner()),
         }
     }
 }
 
-fn poll_loop(file: &fs::File, events: &AtomicU64, stop: &AtomicBool, source: &Path) {
-    while !stop.load(Ordering::Relaxed) {
-        let mut pfd = libc::pollfd {
-            fd: file.as_raw_fd(),
-            events: libc::POLLPRI,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, 200) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+struct Poller {
+    file: fs::File,
+    source: PathBuf,
+    stall_us: u64,
+    window: Duration,
+    events: Arc<AtomicU64>,
+    figures: Arc<std::sync::Mutex<PsiFigures>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Poller {
+    fn run(self) {
+        let mut last_read = std::time::Instant::now();
+        let mut last_total = self.figures.lock().map_or(0, |f| f.some_total_us);
+        let mut fired_since_read = false;
+        while !self.stop.load(Ordering::Relaxed) {
+            let mut pfd = libc::pollfd {
+                fd: self.file.as_raw_fd(),
+                events: libc::POLLPRI,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for the duration of the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, 200) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(source = %self.source.display(), error = %e, "polling the PSI trigger failed; PSI input stopped");
+                return;
             }
-            tracing::error!(source = %source.display(), error = %e, "polling the PSI trigger failed; PSI input stopped");
-            return;
-        }
-        if pfd.revents & libc::POLLERR != 0 {
-            tracing::error!(source = %source.display(), "the PSI trigger's cgroup went away; PSI input stopped");
-            return;
-        }
-        if pfd.revents & libc::POLLPRI != 0 {
-            events.fetch_add(1, Ordering::Relaxed);
+            if pfd.revents & libc::POLLERR != 0 {
+                tracing::error!(source = %self.source.display(), "the PSI trigger's cgroup went away; PSI input stopped");
+                return;
+            }
+            if pfd.revents & libc::POLLPRI != 0 {
+                self.events.fetch_add(1, Ordering::Relaxed);
+                fired_since_read = true;
+            }
+            if last_read.elapsed() >= self.window {
+                last_read = std::time::Instant::now();
+                match PsiFigures::read(&self.source) {
+                    Ok(f) => {
+                        let grew = f.some_total_us.saturating_sub(last_total);
+                        if grew >= self.stall_us && !fired_since_read {
+                            tracing::debug!(
+                                grew,
+                                "memory stall seen in the figures, no trigger event"
+                            );
+                            self.events.fetch_add(1, Ordering::Relaxed);
+                        }
+                        last_total = f.some_total_us;
+                        fired_since_read = false;
+                        *self.figures.lock().unwrap_or_else(|p| p.into_inner()) = f;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reading pressure figures"),
+                }
+            }
         }
     }
 }
@@ -251,11 +309,16 @@ mod tests {
         assert!((f.some_avg10 - 0.015).abs() < 1e-9);
         assert!((f.full_avg10 - 0.0025).abs() < 1e-9);
         // The host's cpu.pressure on old kernels has only `some`.
-        let only_some = PsiFigures::parse("some avg10=0.00 avg60=0.00 avg300=0.00 total=7").unwrap();
+        let only_some =
+            PsiFigures::parse("some avg10=0.00 avg60=0.00 avg300=0.00 total=7").unwrap();
         assert_eq!(only_some.some_total_us, 7);
         assert!(PsiFigures::parse("").unwrap_err().contains("some"));
         assert!(PsiFigures::parse("some avg10=x total=1").is_err());
-        assert!(PsiFigures::parse("most avg10=0.0 total=1").unwrap_err().contains("most"));
+        assert!(
+            PsiFigures::parse("most avg10=0.0 total=1")
+                .unwrap_err()
+                .contains("most")
+        );
     }
 
     /// A trigger on the host's memory pressure arms (as root, with PSI in

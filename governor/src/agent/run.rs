@@ -54,6 +54,9 @@ pub struct Agent {
     emergency: bool,
     /// Keeps the kernel's program statistics on (run counts and times).
     _program_stats: Option<std::os::fd::OwnedFd>,
+    /// Processes of engines that run as processes of their own, and the
+    /// engine.
+    own: BTreeMap<u32, String>,
 }
 
 /// How the agent's own loop is doing.
@@ -92,7 +95,12 @@ impl Agent {
                     reason: "no cgroup2 filesystem is mounted".into(),
                 })?,
             };
-            Subtree::create_or_adopt(&root, &config.database, &engines)
+            Subtree::create_or_adopt(
+                &root,
+                &config.database,
+                &engines,
+                &config.own_process_engines(),
+            )
         };
         let (identity, subtree) = match config.identity {
             IdentityMode::Tid => (Identity::Tid, None),
@@ -106,12 +114,16 @@ impl Agent {
             },
         };
         if let Some(s) = &subtree {
-            tracing::info!(cgroup = %s.dir.display(), engines = engines.len(), "cgroup subtree ready");
+            tracing::info!(cgroup = %s.domain.display(), engines = engines.len(), "cgroup subtree ready");
+            if let Some(uid) = config.delegate_uid {
+                s.delegate(uid)?;
+                tracing::info!(uid, cgroup = %s.dir.display(), "engine cgroups delegated");
+            }
         }
         let limit = config.ceiling_bytes();
         let high = (limit as f64 * config.thresholds.critical) as u64;
-        let (ceiling, ceiling_error) = match Ceiling::setup(
-            subtree.as_ref().map(|s| s.dir.as_path()),
+        let (mut ceiling, ceiling_error) = match Ceiling::setup(
+            subtree.as_ref().map(|s| s.domain.as_path()),
             &config.database,
             limit,
             high,
@@ -125,12 +137,23 @@ impl Agent {
                 (None, Some(e.to_string()))
             }
         };
+        if let Some(c) = &mut ceiling {
+            for l in config.limits().into_iter().filter(|l| l.own_process) {
+                let dir = subtree
+                    .as_ref()
+                    .and_then(|s| s.own.get(&l.name))
+                    .map(|cg| cg.dir.as_path());
+                if let Err(e) = c.setup_engine(&l.name, dir, l.budget_bytes) {
+                    tracing::warn!(engine = %l.name, error = %e, "the engine's own cgroup has no high mark");
+                }
+            }
+        }
         let (psi, psi_error) = if config.pressure_stall.enabled {
             // The database's cgroup (PSI is kept per cgroup v2, controller
             // or not), else the host's.
             let source = subtree
                 .as_ref()
-                .map(|s| s.dir.join("memory.pressure"))
+                .map(|s| s.domain.join("memory.pressure"))
                 .filter(|p| p.exists())
                 .unwrap_or_else(|| PathBuf::from(super::paths::HOST_MEMORY_PRESSURE));
             let ps = config.pressure_stall;
@@ -175,6 +198,7 @@ impl Agent {
             psi_last: None,
             emergency: false,
             _program_stats: program_stats,
+            own: BTreeMap::new(),
         })
     }
 
@@ -197,6 +221,35 @@ impl Agent {
         Ok(())
     }
 
+    /// Takes in a process of an engine that runs as a process of its own:
+    /// it goes into the engine's domain cgroup, and everything its threads
+    /// do is the engine's.
+    fn register_own(&mut self, pid: u32, engine: &str) -> Result<(), AgentError> {
+        if self.own.get(&pid).is_some_and(|e| e == engine) {
+            return Ok(());
+        }
+        if let Some(s) = &self.subtree {
+            s.adopt_own_process(pid, engine)?;
+        }
+        if self.attribution.is_registered(pid) {
+            // It was first seen elsewhere: start its books afresh.
+            self.attribution.forget_process(pid);
+        }
+        self.attribution
+            .register_process(pid, &self.config.engine_names())?;
+        if let Some(c) = &self.ceiling
+            && let Err(e) = c.adopt(pid).and_then(|()| c.adopt_engine(pid, engine))
+        {
+            tracing::warn!(pid, engine, error = %e, "could not put the process under its engine's cgroup");
+        }
+        if let Some(cg) = self.subtree.as_ref().and_then(|s| s.own.get(engine)) {
+            self.attribution.bind_cgroup(pid, engine, cg.id)?;
+        }
+        tracing::info!(pid, engine, "process of an own-process engine registered");
+        self.own.insert(pid, engine.to_owned());
+        Ok(())
+    }
+
     /// One tick: picks up processes that entered the subtree, forgets those
     /// that exited.
     pub fn tick(&mut self) {
@@ -212,6 +265,7 @@ impl Agent {
 
     fn tick_inner(&mut self) {
         if let Some(s) = &self.subtree {
+            let own = s.own_pids();
             match s.pids() {
                 Ok(pids) => {
                     for pid in pids {
@@ -222,8 +276,14 @@ impl Agent {
                 }
                 Err(e) => tracing::warn!(error = %e, "reading the subtree's processes"),
             }
+            for (engine, pid) in own {
+                if let Err(e) = self.register_own(pid, &engine) {
+                    tracing::warn!(pid, engine, error = %e, "could not register process");
+                }
+            }
         }
         for pid in self.attribution.reap_exited() {
+            self.own.remove(&pid);
             tracing::info!(pid, "governed process exited");
         }
         let (new_stall, stalling) = self.pressure_stall();
@@ -303,9 +363,7 @@ impl Agent {
                 tracing::info!(current, limit, "the database's Emergency is over");
             }
             if let Some(c) = &mut self.ceiling {
-                let want = self
-                    .emergency
-                    .then_some((limit as f64 * t.restore) as u64);
+                let want = self.emergency.then_some((limit as f64 * t.restore) as u64);
                 if let Err(e) = c.set_high(want) {
                     tracing::warn!(error = %e, "changing the memory high mark");
                 }
@@ -352,14 +410,39 @@ impl Agent {
             }
             .to_string());
         }
-        if let Some(s) = &self.subtree {
-            s.adopt_process(pid).map_err(|e| e.to_string())?;
+        let own: Vec<&str> = engines
+            .iter()
+            .filter(|e| {
+                self.config
+                    .engines
+                    .iter()
+                    .any(|c| c.name == e.name && c.own_process)
+            })
+            .map(|e| e.name.as_str())
+            .collect();
+        match own.as_slice() {
+            [] => {
+                if let Some(s) = &self.subtree {
+                    s.adopt_process(pid).map_err(|e| e.to_string())?;
+                }
+                self.register(pid).map_err(|e| e.to_string())?;
+            }
+            [engine] if engines.len() == 1 => {
+                let engine = engine.to_string();
+                self.register_own(pid, &engine).map_err(|e| e.to_string())?;
+            }
+            _ => {
+                return Err(format!(
+                    "engine {} runs as a process of its own (own_process in the config): a process declares it alone",
+                    own[0]
+                ));
+            }
         }
-        self.register(pid).map_err(|e| e.to_string())?;
         // A subtree delegated to the library's user: it moves its threads
         // itself.
         let delegated = self.subtree.as_ref().filter(|s| {
             uid != 0
+                && !self.own.contains_key(&pid)
                 && fs::metadata(&s.dir)
                     .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == uid)
         });
@@ -400,6 +483,7 @@ impl Agent {
                         .contains(&tid)
                         .then_some(())
                         .ok_or_else(|| AgentError::NoSuchThread { pid, tid }.to_string())?;
+                    tracing::info!(pid, tid, %engine, "thread moved by the library (delegated subtree)");
                 } else {
                     self.assign(pid, tid, &engine).map_err(|e| e.to_string())?;
                 }
@@ -435,7 +519,7 @@ impl Agent {
     /// uids change in place; libraries get their new budgets (loans end).
     pub fn reload(&mut self, new: Config) -> Result<(), String> {
         let old = &self.config;
-        let fixed: [(&str, bool); 7] = [
+        let fixed: [(&str, bool); 9] = [
             ("database", old.database == new.database),
             ("identity", old.identity == new.identity),
             ("cgroup_root", old.cgroup_root == new.cgroup_root),
@@ -445,7 +529,12 @@ impl Agent {
                 old.control_socket_path() == new.control_socket_path(),
             ),
             ("metrics_addr", old.metrics_addr == new.metrics_addr),
+            ("delegate_uid", old.delegate_uid == new.delegate_uid),
             ("engine", old.engine_names() == new.engine_names()),
+            (
+                "engine.own_process",
+                old.own_process_engines() == new.own_process_engines(),
+            ),
         ];
         if let Some((field, _)) = fixed.iter().find(|(_, same)| !same) {
             return Err(format!("{field} cannot change without a restart"));
@@ -454,6 +543,10 @@ impl Agent {
             let limit = new.ceiling_bytes();
             let high = (limit as f64 * new.thresholds.critical) as u64;
             c.set_limit(limit, high).map_err(|e| e.to_string())?;
+            for l in new.limits().into_iter().filter(|l| l.own_process) {
+                c.set_engine_high(&l.name, l.budget_bytes)
+                    .map_err(|e| e.to_string())?;
+            }
         }
         self.config = new;
         for c in self.clients.values_mut() {
@@ -474,6 +567,17 @@ impl Agent {
                 name: engine.to_owned(),
                 known: engines.join(", "),
             });
+        }
+        if let Some(own) = self.own.get(&pid) {
+            // The whole process is the engine's already.
+            if own != engine {
+                return Err(AgentError::UnknownEngine {
+                    name: engine.to_owned(),
+                    known: own.clone(),
+                });
+            }
+            tracing::info!(pid, tid, engine, "thread of an own-process engine");
+            return Ok(());
         }
         match &self.subtree {
             Some(s) => {
@@ -497,7 +601,9 @@ impl Agent {
         let mut report = StatusReport::new(
             &self.config.database,
             self.identity,
-            self.subtree.as_ref().map(|s| s.dir.display().to_string()),
+            self.subtree
+                .as_ref()
+                .map(|s| s.domain.display().to_string()),
             &self.config.engine_names(),
             self.attribution.usage()?,
         );
@@ -505,12 +611,10 @@ impl Agent {
         report.ceiling_error = self.ceiling_error.clone();
         report.metrics_addr = self.metrics_addr.map(|a| a.to_string());
         report.emergency = self.emergency;
-        report.psi = self.psi.as_ref().map(|m| {
-            m.status(
-                self.psi_last
-                    .is_some_and(|t| t.elapsed() < m.window()),
-            )
-        });
+        report.psi = self
+            .psi
+            .as_ref()
+            .map(|m| m.status(self.psi_last.is_some_and(|t| t.elapsed() < m.window())));
         report.psi_error = self.psi_error.clone();
         report.programs = self.attribution.program_stats();
         report.clients = self

@@ -504,9 +504,7 @@ impl Inner {
                     // new reservation is refused until it frees.
                     let used = self.governor.usage(id).map_or(0, |u| u.used_bytes);
                     if used > cap_bytes {
-                        result = self
-                            .governor
-                            .set_limits(id, floor_bytes.min(used), used);
+                        result = self.governor.set_limits(id, floor_bytes.min(used), used);
                     }
                 }
                 let mut st = lock(&self.state);

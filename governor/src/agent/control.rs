@@ -347,6 +347,18 @@ impl Client {
             ToAgent::Report { engines } => {
                 for r in engines {
                     let e = self.enforcement.entry(r.name.clone()).or_default();
+                    if r.rejections > e.rejections {
+                        // The library counts its refusals on its hot path;
+                        // they are logged here, as they are reported.
+                        tracing::info!(
+                            pid = self.pid,
+                            engine = %r.name,
+                            refused = r.rejections - e.rejections,
+                            total = r.rejections,
+                            reserved = r.reserved_bytes,
+                            "reservations refused"
+                        );
+                    }
                     e.reserved_bytes = r.reserved_bytes;
                     e.rejections = r.rejections;
                     self.reports.insert(r.name.clone(), r);

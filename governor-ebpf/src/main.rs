@@ -272,14 +272,14 @@ pub fn rss_stat(ctx: BtfTracePointContext) -> u32 {
     }
 }
 
-/// Reads counter `member` of `mm` (pages). Each arm adds its own read-only
-/// constant, so the verifier sees a fixed offset into `struct mm_struct`
-/// and accepts a direct load.
+/// Reads counter `member` of `mm` (pages), with `bpf_probe_read_kernel`:
+/// a direct BTF load would be neater, but 6.1's verifier refuses one that
+/// lands inside an array of `atomic_long_t` ("not a struct").
 #[inline(always)]
 fn read_counter(mm: *const u8, member: u32) -> i64 {
     // SAFETY: LAYOUT holds this kernel's offsets of the RSS counters inside
-    // mm_struct (from BTF); `mm` is the tracepoint's mm_struct pointer, and
-    // the verifier turns these loads into fault-tolerant BTF loads.
+    // mm_struct (from BTF); `mm` is the tracepoint's mm_struct pointer. The
+    // helper tolerates a bad address (it returns an error, read as 0).
     unsafe {
         let off = match member {
             0 => core::ptr::read_volatile(&LAYOUT.rss_counter[0]),
@@ -287,7 +287,7 @@ fn read_counter(mm: *const u8, member: u32) -> i64 {
             2 => core::ptr::read_volatile(&LAYOUT.rss_counter[2]),
             _ => core::ptr::read_volatile(&LAYOUT.rss_counter[3]),
         };
-        core::ptr::read_volatile(mm.add(off as usize) as *const i64)
+        bpf_probe_read_kernel(mm.add(off as usize) as *const i64).unwrap_or(0)
     }
 }
 

@@ -7,6 +7,7 @@ mod ebpf;
 mod run;
 mod setup;
 mod test;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -35,6 +36,20 @@ enum Task {
         #[arg(long)]
         seconds: Option<u64>,
     },
+    /// The tests that need cgroup v2 with the memory controller, in qemu on
+    /// Debian's cloud kernels (6.1 and 6.12 unless told otherwise).
+    VmTest {
+        /// Kernel series to fetch with apt-get download (repeatable).
+        #[arg(long = "series", default_values_t = ["6.1".to_owned(), "6.12".to_owned()])]
+        series: Vec<String>,
+        /// Another bzImage to boot (repeatable; with it, no series is
+        /// fetched unless --series is given).
+        #[arg(long = "kernel")]
+        kernels: Vec<std::path::PathBuf>,
+        /// Time limit per boot, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
     /// Benchmarks: the cost of tracing (page-fault and mmap/munmap loops with
     /// and without the programs attached, in one run).
     Bench {
@@ -50,6 +65,22 @@ fn main() -> ExitCode {
         Task::BuildEbpf => setup::setup().and_then(|()| ebpf::build()),
         Task::Test => setup::setup().and_then(|()| test::test()),
         Task::Run { seconds } => setup::setup().and_then(|()| run::run(seconds)),
+        Task::VmTest {
+            series,
+            kernels,
+            timeout_secs,
+        } => {
+            let explicit_series = std::env::args().any(|a| a.starts_with("--series"));
+            vm::vm_test(&vm::Options {
+                series: if kernels.is_empty() || explicit_series {
+                    series
+                } else {
+                    Vec::new()
+                },
+                kernels,
+                timeout: std::time::Duration::from_secs(timeout_secs),
+            })
+        }
         Task::Bench { rounds } => setup::setup().and_then(|()| bench::bench(rounds)),
     };
     match result {

@@ -127,5 +127,18 @@ pub fn test() -> anyhow::Result<()> {
             .current_dir(&root)
             .args(["test", "--doc"]),
     )?;
+    step("VM tests: cgroup v2 with the memory controller on Debian's 6.1 and 6.12 kernels (qemu)");
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if cmd::is_root() || ci {
+        crate::vm::vm_test(&crate::vm::Options {
+            series: vec!["6.1".into(), "6.12".into()],
+            kernels: Vec::new(),
+            timeout: std::time::Duration::from_secs(600),
+        })?;
+    } else {
+        eprintln!(
+            "    skipping the VM tests: not root (they install qemu and busybox; run `cargo xtask vm-test` as root)"
+        );
+    }
     Ok(())
 }

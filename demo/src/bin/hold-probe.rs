@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::Parser;
+use nodedb_governor::EngineId;
 use nodedb_governor_demo::{governed, memory::MIB, untracked::Untracked};
 
 #[derive(Parser)]
@@ -24,12 +25,13 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let Some(&(name, id)) = governed::ENGINES.iter().find(|(n, _)| *n == args.engine) else {
-        bail!(
-            "--engine {:?} is not one of the demo's engines",
-            args.engine
-        );
+    let Some(id) = EngineId::BUILTIN
+        .into_iter()
+        .find(|e| format!("{e:?}").to_lowercase() == args.engine)
+    else {
+        bail!("--engine {:?} is not a built-in engine", args.engine);
     };
+    let name = args.engine.as_str();
     let (_governor, link) = governed::connect(&args.socket, &args.database, &[(name, id)], None)?;
     let held = Untracked::default();
     std::thread::scope(|s| {

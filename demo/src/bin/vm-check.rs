@@ -1,0 +1,303 @@
+//! Runs inside the test VM (`cargo xtask vm-test`), where cgroup v2 has
+//! the memory controller: starts the agent on a configuration of its own,
+//! runs the probes against it, and checks what only such a kernel shows:
+//! the ceiling as `memory.max`/`memory.high` on the database's cgroup, an
+//! own-process engine's `memory.high` (and the kernel acting on it), a
+//! privileged PSI trigger, and the ladder end to end. Prints one line
+//! `NODEDB-VM-RESULT <json>` and exits 0 when every check passed.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde_json::{Value, json};
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Parser)]
+struct Args {
+    /// Where the agent and the probes are.
+    #[arg(long, default_value = "/bin")]
+    bin_dir: PathBuf,
+    /// A scratch directory (the agent's run directory).
+    #[arg(long, default_value = "/tmp/vm-check")]
+    work: PathBuf,
+}
+
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Checks {
+    results: Vec<Value>,
+    failed: bool,
+}
+
+impl Checks {
+    fn record(&mut self, name: &str, r: anyhow::Result<Value>) {
+        match r {
+            Ok(detail) => {
+                eprintln!("vm-check: ok   {name}: {detail}");
+                self.results
+                    .push(json!({"name": name, "ok": true, "detail": detail}));
+            }
+            Err(e) => {
+                eprintln!("vm-check: FAIL {name}: {e:#}");
+                self.failed = true;
+                self.results
+                    .push(json!({"name": name, "ok": false, "detail": format!("{e:#}")}));
+            }
+        }
+    }
+}
+
+fn read_u64(path: &Path) -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    s.trim()
+        .parse()
+        .with_context(|| format!("{}: {s:?}", path.display()))
+}
+
+fn keyed(path: &Path, key: &str) -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    s.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse().ok())?
+        })
+        .with_context(|| format!("no {key} in {}", path.display()))
+}
+
+fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Env {
+    bin: PathBuf,
+    work: PathBuf,
+    database: String,
+}
+
+impl Env {
+    fn status(&self) -> anyhow::Result<Value> {
+        let out = Command::new(self.bin.join("nodedb-governor"))
+            .args(["status", "--json", "--socket"])
+            .arg(self.work.join("agent.sock"))
+            .output()?;
+        if !out.status.success() {
+            bail!("status: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    fn probe(&self, name: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(self.bin.join(name));
+        c.arg("--socket")
+            .arg(self.work.join("control.sock"))
+            .args(["--database", &self.database])
+            .args(args);
+        c
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.work)?;
+    let env = Env {
+        bin: args.bin_dir.clone(),
+        work: args.work.clone(),
+        database: "vmcheck".into(),
+    };
+    let config = args.work.join("governor.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database = \"vmcheck\"\nrun_dir = \"{}\"\nceiling = \"512MiB\"\n\
+             [pressure_stall]\nstall_ms = 50\nwindow_ms = 1000\n\
+             [[engine]]\nname = \"vector\"\nbudget = \"64MiB\"\n\
+             [[engine]]\nname = \"timeseries\"\nbudget = \"64MiB\"\nfloor = \"64MiB\"\n\
+             [[engine]]\nname = \"query\"\nbudget = \"64MiB\"\nfloor = \"64MiB\"\nessential = false\n\
+             [[engine]]\nname = \"sparse\"\nbudget = \"64MiB\"\nfloor = \"64MiB\"\nown_process = true\n",
+            args.work.display()
+        ),
+    )?;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let mut checks = Checks {
+        results: Vec::new(),
+        failed: false,
+    };
+    let log = std::fs::File::create(args.work.join("agent.log"))?;
+    let mut agent = Reaped(
+        Command::new(env.bin.join("nodedb-governor"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(log)
+            .spawn()
+            .context("starting the agent")?,
+    );
+    let started = Instant::now();
+    let up = wait_until(
+        "the agent's control socket",
+        Duration::from_secs(180),
+        || {
+            if let Some(status) = agent.0.try_wait()? {
+                bail!("the agent exited ({status})");
+            }
+            Ok(args.work.join("control.sock").exists())
+        },
+    );
+    let agent_log = || std::fs::read_to_string(args.work.join("agent.log")).unwrap_or_default();
+    if let Err(e) = up {
+        checks.record("agent starts", Err(e.context(agent_log())));
+        return finish(&kernel, checks, Value::Null);
+    }
+    checks.record(
+        "agent starts",
+        Ok(json!({"seconds": started.elapsed().as_secs_f64()})),
+    );
+
+    // The ceiling and the own-process engine's high mark, in the kernel.
+    let status = env.status()?;
+    let domain = PathBuf::from(status["cgroup"].as_str().unwrap_or_default());
+    checks.record(
+        "ceiling on cgroup v2",
+        (|| {
+            let c = &status["ceiling"];
+            if c["backend"] != "cgroup-v2" {
+                bail!("backend {} ({})", c["backend"], status["ceiling_error"]);
+            }
+            let max = read_u64(&domain.join("memory.max"))?;
+            let high = read_u64(&domain.join("memory.high"))?;
+            // The kernel keeps memory.high in whole pages.
+            if max != 512 * MIB || high != ((512 * MIB) * 9 / 10) & !4095 {
+                bail!("memory.max {max}, memory.high {high}");
+            }
+            Ok(json!({"memory.max": max, "memory.high": high}))
+        })(),
+    );
+    let own = domain.join("proc-sparse");
+    checks.record(
+        "own-process engine's memory.high",
+        (|| {
+            let high = read_u64(&own.join("memory.high"))?;
+            if high != 64 * MIB {
+                bail!("memory.high {high}");
+            }
+            Ok(json!({"memory.high": high}))
+        })(),
+    );
+    checks.record(
+        "privileged PSI trigger",
+        (|| {
+            let p = &status["psi"];
+            if p["window_us"] != 1_000_000 || p["window_rounded"] != false {
+                bail!("psi {p} ({})", status["psi_error"]);
+            }
+            Ok(p.clone())
+        })(),
+    );
+
+    // The ladder end to end: breaches by memory only the kernel knows of.
+    let mut breach = Value::Null;
+    checks.record(
+        "breach to spill",
+        (|| {
+            let out = env
+                .probe("breach-probe", &["--rounds", "10"])
+                .stderr(Stdio::inherit())
+                .output()?;
+            if !out.status.success() {
+                bail!("breach-probe failed");
+            }
+            let r: Value = serde_json::from_slice(&out.stdout)?;
+            breach = r["latency_us"].clone();
+            Ok(breach.clone())
+        })(),
+    );
+
+    // An own-process engine: attributed, charged to its cgroup, spilled
+    // at Critical; then pushed past its memory.high, where the kernel
+    // throttles it.
+    checks.record(
+        "own-process engine governed",
+        (|| {
+            let probe = Reaped(
+                env.probe("hold-probe", &["--engine", "sparse", "--mib", "60"])
+                    .stdout(Stdio::null())
+                    .spawn()?,
+            );
+            let pid = probe.0.id();
+            wait_until("spill requests", Duration::from_secs(60), || {
+                let s = env.status()?;
+                Ok(s["clients"].as_array().into_iter().flatten().any(|c| {
+                    c["pid"] == pid && c["engines"]["sparse"]["spill_requests"].as_u64() >= Some(1)
+                }))
+            })?;
+            let procs = std::fs::read_to_string(own.join("cgroup.procs"))?;
+            if !procs.lines().any(|l| l.trim() == pid.to_string()) {
+                bail!("pid {pid} is not in {}", own.display());
+            }
+            let current = read_u64(&own.join("memory.current"))?;
+            if current < 58 * MIB {
+                bail!("memory.current {current}");
+            }
+            Ok(json!({"memory.current": current}))
+        })(),
+    );
+    checks.record("the kernel throttles above memory.high", (|| {
+        let before = keyed(&own.join("memory.events"), "high")?;
+        let mut probe = Reaped(
+            env.probe("hold-probe", &["--engine", "sparse", "--mib", "80"])
+                .stdout(Stdio::piped())
+                .spawn()?,
+        );
+        let mut line = String::new();
+        let stdout = probe.0.stdout.take().context("probe stdout")?;
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        let after = keyed(&own.join("memory.events"), "high")?;
+        if after <= before {
+            bail!("memory.events high {before} -> {after}");
+        }
+        Ok(json!({"high_events": after - before, "probe": serde_json::from_str::<Value>(&line).unwrap_or_default()}))
+    })());
+    finish(&kernel, checks, breach)
+}
+
+fn finish(kernel: &str, checks: Checks, breach: Value) -> anyhow::Result<()> {
+    let result = json!({
+        "kernel": kernel,
+        "passed": !checks.failed,
+        "checks": checks.results,
+        "breach_latency_us": breach,
+    });
+    println!("NODEDB-VM-RESULT {result}");
+    if checks.failed {
+        std::process::exit(1);
+    }
+    Ok(())
+}

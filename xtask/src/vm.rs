@@ -1,0 +1,414 @@
+//! `cargo xtask vm-test`: the tests that need cgroup v2 with the memory
+//! controller, which the hosts do not have (hybrid cgroups), run in qemu on
+//! Debian's cloud kernels.
+//!
+//! 1. Installs qemu, busybox (static) and cpio when they are missing.
+//! 2. Builds the agent and the probes (the debug profile `cargo test`
+//!    builds anyway).
+//! 3. Gets each kernel with `apt-get download` (the newest of the series;
+//!    cached under `target/vm/kernels`), or takes `--kernel PATH`.
+//! 4. Builds an initramfs (newc cpio, gzip): busybox, the binaries with
+//!    their debug info stripped, the shared libraries `ldd` names, and an
+//!    `/init` that mounts cgroup2 with the memory controller and runs
+//!    `vm-check`.
+//! 5. Boots each kernel under TCG (KVM hangs on these hosts), reads the
+//!    serial console, and takes the verdict and the JSON result from it.
+//!    A hard time limit kills qemu; a panic, a hang or a failed check fails
+//!    the task with the console's tail.
+
+use std::{
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::cmd::{self, step};
+
+/// The binaries the VM runs.
+const AGENT: &str = "nodedb-governor";
+const DEMO_BINS: &[&str] = &["vm-check", "breach-probe", "hold-probe"];
+
+pub struct Options {
+    /// Kernel series to fetch from Debian ("6.1", "6.12").
+    pub series: Vec<String>,
+    /// Other bzImages to boot.
+    pub kernels: Vec<PathBuf>,
+    /// Per boot.
+    pub timeout: Duration,
+}
+
+pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
+    packages()?;
+    step("building the agent and the VM probes");
+    let root = crate::root();
+    cmd::run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "-q",
+        "-p",
+        "nodedb-governor",
+        "--bin",
+        AGENT,
+    ]))?;
+    let mut demo = Command::new("cargo");
+    demo.current_dir(&root)
+        .args(["build", "-q", "-p", "nodedb-governor-demo"]);
+    for b in DEMO_BINS {
+        demo.args(["--bin", b]);
+    }
+    cmd::run(&mut demo)?;
+    let vm_dir = root.join("target/vm");
+    fs::create_dir_all(&vm_dir)?;
+    let target = root.join("target/debug");
+    let bins: Vec<PathBuf> = std::iter::once(AGENT)
+        .chain(DEMO_BINS.iter().copied())
+        .map(|b| target.join(b))
+        .collect();
+    step("building the initramfs");
+    let initrd = initramfs(&vm_dir, &bins)?;
+    let mut kernels = Vec::new();
+    for s in &opts.series {
+        kernels.push(debian_kernel(&vm_dir.join("kernels"), s)?);
+    }
+    kernels.extend(opts.kernels.iter().cloned());
+    let results = vm_dir.join("results");
+    fs::create_dir_all(&results)?;
+    let mut failed = Vec::new();
+    let mut summary = Vec::new();
+    for k in &kernels {
+        step(&format!("booting {} under TCG", k.display()));
+        match boot(k, &initrd, opts.timeout, &vm_dir) {
+            Ok(result) => {
+                let kernel = result["kernel"].as_str().unwrap_or("unknown").to_owned();
+                let file = results.join(format!("{kernel}.json"));
+                fs::write(&file, serde_json::to_vec_pretty(&result)?)?;
+                let passed = result["passed"] == true;
+                for c in result["checks"].as_array().into_iter().flatten() {
+                    eprintln!(
+                        "    {} {}: {}",
+                        if c["ok"] == true { "ok  " } else { "FAIL" },
+                        c["name"].as_str().unwrap_or_default(),
+                        c["detail"]
+                    );
+                }
+                eprintln!("    result: {}", file.display());
+                summary.push(format!(
+                    "{kernel}: {}",
+                    if passed { "passed" } else { "FAILED" }
+                ));
+                if !passed {
+                    failed.push(kernel);
+                }
+            }
+            Err(e) => {
+                eprintln!("    {e:#}");
+                summary.push(format!("{}: FAILED ({e})", k.display()));
+                failed.push(k.display().to_string());
+            }
+        }
+    }
+    step("VM tests");
+    for s in &summary {
+        eprintln!("    {s}");
+    }
+    if !failed.is_empty() {
+        bail!("VM tests failed on {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn packages() -> anyhow::Result<()> {
+    step("checking the VM tools");
+    let tools = [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("busybox", "busybox-static"),
+        ("cpio", "cpio"),
+    ];
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(bin, _)| {
+            cmd::output(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none()
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    // A dynamically linked busybox cannot run alone in the initramfs.
+    let static_busybox = Path::new("/bin/busybox").exists()
+        && cmd::output(Command::new("file").arg("-L").arg("/bin/busybox"))
+            .is_none_or(|f| f.contains("statically linked"));
+    let mut missing: Vec<&str> = missing;
+    if !static_busybox && !missing.contains(&"busybox-static") {
+        missing.push("busybox-static");
+    }
+    if missing.is_empty() {
+        eprintln!("    qemu, static busybox, cpio: present");
+        return Ok(());
+    }
+    if !Path::new("/etc/debian_version").exists() || !cmd::is_root() {
+        bail!(
+            "missing {}: install them (Debian: apt-get install {})",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    step(&format!("installing {}", missing.join(" ")));
+    let install = |cmd: &mut Command| {
+        cmd::run(
+            cmd.args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    if install(&mut Command::new("apt-get")).is_err() {
+        cmd::run(Command::new("apt-get").args(["update", "-q"]))?;
+        install(&mut Command::new("apt-get"))?;
+    }
+    Ok(())
+}
+
+/// A version's numbers, for ordering package names.
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// The newest Debian cloud kernel of `series`, downloaded and unpacked
+/// once into `cache`; returns its bzImage.
+fn debian_kernel(cache: &Path, series: &str) -> anyhow::Result<PathBuf> {
+    let pattern = match series {
+        "6.1" => r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64$",
+        "6.12" => r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64$",
+        other => bail!("unknown kernel series {other:?} (6.1 or 6.12; or --kernel PATH)"),
+    };
+    let search = || {
+        cmd::output(Command::new("apt-cache").args(["search", "--names-only", pattern]))
+            .unwrap_or_default()
+    };
+    let mut found = search();
+    if found.trim().is_empty() && cmd::is_root() {
+        cmd::run(Command::new("apt-get").args(["update", "-q"]))?;
+        found = search();
+    }
+    let Some(package) = found
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .max_by_key(|n| version_key(n))
+        .map(str::to_owned)
+    else {
+        bail!(
+            "apt-cache finds no package matching {pattern} (is the Debian archive in sources.list?)"
+        );
+    };
+    let dir = cache.join(&package);
+    if let Some(k) = find_vmlinuz(&dir) {
+        eprintln!("    {package}: cached");
+        return Ok(k);
+    }
+    step(&format!("downloading {package}"));
+    let dl = cache.join("download");
+    let _ = fs::remove_dir_all(&dl);
+    fs::create_dir_all(&dl)?;
+    cmd::run(
+        Command::new("apt-get")
+            .current_dir(&dl)
+            .args(["download", &package]),
+    )?;
+    let deb = fs::read_dir(&dl)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download left no .deb")?;
+    let unpack = cache.join(format!("{package}.tmp"));
+    let _ = fs::remove_dir_all(&unpack);
+    cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpack))?;
+    // Only the kernel is needed (the modules are not: everything the tests
+    // use is built in).
+    let boot = unpack.join("boot");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    for e in fs::read_dir(&boot)?.flatten() {
+        let name = e.file_name();
+        if name.to_string_lossy().starts_with("vmlinuz-") {
+            fs::copy(e.path(), dir.join(&name))?;
+        }
+    }
+    let _ = fs::remove_dir_all(&unpack);
+    let _ = fs::remove_dir_all(&dl);
+    find_vmlinuz(&dir).with_context(|| format!("{package} has no boot/vmlinuz-*"))
+}
+
+fn find_vmlinuz(dir: &Path) -> Option<PathBuf> {
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+}
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp /run
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+/bin/busybox --install -s /bin
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mount -t cgroup2 none /sys/fs/cgroup
+echo "+memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
+echo "NODEDB-VM-BOOTED $(uname -r) controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"
+/bin/vm-check --bin-dir /bin --work /tmp/vm-check
+echo "NODEDB-VM-EXIT $?"
+poweroff -f
+"#;
+
+/// Builds `initrd.gz` from busybox, `bins` and their shared libraries.
+fn initramfs(vm_dir: &Path, bins: &[PathBuf]) -> anyhow::Result<PathBuf> {
+    let dir = vm_dir.join("initramfs");
+    let _ = fs::remove_dir_all(&dir);
+    for d in ["bin", "dev", "proc", "sys", "tmp", "run", "etc"] {
+        fs::create_dir_all(dir.join(d))?;
+    }
+    fs::copy("/bin/busybox", dir.join("bin/busybox")).context("copying /bin/busybox")?;
+    let mut libs = std::collections::BTreeSet::new();
+    for b in bins {
+        let name = b.file_name().context("binary name")?;
+        cmd::run(
+            Command::new("objcopy")
+                .arg("--strip-debug")
+                .arg(b)
+                .arg(dir.join("bin").join(name)),
+        )?;
+        let ldd = cmd::output(Command::new("ldd").arg(b))
+            .with_context(|| format!("ldd {}", b.display()))?;
+        for line in ldd.lines() {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+            // "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            let path = match line.split_once("=>") {
+                Some((_, right)) => right.split_whitespace().next(),
+                None => line.split_whitespace().next(),
+            };
+            if let Some(p) = path.filter(|p| p.starts_with('/')) {
+                libs.insert(PathBuf::from(p));
+            }
+        }
+    }
+    for lib in &libs {
+        let dst = dir.join(lib.strip_prefix("/")?);
+        fs::create_dir_all(dst.parent().context("library directory")?)?;
+        fs::copy(lib, &dst).with_context(|| format!("copying {}", lib.display()))?;
+    }
+    let init = dir.join("init");
+    fs::write(&init, INIT)?;
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
+    let out = vm_dir.join("initrd.gz");
+    let status = Command::new("sh")
+        .current_dir(&dir)
+        .arg("-c")
+        .arg(format!(
+            "find . | cpio -o -H newc --quiet | gzip -1 > {}",
+            out.display()
+        ))
+        .status()?;
+    if !status.success() {
+        bail!("building the cpio archive failed");
+    }
+    eprintln!(
+        "    {} ({} MiB, {} binaries, {} libraries)",
+        out.display(),
+        fs::metadata(&out)?.len() >> 20,
+        bins.len(),
+        libs.len()
+    );
+    Ok(out)
+}
+
+/// Boots `kernel` with `initrd` and returns vm-check's JSON result.
+fn boot(
+    kernel: &Path,
+    initrd: &Path,
+    timeout: Duration,
+    vm_dir: &Path,
+) -> anyhow::Result<serde_json::Value> {
+    let console = vm_dir.join(format!(
+        "console-{}.log",
+        kernel.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let _ = fs::remove_file(&console);
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 oops=panic loglevel=4",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting qemu")?;
+    let started = Instant::now();
+    let tail = |n: usize| {
+        let text = fs::read_to_string(&console).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    };
+    let mut booted = false;
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let text = fs::read_to_string(&console).unwrap_or_default();
+        if !booted && let Some(l) = text.lines().find(|l| l.starts_with("NODEDB-VM-BOOTED")) {
+            booted = true;
+            eprintln!("    {l} ({:.1} s)", started.elapsed().as_secs_f64());
+        }
+        let exited = qemu.try_wait()?.is_some();
+        if text.contains("NODEDB-VM-EXIT") || exited {
+            if !exited {
+                // poweroff -f follows; give it a moment.
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while qemu.try_wait()?.is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                let _ = qemu.kill();
+                let _ = qemu.wait();
+            }
+            let _ = std::io::stderr().flush();
+            let result = text
+                .lines()
+                .find_map(|l| l.split_once("NODEDB-VM-RESULT ").map(|(_, j)| j.to_owned()));
+            return match result {
+                Some(j) => {
+                    eprintln!("    finished in {:.1} s", started.elapsed().as_secs_f64());
+                    serde_json::from_str(&j).context("vm-check's result")
+                }
+                None => bail!(
+                    "the VM stopped without a result; console tail:\n{}",
+                    tail(40)
+                ),
+            };
+        }
+        if started.elapsed() > timeout {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            bail!(
+                "no verdict within {timeout:?} (hang or lockup); console tail:\n{}",
+                tail(40)
+            );
+        }
+    }
+}

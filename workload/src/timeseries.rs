@@ -1,0 +1,183 @@
+//! Bulk timeseries ingest: points are buffered per series in raw form (16
+//! bytes a point), charged to the Timeseries budget a chunk at a time.
+//! When a chunk is refused, or the agent asks for a spill, the buffers are
+//! flushed: each series' points are Gorilla-compressed into a segment and
+//! appended to the engine's file on disk, and the buffers' reservations are
+//! released.
+
+use std::{
+    fs::File,
+    io::{BufWriter, Read, Write},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use nodedb_governor::{EngineId, MemoryGovernor, Reservation, SpillHandler};
+
+use crate::gorilla::{self, Encoder};
+
+/// Points per reserved chunk of a series' buffer.
+pub const CHUNK_POINTS: usize = 4096;
+const POINT_BYTES: u64 = 16;
+
+struct Series {
+    points: Vec<(i64, f64)>,
+}
+
+struct State {
+    series: Vec<Series>,
+    /// One reservation per chunk held by the buffers.
+    chunks: Vec<Reservation<'static>>,
+    out: BufWriter<File>,
+}
+
+/// What the engine did.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct TimeseriesStats {
+    pub points: u64,
+    pub flushes: u64,
+    pub spill_flushes: u64,
+    pub refusals: u64,
+    pub segments: u64,
+    pub raw_bytes_flushed: u64,
+    pub compressed_bytes: u64,
+}
+
+pub struct Timeseries {
+    governor: &'static MemoryGovernor,
+    path: PathBuf,
+    state: Mutex<State>,
+    stats: Mutex<TimeseriesStats>,
+}
+
+impl Timeseries {
+    pub fn new(
+        governor: &'static MemoryGovernor,
+        series: usize,
+        path: &Path,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            governor,
+            path: path.to_owned(),
+            state: Mutex::new(State {
+                series: (0..series).map(|_| Series { points: Vec::new() }).collect(),
+                chunks: Vec::new(),
+                out: BufWriter::new(File::create(path)?),
+            }),
+            stats: Mutex::new(TimeseriesStats::default()),
+        })
+    }
+
+    pub fn stats(&self) -> TimeseriesStats {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends one point to `series`; takes a chunk's reservation when the
+    /// buffers grow by a chunk, flushing first when it is refused.
+    pub fn ingest(&self, series: usize, ts: i64, value: f64) -> std::io::Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let n = st.series.len();
+        let s = &mut st.series[series % n];
+        if s.points.len().is_multiple_of(CHUNK_POINTS) {
+            let bytes = CHUNK_POINTS as u64 * POINT_BYTES;
+            let r = match self.governor.try_reserve(EngineId::Timeseries, bytes) {
+                Ok(r) => r,
+                Err(_) => {
+                    self.stats
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .refusals += 1;
+                    self.flush_locked(&mut st, false)?;
+                    // After a flush the buffers hold nothing: a refusal
+                    // now means the budget is smaller than one chunk.
+                    self.governor
+                        .try_reserve(EngineId::Timeseries, bytes)
+                        .map_err(std::io::Error::other)?
+                }
+            };
+            st.chunks.push(r);
+            let s = &mut st.series[series % n];
+            s.points.reserve_exact(CHUNK_POINTS);
+        }
+        let s = &mut st.series[series % n];
+        s.points.push((ts, value));
+        drop(st);
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).points += 1;
+        Ok(())
+    }
+
+    /// Compresses every buffered series to disk and releases the buffers.
+    /// Returns the bytes released.
+    fn flush_locked(&self, st: &mut State, spill: bool) -> std::io::Result<u64> {
+        let mut segments = 0;
+        let (mut raw, mut compressed) = (0u64, 0u64);
+        for (i, s) in st.series.iter_mut().enumerate() {
+            if s.points.is_empty() {
+                continue;
+            }
+            let mut e = Encoder::new();
+            for &(t, v) in &s.points {
+                e.push(t, v);
+            }
+            raw += s.points.len() as u64 * POINT_BYTES;
+            let seg = e.finish();
+            st.out.write_all(&(i as u32).to_le_bytes())?;
+            st.out.write_all(&(seg.len() as u32).to_le_bytes())?;
+            st.out.write_all(&seg)?;
+            compressed += seg.len() as u64;
+            segments += 1;
+            s.points = Vec::new();
+        }
+        st.out.flush()?;
+        let released: u64 = st.chunks.iter().map(Reservation::size).sum();
+        st.chunks.clear();
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.flushes += 1;
+        stats.spill_flushes += u64::from(spill);
+        stats.segments += segments;
+        stats.raw_bytes_flushed += raw;
+        stats.compressed_bytes += compressed;
+        Ok(released)
+    }
+
+    /// Flushes what is buffered (the end of the run).
+    pub fn flush(&self) -> std::io::Result<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.flush_locked(&mut st, false)
+    }
+
+    /// Reads every segment back: (points, sum of values), to check nothing
+    /// was lost or changed.
+    pub fn verify(&self) -> anyhow::Result<(u64, f64)> {
+        let mut bytes = Vec::new();
+        File::open(&self.path)?.read_to_end(&mut bytes)?;
+        let (mut points, mut sum, mut at) = (0u64, 0.0, 0usize);
+        while at < bytes.len() {
+            let head = bytes
+                .get(at..at + 8)
+                .ok_or_else(|| anyhow::anyhow!("a segment header is cut at byte {at}"))?;
+            let len = u32::from_le_bytes(head[4..8].try_into()?) as usize;
+            let seg = bytes
+                .get(at + 8..at + 8 + len)
+                .ok_or_else(|| anyhow::anyhow!("a segment is cut at byte {at}"))?;
+            for (_, v) in gorilla::decode(seg)? {
+                points += 1;
+                sum += v;
+            }
+            at += 8 + len;
+        }
+        Ok((points, sum))
+    }
+}
+
+impl SpillHandler for Timeseries {
+    fn reclaimable_bytes(&self) -> u64 {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.chunks.iter().map(Reservation::size).sum()
+    }
+
+    fn spill(&self, _target_bytes: u64) -> u64 {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.flush_locked(&mut st, true).unwrap_or(0)
+    }
+}

@@ -1,0 +1,112 @@
+//! The workload's engines under small budgets: they stay within them by
+//! flushing and evicting, and lose nothing doing it.
+
+use nodedb_governor::{Budget, EngineId, MemoryGovernor, SpillConfig, SpillController};
+use nodedb_governor_workload::{
+    timeseries::{CHUNK_POINTS, Timeseries},
+    vector::{self, CHARGE_PER_VECTOR, VectorEngine},
+};
+
+const MIB: u64 = 1 << 20;
+
+fn governor(engine: EngineId, cap: u64) -> &'static MemoryGovernor {
+    let budget = Budget::builder(1 << 30)
+        .engine(engine, 0, cap)
+        .build()
+        .unwrap();
+    Box::leak(Box::new(MemoryGovernor::new(budget)))
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("nodedb-workload-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn timeseries_ingest_stays_in_its_budget_and_loses_no_point() {
+    let cap = MIB;
+    let g = governor(EngineId::Timeseries, cap);
+    let dir = scratch("ts");
+    let ts = Timeseries::new(g, 8, &dir.join("points.gorilla")).unwrap();
+    let (mut sum, n) = (0.0f64, 200_000u64);
+    let mut peak = 0;
+    for i in 0..n {
+        let v = 20.0 + (i % 600) as f64 * 0.25;
+        sum += v;
+        ts.ingest((i % 8) as usize, 1_700_000_000_000 + i as i64 * 100, v)
+            .unwrap();
+        peak = peak.max(g.usage(EngineId::Timeseries).unwrap().used_bytes);
+    }
+    assert!(peak <= cap, "peak {peak} above the {cap}-byte cap");
+    ts.flush().unwrap();
+    let st = ts.stats();
+    assert!(st.refusals > 0 && st.flushes > 1, "{st:?}");
+    assert_eq!(g.usage(EngineId::Timeseries).unwrap().used_bytes, 0);
+    let (points, back) = ts.verify().unwrap();
+    assert_eq!(points, n);
+    assert_eq!(back, sum, "every value back, bit for bit in sum");
+    assert!(
+        st.compressed_bytes * 4 < st.raw_bytes_flushed,
+        "Gorilla compresses a regular series: {st:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_spill_request_flushes_the_timeseries_buffers() {
+    let g = governor(EngineId::Timeseries, 64 * MIB);
+    let dir = scratch("ts-spill");
+    let ts = std::sync::Arc::new(Timeseries::new(g, 4, &dir.join("points.gorilla")).unwrap());
+    let spill = SpillController::new(SpillConfig::default()).unwrap();
+    let _reg = spill.register(EngineId::Timeseries, ts.clone());
+    for i in 0..(CHUNK_POINTS * 4 * 3) as i64 {
+        ts.ingest((i % 4) as usize, i, i as f64).unwrap();
+    }
+    let held = g.usage(EngineId::Timeseries).unwrap().used_bytes;
+    assert!(held >= 12 * CHUNK_POINTS as u64 * 16, "{held}");
+    let freed = spill.spill_engines(&[EngineId::Timeseries], held / 2);
+    assert!(freed >= held / 2, "freed {freed} of {held}");
+    assert_eq!(ts.stats().spill_flushes, 1);
+    assert_eq!(ts.verify().unwrap().0, (CHUNK_POINTS * 12) as u64);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn vector_segments_are_evicted_to_fit_and_search_still_finds_the_nearest() {
+    let per_segment = 1000u32;
+    let segments = 6u32;
+    // Room for two and a half segments.
+    let cap = u64::from(per_segment) * CHARGE_PER_VECTOR * 5 / 2;
+    let g = governor(EngineId::Vector, cap);
+    let dir = scratch("vec");
+    let v = VectorEngine::new(g, &dir).unwrap();
+    for s in 0..segments {
+        v.add_segment(s * per_segment, per_segment).unwrap();
+        let used = g.usage(EngineId::Vector).unwrap().used_bytes;
+        assert!(used <= cap, "{used} above {cap}");
+    }
+    let st = v.stats();
+    assert_eq!(st.vectors, u64::from(per_segment * segments));
+    assert!(st.evictions >= 4, "{st:?}");
+    let n = per_segment * segments;
+    let mut total = 0.0;
+    let queries = 20;
+    for i in 0..queries {
+        let q = vector::vector(1_000_000 + i);
+        let found = v.search(&q, 10).unwrap();
+        total += vector::recall(&found, &vector::exact(&q, n, 10));
+    }
+    let recall = total / f64::from(queries);
+    assert!(recall >= 0.9, "recall@10 {recall}");
+    assert!(v.stats().disk_scans > 0);
+    // The agent's spill: everything resident can go.
+    let spill = SpillController::new(SpillConfig::default()).unwrap();
+    let v = std::sync::Arc::new(v);
+    let _reg = spill.register(EngineId::Vector, v.clone());
+    let held = v.resident_charge();
+    assert!(held > 0);
+    assert!(spill.spill_engines(&[EngineId::Vector], held) >= held);
+    assert_eq!(g.usage(EngineId::Vector).unwrap().used_bytes, 0);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,231 @@
+//! The validation workload: one process playing a database with three
+//! engines, each on threads of its own with its own jemalloc arena, each
+//! charging what it holds to its budget and giving memory back when
+//! refused or asked by the agent:
+//! - vector: HNSW segments built over random vectors, then searched;
+//! - timeseries: bulk ingest buffered and flushed as Gorilla segments;
+//! - query: DataFusion `GROUP BY` over a high-cardinality key through the
+//!   library's memory pool, spilling to disk when refused, checked against
+//!   a reference computed without DataFusion.
+//!
+//! With `--socket` it joins the agent (which sets the budgets and watches
+//! the kernel's attribution); without, every budget is unlimited. Prints
+//! one JSON object: per engine what it did, how long it took and its rate,
+//! and whether the results were right.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use nodedb_governor::{
+    Budget, EngineId, MemoryGovernor, SpillConfig, SpillController,
+    arena::EngineArenas,
+    control::{AgentLink, LinkConfig},
+};
+use nodedb_governor_demo::query::{self, GroupByData, Spill};
+use nodedb_governor_workload::{
+    timeseries::Timeseries,
+    vector::{self, VectorEngine},
+};
+use serde_json::json;
+
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+const ENGINES: [(&str, EngineId); 3] = [
+    ("vector", EngineId::Vector),
+    ("timeseries", EngineId::Timeseries),
+    ("query", EngineId::Query),
+];
+
+#[derive(Parser)]
+struct Args {
+    /// The agent's control socket (absent: ungoverned, budgets unlimited).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    #[arg(long, default_value = "nodedb")]
+    database: String,
+    /// Scratch directory for spills and flushed segments.
+    #[arg(long, default_value = "/tmp/nodedb-workload")]
+    dir: PathBuf,
+    /// Vectors indexed (64 dimensions; 1 KiB charged each while resident).
+    #[arg(long, default_value_t = 480_000)]
+    vectors: u32,
+    /// Vectors per HNSW segment.
+    #[arg(long, default_value_t = 20_000)]
+    segment: u32,
+    /// Searches (k = 10) after the index is built.
+    #[arg(long, default_value_t = 200)]
+    queries: u32,
+    /// Timeseries points ingested (16 bytes each while buffered).
+    #[arg(long, default_value_t = 24_000_000)]
+    points: u64,
+    /// Series the points are spread over.
+    #[arg(long, default_value_t = 1000)]
+    series: usize,
+    /// Rows of the GROUP BY's input.
+    #[arg(long, default_value_t = 4_000_000)]
+    rows: usize,
+    /// Distinct keys of the GROUP BY.
+    #[arg(long, default_value_t = 2_000_000)]
+    keys: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
+    let mut budget = Budget::builder(1 << 40);
+    for (_, id) in ENGINES {
+        budget = budget.engine(id, 0, 1 << 40);
+    }
+    let governor: &'static MemoryGovernor = Box::leak(Box::new(MemoryGovernor::new(budget.build()?)));
+    let arenas = Arc::new(EngineArenas::create(&ENGINES.map(|(_, e)| e))?);
+    let spill = Arc::new(SpillController::new(SpillConfig::default())?);
+    let ts = Arc::new(Timeseries::new(governor, args.series, &args.dir.join("points.gorilla"))?);
+    let vec = Arc::new(VectorEngine::new(governor, &args.dir.join("vectors"))?);
+    let _ts_reg = spill.register(EngineId::Timeseries, ts.clone());
+    let _vec_reg = spill.register(EngineId::Vector, vec.clone());
+    let link = match &args.socket {
+        Some(socket) => {
+            let link = AgentLink::builder(governor, LinkConfig::new(socket, &args.database, &ENGINES))
+                .spill_controller(spill.clone())
+                .arenas(arenas.clone())
+                .start()?;
+            if !link.wait_connected(Duration::from_secs(30)) {
+                bail!("could not reach the agent at {}: {:?}", socket.display(), link.stats().last_error);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while link.stats().limit_changes < ENGINES.len() as u64 {
+                if Instant::now() > deadline {
+                    bail!("the agent sent no budgets: {:?}", link.stats());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Some(link)
+        }
+        None => None,
+    };
+    // Each engine's thread: registered with the agent (its cgroup), and
+    // allocating from its own arena.
+    let enter = |engine: EngineId| -> anyhow::Result<()> {
+        arenas.pin_current_thread(engine)?;
+        if let Some(link) = &link {
+            let tid = link.register_current_thread(engine)?;
+            if !link.wait_placed(tid, Duration::from_secs(10)) {
+                bail!("the agent did not place the {engine:?} thread");
+            }
+        }
+        Ok(())
+    };
+    let started = Instant::now();
+    let (v, t, q) = std::thread::scope(|s| {
+        let v = s.spawn(|| -> anyhow::Result<serde_json::Value> {
+            enter(EngineId::Vector)?;
+            let t0 = Instant::now();
+            let mut first = 0;
+            while first < args.vectors {
+                let n = args.segment.min(args.vectors - first);
+                vec.add_segment(first, n)?;
+                first += n;
+            }
+            let build = t0.elapsed();
+            let t1 = Instant::now();
+            let mut recall = 0.0;
+            let checked = args.queries.min(5);
+            for i in 0..args.queries {
+                let q = vector::vector(u32::MAX - i);
+                let found = vec.search(&q, 10)?;
+                if i < checked {
+                    recall += vector::recall(&found, &vector::exact(&q, args.vectors, 10));
+                }
+            }
+            let search = t1.elapsed();
+            Ok(json!({
+                "build_seconds": build.as_secs_f64(),
+                "vectors_per_second": f64::from(args.vectors) / build.as_secs_f64(),
+                "search_seconds": search.as_secs_f64(),
+                "searches_per_second": f64::from(args.queries) / search.as_secs_f64().max(1e-9),
+                "recall_at_10": recall / f64::from(checked.max(1)),
+                "stats": vec.stats(),
+            }))
+        });
+        let t = s.spawn(|| -> anyhow::Result<serde_json::Value> {
+            enter(EngineId::Timeseries)?;
+            let t0 = Instant::now();
+            let mut sum = 0.0;
+            for i in 0..args.points {
+                let v = 20.0 + (i % 977) as f64 * 0.125;
+                sum += v;
+                ts.ingest((i % args.series as u64) as usize, 1_700_000_000_000 + i as i64, v)?;
+            }
+            ts.flush()?;
+            let took = t0.elapsed();
+            let (points, back) = ts.verify()?;
+            Ok(json!({
+                "seconds": took.as_secs_f64(),
+                "points_per_second": args.points as f64 / took.as_secs_f64(),
+                "correct": points == args.points && back == sum,
+                "stats": ts.stats(),
+            }))
+        });
+        let q = s.spawn(|| -> anyhow::Result<serde_json::Value> {
+            enter(EngineId::Query)?;
+            let data = GroupByData { rows: args.rows, keys: args.keys, seed: 7 };
+            let (schema, batches) = data.batches(8192)?;
+            let want = query::reference(&batches);
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let t0 = Instant::now();
+            let out = rt.block_on(query::group_by(
+                governor,
+                EngineId::Query,
+                schema,
+                batches,
+                2,
+                Spill::To(args.dir.clone()),
+            ))?;
+            let took = t0.elapsed();
+            Ok(json!({
+                "seconds": took.as_secs_f64(),
+                "rows_per_second": args.rows as f64 / took.as_secs_f64(),
+                "groups": out.groups.len(),
+                "correct": out.groups == want,
+                "spill_files": out.spill_count,
+                "spilled_bytes": out.spilled_bytes,
+            }))
+        });
+        (v.join(), t.join(), q.join())
+    });
+    let get = |r: std::thread::Result<anyhow::Result<serde_json::Value>>, name: &str| {
+        r.map_err(|_| anyhow::anyhow!("the {name} thread panicked"))?
+            .with_context(|| format!("engine {name}"))
+    };
+    let (v, t, q) = (get(v, "vector")?, get(t, "timeseries")?, get(q, "query")?);
+    let usage: Vec<_> = governor
+        .usages()
+        .into_iter()
+        .map(|u| json!({"engine": format!("{:?}", u.engine).to_lowercase(), "cap_bytes": u.cap_bytes, "rejections": u.rejections}))
+        .collect();
+    let ok = t["correct"] == true && q["correct"] == true && v["recall_at_10"].as_f64() >= Some(0.8);
+    println!(
+        "{}",
+        json!({
+            "governed": link.is_some(),
+            "seconds": started.elapsed().as_secs_f64(),
+            "correct": ok,
+            "vector": v,
+            "timeseries": t,
+            "query": q,
+            "budgets": usage,
+            "link": link.as_ref().map(|l| { let s = l.stats(); json!({"spills": s.spills, "spilled_bytes": s.spilled_bytes, "purges": s.purges, "limit_changes": s.limit_changes}) }),
+        })
+    );
+    if !ok {
+        bail!("a result was wrong");
+    }
+    Ok(())
+}

@@ -1105,3 +1105,46 @@ fn a_library_in_a_delegated_subtree_moves_its_own_threads() {
         status_json(&agent)["engines"]["vector"]["resident_bytes"].as_u64() >= Some(30 * MIB)
     });
 }
+
+/// `enforce = false`: the ungoverned baseline, measured the same way. The
+/// agent attributes and shows the levels, keeps `memory.max` at the
+/// ceiling, and asks nothing of the library: an engine far over its
+/// budget is neither spilled nor purged, and its cap is the ceiling.
+#[test]
+fn an_observing_agent_measures_but_asks_nothing() {
+    if privilege::skip_unprivileged("observe mode") {
+        return;
+    }
+    const MIB: u64 = 1 << 20;
+    let agent = Agent::start("enforce = false");
+    let _probe = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_hold-probe"))
+            .arg("--socket")
+            .arg(&agent.control)
+            .args(["--database", &agent.database, "--mib", "80"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let vector = |s: &serde_json::Value| s["clients"][0]["engines"]["vector"].clone();
+    wait_for("vector past its budget, as the kernel sees it", || {
+        let s = status_json(&agent);
+        vector(&s)["resident_bytes"].as_u64() >= Some(78 * MIB)
+            && vector(&s)["level"] == "emergency"
+    });
+    // Many ticks at Emergency.
+    std::thread::sleep(Duration::from_millis(500));
+    let s = status_json(&agent);
+    let v = vector(&s);
+    assert_eq!(v["spill_requests"], 0, "{v}");
+    assert_eq!(v["purges"], 0, "{v}");
+    assert_eq!(
+        v["cap_bytes"],
+        1u64 << 30,
+        "the library's cap is the ceiling: {v}"
+    );
+    assert_eq!(
+        s["ceiling"]["high_bytes"], s["ceiling"]["limit_bytes"],
+        "no lower high mark"
+    );
+}

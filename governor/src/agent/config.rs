@@ -240,6 +240,12 @@ pub struct Config {
     /// picks a free port (the status reports it).
     #[serde(default)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// `false`: observe only. The agent attributes, reports and keeps the
+    /// ceiling (`memory.max`, with no lower high mark), but its ladder asks
+    /// nothing of the libraries, and their caps are the ceiling: the
+    /// ungoverned baseline, measured the same way.
+    #[serde(default = "yes")]
+    pub enforce: bool,
     /// Count every eBPF program's runs and run time (the kernel's
     /// `bpf_stats`: two clock reads per run) for `/metrics`.
     #[serde(default = "yes")]

@@ -89,6 +89,11 @@ pub struct Client {
     declared: BTreeSet<String>,
     /// Engines under backpressure, and the cap they are held to.
     backpressure: BTreeMap<String, u64>,
+    /// Observe only (`enforce = false`): levels are computed and shown,
+    /// but nothing is asked of the library, and every engine's cap is the
+    /// ceiling (`observe_cap`).
+    observe: bool,
+    observe_cap: u64,
     pub reports: BTreeMap<String, EngineReport>,
     levels: BTreeMap<String, PressureLevel>,
     spill_pending: BTreeMap<String, Instant>,
@@ -114,6 +119,8 @@ impl Client {
             tx,
             declared: declared.into_iter().collect(),
             backpressure: BTreeMap::new(),
+            observe: false,
+            observe_cap: 0,
             reports: BTreeMap::new(),
             levels: BTreeMap::new(),
             spill_pending: BTreeMap::new(),
@@ -122,6 +129,14 @@ impl Client {
             loans: Vec::new(),
             activity: BTreeMap::new(),
         }
+    }
+
+    /// Observe only: the library's caps are all `ceiling`, and the ladder
+    /// asks nothing of it.
+    pub fn observe_only(mut self, ceiling: u64) -> Self {
+        self.observe = true;
+        self.observe_cap = ceiling;
+        self
     }
 
     /// A new configuration: loans end and every engine gets its configured
@@ -142,11 +157,18 @@ impl Client {
         if !self.declared.contains(&l.name) {
             return;
         }
-        let cap = self
-            .backpressure
-            .get(&l.name)
-            .map_or(budget, |held| (*held).min(budget));
-        let floor = l.floor_bytes.min(cap);
+        let cap = if self.observe {
+            self.observe_cap
+        } else {
+            self.backpressure
+                .get(&l.name)
+                .map_or(budget, |held| (*held).min(budget))
+        };
+        let floor = if self.observe {
+            0
+        } else {
+            l.floor_bytes.min(cap)
+        };
         let e = self.enforcement.entry(l.name.clone()).or_default();
         e.limit_changes += 1;
         e.cap_bytes = cap;
@@ -170,6 +192,9 @@ impl Client {
     /// engine's arena is purged now (returning dirty pages is the cheapest
     /// relief).
     pub fn on_stall(&mut self) {
+        if self.observe {
+            return;
+        }
         for name in self.declared.clone() {
             self.enforcement.entry(name.clone()).or_default().purges += 1;
             let _ = self.tx.send(ToLibrary::Purge { engine: name });
@@ -185,6 +210,9 @@ impl Client {
     /// essential: while on, an engine's cap is what it holds (its
     /// reservations as last reported), so its new reservations are refused.
     pub fn set_backpressure(&mut self, on: bool, config: &Config) {
+        if self.observe {
+            return;
+        }
         for l in config.limits() {
             if l.essential || !self.declared.contains(&l.name) {
                 continue;
@@ -403,7 +431,9 @@ impl Client {
             .iter()
             .map(|(n, e)| (n.clone(), e.resident_bytes))
             .collect();
-        self.rebalance(config, &residents);
+        if !self.observe {
+            self.rebalance(config, &residents);
+        }
         for mut limits in self.limits(config) {
             if let Some(b) = self.budgets.get(&limits.name) {
                 limits.budget_bytes = *b;
@@ -419,6 +449,11 @@ impl Client {
             e.budget_bytes = limits.budget_bytes;
             e.resident_bytes = resident;
             e.level = Some(format!("{level:?}").to_lowercase());
+            if self.observe {
+                // Shown, never acted on.
+                e.level_changes += u64::from(level != before);
+                continue;
+            }
             if level != before {
                 e.level_changes += 1;
                 tracing::info!(

@@ -121,7 +121,11 @@ impl Agent {
             }
         }
         let limit = config.ceiling_bytes();
-        let high = (limit as f64 * config.thresholds.critical) as u64;
+        let high = if config.enforce {
+            (limit as f64 * config.thresholds.critical) as u64
+        } else {
+            limit
+        };
         let (mut ceiling, ceiling_error) = match Ceiling::setup(
             subtree.as_ref().map(|s| s.domain.as_path()),
             &config.database,
@@ -362,7 +366,9 @@ impl Agent {
             } else {
                 tracing::info!(current, limit, "the database's Emergency is over");
             }
-            if let Some(c) = &mut self.ceiling {
+            if let Some(c) = &mut self.ceiling
+                && self.config.enforce
+            {
                 let want = self.emergency.then_some((limit as f64 * t.restore) as u64);
                 if let Err(e) = c.set_high(want) {
                     tracing::warn!(error = %e, "changing the memory high mark");
@@ -455,6 +461,9 @@ impl Agent {
             })
             .unwrap_or_default();
         let mut client = Client::new(pid, uid, tx, engines.iter().map(|e| e.name.clone()));
+        if !self.config.enforce {
+            client = client.observe_only(self.config.ceiling_bytes());
+        }
         client.send(ToLibrary::Welcome {
             version: wire::VERSION,
             engine_cgroups,
@@ -519,7 +528,7 @@ impl Agent {
     /// uids change in place; libraries get their new budgets (loans end).
     pub fn reload(&mut self, new: Config) -> Result<(), String> {
         let old = &self.config;
-        let fixed: [(&str, bool); 9] = [
+        let fixed: [(&str, bool); 10] = [
             ("database", old.database == new.database),
             ("identity", old.identity == new.identity),
             ("cgroup_root", old.cgroup_root == new.cgroup_root),
@@ -530,6 +539,7 @@ impl Agent {
             ),
             ("metrics_addr", old.metrics_addr == new.metrics_addr),
             ("delegate_uid", old.delegate_uid == new.delegate_uid),
+            ("enforce", old.enforce == new.enforce),
             ("engine", old.engine_names() == new.engine_names()),
             (
                 "engine.own_process",
@@ -541,7 +551,11 @@ impl Agent {
         }
         if let Some(c) = &mut self.ceiling {
             let limit = new.ceiling_bytes();
-            let high = (limit as f64 * new.thresholds.critical) as u64;
+            let high = if new.enforce {
+                (limit as f64 * new.thresholds.critical) as u64
+            } else {
+                limit
+            };
             c.set_limit(limit, high).map_err(|e| e.to_string())?;
             for l in new.limits().into_iter().filter(|l| l.own_process) {
                 c.set_engine_high(&l.name, l.budget_bytes)

@@ -83,21 +83,31 @@ fn main() -> anyhow::Result<()> {
     for (_, id) in ENGINES {
         budget = budget.engine(id, 0, 1 << 40);
     }
-    let governor: &'static MemoryGovernor = Box::leak(Box::new(MemoryGovernor::new(budget.build()?)));
+    let governor: &'static MemoryGovernor =
+        Box::leak(Box::new(MemoryGovernor::new(budget.build()?)));
     let arenas = Arc::new(EngineArenas::create(&ENGINES.map(|(_, e)| e))?);
     let spill = Arc::new(SpillController::new(SpillConfig::default())?);
-    let ts = Arc::new(Timeseries::new(governor, args.series, &args.dir.join("points.gorilla"))?);
+    let ts = Arc::new(Timeseries::new(
+        governor,
+        args.series,
+        &args.dir.join("points.gorilla"),
+    )?);
     let vec = Arc::new(VectorEngine::new(governor, &args.dir.join("vectors"))?);
     let _ts_reg = spill.register(EngineId::Timeseries, ts.clone());
     let _vec_reg = spill.register(EngineId::Vector, vec.clone());
     let link = match &args.socket {
         Some(socket) => {
-            let link = AgentLink::builder(governor, LinkConfig::new(socket, &args.database, &ENGINES))
-                .spill_controller(spill.clone())
-                .arenas(arenas.clone())
-                .start()?;
+            let link =
+                AgentLink::builder(governor, LinkConfig::new(socket, &args.database, &ENGINES))
+                    .spill_controller(spill.clone())
+                    .arenas(arenas.clone())
+                    .start()?;
             if !link.wait_connected(Duration::from_secs(30)) {
-                bail!("could not reach the agent at {}: {:?}", socket.display(), link.stats().last_error);
+                bail!(
+                    "could not reach the agent at {}: {:?}",
+                    socket.display(),
+                    link.stats().last_error
+                );
             }
             let deadline = Instant::now() + Duration::from_secs(10);
             while link.stats().limit_changes < ENGINES.len() as u64 {
@@ -161,7 +171,11 @@ fn main() -> anyhow::Result<()> {
             for i in 0..args.points {
                 let v = 20.0 + (i % 977) as f64 * 0.125;
                 sum += v;
-                ts.ingest((i % args.series as u64) as usize, 1_700_000_000_000 + i as i64, v)?;
+                ts.ingest(
+                    (i % args.series as u64) as usize,
+                    1_700_000_000_000 + i as i64,
+                    v,
+                )?;
             }
             ts.flush()?;
             let took = t0.elapsed();
@@ -175,10 +189,16 @@ fn main() -> anyhow::Result<()> {
         });
         let q = s.spawn(|| -> anyhow::Result<serde_json::Value> {
             enter(EngineId::Query)?;
-            let data = GroupByData { rows: args.rows, keys: args.keys, seed: 7 };
+            let data = GroupByData {
+                rows: args.rows,
+                keys: args.keys,
+                seed: 7,
+            };
             let (schema, batches) = data.batches(8192)?;
             let want = query::reference(&batches);
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             let t0 = Instant::now();
             let out = rt.block_on(query::group_by(
                 governor,
@@ -210,7 +230,8 @@ fn main() -> anyhow::Result<()> {
         .into_iter()
         .map(|u| json!({"engine": format!("{:?}", u.engine).to_lowercase(), "cap_bytes": u.cap_bytes, "rejections": u.rejections}))
         .collect();
-    let ok = t["correct"] == true && q["correct"] == true && v["recall_at_10"].as_f64() >= Some(0.8);
+    let ok =
+        t["correct"] == true && q["correct"] == true && v["recall_at_10"].as_f64() >= Some(0.8);
     println!(
         "{}",
         json!({

@@ -1,6 +1,7 @@
 //! Vector search: vectors arrive in batches, each batch becomes an HNSW
-//! segment (instant-distance) whose points and graph are charged to the
-//! Vector budget. When a new segment's charge is refused, or the agent
+//! segment (instant-distance) whose points, graph and stored payload (the
+//! documents' fields, `payload_bytes` a vector) are charged to the Vector
+//! budget. When a new segment's charge is refused, or the agent
 //! asks for a spill, the oldest resident segments are evicted: their
 //! vectors are written to disk and searched there by a scan (exact, and
 //! slower), and their charge is released.
@@ -51,6 +52,7 @@ pub fn vector(id: u32) -> Vector {
 enum Segment {
     Resident {
         map: HnswMap<Vector, u32>,
+        payload: Vec<u8>,
         charge: Reservation<'static>,
     },
     OnDisk {
@@ -72,6 +74,7 @@ pub struct VectorStats {
 
 pub struct VectorEngine {
     governor: &'static MemoryGovernor,
+    payload_bytes: usize,
     dir: PathBuf,
     segments: Mutex<Vec<Segment>>,
     stats: Mutex<VectorStats>,
@@ -82,10 +85,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl VectorEngine {
-    pub fn new(governor: &'static MemoryGovernor, dir: &Path) -> std::io::Result<Self> {
+    pub fn new(
+        governor: &'static MemoryGovernor,
+        dir: &Path,
+        payload_bytes: usize,
+    ) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         Ok(Self {
             governor,
+            payload_bytes,
             dir: dir.to_owned(),
             segments: Mutex::new(Vec::new()),
             stats: Mutex::new(VectorStats::default()),
@@ -100,7 +108,7 @@ impl VectorEngine {
     /// first; while it is refused, older segments go to disk. Fails when
     /// nothing is left to evict and the charge is still refused.
     pub fn add_segment(&self, first: u32, n: u32) -> anyhow::Result<()> {
-        let bytes = u64::from(n) * CHARGE_PER_VECTOR;
+        let bytes = u64::from(n) * (CHARGE_PER_VECTOR + self.payload_bytes as u64);
         let charge = loop {
             match self.governor.try_reserve(EngineId::Vector, bytes) {
                 Ok(r) => break r,
@@ -118,7 +126,15 @@ impl VectorEngine {
         let map = Builder::default()
             .seed(u64::from(first))
             .build(points, values);
-        lock(&self.segments).push(Segment::Resident { map, charge });
+        // Each document's stored fields (every page written).
+        let payload: Vec<u8> = (0..n as usize * self.payload_bytes)
+            .map(|i| (i as u32 ^ first) as u8)
+            .collect();
+        lock(&self.segments).push(Segment::Resident {
+            map,
+            payload,
+            charge,
+        });
         let mut st = lock(&self.stats);
         st.vectors += u64::from(n);
         st.segments += 1;
@@ -134,7 +150,12 @@ impl VectorEngine {
         else {
             return Ok(0);
         };
-        let Segment::Resident { map, charge } = &segs[i] else {
+        let Segment::Resident {
+            map,
+            payload,
+            charge,
+        } = &segs[i]
+        else {
             return Ok(0);
         };
         let path = self.dir.join(format!("segment-{i}.vec"));
@@ -147,6 +168,7 @@ impl VectorEngine {
             }
             len += 1;
         }
+        w.write_all(payload)?;
         w.flush()?;
         let freed = charge.size();
         segs[i] = Segment::OnDisk { path, len };

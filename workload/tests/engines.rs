@@ -80,7 +80,7 @@ fn vector_segments_are_evicted_to_fit_and_search_still_finds_the_nearest() {
     let cap = u64::from(per_segment) * CHARGE_PER_VECTOR * 5 / 2;
     let g = governor(EngineId::Vector, cap);
     let dir = scratch("vec");
-    let v = VectorEngine::new(g, &dir).unwrap();
+    let v = VectorEngine::new(g, &dir, 0).unwrap();
     for s in 0..segments {
         v.add_segment(s * per_segment, per_segment).unwrap();
         let used = g.usage(EngineId::Vector).unwrap().used_bytes;

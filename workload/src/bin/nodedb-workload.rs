@@ -52,11 +52,15 @@ struct Args {
     /// Scratch directory for spills and flushed segments.
     #[arg(long, default_value = "/tmp/nodedb-workload")]
     dir: PathBuf,
-    /// Vectors indexed (64 dimensions; 1 KiB charged each while resident).
-    #[arg(long, default_value_t = 480_000)]
+    /// Vectors indexed (64 dimensions; 1 KiB charged each while resident,
+    /// plus the payload).
+    #[arg(long, default_value_t = 150_000)]
     vectors: u32,
+    /// Stored payload (document fields) per vector, bytes.
+    #[arg(long, default_value_t = 3072)]
+    payload: usize,
     /// Vectors per HNSW segment.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 10_000)]
     segment: u32,
     /// Searches (k = 10) after the index is built.
     #[arg(long, default_value_t = 200)]
@@ -92,7 +96,11 @@ fn main() -> anyhow::Result<()> {
         args.series,
         &args.dir.join("points.gorilla"),
     )?);
-    let vec = Arc::new(VectorEngine::new(governor, &args.dir.join("vectors"))?);
+    let vec = Arc::new(VectorEngine::new(
+        governor,
+        &args.dir.join("vectors"),
+        args.payload,
+    )?);
     let _ts_reg = spill.register(EngineId::Timeseries, ts.clone());
     let _vec_reg = spill.register(EngineId::Vector, vec.clone());
     let link = match &args.socket {

@@ -4,9 +4,11 @@
 mod bench;
 mod cmd;
 mod ebpf;
+mod plot;
 mod run;
 mod setup;
 mod test;
+mod validate;
 mod vm;
 
 use std::process::ExitCode;
@@ -50,6 +52,17 @@ enum Task {
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
     },
+    /// The validation: the mixed workload governed, ungoverned (observed,
+    /// memory.max at the same ceiling) and with ample memory, on this host;
+    /// report, summary and timeline plot under target/validate/<kernel>/.
+    Validate {
+        /// Time limit per run, in seconds.
+        #[arg(long, default_value_t = 1800)]
+        timeout_secs: u64,
+        /// Arguments for nodedb-workload (sizes), after `--`.
+        #[arg(last = true)]
+        workload: Vec<String>,
+    },
     /// Benchmarks: the cost of tracing (page-fault and mmap/munmap loops with
     /// and without the programs attached, in one run).
     Bench {
@@ -81,6 +94,15 @@ fn main() -> ExitCode {
                 timeout: std::time::Duration::from_secs(timeout_secs),
             })
         }
+        Task::Validate {
+            timeout_secs,
+            workload,
+        } => setup::setup().and_then(|()| {
+            validate::validate(&validate::Options {
+                workload_args: workload,
+                timeout: std::time::Duration::from_secs(timeout_secs),
+            })
+        }),
         Task::Bench { rounds } => setup::setup().and_then(|()| bench::bench(rounds)),
     };
     match result {
@@ -90,6 +112,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The validation's engines, in plotting order.
+fn validate_engines() -> [&'static str; 3] {
+    ["vector", "timeseries", "query"]
 }
 
 /// The workspace root (xtask lives one level below it).

@@ -1,0 +1,98 @@
+//! The validation's timeline: per run, each engine's attributed resident
+//! bytes against its budget (dashed), and the database cgroup's charge
+//! against the ceiling.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde_json::Value;
+
+const COLOURS: [RGBColor; 3] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+];
+
+pub fn timeline(path: &Path, kernel: &str, runs: &[Value]) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (1000, 330 * runs.len() as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((runs.len(), 1));
+    for (panel, run) in panels.iter().zip(runs) {
+        let points = run["timeline"].as_array().cloned().unwrap_or_default();
+        let t_max = points
+            .last()
+            .and_then(|p| p["t"].as_f64())
+            .unwrap_or(1.0)
+            .max(1.0);
+        let ceiling = run["ceiling_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
+        let peak = run["peak_cgroup_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
+        let y_max = (ceiling.min(peak * 4.0).max(peak) * 1.1).max(1.0);
+        let mut chart = ChartBuilder::on(panel)
+            .caption(
+                format!(
+                    "{} ({kernel}): resident MiB by engine, cgroup charge; dashed: budgets, ceiling",
+                    run["mode"].as_str().unwrap_or_default()
+                ),
+                ("sans-serif", 16),
+            )
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..t_max, 0.0..y_max)?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds")
+            .y_desc("MiB")
+            .draw()?;
+        let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / 1048576.0;
+        for (i, e) in super::validate_engines().iter().enumerate() {
+            let c = COLOURS[i];
+            chart
+                .draw_series(LineSeries::new(
+                    points.iter().map(|p| {
+                        (
+                            p["t"].as_f64().unwrap_or(0.0),
+                            mib(&p[*e]["resident_bytes"]),
+                        )
+                    }),
+                    c.stroke_width(2),
+                ))?
+                .label(*e)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                });
+            let budget = mib(&run["engines"][*e]["budget_bytes"]);
+            chart.draw_series(DashedLineSeries::new(
+                [(0.0, budget), (t_max, budget)],
+                6,
+                4,
+                c.stroke_width(1),
+            ))?;
+        }
+        chart
+            .draw_series(LineSeries::new(
+                points
+                    .iter()
+                    .map(|p| (p["t"].as_f64().unwrap_or(0.0), mib(&p["cgroup_bytes"]))),
+                BLACK.stroke_width(2),
+            ))?
+            .label("cgroup charge")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+        if ceiling <= y_max {
+            chart.draw_series(DashedLineSeries::new(
+                [(0.0, ceiling), (t_max, ceiling)],
+                6,
+                4,
+                BLACK.stroke_width(1),
+            ))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}

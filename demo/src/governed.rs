@@ -39,6 +39,17 @@ pub fn connect(
         builder = builder.spill_controller(spill);
     }
     let link = builder.start()?;
+    wait_welcomed(&link, socket, engines.len())?;
+    Ok((governor, link))
+}
+
+/// Waits until the agent welcomed `link` and sent its budgets for all
+/// `engines` of them (the library's own are unlimited until then).
+pub fn wait_welcomed(
+    link: &AgentLink,
+    socket: &std::path::Path,
+    engines: usize,
+) -> anyhow::Result<()> {
     if !link.wait_connected(Duration::from_secs(30)) {
         bail!(
             "could not reach the agent at {}: {:?}",
@@ -46,13 +57,12 @@ pub fn connect(
             link.stats().last_error
         );
     }
-    // The agent's budgets arrive right after the welcome.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while link.stats().limit_changes < engines.len() as u64 {
+    while link.stats().limit_changes < engines as u64 {
         if Instant::now() > deadline {
             bail!("the agent sent no budgets: {:?}", link.stats());
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    Ok((governor, link))
+    Ok(())
 }

@@ -110,20 +110,7 @@ fn main() -> anyhow::Result<()> {
                     .spill_controller(spill.clone())
                     .arenas(arenas.clone())
                     .start()?;
-            if !link.wait_connected(Duration::from_secs(30)) {
-                bail!(
-                    "could not reach the agent at {}: {:?}",
-                    socket.display(),
-                    link.stats().last_error
-                );
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while link.stats().limit_changes < ENGINES.len() as u64 {
-                if Instant::now() > deadline {
-                    bail!("the agent sent no budgets: {:?}", link.stats());
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            nodedb_governor_demo::governed::wait_welcomed(&link, socket, ENGINES.len())?;
             Some(link)
         }
         None => None,

@@ -17,7 +17,7 @@ use datafusion::{
         memory_pool::MemoryPool,
         runtime_env::RuntimeEnvBuilder,
     },
-    physical_plan::{ExecutionPlan, collect, metrics::MetricsSet},
+    physical_plan::{ExecutionPlan, collect, execute_stream, metrics::MetricsSet},
     prelude::{SessionConfig, SessionContext},
 };
 use nodedb_governor::{EngineId, MemoryGovernor, datafusion_pool::GovernorPool};
@@ -88,6 +88,58 @@ pub fn reference(batches: &[RecordBatch]) -> Vec<Group> {
     out
 }
 
+/// An order-independent digest of a set of groups: a database streams a
+/// result to its client rather than holding it, and so does the
+/// validation workload, which checks the stream against the reference's
+/// digest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupsDigest {
+    pub groups: u64,
+    pub hash: u64,
+}
+
+fn mix(mut x: u64) -> u64 {
+    // splitmix64's finaliser.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+impl GroupsDigest {
+    pub fn add(&mut self, (k, s, c): Group) {
+        self.groups += 1;
+        let h = mix(k as u64 ^ mix(s as u64 ^ mix(c as u64)));
+        self.hash = self.hash.wrapping_add(h);
+    }
+}
+
+/// The reference's digest, computed by sorting the rows by key (faster
+/// than hashing millions of groups, and the groups are not kept).
+pub fn reference_digest(batches: &[RecordBatch]) -> GroupsDigest {
+    let mut rows: Vec<(i64, i64)> = Vec::new();
+    for b in batches {
+        let k = b.column(0).as_any().downcast_ref::<Int64Array>();
+        let v = b.column(1).as_any().downcast_ref::<Int64Array>();
+        if let (Some(k), Some(v)) = (k, v) {
+            rows.extend(k.values().iter().copied().zip(v.values().iter().copied()));
+        }
+    }
+    rows.sort_unstable_by_key(|r| r.0);
+    let mut d = GroupsDigest::default();
+    let mut at = 0;
+    while at < rows.len() {
+        let k = rows[at].0;
+        let (mut sum, mut count) = (0i64, 0i64);
+        while at < rows.len() && rows[at].0 == k {
+            sum += rows[at].1;
+            count += 1;
+            at += 1;
+        }
+        d.add((k, sum, count));
+    }
+    d
+}
+
 /// Where DataFusion may spill: a directory, or nowhere.
 #[derive(Clone, Debug)]
 pub enum Spill {
@@ -115,16 +167,16 @@ fn plan_sum(plan: &Arc<dyn ExecutionPlan>, f: &impl Fn(&MetricsSet) -> Option<us
             .sum::<usize>()
 }
 
-/// Runs `SELECT k, SUM(v), COUNT(*) FROM t GROUP BY k` with DataFusion's
-/// memory drawn from `engine`'s budget.
-pub async fn group_by(
+/// The plan of `SELECT k, SUM(v), COUNT(*) FROM t GROUP BY k` with
+/// DataFusion's memory drawn from `engine`'s budget.
+async fn plan(
     governor: &MemoryGovernor,
     engine: EngineId,
     schema: Arc<Schema>,
     batches: Vec<RecordBatch>,
     partitions: usize,
     spill: Spill,
-) -> Result<GroupByOutcome> {
+) -> Result<(SessionContext, Arc<dyn ExecutionPlan>)> {
     let pool: Arc<dyn MemoryPool> = Arc::new(GovernorPool::new(governor, engine)?);
     let mode = match spill {
         Spill::To(dir) => DiskManagerMode::Directories(vec![dir]),
@@ -147,19 +199,39 @@ pub async fn group_by(
         .await?
         .create_physical_plan()
         .await?;
+    Ok((ctx, plan))
+}
+
+/// Calls `f` with each row of a result batch.
+fn rows(b: &RecordBatch, mut f: impl FnMut(Group)) -> Result<()> {
+    let col = |i: usize| {
+        b.column(i)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .with_context(|| format!("column {i} of the result is not Int64"))
+    };
+    let (k, s, c) = (col(0)?, col(1)?, col(2)?);
+    for i in 0..b.num_rows() {
+        f((k.value(i), s.value(i), c.value(i)));
+    }
+    Ok(())
+}
+
+/// Runs `SELECT k, SUM(v), COUNT(*) FROM t GROUP BY k` with DataFusion's
+/// memory drawn from `engine`'s budget; returns the groups.
+pub async fn group_by(
+    governor: &MemoryGovernor,
+    engine: EngineId,
+    schema: Arc<Schema>,
+    batches: Vec<RecordBatch>,
+    partitions: usize,
+    spill: Spill,
+) -> Result<GroupByOutcome> {
+    let (ctx, plan) = plan(governor, engine, schema, batches, partitions, spill).await?;
     let result = collect(plan.clone(), ctx.task_ctx()).await?;
     let mut out = Vec::new();
     for b in &result {
-        let col = |i: usize| {
-            b.column(i)
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .with_context(|| format!("column {i} of the result is not Int64"))
-        };
-        let (k, s, c) = (col(0)?, col(1)?, col(2)?);
-        for i in 0..b.num_rows() {
-            out.push((k.value(i), s.value(i), c.value(i)));
-        }
+        rows(b, |g| out.push(g))?;
     }
     out.sort_unstable();
     Ok(GroupByOutcome {
@@ -167,4 +239,28 @@ pub async fn group_by(
         spill_count: plan_sum(&plan, &MetricsSet::spill_count),
         spilled_bytes: plan_sum(&plan, &MetricsSet::spilled_bytes),
     })
+}
+
+/// The same query with its result streamed (each batch dropped once
+/// read) into a digest: what it returned and how much it spilled.
+pub async fn group_by_streamed(
+    governor: &MemoryGovernor,
+    engine: EngineId,
+    schema: Arc<Schema>,
+    batches: Vec<RecordBatch>,
+    partitions: usize,
+    spill: Spill,
+) -> Result<(GroupsDigest, usize, usize)> {
+    use futures::StreamExt;
+    let (ctx, plan) = plan(governor, engine, schema, batches, partitions, spill).await?;
+    let mut stream = execute_stream(plan.clone(), ctx.task_ctx())?;
+    let mut digest = GroupsDigest::default();
+    while let Some(b) = stream.next().await {
+        rows(&b?, |g| digest.add(g))?;
+    }
+    Ok((
+        digest,
+        plan_sum(&plan, &MetricsSet::spill_count),
+        plan_sum(&plan, &MetricsSet::spilled_bytes),
+    ))
 }

@@ -801,11 +801,13 @@ fn uids_not_on_the_allow_list_are_refused() {
 /// The pressure inputs besides attribution: a PSI trigger on the
 /// database's cgroup (its tasks stalled on memory) purges every engine and
 /// spills engines from Warning on; an Emergency of the whole database (its
-/// cgroup at 97% of the ceiling) holds the non-essential engine to what it
-/// holds while the essential one keeps its budget, until use falls again.
-/// The pressure is real: a writer in the database's cgroups streams twice
-/// the ceiling through the page cache, so the kernel reclaims (and stalls)
-/// at the ceiling.
+/// cgroup's working set at 97% of the ceiling) holds the non-essential
+/// engine to what it holds while the essential one keeps its budget, until
+/// use falls again. The pressure is real: a writer in the database's
+/// cgroups streams 2.5 times the ceiling through the page cache, so the
+/// kernel reclaims (and stalls) at the ceiling; that page cache is
+/// reclaimable and is no Emergency. Then memory the kernel cannot drop
+/// (tmpfs pages, without swap) fills the cgroup to the Emergency.
 #[test]
 fn memory_stalls_and_an_emergency_move_the_ladder() {
     if privilege::skip_unprivileged("pressure inputs") {
@@ -889,6 +891,45 @@ fn memory_stalls_and_an_emergency_move_the_ladder() {
         std::thread::sleep(Duration::from_millis(20));
         seen = status_json(&agent);
     }
+    let streamed = status_json(&agent);
+    assert_eq!(
+        streamed["emergency"], false,
+        "page cache the kernel can drop is no Emergency: {}",
+        streamed["ceiling"]
+    );
+
+    // Memory the kernel cannot reclaim: tmpfs pages written from the
+    // database's cgroups, 4 MiB at a time until the agent declares the
+    // Emergency (97% of 160 MiB; each step stays under the ceiling).
+    struct Removed(PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let shm = Removed(PathBuf::from(format!(
+        "/dev/shm/nodedb-test-{}-{}",
+        std::process::id(),
+        agent.database
+    )));
+    let mut written = 0;
+    while status_json(&agent)["emergency"] != true {
+        assert!(
+            written < 160,
+            "no Emergency after {written} MiB of tmpfs: {}",
+            status_json(&agent)["ceiling"]
+        );
+        let step = format!(
+            "for d in {}; do echo $$ > \"$d/cgroup.procs\" || exit 1; done; \
+             exec dd if=/dev/zero of={} bs=1M count=4 oflag=append conv=notrunc status=none",
+            dirs.join(" "),
+            shm.0.display()
+        );
+        assert!(Command::new("sh").arg("-c").arg(&step).status().unwrap().success());
+        written += 4;
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    eprintln!("emergency after {written} MiB of tmpfs");
     wait_for(
         "backpressure on query while vector keeps its budget",
         || {
@@ -917,8 +958,9 @@ fn memory_stalls_and_an_emergency_move_the_ladder() {
         last()
     );
 
-    // The pressure goes: the page cache is dropped with the file, use
-    // falls under the warning threshold, the backpressure ends.
+    // The pressure goes: the tmpfs file and the page cache go, use falls
+    // under the warning threshold, the backpressure ends.
+    drop(shm);
     std::fs::remove_file(&fill).unwrap();
     wait_for("the backpressure to end", || {
         let l = last();

@@ -85,6 +85,14 @@ fn call_void(n: &str) -> Result<(), ArenaError> {
     Ok(())
 }
 
+/// Returns the dirty pages of every arena (the engines' and jemalloc's
+/// own) to the kernel now: after a large transient allocation outside any
+/// engine, say.
+pub fn purge_all() -> Result<(), ArenaError> {
+    // MALLCTL_ARENAS_ALL.
+    call_void("arena.4096.purge")
+}
+
 impl EngineArenas {
     /// Creates a dedicated arena for each engine.
     pub fn create(engines: &[EngineId]) -> Result<Self, ArenaError> {

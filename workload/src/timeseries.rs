@@ -1,9 +1,11 @@
 //! Bulk timeseries ingest: points are buffered per series in raw form (16
-//! bytes a point), charged to the Timeseries budget a chunk at a time.
-//! When a chunk is refused, or the agent asks for a spill, the buffers are
-//! flushed: each series' points are Gorilla-compressed into a segment and
-//! appended to the engine's file on disk, and the buffers' reservations are
-//! released.
+//! bytes a point) in fixed chunks, each charged to the Timeseries budget
+//! when it is allocated (a chunk never grows, so what is charged is what
+//! is held). When a chunk is refused, or the agent asks for a spill, the
+//! buffers are flushed: each series' points are Gorilla-compressed into a
+//! segment and appended to the engine's file on disk, the buffers'
+//! reservations are released, and the engine's arena gives the freed pages
+//! back to the kernel (the `after_flush` hook).
 
 use std::{
     fs::File,
@@ -21,7 +23,18 @@ pub const CHUNK_POINTS: usize = 4096;
 const POINT_BYTES: u64 = 16;
 
 struct Series {
-    points: Vec<(i64, f64)>,
+    /// Full chunks and the one being filled (each `CHUNK_POINTS` long).
+    chunks: Vec<Vec<(i64, f64)>>,
+}
+
+impl Series {
+    fn points(&self) -> impl Iterator<Item = &(i64, f64)> {
+        self.chunks.iter().flatten()
+    }
+
+    fn len(&self) -> usize {
+        self.chunks.iter().map(Vec::len).sum()
+    }
 }
 
 struct State {
@@ -43,9 +56,12 @@ pub struct TimeseriesStats {
     pub compressed_bytes: u64,
 }
 
+type Hook = Box<dyn Fn() + Send + Sync>;
+
 pub struct Timeseries {
     governor: &'static MemoryGovernor,
     path: PathBuf,
+    after_flush: Option<Hook>,
     state: Mutex<State>,
     stats: Mutex<TimeseriesStats>,
 }
@@ -59,13 +75,21 @@ impl Timeseries {
         Ok(Self {
             governor,
             path: path.to_owned(),
+            after_flush: None,
             state: Mutex::new(State {
-                series: (0..series).map(|_| Series { points: Vec::new() }).collect(),
+                series: (0..series).map(|_| Series { chunks: Vec::new() }).collect(),
                 chunks: Vec::new(),
                 out: BufWriter::new(File::create(path)?),
             }),
             stats: Mutex::new(TimeseriesStats::default()),
         })
+    }
+
+    /// Runs `hook` after every flush (the workload purges the engine's
+    /// arena there, so freed buffers leave the resident set at once).
+    pub fn after_flush(mut self, hook: impl Fn() + Send + Sync + 'static) -> Self {
+        self.after_flush = Some(Box::new(hook));
+        self
     }
 
     pub fn stats(&self) -> TimeseriesStats {
@@ -78,7 +102,7 @@ impl Timeseries {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let n = st.series.len();
         let s = &mut st.series[series % n];
-        if s.points.len().is_multiple_of(CHUNK_POINTS) {
+        if s.chunks.last().is_none_or(|c| c.len() == CHUNK_POINTS) {
             let bytes = CHUNK_POINTS as u64 * POINT_BYTES;
             let r = match self.governor.try_reserve(EngineId::Timeseries, bytes) {
                 Ok(r) => r,
@@ -96,11 +120,13 @@ impl Timeseries {
                 }
             };
             st.chunks.push(r);
-            let s = &mut st.series[series % n];
-            s.points.reserve_exact(CHUNK_POINTS);
+            st.series[series % n]
+                .chunks
+                .push(Vec::with_capacity(CHUNK_POINTS));
         }
-        let s = &mut st.series[series % n];
-        s.points.push((ts, value));
+        if let Some(c) = st.series[series % n].chunks.last_mut() {
+            c.push((ts, value));
+        }
         drop(st);
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).points += 1;
         Ok(())
@@ -112,21 +138,21 @@ impl Timeseries {
         let mut segments = 0;
         let (mut raw, mut compressed) = (0u64, 0u64);
         for (i, s) in st.series.iter_mut().enumerate() {
-            if s.points.is_empty() {
+            if s.chunks.is_empty() {
                 continue;
             }
             let mut e = Encoder::new();
-            for &(t, v) in &s.points {
+            for &(t, v) in s.points() {
                 e.push(t, v);
             }
-            raw += s.points.len() as u64 * POINT_BYTES;
+            raw += s.len() as u64 * POINT_BYTES;
             let seg = e.finish();
             st.out.write_all(&(i as u32).to_le_bytes())?;
             st.out.write_all(&(seg.len() as u32).to_le_bytes())?;
             st.out.write_all(&seg)?;
             compressed += seg.len() as u64;
             segments += 1;
-            s.points = Vec::new();
+            s.chunks = Vec::new();
         }
         st.out.flush()?;
         let released: u64 = st.chunks.iter().map(Reservation::size).sum();
@@ -137,6 +163,10 @@ impl Timeseries {
         stats.segments += segments;
         stats.raw_bytes_flushed += raw;
         stats.compressed_bytes += compressed;
+        drop(stats);
+        if let Some(hook) = &self.after_flush {
+            hook();
+        }
         Ok(released)
     }
 

@@ -49,16 +49,27 @@ enum Task {
         #[arg(long = "kernel")]
         kernels: Vec<std::path::PathBuf>,
         /// Time limit per boot, in seconds.
-        #[arg(long, default_value_t = 600)]
+        #[arg(long, default_value_t = 1800)]
         timeout_secs: u64,
+        /// The validation runs in each VM (nodedb-validate --modes:
+        /// governed, ungoverned, ample, baseline); `none` for none.
+        #[arg(long, value_delimiter = ',', default_values_t = ["governed".to_owned(), "ungoverned".to_owned(), "ample".to_owned()])]
+        validate: Vec<String>,
+        /// Arguments for nodedb-workload in the VMs (sizes), after `--`.
+        #[arg(last = true)]
+        workload: Vec<String>,
     },
-    /// The validation: the mixed workload governed, ungoverned (observed,
-    /// memory.max at the same ceiling) and with ample memory, on this host;
-    /// report, summary and timeline plot under target/validate/<kernel>/.
+    /// The validation on this host: the mixed workload governed,
+    /// ungoverned (observed, the same ceiling), observed with ample memory,
+    /// and without an agent; report, summary and timeline plot under
+    /// target/validate/<kernel>/.
     Validate {
         /// Time limit per run, in seconds.
         #[arg(long, default_value_t = 1800)]
         timeout_secs: u64,
+        /// The runs (nodedb-validate --modes).
+        #[arg(long, value_delimiter = ',', default_values_t = ["governed".to_owned(), "ungoverned".to_owned(), "ample".to_owned(), "baseline".to_owned()])]
+        modes: Vec<String>,
         /// Arguments for nodedb-workload (sizes), after `--`.
         #[arg(last = true)]
         workload: Vec<String>,
@@ -82,6 +93,8 @@ fn main() -> ExitCode {
             series,
             kernels,
             timeout_secs,
+            validate,
+            workload,
         } => {
             let explicit_series = std::env::args().any(|a| a.starts_with("--series"));
             vm::vm_test(&vm::Options {
@@ -92,15 +105,19 @@ fn main() -> ExitCode {
                 },
                 kernels,
                 timeout: std::time::Duration::from_secs(timeout_secs),
+                validate_modes: validate.into_iter().filter(|m| m != "none").collect(),
+                workload_args: workload,
             })
         }
         Task::Validate {
             timeout_secs,
+            modes,
             workload,
         } => setup::setup().and_then(|()| {
             validate::validate(&validate::Options {
+                modes,
                 workload_args: workload,
-                timeout: std::time::Duration::from_secs(timeout_secs),
+                timeout_secs,
             })
         }),
         Task::Bench { rounds } => setup::setup().and_then(|()| bench::bench(rounds)),

@@ -1,6 +1,7 @@
 //! The validation's timeline: per run, each engine's attributed resident
-//! bytes against its budget (dashed), and the database cgroup's charge
-//! against the ceiling.
+//! bytes against its configured budget (dashed) and its budget in force
+//! (thin), and the workload's total resident set against the ceiling
+//! (black; dashed: the ceiling).
 
 use std::path::Path;
 
@@ -25,12 +26,12 @@ pub fn timeline(path: &Path, kernel: &str, runs: &[Value]) -> anyhow::Result<()>
             .unwrap_or(1.0)
             .max(1.0);
         let ceiling = run["ceiling_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
-        let peak = run["peak_cgroup_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
-        let y_max = (ceiling.min(peak * 4.0).max(peak) * 1.1).max(1.0);
+        let peak = run["peak_rss_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
+        let y_max = (ceiling.max(peak) * 1.1).max(1.0);
         let mut chart = ChartBuilder::on(panel)
             .caption(
                 format!(
-                    "{} ({kernel}): resident MiB by engine, cgroup charge; dashed: budgets, ceiling",
+                    "{} ({kernel}): resident MiB by engine and in all; dashed: budgets, ceiling; thin: budget in force",
                     run["mode"].as_str().unwrap_or_default()
                 ),
                 ("sans-serif", 16),
@@ -68,15 +69,27 @@ pub fn timeline(path: &Path, kernel: &str, runs: &[Value]) -> anyhow::Result<()>
                 4,
                 c.stroke_width(1),
             ))?;
+            if run["mode"] == "governed" {
+                // The budget in force, as a step line.
+                let mut steps = Vec::new();
+                for p in points.iter().filter(|p| p[*e]["budget_bytes"].as_u64() > Some(0)) {
+                    let (t, b) = (p["t"].as_f64().unwrap_or(0.0), mib(&p[*e]["budget_bytes"]));
+                    if let Some(&(_, last)) = steps.last() {
+                        steps.push((t, last));
+                    }
+                    steps.push((t, b));
+                }
+                chart.draw_series(LineSeries::new(steps, c.mix(0.5).stroke_width(1)))?;
+            }
         }
         chart
             .draw_series(LineSeries::new(
                 points
                     .iter()
-                    .map(|p| (p["t"].as_f64().unwrap_or(0.0), mib(&p["cgroup_bytes"]))),
+                    .map(|p| (p["t"].as_f64().unwrap_or(0.0), mib(&p["rss_bytes"]))),
                 BLACK.stroke_width(2),
             ))?
-            .label("cgroup charge")
+            .label("total RSS")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(2)));
         if ceiling <= y_max {
             chart.draw_series(DashedLineSeries::new(

@@ -127,17 +127,27 @@ pub fn test() -> anyhow::Result<()> {
             .current_dir(&root)
             .args(["test", "--doc"]),
     )?;
-    step("VM tests: cgroup v2 with the memory controller on Debian's 6.1 and 6.12 kernels (qemu)");
     let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     if cmd::is_root() || ci {
+        step("the validation on this host (cgroup v1 fallback where the host has it)");
+        crate::validate::validate(&crate::validate::Options {
+            modes: ["governed", "ungoverned", "ample", "baseline"]
+                .map(str::to_owned)
+                .to_vec(),
+            workload_args: Vec::new(),
+            timeout_secs: 1200,
+        })?;
+        step("VM tests: cgroup v2 with the memory controller on Debian's 6.1 and 6.12 kernels (qemu), and the validation in each");
         crate::vm::vm_test(&crate::vm::Options {
             series: vec!["6.1".into(), "6.12".into()],
             kernels: Vec::new(),
-            timeout: std::time::Duration::from_secs(600),
+            timeout: std::time::Duration::from_secs(1800),
+            validate_modes: ["governed", "ungoverned"].map(str::to_owned).to_vec(),
+            workload_args: Vec::new(),
         })?;
     } else {
         eprintln!(
-            "    skipping the VM tests: not root (they install qemu and busybox; run `cargo xtask vm-test` as root)"
+            "    skipping the validation and the VM tests: not root (they install qemu and busybox; run `cargo xtask vm-test` as root)"
         );
     }
     Ok(())

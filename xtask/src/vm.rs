@@ -31,6 +31,14 @@ use crate::cmd::{self, step};
 /// The binaries the VM runs.
 const AGENT: &str = "nodedb-governor";
 const DEMO_BINS: &[&str] = &["vm-check", "breach-probe", "hold-probe"];
+const WORKLOAD_BINS: &[&str] = &["nodedb-workload", "nodedb-validate"];
+/// The VM's memory: the bundled 1 GiB ceiling, and room for the `ample`
+/// run (which takes what it wants) and the initramfs.
+const VM_MEMORY_MIB: u32 = 3072;
+/// The scratch disk (sparse) the workload spills to: an NVMe device, whose
+/// driver and ext4 are built into Debian's cloud kernels (a tmpfs would
+/// charge what is spilled to the very cgroup that spilled it).
+const SCRATCH_GIB: u64 = 8;
 
 pub struct Options {
     /// Kernel series to fetch from Debian ("6.1", "6.12").
@@ -39,6 +47,11 @@ pub struct Options {
     pub kernels: Vec<PathBuf>,
     /// Per boot.
     pub timeout: Duration,
+    /// The validation runs in each VM (`nodedb-validate --modes`); empty:
+    /// none.
+    pub validate_modes: Vec<String>,
+    /// Arguments for nodedb-workload in the VMs (empty: its defaults).
+    pub workload_args: Vec<String>,
 }
 
 pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
@@ -60,15 +73,24 @@ pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
         demo.args(["--bin", b]);
     }
     cmd::run(&mut demo)?;
+    let mut workload = Command::new("cargo");
+    workload
+        .current_dir(&root)
+        .args(["build", "-q", "-p", "nodedb-governor-workload"]);
+    for b in WORKLOAD_BINS {
+        workload.args(["--bin", b]);
+    }
+    cmd::run(&mut workload)?;
     let vm_dir = root.join("target/vm");
     fs::create_dir_all(&vm_dir)?;
     let target = root.join("target/debug");
     let bins: Vec<PathBuf> = std::iter::once(AGENT)
         .chain(DEMO_BINS.iter().copied())
+        .chain(WORKLOAD_BINS.iter().copied())
         .map(|b| target.join(b))
         .collect();
     step("building the initramfs");
-    let initrd = initramfs(&vm_dir, &bins)?;
+    let initrd = initramfs(&vm_dir, &bins, &init_script(opts))?;
     let mut kernels = Vec::new();
     for s in &opts.series {
         kernels.push(debian_kernel(&vm_dir.join("kernels"), s)?);
@@ -81,11 +103,27 @@ pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
     for k in &kernels {
         step(&format!("booting {} under TCG", k.display()));
         match boot(k, &initrd, opts.timeout, &vm_dir) {
-            Ok(result) => {
+            Ok((result, validation)) => {
                 let kernel = result["kernel"].as_str().unwrap_or("unknown").to_owned();
                 let file = results.join(format!("{kernel}.json"));
                 fs::write(&file, serde_json::to_vec_pretty(&result)?)?;
-                let passed = result["passed"] == true;
+                let mut passed = result["passed"] == true;
+                if !opts.validate_modes.is_empty() {
+                    match validation {
+                        Some(v) => {
+                            let dir = root.join("target/validate").join(&kernel);
+                            let met = crate::validate::write_report(&dir, &v)?;
+                            if !met {
+                                eprintln!("    FAIL the governed run missed the target");
+                                passed = false;
+                            }
+                        }
+                        None => {
+                            eprintln!("    FAIL the validation printed no result");
+                            passed = false;
+                        }
+                    }
+                }
                 for c in result["checks"].as_array().into_iter().flatten() {
                     eprintln!(
                         "    {} {}: {}",
@@ -252,8 +290,8 @@ fn find_vmlinuz(dir: &Path) -> Option<PathBuf> {
         })
 }
 
-const INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox mkdir -p /proc /sys /dev /tmp /run
+const INIT_HEAD: &str = r#"#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp /run /mnt
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sysfs /sys
 /bin/busybox mount -t devtmpfs devtmpfs /dev
@@ -264,12 +302,44 @@ mount -t cgroup2 none /sys/fs/cgroup
 echo "+memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
 echo "NODEDB-VM-BOOTED $(uname -r) controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"
 /bin/vm-check --bin-dir /bin --work /tmp/vm-check
-echo "NODEDB-VM-EXIT $?"
-poweroff -f
+status=$?
 "#;
 
-/// Builds `initrd.gz` from busybox, `bins` and their shared libraries.
-fn initramfs(vm_dir: &Path, bins: &[PathBuf]) -> anyhow::Result<PathBuf> {
+/// The validation, after vm-check: the scratch disk formatted and mounted,
+/// then `nodedb-validate` on the bundled configuration.
+fn init_script(opts: &Options) -> String {
+    let mut s = INIT_HEAD.to_owned();
+    if !opts.validate_modes.is_empty() {
+        // Single-quoted for the shell (the arguments are sizes and flags).
+        let workload: Vec<String> = opts
+            .workload_args
+            .iter()
+            .map(|a| format!("'{}'", a.replace('\'', "")))
+            .collect();
+        let lines = [
+            "if mke2fs -q /dev/nvme0n1 && mount -t ext4 /dev/nvme0n1 /mnt; then".to_owned(),
+            format!(
+                "  /bin/nodedb-validate --config /etc/nodedb-governor.toml --out /tmp/validate \\\n    --scratch /mnt --interval-ms 500 --timeout-secs 1200 --modes {} -- {}",
+                opts.validate_modes.join(","),
+                workload.join(" ")
+            ),
+            "  echo \"NODEDB-VALIDATE-EXIT $?\"".to_owned(),
+            "else".to_owned(),
+            "  echo \"NODEDB-VALIDATE-EXIT no scratch disk\"".to_owned(),
+            "fi".to_owned(),
+        ];
+        for l in lines {
+            s.push_str(&l);
+            s.push('\n');
+        }
+    }
+    s.push_str("echo \"NODEDB-VM-EXIT $status\"\npoweroff -f\n");
+    s
+}
+
+/// Builds `initrd.gz` from busybox, `bins`, their shared libraries, the
+/// bundled configuration and `init`.
+fn initramfs(vm_dir: &Path, bins: &[PathBuf], init: &str) -> anyhow::Result<PathBuf> {
     let dir = vm_dir.join("initramfs");
     let _ = fs::remove_dir_all(&dir);
     for d in ["bin", "dev", "proc", "sys", "tmp", "run", "etc"] {
@@ -304,8 +374,14 @@ fn initramfs(vm_dir: &Path, bins: &[PathBuf]) -> anyhow::Result<PathBuf> {
         fs::create_dir_all(dst.parent().context("library directory")?)?;
         fs::copy(lib, &dst).with_context(|| format!("copying {}", lib.display()))?;
     }
-    let init = dir.join("init");
-    fs::write(&init, INIT)?;
+    fs::copy(
+        crate::root().join("deploy/nodedb-governor.toml"),
+        dir.join("etc/nodedb-governor.toml"),
+    )
+    .context("copying the bundled configuration")?;
+    let init_path = dir.join("init");
+    fs::write(&init_path, init)?;
+    let init = init_path;
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
     let out = vm_dir.join("initrd.gz");
@@ -330,20 +406,30 @@ fn initramfs(vm_dir: &Path, bins: &[PathBuf]) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
-/// Boots `kernel` with `initrd` and returns vm-check's JSON result.
+/// Boots `kernel` with `initrd` and returns vm-check's JSON result and
+/// the validation's, if it ran.
 fn boot(
     kernel: &Path,
     initrd: &Path,
     timeout: Duration,
     vm_dir: &Path,
-) -> anyhow::Result<serde_json::Value> {
-    let console = vm_dir.join(format!(
-        "console-{}.log",
-        kernel.file_name().unwrap_or_default().to_string_lossy()
-    ));
+) -> anyhow::Result<(serde_json::Value, Option<serde_json::Value>)> {
+    let name = kernel.file_name().unwrap_or_default().to_string_lossy();
+    let console = vm_dir.join(format!("console-{name}.log"));
     let _ = fs::remove_file(&console);
+    // A fresh sparse scratch disk per boot.
+    let scratch = vm_dir.join(format!("scratch-{name}.img"));
+    let _ = fs::remove_file(&scratch);
+    fs::File::create(&scratch)?.set_len(SCRATCH_GIB << 30)?;
     let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2"])
+        .args(["-accel", "tcg", "-cpu", "max", "-smp", "2"])
+        .args(["-m", &VM_MEMORY_MIB.to_string()])
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=none,id=scratch,format=raw,cache=unsafe",
+            scratch.display()
+        ))
+        .args(["-device", "nvme,serial=nodedb-scratch,drive=scratch"])
         .arg("-kernel")
         .arg(kernel)
         .arg("-initrd")
@@ -388,13 +474,21 @@ fn boot(
                 let _ = qemu.wait();
             }
             let _ = std::io::stderr().flush();
-            let result = text
-                .lines()
-                .find_map(|l| l.split_once("NODEDB-VM-RESULT ").map(|(_, j)| j.to_owned()));
-            return match result {
+            let _ = fs::remove_file(&scratch);
+            let line = |tag: &str| {
+                text.lines()
+                    .find_map(|l| l.split_once(tag).map(|(_, j)| j.to_owned()))
+            };
+            let validation = line("NODEDB-VALIDATE-RESULT ")
+                .map(|j| serde_json::from_str(&j).context("the validation's result"))
+                .transpose()?;
+            if let Some(exit) = line("NODEDB-VALIDATE-EXIT ") {
+                eprintln!("    validation exit: {exit}");
+            }
+            return match line("NODEDB-VM-RESULT ") {
                 Some(j) => {
                     eprintln!("    finished in {:.1} s", started.elapsed().as_secs_f64());
-                    serde_json::from_str(&j).context("vm-check's result")
+                    Ok((serde_json::from_str(&j).context("vm-check's result")?, validation))
                 }
                 None => bail!(
                     "the VM stopped without a result; console tail:\n{}",
@@ -405,6 +499,7 @@ fn boot(
         if started.elapsed() > timeout {
             let _ = qemu.kill();
             let _ = qemu.wait();
+            let _ = fs::remove_file(&scratch);
             bail!(
                 "no verdict within {timeout:?} (hang or lockup); console tail:\n{}",
                 tail(40)

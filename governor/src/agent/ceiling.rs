@@ -55,6 +55,11 @@ pub struct CeilingStatus {
     pub limit_bytes: u64,
     pub high_bytes: u64,
     pub current_bytes: u64,
+    /// The charge less the file pages the kernel can drop first (inactive
+    /// page cache: written-out spills, read-once files), as the kernel's
+    /// own reclaim sees it. What the Emergency is judged on.
+    #[serde(default)]
+    pub working_set_bytes: u64,
     pub events: CeilingEvents,
     /// Writes of the ceiling or the high mark since the agent started.
     #[serde(default)]
@@ -331,12 +336,18 @@ impl Ceiling {
                 },
             ),
         };
+        // v1 keeps the hierarchical figure under `total_`.
+        let inactive_file = match self.backend {
+            Backend::CgroupV2 => keyed(&d.join("memory.stat"), "inactive_file"),
+            Backend::CgroupV1 => keyed(&d.join("memory.stat"), "total_inactive_file"),
+        };
         CeilingStatus {
             backend: self.backend,
             cgroup: d.display().to_string(),
             limit_bytes: self.limit,
             high_bytes: self.high_now,
             current_bytes: current,
+            working_set_bytes: current.saturating_sub(inactive_file),
             events,
             limit_changes: self.limit_changes,
             engines: self

@@ -62,7 +62,13 @@ pub enum Command {
         target: Target,
     },
     /// Validate a configuration file.
-    CheckConfig { file: PathBuf },
+    CheckConfig {
+        file: PathBuf,
+        /// Print the configuration as the agent resolves it (the ceiling
+        /// and every engine's budget and floor in bytes) as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -99,8 +105,20 @@ pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 pub fn client(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { .. } => unreachable!("`run` is handled by main"),
-        Command::CheckConfig { file } => {
+        Command::CheckConfig { file, json } => {
             let c = load_config(Some(&file))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "database": c.database,
+                        "ceiling_bytes": c.ceiling_bytes(),
+                        "enforce": c.enforce,
+                        "engines": c.limits(),
+                    })
+                );
+                return Ok(());
+            }
             println!(
                 "{}: ok (database {}, {} engines)",
                 file.display(),

@@ -193,7 +193,7 @@ impl ThresholdsConfig {
 }
 
 /// An engine's limits in bytes, resolved against the ceiling.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct EngineLimits {
     pub name: String,
     pub floor_bytes: u64,

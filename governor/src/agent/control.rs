@@ -104,6 +104,15 @@ pub struct Client {
     /// Per engine: resident at the last tick, and when it last grew (or
     /// took a loan back).
     activity: BTreeMap<String, (u64, Instant)>,
+    /// Per engine: resident memory the library has not reserved (the
+    /// kernel's figure above the library's), as last taken off its cap.
+    untracked: BTreeMap<String, u64>,
+}
+
+/// Untracked memory moves an engine's cap in steps of its budget / 64 (at
+/// least 1 MiB), so a wobble of a few pages sends nothing.
+fn untracked_step(budget: u64) -> u64 {
+    (budget / 64).max(1 << 20)
 }
 
 impl Client {
@@ -128,6 +137,7 @@ impl Client {
             budgets: BTreeMap::new(),
             loans: Vec::new(),
             activity: BTreeMap::new(),
+            untracked: BTreeMap::new(),
         }
     }
 
@@ -160,6 +170,12 @@ impl Client {
         let cap = if self.observe {
             self.observe_cap
         } else {
+            // What the kernel sees the engine hold beyond its reservations
+            // (allocations the engine does not reserve, freed pages its
+            // arena keeps) counts against the budget too: the library may
+            // reserve only what is left of it.
+            let untracked = self.untracked.get(&l.name).copied().unwrap_or(0);
+            let budget = budget.saturating_sub(untracked);
             self.backpressure
                 .get(&l.name)
                 .map_or(budget, |held| (*held).min(budget))
@@ -208,7 +224,8 @@ impl Client {
 
     /// Starts (`on`) or ends backpressure on the engines that are not
     /// essential: while on, an engine's cap is what it holds (its
-    /// reservations as last reported), so its new reservations are refused.
+    /// reservations as last reported) or its floor if that is more, so its
+    /// new reservations beyond both are refused.
     pub fn set_backpressure(&mut self, on: bool, config: &Config) {
         if self.observe {
             return;
@@ -219,10 +236,14 @@ impl Client {
             }
             let budget = self.budget(&l.name).unwrap_or(l.budget_bytes);
             if on && !self.backpressure.contains_key(&l.name) {
+                // What it holds, but never less than its floor: the floor
+                // is guaranteed, and an engine held to nothing could not
+                // even finish what it is doing.
                 let held = self
                     .reports
                     .get(&l.name)
                     .map_or(0, |r| r.reserved_bytes)
+                    .max(l.floor_bytes)
                     .min(budget);
                 self.backpressure.insert(l.name.clone(), held);
                 tracing::warn!(pid = self.pid, engine = %l.name, held, "emergency: backpressure on a non-essential engine, its reservations beyond what it holds are refused");
@@ -438,7 +459,7 @@ impl Client {
             if let Some(b) = self.budgets.get(&limits.name) {
                 limits.budget_bytes = *b;
             }
-            let name = limits.name;
+            let name = limits.name.clone();
             let resident = residents.get(&name).copied().unwrap_or(0);
             let level = thresholds.level(resident, limits.budget_bytes);
             let before = self
@@ -454,6 +475,18 @@ impl Client {
                 e.level_changes += u64::from(level != before);
                 continue;
             }
+            // The kernel's figure against the library's: the cap leaves
+            // room only for what the budget has left.
+            if let Some(reserved) = self.reports.get(&name).map(|r| r.reserved_bytes) {
+                let step = untracked_step(limits.budget_bytes);
+                let untracked = resident.saturating_sub(reserved) / step * step;
+                if self.untracked.get(&name).copied().unwrap_or(0) != untracked {
+                    self.untracked.insert(name.clone(), untracked);
+                    let budget = limits.budget_bytes;
+                    self.send_limits(&limits, budget);
+                }
+            }
+            let e = self.enforcement.entry(name.clone()).or_default();
             if level != before {
                 e.level_changes += 1;
                 tracing::info!(

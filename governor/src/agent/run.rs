@@ -330,7 +330,9 @@ impl Agent {
     }
 
     /// Process-wide Emergency: the database's use (the ceiling cgroup's
-    /// charge, or without one the memory attributed to its processes) at
+    /// working set: its charge less the inactive page cache the kernel
+    /// drops first, so written-out spills do not count; without a
+    /// ceiling cgroup, the memory attributed to its processes) at
     /// the emergency threshold of the ceiling. The high mark drops to the
     /// restore point to force reclaim, and the non-essential engines get
     /// backpressure; both end once use is below the warning threshold.
@@ -340,7 +342,7 @@ impl Agent {
         let (current, limit) = match &self.ceiling {
             Some(c) => {
                 let st = c.status();
-                (st.current_bytes, st.limit_bytes)
+                (st.working_set_bytes, st.limit_bytes)
             }
             None => (
                 usage.map_or(0, |u| {

@@ -8,6 +8,15 @@
 //!   library's memory pool, spilling to disk when refused, checked against
 //!   a reference computed without DataFusion.
 //!
+//! The engines run in two phases, so that what each holds overlaps as in
+//! a database that serves while it loads:
+//! 1. load: vector builds its index, timeseries ingests into its buffers,
+//!    query generates its input;
+//! 2. serve: vector searches and query runs the `GROUP BY`, while
+//!    timeseries still holds what it buffered (a memtable is flushed when
+//!    the budget says so, or at the end).
+//! Then timeseries flushes and reads every point back.
+//!
 //! With `--socket` it joins the agent (which sets the budgets and watches
 //! the kernel's attribution); without, every budget is unlimited. Prints
 //! one JSON object: per engine what it did, how long it took and its rate,
@@ -42,6 +51,23 @@ const ENGINES: [(&str, EngineId); 3] = [
     ("query", EngineId::Query),
 ];
 
+/// Waits at the barrier when dropped: a thread that fails or panics in
+/// its phase still lets the others past.
+struct PassOnDrop<'a>(&'a std::sync::Barrier);
+
+impl Drop for PassOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.wait();
+    }
+}
+
+/// The defaults, against the bundled configuration (a 1 GiB ceiling;
+/// budgets vector 40%, timeseries 30%, query 40%), take more than each
+/// budget when nothing holds them back (measured with `nodedb-validate
+/// --modes ample`): vector about 500 MiB (60k vectors with 8 KiB payloads
+/// and their graphs), timeseries about 450 MiB (28M buffered points),
+/// query about 460 MiB (its input and the hash table of 6.3M groups); in
+/// all more than the ceiling.
 #[derive(Parser)]
 struct Args {
     /// The agent's control socket (absent: ungoverned, budgets unlimited).
@@ -54,28 +80,28 @@ struct Args {
     dir: PathBuf,
     /// Vectors indexed (64 dimensions; 1 KiB charged each while resident,
     /// plus the payload).
-    #[arg(long, default_value_t = 150_000)]
+    #[arg(long, default_value_t = 60_000)]
     vectors: u32,
     /// Stored payload (document fields) per vector, bytes.
-    #[arg(long, default_value_t = 3072)]
+    #[arg(long, default_value_t = 8192)]
     payload: usize,
     /// Vectors per HNSW segment.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 5_000)]
     segment: u32,
     /// Searches (k = 10) after the index is built.
     #[arg(long, default_value_t = 200)]
     queries: u32,
     /// Timeseries points ingested (16 bytes each while buffered).
-    #[arg(long, default_value_t = 24_000_000)]
+    #[arg(long, default_value_t = 28_000_000)]
     points: u64,
     /// Series the points are spread over.
     #[arg(long, default_value_t = 1000)]
     series: usize,
     /// Rows of the GROUP BY's input.
-    #[arg(long, default_value_t = 4_000_000)]
+    #[arg(long, default_value_t = 8_000_000)]
     rows: usize,
-    /// Distinct keys of the GROUP BY.
-    #[arg(long, default_value_t = 2_000_000)]
+    /// Keys the rows are drawn from (8M rows over 16M keys: 6.3M groups).
+    #[arg(long, default_value_t = 16_000_000)]
     keys: u64,
 }
 
@@ -91,11 +117,15 @@ fn main() -> anyhow::Result<()> {
         Box::leak(Box::new(MemoryGovernor::new(budget.build()?)));
     let arenas = Arc::new(EngineArenas::create(&ENGINES.map(|(_, e)| e))?);
     let spill = Arc::new(SpillController::new(SpillConfig::default())?);
-    let ts = Arc::new(Timeseries::new(
-        governor,
-        args.series,
-        &args.dir.join("points.gorilla"),
-    )?);
+    let ts = {
+        let arenas = arenas.clone();
+        Arc::new(
+            Timeseries::new(governor, args.series, &args.dir.join("points.gorilla"))?
+                .after_flush(move || {
+                    let _ = arenas.purge(EngineId::Timeseries);
+                }),
+        )
+    };
     let vec = Arc::new(VectorEngine::new(
         governor,
         &args.dir.join("vectors"),
@@ -127,18 +157,41 @@ fn main() -> anyhow::Result<()> {
         }
         Ok(())
     };
+    // The GROUP BY's reference answer, computed before the engines start
+    // (the data is generated again from the same seed by the query
+    // engine), so the check's own memory is no engine's.
+    let want = {
+        let data = GroupByData {
+            rows: args.rows,
+            keys: args.keys,
+            seed: 7,
+        };
+        query::reference_digest(&data.batches(8192)?.1)
+    };
+    // Its pages go back to the kernel before the engines start.
+    nodedb_governor::arena::purge_all()?;
     let started = Instant::now();
+    // Between the phases; an engine that fails still passes both, so the
+    // others are not left waiting.
+    let loaded = std::sync::Barrier::new(3);
+    let served = std::sync::Barrier::new(3);
     let (v, t, q) = std::thread::scope(|s| {
         let v = s.spawn(|| -> anyhow::Result<serde_json::Value> {
-            enter(EngineId::Vector)?;
-            let t0 = Instant::now();
-            let mut first = 0;
-            while first < args.vectors {
-                let n = args.segment.min(args.vectors - first);
-                vec.add_segment(first, n)?;
-                first += n;
-            }
-            let build = t0.elapsed();
+            let load = PassOnDrop(&loaded);
+            let built = (|| -> anyhow::Result<Duration> {
+                enter(EngineId::Vector)?;
+                let t0 = Instant::now();
+                let mut first = 0;
+                while first < args.vectors {
+                    let n = args.segment.min(args.vectors - first);
+                    vec.add_segment(first, n)?;
+                    first += n;
+                }
+                Ok(t0.elapsed())
+            })();
+            drop(load);
+            let served = PassOnDrop(&served);
+            let build = built?;
             let t1 = Instant::now();
             let mut recall = 0.0;
             let checked = args.queries.min(5);
@@ -150,6 +203,7 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             let search = t1.elapsed();
+            drop(served);
             Ok(json!({
                 "build_seconds": build.as_secs_f64(),
                 "vectors_per_second": f64::from(args.vectors) / build.as_secs_f64(),
@@ -160,20 +214,27 @@ fn main() -> anyhow::Result<()> {
             }))
         });
         let t = s.spawn(|| -> anyhow::Result<serde_json::Value> {
-            enter(EngineId::Timeseries)?;
-            let t0 = Instant::now();
-            let mut sum = 0.0;
-            for i in 0..args.points {
-                let v = 20.0 + (i % 977) as f64 * 0.125;
-                sum += v;
-                ts.ingest(
-                    (i % args.series as u64) as usize,
-                    1_700_000_000_000 + i as i64,
-                    v,
-                )?;
-            }
+            let load = PassOnDrop(&loaded);
+            let ingested = (|| -> anyhow::Result<(Duration, f64)> {
+                enter(EngineId::Timeseries)?;
+                let t0 = Instant::now();
+                let mut sum = 0.0;
+                for i in 0..args.points {
+                    let v = 20.0 + (i % 977) as f64 * 0.125;
+                    sum += v;
+                    ts.ingest(
+                        (i % args.series as u64) as usize,
+                        1_700_000_000_000 + i as i64,
+                        v,
+                    )?;
+                }
+                Ok((t0.elapsed(), sum))
+            })();
+            drop(load);
+            // What was buffered stays buffered while the others serve.
+            drop(PassOnDrop(&served));
+            let (took, sum) = ingested?;
             ts.flush()?;
-            let took = t0.elapsed();
             let (points, back) = ts.verify()?;
             Ok(json!({
                 "seconds": took.as_secs_f64(),
@@ -183,19 +244,27 @@ fn main() -> anyhow::Result<()> {
             }))
         });
         let q = s.spawn(|| -> anyhow::Result<serde_json::Value> {
-            enter(EngineId::Query)?;
-            let data = GroupByData {
-                rows: args.rows,
-                keys: args.keys,
-                seed: 7,
-            };
-            let (schema, batches) = data.batches(8192)?;
-            let want = query::reference(&batches);
+            let load = PassOnDrop(&loaded);
+            let input = (|| -> anyhow::Result<_> {
+                enter(EngineId::Query)?;
+                let data = GroupByData {
+                    rows: args.rows,
+                    keys: args.keys,
+                    seed: 7,
+                };
+                let (schema, batches) = data.batches(8192)?;
+                Ok((schema, batches))
+            })();
+            drop(load);
+            let served = PassOnDrop(&served);
+            let (schema, batches) = input?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let t0 = Instant::now();
-            let out = rt.block_on(query::group_by(
+            // The result is streamed into a digest, as a database streams
+            // it to its client.
+            let (got, spill_files, spilled_bytes) = rt.block_on(query::group_by_streamed(
                 governor,
                 EngineId::Query,
                 schema,
@@ -204,13 +273,14 @@ fn main() -> anyhow::Result<()> {
                 Spill::To(args.dir.clone()),
             ))?;
             let took = t0.elapsed();
+            drop(served);
             Ok(json!({
                 "seconds": took.as_secs_f64(),
                 "rows_per_second": args.rows as f64 / took.as_secs_f64(),
-                "groups": out.groups.len(),
-                "correct": out.groups == want,
-                "spill_files": out.spill_count,
-                "spilled_bytes": out.spilled_bytes,
+                "groups": got.groups,
+                "correct": got == want,
+                "spill_files": spill_files,
+                "spilled_bytes": spilled_bytes,
             }))
         });
         (v.join(), t.join(), q.join())

@@ -1,0 +1,461 @@
+//! The validation harness: runs `nodedb-workload` under a fresh agent on a
+//! configuration's ceiling and budgets, in one or more modes:
+//!
+//! - `governed`: the agent enforces;
+//! - `ungoverned`: the agent only observes (`enforce = false`), with the
+//!   same ceiling (`memory.max`, or the v1 limit): the problem, measured
+//!   the same way;
+//! - `ample`: the agent only observes, and the ceiling is 16 times larger:
+//!   what each engine takes when nothing holds it back, against its
+//!   budget;
+//! - `baseline`: no agent at all and no ceiling: ample memory, for the
+//!   throughput cost of governance (tracing included).
+//!
+//! Every `--interval-ms` it samples the workload's resident set
+//! (`/proc/<pid>/status`) and, under an agent, each engine's attributed
+//! resident bytes and budget in force and the database cgroup's charge.
+//! Writes `summary.json` to `--out`, and prints it as the last line of
+//! its output, `NODEDB-VALIDATE-RESULT <json>` (how the VM tests read it
+//! from the serial console). Exits non-zero when the governed run misses
+//! the target: an engine over its budget + 5%, the resident set at or over
+//! the ceiling, an OOM kill, or a wrong result.
+//!
+//! `cargo xtask validate` runs it on the host, `cargo xtask vm-test` in the
+//! VMs; both turn the summary into a report and a timeline plot.
+
+use std::{
+    fs,
+    io::Read,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use serde_json::{Value, json};
+
+const ENGINES: [&str; 3] = ["vector", "timeseries", "query"];
+/// How far over its budget an engine may peak (the agent acts on what the
+/// kernel reports, a tick late).
+const BUDGET_SLACK: f64 = 1.05;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Governed,
+    Ungoverned,
+    Ample,
+    Baseline,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Governed => "governed",
+            Mode::Ungoverned => "ungoverned",
+            Mode::Ample => "ample",
+            Mode::Baseline => "baseline",
+        }
+    }
+}
+
+#[derive(Parser)]
+#[command(name = "nodedb-validate")]
+struct Args {
+    /// The configuration whose ceiling and budgets are validated (the
+    /// bundled default, deploy/nodedb-governor.toml).
+    #[arg(long)]
+    config: PathBuf,
+    /// Where nodedb-governor and nodedb-workload are (default: next to
+    /// this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Where summary.json and each run's logs go.
+    #[arg(long)]
+    out: PathBuf,
+    /// Scratch directory for the workload's spills and segments (on a
+    /// disk: a tmpfs would charge what is spilled to the same cgroup).
+    #[arg(long, default_value = "/tmp/nodedb-validate")]
+    scratch: PathBuf,
+    /// The runs, in order.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Mode::Governed, Mode::Ungoverned, Mode::Ample, Mode::Baseline])]
+    modes: Vec<Mode>,
+    /// Time limit per run, seconds.
+    #[arg(long, default_value_t = 1800)]
+    timeout_secs: u64,
+    /// Sampling interval, milliseconds.
+    #[arg(long, default_value_t = 200)]
+    interval_ms: u64,
+    /// Arguments for nodedb-workload (sizes), after `--`.
+    #[arg(last = true)]
+    workload: Vec<String>,
+}
+
+/// A child killed (and reaped) when dropped: a failed run leaves no agent
+/// behind.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Harness {
+    args: Args,
+    agent_bin: PathBuf,
+    workload_bin: PathBuf,
+    /// From `nodedb-governor check-config --json`.
+    resolved: Value,
+    base_config: toml::Table,
+}
+
+fn vm_rss(pid: u32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
+fn describe(exit: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (exit.code(), exit.signal()) {
+        (Some(c), _) => format!("code {c}"),
+        (None, Some(9)) => "killed (SIGKILL)".to_owned(),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => "unknown".to_owned(),
+    }
+}
+
+impl Harness {
+    fn new(args: Args) -> anyhow::Result<Self> {
+        let bin_dir = match &args.bin_dir {
+            Some(d) => d.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .context("this binary's directory")?
+                .to_owned(),
+        };
+        let agent_bin = bin_dir.join("nodedb-governor");
+        let workload_bin = bin_dir.join("nodedb-workload");
+        for b in [&agent_bin, &workload_bin] {
+            if !b.exists() {
+                bail!("{} is missing (build it first)", b.display());
+            }
+        }
+        let out = Command::new(&agent_bin)
+            .args(["check-config", "--json"])
+            .arg(&args.config)
+            .output()
+            .context("running nodedb-governor check-config")?;
+        if !out.status.success() {
+            bail!(
+                "{}: {}",
+                args.config.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let resolved: Value =
+            serde_json::from_slice(&out.stdout).context("check-config's JSON")?;
+        let text = fs::read_to_string(&args.config)
+            .with_context(|| format!("reading {}", args.config.display()))?;
+        let base_config: toml::Table =
+            toml::from_str(&text).with_context(|| format!("in {}", args.config.display()))?;
+        Ok(Self {
+            args,
+            agent_bin,
+            workload_bin,
+            resolved,
+            base_config,
+        })
+    }
+
+    fn budget(&self, engine: &str) -> u64 {
+        self.resolved["engines"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == engine)
+            .and_then(|e| e["budget_bytes"].as_u64())
+            .unwrap_or(0)
+    }
+
+    fn ceiling(&self) -> u64 {
+        self.resolved["ceiling_bytes"].as_u64().unwrap_or(0)
+    }
+
+    /// The configuration made private to one run: its own database name,
+    /// run directory and no metrics port; observe-only when ungoverned.
+    fn config(&self, mode: Mode, run_dir: &Path) -> anyhow::Result<String> {
+        let mut c = self.base_config.clone();
+        c.insert("database".into(), "nodedb-validate".into());
+        c.insert("run_dir".into(), run_dir.display().to_string().into());
+        c.remove("control_socket");
+        c.remove("metrics_addr");
+        c.insert("enforce".into(), (mode == Mode::Governed).into());
+        if mode == Mode::Ample {
+            c.insert(
+                "ceiling".into(),
+                toml::Value::Integer(i64::try_from(self.ceiling() * 16)?),
+            );
+        }
+        Ok(toml::to_string(&c)?)
+    }
+
+    fn status(&self, run_dir: &Path) -> Option<Value> {
+        let out = Command::new(&self.agent_bin)
+            .args(["status", "--json", "--socket"])
+            .arg(run_dir.join("agent.sock"))
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())?
+    }
+
+    fn start_agent(&self, mode: Mode, run_dir: &Path) -> anyhow::Result<Reaped> {
+        let config_file = run_dir.join("governor.toml");
+        fs::write(&config_file, self.config(mode, run_dir)?)?;
+        let mut agent = Reaped(
+            Command::new(&self.agent_bin)
+                .args(["run", "--config"])
+                .arg(&config_file)
+                .stderr(fs::File::create(run_dir.join("agent.log"))?)
+                .spawn()
+                .context("starting the agent")?,
+        );
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.status(run_dir).is_none() || !run_dir.join("control.sock").exists() {
+            if let Some(exit) = agent.0.try_wait()? {
+                bail!(
+                    "the agent exited ({}): see {}",
+                    describe(exit),
+                    run_dir.join("agent.log").display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent did not start within 120 s: see {}",
+                    run_dir.join("agent.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(agent)
+    }
+
+    fn run(&self, mode: Mode) -> anyhow::Result<Value> {
+        eprintln!("nodedb-validate: {} run", mode.name());
+        let run_dir = self.args.out.join(format!("run-{}", mode.name()));
+        let _ = fs::remove_dir_all(&run_dir);
+        fs::create_dir_all(&run_dir)?;
+        let scratch = self.args.scratch.join(mode.name());
+        let _ = fs::remove_dir_all(&scratch);
+        let agent = match mode {
+            Mode::Baseline => None,
+            _ => Some(self.start_agent(mode, &run_dir)?),
+        };
+        let mut cmd = Command::new(&self.workload_bin);
+        if agent.is_some() {
+            cmd.arg("--socket")
+                .arg(run_dir.join("control.sock"))
+                .args(["--database", "nodedb-validate"]);
+        }
+        let mut workload = Reaped(
+            cmd.arg("--dir")
+                .arg(&scratch)
+                .args(&self.args.workload)
+                .stdout(Stdio::piped())
+                .stderr(fs::File::create(run_dir.join("workload.log"))?)
+                .spawn()
+                .context("starting the workload")?,
+        );
+        let pid = workload.0.id();
+        // The result is read while the workload runs, so a full pipe never
+        // holds it up.
+        let mut stdout = workload.0.stdout.take().context("the workload's stdout")?;
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            s
+        });
+        let started = Instant::now();
+        let timeout = Duration::from_secs(self.args.timeout_secs);
+        let interval = Duration::from_millis(self.args.interval_ms);
+        let mut timeline = Vec::new();
+        let exit = loop {
+            if let Some(st) = workload.0.try_wait()? {
+                break st;
+            }
+            if started.elapsed() > timeout {
+                bail!("the {} workload ran past {timeout:?}", mode.name());
+            }
+            let mut point = json!({
+                "t": started.elapsed().as_secs_f64(),
+                "rss_bytes": vm_rss(pid),
+            });
+            if agent.is_some()
+                && let Some(s) = self.status(&run_dir)
+            {
+                let client = s["clients"]
+                    .as_array()
+                    .and_then(|c| c.iter().find(|c| c["pid"] == pid))
+                    .cloned()
+                    .unwrap_or_default();
+                point["cgroup_bytes"] = s["ceiling"]["current_bytes"].clone();
+                for e in ENGINES {
+                    point[e] = json!({
+                        "resident_bytes": s["engines"][e]["resident_bytes"],
+                        "budget_bytes": client["engines"][e]["budget_bytes"],
+                        "level": client["engines"][e]["level"],
+                    });
+                }
+            }
+            timeline.push(point);
+            std::thread::sleep(interval);
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        let result: Value = serde_json::from_str(reader.join().unwrap_or_default().trim())
+            .unwrap_or(Value::Null);
+        let last = agent
+            .as_ref()
+            .and_then(|_| self.status(&run_dir))
+            .unwrap_or_default();
+        drop(agent);
+        let _ = fs::remove_dir_all(&scratch);
+        let peak = |f: &dyn Fn(&Value) -> Option<u64>| {
+            timeline.iter().filter_map(f).max().unwrap_or(0)
+        };
+        let mut engines = json!({});
+        let mut within = true;
+        for e in ENGINES {
+            let resident = peak(&|p: &Value| p[e]["resident_bytes"].as_u64());
+            let budget = self.budget(e);
+            // Against the budget in force when the sample was taken: the
+            // configured one moved by loans (an idle engine lends to a busy
+            // one; the sum of budgets never changes).
+            let in_force = timeline
+                .iter()
+                .filter_map(|p| {
+                    let r = p[e]["resident_bytes"].as_u64()?;
+                    let b = p[e]["budget_bytes"].as_u64().filter(|b| *b > 0)?;
+                    Some(r as f64 / b as f64)
+                })
+                .fold(0.0, f64::max);
+            let over_in_force = timeline
+                .iter()
+                .filter(|p| {
+                    matches!(
+                        (p[e]["resident_bytes"].as_u64(), p[e]["budget_bytes"].as_u64()),
+                        (Some(r), Some(b)) if b > 0 && r as f64 > b as f64 * BUDGET_SLACK
+                    )
+                })
+                .count();
+            within &= in_force <= BUDGET_SLACK;
+            engines[e] = json!({
+                "peak_resident_bytes": resident,
+                "budget_bytes": budget,
+                "peak_over_budget": resident as f64 / budget.max(1) as f64,
+                "peak_over_budget_in_force": in_force,
+                "samples_over_budget_in_force": over_in_force,
+            });
+        }
+        let peak_rss = peak(&|p: &Value| p["rss_bytes"].as_u64());
+        let ceiling = self.ceiling();
+        let run_ceiling = last["ceiling"]["limit_bytes"].as_u64();
+        let oom_kills = last["ceiling"]["events"]["oom_kill"].as_u64().unwrap_or(0);
+        let completed = exit.success();
+        let correct = result["correct"] == true;
+        let summary = json!({
+            "mode": mode.name(),
+            "ceiling_bytes": ceiling,
+            "run_ceiling_bytes": run_ceiling,
+            "cgroup_backend": last["ceiling"]["backend"],
+            "seconds": seconds,
+            "peak_rss_bytes": peak_rss,
+            "peak_cgroup_bytes": peak(&|p: &Value| p["cgroup_bytes"].as_u64()),
+            "oom_kills": oom_kills,
+            "exit": describe(exit),
+            "completed": completed,
+            "correct": correct,
+            "within_budgets": within,
+            "under_ceiling": peak_rss < ceiling,
+            "engines": engines,
+            "workload": result,
+            "timeline": timeline,
+        });
+        eprintln!(
+            "nodedb-validate: {}: {} after {seconds:.1} s; peak RSS {} MiB (ceiling {} MiB); {} (peak / configured budget, peak against the budget in force); OOM kills {oom_kills}",
+            mode.name(),
+            summary["exit"].as_str().unwrap_or_default(),
+            peak_rss >> 20,
+            ceiling >> 20,
+            ENGINES
+                .iter()
+                .map(|e| format!(
+                    "{e} {} / {} MiB ({:.0}%)",
+                    summary["engines"][e]["peak_resident_bytes"].as_u64().unwrap_or(0) >> 20,
+                    summary["engines"][e]["budget_bytes"].as_u64().unwrap_or(0) >> 20,
+                    summary["engines"][e]["peak_over_budget_in_force"]
+                        .as_f64()
+                        .unwrap_or(0.0)
+                        * 100.0
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        Ok(summary)
+    }
+}
+
+/// Whether a governed run met the target.
+fn met(run: &Value) -> bool {
+    run["completed"] == true
+        && run["correct"] == true
+        && run["oom_kills"] == 0
+        && run["within_budgets"] == true
+        && run["under_ceiling"] == true
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let modes = args.modes.clone();
+    let harness = Harness::new(args)?;
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")?
+        .trim()
+        .to_owned();
+    let mut runs = Vec::new();
+    for mode in modes {
+        runs.push(harness.run(mode)?);
+    }
+    let summary = json!({
+        "kernel": kernel,
+        "config": harness.resolved,
+        "workload_args": harness.args.workload,
+        "runs": runs,
+    });
+    fs::write(
+        harness.args.out.join("summary.json"),
+        serde_json::to_vec_pretty(&summary)?,
+    )?;
+    println!("NODEDB-VALIDATE-RESULT {summary}");
+    let missed: Vec<&str> = runs
+        .iter()
+        .filter(|r| r["mode"] == "governed" && !met(r))
+        .map(|_| "governed")
+        .collect();
+    if !missed.is_empty() {
+        bail!("the governed run missed the target (see summary.json)");
+    }
+    Ok(())
+}

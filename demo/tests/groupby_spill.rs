@@ -1,9 +1,13 @@
 //! A DataFusion GROUP BY over more data than the Query budget: it completes
 //! with the right answer by spilling when the governor refuses memory, and
-//! fails with the governor's refusal when it may not spill.
+//! fails with the governor's refusal when it may not spill. Streamed into a
+//! digest (as the validation workload runs it), the answer is checked the
+//! same way.
 
 use nodedb_governor::{Budget, EngineId, MemoryGovernor};
-use nodedb_governor_demo::query::{GroupByData, Spill, group_by, reference};
+use nodedb_governor_demo::query::{
+    GroupByData, GroupsDigest, Spill, group_by, group_by_streamed, reference, reference_digest,
+};
 
 const MIB: u64 = 1 << 20;
 const QUERY_CAP: u64 = 24 * MIB;
@@ -118,8 +122,56 @@ fn group_by_without_spilling_fails_with_the_governors_refusal() {
     assert_eq!(g.usage(EngineId::Query).unwrap().used_bytes, 0);
 }
 
+/// The streamed query, spilling under the same cap, yields the digest of
+/// the reference; the digest is the groups' and nothing else (any changed
+/// sum, count or key changes it, the order does not).
+#[test]
+fn streamed_group_by_spills_and_matches_the_reference_digest() {
+    let g = governor();
+    let (schema, batches) = DATA.batches(8192).unwrap();
+    let groups = reference(&batches);
+    let want = reference_digest(&batches);
+    let mut by_hand = GroupsDigest::default();
+    for &grp in groups.iter().rev() {
+        by_hand.add(grp);
+    }
+    assert_eq!(want, by_hand, "the order of the groups does not matter");
+    assert_eq!(want.groups, groups.len() as u64);
+    for change in [(0, 1, 0), (0, 0, 1), (1, 0, 0)] {
+        let mut d = GroupsDigest::default();
+        for (i, &(k, s, c)) in groups.iter().enumerate() {
+            d.add(if i == 1000 {
+                (k + change.0, s + change.1, c + change.2)
+            } else {
+                (k, s, c)
+            });
+        }
+        assert_ne!(d, want, "a changed group {change:?} changes the digest");
+    }
+    let dir = tempdir();
+    let (got, spill_files, spilled_bytes) = runtime()
+        .block_on(group_by_streamed(
+            &g,
+            EngineId::Query,
+            schema,
+            batches,
+            4,
+            Spill::To(dir.clone()),
+        ))
+        .unwrap();
+    assert!(spill_files > 0 && spilled_bytes > 0, "it spilled");
+    assert_eq!(got, want);
+    let q = g.usage(EngineId::Query).unwrap();
+    assert!(q.peak_bytes <= QUERY_CAP, "{q:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A directory of the test's own (the tests run in parallel, and each
+/// removes its directory at the end).
 fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("nodedb-groupby-{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("nodedb-groupby-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

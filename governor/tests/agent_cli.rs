@@ -340,3 +340,30 @@ fn check_config_accepts_the_default_and_names_bad_fields() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("tick_ms"), "{}", stderr(&out));
 }
+
+/// `check-config --json` prints the configuration as the agent resolves
+/// it: percentages of the ceiling become bytes.
+#[test]
+fn check_config_json_resolves_budgets_against_the_ceiling() {
+    let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nodedb-governor.toml");
+    let out = Command::new(BIN)
+        .args(["check-config", "--json"])
+        .arg(&default)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ceiling = v["ceiling_bytes"].as_u64().unwrap();
+    assert_eq!(ceiling, 1 << 30);
+    let engines = v["engines"].as_array().unwrap();
+    let names: Vec<&str> = engines
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["vector", "timeseries", "query"]);
+    let vector = &engines[0];
+    assert_eq!(vector["budget_bytes"].as_u64(), Some(ceiling * 40 / 100));
+    assert_eq!(vector["floor_bytes"].as_u64(), Some(ceiling * 15 / 100));
+    assert_eq!(engines[2]["essential"], false);
+    assert_eq!(v["enforce"], true);
+}

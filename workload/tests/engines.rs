@@ -28,7 +28,15 @@ fn timeseries_ingest_stays_in_its_budget_and_loses_no_point() {
     let cap = MIB;
     let g = governor(EngineId::Timeseries, cap);
     let dir = scratch("ts");
-    let ts = Timeseries::new(g, 8, &dir.join("points.gorilla")).unwrap();
+    let hooks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let ts = {
+        let hooks = hooks.clone();
+        Timeseries::new(g, 8, &dir.join("points.gorilla"))
+            .unwrap()
+            .after_flush(move || {
+                hooks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            })
+    };
     let (mut sum, n) = (0.0f64, 200_000u64);
     let mut peak = 0;
     for i in 0..n {
@@ -42,6 +50,11 @@ fn timeseries_ingest_stays_in_its_budget_and_loses_no_point() {
     ts.flush().unwrap();
     let st = ts.stats();
     assert!(st.refusals > 0 && st.flushes > 1, "{st:?}");
+    assert_eq!(
+        hooks.load(std::sync::atomic::Ordering::Relaxed),
+        st.flushes,
+        "the hook (the arena's purge) runs after every flush"
+    );
     assert_eq!(g.usage(EngineId::Timeseries).unwrap().used_bytes, 0);
     let (points, back) = ts.verify().unwrap();
     assert_eq!(points, n);

@@ -55,7 +55,8 @@ enum Task {
         /// governed, ungoverned, ample, baseline); `none` for none.
         #[arg(long, value_delimiter = ',', default_values_t = ["governed".to_owned(), "ungoverned".to_owned(), "ample".to_owned()])]
         validate: Vec<String>,
-        /// Arguments for nodedb-workload in the VMs (sizes), after `--`.
+        /// Arguments for nodedb-workload in the VMs (sizes), after `--`
+        /// (default: sizes for TCG; see vm.rs).
         #[arg(last = true)]
         workload: Vec<String>,
     },

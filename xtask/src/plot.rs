@@ -72,7 +72,10 @@ pub fn timeline(path: &Path, kernel: &str, runs: &[Value]) -> anyhow::Result<()>
             if run["mode"] == "governed" {
                 // The budget in force, as a step line.
                 let mut steps = Vec::new();
-                for p in points.iter().filter(|p| p[*e]["budget_bytes"].as_u64() > Some(0)) {
+                for p in points
+                    .iter()
+                    .filter(|p| p[*e]["budget_bytes"].as_u64() > Some(0))
+                {
                     let (t, b) = (p["t"].as_f64().unwrap_or(0.0), mib(&p[*e]["budget_bytes"]));
                     if let Some(&(_, last)) = steps.last() {
                         steps.push((t, last));

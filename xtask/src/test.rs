@@ -137,7 +137,9 @@ pub fn test() -> anyhow::Result<()> {
             workload_args: Vec::new(),
             timeout_secs: 1200,
         })?;
-        step("VM tests: cgroup v2 with the memory controller on Debian's 6.1 and 6.12 kernels (qemu), and the validation in each");
+        step(
+            "VM tests: cgroup v2 with the memory controller on Debian's 6.1 and 6.12 kernels (qemu), and the validation in each",
+        );
         crate::vm::vm_test(&crate::vm::Options {
             series: vec!["6.1".into(), "6.12".into()],
             kernels: Vec::new(),

@@ -54,7 +54,10 @@ pub fn validate(opts: &Options) -> anyhow::Result<()> {
     let out_dir = root.join("target/validate").join(&kernel);
     let scratch = root.join("target/validate/scratch");
     let _ = fs::remove_file(out_dir.join("summary.json"));
-    step(&format!("validating on {kernel}: {}", opts.modes.join(", ")));
+    step(&format!(
+        "validating on {kernel}: {}",
+        opts.modes.join(", ")
+    ));
     let status = Command::new(root.join("target/debug/nodedb-validate"))
         .arg("--config")
         .arg(root.join("deploy/nodedb-governor.toml"))
@@ -87,7 +90,10 @@ pub fn write_report(dir: &Path, summary: &Value) -> anyhow::Result<bool> {
     fs::create_dir_all(dir)?;
     let kernel = summary["kernel"].as_str().unwrap_or("unknown");
     let runs = summary["runs"].as_array().cloned().unwrap_or_default();
-    fs::write(dir.join("summary.json"), serde_json::to_vec_pretty(summary)?)?;
+    fs::write(
+        dir.join("summary.json"),
+        serde_json::to_vec_pretty(summary)?,
+    )?;
     let report = report(summary);
     fs::write(dir.join("report.md"), &report)?;
     crate::plot::timeline(&dir.join("timeline.svg"), kernel, &runs)?;
@@ -127,7 +133,7 @@ fn report(summary: &Value) -> String {
         .unwrap_or("none");
     let mut s = format!(
         "Kernel {kernel} ({backend}); the bundled configuration's ceiling ({} MiB) and budgets; workload `{}`.\n\n\
-         Per engine: peak attributed resident / configured budget, MiB (peak against the budget in force: the configured budget moved by loans). \
+         Per engine: peak attributed resident / configured budget, MiB; in brackets, the governed run's peak against the budget in force (the configured budget moved by loans; for 1 s after a loan is taken back, the larger budget, while the borrower spills), the other runs' against the configured budget. \
          Peak RSS: the workload process's resident set.\n\n\
          | run | vector | timeseries | query | peak RSS / ceiling | OOM kills | outcome |\n|---|---:|---:|---:|---:|---:|---|\n",
         mib(&summary["config"]["ceiling_bytes"]),
@@ -205,7 +211,10 @@ fn report(summary: &Value) -> String {
                  the ratio is the run's rate over the baseline's (1.00 = as fast).\n\n| engine | baseline |",
             );
             for o in &others {
-                s.push_str(&format!(" {} | ratio |", o["mode"].as_str().unwrap_or_default()));
+                s.push_str(&format!(
+                    " {} | ratio |",
+                    o["mode"].as_str().unwrap_or_default()
+                ));
             }
             s.push_str("\n|---|---:|");
             for _ in &others {
@@ -214,8 +223,14 @@ fn report(summary: &Value) -> String {
             s.push('\n');
             for (name, path) in [
                 ("vector build (vectors/s)", ["vector", "vectors_per_second"]),
-                ("vector search (searches/s)", ["vector", "searches_per_second"]),
-                ("timeseries ingest (points/s)", ["timeseries", "points_per_second"]),
+                (
+                    "vector search (searches/s)",
+                    ["vector", "searches_per_second"],
+                ),
+                (
+                    "timeseries ingest (points/s)",
+                    ["timeseries", "points_per_second"],
+                ),
                 ("query GROUP BY (rows/s)", ["query", "rows_per_second"]),
             ] {
                 let bv = b[path[0]][path[1]].as_f64().unwrap_or(0.0);

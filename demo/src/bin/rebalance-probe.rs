@@ -3,7 +3,9 @@
 //! Query's unused budget, so nothing spills), then Query gets busy (the
 //! agent takes the loan back and Vector, now over its budget, is spilled).
 //! Memory is touched without reserving it, so only the kernel's figures
-//! drive the agent. Prints one JSON line with what was observed.
+//! drive the agent; the budget in force is read from the agent's status
+//! (the library's cap is that budget less the memory it never reserved).
+//! Prints one JSON line with what was observed.
 
 use std::{
     sync::Arc,
@@ -21,6 +23,9 @@ struct Args {
     socket: std::path::PathBuf,
     #[arg(long)]
     database: String,
+    /// The agent's admin socket (for the budget in force).
+    #[arg(long)]
+    admin: std::path::PathBuf,
     /// Vector's growth, MiB (past its budget).
     #[arg(long, default_value_t = 96)]
     vector_mib: usize,
@@ -54,6 +59,23 @@ fn main() -> anyhow::Result<()> {
         Some(spill.clone()),
     )?;
     let cap = |e| governor.usage(e).map_or(0, |u| u.cap_bytes);
+    // Vector's budget in force, as the agent reports it.
+    let budget = || -> u64 {
+        use std::io::{BufRead, BufReader, Write};
+        let ask = || -> Option<u64> {
+            let mut s = std::os::unix::net::UnixStream::connect(&args.admin).ok()?;
+            s.write_all(b"{\"op\":\"status\"}\n").ok()?;
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+            v["clients"]
+                .as_array()?
+                .iter()
+                .find(|c| c["pid"] == std::process::id())?["engines"]["vector"]["budget_bytes"]
+                .as_u64()
+        };
+        ask().unwrap_or(0)
+    };
     let configured = cap(EngineId::Vector);
 
     let out = std::thread::scope(|s| -> anyhow::Result<serde_json::Value> {
@@ -68,8 +90,14 @@ fn main() -> anyhow::Result<()> {
         });
         v.join()
             .map_err(|_| anyhow::anyhow!("vector thread panicked"))??;
-        wait_until("a loan to vector", || cap(EngineId::Vector) > configured)?;
-        let lent_cap = cap(EngineId::Vector);
+        wait_until("a loan to vector", || budget() > configured)?;
+        let lent_budget = budget();
+        // The library may reserve only what the borrowed budget leaves
+        // beside what the kernel sees Vector hold unreserved.
+        wait_until("the library's cap to leave room for the unreserved", || {
+            cap(EngineId::Vector) <= lent_budget.saturating_sub(args.vector_mib as u64 * MIB as u64)
+        })?;
+        let library_cap = cap(EngineId::Vector);
         // Give the agent a few ticks: with the loan, Vector is not spilled.
         std::thread::sleep(Duration::from_millis(300));
         let spilled_during_loan = vector.spilled_bytes();
@@ -86,16 +114,17 @@ fn main() -> anyhow::Result<()> {
         });
         q.join()
             .map_err(|_| anyhow::anyhow!("query thread panicked"))??;
-        wait_until("the loan to end", || cap(EngineId::Vector) == configured)?;
+        wait_until("the loan to end", || budget() == configured)?;
         wait_until("vector to be spilled", || {
             (vector.held_bytes() as f64) < configured as f64 * 0.90
         })?;
         Ok(serde_json::json!({
             "configured_cap_bytes": configured,
-            "cap_during_loan_bytes": lent_cap,
+            "budget_during_loan_bytes": lent_budget,
+            "library_cap_during_loan_bytes": library_cap,
             "vector_held_during_loan_bytes": held_during_loan,
             "vector_spilled_during_loan_bytes": spilled_during_loan,
-            "vector_cap_after_bytes": cap(EngineId::Vector),
+            "vector_budget_after_bytes": budget(),
             "vector_held_after_bytes": vector.held_bytes(),
             "vector_spilled_after_bytes": vector.spilled_bytes(),
             "query_held_bytes": query.held_bytes(),

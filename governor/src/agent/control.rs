@@ -18,10 +18,17 @@
 //! * a PSI trigger (the database's tasks stalled on memory): every engine's
 //!   arena is purged at once, and for one window engines are spilled from
 //!   Warning on;
-//! * an Emergency of the whole database (its cgroup at the emergency
-//!   threshold of the ceiling): engines that are not `essential` are held to
-//!   what they hold, so their new reservations are refused (backpressure),
-//!   until use is back under the warning threshold.
+//! * an Emergency of the whole database (its cgroup's working set at the
+//!   emergency threshold of the ceiling): engines that are not `essential`
+//!   are held to what they hold (never below their floor), so their new
+//!   reservations are refused (backpressure), until use is back under the
+//!   warning threshold.
+//!
+//! The library's cap is the budget less what the kernel sees the engine
+//! hold beyond its reservations (memory it allocates without reserving,
+//! freed pages its arena keeps), in steps of budget / 64: a reservation is
+//! refused when the engine's real footprint, not its books, would pass the
+//! budget.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -110,7 +117,7 @@ pub struct Client {
 }
 
 /// Untracked memory moves an engine's cap in steps of its budget / 64 (at
-/// least 1 MiB), so a wobble of a few pages sends nothing.
+/// least 1 MiB, rounded up), so a wobble of a few pages sends nothing.
 fn untracked_step(budget: u64) -> u64 {
     (budget / 64).max(1 << 20)
 }
@@ -479,7 +486,8 @@ impl Client {
             // room only for what the budget has left.
             if let Some(reserved) = self.reports.get(&name).map(|r| r.reserved_bytes) {
                 let step = untracked_step(limits.budget_bytes);
-                let untracked = resident.saturating_sub(reserved) / step * step;
+                // Rounded up: the cap errs on the side of the budget.
+                let untracked = resident.saturating_sub(reserved).div_ceil(step) * step;
                 if self.untracked.get(&name).copied().unwrap_or(0) != untracked {
                     self.untracked.insert(name.clone(), untracked);
                     let budget = limits.budget_bytes;
@@ -540,5 +548,145 @@ impl Client {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::status::{EngineUsage, ProcessUsage};
+    use crate::control::wire::EngineReport;
+
+    const MIB: u64 = 1 << 20;
+
+    fn config() -> Config {
+        Config::parse(
+            "database = \"t\"\nceiling = \"1GiB\"\n\
+             [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\n\
+             [[engine]]\nname = \"query\"\nbudget = \"256MiB\"\nfloor = \"64MiB\"\nessential = false\n",
+        )
+        .unwrap()
+    }
+
+    fn client() -> (Client, tokio::sync::mpsc::UnboundedReceiver<ToLibrary>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut c = Client::new(7, 0, tx, ["vector".to_owned(), "query".to_owned()]);
+        c.reset_budgets(&config());
+        (c, rx)
+    }
+
+    fn report(c: &mut Client, engine: &str, reserved: u64) {
+        c.on_message(ToAgent::Report {
+            engines: vec![EngineReport {
+                name: engine.into(),
+                reserved_bytes: reserved,
+                rejections: 0,
+                arena_resident_bytes: None,
+            }],
+        });
+    }
+
+    fn usage(resident: &[(&str, u64)]) -> Usage {
+        Usage {
+            processes: vec![ProcessUsage {
+                pid: 7,
+                engines: resident
+                    .iter()
+                    .map(|(n, r)| {
+                        (
+                            (*n).to_owned(),
+                            EngineUsage {
+                                resident_bytes: *r,
+                                ..EngineUsage::default()
+                            },
+                        )
+                    })
+                    .collect(),
+                ..ProcessUsage::default()
+            }],
+        }
+    }
+
+    /// The last cap sent for `engine`.
+    fn last_cap(
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<ToLibrary>,
+        engine: &str,
+    ) -> Option<u64> {
+        let mut cap = None;
+        while let Ok(m) = rx.try_recv() {
+            if let ToLibrary::Limits {
+                engine: e,
+                cap_bytes,
+                ..
+            } = m
+                && e == engine
+            {
+                cap = Some(cap_bytes);
+            }
+        }
+        cap
+    }
+
+    #[test]
+    fn memory_the_library_did_not_reserve_comes_off_its_cap() {
+        let cfg = config();
+        let (mut c, mut rx) = client();
+        assert_eq!(last_cap(&mut rx, "query"), Some(256 * MIB));
+        // The books say 40 MiB; the kernel sees 141 MiB: 101 MiB the
+        // library never reserved, taken off in whole steps, rounded up.
+        report(&mut c, "query", 40 * MIB);
+        c.enforce(&cfg, &usage(&[("query", 141 * MIB), ("vector", 0)]), false);
+        let step = untracked_step(256 * MIB);
+        assert_eq!(step, 4 * MIB);
+        assert_eq!(last_cap(&mut rx, "query"), Some(256 * MIB - 104 * MIB));
+        assert_eq!(c.enforcement["query"].cap_bytes, 152 * MIB);
+        // A wobble inside the same step sends nothing.
+        c.enforce(&cfg, &usage(&[("query", 142 * MIB), ("vector", 0)]), false);
+        assert_eq!(last_cap(&mut rx, "query"), None);
+        // Once the books cover what the kernel sees, the whole budget is
+        // back.
+        report(&mut c, "query", 142 * MIB);
+        c.enforce(&cfg, &usage(&[("query", 142 * MIB), ("vector", 0)]), false);
+        assert_eq!(last_cap(&mut rx, "query"), Some(256 * MIB));
+        // Reserved but not yet touched is no correction either.
+        report(&mut c, "vector", 100 * MIB);
+        c.enforce(
+            &cfg,
+            &usage(&[("query", 142 * MIB), ("vector", 10 * MIB)]),
+            false,
+        );
+        assert_eq!(last_cap(&mut rx, "vector"), None);
+    }
+
+    #[test]
+    fn observing_sends_no_correction() {
+        let cfg = config();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut c = Client::new(7, 0, tx, ["query".to_owned()]).observe_only(1 << 30);
+        c.reset_budgets(&cfg);
+        assert_eq!(last_cap(&mut rx, "query"), Some(1 << 30));
+        report(&mut c, "query", 0);
+        c.enforce(&cfg, &usage(&[("query", 200 * MIB)]), false);
+        assert_eq!(last_cap(&mut rx, "query"), None);
+    }
+
+    #[test]
+    fn backpressure_holds_an_engine_to_what_it_holds_but_not_below_its_floor() {
+        let cfg = config();
+        let (mut c, mut rx) = client();
+        let _ = last_cap(&mut rx, "query");
+        report(&mut c, "query", 10 * MIB);
+        c.set_backpressure(true, &cfg);
+        // Holds 10 MiB, floor 64 MiB: held to the floor.
+        assert_eq!(last_cap(&mut rx, "query"), Some(64 * MIB));
+        assert!(c.enforcement["query"].backpressure);
+        c.set_backpressure(false, &cfg);
+        assert_eq!(last_cap(&mut rx, "query"), Some(256 * MIB));
+        // Holding more than the floor: held to what it holds.
+        report(&mut c, "query", 100 * MIB);
+        c.set_backpressure(true, &cfg);
+        assert_eq!(last_cap(&mut rx, "query"), Some(100 * MIB));
+        // The essential engine is never held.
+        assert_eq!(last_cap(&mut rx, "vector"), None);
     }
 }

@@ -39,6 +39,9 @@ const ENGINES: [&str; 3] = ["vector", "timeseries", "query"];
 /// How far over its budget an engine may peak (the agent acts on what the
 /// kernel reports, a tick late).
 const BUDGET_SLACK: f64 = 1.05;
+/// Seconds a borrower keeps the larger budget, in the judgement, after a
+/// lender takes its loan back (the ladder's spill takes a tick or two).
+const LOAN_GRACE: f64 = 1.0;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -163,8 +166,7 @@ impl Harness {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        let resolved: Value =
-            serde_json::from_slice(&out.stdout).context("check-config's JSON")?;
+        let resolved: Value = serde_json::from_slice(&out.stdout).context("check-config's JSON")?;
         let text = fs::read_to_string(&args.config)
             .with_context(|| format!("reading {}", args.config.display()))?;
         let base_config: toml::Table =
@@ -210,16 +212,18 @@ impl Harness {
         Ok(toml::to_string(&c)?)
     }
 
+    /// The agent's status, asked on its admin socket directly (a request
+    /// line, a reply line): sampling costs the workload's CPUs as little
+    /// as it can.
     fn status(&self, run_dir: &Path) -> Option<Value> {
-        let out = Command::new(&self.agent_bin)
-            .args(["status", "--json", "--socket"])
-            .arg(run_dir.join("agent.sock"))
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).ok())?
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(run_dir.join("agent.sock")).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        s.write_all(b"{\"op\":\"status\"}\n").ok()?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).ok()?;
+        let v: Value = serde_json::from_str(&line).ok()?;
+        (v["result"] == "status").then_some(v)
     }
 
     fn start_agent(&self, mode: Mode, run_dir: &Path) -> anyhow::Result<Reaped> {
@@ -264,6 +268,13 @@ impl Harness {
             Mode::Baseline => None,
             _ => Some(self.start_agent(mode, &run_dir)?),
         };
+        // memory.events counts over the cgroup's life, which can span
+        // runs: the run's OOM kills are the growth.
+        let oom_before = agent
+            .as_ref()
+            .and_then(|_| self.status(&run_dir))
+            .and_then(|s| s["ceiling"]["events"]["oom_kill"].as_u64())
+            .unwrap_or(0);
         let mut cmd = Command::new(&self.workload_bin);
         if agent.is_some() {
             cmd.arg("--socket")
@@ -324,17 +335,16 @@ impl Harness {
             std::thread::sleep(interval);
         };
         let seconds = started.elapsed().as_secs_f64();
-        let result: Value = serde_json::from_str(reader.join().unwrap_or_default().trim())
-            .unwrap_or(Value::Null);
+        let result: Value =
+            serde_json::from_str(reader.join().unwrap_or_default().trim()).unwrap_or(Value::Null);
         let last = agent
             .as_ref()
             .and_then(|_| self.status(&run_dir))
             .unwrap_or_default();
         drop(agent);
         let _ = fs::remove_dir_all(&scratch);
-        let peak = |f: &dyn Fn(&Value) -> Option<u64>| {
-            timeline.iter().filter_map(f).max().unwrap_or(0)
-        };
+        let peak =
+            |f: &dyn Fn(&Value) -> Option<u64>| timeline.iter().filter_map(f).max().unwrap_or(0);
         let mut engines = json!({});
         let mut within = true;
         for e in ENGINES {
@@ -342,24 +352,27 @@ impl Harness {
             let budget = self.budget(e);
             // Against the budget in force when the sample was taken: the
             // configured one moved by loans (an idle engine lends to a busy
-            // one; the sum of budgets never changes).
-            let in_force = timeline
+            // one; the sum of budgets never changes). A lender takes its
+            // loan back at once, and the borrower then has to spill: for
+            // `LOAN_GRACE` after a budget drops, the larger one holds.
+            let ratios: Vec<f64> = timeline
                 .iter()
-                .filter_map(|p| {
+                .enumerate()
+                .filter_map(|(i, p)| {
                     let r = p[e]["resident_bytes"].as_u64()?;
-                    let b = p[e]["budget_bytes"].as_u64().filter(|b| *b > 0)?;
+                    let t = p["t"].as_f64()?;
+                    let b = timeline[..=i]
+                        .iter()
+                        .rev()
+                        .take_while(|q| q["t"].as_f64().is_some_and(|u| t - u <= LOAN_GRACE))
+                        .filter_map(|q| q[e]["budget_bytes"].as_u64())
+                        .max()
+                        .filter(|b| *b > 0)?;
                     Some(r as f64 / b as f64)
                 })
-                .fold(0.0, f64::max);
-            let over_in_force = timeline
-                .iter()
-                .filter(|p| {
-                    matches!(
-                        (p[e]["resident_bytes"].as_u64(), p[e]["budget_bytes"].as_u64()),
-                        (Some(r), Some(b)) if b > 0 && r as f64 > b as f64 * BUDGET_SLACK
-                    )
-                })
-                .count();
+                .collect();
+            let in_force = ratios.iter().copied().fold(0.0, f64::max);
+            let over_in_force = ratios.iter().filter(|r| **r > BUDGET_SLACK).count();
             within &= in_force <= BUDGET_SLACK;
             engines[e] = json!({
                 "peak_resident_bytes": resident,
@@ -372,7 +385,10 @@ impl Harness {
         let peak_rss = peak(&|p: &Value| p["rss_bytes"].as_u64());
         let ceiling = self.ceiling();
         let run_ceiling = last["ceiling"]["limit_bytes"].as_u64();
-        let oom_kills = last["ceiling"]["events"]["oom_kill"].as_u64().unwrap_or(0);
+        let oom_kills = last["ceiling"]["events"]["oom_kill"]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(oom_before);
         let completed = exit.success();
         let correct = result["correct"] == true;
         let summary = json!({
@@ -394,22 +410,27 @@ impl Harness {
             "timeline": timeline,
         });
         eprintln!(
-            "nodedb-validate: {}: {} after {seconds:.1} s; peak RSS {} MiB (ceiling {} MiB); {} (peak / configured budget, peak against the budget in force); OOM kills {oom_kills}",
+            "nodedb-validate: {}: {} after {seconds:.1} s; peak RSS {} MiB (ceiling {} MiB); {} (peak / configured budget; governed: peak against the budget in force); OOM kills {oom_kills}",
             mode.name(),
             summary["exit"].as_str().unwrap_or_default(),
             peak_rss >> 20,
             ceiling >> 20,
             ENGINES
                 .iter()
-                .map(|e| format!(
-                    "{e} {} / {} MiB ({:.0}%)",
-                    summary["engines"][e]["peak_resident_bytes"].as_u64().unwrap_or(0) >> 20,
-                    summary["engines"][e]["budget_bytes"].as_u64().unwrap_or(0) >> 20,
-                    summary["engines"][e]["peak_over_budget_in_force"]
-                        .as_f64()
-                        .unwrap_or(0.0)
-                        * 100.0
-                ))
+                .map(|e| {
+                    let x = &summary["engines"][e];
+                    let ratio = if mode == Mode::Governed {
+                        &x["peak_over_budget_in_force"]
+                    } else {
+                        &x["peak_over_budget"]
+                    };
+                    format!(
+                        "{e} {} / {} MiB ({:.0}%)",
+                        x["peak_resident_bytes"].as_u64().unwrap_or(0) >> 20,
+                        x["budget_bytes"].as_u64().unwrap_or(0) >> 20,
+                        ratio.as_f64().unwrap_or(0.0) * 100.0
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(", "),
         );

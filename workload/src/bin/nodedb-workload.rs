@@ -15,6 +15,7 @@
 //! 2. serve: vector searches and query runs the `GROUP BY`, while
 //!    timeseries still holds what it buffered (a memtable is flushed when
 //!    the budget says so, or at the end).
+//!
 //! Then timeseries flushes and reads every point back.
 //!
 //! With `--socket` it joins the agent (which sets the budgets and watches
@@ -100,6 +101,10 @@ struct Args {
     /// Rows of the GROUP BY's input.
     #[arg(long, default_value_t = 8_000_000)]
     rows: usize,
+    /// DataFusion's target partitions (each aggregates its share in a
+    /// hash table of its own).
+    #[arg(long, default_value_t = 4)]
+    partitions: usize,
     /// Keys the rows are drawn from (8M rows over 16M keys: 6.3M groups).
     #[arg(long, default_value_t = 16_000_000)]
     keys: u64,
@@ -120,10 +125,11 @@ fn main() -> anyhow::Result<()> {
     let ts = {
         let arenas = arenas.clone();
         Arc::new(
-            Timeseries::new(governor, args.series, &args.dir.join("points.gorilla"))?
-                .after_flush(move || {
+            Timeseries::new(governor, args.series, &args.dir.join("points.gorilla"))?.after_flush(
+                move || {
                     let _ = arenas.purge(EngineId::Timeseries);
-                }),
+                },
+            ),
         )
     };
     let vec = Arc::new(VectorEngine::new(
@@ -269,7 +275,7 @@ fn main() -> anyhow::Result<()> {
                 EngineId::Query,
                 schema,
                 batches,
-                2,
+                args.partitions,
                 Spill::To(args.dir.clone()),
             ))?;
             let took = t0.elapsed();

@@ -26,9 +26,9 @@
 //!
 //! The library's cap is the budget less what the kernel sees the engine
 //! hold beyond its reservations (memory it allocates without reserving,
-//! freed pages its arena keeps), in steps of budget / 64: a reservation is
-//! refused when the engine's real footprint, not its books, would pass the
-//! budget.
+//! freed pages its arena keeps), in steps of budget / 64, never below its
+//! floor: a reservation is refused when the engine's real footprint, not
+//! its books, would pass the budget.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -181,8 +181,13 @@ impl Client {
             // (allocations the engine does not reserve, freed pages its
             // arena keeps) counts against the budget too: the library may
             // reserve only what is left of it.
+            // Never below the floor, though: the floor is guaranteed, and
+            // an engine left no room at all could not finish what it is
+            // doing (the ladder still spills it).
             let untracked = self.untracked.get(&l.name).copied().unwrap_or(0);
-            let budget = budget.saturating_sub(untracked);
+            let budget = budget
+                .saturating_sub(untracked)
+                .max(l.floor_bytes.min(budget));
             self.backpressure
                 .get(&l.name)
                 .map_or(budget, |held| (*held).min(budget))
@@ -648,6 +653,14 @@ mod tests {
         report(&mut c, "query", 142 * MIB);
         c.enforce(&cfg, &usage(&[("query", 142 * MIB), ("vector", 0)]), false);
         assert_eq!(last_cap(&mut rx, "query"), Some(256 * MIB));
+        // However much it holds unreserved, its floor is left to it.
+        // (Vector is busy, so nothing is lent to Query.)
+        c.enforce(
+            &cfg,
+            &usage(&[("query", 400 * MIB), ("vector", 200 * MIB)]),
+            false,
+        );
+        assert_eq!(last_cap(&mut rx, "query"), Some(64 * MIB));
         // Reserved but not yet touched is no correction either.
         report(&mut c, "vector", 100 * MIB);
         c.enforce(

@@ -13,6 +13,20 @@ use nodedb_governor::{
     control::{AgentLink, LinkConfig},
 };
 
+/// The agent's status, asked on its admin socket directly (a request
+/// line, a reply line; no process spawned, so sampling it often costs
+/// little). `None` when the agent does not answer.
+pub fn admin_status(socket: &std::path::Path) -> Option<serde_json::Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"{\"op\":\"status\"}\n").ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+    (v["result"] == "status").then_some(v)
+}
+
 /// The demo's engines, by their names in the agent's configuration.
 pub const ENGINES: [(&str, EngineId); 3] = [
     ("vector", EngineId::Vector),

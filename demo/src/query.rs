@@ -3,7 +3,7 @@
 //! [`GovernorPool`], spilling to disk when the governor refuses, and the
 //! reference answer computed without DataFusion to check it against.
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result};
 use datafusion::{
@@ -17,7 +17,7 @@ use datafusion::{
         memory_pool::MemoryPool,
         runtime_env::RuntimeEnvBuilder,
     },
-    physical_plan::{ExecutionPlan, collect, execute_stream, metrics::MetricsSet},
+    physical_plan::{ExecutionPlan, execute_stream, metrics::MetricsSet},
     prelude::{SessionConfig, SessionContext},
 };
 use nodedb_governor::{EngineId, MemoryGovernor, datafusion_pool::GovernorPool};
@@ -68,23 +68,28 @@ impl GroupByData {
     }
 }
 
-/// The answer computed without DataFusion, sorted by key.
-pub fn reference(batches: &[RecordBatch]) -> Vec<Group> {
-    let mut groups: HashMap<i64, (i64, i64)> = HashMap::new();
+/// Calls `f` with each group of the answer, computed without DataFusion
+/// by sorting the rows by key (faster than hashing millions of groups, and
+/// nothing but the rows is held), in key order.
+fn reference_groups(batches: &[RecordBatch], mut f: impl FnMut(Group)) {
+    let mut rows: Vec<(i64, i64)> = Vec::new();
     for b in batches {
         let k = b.column(0).as_any().downcast_ref::<Int64Array>();
         let v = b.column(1).as_any().downcast_ref::<Int64Array>();
-        let (Some(k), Some(v)) = (k, v) else {
-            continue;
-        };
-        for (k, v) in k.values().iter().zip(v.values()) {
-            let g = groups.entry(*k).or_default();
-            g.0 += v;
-            g.1 += 1;
+        if let (Some(k), Some(v)) = (k, v) {
+            rows.extend(k.values().iter().copied().zip(v.values().iter().copied()));
         }
     }
-    let mut out: Vec<Group> = groups.into_iter().map(|(k, (s, c))| (k, s, c)).collect();
-    out.sort_unstable();
+    rows.sort_unstable_by_key(|r| r.0);
+    for run in rows.chunk_by(|a, b| a.0 == b.0) {
+        f((run[0].0, run.iter().map(|r| r.1).sum(), run.len() as i64));
+    }
+}
+
+/// The answer computed without DataFusion, sorted by key.
+pub fn reference(batches: &[RecordBatch]) -> Vec<Group> {
+    let mut out = Vec::new();
+    reference_groups(batches, |g| out.push(g));
     out
 }
 
@@ -113,30 +118,10 @@ impl GroupsDigest {
     }
 }
 
-/// The reference's digest, computed by sorting the rows by key (faster
-/// than hashing millions of groups, and the groups are not kept).
+/// The reference's digest (the groups are not kept).
 pub fn reference_digest(batches: &[RecordBatch]) -> GroupsDigest {
-    let mut rows: Vec<(i64, i64)> = Vec::new();
-    for b in batches {
-        let k = b.column(0).as_any().downcast_ref::<Int64Array>();
-        let v = b.column(1).as_any().downcast_ref::<Int64Array>();
-        if let (Some(k), Some(v)) = (k, v) {
-            rows.extend(k.values().iter().copied().zip(v.values().iter().copied()));
-        }
-    }
-    rows.sort_unstable_by_key(|r| r.0);
     let mut d = GroupsDigest::default();
-    let mut at = 0;
-    while at < rows.len() {
-        let k = rows[at].0;
-        let (mut sum, mut count) = (0i64, 0i64);
-        while at < rows.len() && rows[at].0 == k {
-            sum += rows[at].1;
-            count += 1;
-            at += 1;
-        }
-        d.add((k, sum, count));
-    }
+    reference_groups(batches, |g| d.add(g));
     d
 }
 
@@ -218,7 +203,31 @@ fn rows(b: &RecordBatch, mut f: impl FnMut(Group)) -> Result<()> {
 }
 
 /// Runs `SELECT k, SUM(v), COUNT(*) FROM t GROUP BY k` with DataFusion's
-/// memory drawn from `engine`'s budget; returns the groups.
+/// memory drawn from `engine`'s budget, its result streamed (each batch
+/// dropped once read) into `sink` a group at a time; returns the spill
+/// files written and the bytes spilled, summed over the plan.
+pub async fn group_by_into(
+    governor: &MemoryGovernor,
+    engine: EngineId,
+    schema: Arc<Schema>,
+    batches: Vec<RecordBatch>,
+    partitions: usize,
+    spill: Spill,
+    mut sink: impl FnMut(Group),
+) -> Result<(usize, usize)> {
+    use futures::StreamExt;
+    let (ctx, plan) = plan(governor, engine, schema, batches, partitions, spill).await?;
+    let mut stream = execute_stream(plan.clone(), ctx.task_ctx())?;
+    while let Some(b) = stream.next().await {
+        rows(&b?, &mut sink)?;
+    }
+    Ok((
+        plan_sum(&plan, &MetricsSet::spill_count),
+        plan_sum(&plan, &MetricsSet::spilled_bytes),
+    ))
+}
+
+/// The same query's groups, sorted by key.
 pub async fn group_by(
     governor: &MemoryGovernor,
     engine: EngineId,
@@ -227,40 +236,16 @@ pub async fn group_by(
     partitions: usize,
     spill: Spill,
 ) -> Result<GroupByOutcome> {
-    let (ctx, plan) = plan(governor, engine, schema, batches, partitions, spill).await?;
-    let result = collect(plan.clone(), ctx.task_ctx()).await?;
-    let mut out = Vec::new();
-    for b in &result {
-        rows(b, |g| out.push(g))?;
-    }
-    out.sort_unstable();
+    let mut groups = Vec::new();
+    let (spill_count, spilled_bytes) =
+        group_by_into(governor, engine, schema, batches, partitions, spill, |g| {
+            groups.push(g)
+        })
+        .await?;
+    groups.sort_unstable();
     Ok(GroupByOutcome {
-        groups: out,
-        spill_count: plan_sum(&plan, &MetricsSet::spill_count),
-        spilled_bytes: plan_sum(&plan, &MetricsSet::spilled_bytes),
+        groups,
+        spill_count,
+        spilled_bytes,
     })
-}
-
-/// The same query with its result streamed (each batch dropped once
-/// read) into a digest: what it returned and how much it spilled.
-pub async fn group_by_streamed(
-    governor: &MemoryGovernor,
-    engine: EngineId,
-    schema: Arc<Schema>,
-    batches: Vec<RecordBatch>,
-    partitions: usize,
-    spill: Spill,
-) -> Result<(GroupsDigest, usize, usize)> {
-    use futures::StreamExt;
-    let (ctx, plan) = plan(governor, engine, schema, batches, partitions, spill).await?;
-    let mut stream = execute_stream(plan.clone(), ctx.task_ctx())?;
-    let mut digest = GroupsDigest::default();
-    while let Some(b) = stream.next().await {
-        rows(&b?, |g| digest.add(g))?;
-    }
-    Ok((
-        digest,
-        plan_sum(&plan, &MetricsSet::spill_count),
-        plan_sum(&plan, &MetricsSet::spilled_bytes),
-    ))
 }

@@ -6,7 +6,7 @@
 
 use nodedb_governor::{Budget, EngineId, MemoryGovernor};
 use nodedb_governor_demo::query::{
-    GroupByData, GroupsDigest, Spill, group_by, group_by_streamed, reference, reference_digest,
+    GroupByData, GroupsDigest, Spill, group_by, group_by_into, reference, reference_digest,
 };
 
 const MIB: u64 = 1 << 20;
@@ -153,14 +153,16 @@ fn streamed_group_by_spills_and_matches_the_reference_digest() {
     }
     let g = governor();
     let dir = tempdir();
-    let (got, spill_files, spilled_bytes) = runtime()
-        .block_on(group_by_streamed(
+    let mut got = GroupsDigest::default();
+    let (spill_files, spilled_bytes) = runtime()
+        .block_on(group_by_into(
             &g,
             EngineId::Query,
             schema,
             batches,
             2,
             Spill::To(dir.clone()),
+            |grp| got.add(grp),
         ))
         .unwrap();
     assert!(spill_files > 0 && spilled_bytes > 0, "it spilled");

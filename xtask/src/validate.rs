@@ -105,15 +105,9 @@ pub fn write_report(dir: &Path, summary: &Value) -> anyhow::Result<bool> {
     Ok(runs.iter().filter(|r| r["mode"] == "governed").all(met))
 }
 
-/// Whether a governed run met the target: completed with correct results,
-/// no OOM kill, every engine within its budget (in force) + 5%, the
-/// resident set under the ceiling.
+/// Whether a run met the target (as the harness judged it).
 fn met(run: &Value) -> bool {
-    run["completed"] == true
-        && run["correct"] == true
-        && run["oom_kills"].as_u64() == Some(0)
-        && run["within_budgets"] == true
-        && run["under_ceiling"] == true
+    run["target_met"] == true
 }
 
 fn mib(v: &Value) -> u64 {

@@ -400,9 +400,8 @@ fn initramfs(vm_dir: &Path, bins: &[PathBuf], init: &str) -> anyhow::Result<Path
     .context("copying the bundled configuration")?;
     let init_path = dir.join("init");
     fs::write(&init_path, init)?;
-    let init = init_path;
     use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
+    fs::set_permissions(&init_path, fs::Permissions::from_mode(0o755))?;
     let out = vm_dir.join("initrd.gz");
     let status = Command::new("sh")
         .current_dir(&dir)

@@ -61,20 +61,15 @@ fn main() -> anyhow::Result<()> {
     let cap = |e| governor.usage(e).map_or(0, |u| u.cap_bytes);
     // Vector's budget in force, as the agent reports it.
     let budget = || -> u64 {
-        use std::io::{BufRead, BufReader, Write};
-        let ask = || -> Option<u64> {
-            let mut s = std::os::unix::net::UnixStream::connect(&args.admin).ok()?;
-            s.write_all(b"{\"op\":\"status\"}\n").ok()?;
-            let mut line = String::new();
-            BufReader::new(s).read_line(&mut line).ok()?;
-            let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-            v["clients"]
-                .as_array()?
-                .iter()
-                .find(|c| c["pid"] == std::process::id())?["engines"]["vector"]["budget_bytes"]
-                .as_u64()
-        };
-        ask().unwrap_or(0)
+        governed::admin_status(&args.admin)
+            .and_then(|v| {
+                v["clients"]
+                    .as_array()?
+                    .iter()
+                    .find(|c| c["pid"] == std::process::id())?["engines"]["vector"]["budget_bytes"]
+                    .as_u64()
+            })
+            .unwrap_or(0)
     };
     let configured = cap(EngineId::Vector);
 

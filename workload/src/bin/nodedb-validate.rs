@@ -216,18 +216,8 @@ impl Harness {
         Ok(toml::to_string(&c)?)
     }
 
-    /// The agent's status, asked on its admin socket directly (a request
-    /// line, a reply line): sampling costs the workload's CPUs as little
-    /// as it can.
     fn status(&self, run_dir: &Path) -> Option<Value> {
-        use std::io::{BufRead, BufReader, Write};
-        let mut s = std::os::unix::net::UnixStream::connect(run_dir.join("agent.sock")).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        s.write_all(b"{\"op\":\"status\"}\n").ok()?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).ok()?;
-        let v: Value = serde_json::from_str(&line).ok()?;
-        (v["result"] == "status").then_some(v)
+        nodedb_governor_demo::governed::admin_status(&run_dir.join("agent.sock"))
     }
 
     fn start_agent(&self, mode: Mode, run_dir: &Path) -> anyhow::Result<Reaped> {
@@ -409,6 +399,10 @@ impl Harness {
             "correct": correct,
             "within_budgets": within,
             "under_ceiling": peak_rss < ceiling,
+            // The target (judged for the governed run): completed with
+            // correct results, no OOM kill, every engine within its budget
+            // in force + 5%, the resident set under the ceiling.
+            "target_met": completed && correct && oom_kills == 0 && within && peak_rss < ceiling,
             "engines": engines,
             "workload": result,
             "timeline": timeline,
@@ -442,15 +436,6 @@ impl Harness {
     }
 }
 
-/// Whether a governed run met the target.
-fn met(run: &Value) -> bool {
-    run["completed"] == true
-        && run["correct"] == true
-        && run["oom_kills"] == 0
-        && run["within_budgets"] == true
-        && run["under_ceiling"] == true
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
@@ -474,12 +459,10 @@ fn main() -> anyhow::Result<()> {
         serde_json::to_vec_pretty(&summary)?,
     )?;
     println!("NODEDB-VALIDATE-RESULT {summary}");
-    let missed: Vec<&str> = runs
+    if runs
         .iter()
-        .filter(|r| r["mode"] == "governed" && !met(r))
-        .map(|_| "governed")
-        .collect();
-    if !missed.is_empty() {
+        .any(|r| r["mode"] == "governed" && r["target_met"] != true)
+    {
         bail!("the governed run missed the target (see summary.json)");
     }
     Ok(())

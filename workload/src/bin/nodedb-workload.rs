@@ -270,13 +270,15 @@ fn main() -> anyhow::Result<()> {
             let t0 = Instant::now();
             // The result is streamed into a digest, as a database streams
             // it to its client.
-            let (got, spill_files, spilled_bytes) = rt.block_on(query::group_by_streamed(
+            let mut got = query::GroupsDigest::default();
+            let (spill_files, spilled_bytes) = rt.block_on(query::group_by_into(
                 governor,
                 EngineId::Query,
                 schema,
                 batches,
                 args.partitions,
                 Spill::To(args.dir.clone()),
+                |g| got.add(g),
             ))?;
             let took = t0.elapsed();
             drop(served);

@@ -52,7 +52,7 @@ enum Task {
         #[arg(long, default_value_t = 1800)]
         timeout_secs: u64,
         /// The validation runs in each VM (nodedb-validate --modes:
-        /// governed, ungoverned, ample, baseline); `none` for none.
+        /// governed, ungoverned, ample, roomy, baseline); `none` for none.
         #[arg(long, value_delimiter = ',', default_values_t = ["governed".to_owned(), "ungoverned".to_owned(), "ample".to_owned()])]
         validate: Vec<String>,
         /// Arguments for nodedb-workload in the VMs (sizes), after `--`
@@ -62,14 +62,14 @@ enum Task {
     },
     /// The validation on this host: the mixed workload governed,
     /// ungoverned (observed, the same ceiling), observed with ample memory,
-    /// and without an agent; report, summary and timeline plot under
+    /// governed with ample memory, and without an agent; report, summary and timeline plot under
     /// target/validate/<kernel>/.
     Validate {
         /// Time limit per run, in seconds.
         #[arg(long, default_value_t = 1800)]
         timeout_secs: u64,
         /// The runs (nodedb-validate --modes).
-        #[arg(long, value_delimiter = ',', default_values_t = ["governed".to_owned(), "ungoverned".to_owned(), "ample".to_owned(), "baseline".to_owned()])]
+        #[arg(long, value_delimiter = ',', default_values_t = ["governed".to_owned(), "ungoverned".to_owned(), "ample".to_owned(), "roomy".to_owned(), "baseline".to_owned()])]
         modes: Vec<String>,
         /// Arguments for nodedb-workload (sizes), after `--`.
         #[arg(last = true)]

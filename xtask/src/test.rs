@@ -131,7 +131,7 @@ pub fn test() -> anyhow::Result<()> {
     if cmd::is_root() || ci {
         step("the validation on this host (cgroup v1 fallback where the host has it)");
         crate::validate::validate(&crate::validate::Options {
-            modes: ["governed", "ungoverned", "ample", "baseline"]
+            modes: ["governed", "ungoverned", "ample", "roomy", "baseline"]
                 .map(str::to_owned)
                 .to_vec(),
             workload_args: Vec::new(),

@@ -7,6 +7,8 @@
 //! - `ungoverned`: the agent only observes, with the same ceiling;
 //! - `ample`: the agent only observes, with 16 times the ceiling (what
 //!   each engine takes when nothing holds it back);
+//! - `roomy`: the agent enforces, with 16 times the ceiling (nothing has
+//!   to give: against `ample`, the cost of the machinery alone);
 //! - `baseline`: no agent, no ceiling (the throughput reference).
 //!
 //! Writes `summary.json`, `report.md` and `timeline.svg` (plotters) under
@@ -194,15 +196,31 @@ fn report(summary: &Value) -> String {
     if let Some(b) = run(&runs, "baseline").map(|b| &b["workload"])
         && b.is_object()
     {
-        let others: Vec<&Value> = ["governed", "ample"]
+        let others: Vec<&Value> = ["governed", "roomy", "ample"]
             .iter()
             .filter_map(|m| run(&runs, m))
             .filter(|r| r["workload"].is_object())
             .collect();
+        let pair = |a: &str, b: &str| {
+            Some((run(&runs, a)?, run(&runs, b)?))
+                .filter(|(x, y)| x["workload"].is_object() && y["workload"].is_object())
+        };
+        // The cost of governance as the validation defines it: governed
+        // against ungoverned with ample memory; and the machinery's part of
+        // it (roomy against ample: nothing had to give).
+        let costs: Vec<(&str, &Value, &Value)> = [
+            ("governed / ample", "governed", "ample"),
+            ("roomy / ample", "roomy", "ample"),
+        ]
+        .into_iter()
+        .filter_map(|(label, a, b)| pair(a, b).map(|(x, y)| (label, x, y)))
+        .collect();
         if !others.is_empty() {
             s.push_str(
                 "\nThroughput against the baseline (no agent, no ceiling; same data, same run of the harness): \
-                 the ratio is the run's rate over the baseline's (1.00 = as fast).\n\n| engine | baseline |",
+                 the ratio is the run's rate over the baseline's (1.00 = as fast). \
+                 The last columns are the cost of governance: governed against ample (ungoverned, ample memory), \
+                 and roomy against ample (governed with ample memory: the machinery alone, with nothing to spill).\n\n| engine | baseline |",
             );
             for o in &others {
                 s.push_str(&format!(
@@ -210,9 +228,15 @@ fn report(summary: &Value) -> String {
                     o["mode"].as_str().unwrap_or_default()
                 ));
             }
+            for (label, _, _) in &costs {
+                s.push_str(&format!(" {label} |"));
+            }
             s.push_str("\n|---|---:|");
             for _ in &others {
                 s.push_str("---:|---:|");
+            }
+            for _ in &costs {
+                s.push_str("---:|");
             }
             s.push('\n');
             for (name, path) in [
@@ -227,11 +251,15 @@ fn report(summary: &Value) -> String {
                 ),
                 ("query GROUP BY (rows/s)", ["query", "rows_per_second"]),
             ] {
+                let rate = |r: &Value| r["workload"][path[0]][path[1]].as_f64().unwrap_or(0.0);
                 let bv = b[path[0]][path[1]].as_f64().unwrap_or(0.0);
                 s.push_str(&format!("| {name} | {bv:.0} |"));
                 for o in &others {
-                    let v = o["workload"][path[0]][path[1]].as_f64().unwrap_or(0.0);
+                    let v = rate(o);
                     s.push_str(&format!(" {v:.0} | {:.2} |", v / bv.max(1e-9)));
+                }
+                for (_, x, y) in &costs {
+                    s.push_str(&format!(" {:.2} |", rate(x) / rate(y).max(1e-9)));
                 }
                 s.push('\n');
             }

@@ -8,6 +8,10 @@
 //! - `ample`: the agent only observes, and the ceiling is 16 times larger:
 //!   what each engine takes when nothing holds it back, against its
 //!   budget;
+//! - `roomy`: the agent enforces, with the ample run's ceiling: nothing
+//!   has to give, so against `ample` it is the cost of the governor's
+//!   machinery alone (reservations, control loop, enforcement), apart
+//!   from the cost of the spilling a tight ceiling forces;
 //! - `baseline`: no agent at all and no ceiling: ample memory, for the
 //!   throughput cost of governance (tracing included).
 //!
@@ -48,6 +52,7 @@ enum Mode {
     Governed,
     Ungoverned,
     Ample,
+    Roomy,
     Baseline,
 }
 
@@ -57,6 +62,7 @@ impl Mode {
             Mode::Governed => "governed",
             Mode::Ungoverned => "ungoverned",
             Mode::Ample => "ample",
+            Mode::Roomy => "roomy",
             Mode::Baseline => "baseline",
         }
     }
@@ -81,7 +87,7 @@ struct Args {
     #[arg(long, default_value = "/tmp/nodedb-validate")]
     scratch: PathBuf,
     /// The runs, in order.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Mode::Governed, Mode::Ungoverned, Mode::Ample, Mode::Baseline])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Mode::Governed, Mode::Ungoverned, Mode::Ample, Mode::Roomy, Mode::Baseline])]
     modes: Vec<Mode>,
     /// Time limit per run, seconds.
     #[arg(long, default_value_t = 1800)]
@@ -206,8 +212,11 @@ impl Harness {
         c.insert("run_dir".into(), run_dir.display().to_string().into());
         c.remove("control_socket");
         c.remove("metrics_addr");
-        c.insert("enforce".into(), (mode == Mode::Governed).into());
-        if mode == Mode::Ample {
+        c.insert(
+            "enforce".into(),
+            matches!(mode, Mode::Governed | Mode::Roomy).into(),
+        );
+        if matches!(mode, Mode::Ample | Mode::Roomy) {
             c.insert(
                 "ceiling".into(),
                 toml::Value::Integer(i64::try_from(self.ceiling() * 16)?),

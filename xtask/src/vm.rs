@@ -288,18 +288,7 @@ fn debian_kernel(cache: &Path, series: &str) -> anyhow::Result<PathBuf> {
     }
     step(&format!("downloading {package}"));
     let dl = cache.join("download");
-    let _ = fs::remove_dir_all(&dl);
-    fs::create_dir_all(&dl)?;
-    cmd::run(
-        Command::new("apt-get")
-            .current_dir(&dl)
-            .args(["download", &package]),
-    )?;
-    let deb = fs::read_dir(&dl)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .context("apt-get download left no .deb")?;
+    let deb = apt_download(&dl, &package)?;
     let unpack = cache.join(format!("{package}.tmp"));
     let _ = fs::remove_dir_all(&unpack);
     cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpack))?;
@@ -311,7 +300,7 @@ fn debian_kernel(cache: &Path, series: &str) -> anyhow::Result<PathBuf> {
     for e in fs::read_dir(&boot)?.flatten() {
         let name = e.file_name();
         // System.map names where a frozen guest's CPUs are (Debian's is a
-        // stub: see real_system_map).
+        // one-line placeholder: see real_system_map).
         let n = name.to_string_lossy();
         if n.starts_with("vmlinuz-") || n.starts_with("System.map-") {
             fs::copy(e.path(), dir.join(&name))?;
@@ -322,26 +311,40 @@ fn debian_kernel(cache: &Path, series: &str) -> anyhow::Result<PathBuf> {
     find_vmlinuz(&dir).with_context(|| format!("{package} has no boot/vmlinuz-*"))
 }
 
-fn system_map(dir: &Path) -> Option<PathBuf> {
+/// `apt-get download package` into a fresh `dir`; returns the .deb.
+fn apt_download(dir: &Path, package: &str) -> anyhow::Result<PathBuf> {
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir)?;
+    cmd::run(
+        Command::new("apt-get")
+            .current_dir(dir)
+            .args(["download", package]),
+    )?;
+    fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download left no .deb")
+}
+
+/// The file in `dir` whose name starts with `prefix`.
+fn file_named(dir: &Path, prefix: &str) -> Option<PathBuf> {
     fs::read_dir(dir)
         .ok()?
         .flatten()
         .map(|e| e.path())
         .find(|p| {
             p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("System.map-"))
+                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
         })
 }
 
+fn system_map(dir: &Path) -> Option<PathBuf> {
+    file_named(dir, "System.map-")
+}
+
 fn find_vmlinuz(dir: &Path) -> Option<PathBuf> {
-    fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
+    file_named(dir, "vmlinuz-")
 }
 
 const INIT_HEAD: &str = r#"#!/bin/busybox sh
@@ -647,7 +650,7 @@ fn frozen_cpus(monitor: &Path, kernel: &Path) -> String {
 }
 
 /// The text of the kernel's real System.map. Debian's image package
-/// carries a one-line stub; the real one is in the `-dbg` package (280 MB),
+/// carries a one-line placeholder; the real one is in the `-dbg` package (280 MB),
 /// fetched only when a guest froze and cached next to the kernel.
 fn real_system_map(dir: &Path) -> anyhow::Result<String> {
     let map = system_map(dir).context("no System.map next to the kernel")?;
@@ -659,22 +662,13 @@ fn real_system_map(dir: &Path) -> anyhow::Result<String> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .filter(|n| n.starts_with("linux-image-"))
-        .context("System.map is Debian's stub and the kernel is not a Debian package")?;
+        .context(
+            "System.map is Debian's one-line placeholder and the kernel is not a Debian package",
+        )?;
     let dbg = format!("{package}-dbg");
     step(&format!("fetching {dbg} for the kernel's symbols"));
     let dl = dir.join("download");
-    let _ = fs::remove_dir_all(&dl);
-    fs::create_dir_all(&dl)?;
-    cmd::run(
-        Command::new("apt-get")
-            .current_dir(&dl)
-            .args(["download", &dbg]),
-    )?;
-    let deb = fs::read_dir(&dl)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .context("apt-get download left no .deb")?;
+    let deb = apt_download(&dl, &dbg)?;
     let member = format!(
         "./usr/lib/debug/boot/{}",
         map.file_name()

@@ -13,11 +13,14 @@
 //!    `vm-check`.
 //! 5. Boots each kernel under TCG (KVM hangs on these hosts), reads the
 //!    serial console, and takes the verdict and the JSON result from it.
-//!    A hard time limit kills qemu; a panic, a hang or a failed check fails
-//!    the task with the console's tail. The guest prints a heartbeat every
-//!    15 s: after 2 min of silence it is frozen, and the harness prints
-//!    where its vCPUs are (RIPs from the qemu monitor, named from the
-//!    kernel's System.map) and boots it once more; a second freeze fails.
+//!    A hard time limit kills qemu; a hang or a failed check fails the
+//!    task with the console's tail. A guest lost to its kernel is booted
+//!    once more after the evidence is printed, and a second loss fails:
+//!    one that froze (it prints a heartbeat every 15 s; after 2 min of
+//!    silence the harness prints where its vCPUs are, RIPs from the qemu
+//!    monitor named from the kernel's System.map), and one that stopped
+//!    before its script ended (a panic makes qemu exit: qemu's status and
+//!    the console's tail).
 
 use std::{
     fs,
@@ -124,16 +127,19 @@ pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
     for k in &kernels {
         step(&format!("booting {} under TCG", k.display()));
         let mut booted = boot(k, &initrd, opts.timeout, &vm_dir);
-        // A guest that froze (seen once in ~20 boots of 6.1 under TCG,
-        // before any test output) is booted once more, after its vCPUs'
-        // whereabouts are printed; a second freeze fails.
+        // A guest lost to its kernel (a freeze, seen once in ~20 boots of
+        // 6.1 under TCG before any test output; a guest that stopped
+        // before its script ended, once on 6.12 right after vm-check) is
+        // booted once more, after the evidence is printed; a second loss
+        // fails.
         if let Err(e) = &booted
-            && e.downcast_ref::<Frozen>().is_some()
+            && let Some(lost) = e.downcast_ref::<Lost>()
         {
+            let what = lost.what;
             eprintln!("    {e:#}");
-            step(&format!("booting {} again (the guest froze)", k.display()));
+            step(&format!("booting {} again (the guest {what})", k.display()));
             booted = boot(k, &initrd, opts.timeout, &vm_dir).map(|(mut result, validation)| {
-                result["frozen_boots"] = 1.into();
+                result["lost_boot"] = what.into();
                 (result, validation)
             });
         }
@@ -171,10 +177,9 @@ pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
                 summary.push(format!(
                     "{kernel}: {}{}",
                     if passed { "passed" } else { "FAILED" },
-                    if result["frozen_boots"] == 1 {
-                        " (on a second boot: the first froze)"
-                    } else {
-                        ""
+                    match result["lost_boot"].as_str() {
+                        Some(what) => format!(" (on a second boot: the first {what})"),
+                        None => String::new(),
                     }
                 ));
                 if !passed {
@@ -183,7 +188,11 @@ pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
             }
             Err(e) => {
                 eprintln!("    {e:#}");
-                summary.push(format!("{}: FAILED ({e})", k.display()));
+                summary.push(format!(
+                    "{}: FAILED ({})",
+                    k.display(),
+                    e.to_string().lines().next().unwrap_or_default()
+                ));
                 failed.push(k.display().to_string());
             }
         }
@@ -515,11 +524,7 @@ fn boot(
         .spawn()
         .context("starting qemu")?;
     let started = Instant::now();
-    let tail = |n: usize| {
-        let text = fs::read_to_string(&console).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    };
+    let tail = |n: usize| console_tail(&fs::read_to_string(&console).unwrap_or_default(), n);
     let mut booted = false;
     let (mut seen, mut last_output) = (0, Instant::now());
     loop {
@@ -532,28 +537,52 @@ fn boot(
             booted = true;
             eprintln!("    {l} ({:.1} s)", started.elapsed().as_secs_f64());
         }
-        let exited = qemu.try_wait()?.is_some();
-        if text.contains("NODEDB-VM-EXIT") || exited {
-            if !exited {
-                // poweroff -f follows; give it a moment.
-                let deadline = Instant::now() + Duration::from_secs(20);
-                while qemu.try_wait()?.is_none() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(100));
+        let exited = qemu.try_wait()?;
+        if text.contains("NODEDB-VM-EXIT") || exited.is_some() {
+            let status = match exited {
+                Some(s) => s,
+                None => {
+                    // poweroff -f follows; give it a moment.
+                    let deadline = Instant::now() + Duration::from_secs(20);
+                    while qemu.try_wait()?.is_none() && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    let _ = qemu.kill();
+                    qemu.wait()?
                 }
-                let _ = qemu.kill();
-                let _ = qemu.wait();
-            }
+            };
             let _ = std::io::stderr().flush();
             let _ = fs::remove_file(&scratch);
+            // All qemu wrote, read after it stopped.
+            let text = fs::read_to_string(&console).unwrap_or_default();
             let line = |tag: &str| {
                 text.lines()
                     .find_map(|l| l.split_once(tag).map(|(_, j)| j.to_owned()))
             };
+            if !text.contains("NODEDB-VM-EXIT") {
+                // A guest panic (oops=panic, panic=-1 and -no-reboot make
+                // qemu exit) or qemu's own death.
+                return Err(Lost {
+                    what: "stopped early",
+                    evidence: format!(
+                        "the guest stopped after {:.0} s, before its script ended (qemu: {status}); console tail:\n{}",
+                        started.elapsed().as_secs_f64(),
+                        console_tail(&text, 60)
+                    ),
+                }
+                .into());
+            }
             let validation = line("NODEDB-VALIDATE-RESULT ")
                 .map(|j| serde_json::from_str(&j).context("the validation's result"))
                 .transpose()?;
             if let Some(exit) = line("NODEDB-VALIDATE-EXIT ") {
                 eprintln!("    validation exit: {exit}");
+                if exit.trim() != "0" {
+                    eprintln!(
+                        "    the validation's console tail:\n{}",
+                        console_tail(&text, 40)
+                    );
+                }
             }
             return match line("NODEDB-VM-RESULT ") {
                 Some(j) => {
@@ -565,7 +594,7 @@ fn boot(
                 }
                 None => bail!(
                     "the VM stopped without a result; console tail:\n{}",
-                    tail(40)
+                    console_tail(&text, 40)
                 ),
             };
         }
@@ -576,12 +605,15 @@ fn boot(
             let _ = qemu.kill();
             let _ = qemu.wait();
             let _ = fs::remove_file(&scratch);
-            return Err(Frozen(format!(
-                "the guest froze: no console output for {STALL:?} (the heartbeat is every 15 s) \
-                 after {:.0} s; its CPUs:\n{cpus}\nconsole tail:\n{}",
-                started.elapsed().as_secs_f64(),
-                tail(40)
-            ))
+            return Err(Lost {
+                what: "froze",
+                evidence: format!(
+                    "the guest froze: no console output for {STALL:?} (the heartbeat is every \
+                     15 s) after {:.0} s; its CPUs:\n{cpus}\nconsole tail:\n{}",
+                    started.elapsed().as_secs_f64(),
+                    tail(40)
+                ),
+            }
             .into());
         }
         if started.elapsed() > timeout {
@@ -596,17 +628,36 @@ fn boot(
     }
 }
 
-/// A booted guest that went silent: the harness boots it once more.
-#[derive(Debug)]
-struct Frozen(String);
+/// The last `n` lines of the console, each cut at 300 characters (the
+/// JSON results are one long line each).
+fn console_tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| match l.char_indices().nth(300) {
+            Some((i, _)) => format!("{}…", &l[..i]),
+            None => (*l).to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
 
-impl std::fmt::Display for Frozen {
+/// A guest lost to its kernel, not to a failed check: one that went
+/// silent (`froze`) or stopped before its script ended (`stopped early`).
+/// The harness boots it once more.
+#[derive(Debug)]
+struct Lost {
+    what: &'static str,
+    evidence: String,
+}
+
+impl std::fmt::Display for Lost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.evidence)
     }
 }
 
-impl std::error::Error for Frozen {}
+impl std::error::Error for Lost {}
 
 /// Where a frozen guest's vCPUs are: three samples of each vCPU's RIP from
 /// the qemu monitor, named from the kernel's System.map (the guest boots

@@ -129,7 +129,7 @@ fn report(summary: &Value) -> String {
         .unwrap_or("none");
     let mut s = format!(
         "Kernel {kernel} ({backend}); the bundled configuration's ceiling ({} MiB) and budgets; workload `{}`.\n\n\
-         Per engine: peak attributed resident / configured budget, MiB; in brackets, the governed run's peak against the budget in force (the configured budget moved by loans; for 1 s after a loan is taken back, the larger budget, while the borrower spills), the other runs' against the configured budget. \
+         Per engine: peak attributed resident / configured budget, MiB; in brackets, the governed run's peak against the budget in force (the configured budget moved by loans; for {} s after a loan is taken back, the larger budget, while the borrower spills), the other runs' against the configured budget. \
          Peak RSS: the workload process's resident set.\n\n\
          | run | vector | timeseries | query | peak RSS / ceiling | OOM kills | outcome |\n|---|---:|---:|---:|---:|---:|---|\n",
         mib(&summary["config"]["ceiling_bytes"]),
@@ -142,6 +142,7 @@ fn report(summary: &Value) -> String {
                 .join(" "))
             .filter(|a| !a.is_empty())
             .unwrap_or_else(|| "defaults".to_owned()),
+        summary["loan_grace_seconds"].as_f64().unwrap_or(1.0),
     );
     for r in &runs {
         let mode = r["mode"].as_str().unwrap_or_default();

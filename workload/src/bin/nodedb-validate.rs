@@ -43,9 +43,6 @@ const ENGINES: [&str; 3] = ["vector", "timeseries", "query"];
 /// How far over its budget an engine may peak (the agent acts on what the
 /// kernel reports, a tick late).
 const BUDGET_SLACK: f64 = 1.05;
-/// Seconds a borrower keeps the larger budget, in the judgement, after a
-/// lender takes its loan back (the ladder's spill takes a tick or two).
-const LOAN_GRACE: f64 = 1.0;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -95,6 +92,13 @@ struct Args {
     /// Sampling interval, milliseconds.
     #[arg(long, default_value_t = 200)]
     interval_ms: u64,
+    /// How long a borrower keeps the larger budget, in the judgement, after
+    /// a lender takes its loan back, from the first sample that shows the
+    /// smaller one, in milliseconds: the borrower's spill (a flush, a
+    /// segment written out) plus the arena's purge. Under TCG a timeseries
+    /// flush alone takes over 1 s.
+    #[arg(long, default_value_t = 1000)]
+    loan_grace_ms: u64,
     /// Arguments for nodedb-workload (sizes), after `--`.
     #[arg(last = true)]
     workload: Vec<String>,
@@ -357,23 +361,9 @@ impl Harness {
             // configured one moved by loans (an idle engine lends to a busy
             // one; the sum of budgets never changes). A lender takes its
             // loan back at once, and the borrower then has to spill: for
-            // `LOAN_GRACE` after a budget drops, the larger one holds.
-            let ratios: Vec<f64> = timeline
-                .iter()
-                .enumerate()
-                .filter_map(|(i, p)| {
-                    let r = p[e]["resident_bytes"].as_u64()?;
-                    let t = p["t"].as_f64()?;
-                    let b = timeline[..=i]
-                        .iter()
-                        .rev()
-                        .take_while(|q| q["t"].as_f64().is_some_and(|u| t - u <= LOAN_GRACE))
-                        .filter_map(|q| q[e]["budget_bytes"].as_u64())
-                        .max()
-                        .filter(|b| *b > 0)?;
-                    Some(r as f64 / b as f64)
-                })
-                .collect();
+            // the loan grace after a budget drops, the larger one holds.
+            let grace = self.args.loan_grace_ms as f64 / 1000.0;
+            let ratios = in_force_ratios(&timeline, e, grace);
             let in_force = ratios.iter().copied().fold(0.0, f64::max);
             let over_in_force = ratios.iter().filter(|r| **r > BUDGET_SLACK).count();
             within &= in_force <= BUDGET_SLACK;
@@ -461,6 +451,7 @@ fn main() -> anyhow::Result<()> {
         "kernel": kernel,
         "config": harness.resolved,
         "workload_args": harness.args.workload,
+        "loan_grace_seconds": harness.args.loan_grace_ms as f64 / 1000.0,
         "runs": runs,
     });
     fs::write(
@@ -475,4 +466,71 @@ fn main() -> anyhow::Result<()> {
         bail!("the governed run missed the target (see summary.json)");
     }
     Ok(())
+}
+
+/// Each sample's resident bytes of `engine` over its budget in force: the
+/// largest budget among the samples within `grace` seconds before it and
+/// the last sample before those (its budget held until the next sample,
+/// so a drop first seen at `t` is not judged before `t + grace`).
+fn in_force_ratios(timeline: &[Value], engine: &str, grace: f64) -> Vec<f64> {
+    timeline
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            let r = p[engine]["resident_bytes"].as_u64()?;
+            let t = p["t"].as_f64()?;
+            let window = timeline[..=i]
+                .iter()
+                .rev()
+                .take_while(|q| q["t"].as_f64().is_some_and(|u| t - u < grace))
+                .count();
+            let b = timeline[i + 1 - (window + 1).min(i + 1)..=i]
+                .iter()
+                .filter_map(|q| q[engine]["budget_bytes"].as_u64())
+                .max()
+                .filter(|b| *b > 0)?;
+            Some(r as f64 / b as f64)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(t: f64, resident: u64, budget: u64) -> Value {
+        json!({"t": t, "ts": {"resident_bytes": resident, "budget_bytes": budget}})
+    }
+
+    #[test]
+    fn a_borrower_is_judged_on_the_larger_budget_for_the_grace_after_a_recall() {
+        // A loan (600) taken back at 1.0 s (400): the borrower holds 480
+        // until it has spilled at 2.5 s.
+        let timeline = [
+            sample(0.0, 450, 600),
+            sample(0.5, 480, 600),
+            sample(1.0, 480, 400),
+            sample(1.5, 480, 400),
+            sample(2.0, 480, 400),
+            sample(2.5, 380, 400),
+        ];
+        let over = |grace| {
+            in_force_ratios(&timeline, "ts", grace)
+                .iter()
+                .map(|r| *r > 1.05)
+                .collect::<Vec<_>>()
+        };
+        // Within 2 s of the drop first seen at 1.0 s, the 600 holds.
+        assert_eq!(over(2.0), [false; 6]);
+        // With 0.75 s, 1.0 and 1.5 s hold it (0.5 s is the last sample
+        // before their window), 2.0 s is judged on 400: 120%.
+        assert_eq!(over(0.75), [false, false, false, false, true, false]);
+        let at_2 = in_force_ratios(&timeline, "ts", 0.75)[4];
+        assert!((at_2 - 1.2).abs() < 1e-9, "{at_2}");
+        // A budget that grows again is in force at once.
+        assert_eq!(
+            in_force_ratios(&[sample(0.0, 100, 200), sample(0.1, 100, 100)], "ts", 0.0),
+            [0.5, 1.0]
+        );
+    }
 }

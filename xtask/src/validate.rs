@@ -142,7 +142,7 @@ fn report(summary: &Value) -> String {
                 .join(" "))
             .filter(|a| !a.is_empty())
             .unwrap_or_else(|| "defaults".to_owned()),
-        summary["loan_grace_seconds"].as_f64().unwrap_or(1.0),
+        summary["loan_grace_seconds"],
     );
     for r in &runs {
         let mode = r["mode"].as_str().unwrap_or_default();

@@ -316,8 +316,8 @@ fn debian_kernel(cache: &Path, series: &str) -> anyhow::Result<PathBuf> {
     fs::create_dir_all(&dir)?;
     for e in fs::read_dir(&boot)?.flatten() {
         let name = e.file_name();
-        // System.map names where a frozen guest's CPUs are (Debian's is a
-        // one-line placeholder: see real_system_map).
+        // System.map names where a frozen guest's CPUs are (Debian's has
+        // one line, pointing to the -dbg package: see real_system_map).
         let n = name.to_string_lossy();
         if n.starts_with("vmlinuz-") || n.starts_with("System.map-") {
             fs::copy(e.path(), dir.join(&name))?;
@@ -708,9 +708,9 @@ fn frozen_cpus(monitor: &Path, kernel: &Path) -> String {
     out
 }
 
-/// The text of the kernel's real System.map. Debian's image package
-/// carries a one-line placeholder; the real one is in the `-dbg` package (280 MB),
-/// fetched only when a guest froze and cached next to the kernel.
+/// The text of the kernel's full System.map. The one in Debian's image
+/// package is a single line pointing to the `-dbg` package (280 MB), which
+/// is fetched only when a guest froze; its map is cached next to the kernel.
 fn real_system_map(dir: &Path) -> anyhow::Result<String> {
     let map = system_map(dir).context("no System.map next to the kernel")?;
     let text = fs::read_to_string(&map)?;
@@ -722,7 +722,7 @@ fn real_system_map(dir: &Path) -> anyhow::Result<String> {
         .map(|n| n.to_string_lossy().into_owned())
         .filter(|n| n.starts_with("linux-image-"))
         .context(
-            "System.map is Debian's one-line placeholder and the kernel is not a Debian package",
+            "System.map has one line (Debian's points to the -dbg package) and the kernel is not a Debian package",
         )?;
     let dbg = format!("{package}-dbg");
     step(&format!("fetching {dbg} for the kernel's symbols"));

@@ -484,7 +484,7 @@ fn in_force_ratios(timeline: &[Value], engine: &str, grace: f64) -> Vec<f64> {
                 .rev()
                 .take_while(|q| q["t"].as_f64().is_some_and(|u| t - u < grace))
                 .count();
-            let b = timeline[i + 1 - (window + 1).min(i + 1)..=i]
+            let b = timeline[i.saturating_sub(window)..=i]
                 .iter()
                 .filter_map(|q| q[engine]["budget_bytes"].as_u64())
                 .max()

@@ -210,11 +210,3 @@ pub fn trim_malloc() {
     // SAFETY: no preconditions.
     unsafe { libc::malloc_trim(0) };
 }
-
-/// VmRSS of this process in bytes (anon + file + shmem, as the kernel sums
-/// it), read the way the agent reads it.
-pub fn vm_rss_bytes() -> u64 {
-    nodedb_governor::agent::procfs::rss_breakdown(std::process::id())
-        .map(|b| b.total())
-        .unwrap_or(0)
-}

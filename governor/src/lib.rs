@@ -1,8 +1,10 @@
 //! # nodedb-governor
 //!
 //! A memory governor for multi-engine database processes: per-engine budgets
-//! under a global ceiling, enforced cooperatively in the process, and
-//! (behind the `agent` feature) attributed and enforced by the kernel.
+//! under a global ceiling, enforced cooperatively in the process. The agent
+//! (`nodedb-governor-agent`, a crate of its own) adds the kernel's
+//! attribution and enforcement; a database that embeds this library pulls in
+//! none of it.
 //!
 //! ## The reservation protocol
 //! Every engine (vector search, timeseries, the SQL engine, ...) asks the
@@ -185,11 +187,17 @@
 //! * `fault-injection`: [`MemoryGovernor::refuse_nth_reservation`] refuses
 //!   the Nth reservation, to test callers' refusal paths.
 //!
+//! * `control`: [`control::AgentLink`], the library's end of the control
+//!   channel to the agent (thread registration, pressure, spill, purge and
+//!   budget requests); [`control::wire`] is the frame format both ends
+//!   speak.
+//!
 //! ## The agent
-//! With the `agent` feature (on by default; a database that only embeds the
-//! library builds with `default-features = false`), [`agent`] holds the
-//! privileged agent: eBPF attribution of resident memory to engines, the
-//! cgroup subtree it owns, and its interfaces.
+//! The privileged agent (the `nodedb-governor` binary of the
+//! `nodedb-governor-agent` crate) attributes resident memory to engines
+//! with eBPF, owns the cgroup subtree, and drives this library through
+//! [`control::AgentLink`]. Without it the library governs alone: that is the
+//! embedded default.
 
 #[cfg(feature = "jemalloc")]
 pub mod arena;
@@ -220,6 +228,3 @@ pub use pressure::{PressureChange, PressureLevel, PressureThresholds, Thresholds
 pub use spill::{
     HandlerRegistration, SpillAction, SpillConfig, SpillController, SpillHandler, SpillReport,
 };
-
-#[cfg(feature = "agent")]
-pub mod agent;

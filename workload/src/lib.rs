@@ -4,8 +4,10 @@
 //! - [`timeseries`]: raw point buffers flushed as Gorilla segments
 //!   ([`gorilla`]).
 //!
-//! The SQL engine is DataFusion through the library's memory pool.
+//! - [`query`]: the SQL engine, a DataFusion `GROUP BY` through the
+//!   library's memory pool, spilling to disk when refused.
 
 pub mod gorilla;
+pub mod query;
 pub mod timeseries;
 pub mod vector;

@@ -21,7 +21,6 @@ pub fn bench(rounds: u32) -> anyhow::Result<()> {
         "bench",
         "-p",
         "nodedb-governor",
-        "--no-default-features",
         "--features",
         "datafusion",
         "--bench",
@@ -32,7 +31,7 @@ pub fn bench(rounds: u32) -> anyhow::Result<()> {
         "build",
         "--release",
         "-p",
-        "nodedb-governor-demo",
+        "nodedb-governor-testkit",
         "--bin",
         "tracing-cost",
     ]))?;

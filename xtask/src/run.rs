@@ -47,7 +47,7 @@ pub fn run(seconds: Option<u64>) -> anyhow::Result<()> {
         "build",
         "--release",
         "-p",
-        "nodedb-governor",
+        "nodedb-governor-agent",
         "-p",
         "nodedb-governor-demo",
     ]))?;

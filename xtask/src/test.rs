@@ -21,12 +21,11 @@ pub fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    step("clippy (library without the agent)");
+    step("clippy (the library alone, no features)");
     cmd::run(Command::new("cargo").current_dir(&root).args([
         "clippy",
         "-p",
         "nodedb-governor",
-        "--no-default-features",
         "--all-targets",
         "--",
         "-D",
@@ -37,9 +36,8 @@ pub fn test() -> anyhow::Result<()> {
         "clippy",
         "-p",
         "nodedb-governor",
-        "--no-default-features",
         "--features",
-        "datafusion,fault-injection,metrics,jemalloc",
+        "control,datafusion,fault-injection,metrics,jemalloc",
         "--all-targets",
         "--",
         "-D",
@@ -84,7 +82,6 @@ pub fn test() -> anyhow::Result<()> {
         "test",
         "-p",
         "nodedb-governor",
-        "--no-default-features",
         "--features",
         "fault-injection,metrics,jemalloc,datafusion",
         "--test",
@@ -104,7 +101,6 @@ pub fn test() -> anyhow::Result<()> {
                 "test",
                 "-p",
                 "nodedb-governor",
-                "--no-default-features",
                 "--test",
                 "loom",
                 "--release",

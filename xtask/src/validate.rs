@@ -40,7 +40,7 @@ pub fn validate(opts: &Options) -> anyhow::Result<()> {
         "build",
         "-q",
         "-p",
-        "nodedb-governor",
+        "nodedb-governor-agent",
         "--bin",
         "nodedb-governor",
         "-p",

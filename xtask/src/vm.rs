@@ -36,7 +36,7 @@ use crate::cmd::{self, step};
 
 /// The binaries the VM runs.
 const AGENT: &str = "nodedb-governor";
-const DEMO_BINS: &[&str] = &["vm-check", "breach-probe", "hold-probe"];
+const PROBE_BINS: &[&str] = &["vm-check", "breach-probe", "hold-probe"];
 const WORKLOAD_BINS: &[&str] = &["nodedb-workload", "nodedb-validate"];
 /// The VM's memory: the bundled 1 GiB ceiling, and room for the `ample`
 /// run (which takes what it wants) and the initramfs.
@@ -94,17 +94,18 @@ pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
         "build",
         "-q",
         "-p",
-        "nodedb-governor",
+        "nodedb-governor-agent",
         "--bin",
         AGENT,
     ]))?;
-    let mut demo = Command::new("cargo");
-    demo.current_dir(&root)
-        .args(["build", "-q", "-p", "nodedb-governor-demo"]);
-    for b in DEMO_BINS {
-        demo.args(["--bin", b]);
+    let mut probes = Command::new("cargo");
+    probes
+        .current_dir(&root)
+        .args(["build", "-q", "-p", "nodedb-governor-testkit"]);
+    for b in PROBE_BINS {
+        probes.args(["--bin", b]);
     }
-    cmd::run(&mut demo)?;
+    cmd::run(&mut probes)?;
     let mut workload = Command::new("cargo");
     workload
         .current_dir(&root)
@@ -117,7 +118,7 @@ pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
     fs::create_dir_all(&vm_dir)?;
     let target = root.join("target/debug");
     let bins: Vec<PathBuf> = std::iter::once(AGENT)
-        .chain(DEMO_BINS.iter().copied())
+        .chain(PROBE_BINS.iter().copied())
         .chain(WORKLOAD_BINS.iter().copied())
         .map(|b| target.join(b))
         .collect();

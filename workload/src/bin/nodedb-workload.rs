@@ -36,7 +36,7 @@ use nodedb_governor::{
     arena::EngineArenas,
     control::{AgentLink, LinkConfig},
 };
-use nodedb_governor_demo::query::{self, GroupByData, Spill};
+use nodedb_governor_workload::query::{self, GroupByData, Spill};
 use nodedb_governor_workload::{
     timeseries::Timeseries,
     vector::{self, VectorEngine},

@@ -14,38 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nodedb_governor::{
-    agent::privilege,
-    control::wire::{self, Decoder, EngineDecl, MAX_FRAME, ToAgent, ToLibrary},
-};
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("{prefix}-{}-{nanos:x}", std::process::id())
-}
-
-/// The agent binary, built by cargo (it belongs to another package).
-fn agent_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
-    let mut build = Command::new(env!("CARGO"));
-    build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-        "build",
-        "-q",
-        "-p",
-        "nodedb-governor",
-        "--bin",
-        "nodedb-governor",
-    ]);
-    if profile_dir.ends_with("release") {
-        build.arg("--release");
-    }
-    assert!(build.status().unwrap().success(), "building the agent");
-    profile_dir.join("nodedb-governor")
-}
+use nodedb_governor::control::wire::{self, Decoder, EngineDecl, MAX_FRAME, ToAgent, ToLibrary};
+use nodedb_governor_agent::privilege;
+use nodedb_governor_testkit::harness::{agent_binary, unique};
 
 /// A running agent with a private config; stopped on drop.
 struct Agent {
@@ -134,7 +105,7 @@ impl Drop for Agent {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
-        if let Some(root) = nodedb_governor::agent::cgroup::find_v2_mount() {
+        if let Some(root) = nodedb_governor_agent::cgroup::find_v2_mount() {
             remove_cgroup(&root.join(&self.database));
         }
         let _ = std::fs::remove_dir_all(&self.dir);

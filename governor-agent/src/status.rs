@@ -6,53 +6,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::attribution::{Attributed, Identity, ProcessAttribution, ProgramStats, Reading};
+
 /// Current schema version of [`StatusReport`].
 pub const SCHEMA: &str = "nodedb-governor.status.v1";
-
-/// Attributed memory of one engine (or of the unattributed bucket).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EngineUsage {
-    /// anon + file + shmem.
-    pub resident_bytes: u64,
-    pub anon_bytes: u64,
-    pub file_bytes: u64,
-    pub shmem_bytes: u64,
-    pub swap_bytes: u64,
-    /// Address space mapped by the engine's threads and not yet unmapped.
-    pub mapped_bytes: u64,
-    pub page_faults: u64,
-    /// Memory this engine's threads released on behalf of other engines.
-    pub released_for_others_bytes: u64,
-}
-
-impl EngineUsage {
-    pub fn add(&mut self, o: &EngineUsage) {
-        self.resident_bytes += o.resident_bytes;
-        self.anon_bytes += o.anon_bytes;
-        self.file_bytes += o.file_bytes;
-        self.shmem_bytes += o.shmem_bytes;
-        self.swap_bytes += o.swap_bytes;
-        self.mapped_bytes += o.mapped_bytes;
-        self.page_faults += o.page_faults;
-        self.released_for_others_bytes += o.released_for_others_bytes;
-    }
-}
-
-/// One governed process.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessUsage {
-    pub pid: u32,
-    pub engines: BTreeMap<String, EngineUsage>,
-    pub unattributed: EngineUsage,
-    /// The kernel's VmRSS for the process, for comparison.
-    pub vm_rss_bytes: Option<u64>,
-}
-
-/// Every governed process.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    pub processes: Vec<ProcessUsage>,
-}
 
 /// What `status --json` prints.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -60,14 +17,14 @@ pub struct StatusReport {
     pub schema: String,
     pub database: String,
     /// `cgroup` or `tid`.
-    pub identity: super::attribution::Identity,
+    pub identity: Identity,
     /// The database's domain cgroup, when cgroup identity is used.
     pub cgroup: Option<String>,
     pub kernel: String,
     /// Per engine, summed over the database's processes.
-    pub engines: BTreeMap<String, EngineUsage>,
-    pub unattributed: EngineUsage,
-    pub processes: Vec<ProcessUsage>,
+    pub engines: BTreeMap<String, Attributed>,
+    pub unattributed: Attributed,
+    pub processes: Vec<ProcessAttribution>,
     /// The ceiling as the kernel enforces it (absent: not enforced; see
     /// `ceiling_error`).
     #[serde(default)]
@@ -96,14 +53,6 @@ pub struct StatusReport {
     pub programs: Vec<ProgramStats>,
 }
 
-/// One loaded eBPF program.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProgramStats {
-    pub name: String,
-    pub run_count: u64,
-    pub run_time_ns: u64,
-}
-
 /// One library connected over the control channel.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientStatus {
@@ -116,16 +65,16 @@ pub struct ClientStatus {
 impl StatusReport {
     pub fn new(
         database: &str,
-        identity: super::attribution::Identity,
+        identity: Identity,
         cgroup: Option<String>,
         engine_names: &[String],
-        usage: Usage,
+        usage: Reading,
     ) -> Self {
-        let mut engines: BTreeMap<String, EngineUsage> = engine_names
+        let mut engines: BTreeMap<String, Attributed> = engine_names
             .iter()
-            .map(|n| (n.clone(), EngineUsage::default()))
+            .map(|n| (n.clone(), Attributed::default()))
             .collect();
-        let mut unattributed = EngineUsage::default();
+        let mut unattributed = Attributed::default();
         for p in &usage.processes {
             for (name, e) in &p.engines {
                 engines.entry(name.clone()).or_default().add(e);
@@ -158,8 +107,8 @@ impl StatusReport {
             "database {} ({} identity{}), kernel {}\n",
             self.database,
             match self.identity {
-                super::attribution::Identity::Cgroup => "cgroup",
-                super::attribution::Identity::Tid => "tid",
+                Identity::Cgroup => "cgroup",
+                Identity::Tid => "tid",
             },
             self.cgroup
                 .as_deref()
@@ -171,7 +120,7 @@ impl StatusReport {
             "{:<14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10}\n",
             "engine", "resident", "anon", "file", "shmem", "mapped", "faults"
         ));
-        let row = |name: &str, e: &EngineUsage| {
+        let row = |name: &str, e: &Attributed| {
             format!(
                 "{:<14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10}\n",
                 name,

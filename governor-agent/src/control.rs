@@ -39,9 +39,9 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::{
     config::{Config, EngineLimits},
-    status::Usage,
+    attribution::Reading,
 };
-use crate::{
+use nodedb_governor::{
     PressureLevel,
     control::wire::{EngineReport, Level, ToAgent, ToLibrary},
 };
@@ -453,7 +453,7 @@ impl Client {
     /// One round of the ladder for this client's process. While the
     /// database is `stalling` on memory (PSI), engines are spilled from
     /// Warning on.
-    pub fn enforce(&mut self, config: &Config, usage: &Usage, stalling: bool) {
+    pub fn enforce(&mut self, config: &Config, usage: &Reading, stalling: bool) {
         let Some(process) = usage.processes.iter().find(|p| p.pid == self.pid) else {
             return;
         };
@@ -559,8 +559,8 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::status::{EngineUsage, ProcessUsage};
-    use crate::control::wire::EngineReport;
+    use crate::attribution::{Attributed, ProcessAttribution};
+    use nodedb_governor::control::wire::EngineReport;
 
     const MIB: u64 = 1 << 20;
 
@@ -591,23 +591,23 @@ mod tests {
         });
     }
 
-    fn usage(resident: &[(&str, u64)]) -> Usage {
-        Usage {
-            processes: vec![ProcessUsage {
+    fn usage(resident: &[(&str, u64)]) -> Reading {
+        Reading {
+            processes: vec![ProcessAttribution {
                 pid: 7,
                 engines: resident
                     .iter()
                     .map(|(n, r)| {
                         (
                             (*n).to_owned(),
-                            EngineUsage {
+                            Attributed {
                                 resident_bytes: *r,
-                                ..EngineUsage::default()
+                                ..Attributed::default()
                             },
                         )
                     })
                     .collect(),
-                ..ProcessUsage::default()
+                ..ProcessAttribution::default()
             }],
         }
     }

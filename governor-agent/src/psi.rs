@@ -325,7 +325,7 @@ mod tests {
     /// the kernel) and rounds its window when it must.
     #[test]
     fn a_trigger_arms_on_the_host() {
-        if crate::agent::privilege::skip_unprivileged("PSI trigger") {
+        if crate::privilege::skip_unprivileged("PSI trigger") {
             return;
         }
         let m = PsiMonitor::start(

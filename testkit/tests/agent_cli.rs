@@ -11,17 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nodedb_governor::agent::{privilege, status::StatusReport};
-
-const BIN: &str = env!("CARGO_BIN_EXE_nodedb-governor");
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("{prefix}-{}-{nanos:x}", std::process::id())
-}
+use nodedb_governor_agent::{privilege, status::StatusReport};
+use nodedb_governor_testkit::harness::{agent_binary, unique};
 
 /// A running agent; stopped (SIGTERM) and its cgroups removed on drop.
 struct Agent {
@@ -47,7 +38,7 @@ impl Agent {
             ),
         )
         .unwrap();
-        let child = Command::new(BIN)
+        let child = Command::new(agent_binary())
             .args(["run", "--config"])
             .arg(&config)
             .stderr(Stdio::null())
@@ -75,7 +66,7 @@ impl Agent {
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
+        Command::new(agent_binary())
             .args(args)
             .arg("--socket")
             .arg(&self.socket)
@@ -273,7 +264,7 @@ fn a_cgroup_hierarchy_it_cannot_use_is_named() {
         ),
     )
     .unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(agent_binary())
         .arg("run")
         .arg("--config")
         .arg(&config)
@@ -299,11 +290,11 @@ fn an_unprivileged_agent_names_the_missing_capabilities() {
             "--regid=65534",
             "--clear-groups",
             "--inh-caps=-all",
-            BIN,
         ]);
+        c.arg(agent_binary());
         c
     } else {
-        Command::new(BIN)
+        Command::new(agent_binary())
     };
     let out = cmd
         .args(["run"])
@@ -317,7 +308,7 @@ fn an_unprivileged_agent_names_the_missing_capabilities() {
 #[test]
 fn check_config_accepts_the_default_and_names_bad_fields() {
     let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nodedb-governor.toml");
-    let out = Command::new(BIN)
+    let out = Command::new(agent_binary())
         .arg("check-config")
         .arg(&default)
         .output()
@@ -331,7 +322,7 @@ fn check_config_accepts_the_default_and_names_bad_fields() {
         "database = \"db\"\nceiling = 1048576\ntick_ms = 5\n[[engine]]\nname = \"a\"\nbudget = 1024\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(agent_binary())
         .arg("check-config")
         .arg(&bad)
         .output()
@@ -346,7 +337,7 @@ fn check_config_accepts_the_default_and_names_bad_fields() {
 #[test]
 fn check_config_json_resolves_budgets_against_the_ceiling() {
     let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nodedb-governor.toml");
-    let out = Command::new(BIN)
+    let out = Command::new(agent_binary())
         .args(["check-config", "--json"])
         .arg(&default)
         .output()

@@ -30,7 +30,7 @@ use super::{
     psi::PsiMonitor,
     status::{ClientStatus, StatusReport},
 };
-use crate::control::wire::{self, Decoder, ToAgent, ToLibrary};
+use nodedb_governor::control::wire::{self, Decoder, ToAgent, ToLibrary};
 
 /// Everything the running agent owns.
 pub struct Agent {
@@ -291,7 +291,7 @@ impl Agent {
             tracing::info!(pid, "governed process exited");
         }
         let (new_stall, stalling) = self.pressure_stall();
-        let usage = match self.attribution.usage() {
+        let usage = match self.attribution.read() {
             Ok(u) => Some(u),
             Err(e) => {
                 tracing::warn!(error = %e, "reading attribution");
@@ -337,7 +337,7 @@ impl Agent {
     /// restore point to force reclaim, and the non-essential engines get
     /// backpressure; both end once use is below the warning threshold.
     /// Returns whether the database is in Emergency.
-    fn enforce_ceiling(&mut self, usage: Option<&super::status::Usage>) -> bool {
+    fn enforce_ceiling(&mut self, usage: Option<&super::attribution::Reading>) -> bool {
         let t = self.config.thresholds;
         let (current, limit) = match &self.ceiling {
             Some(c) => {
@@ -621,7 +621,7 @@ impl Agent {
                 .as_ref()
                 .map(|s| s.domain.display().to_string()),
             &self.config.engine_names(),
-            self.attribution.usage()?,
+            self.attribution.read()?,
         );
         report.ceiling = self.ceiling.as_ref().map(Ceiling::status);
         report.ceiling_error = self.ceiling_error.clone();

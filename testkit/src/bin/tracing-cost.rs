@@ -17,7 +17,7 @@
 use std::{path::PathBuf, time::Instant};
 
 use clap::Parser;
-use nodedb_governor::agent::{
+use nodedb_governor_agent::{
     attribution::{Attribution, ProgramSet},
     procfs,
 };
@@ -136,7 +136,7 @@ fn accuracy() -> Vec<AccuracyRow> {
     let att = attach(Config::Full).expect("full set");
     let pid = std::process::id();
     let read = || {
-        let u = att.usage().expect("usage");
+        let u = att.read().expect("usage");
         let p = u
             .processes
             .into_iter()

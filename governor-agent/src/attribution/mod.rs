@@ -43,6 +43,8 @@
 //! could not tie back to an owner) is clamped at zero with the remainder
 //! moved to `unattributed`, so the parts always add up to the process total.
 
+mod reading;
+
 use std::{collections::BTreeMap, path::Path};
 
 use aya::{
@@ -58,9 +60,10 @@ use super::{
     btf,
     error::AgentError,
     privilege, procfs,
-    status::{EngineUsage, ProcessUsage, Usage},
     tracefs::{self, TraceFs},
 };
+
+pub use reading::{Attributed, ProcessAttribution, ProgramStats, Reading};
 
 /// The compiled eBPF object, built by `build.rs` with aya-build.
 static EBPF_OBJECT: &[u8] =
@@ -290,12 +293,12 @@ impl Attribution {
 
     /// Every loaded program with its run count and run time (zero unless
     /// the kernel's program statistics are on: `aya::sys::enable_stats`).
-    pub fn program_stats(&self) -> Vec<super::status::ProgramStats> {
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
         self.ebpf
             .programs()
             .filter_map(|(name, p)| {
                 let info = p.info().ok()?;
-                Some(super::status::ProgramStats {
+                Some(ProgramStats {
                     name: name.to_owned(),
                     run_count: info.run_count(),
                     run_time_ns: info.run_time().as_nanos() as u64,
@@ -636,7 +639,7 @@ impl Attribution {
     }
 
     /// Reads every governed process's attribution.
-    pub fn usage(&self) -> Result<Usage, AgentError> {
+    pub fn read(&self) -> Result<Reading, AgentError> {
         let mut processes = Vec::new();
         for p in self.procs.values() {
             let mut engines = BTreeMap::new();
@@ -648,7 +651,7 @@ impl Attribution {
             let vm_rss_bytes = procfs::rss_breakdown(p.pid).map(|b| b.total()).ok();
             processes.push(settle(p.pid, engines, unattributed, external, vm_rss_bytes));
         }
-        Ok(Usage { processes })
+        Ok(Reading { processes })
     }
 }
 
@@ -681,7 +684,7 @@ fn settle(
     unattributed: SlotStats,
     external: SlotStats,
     vm_rss_bytes: Option<u64>,
-) -> ProcessUsage {
+) -> ProcessAttribution {
     let names: Vec<String> = engines.keys().cloned().collect();
     let mut rows: Vec<SlotStats> = engines.into_values().collect();
     rows.push(unattributed);
@@ -721,7 +724,7 @@ fn settle(
         .zip(rows)
         .map(|(n, r)| (n, engine_usage(r)))
         .collect();
-    ProcessUsage {
+    ProcessAttribution {
         pid,
         engines,
         unattributed,
@@ -729,9 +732,9 @@ fn settle(
     }
 }
 
-fn engine_usage(s: SlotStats) -> EngineUsage {
+fn engine_usage(s: SlotStats) -> Attributed {
     let r = |k: usize| s.resident_bytes[k].max(0) as u64;
-    EngineUsage {
+    Attributed {
         resident_bytes: r(kind::ANON) + r(kind::FILE) + r(kind::SHMEM),
         anon_bytes: r(kind::ANON),
         file_bytes: r(kind::FILE),

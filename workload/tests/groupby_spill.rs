@@ -5,7 +5,7 @@
 //! same way.
 
 use nodedb_governor::{Budget, EngineId, MemoryGovernor};
-use nodedb_governor_demo::query::{
+use nodedb_governor_workload::query::{
     GroupByData, GroupsDigest, Spill, group_by, group_by_into, reference, reference_digest,
 };
 

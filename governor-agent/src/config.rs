@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, path::PathBuf};
 use serde::Deserialize;
 
 /// The configuration bundled with the agent (`deploy/nodedb-governor.toml`).
-pub const DEFAULT_CONFIG: &str = include_str!("../../../deploy/nodedb-governor.toml");
+pub const DEFAULT_CONFIG: &str = include_str!("../../deploy/nodedb-governor.toml");
 
 /// How engine identity is established.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -183,8 +183,8 @@ impl Default for ThresholdsConfig {
 }
 
 impl ThresholdsConfig {
-    pub fn pressure(&self) -> crate::PressureThresholds {
-        crate::PressureThresholds {
+    pub fn pressure(&self) -> nodedb_governor::PressureThresholds {
+        nodedb_governor::PressureThresholds {
             warning: self.warning,
             critical: self.critical,
             emergency: self.emergency,

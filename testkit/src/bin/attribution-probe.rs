@@ -106,7 +106,7 @@ fn execute(engines: &BTreeMap<String, Engine>, words: &[&str]) -> anyhow::Result
         ["truth"] => {
             let truth = serde_json::json!({
                 "engines": engines.iter().map(|(n, e)| (n.clone(), e.resident_bytes())).collect::<BTreeMap<_, _>>(),
-                "vm_rss": memory::vm_rss_bytes(),
+                "vm_rss": nodedb_governor_testkit::procfs::vm_rss_bytes(),
                 "threads": engines.values().map(Engine::threads).sum::<usize>(),
             });
             return Ok(Some(truth.to_string()));

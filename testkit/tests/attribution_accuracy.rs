@@ -14,11 +14,12 @@ use std::{
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
 };
 
-use nodedb_governor::agent::{
+use nodedb_governor_agent::{
     attribution::{Attribution, ProgramSet},
     cgroup::{self, Subtree},
     privilege,
 };
+use nodedb_governor_testkit::harness::unique;
 
 const MIB: u64 = 1 << 20;
 
@@ -101,17 +102,9 @@ impl Drop for CgroupGuard {
     }
 }
 
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("{prefix}-{}-{nanos:x}", std::process::id())
-}
-
 fn check(att: &Attribution, probe: &mut Probe, label: &str) {
     let truth = probe.truth();
-    let usage = att.usage().expect("reading attribution");
+    let usage = att.read().expect("reading attribution");
     let p = usage
         .processes
         .iter()
@@ -165,7 +158,7 @@ fn scenario(att: &Attribution, probe: &mut Probe) {
     probe.run("release query vector munmap 64");
     probe.run("release timeseries query madvise 8");
     check(att, probe, "released by others");
-    let usage = att.usage().expect("usage");
+    let usage = att.read().expect("usage");
     let p = usage.processes.iter().find(|p| p.pid == probe.pid).unwrap();
     assert!(
         p.engines["vector"].released_for_others_bytes >= 60 * MIB,

@@ -251,7 +251,7 @@ mod tests {
     use ratatui::backend::TestBackend;
 
     use super::*;
-    use crate::agent::{
+    use crate::{
         control::{EngineEnforcement, Loan},
         status::ClientStatus,
     };
@@ -259,7 +259,7 @@ mod tests {
     fn report(level: &str, spills: u64, loans: Vec<Loan>) -> StatusReport {
         let mut r = StatusReport::new(
             "nodedb",
-            crate::agent::attribution::Identity::Cgroup,
+            crate::attribution::Identity::Cgroup,
             None,
             &["vector".into()],
             Default::default(),

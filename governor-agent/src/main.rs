@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use nodedb_governor::agent::cli::{self, Cli, Command};
+use nodedb_governor_agent::cli::{self, Cli, Command};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -20,7 +20,7 @@ fn main() -> ExitCode {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(nodedb_governor::agent::run::run(config, path))
+                .block_on(nodedb_governor_agent::run::run(config, path))
         }),
         other => cli::client(other),
     };

@@ -101,8 +101,9 @@ pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     Config::parse(&text).with_context(|| format!("in {origin}"))
 }
 
-/// Runs a client command (everything but `run`).
-pub fn client(command: Command) -> anyhow::Result<()> {
+/// Runs a command against a running agent, or on a file (everything but
+/// `run`).
+pub fn remote(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { .. } => unreachable!("`run` is handled by main"),
         Command::CheckConfig { file, json } => {

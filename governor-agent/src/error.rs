@@ -55,3 +55,40 @@ impl AgentError {
         }
     }
 }
+
+/// Why a library's hello was refused (the library is told, and the
+/// connection ends).
+#[derive(Debug, thiserror::Error)]
+pub enum HelloError {
+    #[error("the first message must be hello")]
+    NotHello,
+    #[error("protocol version {got} is not supported (this agent speaks {speaks})")]
+    Version { got: u32, speaks: u32 },
+    #[error("database {got:?} is not governed here (this agent governs {governs:?})")]
+    Database { got: String, governs: String },
+    #[error(
+        "engine {engine} runs as a process of its own (own_process in the config): a process declares it alone"
+    )]
+    OwnProcessNotAlone { engine: String },
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+/// Why a message from a welcomed library was refused (the library is told;
+/// the connection goes on).
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error("hello was already received")]
+    HelloAgain,
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+/// Why a new configuration was refused (the old one stays, whole).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{field} cannot change without a restart")]
+    NeedsRestart { field: &'static str },
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}

@@ -2,7 +2,15 @@
 //! database, that attributes resident memory to engines with eBPF, owns the
 //! database's cgroup subtree, enforces the ceiling and the budgets, and
 //! serves its status and metrics. The binary is `nodedb-governor`; this
-//! library is its modules, one per duty.
+//! library is its modules, one per duty:
+//!
+//! * the decisions: [`policy`] (pure: state and inputs in, actions out);
+//! * the state and its one owner: [`owner`], fed by [`control`] (library
+//!   sessions), [`admin`] (the admin socket) and [`run`] (signals), read
+//!   through its snapshot by [`http`] and [`metrics`];
+//! * the kernel: [`attribution`] (eBPF), [`cgroup`], [`ceiling`], [`psi`],
+//!   with [`btf`], [`tracefs`], [`procfs`], [`mounts`], [`privilege`];
+//! * the operator: [`config`], [`cli`], [`status`], [`top`].
 
 pub mod admin;
 pub mod attribution;
@@ -13,9 +21,12 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod error;
-pub mod metrics_http;
+pub mod http;
+pub mod metrics;
 pub mod mounts;
+pub mod owner;
 pub mod paths;
+pub mod policy;
 pub mod privilege;
 pub mod procfs;
 pub mod psi;

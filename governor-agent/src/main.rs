@@ -22,7 +22,7 @@ fn main() -> ExitCode {
                 .build()?
                 .block_on(nodedb_governor_agent::run::run(config, path))
         }),
-        other => cli::client(other),
+        other => cli::remote(other),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

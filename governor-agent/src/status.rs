@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::attribution::{Attributed, Identity, ProcessAttribution, ProgramStats, Reading};
+use crate::{
+    attribution::{Attributed, Identity, ProcessAttribution, ProgramStats, Reading},
+    policy::LibraryStatus,
+};
 
 /// Current schema version of [`StatusReport`].
 pub const SCHEMA: &str = "nodedb-governor.status.v1";
@@ -33,7 +36,7 @@ pub struct StatusReport {
     pub ceiling_error: Option<String>,
     /// Connected libraries and what the ladder did for each engine.
     #[serde(default)]
-    pub clients: Vec<ClientStatus>,
+    pub clients: Vec<LibraryStatus>,
     /// Where `/metrics` is served, if it is.
     #[serde(default)]
     pub metrics_addr: Option<String>,
@@ -51,15 +54,6 @@ pub struct StatusReport {
     /// statistics are on).
     #[serde(default)]
     pub programs: Vec<ProgramStats>,
-}
-
-/// One library connected over the control channel.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClientStatus {
-    pub pid: u32,
-    pub uid: u32,
-    pub engines: BTreeMap<String, super::control::EngineEnforcement>,
-    pub loans: Vec<super::control::Loan>,
 }
 
 impl StatusReport {
@@ -167,7 +161,7 @@ impl StatusReport {
                     mib(e.budget_bytes),
                     mib(e.resident_bytes),
                     mib(e.reserved_bytes),
-                    e.level.as_deref().unwrap_or("-"),
+                    e.level.map_or("-", |l| l.name()),
                     e.spill_requests,
                     mib(e.spilled_bytes),
                     e.purges

@@ -21,6 +21,8 @@ use ratatui::{
     widgets::{Block, Borders, Gauge, List, ListItem, Paragraph},
 };
 
+use nodedb_governor::PressureLevel;
+
 use super::{
     admin::{self, Reply, Request},
     status::StatusReport,
@@ -33,13 +35,17 @@ fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
 }
 
-fn level_colour(level: Option<&str>) -> Color {
+fn level_colour(level: Option<PressureLevel>) -> Color {
     match level {
-        Some("warning") => Color::Yellow,
-        Some("critical") => Color::Red,
-        Some("emergency") => Color::Magenta,
-        _ => Color::Green,
+        Some(PressureLevel::Warning) => Color::Yellow,
+        Some(PressureLevel::Critical) => Color::Red,
+        Some(PressureLevel::Emergency) => Color::Magenta,
+        Some(PressureLevel::Normal) | None => Color::Green,
     }
+}
+
+fn level_name(level: Option<PressureLevel>) -> &'static str {
+    level.map_or("-", PressureLevel::name)
 }
 
 /// What changed between two reports, as lines for the event list.
@@ -49,13 +55,13 @@ pub fn diff(before: &StatusReport, now: &StatusReport) -> Vec<String> {
         let old = before.clients.iter().find(|o| o.pid == c.pid);
         for (name, e) in &c.engines {
             let prev = old.and_then(|o| o.engines.get(name));
-            let prev_level = prev.and_then(|p| p.level.clone());
+            let prev_level = prev.and_then(|p| p.level);
             if prev_level != e.level {
                 out.push(format!(
                     "pid {} {name}: {} -> {}",
                     c.pid,
-                    prev_level.as_deref().unwrap_or("-"),
-                    e.level.as_deref().unwrap_or("-")
+                    level_name(prev_level),
+                    level_name(e.level)
                 ));
             }
             let (spills, freed) = prev.map_or((0, 0), |p| (p.spill_requests, p.spilled_bytes));
@@ -154,9 +160,9 @@ pub fn draw(f: &mut Frame, report: &StatusReport, events: &VecDeque<String>) {
                     .block(Block::default().borders(Borders::ALL).title(format!(
                         "pid {} {name} [{}]",
                         c.pid,
-                        e.level.as_deref().unwrap_or("-")
+                        level_name(e.level)
                     )))
-                    .gauge_style(Style::default().fg(level_colour(e.level.as_deref())))
+                    .gauge_style(Style::default().fg(level_colour(e.level)))
                     .ratio(ratio.clamp(0.0, 1.0))
                     .label(format!(
                         "resident {} / budget {}   reserved {}   spills {}   purges {}",
@@ -248,15 +254,13 @@ pub fn run(socket: &Path, every: Duration) -> anyhow::Result<()> {
 mod tests {
     use std::collections::BTreeMap;
 
+    use nodedb_governor::lending::Loan;
     use ratatui::backend::TestBackend;
 
     use super::*;
-    use crate::{
-        control::{EngineEnforcement, Loan},
-        status::ClientStatus,
-    };
+    use crate::policy::{EngineEnforcement, LibraryStatus};
 
-    fn report(level: &str, spills: u64, loans: Vec<Loan>) -> StatusReport {
+    fn report(level: PressureLevel, spills: u64, loans: Vec<Loan<String>>) -> StatusReport {
         let mut r = StatusReport::new(
             "nodedb",
             crate::attribution::Identity::Cgroup,
@@ -264,13 +268,13 @@ mod tests {
             &["vector".into()],
             Default::default(),
         );
-        r.clients = vec![ClientStatus {
+        r.clients = vec![LibraryStatus {
             pid: 42,
             uid: 0,
             engines: BTreeMap::from([(
                 "vector".to_string(),
                 EngineEnforcement {
-                    level: Some(level.into()),
+                    level: Some(level),
                     budget_bytes: 64 << 20,
                     resident_bytes: 60 << 20,
                     reserved_bytes: 8 << 20,
@@ -291,8 +295,8 @@ mod tests {
             borrower: "vector".into(),
             bytes: 48 << 20,
         };
-        let a = report("normal", 0, vec![]);
-        let b = report("critical", 2, vec![loan]);
+        let a = report(PressureLevel::Normal, 0, vec![]);
+        let b = report(PressureLevel::Critical, 2, vec![loan]);
         let ev = diff(&a, &b);
         assert_eq!(
             ev,
@@ -314,7 +318,7 @@ mod tests {
     fn a_frame_shows_each_engine_against_its_budget() {
         let mut t = Terminal::new(TestBackend::new(100, 16)).unwrap();
         let events = VecDeque::from(["pid 42 vector: normal -> critical".to_string()]);
-        t.draw(|f| draw(f, &report("critical", 1, vec![]), &events))
+        t.draw(|f| draw(f, &report(PressureLevel::Critical, 1, vec![]), &events))
             .unwrap();
         let text: String = t
             .backend()

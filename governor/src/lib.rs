@@ -210,6 +210,7 @@ pub mod datafusion_pool;
 pub mod engine;
 pub mod error;
 pub mod governor;
+pub mod lending;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod overflow;

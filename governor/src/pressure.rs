@@ -11,8 +11,14 @@ use std::sync::{
 use crate::{EngineId, MemError};
 
 /// How close to its limit an engine or the process is. Ordered: a higher
-/// level is worse.
+/// level is worse. With the `serde` feature it is written as its lowercase
+/// name (`"critical"`), on the control channel and in the agent's status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum PressureLevel {
     /// Below the warning threshold.
     Normal,
@@ -22,6 +28,30 @@ pub enum PressureLevel {
     Critical,
     /// Backpressure on everything that is not essential.
     Emergency,
+}
+
+impl PressureLevel {
+    /// 0 Normal, 1 Warning, 2 Critical, 3 Emergency: the level as a gauge
+    /// exports it.
+    pub fn index(self) -> u8 {
+        self as u8
+    }
+
+    /// The lowercase name (`"warning"`), as it is written on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            PressureLevel::Normal => "normal",
+            PressureLevel::Warning => "warning",
+            PressureLevel::Critical => "critical",
+            PressureLevel::Emergency => "emergency",
+        }
+    }
+}
+
+impl std::fmt::Display for PressureLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Fractions of a limit at which each level begins.

@@ -519,7 +519,7 @@ impl Inner {
                 level,
             } => {
                 if let Ok(id) = engine(&name) {
-                    lock(&self.state).levels.insert(id, level.into());
+                    lock(&self.state).levels.insert(id, level);
                     self.changed.notify_all();
                 }
                 None

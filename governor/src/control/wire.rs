@@ -37,38 +37,6 @@ pub struct EngineReport {
     pub arena_resident_bytes: Option<u64>,
 }
 
-/// A pressure level on the wire.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Level {
-    Normal,
-    Warning,
-    Critical,
-    Emergency,
-}
-
-impl From<crate::PressureLevel> for Level {
-    fn from(l: crate::PressureLevel) -> Self {
-        match l {
-            crate::PressureLevel::Normal => Level::Normal,
-            crate::PressureLevel::Warning => Level::Warning,
-            crate::PressureLevel::Critical => Level::Critical,
-            crate::PressureLevel::Emergency => Level::Emergency,
-        }
-    }
-}
-
-impl From<Level> for crate::PressureLevel {
-    fn from(l: Level) -> Self {
-        match l {
-            Level::Normal => crate::PressureLevel::Normal,
-            Level::Warning => crate::PressureLevel::Warning,
-            Level::Critical => crate::PressureLevel::Critical,
-            Level::Emergency => crate::PressureLevel::Emergency,
-        }
-    }
-}
-
 /// Library to agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -124,7 +92,10 @@ pub enum ToLibrary {
         cap_bytes: u64,
     },
     /// The engine's pressure level, from the kernel's attribution.
-    Pressure { engine: String, level: Level },
+    Pressure {
+        engine: String,
+        level: crate::PressureLevel,
+    },
     /// Free about `target_bytes` of the engine's spillable memory.
     Spill { engine: String, target_bytes: u64 },
     /// Return the engine's idle allocator pages to the kernel.

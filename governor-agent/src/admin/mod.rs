@@ -1,7 +1,11 @@
 //! The agent's admin socket: newline-delimited JSON requests and replies.
-//! It serves `status` and the temporary `assign` command (the library's
-//! control channel replaces `assign` as the normal path later). The socket
-//! is created 0660, so only root and the socket's group can use it.
+//! It serves `status` (the snapshot of the last tick) and `assign` (moving
+//! a thread into an engine by hand; libraries do it over the control
+//! channel). The socket is created 0660, so only root and the socket's
+//! group can use it. This module is the protocol and the client's call;
+//! [`server`] is the agent's side.
+
+pub mod server;
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -12,7 +16,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::status::StatusReport;
+use crate::status::StatusReport;
 
 /// Longest request line accepted.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;

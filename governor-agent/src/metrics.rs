@@ -1,8 +1,7 @@
-//! The agent's Prometheus endpoint: `GET /metrics` (text format) and
-//! `GET /healthz`, served with axum on the agent's tokio runtime.
-//!
-//! Every scrape builds its figures from the agent's state at that moment
-//! (a fresh registry, so nothing stale survives a process that left):
+//! The agent's Prometheus metrics, rendered from a [`Snapshot`] (the
+//! figures of the last tick: a scrape reads nothing from the kernel and
+//! waits for no one). Each render fills a fresh registry, so nothing stale
+//! survives a process that left. [`crate::http`] serves them.
 //!
 //! | metric | labels |
 //! |---|---|
@@ -27,17 +26,9 @@
 //! | `nodedb_governor_bpf_program_runs_total`, `_run_seconds_total` | program |
 //! | `nodedb_governor_agent_clients`, `_processes`, `_ticks_total`, `_tick_seconds` | |
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-};
-
-use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use super::run::Agent;
-
-type Shared = Arc<Mutex<Agent>>;
+use crate::owner::Snapshot;
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
     let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
@@ -60,21 +51,12 @@ fn sat(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn level_value(level: Option<&str>) -> i64 {
-    match level {
-        Some("warning") => 1,
-        Some("critical") => 2,
-        Some("emergency") => 3,
-        _ => 0,
-    }
-}
-
-/// The metrics text for the agent's state now.
-pub fn render(agent: &Agent) -> Result<String, String> {
-    let status = agent.status().map_err(|e| e.to_string())?;
-    let health = agent.health();
+/// The metrics text for `snapshot`.
+pub fn render(snapshot: &Snapshot) -> prometheus::Result<String> {
+    let status = &snapshot.report;
+    let health = snapshot.health;
     let r = Registry::new();
-    let m = (|| -> prometheus::Result<String> {
+    {
         let pe = &["pid", "engine"];
         let budget = gauge(
             &r,
@@ -170,7 +152,7 @@ pub fn render(agent: &Agent) -> Result<String, String> {
                 reserved.with_label_values(&l).set(sat(e.reserved_bytes));
                 level
                     .with_label_values(&l)
-                    .set(level_value(e.level.as_deref()));
+                    .set(e.level.map_or(0, |l| i64::from(l.index())));
                 spills.with_label_values(&l).inc_by(e.spill_requests);
                 spilled.with_label_values(&l).inc_by(e.spilled_bytes);
                 purges.with_label_values(&l).inc_by(e.purges);
@@ -325,52 +307,5 @@ pub fn render(agent: &Agent) -> Result<String, String> {
         let mut out = Vec::new();
         TextEncoder::new().encode(&r.gather(), &mut out)?;
         Ok(String::from_utf8_lossy(&out).into_owned())
-    })();
-    m.map_err(|e| e.to_string())
-}
-
-async fn metrics(State(agent): State<Shared>) -> impl IntoResponse {
-    let text = {
-        let a = agent.lock().unwrap_or_else(|p| p.into_inner());
-        render(&a)
-    };
-    match text {
-        Ok(t) => (
-            StatusCode::OK,
-            [("content-type", "text/plain; version=0.0.4")],
-            t,
-        ),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [("content-type", "text/plain")],
-            format!("collecting metrics: {e}\n"),
-        ),
     }
-}
-
-async fn healthz() -> &'static str {
-    "ok\n"
-}
-
-/// Binds `addr` and serves until the task is aborted. Returns the bound
-/// address (a port of 0 picks one).
-pub async fn serve(
-    agent: Shared,
-    addr: SocketAddr,
-) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    use anyhow::Context as _;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics address {addr}"))?;
-    let bound = listener.local_addr()?;
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .with_state(agent);
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!(error = %e, "metrics server stopped");
-        }
-    });
-    Ok((bound, task))
 }

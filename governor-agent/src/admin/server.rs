@@ -1,0 +1,75 @@
+//! The admin socket's server: one task per connection, one reply line per
+//! request line. `status` is answered from the last snapshot without
+//! asking the owner; `assign` goes to the owner.
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
+};
+
+use super::{MAX_REQUEST_BYTES, Reply, Request, parse_request};
+use crate::owner::{Input, Snapshots};
+
+/// Accepts admin connections until the task is aborted.
+pub async fn serve(listener: UnixListener, owner: mpsc::Sender<Input>, snapshots: Snapshots) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(connection(stream, owner.clone(), snapshots.clone()));
+            }
+            Err(e) => tracing::warn!(error = %e, "accepting an admin connection"),
+        }
+    }
+}
+
+async fn connection(stream: UnixStream, owner: mpsc::Sender<Input>, snapshots: Snapshots) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    loop {
+        let mut buf = Vec::new();
+        let limit = MAX_REQUEST_BYTES as u64 + 1;
+        match (&mut reader).take(limit).read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let complete = buf.last() == Some(&b'\n');
+        let reply = match std::str::from_utf8(&buf) {
+            _ if !complete && buf.len() as u64 >= limit => Reply::Error {
+                message: format!("request exceeds {MAX_REQUEST_BYTES} bytes"),
+            },
+            Ok(line) => match parse_request(line.trim_end()) {
+                Ok(request) => answer(request, &owner, &snapshots).await,
+                Err(message) => Reply::Error { message },
+            },
+            Err(_) => Reply::Error {
+                message: "request is not UTF-8".into(),
+            },
+        };
+        if let Reply::Error { message } = &reply {
+            tracing::warn!(%message, "bad admin request");
+        }
+        let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+        out.push(b'\n');
+        // An oversized request leaves the stream mid-line: answer, then
+        // drop the connection.
+        if write.write_all(&out).await.is_err() || !complete {
+            break;
+        }
+    }
+}
+
+async fn answer(request: Request, owner: &mpsc::Sender<Input>, snapshots: &Snapshots) -> Reply {
+    if let Request::Status = request {
+        return Reply::Status(Box::new(snapshots.latest().report.clone()));
+    }
+    let (reply, answer) = oneshot::channel();
+    if owner.send(Input::Admin { request, reply }).await.is_err() {
+        return Reply::Error {
+            message: "the agent is stopping".into(),
+        };
+    }
+    answer.await.unwrap_or_else(|_| Reply::Error {
+        message: "the agent is stopping".into(),
+    })
+}

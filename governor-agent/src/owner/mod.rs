@@ -1,0 +1,344 @@
+//! The one owner of the agent's state. A single task holds the kernel side
+//! (the attribution, the cgroup subtree, the ceiling, the PSI trigger), the
+//! policy and the libraries' outbound channels; everything else (the
+//! control sessions, the admin socket, signals) talks to it by sending an
+//! [`Input`], and `/metrics` and `status` read the [`Snapshot`] it publishes
+//! at every tick, so neither a scrape nor a slow client ever holds up
+//! enforcement.
+//!
+//! Each tick: processes that entered the subtree are taken in, exited ones
+//! forgotten, the attribution, the ceiling's cgroup and the PSI trigger are
+//! read once, the [`Policy`] decides, its actions are carried out, and the
+//! snapshot is published.
+
+mod placement;
+mod reload;
+mod snapshot;
+mod startup;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, atomic::AtomicBool},
+    time::{Duration, Instant},
+};
+
+pub use snapshot::{Health, Snapshot, Snapshots};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{
+    admin::{Reply, Request},
+    attribution::{Attribution, Identity},
+    ceiling::Ceiling,
+    cgroup::Subtree,
+    config::Config,
+    error::{HelloError, MessageError, ReloadError},
+    policy::{Action, CeilingUse, Policy, SessionId, Tick},
+    psi::PsiMonitor,
+};
+use nodedb_governor::control::wire::{ToAgent, ToLibrary};
+
+/// What the other tasks ask of the owner.
+#[derive(Debug)]
+pub enum Input {
+    /// A library's hello (its peer credentials already checked against
+    /// the allow-list). Answered with the outcome; on success its
+    /// messages go to `tx`.
+    Hello {
+        session: SessionId,
+        pid: u32,
+        uid: u32,
+        tx: mpsc::UnboundedSender<ToLibrary>,
+        hello: ToAgent,
+        reply: oneshot::Sender<Result<(), HelloError>>,
+    },
+    /// A message from a welcomed library; a refusal goes back to it as an
+    /// error message.
+    Message {
+        session: SessionId,
+        message: ToAgent,
+    },
+    /// The library's connection ended.
+    Disconnected { session: SessionId },
+    /// A request on the admin socket.
+    Admin {
+        request: Request,
+        reply: oneshot::Sender<Reply>,
+    },
+    /// SIGHUP: a new configuration (already parsed and valid on its own).
+    Reload {
+        config: Config,
+        reply: oneshot::Sender<Result<(), ReloadError>>,
+    },
+    /// SIGINT or SIGTERM: leave the kernel state the agent made and stop.
+    Stop,
+}
+
+/// Everything the running agent owns.
+pub struct Agent {
+    config: Config,
+    identity: Identity,
+    attribution: Attribution,
+    subtree: Option<Subtree>,
+    ceiling: Option<Ceiling>,
+    ceiling_error: Option<String>,
+    /// The PSI trigger (absent: off, or unavailable: see `psi_error`).
+    psi: Option<PsiMonitor>,
+    psi_error: Option<String>,
+    policy: Policy,
+    /// Each welcomed library's outbound channel.
+    sessions: BTreeMap<SessionId, mpsc::UnboundedSender<ToLibrary>>,
+    /// Processes of engines that run as processes of their own, and the
+    /// engine.
+    own: BTreeMap<u32, String>,
+    health: Health,
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Keeps the kernel's program statistics on (run counts and times).
+    _program_stats: Option<std::os::fd::OwnedFd>,
+    /// The eBPF programs' statistics as last read (a system call per
+    /// program), and whether a reader of the snapshot has asked since.
+    programs: Vec<crate::attribution::ProgramStats>,
+    programs_wanted: Arc<AtomicBool>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    config_tx: watch::Sender<Arc<Config>>,
+}
+
+impl Agent {
+    /// A reader of the snapshot published at every tick.
+    pub fn snapshots(&self) -> Snapshots {
+        Snapshots::new(self.snapshot.subscribe(), self.programs_wanted.clone())
+    }
+
+    /// A receiver of the configuration in force (replaced on reload).
+    pub fn configs(&self) -> watch::Receiver<Arc<Config>> {
+        self.config_tx.subscribe()
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Where `/metrics` is served (the status reports it).
+    pub fn set_metrics_addr(&mut self, addr: std::net::SocketAddr) {
+        self.metrics_addr = Some(addr);
+        self.publish_now();
+    }
+
+    /// Runs the owner: ticks at the configured interval and takes inputs
+    /// until told to stop (or every sender is gone), then leaves the kernel
+    /// state it made.
+    pub async fn serve(mut self, mut inputs: mpsc::Receiver<Input>) {
+        let mut period = Duration::from_millis(self.config.tick_ms);
+        let mut interval = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {
+                    self.tick();
+                    // A reload may change the tick.
+                    let now = Duration::from_millis(self.config.tick_ms);
+                    if now != period {
+                        period = now;
+                        interval = tokio::time::interval(period);
+                        interval.tick().await;
+                    }
+                }
+                input = inputs.recv() => match input {
+                    Some(Input::Stop) | None => break,
+                    Some(input) => self.handle(input),
+                },
+            }
+        }
+        self.shutdown();
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Hello {
+                session,
+                pid,
+                uid,
+                tx,
+                hello,
+                reply,
+            } => {
+                let result = self.hello(session, pid, uid, tx, hello);
+                let _ = reply.send(result);
+            }
+            Input::Message { session, message } => {
+                if let Err(e) = self.library_message(session, message) {
+                    let message = e.to_string();
+                    tracing::warn!(session, %message, "bad control message");
+                    self.send(session, ToLibrary::Error { message });
+                }
+            }
+            Input::Disconnected { session } => {
+                self.sessions.remove(&session);
+                self.policy.disconnect(session);
+            }
+            Input::Admin { request, reply } => {
+                let _ = reply.send(self.admin(request));
+            }
+            Input::Reload { config, reply } => {
+                let _ = reply.send(self.reload(config));
+            }
+            Input::Stop => {}
+        }
+    }
+
+    fn send(&self, session: SessionId, message: ToLibrary) {
+        // A closed channel means the connection is going away; its session
+        // says so with `Disconnected`.
+        if let Some(tx) = self.sessions.get(&session) {
+            let _ = tx.send(message);
+        }
+    }
+
+    /// Carries out the policy's actions.
+    fn apply(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Send { session, message } => self.send(session, message),
+                Action::SetHighMark(bytes) => {
+                    if let Some(c) = &mut self.ceiling
+                        && let Err(e) = c.set_high(bytes)
+                    {
+                        tracing::warn!(error = %e, "changing the memory high mark");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A library's hello: checks it, takes its process under governance,
+    /// and answers with the welcome and the engines' budgets.
+    fn hello(
+        &mut self,
+        session: SessionId,
+        pid: u32,
+        uid: u32,
+        tx: mpsc::UnboundedSender<ToLibrary>,
+        hello: ToAgent,
+    ) -> Result<(), HelloError> {
+        let declared = self.check_hello(hello)?;
+        self.place_library(pid, &declared)?;
+        let engine_cgroups = self.delegated_cgroups(pid, uid);
+        let _ = tx.send(ToLibrary::Welcome {
+            version: nodedb_governor::control::wire::VERSION,
+            engine_cgroups,
+        });
+        self.sessions.insert(session, tx);
+        let actions = self.policy.connect(session, pid, uid, &declared);
+        self.apply(actions);
+        Ok(())
+    }
+
+    /// A message from a welcomed library.
+    fn library_message(
+        &mut self,
+        session: SessionId,
+        message: ToAgent,
+    ) -> Result<(), MessageError> {
+        let Some(pid) = self.policy.library(session).map(|l| l.pid) else {
+            // Not welcomed (its hello is still on its way, or was refused).
+            return Ok(());
+        };
+        match message {
+            ToAgent::Hello { .. } => Err(MessageError::HelloAgain),
+            ToAgent::Thread { tid, engine, moved } => {
+                self.place_thread(pid, tid, &engine, moved)?;
+                self.send(session, ToLibrary::ThreadPlaced { tid, engine });
+                Ok(())
+            }
+            ToAgent::Report { engines } => {
+                let actions = self.policy.on_report(session, engines, Instant::now());
+                self.apply(actions);
+                Ok(())
+            }
+            ToAgent::Spilled {
+                engine,
+                target_bytes,
+                freed_bytes,
+            } => {
+                self.policy
+                    .on_spilled(session, &engine, target_bytes, freed_bytes);
+                Ok(())
+            }
+            ToAgent::Purged {
+                engine,
+                before_bytes,
+                after_bytes,
+            } => {
+                tracing::info!(pid, %engine, before_bytes, after_bytes, "arena purged");
+                Ok(())
+            }
+        }
+    }
+
+    fn admin(&mut self, request: Request) -> Reply {
+        match request {
+            Request::Status => Reply::Status(Box::new(self.snapshot.borrow().report.clone())),
+            Request::Assign { pid, tid, engine } => match self.assign(pid, tid, &engine) {
+                Ok(()) => {
+                    // The caller may ask for the status next: show the
+                    // process now, not at the next tick.
+                    self.publish_now();
+                    Reply::Assigned { pid, tid, engine }
+                }
+                Err(e) => Reply::Error {
+                    message: e.to_string(),
+                },
+            },
+        }
+    }
+
+    /// One tick: picks up processes that entered the subtree, forgets those
+    /// that exited, reads the kernel once, lets the policy decide, and
+    /// publishes the snapshot.
+    fn tick(&mut self) {
+        let started = Instant::now();
+        self.adopt_new_processes();
+        for pid in self.attribution.reap_exited() {
+            self.own.remove(&pid);
+            tracing::info!(pid, "governed process exited");
+        }
+        let reading = match self.attribution.read() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading attribution");
+                None
+            }
+        };
+        let ceiling = self.ceiling.as_ref().map(Ceiling::status);
+        let now = Instant::now();
+        let actions = self.policy.tick(&Tick {
+            now,
+            reading: reading.as_ref(),
+            ceiling: ceiling.as_ref().map(|c| CeilingUse {
+                working_set_bytes: c.working_set_bytes,
+                limit_bytes: c.limit_bytes,
+            }),
+            psi: self.psi.as_ref().map(|m| (m.events(), m.window())),
+        });
+        let high_mark_moved = actions.iter().any(|a| matches!(a, Action::SetHighMark(_)));
+        self.apply(actions);
+        // The high mark just moved: show it as it is now.
+        let ceiling = if high_mark_moved {
+            self.ceiling.as_ref().map(Ceiling::status)
+        } else {
+            ceiling
+        };
+        self.health.ticks += 1;
+        self.health.last_tick = started.elapsed();
+        if let Some(reading) = reading {
+            self.publish(reading, ceiling);
+        }
+    }
+
+    /// Leaves the kernel state the agent made (a v1 ceiling cgroup, once
+    /// its processes are gone; the pins of a clean stop).
+    fn shutdown(&self) {
+        if let Some(c) = &self.ceiling {
+            c.remove();
+        }
+        self.attribution.unpin();
+    }
+}

@@ -1,0 +1,242 @@
+//! Placement: taking processes under governance and putting each thread in
+//! its engine (its engine's cgroup, or the TID map), from a library's hello
+//! and thread messages, from `assign`, and from processes found in the
+//! subtree.
+
+use std::fs;
+
+use nodedb_governor::control::wire::{self, ToAgent};
+
+use super::Agent;
+use crate::{
+    error::{AgentError, HelloError},
+    procfs,
+};
+
+impl Agent {
+    /// Takes in processes that entered the subtree (a child of a governed
+    /// process, a process moved there by hand), and those of own-process
+    /// engines.
+    pub(super) fn adopt_new_processes(&mut self) {
+        let Some(s) = &self.subtree else {
+            return;
+        };
+        let own = s.own_pids();
+        match s.pids() {
+            Ok(pids) => {
+                for pid in pids {
+                    if let Err(e) = self.register(pid) {
+                        tracing::warn!(pid, error = %e, "could not register process");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the subtree's processes"),
+        }
+        for (engine, pid) in own {
+            if let Err(e) = self.register_own(pid, &engine) {
+                tracing::warn!(pid, engine, error = %e, "could not register process");
+            }
+        }
+    }
+
+    /// Governs `pid` (a process that runs several engines): its counters,
+    /// its place under the ceiling, its engines' cgroups.
+    fn register(&mut self, pid: u32) -> Result<(), AgentError> {
+        if self.attribution.is_registered(pid) {
+            return Ok(());
+        }
+        self.attribution
+            .register_process(pid, &self.config.engine_names())?;
+        if let Some(c) = &self.ceiling
+            && let Err(e) = c.adopt(pid)
+        {
+            tracing::warn!(pid, error = %e, "could not put the process under the ceiling");
+        }
+        if let Some(s) = &self.subtree {
+            for (name, cg) in &s.engines {
+                self.attribution.bind_cgroup(pid, name, cg.id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes in a process of an engine that runs as a process of its own:
+    /// it goes into the engine's domain cgroup, and everything its threads
+    /// do is the engine's.
+    fn register_own(&mut self, pid: u32, engine: &str) -> Result<(), AgentError> {
+        if self.own.get(&pid).is_some_and(|e| e == engine) {
+            return Ok(());
+        }
+        if let Some(s) = &self.subtree {
+            s.adopt_own_process(pid, engine)?;
+        }
+        if self.attribution.is_registered(pid) {
+            // It was first seen elsewhere: start its books afresh.
+            self.attribution.forget_process(pid);
+        }
+        self.attribution
+            .register_process(pid, &self.config.engine_names())?;
+        if let Some(c) = &self.ceiling
+            && let Err(e) = c.adopt(pid).and_then(|()| c.adopt_engine(pid, engine))
+        {
+            tracing::warn!(pid, engine, error = %e, "could not put the process under its engine's cgroup");
+        }
+        if let Some(cg) = self.subtree.as_ref().and_then(|s| s.own.get(engine)) {
+            self.attribution.bind_cgroup(pid, engine, cg.id)?;
+        }
+        tracing::info!(pid, engine, "process of an own-process engine registered");
+        self.own.insert(pid, engine.to_owned());
+        Ok(())
+    }
+
+    /// Moves thread `tid` of `pid` into `engine`.
+    pub(super) fn assign(&mut self, pid: u32, tid: u32, engine: &str) -> Result<(), AgentError> {
+        procfs::start_time(pid)?;
+        if !procfs::threads(pid)?.contains(&tid) {
+            return Err(AgentError::NoSuchThread { pid, tid });
+        }
+        let engines = self.config.engine_names();
+        if !engines.iter().any(|e| e == engine) {
+            return Err(AgentError::UnknownEngine {
+                name: engine.to_owned(),
+                known: engines.join(", "),
+            });
+        }
+        if let Some(own) = self.own.get(&pid) {
+            // The whole process is the engine's already.
+            if own != engine {
+                return Err(AgentError::UnknownEngine {
+                    name: engine.to_owned(),
+                    known: own.clone(),
+                });
+            }
+            tracing::info!(pid, tid, engine, "thread of an own-process engine");
+            return Ok(());
+        }
+        match &self.subtree {
+            Some(s) => {
+                s.adopt_process(pid)?;
+                self.register(pid)?;
+                if let Some(s) = &self.subtree {
+                    s.move_thread(tid, engine)?;
+                }
+            }
+            None => {
+                self.register(pid)?;
+                self.attribution.assign_tid(pid, tid, engine)?;
+            }
+        }
+        tracing::info!(pid, tid, engine, "thread assigned");
+        Ok(())
+    }
+
+    /// A library's thread started working for `engine`. `moved`: the
+    /// library put it in the engine's cgroup itself (a delegated subtree);
+    /// the thread must at least be the process's.
+    pub(super) fn place_thread(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        engine: &str,
+        moved: bool,
+    ) -> Result<(), AgentError> {
+        if !moved {
+            return self.assign(pid, tid, engine);
+        }
+        if !procfs::threads(pid)?.contains(&tid) {
+            return Err(AgentError::NoSuchThread { pid, tid });
+        }
+        tracing::info!(pid, tid, %engine, "thread moved by the library (delegated subtree)");
+        Ok(())
+    }
+
+    /// Checks a hello: the first message, this protocol version, this
+    /// database, configured engines. Returns the engines it declares.
+    pub(super) fn check_hello(&self, hello: ToAgent) -> Result<Vec<String>, HelloError> {
+        let ToAgent::Hello {
+            version,
+            database,
+            engines,
+        } = hello
+        else {
+            return Err(HelloError::NotHello);
+        };
+        if version != wire::VERSION {
+            return Err(HelloError::Version {
+                got: version,
+                speaks: wire::VERSION,
+            });
+        }
+        if database != self.config.database {
+            return Err(HelloError::Database {
+                got: database,
+                governs: self.config.database.clone(),
+            });
+        }
+        let known = self.config.engine_names();
+        if let Some(e) = engines.iter().find(|e| !known.contains(&e.name)) {
+            return Err(AgentError::UnknownEngine {
+                name: e.name.clone(),
+                known: known.join(", "),
+            }
+            .into());
+        }
+        Ok(engines.into_iter().map(|e| e.name).collect())
+    }
+
+    /// Takes a library's process under governance: into `shared/` when it
+    /// runs several engines, into its engine's own cgroup when it declared
+    /// an own-process engine (which it must declare alone).
+    pub(super) fn place_library(
+        &mut self,
+        pid: u32,
+        declared: &[String],
+    ) -> Result<(), HelloError> {
+        let own: Vec<&String> = declared
+            .iter()
+            .filter(|name| {
+                self.config
+                    .engines
+                    .iter()
+                    .any(|c| &&c.name == name && c.own_process)
+            })
+            .collect();
+        match own.as_slice() {
+            [] => {
+                if let Some(s) = &self.subtree {
+                    s.adopt_process(pid)?;
+                }
+                self.register(pid)?;
+            }
+            [engine] if declared.len() == 1 => {
+                let engine = engine.to_string();
+                self.register_own(pid, &engine)?;
+            }
+            _ => {
+                return Err(HelloError::OwnProcessNotAlone {
+                    engine: own[0].clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the subtree is delegated to the library's user, the engines'
+    /// cgroup directories (it moves its threads itself); else none.
+    pub(super) fn delegated_cgroups(&self, pid: u32, uid: u32) -> Vec<(String, String)> {
+        let delegated = self.subtree.as_ref().filter(|s| {
+            uid != 0
+                && !self.own.contains_key(&pid)
+                && fs::metadata(&s.dir)
+                    .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == uid)
+        });
+        delegated
+            .map(|s| {
+                s.engines
+                    .iter()
+                    .map(|(n, c)| (n.clone(), c.dir.display().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,50 @@
+//! SIGHUP: a new configuration, applied in place or refused whole.
+
+use std::sync::Arc;
+
+use super::{Agent, startup::normal_high_mark};
+use crate::{config::Config, error::ReloadError, policy::Rules};
+
+impl Agent {
+    /// Applies a new (valid) configuration at once, or refuses it whole:
+    /// what only a restart can change (the database, identity, cgroup root,
+    /// sockets, the metrics address, delegation, observe mode, the set of
+    /// engines) must be unchanged. Budgets, floors, thresholds, the
+    /// ceiling, the tick and the allowed uids change in place; libraries
+    /// get their new budgets (loans end).
+    pub(super) fn reload(&mut self, new: Config) -> Result<(), ReloadError> {
+        let old = &self.config;
+        let fixed: [(&'static str, bool); 10] = [
+            ("database", old.database == new.database),
+            ("identity", old.identity == new.identity),
+            ("cgroup_root", old.cgroup_root == new.cgroup_root),
+            ("run_dir", old.run_dir == new.run_dir),
+            (
+                "control_socket",
+                old.control_socket_path() == new.control_socket_path(),
+            ),
+            ("metrics_addr", old.metrics_addr == new.metrics_addr),
+            ("delegate_uid", old.delegate_uid == new.delegate_uid),
+            ("enforce", old.enforce == new.enforce),
+            ("engine", old.engine_names() == new.engine_names()),
+            (
+                "engine.own_process",
+                old.own_process_engines() == new.own_process_engines(),
+            ),
+        ];
+        if let Some((field, _)) = fixed.iter().find(|(_, same)| !same) {
+            return Err(ReloadError::NeedsRestart { field });
+        }
+        if let Some(c) = &mut self.ceiling {
+            c.set_limit(new.ceiling_bytes(), normal_high_mark(&new))?;
+            for l in new.limits().into_iter().filter(|l| l.own_process) {
+                c.set_engine_high(&l.name, l.budget_bytes)?;
+            }
+        }
+        let actions = self.policy.reload(Rules::from_config(&new));
+        self.config = new;
+        self.config_tx.send_replace(Arc::new(self.config.clone()));
+        self.apply(actions);
+        Ok(())
+    }
+}

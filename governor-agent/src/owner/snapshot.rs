@@ -1,0 +1,116 @@
+//! The snapshot the owner publishes at every tick: what `status` answers
+//! and `/metrics` renders, built from the figures the tick read, so that
+//! serving them reads nothing from the kernel and waits for no one.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::watch;
+
+use super::Agent;
+use crate::{attribution::Reading, ceiling::CeilingStatus, status::StatusReport};
+
+/// How the agent's own loop is doing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Health {
+    pub ticks: u64,
+    /// How long the last tick took (reading the kernel, deciding, acting).
+    pub last_tick: Duration,
+}
+
+/// The agent's state as of one tick.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub report: StatusReport,
+    pub health: Health,
+}
+
+impl Snapshot {
+    /// Before the first tick: nothing governed yet.
+    pub fn empty(report: StatusReport) -> Self {
+        Self {
+            report,
+            health: Health::default(),
+        }
+    }
+}
+
+/// A reader of the published snapshots, for the tasks that serve them.
+/// Reading one asks the owner to read the eBPF programs' statistics afresh
+/// at its next tick: a system call per program, made only as often as
+/// someone looks.
+#[derive(Clone, Debug)]
+pub struct Snapshots {
+    rx: watch::Receiver<Arc<Snapshot>>,
+    programs_wanted: Arc<AtomicBool>,
+}
+
+impl Snapshots {
+    pub(super) fn new(
+        rx: watch::Receiver<Arc<Snapshot>>,
+        programs_wanted: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            rx,
+            programs_wanted,
+        }
+    }
+
+    /// The last snapshot published.
+    pub fn latest(&self) -> Arc<Snapshot> {
+        self.programs_wanted.store(true, Ordering::Relaxed);
+        self.rx.borrow().clone()
+    }
+}
+
+impl Agent {
+    /// Builds the status report from `reading` and `ceiling` (this tick's
+    /// figures) and the policy's state, and publishes it.
+    pub(super) fn publish(&mut self, reading: Reading, ceiling: Option<CeilingStatus>) {
+        let now = Instant::now();
+        if self.programs_wanted.swap(false, Ordering::Relaxed) {
+            self.programs = self.attribution.program_stats();
+        }
+        let mut report = StatusReport::new(
+            &self.config.database,
+            self.identity,
+            self.subtree
+                .as_ref()
+                .map(|s| s.domain.display().to_string()),
+            &self.config.engine_names(),
+            reading,
+        );
+        report.ceiling = ceiling;
+        report.ceiling_error = self.ceiling_error.clone();
+        report.metrics_addr = self.metrics_addr.map(|a| a.to_string());
+        report.emergency = self.policy.emergency();
+        report.psi = self
+            .psi
+            .as_ref()
+            .map(|m| m.status(self.policy.stalling(now, m.window())));
+        report.psi_error = self.psi_error.clone();
+        report.programs = self.programs.clone();
+        report.clients = self.policy.libraries().map(|(_, l)| l.status()).collect();
+        self.snapshot.send_replace(Arc::new(Snapshot {
+            report,
+            health: self.health,
+        }));
+    }
+
+    /// Publishes a snapshot read afresh, outside a tick (after an `assign`,
+    /// so that a `status` straight after it shows the process).
+    pub(super) fn publish_now(&mut self) {
+        match self.attribution.read() {
+            Ok(reading) => {
+                let ceiling = self.ceiling.as_ref().map(crate::ceiling::Ceiling::status);
+                self.publish(reading, ceiling);
+            }
+            Err(e) => tracing::warn!(error = %e, "reading attribution"),
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! One engine of one governed process, as the policy keeps it: where it is
+//! on the ladder, what the library last said of it, what was last asked of
+//! it, and what the ladder did (the counters the status and `/metrics`
+//! show).
+
+use std::time::Instant;
+
+use nodedb_governor::PressureLevel;
+use serde::{Deserialize, Serialize};
+
+/// What the ladder did for one engine, and where it stands: the engine's
+/// row in `status --json` (`clients[].engines`) and its `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineEnforcement {
+    /// None until the first tick saw the engine.
+    pub level: Option<PressureLevel>,
+    /// The budget in force (the configured budget moved by loans).
+    pub budget_bytes: u64,
+    pub resident_bytes: u64,
+    pub reserved_bytes: u64,
+    /// Reservations the library refused (its own count).
+    #[serde(default)]
+    pub rejections: u64,
+    pub spill_requests: u64,
+    pub spilled_bytes: u64,
+    pub purges: u64,
+    pub level_changes: u64,
+    /// Limits (floor and cap) sent to the library.
+    #[serde(default)]
+    pub limit_changes: u64,
+    /// The cap the library was last given.
+    #[serde(default)]
+    pub cap_bytes: u64,
+    /// Held to what it holds (an Emergency; the engine is not essential).
+    #[serde(default)]
+    pub backpressure: bool,
+}
+
+/// The library's books for the engine, from its last report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Books {
+    pub reserved_bytes: u64,
+    pub rejections: u64,
+}
+
+/// What the ladder has counted for the engine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Counters {
+    pub spill_requests: u64,
+    pub spilled_bytes: u64,
+    pub purges: u64,
+    pub level_changes: u64,
+    pub limit_changes: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub(super) struct EngineState {
+    /// Where it is on the ladder (None before the first tick).
+    pub level: Option<PressureLevel>,
+    /// Resident bytes the kernel attributed to it at the last tick.
+    pub resident_bytes: u64,
+    /// The library's books (None until its first report).
+    pub books: Option<Books>,
+    /// When the last spill request went out and has not been answered.
+    pub spill_sent: Option<Instant>,
+    /// What the kernel sees it hold beyond its reservations, in whole
+    /// steps, as last taken off its cap.
+    pub untracked_bytes: u64,
+    /// Under backpressure (an Emergency; not essential): the cap it is
+    /// held to.
+    pub held_to: Option<u64>,
+    /// The cap the library was last given.
+    pub cap_bytes: u64,
+    pub counters: Counters,
+}
+
+impl EngineState {
+    pub fn reserved_bytes(&self) -> u64 {
+        self.books.map_or(0, |b| b.reserved_bytes)
+    }
+
+    pub fn status(&self, budget_bytes: u64) -> EngineEnforcement {
+        let Counters {
+            spill_requests,
+            spilled_bytes,
+            purges,
+            level_changes,
+            limit_changes,
+        } = self.counters;
+        EngineEnforcement {
+            level: self.level,
+            budget_bytes,
+            resident_bytes: self.resident_bytes,
+            reserved_bytes: self.reserved_bytes(),
+            rejections: self.books.map_or(0, |b| b.rejections),
+            spill_requests,
+            spilled_bytes,
+            purges,
+            level_changes,
+            limit_changes,
+            cap_bytes: self.cap_bytes,
+            backpressure: self.held_to.is_some(),
+        }
+    }
+}

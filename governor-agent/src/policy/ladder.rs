@@ -1,0 +1,102 @@
+//! The rungs of the ladder for one engine at one tick: what a level, and a
+//! change of level, asks of the library.
+//!
+//! | level (resident / budget in force) | on entering | while there |
+//! |---|---|---|
+//! | Warning | purge the engine's arena | |
+//! | Critical | spill request down to `restore` | again when the last one is answered or `spill_retry` old |
+//! | Emergency | as Critical | as Critical |
+//!
+//! Every change of level is sent as `pressure`. While the database stalls
+//! on memory (PSI), spilling starts at Warning.
+
+use std::time::{Duration, Instant};
+
+use nodedb_governor::{PressureLevel, control::wire::ToLibrary};
+
+use super::engine::EngineState;
+
+/// One engine's standing at this tick.
+pub(super) struct Rung<'a> {
+    pub pid: u32,
+    pub engine: &'a str,
+    /// The level at the last tick (Normal before the first).
+    pub before: PressureLevel,
+    pub level: PressureLevel,
+    pub resident_bytes: u64,
+    pub budget_bytes: u64,
+    /// A spill brings the engine down to this fraction of its budget.
+    pub restore: f64,
+    pub stalling: bool,
+    pub now: Instant,
+    pub spill_retry: Duration,
+}
+
+/// Applies the rung to `e` and writes what the library must hear.
+pub(super) fn climb(r: &Rung<'_>, e: &mut EngineState, out: &mut Vec<ToLibrary>) {
+    let Rung {
+        pid,
+        engine,
+        before,
+        level,
+        resident_bytes,
+        budget_bytes,
+        restore,
+        stalling,
+        now,
+        spill_retry,
+    } = *r;
+    if level != before {
+        e.counters.level_changes += 1;
+        tracing::info!(
+            pid,
+            engine,
+            from = ?before,
+            to = ?level,
+            resident = resident_bytes,
+            budget = budget_bytes,
+            "engine pressure changed"
+        );
+        out.push(ToLibrary::Pressure {
+            engine: engine.to_owned(),
+            level,
+        });
+        if level >= PressureLevel::Warning && before < PressureLevel::Warning {
+            e.counters.purges += 1;
+            out.push(ToLibrary::Purge {
+                engine: engine.to_owned(),
+            });
+        }
+    }
+    let spill_from = if stalling {
+        PressureLevel::Warning
+    } else {
+        PressureLevel::Critical
+    };
+    if level < spill_from {
+        return;
+    }
+    let due = e
+        .spill_sent
+        .is_none_or(|sent| now.duration_since(sent) >= spill_retry);
+    if !due {
+        return;
+    }
+    let goal = (budget_bytes as f64 * restore) as u64;
+    let target = resident_bytes.saturating_sub(goal);
+    e.counters.spill_requests += 1;
+    tracing::info!(
+        pid,
+        engine,
+        resident = resident_bytes,
+        budget = budget_bytes,
+        target,
+        stalling,
+        "spill requested"
+    );
+    e.spill_sent = Some(now);
+    out.push(ToLibrary::Spill {
+        engine: engine.to_owned(),
+        target_bytes: target,
+    });
+}

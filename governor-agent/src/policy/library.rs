@@ -1,0 +1,368 @@
+//! One connected library (one governed process) as the policy sees it: the
+//! engines it declared, each one's state on the ladder, and the loans
+//! between them. Its methods are the policy's rules for one process; each
+//! writes what the library must be told into `out`.
+
+use std::{collections::BTreeMap, time::Instant};
+
+use nodedb_governor::{
+    PressureLevel,
+    control::wire::{EngineReport, ToLibrary},
+    lending::{Holding, Loan, LoanBook, LoanEvent},
+};
+
+use super::{
+    Rules, SPILL_RETRY,
+    engine::{Books, EngineEnforcement, EngineState},
+};
+use crate::{attribution::ProcessAttribution, config::EngineLimits};
+
+/// One library connected over the control channel.
+#[derive(Clone, Debug)]
+pub struct Library {
+    pub pid: u32,
+    pub uid: u32,
+    /// Observe only (`enforce = false`): levels are computed and shown, but
+    /// nothing is asked of the library, and every engine's cap is this (the
+    /// ceiling).
+    observe_cap: Option<u64>,
+    /// The engines it declared in its hello (the only ones it lends,
+    /// borrows and is enforced on).
+    engines: BTreeMap<String, EngineState>,
+    loans: LoanBook<String>,
+}
+
+/// What `status` shows of one library.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LibraryStatus {
+    pub pid: u32,
+    pub uid: u32,
+    pub engines: BTreeMap<String, EngineEnforcement>,
+    pub loans: Vec<Loan<String>>,
+}
+
+/// Untracked memory moves an engine's cap in steps of its budget / 64 (at
+/// least 1 MiB, rounded up), so a wobble of a few pages sends nothing.
+pub(super) fn untracked_step(budget: u64) -> u64 {
+    (budget / 64).max(1 << 20)
+}
+
+impl Library {
+    /// A library that declared `declared`; its engines start on their
+    /// configured budgets.
+    pub(super) fn new(pid: u32, uid: u32, declared: &[String], rules: &Rules) -> Self {
+        let mut loans = LoanBook::new(rules.lending);
+        let mut engines = BTreeMap::new();
+        for l in rules.limits.iter().filter(|l| declared.contains(&l.name)) {
+            loans.set_engine(l.name.clone(), l.budget_bytes, l.floor_bytes);
+            engines.insert(l.name.clone(), EngineState::default());
+        }
+        Self {
+            pid,
+            uid,
+            observe_cap: (!rules.enforce).then_some(rules.ceiling_bytes),
+            engines,
+            loans,
+        }
+    }
+
+    pub fn status(&self) -> LibraryStatus {
+        LibraryStatus {
+            pid: self.pid,
+            uid: self.uid,
+            engines: self
+                .engines
+                .iter()
+                .map(|(name, e)| (name.clone(), e.status(self.budget(name))))
+                .collect(),
+            loans: self.loans.loans().to_vec(),
+        }
+    }
+
+    /// The engine's budget in force (0 for an engine it did not declare).
+    pub fn budget(&self, engine: &str) -> u64 {
+        self.loans.budget(&engine.to_owned()).unwrap_or(0)
+    }
+
+    /// The limits of the engines it declared, in configuration order.
+    fn declared<'r>(&self, rules: &'r Rules) -> impl Iterator<Item = &'r EngineLimits> {
+        let engines = self.engines.keys().cloned().collect::<Vec<_>>();
+        rules
+            .limits
+            .iter()
+            .filter(move |l| engines.contains(&l.name))
+    }
+
+    /// Sends `l` the limits in force: its floor and its budget, less what it
+    /// holds unreserved (never below the floor), or less again under
+    /// backpressure. Observing, the cap is the ceiling and the floor 0.
+    fn send_limits(&mut self, l: &EngineLimits, out: &mut Vec<ToLibrary>) {
+        let budget = self.budget(&l.name);
+        let observe_cap = self.observe_cap;
+        let Some(e) = self.engines.get_mut(&l.name) else {
+            return;
+        };
+        let (floor, cap) = match observe_cap {
+            Some(cap) => (0, cap),
+            None => {
+                // What the kernel sees the engine hold beyond its
+                // reservations (allocations it does not reserve, freed
+                // pages its arena keeps) counts against the budget too.
+                // Never below the floor, though: the floor is guaranteed,
+                // and an engine left no room at all could not finish what
+                // it is doing (the ladder still spills it).
+                let corrected = budget
+                    .saturating_sub(e.untracked_bytes)
+                    .max(l.floor_bytes.min(budget));
+                let cap = e.held_to.map_or(corrected, |held| held.min(corrected));
+                (l.floor_bytes.min(cap), cap)
+            }
+        };
+        e.counters.limit_changes += 1;
+        e.cap_bytes = cap;
+        tracing::info!(pid = self.pid, engine = %l.name, floor, cap, budget, "engine limits sent");
+        out.push(ToLibrary::Limits {
+            engine: l.name.clone(),
+            floor_bytes: floor,
+            cap_bytes: cap,
+        });
+    }
+
+    /// Sends every declared engine its limits (the welcome, a reload).
+    pub(super) fn send_all_limits(&mut self, rules: &Rules, out: &mut Vec<ToLibrary>) {
+        for l in self.declared(rules).cloned().collect::<Vec<_>>() {
+            self.send_limits(&l, out);
+        }
+    }
+
+    /// A new configuration: loans end, every engine gets its configured
+    /// budget and floor, and the library hears them.
+    pub(super) fn reconfigure(&mut self, rules: &Rules, out: &mut Vec<ToLibrary>) {
+        for l in self.declared(rules).cloned().collect::<Vec<_>>() {
+            self.loans
+                .set_engine(l.name.clone(), l.budget_bytes, l.floor_bytes);
+        }
+        self.observe_cap = (!rules.enforce).then_some(rules.ceiling_bytes);
+        self.send_all_limits(rules, out);
+    }
+
+    /// Sends the limits of every engine a loan change touched.
+    fn send_loan_changes(
+        &mut self,
+        rules: &Rules,
+        events: &[LoanEvent<String>],
+        out: &mut Vec<ToLibrary>,
+    ) {
+        for ev in events {
+            let Loan {
+                lender,
+                borrower,
+                bytes,
+            } = ev.loan();
+            match ev {
+                LoanEvent::Lent(_) => {
+                    tracing::info!(pid = self.pid, %lender, %borrower, bytes, "budget lent")
+                }
+                LoanEvent::TakenBack(_) => {
+                    tracing::info!(pid = self.pid, %lender, %borrower, bytes, "loan taken back")
+                }
+            }
+        }
+        let mut changed: Vec<&String> = events
+            .iter()
+            .flat_map(|ev| [&ev.loan().lender, &ev.loan().borrower])
+            .collect();
+        changed.sort();
+        changed.dedup();
+        for l in self.declared(rules).cloned().collect::<Vec<_>>() {
+            if changed.contains(&&l.name) {
+                self.send_limits(&l, out);
+            }
+        }
+    }
+
+    /// The library's books. A lender it has refused a reservation (its
+    /// count of refusals rose) takes its loans back at once.
+    pub(super) fn on_report(
+        &mut self,
+        rules: &Rules,
+        reports: Vec<EngineReport>,
+        now: Instant,
+        out: &mut Vec<ToLibrary>,
+    ) {
+        let mut events = Vec::new();
+        for r in reports {
+            let Some(e) = self.engines.get_mut(&r.name) else {
+                tracing::warn!(pid = self.pid, engine = %r.name, "report for an engine the library did not declare; ignored");
+                continue;
+            };
+            let before = e.books.map_or(0, |b| b.rejections);
+            if r.rejections > before {
+                // The library counts its refusals on its hot path; they
+                // are logged here, as they are reported.
+                tracing::info!(
+                    pid = self.pid,
+                    engine = %r.name,
+                    refused = r.rejections - before,
+                    total = r.rejections,
+                    reserved = r.reserved_bytes,
+                    "reservations refused"
+                );
+            }
+            e.books = Some(Books {
+                reserved_bytes: r.reserved_bytes,
+                rejections: r.rejections,
+            });
+            if r.rejections > before && self.observe_cap.is_none() && self.loans.is_lender(&r.name)
+            {
+                events.extend(self.loans.take_back(&r.name, now));
+            }
+        }
+        self.send_loan_changes(rules, &events, out);
+    }
+
+    /// A spill request was answered.
+    pub(super) fn on_spilled(&mut self, engine: &str, target_bytes: u64, freed_bytes: u64) {
+        let Some(e) = self.engines.get_mut(engine) else {
+            tracing::warn!(
+                pid = self.pid,
+                engine,
+                "spill answer for an engine the library did not declare; ignored"
+            );
+            return;
+        };
+        e.spill_sent = None;
+        e.counters.spilled_bytes = e.counters.spilled_bytes.saturating_add(freed_bytes);
+        tracing::info!(
+            pid = self.pid,
+            engine,
+            target_bytes,
+            freed_bytes,
+            "spill done"
+        );
+    }
+
+    /// The database's tasks stalled on memory (a PSI trigger): every
+    /// engine's arena is purged now (returning dirty pages is the cheapest
+    /// relief).
+    pub(super) fn on_stall(&mut self, out: &mut Vec<ToLibrary>) {
+        if self.observe_cap.is_some() {
+            return;
+        }
+        for (name, e) in &mut self.engines {
+            e.counters.purges += 1;
+            out.push(ToLibrary::Purge {
+                engine: name.clone(),
+            });
+        }
+        tracing::info!(
+            pid = self.pid,
+            engines = self.engines.len(),
+            "memory stall: purge requested of every engine"
+        );
+    }
+
+    /// Starts (`on`) or ends backpressure on the engines that are not
+    /// essential: while on, an engine's cap is what it holds (its
+    /// reservations as last reported), or its floor if that is more, so
+    /// its new reservations beyond both are refused.
+    pub(super) fn set_backpressure(&mut self, on: bool, rules: &Rules, out: &mut Vec<ToLibrary>) {
+        if self.observe_cap.is_some() {
+            return;
+        }
+        for l in self.declared(rules).cloned().collect::<Vec<_>>() {
+            if l.essential {
+                continue;
+            }
+            let budget = self.budget(&l.name);
+            let Some(e) = self.engines.get_mut(&l.name) else {
+                continue;
+            };
+            if on && e.held_to.is_none() {
+                // What it holds, but never less than its floor: the floor
+                // is guaranteed, and an engine held to nothing could not
+                // even finish what it is doing.
+                let held = e.reserved_bytes().max(l.floor_bytes).min(budget);
+                e.held_to = Some(held);
+                tracing::warn!(pid = self.pid, engine = %l.name, held, "emergency: backpressure on a non-essential engine, its reservations beyond what it holds are refused");
+                self.send_limits(&l, out);
+            } else if !on && e.held_to.take().is_some() {
+                tracing::info!(pid = self.pid, engine = %l.name, "backpressure lifted");
+                self.send_limits(&l, out);
+            }
+        }
+    }
+
+    /// One round of the ladder for this process, from the kernel's figures
+    /// for it: loans first (busy engines borrow from idle ones, lenders
+    /// that got busy take their loans back), then each engine's level, cap
+    /// correction, pressure, purge and spill. While the database is
+    /// `stalling` on memory (PSI), engines are spilled from Warning on.
+    pub(super) fn enforce(
+        &mut self,
+        rules: &Rules,
+        process: &ProcessAttribution,
+        stalling: bool,
+        now: Instant,
+        out: &mut Vec<ToLibrary>,
+    ) {
+        let resident = |name: &str| process.engines.get(name).map_or(0, |e| e.resident_bytes);
+        if self.observe_cap.is_none() {
+            let events = self.loans.round(now, &rules.thresholds, |name| Holding {
+                resident_bytes: resident(name),
+                reserved_bytes: self
+                    .engines
+                    .get(name)
+                    .map_or(0, EngineState::reserved_bytes),
+            });
+            self.send_loan_changes(rules, &events, out);
+        }
+        for l in self.declared(rules).cloned().collect::<Vec<_>>() {
+            let budget = self.budget(&l.name);
+            let resident = resident(&l.name);
+            let level = rules.thresholds.level(resident, budget);
+            let observe = self.observe_cap.is_some();
+            let Some(e) = self.engines.get_mut(&l.name) else {
+                continue;
+            };
+            let before = e.level.replace(level).unwrap_or(PressureLevel::Normal);
+            e.resident_bytes = resident;
+            if observe {
+                // Shown, never acted on.
+                e.counters.level_changes += u64::from(level != before);
+                continue;
+            }
+            // The kernel's figure against the library's: the cap leaves
+            // room only for what the budget has left.
+            if let Some(books) = e.books {
+                let step = untracked_step(budget);
+                // Rounded up: the cap errs on the side of the budget.
+                let untracked = resident.saturating_sub(books.reserved_bytes).div_ceil(step) * step;
+                if e.untracked_bytes != untracked {
+                    e.untracked_bytes = untracked;
+                    self.send_limits(&l, out);
+                }
+            }
+            let pid = self.pid;
+            let Some(e) = self.engines.get_mut(&l.name) else {
+                continue;
+            };
+            super::ladder::climb(
+                &super::ladder::Rung {
+                    pid,
+                    engine: &l.name,
+                    before,
+                    level,
+                    resident_bytes: resident,
+                    budget_bytes: budget,
+                    restore: rules.restore,
+                    stalling,
+                    now,
+                    spill_retry: SPILL_RETRY,
+                },
+                e,
+                out,
+            );
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! The agent's policy: what to ask of each library and of the kernel, as a
+//! function of the policy's state and its inputs. It does no I/O (it logs
+//! what it decides, nothing more): the agent's owner task reads the kernel
+//! (attribution, the ceiling's cgroup, PSI), hands the figures in as a
+//! [`Tick`], and carries out the [`Action`]s that come back. So every rule
+//! below is tested without root or a kernel (see the tests at the end).
+//!
+//! # Per engine of each governed process
+//! The ladder ([`ladder`]), on the resident memory the kernel attributes to
+//! the engine against its budget in force:
+//!
+//! | level (resident / budget) | on entering | while there |
+//! |---|---|---|
+//! | Warning (75%) | purge the engine's arena | |
+//! | Critical (90%) | spill request down to `restore` (75%) | a new spill request when the last one is answered or 250 ms old |
+//! | Emergency (97%) | as Critical | as Critical |
+//!
+//! Every level change is sent to the library as `pressure`.
+//!
+//! **Loans** (the library's [`nodedb_governor::lending`], the same rules
+//! the library lends by on its own): a busy engine (at Critical of its
+//! budget) borrows the unused budget of an idle one; a lender that gets
+//! busy, or is refused a reservation, takes its loan back, and the
+//! borrower's budget drops, so the ladder spills it.
+//!
+//! **The cap** the library is given is the budget in force less what the
+//! kernel sees the engine hold beyond its reservations (memory it allocates
+//! without reserving, freed pages its arena keeps), in steps of budget /
+//! 64, never below its floor: a reservation is refused when the engine's
+//! real footprint, not its books, would pass the budget.
+//!
+//! # For the whole database
+//! * **PSI**: a trigger event (the database's tasks stalled on memory)
+//!   purges every engine's arena at once, and for one window engines are
+//!   spilled from Warning on.
+//! * **Emergency**: the database's use (the ceiling cgroup's working set,
+//!   or the attributed total where the kernel has no ceiling) at the
+//!   emergency threshold of the ceiling lowers the cgroup's high mark to
+//!   the restore point and holds the engines that are not `essential` to
+//!   what they hold (never below their floor), so their new reservations
+//!   are refused (backpressure), until use is back under the warning
+//!   threshold.
+//!
+//! Observing only (`enforce = false`), levels are computed and shown but
+//! nothing is asked: every cap is the ceiling, no loans, no spills.
+
+mod engine;
+mod ladder;
+mod library;
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+pub use engine::EngineEnforcement;
+pub use library::{Library, LibraryStatus};
+use nodedb_governor::{
+    PressureThresholds,
+    control::wire::{EngineReport, ToLibrary},
+    lending::LendingRules,
+};
+
+use crate::{
+    attribution::Reading,
+    config::{Config, EngineLimits},
+};
+
+/// A spill request not answered within this is sent again.
+pub const SPILL_RETRY: Duration = Duration::from_millis(250);
+
+/// A library connection, as the owner numbers them.
+pub type SessionId = u64;
+
+/// The parts of the configuration the policy decides by.
+#[derive(Clone, Debug)]
+pub struct Rules {
+    pub thresholds: PressureThresholds,
+    /// A spill brings an engine down to this fraction of its budget.
+    pub restore: f64,
+    pub enforce: bool,
+    pub ceiling_bytes: u64,
+    /// Every configured engine, in configuration order.
+    pub limits: Vec<EngineLimits>,
+    pub lending: LendingRules,
+}
+
+impl Rules {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            thresholds: config.thresholds.pressure(),
+            restore: config.thresholds.restore,
+            enforce: config.enforce,
+            ceiling_bytes: config.ceiling_bytes(),
+            limits: config.limits(),
+            lending: LendingRules::default(),
+        }
+    }
+}
+
+/// The database's use of its ceiling, as its cgroup shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CeilingUse {
+    /// The charge less the inactive page cache the kernel drops first.
+    pub working_set_bytes: u64,
+    pub limit_bytes: u64,
+}
+
+/// What the owner read from the kernel for one tick.
+#[derive(Clone, Copy, Debug)]
+pub struct Tick<'a> {
+    pub now: Instant,
+    /// The attribution (None: it could not be read this time).
+    pub reading: Option<&'a Reading>,
+    /// The ceiling's cgroup (None: the kernel enforces no ceiling).
+    pub ceiling: Option<CeilingUse>,
+    /// The PSI trigger's event count so far and its window (None: off or
+    /// unavailable).
+    pub psi: Option<(u64, Duration)>,
+}
+
+/// What the policy asks for.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// A message to the library of a session.
+    Send {
+        session: SessionId,
+        message: ToLibrary,
+    },
+    /// The database cgroup's high mark: down to this many bytes (an
+    /// Emergency), or back to its normal value (None).
+    SetHighMark(Option<u64>),
+}
+
+/// The policy's whole state.
+#[derive(Debug)]
+pub struct Policy {
+    rules: Rules,
+    libraries: BTreeMap<SessionId, Library>,
+    /// The whole database is in Emergency (backpressure is on).
+    emergency: bool,
+    /// PSI trigger events already acted on, and when the last one came.
+    psi_seen: u64,
+    psi_last: Option<Instant>,
+}
+
+fn sends(session: SessionId, out: Vec<ToLibrary>) -> impl Iterator<Item = Action> {
+    out.into_iter()
+        .map(move |message| Action::Send { session, message })
+}
+
+impl Policy {
+    pub fn new(rules: Rules) -> Self {
+        Self {
+            rules,
+            libraries: BTreeMap::new(),
+            emergency: false,
+            psi_seen: 0,
+            psi_last: None,
+        }
+    }
+
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    /// Whether the whole database is in Emergency.
+    pub fn emergency(&self) -> bool {
+        self.emergency
+    }
+
+    /// Whether `now` is within a window of the last PSI trigger event.
+    pub fn stalling(&self, now: Instant, window: Duration) -> bool {
+        self.psi_last
+            .is_some_and(|t| now.saturating_duration_since(t) < window)
+    }
+
+    pub fn libraries(&self) -> impl Iterator<Item = (&SessionId, &Library)> {
+        self.libraries.iter()
+    }
+
+    pub fn library(&self, session: SessionId) -> Option<&Library> {
+        self.libraries.get(&session)
+    }
+
+    /// A library was welcomed: its engines get their limits, and in an
+    /// Emergency its non-essential engines are held at once. The owner has
+    /// sent the welcome already.
+    pub fn connect(
+        &mut self,
+        session: SessionId,
+        pid: u32,
+        uid: u32,
+        declared: &[String],
+    ) -> Vec<Action> {
+        let mut library = Library::new(pid, uid, declared, &self.rules);
+        let mut out = Vec::new();
+        library.send_all_limits(&self.rules, &mut out);
+        if self.emergency {
+            library.set_backpressure(true, &self.rules, &mut out);
+        }
+        tracing::info!(pid, uid, engines = declared.len(), "library connected");
+        self.libraries.insert(session, library);
+        sends(session, out).collect()
+    }
+
+    /// The connection ended.
+    pub fn disconnect(&mut self, session: SessionId) {
+        if let Some(l) = self.libraries.remove(&session) {
+            tracing::info!(pid = l.pid, "library disconnected");
+        }
+    }
+
+    /// A library's books.
+    pub fn on_report(
+        &mut self,
+        session: SessionId,
+        reports: Vec<EngineReport>,
+        now: Instant,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        if let Some(l) = self.libraries.get_mut(&session) {
+            l.on_report(&self.rules, reports, now, &mut out);
+        }
+        sends(session, out).collect()
+    }
+
+    /// A library answered a spill request.
+    pub fn on_spilled(
+        &mut self,
+        session: SessionId,
+        engine: &str,
+        target_bytes: u64,
+        freed_bytes: u64,
+    ) {
+        if let Some(l) = self.libraries.get_mut(&session) {
+            l.on_spilled(engine, target_bytes, freed_bytes);
+        }
+    }
+
+    /// A new (valid) configuration: loans end, and every library hears its
+    /// engines' new limits.
+    pub fn reload(&mut self, rules: Rules) -> Vec<Action> {
+        self.rules = rules;
+        let mut actions = Vec::new();
+        for (session, l) in &mut self.libraries {
+            let mut out = Vec::new();
+            l.reconfigure(&self.rules, &mut out);
+            actions.extend(sends(*session, out));
+        }
+        actions
+    }
+
+    /// One tick: PSI, the ladder of every engine of every library, then
+    /// the database's Emergency and the backpressure it brings.
+    pub fn tick(&mut self, t: &Tick<'_>) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let (new_stall, stalling) = self.pressure_stall(t);
+        if let Some(reading) = t.reading {
+            for (session, l) in &mut self.libraries {
+                let mut out = Vec::new();
+                if new_stall {
+                    l.on_stall(&mut out);
+                }
+                if let Some(p) = reading.processes.iter().find(|p| p.pid == l.pid) {
+                    l.enforce(&self.rules, p, stalling, t.now, &mut out);
+                }
+                actions.extend(sends(*session, out));
+            }
+        }
+        actions.extend(self.enforce_ceiling(t));
+        for (session, l) in &mut self.libraries {
+            let mut out = Vec::new();
+            l.set_backpressure(self.emergency, &self.rules, &mut out);
+            actions.extend(sends(*session, out));
+        }
+        actions
+    }
+
+    /// Whether the PSI trigger fired since the last tick, and whether the
+    /// database is still within a window of its last event.
+    fn pressure_stall(&mut self, t: &Tick<'_>) -> (bool, bool) {
+        let Some((events, window)) = t.psi else {
+            return (false, false);
+        };
+        let new = events > self.psi_seen;
+        if new {
+            self.psi_seen = events;
+            self.psi_last = Some(t.now);
+            tracing::warn!(events, "memory pressure stall (PSI trigger)");
+        }
+        (new, self.stalling(t.now, window))
+    }
+
+    /// The database's Emergency, with hysteresis: on at the emergency
+    /// threshold of the ceiling, off below the warning threshold. Lowers
+    /// the high mark to the restore point while on (when enforcing).
+    fn enforce_ceiling(&mut self, t: &Tick<'_>) -> Option<Action> {
+        let th = self.rules.thresholds;
+        let (current, limit) = match t.ceiling {
+            Some(c) => (c.working_set_bytes, c.limit_bytes),
+            None => (
+                t.reading.map_or(0, |r| {
+                    r.processes
+                        .iter()
+                        .flat_map(|p| p.engines.values().chain([&p.unattributed]))
+                        .map(|e| e.resident_bytes)
+                        .sum()
+                }),
+                self.rules.ceiling_bytes,
+            ),
+        };
+        let f = current as f64 / limit.max(1) as f64;
+        let was = self.emergency;
+        if f >= th.emergency {
+            self.emergency = true;
+        } else if f < th.warning {
+            self.emergency = false;
+        }
+        if self.emergency == was {
+            return None;
+        }
+        if self.emergency {
+            tracing::warn!(current, limit, "the database is in Emergency");
+        } else {
+            tracing::info!(current, limit, "the database's Emergency is over");
+        }
+        self.rules.enforce.then(|| {
+            Action::SetHighMark(
+                self.emergency
+                    .then_some((limit as f64 * self.rules.restore) as u64),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

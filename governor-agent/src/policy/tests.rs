@@ -1,0 +1,582 @@
+//! The policy's rules, table by table: every rung of the ladder, every loan
+//! transition, the cap correction, PSI, the database's Emergency and its
+//! backpressure, observe mode and reload. No root, no kernel: the inputs are
+//! figures, the outputs are actions.
+
+use std::time::{Duration, Instant};
+
+use nodedb_governor::{
+    PressureLevel::{self, *},
+    control::wire::{EngineReport, ToLibrary},
+    lending::Loan,
+};
+
+use super::*;
+use crate::attribution::{Attributed, ProcessAttribution, Reading};
+
+const MIB: u64 = 1 << 20;
+const PID: u32 = 7;
+const S: SessionId = 1;
+
+/// vector: 256 MiB, essential; query: 256 MiB with a 64 MiB floor, not
+/// essential. Ceiling 1 GiB. Default thresholds (75/90/97%, restore 75%).
+fn rules(enforce: bool) -> Rules {
+    let config = Config::parse(&format!(
+        "database = \"t\"\nceiling = \"1GiB\"\nenforce = {enforce}\n\
+         [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\n\
+         [[engine]]\nname = \"query\"\nbudget = \"256MiB\"\nfloor = \"64MiB\"\nessential = false\n",
+    ))
+    .unwrap();
+    Rules::from_config(&config)
+}
+
+/// A policy with one library, declaring `engines`, at a clock of its own.
+struct World {
+    policy: Policy,
+    now: Instant,
+}
+
+/// What a library was told, in a form a table can spell.
+#[derive(Clone, Debug, PartialEq)]
+enum Msg {
+    Pressure(&'static str, PressureLevel),
+    Purge(&'static str),
+    Spill(&'static str, u64),
+    Limits(&'static str, u64, u64),
+    High(Option<u64>),
+}
+
+fn name(engine: &str) -> &'static str {
+    match engine {
+        "vector" => "vector",
+        "query" => "query",
+        other => panic!("unexpected engine {other}"),
+    }
+}
+
+fn msgs(actions: Vec<Action>) -> Vec<Msg> {
+    actions
+        .into_iter()
+        .map(|a| match a {
+            Action::Send { session, message } => {
+                assert_eq!(session, S);
+                match message {
+                    ToLibrary::Pressure { engine, level } => Msg::Pressure(name(&engine), level),
+                    ToLibrary::Purge { engine } => Msg::Purge(name(&engine)),
+                    ToLibrary::Spill {
+                        engine,
+                        target_bytes,
+                    } => Msg::Spill(name(&engine), target_bytes),
+                    ToLibrary::Limits {
+                        engine,
+                        floor_bytes,
+                        cap_bytes,
+                    } => Msg::Limits(name(&engine), floor_bytes, cap_bytes),
+                    other => panic!("the policy does not send {other:?}"),
+                }
+            }
+            Action::SetHighMark(h) => Msg::High(h),
+        })
+        .collect()
+}
+
+fn reading(resident: &[(&str, u64)]) -> Reading {
+    Reading {
+        processes: vec![ProcessAttribution {
+            pid: PID,
+            engines: resident
+                .iter()
+                .map(|(n, r)| {
+                    (
+                        (*n).to_owned(),
+                        Attributed {
+                            resident_bytes: *r,
+                            ..Attributed::default()
+                        },
+                    )
+                })
+                .collect(),
+            ..ProcessAttribution::default()
+        }],
+    }
+}
+
+impl World {
+    fn new(engines: &[&str], enforce: bool) -> (Self, Vec<Msg>) {
+        let mut policy = Policy::new(rules(enforce));
+        let declared: Vec<String> = engines.iter().map(|e| (*e).to_owned()).collect();
+        let welcome = msgs(policy.connect(S, PID, 0, &declared));
+        (
+            Self {
+                policy,
+                now: Instant::now(),
+            },
+            welcome,
+        )
+    }
+
+    fn after(&mut self, ms: u64) -> &mut Self {
+        self.now += Duration::from_millis(ms);
+        self
+    }
+
+    fn tick(&mut self, resident: &[(&str, u64)]) -> Vec<Msg> {
+        self.tick_with(resident, None, None)
+    }
+
+    fn tick_with(
+        &mut self,
+        resident: &[(&str, u64)],
+        ceiling: Option<CeilingUse>,
+        psi_events: Option<u64>,
+    ) -> Vec<Msg> {
+        let r = reading(resident);
+        msgs(self.policy.tick(&Tick {
+            now: self.now,
+            reading: Some(&r),
+            ceiling,
+            psi: psi_events.map(|n| (n, Duration::from_secs(2))),
+        }))
+    }
+
+    fn report(&mut self, engine: &str, reserved: u64, rejections: u64) -> Vec<Msg> {
+        msgs(self.policy.on_report(
+            S,
+            vec![EngineReport {
+                name: engine.into(),
+                reserved_bytes: reserved,
+                rejections,
+                arena_resident_bytes: None,
+            }],
+            self.now,
+        ))
+    }
+
+    fn status(&self) -> LibraryStatus {
+        self.policy.library(S).unwrap().status()
+    }
+}
+
+#[test]
+fn the_welcome_sends_every_declared_engine_its_configured_limits() {
+    let (_, welcome) = World::new(&["vector", "query"], true);
+    assert_eq!(
+        welcome,
+        [
+            Msg::Limits("vector", 0, 256 * MIB),
+            Msg::Limits("query", 64 * MIB, 256 * MIB)
+        ]
+    );
+    let (_, welcome) = World::new(&["query"], true);
+    assert_eq!(welcome, [Msg::Limits("query", 64 * MIB, 256 * MIB)]);
+}
+
+/// Every rung: one engine (no one to borrow from), first at `from`, then,
+/// `ms` later, at `to` (with a PSI event at that tick when `stall`).
+#[test]
+fn every_rung_of_the_ladder() {
+    use Msg::*;
+    // Budget 256 MiB: Warning from 192, Critical from 230.4, Emergency
+    // from 248.3; a spill's goal is 192.
+    #[rustfmt::skip]
+    type Row = (&'static str, u64, u64, u64, bool, &'static [Msg]);
+    let table: &[Row] = &[
+        ("normal stays normal", 100, 110, 20, false, &[]),
+        (
+            "normal to warning: purge",
+            100,
+            200,
+            20,
+            false,
+            &[Pressure("vector", Warning), Purge("vector")],
+        ),
+        (
+            "warning to critical: spill down to 75%",
+            200,
+            240,
+            20,
+            false,
+            &[Pressure("vector", Critical), Spill("vector", 48 * MIB)],
+        ),
+        (
+            "normal straight to critical: purge and spill",
+            0,
+            240,
+            20,
+            false,
+            &[
+                Pressure("vector", Critical),
+                Purge("vector"),
+                Spill("vector", 48 * MIB),
+            ],
+        ),
+        (
+            "critical to emergency: the spill is still pending",
+            240,
+            250,
+            20,
+            false,
+            &[Pressure("vector", Emergency)],
+        ),
+        (
+            "critical, pending spill not answered within 250 ms",
+            240,
+            240,
+            100,
+            false,
+            &[],
+        ),
+        (
+            "critical, pending spill 250 ms old: again",
+            240,
+            240,
+            250,
+            false,
+            &[Spill("vector", 48 * MIB)],
+        ),
+        (
+            "emergency to critical: no purge",
+            250,
+            240,
+            20,
+            false,
+            &[Pressure("vector", Critical)],
+        ),
+        (
+            "critical to warning",
+            240,
+            200,
+            20,
+            false,
+            &[Pressure("vector", Warning)],
+        ),
+        (
+            "warning to normal",
+            200,
+            100,
+            20,
+            false,
+            &[Pressure("vector", Normal)],
+        ),
+        (
+            "a stall purges every engine and spills from warning",
+            100,
+            200,
+            20,
+            true,
+            &[
+                Purge("vector"),
+                Pressure("vector", Warning),
+                Purge("vector"),
+                Spill("vector", 8 * MIB),
+            ],
+        ),
+        (
+            "a stall at normal purges only",
+            100,
+            100,
+            20,
+            true,
+            &[Purge("vector")],
+        ),
+    ];
+    for (what, from, to, ms, stall, want) in table {
+        let (mut w, _) = World::new(&["vector"], true);
+        w.tick(&[("vector", from * MIB)]);
+        let got = w
+            .after(*ms)
+            .tick_with(&[("vector", to * MIB)], None, stall.then_some(1));
+        assert_eq!(&got, want, "{what}");
+        let level = w.status().engines["vector"].level;
+        assert_eq!(
+            level,
+            Some(rules(true).thresholds.level(to * MIB, 256 * MIB)),
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn an_answered_spill_is_asked_again_at_the_next_tick_while_still_critical() {
+    let (mut w, _) = World::new(&["vector"], true);
+    w.tick(&[("vector", 240 * MIB)]);
+    w.policy.on_spilled(S, "vector", 48 * MIB, 20 * MIB);
+    let got = w.after(20).tick(&[("vector", 235 * MIB)]);
+    assert_eq!(got, [Msg::Spill("vector", 43 * MIB)]);
+    let e = &w.status().engines["vector"];
+    assert_eq!((e.spill_requests, e.spilled_bytes), (2, 20 * MIB));
+    // An answer for an engine it did not declare changes nothing.
+    w.policy.on_spilled(S, "query", 1, 1 << 40);
+    assert_eq!(w.status().engines["vector"].spilled_bytes, 20 * MIB);
+    assert!(!w.status().engines.contains_key("query"));
+}
+
+#[test]
+fn a_stall_spills_from_warning_for_one_window_only() {
+    let (mut w, _) = World::new(&["vector"], true);
+    w.tick_with(&[("vector", 200 * MIB)], None, Some(1));
+    // The same event count is no new stall, but within its 2 s window
+    // warning still spills (once the last request is 250 ms old).
+    let got = w
+        .after(300)
+        .tick_with(&[("vector", 200 * MIB)], None, Some(1));
+    assert_eq!(got, [Msg::Spill("vector", 8 * MIB)]);
+    let got = w
+        .after(2000)
+        .tick_with(&[("vector", 200 * MIB)], None, Some(1));
+    assert_eq!(got, [], "the window is over");
+}
+
+/// Loans: who lends, how much, and every way a loan ends.
+#[test]
+fn every_loan_transition() {
+    use Msg::*;
+    let (mut w, _) = World::new(&["vector", "query"], true);
+    // Query busy at Critical, vector idle (first seen: quiet): vector keeps
+    // 10 + 64 MiB (a quarter of its budget) and lends the rest.
+    let got = w.tick(&[("vector", 10 * MIB), ("query", 240 * MIB)]);
+    assert_eq!(
+        &got[..2],
+        [
+            Limits("vector", 0, 74 * MIB),
+            Limits("query", 64 * MIB, 438 * MIB)
+        ],
+        "{got:?}"
+    );
+    // With 438 MiB in force, query is Normal (55%), not Critical.
+    assert_eq!(&got[2..], []);
+    assert_eq!(
+        w.status().loans,
+        [Loan {
+            lender: "vector".to_owned(),
+            borrower: "query".to_owned(),
+            bytes: 182 * MIB
+        }]
+    );
+    // The lender gets busy: at Warning of its reduced budget (55.5 of
+    // 74 MiB) it takes the loan back, and the borrower, now over its
+    // budget, is spilled.
+    let got = w
+        .after(20)
+        .tick(&[("vector", 56 * MIB), ("query", 300 * MIB)]);
+    assert_eq!(
+        got,
+        [
+            Limits("vector", 0, 256 * MIB),
+            Limits("query", 64 * MIB, 256 * MIB),
+            Pressure("query", Emergency),
+            Purge("query"),
+            Spill("query", 108 * MIB),
+        ]
+    );
+    assert!(w.status().loans.is_empty());
+    // Vector just took a loan back: no lending for 500 ms, however idle.
+    let got = w.after(20).tick(&[("vector", 0), ("query", 200 * MIB)]);
+    assert_eq!(got, [Pressure("query", Warning)]);
+    let got = w.after(250).tick(&[("vector", 0), ("query", 240 * MIB)]);
+    assert_eq!(
+        got,
+        [Pressure("query", Critical), Spill("query", 48 * MIB)],
+        "still within 500 ms"
+    );
+    let got = w.after(250).tick(&[("vector", 0), ("query", 240 * MIB)]);
+    assert_eq!(
+        &got[..2],
+        [
+            Limits("vector", 0, 64 * MIB),
+            Limits("query", 64 * MIB, 448 * MIB)
+        ]
+    );
+    // A lender refused a reservation takes its loan back at once, before
+    // any tick.
+    assert_eq!(w.report("vector", 0, 0), []);
+    assert_eq!(
+        w.report("vector", 60 * MIB, 1),
+        [
+            Limits("vector", 0, 256 * MIB),
+            Limits("query", 64 * MIB, 256 * MIB)
+        ]
+    );
+    // 500 ms on it lends again, keeping room for the 60 MiB it reserved
+    // (not yet resident) besides its cushion; a borrower's refusals end
+    // nothing.
+    let got = w.after(600).tick(&[("vector", 0), ("query", 240 * MIB)]);
+    assert_eq!(
+        &got[..2],
+        [
+            Limits("vector", 0, 124 * MIB),
+            Limits("query", 64 * MIB, 388 * MIB)
+        ]
+    );
+    assert_eq!(w.report("query", 10 * MIB, 5), []);
+    assert_eq!(w.status().loans.len(), 1);
+}
+
+#[test]
+fn a_lender_that_keeps_growing_lends_nothing_and_the_floor_is_never_lent() {
+    use Msg::*;
+    let (mut w, _) = World::new(&["vector", "query"], true);
+    w.tick(&[("vector", 0), ("query", 0)]);
+    // Query grows by more than 1 MiB: active for 500 ms.
+    w.after(20).tick(&[("vector", 0), ("query", 20 * MIB)]);
+    let got = w
+        .after(20)
+        .tick(&[("vector", 240 * MIB), ("query", 20 * MIB)]);
+    assert!(!got.iter().any(|m| matches!(m, Limits(..))), "{got:?}");
+    // Idle at last: it keeps its 64 MiB floor (more than 0 held + 64 MiB
+    // cushion would be: equal here) and lends the other 192.
+    let got = w.after(600).tick(&[("vector", 240 * MIB), ("query", 0)]);
+    assert_eq!(
+        &got[..2],
+        [
+            Limits("vector", 0, 448 * MIB),
+            Limits("query", 64 * MIB, 64 * MIB)
+        ]
+    );
+}
+
+#[test]
+fn memory_the_library_did_not_reserve_comes_off_its_cap() {
+    use Msg::*;
+    let (mut w, _) = World::new(&["vector", "query"], true);
+    // The books say 40 MiB; the kernel sees 141 MiB: 101 MiB the library
+    // never reserved, taken off in whole steps of 4 MiB, rounded up.
+    assert_eq!(library::untracked_step(256 * MIB), 4 * MIB);
+    w.report("query", 40 * MIB, 0);
+    let got = w.tick(&[("query", 141 * MIB), ("vector", 0)]);
+    assert_eq!(got, [Limits("query", 64 * MIB, 152 * MIB)]);
+    assert_eq!(w.status().engines["query"].cap_bytes, 152 * MIB);
+    // A wobble inside the same step sends nothing.
+    assert_eq!(w.after(20).tick(&[("query", 142 * MIB), ("vector", 0)]), []);
+    // Once the books cover what the kernel sees, the whole budget is back.
+    w.report("query", 142 * MIB, 0);
+    assert_eq!(
+        w.after(20).tick(&[("query", 142 * MIB), ("vector", 0)]),
+        [Limits("query", 64 * MIB, 256 * MIB)]
+    );
+    // However much it holds unreserved, its floor is left to it. (Vector
+    // is busy, so nothing is lent to query.)
+    let got = w
+        .after(20)
+        .tick(&[("query", 400 * MIB), ("vector", 200 * MIB)]);
+    assert!(
+        got.contains(&Limits("query", 64 * MIB, 64 * MIB)),
+        "{got:?}"
+    );
+    // Reserved but not yet touched is no correction either.
+    w.report("vector", 100 * MIB, 0);
+    let got = w
+        .after(20)
+        .tick(&[("query", 142 * MIB), ("vector", 10 * MIB)]);
+    assert!(
+        !got.iter().any(|m| matches!(m, Limits("vector", ..))),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn the_databases_emergency_holds_non_essential_engines_with_hysteresis() {
+    use Msg::*;
+    let (mut w, _) = World::new(&["vector", "query"], true);
+    w.report("query", 10 * MIB, 0);
+    let ceiling = |used: u64| {
+        Some(CeilingUse {
+            working_set_bytes: used * MIB,
+            limit_bytes: 1024 * MIB,
+        })
+    };
+    // 96% of the ceiling: not yet.
+    assert_eq!(w.tick_with(&[], ceiling(983), None), []);
+    // 97%: the high mark drops to the restore point; query (holding
+    // 10 MiB, floor 64 MiB) is held to its floor; vector is essential.
+    assert_eq!(
+        w.after(20).tick_with(&[], ceiling(994), None),
+        [High(Some(768 * MIB)), Limits("query", 64 * MIB, 64 * MIB)]
+    );
+    assert!(w.policy.emergency());
+    assert!(w.status().engines["query"].backpressure);
+    // Between warning and emergency: still on, nothing new.
+    assert_eq!(w.after(20).tick_with(&[], ceiling(800), None), []);
+    // Below warning: over; the high mark and query's cap come back.
+    assert_eq!(
+        w.after(20).tick_with(&[], ceiling(700), None),
+        [High(None), Limits("query", 64 * MIB, 256 * MIB)]
+    );
+    assert!(!w.status().engines["query"].backpressure);
+    // Holding more than its floor: held to what it holds. Without a kernel
+    // ceiling, the attributed total against the configured ceiling counts.
+    w.report("query", 100 * MIB, 0);
+    let got = w
+        .after(20)
+        .tick_with(&[("vector", 900 * MIB), ("query", 100 * MIB)], None, None);
+    assert!(got.contains(&High(Some(768 * MIB))), "{got:?}");
+    assert!(
+        got.contains(&Limits("query", 64 * MIB, 100 * MIB)),
+        "{got:?}"
+    );
+    // A library that connects during an Emergency is held at once.
+    let welcome = msgs(w.policy.connect(S, PID, 0, &["query".to_owned()]));
+    assert_eq!(
+        welcome,
+        [
+            Limits("query", 64 * MIB, 256 * MIB),
+            Limits("query", 64 * MIB, 64 * MIB)
+        ]
+    );
+}
+
+#[test]
+fn observing_asks_nothing_and_every_cap_is_the_ceiling() {
+    let (mut w, welcome) = World::new(&["vector", "query"], false);
+    assert_eq!(
+        welcome,
+        [
+            Msg::Limits("vector", 0, 1024 * MIB),
+            Msg::Limits("query", 0, 1024 * MIB)
+        ]
+    );
+    w.report("query", 0, 0);
+    // Critical and over: levels counted, nothing sent; no loans; no high
+    // mark, no backpressure, no purge on a stall.
+    let got = w.tick_with(
+        &[("vector", 10 * MIB), ("query", 1000 * MIB)],
+        None,
+        Some(1),
+    );
+    assert_eq!(got, []);
+    let s = w.status();
+    assert_eq!(s.engines["query"].level, Some(Emergency));
+    assert_eq!(s.engines["query"].level_changes, 1);
+    assert!(s.loans.is_empty());
+    assert!(w.policy.emergency(), "the Emergency is still shown");
+}
+
+#[test]
+fn a_reload_ends_loans_and_sends_the_new_limits() {
+    use Msg::*;
+    let (mut w, _) = World::new(&["vector", "query"], true);
+    w.tick(&[("vector", 10 * MIB), ("query", 240 * MIB)]);
+    assert_eq!(w.status().loans.len(), 1);
+    let mut r = rules(true);
+    r.limits[1].budget_bytes = 128 * MIB;
+    assert_eq!(
+        msgs(w.policy.reload(r)),
+        [
+            Limits("vector", 0, 256 * MIB),
+            Limits("query", 64 * MIB, 128 * MIB)
+        ]
+    );
+    assert!(w.status().loans.is_empty());
+    assert_eq!(w.status().engines["query"].budget_bytes, 128 * MIB);
+}
+
+#[test]
+fn reports_for_undeclared_engines_and_sessions_that_left_change_nothing() {
+    let (mut w, _) = World::new(&["vector"], true);
+    assert_eq!(w.report("query", 1 << 40, 9), []);
+    assert!(!w.status().engines.contains_key("query"));
+    w.policy.disconnect(S);
+    assert!(w.policy.library(S).is_none());
+    assert_eq!(w.report("vector", 1, 1), []);
+    assert_eq!(w.tick(&[("vector", 250 * MIB)]), []);
+}

@@ -1,0 +1,489 @@
+//! Lending: budget moves from idle engines to busy ones, and back.
+//!
+//! This is the one set of rules both layers lend by: the library alone
+//! ([`MemoryGovernor::rebalance`](crate::MemoryGovernor::rebalance), where
+//! what an engine holds is its reservations) and the agent (where it is the
+//! resident memory the kernel attributes to the engine, or its reservations
+//! when they are larger). A [`LoanBook`] is pure: it is given what each
+//! engine holds and the time, and answers with the budgets in force and
+//! what changed. Whoever owns it applies the budgets (the library as caps,
+//! the agent by sending them to the library).
+//!
+//! # The rules
+//! Every engine has a configured budget and a floor; the budget *in force*
+//! is the configured one moved by loans, and the budgets in force always
+//! add up to the configured ones.
+//! * **Busy**: an engine holding at least `critical` of its budget in force
+//!   borrows.
+//! * **Idle**: an engine that has not grown by more than
+//!   [`LendingRules::growth_bytes`] for [`LendingRules::idle_after`] (nor
+//!   taken a loan back within it), holds less than `warning` of its budget
+//!   in force, and is not borrowing itself, can lend.
+//! * **How much**: a lender keeps its floor, or what it holds plus a
+//!   cushion of [`LendingRules::cushion`] of its configured budget if that
+//!   is more; the rest of its budget in force is lendable. A busy engine
+//!   borrows everything lendable from the idle engine that can lend the
+//!   most. The floor is never lent.
+//! * **Taken back**: a lender that holds `warning` of its reduced budget,
+//!   or that is refused a reservation ([`LoanBook::take_back`]), takes all
+//!   its loans back at once. The borrower's budget drops by as much; what
+//!   it holds beyond it is spilled by whoever enforces the budget.
+//!
+//! Thresholds are [`PressureThresholds`]: the same `warning` and
+//! `critical` as the pressure levels.
+
+use std::time::{Duration, Instant};
+
+use crate::PressureThresholds;
+
+/// The timing and the cushion of lending (the thresholds come with each
+/// round).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LendingRules {
+    /// An engine lends only after it has not grown for this long, and not
+    /// for this long after it took a loan back.
+    pub idle_after: Duration,
+    /// Growth smaller than this does not count as activity (allocator
+    /// noise, a page here and there).
+    pub growth_bytes: u64,
+    /// A lender keeps this fraction of its configured budget beyond what it
+    /// holds.
+    pub cushion: f64,
+}
+
+impl Default for LendingRules {
+    /// Idle after 500 ms without 1 MiB of growth; a cushion of a quarter of
+    /// the budget.
+    fn default() -> Self {
+        Self {
+            idle_after: Duration::from_millis(500),
+            growth_bytes: 1 << 20,
+            cushion: 0.25,
+        }
+    }
+}
+
+/// Budget one engine lends another, for as long as the lender is idle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Loan<K> {
+    pub lender: K,
+    pub borrower: K,
+    pub bytes: u64,
+}
+
+/// What an engine holds this round.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Holding {
+    /// What it really holds: the kernel's figure under the agent, the
+    /// reservations in the library alone. Busy and idle are judged on it.
+    pub resident_bytes: u64,
+    /// Its reservations: a lender keeps room for them even where they are
+    /// not resident yet.
+    pub reserved_bytes: u64,
+}
+
+/// A change of loans, for the log and the counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoanEvent<K> {
+    Lent(Loan<K>),
+    TakenBack(Loan<K>),
+}
+
+impl<K> LoanEvent<K> {
+    pub fn loan(&self) -> &Loan<K> {
+        match self {
+            LoanEvent::Lent(l) | LoanEvent::TakenBack(l) => l,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Account<K> {
+    engine: K,
+    budget_bytes: u64,
+    floor_bytes: u64,
+    in_force_bytes: u64,
+    /// What it held when it last grew (or the least since), and when it
+    /// last grew or took a loan back; `None` until the first round.
+    activity: Option<(u64, Instant)>,
+}
+
+/// The loans between a set of engines, and their budgets in force.
+#[derive(Clone, Debug)]
+pub struct LoanBook<K> {
+    rules: LendingRules,
+    /// In the order engines were added: ties go the same way every time.
+    accounts: Vec<Account<K>>,
+    loans: Vec<Loan<K>>,
+}
+
+impl<K: Clone + PartialEq> LoanBook<K> {
+    pub fn new(rules: LendingRules) -> Self {
+        Self {
+            rules,
+            accounts: Vec::new(),
+            loans: Vec::new(),
+        }
+    }
+
+    pub fn rules(&self) -> LendingRules {
+        self.rules
+    }
+
+    /// Adds an engine, or changes its configured budget and floor. Every
+    /// loan ends (budgets in force go back to the configured ones), as
+    /// their terms were set against the old figures.
+    pub fn set_engine(&mut self, engine: K, budget_bytes: u64, floor_bytes: u64) {
+        self.end_all();
+        match self.accounts.iter_mut().find(|a| a.engine == engine) {
+            Some(a) => {
+                a.budget_bytes = budget_bytes;
+                a.floor_bytes = floor_bytes;
+                a.in_force_bytes = budget_bytes;
+            }
+            None => self.accounts.push(Account {
+                engine,
+                budget_bytes,
+                floor_bytes,
+                in_force_bytes: budget_bytes,
+                activity: None,
+            }),
+        }
+    }
+
+    /// Ends every loan: budgets in force are the configured ones again.
+    pub fn end_all(&mut self) {
+        self.loans.clear();
+        for a in &mut self.accounts {
+            a.in_force_bytes = a.budget_bytes;
+        }
+    }
+
+    /// The engine's budget in force, if it is in the book.
+    pub fn budget(&self, engine: &K) -> Option<u64> {
+        self.account(engine).map(|a| a.in_force_bytes)
+    }
+
+    /// The engine's configured budget, if it is in the book.
+    pub fn configured(&self, engine: &K) -> Option<u64> {
+        self.account(engine).map(|a| a.budget_bytes)
+    }
+
+    pub fn loans(&self) -> &[Loan<K>] {
+        &self.loans
+    }
+
+    /// Bytes of budget the engine has lent to others.
+    pub fn lent_bytes(&self, engine: &K) -> u64 {
+        self.loans
+            .iter()
+            .filter(|l| &l.lender == engine)
+            .map(|l| l.bytes)
+            .sum()
+    }
+
+    /// Whether the engine has lent anything.
+    pub fn is_lender(&self, engine: &K) -> bool {
+        self.loans.iter().any(|l| &l.lender == engine)
+    }
+
+    fn account(&self, engine: &K) -> Option<&Account<K>> {
+        self.accounts.iter().find(|a| &a.engine == engine)
+    }
+
+    fn account_mut(&mut self, engine: &K) -> Option<&mut Account<K>> {
+        self.accounts.iter_mut().find(|a| &a.engine == engine)
+    }
+
+    /// The lender needs its budget now (it was refused a reservation): all
+    /// its loans end. Returns the loans taken back.
+    pub fn take_back(&mut self, lender: &K, now: Instant) -> Vec<LoanEvent<K>> {
+        let mut events = Vec::new();
+        let mut i = 0;
+        while i < self.loans.len() {
+            if &self.loans[i].lender == lender {
+                let loan = self.loans.remove(i);
+                self.repay(&loan, now);
+                events.push(LoanEvent::TakenBack(loan));
+            } else {
+                i += 1;
+            }
+        }
+        events
+    }
+
+    fn repay(&mut self, loan: &Loan<K>, now: Instant) {
+        if let Some(a) = self.account_mut(&loan.lender) {
+            a.in_force_bytes += loan.bytes;
+            // Taking a loan back counts as activity: no lending again
+            // straight away.
+            if let Some(activity) = &mut a.activity {
+                activity.1 = now;
+            }
+        }
+        if let Some(a) = self.account_mut(&loan.borrower) {
+            a.in_force_bytes = a.in_force_bytes.saturating_sub(loan.bytes);
+        }
+    }
+
+    /// One round at `now`: notes who grew, takes back the loans of lenders
+    /// that got busy, and lends idle engines' budget to busy ones. Engines
+    /// `holding` says nothing of hold nothing. Returns what changed, in
+    /// order.
+    pub fn round(
+        &mut self,
+        now: Instant,
+        thresholds: &PressureThresholds,
+        holding: impl Fn(&K) -> Holding,
+    ) -> Vec<LoanEvent<K>> {
+        let rules = self.rules;
+        let held: Vec<Holding> = self.accounts.iter().map(|a| holding(&a.engine)).collect();
+        for (a, h) in self.accounts.iter_mut().zip(&held) {
+            let r = h.resident_bytes;
+            // First seen: quiet (nothing has grown yet).
+            let since = now.checked_sub(rules.idle_after).unwrap_or(now);
+            let activity = a.activity.get_or_insert((r, since));
+            if r > activity.0.saturating_add(rules.growth_bytes) {
+                *activity = (r, now);
+            } else if r < activity.0 {
+                activity.0 = r;
+            }
+        }
+        let resident = |book: &Self, engine: &K| {
+            book.accounts
+                .iter()
+                .position(|a| &a.engine == engine)
+                .map_or(0, |i| held[i].resident_bytes)
+        };
+        let mut events = Vec::new();
+        // Lenders that got busy take their loans back.
+        let mut i = 0;
+        while i < self.loans.len() {
+            let lender = &self.loans[i].lender;
+            let budget = self.budget(lender).unwrap_or(0);
+            if resident(self, lender) as f64 >= budget as f64 * thresholds.warning {
+                let loan = self.loans.remove(i);
+                self.repay(&loan, now);
+                events.push(LoanEvent::TakenBack(loan));
+            } else {
+                i += 1;
+            }
+        }
+        // Busy engines borrow from idle ones.
+        for b in 0..self.accounts.len() {
+            let borrower = &self.accounts[b];
+            if (held[b].resident_bytes as f64)
+                < borrower.in_force_bytes as f64 * thresholds.critical
+            {
+                continue;
+            }
+            let lender = self
+                .accounts
+                .iter()
+                .enumerate()
+                .filter(|(l, a)| *l != b && !self.loans.iter().any(|x| x.borrower == a.engine))
+                .filter_map(|(l, a)| {
+                    let r = held[l].resident_bytes;
+                    let quiet = a
+                        .activity
+                        .is_some_and(|(_, since)| now.duration_since(since) >= rules.idle_after);
+                    if !quiet || r as f64 >= a.in_force_bytes as f64 * thresholds.warning {
+                        return None; // not idle
+                    }
+                    // What it holds: resident, or its reservations if they
+                    // are larger (reserved, not yet touched).
+                    let held = r.max(held[l].reserved_bytes);
+                    let cushion = (a.budget_bytes as f64 * rules.cushion) as u64;
+                    let keep = a.floor_bytes.max(held.saturating_add(cushion));
+                    let lendable = a.in_force_bytes.saturating_sub(keep);
+                    (lendable > 0).then_some((l, lendable))
+                })
+                .max_by_key(|(_, lendable)| *lendable);
+            let Some((l, bytes)) = lender else {
+                continue;
+            };
+            self.accounts[l].in_force_bytes -= bytes;
+            self.accounts[b].in_force_bytes += bytes;
+            let (lender, borrower) = (
+                self.accounts[l].engine.clone(),
+                self.accounts[b].engine.clone(),
+            );
+            match self
+                .loans
+                .iter_mut()
+                .find(|x| x.lender == lender && x.borrower == borrower)
+            {
+                Some(x) => x.bytes += bytes,
+                None => self.loans.push(Loan {
+                    lender: lender.clone(),
+                    borrower: borrower.clone(),
+                    bytes,
+                }),
+            }
+            events.push(LoanEvent::Lent(Loan {
+                lender,
+                borrower,
+                bytes,
+            }));
+        }
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn book() -> LoanBook<&'static str> {
+        let mut b = LoanBook::new(LendingRules::default());
+        b.set_engine("vector", 256 * MIB, 0);
+        b.set_engine("query", 256 * MIB, 64 * MIB);
+        b
+    }
+
+    fn holding(v: u64, q: u64) -> impl Fn(&&str) -> Holding {
+        move |e: &&str| Holding {
+            resident_bytes: if *e == "vector" { v } else { q },
+            reserved_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn an_idle_engine_lends_all_but_its_cushion_and_takes_it_back_when_busy() {
+        let t = PressureThresholds::default();
+        let mut b = book();
+        let t0 = Instant::now();
+        // Query busy (240 of 256 MiB), vector idle (first seen: quiet).
+        let ev = b.round(t0, &t, holding(10 * MIB, 240 * MIB));
+        // Vector keeps 10 MiB + 64 MiB of cushion; lends 182 MiB.
+        assert_eq!(
+            ev,
+            vec![LoanEvent::Lent(Loan {
+                lender: "vector",
+                borrower: "query",
+                bytes: 182 * MIB
+            })]
+        );
+        assert_eq!(b.budget(&"vector"), Some(74 * MIB));
+        assert_eq!(b.budget(&"query"), Some(438 * MIB));
+        assert_eq!(b.lent_bytes(&"vector"), 182 * MIB);
+        // Vector grows to warning of its reduced budget: the loan ends.
+        let ev = b.round(
+            t0 + Duration::from_millis(20),
+            &t,
+            holding(56 * MIB, 300 * MIB),
+        );
+        assert!(matches!(&ev[..], [LoanEvent::TakenBack(l)] if l.bytes == 182 * MIB));
+        assert_eq!(b.budget(&"vector"), Some(256 * MIB));
+        assert_eq!(b.budget(&"query"), Some(256 * MIB));
+    }
+
+    #[test]
+    fn an_engine_that_grew_recently_does_not_lend_and_the_floor_is_never_lent() {
+        let t = PressureThresholds::default();
+        let mut b = book();
+        let t0 = Instant::now();
+        b.round(t0, &t, holding(0, 0));
+        // Vector grows: not idle for 500 ms, so busy query borrows nothing.
+        let ev = b.round(t0 + Duration::from_millis(10), &t, holding(100 * MIB, 0));
+        assert!(ev.is_empty());
+        let ev = b.round(
+            t0 + Duration::from_millis(20),
+            &t,
+            holding(100 * MIB, 240 * MIB),
+        );
+        assert!(ev.is_empty(), "{ev:?}");
+        // Vector busy now, query idle: query keeps its 64 MiB floor (more
+        // than 0 held + 64 MiB cushion? equal) and lends the rest.
+        let ev = b.round(t0 + Duration::from_millis(600), &t, holding(240 * MIB, 0));
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].loan().bytes, 192 * MIB);
+        assert_eq!(b.budget(&"query"), Some(64 * MIB), "the floor stays");
+    }
+
+    #[test]
+    fn a_refused_lender_takes_its_loans_back_at_once_and_waits_before_lending_again() {
+        let t = PressureThresholds::default();
+        let mut b = book();
+        let t0 = Instant::now();
+        b.round(t0, &t, holding(0, 240 * MIB));
+        assert!(b.is_lender(&"vector"));
+        let ev = b.take_back(&"vector", t0 + Duration::from_millis(5));
+        assert_eq!(ev.len(), 1);
+        assert_eq!(b.budget(&"vector"), Some(256 * MIB));
+        assert!(b.loans().is_empty());
+        // Still quiet by its memory, but it just needed its budget.
+        assert!(
+            b.round(t0 + Duration::from_millis(100), &t, holding(0, 240 * MIB))
+                .is_empty()
+        );
+        assert_eq!(
+            b.round(t0 + Duration::from_millis(506), &t, holding(0, 240 * MIB))
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn reservations_not_yet_resident_are_kept_by_the_lender() {
+        let t = PressureThresholds::default();
+        let mut b = book();
+        let ev = b.round(Instant::now(), &t, |e: &&str| match *e {
+            "vector" => Holding {
+                resident_bytes: 0,
+                reserved_bytes: 100 * MIB,
+            },
+            _ => Holding {
+                resident_bytes: 240 * MIB,
+                reserved_bytes: 0,
+            },
+        });
+        assert_eq!(ev[0].loan().bytes, 256 * MIB - 164 * MIB);
+    }
+
+    #[test]
+    fn budgets_in_force_always_add_up_to_the_configured_ones() {
+        let t = PressureThresholds::default();
+        let mut b = LoanBook::new(LendingRules::default());
+        for (e, budget, floor) in [(0u8, 100, 10), (1, 300, 0), (2, 50, 50), (3, 200, 20)] {
+            b.set_engine(e, budget * MIB, floor * MIB);
+        }
+        let total = 650 * MIB;
+        let mut now = Instant::now();
+        // A deterministic walk through busy and idle phases.
+        let mut x: u64 = 7;
+        for _ in 0..2000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            now += Duration::from_millis(x % 300);
+            let seed = x;
+            let ev = b.round(now, &t, |e: &u8| {
+                let budget = [100, 300, 50, 200][*e as usize] * MIB;
+                let share = (seed >> (*e * 8)) % 128;
+                Holding {
+                    resident_bytes: budget * share / 100,
+                    reserved_bytes: budget * ((seed >> (*e * 8 + 4)) % 64) / 100,
+                }
+            });
+            if x.is_multiple_of(13) {
+                b.take_back(&((x % 4) as u8), now);
+            }
+            let sum: u64 = (0..4u8).map(|e| b.budget(&e).unwrap()).sum();
+            assert_eq!(sum, total, "after {ev:?}");
+            for e in 0..4u8 {
+                let floor = [10, 0, 50, 20][e as usize] * MIB;
+                assert!(b.budget(&e).unwrap() >= floor.min(b.configured(&e).unwrap()));
+            }
+            for l in b.loans() {
+                assert!(
+                    !b.loans().iter().any(|x| x.borrower == l.lender),
+                    "a lender never borrows"
+                );
+            }
+        }
+    }
+}

@@ -29,23 +29,41 @@ pub enum SizeSpec {
     Text(String),
 }
 
+/// Why a size in the configuration is not one.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("{text:?}: a percentage is not allowed here")]
+    PercentageNotAllowed { text: String },
+    #[error("{text:?} is not a percentage")]
+    NotAPercentage { text: String },
+    #[error("{text:?} is outside 0%..=100%")]
+    PercentageOutOfRange { text: String },
+    #[error("{text:?} is not a size (like 512MiB, 2GiB or 25%)")]
+    NotASize { text: String },
+    #[error("{text:?}: unknown unit {unit:?} (use B, KiB, MiB, GiB, TiB, kB, MB, GB, TB)")]
+    UnknownUnit { text: String, unit: String },
+    #[error("{text:?} is too large")]
+    TooLarge { text: String },
+}
+
 impl SizeSpec {
     /// The size in bytes; percentages are of `whole` (None: not allowed).
-    pub fn resolve(&self, whole: Option<u64>) -> Result<u64, String> {
+    pub fn resolve(&self, whole: Option<u64>) -> Result<u64, SizeError> {
         let text = match self {
             SizeSpec::Bytes(b) => return Ok(*b),
             SizeSpec::Text(t) => t.trim(),
         };
+        let owned = || text.to_owned();
         if let Some(pct) = text.strip_suffix('%') {
             let Some(whole) = whole else {
-                return Err(format!("{text:?}: a percentage is not allowed here"));
+                return Err(SizeError::PercentageNotAllowed { text: owned() });
             };
             let p: f64 = pct
                 .trim()
                 .parse()
-                .map_err(|_| format!("{text:?} is not a percentage"))?;
+                .map_err(|_| SizeError::NotAPercentage { text: owned() })?;
             if !(0.0..=100.0).contains(&p) {
-                return Err(format!("{text:?} is outside 0%..=100%"));
+                return Err(SizeError::PercentageOutOfRange { text: owned() });
             }
             return Ok((whole as f64 * p / 100.0) as u64);
         }
@@ -55,7 +73,7 @@ impl SizeSpec {
         let (num, unit) = text.split_at(split);
         let n: f64 = num
             .parse()
-            .map_err(|_| format!("{text:?} is not a size (like 512MiB, 2GiB or 25%)"))?;
+            .map_err(|_| SizeError::NotASize { text: owned() })?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KiB" | "K" => 1 << 10,
@@ -67,14 +85,15 @@ impl SizeSpec {
             "GB" => 1_000_000_000,
             "TB" => 1_000_000_000_000,
             other => {
-                return Err(format!(
-                    "{text:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, TiB, kB, MB, GB, TB)"
-                ));
+                return Err(SizeError::UnknownUnit {
+                    text: owned(),
+                    unit: other.to_owned(),
+                });
             }
         };
         let bytes = n * mult as f64;
         if !bytes.is_finite() || bytes > u64::MAX as f64 {
-            return Err(format!("{text:?} is too large"));
+            return Err(SizeError::TooLarge { text: owned() });
         }
         Ok(bytes as u64)
     }
@@ -343,7 +362,7 @@ impl Config {
         let ceiling = self
             .ceiling
             .resolve(None)
-            .map_err(|reason| err("ceiling", reason))?;
+            .map_err(|e| err("ceiling", e.to_string()))?;
         if ceiling == 0 {
             return Err(err("ceiling", "must be above 0"));
         }
@@ -352,7 +371,7 @@ impl Config {
             let budget = e
                 .budget
                 .resolve(Some(ceiling))
-                .map_err(|r| err(format!("engine[{i}].budget"), r))?;
+                .map_err(|e| err(format!("engine[{i}].budget"), e.to_string()))?;
             if budget == 0 || budget > ceiling {
                 return Err(err(
                     format!("engine[{i}].budget"),
@@ -362,7 +381,7 @@ impl Config {
             let floor = match &e.floor {
                 Some(f) => f
                     .resolve(Some(ceiling))
-                    .map_err(|r| err(format!("engine[{i}].floor"), r))?,
+                    .map_err(|e| err(format!("engine[{i}].floor"), e.to_string()))?,
                 None => 0,
             };
             if floor > budget {
@@ -521,10 +540,31 @@ mod tests {
         assert_eq!(t("64kB").resolve(None), Ok(64_000));
         assert_eq!(t("25%").resolve(Some(1 << 30)), Ok(1 << 28));
         assert_eq!(SizeSpec::Bytes(7).resolve(None), Ok(7));
-        assert!(t("25%").resolve(None).unwrap_err().contains("percentage"));
-        assert!(t("12 parsecs").resolve(None).unwrap_err().contains("unit"));
-        assert!(t("lots").resolve(None).unwrap_err().contains("not a size"));
-        assert!(t("150%").resolve(Some(1)).unwrap_err().contains("outside"));
+        assert_eq!(
+            t("25%").resolve(None),
+            Err(SizeError::PercentageNotAllowed { text: "25%".into() })
+        );
+        assert_eq!(
+            t("12 parsecs").resolve(None),
+            Err(SizeError::UnknownUnit {
+                text: "12 parsecs".into(),
+                unit: "parsecs".into()
+            })
+        );
+        assert_eq!(
+            t("lots").resolve(None),
+            Err(SizeError::NotASize {
+                text: "lots".into()
+            })
+        );
+        let e = t("150%").resolve(Some(1)).unwrap_err();
+        assert_eq!(
+            e,
+            SizeError::PercentageOutOfRange {
+                text: "150%".into()
+            }
+        );
+        assert!(e.to_string().contains("outside 0%..=100%"), "{e}");
     }
 
     /// One case per kind of bad config: each is refused whole, naming the

@@ -56,15 +56,23 @@ pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Reply> {
     serde_json::from_str(&reply).with_context(|| format!("bad reply from the agent: {reply:?}"))
 }
 
+/// What is wrong with a request line.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("request of {bytes} bytes exceeds {MAX_REQUEST_BYTES}")]
+    TooLong { bytes: usize },
+    #[error("request is not UTF-8")]
+    NotUtf8,
+    #[error("malformed request: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
 /// Parses one request line, naming what is wrong.
-pub fn parse_request(line: &str) -> Result<Request, String> {
+pub fn parse_request(line: &str) -> Result<Request, RequestError> {
     if line.len() > MAX_REQUEST_BYTES {
-        return Err(format!(
-            "request of {} bytes exceeds {MAX_REQUEST_BYTES}",
-            line.len()
-        ));
+        return Err(RequestError::TooLong { bytes: line.len() });
     }
-    serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"))
+    Ok(serde_json::from_str(line)?)
 }
 
 #[cfg(test)]
@@ -86,11 +94,20 @@ mod tests {
             parse_request(r#"{"op":"status"}"#).unwrap(),
             Request::Status
         );
-        let e = parse_request(r#"{"op":"assign","pid":"x"}"#).unwrap_err();
+        let e = parse_request(r#"{"op":"assign","pid":"x"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("malformed"), "{e}");
-        let e = parse_request(r#"{"op":"explode"}"#).unwrap_err();
+        let e = parse_request(r#"{"op":"explode"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("explode"), "{e}");
         let big = "x".repeat(MAX_REQUEST_BYTES + 1);
-        assert!(parse_request(&big).unwrap_err().contains("exceeds"));
+        assert!(
+            parse_request(&big)
+                .unwrap_err()
+                .to_string()
+                .contains("exceeds")
+        );
     }
 }

@@ -8,7 +8,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use super::{MAX_REQUEST_BYTES, Reply, Request, parse_request};
+use super::{MAX_REQUEST_BYTES, Reply, Request, RequestError, parse_request};
 use crate::owner::{Input, Snapshots};
 
 /// Accepts admin connections until the task is aborted.
@@ -34,16 +34,17 @@ async fn connection(stream: UnixStream, owner: mpsc::Sender<Input>, snapshots: S
             Ok(_) => {}
         }
         let complete = buf.last() == Some(&b'\n');
-        let reply = match std::str::from_utf8(&buf) {
-            _ if !complete && buf.len() as u64 >= limit => Reply::Error {
-                message: format!("request exceeds {MAX_REQUEST_BYTES} bytes"),
-            },
-            Ok(line) => match parse_request(line.trim_end()) {
-                Ok(request) => answer(request, &owner, &snapshots).await,
-                Err(message) => Reply::Error { message },
-            },
-            Err(_) => Reply::Error {
-                message: "request is not UTF-8".into(),
+        let request = if !complete && buf.len() as u64 >= limit {
+            Err(RequestError::TooLong { bytes: buf.len() })
+        } else {
+            std::str::from_utf8(&buf)
+                .map_err(|_| RequestError::NotUtf8)
+                .and_then(|line| parse_request(line.trim_end()))
+        };
+        let reply = match request {
+            Ok(request) => answer(request, &owner, &snapshots).await,
+            Err(e) => Reply::Error {
+                message: e.to_string(),
             },
         };
         if let Reply::Error { message } = &reply {

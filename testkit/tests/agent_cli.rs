@@ -13,7 +13,7 @@ use std::{
 
 use nodedb_governor_agent::{privilege, status::StatusReport};
 use nodedb_governor_testkit::{
-    harness::{Agent, Reaped, agent_binary, scratch::ScratchDir},
+    harness::{Agent, Reaped, agent_binary, pins::RemovedPins, scratch::ScratchDir},
     privileged::skip_unless_privileged,
 };
 
@@ -171,10 +171,13 @@ fn a_cgroup_hierarchy_it_cannot_use_is_named() {
         return;
     }
     let dir = ScratchDir::new("not-a-cgroup");
+    // The agent has pinned its maps when it finds the hierarchy unusable.
+    let _pins = RemovedPins(dir.name().to_owned());
     let config = dir.write(
         "governor.toml",
         &format!(
-            "database = \"db\"\nidentity = \"cgroup\"\ncgroup_root = \"{}\"\nrun_dir = \"{}\"\nceiling = 1048576\n[[engine]]\nname = \"a\"\nbudget = 1024\n",
+            "database = \"{}\"\nidentity = \"cgroup\"\ncgroup_root = \"{}\"\nrun_dir = \"{}\"\nceiling = 1048576\n[[engine]]\nname = \"a\"\nbudget = 1024\n",
+            dir.name(),
             dir.path().display(),
             dir.path().display()
         ),

@@ -174,7 +174,7 @@ fn accuracy_with_cgroup_identity() {
         .expect("cgroup subtree");
     // Removed even when the test fails. Declared before the probe, so it
     // drops after the probe has exited and the cgroups are empty.
-    let _cleanup = RemovedCgroup(subtree.domain.clone());
+    let _cleanup = RemovedCgroup::new(subtree.domain.clone());
     let mut probe = Probe::spawn();
     subtree
         .adopt_process(probe.pid)

@@ -3,22 +3,32 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::{Command, Output, Stdio},
     time::Duration,
 };
 
 use serde::de::DeserializeOwned;
 
 use super::{
-    agent_binary::agent_binary, cgroup::remove_cgroup, launch::launch, probes::probe_command,
-    reaped::Reaped, scratch::ScratchDir, status::read_status,
+    agent_binary::agent_binary,
+    cgroup::RemovedCgroup,
+    launch::launch,
+    pins::RemovedPins,
+    probes::{probe_command, spawn},
+    reaped::Reaped,
+    scratch::ScratchDir,
+    status::read_status,
 };
 
 /// A running agent (the `nodedb-governor` binary) on a private
-/// configuration. Dropping it stops the agent (SIGTERM), removes the
-/// database's cgroups and the agent's directory.
+/// configuration. Dropping it stops the agent (SIGTERM), then removes the
+/// database's cgroups, its pins (left if the agent was killed) and the
+/// agent's directory.
 pub struct Agent {
     child: Reaped,
+    /// Dropped after the agent stopped (in [`Drop`]), in this order.
+    cgroups: Vec<RemovedCgroup>,
+    _pins: RemovedPins,
     dir: ScratchDir,
     /// The database it governs: unique to the test.
     pub database: String,
@@ -49,14 +59,30 @@ impl Agent {
         );
         let control = dir.path().join("control.sock");
         let admin = dir.path().join("agent.sock");
+        // Before the agent may adopt this process: where it goes back to.
+        let mut cgroups = Vec::new();
+        if let Some(root) = nodedb_governor_agent::cgroup::find_v2_mount() {
+            cgroups.push(RemovedCgroup::new(root.join(&database)));
+        }
+        let _pins = RemovedPins(database.clone());
         let child = Self::launch(&dir, &control, &admin);
-        Self {
+        let mut agent = Self {
             child,
+            cgroups,
+            _pins,
             dir,
             database,
             control,
             admin,
+        };
+        // The ceiling's cgroup, when the memory controller is on v1.
+        let status = agent.status_json();
+        if let Some(ceiling) = status["ceiling"]["cgroup"].as_str().map(PathBuf::from)
+            && agent.cgroups.iter().all(|c| c.path() != ceiling)
+        {
+            agent.cgroups.push(RemovedCgroup::new(ceiling));
         }
+        agent
     }
 
     fn launch(dir: &ScratchDir, control: &Path, admin: &Path) -> Reaped {
@@ -133,6 +159,12 @@ impl Agent {
     pub fn probe(&self, bin: impl AsRef<Path>) -> Command {
         probe_command(bin.as_ref(), &self.control, &self.database)
     }
+
+    /// Starts the probe `bin` against this agent with `args`, its stdout
+    /// going to `stdout`; killed when the returned guard drops.
+    pub fn spawn_probe(&self, bin: impl AsRef<Path>, args: &[&str], stdout: Stdio) -> Reaped {
+        spawn(self.probe(bin).args(args).stdout(stdout))
+    }
 }
 
 impl Drop for Agent {
@@ -141,8 +173,5 @@ impl Drop for Agent {
             self.signal(libc::SIGTERM);
         }
         let _ = self.child.wait();
-        if let Some(root) = nodedb_governor_agent::cgroup::find_v2_mount() {
-            remove_cgroup(&root.join(&self.database));
-        }
     }
 }

@@ -1,7 +1,7 @@
 //! What the end-to-end tests run around a real agent: a private agent
 //! started and stopped in a guard, the probes driven against it and their
 //! output read, and the guards that leave nothing behind (children,
-//! cgroups, scratch directories) when a test fails.
+//! cgroups, pins, scratch directories) when a test fails.
 //!
 //! The pieces that do not panic ([`launch`], [`status`], [`Reaped`],
 //! [`probes::probe_command`]) also serve `vm-check`, which runs the same
@@ -12,6 +12,7 @@ pub mod agent_binary;
 pub mod cgroup;
 pub mod launch;
 pub mod names;
+pub mod pins;
 pub mod probes;
 pub mod reaped;
 pub mod scratch;

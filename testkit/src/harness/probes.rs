@@ -9,7 +9,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+use super::reaped::Reaped;
 
 /// `bin --socket <control> --database <database>`: a probe pointed at an
 /// agent (every probe takes these two); the caller adds the rest.
@@ -21,9 +24,15 @@ pub fn probe_command(bin: &Path, control: &Path, database: &str) -> Command {
     c
 }
 
-/// Runs a probe to its end and parses its stdout as one JSON value;
-/// panics, with the probe's stderr, when it failed.
-pub fn report(probe: &mut Command) -> Value {
+/// Starts a probe that runs until the test is done with it.
+pub fn spawn(probe: &mut Command) -> Reaped {
+    Reaped(probe.spawn().expect("starting the probe"))
+}
+
+/// Runs a probe to its end and parses its stdout as one JSON value (a
+/// `serde_json::Value`, or a type of its own); panics, with the probe's
+/// stderr, when it failed.
+pub fn report<T: DeserializeOwned>(probe: &mut Command) -> T {
     let out = probe.output().unwrap();
     let name = Path::new(probe.get_program())
         .file_name()

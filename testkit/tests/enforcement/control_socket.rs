@@ -10,11 +10,12 @@ use std::{
 
 use nodedb_governor::control::wire::{self, Decoder, MAX_FRAME, ToAgent, ToLibrary};
 use nodedb_governor_testkit::{
-    harness::Agent,
+    harness::{Agent, probes::report},
     privileged::skip_unless_privileged,
     wire::{expect_reply as reply, hello},
 };
 
+/// `body` framed as it is, message or not.
 fn frame(body: &[u8]) -> Vec<u8> {
     let mut f = (body.len() as u32).to_be_bytes().to_vec();
     f.extend_from_slice(body);
@@ -151,18 +152,7 @@ fn uids_not_on_the_allow_list_are_refused() {
         let client = agent
             .dir()
             .copy_executable(env!("CARGO_BIN_EXE_wire-probe").as_ref());
-        let out = agent
-            .probe(client)
-            .uid(NOBODY)
-            .gid(NOBODY)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<ToLibrary>(&out.stdout).unwrap()
+        report::<ToLibrary>(agent.probe(client).uid(NOBODY).gid(NOBODY))
     };
     let agent = super::start_agent("");
     match run(&agent) {

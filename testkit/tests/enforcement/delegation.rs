@@ -5,7 +5,7 @@ use std::os::unix::{fs::MetadataExt, process::CommandExt};
 use std::{path::PathBuf, process::Stdio};
 
 use nodedb_governor_testkit::{
-    harness::{Reaped, probes::JsonLines},
+    harness::probes::{JsonLines, spawn},
     privileged::skip_unless_privileged,
     wait::wait_for,
 };
@@ -37,15 +37,13 @@ fn a_library_in_a_delegated_subtree_moves_its_own_threads() {
     let probe_bin = agent
         .dir()
         .copy_executable(env!("CARGO_BIN_EXE_hold-probe").as_ref());
-    let mut probe = Reaped(
+    let mut probe = spawn(
         agent
             .probe(probe_bin)
             .args(["--mib", "32"])
             .uid(NOBODY)
             .gid(NOBODY)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .stdout(Stdio::piped()),
     );
     let pid = probe.id();
     let first = JsonLines::of(&mut probe).next_value();

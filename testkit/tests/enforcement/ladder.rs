@@ -11,13 +11,8 @@ fn an_engine_over_its_budget_by_unreserved_memory_is_spilled_back_under_it() {
     }
     // The other engines' floors are their whole budgets: nothing to
     // borrow, so a breach must end in a spill.
-    let agent = super::start_agent_with(
-        "",
-        "[[engine]]\nname = \"vector\"\nbudget = \"64MiB\"\n\
-         [[engine]]\nname = \"timeseries\"\nbudget = \"64MiB\"\nfloor = \"64MiB\"\n\
-         [[engine]]\nname = \"query\"\nbudget = \"64MiB\"\nfloor = \"64MiB\"\n",
-    );
-    let report = report(
+    let agent = super::start_agent_with("", &super::three_engines(&["timeseries", "query"]));
+    let report: serde_json::Value = report(
         agent
             .probe(env!("CARGO_BIN_EXE_breach-probe"))
             .args(["--rounds", "40"]),

@@ -22,16 +22,31 @@ mod rebalancing;
 mod reload;
 mod restart;
 
-use nodedb_governor_testkit::harness::Agent;
+use std::process::Stdio;
 
-/// Three engines of 64 MiB: the database most tests govern.
-const ENGINES: &str = "[[engine]]\nname = \"vector\"\nbudget = \"64MiB\"\n\
-     [[engine]]\nname = \"timeseries\"\nbudget = \"64MiB\"\n\
-     [[engine]]\nname = \"query\"\nbudget = \"64MiB\"\n";
+use nodedb_governor_testkit::harness::{Agent, Reaped};
 
-/// An agent on [`ENGINES`], with `extra` top-level settings.
+/// The database most tests govern: vector, timeseries and query, 64 MiB
+/// each. Those named in `no_lending` have floors of their whole budgets:
+/// they lend nothing.
+fn three_engines(no_lending: &[&str]) -> String {
+    ["vector", "timeseries", "query"]
+        .iter()
+        .map(|name| {
+            let floor = if no_lending.contains(name) {
+                "floor = \"64MiB\"\n"
+            } else {
+                ""
+            };
+            format!("[[engine]]\nname = \"{name}\"\nbudget = \"64MiB\"\n{floor}")
+        })
+        .collect()
+}
+
+/// An agent on [`three_engines`], all lending, with `extra` top-level
+/// settings.
 fn start_agent(extra: &str) -> Agent {
-    start_agent_with(extra, ENGINES)
+    start_agent_with(extra, &three_engines(&[]))
 }
 
 /// An agent on `engines`, with `extra` top-level settings and a ceiling of
@@ -43,4 +58,21 @@ fn start_agent_with(extra: &str, engines: &str) -> Agent {
         "ceiling = \"1GiB\""
     };
     Agent::start("nodedb-enforce", &format!("{ceiling}\n{extra}\n{engines}"))
+}
+
+/// A client of the query engine that reports `reserved_bytes` reserved (and
+/// 3 refusals) and stays connected `hold_ms`, speaking raw frames.
+fn reporting_client(agent: &Agent, reserved_bytes: u64, hold_ms: u64) -> Reaped {
+    agent.spawn_probe(
+        env!("CARGO_BIN_EXE_wire-probe"),
+        &[
+            "--engine",
+            "query",
+            "--report-reserved",
+            &reserved_bytes.to_string(),
+            "--hold-ms",
+            &hold_ms.to_string(),
+        ],
+        Stdio::null(),
+    )
 }

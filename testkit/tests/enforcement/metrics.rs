@@ -3,11 +3,11 @@
 
 use std::{
     io::{Read, Write},
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
-use nodedb_governor_testkit::{harness::Reaped, privileged::skip_unless_privileged, wait::poll};
+use nodedb_governor_testkit::{privileged::skip_unless_privileged, wait::poll};
 
 /// `GET path` over plain HTTP/1.0; the body.
 fn http_get(addr: &str, path: &str) -> String {
@@ -39,15 +39,7 @@ fn metrics_are_served_over_http() {
     assert_eq!(http_get(&addr, "/healthz"), "ok\n");
 
     // A library that reports its books and stays a while.
-    let mut client = Reaped(
-        agent
-            .probe(env!("CARGO_BIN_EXE_wire-probe"))
-            .args(["--engine", "query"])
-            .args(["--report-reserved", "12345", "--hold-ms", "5000"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut client = super::reporting_client(&agent, 12345, 5000);
     let pid = client.id();
     let want = format!(
         "nodedb_governor_agent_engine_reserved_bytes{{engine=\"query\",pid=\"{pid}\"}} 12345"

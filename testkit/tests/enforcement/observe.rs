@@ -2,9 +2,7 @@
 
 use std::{process::Stdio, time::Duration};
 
-use nodedb_governor_testkit::{
-    harness::Reaped, privileged::skip_unless_privileged, wait::wait_for,
-};
+use nodedb_governor_testkit::{privileged::skip_unless_privileged, wait::wait_for};
 
 /// `enforce = false`: the ungoverned baseline, measured the same way. The
 /// agent attributes and shows the levels, keeps `memory.max` at the
@@ -17,13 +15,10 @@ fn an_observing_agent_measures_but_asks_nothing() {
     }
     const MIB: u64 = 1 << 20;
     let agent = super::start_agent("enforce = false");
-    let _probe = Reaped(
-        agent
-            .probe(env!("CARGO_BIN_EXE_hold-probe"))
-            .args(["--mib", "80"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let _probe = agent.spawn_probe(
+        env!("CARGO_BIN_EXE_hold-probe"),
+        &["--mib", "80"],
+        Stdio::null(),
     );
     let vector = |s: &serde_json::Value| s["clients"][0]["engines"]["vector"].clone();
     wait_for("vector past its budget, as the kernel sees it", || {

@@ -6,7 +6,6 @@ use std::{io::Write, path::PathBuf, process::Stdio, time::Duration};
 
 use nodedb_governor::control::wire::ToLibrary;
 use nodedb_governor_testkit::{
-    harness::Reaped,
     privileged::skip_unless_privileged,
     wait::poll,
     wire::{connect, expect_reply, hello},
@@ -42,13 +41,10 @@ fn an_engine_in_its_own_process_gets_its_own_domain_cgroup() {
     drop(s);
 
     // 60 MiB of 64: Critical, so the ladder sends spill requests.
-    let mut probe = Reaped(
-        agent
-            .probe(env!("CARGO_BIN_EXE_hold-probe"))
-            .args(["--engine", "timeseries", "--mib", "60"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let mut probe = agent.spawn_probe(
+        env!("CARGO_BIN_EXE_hold-probe"),
+        &["--engine", "timeseries", "--mib", "60"],
+        Stdio::null(),
     );
     let pid = probe.id();
     let engine = |s: &serde_json::Value| s["clients"][0]["engines"]["timeseries"].clone();

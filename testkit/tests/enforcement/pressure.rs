@@ -8,7 +8,7 @@ use std::{
 };
 
 use nodedb_governor_testkit::{
-    harness::{Reaped, probes::JsonLines},
+    harness::probes::JsonLines,
     privileged::skip_unless_privileged,
     wait::{poll, wait_for},
 };
@@ -44,13 +44,10 @@ fn memory_stalls_and_an_emergency_move_the_ladder() {
         "[[engine]]\nname = \"vector\"\nbudget = \"64MiB\"\n\
          [[engine]]\nname = \"query\"\nbudget = \"64MiB\"\nessential = false\n",
     );
-    let mut probe = Reaped(
-        agent
-            .probe(env!("CARGO_BIN_EXE_pressure-probe"))
-            .args(["--vector-mib", "52", "--query-mib", "8"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let mut probe = agent.spawn_probe(
+        env!("CARGO_BIN_EXE_pressure-probe"),
+        &["--vector-mib", "52", "--query-mib", "8"],
+        Stdio::piped(),
     );
     let lines = JsonLines::of(&mut probe).collect();
     let last = || lines.last();

@@ -9,13 +9,8 @@ fn an_idle_engine_lends_its_budget_and_takes_it_back_with_spills_on_the_borrower
         return;
     }
     // Timeseries' floor is its whole budget, so Query is the only lender.
-    let agent = super::start_agent_with(
-        "",
-        "[[engine]]\nname = \"vector\"\nbudget = \"64MiB\"\n\
-         [[engine]]\nname = \"timeseries\"\nbudget = \"64MiB\"\nfloor = \"64MiB\"\n\
-         [[engine]]\nname = \"query\"\nbudget = \"64MiB\"\n",
-    );
-    let r = report(
+    let agent = super::start_agent_with("", &super::three_engines(&["timeseries"]));
+    let r: serde_json::Value = report(
         agent
             .probe(env!("CARGO_BIN_EXE_rebalance-probe"))
             .arg("--admin")

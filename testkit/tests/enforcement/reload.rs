@@ -2,13 +2,7 @@
 //! applied in place (the library told its new budget), a bad one refused
 //! with its reason while the old one stays.
 
-use std::process::Stdio;
-
-use nodedb_governor_testkit::{
-    harness::{Agent, Reaped},
-    privileged::skip_unless_privileged,
-    wait::wait_for,
-};
+use nodedb_governor_testkit::{harness::Agent, privileged::skip_unless_privileged, wait::wait_for};
 
 #[test]
 fn sighup_reloads_the_config_atomically() {
@@ -18,15 +12,7 @@ fn sighup_reloads_the_config_atomically() {
     let agent = super::start_agent("");
     let config = agent.config_path();
     let original = std::fs::read_to_string(&config).unwrap();
-    let mut client = Reaped(
-        agent
-            .probe(env!("CARGO_BIN_EXE_wire-probe"))
-            .args(["--engine", "query"])
-            .args(["--report-reserved", "1", "--hold-ms", "20000"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut client = super::reporting_client(&agent, 1, 20000);
     let query_budget = |agent: &Agent| {
         agent.status_json()["clients"][0]["engines"]["query"]["budget_bytes"].as_u64()
     };

@@ -8,7 +8,7 @@ use std::{
 };
 
 use nodedb_governor_testkit::{
-    harness::{Agent, Reaped, probes::JsonLines},
+    harness::{Agent, probes::JsonLines},
     privileged::skip_unless_privileged,
     wait::wait_for,
 };
@@ -19,13 +19,10 @@ fn a_killed_agent_restarts_on_its_pinned_maps_and_the_library_reconnects() {
         return;
     }
     let mut agent = super::start_agent("");
-    let mut probe = Reaped(
-        agent
-            .probe(env!("CARGO_BIN_EXE_hold-probe"))
-            .args(["--mib", "48"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let mut probe = agent.spawn_probe(
+        env!("CARGO_BIN_EXE_hold-probe"),
+        &["--mib", "48"],
+        Stdio::piped(),
     );
     let pid = probe.id();
     let mut lines = JsonLines::of(&mut probe);

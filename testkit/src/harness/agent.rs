@@ -59,7 +59,8 @@ impl Agent {
         );
         let control = dir.path().join("control.sock");
         let admin = dir.path().join("agent.sock");
-        // Before the agent may adopt this process: where it goes back to.
+        // Made before the agent starts, so that they know where this
+        // process was before any agent adopted it.
         let mut cgroups = Vec::new();
         if let Some(root) = nodedb_governor_agent::cgroup::find_v2_mount() {
             cgroups.push(RemovedCgroup::new(root.join(&database)));

@@ -1,5 +1,5 @@
 //! What loading the programs needs (privileges, BTF), checked up front so
-//! the error names what is missing; and the rule privileged tests follow.
+//! the error names what is missing.
 
 use std::path::Path;
 
@@ -35,22 +35,4 @@ pub fn check_prerequisites() -> Result<(), AgentError> {
         });
     }
     Ok(())
-}
-
-/// For privileged tests: returns true (after printing `skipping <test>:
-/// <reason>`) when the prerequisites are missing and skipping is allowed.
-/// Under CI (`CI=true`) or with `NODEDB_GOVERNOR_REQUIRE_PRIVILEGED=1`
-/// (which `cargo xtask test` sets as root) a missing prerequisite panics:
-/// those runs must never skip.
-pub fn skip_unprivileged(test: &str) -> bool {
-    let Err(e) = check_prerequisites() else {
-        return false;
-    };
-    let required = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-        || std::env::var("NODEDB_GOVERNOR_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1");
-    if required {
-        panic!("{test} must run here (CI or root) but cannot: {e}");
-    }
-    eprintln!("skipping {test}: {e}");
-    true
 }

@@ -301,16 +301,4 @@ print fmt: "mm_id=%u curr=%d type=%s size=%ldB", REC->mm_id, REC->curr, __print_
             .to_string();
         assert!(e.contains("sys_enter_munmap/format"), "{e}");
     }
-
-    #[test]
-    fn reads_this_kernels_formats() {
-        if super::super::privilege::skip_unprivileged("reads_this_kernels_formats") {
-            return;
-        }
-        let tracefs = TraceFs::find_or_mount().expect("tracefs");
-        let offsets = trace_offsets(&tracefs).expect("this kernel's formats");
-        assert!(offsets.munmap_len > offsets.munmap_addr);
-        let rss = tracefs.format("kmem", "rss_stat").expect("rss_stat format");
-        assert_ne!(member_kinds(&rss).expect("counter names")[1], kind::UNKNOWN);
-    }
 }

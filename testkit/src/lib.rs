@@ -1,5 +1,10 @@
-//! Support for the end-to-end tests: the probes' shared pieces and the
-//! harness that runs a real agent for a test.
+//! Support for the end-to-end tests: the harness that runs a real agent
+//! for a test, the pieces the probes (processes that embed the library)
+//! share, and the rule privileged tests follow.
 
 pub mod harness;
+pub mod privileged;
+pub mod probe;
 pub mod procfs;
+pub mod wait;
+pub mod wire;

@@ -6,128 +6,43 @@
 use std::{
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
-    time::{Duration, Instant},
+    path::Path,
+    process::{Command, Output},
+    time::Duration,
 };
 
 use nodedb_governor_agent::{privilege, status::StatusReport};
-use nodedb_governor_testkit::harness::{agent_binary, unique};
+use nodedb_governor_testkit::{
+    harness::{Agent, Reaped, agent_binary, pins::RemovedPins, scratch::ScratchDir},
+    privileged::skip_unless_privileged,
+};
 
-/// A running agent; stopped (SIGTERM) and its cgroups removed on drop.
-struct Agent {
-    child: Child,
-    dir: PathBuf,
-    socket: PathBuf,
-    cgroup: Option<PathBuf>,
+/// An agent with two engines of half the ceiling each, on `identity`
+/// (`cgroup` or `tid`), ticking every 20 ms.
+fn start_agent(identity: &str) -> Agent {
+    Agent::start(
+        "nodedb-agent-test",
+        &format!(
+            "identity = \"{identity}\"\ntick_ms = 20\nceiling = \"1GiB\"\n\
+             [[engine]]\nname = \"vector\"\nbudget = \"50%\"\n\
+             [[engine]]\nname = \"query\"\nbudget = \"50%\"\n"
+        ),
+    )
 }
 
-impl Agent {
-    fn start(identity: &str) -> Self {
-        let database = unique("nodedb-agent-test");
-        let dir = std::env::temp_dir().join(&database);
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("governor.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "database = \"{database}\"\nidentity = \"{identity}\"\ntick_ms = 20\nrun_dir = \"{}\"\n\
-                 ceiling = \"1GiB\"\n[[engine]]\nname = \"vector\"\nbudget = \"50%\"\n\
-                 [[engine]]\nname = \"query\"\nbudget = \"50%\"\n",
-                dir.display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new(agent_binary())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting the agent");
-        let socket = dir.join("agent.sock");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "the agent did not open {}",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let mut agent = Self {
-            child,
-            dir,
-            socket,
-            cgroup: None,
-        };
-        let status = agent.status();
-        agent.cgroup = status.cgroup.map(PathBuf::from);
-        agent
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(agent_binary())
-            .args(args)
-            .arg("--socket")
-            .arg(&self.socket)
-            .output()
-            .expect("running the CLI")
-    }
-
-    fn status(&self) -> StatusReport {
-        let out = self.cli(&["status", "--json"]);
-        assert!(
-            out.status.success(),
-            "status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("status --json parses as the documented schema")
-    }
-
-    fn raw(&self, request: &[u8]) -> String {
-        let mut s = UnixStream::connect(&self.socket).expect("connecting");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(request).unwrap();
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).expect("a reply");
-        line
-    }
+/// One raw request line on the admin socket; the reply line.
+fn raw(agent: &Agent, request: &[u8]) -> String {
+    let mut s = UnixStream::connect(&agent.admin).expect("connecting");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("a reply");
+    line
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-        if let Some(cg) = &self.cgroup {
-            // Governed test processes are gone by now; engines first.
-            for e in ["vector", "query"] {
-                let _ = std::fs::remove_dir(cg.join("shared").join(format!("engine-{e}")));
-            }
-            let _ = std::fs::remove_dir(cg.join("shared"));
-            let _ = std::fs::remove_dir(cg);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A governed stand-in process, killed on drop.
-struct Sleeper(Child);
-
-impl Sleeper {
-    fn start() -> Self {
-        Self(Command::new("sleep").arg("120").spawn().expect("sleep"))
-    }
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Sleeper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A governed stand-in process.
+fn sleeper() -> Reaped {
+    Reaped(Command::new("sleep").arg("120").spawn().expect("sleep"))
 }
 
 fn stderr(out: &Output) -> String {
@@ -151,13 +66,13 @@ fn thread_cgroup(pid: u32, tid: u32) -> String {
 }
 
 fn governs_and_reports(identity: &str) {
-    let agent = Agent::start(identity);
-    let sleeper = Sleeper::start();
-    let pid = sleeper.pid();
+    let agent = start_agent(identity);
+    let sleeper = sleeper();
+    let pid = sleeper.id();
     let out = assign(&agent, pid, pid, "vector");
     assert!(out.status.success(), "assign failed: {}", stderr(&out));
 
-    let status = agent.status();
+    let status: StatusReport = agent.status();
     assert_eq!(status.schema, "nodedb-governor.status.v1");
     assert_eq!(
         status.engines.keys().collect::<Vec<_>>(),
@@ -189,7 +104,7 @@ fn governs_and_reports(identity: &str) {
 
 #[test]
 fn governs_a_process_with_cgroup_identity() {
-    if privilege::skip_unprivileged("governs_a_process_with_cgroup_identity") {
+    if skip_unless_privileged("governs_a_process_with_cgroup_identity") {
         return;
     }
     governs_and_reports("cgroup");
@@ -197,7 +112,7 @@ fn governs_a_process_with_cgroup_identity() {
 
 #[test]
 fn governs_a_process_with_tid_identity() {
-    if privilege::skip_unprivileged("governs_a_process_with_tid_identity") {
+    if skip_unless_privileged("governs_a_process_with_tid_identity") {
         return;
     }
     governs_and_reports("tid");
@@ -205,12 +120,12 @@ fn governs_a_process_with_tid_identity() {
 
 #[test]
 fn bad_requests_get_errors_naming_what_is_wrong() {
-    if privilege::skip_unprivileged("bad_requests_get_errors_naming_what_is_wrong") {
+    if skip_unless_privileged("bad_requests_get_errors_naming_what_is_wrong") {
         return;
     }
-    let agent = Agent::start("cgroup");
-    let sleeper = Sleeper::start();
-    let pid = sleeper.pid();
+    let agent = start_agent("cgroup");
+    let sleeper = sleeper();
+    let pid = sleeper.id();
 
     let out = assign(&agent, pid, pid, "gpu");
     assert!(!out.status.success());
@@ -239,38 +154,40 @@ fn bad_requests_get_errors_naming_what_is_wrong() {
 
     // Malformed, unknown and oversized requests over the raw socket: each
     // answered with an error, and the agent keeps serving.
-    assert!(agent.raw(b"{not json\n").contains("malformed request"));
-    assert!(agent.raw(b"{\"op\":\"reboot\"}\n").contains("reboot"));
+    assert!(raw(&agent, b"{not json\n").contains("malformed request"));
+    assert!(raw(&agent, b"{\"op\":\"reboot\"}\n").contains("reboot"));
     let mut big = vec![b'x'; 70 * 1024];
     big.push(b'\n');
-    assert!(agent.raw(&big).contains("exceeds"));
-    assert_eq!(agent.status().schema, "nodedb-governor.status.v1");
+    assert!(raw(&agent, &big).contains("exceeds"));
+    assert_eq!(
+        agent.status::<StatusReport>().schema,
+        "nodedb-governor.status.v1"
+    );
 }
 
 #[test]
 fn a_cgroup_hierarchy_it_cannot_use_is_named() {
-    if privilege::skip_unprivileged("a_cgroup_hierarchy_it_cannot_use_is_named") {
+    if skip_unless_privileged("a_cgroup_hierarchy_it_cannot_use_is_named") {
         return;
     }
-    let dir = std::env::temp_dir().join(unique("not-a-cgroup"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("governor.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "database = \"db\"\nidentity = \"cgroup\"\ncgroup_root = \"{}\"\nrun_dir = \"{}\"\nceiling = 1048576\n[[engine]]\nname = \"a\"\nbudget = 1024\n",
-            dir.display(),
-            dir.display()
+    let dir = ScratchDir::new("not-a-cgroup");
+    // The agent has pinned its maps when it finds the hierarchy unusable.
+    let _pins = RemovedPins(dir.name().to_owned());
+    let config = dir.write(
+        "governor.toml",
+        &format!(
+            "database = \"{}\"\nidentity = \"cgroup\"\ncgroup_root = \"{}\"\nrun_dir = \"{}\"\nceiling = 1048576\n[[engine]]\nname = \"a\"\nbudget = 1024\n",
+            dir.name(),
+            dir.path().display(),
+            dir.path().display()
         ),
-    )
-    .unwrap();
+    );
     let out = Command::new(agent_binary())
         .arg("run")
         .arg("--config")
         .arg(&config)
         .output()
         .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(!out.status.success());
     let e = stderr(&out);
     assert!(
@@ -314,20 +231,16 @@ fn check_config_accepts_the_default_and_names_bad_fields() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    let dir = std::env::temp_dir().join(unique("bad-config"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bad = dir.join("bad.toml");
-    std::fs::write(
-        &bad,
+    let dir = ScratchDir::new("bad-config");
+    let bad = dir.write(
+        "bad.toml",
         "database = \"db\"\nceiling = 1048576\ntick_ms = 5\n[[engine]]\nname = \"a\"\nbudget = 1024\n",
-    )
-    .unwrap();
+    );
     let out = Command::new(agent_binary())
         .arg("check-config")
         .arg(&bad)
         .output()
         .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("tick_ms"), "{}", stderr(&out));
 }

@@ -11,20 +11,23 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Write},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{ChildStdin, ChildStdout, Command, Stdio},
 };
 
 use nodedb_governor_agent::{
     attribution::{Attribution, ProgramSet},
     cgroup::{self, Subtree},
-    privilege,
 };
-use nodedb_governor_testkit::harness::unique;
+use nodedb_governor_testkit::{
+    harness::{Reaped, cgroup::RemovedCgroup, unique},
+    privileged::skip_unless_privileged,
+};
 
 const MIB: u64 = 1 << 20;
 
+/// The attribution-probe, killed when the test ends.
 struct Probe {
-    child: Child,
+    _child: Reaped,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
     pid: u32,
@@ -45,18 +48,20 @@ struct Truth {
 
 impl Probe {
     fn spawn() -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_attribution-probe"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawning attribution-probe");
+        let mut child = Reaped(
+            Command::new(env!("CARGO_BIN_EXE_attribution-probe"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawning attribution-probe"),
+        );
         let stdin = child.stdin.take().expect("stdin");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
         stdout.read_line(&mut line).expect("probe hello");
         let hello: Hello = serde_json::from_str(&line).expect("probe hello is JSON");
         Self {
-            child,
+            _child: child,
             stdin,
             stdout,
             pid: hello.pid,
@@ -80,25 +85,6 @@ impl Probe {
 
     fn truth(&mut self) -> Truth {
         serde_json::from_str(&self.send("truth")).expect("truth is JSON")
-    }
-}
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Removes the test's cgroups even when the test fails. Declared before the
-/// probe, so it drops after the probe has exited and the cgroups are empty.
-struct CgroupGuard(Subtree);
-
-impl Drop for CgroupGuard {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.remove() {
-            eprintln!("cleanup: removing {}: {e}", self.0.dir.display());
-        }
     }
 }
 
@@ -176,7 +162,7 @@ fn scenario(att: &Attribution, probe: &mut Probe) {
 
 #[test]
 fn accuracy_with_cgroup_identity() {
-    if privilege::skip_unprivileged("accuracy_with_cgroup_identity") {
+    if skip_unless_privileged("accuracy_with_cgroup_identity") {
         return;
     }
     let Some(root) = cgroup::find_v2_mount() else {
@@ -186,23 +172,24 @@ fn accuracy_with_cgroup_identity() {
     let engines: Vec<String> = ["vector", "timeseries", "query"].map(String::from).to_vec();
     let subtree = Subtree::create_or_adopt(&root, &unique("nodedb-test"), &engines, &[])
         .expect("cgroup subtree");
-    let guard = CgroupGuard(subtree);
+    // Removed even when the test fails. Declared before the probe, so it
+    // drops after the probe has exited and the cgroups are empty.
+    let _cleanup = RemovedCgroup::new(subtree.domain.clone());
     let mut probe = Probe::spawn();
-    guard
-        .0
+    subtree
         .adopt_process(probe.pid)
         .expect("adopting the probe");
     att.register_process(probe.pid, &engines)
         .expect("registering");
-    for (name, cg) in &guard.0.engines {
+    for (name, cg) in &subtree.engines {
         att.bind_cgroup(probe.pid, name, cg.id)
             .expect("binding cgroup");
     }
     for (name, tids) in probe.engines.clone() {
         for tid in tids {
-            guard.0.move_thread(tid, &name).expect("moving thread");
+            subtree.move_thread(tid, &name).expect("moving thread");
             assert_eq!(
-                guard.0.engine_of_thread(probe.pid, tid).as_deref(),
+                subtree.engine_of_thread(probe.pid, tid).as_deref(),
                 Some(name.as_str())
             );
         }
@@ -212,7 +199,7 @@ fn accuracy_with_cgroup_identity() {
 
 #[test]
 fn accuracy_with_tid_identity() {
-    if privilege::skip_unprivileged("accuracy_with_tid_identity") {
+    if skip_unless_privileged("accuracy_with_tid_identity") {
         return;
     }
     let mut att = Attribution::load(ProgramSet::Full).expect("loading eBPF");

@@ -6,27 +6,21 @@
 //! handler unmaps what was touched. Prints one JSON line: per round, the
 //! breach-to-spill latency and what was freed.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use nodedb_governor::{EngineId, PressureLevel, SpillConfig, SpillController, SpillHandler as _};
-use nodedb_governor_demo::{
-    governed,
-    memory::{Block, Kind, MIB},
-    untracked::Untracked,
+use nodedb_governor::{EngineId, PressureLevel, SpillHandler as _};
+use nodedb_governor_demo::memory::{Block, Kind, MIB};
+use nodedb_governor_testkit::{
+    probe::{AgentArgs, UntrackedSpill, on_engine_thread},
+    wait::poll,
 };
 
 #[derive(Parser)]
 struct Args {
-    /// The agent's control socket.
-    #[arg(long)]
-    socket: std::path::PathBuf,
-    #[arg(long)]
-    database: String,
+    #[command(flatten)]
+    agent: AgentArgs,
     /// Breaches to measure.
     #[arg(long, default_value_t = 20)]
     rounds: usize,
@@ -41,93 +35,73 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let spill = Arc::new(SpillController::new(SpillConfig::default())?);
-    let untracked = Arc::new(Untracked::default());
-    let _registration = spill.register(EngineId::Vector, untracked.clone());
-    let (governor, link) = governed::connect(
-        &args.socket,
-        &args.database,
-        &governed::ENGINES,
-        Some(spill.clone()),
-    )?;
+    let spill = UntrackedSpill::new(&[EngineId::Vector])?;
+    let untracked = spill.of(EngineId::Vector);
+    let _registered = spill.register();
+    let (governor, link) = spill.connect(&args.agent)?;
     let budget = governor.usage(EngineId::Vector)?.cap_bytes;
 
-    let worker = {
-        let link = &link;
-        let untracked = untracked.clone();
-        let step = args.step_mib * MIB;
-        let rounds = args.rounds;
-        let args_critical = args.critical;
-        std::thread::scope(|s| {
-            s.spawn(move || -> anyhow::Result<Vec<serde_json::Value>> {
-                let tid = link.register_current_thread(EngineId::Vector)?;
-                if !link.wait_placed(tid, Duration::from_secs(10)) {
-                    bail!("the agent did not place thread {tid}: {:?}", link.stats());
-                }
-                let mut out = Vec::new();
-                for round in 0..rounds {
-                    // Calm first: the last round's spill is seen by the agent.
-                    let calm = Instant::now() + Duration::from_secs(10);
-                    while link.agent_level(EngineId::Vector) >= Some(PressureLevel::Critical) {
-                        if Instant::now() > calm {
-                            bail!("round {round}: the engine never calmed down");
-                        }
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    let spills_before = untracked.spills.lock().unwrap().len();
-                    let held = untracked.reclaimable_bytes() as usize;
-                    // Touch until the spill comes (or just over the budget):
-                    // the breach is crossing the Critical threshold.
-                    let critical = (budget as f64 * args_critical) as usize;
-                    let mut touched = held;
-                    let mut breach = None;
-                    let mut peak = touched;
-                    let wait = Instant::now() + Duration::from_secs(10);
-                    let spill = loop {
-                        if let Some(s) = untracked.spills.lock().unwrap().get(spills_before) {
-                            break *s;
-                        }
-                        if touched <= budget as usize {
-                            let b = Block::new(Kind::Anon, step).context("touching memory")?;
-                            touched += b.len();
-                            peak = peak.max(touched);
-                            untracked.blocks.lock().unwrap().push(b);
-                        } else {
-                            std::thread::sleep(Duration::from_micros(100));
-                        }
-                        if breach.is_none() && touched > critical {
-                            breach = Some(Instant::now());
-                        }
-                        if Instant::now() > wait {
-                            bail!("round {round}: no spill within 10 s of the breach");
-                        }
-                    };
-                    let Some(breach) = breach else {
-                        bail!("round {round}: spilled before the Critical threshold was crossed");
-                    };
-                    out.push(serde_json::json!({
-                        "round": round,
-                        "peak_touched_bytes": peak,
-                        "over_budget": peak > budget as usize,
-                        "latency_us": spill.0.saturating_duration_since(breach).as_micros() as u64,
-                        "target_bytes": spill.1,
-                        "freed_bytes": spill.2,
-                    }));
-                }
-                Ok(out)
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("the worker panicked"))?
-        })?
+    // Below Critical: the agent saw the last spill (the engine back under
+    // its budget).
+    let calm = || {
+        poll(Duration::from_secs(10), Duration::from_millis(2), || {
+            link.agent_level(EngineId::Vector) < Some(PressureLevel::Critical)
+        })
     };
+    let step = args.step_mib * MIB;
+    let worker = on_engine_thread(&link, EngineId::Vector, || {
+        let mut out = Vec::new();
+        for round in 0..args.rounds {
+            // Calm first: the last round's spill is seen by the agent.
+            if !calm() {
+                bail!("round {round}: the engine never calmed down");
+            }
+            let spills_before = untracked.spills.lock().unwrap().len();
+            let held = untracked.reclaimable_bytes() as usize;
+            // Touch until the spill comes (or just over the budget):
+            // the breach is crossing the Critical threshold.
+            let critical = (budget as f64 * args.critical) as usize;
+            let mut touched = held;
+            let mut breach = None;
+            let mut peak = touched;
+            let wait = Instant::now() + Duration::from_secs(10);
+            let spill = loop {
+                if let Some(s) = untracked.spills.lock().unwrap().get(spills_before) {
+                    break *s;
+                }
+                if touched <= budget as usize {
+                    let b = Block::new(Kind::Anon, step).context("touching memory")?;
+                    touched += b.len();
+                    peak = peak.max(touched);
+                    untracked.blocks.lock().unwrap().push(b);
+                } else {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                if breach.is_none() && touched > critical {
+                    breach = Some(Instant::now());
+                }
+                if Instant::now() > wait {
+                    bail!("round {round}: no spill within 10 s of the breach");
+                }
+            };
+            let Some(breach) = breach else {
+                bail!("round {round}: spilled before the Critical threshold was crossed");
+            };
+            out.push(serde_json::json!({
+                "round": round,
+                "peak_touched_bytes": peak,
+                "over_budget": peak > budget as usize,
+                "latency_us": spill.0.saturating_duration_since(breach).as_micros() as u64,
+                "target_bytes": spill.1,
+                "freed_bytes": spill.2,
+            }));
+        }
+        Ok(out)
+    })?;
     // After the last spill the agent must see the engine back under its
     // budget (below Critical).
-    let calm = Instant::now() + Duration::from_secs(10);
-    while link.agent_level(EngineId::Vector) >= Some(PressureLevel::Critical) {
-        if Instant::now() > calm {
-            bail!("the engine never came back under its budget");
-        }
-        std::thread::sleep(Duration::from_millis(2));
+    if !calm() {
+        bail!("the engine never came back under its budget");
     }
     let final_level = link.agent_level(EngineId::Vector);
     let mut lat: Vec<u64> = worker

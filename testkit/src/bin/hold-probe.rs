@@ -8,14 +8,13 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::Parser;
 use nodedb_governor::EngineId;
-use nodedb_governor_demo::{governed, memory::MIB, untracked::Untracked};
+use nodedb_governor_demo::{memory::MIB, untracked::Untracked};
+use nodedb_governor_testkit::probe::{AgentArgs, on_engine_thread};
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long)]
-    socket: std::path::PathBuf,
-    #[arg(long)]
-    database: String,
+    #[command(flatten)]
+    agent: AgentArgs,
     #[arg(long, default_value_t = 32)]
     mib: usize,
     /// The one engine this process runs.
@@ -31,21 +30,9 @@ fn main() -> anyhow::Result<()> {
     else {
         bail!("--engine {:?} is not a built-in engine", args.engine);
     };
-    let name = args.engine.as_str();
-    let (_governor, link) = governed::connect(&args.socket, &args.database, &[(name, id)], None)?;
+    let (_governor, link) = args.agent.connect(&[(args.engine.as_str(), id)], None)?;
     let held = Untracked::default();
-    std::thread::scope(|s| {
-        s.spawn(|| -> anyhow::Result<()> {
-            let tid = link.register_current_thread(id)?;
-            if !link.wait_placed(tid, Duration::from_secs(10)) {
-                bail!("thread not placed");
-            }
-            held.touch(args.mib * MIB, 2 * MIB)?;
-            Ok(())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("worker panicked"))?
-    })?;
+    on_engine_thread(&link, id, || Ok(held.touch(args.mib * MIB, 2 * MIB)?))?;
     loop {
         let st = link.stats();
         println!(

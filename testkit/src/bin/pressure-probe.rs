@@ -8,17 +8,15 @@
 
 use std::time::Duration;
 
-use anyhow::bail;
 use clap::Parser;
 use nodedb_governor::EngineId;
-use nodedb_governor_demo::{governed, memory::MIB, untracked::Untracked};
+use nodedb_governor_demo::{memory::MIB, untracked::Untracked};
+use nodedb_governor_testkit::probe::{AgentArgs, on_engine_thread};
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long)]
-    socket: std::path::PathBuf,
-    #[arg(long)]
-    database: String,
+    #[command(flatten)]
+    agent: AgentArgs,
     #[arg(long, default_value_t = 52)]
     vector_mib: usize,
     #[arg(long, default_value_t = 8)]
@@ -27,24 +25,13 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (governor, link) = governed::connect(
-        &args.socket,
-        &args.database,
+    let (governor, link) = args.agent.connect(
         &[("vector", EngineId::Vector), ("query", EngineId::Query)],
         None,
     )?;
     let held = Untracked::default();
-    std::thread::scope(|s| {
-        s.spawn(|| -> anyhow::Result<()> {
-            let tid = link.register_current_thread(EngineId::Vector)?;
-            if !link.wait_placed(tid, Duration::from_secs(10)) {
-                bail!("thread not placed");
-            }
-            held.touch(args.vector_mib * MIB, 2 * MIB)?;
-            Ok(())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("worker panicked"))?
+    on_engine_thread(&link, EngineId::Vector, || {
+        Ok(held.touch(args.vector_mib * MIB, 2 * MIB)?)
     })?;
     let _query = governor.try_reserve(EngineId::Query, args.query_mib * MIB as u64)?;
     let grant = |e: EngineId| governor.try_reserve(e, 4 * MIB as u64).is_ok();

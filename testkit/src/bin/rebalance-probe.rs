@@ -7,22 +7,21 @@
 //! (the library's cap is that budget less the memory it never reserved).
 //! Prints one JSON line with what was observed.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use anyhow::bail;
 use clap::Parser;
-use nodedb_governor::{EngineId, SpillConfig, SpillController};
-use nodedb_governor_demo::{governed, memory::MIB, untracked::Untracked};
+use nodedb_governor::EngineId;
+use nodedb_governor_demo::{governed, memory::MIB};
+use nodedb_governor_testkit::{
+    probe::{AgentArgs, UntrackedSpill, on_engine_thread},
+    wait::poll,
+};
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long)]
-    socket: std::path::PathBuf,
-    #[arg(long)]
-    database: String,
+    #[command(flatten)]
+    agent: AgentArgs,
     /// The agent's admin socket (for the budget in force).
     #[arg(long)]
     admin: std::path::PathBuf,
@@ -34,30 +33,19 @@ struct Args {
     query_mib: usize,
 }
 
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(2));
+fn wait_until(what: &str, done: impl FnMut() -> bool) -> anyhow::Result<()> {
+    if !poll(Duration::from_secs(10), Duration::from_millis(2), done) {
+        bail!("timed out waiting for {what}");
     }
     Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let spill = Arc::new(SpillController::new(SpillConfig::default())?);
-    let vector = Arc::new(Untracked::default());
-    let query = Arc::new(Untracked::default());
-    let _v = spill.register(EngineId::Vector, vector.clone());
-    let _q = spill.register(EngineId::Query, query.clone());
-    let (governor, link) = governed::connect(
-        &args.socket,
-        &args.database,
-        &governed::ENGINES,
-        Some(spill.clone()),
-    )?;
+    let spill = UntrackedSpill::new(&[EngineId::Vector, EngineId::Query])?;
+    let (vector, query) = (spill.of(EngineId::Vector), spill.of(EngineId::Query));
+    let _registered = spill.register();
+    let (governor, link) = spill.connect(&args.agent)?;
     let cap = |e| governor.usage(e).map_or(0, |u| u.cap_bytes);
     // Vector's budget in force, as the agent reports it.
     let budget = || -> u64 {
@@ -73,59 +61,43 @@ fn main() -> anyhow::Result<()> {
     };
     let configured = cap(EngineId::Vector);
 
-    let out = std::thread::scope(|s| -> anyhow::Result<serde_json::Value> {
-        // Vector grows past its budget while Query is idle.
-        let v = s.spawn(|| -> anyhow::Result<()> {
-            let tid = link.register_current_thread(EngineId::Vector)?;
-            if !link.wait_placed(tid, Duration::from_secs(10)) {
-                bail!("vector thread not placed");
-            }
-            vector.touch(args.vector_mib * MIB, 2 * MIB)?;
-            Ok(())
-        });
-        v.join()
-            .map_err(|_| anyhow::anyhow!("vector thread panicked"))??;
-        wait_until("a loan to vector", || budget() > configured)?;
-        let lent_budget = budget();
-        // The library may reserve only what the borrowed budget leaves
-        // beside what the kernel sees Vector hold unreserved.
-        wait_until("the library's cap to leave room for the unreserved", || {
-            cap(EngineId::Vector) <= lent_budget.saturating_sub(args.vector_mib as u64 * MIB as u64)
-        })?;
-        let library_cap = cap(EngineId::Vector);
-        // Give the agent a few ticks: with the loan, Vector is not spilled.
-        std::thread::sleep(Duration::from_millis(300));
-        let spilled_during_loan = vector.spilled_bytes();
-        let held_during_loan = vector.held_bytes();
-
-        // Query gets busy: the loan comes back, Vector is spilled.
-        let q = s.spawn(|| -> anyhow::Result<()> {
-            let tid = link.register_current_thread(EngineId::Query)?;
-            if !link.wait_placed(tid, Duration::from_secs(10)) {
-                bail!("query thread not placed");
-            }
-            query.touch(args.query_mib * MIB, 2 * MIB)?;
-            Ok(())
-        });
-        q.join()
-            .map_err(|_| anyhow::anyhow!("query thread panicked"))??;
-        wait_until("the loan to end", || budget() == configured)?;
-        wait_until("vector to be spilled", || {
-            (vector.held_bytes() as f64) < configured as f64 * 0.90
-        })?;
-        Ok(serde_json::json!({
-            "configured_cap_bytes": configured,
-            "budget_during_loan_bytes": lent_budget,
-            "library_cap_during_loan_bytes": library_cap,
-            "vector_held_during_loan_bytes": held_during_loan,
-            "vector_spilled_during_loan_bytes": spilled_during_loan,
-            "vector_budget_after_bytes": budget(),
-            "vector_held_after_bytes": vector.held_bytes(),
-            "vector_spilled_after_bytes": vector.spilled_bytes(),
-            "query_held_bytes": query.held_bytes(),
-            "query_spilled_bytes": query.spilled_bytes(),
-        }))
+    // Vector grows past its budget while Query is idle.
+    on_engine_thread(&link, EngineId::Vector, || {
+        Ok(vector.touch(args.vector_mib * MIB, 2 * MIB)?)
     })?;
+    wait_until("a loan to vector", || budget() > configured)?;
+    let lent_budget = budget();
+    // The library may reserve only what the borrowed budget leaves
+    // beside what the kernel sees Vector hold unreserved.
+    wait_until("the library's cap to leave room for the unreserved", || {
+        cap(EngineId::Vector) <= lent_budget.saturating_sub(args.vector_mib as u64 * MIB as u64)
+    })?;
+    let library_cap = cap(EngineId::Vector);
+    // Give the agent a few ticks: with the loan, Vector is not spilled.
+    std::thread::sleep(Duration::from_millis(300));
+    let spilled_during_loan = vector.spilled_bytes();
+    let held_during_loan = vector.held_bytes();
+
+    // Query gets busy: the loan comes back, Vector is spilled.
+    on_engine_thread(&link, EngineId::Query, || {
+        Ok(query.touch(args.query_mib * MIB, 2 * MIB)?)
+    })?;
+    wait_until("the loan to end", || budget() == configured)?;
+    wait_until("vector to be spilled", || {
+        (vector.held_bytes() as f64) < configured as f64 * 0.90
+    })?;
+    let out = serde_json::json!({
+        "configured_cap_bytes": configured,
+        "budget_during_loan_bytes": lent_budget,
+        "library_cap_during_loan_bytes": library_cap,
+        "vector_held_during_loan_bytes": held_during_loan,
+        "vector_spilled_during_loan_bytes": spilled_during_loan,
+        "vector_budget_after_bytes": budget(),
+        "vector_held_after_bytes": vector.held_bytes(),
+        "vector_spilled_after_bytes": vector.spilled_bytes(),
+        "query_held_bytes": query.held_bytes(),
+        "query_spilled_bytes": query.spilled_bytes(),
+    });
     println!("{out}");
     Ok(())
 }

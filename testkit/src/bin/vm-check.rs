@@ -8,12 +8,16 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use nodedb_governor_testkit::{
+    harness::{Reaped, launch::launch, probes::probe_command, status::read_status},
+    wait::try_poll,
+};
 use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
@@ -26,15 +30,6 @@ struct Args {
     /// A scratch directory (the agent's run directory).
     #[arg(long, default_value = "/tmp/vm-check")]
     work: PathBuf,
-}
-
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 struct Checks {
@@ -80,18 +75,12 @@ fn keyed(path: &Path, key: &str) -> anyhow::Result<u64> {
 fn wait_until(
     what: &str,
     timeout: Duration,
-    mut f: impl FnMut() -> anyhow::Result<bool>,
+    f: impl FnMut() -> anyhow::Result<bool>,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f()? {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if !try_poll(timeout, Duration::from_millis(50), f)? {
+        bail!("timed out after {timeout:?} waiting for {what}");
     }
+    Ok(())
 }
 
 struct Env {
@@ -102,22 +91,19 @@ struct Env {
 
 impl Env {
     fn status(&self) -> anyhow::Result<Value> {
-        let out = Command::new(self.bin.join("nodedb-governor"))
-            .args(["status", "--json", "--socket"])
-            .arg(self.work.join("agent.sock"))
-            .output()?;
-        if !out.status.success() {
-            bail!("status: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
+        Ok(read_status(
+            &self.bin.join("nodedb-governor"),
+            &self.work.join("agent.sock"),
+        )?)
     }
 
     fn probe(&self, name: &str, args: &[&str]) -> Command {
-        let mut c = Command::new(self.bin.join(name));
-        c.arg("--socket")
-            .arg(self.work.join("control.sock"))
-            .args(["--database", &self.database])
-            .args(args);
+        let mut c = probe_command(
+            &self.bin.join(name),
+            &self.work.join("control.sock"),
+            &self.database,
+        );
+        c.args(args);
         c
     }
 }
@@ -151,31 +137,28 @@ fn main() -> anyhow::Result<()> {
         results: Vec::new(),
         failed: false,
     };
-    let log = std::fs::File::create(args.work.join("agent.log"))?;
-    let mut agent = Reaped(
-        Command::new(env.bin.join("nodedb-governor"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(log)
-            .spawn()
-            .context("starting the agent")?,
-    );
     let started = Instant::now();
-    let up = wait_until(
-        "the agent's control socket",
+    let agent = launch(
+        &env.bin.join("nodedb-governor"),
+        &config,
+        &args.work.join("agent.log"),
+        &[
+            &args.work.join("control.sock"),
+            &args.work.join("agent.sock"),
+        ],
         Duration::from_secs(180),
-        || {
-            if let Some(status) = agent.0.try_wait()? {
-                bail!("the agent exited ({status})");
-            }
-            Ok(args.work.join("control.sock").exists())
-        },
     );
     let agent_log = || std::fs::read_to_string(args.work.join("agent.log")).unwrap_or_default();
-    if let Err(e) = up {
-        checks.record("agent starts", Err(e.context(agent_log())));
-        return finish(&kernel, checks, Value::Null);
-    }
+    let _agent: Reaped = match agent {
+        Ok(agent) => agent,
+        Err(e) => {
+            checks.record(
+                "agent starts",
+                Err(anyhow::Error::new(e).context(agent_log())),
+            );
+            return finish(&kernel, checks, Value::Null);
+        }
+    };
     checks.record(
         "agent starts",
         Ok(json!({"seconds": started.elapsed().as_secs_f64()})),
@@ -251,7 +234,7 @@ fn main() -> anyhow::Result<()> {
                     .stdout(Stdio::null())
                     .spawn()?,
             );
-            let pid = probe.0.id();
+            let pid = probe.id();
             wait_until("spill requests", Duration::from_secs(60), || {
                 let s = env.status()?;
                 Ok(s["clients"].as_array().into_iter().flatten().any(|c| {
@@ -277,7 +260,7 @@ fn main() -> anyhow::Result<()> {
                 .spawn()?,
         );
         let mut line = String::new();
-        let stdout = probe.0.stdout.take().context("probe stdout")?;
+        let stdout = probe.stdout.take().context("probe stdout")?;
         std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
         let after = keyed(&own.join("memory.events"), "high")?;
         if after <= before {

@@ -1,20 +1,10 @@
-//! What every end-to-end test needs around a real agent: names no other
-//! test uses, and the agent's binary.
+//! The agent's binary, built for the tests that run it.
 
 use std::{
     path::{Path, PathBuf},
     process::Command,
     sync::OnceLock,
 };
-
-/// A name no other test (or concurrent run) uses: `prefix-<pid>-<nanos>`.
-pub fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("{prefix}-{}-{nanos:x}", std::process::id())
-}
 
 /// The agent binary (`nodedb-governor`), built by cargo in the profile the
 /// calling test runs in; it belongs to another package, so cargo does not

@@ -1,0 +1,44 @@
+//! Observing only (`enforce = false`): the ungoverned baseline.
+
+use std::{process::Stdio, time::Duration};
+
+use nodedb_governor_testkit::{privileged::skip_unless_privileged, wait::wait_for};
+
+/// `enforce = false`: the ungoverned baseline, measured the same way. The
+/// agent attributes and shows the levels, keeps `memory.max` at the
+/// ceiling, and asks nothing of the library: an engine far over its
+/// budget is neither spilled nor purged, and its cap is the ceiling.
+#[test]
+fn an_observing_agent_measures_but_asks_nothing() {
+    if skip_unless_privileged("observe mode") {
+        return;
+    }
+    const MIB: u64 = 1 << 20;
+    let agent = super::start_agent("enforce = false");
+    let _probe = agent.spawn_probe(
+        env!("CARGO_BIN_EXE_hold-probe"),
+        &["--mib", "80"],
+        Stdio::null(),
+    );
+    let vector = |s: &serde_json::Value| s["clients"][0]["engines"]["vector"].clone();
+    wait_for("vector past its budget, as the kernel sees it", || {
+        let s = agent.status_json();
+        vector(&s)["resident_bytes"].as_u64() >= Some(78 * MIB)
+            && vector(&s)["level"] == "emergency"
+    });
+    // Many ticks at Emergency.
+    std::thread::sleep(Duration::from_millis(500));
+    let s = agent.status_json();
+    let v = vector(&s);
+    assert_eq!(v["spill_requests"], 0, "{v}");
+    assert_eq!(v["purges"], 0, "{v}");
+    assert_eq!(
+        v["cap_bytes"],
+        1u64 << 30,
+        "the library's cap is the ceiling: {v}"
+    );
+    assert_eq!(
+        s["ceiling"]["high_bytes"], s["ceiling"]["limit_bytes"],
+        "no lower high mark"
+    );
+}

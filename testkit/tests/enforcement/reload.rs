@@ -1,0 +1,67 @@
+//! SIGHUP reloads the configuration whole or not at all: a good change is
+//! applied in place (the library told its new budget), a bad one refused
+//! with its reason while the old one stays.
+
+use nodedb_governor_testkit::{harness::Agent, privileged::skip_unless_privileged, wait::wait_for};
+
+#[test]
+fn sighup_reloads_the_config_atomically() {
+    if skip_unless_privileged("configuration reload") {
+        return;
+    }
+    let agent = super::start_agent("");
+    let config = agent.config_path();
+    let original = std::fs::read_to_string(&config).unwrap();
+    let mut client = super::reporting_client(&agent, 1, 20000);
+    let query_budget = |agent: &Agent| {
+        agent.status_json()["clients"][0]["engines"]["query"]["budget_bytes"].as_u64()
+    };
+    let ceiling = |agent: &Agent| agent.status_json()["ceiling"]["limit_bytes"].as_u64();
+    wait_for("the client's budget", || {
+        query_budget(&agent) == Some(64 << 20)
+    });
+    let hup = |agent: &Agent| agent.signal(libc::SIGHUP);
+
+    // A good change: applied in place, the library told.
+    let changed = original
+        .replace("ceiling = \"1GiB\"", "ceiling = \"512MiB\"")
+        .replacen(
+            "name = \"query\"\nbudget = \"64MiB\"",
+            "name = \"query\"\nbudget = \"32MiB\"",
+            1,
+        );
+    assert_ne!(changed, original);
+    std::fs::write(&config, &changed).unwrap();
+    hup(&agent);
+    wait_for("the new budget", || query_budget(&agent) == Some(32 << 20));
+    assert_eq!(ceiling(&agent), Some(512 << 20));
+
+    // Bad ones: refused whole, the old one stays, the agent keeps running.
+    for (bad, named) in [
+        (
+            changed.replace("budget = \"32MiB\"", "budget = \"lots\""),
+            "budget",
+        ),
+        (
+            changed
+                .replace("budget = \"32MiB\"", "budget = \"16MiB\"")
+                .replace(&agent.database, "another-db"),
+            "database cannot change",
+        ),
+    ] {
+        std::fs::write(&config, &bad).unwrap();
+        hup(&agent);
+        wait_for(&format!("a refusal naming {named}"), || {
+            let log = agent.log();
+            log.contains("configuration refused") && log.contains(named)
+        });
+        assert_eq!(
+            query_budget(&agent),
+            Some(32 << 20),
+            "nothing of it applied"
+        );
+        assert_eq!(ceiling(&agent), Some(512 << 20));
+    }
+    let _ = client.kill();
+    let _ = client.wait();
+}

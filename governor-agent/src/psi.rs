@@ -46,9 +46,30 @@ pub struct PsiFigures {
     pub full_total_us: u64,
 }
 
+/// What is wrong with a pressure file.
+#[derive(Debug, thiserror::Error)]
+pub enum PsiError {
+    #[error("unexpected pressure line {line:?}")]
+    Line { line: String },
+    #[error("unexpected pressure kind {kind:?}")]
+    Kind { kind: String },
+    #[error("no `some` line")]
+    NoSome,
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<PsiError>,
+    },
+}
+
 impl PsiFigures {
     /// Parses the `some …`/`full …` lines of a pressure file.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, PsiError> {
         let mut f = Self::default();
         let mut seen = (false, false);
         for line in text.lines() {
@@ -63,7 +84,9 @@ impl PsiFigures {
                 }
             }
             let (Some(avg10), Some(total)) = (avg10, total) else {
-                return Err(format!("unexpected pressure line {line:?}"));
+                return Err(PsiError::Line {
+                    line: line.to_owned(),
+                });
             };
             match kind {
                 "some" => {
@@ -74,18 +97,28 @@ impl PsiFigures {
                     (f.full_avg10, f.full_total_us) = (avg10 / 100.0, total);
                     seen.1 = true;
                 }
-                other => return Err(format!("unexpected pressure kind {other:?}")),
+                other => {
+                    return Err(PsiError::Kind {
+                        kind: other.to_owned(),
+                    });
+                }
             }
         }
         if !seen.0 {
-            return Err("no `some` line".into());
+            return Err(PsiError::NoSome);
         }
         Ok(f)
     }
 
-    pub fn read(path: &Path) -> Result<Self, String> {
-        let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn read(path: &Path) -> Result<Self, PsiError> {
+        let text = fs::read_to_string(path).map_err(|source| PsiError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| PsiError::Parse {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })
     }
 }
 
@@ -165,7 +198,7 @@ impl PsiMonitor {
         let stop = Arc::new(AtomicBool::new(false));
         let first = PsiFigures::read(source).map_err(|e| AgentError::CgroupUnusable {
             path: source.to_owned(),
-            reason: e,
+            reason: e.to_string(),
         })?;
         let figures = Arc::new(std::sync::Mutex::new(first));
         let thread = {
@@ -312,12 +345,12 @@ mod tests {
         let only_some =
             PsiFigures::parse("some avg10=0.00 avg60=0.00 avg300=0.00 total=7").unwrap();
         assert_eq!(only_some.some_total_us, 7);
-        assert!(PsiFigures::parse("").unwrap_err().contains("some"));
-        assert!(PsiFigures::parse("some avg10=x total=1").is_err());
-        assert!(
-            PsiFigures::parse("most avg10=0.0 total=1")
-                .unwrap_err()
-                .contains("most")
-        );
+        assert!(matches!(PsiFigures::parse(""), Err(PsiError::NoSome)));
+        assert!(matches!(
+            PsiFigures::parse("some avg10=x total=1"),
+            Err(PsiError::Line { .. })
+        ));
+        let e = PsiFigures::parse("most avg10=0.0 total=1").unwrap_err();
+        assert!(e.to_string().contains("\"most\""), "{e}");
     }
 }

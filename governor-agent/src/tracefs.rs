@@ -29,9 +29,24 @@ pub struct Format {
     pub print_fmt: String,
 }
 
+/// What is wrong with a line of a tracefs `format` file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("bad field line {line:?}")]
+    Field { line: String },
+    #[error("no field name in {line:?}")]
+    NoName { line: String },
+    #[error("bad offset in {line:?}")]
+    Offset { line: String },
+    #[error("bad size in {line:?}")]
+    Size { line: String },
+    #[error("no offset in {line:?}")]
+    NoOffset { line: String },
+}
+
 impl Format {
     /// Parses the text of a tracefs `format` file.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, FormatError> {
         let mut format = Format::default();
         for line in text.lines() {
             let line = line.trim();
@@ -44,15 +59,16 @@ impl Format {
             };
             // "unsigned int mm_id;\toffset:8;\tsize:4;\tsigned:0;"
             let mut parts = rest.split(';').map(str::trim);
+            let owned = || line.to_owned();
             let decl = parts
                 .next()
-                .ok_or_else(|| format!("bad field line {line:?}"))?;
+                .ok_or_else(|| FormatError::Field { line: owned() })?;
             let name = decl
                 .rsplit(|c: char| c.is_whitespace() || c == '*')
                 .next()
                 .map(|n| n.split('[').next().unwrap_or(n))
                 .filter(|n| !n.is_empty())
-                .ok_or_else(|| format!("no field name in {line:?}"))?;
+                .ok_or_else(|| FormatError::NoName { line: owned() })?;
             let mut field = Field {
                 offset: u32::MAX,
                 size: 0,
@@ -60,15 +76,17 @@ impl Format {
             };
             for part in parts {
                 if let Some(v) = part.strip_prefix("offset:") {
-                    field.offset = v.parse().map_err(|_| format!("bad offset in {line:?}"))?;
+                    field.offset = v
+                        .parse()
+                        .map_err(|_| FormatError::Offset { line: owned() })?;
                 } else if let Some(v) = part.strip_prefix("size:") {
-                    field.size = v.parse().map_err(|_| format!("bad size in {line:?}"))?;
+                    field.size = v.parse().map_err(|_| FormatError::Size { line: owned() })?;
                 } else if let Some(v) = part.strip_prefix("signed:") {
                     field.signed = v == "1";
                 }
             }
             if field.offset == u32::MAX {
-                return Err(format!("no offset in {line:?}"));
+                return Err(FormatError::NoOffset { line: owned() });
             }
             format.fields.insert(name.to_owned(), field);
         }
@@ -170,9 +188,9 @@ impl TraceFs {
             what: format!("reading tracepoint format {}", path.display()),
             source,
         })?;
-        Format::parse(&text).map_err(|reason| AgentError::TraceFormat {
+        Format::parse(&text).map_err(|e| AgentError::TraceFormat {
             event: format!("{category}/{name}"),
-            reason,
+            reason: e.to_string(),
         })
     }
 }

@@ -38,15 +38,15 @@ fn governor_pair(g: &MemoryGovernor) {
     drop(r);
 }
 
-fn governor_held_pair(r: &mut Reservation<'_>) {
+fn governor_held_pair(r: &mut Reservation) {
     r.try_grow(SIZE).expect("fits");
     black_box(&*r);
     r.shrink(SIZE).expect("held");
 }
 
 /// The empty reservation a thread holds for `held` pairs.
-fn held(g: &MemoryGovernor) -> Reservation<'_> {
-    g.try_reserve(EngineId::Query, 0).expect("fits")
+fn held(g: &MemoryGovernor) -> Reservation {
+    g.reservation(EngineId::Query).expect("a budgeted engine")
 }
 
 fn pool_pair(r: &mut datafusion_execution::memory_pool::MemoryReservation) {

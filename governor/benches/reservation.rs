@@ -3,6 +3,12 @@
 //! `GreedyMemoryPool` and `FairSpillPool`, uncontended and with 2 threads.
 //! Each sample is one pair of 4 KiB; with 2 threads, each thread does the
 //! pairs and the figure is wall time per pair per thread.
+//!
+//! Two shapes of pair for the governor:
+//! * `held`: `try_grow` + `shrink` on a reservation the thread holds, the
+//!   same pair DataFusion's pools are measured with (an operator registers
+//!   one `MemoryReservation` and grows and shrinks it): the fair comparison;
+//! * `guard`: a new reservation per request, created and dropped.
 
 use std::{hint::black_box, sync::Arc, thread, time::Instant};
 
@@ -10,7 +16,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use datafusion_execution::memory_pool::{
     FairSpillPool, GreedyMemoryPool, MemoryConsumer, MemoryPool,
 };
-use nodedb_governor::{Budget, EngineId, MemoryGovernor, ThresholdsHandle};
+use nodedb_governor::{Budget, EngineId, MemoryGovernor, Reservation, ThresholdsHandle};
 
 const SIZE: u64 = 4096;
 const BIG: u64 = 1 << 40;
@@ -32,20 +38,39 @@ fn governor_pair(g: &MemoryGovernor) {
     drop(r);
 }
 
+fn governor_held_pair(r: &mut Reservation) {
+    r.try_grow(SIZE).expect("fits");
+    black_box(&*r);
+    r.shrink(SIZE).expect("held");
+}
+
+/// The empty reservation a thread holds for `held` pairs.
+fn held(g: &MemoryGovernor) -> Reservation {
+    g.reservation(EngineId::Query).expect("a budgeted engine")
+}
+
 fn pool_pair(r: &mut datafusion_execution::memory_pool::MemoryReservation) {
     r.try_grow(SIZE as usize).expect("fits");
     black_box(&*r);
     r.shrink(SIZE as usize);
 }
 
-/// Runs `pair` `iters` times on each of `threads` threads at once.
-fn concurrent(threads: usize, iters: u64, pair: impl Fn() + Sync) -> std::time::Duration {
+/// Runs `pair` `iters` times on each of `threads` threads at once, on
+/// state each thread makes for itself with `setup` (the reservation it
+/// holds, as DataFusion's operators hold one each).
+fn concurrent<S>(
+    threads: usize,
+    iters: u64,
+    setup: impl Fn() -> S + Sync,
+    pair: impl Fn(&mut S) + Sync,
+) -> std::time::Duration {
     let start = Instant::now();
     thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
+                let mut state = setup();
                 for _ in 0..iters {
-                    pair();
+                    pair(&mut state);
                 }
             });
         }
@@ -60,12 +85,15 @@ fn bench(c: &mut Criterion) {
     let greedy: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(BIG as usize));
     let fair: Arc<dyn MemoryPool> = Arc::new(FairSpillPool::new(BIG as usize));
 
-    group.bench_function("governor (batched)/1 thread", |b| {
-        b.iter(|| governor_pair(&fast))
-    });
-    group.bench_function("governor (exact)/1 thread", |b| {
-        b.iter(|| governor_pair(&exact))
-    });
+    for (name, g) in [("batched", &fast), ("exact", &exact)] {
+        group.bench_function(format!("governor ({name}) guard/1 thread"), |b| {
+            b.iter(|| governor_pair(g))
+        });
+        let mut r = held(g);
+        group.bench_function(format!("governor ({name}) held/1 thread"), |b| {
+            b.iter(|| governor_held_pair(&mut r))
+        });
+    }
     for (name, pool) in [
         ("datafusion GreedyMemoryPool", &greedy),
         ("datafusion FairSpillPool", &fair),
@@ -74,32 +102,26 @@ fn bench(c: &mut Criterion) {
         group.bench_function(format!("{name}/1 thread"), |b| b.iter(|| pool_pair(&mut r)));
     }
 
-    group.bench_function("governor (batched)/2 threads", |b| {
-        b.iter_custom(|iters| concurrent(2, iters, || governor_pair(&fast)))
-    });
-    group.bench_function("governor (exact)/2 threads", |b| {
-        b.iter_custom(|iters| concurrent(2, iters, || governor_pair(&exact)))
-    });
+    for (name, g) in [("batched", &fast), ("exact", &exact)] {
+        group.bench_function(format!("governor ({name}) guard/2 threads"), |b| {
+            b.iter_custom(|iters| concurrent(2, iters, || (), |_| governor_pair(g)))
+        });
+        group.bench_function(format!("governor ({name}) held/2 threads"), |b| {
+            b.iter_custom(|iters| concurrent(2, iters, || held(g), governor_held_pair))
+        });
+    }
     for (name, pool) in [
         ("datafusion GreedyMemoryPool", &greedy),
         ("datafusion FairSpillPool", &fair),
     ] {
         group.bench_function(format!("{name}/2 threads"), |b| {
             b.iter_custom(|iters| {
-                // One reservation per thread, as DataFusion's operators hold.
-                let start = Instant::now();
-                thread::scope(|s| {
-                    for _ in 0..2 {
-                        s.spawn(|| {
-                            let mut r =
-                                MemoryConsumer::new("q").with_can_spill(true).register(pool);
-                            for _ in 0..iters {
-                                pool_pair(&mut r);
-                            }
-                        });
-                    }
-                });
-                start.elapsed()
+                concurrent(
+                    2,
+                    iters,
+                    || MemoryConsumer::new("q").with_can_spill(true).register(pool),
+                    pool_pair,
+                )
             })
         });
     }

@@ -9,7 +9,7 @@
 
 use std::{collections::BTreeSet, sync::Arc};
 
-use crate::{EngineId, MemError};
+use crate::{engine::EngineId, error::MemError};
 
 /// One engine's share of the budget.
 #[derive(Clone, Debug, PartialEq, Eq)]

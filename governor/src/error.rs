@@ -1,7 +1,7 @@
 //! The library's error type. A refusal names the engine and the numbers, so
 //! the caller can decide to spill, wait or give up, and so can a log reader.
 
-use crate::EngineId;
+use crate::engine::EngineId;
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MemError {

@@ -13,7 +13,9 @@
 //! that does not fit is refused *at once* with a [`MemError`] that names the
 //! engine and the numbers, so the caller can spill, wait or fail the query.
 //! Nothing is ever refused late or at random: the same state gives the same
-//! answer.
+//! answer. A reservation owns a handle to its governor (as DataFusion's
+//! `MemoryReservation` owns an `Arc` of its pool), so it can be kept
+//! anywhere: in a cache, in a spill handler, on another thread.
 //!
 //! The [`Budget`] is a global ceiling and, per engine, a guaranteed floor and
 //! a cap. Space above the floors is a pool engines share; an engine's
@@ -58,12 +60,36 @@
 //! ### The fast path
 //! While an engine is far from its limits, a thread reserves from
 //! *credit* it drew for the engine a batch (1 MiB) at a time: a
-//! reserve+release pair is then two thread-local words, no lock and no
-//! shared atomic. Near the limits every decision is exact, under the lock,
-//! and the deciding thread first gives its own credit back, so refusals are
-//! as exact as without the fast path. Credit goes back when a thread exits
-//! and on [`flush_thread_credit`](MemoryGovernor::flush_thread_credit); until
-//! then a quiet thread's credit (up to two batches) counts as the engine's.
+//! [`try_grow`](Reservation::try_grow) + [`shrink`](Reservation::shrink)
+//! pair is then two thread-local words, no lock and no shared atomic. Near
+//! the limits every decision is exact, under the lock, and the deciding
+//! thread first gives its own credit back, so refusals are as exact as
+//! without the fast path. Credit goes back when a thread exits and on
+//! [`flush_thread_credit`](MemoryGovernor::flush_thread_credit); until then
+//! a quiet thread's credit (up to two batches) counts as the engine's.
+//!
+//! Making a reservation and dropping it also count a reference to the
+//! governor up and down (a shared atomic), so the hot pattern is the one
+//! DataFusion's operators follow: one long-lived reservation per consumer,
+//! made empty with [`reservation`](MemoryGovernor::reservation) (never
+//! refused), that grows and shrinks as the consumer's use changes.
+//!
+//! ```
+//! use nodedb_governor::{Budget, EngineId, MemError, MemoryGovernor};
+//!
+//! const KIB: u64 = 1 << 10;
+//! let governor = MemoryGovernor::new(
+//!     Budget::builder(1 << 30).engine(EngineId::Timeseries, 0, 1 << 30).build()?,
+//! );
+//! // An ingest buffer: one reservation for its whole life.
+//! let mut buffer = governor.reservation(EngineId::Timeseries)?;
+//! for _ in 0..1000 {
+//!     buffer.try_grow(4 * KIB)?; // a page of points arrives
+//!     buffer.shrink(4 * KIB)?; // and is flushed
+//! }
+//! assert_eq!(buffer.size(), 0);
+//! # Ok::<(), MemError>(())
+//! ```
 //!
 //! ## Spilling: a refusal becomes freed memory
 //! Engines register a [`SpillHandler`] for each consumer that can give
@@ -85,11 +111,10 @@
 //!     .engine(EngineId::Vector, 0, 100 * MIB)
 //!     .engine(EngineId::Query, 0, 100 * MIB)
 //!     .build()?;
-//! // 'static so the cache's reservations can live in a handler.
-//! let governor: &'static MemoryGovernor = Box::leak(Box::new(MemoryGovernor::new(budget)));
+//! let governor = MemoryGovernor::new(budget);
 //!
 //! /// The vector engine's cache: 1 MiB entries it can drop.
-//! struct Cache(Mutex<Vec<Reservation<'static>>>);
+//! struct Cache(Mutex<Vec<Reservation>>);
 //! impl SpillHandler for Cache {
 //!     fn reclaimable_bytes(&self) -> u64 {
 //!         self.0.lock().unwrap().iter().map(Reservation::size).sum()
@@ -112,7 +137,7 @@
 //!
 //! // The query needs 40 MiB; only 20 are free. The cache gives way.
 //! assert!(governor.try_reserve(EngineId::Query, 40 * MIB).is_err());
-//! let table = spill.reserve_or_spill(governor, EngineId::Query, 40 * MIB)?;
+//! let table = spill.reserve_or_spill(&governor, EngineId::Query, 40 * MIB)?;
 //! assert_eq!(table.size(), 40 * MIB);
 //! assert_eq!(spill.spilled_bytes(EngineId::Vector), 20 * MIB);
 //! # Ok(()) }
@@ -204,7 +229,6 @@ pub mod arena;
 pub mod budget;
 #[cfg(feature = "control")]
 pub mod control;
-mod credit;
 #[cfg(feature = "datafusion")]
 pub mod datafusion_pool;
 pub mod engine;

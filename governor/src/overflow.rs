@@ -14,9 +14,17 @@
 //! * the region never grows past its maximum: a write that does not fit is
 //!   refused with the numbers;
 //! * any number of threads write, read and free at once: the free list is
-//!   locked, and live slots never overlap.
+//!   locked, and live slots never overlap;
+//! * a region is a handle (cloning it gives another to the same mapping),
+//!   and each slot holds one, so slots live anywhere, as long as needed:
+//!   the mapping goes when the last handle or slot does.
 
-use std::{collections::BTreeMap, fs::OpenOptions, path::Path, sync::Mutex};
+use std::{
+    collections::BTreeMap,
+    fs::OpenOptions,
+    path::Path,
+    sync::{Arc, Mutex},
+};
 
 use memmap2::{MmapMut, MmapOptions, MmapRaw, UncheckedAdvice};
 
@@ -43,8 +51,15 @@ pub enum OverflowError {
     },
 }
 
-/// A bounded, thread-safe, memory-mapped area for spilled data.
+/// A bounded, thread-safe, memory-mapped area for spilled data. Cloning
+/// gives another handle to the same region.
+#[derive(Clone)]
 pub struct OverflowRegion {
+    mapping: Arc<Mapping>,
+}
+
+/// The mapping and its free list, shared by a region's handles and slots.
+struct Mapping {
     map: MmapRaw,
     max_bytes: u64,
     /// Free extents: offset -> length, merged with neighbours.
@@ -54,7 +69,7 @@ pub struct OverflowRegion {
 impl std::fmt::Debug for OverflowRegion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OverflowRegion")
-            .field("max_bytes", &self.max_bytes)
+            .field("max_bytes", &self.max_bytes())
             .field("used_bytes", &self.used_bytes())
             .field("free_extents", &self.free_extents())
             .finish()
@@ -64,9 +79,9 @@ impl std::fmt::Debug for OverflowRegion {
 // SAFETY: the mapping is only written through disjoint ranges owned by live
 // slots (the free list, behind its lock, never hands a range out twice), so
 // sharing the region between threads cannot race on any byte.
-unsafe impl Sync for OverflowRegion {}
+unsafe impl Sync for Mapping {}
 // SAFETY: as above; the mapping is not tied to the creating thread.
-unsafe impl Send for OverflowRegion {}
+unsafe impl Send for Mapping {}
 
 impl OverflowRegion {
     /// An anonymous region of at most `max_bytes`.
@@ -111,40 +126,37 @@ impl OverflowRegion {
 
     fn over(map: MmapRaw, max_bytes: u64) -> Self {
         Self {
-            map,
-            max_bytes,
-            free: Mutex::new(BTreeMap::from([(0, max_bytes)])),
+            mapping: Arc::new(Mapping {
+                map,
+                max_bytes,
+                free: Mutex::new(BTreeMap::from([(0, max_bytes)])),
+            }),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, u64>> {
-        // The free list is only changed by complete insert/remove pairs.
-        self.free.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     pub fn max_bytes(&self) -> u64 {
-        self.max_bytes
+        self.mapping.max_bytes
     }
 
     /// Bytes held by live slots (in whole granules).
     pub fn used_bytes(&self) -> u64 {
-        self.max_bytes - self.lock().values().sum::<u64>()
+        self.mapping.max_bytes - self.mapping.lock().values().sum::<u64>()
     }
 
     /// Number of free extents: 1 when empty; it stays at most one more than
     /// the number of live slots.
     pub fn free_extents(&self) -> usize {
-        self.lock().len()
+        self.mapping.lock().len()
     }
 
     /// Copies `data` into the region.
-    pub fn write(&self, data: &[u8]) -> Result<OverflowSlot<'_>, OverflowError> {
+    pub fn write(&self, data: &[u8]) -> Result<OverflowSlot, OverflowError> {
         let len = data.len() as u64;
         let granted = len.div_ceil(GRANULE_BYTES) * GRANULE_BYTES;
         let offset = if granted == 0 {
             0
         } else {
-            self.allocate(granted)?
+            self.mapping.allocate(granted)?
         };
         if len > 0 {
             // SAFETY: [offset, offset + len) lies inside the mapping and
@@ -152,17 +164,24 @@ impl OverflowRegion {
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     data.as_ptr(),
-                    self.map.as_mut_ptr().add(offset as usize),
+                    self.mapping.map.as_mut_ptr().add(offset as usize),
                     data.len(),
                 );
             }
         }
         Ok(OverflowSlot {
-            region: self,
+            mapping: self.mapping.clone(),
             offset,
             len,
             granted,
         })
+    }
+}
+
+impl Mapping {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, u64>> {
+        // The free list is only changed by complete insert/remove pairs.
+        self.free.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// First fit over the free extents, lowest offset first.
@@ -220,14 +239,14 @@ impl OverflowRegion {
 }
 
 /// Data parked in an [`OverflowRegion`]; the space is freed on drop.
-pub struct OverflowSlot<'r> {
-    region: &'r OverflowRegion,
+pub struct OverflowSlot {
+    mapping: Arc<Mapping>,
     offset: u64,
     len: u64,
     granted: u64,
 }
 
-impl std::fmt::Debug for OverflowSlot<'_> {
+impl std::fmt::Debug for OverflowSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OverflowSlot")
             .field("offset", &self.offset)
@@ -236,7 +255,7 @@ impl std::fmt::Debug for OverflowSlot<'_> {
     }
 }
 
-impl OverflowSlot<'_> {
+impl OverflowSlot {
     /// Bytes written.
     pub fn len(&self) -> u64 {
         self.len
@@ -252,7 +271,7 @@ impl OverflowSlot<'_> {
         // SAFETY: [offset, offset + len) is this slot's, written by write().
         unsafe {
             std::ptr::copy_nonoverlapping(
-                self.region.map.as_ptr().add(self.offset as usize),
+                self.mapping.map.as_ptr().add(self.offset as usize),
                 out.as_mut_ptr(),
                 out.len(),
             );
@@ -261,10 +280,10 @@ impl OverflowSlot<'_> {
     }
 }
 
-impl Drop for OverflowSlot<'_> {
+impl Drop for OverflowSlot {
     fn drop(&mut self) {
         if self.granted > 0 {
-            self.region.release(self.offset, self.granted);
+            self.mapping.release(self.offset, self.granted);
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
-use crate::{EngineId, MemError};
+use crate::{engine::EngineId, error::MemError};
 
 /// How close to its limit an engine or the process is. Ordered: a higher
 /// level is worse. With the `serde` feature it is written as its lowercase

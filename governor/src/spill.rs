@@ -20,12 +20,16 @@
 use std::{
     collections::BTreeMap,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, Weak,
         atomic::{AtomicU64, Ordering},
     },
 };
 
-use crate::{EngineId, MemError, MemoryGovernor, Reservation};
+use crate::{
+    engine::EngineId,
+    error::MemError,
+    governor::{MemoryGovernor, Reservation},
+};
 
 /// A consumer that can give memory back on request.
 pub trait SpillHandler: Send + Sync {
@@ -103,10 +107,18 @@ struct Registered {
     handler: Arc<dyn SpillHandler>,
 }
 
+type Handlers = Mutex<Vec<Registered>>;
+
+fn lock_handlers(handlers: &Handlers) -> std::sync::MutexGuard<'_, Vec<Registered>> {
+    handlers.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Decides who spills and calls their handlers.
 pub struct SpillController {
     config: SpillConfig,
-    handlers: Mutex<Vec<Registered>>,
+    /// Shared with the registrations, which hold it weakly: dropping one
+    /// after the controller is gone does nothing.
+    handlers: Arc<Handlers>,
     /// Engines currently being spilled down (hysteresis), by EngineId index.
     spilling: Mutex<Vec<bool>>,
     next_id: AtomicU64,
@@ -114,16 +126,20 @@ pub struct SpillController {
     spilled_by_engine: Mutex<BTreeMap<EngineId, u64>>,
 }
 
-/// Keeps a handler registered; unregisters it when dropped.
+/// Keeps a handler registered; unregisters it when dropped. It does not
+/// borrow the controller, so it can live anywhere (next to the handler's
+/// owner, say) for as long as needed.
 #[must_use = "the handler is unregistered when this is dropped"]
-pub struct HandlerRegistration<'c> {
-    controller: &'c SpillController,
+pub struct HandlerRegistration {
+    handlers: Weak<Handlers>,
     id: u64,
 }
 
-impl Drop for HandlerRegistration<'_> {
+impl Drop for HandlerRegistration {
     fn drop(&mut self) {
-        self.controller.lock_handlers().retain(|r| r.id != self.id);
+        if let Some(handlers) = self.handlers.upgrade() {
+            lock_handlers(&handlers).retain(|r| r.id != self.id);
+        }
     }
 }
 
@@ -132,7 +148,7 @@ impl SpillController {
         config.validate()?;
         Ok(Self {
             config,
-            handlers: Mutex::new(Vec::new()),
+            handlers: Arc::new(Mutex::new(Vec::new())),
             spilling: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
             spilled_total: AtomicU64::new(0),
@@ -140,24 +156,20 @@ impl SpillController {
         })
     }
 
-    fn lock_handlers(&self) -> std::sync::MutexGuard<'_, Vec<Registered>> {
-        self.handlers.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Registers a spillable consumer of `engine`.
     pub fn register(
         &self,
         engine: EngineId,
         handler: Arc<dyn SpillHandler>,
-    ) -> HandlerRegistration<'_> {
+    ) -> HandlerRegistration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.lock_handlers().push(Registered {
+        lock_handlers(&self.handlers).push(Registered {
             id,
             engine,
             handler,
         });
         HandlerRegistration {
-            controller: self,
+            handlers: Arc::downgrade(&self.handlers),
             id,
         }
     }
@@ -265,8 +277,7 @@ impl SpillController {
     pub fn spill_engines(&self, engines: &[EngineId], target_bytes: u64) -> u64 {
         // Snapshot the candidates, then call them without our lock.
         // Clone the candidates under our lock; ask and call them outside it.
-        let registered: Vec<(EngineId, Arc<dyn SpillHandler>)> = self
-            .lock_handlers()
+        let registered: Vec<(EngineId, Arc<dyn SpillHandler>)> = lock_handlers(&self.handlers)
             .iter()
             .filter(|r| engines.contains(&r.engine))
             .map(|r| (r.engine, r.handler.clone()))
@@ -302,12 +313,12 @@ impl SpillController {
     /// spills other engines (those above their floor first) by the
     /// shortfall and tries once more. A refusal by the engine's own cap is
     /// returned as it is: only the engine itself can make room there.
-    pub fn reserve_or_spill<'g>(
+    pub fn reserve_or_spill(
         &self,
-        governor: &'g MemoryGovernor,
+        governor: &MemoryGovernor,
         engine: EngineId,
         bytes: u64,
-    ) -> Result<Reservation<'g>, MemError> {
+    ) -> Result<Reservation, MemError> {
         match governor.try_reserve(engine, bytes) {
             Err(MemError::GlobalCeilingExceeded { available, .. }) => {
                 let shortfall = bytes.saturating_sub(available);

@@ -60,7 +60,7 @@ fn contended_reservations_across_the_fast_and_exact_paths_stay_exact() {
                         EngineId::Query
                     };
                     let mut seed = 0x9e37_79b9_7f4a_7c15 ^ (w + 1);
-                    let mut held: Vec<Reservation<'_>> = Vec::new();
+                    let mut held: Vec<Reservation> = Vec::new();
                     let (mut refused, mut admitted) = (0u64, 0u64);
                     for i in 0..20_000 {
                         let r = rng(&mut seed);

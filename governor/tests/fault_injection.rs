@@ -4,46 +4,16 @@
 //! in a clean error the workload handles, never in a panic, and the
 //! accounting stays exact.
 
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicU64, Ordering},
-};
+mod common;
 
+use std::sync::Arc;
+
+use common::{Chunks, MIB, exact_governor};
 use nodedb_governor::{
-    Budget, EngineId, MemError, MemoryGovernor, Reservation, SpillConfig, SpillController,
-    SpillHandler, ThresholdsHandle,
+    EngineId, MemError, MemoryGovernor, Reservation, SpillConfig, SpillController, SpillHandler,
 };
 
-const MIB: u64 = 1 << 20;
 const ENGINES: [EngineId; 3] = [EngineId::Vector, EngineId::Timeseries, EngineId::Query];
-
-/// A spillable consumer holding 1 MiB chunks.
-struct Chunks {
-    engine: EngineId,
-    held: Mutex<Vec<Reservation<'static>>>,
-    spilled: AtomicU64,
-}
-
-impl SpillHandler for Chunks {
-    fn reclaimable_bytes(&self) -> u64 {
-        self.held
-            .lock()
-            .unwrap()
-            .iter()
-            .map(Reservation::size)
-            .sum()
-    }
-    fn spill(&self, target: u64) -> u64 {
-        let mut held = self.held.lock().unwrap();
-        let mut freed = 0;
-        while freed < target {
-            let Some(r) = held.pop() else { break };
-            freed += r.size();
-        }
-        self.spilled.fetch_add(freed, Ordering::Relaxed);
-        freed
-    }
-}
 
 #[derive(Default, Debug)]
 struct Outcome {
@@ -60,10 +30,7 @@ fn is_refusal(e: &MemError) -> bool {
 
 /// The workload: reservations through the spill controller, growth,
 /// frees. Every error must be a refusal, handled by carrying on.
-fn workload(
-    g: &'static MemoryGovernor,
-    c: &SpillController,
-) -> (Vec<Reservation<'static>>, Outcome) {
+fn workload(g: &MemoryGovernor, c: &SpillController) -> (Vec<Reservation>, Outcome) {
     let mut live = Vec::new();
     let mut out = Outcome::default();
     for step in 0..36u64 {
@@ -94,42 +61,30 @@ fn workload(
 }
 
 struct Setup {
-    g: &'static MemoryGovernor,
+    g: MemoryGovernor,
     c: SpillController,
     handlers: Vec<Arc<Chunks>>,
 }
 
 fn setup() -> Setup {
-    let g: &'static MemoryGovernor = Box::leak(Box::new(MemoryGovernor::with_batch(
-        Budget::builder(100 * MIB)
-            .engine(EngineId::Vector, 10 * MIB, 80 * MIB)
-            .engine(EngineId::Timeseries, 10 * MIB, 60 * MIB)
-            .engine(EngineId::Query, 10 * MIB, 60 * MIB)
-            .build()
-            .unwrap(),
-        ThresholdsHandle::default(),
-        0,
-    )));
+    let g = exact_governor(
+        100 * MIB,
+        &[
+            (EngineId::Vector, 10 * MIB, 80 * MIB),
+            (EngineId::Timeseries, 10 * MIB, 60 * MIB),
+            (EngineId::Query, 10 * MIB, 60 * MIB),
+        ],
+    );
     let c = SpillController::new(SpillConfig::default()).unwrap();
     // Vector's caches borrow from the pool and can be spilled.
     let handlers: Vec<Arc<Chunks>> = [(EngineId::Vector, 30), (EngineId::Timeseries, 5)]
         .into_iter()
-        .map(|(engine, mib)| {
-            Arc::new(Chunks {
-                engine,
-                held: Mutex::new(
-                    (0..mib)
-                        .map(|_| g.try_reserve(engine, MIB).unwrap())
-                        .collect(),
-                ),
-                spilled: AtomicU64::new(0),
-            })
-        })
+        .map(|(engine, mib)| Chunks::new(&g, engine, mib, 1.0))
         .collect();
     Setup { g, c, handlers }
 }
 
-fn check_accounting(s: &Setup, live: &[Reservation<'static>], label: &str) {
+fn check_accounting(s: &Setup, live: &[Reservation], label: &str) {
     for e in ENGINES {
         let held: u64 = live
             .iter()
@@ -158,7 +113,7 @@ fn every_injected_refusal_ends_in_a_spill_or_a_clean_error() {
         .iter()
         .map(|h| base.c.register(h.engine, h.clone()))
         .collect();
-    let (live, out) = workload(base.g, &base.c);
+    let (live, out) = workload(&base.g, &base.c);
     assert_eq!(out.clean_errors, 0, "the baseline workload fits");
     assert_eq!(base.c.spilled_bytes_total(), 0);
     check_accounting(&base, &live, "baseline");
@@ -173,7 +128,8 @@ fn every_injected_refusal_ends_in_a_spill_or_a_clean_error() {
             .map(|h| s.c.register(h.engine, h.clone()))
             .collect();
         s.g.refuse_nth_reservation(n);
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| workload(s.g, &s.c)));
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| workload(&s.g, &s.c)));
         let (live, out) = result.unwrap_or_else(|_| panic!("refusing reservation {n} panicked"));
         assert_eq!(s.g.injected_refusals(), 1, "reservation {n} was refused");
         let spilled = s.c.spilled_bytes_total() > 0;

@@ -125,7 +125,7 @@ fn check(ops: Vec<Op>, unit: u64, batch: u64) -> Result<(), TestCaseError> {
             used: [0; 3],
             lent: [0; 3],
         };
-        let mut held: Vec<(usize, Reservation<'_>)> = Vec::new();
+        let mut held: Vec<(usize, Reservation)> = Vec::new();
         let mut charged = false;
         for op in ops {
             match op {

@@ -2,14 +2,15 @@
 //! freed space merged and reused, safe under threads, file-backed as well,
 //! and usable as a spill destination.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 
+use common::{KIB, exact_governor};
 use nodedb_governor::{
-    Budget, EngineId, MemoryGovernor, OverflowError, OverflowRegion, OverflowSlot, Reservation,
-    SpillConfig, SpillController, SpillHandler, ThresholdsHandle,
+    EngineId, OverflowError, OverflowRegion, OverflowSlot, Reservation, SpillConfig,
+    SpillController, SpillHandler,
 };
-
-const KIB: u64 = 1024;
 
 #[test]
 fn a_reused_slot_never_returns_stale_bytes() {
@@ -55,7 +56,7 @@ fn the_region_is_bounded_and_says_by_how_much() {
 #[test]
 fn freed_space_is_merged_and_reused() {
     let region = OverflowRegion::anonymous(64 * KIB).unwrap();
-    let mut slots: Vec<Option<OverflowSlot<'_>>> = (0..16)
+    let mut slots: Vec<Option<OverflowSlot>> = (0..16)
         .map(|i| Some(region.write(&[i as u8; 4096]).unwrap()))
         .collect();
     assert!(region.write(&[0; 1]).is_err(), "full");
@@ -120,9 +121,9 @@ fn a_file_backed_region_round_trips() {
 /// A cache that spills its entries into the overflow region: the memory
 /// comes off the engine's budget and the data stays readable.
 struct SpillingCache {
-    region: &'static OverflowRegion,
-    entries: Mutex<Vec<(Reservation<'static>, Vec<u8>)>>,
-    spilled: Mutex<Vec<OverflowSlot<'static>>>,
+    region: OverflowRegion,
+    entries: Mutex<Vec<(Reservation, Vec<u8>)>>,
+    spilled: Mutex<Vec<OverflowSlot>>,
 }
 
 impl SpillHandler for SpillingCache {
@@ -154,16 +155,8 @@ impl SpillHandler for SpillingCache {
 
 #[test]
 fn the_region_is_a_spill_destination() {
-    let g: &'static MemoryGovernor = Box::leak(Box::new(MemoryGovernor::with_batch(
-        Budget::builder(1024 * KIB)
-            .engine(EngineId::Vector, 0, 512 * KIB)
-            .build()
-            .unwrap(),
-        ThresholdsHandle::default(),
-        0,
-    )));
-    let region: &'static OverflowRegion =
-        Box::leak(Box::new(OverflowRegion::anonymous(1024 * KIB).unwrap()));
+    let g = exact_governor(1024 * KIB, &[(EngineId::Vector, 0, 512 * KIB)]);
+    let region = OverflowRegion::anonymous(1024 * KIB).unwrap();
     let cache = Arc::new(SpillingCache {
         region,
         entries: Mutex::new(
@@ -181,7 +174,7 @@ fn the_region_is_a_spill_destination() {
     let c = SpillController::new(SpillConfig::default()).unwrap();
     let _reg = c.register(EngineId::Vector, cache.clone());
     // 480 KiB of a 512 KiB cap is past 90%: spill down to 75% (384 KiB).
-    let report = c.run(g);
+    let report = c.run(&g);
     assert!(report.freed_bytes() >= 96 * KIB, "{report:?}");
     assert!(g.usage(EngineId::Vector).unwrap().used_bytes <= 384 * KIB);
     let spilled = cache.spilled.lock().unwrap();

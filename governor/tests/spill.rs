@@ -3,83 +3,14 @@
 //! hysteresis, cheapest-first victims, and refusals turned into spills of
 //! other engines.
 
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicU64, Ordering},
-};
+mod common;
 
+use std::sync::atomic::Ordering;
+
+use common::{Chunks, MIB, exact_governor as governor};
 use nodedb_governor::{
-    Budget, EngineId, LoanChange, MemError, MemoryGovernor, Reservation, SpillConfig,
-    SpillController, SpillHandler, ThresholdsHandle,
+    EngineId, LoanChange, MemError, MemoryGovernor, SpillConfig, SpillController,
 };
-
-const MIB: u64 = 1 << 20;
-
-/// A spillable consumer: holds 1 MiB chunks and "writes them to disk" by
-/// dropping their reservations.
-struct Chunks {
-    held: Mutex<Vec<Reservation<'static>>>,
-    cost: f64,
-    spilled: AtomicU64,
-    calls: AtomicU64,
-}
-
-impl Chunks {
-    fn new(g: &'static MemoryGovernor, engine: EngineId, mib: u64, cost: f64) -> Arc<Self> {
-        let held = (0..mib)
-            .map(|_| g.try_reserve(engine, MIB).expect("room"))
-            .collect();
-        Arc::new(Self {
-            held: Mutex::new(held),
-            cost,
-            spilled: AtomicU64::new(0),
-            calls: AtomicU64::new(0),
-        })
-    }
-
-    fn held_bytes(&self) -> u64 {
-        self.held
-            .lock()
-            .unwrap()
-            .iter()
-            .map(Reservation::size)
-            .sum()
-    }
-}
-
-impl SpillHandler for Chunks {
-    fn reclaimable_bytes(&self) -> u64 {
-        self.held_bytes()
-    }
-    fn cost_per_byte(&self) -> f64 {
-        self.cost
-    }
-    fn spill(&self, target: u64) -> u64 {
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        let mut held = self.held.lock().unwrap();
-        let mut freed = 0;
-        while freed < target {
-            let Some(r) = held.pop() else { break };
-            freed += r.size();
-        }
-        self.spilled.fetch_add(freed, Ordering::Relaxed);
-        freed
-    }
-}
-
-/// A governor that lives for the test (handlers are `'static`), deciding
-/// every reservation exactly so the figures are exact.
-fn governor(ceiling: u64, engines: &[(EngineId, u64, u64)]) -> &'static MemoryGovernor {
-    let mut b = Budget::builder(ceiling);
-    for &(e, floor, cap) in engines {
-        b = b.engine(e, floor, cap);
-    }
-    Box::leak(Box::new(MemoryGovernor::with_batch(
-        b.build().unwrap(),
-        ThresholdsHandle::default(),
-        0,
-    )))
-}
 
 fn used(g: &MemoryGovernor, e: EngineId) -> u64 {
     g.usage(e).unwrap().used_bytes
@@ -89,12 +20,12 @@ fn used(g: &MemoryGovernor, e: EngineId) -> u64 {
 fn the_controller_spills_for_real_not_just_advice() {
     let g = governor(200 * MIB, &[(EngineId::Query, 0, 100 * MIB)]);
     let c = SpillController::new(SpillConfig::default()).unwrap();
-    let table = Chunks::new(g, EngineId::Query, 95, 1.0);
+    let table = Chunks::new(&g, EngineId::Query, 95, 1.0);
     let _reg = c.register(EngineId::Query, table.clone());
-    let report = c.run(g);
+    let report = c.run(&g);
     // 95 MiB of a 100 MiB cap: spilled down to the 75% restore point.
     assert_eq!(report.spilled, vec![(EngineId::Query, 20 * MIB, 20 * MIB)]);
-    assert_eq!(used(g, EngineId::Query), 75 * MIB);
+    assert_eq!(used(&g, EngineId::Query), 75 * MIB);
     assert_eq!(table.spilled.load(Ordering::Relaxed), 20 * MIB);
     assert_eq!(c.spilled_bytes_total(), 20 * MIB);
 }
@@ -103,21 +34,21 @@ fn the_controller_spills_for_real_not_just_advice() {
 fn hysteresis_spills_at_90_percent_and_stops_at_75() {
     let g = governor(200 * MIB, &[(EngineId::Query, 0, 100 * MIB)]);
     let c = SpillController::new(SpillConfig::default()).unwrap();
-    let table = Chunks::new(g, EngineId::Query, 89, 1.0);
+    let table = Chunks::new(&g, EngineId::Query, 89, 1.0);
     let _reg = c.register(EngineId::Query, table.clone());
-    assert!(c.check(g).is_empty(), "89% is below the spill point");
+    assert!(c.check(&g).is_empty(), "89% is below the spill point");
     let extra: Vec<_> = (0..2)
         .map(|_| g.try_reserve(EngineId::Query, MIB).unwrap())
         .collect();
-    assert_eq!(c.run(g).freed_bytes(), 16 * MIB, "91% spills down to 75%");
+    assert_eq!(c.run(&g).freed_bytes(), 16 * MIB, "91% spills down to 75%");
     drop(extra);
     // Back between the two thresholds: no spilling until 90% again.
     let more: Vec<_> = (0..12)
         .map(|_| g.try_reserve(EngineId::Query, MIB).unwrap())
         .collect();
-    assert_eq!(used(g, EngineId::Query), 85 * MIB);
+    assert_eq!(used(&g, EngineId::Query), 85 * MIB);
     assert!(
-        c.check(g).is_empty(),
+        c.check(&g).is_empty(),
         "85% after a spill: inside the hysteresis band"
     );
     drop(more);
@@ -128,9 +59,9 @@ fn hysteresis_spills_at_90_percent_and_stops_at_75() {
 fn cheapest_bytes_spill_first_then_the_largest() {
     let g = governor(200 * MIB, &[(EngineId::Vector, 0, 200 * MIB)]);
     let c = SpillController::new(SpillConfig::default()).unwrap();
-    let cache = Chunks::new(g, EngineId::Vector, 10, 0.1);
-    let small_run = Chunks::new(g, EngineId::Vector, 20, 5.0);
-    let big_run = Chunks::new(g, EngineId::Vector, 50, 5.0);
+    let cache = Chunks::new(&g, EngineId::Vector, 10, 0.1);
+    let small_run = Chunks::new(&g, EngineId::Vector, 20, 5.0);
+    let big_run = Chunks::new(&g, EngineId::Vector, 50, 5.0);
     let _r = [
         c.register(EngineId::Vector, small_run.clone()),
         c.register(EngineId::Vector, big_run.clone()),
@@ -164,14 +95,14 @@ fn a_refused_reservation_spills_other_engines_and_retries() {
         ],
     );
     let c = SpillController::new(SpillConfig::default()).unwrap();
-    let index = Chunks::new(g, EngineId::Vector, 80, 1.0);
+    let index = Chunks::new(&g, EngineId::Vector, 80, 1.0);
     let _reg = c.register(EngineId::Vector, index.clone());
     let err = g.try_reserve(EngineId::Query, 30 * MIB).unwrap_err();
     assert!(
         matches!(err, MemError::GlobalCeilingExceeded { available, .. } if available == 20 * MIB)
     );
     let r = c
-        .reserve_or_spill(g, EngineId::Query, 30 * MIB)
+        .reserve_or_spill(&g, EngineId::Query, 30 * MIB)
         .expect("spilling Vector made room");
     assert_eq!(r.size(), 30 * MIB);
     assert_eq!(
@@ -181,7 +112,7 @@ fn a_refused_reservation_spills_other_engines_and_retries() {
     );
     // The engine's own cap is not other engines' business.
     let err = c
-        .reserve_or_spill(g, EngineId::Query, 40 * MIB)
+        .reserve_or_spill(&g, EngineId::Query, 40 * MIB)
         .unwrap_err();
     assert!(matches!(err, MemError::BudgetExceeded { .. }), "{err:?}");
     assert_eq!(index.spilled.load(Ordering::Relaxed), 10 * MIB);
@@ -228,7 +159,7 @@ fn an_idle_engine_lends_its_floor_and_borrowers_spill_when_it_is_needed_back() {
             to: 20 * MIB
         }]
     );
-    let cache = Chunks::new(g, EngineId::Vector, 110, 1.0);
+    let cache = Chunks::new(&g, EngineId::Vector, 110, 1.0);
     let _reg = c.register(EngineId::Vector, cache.clone());
     assert_eq!(g.total_bytes(), 110 * MIB, "Vector borrowed Query's floor");
 
@@ -244,7 +175,7 @@ fn an_idle_engine_lends_its_floor_and_borrowers_spill_when_it_is_needed_back() {
     assert_eq!(g.usage(EngineId::Query).unwrap().lent_bytes, 0);
 
     // The controller's round spills the borrower by the shortfall only.
-    let report = c.run(g);
+    let report = c.run(&g);
     assert!(report.spilled.is_empty(), "Vector is below spill_at");
     assert_eq!(report.floor_reclaim, (10 * MIB, 10 * MIB));
     assert_eq!(cache.held_bytes(), 100 * MIB);
@@ -254,7 +185,7 @@ fn an_idle_engine_lends_its_floor_and_borrowers_spill_when_it_is_needed_back() {
     assert_eq!(g.total_bytes(), 120 * MIB);
     drop(q);
     // Nothing to reclaim any more.
-    assert_eq!(c.reclaim_floors(g), (0, 0));
+    assert_eq!(c.reclaim_floors(&g), (0, 0));
 }
 
 #[test]

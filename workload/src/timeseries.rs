@@ -40,7 +40,7 @@ impl Series {
 struct State {
     series: Vec<Series>,
     /// One reservation per chunk held by the buffers.
-    chunks: Vec<Reservation<'static>>,
+    chunks: Vec<Reservation>,
     out: BufWriter<File>,
 }
 
@@ -59,7 +59,7 @@ pub struct TimeseriesStats {
 type Hook = Box<dyn Fn() + Send + Sync>;
 
 pub struct Timeseries {
-    governor: &'static MemoryGovernor,
+    governor: MemoryGovernor,
     path: PathBuf,
     after_flush: Option<Hook>,
     state: Mutex<State>,
@@ -67,13 +67,9 @@ pub struct Timeseries {
 }
 
 impl Timeseries {
-    pub fn new(
-        governor: &'static MemoryGovernor,
-        series: usize,
-        path: &Path,
-    ) -> std::io::Result<Self> {
+    pub fn new(governor: &MemoryGovernor, series: usize, path: &Path) -> std::io::Result<Self> {
         Ok(Self {
-            governor,
+            governor: governor.clone(),
             path: path.to_owned(),
             after_flush: None,
             state: Mutex::new(State {

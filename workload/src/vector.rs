@@ -53,7 +53,7 @@ enum Segment {
     Resident {
         map: HnswMap<Vector, u32>,
         payload: Vec<u8>,
-        charge: Reservation<'static>,
+        charge: Reservation,
     },
     OnDisk {
         path: PathBuf,
@@ -73,7 +73,7 @@ pub struct VectorStats {
 }
 
 pub struct VectorEngine {
-    governor: &'static MemoryGovernor,
+    governor: MemoryGovernor,
     payload_bytes: usize,
     dir: PathBuf,
     segments: Mutex<Vec<Segment>>,
@@ -86,13 +86,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl VectorEngine {
     pub fn new(
-        governor: &'static MemoryGovernor,
+        governor: &MemoryGovernor,
         dir: &Path,
         payload_bytes: usize,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         Ok(Self {
-            governor,
+            governor: governor.clone(),
             payload_bytes,
             dir: dir.to_owned(),
             segments: Mutex::new(Vec::new()),

@@ -9,12 +9,12 @@ use nodedb_governor_workload::{
 
 const MIB: u64 = 1 << 20;
 
-fn governor(engine: EngineId, cap: u64) -> &'static MemoryGovernor {
+fn governor(engine: EngineId, cap: u64) -> MemoryGovernor {
     let budget = Budget::builder(1 << 30)
         .engine(engine, 0, cap)
         .build()
         .unwrap();
-    Box::leak(Box::new(MemoryGovernor::new(budget)))
+    MemoryGovernor::new(budget)
 }
 
 fn scratch(name: &str) -> std::path::PathBuf {
@@ -31,7 +31,7 @@ fn timeseries_ingest_stays_in_its_budget_and_loses_no_point() {
     let hooks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let ts = {
         let hooks = hooks.clone();
-        Timeseries::new(g, 8, &dir.join("points.gorilla"))
+        Timeseries::new(&g, 8, &dir.join("points.gorilla"))
             .unwrap()
             .after_flush(move || {
                 hooks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -70,7 +70,7 @@ fn timeseries_ingest_stays_in_its_budget_and_loses_no_point() {
 fn a_spill_request_flushes_the_timeseries_buffers() {
     let g = governor(EngineId::Timeseries, 64 * MIB);
     let dir = scratch("ts-spill");
-    let ts = std::sync::Arc::new(Timeseries::new(g, 4, &dir.join("points.gorilla")).unwrap());
+    let ts = std::sync::Arc::new(Timeseries::new(&g, 4, &dir.join("points.gorilla")).unwrap());
     let spill = SpillController::new(SpillConfig::default()).unwrap();
     let _reg = spill.register(EngineId::Timeseries, ts.clone());
     for i in 0..(CHUNK_POINTS * 4 * 3) as i64 {
@@ -93,7 +93,7 @@ fn vector_segments_are_evicted_to_fit_and_search_still_finds_the_nearest() {
     let cap = u64::from(per_segment) * CHARGE_PER_VECTOR * 5 / 2;
     let g = governor(EngineId::Vector, cap);
     let dir = scratch("vec");
-    let v = VectorEngine::new(g, &dir, 0).unwrap();
+    let v = VectorEngine::new(&g, &dir, 0).unwrap();
     for s in 0..segments {
         v.add_segment(s * per_segment, per_segment).unwrap();
         let used = g.usage(EngineId::Vector).unwrap().used_bytes;

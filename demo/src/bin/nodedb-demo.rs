@@ -26,7 +26,7 @@ use nodedb_governor_demo::{
 
 /// What keeps the demo governed: the link and the spill registrations.
 struct Governed {
-    _registrations: Vec<HandlerRegistration<'static>>,
+    _registrations: Vec<HandlerRegistration>,
     _link: Arc<AgentLink>,
 }
 
@@ -36,10 +36,7 @@ fn govern(
     database: &str,
     engines: &[&Engine],
 ) -> anyhow::Result<Governed> {
-    // Lives as long as the process (handlers register for 'static).
-    let spill: &'static Arc<SpillController> = Box::leak(Box::new(Arc::new(SpillController::new(
-        SpillConfig::default(),
-    )?)));
+    let spill = Arc::new(SpillController::new(SpillConfig::default())?);
     let (_governor, link) = governed::connect(socket, database, &ENGINES, Some(spill.clone()))?;
     let link = Arc::new(link);
     let mut registrations = Vec::new();

@@ -118,14 +118,13 @@ fn main() -> anyhow::Result<()> {
     for (_, id) in ENGINES {
         budget = budget.engine(id, 0, 1 << 40);
     }
-    let governor: &'static MemoryGovernor =
-        Box::leak(Box::new(MemoryGovernor::new(budget.build()?)));
+    let governor = MemoryGovernor::new(budget.build()?);
     let arenas = Arc::new(EngineArenas::create(&ENGINES.map(|(_, e)| e))?);
     let spill = Arc::new(SpillController::new(SpillConfig::default())?);
     let ts = {
         let arenas = arenas.clone();
         Arc::new(
-            Timeseries::new(governor, args.series, &args.dir.join("points.gorilla"))?.after_flush(
+            Timeseries::new(&governor, args.series, &args.dir.join("points.gorilla"))?.after_flush(
                 move || {
                     let _ = arenas.purge(EngineId::Timeseries);
                 },
@@ -133,7 +132,7 @@ fn main() -> anyhow::Result<()> {
         )
     };
     let vec = Arc::new(VectorEngine::new(
-        governor,
+        &governor,
         &args.dir.join("vectors"),
         args.payload,
     )?);
@@ -142,7 +141,7 @@ fn main() -> anyhow::Result<()> {
     let link = match &args.socket {
         Some(socket) => {
             let link =
-                AgentLink::builder(governor, LinkConfig::new(socket, &args.database, &ENGINES))
+                AgentLink::builder(&governor, LinkConfig::new(socket, &args.database, &ENGINES))
                     .spill_controller(spill.clone())
                     .arenas(arenas.clone())
                     .start()?;
@@ -279,7 +278,7 @@ fn main() -> anyhow::Result<()> {
             // it to its client.
             let mut got = query::GroupsDigest::default();
             let (spill_files, spilled_bytes) = rt.block_on(query::group_by_into(
-                governor,
+                &governor,
                 EngineId::Query,
                 schema,
                 batches,

@@ -1,12 +1,13 @@
-//! Thread-local credit: the fast path of the reservation protocol.
+//! The fast path of the reservation protocol: when it is open, and the
+//! thread-local credit it runs on.
 //!
 //! While an engine is far from its limits (at least 2 x cores x batch of
-//! headroom), a thread does not take the ledger's lock for each
-//! reservation: it draws *credit* for the engine a batch at a time (counted
-//! in the ledger like any reservation) and spends it, and puts small
-//! releases back into it, with no lock and no shared atomic. Credit past
-//! two batches goes back to the ledger; all of it goes back when the thread
-//! next decides exactly (the engine neared its limits), on
+//! headroom: the [`Gate`] is open), a thread does not take the ledger's
+//! lock for each reservation: it draws *credit* for the engine a batch at a
+//! time (counted in the ledger like any reservation) and spends it, and puts
+//! small releases back into it, with no lock and no shared atomic. Credit
+//! past two batches goes back to the ledger; all of it goes back when the
+//! thread next decides exactly (the engine neared its limits), on
 //! [`MemoryGovernor::flush_thread_credit`](crate::MemoryGovernor::flush_thread_credit),
 //! and when the thread exits.
 //!
@@ -20,19 +21,90 @@
 //! no code outside this module runs while it is being changed: drawing from
 //! or returning to the ledger (which may call pressure subscribers, which
 //! may reserve) happens after the thread-local state is consistent again.
+//!
+//! This module sees a governor only as a [`CreditSource`]: credit is drawn
+//! from it and returned to it, and the governor decides, under its lock,
+//! what a draw may take.
 
 use std::{
     cell::{Cell, RefCell},
-    sync::{Arc, Weak},
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
-use crate::governor::Shared;
+use super::ledger::Ledger;
+
+/// Per engine, whether threads may reserve from credit.
+pub(super) struct Gate {
+    /// Per ledger position: true while the engine is far enough from its
+    /// limits for threads to reserve from batched credit.
+    open: Vec<AtomicBool>,
+    /// Credit is drawn from the ledger this many bytes at a time; 0 keeps
+    /// the gate shut.
+    batch: u64,
+    /// The gate opens at this much headroom: 2 x cores x batch.
+    headroom: u64,
+}
+
+impl Gate {
+    /// A shut gate for `engines` engines drawing `batch_bytes` at a time.
+    pub(super) fn new(engines: usize, batch_bytes: u64) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        // Loom checks the exact core; the fast path is thread-local.
+        // Batches are capped at 1 TiB so credit arithmetic never nears u64::MAX.
+        let batch = if cfg!(nodedb_loom) {
+            0
+        } else {
+            batch_bytes.min(1 << 40)
+        };
+        Self {
+            open: (0..engines).map(|_| AtomicBool::new(false)).collect(),
+            batch,
+            headroom: batch.saturating_mul(2 * cores),
+        }
+    }
+
+    pub(super) fn batch(&self) -> u64 {
+        self.batch
+    }
+
+    /// Engines far from their limits take credit; the others go exact.
+    pub(super) fn refresh(&self, ledger: &Ledger) {
+        for (i, flag) in self.open.iter().enumerate() {
+            let open = self.batch > 0 && ledger.headroom(i) >= self.headroom;
+            // Write only on change: the flag's cache line is read by every
+            // reservation on every core.
+            if flag.load(Ordering::Relaxed) != open {
+                flag.store(open, Ordering::Relaxed);
+            }
+        }
+    }
+
+    #[inline]
+    pub(super) fn is_open(&self, slot: usize) -> bool {
+        self.open[slot].load(Ordering::Relaxed)
+    }
+}
+
+/// A governor, as thread-local credit sees it.
+pub(super) trait CreditSource {
+    /// Tells governors apart in thread-local credit; never 0.
+    fn id(&self) -> u64;
+    /// Credit is drawn this many bytes at a time.
+    fn batch(&self) -> u64;
+    /// Draws `bytes` of credit for engine `slot`, if the ledger admits it.
+    fn draw_credit(&self, slot: usize, bytes: u64) -> bool;
+    /// Gives unused credit back to the ledger.
+    fn return_credit(&self, slot: usize, bytes: u64);
+}
 
 /// Names a (governor, engine slot) pair in one word; 0 names nothing
 /// (governor ids start at 1). Slots are below 2^24 (`EngineId::index`).
 #[inline]
-fn key(shared: &Shared, slot: usize) -> u64 {
-    (shared.id << 24) | slot as u64
+fn key(source: &impl CreditSource, slot: usize) -> u64 {
+    (source.id() << 24) | slot as u64
 }
 
 fn unkey(key: u64) -> (u64, usize) {
@@ -44,7 +116,7 @@ fn unkey(key: u64) -> (u64, usize) {
 struct Parked {
     key: u64,
     bytes: u64,
-    owner: Weak<Shared>,
+    owner: Weak<dyn CreditSource>,
 }
 
 /// The credit in use is two words (which pair, how many bytes), each its
@@ -88,10 +160,10 @@ thread_local! {
 impl Credits {
     /// Makes (governor, slot) hot: parks the current hot credit and takes
     /// the new one's parked bytes. Runs no outside code.
-    fn switch(&self, shared: &Arc<Shared>, slot: usize) {
+    fn switch<S: CreditSource + 'static>(&self, source: &Arc<S>, slot: usize) {
         let old_key = self.hot_key.get();
         let old_bytes = self.hot_bytes.replace(0);
-        let new_key = key(shared, slot);
+        let new_key = key(&**source, slot);
         let mut parked = self.parked.borrow_mut();
         if old_bytes > 0
             && let Some(p) = parked.iter_mut().find(|p| p.key == old_key)
@@ -103,10 +175,11 @@ impl Credits {
             None => {
                 // Forget governors that are gone, then remember this one.
                 parked.retain(|p| p.owner.strong_count() > 0);
+                let owner: Weak<S> = Arc::downgrade(source);
                 parked.push(Parked {
                     key: new_key,
                     bytes: 0,
-                    owner: Arc::downgrade(shared),
+                    owner,
                 });
                 0
             }
@@ -128,8 +201,8 @@ impl Credits {
 /// Spends `bytes` of this thread's credit for `slot`, drawing a batch when
 /// it runs short. False: the caller must decide exactly.
 #[inline]
-pub(crate) fn take(shared: &Arc<Shared>, slot: usize, bytes: u64) -> bool {
-    let k = key(shared, slot);
+pub(super) fn take<S: CreditSource + 'static>(source: &Arc<S>, slot: usize, bytes: u64) -> bool {
+    let k = key(&**source, slot);
     let spent = CREDITS.try_with(|c| {
         let have = c.hot_bytes.get();
         if c.hot_key.get() == k && have >= bytes {
@@ -141,7 +214,7 @@ pub(crate) fn take(shared: &Arc<Shared>, slot: usize, bytes: u64) -> bool {
     });
     match spent {
         Ok(true) => true,
-        Ok(false) => take_slow(shared, slot, bytes),
+        Ok(false) => take_slow(source, slot, bytes),
         Err(_) => false,
     }
 }
@@ -150,29 +223,29 @@ pub(crate) fn take(shared: &Arc<Shared>, slot: usize, bytes: u64) -> bool {
 /// draw a batch from the ledger.
 #[cold]
 #[inline(never)]
-fn take_slow(shared: &Arc<Shared>, slot: usize, bytes: u64) -> bool {
-    let k = key(shared, slot);
+fn take_slow<S: CreditSource + 'static>(source: &Arc<S>, slot: usize, bytes: u64) -> bool {
+    let k = key(&**source, slot);
     CREDITS
         .try_with(|c| {
             if c.hot_key.get() != k {
-                c.switch(shared, slot);
+                c.switch(source, slot);
             }
             let held = c.hot_bytes.get();
             if held >= bytes {
                 c.hot_bytes.set(held - bytes);
                 return true;
             }
-            let Some(want) = (bytes - held).checked_add(shared.batch) else {
+            let Some(want) = (bytes - held).checked_add(source.batch()) else {
                 return false;
             };
             // Hold the hot bytes here while the ledger is asked: drawing may
             // run subscribers that reserve on this thread.
             c.hot_bytes.set(0);
-            let drawn = shared.draw_credit(slot, want);
+            let drawn = source.draw_credit(slot, want);
             // Spare: held + want - bytes (one batch) on success, held on failure.
             let spare = if drawn { held + want - bytes } else { held };
             if !c.add_if_hot(k, spare) {
-                shared.return_credit(slot, spare);
+                source.return_credit(slot, spare);
             }
             drawn
         })
@@ -182,11 +255,11 @@ fn take_slow(shared: &Arc<Shared>, slot: usize, bytes: u64) -> bool {
 /// Puts released `bytes` of `slot` into this thread's credit, returning
 /// what exceeds two batches to the ledger.
 #[inline]
-pub(crate) fn put(shared: &Arc<Shared>, slot: usize, bytes: u64) {
-    let k = key(shared, slot);
+pub(super) fn put<S: CreditSource + 'static>(source: &Arc<S>, slot: usize, bytes: u64) {
+    let k = key(&**source, slot);
     let kept = CREDITS.try_with(|c| {
         let now = c.hot_bytes.get().saturating_add(bytes);
-        if c.hot_key.get() == k && now <= shared.batch.saturating_mul(2) {
+        if c.hot_key.get() == k && now <= source.batch().saturating_mul(2) {
             c.hot_bytes.set(now);
             true
         } else {
@@ -194,24 +267,25 @@ pub(crate) fn put(shared: &Arc<Shared>, slot: usize, bytes: u64) {
         }
     });
     if kept != Ok(true) {
-        put_slow(shared, slot, bytes);
+        put_slow(source, slot, bytes);
     }
 }
 
 /// `put` when the pair is not hot or the credit would pass two batches.
 #[cold]
 #[inline(never)]
-fn put_slow(shared: &Arc<Shared>, slot: usize, bytes: u64) {
+fn put_slow<S: CreditSource + 'static>(source: &Arc<S>, slot: usize, bytes: u64) {
+    let batch = source.batch();
     let back = CREDITS
         .try_with(|c| {
-            if c.hot_key.get() != key(shared, slot) {
-                c.switch(shared, slot);
+            if c.hot_key.get() != key(&**source, slot) {
+                c.switch(source, slot);
             }
             let mut now = c.hot_bytes.get().saturating_add(bytes);
             let mut back = 0;
-            if now > shared.batch.saturating_mul(2) {
-                back = now - shared.batch;
-                now = shared.batch;
+            if now > batch.saturating_mul(2) {
+                back = now - batch;
+                now = batch;
             }
             c.hot_bytes.set(now);
             back
@@ -219,19 +293,20 @@ fn put_slow(shared: &Arc<Shared>, slot: usize, bytes: u64) {
         // The thread is exiting: straight to the ledger.
         .unwrap_or(bytes);
     if back > 0 {
-        shared.return_credit(slot, back);
+        source.return_credit(slot, back);
     }
 }
 
 /// Takes this thread's credit for the governor (`slot`, or every engine
 /// when None) out of the thread-local state.
-fn take_credit(shared: &Arc<Shared>, slot: Option<usize>) -> Vec<(usize, u64)> {
+fn take_credit(source: &impl CreditSource, slot: Option<usize>) -> Vec<(usize, u64)> {
+    let id = source.id();
     CREDITS
         .try_with(|c| {
             let mut out = Vec::new();
             let matches = |k: u64| {
                 let (g, s) = unkey(k);
-                g == shared.id && slot.is_none_or(|want| want == s)
+                g == id && slot.is_none_or(|want| want == s)
             };
             let hot_key = c.hot_key.get();
             if matches(hot_key) && c.hot_bytes.get() > 0 {
@@ -247,16 +322,10 @@ fn take_credit(shared: &Arc<Shared>, slot: Option<usize>) -> Vec<(usize, u64)> {
         .unwrap_or_default()
 }
 
-/// Returns this thread's credit for `slot` to the ledger.
-pub(crate) fn flush_slot(shared: &Arc<Shared>, slot: usize) {
-    for (slot, bytes) in take_credit(shared, Some(slot)) {
-        shared.return_credit(slot, bytes);
-    }
-}
-
-/// Returns all of this thread's credit for the governor to the ledger.
-pub(crate) fn flush(shared: &Arc<Shared>) {
-    for (slot, bytes) in take_credit(shared, None) {
-        shared.return_credit(slot, bytes);
+/// Returns this thread's credit for `slot` (or, when None, for every engine
+/// of the governor) to the ledger.
+pub(super) fn flush(source: &impl CreditSource, slot: Option<usize>) {
+    for (slot, bytes) in take_credit(source, slot) {
+        source.return_credit(slot, bytes);
     }
 }

@@ -1,0 +1,345 @@
+//! The ledger: what each engine holds, its floor, cap and loan, and the
+//! admission rule that decides every exact request. It is plain data under
+//! the governor's lock; nothing here locks, waits or calls out.
+
+use std::sync::Arc;
+
+use crate::{
+    budget::Budget,
+    engine::EngineId,
+    error::MemError,
+    pressure::{PressureChange, PressureLevel, PressureThresholds, ThresholdsHandle},
+};
+
+#[derive(Debug)]
+pub(super) struct EngineLedger {
+    pub(super) id: EngineId,
+    pub(super) name: Arc<str>,
+    pub(super) floor: u64,
+    pub(super) cap: u64,
+    pub(super) used: u64,
+    pub(super) lent: u64,
+    peak: u64,
+    rejections: u64,
+    level: PressureLevel,
+    /// Ledger calls for the engine (admissions, refusals, credit draws,
+    /// charges): `rebalance` calls an engine idle when this stands still.
+    pub(super) activity: u64,
+    /// The activity count at the last `rebalance`, and how many rounds in
+    /// a row it had not moved.
+    pub(super) activity_seen: u64,
+    pub(super) quiet_rounds: u32,
+}
+
+impl EngineLedger {
+    fn protected(&self) -> u64 {
+        self.floor
+            .saturating_sub(self.used.saturating_add(self.lent))
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Ledger {
+    pub(super) ceiling: u64,
+    pub(super) total: u64,
+    /// Sum of every engine's `protected()`, kept up to date on each change.
+    protected_total: u64,
+    pub(super) engines: Vec<EngineLedger>,
+    pub(super) level: PressureLevel,
+    /// The thresholds in force and the handle version they came from.
+    thresholds: PressureThresholds,
+    thresholds_version: u64,
+    /// Threads in `reserve_timeout`: releases wake them only if there are
+    /// any (a futex wake is a system call).
+    pub(super) waiters: usize,
+}
+
+/// A snapshot of one engine's accounting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineUsage {
+    pub engine: EngineId,
+    pub name: Arc<str>,
+    pub used_bytes: u64,
+    pub floor_bytes: u64,
+    pub cap_bytes: u64,
+    pub lent_bytes: u64,
+    pub peak_bytes: u64,
+    pub rejections: u64,
+    pub level: PressureLevel,
+}
+
+impl Ledger {
+    /// An empty ledger for `budget`, in budget order.
+    pub(super) fn new(budget: Budget, thresholds: &ThresholdsHandle) -> Self {
+        let engines: Vec<EngineLedger> = budget
+            .engines
+            .into_iter()
+            .map(|e| EngineLedger {
+                id: e.id,
+                name: e.name,
+                floor: e.floor_bytes,
+                cap: e.cap_bytes,
+                used: 0,
+                lent: 0,
+                peak: 0,
+                rejections: 0,
+                level: PressureLevel::Normal,
+                activity: 0,
+                activity_seen: 0,
+                quiet_rounds: 0,
+            })
+            .collect();
+        Self {
+            ceiling: budget.ceiling_bytes,
+            total: 0,
+            protected_total: engines.iter().map(EngineLedger::protected).sum(),
+            engines,
+            level: PressureLevel::Normal,
+            thresholds: thresholds.get(),
+            thresholds_version: thresholds.version(),
+            waiters: 0,
+        }
+    }
+
+    /// Applies `f` to engine `i`, keeping `protected_total` in step.
+    pub(super) fn update<R>(&mut self, i: usize, f: impl FnOnce(&mut EngineLedger) -> R) -> R {
+        let before = self.engines[i].protected();
+        let r = f(&mut self.engines[i]);
+        let after = self.engines[i].protected();
+        self.protected_total = self.protected_total - before + after;
+        r
+    }
+
+    pub(super) fn admit(&mut self, i: usize, n: u64) -> Result<(), MemError> {
+        self.admit_as(i, n, true)
+    }
+
+    /// Admission; `counted` is false for credit draws, which are not the
+    /// caller's request and so neither count as refusals nor end loans.
+    pub(super) fn admit_as(&mut self, i: usize, n: u64, counted: bool) -> Result<(), MemError> {
+        self.engines[i].activity += 1;
+        let e = &self.engines[i];
+        let name = || e.name.to_string();
+        let new_used = e
+            .used
+            .checked_add(n)
+            .ok_or_else(|| MemError::SizeOverflow {
+                engine: name(),
+                requested: n,
+                current: e.used,
+            })?;
+        let global_free = self.global_free(i);
+        // A zero-byte request is a probe: it fails once the engine or the
+        // pool is exhausted, like any request would.
+        let need = n.max(1);
+        let refusal = if e.used.saturating_add(need) > e.cap || new_used > e.cap {
+            Some(MemError::BudgetExceeded {
+                engine: name(),
+                requested: n,
+                available: e.cap.saturating_sub(e.used),
+                limit: e.cap,
+            })
+        } else if need > global_free {
+            Some(MemError::GlobalCeilingExceeded {
+                engine: name(),
+                requested: n,
+                available: global_free,
+                limit: self.ceiling,
+            })
+        } else {
+            None
+        };
+        if let Some(err) = refusal {
+            if !counted {
+                return Err(err);
+            }
+            self.update(i, |e| {
+                e.rejections += 1;
+                // A lender refused for want of memory takes its loan back;
+                // borrowers will have to give way.
+                if e.used < e.floor {
+                    e.lent = 0;
+                }
+            });
+            return Err(err);
+        }
+        self.add(i, n);
+        Ok(())
+    }
+
+    /// Counts bytes that cannot be refused; only a counter overflow fails.
+    pub(super) fn charge(&mut self, i: usize, n: u64) -> Result<(), MemError> {
+        let e = &self.engines[i];
+        if e.used
+            .checked_add(n)
+            .and(self.total.checked_add(n))
+            .is_none()
+        {
+            return Err(MemError::SizeOverflow {
+                engine: e.name.to_string(),
+                requested: n,
+                current: e.used,
+            });
+        }
+        self.engines[i].activity += 1;
+        self.add(i, n);
+        Ok(())
+    }
+
+    fn add(&mut self, i: usize, n: u64) {
+        self.update(i, |e| {
+            e.used += n;
+            e.peak = e.peak.max(e.used);
+        });
+        self.total += n;
+    }
+
+    pub(super) fn release(&mut self, i: usize, n: u64) {
+        // A guard never holds more than was added for it.
+        debug_assert!(self.engines[i].used >= n && self.total >= n);
+        self.update(i, |e| e.used -= n);
+        self.total -= n;
+    }
+
+    /// Takes up the thresholds in `handle` if they changed, recomputes the
+    /// levels, and appends the changes to `out`.
+    pub(super) fn refresh_levels(
+        &mut self,
+        handle: &ThresholdsHandle,
+        out: &mut Vec<PressureChange>,
+    ) {
+        let version = handle.version();
+        if version != self.thresholds_version {
+            self.thresholds = handle.get();
+            self.thresholds_version = version;
+        }
+        let t = self.thresholds;
+        for e in &mut self.engines {
+            let now = t.level(e.used, e.cap);
+            if now != e.level {
+                out.push(PressureChange {
+                    engine: Some(e.id),
+                    from: e.level,
+                    to: now,
+                });
+                e.level = now;
+            }
+        }
+        let now = t.level(self.total, self.ceiling);
+        if now != self.level {
+            out.push(PressureChange {
+                engine: None,
+                from: self.level,
+                to: now,
+            });
+            self.level = now;
+        }
+    }
+
+    /// The pool room left for engine `i`: what is below the ceiling, less
+    /// the floors other engines keep (unused and not lent).
+    fn global_free(&self, i: usize) -> u64 {
+        let others = self.protected_total - self.engines[i].protected();
+        self.ceiling
+            .saturating_sub(self.total)
+            .saturating_sub(others)
+    }
+
+    /// Bytes the engine could still take: the smaller of its cap room and
+    /// the pool room left for it.
+    pub(super) fn headroom(&self, i: usize) -> u64 {
+        let e = &self.engines[i];
+        e.cap.saturating_sub(e.used).min(self.global_free(i))
+    }
+
+    pub(super) fn usage(&self, i: usize) -> EngineUsage {
+        let e = &self.engines[i];
+        EngineUsage {
+            engine: e.id,
+            name: e.name.clone(),
+            used_bytes: e.used,
+            floor_bytes: e.floor,
+            cap_bytes: e.cap,
+            lent_bytes: e.lent,
+            peak_bytes: e.peak,
+            rejections: e.rejections,
+            level: e.level,
+        }
+    }
+
+    /// Changes engine `i`'s floor and cap, refused whole if it would break
+    /// an invariant (see `MemoryGovernor::set_limits`).
+    pub(super) fn set_limits(
+        &mut self,
+        i: usize,
+        floor_bytes: u64,
+        cap_bytes: u64,
+    ) -> Result<(), MemError> {
+        let e = &self.engines[i];
+        let bad = |field: &str, reason: String| MemError::InvalidBudget {
+            field: format!("engine {}.{field}", e.name),
+            reason,
+        };
+        if floor_bytes > cap_bytes {
+            return Err(bad(
+                "floor_bytes",
+                format!("{floor_bytes} is above the cap {cap_bytes}"),
+            ));
+        }
+        if cap_bytes > self.ceiling {
+            return Err(bad(
+                "cap_bytes",
+                format!("{cap_bytes} is above the ceiling {}", self.ceiling),
+            ));
+        }
+        if cap_bytes < e.used {
+            return Err(bad(
+                "cap_bytes",
+                format!(
+                    "{cap_bytes} is below the {} bytes it holds; spill first",
+                    e.used
+                ),
+            ));
+        }
+        let floors: u64 = self.engines.iter().map(|x| x.floor).sum::<u64>() - e.floor + floor_bytes;
+        if floors > self.ceiling {
+            return Err(bad(
+                "floor_bytes",
+                format!(
+                    "floors would add up to {floors}, above the ceiling {}",
+                    self.ceiling
+                ),
+            ));
+        }
+        self.update(i, |e| {
+            e.floor = floor_bytes;
+            e.cap = cap_bytes;
+            e.lent = e.lent.min(floor_bytes);
+        });
+        Ok(())
+    }
+
+    /// Changes the ceiling, refused if it is below what is held, a cap, or
+    /// the sum of floors.
+    pub(super) fn set_ceiling(&mut self, ceiling_bytes: u64) -> Result<(), MemError> {
+        let bad = |reason: String| MemError::InvalidBudget {
+            field: "ceiling_bytes".into(),
+            reason,
+        };
+        let floors: u64 = self.engines.iter().map(|e| e.floor).sum();
+        let max_cap = self.engines.iter().map(|e| e.cap).max().unwrap_or(0);
+        if ceiling_bytes < self.total {
+            return Err(bad(format!(
+                "{ceiling_bytes} is below the {} bytes held",
+                self.total
+            )));
+        }
+        if ceiling_bytes < max_cap || ceiling_bytes < floors {
+            return Err(bad(format!(
+                "{ceiling_bytes} is below a cap ({max_cap}) or the floors ({floors})"
+            )));
+        }
+        self.ceiling = ceiling_bytes;
+        Ok(())
+    }
+}

@@ -1,0 +1,287 @@
+//! The reservation core: a ledger of what each engine holds, kept exact
+//! under one lock, and the [`Reservation`] guard that gives memory back when
+//! it is dropped.
+//!
+//! # Admission
+//! A request of `n` bytes for engine `e` is admitted when both hold:
+//! * `used(e) + n <= cap(e)`: the engine's own cap;
+//! * `n <= ceiling - total - protected(others)`, where `protected(x) =
+//!   floor(x) - used(x) - lent(x)` (never negative): the part of another
+//!   engine's floor it is not using and has not lent stays free for it.
+//!
+//! Everything above the floors is therefore a shared pool; an idle engine
+//! can lend its unused floor (`lend`), and takes the loan back the moment
+//! one of its own requests is refused. Refusals are deterministic: the same
+//! ledger and request always give the same answer, at once, with the
+//! numbers. The counters are checked arithmetic: a request that would
+//! overflow is refused, never wrapped.
+//!
+//! # Holding a reservation
+//! A [`Reservation`] owns a handle to its governor, like DataFusion's
+//! `MemoryReservation` owns an `Arc` of its pool: it has no lifetime, and
+//! lives in a cache, a spill handler or another thread as long as needed.
+//! Making a reservation clones that handle and dropping it releases the
+//! clone: a shared atomic, on a cache line every thread making
+//! reservations of the governor writes. So code that reserves often holds
+//! one reservation per consumer, made once with
+//! [`MemoryGovernor::reservation`] (empty, never refused, like DataFusion's
+//! `MemoryConsumer::register`), and grows and shrinks it:
+//! [`try_grow`](Reservation::try_grow) and [`shrink`](Reservation::shrink)
+//! touch no reference count, and while the engine is far from its limits
+//! no shared cache line at all (see the fast path below).
+//!
+//! # The fast path
+//! While an engine is far from its limits, a thread reserves from credit it
+//! drew for the engine a batch at a time, kept in thread-local storage;
+//! near the limits every decision is exact, under the lock (the `fast`
+//! module has the details).
+//!
+//! # Where things are
+//! * `ledger`: the books, admission, pressure levels, headroom;
+//! * `fast`: when the fast path is open, and the thread-local credit;
+//! * `shared`: what the handles of one governor share, and the reserve and
+//!   release decisions;
+//! * `reservation`: the [`Reservation`] guard;
+//! * `rebalance`: lending idle engines' floors.
+
+mod fast;
+mod ledger;
+mod rebalance;
+mod reservation;
+mod shared;
+
+use std::{sync::Arc, time::Duration};
+
+use self::shared::Shared;
+pub use self::{
+    ledger::EngineUsage,
+    rebalance::{LoanChange, Rebalancer},
+    reservation::Reservation,
+};
+use crate::{
+    budget::Budget,
+    engine::EngineId,
+    error::MemError,
+    pressure::{PressureChange, PressureLevel, ThresholdsHandle},
+};
+
+/// Per-engine budgets under a global ceiling. See the crate documentation
+/// for the protocol. Cloning gives another handle to the same governor.
+#[derive(Clone)]
+pub struct MemoryGovernor {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MemoryGovernor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.shared.fmt(f)
+    }
+}
+
+/// Default credit batch.
+pub const DEFAULT_BATCH_BYTES: u64 = 1 << 20;
+
+impl MemoryGovernor {
+    /// A governor for `budget` with the default pressure thresholds.
+    pub fn new(budget: Budget) -> Self {
+        Self::with_thresholds(budget, ThresholdsHandle::default())
+    }
+
+    /// A governor whose thresholds are shared with `thresholds` (change
+    /// them there at run time).
+    pub fn with_thresholds(budget: Budget, thresholds: ThresholdsHandle) -> Self {
+        Self::with_batch(budget, thresholds, DEFAULT_BATCH_BYTES)
+    }
+
+    /// A governor whose threads draw credit `batch_bytes` at a time; 0 turns
+    /// the fast path off (every decision takes the lock).
+    pub fn with_batch(budget: Budget, thresholds: ThresholdsHandle, batch_bytes: u64) -> Self {
+        Self {
+            shared: Arc::new(Shared::new(budget, thresholds, batch_bytes)),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn slot(&self, engine: EngineId) -> Result<usize, MemError> {
+        self.shared.slot(engine)
+    }
+
+    #[cfg(feature = "datafusion")]
+    /// Reserves for a ledger slot without a guard (for pools that keep
+    /// their own books, such as the DataFusion pool).
+    pub(crate) fn reserve_slot(&self, slot: usize, bytes: u64) -> Result<(), MemError> {
+        self.shared.reserve(slot, bytes)
+    }
+
+    #[cfg(feature = "datafusion")]
+    /// Gives back what `reserve_slot` or `charge_slot` took.
+    pub(crate) fn release_slot(&self, slot: usize, bytes: u64) {
+        self.shared.give_back(slot, bytes);
+    }
+
+    #[cfg(feature = "datafusion")]
+    pub(crate) fn charge_slot(&self, slot: usize, bytes: u64) -> Result<(), MemError> {
+        self.shared.charge(slot, bytes)
+    }
+
+    /// Fault injection: the `n`th reservation attempt from now (`try_reserve`
+    /// or `try_grow`, counting from 1) is refused as if the pool were full.
+    /// 0 turns it off.
+    #[cfg(feature = "fault-injection")]
+    pub fn refuse_nth_reservation(&self, n: u64) {
+        self.shared
+            .fault
+            .0
+            .store(n, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Fault injection: how many reservations were refused by injection.
+    #[cfg(feature = "fault-injection")]
+    pub fn injected_refusals(&self) -> u64 {
+        self.shared
+            .fault
+            .1
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Returns the calling thread's unused credit for this governor to the
+    /// ledger (threads also do this when they exit).
+    pub fn flush_thread_credit(&self) {
+        self.shared.flush_credit(None);
+    }
+
+    /// A guard for `bytes` of `slot` that the ledger already counts.
+    fn guard(&self, slot: usize, engine: EngineId, bytes: u64) -> Reservation {
+        Reservation::new(self.shared.clone(), slot, engine, bytes)
+    }
+
+    /// An empty reservation for `engine`, to [`try_grow`](Reservation::try_grow)
+    /// and [`shrink`](Reservation::shrink) as the consumer's use changes.
+    /// It is never refused (only an engine the budget does not have is an
+    /// error), and holding one is how code that reserves often stays off
+    /// shared cache lines: see [Holding a reservation](self#holding-a-reservation).
+    pub fn reservation(&self, engine: EngineId) -> Result<Reservation, MemError> {
+        Ok(self.guard(self.slot(engine)?, engine, 0))
+    }
+
+    /// Reserves `bytes` for `engine`, or refuses at once.
+    #[inline]
+    pub fn try_reserve(&self, engine: EngineId, bytes: u64) -> Result<Reservation, MemError> {
+        let slot = self.slot(engine)?;
+        self.shared.reserve(slot, bytes)?;
+        Ok(self.guard(slot, engine, bytes))
+    }
+
+    /// Like [`try_reserve`](Self::try_reserve), but waits up to `timeout`
+    /// for other reservations to be released (backpressure). A request that
+    /// could never fit (above the engine's cap) is refused at once.
+    pub fn reserve_timeout(
+        &self,
+        engine: EngineId,
+        bytes: u64,
+        timeout: Duration,
+    ) -> Result<Reservation, MemError> {
+        let slot = self.slot(engine)?;
+        self.shared.reserve_waiting(slot, bytes, timeout)?;
+        Ok(self.guard(slot, engine, bytes))
+    }
+
+    /// Counts `bytes` that cannot be refused (memory already allocated
+    /// elsewhere, a page the kernel faulted in). It may take the engine
+    /// above its cap and the total above the ceiling; pressure then says so.
+    pub fn charge(&self, engine: EngineId, bytes: u64) -> Result<Reservation, MemError> {
+        let slot = self.slot(engine)?;
+        self.shared.charge(slot, bytes)?;
+        Ok(self.guard(slot, engine, bytes))
+    }
+
+    /// One engine's accounting.
+    pub fn usage(&self, engine: EngineId) -> Result<EngineUsage, MemError> {
+        let slot = self.slot(engine)?;
+        Ok(self.shared.lock().usage(slot))
+    }
+
+    /// Every engine's accounting, in budget order.
+    pub fn usages(&self) -> Vec<EngineUsage> {
+        let l = self.shared.lock();
+        (0..l.engines.len()).map(|i| l.usage(i)).collect()
+    }
+
+    /// Bytes held by all engines.
+    pub fn total_bytes(&self) -> u64 {
+        self.shared.lock().total
+    }
+
+    pub fn ceiling_bytes(&self) -> u64 {
+        self.shared.lock().ceiling
+    }
+
+    /// The process-wide pressure level.
+    pub fn level(&self) -> PressureLevel {
+        self.shared.lock().level
+    }
+
+    /// The shared thresholds handle.
+    pub fn thresholds(&self) -> &ThresholdsHandle {
+        &self.shared.thresholds
+    }
+
+    /// Calls `f` on every change of an engine's or the process's level.
+    pub fn subscribe(&self, f: impl Fn(PressureChange) + Send + Sync + 'static) {
+        self.shared.subscribe(Box::new(f));
+    }
+
+    /// Changes an engine's floor and cap (rebalancing). Refused whole if it
+    /// would break an invariant: the cap may not drop below what the engine
+    /// holds (ask it to spill first), floors may not add up past the
+    /// ceiling.
+    pub fn set_limits(
+        &self,
+        engine: EngineId,
+        floor_bytes: u64,
+        cap_bytes: u64,
+    ) -> Result<(), MemError> {
+        let i = self.slot(engine)?;
+        self.shared.flush_credit(Some(i));
+        self.shared
+            .with_ledger(|l| l.set_limits(i, floor_bytes, cap_bytes))
+    }
+
+    /// Changes the global ceiling; refused if it is below what is held, a
+    /// cap, or the sum of floors.
+    pub fn set_ceiling(&self, ceiling_bytes: u64) -> Result<(), MemError> {
+        self.shared.flush_credit(None);
+        self.shared.with_ledger(|l| l.set_ceiling(ceiling_bytes))
+    }
+
+    /// Lets other engines use up to `bytes` of `engine`'s unused floor (an
+    /// idle engine lends). The loan ends when the engine is next refused,
+    /// or by lending 0.
+    pub fn lend(&self, engine: EngineId, bytes: u64) -> Result<(), MemError> {
+        let i = self.slot(engine)?;
+        self.shared.with_ledger(|l| rebalance::lend(l, i, bytes));
+        Ok(())
+    }
+
+    /// One round of automatic rebalancing: an engine that asked the
+    /// governor for nothing (no reservation, refusal, credit draw or
+    /// charge) for `idle_rounds` rounds in a row lends its whole unused
+    /// floor to the shared pool; an engine that was active takes its loan
+    /// back. Call it on a timer (see [`spawn_rebalancer`](Self::spawn_rebalancer)),
+    /// or let the agent drive it. Returns the loans that changed.
+    ///
+    /// Taking a loan back never takes memory from anyone: borrowers keep
+    /// what they hold, new requests see the floor protected again, and a
+    /// [`SpillController`](crate::SpillController) run asks borrowers to
+    /// spill until the floor is really free.
+    pub fn rebalance(&self, idle_rounds: u32) -> Vec<LoanChange> {
+        self.shared
+            .with_ledger(|l| rebalance::rebalance(l, idle_rounds))
+    }
+
+    /// Runs [`rebalance`](Self::rebalance) every `interval` on a thread of
+    /// its own until the returned handle is dropped (or the governor is).
+    pub fn spawn_rebalancer(&self, interval: Duration, idle_rounds: u32) -> Rebalancer {
+        Rebalancer::spawn(Arc::downgrade(&self.shared), interval, idle_rounds)
+    }
+}

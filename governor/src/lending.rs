@@ -72,6 +72,17 @@ pub struct Loan<K> {
     pub bytes: u64,
 }
 
+impl<K> Loan<K> {
+    /// The same loan, its engines named another way.
+    pub fn map<J>(self, mut f: impl FnMut(K) -> J) -> Loan<J> {
+        Loan {
+            lender: f(self.lender),
+            borrower: f(self.borrower),
+            bytes: self.bytes,
+        }
+    }
+}
+
 /// What an engine holds this round.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Holding {
@@ -94,6 +105,14 @@ impl<K> LoanEvent<K> {
     pub fn loan(&self) -> &Loan<K> {
         match self {
             LoanEvent::Lent(l) | LoanEvent::TakenBack(l) => l,
+        }
+    }
+
+    /// The same event, its engines named another way.
+    pub fn map<J>(self, f: impl FnMut(K) -> J) -> LoanEvent<J> {
+        match self {
+            LoanEvent::Lent(l) => LoanEvent::Lent(l.map(f)),
+            LoanEvent::TakenBack(l) => LoanEvent::TakenBack(l.map(f)),
         }
     }
 }

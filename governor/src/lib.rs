@@ -19,8 +19,9 @@
 //!
 //! The [`Budget`] is a global ceiling and, per engine, a guaranteed floor and
 //! a cap. Space above the floors is a pool engines share; an engine's
-//! unused floor stays free for it unless it lends it (an idle engine lends;
-//! a lender refused for lack of memory takes its loan back).
+//! unused floor stays free for it. Caps move between engines by loans: an
+//! idle engine lends a busy one the part of its cap it does not need, and
+//! takes it back when it needs it.
 //!
 //! ```
 //! use nodedb_governor::{Budget, EngineId, MemError, MemoryGovernor};
@@ -144,39 +145,47 @@
 //! ```
 //!
 //! ## Rebalancing: idle engines lend
-//! A floor is guaranteed: other engines cannot take it even when its owner
-//! is not using it, unless the owner lends it. [`MemoryGovernor::rebalance`]
-//! (on a timer: [`MemoryGovernor::spawn_rebalancer`], or driven by the
-//! agent) lends the unused floor of every engine that has asked for nothing
-//! for a few rounds, and takes the loan back once it is active again; a
-//! lender that is refused takes its loan back at once, and
-//! [`SpillController::run`] then spills borrowers until the floor is free.
-//! Limits change at run time with [`set_limits`](MemoryGovernor::set_limits)
-//! and [`set_ceiling`](MemoryGovernor::set_ceiling), refused whole if they
-//! would break an invariant.
+//! [`MemoryGovernor::rebalance`] (on a timer:
+//! [`MemoryGovernor::spawn_rebalancer`]) moves budget from idle engines to
+//! busy ones by the rules of [`lending`], the same the agent lends by: an
+//! engine at Critical of its cap borrows from one that has not grown for
+//! half a second and sits below Warning, which keeps its floor, or what it
+//! holds plus a quarter of its cap. A lender that gets busy, or is refused a
+//! reservation, takes its loans back at once; the borrower's cap drops, and
+//! [`SpillController::run`] spills what it holds beyond it. The floor is
+//! never lent. Limits change at run time with
+//! [`set_limits`](MemoryGovernor::set_limits) and
+//! [`set_ceiling`](MemoryGovernor::set_ceiling), refused whole if they would
+//! break an invariant (and ending every loan).
 //!
 //! ```
+//! use std::time::Instant;
 //! use nodedb_governor::*;
 //!
 //! const MIB: u64 = 1 << 20;
 //! # fn main() -> Result<(), MemError> {
 //! let governor = MemoryGovernor::new(
 //!     Budget::builder(100 * MIB)
-//!         .engine(EngineId::Timeseries, 40 * MIB, 100 * MIB)
-//!         .engine(EngineId::Query, 0, 100 * MIB)
+//!         .engine(EngineId::Timeseries, 0, 50 * MIB)
+//!         .engine(EngineId::Query, 0, 50 * MIB)
 //!         .build()?,
 //! );
-//! // Timeseries' 40 MiB floor is kept free for it...
-//! assert!(governor.try_reserve(EngineId::Query, 61 * MIB).is_err());
-//! // ...until it has been idle for two rounds.
-//! governor.rebalance(2);
-//! governor.rebalance(2);
-//! assert_eq!(governor.usage(EngineId::Timeseries)?.lent_bytes, 40 * MIB);
-//! let big = governor.try_reserve(EngineId::Query, 90 * MIB)?;
-//! // Timeseries wakes up: refused now, and the loan ends.
+//! // Timeseries holds 4 MiB and is quiet; a GROUP BY fills Query's cap.
+//! let _points = governor.try_reserve(EngineId::Timeseries, 4 * MIB)?;
+//! let mut table = governor.try_reserve(EngineId::Query, 46 * MIB)?;
+//! assert!(table.try_grow(10 * MIB).is_err());
+//! // Query is busy (92% of its cap): Timeseries lends all but what it
+//! // holds and a cushion of a quarter of its cap (4 + 12.5 MiB).
+//! let lent = governor.rebalance_at(Instant::now());
+//! assert_eq!(lent[0].loan().bytes, 50 * MIB - 4 * MIB - 50 * MIB / 4);
+//! table.try_grow(10 * MIB)?;
+//! // Timeseries needs 20 MiB: refused by its reduced cap, it takes its
+//! // loan back at once, and its retry fits. Query is now over its cap of
+//! // 50 MiB: a spill controller's `run` would spill it.
 //! assert!(governor.try_reserve(EngineId::Timeseries, 20 * MIB).is_err());
-//! assert_eq!(governor.usage(EngineId::Timeseries)?.lent_bytes, 0);
-//! drop(big);
+//! assert!(governor.loans().is_empty());
+//! let _batch = governor.try_reserve(EngineId::Timeseries, 20 * MIB)?;
+//! assert_eq!(governor.usage(EngineId::Query)?.cap_bytes, 50 * MIB);
 //! # Ok(()) }
 //! ```
 //!
@@ -245,9 +254,7 @@ mod sync;
 pub use budget::{Budget, BudgetBuilder, EngineBudget};
 pub use engine::EngineId;
 pub use error::MemError;
-pub use governor::{
-    DEFAULT_BATCH_BYTES, EngineUsage, LoanChange, MemoryGovernor, Rebalancer, Reservation,
-};
+pub use governor::{DEFAULT_BATCH_BYTES, EngineUsage, MemoryGovernor, Rebalancer, Reservation};
 pub use overflow::{OverflowError, OverflowRegion, OverflowSlot};
 pub use pressure::{PressureChange, PressureLevel, PressureThresholds, ThresholdsHandle};
 pub use spill::{

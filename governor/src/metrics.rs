@@ -88,7 +88,7 @@ impl GovernorMetrics {
             )?,
             lent: engine_gauge(
                 "nodedb_governor_engine_lent_bytes",
-                "Floor the engine lends to others",
+                "Budget the engine lends to other engines",
             )?,
             level: engine_gauge(
                 "nodedb_governor_engine_pressure_level",

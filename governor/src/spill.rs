@@ -244,18 +244,16 @@ impl SpillController {
         report
     }
 
-    /// Floors that are protected (their owners did not lend them, or took
-    /// the loan back) but not free, because borrowers above their own floors
-    /// hold the memory: those borrowers spill by the shortfall. Returns
-    /// (shortfall, freed).
+    /// Floors that are protected (their owners are not using them) but not
+    /// free, because engines above their own floors hold the memory (it was
+    /// charged, which cannot be refused, or a floor was raised or the
+    /// ceiling lowered at run time): those engines spill by the shortfall.
+    /// Returns (shortfall, freed).
     pub fn reclaim_floors(&self, governor: &MemoryGovernor) -> (u64, u64) {
         let usages = governor.usages();
         let protected: u64 = usages
             .iter()
-            .map(|u| {
-                u.floor_bytes
-                    .saturating_sub(u.used_bytes.saturating_add(u.lent_bytes))
-            })
+            .map(|u| u.floor_bytes.saturating_sub(u.used_bytes))
             .sum();
         let free = governor
             .ceiling_bytes()

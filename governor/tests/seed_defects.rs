@@ -1,7 +1,12 @@
 //! One test per defect of the seed crate `nodedb-mem` that this library
 //! must make impossible (the reservation core's share of them).
 
-use nodedb_governor::{Budget, EngineId, MemError, MemoryGovernor};
+use std::time::Instant;
+
+use nodedb_governor::{
+    Budget, EngineId, MemError, MemoryGovernor,
+    lending::{Loan, LoanEvent},
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -124,23 +129,39 @@ fn memory_between_the_floors_and_the_ceiling_is_usable() {
 
 #[test]
 fn rebalancing_is_real_an_idle_engine_lends_and_takes_it_back() {
-    let g = governor();
-    // Query is idle and lends its floor: Vector can use all 100 MiB.
-    g.lend(EngineId::Query, 20 * MIB).unwrap();
-    let mut v = g.try_reserve(EngineId::Vector, 100 * MIB).unwrap();
-    // Query gets busy: refused (deterministically, at once), and the loan
-    // is called back, so Vector cannot grow again once it gives way.
-    assert!(g.try_reserve(EngineId::Query, MIB).is_err());
-    assert_eq!(g.usage(EngineId::Query).unwrap().lent_bytes, 0);
-    v.shrink(20 * MIB).unwrap();
-    assert!(
-        v.try_grow(MIB).is_err(),
-        "the released floor is Query's again"
+    // Each engine may use half the ceiling; Query's floor is 20 MiB.
+    let g = MemoryGovernor::new(
+        Budget::builder(100 * MIB)
+            .engine(EngineId::Vector, 0, 50 * MIB)
+            .engine(EngineId::Query, 20 * MIB, 50 * MIB)
+            .build()
+            .unwrap(),
     );
-    let _q = g.try_reserve(EngineId::Query, 20 * MIB).unwrap();
+    let mut v = g.try_reserve(EngineId::Vector, 48 * MIB).unwrap();
+    assert!(v.try_grow(10 * MIB).is_err(), "at its cap");
+    // Query holds nothing and has not grown: it lends all but its floor
+    // (more than its 12.5 MiB cushion).
+    let lent = g.rebalance_at(Instant::now());
+    assert_eq!(
+        lent,
+        [LoanEvent::Lent(Loan {
+            lender: EngineId::Query,
+            borrower: EngineId::Vector,
+            bytes: 30 * MIB
+        })]
+    );
+    v.try_grow(22 * MIB).unwrap();
+    // Query gets busy: refused (deterministically, at once) by its reduced
+    // cap, and the loan is called back, so Vector cannot grow again until
+    // it gives way.
+    assert!(g.try_reserve(EngineId::Query, 25 * MIB).is_err());
+    assert!(g.loans().is_empty());
+    assert_eq!(g.usage(EngineId::Vector).unwrap().cap_bytes, 50 * MIB);
+    assert!(v.try_grow(MIB).is_err(), "over its own cap again");
+    let _q = g.try_reserve(EngineId::Query, 25 * MIB).unwrap();
     // Budgets change at run time, within the invariants.
     assert!(
-        g.set_limits(EngineId::Vector, 0, 70 * MIB).is_err(),
+        g.set_limits(EngineId::Vector, 0, 60 * MIB).is_err(),
         "below what Vector holds"
     );
     g.set_limits(EngineId::Vector, 10 * MIB, 90 * MIB).unwrap();

@@ -5,11 +5,15 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
+use std::{
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
 
 use common::{Chunks, MIB, exact_governor as governor};
 use nodedb_governor::{
-    EngineId, LoanChange, MemError, MemoryGovernor, SpillConfig, SpillController,
+    EngineId, MemError, MemoryGovernor, SpillConfig, SpillController,
+    lending::{Loan, LoanEvent},
 };
 
 fn used(g: &MemoryGovernor, e: EngineId) -> u64 {
@@ -132,60 +136,57 @@ fn bad_spill_configs_are_refused() {
 }
 
 #[test]
-fn an_idle_engine_lends_its_floor_and_borrowers_spill_when_it_is_needed_back() {
-    // Query's 20 MiB floor is protected until Query goes idle.
+fn an_idle_engine_lends_its_budget_and_the_borrower_spills_when_it_is_taken_back() {
     let g = governor(
         120 * MIB,
         &[
-            (EngineId::Vector, 0, 120 * MIB),
-            (EngineId::Query, 20 * MIB, 40 * MIB),
+            (EngineId::Vector, 0, 60 * MIB),
+            (EngineId::Query, 0, 60 * MIB),
         ],
     );
-    let c = SpillController::new(SpillConfig {
-        spill_at: 0.95,
-        restore_at: 0.5,
-    })
-    .unwrap();
-    assert!(g.try_reserve(EngineId::Vector, 101 * MIB).is_err());
-
-    // Two quiet rounds for Query (Vector's refusal was activity for Vector).
-    assert_eq!(g.rebalance(2), vec![]);
-    let changes = g.rebalance(2);
+    let c = SpillController::new(SpillConfig::default()).unwrap();
+    // Query holds 4 MiB and is quiet; Vector is busy at 95% of its cap.
+    let _query = g.try_reserve(EngineId::Query, 4 * MIB).unwrap();
+    let busy = g.try_reserve(EngineId::Vector, 57 * MIB).unwrap();
+    let t0 = Instant::now();
+    // Query keeps what it holds and a quarter of its cap (4 + 15 MiB) and
+    // lends the rest.
     assert_eq!(
-        changes,
-        vec![LoanChange {
-            engine: EngineId::Query,
-            from: 0,
-            to: 20 * MIB
-        }]
+        g.rebalance_at(t0),
+        [LoanEvent::Lent(Loan {
+            lender: EngineId::Query,
+            borrower: EngineId::Vector,
+            bytes: 41 * MIB
+        })]
     );
-    let cache = Chunks::new(&g, EngineId::Vector, 110, 1.0);
+    assert_eq!(g.usage(EngineId::Query).unwrap().lent_bytes, 41 * MIB);
+    assert_eq!(g.usage(EngineId::Query).unwrap().cap_bytes, 19 * MIB);
+    assert_eq!(g.usage(EngineId::Vector).unwrap().cap_bytes, 101 * MIB);
+    drop(busy);
+    let cache = Chunks::new(&g, EngineId::Vector, 90, 1.0);
     let _reg = c.register(EngineId::Vector, cache.clone());
-    assert_eq!(g.total_bytes(), 110 * MIB, "Vector borrowed Query's floor");
+    assert_eq!(used(&g, EngineId::Vector), 90 * MIB, "beyond its own cap");
+    // Nothing to spill while the loan stands (90 of 101 MiB).
+    assert!(c.run(&g).spilled.is_empty());
 
-    // Query gets busy: refused at once, and the loan is called back.
-    let err = g.try_reserve(EngineId::Query, 15 * MIB).unwrap_err();
+    // Query needs 20 MiB: refused by its reduced cap, at once, and the
+    // loan ends.
+    let err = g.try_reserve(EngineId::Query, 20 * MIB).unwrap_err();
     assert!(
-        matches!(err, MemError::GlobalCeilingExceeded { available, .. } if available == 10 * MIB),
+        matches!(err, MemError::BudgetExceeded { limit, .. } if limit == 19 * MIB),
         "{err:?}"
     );
-    assert_eq!(g.usage(EngineId::Query).unwrap().lent_bytes, 0);
-    // A rebalance round sees Query active and keeps the loan ended.
-    g.rebalance(2);
-    assert_eq!(g.usage(EngineId::Query).unwrap().lent_bytes, 0);
-
-    // The controller's round spills the borrower by the shortfall only.
+    assert!(g.loans().is_empty());
+    assert_eq!(g.usage(EngineId::Vector).unwrap().cap_bytes, 60 * MIB);
+    // Query just took its loan back: a round does not lend it again.
+    assert_eq!(g.rebalance_at(t0 + Duration::from_millis(10)), []);
+    // The controller spills the borrower down to 75% of its own cap.
     let report = c.run(&g);
-    assert!(report.spilled.is_empty(), "Vector is below spill_at");
-    assert_eq!(report.floor_reclaim, (10 * MIB, 10 * MIB));
-    assert_eq!(cache.held_bytes(), 100 * MIB);
-    let q = g
+    assert_eq!(report.spilled, [(EngineId::Vector, 45 * MIB, 45 * MIB)]);
+    assert_eq!(cache.held_bytes(), 45 * MIB);
+    let _q = g
         .try_reserve(EngineId::Query, 20 * MIB)
-        .expect("the floor is free again");
-    assert_eq!(g.total_bytes(), 120 * MIB);
-    drop(q);
-    // Nothing to reclaim any more.
-    assert_eq!(c.reclaim_floors(&g), (0, 0));
+        .expect("Query's own budget is back");
 }
 
 #[test]
@@ -193,28 +194,30 @@ fn the_rebalancer_thread_lends_for_idle_engines_and_stops_when_dropped() {
     let g = governor(
         100 * MIB,
         &[
-            (EngineId::Vector, 10 * MIB, 100 * MIB),
-            (EngineId::Query, 30 * MIB, 100 * MIB),
+            (EngineId::Vector, 0, 50 * MIB),
+            (EngineId::Query, 0, 50 * MIB),
         ],
     );
-    let held = g.try_reserve(EngineId::Query, 4 * MIB).unwrap();
-    let r = g.spawn_rebalancer(std::time::Duration::from_millis(2), 3);
+    let mut query = g.try_reserve(EngineId::Query, 4 * MIB).unwrap();
+    let _busy = g.try_reserve(EngineId::Vector, 46 * MIB).unwrap();
+    let r = g.spawn_rebalancer(Duration::from_millis(2));
     assert!(r.is_running());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while g.usage(EngineId::Query).unwrap().lent_bytes == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the rebalancer never lent"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(2));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.loans().is_empty() {
+        assert!(Instant::now() < deadline, "the rebalancer never lent");
+        std::thread::sleep(Duration::from_millis(2));
     }
-    // Lends exactly the unused floor.
-    assert_eq!(g.usage(EngineId::Query).unwrap().lent_bytes, 26 * MIB);
-    assert_eq!(g.usage(EngineId::Vector).unwrap().lent_bytes, 10 * MIB);
+    // All but 4 MiB held and a cushion of 12.5 MiB.
+    let lent = 50 * MIB - 4 * MIB - 50 * MIB / 4;
+    assert_eq!(g.usage(EngineId::Query).unwrap().lent_bytes, lent);
+    assert_eq!(
+        g.usage(EngineId::Vector).unwrap().cap_bytes,
+        50 * MIB + lent
+    );
     drop(r);
-    // Stopped: activity no longer changes the loans.
-    let _v = g.try_reserve(EngineId::Vector, MIB).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(30));
-    assert_eq!(g.usage(EngineId::Vector).unwrap().lent_bytes, 10 * MIB);
-    drop(held);
+    // Stopped: Query at Warning of its reduced cap would take the loan
+    // back at the next round, and none comes.
+    query.try_grow(11 * MIB).unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(g.usage(EngineId::Query).unwrap().lent_bytes, lent);
 }

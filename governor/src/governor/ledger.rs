@@ -1,13 +1,15 @@
-//! The ledger: what each engine holds, its floor, cap and loan, and the
-//! admission rule that decides every exact request. It is plain data under
-//! the governor's lock; nothing here locks, waits or calls out.
+//! The ledger: what each engine holds, its floor and its cap in force (the
+//! configured cap moved by loans, kept in a [`LoanBook`]), and the admission
+//! rule that decides every exact request. It is plain data under the
+//! governor's lock; nothing here locks, waits or calls out.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use crate::{
     budget::Budget,
     engine::EngineId,
     error::MemError,
+    lending::{Holding, LendingRules, Loan, LoanBook, LoanEvent},
     pressure::{PressureChange, PressureLevel, PressureThresholds, ThresholdsHandle},
 };
 
@@ -16,25 +18,18 @@ pub(super) struct EngineLedger {
     pub(super) id: EngineId,
     pub(super) name: Arc<str>,
     pub(super) floor: u64,
+    /// The cap in force: the configured cap, moved by loans.
     pub(super) cap: u64,
     pub(super) used: u64,
-    pub(super) lent: u64,
     peak: u64,
     rejections: u64,
     level: PressureLevel,
-    /// Ledger calls for the engine (admissions, refusals, credit draws,
-    /// charges): `rebalance` calls an engine idle when this stands still.
-    pub(super) activity: u64,
-    /// The activity count at the last `rebalance`, and how many rounds in
-    /// a row it had not moved.
-    pub(super) activity_seen: u64,
-    pub(super) quiet_rounds: u32,
 }
 
 impl EngineLedger {
+    /// The part of its floor the engine is not using: kept free for it.
     fn protected(&self) -> u64 {
-        self.floor
-            .saturating_sub(self.used.saturating_add(self.lent))
+        self.floor.saturating_sub(self.used)
     }
 }
 
@@ -52,6 +47,9 @@ pub(super) struct Ledger {
     /// Threads in `reserve_timeout`: releases wake them only if there are
     /// any (a futex wake is a system call).
     pub(super) waiters: usize,
+    /// Budgets lent between engines (by ledger position); the caps in
+    /// force follow it.
+    loans: LoanBook<usize>,
 }
 
 /// A snapshot of one engine's accounting.
@@ -61,7 +59,9 @@ pub struct EngineUsage {
     pub name: Arc<str>,
     pub used_bytes: u64,
     pub floor_bytes: u64,
+    /// The cap in force (the configured cap moved by loans).
     pub cap_bytes: u64,
+    /// Budget this engine has lent to others.
     pub lent_bytes: u64,
     pub peak_bytes: u64,
     pub rejections: u64,
@@ -80,15 +80,15 @@ impl Ledger {
                 floor: e.floor_bytes,
                 cap: e.cap_bytes,
                 used: 0,
-                lent: 0,
                 peak: 0,
                 rejections: 0,
                 level: PressureLevel::Normal,
-                activity: 0,
-                activity_seen: 0,
-                quiet_rounds: 0,
             })
             .collect();
+        let mut loans = LoanBook::new(LendingRules::default());
+        for (i, e) in engines.iter().enumerate() {
+            loans.set_engine(i, e.cap, e.floor);
+        }
         Self {
             ceiling: budget.ceiling_bytes,
             total: 0,
@@ -98,6 +98,7 @@ impl Ledger {
             thresholds: thresholds.get(),
             thresholds_version: thresholds.version(),
             waiters: 0,
+            loans,
         }
     }
 
@@ -117,7 +118,6 @@ impl Ledger {
     /// Admission; `counted` is false for credit draws, which are not the
     /// caller's request and so neither count as refusals nor end loans.
     pub(super) fn admit_as(&mut self, i: usize, n: u64, counted: bool) -> Result<(), MemError> {
-        self.engines[i].activity += 1;
         let e = &self.engines[i];
         let name = || e.name.to_string();
         let new_used = e
@@ -153,14 +153,14 @@ impl Ledger {
             if !counted {
                 return Err(err);
             }
-            self.update(i, |e| {
-                e.rejections += 1;
-                // A lender refused for want of memory takes its loan back;
-                // borrowers will have to give way.
-                if e.used < e.floor {
-                    e.lent = 0;
-                }
-            });
+            self.engines[i].rejections += 1;
+            // A lender refused takes its loans back at once; borrowers will
+            // have to give way (their caps drop, and a spill controller
+            // spills what they hold beyond them).
+            if self.loans.is_lender(&i) {
+                let events = self.loans.take_back(&i, Instant::now());
+                self.apply_loans(&events);
+            }
             return Err(err);
         }
         self.add(i, n);
@@ -181,7 +181,6 @@ impl Ledger {
                 current: e.used,
             });
         }
-        self.engines[i].activity += 1;
         self.add(i, n);
         Ok(())
     }
@@ -260,7 +259,7 @@ impl Ledger {
             used_bytes: e.used,
             floor_bytes: e.floor,
             cap_bytes: e.cap,
-            lent_bytes: e.lent,
+            lent_bytes: self.loans.lent_bytes(&i),
             peak_bytes: e.peak,
             rejections: e.rejections,
             level: e.level,
@@ -311,12 +310,55 @@ impl Ledger {
                 ),
             ));
         }
-        self.update(i, |e| {
-            e.floor = floor_bytes;
-            e.cap = cap_bytes;
-            e.lent = e.lent.min(floor_bytes);
-        });
+        self.update(i, |e| e.floor = floor_bytes);
+        // New terms: every loan ends, and every cap is its configured one
+        // again (this one's the new cap).
+        self.loans.set_engine(i, cap_bytes, floor_bytes);
+        self.apply_caps();
         Ok(())
+    }
+
+    /// Sets every engine's cap to its budget in force (never above the
+    /// ceiling).
+    fn apply_caps(&mut self) {
+        for i in 0..self.engines.len() {
+            let cap = self
+                .loans
+                .budget(&i)
+                .unwrap_or(self.engines[i].cap)
+                .min(self.ceiling);
+            self.update(i, |e| e.cap = cap);
+        }
+    }
+
+    fn apply_loans(&mut self, events: &[LoanEvent<usize>]) {
+        if !events.is_empty() {
+            self.apply_caps();
+        }
+    }
+
+    /// One round of lending at `now`, on what each engine holds in the
+    /// books (see [`crate::lending`]). Returns what changed.
+    pub(super) fn rebalance(&mut self, now: Instant) -> Vec<LoanEvent<EngineId>> {
+        let used: Vec<u64> = self.engines.iter().map(|e| e.used).collect();
+        let events = self.loans.round(now, &self.thresholds, |i| Holding {
+            resident_bytes: used[*i],
+            reserved_bytes: used[*i],
+        });
+        self.apply_loans(&events);
+        events
+            .into_iter()
+            .map(|ev| ev.map(|i| self.engines[i].id))
+            .collect()
+    }
+
+    /// The loans in force.
+    pub(super) fn loans(&self) -> Vec<Loan<EngineId>> {
+        self.loans
+            .loans()
+            .iter()
+            .map(|l| l.clone().map(|i| self.engines[i].id))
+            .collect()
     }
 
     /// Changes the ceiling, refused if it is below what is held, a cap, or
@@ -327,7 +369,11 @@ impl Ledger {
             reason,
         };
         let floors: u64 = self.engines.iter().map(|e| e.floor).sum();
-        let max_cap = self.engines.iter().map(|e| e.cap).max().unwrap_or(0);
+        // The configured caps: loans end where the ceiling cuts them.
+        let max_cap = (0..self.engines.len())
+            .filter_map(|i| self.loans.configured(&i))
+            .max()
+            .unwrap_or(0);
         if ceiling_bytes < self.total {
             return Err(bad(format!(
                 "{ceiling_bytes} is below the {} bytes held",
@@ -340,6 +386,7 @@ impl Ledger {
             )));
         }
         self.ceiling = ceiling_bytes;
+        self.apply_caps();
         Ok(())
     }
 }

@@ -4,17 +4,18 @@
 //!
 //! # Admission
 //! A request of `n` bytes for engine `e` is admitted when both hold:
-//! * `used(e) + n <= cap(e)`: the engine's own cap;
+//! * `used(e) + n <= cap(e)`: the engine's own cap in force;
 //! * `n <= ceiling - total - protected(others)`, where `protected(x) =
-//!   floor(x) - used(x) - lent(x)` (never negative): the part of another
-//!   engine's floor it is not using and has not lent stays free for it.
+//!   floor(x) - used(x)` (never negative): the part of another engine's
+//!   floor it is not using stays free for it.
 //!
-//! Everything above the floors is therefore a shared pool; an idle engine
-//! can lend its unused floor (`lend`), and takes the loan back the moment
-//! one of its own requests is refused. Refusals are deterministic: the same
-//! ledger and request always give the same answer, at once, with the
-//! numbers. The counters are checked arithmetic: a request that would
-//! overflow is refused, never wrapped.
+//! Everything above the floors is therefore a shared pool. Caps move by
+//! loans ([`crate::lending`]): an idle engine lends the unused part of its
+//! cap to a busy one, and takes it back when it gets busy or one of its own
+//! requests is refused. Refusals are deterministic: the same ledger and
+//! request always give the same answer, at once, with the numbers. The
+//! counters are checked arithmetic: a request that would overflow is
+//! refused, never wrapped.
 //!
 //! # Holding a reservation
 //! A [`Reservation`] owns a handle to its governor, like DataFusion's
@@ -42,7 +43,8 @@
 //! * `shared`: what the handles of one governor share, and the reserve and
 //!   release decisions;
 //! * `reservation`: the [`Reservation`] guard;
-//! * `rebalance`: lending idle engines' floors.
+//! * `rebalance`: the rebalancer thread (the lending rules are
+//!   [`crate::lending`]'s).
 
 mod fast;
 mod ledger;
@@ -50,18 +52,18 @@ mod rebalance;
 mod reservation;
 mod shared;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use self::shared::Shared;
-pub use self::{
-    ledger::EngineUsage,
-    rebalance::{LoanChange, Rebalancer},
-    reservation::Reservation,
-};
+pub use self::{ledger::EngineUsage, rebalance::Rebalancer, reservation::Reservation};
 use crate::{
     budget::Budget,
     engine::EngineId,
     error::MemError,
+    lending::{Loan, LoanEvent},
     pressure::{PressureChange, PressureLevel, ThresholdsHandle},
 };
 
@@ -254,34 +256,34 @@ impl MemoryGovernor {
         self.shared.with_ledger(|l| l.set_ceiling(ceiling_bytes))
     }
 
-    /// Lets other engines use up to `bytes` of `engine`'s unused floor (an
-    /// idle engine lends). The loan ends when the engine is next refused,
-    /// or by lending 0.
-    pub fn lend(&self, engine: EngineId, bytes: u64) -> Result<(), MemError> {
-        let i = self.slot(engine)?;
-        self.shared.with_ledger(|l| rebalance::lend(l, i, bytes));
-        Ok(())
+    /// One round of rebalancing now: busy engines borrow the unused budget
+    /// of idle ones, and lenders that got busy take it back (the rules are
+    /// [`crate::lending`]'s; a lender that is refused a reservation takes
+    /// its loans back at once, without waiting for a round). Call it on a
+    /// timer (see [`spawn_rebalancer`](Self::spawn_rebalancer)); under the
+    /// agent, the agent lends instead. Returns what changed.
+    ///
+    /// Taking a loan back takes no memory from anyone: the borrower keeps
+    /// what it holds, its cap drops, and a
+    /// [`SpillController`](crate::SpillController) run spills it down.
+    pub fn rebalance(&self) -> Vec<LoanEvent<EngineId>> {
+        self.rebalance_at(Instant::now())
     }
 
-    /// One round of automatic rebalancing: an engine that asked the
-    /// governor for nothing (no reservation, refusal, credit draw or
-    /// charge) for `idle_rounds` rounds in a row lends its whole unused
-    /// floor to the shared pool; an engine that was active takes its loan
-    /// back. Call it on a timer (see [`spawn_rebalancer`](Self::spawn_rebalancer)),
-    /// or let the agent drive it. Returns the loans that changed.
-    ///
-    /// Taking a loan back never takes memory from anyone: borrowers keep
-    /// what they hold, new requests see the floor protected again, and a
-    /// [`SpillController`](crate::SpillController) run asks borrowers to
-    /// spill until the floor is really free.
-    pub fn rebalance(&self, idle_rounds: u32) -> Vec<LoanChange> {
-        self.shared
-            .with_ledger(|l| rebalance::rebalance(l, idle_rounds))
+    /// [`rebalance`](Self::rebalance) as of `now` (for a caller that keeps
+    /// its own clock, such as a simulation).
+    pub fn rebalance_at(&self, now: Instant) -> Vec<LoanEvent<EngineId>> {
+        self.shared.with_ledger(|l| l.rebalance(now))
+    }
+
+    /// The loans in force.
+    pub fn loans(&self) -> Vec<Loan<EngineId>> {
+        self.shared.with_ledger(|l| l.loans())
     }
 
     /// Runs [`rebalance`](Self::rebalance) every `interval` on a thread of
     /// its own until the returned handle is dropped (or the governor is).
-    pub fn spawn_rebalancer(&self, interval: Duration, idle_rounds: u32) -> Rebalancer {
-        Rebalancer::spawn(Arc::downgrade(&self.shared), interval, idle_rounds)
+    pub fn spawn_rebalancer(&self, interval: Duration) -> Rebalancer {
+        Rebalancer::spawn(Arc::downgrade(&self.shared), interval)
     }
 }

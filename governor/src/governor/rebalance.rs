@@ -1,62 +1,14 @@
-//! Lending: an idle engine's unused floor goes to the shared pool, and
-//! comes back when the engine is active again (the public face is
-//! [`MemoryGovernor::lend`](crate::MemoryGovernor::lend),
-//! [`rebalance`](crate::MemoryGovernor::rebalance) and
-//! [`spawn_rebalancer`](crate::MemoryGovernor::spawn_rebalancer)).
+//! The rebalancer thread: [`MemoryGovernor::rebalance`](crate::MemoryGovernor::rebalance)
+//! on a timer. The rules are [`crate::lending`]'s, the same the agent lends
+//! by.
 
 use std::{
     sync::{Arc, Weak},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use super::{ledger::Ledger, shared::Shared};
-use crate::{
-    engine::EngineId,
-    sync::{StdCondvar, StdMutex},
-};
-
-/// A change of an engine's loan to the shared pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LoanChange {
-    pub engine: EngineId,
-    pub from: u64,
-    pub to: u64,
-}
-
-/// Lends up to `bytes` of engine `i`'s floor.
-pub(super) fn lend(ledger: &mut Ledger, i: usize, bytes: u64) {
-    ledger.update(i, |e| e.lent = bytes.min(e.floor));
-}
-
-/// One round: engines quiet for `idle_rounds` rounds lend their unused
-/// floor, active ones take their loan back.
-pub(super) fn rebalance(l: &mut Ledger, idle_rounds: u32) -> Vec<LoanChange> {
-    let idle_rounds = idle_rounds.max(1);
-    let mut changes = Vec::new();
-    for i in 0..l.engines.len() {
-        let e = &mut l.engines[i];
-        if e.activity == e.activity_seen {
-            e.quiet_rounds = e.quiet_rounds.saturating_add(1);
-        } else {
-            e.quiet_rounds = 0;
-            e.activity_seen = e.activity;
-        }
-        let lend = if e.quiet_rounds >= idle_rounds {
-            e.floor.saturating_sub(e.used)
-        } else {
-            0
-        };
-        if lend != e.lent {
-            changes.push(LoanChange {
-                engine: e.id,
-                from: e.lent,
-                to: lend,
-            });
-            l.update(i, |e| e.lent = lend);
-        }
-    }
-    changes
-}
+use super::shared::Shared;
+use crate::sync::{StdCondvar, StdMutex};
 
 /// The thread started by [`MemoryGovernor::spawn_rebalancer`](crate::MemoryGovernor::spawn_rebalancer);
 /// dropping it stops the thread and waits for it.
@@ -68,7 +20,7 @@ pub struct Rebalancer {
 impl Rebalancer {
     /// Rebalances the governor behind `weak` every `interval` until dropped
     /// (or until the governor is gone).
-    pub(super) fn spawn(weak: Weak<Shared>, interval: Duration, idle_rounds: u32) -> Self {
+    pub(super) fn spawn(weak: Weak<Shared>, interval: Duration) -> Self {
         let stop = Arc::new((StdMutex::new(false), StdCondvar::new()));
         let signal = stop.clone();
         let thread = std::thread::Builder::new()
@@ -87,7 +39,7 @@ impl Rebalancer {
                     let Some(shared) = weak.upgrade() else {
                         return;
                     };
-                    shared.with_ledger(|l| rebalance(l, idle_rounds));
+                    shared.with_ledger(|l| l.rebalance(Instant::now()));
                 }
             })
             .ok();

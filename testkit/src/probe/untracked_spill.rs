@@ -39,7 +39,7 @@ impl UntrackedSpill {
 
     /// Registers the handlers; they stay registered while the returned
     /// guards live.
-    pub fn register(&self) -> Vec<HandlerRegistration<'_>> {
+    pub fn register(&self) -> Vec<HandlerRegistration> {
         self.untracked
             .iter()
             .map(|(e, u)| self.controller.register(*e, u.clone()))

@@ -13,12 +13,7 @@ use crate::{
 };
 
 // name: sys_enter_brk
-// format:
-// 	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
-// 	field:unsigned char common_flags;	offset:2;	size:1;	signed:0;
-// 	field:unsigned char common_preempt_count;	offset:3;	size:1;	signed:0;
-// 	field:int common_pid;	offset:4;	size:4;	signed:1;
-//
+// format, after the common fields (see `record`):
 // 	field:int __syscall_nr;	offset:8;	size:4;	signed:1;
 // 	field:unsigned long brk;	offset:16;	size:8;	signed:0;
 #[tracepoint(category = "syscalls", name = "sys_enter_brk")]

@@ -1,6 +1,12 @@
 //! Fields of classic tracepoint records, read at the offsets the agent
-//! found in this kernel's tracefs `format` files (the formats pasted in the
-//! probe modules are the 6.18 host's; other kernels may differ).
+//! found in this kernel's tracefs `format` files. The formats pasted above
+//! the probes are the 6.18 host's (other kernels may differ), without the
+//! fields every record starts with, which are these:
+
+// 	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
+// 	field:unsigned char common_flags;	offset:2;	size:1;	signed:0;
+// 	field:unsigned char common_preempt_count;	offset:3;	size:1;	signed:0;
+// 	field:int common_pid;	offset:4;	size:4;	signed:1;
 
 use aya_ebpf::programs::TracePointContext;
 use nodedb_governor_common::TraceOffsets;

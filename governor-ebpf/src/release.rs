@@ -88,12 +88,7 @@ pub fn end_release() -> Option<ReleaseCtx> {
 }
 
 // name: sys_enter_munmap
-// format:
-// 	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
-// 	field:unsigned char common_flags;	offset:2;	size:1;	signed:0;
-// 	field:unsigned char common_preempt_count;	offset:3;	size:1;	signed:0;
-// 	field:int common_pid;	offset:4;	size:4;	signed:1;
-//
+// format, after the common fields (see `record`):
 // 	field:int __syscall_nr;	offset:8;	size:4;	signed:1;
 // 	field:unsigned long addr;	offset:16;	size:8;	signed:0;
 // 	field:size_t len;	offset:24;	size:8;	signed:0;
@@ -113,12 +108,7 @@ fn try_sys_enter_munmap(ctx: &TracePointContext) -> Result<u32, u32> {
 }
 
 // name: sys_exit_munmap (and every sys_exit_* we attach to)
-// format:
-// 	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
-// 	field:unsigned char common_flags;	offset:2;	size:1;	signed:0;
-// 	field:unsigned char common_preempt_count;	offset:3;	size:1;	signed:0;
-// 	field:int common_pid;	offset:4;	size:4;	signed:1;
-//
+// format, after the common fields (see `record`):
 // 	field:int __syscall_nr;	offset:8;	size:4;	signed:1;
 // 	field:long ret;	offset:16;	size:8;	signed:1;
 #[tracepoint(category = "syscalls", name = "sys_exit_munmap")]
@@ -148,12 +138,7 @@ fn try_sys_exit_munmap(ctx: &TracePointContext) -> Result<u32, u32> {
 }
 
 // name: sys_enter_madvise
-// format:
-// 	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
-// 	field:unsigned char common_flags;	offset:2;	size:1;	signed:0;
-// 	field:unsigned char common_preempt_count;	offset:3;	size:1;	signed:0;
-// 	field:int common_pid;	offset:4;	size:4;	signed:1;
-//
+// format, after the common fields (see `record`):
 // 	field:int __syscall_nr;	offset:8;	size:4;	signed:1;
 // 	field:unsigned long start;	offset:16;	size:8;	signed:0;
 // 	field:size_t len_in;	offset:24;	size:8;	signed:0;

@@ -37,12 +37,7 @@ fn try_sched_switch() -> Result<u32, u32> {
 }
 
 // name: sched_process_fork
-// format:
-// 	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
-// 	field:unsigned char common_flags;	offset:2;	size:1;	signed:0;
-// 	field:unsigned char common_preempt_count;	offset:3;	size:1;	signed:0;
-// 	field:int common_pid;	offset:4;	size:4;	signed:1;
-//
+// format, after the common fields (see `record`):
 // 	field:__data_loc char[] parent_comm;	offset:8;	size:4;	signed:0;
 // 	field:pid_t parent_pid;	offset:12;	size:4;	signed:1;
 // 	field:__data_loc char[] child_comm;	offset:16;	size:4;	signed:0;

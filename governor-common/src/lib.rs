@@ -10,6 +10,8 @@
 //! process, such as reclaim), and each engine gets one.
 #![no_std]
 
+pub mod names;
+
 /// Number of slots in the per-CPU statistics array.
 pub const MAX_SLOTS: u32 = 1024;
 /// Number of governed processes the maps can hold.

@@ -32,6 +32,8 @@ pub fn bench(rounds: u32) -> anyhow::Result<()> {
         "--release",
         "-p",
         "nodedb-governor-testkit",
+        "--features",
+        "bench",
         "--bin",
         "tracing-cost",
     ]))?;

@@ -1,0 +1,247 @@
+//! The registry of governed processes: which processes, engine cgroups and
+//! threads the programs attribute, the slots they count in, and the map
+//! entries that tell the programs so.
+
+use std::{collections::BTreeMap, path::Path};
+
+use aya::maps::PerCpuValues;
+use nodedb_governor_common::{
+    CgroupKey, MAX_PROCS, MAX_SLOTS, MmState, ProcInfo, SlotStats, identity, kind,
+};
+
+use super::Attribution;
+use crate::{error::AgentError, procfs};
+
+/// How a thread's engine is recognised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Identity {
+    /// The thread's cgroup v2 id (a threaded child cgroup per engine).
+    Cgroup,
+    /// The TID-to-engine map (where threaded cgroups are unavailable).
+    Tid,
+}
+
+/// A governed process: its slots and the map entries made for it, so that
+/// forgetting it removes them all.
+pub(super) struct TrackedProcess {
+    pub(super) pid: u32,
+    pub(super) start_time: u64,
+    pub(super) unattributed_slot: u32,
+    pub(super) external_slot: u32,
+    pub(super) engines: BTreeMap<String, u32>,
+    pub(super) mm_index: u32,
+    pub(super) cgroup_keys: Vec<CgroupKey>,
+    pub(super) tids: Vec<u32>,
+}
+
+impl Attribution {
+    /// Invalidates the programs' per-CPU identity caches after a registry
+    /// change. The word only grows (the programs add 1 per cgroup move, we
+    /// add a large step), so no cached generation is ever current again.
+    pub(super) fn bump_generation(&mut self) -> Result<(), AgentError> {
+        let now = self
+            .generation
+            .get(&0, 0)
+            .map_err(|e| AgentError::ebpf("reading the registry generation", e))?;
+        self.generation
+            .set(0, now + identity::AGENT_GENERATION_STEP, 0)
+            .map_err(|e| AgentError::ebpf("bumping the registry generation", e))
+    }
+
+    fn alloc_slot(&mut self) -> Result<u32, AgentError> {
+        let slot = self.free_slots.pop().ok_or(AgentError::Full {
+            what: "counter slots",
+            limit: MAX_SLOTS,
+        })?;
+        // A reused slot starts from zero on every CPU.
+        let zero = PerCpuValues::try_from(vec![SlotStats::default(); self.nr_cpus])
+            .map_err(|e| AgentError::io("building per-CPU zeroes", e))?;
+        self.stats
+            .set(slot, zero, 0)
+            .map_err(|e| AgentError::ebpf(format!("resetting slot {slot}"), e))?;
+        Ok(slot)
+    }
+
+    /// Starts governing process `pid` with the named engines. Its current
+    /// resident memory is the baseline and counts as unattributed.
+    pub fn register_process(&mut self, pid: u32, engines: &[String]) -> Result<(), AgentError> {
+        if self.procs.contains_key(&pid) {
+            return Ok(());
+        }
+        let start_time = procfs::start_time(pid)?;
+        let baseline = procfs::rss_breakdown(pid)?;
+        let unattributed_slot = self.alloc_slot()?;
+        let external_slot = self.alloc_slot()?;
+        let mut slots = BTreeMap::new();
+        for name in engines {
+            slots.insert(name.clone(), self.alloc_slot()?);
+        }
+        let mm_index = self.free_mm_indexes.pop().ok_or(AgentError::Full {
+            what: "governed processes",
+            limit: MAX_PROCS,
+        })?;
+        let mut baseline_bytes = [0i64; kind::COUNT];
+        baseline_bytes[kind::ANON] = baseline.anon as i64;
+        baseline_bytes[kind::FILE] = baseline.file as i64;
+        baseline_bytes[kind::SHMEM] = baseline.shmem as i64;
+        baseline_bytes[kind::SWAP] = baseline.swap as i64;
+        // The baseline is resident before we started: it is unattributed.
+        let mut per_cpu = vec![SlotStats::default(); self.nr_cpus];
+        per_cpu[0] = SlotStats {
+            resident_bytes: baseline_bytes,
+            ..SlotStats::default()
+        };
+        self.stats
+            .set(
+                unattributed_slot,
+                PerCpuValues::try_from(per_cpu).map_err(|e| AgentError::io("per-CPU seed", e))?,
+                0,
+            )
+            .map_err(|e| AgentError::ebpf("seeding baseline", e))?;
+        // The programs difference the counters against this baseline from
+        // the process's first change on.
+        let state = MmState {
+            mm: 0,
+            last_bytes: baseline_bytes,
+            tgid: pid,
+            external_slot,
+        };
+        self.mm_states
+            .set(mm_index, state, 0)
+            .map_err(|e| AgentError::ebpf(format!("initialising counter state of pid {pid}"), e))?;
+        let info = ProcInfo {
+            unattributed_slot,
+            external_slot,
+            mm_index,
+            _pad: 0,
+        };
+        self.procs_map
+            .insert(pid, info, 0)
+            .map_err(|e| AgentError::ebpf(format!("registering pid {pid}"), e))?;
+        self.bump_generation()?;
+        self.procs.insert(
+            pid,
+            TrackedProcess {
+                pid,
+                start_time,
+                unattributed_slot,
+                external_slot,
+                engines: slots,
+                mm_index,
+                cgroup_keys: Vec::new(),
+                tids: Vec::new(),
+            },
+        );
+        tracing::info!(pid, engines = engines.len(), "process registered");
+        self.save();
+        Ok(())
+    }
+
+    /// Whether `pid` is governed.
+    pub fn is_registered(&self, pid: u32) -> bool {
+        self.procs.contains_key(&pid)
+    }
+
+    fn engine_slot(&self, pid: u32, engine: &str) -> Result<u32, AgentError> {
+        let proc_ = self
+            .procs
+            .get(&pid)
+            .ok_or(AgentError::NoSuchProcess { pid })?;
+        proc_
+            .engines
+            .get(engine)
+            .copied()
+            .ok_or_else(|| AgentError::UnknownEngine {
+                name: engine.to_owned(),
+                known: proc_.engines.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
+    }
+
+    /// Tells the programs that threads of `pid` in cgroup `cgroup_id` belong
+    /// to `engine` (cgroup identity).
+    pub fn bind_cgroup(
+        &mut self,
+        pid: u32,
+        engine: &str,
+        cgroup_id: u64,
+    ) -> Result<(), AgentError> {
+        let slot = self.engine_slot(pid, engine)?;
+        let key = CgroupKey {
+            cgroup_id,
+            tgid: pid,
+            _pad: 0,
+        };
+        self.by_cgroup
+            .insert(key, slot, 0)
+            .map_err(|e| AgentError::ebpf(format!("binding cgroup {cgroup_id} to {engine}"), e))?;
+        if let Some(p) = self.procs.get_mut(&pid)
+            && !p.cgroup_keys.contains(&key)
+        {
+            p.cgroup_keys.push(key);
+        }
+        self.save();
+        self.bump_generation()
+    }
+
+    /// Assigns thread `tid` of `pid` to `engine` through the TID map. Threads
+    /// it creates afterwards inherit the engine.
+    pub fn assign_tid(&mut self, pid: u32, tid: u32, engine: &str) -> Result<(), AgentError> {
+        if !Path::new(&format!("/proc/{pid}/task/{tid}")).exists() {
+            return Err(AgentError::NoSuchThread { pid, tid });
+        }
+        let slot = self.engine_slot(pid, engine)?;
+        self.by_tid
+            .insert(tid, slot, 0)
+            .map_err(|e| AgentError::ebpf(format!("assigning thread {tid} to {engine}"), e))?;
+        if let Some(p) = self.procs.get_mut(&pid)
+            && !p.tids.contains(&tid)
+        {
+            p.tids.push(tid);
+        }
+        self.save();
+        self.bump_generation()
+    }
+
+    /// Stops governing `pid`: removes it from every map and frees its slots.
+    pub fn forget_process(&mut self, pid: u32) {
+        let Some(p) = self.procs.remove(&pid) else {
+            return;
+        };
+        let _ = self.procs_map.remove(&pid);
+        for key in &p.cgroup_keys {
+            let _ = self.by_cgroup.remove(key);
+        }
+        for tid in &p.tids {
+            let _ = self.by_tid.remove(tid);
+        }
+        if let Ok(state) = self.mm_states.get(&p.mm_index, 0) {
+            let _ = self.mm_by_ptr.remove(&state.mm);
+        }
+        let _ = self.mm_states.set(p.mm_index, MmState::default(), 0);
+        self.free_mm_indexes.push(p.mm_index);
+        if let Err(e) = self.bump_generation() {
+            tracing::warn!(error = %e, "could not invalidate identity caches");
+        }
+        self.free_slots.push(p.unattributed_slot);
+        self.free_slots.push(p.external_slot);
+        self.free_slots.extend(p.engines.values().copied());
+        tracing::info!(pid = p.pid, "process forgotten");
+        self.save();
+    }
+
+    /// Forgets processes that have exited (or whose pid was reused), and
+    /// returns their pids.
+    pub fn reap_exited(&mut self) -> Vec<u32> {
+        let gone: Vec<u32> = self
+            .procs
+            .values()
+            .filter(|p| procfs::start_time(p.pid).ok() != Some(p.start_time))
+            .map(|p| p.pid)
+            .collect();
+        for pid in &gone {
+            self.forget_process(*pid);
+        }
+        gone
+    }
+}

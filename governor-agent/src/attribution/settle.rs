@@ -1,0 +1,117 @@
+//! Settling a process's raw slot counters into the figures handed out: the
+//! external slot spread over the buckets by share, negatives clamped into
+//! `unattributed`, so the parts always add up to the process total.
+
+use std::collections::BTreeMap;
+
+use nodedb_governor_common::{SlotStats, kind};
+
+use super::reading::{Attributed, ProcessAttribution};
+
+/// Turns raw slot counters into the reported figures: spreads the external
+/// slot over the buckets and clamps negatives into `unattributed`.
+pub(super) fn settle(
+    pid: u32,
+    engines: BTreeMap<String, SlotStats>,
+    unattributed: SlotStats,
+    external: SlotStats,
+    vm_rss_bytes: Option<u64>,
+) -> ProcessAttribution {
+    let names: Vec<String> = engines.keys().cloned().collect();
+    let mut rows: Vec<SlotStats> = engines.into_values().collect();
+    rows.push(unattributed);
+    for k in 0..kind::COUNT {
+        let ext = external.resident_bytes[k];
+        if ext != 0 {
+            let held: i64 = rows.iter().map(|r| r.resident_bytes[k].max(0)).sum();
+            let mut left = ext;
+            if held > 0 {
+                for r in rows.iter_mut() {
+                    let share =
+                        (ext as i128 * r.resident_bytes[k].max(0) as i128 / held as i128) as i64;
+                    r.resident_bytes[k] += share;
+                    left -= share;
+                }
+            }
+            // Rounding remainder, or nothing held at all: unattributed.
+            if let Some(last) = rows.last_mut() {
+                last.resident_bytes[k] += left;
+            }
+        }
+        let deficit: i64 = rows[..names.len()]
+            .iter_mut()
+            .map(|r| {
+                let neg = r.resident_bytes[k].min(0);
+                r.resident_bytes[k] -= neg;
+                neg
+            })
+            .sum();
+        if let Some(last) = rows.last_mut() {
+            last.resident_bytes[k] += deficit;
+        }
+    }
+    let unattributed = rows.pop().map(engine_usage).unwrap_or_default();
+    let engines = names
+        .into_iter()
+        .zip(rows)
+        .map(|(n, r)| (n, engine_usage(r)))
+        .collect();
+    ProcessAttribution {
+        pid,
+        engines,
+        unattributed,
+        vm_rss_bytes,
+    }
+}
+
+fn engine_usage(s: SlotStats) -> Attributed {
+    let r = |k: usize| s.resident_bytes[k].max(0) as u64;
+    Attributed {
+        resident_bytes: r(kind::ANON) + r(kind::FILE) + r(kind::SHMEM),
+        anon_bytes: r(kind::ANON),
+        file_bytes: r(kind::FILE),
+        shmem_bytes: r(kind::SHMEM),
+        swap_bytes: r(kind::SWAP),
+        mapped_bytes: s.mapped_bytes.max(0) as u64,
+        page_faults: s.page_faults,
+        released_for_others_bytes: s.released_for_others_bytes.max(0) as u64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(anon: i64, file: i64) -> SlotStats {
+        let mut s = SlotStats::default();
+        s.resident_bytes[kind::ANON] = anon;
+        s.resident_bytes[kind::FILE] = file;
+        s
+    }
+
+    #[test]
+    fn external_changes_are_spread_by_share_and_parts_add_up() {
+        let mut engines = BTreeMap::new();
+        engines.insert("a".to_owned(), stats(300, 0));
+        engines.insert("b".to_owned(), stats(100, 50));
+        let u = settle(1, engines, stats(0, 50), stats(-200, -20), None);
+        assert_eq!(u.engines["a"].anon_bytes, 150);
+        assert_eq!(u.engines["b"].anon_bytes, 50);
+        assert_eq!(u.engines["b"].file_bytes, 40);
+        assert_eq!(u.unattributed.file_bytes, 40);
+        let total: u64 = u.engines.values().map(|e| e.resident_bytes).sum::<u64>()
+            + u.unattributed.resident_bytes;
+        assert_eq!(total, 300 + 100 + 50 + 50 - 200 - 20);
+    }
+
+    #[test]
+    fn negative_engine_is_clamped_into_unattributed() {
+        let mut engines = BTreeMap::new();
+        engines.insert("a".to_owned(), stats(-4096, 0));
+        engines.insert("b".to_owned(), stats(8192, 0));
+        let u = settle(1, engines, stats(10_000, 0), SlotStats::default(), None);
+        assert_eq!(u.engines["a"].anon_bytes, 0);
+        assert_eq!(u.engines["b"].anon_bytes, 8192);
+        assert_eq!(u.unattributed.anon_bytes, 10_000 - 4096);
+    }
+}

@@ -1,0 +1,50 @@
+//! Every map of the object. The agent pins the ones that hold counts and
+//! registrations (all but the per-CPU caches) and finds them by these names,
+//! which `nodedb_governor_common::names::map` repeats.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use nodedb_governor_common::{
+    CgroupKey, MAX_ENGINE_CGROUPS, MAX_PROCS, MAX_REGIONS, MAX_SLOTS, MAX_TIDS, MmState,
+    PendingMap, ProcInfo, RegionKey, ReleaseCtx, SlotStats,
+};
+
+#[map]
+pub static STATS: PerCpuArray<SlotStats> = PerCpuArray::with_max_entries(MAX_SLOTS, 0);
+#[map]
+pub static PROCS: HashMap<u32, ProcInfo> = HashMap::with_max_entries(MAX_PROCS, 0);
+#[map]
+pub static ENGINE_BY_CGROUP: HashMap<CgroupKey, u32> =
+    HashMap::with_max_entries(MAX_ENGINE_CGROUPS, 0);
+#[map]
+pub static ENGINE_BY_TID: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TIDS, 0);
+/// Counter state per governed process, at its `ProcInfo::mm_index`.
+#[map]
+pub static MM_STATES: Array<MmState> = Array::with_max_entries(MAX_PROCS, 0);
+/// `mm_struct` address to `MM_STATES` index, for changes made from outside
+/// the process (reclaim), where the running thread says nothing.
+#[map]
+pub static MM_BY_PTR: HashMap<u64, u32> = HashMap::with_max_entries(MAX_PROCS, 0);
+#[map]
+pub static REGIONS: LruHashMap<RegionKey, u32> = LruHashMap::with_max_entries(MAX_REGIONS, 0);
+#[map]
+pub static RELEASING: HashMap<u32, ReleaseCtx> = HashMap::with_max_entries(MAX_TIDS, 0);
+#[map]
+pub static PENDING_MMAP: HashMap<u32, PendingMap> = HashMap::with_max_entries(MAX_TIDS, 0);
+/// Last brk of each governed process (by TGID), to size brk growth/shrink.
+#[map]
+pub static BRK: HashMap<u32, u64> = HashMap::with_max_entries(MAX_PROCS, 0);
+/// The registry generation (see `nodedb_governor_common::identity`): the
+/// agent adds a large step on every change to PROCS, ENGINE_BY_CGROUP or
+/// ENGINE_BY_TID; `cgroup_attach_task` adds 1 whenever a task changes
+/// cgroup.
+#[map]
+pub static GENERATION: Array<u64> = Array::with_max_entries(1, 0);
+/// The running thread's identity, one packed word per CPU.
+#[map]
+pub static IDENTITY_CACHE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// The last region whose owner was recorded, one packed word per CPU.
+#[map]
+pub static REGION_CACHE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -1,0 +1,54 @@
+//! `page_fault_user`: counts the faults of each slot and records which
+//! engine last faulted each 2 MiB region, so memory released by another
+//! thread can be charged back to the engine that faulted it in.
+
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use nodedb_governor_common::{REGION_SHIFT, RegionKey, region_cache};
+
+use crate::{
+    counters::{add_u64, stats},
+    identity::{identity, ids},
+    maps::{REGION_CACHE, REGIONS},
+};
+
+/// `TP_PROTO(unsigned long address, struct pt_regs *regs, unsigned long
+/// error_code)` (x86; kernel 3.18+ as a tracepoint, BTF-typed from 5.5).
+#[btf_tracepoint(function = "page_fault_user")]
+pub fn page_fault_user(ctx: BtfTracePointContext) -> u32 {
+    match try_page_fault_user(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn try_page_fault_user(ctx: &BtfTracePointContext) -> Result<u32, u32> {
+    let Some(me) = identity() else {
+        return Ok(0);
+    };
+    if let Some(s) = stats(me.slot) {
+        // SAFETY: valid per-CPU map value pointer.
+        unsafe { add_u64(&raw mut (*s).page_faults, 1) };
+    }
+    let address: u64 = ctx.arg(0);
+    let region = address >> REGION_SHIFT;
+    let cache = REGION_CACHE.get_ptr_mut(0).ok_or(0u32)?;
+    let word = region_cache::pack(me.slot, region);
+    // SAFETY: this CPU's entry of a live per-CPU map.
+    if unsafe { core::ptr::read_volatile(cache) } == word {
+        return Ok(0);
+    }
+    // Last faulter owns the region: a region reused by another engine after
+    // an unmap changes hands on its first fault.
+    let key = RegionKey {
+        tgid: ids().0,
+        _pad: 0,
+        region,
+    };
+    // SAFETY: copy out of the map value.
+    if unsafe { REGIONS.get(key) }.copied() != Some(me.slot) {
+        let _ = REGIONS.insert(key, me.slot, 0);
+    }
+    // SAFETY: as above; one 64-bit store.
+    unsafe { core::ptr::write_volatile(cache, word) };
+    Ok(0)
+}

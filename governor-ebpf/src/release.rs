@@ -1,0 +1,166 @@
+//! `munmap` and `madvise`: release syscalls are bracketed, so that negative
+//! RSS deltas inside them go to the released range's owner (the engine that
+//! faulted it in), never to the thread that released it. `munmap` also
+//! takes the unmapped bytes off the owner's mapped count.
+
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use nodedb_governor_common::{NO_SLOT, REGION_SHIFT, RegionKey, ReleaseCtx};
+
+use crate::{
+    counters::{add_mapped, page_align},
+    identity::{identity, ids},
+    maps::{REGIONS, RELEASING},
+    record::{offsets, read_arg, read_ret},
+};
+
+/// Regions of a released range sampled to find its owner.
+const OWNER_SAMPLES: u64 = 64;
+/// Distinct owners tallied per range.
+const OWNER_CANDIDATES: usize = 4;
+
+/// The engine that faulted most of `[addr, addr + len)` in: a majority vote
+/// over up to 64 regions spread evenly over the range. Mappings are not
+/// 2 MiB aligned, so a range's first region is often shared with a
+/// neighbour; the vote keeps that neighbour from taking the whole release.
+#[inline(always)]
+pub fn region_owner(tgid: u32, addr: u64, len: u64) -> u32 {
+    let first = addr >> REGION_SHIFT;
+    let last = (addr + len.max(1) - 1) >> REGION_SHIFT;
+    let regions = last - first + 1;
+    let stride = regions.div_ceil(OWNER_SAMPLES).max(1);
+    let mut slots = [NO_SLOT; OWNER_CANDIDATES];
+    let mut votes = [0u32; OWNER_CANDIDATES];
+    let mut key = RegionKey {
+        tgid,
+        _pad: 0,
+        region: first,
+    };
+    for i in 0..OWNER_SAMPLES {
+        key.region = first + i * stride;
+        if key.region > last {
+            break;
+        }
+        // SAFETY: copy out of the map value.
+        let Some(owner) = (unsafe { REGIONS.get(key) }).copied() else {
+            continue;
+        };
+        for c in 0..OWNER_CANDIDATES {
+            if slots[c] == owner || slots[c] == NO_SLOT {
+                slots[c] = owner;
+                votes[c] += 1;
+                break;
+            }
+        }
+    }
+    let mut best = 0;
+    for c in 1..OWNER_CANDIDATES {
+        if votes[c] > votes[best] {
+            best = c;
+        }
+    }
+    slots[best]
+}
+
+/// Starts a release of `[addr, addr + len)` by a governed thread.
+#[inline(always)]
+pub fn begin_release(addr: u64, len: u64) -> Result<u32, u32> {
+    if identity().is_none() {
+        return Ok(0);
+    }
+    let (tgid, tid) = ids();
+    let ctx = ReleaseCtx {
+        owner_slot: region_owner(tgid, addr, len),
+        _pad: 0,
+        len,
+    };
+    let _ = RELEASING.insert(tid, ctx, 0);
+    Ok(0)
+}
+
+/// Ends a release syscall; returns the context if there was one.
+#[inline(always)]
+pub fn end_release() -> Option<ReleaseCtx> {
+    let (_, tid) = ids();
+    // SAFETY: copy out of the map value.
+    let ctx = unsafe { RELEASING.get(tid) }.copied()?;
+    let _ = RELEASING.remove(tid);
+    Some(ctx)
+}
+
+// name: sys_enter_munmap
+// format, after the common fields (see `record`):
+// 	field:int __syscall_nr;	offset:8;	size:4;	signed:1;
+// 	field:unsigned long addr;	offset:16;	size:8;	signed:0;
+// 	field:size_t len;	offset:24;	size:8;	signed:0;
+#[tracepoint(category = "syscalls", name = "sys_enter_munmap")]
+pub fn sys_enter_munmap(ctx: TracePointContext) -> u32 {
+    match try_sys_enter_munmap(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_sys_enter_munmap(ctx: &TracePointContext) -> Result<u32, u32> {
+    let off = offsets();
+    begin_release(
+        read_arg(ctx, off.munmap_addr),
+        read_arg(ctx, off.munmap_len),
+    )
+}
+
+// name: sys_exit_munmap (and every sys_exit_* we attach to)
+// format, after the common fields (see `record`):
+// 	field:int __syscall_nr;	offset:8;	size:4;	signed:1;
+// 	field:long ret;	offset:16;	size:8;	signed:1;
+#[tracepoint(category = "syscalls", name = "sys_exit_munmap")]
+pub fn sys_exit_munmap(ctx: TracePointContext) -> u32 {
+    match try_sys_exit_munmap(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_sys_exit_munmap(ctx: &TracePointContext) -> Result<u32, u32> {
+    let Some(rel) = end_release() else {
+        return Ok(0);
+    };
+    if read_ret(ctx) != 0 {
+        return Ok(0);
+    }
+    let Some(slot) = identity().map(|me| me.slot) else {
+        return Ok(0);
+    };
+    let owner = if rel.owner_slot != NO_SLOT {
+        rel.owner_slot
+    } else {
+        slot
+    };
+    add_mapped(owner, -(page_align(rel.len) as i64));
+    Ok(0)
+}
+
+// name: sys_enter_madvise
+// format, after the common fields (see `record`):
+// 	field:int __syscall_nr;	offset:8;	size:4;	signed:1;
+// 	field:unsigned long start;	offset:16;	size:8;	signed:0;
+// 	field:size_t len_in;	offset:24;	size:8;	signed:0;
+// 	field:int behavior;	offset:32;	size:8;	signed:0;
+#[tracepoint(category = "syscalls", name = "sys_enter_madvise")]
+pub fn sys_enter_madvise(ctx: TracePointContext) -> u32 {
+    match try_sys_enter_madvise(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_sys_enter_madvise(ctx: &TracePointContext) -> Result<u32, u32> {
+    let off = offsets();
+    begin_release(
+        read_arg(ctx, off.madvise_start),
+        read_arg(ctx, off.madvise_len),
+    )
+}
+
+/// Only closes the bracket: madvise maps and unmaps nothing.
+#[tracepoint(category = "syscalls", name = "sys_exit_madvise")]
+pub fn sys_exit_madvise(_ctx: TracePointContext) -> u32 {
+    let _ = end_release();
+    0
+}

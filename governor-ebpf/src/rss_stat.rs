@@ -1,0 +1,157 @@
+//! `rss_stat`: the quantity source. Each change of one of an address
+//! space's RSS counters is differenced against the last value seen and the
+//! delta charged to the running thread's engine (or, inside a release
+//! syscall, to the range's owner; from outside the process, to its external
+//! slot).
+
+use core::intrinsics::{AtomicOrdering, atomic_xchg};
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_task, bpf_probe_read_kernel},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+use nodedb_governor_common::{KernelLayout, MmState, NO_SLOT, kind};
+
+use crate::{
+    counters::{add_i64, add_resident, stats},
+    identity::{Identity, identity, ids},
+    maps::{MM_BY_PTR, MM_STATES, RELEASING},
+};
+
+/// Written by the agent at load time from kernel BTF. The verifier sees
+/// these as constants (read-only data), which is what lets `rss_stat` load
+/// the counter straight from the `mm_struct`.
+#[unsafe(no_mangle)]
+static LAYOUT: KernelLayout = KernelLayout {
+    rss_counter: [0; 4],
+    task_mm: 0,
+    page_shift: 12,
+    member_kind: [kind::UNKNOWN; 8],
+};
+
+/// `TP_PROTO(struct mm_struct *mm, int member)` from 6.2;
+/// `TP_PROTO(struct mm_struct *mm, int member, long count)` before. Only the
+/// first two arguments are used, so both shapes work.
+#[btf_tracepoint(function = "rss_stat")]
+pub fn rss_stat(ctx: BtfTracePointContext) -> u32 {
+    match try_rss_stat(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// Reads counter `member` of `mm` (pages), with `bpf_probe_read_kernel`:
+/// a direct BTF load would be neater, but 6.1's verifier refuses one that
+/// lands inside an array of `atomic_long_t` ("not a struct").
+#[inline(always)]
+fn read_counter(mm: *const u8, member: u32) -> i64 {
+    // SAFETY: LAYOUT holds this kernel's offsets of the RSS counters inside
+    // mm_struct (from BTF); `mm` is the tracepoint's mm_struct pointer. The
+    // helper tolerates a bad address (it returns an error, read as 0).
+    unsafe {
+        let off = match member {
+            0 => core::ptr::read_volatile(&LAYOUT.rss_counter[0]),
+            1 => core::ptr::read_volatile(&LAYOUT.rss_counter[1]),
+            2 => core::ptr::read_volatile(&LAYOUT.rss_counter[2]),
+            _ => core::ptr::read_volatile(&LAYOUT.rss_counter[3]),
+        };
+        bpf_probe_read_kernel(mm.add(off as usize) as *const i64).unwrap_or(0)
+    }
+}
+
+fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<u32, u32> {
+    let mm: *const u8 = ctx.arg(0);
+    let member: u64 = ctx.arg(1);
+    let member = member as u32;
+    if member >= 4 {
+        return Ok(0);
+    }
+    // SAFETY: read-only data written by the loader.
+    let bucket = unsafe { core::ptr::read_volatile(&LAYOUT.member_kind[member as usize & 3]) };
+    if bucket == kind::UNKNOWN {
+        return Ok(0);
+    }
+    let bucket = bucket as usize & (kind::COUNT - 1);
+
+    let me = identity();
+    let own = me.and_then(|me| {
+        let state = MM_STATES.get_ptr_mut(me.mm_index)?;
+        Some((me, state))
+    });
+    // SAFETY: `state` is a valid map value pointer.
+    let known_mm = own.map(|(_, state)| unsafe { (*state).mm });
+    let (me, state) = match own {
+        Some((me, state)) if known_mm == Some(mm as u64) => (Some(me), state),
+        Some((me, state)) if known_mm == Some(0) => {
+            learn_mm(mm as u64, me, state)?;
+            (Some(me), state)
+        }
+        _ => {
+            // A change to an address space that is not the running thread's
+            // own: reclaim, a remote access, or another process entirely.
+            // SAFETY: copy out of the map value.
+            let index = unsafe { MM_BY_PTR.get(mm as u64) }.copied().ok_or(0u32)?;
+            (None, MM_STATES.get_ptr_mut(index).ok_or(0u32)?)
+        }
+    };
+    // SAFETY: read-only data written by the loader.
+    let page_shift = unsafe { core::ptr::read_volatile(&LAYOUT.page_shift) } & 63;
+    let bytes = read_counter(mm, member) << page_shift;
+    // SAFETY: `state` is a valid map value pointer. Most events leave the
+    // counter where it was (from 6.2 the value we read moves in per-CPU
+    // batches), so look before exchanging.
+    let last = unsafe { &raw mut (*state).last_bytes[bucket] };
+    // SAFETY: as above.
+    if unsafe { core::ptr::read_volatile(last) } == bytes {
+        return Ok(0);
+    }
+    // SAFETY: as above; the exchange is atomic so concurrent events on other
+    // CPUs each see a distinct predecessor, and the deltas telescope.
+    let delta = bytes - unsafe { atomic_xchg::<i64, { AtomicOrdering::Relaxed }>(last, bytes) };
+    if delta == 0 {
+        return Ok(0);
+    }
+    let Some(me) = me else {
+        // SAFETY: valid map value pointer.
+        add_resident(unsafe { (*state).external_slot }, bucket, delta);
+        return Ok(0);
+    };
+    if delta < 0 {
+        // Memory going away inside a release syscall belongs to whoever
+        // faulted the range in, not to the thread that released it.
+        // SAFETY: copy out of the map value.
+        if let Some(rel) = unsafe { RELEASING.get(ids().1) } {
+            let owner = rel.owner_slot;
+            if owner != NO_SLOT && owner != me.slot {
+                add_resident(owner, bucket, delta);
+                if let Some(s) = stats(me.slot) {
+                    // SAFETY: valid per-CPU map value pointer.
+                    unsafe { add_i64(&raw mut (*s).released_for_others_bytes, -delta) };
+                }
+                return Ok(0);
+            }
+        }
+    }
+    add_resident(me.slot, bucket, delta);
+    Ok(0)
+}
+
+/// First counter change of a governed process since registration: checks
+/// that `mm` is the thread's own address space and remembers it.
+#[cold]
+fn learn_mm(mm: u64, me: Identity, state: *mut MmState) -> Result<(), u32> {
+    // SAFETY: read-only data written by the loader.
+    let task_mm = unsafe { core::ptr::read_volatile(&LAYOUT.task_mm) } as usize;
+    // SAFETY: reads current->mm at this kernel's BTF offset.
+    let own_mm = unsafe {
+        bpf_probe_read_kernel((bpf_get_current_task() as *const u8).add(task_mm) as *const u64)
+    }
+    .map_err(|_| 1u32)?;
+    if own_mm != mm {
+        return Err(0);
+    }
+    // SAFETY: valid map value pointer; racing CPUs write the same value.
+    unsafe { core::ptr::write_volatile(&raw mut (*state).mm, mm) };
+    let _ = MM_BY_PTR.insert(mm, me.mm_index, 0);
+    Ok(())
+}

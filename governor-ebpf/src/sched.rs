@@ -1,0 +1,88 @@
+//! Task switches and thread lifetime: `sched_switch` clears the per-CPU
+//! caches when another task gets the CPU; `sched_process_fork` and
+//! `sched_process_exit` keep the TID fallback map right as threads come and
+//! go.
+
+use aya_ebpf::{
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+
+use crate::{
+    identity::ids,
+    maps::{ENGINE_BY_TID, IDENTITY_CACHE, PENDING_MMAP, REGION_CACHE, RELEASING},
+    record::offsets,
+};
+
+/// `TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct
+/// *next, unsigned int prev_state)`: another task gets this CPU, so the
+/// identity cache no longer describes the running thread.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch(_ctx: BtfTracePointContext) -> u32 {
+    match try_sched_switch() {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn try_sched_switch() -> Result<u32, u32> {
+    for cache in [IDENTITY_CACHE.get_ptr_mut(0), REGION_CACHE.get_ptr_mut(0)]
+        .into_iter()
+        .flatten()
+    {
+        // SAFETY: this CPU's entry of a live per-CPU map.
+        unsafe { core::ptr::write_volatile(cache, 0) };
+    }
+    Ok(0)
+}
+
+// name: sched_process_fork
+// format, after the common fields (see `record`):
+// 	field:__data_loc char[] parent_comm;	offset:8;	size:4;	signed:0;
+// 	field:pid_t parent_pid;	offset:12;	size:4;	signed:1;
+// 	field:__data_loc char[] child_comm;	offset:16;	size:4;	signed:0;
+// 	field:pid_t child_pid;	offset:20;	size:4;	signed:1;
+// Older kernels keep the comms in place as char[16] (parent_pid at 24,
+// child_pid at 44): the offsets come from the format file at load time.
+/// A thread created by a thread with a TID-map engine inherits it, as a
+/// thread inherits its cgroup.
+#[tracepoint(category = "sched", name = "sched_process_fork")]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    match try_sched_process_fork(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_sched_process_fork(ctx: &TracePointContext) -> Result<u32, u32> {
+    let off = offsets();
+    // SAFETY: offsets from this kernel's format file for this record.
+    let (parent, child) = unsafe {
+        (
+            ctx.read_at::<u32>(off.fork_parent_pid as usize)
+                .unwrap_or(0),
+            ctx.read_at::<u32>(off.fork_child_pid as usize).unwrap_or(0),
+        )
+    };
+    // SAFETY: copy out of the map value.
+    if let Some(slot) = unsafe { ENGINE_BY_TID.get(parent) }.copied() {
+        let _ = ENGINE_BY_TID.insert(child, slot, 0);
+    }
+    Ok(0)
+}
+
+/// Forget an exiting thread, so a recycled TID does not inherit its engine.
+/// Reads nothing from the record: the running thread is the one exiting.
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    match try_sched_process_exit() {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_sched_process_exit() -> Result<u32, u32> {
+    let (_, tid) = ids();
+    let _ = ENGINE_BY_TID.remove(tid);
+    let _ = RELEASING.remove(tid);
+    let _ = PENDING_MMAP.remove(tid);
+    Ok(0)
+}

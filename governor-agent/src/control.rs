@@ -38,8 +38,8 @@ use std::{
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{
-    config::{Config, EngineLimits},
     attribution::Reading,
+    config::{Config, EngineLimits},
 };
 use nodedb_governor::{
     PressureLevel,

@@ -57,4 +57,3 @@ pub struct ProgramStats {
     pub run_count: u64,
     pub run_time_ns: u64,
 }
-

@@ -1,7 +1,9 @@
 //! `cargo xtask`: the project's build, set-up, test, run and benchmark
 //! tasks. `run` and `test` set up what they need first.
 
+mod apt;
 mod bench;
+mod cargo;
 mod cmd;
 mod ebpf;
 mod plot;

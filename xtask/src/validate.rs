@@ -20,7 +20,10 @@ use std::{fs, path::Path, process::Command};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::cmd::{self, step};
+use crate::{
+    cargo::{self, Binaries, Profile},
+    cmd::{self, step},
+};
 
 pub struct Options {
     /// `nodedb-validate --modes`.
@@ -36,20 +39,18 @@ pub fn validate(opts: &Options) -> anyhow::Result<()> {
     }
     let root = crate::root();
     step("building the agent, the workload and its harness");
-    cmd::run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "-q",
-        "-p",
-        "nodedb-governor-agent",
-        "--bin",
-        "nodedb-governor",
-        "-p",
-        "nodedb-governor-workload",
-        "--bin",
-        "nodedb-workload",
-        "--bin",
-        "nodedb-validate",
-    ]))?;
+    let [_, _, validate_bin] = cargo::build(
+        Profile::Debug,
+        &[
+            Binaries::new("nodedb-governor-agent", &["nodedb-governor"]),
+            Binaries::new(
+                "nodedb-governor-workload",
+                &["nodedb-workload", "nodedb-validate"],
+            ),
+        ],
+    )?
+    .try_into()
+    .expect("three binaries asked for, three paths");
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")?
         .trim()
         .to_owned();
@@ -60,7 +61,7 @@ pub fn validate(opts: &Options) -> anyhow::Result<()> {
         "validating on {kernel}: {}",
         opts.modes.join(", ")
     ));
-    let status = Command::new(root.join("target/debug/nodedb-validate"))
+    let status = Command::new(&validate_bin)
         .arg("--config")
         .arg(root.join("deploy/nodedb-governor.toml"))
         .arg("--out")

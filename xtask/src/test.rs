@@ -1,5 +1,6 @@
-//! `cargo xtask test`: formatting, lints, and every test. The privileged
-//! tests (eBPF, cgroups) run for real as root; under CI they may not skip.
+//! `cargo xtask test`: formatting, the dependency check, lints, and every
+//! test. The privileged tests (eBPF, cgroups) run for real as root; under
+//! CI they may not skip.
 
 use crate::{
     cargo,
@@ -9,6 +10,7 @@ use crate::{
 pub fn test() -> anyhow::Result<()> {
     step("cargo fmt --check");
     cmd::run(cargo::command().args(["fmt", "--all", "--check"]))?;
+    crate::deps::deps()?;
     step("clippy (host crates)");
     cmd::run(cargo::command().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     step("clippy (the library alone, no features)");

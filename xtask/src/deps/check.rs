@@ -143,46 +143,25 @@ impl Walk<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const AGENT: &[&str] = &[
-        "aya",
-        "aya-build",
-        "aya-obj",
-        "tokio",
-        "axum",
-        "clap",
-        "ratatui",
-        "nodedb-governor-agent",
-        "nodedb-governor-ebpf",
-        "nodedb-governor-common",
-    ];
-
-    const THROUGH_DATAFUSION: &[Allowance] = &[Allowance {
-        name: "tokio",
-        via: &[Via::DataFusion],
-    }];
-
-    const WORKLOAD: &[Allowance] = &[
-        Allowance {
-            name: "tokio",
-            via: &[Via::DataFusion, Via::Root],
-        },
-        Allowance {
-            name: "clap",
-            via: &[Via::Root],
-        },
-    ];
+    use crate::deps::{AGENT_CRATES, LIBRARY_WITH_DATAFUSION, WORKLOAD};
 
     fn check(output: &str, allowed: &[Allowance]) -> Vec<Violation> {
         violations(
             &Tree::parse(output).expect("the sample parses"),
-            AGENT,
+            AGENT_CRATES,
             allowed,
         )
     }
 
-    fn path(p: &[&str]) -> Vec<String> {
-        p.iter().map(|s| (*s).to_owned()).collect()
+    /// The path of the one violation found, which has one path.
+    fn the_one_path(found: &[Violation]) -> Vec<&str> {
+        let [v] = found else {
+            panic!("one violation expected: {found:?}");
+        };
+        let [path] = &v.paths[..] else {
+            panic!("one path expected: {v:?}");
+        };
+        path.iter().map(String::as_str).collect()
     }
 
     #[test]
@@ -222,48 +201,47 @@ mod tests {
             ]
         );
         assert_eq!(
-            found[1].paths,
-            [path(&[
+            the_one_path(&found[1..2]),
+            [
                 "aya v0.14.0",
                 "nodedb-governor-common v0.1.0",
                 "nodedb-governor v0.1.0"
-            ])]
+            ]
         );
     }
 
+    /// The library with DataFusion, tokio first seen under
+    /// datafusion-common; the tests add other ways in.
+    const TOKIO_UNDER_DATAFUSION_COMMON: &str = "0nodedb-governor v0.1.0 (/w/governor)\n\
+                                                 1datafusion-common v55.2.0\n\
+                                                 2tokio v1.54.1\n\
+                                                 3pin-project-lite v0.2.16\n";
+
     #[test]
     fn tokio_through_something_other_than_datafusion_fails() {
-        let output = "0nodedb-governor v0.1.0 (/w/governor)\n\
-                      1datafusion-common v55.2.0\n\
-                      2tokio v1.54.1\n\
-                      3pin-project-lite v0.2.16\n\
-                      1reqwest v0.12.0\n\
-                      2tokio v1.54.1 (*)\n";
-        let found = check(output, THROUGH_DATAFUSION);
-        assert_eq!(found.len(), 1, "{found:?}");
+        let output = format!(
+            "{TOKIO_UNDER_DATAFUSION_COMMON}\
+             1reqwest v0.12.0\n\
+             2tokio v1.54.1 (*)\n"
+        );
         assert_eq!(
-            found[0].paths,
-            [path(&[
-                "tokio v1.54.1",
-                "reqwest v0.12.0",
-                "nodedb-governor v0.1.0"
-            ])],
+            the_one_path(&check(&output, LIBRARY_WITH_DATAFUSION)),
+            ["tokio v1.54.1", "reqwest v0.12.0", "nodedb-governor v0.1.0"],
             "only the path that avoids DataFusion is named"
         );
     }
 
     #[test]
     fn tokio_only_through_datafusion_common_passes() {
-        let output = "0nodedb-governor v0.1.0 (/w/governor)\n\
-                      1datafusion-common v55.2.0\n\
-                      2tokio v1.54.1\n\
-                      3pin-project-lite v0.2.16\n\
-                      1datafusion-execution v55.2.0\n\
-                      2datafusion-common v55.2.0 (*)\n\
-                      2tokio v1.54.1 (*)\n\
-                      2tokio-util v0.7.15\n\
-                      3tokio v1.54.1 (*)\n";
-        let found = check(output, THROUGH_DATAFUSION);
+        let output = format!(
+            "{TOKIO_UNDER_DATAFUSION_COMMON}\
+             1datafusion-execution v55.2.0\n\
+             2datafusion-common v55.2.0 (*)\n\
+             2tokio v1.54.1 (*)\n\
+             2tokio-util v0.7.15\n\
+             3tokio v1.54.1 (*)\n"
+        );
+        let found = check(&output, LIBRARY_WITH_DATAFUSION);
         assert!(found.is_empty(), "{found:?}");
     }
 
@@ -276,15 +254,13 @@ mod tests {
                       1nodedb-governor-demo v0.1.0 (/w/demo)\n\
                       2clap v4.6.9 (*)\n\
                       1tokio v1.54.1 (*)\n";
-        let found = check(output, WORKLOAD);
-        assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(
-            found[0].paths,
-            [path(&[
+            the_one_path(&check(output, WORKLOAD)),
+            [
                 "clap v4.6.9",
                 "nodedb-governor-demo v0.1.0",
                 "nodedb-governor-workload v0.1.0"
-            ])]
+            ]
         );
         let own = output.replace("2clap v4.6.9 (*)\n", "");
         assert!(check(&own, WORKLOAD).is_empty());

@@ -56,24 +56,31 @@ const EMBEDDERS: &[Embedder] = &[
     Embedder {
         package: "nodedb-governor",
         features: Some("control,datafusion,jemalloc,metrics"),
-        allowed: &[Allowance {
-            name: "tokio",
-            via: &[Via::DataFusion],
-        }],
+        allowed: LIBRARY_WITH_DATAFUSION,
     },
     Embedder {
         package: "nodedb-governor-workload",
         features: None,
-        allowed: &[
-            Allowance {
-                name: "tokio",
-                via: &[Via::DataFusion, Via::Root],
-            },
-            Allowance {
-                name: "clap",
-                via: &[Via::Root],
-            },
-        ],
+        allowed: WORKLOAD,
+    },
+];
+
+/// DataFusion's crates bring tokio themselves.
+const LIBRARY_WITH_DATAFUSION: &[Allowance] = &[Allowance {
+    name: "tokio",
+    via: &[Via::DataFusion],
+}];
+
+/// The workload runs DataFusion on its own tokio runtime, and its
+/// binaries have a command line.
+const WORKLOAD: &[Allowance] = &[
+    Allowance {
+        name: "tokio",
+        via: &[Via::DataFusion, Via::Root],
+    },
+    Allowance {
+        name: "clap",
+        via: &[Via::Root],
     },
 ];
 

@@ -8,6 +8,7 @@ mod cmd;
 mod deps;
 mod ebpf;
 mod plot;
+mod report;
 mod run;
 mod setup;
 mod test;

@@ -100,7 +100,7 @@ pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
                     match validation {
                         Some(v) => {
                             let dir = root.join("target/validate").join(&kernel);
-                            let met = crate::validate::write_report(&dir, &v)?;
+                            let met = crate::report::write(&dir, &v)?;
                             if !met {
                                 eprintln!("    FAIL the governed run missed the target");
                                 passed = false;

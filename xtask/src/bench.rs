@@ -9,15 +9,17 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-use crate::cmd::{self, step};
+use crate::{
+    cargo::{self, Binaries, Profile},
+    cmd::{self, step},
+};
 
 pub fn bench(rounds: u32) -> anyhow::Result<()> {
     if !cmd::is_root() {
         bail!("the tracing benchmark attaches eBPF programs: run `cargo xtask bench` as root");
     }
-    let root = crate::root();
     step("reserve + release pairs: governor against DataFusion's pools (criterion)");
-    cmd::run(Command::new("cargo").current_dir(&root).args([
+    cmd::run(cargo::command().args([
         "bench",
         "-p",
         "nodedb-governor",
@@ -27,23 +29,22 @@ pub fn bench(rounds: u32) -> anyhow::Result<()> {
         "reservation",
     ]))?;
     step("building the tracing benchmark (release)");
-    cmd::run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "nodedb-governor-testkit",
-        "--features",
-        "bench",
-        "--bin",
-        "tracing-cost",
-    ]))?;
-    let out_dir = root.join("target/bench");
+    let [tracing_cost] = cargo::build(
+        Profile::Release,
+        &[Binaries {
+            features: &["bench"],
+            ..Binaries::new("nodedb-governor-testkit", &["tracing-cost"])
+        }],
+    )?
+    .try_into()
+    .expect("one binary asked for, one path");
+    let out_dir = crate::root().join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     let json = out_dir.join("tracing-cost.json");
     step(&format!(
         "tracing cost: {rounds} rounds of every configuration, interleaved"
     ));
-    let out = Command::new(root.join("target/release/tracing-cost"))
+    let out = Command::new(&tracing_cost)
         .args(["--rounds", &rounds.to_string(), "--json"])
         .arg(&json)
         .output()

@@ -1,25 +1,19 @@
 //! `cargo xtask build-ebpf`: the eBPF object on its own, as the agent's
 //! build script (aya-build) builds it: nightly, `-Z build-std=core`, BTF.
 
-use std::process::Command;
-
 use anyhow::{Context, bail};
 
-use crate::cmd::{self, step};
+use crate::{
+    cargo,
+    cmd::{self, step},
+};
 
 pub fn build() -> anyhow::Result<()> {
     step("building the eBPF programs (governor-ebpf)");
     let target_dir = crate::root().join("target");
     cmd::run(
-        Command::new("cargo")
-            .current_dir(crate::root())
-            .args([
-                "+nightly",
-                "build",
-                "--release",
-                "-p",
-                "nodedb-governor-ebpf",
-            ])
+        cargo::nightly()
+            .args(["build", "--release", "-p", "nodedb-governor-ebpf"])
             .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
             .env(
                 "CARGO_ENCODED_RUSTFLAGS",
@@ -29,9 +23,7 @@ pub fn build() -> anyhow::Result<()> {
                     "-Clink-arg=--btf",
                 ]
                 .join("\x1f"),
-            )
-            .env_remove("RUSTC")
-            .env_remove("RUSTC_WORKSPACE_WRAPPER"),
+            ),
     )?;
     let object = target_dir.join("bpfel-unknown-none/release/nodedb-governor-ebpf");
     let bytes = std::fs::read(&object).with_context(|| format!("reading {}", object.display()))?;

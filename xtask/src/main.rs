@@ -1,10 +1,14 @@
 //! `cargo xtask`: the project's build, set-up, test, run and benchmark
 //! tasks. `run` and `test` set up what they need first.
 
+mod apt;
 mod bench;
+mod cargo;
 mod cmd;
+mod deps;
 mod ebpf;
 mod plot;
+mod report;
 mod run;
 mod setup;
 mod test;
@@ -28,9 +32,14 @@ enum Task {
     Setup,
     /// Build the eBPF object (with BTF) and report where it is.
     BuildEbpf,
-    /// Every check and test: fmt, clippy, unit, integration and privileged
-    /// eBPF tests (those fail instead of skipping under CI or as root).
+    /// Every check and test: fmt, the dependency check, clippy, unit,
+    /// integration and privileged eBPF tests (those fail instead of
+    /// skipping under CI or as root).
     Test,
+    /// The dependency check: a database that embeds the library (with
+    /// its features, DataFusion's too) pulls in none of the agent's
+    /// crates (cargo tree; nothing is built).
+    Deps,
     /// The agent with the bundled default config and a three-engine demo,
     /// showing per-engine attribution live until Ctrl-C.
     Run {
@@ -89,6 +98,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup(),
         Task::BuildEbpf => setup::setup().and_then(|()| ebpf::build()),
         Task::Test => setup::setup().and_then(|()| test::test()),
+        Task::Deps => deps::deps(),
         Task::Run { seconds } => setup::setup().and_then(|()| run::run(seconds)),
         Task::VmTest {
             series,

@@ -15,7 +15,10 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use crate::cmd::{self, step};
+use crate::{
+    cargo::{self, Binaries, Profile},
+    cmd::{self, step},
+};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -41,18 +44,16 @@ pub fn run(seconds: Option<u64>) -> anyhow::Result<()> {
     if !cmd::is_root() {
         bail!("the agent loads eBPF programs and manages cgroups: run `cargo xtask run` as root");
     }
-    let root = crate::root();
     step("building the agent and the demo (release)");
-    cmd::run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "nodedb-governor-agent",
-        "-p",
-        "nodedb-governor-demo",
-    ]))?;
-    let bin = root.join("target/release");
-    let agent_bin = bin.join("nodedb-governor");
+    let [agent_bin, demo_bin] = cargo::build(
+        Profile::Release,
+        &[
+            Binaries::new("nodedb-governor-agent", &["nodedb-governor"]),
+            Binaries::new("nodedb-governor-demo", &["nodedb-demo"]),
+        ],
+    )?
+    .try_into()
+    .expect("two binaries asked for, two paths");
 
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
@@ -78,7 +79,7 @@ pub fn run(seconds: Option<u64>) -> anyhow::Result<()> {
     // Scale 4: the query bursts and timeseries buffers outgrow their
     // budgets (40% and 30% of the 1 GiB ceiling), so the agent spills them.
     let mut demo = Reaped(
-        Command::new(bin.join("nodedb-demo"))
+        Command::new(&demo_bin)
             .args(["--scale", "4", "--control-socket", CONTROL])
             .stdout(Stdio::piped())
             .spawn()

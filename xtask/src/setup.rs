@@ -7,13 +7,18 @@
 //! 3. `bpf-linker`, built against that LLVM;
 //! 4. a check that the nightly's LLVM major version matches bpf-linker's;
 //! 5. `make`, which building jemalloc (the library's `jemalloc` feature)
-//!    needs.
+//!    needs;
+//! 6. a C++ compiler and `cargo-fuzz`, for the control channel's fuzz
+//!    target.
 
 use std::{path::Path, process::Command};
 
 use anyhow::{Context, bail};
 
-use crate::cmd::{self, step};
+use crate::{
+    apt,
+    cmd::{self, step},
+};
 
 /// LLVM major version of both rustc (stable and nightly) here.
 const LLVM_MAJOR: u32 = 22;
@@ -33,8 +38,9 @@ pub fn setup() -> anyhow::Result<()> {
     llvm_dev()?;
     bpf_linker()?;
     check_llvm_match()?;
-    make()?;
-    cxx()?;
+    tool_or_debian_package("make", "make", "building jemalloc")?;
+    // libfuzzer-sys (the fuzz target) builds libFuzzer.
+    tool_or_debian_package("c++", "g++", "building libFuzzer")?;
     cargo_fuzz()?;
     eprintln!("    toolchain ready");
     Ok(())
@@ -84,9 +90,7 @@ fn llvm_dev() -> anyhow::Result<()> {
         eprintln!("    LLVM {LLVM_MAJOR} dev packages: present");
         return Ok(());
     }
-    if !Path::new("/etc/debian_version").exists()
-        || Command::new("apt-get").arg("--version").output().is_err()
-    {
+    if !apt::is_debian() || Command::new("apt-get").arg("--version").output().is_err() {
         bail!(
             "LLVM {LLVM_MAJOR} development files are missing and this is not a Debian host. Install them by hand:\n  \
              - LLVM {LLVM_MAJOR} with its static or shared libraries and llvm-config (your distribution's llvm{LLVM_MAJOR}-devel),\n  \
@@ -103,13 +107,8 @@ fn llvm_dev() -> anyhow::Result<()> {
     step(&format!(
         "installing LLVM {LLVM_MAJOR} development packages"
     ));
-    cmd::run(Command::new("apt-get").args(["update", "-q"]))?;
-    cmd::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&packages)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    apt::update()?;
+    apt::install(&packages)
 }
 
 /// Major version of the libLLVM bpf-linker is linked against, from ldd.
@@ -158,23 +157,6 @@ fn bpf_linker() -> anyhow::Result<()> {
     )
 }
 
-/// A C++ compiler: libfuzzer-sys (the fuzz target) builds libFuzzer.
-fn cxx() -> anyhow::Result<()> {
-    if cmd::output(Command::new("c++").arg("--version")).is_some() {
-        eprintln!("    c++: present");
-        return Ok(());
-    }
-    if !Path::new("/etc/debian_version").exists() || !cmd::is_root() {
-        bail!("no C++ compiler (`c++`; libFuzzer's build needs one): install g++");
-    }
-    step("installing g++ (libFuzzer's build needs it)");
-    cmd::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends", "g++"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-}
-
 /// cargo-fuzz, for the control channel decoder's fuzz target.
 fn cargo_fuzz() -> anyhow::Result<()> {
     if let Some(v) = cmd::output(Command::new("cargo").args(["fuzz", "--version"])) {
@@ -193,20 +175,18 @@ fn cargo_fuzz() -> anyhow::Result<()> {
     ]))
 }
 
-fn make() -> anyhow::Result<()> {
-    if cmd::output(Command::new("make").arg("--version")).is_some() {
-        eprintln!("    make: present");
+/// `tool` (found by `tool --version`), or else Debian's `package`
+/// installed; `needed_by` says what wants it.
+fn tool_or_debian_package(tool: &str, package: &str, needed_by: &str) -> anyhow::Result<()> {
+    if cmd::output(Command::new(tool).arg("--version")).is_some() {
+        eprintln!("    {tool}: present");
         return Ok(());
     }
-    if !Path::new("/etc/debian_version").exists() || !cmd::is_root() {
-        bail!("`make` is missing (jemalloc's build needs it): install GNU make");
+    if !apt::is_debian() || !cmd::is_root() {
+        bail!("`{tool}` is missing ({needed_by} needs it): install {package}");
     }
-    step("installing make (jemalloc's build needs it)");
-    cmd::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends", "make"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    step(&format!("installing {package} ({needed_by} needs it)"));
+    apt::install(&[package])
 }
 
 fn rustc_llvm_major(toolchain: &str) -> Option<u32> {

@@ -1,28 +1,20 @@
-//! `cargo xtask test`: formatting, lints, and every test. The privileged
-//! tests (eBPF, cgroups) run for real as root; under CI they may not skip.
+//! `cargo xtask test`: formatting, the dependency check, lints, and every
+//! test. The privileged tests (eBPF, cgroups) run for real as root; under
+//! CI they may not skip.
 
-use std::process::Command;
-
-use crate::cmd::{self, step};
+use crate::{
+    cargo,
+    cmd::{self, step},
+};
 
 pub fn test() -> anyhow::Result<()> {
-    let root = crate::root();
     step("cargo fmt --check");
-    cmd::run(
-        Command::new("cargo")
-            .current_dir(&root)
-            .args(["fmt", "--all", "--check"]),
-    )?;
+    cmd::run(cargo::command().args(["fmt", "--all", "--check"]))?;
+    crate::deps::deps()?;
     step("clippy (host crates)");
-    cmd::run(Command::new("cargo").current_dir(&root).args([
-        "clippy",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    cmd::run(cargo::command().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     step("clippy (the library alone, no features)");
-    cmd::run(Command::new("cargo").current_dir(&root).args([
+    cmd::run(cargo::command().args([
         "clippy",
         "-p",
         "nodedb-governor",
@@ -32,7 +24,7 @@ pub fn test() -> anyhow::Result<()> {
         "warnings",
     ]))?;
     step("clippy (library with all its features, benchmarks included)");
-    cmd::run(Command::new("cargo").current_dir(&root).args([
+    cmd::run(cargo::command().args([
         "clippy",
         "-p",
         "nodedb-governor",
@@ -45,15 +37,8 @@ pub fn test() -> anyhow::Result<()> {
     ]))?;
     step("clippy (eBPF programs, nightly, bpf target)");
     cmd::run(
-        Command::new("cargo")
-            .current_dir(&root)
-            .args([
-                "+nightly",
-                "clippy",
-                "--release",
-                "-p",
-                "nodedb-governor-ebpf",
-            ])
+        cargo::nightly()
+            .args(["clippy", "--release", "-p", "nodedb-governor-ebpf"])
             .args([
                 "--target",
                 "bpfel-unknown-none",
@@ -62,13 +47,11 @@ pub fn test() -> anyhow::Result<()> {
                 "--",
                 "-D",
                 "warnings",
-            ])
-            .env_remove("RUSTC")
-            .env_remove("RUSTC_WORKSPACE_WRAPPER"),
+            ]),
     )?;
     step("tests");
-    let mut test = Command::new("cargo");
-    test.current_dir(&root).args(["test", "--all-targets"]);
+    let mut test = cargo::command();
+    test.args(["test", "--all-targets"]);
     if cmd::is_root() {
         // As root the privileged tests must run: a missing prerequisite is
         // then a failure, not a skip.
@@ -78,7 +61,7 @@ pub fn test() -> anyhow::Result<()> {
     }
     cmd::run(&mut test)?;
     step("library features: fault injection, metrics, jemalloc arenas, DataFusion pool");
-    cmd::run(Command::new("cargo").current_dir(&root).args([
+    cmd::run(cargo::command().args([
         "test",
         "-p",
         "nodedb-governor",
@@ -95,8 +78,7 @@ pub fn test() -> anyhow::Result<()> {
     ]))?;
     step("model checking the reservation core (loom)");
     cmd::run(
-        Command::new("cargo")
-            .current_dir(&root)
+        cargo::command()
             .args([
                 "test",
                 "-p",
@@ -110,19 +92,12 @@ pub fn test() -> anyhow::Result<()> {
     )?;
     step("fuzzing the control channel's decoder (cargo fuzz, 30 s)");
     cmd::run(
-        Command::new("cargo")
-            .current_dir(&root)
-            .args(["+nightly", "fuzz", "run", "decode", "--"])
-            .args(["-max_total_time=30", "-rss_limit_mb=2048"])
-            .env_remove("RUSTC")
-            .env_remove("RUSTC_WORKSPACE_WRAPPER"),
+        cargo::nightly()
+            .args(["fuzz", "run", "decode", "--"])
+            .args(["-max_total_time=30", "-rss_limit_mb=2048"]),
     )?;
     step("doc tests");
-    cmd::run(
-        Command::new("cargo")
-            .current_dir(&root)
-            .args(["test", "--doc"]),
-    )?;
+    cmd::run(cargo::command().args(["test", "--doc"]))?;
     let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     if cmd::is_root() || ci {
         step("the validation on this host (cgroup v1 fallback where the host has it)");

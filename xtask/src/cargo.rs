@@ -1,0 +1,95 @@
+//! Running cargo on the workspace: a `cargo` command rooted at it, and
+//! building named binaries of named packages.
+
+use std::{path::PathBuf, process::Command};
+
+use crate::cmd;
+
+/// `cargo`, run from the workspace root (xtask may be started from any
+/// directory below it).
+pub fn command() -> Command {
+    let mut cargo = Command::new("cargo");
+    cargo.current_dir(crate::root());
+    cargo
+}
+
+/// `cargo +nightly`, run from the workspace root. Under `cargo xtask`,
+/// cargo has set `RUSTC` (and maybe a wrapper) to the stable toolchain's;
+/// left in place they would win over `+nightly`.
+pub fn nightly() -> Command {
+    let mut cargo = command();
+    cargo
+        .arg("+nightly")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER");
+    cargo
+}
+
+#[derive(Clone, Copy)]
+pub enum Profile {
+    /// Built quietly: the tasks that want it run after `cargo test`, which
+    /// built these binaries already, so cargo has little to say.
+    Debug,
+    /// With cargo's progress: an optimised build takes minutes.
+    Release,
+}
+
+impl Profile {
+    fn dir(self) -> &'static str {
+        match self {
+            Profile::Debug => "debug",
+            Profile::Release => "release",
+        }
+    }
+}
+
+/// Binaries of one package, and the package's features to build them with.
+pub struct Binaries<'a> {
+    pub package: &'a str,
+    pub features: &'a [&'a str],
+    pub bins: &'a [&'a str],
+}
+
+impl<'a> Binaries<'a> {
+    /// `bins` of `package`, with its default features.
+    pub fn new(package: &'a str, bins: &'a [&'a str]) -> Self {
+        Self {
+            package,
+            features: &[],
+            bins,
+        }
+    }
+}
+
+/// Builds every package's binaries in one `cargo build` (so their
+/// dependencies' features are unified as in any one invocation) and
+/// returns the binaries' paths, in the order given.
+pub fn build(profile: Profile, packages: &[Binaries]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut build = command();
+    build.arg("build");
+    build.arg(match profile {
+        Profile::Debug => "-q",
+        Profile::Release => "--release",
+    });
+    for p in packages {
+        build.args(["-p", p.package]);
+        if !p.features.is_empty() {
+            let features: Vec<String> = p
+                .features
+                .iter()
+                .map(|f| format!("{}/{f}", p.package))
+                .collect();
+            build.args(["--features", &features.join(",")]);
+        }
+        for b in p.bins {
+            build.args(["--bin", b]);
+        }
+    }
+    cmd::run(&mut build)?;
+    let dir = crate::root().join("target").join(profile.dir());
+    Ok(packages
+        .iter()
+        .flat_map(|p| p.bins)
+        .map(|b| dir.join(b))
+        .collect())
+}

@@ -1,0 +1,208 @@
+//! The validation's report, for one kernel: `summary.json` as the harness
+//! wrote it, `report.md` (per engine, peaks against budgets; throughput
+//! against the run without an agent) and `timeline.svg` (see plot.rs).
+//! Written for the host's validation and for each VM's.
+
+use std::{fs, path::Path};
+
+use serde_json::Value;
+
+/// Writes `summary.json`, `report.md` and `timeline.svg` for one kernel's
+/// validation into `dir`, prints the report, and returns whether the
+/// governed run (if there was one) met the target.
+pub fn write(dir: &Path, summary: &Value) -> anyhow::Result<bool> {
+    fs::create_dir_all(dir)?;
+    let kernel = summary["kernel"].as_str().unwrap_or("unknown");
+    let runs = summary["runs"].as_array().cloned().unwrap_or_default();
+    fs::write(
+        dir.join("summary.json"),
+        serde_json::to_vec_pretty(summary)?,
+    )?;
+    let report = report(summary);
+    fs::write(dir.join("report.md"), &report)?;
+    crate::plot::timeline(&dir.join("timeline.svg"), kernel, &runs)?;
+    eprintln!("{report}");
+    eprintln!(
+        "    written: {}/{{summary.json,report.md,timeline.svg}}",
+        dir.display()
+    );
+    Ok(runs.iter().filter(|r| r["mode"] == "governed").all(met))
+}
+
+/// Whether a run met the target (as the harness judged it).
+fn met(run: &Value) -> bool {
+    run["target_met"] == true
+}
+
+fn mib(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0) >> 20
+}
+
+fn run<'a>(runs: &'a [Value], mode: &str) -> Option<&'a Value> {
+    runs.iter().find(|r| r["mode"] == mode)
+}
+
+fn report(summary: &Value) -> String {
+    let kernel = summary["kernel"].as_str().unwrap_or("unknown");
+    let runs = summary["runs"].as_array().cloned().unwrap_or_default();
+    let backend = runs
+        .iter()
+        .find_map(|r| r["cgroup_backend"].as_str())
+        .unwrap_or("none");
+    let mut s = format!(
+        "Kernel {kernel} ({backend}); the bundled configuration's ceiling ({} MiB) and budgets; workload `{}`.\n\n\
+         Per engine: peak attributed resident / configured budget, MiB; in brackets, the governed run's peak against the budget in force (the configured budget moved by loans; for {} s after a loan is taken back, the larger budget, while the borrower spills), the other runs' against the configured budget. \
+         Peak RSS: the workload process's resident set.\n\n\
+         | run | vector | timeseries | query | peak RSS / ceiling | OOM kills | outcome |\n|---|---:|---:|---:|---:|---:|---|\n",
+        mib(&summary["config"]["ceiling_bytes"]),
+        summary["workload_args"]
+            .as_array()
+            .map(|a| a
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" "))
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| "defaults".to_owned()),
+        summary["loan_grace_seconds"],
+    );
+    for r in &runs {
+        let mode = r["mode"].as_str().unwrap_or_default();
+        let e = |n: &str| {
+            let x = &r["engines"][n];
+            if mode == "baseline" {
+                return "(no agent)".to_owned();
+            }
+            let mut cell = format!(
+                "{} / {}",
+                mib(&x["peak_resident_bytes"]),
+                mib(&x["budget_bytes"])
+            );
+            if mode == "governed" {
+                cell.push_str(&format!(
+                    " ({:.0}%)",
+                    x["peak_over_budget_in_force"].as_f64().unwrap_or(0.0) * 100.0
+                ));
+            } else {
+                cell.push_str(&format!(
+                    " ({:.0}%)",
+                    x["peak_over_budget"].as_f64().unwrap_or(0.0) * 100.0
+                ));
+            }
+            cell
+        };
+        let outcome = if r["completed"] == true {
+            if r["correct"] == true {
+                "completed, correct".to_owned()
+            } else {
+                "completed, WRONG".to_owned()
+            }
+        } else {
+            r["exit"].as_str().unwrap_or("failed").to_owned()
+        };
+        let verdict = match mode {
+            "governed" if met(r) => ", target met",
+            "governed" => ", TARGET MISSED",
+            _ => "",
+        };
+        s.push_str(&format!(
+            "| {mode} | {} | {} | {} | {} / {} | {} | {outcome}{verdict} |\n",
+            e("vector"),
+            e("timeseries"),
+            e("query"),
+            mib(&r["peak_rss_bytes"]),
+            mib(&r["ceiling_bytes"]),
+            r["oom_kills"].as_u64().unwrap_or(0),
+        ));
+    }
+    // Throughput against the run without an agent.
+    if let Some(b) = run(&runs, "baseline").map(|b| &b["workload"])
+        && b.is_object()
+    {
+        let others: Vec<&Value> = ["governed", "roomy", "ample"]
+            .iter()
+            .filter_map(|m| run(&runs, m))
+            .filter(|r| r["workload"].is_object())
+            .collect();
+        let pair = |a: &str, b: &str| {
+            Some((run(&runs, a)?, run(&runs, b)?))
+                .filter(|(x, y)| x["workload"].is_object() && y["workload"].is_object())
+        };
+        // The cost of governance as the validation defines it: governed
+        // against ungoverned with ample memory; and the machinery's part of
+        // it (roomy against ample: nothing had to give).
+        let costs: Vec<(&str, &Value, &Value)> = [
+            ("governed / ample", "governed", "ample"),
+            ("roomy / ample", "roomy", "ample"),
+        ]
+        .into_iter()
+        .filter_map(|(label, a, b)| pair(a, b).map(|(x, y)| (label, x, y)))
+        .collect();
+        if !others.is_empty() {
+            s.push_str(
+                "\nThroughput against the baseline (no agent, no ceiling; same data, same run of the harness): \
+                 the ratio is the run's rate over the baseline's (1.00 = as fast). \
+                 The last columns are the cost of governance: governed against ample (ungoverned, ample memory), \
+                 and roomy against ample (governed with ample memory: the machinery alone, with nothing to spill).\n\n| engine | baseline |",
+            );
+            for o in &others {
+                s.push_str(&format!(
+                    " {} | ratio |",
+                    o["mode"].as_str().unwrap_or_default()
+                ));
+            }
+            for (label, _, _) in &costs {
+                s.push_str(&format!(" {label} |"));
+            }
+            s.push_str("\n|---|---:|");
+            for _ in &others {
+                s.push_str("---:|---:|");
+            }
+            for _ in &costs {
+                s.push_str("---:|");
+            }
+            s.push('\n');
+            for (name, path) in [
+                ("vector build (vectors/s)", ["vector", "vectors_per_second"]),
+                (
+                    "vector search (searches/s)",
+                    ["vector", "searches_per_second"],
+                ),
+                (
+                    "timeseries ingest (points/s)",
+                    ["timeseries", "points_per_second"],
+                ),
+                ("query GROUP BY (rows/s)", ["query", "rows_per_second"]),
+            ] {
+                let rate = |r: &Value| r["workload"][path[0]][path[1]].as_f64().unwrap_or(0.0);
+                let bv = b[path[0]][path[1]].as_f64().unwrap_or(0.0);
+                s.push_str(&format!("| {name} | {bv:.0} |"));
+                for o in &others {
+                    let v = rate(o);
+                    s.push_str(&format!(" {v:.0} | {:.2} |", v / bv.max(1e-9)));
+                }
+                for (_, x, y) in &costs {
+                    s.push_str(&format!(" {:.2} |", rate(x) / rate(y).max(1e-9)));
+                }
+                s.push('\n');
+            }
+        }
+    }
+    if let Some(g) = run(&runs, "governed").map(|g| &g["workload"])
+        && g.is_object()
+    {
+        s.push_str(&format!(
+            "\nGoverned run: vector evicted {} segments to disk ({} searches scanned disk), timeseries flushed {} times, \
+             the GROUP BY spilled {} files ({} MiB); the agent sent {} spill requests ({} MiB freed) and {} purges.\n",
+            g["vector"]["stats"]["evictions"],
+            g["vector"]["stats"]["disk_scans"],
+            g["timeseries"]["stats"]["flushes"],
+            g["query"]["spill_files"],
+            mib(&g["query"]["spilled_bytes"]),
+            g["link"]["spills"],
+            mib(&g["link"]["spilled_bytes"]),
+            g["link"]["purges"],
+        ));
+    }
+    s
+}

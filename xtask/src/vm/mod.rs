@@ -1,0 +1,155 @@
+//! `cargo xtask vm-test`: the tests that need cgroup v2 with the memory
+//! controller, which the hosts do not have (hybrid cgroups), run in qemu on
+//! Debian's cloud kernels.
+//!
+//! 1. Installs qemu, busybox (static) and cpio when they are missing.
+//! 2. Builds the agent and the probes (the debug profile `cargo test`
+//!    builds anyway).
+//! 3. Gets each kernel with `apt-get download` (the newest of the series;
+//!    cached under `target/vm/kernels`), or takes `--kernel PATH`.
+//! 4. Builds an initramfs (newc cpio, gzip): busybox, the binaries with
+//!    their debug info stripped, the shared libraries `ldd` names, and an
+//!    `/init` that mounts cgroup2 with the memory controller and runs
+//!    `vm-check`.
+//! 5. Boots each kernel under TCG (KVM hangs on these hosts), reads the
+//!    serial console, and takes the verdict and the JSON result from it.
+//!    A hard time limit kills qemu; a hang or a failed check fails the
+//!    task with the console's tail. A guest lost to its kernel is booted
+//!    once more after the evidence is printed, and a second loss fails:
+//!    one that froze (it prints a heartbeat every 15 s; after 2 min of
+//!    silence the harness prints where its vCPUs are, RIPs from the qemu
+//!    monitor named from the kernel's System.map), and one that stopped
+//!    before its script ended (a panic makes qemu exit: qemu's status and
+//!    the console's tail).
+
+mod freeze;
+mod initramfs;
+mod kernel;
+mod packages;
+mod qemu;
+
+use std::{fs, path::PathBuf, time::Duration};
+
+use anyhow::bail;
+
+use crate::{
+    cargo::{self, Binaries, Profile},
+    cmd::step,
+};
+
+/// The binaries the VM runs.
+const AGENT: &str = "nodedb-governor";
+const PROBE_BINS: &[&str] = &["vm-check", "breach-probe", "hold-probe"];
+const WORKLOAD_BINS: &[&str] = &["nodedb-workload", "nodedb-validate"];
+
+pub struct Options {
+    /// Kernel series to fetch from Debian ("6.1", "6.12").
+    pub series: Vec<String>,
+    /// Other bzImages to boot.
+    pub kernels: Vec<PathBuf>,
+    /// Per boot.
+    pub timeout: Duration,
+    /// The validation runs in each VM (`nodedb-validate --modes`); empty:
+    /// none.
+    pub validate_modes: Vec<String>,
+    /// Arguments for nodedb-workload in the VMs (empty: its defaults).
+    pub workload_args: Vec<String>,
+}
+
+pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
+    packages::install_missing()?;
+    step("building the agent and the VM probes");
+    // One cargo invocation per package, so that each package's binaries
+    // get the dependency features that package alone asks for (one
+    // invocation would unify them across all three).
+    let mut bins = Vec::new();
+    for (package, names) in [
+        ("nodedb-governor-agent", &[AGENT][..]),
+        ("nodedb-governor-testkit", PROBE_BINS),
+        ("nodedb-governor-workload", WORKLOAD_BINS),
+    ] {
+        bins.extend(cargo::build(
+            Profile::Debug,
+            &[Binaries::new(package, names)],
+        )?);
+    }
+    let root = crate::root();
+    let vm_dir = root.join("target/vm");
+    fs::create_dir_all(&vm_dir)?;
+    step("building the initramfs");
+    let initrd = initramfs::build(&vm_dir, &bins, &initramfs::init_script(opts))?;
+    let mut kernels = Vec::new();
+    for s in &opts.series {
+        kernels.push(kernel::debian_kernel(&vm_dir.join("kernels"), s)?);
+    }
+    kernels.extend(opts.kernels.iter().cloned());
+    let results = vm_dir.join("results");
+    fs::create_dir_all(&results)?;
+    let mut failed = Vec::new();
+    let mut summary = Vec::new();
+    for k in &kernels {
+        step(&format!("booting {} under TCG", k.display()));
+        let booted = qemu::boot_twice_if_lost(k, &initrd, opts.timeout, &vm_dir);
+        match booted {
+            Ok((result, validation)) => {
+                let kernel = result["kernel"].as_str().unwrap_or("unknown").to_owned();
+                let file = results.join(format!("{kernel}.json"));
+                fs::write(&file, serde_json::to_vec_pretty(&result)?)?;
+                let mut passed = result["passed"] == true;
+                if !opts.validate_modes.is_empty() {
+                    match validation {
+                        Some(v) => {
+                            let dir = root.join("target/validate").join(&kernel);
+                            let met = crate::report::write(&dir, &v)?;
+                            if !met {
+                                eprintln!("    FAIL the governed run missed the target");
+                                passed = false;
+                            }
+                        }
+                        None => {
+                            eprintln!("    FAIL the validation printed no result");
+                            passed = false;
+                        }
+                    }
+                }
+                for c in result["checks"].as_array().into_iter().flatten() {
+                    eprintln!(
+                        "    {} {}: {}",
+                        if c["ok"] == true { "ok  " } else { "FAIL" },
+                        c["name"].as_str().unwrap_or_default(),
+                        c["detail"]
+                    );
+                }
+                eprintln!("    result: {}", file.display());
+                summary.push(format!(
+                    "{kernel}: {}{}",
+                    if passed { "passed" } else { "FAILED" },
+                    match result["lost_boot"].as_str() {
+                        Some(what) => format!(" (on a second boot: the first {what})"),
+                        None => String::new(),
+                    }
+                ));
+                if !passed {
+                    failed.push(kernel);
+                }
+            }
+            Err(e) => {
+                eprintln!("    {e:#}");
+                summary.push(format!(
+                    "{}: FAILED ({})",
+                    k.display(),
+                    e.to_string().lines().next().unwrap_or_default()
+                ));
+                failed.push(k.display().to_string());
+            }
+        }
+    }
+    step("VM tests");
+    for s in &summary {
+        eprintln!("    {s}");
+    }
+    if !failed.is_empty() {
+        bail!("VM tests failed on {}", failed.join(", "));
+    }
+    Ok(())
+}

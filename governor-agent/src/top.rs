@@ -97,6 +97,16 @@ pub fn diff(before: &StatusReport, now: &StatusReport) -> Vec<String> {
     out
 }
 
+/// A bar of `used` out of `of` (full, however far beyond), titled and
+/// labelled.
+fn bar(title: String, colour: Color, (used, of): (u64, u64), label: String) -> Gauge<'static> {
+    Gauge::default()
+        .block(Block::default().borders(Borders::ALL).title(title))
+        .gauge_style(Style::default().fg(colour))
+        .ratio((used as f64 / of.max(1) as f64).clamp(0.0, 1.0))
+        .label(label)
+}
+
 /// Draws one frame.
 pub fn draw(f: &mut Frame, report: &StatusReport, events: &VecDeque<String>) {
     let rows: usize = report.clients.iter().map(|c| c.engines.len()).sum();
@@ -118,26 +128,19 @@ pub fn draw(f: &mut Frame, report: &StatusReport, events: &VecDeque<String>) {
     );
     match &report.ceiling {
         Some(c) => {
-            let ratio = c.current_bytes as f64 / c.limit_bytes.max(1) as f64;
+            let near = c.current_bytes as f64 >= c.limit_bytes as f64 * 0.9;
             f.render_widget(
-                Gauge::default()
-                    .block(Block::default().borders(Borders::ALL).title(format!(
-                        "ceiling ({:?}, high {})",
-                        c.backend,
-                        mib(c.high_bytes)
-                    )))
-                    .gauge_style(Style::default().fg(if ratio >= 0.9 {
-                        Color::Red
-                    } else {
-                        Color::Cyan
-                    }))
-                    .ratio(ratio.clamp(0.0, 1.0))
-                    .label(format!(
+                bar(
+                    format!("ceiling ({:?}, high {})", c.backend, mib(c.high_bytes)),
+                    if near { Color::Red } else { Color::Cyan },
+                    (c.current_bytes, c.limit_bytes),
+                    format!(
                         "{} / {}   oom_kill {}",
                         mib(c.current_bytes),
                         mib(c.limit_bytes),
                         c.events.oom_kill
-                    )),
+                    ),
+                ),
                 ceiling,
             );
         }
@@ -154,24 +157,20 @@ pub fn draw(f: &mut Frame, report: &StatusReport, events: &VecDeque<String>) {
     let mut i = 0;
     for c in &report.clients {
         for (name, e) in &c.engines {
-            let ratio = e.resident_bytes as f64 / e.budget_bytes.max(1) as f64;
             f.render_widget(
-                Gauge::default()
-                    .block(Block::default().borders(Borders::ALL).title(format!(
-                        "pid {} {name} [{}]",
-                        c.pid,
-                        level_name(e.level)
-                    )))
-                    .gauge_style(Style::default().fg(level_colour(e.level)))
-                    .ratio(ratio.clamp(0.0, 1.0))
-                    .label(format!(
+                bar(
+                    format!("pid {} {name} [{}]", c.pid, level_name(e.level)),
+                    level_colour(e.level),
+                    (e.resident_bytes, e.budget_bytes),
+                    format!(
                         "resident {} / budget {}   reserved {}   spills {}   purges {}",
                         mib(e.resident_bytes),
                         mib(e.budget_bytes),
                         mib(e.reserved_bytes),
                         e.spill_requests,
                         e.purges
-                    )),
+                    ),
+                ),
                 areas[i],
             );
             i += 1;

@@ -152,39 +152,74 @@ fn plan_sum(plan: &Arc<dyn ExecutionPlan>, f: &impl Fn(&MetricsSet) -> Option<us
             .sum::<usize>()
 }
 
-/// The plan of `SELECT k, SUM(v), COUNT(*) FROM t GROUP BY k` with
-/// DataFusion's memory drawn from `engine`'s budget.
-async fn plan(
-    governor: &MemoryGovernor,
-    engine: EngineId,
-    schema: Arc<Schema>,
-    batches: Vec<RecordBatch>,
-    partitions: usize,
-    spill: Spill,
-) -> Result<(SessionContext, Arc<dyn ExecutionPlan>)> {
-    let pool: Arc<dyn MemoryPool> = Arc::new(GovernorPool::new(governor, engine)?);
-    let mode = match spill {
-        Spill::To(dir) => DiskManagerMode::Directories(vec![dir]),
-        Spill::Disabled => DiskManagerMode::Disabled,
-    };
-    let runtime = RuntimeEnvBuilder::new()
-        .with_memory_pool(pool)
-        .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(mode))
-        .build_arc()?;
-    let config = SessionConfig::new()
-        .with_target_partitions(partitions)
-        .with_batch_size(8192);
-    let ctx = SessionContext::new_with_config_rt(config, runtime);
-    // One partition of input per target partition.
-    let per = batches.len().div_ceil(partitions.max(1)).max(1);
-    let parts: Vec<Vec<RecordBatch>> = batches.chunks(per).map(<[_]>::to_vec).collect();
-    ctx.register_table("t", Arc::new(MemTable::try_new(schema, parts)?))?;
-    let plan = ctx
-        .sql("SELECT k, SUM(v) AS s, COUNT(*) AS c FROM t GROUP BY k")
-        .await?
-        .create_physical_plan()
-        .await?;
-    Ok((ctx, plan))
+/// `SELECT k, SUM(v), COUNT(*) FROM t GROUP BY k` over `batches`, with
+/// DataFusion's memory drawn from `engine`'s budget through the governor's
+/// pool.
+pub struct GroupBy<'g> {
+    pub governor: &'g MemoryGovernor,
+    pub engine: EngineId,
+    pub schema: Arc<Schema>,
+    pub batches: Vec<RecordBatch>,
+    /// DataFusion's target partitions (the input is split as many ways).
+    pub partitions: usize,
+    pub spill: Spill,
+}
+
+impl GroupBy<'_> {
+    /// The session and the physical plan.
+    async fn plan(self) -> Result<(SessionContext, Arc<dyn ExecutionPlan>)> {
+        let pool: Arc<dyn MemoryPool> = Arc::new(GovernorPool::new(self.governor, self.engine)?);
+        let mode = match self.spill {
+            Spill::To(dir) => DiskManagerMode::Directories(vec![dir]),
+            Spill::Disabled => DiskManagerMode::Disabled,
+        };
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(pool)
+            .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(mode))
+            .build_arc()?;
+        let config = SessionConfig::new()
+            .with_target_partitions(self.partitions)
+            .with_batch_size(8192);
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        // One partition of input per target partition.
+        let per = self.batches.len().div_ceil(self.partitions.max(1)).max(1);
+        let parts: Vec<Vec<RecordBatch>> = self.batches.chunks(per).map(<[_]>::to_vec).collect();
+        ctx.register_table("t", Arc::new(MemTable::try_new(self.schema, parts)?))?;
+        let plan = ctx
+            .sql("SELECT k, SUM(v) AS s, COUNT(*) AS c FROM t GROUP BY k")
+            .await?
+            .create_physical_plan()
+            .await?;
+        Ok((ctx, plan))
+    }
+
+    /// Runs the query, its result streamed (each batch dropped once read)
+    /// into `sink` a group at a time; returns the spill files written and
+    /// the bytes spilled, summed over the plan.
+    pub async fn run_into(self, mut sink: impl FnMut(Group)) -> Result<(usize, usize)> {
+        use futures::StreamExt;
+        let (ctx, plan) = self.plan().await?;
+        let mut stream = execute_stream(plan.clone(), ctx.task_ctx())?;
+        while let Some(b) = stream.next().await {
+            rows(&b?, &mut sink)?;
+        }
+        Ok((
+            plan_sum(&plan, &MetricsSet::spill_count),
+            plan_sum(&plan, &MetricsSet::spilled_bytes),
+        ))
+    }
+
+    /// Runs the query; its groups, sorted by key.
+    pub async fn run(self) -> Result<GroupByOutcome> {
+        let mut groups = Vec::new();
+        let (spill_count, spilled_bytes) = self.run_into(|g| groups.push(g)).await?;
+        groups.sort_unstable();
+        Ok(GroupByOutcome {
+            groups,
+            spill_count,
+            spilled_bytes,
+        })
+    }
 }
 
 /// Calls `f` with each row of a result batch.
@@ -200,52 +235,4 @@ fn rows(b: &RecordBatch, mut f: impl FnMut(Group)) -> Result<()> {
         f((k.value(i), s.value(i), c.value(i)));
     }
     Ok(())
-}
-
-/// Runs `SELECT k, SUM(v), COUNT(*) FROM t GROUP BY k` with DataFusion's
-/// memory drawn from `engine`'s budget, its result streamed (each batch
-/// dropped once read) into `sink` a group at a time; returns the spill
-/// files written and the bytes spilled, summed over the plan.
-pub async fn group_by_into(
-    governor: &MemoryGovernor,
-    engine: EngineId,
-    schema: Arc<Schema>,
-    batches: Vec<RecordBatch>,
-    partitions: usize,
-    spill: Spill,
-    mut sink: impl FnMut(Group),
-) -> Result<(usize, usize)> {
-    use futures::StreamExt;
-    let (ctx, plan) = plan(governor, engine, schema, batches, partitions, spill).await?;
-    let mut stream = execute_stream(plan.clone(), ctx.task_ctx())?;
-    while let Some(b) = stream.next().await {
-        rows(&b?, &mut sink)?;
-    }
-    Ok((
-        plan_sum(&plan, &MetricsSet::spill_count),
-        plan_sum(&plan, &MetricsSet::spilled_bytes),
-    ))
-}
-
-/// The same query's groups, sorted by key.
-pub async fn group_by(
-    governor: &MemoryGovernor,
-    engine: EngineId,
-    schema: Arc<Schema>,
-    batches: Vec<RecordBatch>,
-    partitions: usize,
-    spill: Spill,
-) -> Result<GroupByOutcome> {
-    let mut groups = Vec::new();
-    let (spill_count, spilled_bytes) =
-        group_by_into(governor, engine, schema, batches, partitions, spill, |g| {
-            groups.push(g)
-        })
-        .await?;
-    groups.sort_unstable();
-    Ok(GroupByOutcome {
-        groups,
-        spill_count,
-        spilled_bytes,
-    })
 }

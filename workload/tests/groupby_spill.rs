@@ -4,9 +4,12 @@
 //! digest (as the validation workload runs it), the answer is checked the
 //! same way.
 
+use std::sync::Arc;
+
+use datafusion::arrow::{array::RecordBatch, datatypes::Schema};
 use nodedb_governor::{Budget, EngineId, MemoryGovernor};
 use nodedb_governor_workload::query::{
-    GroupByData, GroupsDigest, Spill, group_by, group_by_into, reference, reference_digest,
+    GroupBy, GroupByData, GroupsDigest, Spill, reference, reference_digest,
 };
 
 const MIB: u64 = 1 << 20;
@@ -42,6 +45,23 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// The test's query: the Query engine's budget, 2 partitions.
+fn query(
+    g: &MemoryGovernor,
+    schema: Arc<Schema>,
+    batches: Vec<RecordBatch>,
+    spill: Spill,
+) -> GroupBy<'_> {
+    GroupBy {
+        governor: g,
+        engine: EngineId::Query,
+        schema,
+        batches,
+        partitions: 2,
+        spill,
+    }
+}
+
 #[test]
 fn group_by_over_the_budget_spills_and_is_right() {
     let g = governor();
@@ -50,14 +70,7 @@ fn group_by_over_the_budget_spills_and_is_right() {
     assert!(want.len() > 1_500_000, "the data is high-cardinality");
     let dir = tempdir();
     let got = runtime()
-        .block_on(group_by(
-            &g,
-            EngineId::Query,
-            schema,
-            batches,
-            2,
-            Spill::To(dir.clone()),
-        ))
+        .block_on(query(&g, schema, batches, Spill::To(dir.clone())).run())
         .unwrap();
     let q = g.usage(EngineId::Query).unwrap();
     assert!(
@@ -100,14 +113,7 @@ fn group_by_without_spilling_fails_with_the_governors_refusal() {
     let g = governor();
     let (schema, batches) = DATA.batches(8192).unwrap();
     let err = runtime()
-        .block_on(group_by(
-            &g,
-            EngineId::Query,
-            schema,
-            batches,
-            2,
-            Spill::Disabled,
-        ))
+        .block_on(query(&g, schema, batches, Spill::Disabled).run())
         .expect_err("a GROUP BY that cannot spill must fail inside the budget");
     let msg = format!("{err:#}");
     let q = g.usage(EngineId::Query).unwrap();
@@ -155,15 +161,7 @@ fn streamed_group_by_spills_and_matches_the_reference_digest() {
     let dir = tempdir();
     let mut got = GroupsDigest::default();
     let (spill_files, spilled_bytes) = runtime()
-        .block_on(group_by_into(
-            &g,
-            EngineId::Query,
-            schema,
-            batches,
-            2,
-            Spill::To(dir.clone()),
-            |grp| got.add(grp),
-        ))
+        .block_on(query(&g, schema, batches, Spill::To(dir.clone())).run_into(|grp| got.add(grp)))
         .unwrap();
     assert!(spill_files > 0 && spilled_bytes > 0, "it spilled");
     assert_eq!(got, want);

@@ -277,15 +277,15 @@ fn main() -> anyhow::Result<()> {
             // The result is streamed into a digest, as a database streams
             // it to its client.
             let mut got = query::GroupsDigest::default();
-            let (spill_files, spilled_bytes) = rt.block_on(query::group_by_into(
-                &governor,
-                EngineId::Query,
+            let query = query::GroupBy {
+                governor: &governor,
+                engine: EngineId::Query,
                 schema,
                 batches,
-                args.partitions,
-                Spill::To(args.dir.clone()),
-                |g| got.add(g),
-            ))?;
+                partitions: args.partitions,
+                spill: Spill::To(args.dir.clone()),
+            };
+            let (spill_files, spilled_bytes) = rt.block_on(query.run_into(|g| got.add(g)))?;
             let took = t0.elapsed();
             drop(served);
             Ok(json!({

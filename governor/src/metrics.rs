@@ -146,18 +146,14 @@ impl GovernorMetrics {
     pub fn update(&self, governor: &MemoryGovernor, spill: Option<&SpillController>) {
         for u in governor.usages() {
             let e = &*u.name;
-            self.reserved
-                .with_label_values(&[e])
-                .set(saturate(u.used_bytes));
-            self.limit
-                .with_label_values(&[e])
-                .set(saturate(u.cap_bytes));
-            self.floor
-                .with_label_values(&[e])
-                .set(saturate(u.floor_bytes));
-            self.lent
-                .with_label_values(&[e])
-                .set(saturate(u.lent_bytes));
+            for (gauge, bytes) in [
+                (&self.reserved, u.used_bytes),
+                (&self.limit, u.cap_bytes),
+                (&self.floor, u.floor_bytes),
+                (&self.lent, u.lent_bytes),
+            ] {
+                gauge.with_label_values(&[e]).set(saturate(bytes));
+            }
             self.level.with_label_values(&[e]).set(level_value(u.level));
             self.advance(&self.rejections, e, "rejections", u.rejections);
             let spilled = spill.map_or(0, |s| s.spilled_bytes(u.engine));

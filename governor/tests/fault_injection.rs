@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use common::{Chunks, MIB, exact_governor};
 use nodedb_governor::{
-    EngineId, MemError, MemoryGovernor, Reservation, SpillConfig, SpillController, SpillHandler,
+    EngineId, HandlerRegistration, MemError, MemoryGovernor, Reservation, SpillConfig,
+    SpillController, SpillHandler,
 };
 
 const ENGINES: [EngineId; 3] = [EngineId::Vector, EngineId::Timeseries, EngineId::Query];
@@ -64,6 +65,7 @@ struct Setup {
     g: MemoryGovernor,
     c: SpillController,
     handlers: Vec<Arc<Chunks>>,
+    _registrations: Vec<HandlerRegistration>,
 }
 
 fn setup() -> Setup {
@@ -81,7 +83,16 @@ fn setup() -> Setup {
         .into_iter()
         .map(|(engine, mib)| Chunks::new(&g, engine, mib, 1.0))
         .collect();
-    Setup { g, c, handlers }
+    let _registrations = handlers
+        .iter()
+        .map(|h| c.register(h.engine, h.clone()))
+        .collect();
+    Setup {
+        g,
+        c,
+        handlers,
+        _registrations,
+    }
 }
 
 fn check_accounting(s: &Setup, live: &[Reservation], label: &str) {
@@ -108,25 +119,15 @@ fn check_accounting(s: &Setup, live: &[Reservation], label: &str) {
 fn every_injected_refusal_ends_in_a_spill_or_a_clean_error() {
     // Baseline: the workload fits, nothing is refused or spilled.
     let base = setup();
-    let regs: Vec<_> = base
-        .handlers
-        .iter()
-        .map(|h| base.c.register(h.engine, h.clone()))
-        .collect();
     let (live, out) = workload(&base.g, &base.c);
     assert_eq!(out.clean_errors, 0, "the baseline workload fits");
     assert_eq!(base.c.spilled_bytes_total(), 0);
     check_accounting(&base, &live, "baseline");
     let attempts = out.attempts;
-    drop((live, regs));
+    drop(live);
 
     for n in 1..=attempts {
         let s = setup();
-        let regs: Vec<_> = s
-            .handlers
-            .iter()
-            .map(|h| s.c.register(h.engine, h.clone()))
-            .collect();
         s.g.refuse_nth_reservation(n);
         let result =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| workload(&s.g, &s.c)));
@@ -138,7 +139,7 @@ fn every_injected_refusal_ends_in_a_spill_or_a_clean_error() {
             "refusal {n}: neither a spill nor a clean error ({out:?})"
         );
         check_accounting(&s, &live, &format!("refusal {n}"));
-        drop((live, regs));
+        drop(live);
         let handlers_left: u64 = s.handlers.iter().map(|h| h.reclaimable_bytes()).sum();
         assert_eq!(
             s.g.total_bytes(),

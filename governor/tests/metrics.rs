@@ -27,6 +27,13 @@ fn value(text: &str, series: &str) -> i64 {
         .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
 }
 
+/// Asserts each series' value in a scrape.
+fn assert_series(text: &str, want: &[(&str, i64)]) {
+    for &(series, v) in want {
+        assert_eq!(value(text, series), v, "{series}");
+    }
+}
+
 #[test]
 fn metrics_follow_the_ledger_and_count_events() {
     let g = exact_governor(
@@ -46,74 +53,58 @@ fn metrics_follow_the_ledger_and_count_events() {
     assert!(g.try_reserve(EngineId::Query, 40 * MIB).is_err());
 
     metrics.update(&g, Some(&spill));
-    let t = scrape(&registry);
-    assert_eq!(
-        value(
-            &t,
-            r#"nodedb_governor_engine_reserved_bytes{engine="vector"}"#
-        ),
-        57 * MIB as i64
+    assert_series(
+        &scrape(&registry),
+        &[
+            (
+                r#"nodedb_governor_engine_reserved_bytes{engine="vector"}"#,
+                57 * MIB as i64,
+            ),
+            (
+                r#"nodedb_governor_engine_reserved_bytes{engine="query"}"#,
+                4 * MIB as i64,
+            ),
+            (
+                r#"nodedb_governor_engine_limit_bytes{engine="query"}"#,
+                40 * MIB as i64,
+            ),
+            (
+                r#"nodedb_governor_engine_rejections_total{engine="query"}"#,
+                2,
+            ),
+            // 57/60 is Critical.
+            (
+                r#"nodedb_governor_engine_pressure_level{engine="vector"}"#,
+                2,
+            ),
+            ("nodedb_governor_reserved_bytes", 61 * MIB as i64),
+        ],
     );
-    assert_eq!(
-        value(
-            &t,
-            r#"nodedb_governor_engine_reserved_bytes{engine="query"}"#
-        ),
-        4 * MIB as i64
-    );
-    assert_eq!(
-        value(&t, r#"nodedb_governor_engine_limit_bytes{engine="query"}"#),
-        40 * MIB as i64
-    );
-    assert_eq!(
-        value(
-            &t,
-            r#"nodedb_governor_engine_rejections_total{engine="query"}"#
-        ),
-        2
-    );
-    assert_eq!(
-        value(
-            &t,
-            r#"nodedb_governor_engine_pressure_level{engine="vector"}"#
-        ),
-        2,
-        "57/60 is Critical"
-    );
-    assert_eq!(value(&t, "nodedb_governor_reserved_bytes"), 61 * MIB as i64);
 
     // Spill, refuse once more, update: counters advance by the difference.
     spill.run(&g);
     assert!(g.try_reserve(EngineId::Query, 40 * MIB).is_err());
     metrics.update(&g, Some(&spill));
-    let t = scrape(&registry);
-    assert_eq!(
-        value(
-            &t,
-            r#"nodedb_governor_engine_spilled_bytes_total{engine="vector"}"#
-        ),
-        12 * MIB as i64
-    );
-    assert_eq!(
-        value(
-            &t,
-            r#"nodedb_governor_engine_reserved_bytes{engine="vector"}"#
-        ),
-        45 * MIB as i64
-    );
-    assert_eq!(
-        value(
-            &t,
-            r#"nodedb_governor_engine_rejections_total{engine="query"}"#
-        ),
-        3
-    );
-    assert_eq!(
-        value(
-            &t,
-            r#"nodedb_governor_engine_spilled_bytes_total{engine="query"}"#
-        ),
-        0
+    assert_series(
+        &scrape(&registry),
+        &[
+            (
+                r#"nodedb_governor_engine_spilled_bytes_total{engine="vector"}"#,
+                12 * MIB as i64,
+            ),
+            (
+                r#"nodedb_governor_engine_reserved_bytes{engine="vector"}"#,
+                45 * MIB as i64,
+            ),
+            (
+                r#"nodedb_governor_engine_rejections_total{engine="query"}"#,
+                3,
+            ),
+            (
+                r#"nodedb_governor_engine_spilled_bytes_total{engine="query"}"#,
+                0,
+            ),
+        ],
     );
     drop(q);
 }

@@ -26,7 +26,7 @@ type Subscriber = Box<dyn Fn(PressureChange) + Send + Sync>;
 
 /// Everything the governor owns; its handles and reservations hold it in
 /// an `Arc`, and thread-local credit points back here (weakly).
-pub(crate) struct Shared {
+pub(super) struct Shared {
     /// Tells governors apart in thread-local credit.
     id: u64,
     ledger: Mutex<Ledger>,

@@ -46,6 +46,7 @@ impl Reservation {
 
     /// Reserves `bytes` more, or refuses at once (the reservation is then
     /// unchanged).
+    #[inline]
     pub fn try_grow(&mut self, bytes: u64) -> Result<(), MemError> {
         // The engine's counter already holds self.bytes, so a request the
         // ledger admits cannot overflow this guard.
@@ -56,6 +57,7 @@ impl Reservation {
 
     /// Gives `bytes` back. Asking for more than is held is refused and
     /// changes nothing.
+    #[inline]
     pub fn shrink(&mut self, bytes: u64) -> Result<(), MemError> {
         self.check_holds(bytes)?;
         self.shared.give_back(self.slot, bytes);

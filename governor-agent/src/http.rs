@@ -9,7 +9,7 @@ use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, rou
 use crate::owner::Snapshots;
 
 async fn metrics(State(snapshots): State<Snapshots>) -> impl IntoResponse {
-    let snapshot = snapshots.latest();
+    let snapshot = snapshots.next().await;
     match crate::metrics::render(&snapshot) {
         Ok(t) => (
             StatusCode::OK,

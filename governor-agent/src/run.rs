@@ -59,34 +59,46 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
         inputs.clone(),
         agent.configs(),
     ));
-    let owner = tokio::spawn(agent.serve(rx));
+    let mut owner = tokio::spawn(agent.serve(rx));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
-    loop {
+    let owner_ended = loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {
                 tracing::info!("SIGINT: stopping");
-                break;
+                break None;
             }
             _ = term.recv() => {
                 tracing::info!("SIGTERM: stopping");
-                break;
+                break None;
             }
             _ = hup.recv() => reload(&inputs, config_path.as_ref()).await,
+            // It only ends on its own by a panic: nothing is enforced any
+            // more, so the agent stops (and its pins stay, for the agent
+            // that is started next to carry on from them).
+            ended = &mut owner => break Some(ended),
         }
-    }
+    };
     admin.abort();
     control.abort();
     if let Some(m) = metrics {
         m.abort();
     }
-    // Sessions may still hold senders: the owner is told to stop.
-    let _ = inputs.send(Input::Stop).await;
-    owner.await.context("the agent's owner task")?;
+    let result = match owner_ended {
+        Some(ended) => match ended {
+            Err(e) => Err(anyhow::anyhow!("the agent's owner task failed: {e}")),
+            Ok(()) => Err(anyhow::anyhow!("the agent's owner task stopped")),
+        },
+        None => {
+            // Sessions may still hold senders: the owner is told to stop.
+            let _ = inputs.send(Input::Stop).await;
+            owner.await.context("the agent's owner task")
+        }
+    };
     let _ = fs::remove_file(&admin_path);
     let _ = fs::remove_file(&control_path);
-    Ok(())
+    result
 }
 
 /// SIGHUP: reads the file again and hands it to the owner; a bad file, or

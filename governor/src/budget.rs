@@ -1,11 +1,10 @@
 //! Budgets: a global ceiling, and per engine a guaranteed floor and a cap.
 //!
 //! The space above the floors (ceiling minus the sum of floors) is a pool
-//! any engine may borrow from, up to its cap. An engine's floor is kept free
-//! for it while it is not using it, unless the engine is idle and lends it
-//! (see [`MemoryGovernor::lend`](crate::MemoryGovernor::lend)); a lender
-//! that needs its floor back takes the loan back and borrowers are asked to
-//! spill.
+//! any engine may draw from, up to its cap. An engine's floor is kept free
+//! for it while it is not using it, and is never lent; caps move between
+//! engines by loans (see [`crate::lending`] and
+//! [`MemoryGovernor::rebalance`](crate::MemoryGovernor::rebalance)).
 
 use std::{collections::BTreeSet, sync::Arc};
 
@@ -16,10 +15,11 @@ use crate::{engine::EngineId, error::MemError};
 pub struct EngineBudget {
     pub id: EngineId,
     pub name: Arc<str>,
-    /// Guaranteed to the engine: other engines cannot take it while the
-    /// engine does not lend it.
+    /// Guaranteed to the engine: other engines cannot take it, and it is
+    /// never lent.
     pub floor_bytes: u64,
-    /// The engine never holds more than this through reservations.
+    /// The engine never holds more than this through reservations (loans
+    /// move it while they last).
     pub cap_bytes: u64,
 }
 

@@ -32,7 +32,10 @@
 //! Thresholds are [`PressureThresholds`]: the same `warning` and
 //! `critical` as the pressure levels.
 
-use std::time::{Duration, Instant};
+use std::{
+    borrow::Borrow,
+    time::{Duration, Instant},
+};
 
 use crate::PressureThresholds;
 
@@ -146,15 +149,11 @@ impl<K: Clone + PartialEq> LoanBook<K> {
         }
     }
 
-    pub fn rules(&self) -> LendingRules {
-        self.rules
-    }
-
-    /// Adds an engine, or changes its configured budget and floor. Every
-    /// loan ends (budgets in force go back to the configured ones), as
-    /// their terms were set against the old figures.
+    /// Adds an engine, or changes its configured budget and floor. The
+    /// loans it lends or borrows end (their terms were set against the old
+    /// figures); other engines' loans stand.
     pub fn set_engine(&mut self, engine: K, budget_bytes: u64, floor_bytes: u64) {
-        self.end_all();
+        self.end_where(|l| l.lender == engine || l.borrower == engine, None);
         match self.accounts.iter_mut().find(|a| a.engine == engine) {
             Some(a) => {
                 a.budget_bytes = budget_bytes;
@@ -171,21 +170,21 @@ impl<K: Clone + PartialEq> LoanBook<K> {
         }
     }
 
-    /// Ends every loan: budgets in force are the configured ones again.
-    pub fn end_all(&mut self) {
-        self.loans.clear();
-        for a in &mut self.accounts {
-            a.in_force_bytes = a.budget_bytes;
-        }
-    }
-
     /// The engine's budget in force, if it is in the book.
-    pub fn budget(&self, engine: &K) -> Option<u64> {
+    pub fn budget<Q>(&self, engine: &Q) -> Option<u64>
+    where
+        K: Borrow<Q>,
+        Q: PartialEq + ?Sized,
+    {
         self.account(engine).map(|a| a.in_force_bytes)
     }
 
     /// The engine's configured budget, if it is in the book.
-    pub fn configured(&self, engine: &K) -> Option<u64> {
+    pub fn configured<Q>(&self, engine: &Q) -> Option<u64>
+    where
+        K: Borrow<Q>,
+        Q: PartialEq + ?Sized,
+    {
         self.account(engine).map(|a| a.budget_bytes)
     }
 
@@ -194,21 +193,33 @@ impl<K: Clone + PartialEq> LoanBook<K> {
     }
 
     /// Bytes of budget the engine has lent to others.
-    pub fn lent_bytes(&self, engine: &K) -> u64 {
+    pub fn lent_bytes<Q>(&self, engine: &Q) -> u64
+    where
+        K: Borrow<Q>,
+        Q: PartialEq + ?Sized,
+    {
         self.loans
             .iter()
-            .filter(|l| &l.lender == engine)
+            .filter(|l| l.lender.borrow() == engine)
             .map(|l| l.bytes)
             .sum()
     }
 
     /// Whether the engine has lent anything.
-    pub fn is_lender(&self, engine: &K) -> bool {
-        self.loans.iter().any(|l| &l.lender == engine)
+    pub fn is_lender<Q>(&self, engine: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: PartialEq + ?Sized,
+    {
+        self.loans.iter().any(|l| l.lender.borrow() == engine)
     }
 
-    fn account(&self, engine: &K) -> Option<&Account<K>> {
-        self.accounts.iter().find(|a| &a.engine == engine)
+    fn account<Q>(&self, engine: &Q) -> Option<&Account<K>>
+    where
+        K: Borrow<Q>,
+        Q: PartialEq + ?Sized,
+    {
+        self.accounts.iter().find(|a| a.engine.borrow() == engine)
     }
 
     fn account_mut(&mut self, engine: &K) -> Option<&mut Account<K>> {
@@ -217,11 +228,25 @@ impl<K: Clone + PartialEq> LoanBook<K> {
 
     /// The lender needs its budget now (it was refused a reservation): all
     /// its loans end. Returns the loans taken back.
-    pub fn take_back(&mut self, lender: &K, now: Instant) -> Vec<LoanEvent<K>> {
+    pub fn take_back<Q>(&mut self, lender: &Q, now: Instant) -> Vec<LoanEvent<K>>
+    where
+        K: Borrow<Q>,
+        Q: PartialEq + ?Sized,
+    {
+        self.end_where(|l| l.lender.borrow() == lender, Some(now))
+    }
+
+    /// Ends the loans `ends` picks and repays them; `now`: the lenders took
+    /// them back (so they count as active), rather than the terms changed.
+    fn end_where(
+        &mut self,
+        ends: impl Fn(&Loan<K>) -> bool,
+        now: Option<Instant>,
+    ) -> Vec<LoanEvent<K>> {
         let mut events = Vec::new();
         let mut i = 0;
         while i < self.loans.len() {
-            if &self.loans[i].lender == lender {
+            if ends(&self.loans[i]) {
                 let loan = self.loans.remove(i);
                 self.repay(&loan, now);
                 events.push(LoanEvent::TakenBack(loan));
@@ -232,12 +257,12 @@ impl<K: Clone + PartialEq> LoanBook<K> {
         events
     }
 
-    fn repay(&mut self, loan: &Loan<K>, now: Instant) {
+    fn repay(&mut self, loan: &Loan<K>, now: Option<Instant>) {
         if let Some(a) = self.account_mut(&loan.lender) {
             a.in_force_bytes += loan.bytes;
             // Taking a loan back counts as activity: no lending again
             // straight away.
-            if let Some(activity) = &mut a.activity {
+            if let (Some(activity), Some(now)) = (&mut a.activity, now) {
                 activity.1 = now;
             }
         }
@@ -276,14 +301,15 @@ impl<K: Clone + PartialEq> LoanBook<K> {
                 .map_or(0, |i| held[i].resident_bytes)
         };
         let mut events = Vec::new();
-        // Lenders that got busy take their loans back.
+        // Lenders that got busy take their loans back, loan by loan: one
+        // repaid may leave the lender below Warning of its budget again.
         let mut i = 0;
         while i < self.loans.len() {
             let lender = &self.loans[i].lender;
             let budget = self.budget(lender).unwrap_or(0);
             if resident(self, lender) as f64 >= budget as f64 * thresholds.warning {
                 let loan = self.loans.remove(i);
-                self.repay(&loan, now);
+                self.repay(&loan, Some(now));
                 events.push(LoanEvent::TakenBack(loan));
             } else {
                 i += 1;

@@ -156,7 +156,7 @@
 //! never lent. Limits change at run time with
 //! [`set_limits`](MemoryGovernor::set_limits) and
 //! [`set_ceiling`](MemoryGovernor::set_ceiling), refused whole if they would
-//! break an invariant (and ending every loan).
+//! break an invariant (new limits end the loans of the engine they change).
 //!
 //! ```
 //! use std::time::Instant;

@@ -10,8 +10,8 @@
 //! * **Victims**: cheapest bytes first (the handler's cost hint per byte),
 //!   then the largest reclaimable amount, until the target is met.
 //! * **Refusals**: [`SpillController::reserve_or_spill`] turns a refusal for
-//!   lack of *shared* memory into a spill of other engines, borrowers (above
-//!   their floor) first, and one retry; no peer pool does this.
+//!   lack of *shared* memory into a spill of other engines, those above
+//!   their floor first, and one retry; no peer pool does this.
 //!
 //! The controller never holds its own lock while a handler runs: handlers
 //! free memory by dropping reservations, which takes the governor's lock,
@@ -90,8 +90,9 @@ pub enum SpillAction {
 pub struct SpillReport {
     /// Per engine past `spill_at`: (engine, target, freed).
     pub spilled: Vec<(EngineId, u64, u64)>,
-    /// Floors their owners took back while borrowers held the memory:
-    /// (target, freed) spilled from the borrowers.
+    /// Floors their owners are not using but cannot have, because engines
+    /// above their own floors hold the memory: (target, freed) spilled from
+    /// those engines.
     pub floor_reclaim: (u64, u64),
 }
 
@@ -310,7 +311,9 @@ impl SpillController {
     /// Reserves, and if the request was refused for lack of shared memory,
     /// spills other engines (those above their floor first) by the
     /// shortfall and tries once more. A refusal by the engine's own cap is
-    /// returned as it is: only the engine itself can make room there.
+    /// returned as it is (only the engine itself can make room there),
+    /// unless the refusal ended loans the engine had made and its cap is
+    /// larger now: then it tries once more.
     pub fn reserve_or_spill(
         &self,
         governor: &MemoryGovernor,
@@ -334,6 +337,11 @@ impl SpillController {
                 if freed < shortfall {
                     self.spill_engines(&others(false), shortfall - freed);
                 }
+                governor.try_reserve(engine, bytes)
+            }
+            Err(MemError::BudgetExceeded { limit, .. })
+                if governor.usage(engine).is_ok_and(|u| u.cap_bytes > limit) =>
+            {
                 governor.try_reserve(engine, bytes)
             }
             other => other,

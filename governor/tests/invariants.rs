@@ -214,6 +214,7 @@ fn check(ops: Vec<Op>, unit: u64, batch: u64) -> Result<(), TestCaseError> {
                 prop_assert_eq!(u.used_bytes, m.used[e] * unit);
                 prop_assert_eq!(u.used_bytes, guards);
                 prop_assert!(u.cap_bytes >= u.floor_bytes);
+                prop_assert!(u.cap_bytes <= CEILING * unit);
                 if loans.is_empty() {
                     prop_assert_eq!(u.cap_bytes, m.configured[e] * unit);
                 }
@@ -236,6 +237,12 @@ fn check(ops: Vec<Op>, unit: u64, batch: u64) -> Result<(), TestCaseError> {
                 }
                 m.cap_bytes[e] = u.cap_bytes;
             }
+            // Loans move budget, never make it.
+            let caps: u64 = ENGINES
+                .iter()
+                .map(|id| g.usage(*id).unwrap().cap_bytes)
+                .sum();
+            prop_assert!(caps <= m.configured.iter().sum::<u64>() * unit);
             prop_assert_eq!(g.total_bytes(), m.used.iter().sum::<u64>() * unit);
             if !charged {
                 prop_assert!(g.total_bytes() <= CEILING * unit);

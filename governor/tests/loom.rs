@@ -1,7 +1,7 @@
 //! Model checking of the reservation core with loom: every interleaving of
 //! concurrent reservations, growth, releases and a waiting reservation.
 //! Run with `RUSTFLAGS="--cfg nodedb_loom" cargo test -p nodedb-governor
-//! --no-default-features --test loom --release` (`cargo xtask test` does).
+//! --test loom --release` (`cargo xtask test` does).
 #![cfg(nodedb_loom)]
 
 use std::time::Duration;

@@ -190,6 +190,44 @@ fn an_idle_engine_lends_its_budget_and_the_borrower_spills_when_it_is_taken_back
 }
 
 #[test]
+fn a_floor_others_hold_is_reclaimed_from_them_by_the_shortfall() {
+    // Query's 30 MiB floor is kept free, so Vector may reserve 70 MiB; a
+    // charge (which cannot be refused) takes 20 MiB more of it.
+    let g = governor(
+        100 * MIB,
+        &[
+            (EngineId::Vector, 0, 100 * MIB),
+            (EngineId::Query, 30 * MIB, 100 * MIB),
+        ],
+    );
+    // Spill only past 95%, so the 90 MiB Vector ends up holding is not a
+    // spill of its own.
+    let c = SpillController::new(SpillConfig {
+        spill_at: 0.95,
+        restore_at: 0.75,
+    })
+    .unwrap();
+    let cache = Chunks::new(&g, EngineId::Vector, 70, 1.0);
+    let _reg = c.register(EngineId::Vector, cache.clone());
+    assert!(
+        g.try_reserve(EngineId::Vector, MIB).is_err(),
+        "the pool is used up"
+    );
+    let _charged = g.charge(EngineId::Vector, 20 * MIB).unwrap();
+    assert!(g.try_reserve(EngineId::Query, 30 * MIB).is_err());
+    // Vector (90 of 100 MiB) is below spill_at; only the floor's shortfall
+    // (30 protected, 10 free) is spilled, from the engine above its floor.
+    let report = c.run(&g);
+    assert!(report.spilled.is_empty());
+    assert_eq!(report.floor_reclaim, (20 * MIB, 20 * MIB));
+    assert_eq!(cache.held_bytes(), 50 * MIB);
+    let _q = g
+        .try_reserve(EngineId::Query, 30 * MIB)
+        .expect("the floor is free again");
+    assert_eq!(c.reclaim_floors(&g), (0, 0), "nothing left to reclaim");
+}
+
+#[test]
 fn the_rebalancer_thread_lends_for_idle_engines_and_stops_when_dropped() {
     let g = governor(
         100 * MIB,

@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: the reservation path against DataFusion's memory
 //! pools (criterion, one run), then the cost of kernel attribution against an
-//! untraced baseline in the same run (see demo/src/bin/tracing-cost.rs) and
+//! untraced baseline in the same run (see testkit/src/bin/tracing-cost.rs) and
 //! how each counting source compares with VmRSS. Writes
 //! `target/bench/tracing-cost.{md,json}`; criterion keeps its own reports in
 //! `target/criterion`.

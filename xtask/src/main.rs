@@ -65,7 +65,7 @@ enum Task {
         #[arg(long, value_delimiter = ',', default_values_t = ["governed".to_owned(), "ungoverned".to_owned(), "ample".to_owned()])]
         validate: Vec<String>,
         /// Arguments for nodedb-workload in the VMs (sizes), after `--`
-        /// (default: sizes for TCG; see vm.rs).
+        /// (default: sizes for TCG; see vm/initramfs.rs).
         #[arg(last = true)]
         workload: Vec<String>,
     },

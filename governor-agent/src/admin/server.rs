@@ -18,7 +18,10 @@ pub async fn serve(listener: UnixListener, owner: mpsc::Sender<Input>, snapshots
             Ok((stream, _)) => {
                 tokio::spawn(connection(stream, owner.clone(), snapshots.clone()));
             }
-            Err(e) => tracing::warn!(error = %e, "accepting an admin connection"),
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting an admin connection");
+                tokio::time::sleep(crate::control::ACCEPT_BACKOFF).await;
+            }
         }
     }
 }
@@ -61,16 +64,28 @@ async fn connection(stream: UnixStream, owner: mpsc::Sender<Input>, snapshots: S
 }
 
 async fn answer(request: Request, owner: &mpsc::Sender<Input>, snapshots: &Snapshots) -> Reply {
-    if let Request::Status = request {
-        return Reply::Status(Box::new(snapshots.latest().report.clone()));
-    }
-    let (reply, answer) = oneshot::channel();
-    if owner.send(Input::Admin { request, reply }).await.is_err() {
-        return Reply::Error {
-            message: "the agent is stopping".into(),
-        };
-    }
-    answer.await.unwrap_or_else(|_| Reply::Error {
+    let (pid, tid, engine) = match request {
+        Request::Status => return Reply::Status(Box::new(snapshots.next().await.report.clone())),
+        Request::Assign { pid, tid, engine } => (pid, tid, engine),
+    };
+    let stopping = || Reply::Error {
         message: "the agent is stopping".into(),
-    })
+    };
+    let (reply, answer) = oneshot::channel();
+    let input = Input::Assign {
+        pid,
+        tid,
+        engine: engine.clone(),
+        reply,
+    };
+    if owner.send(input).await.is_err() {
+        return stopping();
+    }
+    match answer.await {
+        Ok(Ok(())) => Reply::Assigned { pid, tid, engine },
+        Ok(Err(e)) => Reply::Error {
+            message: e.to_string(),
+        },
+        Err(_) => stopping(),
+    }
 }

@@ -15,6 +15,9 @@ use tokio::{
 
 use crate::{config::Config, owner::Input};
 
+/// How long to wait after a failed `accept` before the next.
+pub(crate) const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Accepts library connections until the task is aborted.
 pub async fn serve(
     listener: UnixListener,
@@ -26,7 +29,9 @@ pub async fn serve(
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
+                // Out of descriptors, say: back off rather than spin.
                 tracing::warn!(error = %e, "accepting a control connection");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };

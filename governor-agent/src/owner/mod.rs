@@ -26,12 +26,11 @@ pub use snapshot::{Health, Snapshot, Snapshots};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
-    admin::{Reply, Request},
     attribution::{Attribution, Identity},
     ceiling::Ceiling,
     cgroup::Subtree,
     config::Config,
-    error::{HelloError, MessageError, ReloadError},
+    error::{AgentError, HelloError, MessageError, ReloadError},
     policy::{Action, CeilingUse, Policy, SessionId, Tick},
     psi::PsiMonitor,
 };
@@ -59,10 +58,12 @@ pub enum Input {
     },
     /// The library's connection ended.
     Disconnected { session: SessionId },
-    /// A request on the admin socket.
-    Admin {
-        request: Request,
-        reply: oneshot::Sender<Reply>,
+    /// `assign` on the admin socket: thread `tid` of `pid` into `engine`.
+    Assign {
+        pid: u32,
+        tid: u32,
+        engine: String,
+        reply: oneshot::Sender<Result<(), AgentError>>,
     },
     /// SIGHUP: a new configuration (already parsed and valid on its own).
     Reload {
@@ -111,10 +112,6 @@ impl Agent {
     /// A receiver of the configuration in force (replaced on reload).
     pub fn configs(&self) -> watch::Receiver<Arc<Config>> {
         self.config_tx.subscribe()
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.config
     }
 
     /// Where `/metrics` is served (the status reports it).
@@ -174,8 +171,19 @@ impl Agent {
                 self.sessions.remove(&session);
                 self.policy.disconnect(session);
             }
-            Input::Admin { request, reply } => {
-                let _ = reply.send(self.admin(request));
+            Input::Assign {
+                pid,
+                tid,
+                engine,
+                reply,
+            } => {
+                let result = self.assign(pid, tid, &engine);
+                if result.is_ok() {
+                    // The caller may ask for the status next: show the
+                    // process now, not at the next tick.
+                    self.publish_now();
+                }
+                let _ = reply.send(result);
             }
             Input::Reload { config, reply } => {
                 let _ = reply.send(self.reload(config));
@@ -270,23 +278,6 @@ impl Agent {
                 tracing::info!(pid, %engine, before_bytes, after_bytes, "arena purged");
                 Ok(())
             }
-        }
-    }
-
-    fn admin(&mut self, request: Request) -> Reply {
-        match request {
-            Request::Status => Reply::Status(Box::new(self.snapshot.borrow().report.clone())),
-            Request::Assign { pid, tid, engine } => match self.assign(pid, tid, &engine) {
-                Ok(()) => {
-                    // The caller may ask for the status next: show the
-                    // process now, not at the next tick.
-                    self.publish_now();
-                    Reply::Assigned { pid, tid, engine }
-                }
-                Err(e) => Reply::Error {
-                    message: e.to_string(),
-                },
-            },
         }
     }
 

@@ -30,20 +30,11 @@ pub struct Snapshot {
     pub health: Health,
 }
 
-impl Snapshot {
-    /// Before the first tick: nothing governed yet.
-    pub fn empty(report: StatusReport) -> Self {
-        Self {
-            report,
-            health: Health::default(),
-        }
-    }
-}
-
-/// A reader of the published snapshots, for the tasks that serve them.
-/// Reading one asks the owner to read the eBPF programs' statistics afresh
-/// at its next tick: a system call per program, made only as often as
-/// someone looks.
+/// A reader of the published snapshots, for the tasks that serve them. A
+/// read waits for the next tick's snapshot (at most a tick, or a second
+/// if the owner does not answer), and asks the owner to read the eBPF
+/// programs' statistics afresh for it: a system call per program, made
+/// only as often as someone looks.
 #[derive(Clone, Debug)]
 pub struct Snapshots {
     rx: watch::Receiver<Arc<Snapshot>>,
@@ -61,10 +52,14 @@ impl Snapshots {
         }
     }
 
-    /// The last snapshot published.
-    pub fn latest(&self) -> Arc<Snapshot> {
+    /// The snapshot of the next tick (or, if none comes within a second,
+    /// the last one).
+    pub async fn next(&self) -> Arc<Snapshot> {
+        let mut rx = self.rx.clone();
+        rx.mark_unchanged();
         self.programs_wanted.store(true, Ordering::Relaxed);
-        self.rx.borrow().clone()
+        let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+        rx.borrow_and_update().clone()
     }
 }
 

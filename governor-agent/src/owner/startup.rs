@@ -68,9 +68,12 @@ impl Agent {
             &config.engine_names(),
             Default::default(),
         );
-        let (snapshot, _) = watch::channel(Arc::new(Snapshot::empty(empty)));
+        let (snapshot, _) = watch::channel(Arc::new(Snapshot {
+            report: empty,
+            health: Health::default(),
+        }));
         let (config_tx, _) = watch::channel(Arc::new(config.clone()));
-        Ok(Self {
+        let mut agent = Self {
             policy: Policy::new(Rules::from_config(&config)),
             config,
             identity,
@@ -89,7 +92,10 @@ impl Agent {
             programs_wanted: Arc::new(AtomicBool::new(true)),
             snapshot,
             config_tx,
-        })
+        };
+        // What `status` shows before the first tick: everything read now.
+        agent.publish_now();
+        Ok(agent)
     }
 }
 

@@ -81,16 +81,17 @@ impl Library {
 
     /// The engine's budget in force (0 for an engine it did not declare).
     pub fn budget(&self, engine: &str) -> u64 {
-        self.loans.budget(&engine.to_owned()).unwrap_or(0)
+        self.loans.budget(engine).unwrap_or(0)
     }
 
     /// The limits of the engines it declared, in configuration order.
-    fn declared<'r>(&self, rules: &'r Rules) -> impl Iterator<Item = &'r EngineLimits> {
-        let engines = self.engines.keys().cloned().collect::<Vec<_>>();
+    fn declared(&self, rules: &Rules) -> Vec<EngineLimits> {
         rules
             .limits
             .iter()
-            .filter(move |l| engines.contains(&l.name))
+            .filter(|l| self.engines.contains_key(&l.name))
+            .cloned()
+            .collect()
     }
 
     /// Sends `l` the limits in force: its floor and its budget, less what it
@@ -130,7 +131,7 @@ impl Library {
 
     /// Sends every declared engine its limits (the welcome, a reload).
     pub(super) fn send_all_limits(&mut self, rules: &Rules, out: &mut Vec<ToLibrary>) {
-        for l in self.declared(rules).cloned().collect::<Vec<_>>() {
+        for l in self.declared(rules) {
             self.send_limits(&l, out);
         }
     }
@@ -138,7 +139,7 @@ impl Library {
     /// A new configuration: loans end, every engine gets its configured
     /// budget and floor, and the library hears them.
     pub(super) fn reconfigure(&mut self, rules: &Rules, out: &mut Vec<ToLibrary>) {
-        for l in self.declared(rules).cloned().collect::<Vec<_>>() {
+        for l in self.declared(rules) {
             self.loans
                 .set_engine(l.name.clone(), l.budget_bytes, l.floor_bytes);
         }
@@ -174,7 +175,7 @@ impl Library {
             .collect();
         changed.sort();
         changed.dedup();
-        for l in self.declared(rules).cloned().collect::<Vec<_>>() {
+        for l in self.declared(rules) {
             if changed.contains(&&l.name) {
                 self.send_limits(&l, out);
             }
@@ -193,7 +194,7 @@ impl Library {
         let mut events = Vec::new();
         for r in reports {
             let Some(e) = self.engines.get_mut(&r.name) else {
-                tracing::warn!(pid = self.pid, engine = %r.name, "report for an engine the library did not declare; ignored");
+                tracing::debug!(pid = self.pid, engine = %r.name, "report for an engine the library did not declare; ignored");
                 continue;
             };
             let before = e.books.map_or(0, |b| b.rejections);
@@ -270,7 +271,7 @@ impl Library {
         if self.observe_cap.is_some() {
             return;
         }
-        for l in self.declared(rules).cloned().collect::<Vec<_>>() {
+        for l in self.declared(rules) {
             if l.essential {
                 continue;
             }
@@ -317,7 +318,7 @@ impl Library {
             });
             self.send_loan_changes(rules, &events, out);
         }
-        for l in self.declared(rules).cloned().collect::<Vec<_>>() {
+        for l in self.declared(rules) {
             let budget = self.budget(&l.name);
             let resident = resident(&l.name);
             let level = rules.thresholds.level(resident, budget);

@@ -160,10 +160,6 @@ impl Policy {
         }
     }
 
-    pub fn rules(&self) -> &Rules {
-        &self.rules
-    }
-
     /// Whether the whole database is in Emergency.
     pub fn emergency(&self) -> bool {
         self.emergency

@@ -22,8 +22,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::wire::{self, Decoder, EngineDecl, EngineReport, ToAgent, ToLibrary};
+use super::wire::{self, Decoder, EngineDecl, EngineReport, ToAgent, ToLibrary, WireError};
 use crate::{EngineId, MemoryGovernor, PressureLevel, SpillController};
+
+/// Why a connection to the agent ended (kept, as text, in
+/// [`LinkStats::last_error`]).
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    #[error("agent connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the agent closed the connection")]
+    Closed,
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("the agent speaks protocol {agent}, this library {}", wire::VERSION)]
+    Version { agent: u32 },
+}
 
 /// How the link reaches the agent.
 #[derive(Clone, Debug)]
@@ -309,7 +323,7 @@ impl Inner {
                     st.stats.connected = false;
                     st.placed.clear();
                     if let Err(e) = outcome {
-                        st.stats.last_error = Some(e);
+                        st.stats.last_error = Some(e.to_string());
                     }
                     drop(st);
                     self.changed.notify_all();
@@ -330,8 +344,8 @@ impl Inner {
     }
 
     /// One connection, until it ends. Err: why it ended.
-    fn serve(&self, mut stream: UnixStream) -> Result<(), String> {
-        let io = |e: std::io::Error| format!("agent connection: {e}");
+    fn serve(&self, mut stream: UnixStream) -> Result<(), Ended> {
+        let io = Ended::Io;
         let hello = ToAgent::Hello {
             version: wire::VERSION,
             database: self.config.database.clone(),
@@ -381,8 +395,8 @@ impl Inner {
             }
             match stream.read(&mut buf) {
                 Ok(0) => {
-                    decoder.finish().map_err(|e| e.to_string())?;
-                    return Err("the agent closed the connection".into());
+                    decoder.finish()?;
+                    return Err(Ended::Closed);
                 }
                 Ok(n) => decoder.push(&buf[..n]),
                 Err(e)
@@ -402,7 +416,7 @@ impl Inner {
                     Err(e) if e.is_recoverable() => {
                         lock(&self.state).stats.last_error = Some(e.to_string());
                     }
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(e.into()),
                 }
             }
             if !lock(&self.state).stats.connected {
@@ -443,7 +457,7 @@ impl Inner {
     }
 
     /// Carries out one message from the agent; the reply to send, if any.
-    fn handle(&self, m: ToLibrary) -> Result<Option<ToAgent>, String> {
+    fn handle(&self, m: ToLibrary) -> Result<Option<ToAgent>, Ended> {
         // An engine this process does not have is the agent's mistake:
         // noted, and the connection goes on.
         let engine = |name: &str| {
@@ -459,10 +473,7 @@ impl Inner {
                 engine_cgroups,
             } => {
                 if version != wire::VERSION {
-                    return Err(format!(
-                        "the agent speaks protocol {version}, this library {}",
-                        wire::VERSION
-                    ));
+                    return Err(Ended::Version { agent: version });
                 }
                 let mut st = lock(&self.state);
                 st.stats.connected = true;

@@ -311,8 +311,7 @@ impl Ledger {
             ));
         }
         self.update(i, |e| e.floor = floor_bytes);
-        // New terms: every loan ends, and every cap is its configured one
-        // again (this one's the new cap).
+        // New terms: the engine's loans end, and its cap is the new one.
         self.loans.set_engine(i, cap_bytes, floor_bytes);
         self.apply_caps();
         Ok(())
@@ -369,7 +368,8 @@ impl Ledger {
             reason,
         };
         let floors: u64 = self.engines.iter().map(|e| e.floor).sum();
-        // The configured caps: loans end where the ceiling cuts them.
+        // The configured caps (a borrower's cap in force is clamped to the
+        // ceiling, whatever it borrowed).
         let max_cap = (0..self.engines.len())
             .filter_map(|i| self.loans.configured(&i))
             .max()

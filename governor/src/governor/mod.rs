@@ -233,10 +233,14 @@ impl MemoryGovernor {
         self.shared.subscribe(Box::new(f));
     }
 
-    /// Changes an engine's floor and cap (rebalancing). Refused whole if it
-    /// would break an invariant: the cap may not drop below what the engine
-    /// holds (ask it to spill first), floors may not add up past the
-    /// ceiling.
+    /// Changes an engine's configured floor and cap (the agent sends its
+    /// budgets this way). Refused whole if it would break an invariant: the
+    /// cap may not drop below what the engine holds (ask it to spill
+    /// first), floors may not add up past the ceiling. The loans the engine
+    /// lends or borrows end (their terms were set against the old figures):
+    /// as when a loan is taken back, the other side's cap moves, and a
+    /// borrower's may drop below what it holds (a spill controller spills
+    /// it).
     pub fn set_limits(
         &self,
         engine: EngineId,

@@ -201,16 +201,16 @@ impl Shared {
         let start = Instant::now();
         self.flush_credit(Some(slot));
         let mut ledger = self.lock();
-        loop {
+        let result = loop {
             match ledger.admit(slot, bytes) {
-                Ok(()) => break,
+                Ok(()) => break Ok(()),
                 Err(MemError::GlobalCeilingExceeded { .. }) => {}
                 Err(MemError::BudgetExceeded { .. }) if bytes <= ledger.engines[slot].cap => {}
-                Err(e) => return Err(e),
+                Err(e) => break Err(e),
             }
             let left = timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
-                return Err(MemError::Timeout {
+                break Err(MemError::Timeout {
                     engine: ledger.engines[slot].name.to_string(),
                     requested: bytes,
                     waited_ms: start.elapsed().as_millis() as u64,
@@ -223,11 +223,12 @@ impl Shared {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
             ledger.waiters -= 1;
-        }
+        };
         drop(ledger);
-        // Levels and subscribers, as every other change.
+        // Levels, the fast path's gates and subscribers, as after every
+        // other change: a refusal may have ended loans and moved caps.
         self.with_ledger(|_| ());
-        Ok(())
+        result
     }
 
     /// Counts down to the injected refusal; refuses like a full pool would.

@@ -53,6 +53,7 @@
 //! - `reading`: summing the per-CPU counters and the figures handed out.
 //! - `settle`: spreading the external slot and clamping negatives.
 
+mod attributed;
 mod loader;
 mod pins;
 mod reading;
@@ -67,9 +68,9 @@ use aya::{
 };
 use nodedb_governor_common::{CgroupKey, MmState, ProcInfo, SlotStats};
 
+pub use attributed::{Attributed, ProcessAttribution, ProgramStats, Reading};
 pub use loader::ProgramSet;
 pub use pins::Persistence;
-pub use reading::{Attributed, ProcessAttribution, ProgramStats, Reading};
 pub use registry::Identity;
 use registry::TrackedProcess;
 

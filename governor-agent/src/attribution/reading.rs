@@ -5,63 +5,9 @@
 use std::collections::BTreeMap;
 
 use nodedb_governor_common::{SlotStats, kind};
-use serde::{Deserialize, Serialize};
 
-use super::{Attribution, settle::settle};
+use super::{Attribution, attributed::Reading, settle::settle};
 use crate::{error::AgentError, procfs};
-
-/// Attributed memory of one engine (or of the unattributed bucket).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Attributed {
-    /// anon + file + shmem.
-    pub resident_bytes: u64,
-    pub anon_bytes: u64,
-    pub file_bytes: u64,
-    pub shmem_bytes: u64,
-    pub swap_bytes: u64,
-    /// Address space mapped by the engine's threads and not yet unmapped.
-    pub mapped_bytes: u64,
-    pub page_faults: u64,
-    /// Memory this engine's threads released on behalf of other engines.
-    pub released_for_others_bytes: u64,
-}
-
-impl Attributed {
-    pub fn add(&mut self, o: &Attributed) {
-        self.resident_bytes += o.resident_bytes;
-        self.anon_bytes += o.anon_bytes;
-        self.file_bytes += o.file_bytes;
-        self.shmem_bytes += o.shmem_bytes;
-        self.swap_bytes += o.swap_bytes;
-        self.mapped_bytes += o.mapped_bytes;
-        self.page_faults += o.page_faults;
-        self.released_for_others_bytes += o.released_for_others_bytes;
-    }
-}
-
-/// One governed process.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessAttribution {
-    pub pid: u32,
-    pub engines: BTreeMap<String, Attributed>,
-    pub unattributed: Attributed,
-    /// The kernel's VmRSS for the process, for comparison.
-    pub vm_rss_bytes: Option<u64>,
-}
-
-/// Every governed process.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reading {
-    pub processes: Vec<ProcessAttribution>,
-}
-
-/// One loaded eBPF program.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProgramStats {
-    pub name: String,
-    pub run_count: u64,
-    pub run_time_ns: u64,
-}
 
 impl Attribution {
     fn read_slot(&self, slot: u32) -> Result<SlotStats, AgentError> {

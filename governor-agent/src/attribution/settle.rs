@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use nodedb_governor_common::{SlotStats, kind};
 
-use super::reading::{Attributed, ProcessAttribution};
+use super::attributed::{Attributed, ProcessAttribution};
 
 /// Turns raw slot counters into the reported figures: spreads the external
 /// slot over the buckets and clamps negatives into `unattributed`.

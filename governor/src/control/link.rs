@@ -345,7 +345,6 @@ impl Inner {
 
     /// One connection, until it ends. Err: why it ended.
     fn serve(&self, mut stream: UnixStream) -> Result<(), Ended> {
-        let io = Ended::Io;
         let hello = ToAgent::Hello {
             version: wire::VERSION,
             database: self.config.database.clone(),
@@ -362,7 +361,7 @@ impl Inner {
                 })
                 .collect(),
         };
-        stream.write_all(&wire::encode(&hello)).map_err(io)?;
+        stream.write_all(&wire::encode(&hello))?;
         // Threads registered before (or during an earlier connection) and
         // still alive are declared again.
         {
@@ -385,7 +384,7 @@ impl Inner {
         }
         let tick = (self.config.report_interval / 4)
             .clamp(Duration::from_millis(1), Duration::from_millis(20));
-        stream.set_read_timeout(Some(tick)).map_err(io)?;
+        stream.set_read_timeout(Some(tick))?;
         let mut decoder = Decoder::new();
         let mut buf = vec![0u8; 16 * 1024];
         let mut next_report = Instant::now();
@@ -404,13 +403,13 @@ impl Inner {
                         e.kind(),
                         ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
                     ) => {}
-                Err(e) => return Err(io(e)),
+                Err(e) => return Err(e.into()),
             }
             while let Some(msg) = decoder.next_message::<ToLibrary>() {
                 match msg {
                     Ok(m) => {
                         if let Some(reply) = self.handle(m)? {
-                            stream.write_all(&wire::encode(&reply)).map_err(io)?;
+                            stream.write_all(&wire::encode(&reply))?;
                         }
                     }
                     Err(e) if e.is_recoverable() => {
@@ -424,13 +423,11 @@ impl Inner {
             }
             if Instant::now() >= next_report {
                 next_report = Instant::now() + self.config.report_interval;
-                stream
-                    .write_all(&wire::encode(&self.report()))
-                    .map_err(io)?;
+                stream.write_all(&wire::encode(&self.report()))?;
             }
             let out = std::mem::take(&mut *lock(&self.outbox));
             for m in out {
-                stream.write_all(&wire::encode(&m)).map_err(io)?;
+                stream.write_all(&wire::encode(&m))?;
             }
         }
     }

@@ -1,5 +1,7 @@
-//! Running cargo on the workspace: a `cargo` command rooted at it, and
-//! building named binaries of named packages.
+//! Running cargo on the workspace: a `cargo` command rooted at it,
+//! building named binaries of named packages, and building every target
+//! the way `cargo test --all-targets` does (so the binaries the validation
+//! and the VMs run are the artifacts the tests built, not a second build).
 
 use std::{path::PathBuf, process::Command};
 
@@ -92,4 +94,24 @@ pub fn build(profile: Profile, packages: &[Binaries]) -> anyhow::Result<Vec<Path
         .flat_map(|p| p.bins)
         .map(|b| dir.join(b))
         .collect())
+}
+
+/// Every target of the workspace's default members, debug profile:
+/// `cargo build --all-targets`, the selection `cargo test --all-targets`
+/// makes. Cargo unifies dependency features per invocation, so any other
+/// selection (`-p agent --bin ...`) turns features of tokio, serde and
+/// others on or off and rebuilds everything above them, DataFusion
+/// included; this one resolves exactly as the tests do and, after them,
+/// builds nothing. Returns the paths of `bins`, in the order given.
+pub fn build_as_tests(bins: &[&str]) -> anyhow::Result<Vec<PathBuf>> {
+    cmd::run(command().args(["build", "-q", "--all-targets"]))?;
+    let dir = crate::root().join("target").join(Profile::Debug.dir());
+    let paths: Vec<PathBuf> = bins.iter().map(|b| dir.join(b)).collect();
+    if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
+        anyhow::bail!(
+            "cargo build --all-targets left no {}: is it a binary of a default member?",
+            missing.display()
+        );
+    }
+    Ok(paths)
 }

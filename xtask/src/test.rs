@@ -7,6 +7,9 @@ use crate::{
     cmd::{self, step},
 };
 
+/// Read by the test harness (`testkit::harness::agent_binary`).
+const AGENT_BIN_ENV: &str = "NODEDB_GOVERNOR_AGENT_BIN";
+
 pub fn test() -> anyhow::Result<()> {
     step("cargo fmt --check");
     cmd::run(cargo::command().args(["fmt", "--all", "--check"]))?;
@@ -49,9 +52,17 @@ pub fn test() -> anyhow::Result<()> {
                 "warnings",
             ]),
     )?;
+    step("building every target (the tests' selection) and the agent binary with it");
+    let [agent] = cargo::build_as_tests(&["nodedb-governor"])?
+        .try_into()
+        .expect("one binary asked for, one path");
     step("tests");
     let mut test = cargo::command();
     test.args(["test", "--all-targets"]);
+    // The end-to-end tests run this agent (built above with the tests'
+    // features) instead of building one of their own with `-p`, which
+    // would resolve features differently and rebuild tokio and the agent.
+    test.env(AGENT_BIN_ENV, &agent);
     if cmd::is_root() {
         // As root the privileged tests must run: a missing prerequisite is
         // then a failure, not a skip.

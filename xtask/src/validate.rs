@@ -21,7 +21,7 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 
 use crate::{
-    cargo::{self, Binaries, Profile},
+    cargo,
     cmd::{self, step},
     report,
 };
@@ -40,18 +40,9 @@ pub fn validate(opts: &Options) -> anyhow::Result<()> {
     }
     let root = crate::root();
     step("building the agent, the workload and its harness");
-    let [_, _, validate_bin] = cargo::build(
-        Profile::Debug,
-        &[
-            Binaries::new("nodedb-governor-agent", &["nodedb-governor"]),
-            Binaries::new(
-                "nodedb-governor-workload",
-                &["nodedb-workload", "nodedb-validate"],
-            ),
-        ],
-    )?
-    .try_into()
-    .expect("three binaries asked for, three paths");
+    let [validate_bin] = cargo::build_as_tests(&["nodedb-validate"])?
+        .try_into()
+        .expect("one binary asked for, one path");
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")?
         .trim()
         .to_owned();

@@ -6,12 +6,27 @@ use std::{
     sync::OnceLock,
 };
 
-/// The agent binary (`nodedb-governor`), built by cargo in the profile the
-/// calling test runs in; it belongs to another package, so cargo does not
-/// build it for this one's tests. Built once per test process.
+/// Names an agent binary already built for this test run (`cargo xtask
+/// test` builds it with the tests' own selection, so no second build of
+/// tokio and the agent under other features happens mid-run).
+pub const AGENT_BIN_ENV: &str = "NODEDB_GOVERNOR_AGENT_BIN";
+
+/// The agent binary (`nodedb-governor`): the one `NODEDB_GOVERNOR_AGENT_BIN`
+/// names, or else built by cargo in the profile the calling test runs in;
+/// it belongs to another package, so cargo does not build it for this
+/// one's tests. Built once per test process.
 pub fn agent_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os(AGENT_BIN_ENV) {
+            let bin = PathBuf::from(bin);
+            assert!(
+                bin.is_file(),
+                "{AGENT_BIN_ENV}={} names no file",
+                bin.display()
+            );
+            return bin;
+        }
         let exe = std::env::current_exe().expect("the test's own path");
         // target/<profile>/deps/<test> -> target/<profile>
         let profile_dir = exe

@@ -3,8 +3,9 @@
 //! Debian's cloud kernels.
 //!
 //! 1. Installs qemu, busybox (static) and cpio when they are missing.
-//! 2. Builds the agent and the probes (the debug profile `cargo test`
-//!    builds anyway).
+//! 2. Builds the agent and the probes as `cargo test --all-targets`
+//!    builds them (same selection, so the same artifacts: nothing new
+//!    after the tests).
 //! 3. Gets each kernel with `apt-get download` (the newest of the series;
 //!    cached under `target/vm/kernels`), or takes `--kernel PATH`.
 //! 4. Builds an initramfs (newc cpio, gzip): busybox, the binaries with
@@ -32,10 +33,7 @@ use std::{fs, path::PathBuf, time::Duration};
 
 use anyhow::bail;
 
-use crate::{
-    cargo::{self, Binaries, Profile},
-    cmd::step,
-};
+use crate::{cargo, cmd::step};
 
 /// The binaries the VM runs.
 const AGENT: &str = "nodedb-governor";
@@ -59,20 +57,12 @@ pub struct Options {
 pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
     packages::install_missing()?;
     step("building the agent and the VM probes");
-    // One cargo invocation per package, so that each package's binaries
-    // get the dependency features that package alone asks for (one
-    // invocation would unify them across all three).
-    let mut bins = Vec::new();
-    for (package, names) in [
-        ("nodedb-governor-agent", &[AGENT][..]),
-        ("nodedb-governor-testkit", PROBE_BINS),
-        ("nodedb-governor-workload", WORKLOAD_BINS),
-    ] {
-        bins.extend(cargo::build(
-            Profile::Debug,
-            &[Binaries::new(package, names)],
-        )?);
-    }
+    let bins: Vec<PathBuf> = cargo::build_as_tests(
+        &std::iter::once(AGENT)
+            .chain(PROBE_BINS.iter().copied())
+            .chain(WORKLOAD_BINS.iter().copied())
+            .collect::<Vec<_>>(),
+    )?;
     let root = crate::root();
     let vm_dir = root.join("target/vm");
     fs::create_dir_all(&vm_dir)?;

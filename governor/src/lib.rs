@@ -247,6 +247,7 @@ pub mod lending;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod overflow;
+pub mod page_cache;
 pub mod pressure;
 pub mod spill;
 mod sync;
@@ -256,6 +257,7 @@ pub use engine::EngineId;
 pub use error::MemError;
 pub use governor::{DEFAULT_BATCH_BYTES, EngineUsage, MemoryGovernor, Rebalancer, Reservation};
 pub use overflow::{OverflowError, OverflowRegion, OverflowSlot};
+pub use page_cache::{UncachedWriter, WritePath};
 pub use pressure::{PressureChange, PressureLevel, PressureThresholds, ThresholdsHandle};
 pub use spill::{
     HandlerRegistration, SpillAction, SpillConfig, SpillController, SpillHandler, SpillReport,

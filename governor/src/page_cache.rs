@@ -432,9 +432,8 @@ fn advise_dontneed(file: &File, offset: u64, len: u64) -> io::Result<()> {
 
 fn sync_file_range(fd: libc::c_int, offset: u64, len: u64, flags: libc::c_uint) -> io::Result<()> {
     // SAFETY: plain syscall on an open descriptor.
-    let rc = unsafe {
-        libc::sync_file_range(fd, offset as libc::off64_t, len as libc::off64_t, flags)
-    };
+    let rc =
+        unsafe { libc::sync_file_range(fd, offset as libc::off64_t, len as libc::off64_t, flags) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }

@@ -106,7 +106,10 @@ fn the_detected_path_leaves_nothing_cached_and_reads_back_exactly() {
         resident >> 10,
         size / MIB
     );
-    assert!(read_back(&path) == data, "{taken}: the file differs from what was written");
+    assert!(
+        read_back(&path) == data,
+        "{taken}: the file differs from what was written"
+    );
     fs::remove_file(&path).unwrap();
 }
 
@@ -139,8 +142,15 @@ fn write_behind_keeps_at_most_its_window_cached_while_it_writes() {
     let (file, taken) = w.finish().unwrap();
     assert_eq!(taken, WritePath::WriteBehind);
     let (resident, _) = resident_bytes(&file).unwrap();
-    assert!(resident <= MIB, "{} KiB cached after finish", resident >> 10);
-    assert!(read_back(&path) == data, "the file differs from what was written");
+    assert!(
+        resident <= MIB,
+        "{} KiB cached after finish",
+        resident >> 10
+    );
+    assert!(
+        read_back(&path) == data,
+        "the file differs from what was written"
+    );
     fs::remove_file(&path).unwrap();
 }
 
@@ -176,7 +186,10 @@ fn the_path_is_the_one_the_kernel_and_filesystem_allow() {
         w.write_all(&data).unwrap();
         let (_, taken) = w.finish().unwrap();
         assert_eq!(taken, WritePath::WriteBehind);
-        assert!(fs::read(&path).unwrap() == data, "the fallback lost or moved data");
+        assert!(
+            fs::read(&path).unwrap() == data,
+            "the fallback lost or moved data"
+        );
         fs::remove_file(&path).unwrap();
     }
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
@@ -191,11 +204,15 @@ fn the_path_is_the_one_the_kernel_and_filesystem_allow() {
     let magic = fs_magic(dir);
     let taken = page_cache::probe(dir).unwrap();
     if (major, minor) < (6, 14) {
-        assert_eq!(taken, WritePath::WriteBehind, "Linux {release} has no RWF_DONTCACHE");
+        assert_eq!(
+            taken,
+            WritePath::WriteBehind,
+            "Linux {release} has no RWF_DONTCACHE"
+        );
     }
     // ext4 and xfs take it from 6.15 on.
-    const EXT4: i64 = 0xEF53;
-    const XFS: i64 = 0x5846_5342;
+    const EXT4: libc::__fsword_t = 0xEF53;
+    const XFS: libc::__fsword_t = 0x5846_5342;
     if (major, minor) >= (6, 15) && (magic == EXT4 || magic == XFS) {
         assert_eq!(
             taken,
@@ -205,7 +222,7 @@ fn the_path_is_the_one_the_kernel_and_filesystem_allow() {
     }
 }
 
-fn fs_magic(dir: &std::path::Path) -> i64 {
+fn fs_magic(dir: &std::path::Path) -> libc::__fsword_t {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
     // SAFETY: a zeroed statfs is a valid value of the plain C struct,
@@ -215,5 +232,5 @@ fn fs_magic(dir: &std::path::Path) -> i64 {
         (libc::statfs(c.as_ptr(), &mut st), st)
     };
     assert_eq!(rc, 0, "statfs {}", dir.display());
-    st.f_type as i64
+    st.f_type
 }

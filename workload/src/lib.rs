@@ -5,8 +5,10 @@
 //!   ([`gorilla`]).
 //!
 //! - [`query`]: the SQL engine, a DataFusion `GROUP BY` through the
-//!   library's memory pool, spilling to disk when refused.
+//!   library's memory pool, spilling to disk when refused;
+//! - [`cache`]: the cache scenario's mapped index and flush.
 
+pub mod cache;
 pub mod gorilla;
 pub mod query;
 pub mod timeseries;

@@ -3,6 +3,7 @@
 
 mod apt;
 mod bench;
+mod cache_report;
 mod cargo;
 mod cmd;
 mod deps;
@@ -74,11 +75,17 @@ enum Task {
     /// governed with ample memory, and without an agent; report, summary and timeline plot under
     /// target/validate/<kernel>/.
     Validate {
+        /// `mixed`: the workload above; `cache`: a mapped vector index's
+        /// hot set against a timeseries flush (governed and ungoverned;
+        /// report under target/validate/cache/<kernel>/).
+        #[arg(long, value_enum, default_value_t = validate::Scenario::Mixed)]
+        scenario: validate::Scenario,
         /// Time limit per run, in seconds.
         #[arg(long, default_value_t = 1800)]
         timeout_secs: u64,
-        /// The runs (nodedb-validate --modes).
-        #[arg(long, value_delimiter = ',', default_values_t = ["governed".to_owned(), "ungoverned".to_owned(), "ample".to_owned(), "roomy".to_owned(), "baseline".to_owned()])]
+        /// The runs (nodedb-validate --modes; default: all five for
+        /// `mixed`, governed and ungoverned for `cache`).
+        #[arg(long, value_delimiter = ',')]
         modes: Vec<String>,
         /// Arguments for nodedb-workload (sizes), after `--`.
         #[arg(last = true)]
@@ -121,12 +128,26 @@ fn main() -> ExitCode {
             })
         }
         Task::Validate {
+            scenario,
             timeout_secs,
             modes,
             workload,
         } => setup::setup().and_then(|()| {
             validate::validate(&validate::Options {
-                modes,
+                scenario,
+                modes: if modes.is_empty() {
+                    match scenario {
+                        validate::Scenario::Mixed => {
+                            ["governed", "ungoverned", "ample", "roomy", "baseline"].as_slice()
+                        }
+                        validate::Scenario::Cache => ["ungoverned", "governed"].as_slice(),
+                    }
+                    .iter()
+                    .map(|m| (*m).to_owned())
+                    .collect()
+                } else {
+                    modes
+                },
                 workload_args: workload,
                 timeout_secs,
             })

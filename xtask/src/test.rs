@@ -113,11 +113,19 @@ pub fn test() -> anyhow::Result<()> {
     if cmd::is_root() || ci {
         step("the validation on this host (cgroup v1 fallback where the host has it)");
         crate::validate::validate(&crate::validate::Options {
+            scenario: crate::validate::Scenario::Mixed,
             modes: ["governed", "ungoverned", "ample", "roomy", "baseline"]
                 .map(str::to_owned)
                 .to_vec(),
             workload_args: Vec::new(),
             timeout_secs: 1200,
+        })?;
+        step("the cache scenario on this host: a mapped index's hot set against a flush");
+        crate::validate::validate(&crate::validate::Options {
+            scenario: crate::validate::Scenario::Cache,
+            modes: ["ungoverned", "governed"].map(str::to_owned).to_vec(),
+            workload_args: Vec::new(),
+            timeout_secs: 600,
         })?;
         step(
             "VM tests: cgroup v2 with the memory controller on Debian's 6.1 and 6.12 kernels (qemu), and the validation in each",

@@ -14,6 +14,10 @@
 //! Writes `summary.json`, `report.md` and `timeline.svg` (plotters) under
 //! `target/validate/<kernel>/`; fails when the governed run misses the
 //! target.
+//!
+//! `--scenario cache`: the cache scenario (`nodedb-cache`, governed and
+//! ungoverned, on `deploy/scenarios/cache.toml`), reported under
+//! `target/validate/cache/<kernel>/` (see cache_report.rs).
 
 use std::{fs, process::Command};
 
@@ -21,12 +25,37 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 
 use crate::{
-    cargo,
+    cache_report, cargo,
     cmd::{self, step},
     report,
 };
 
+/// Which workload (`nodedb-validate --scenario`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    Mixed,
+    Cache,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Mixed => "mixed",
+            Scenario::Cache => "cache",
+        }
+    }
+
+    /// Its configuration, under the workspace root.
+    pub fn config(self) -> &'static str {
+        match self {
+            Scenario::Mixed => "deploy/nodedb-governor.toml",
+            Scenario::Cache => "deploy/scenarios/cache.toml",
+        }
+    }
+}
+
 pub struct Options {
+    pub scenario: Scenario,
     /// `nodedb-validate --modes`.
     pub modes: Vec<String>,
     /// Arguments passed to nodedb-workload (sizes).
@@ -46,16 +75,21 @@ pub fn validate(opts: &Options) -> anyhow::Result<()> {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")?
         .trim()
         .to_owned();
-    let out_dir = root.join("target/validate").join(&kernel);
+    let out_dir = match opts.scenario {
+        Scenario::Mixed => root.join("target/validate").join(&kernel),
+        Scenario::Cache => root.join("target/validate/cache").join(&kernel),
+    };
     let scratch = root.join("target/validate/scratch");
     let _ = fs::remove_file(out_dir.join("summary.json"));
     step(&format!(
-        "validating on {kernel}: {}",
+        "validating on {kernel}: the {} scenario, {}",
+        opts.scenario.name(),
         opts.modes.join(", ")
     ));
     let status = Command::new(&validate_bin)
+        .args(["--scenario", opts.scenario.name()])
         .arg("--config")
-        .arg(root.join("deploy/nodedb-governor.toml"))
+        .arg(root.join(opts.scenario.config()))
         .arg("--out")
         .arg(&out_dir)
         .arg("--scratch")
@@ -71,7 +105,10 @@ pub fn validate(opts: &Options) -> anyhow::Result<()> {
     let summary: Value = serde_json::from_slice(
         &fs::read(out_dir.join("summary.json")).context("nodedb-validate wrote no summary")?,
     )?;
-    let met = report::write(&out_dir, &summary)?;
+    let met = match opts.scenario {
+        Scenario::Mixed => report::write(&out_dir, &summary)?,
+        Scenario::Cache => cache_report::write(&out_dir, &summary)?,
+    };
     if !met || !status.success() {
         bail!("the governed run missed the target (see the report)");
     }

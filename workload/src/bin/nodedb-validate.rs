@@ -24,6 +24,16 @@
 //! the target: an engine over its budget + 5%, the resident set at or over
 //! the ceiling, an OOM kill, or a wrong result.
 //!
+//! `--scenario cache` runs `nodedb-cache` instead (governed and ungoverned
+//! only, on the cache scenario's configuration): a mapped vector index
+//! queried while the timeseries engine flushes several times the page
+//! cache's room. The governed run's target adds the cache criteria,
+//! judged against the ungoverned run of the same invocation: the index at
+//! least 99% resident throughout the flush, the vector thread's major
+//! faults during it at most 1% of the ungoverned run's, its query p99
+//! during the flush within 1.2 times its p99 without one, and the flush's
+//! throughput at least 0.9 times the ungoverned run's.
+//!
 //! `cargo xtask validate` runs it on the host, `cargo xtask vm-test` in the
 //! VMs; both turn the summary into a report and a timeline plot.
 
@@ -40,6 +50,8 @@ use clap::{Parser, ValueEnum};
 use serde_json::{Value, json};
 
 const ENGINES: [&str; 3] = ["vector", "timeseries", "query"];
+/// The cache scenario's phases (see nodedb-cache).
+const PHASES: [&str; 3] = ["before", "during", "after"];
 /// How far over its budget an engine may peak (the agent acts on what the
 /// kernel reports, a tick late).
 const BUDGET_SLACK: f64 = 1.05;
@@ -65,9 +77,36 @@ impl Mode {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// Vector search, timeseries ingest and a GROUP BY (nodedb-workload).
+    Mixed,
+    /// A mapped index's hot set against a flush (nodedb-cache).
+    Cache,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Mixed => "mixed",
+            Scenario::Cache => "cache",
+        }
+    }
+
+    fn workload_bin(self) -> &'static str {
+        match self {
+            Scenario::Mixed => "nodedb-workload",
+            Scenario::Cache => "nodedb-cache",
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "nodedb-validate")]
 struct Args {
+    /// The workload.
+    #[arg(long, value_enum, default_value_t = Scenario::Mixed)]
+    scenario: Scenario,
     /// The configuration whose ceiling and budgets are validated (the
     /// bundled default, deploy/nodedb-governor.toml).
     #[arg(long)]
@@ -162,7 +201,18 @@ impl Harness {
                 .to_owned(),
         };
         let agent_bin = bin_dir.join("nodedb-governor");
-        let workload_bin = bin_dir.join("nodedb-workload");
+        let workload_bin = bin_dir.join(args.scenario.workload_bin());
+        if args.scenario == Scenario::Cache
+            && let Some(m) = args
+                .modes
+                .iter()
+                .find(|m| !matches!(m, Mode::Governed | Mode::Ungoverned))
+        {
+            bail!(
+                "--scenario cache runs governed and ungoverned only, not {}",
+                m.name()
+            );
+        }
         for b in [&agent_bin, &workload_bin] {
             if !b.exists() {
                 bail!("{} is missing (build it first)", b.display());
@@ -288,6 +338,9 @@ impl Harness {
                 .arg(run_dir.join("control.sock"))
                 .args(["--database", "nodedb-validate"]);
         }
+        if self.args.scenario == Scenario::Cache && mode == Mode::Governed {
+            cmd.arg("--governed");
+        }
         let mut workload = Reaped(
             cmd.arg("--dir")
                 .arg(&scratch)
@@ -383,7 +436,16 @@ impl Harness {
             .unwrap_or(0)
             .saturating_sub(oom_before);
         let completed = exit.success();
-        let correct = result["correct"] == true;
+        let correct = match self.args.scenario {
+            Scenario::Mixed => result["correct"] == true,
+            // Every phase ran and the flush wrote what it was asked to.
+            Scenario::Cache => {
+                result["flush"]["bytes"].as_u64() > Some(0)
+                    && PHASES
+                        .iter()
+                        .all(|p| result["phases"][p]["queries"].as_u64() > Some(0))
+            }
+        };
         let summary = json!({
             "mode": mode.name(),
             "ceiling_bytes": ceiling,
@@ -447,8 +509,11 @@ fn main() -> anyhow::Result<()> {
     for mode in modes {
         runs.push(harness.run(mode)?);
     }
+    let cache = (harness.args.scenario == Scenario::Cache).then(|| cache_verdict(&mut runs));
     let summary = json!({
         "kernel": kernel,
+        "scenario": harness.args.scenario.name(),
+        "cache": cache,
         "config": harness.resolved,
         "workload_args": harness.args.workload,
         "loan_grace_seconds": harness.args.loan_grace_ms as f64 / 1000.0,
@@ -466,6 +531,78 @@ fn main() -> anyhow::Result<()> {
         bail!("the governed run missed the target (see summary.json)");
     }
     Ok(())
+}
+
+/// The cache criteria for the governed run, against the ungoverned run of
+/// the same invocation; a governed run that misses one misses its target.
+/// Without both runs there is nothing to judge by (and no verdict).
+fn cache_verdict(runs: &mut [Value]) -> Value {
+    let find = |runs: &[Value], mode: &str| runs.iter().position(|r| r["mode"] == mode);
+    let (Some(g), Some(u)) = (find(runs, "governed"), find(runs, "ungoverned")) else {
+        return Value::Null;
+    };
+    let verdict = judge_cache(&runs[g]["workload"], &runs[u]["workload"]);
+    if verdict["met"] != true {
+        runs[g]["target_met"] = false.into();
+    }
+    verdict
+}
+
+/// Judges a governed cache run (`g`) against an ungoverned one (`u`):
+/// each criterion with its measured value, its limit and whether it holds.
+fn judge_cache(g: &Value, u: &Value) -> Value {
+    let during = |r: &Value, k: &str| r["phases"]["during"][k].as_f64();
+    let index = g["index_bytes"].as_f64().unwrap_or(0.0);
+    let resident = during(g, "min_hot_resident_bytes").unwrap_or(0.0) / index.max(1.0);
+    let faults_g = during(g, "vector_major_faults").unwrap_or(f64::MAX);
+    let faults_u = during(u, "vector_major_faults").unwrap_or(0.0);
+    // Without a flush: the higher of the quiet phases' p99s.
+    let quiet_p99 = ["before", "after"]
+        .iter()
+        .filter_map(|p| g["phases"][p]["p99_us"].as_f64())
+        .fold(0.0, f64::max);
+    let p99_during = during(g, "p99_us").unwrap_or(f64::MAX);
+    let tput = |r: &Value| r["flush"]["mib_per_s"].as_f64().unwrap_or(0.0);
+    let criteria = [
+        ("hot_set_resident", resident, 0.99, resident >= 0.99),
+        (
+            // Faults are counts: with none ungoverned, none allowed.
+            "major_faults_vs_ungoverned",
+            faults_g / faults_u.max(1.0),
+            0.01,
+            faults_g <= faults_u * 0.01,
+        ),
+        (
+            "p99_during_vs_quiet",
+            p99_during / quiet_p99.max(1.0),
+            1.2,
+            p99_during <= quiet_p99 * 1.2,
+        ),
+        (
+            "flush_throughput_vs_ungoverned",
+            tput(g) / tput(u).max(1e-9),
+            0.9,
+            tput(g) >= tput(u) * 0.9,
+        ),
+    ];
+    let mut v = json!({ "met": criteria.iter().all(|c| c.3) });
+    for (name, value, limit, ok) in criteria {
+        v[name] = json!({ "value": value, "limit": limit, "ok": ok });
+    }
+    // The problem, as the ungoverned run shows it.
+    let u_quiet = ["before", "after"]
+        .iter()
+        .filter_map(|p| u["phases"][p]["p99_us"].as_f64())
+        .fold(f64::MAX, f64::min);
+    v["ungoverned"] = json!({
+        "min_hot_resident": during(u, "min_hot_resident_bytes").unwrap_or(0.0)
+            / u["index_bytes"].as_f64().unwrap_or(1.0).max(1.0),
+        "p99_during_vs_before": during(u, "p99_us").unwrap_or(0.0)
+            / u["phases"]["before"]["p99_us"].as_f64().unwrap_or(1.0).max(1.0),
+        "p99_during_vs_quiet_min": during(u, "p99_us").unwrap_or(0.0) / u_quiet.max(1.0),
+        "major_faults_during": faults_u,
+    });
+    v
 }
 
 /// Each sample's resident bytes of `engine` over its budget in force: the
@@ -532,5 +669,57 @@ mod tests {
             in_force_ratios(&[sample(0.0, 100, 200), sample(0.1, 100, 100)], "ts", 0.0),
             [0.5, 1.0]
         );
+    }
+
+    fn cache_run(resident_mib: u64, faults: u64, p99s: [u64; 3], mib_per_s: f64) -> Value {
+        let phase = |i: usize| {
+            json!({
+                "p99_us": p99s[i],
+                "vector_major_faults": if i == 1 { faults } else { 0 },
+                "min_hot_resident_bytes": if i == 1 { resident_mib << 20 } else { 448 << 20 },
+                "queries": 1000,
+            })
+        };
+        json!({
+            "index_bytes": 448u64 << 20,
+            "phases": {"before": phase(0), "during": phase(1), "after": phase(2)},
+            "flush": {"mib_per_s": mib_per_s},
+        })
+    }
+
+    #[test]
+    fn the_cache_criteria_judge_the_governed_run_against_the_ungoverned_one() {
+        let ungoverned = cache_run(286, 316, [211, 55_786, 3469], 613.0);
+        let good = cache_run(448, 0, [67, 75, 60], 855.0);
+        let v = judge_cache(&good, &ungoverned);
+        assert_eq!(v["met"], true, "{v:#}");
+        assert!((v["ungoverned"]["p99_during_vs_before"].as_f64().unwrap() - 264.4).abs() < 0.1);
+        // Each criterion alone fails the run.
+        for (bad, criterion) in [
+            (cache_run(440, 0, [67, 75, 60], 855.0), "hot_set_resident"),
+            (
+                cache_run(448, 4, [67, 75, 60], 855.0),
+                "major_faults_vs_ungoverned",
+            ),
+            (
+                cache_run(448, 0, [67, 81, 60], 855.0),
+                "p99_during_vs_quiet",
+            ),
+            (
+                cache_run(448, 0, [67, 75, 60], 550.0),
+                "flush_throughput_vs_ungoverned",
+            ),
+        ] {
+            let v = judge_cache(&bad, &ungoverned);
+            assert_eq!(v["met"], false, "{criterion}: {v:#}");
+            assert_eq!(v[criterion]["ok"], false, "{criterion}: {v:#}");
+        }
+        // A governed run that misses the criteria misses its target.
+        let mut runs = vec![
+            json!({"mode": "governed", "target_met": true, "workload": cache_run(448, 4, [67, 75, 60], 855.0)}),
+            json!({"mode": "ungoverned", "target_met": false, "workload": ungoverned}),
+        ];
+        assert_eq!(cache_verdict(&mut runs)["met"], false);
+        assert_eq!(runs[0]["target_met"], false);
     }
 }

@@ -15,21 +15,36 @@
 //!   refused with the numbers;
 //! * any number of threads write, read and free at once: the free list is
 //!   locked, and live slots never overlap;
+//! * a file-backed region keeps what it holds out of the page cache:
+//!   writes go to the file (not through the mapping, whose write faults
+//!   would read around them), with `RWF_DONTCACHE` where the kernel takes
+//!   it, else started back at once and, once more than
+//!   [`WRITE_BEHIND_BYTES`] were written after them, waited for, unmapped
+//!   (`MADV_DONTNEED`: the file keeps the data) and dropped
+//!   (`POSIX_FADV_DONTNEED`); a slot is read back through the mapping.
+//!   Spilled data is parked, not hot: left cached it would push other
+//!   engines' pages out (see [`crate::page_cache`]);
 //! * a region is a handle (cloning it gives another to the same mapping),
 //!   and each slot holds one, so slots live anywhere, as long as needed:
 //!   the mapping goes when the last handle or slot does.
 
 use std::{
-    collections::BTreeMap,
-    fs::OpenOptions,
+    collections::{BTreeMap, VecDeque},
+    fs::{File, OpenOptions},
     path::Path,
     sync::{Arc, Mutex},
 };
 
 use memmap2::{MmapMut, MmapOptions, MmapRaw, UncheckedAdvice};
 
+use crate::page_cache::{self, WritePath};
+
 /// Space is handed out in units of this many bytes (a page).
 pub const GRANULE_BYTES: u64 = 4096;
+
+/// A file-backed region's written pages stay cached until this many bytes
+/// were written after them.
+pub const WRITE_BEHIND_BYTES: u64 = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OverflowError {
@@ -64,6 +79,17 @@ struct Mapping {
     max_bytes: u64,
     /// Free extents: offset -> length, merged with neighbours.
     free: Mutex<BTreeMap<u64, u64>>,
+    /// A file-backed region's file, and the ranges written and not yet
+    /// dropped from the page cache.
+    behind: Option<Mutex<Behind>>,
+}
+
+struct Behind {
+    file: File,
+    /// Detected on the first write.
+    path: Option<WritePath>,
+    pending: VecDeque<(u64, u64)>,
+    pending_bytes: u64,
 }
 
 impl std::fmt::Debug for OverflowRegion {
@@ -91,7 +117,7 @@ impl OverflowRegion {
             what: format!("mapping {max_bytes} anonymous bytes"),
             source,
         })?;
-        Ok(Self::over(MmapRaw::from(map), max_bytes))
+        Ok(Self::over(MmapRaw::from(map), max_bytes, None))
     }
 
     /// A region backed by the file at `path` (created or truncated to
@@ -114,7 +140,7 @@ impl OverflowRegion {
             .len(len)
             .map_raw(&file)
             .map_err(io("mapping"))?;
-        Ok(Self::over(map, max_bytes))
+        Ok(Self::over(map, max_bytes, Some(file)))
     }
 
     fn check_size(max_bytes: u64) -> Result<usize, OverflowError> {
@@ -124,12 +150,20 @@ impl OverflowRegion {
         usize::try_from(max_bytes).map_err(|_| OverflowError::BadSize(max_bytes))
     }
 
-    fn over(map: MmapRaw, max_bytes: u64) -> Self {
+    fn over(map: MmapRaw, max_bytes: u64, file: Option<File>) -> Self {
         Self {
             mapping: Arc::new(Mapping {
                 map,
                 max_bytes,
                 free: Mutex::new(BTreeMap::from([(0, max_bytes)])),
+                behind: file.map(|file| {
+                    Mutex::new(Behind {
+                        file,
+                        path: None,
+                        pending: VecDeque::new(),
+                        pending_bytes: 0,
+                    })
+                }),
             }),
         }
     }
@@ -149,7 +183,10 @@ impl OverflowRegion {
         self.mapping.lock().len()
     }
 
-    /// Copies `data` into the region.
+    /// Copies `data` into the region. A file-backed region may wait here
+    /// for the writeback of what was written a window before (as the
+    /// kernel throttles a writer that dirties pages faster than the disk
+    /// takes them).
     pub fn write(&self, data: &[u8]) -> Result<OverflowSlot, OverflowError> {
         let len = data.len() as u64;
         let granted = len.div_ceil(GRANULE_BYTES) * GRANULE_BYTES;
@@ -159,14 +196,23 @@ impl OverflowRegion {
             self.mapping.allocate(granted)?
         };
         if len > 0 {
-            // SAFETY: [offset, offset + len) lies inside the mapping and
-            // belongs to this slot alone until it is freed.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    data.as_ptr(),
-                    self.mapping.map.as_mut_ptr().add(offset as usize),
-                    data.len(),
-                );
+            if self.mapping.behind.is_some() {
+                self.mapping
+                    .write_file(data, offset, granted)
+                    .map_err(|source| OverflowError::Io {
+                        what: "writing the region's file".to_owned(),
+                        source,
+                    })?;
+            } else {
+                // SAFETY: [offset, offset + len) lies inside the mapping
+                // and belongs to this slot alone until it is freed.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        data.as_ptr(),
+                        self.mapping.map.as_mut_ptr().add(offset as usize),
+                        data.len(),
+                    );
+                }
             }
         }
         Ok(OverflowSlot {
@@ -179,6 +225,42 @@ impl OverflowRegion {
 }
 
 impl Mapping {
+    /// File-backed: writes `data` at `offset` (a slot of `granted`
+    /// bytes) to the file, uncached; write-behind: starts its writeback
+    /// and drops what was written more than a window before it.
+    fn write_file(&self, data: &[u8], offset: u64, granted: u64) -> std::io::Result<()> {
+        let Some(behind) = &self.behind else {
+            return Ok(());
+        };
+        let mut b = behind.lock().unwrap_or_else(|p| p.into_inner());
+        let b = &mut *b;
+        page_cache::write_at(&b.file, data, offset, &mut b.path)?;
+        if b.path != Some(WritePath::WriteBehind) {
+            return Ok(());
+        }
+        let len = granted;
+        page_cache::start_writeback(&b.file, offset, len)?;
+        b.pending.push_back((offset, len));
+        b.pending_bytes += len;
+        while b.pending_bytes > WRITE_BEHIND_BYTES {
+            let Some((o, l)) = b.pending.pop_front() else {
+                break;
+            };
+            b.pending_bytes -= l;
+            // SAFETY: whole granules inside the mapping. Dropping a shared
+            // file mapping's pages loses nothing: a dirty page stays in the
+            // page cache (and is not dropped below), a clean one is read
+            // back from the file. The range may belong to a live slot (its
+            // own, or a newer one's after a free): readers fault it back.
+            let _ = unsafe {
+                self.map
+                    .unchecked_advise_range(UncheckedAdvice::DontNeed, o as usize, l as usize)
+            };
+            page_cache::drop_range(&b.file, o, l)?;
+        }
+        Ok(())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, u64>> {
         // The free list is only changed by complete insert/remove pairs.
         self.free.lock().unwrap_or_else(|p| p.into_inner())

@@ -210,54 +210,16 @@ impl UncachedWriter {
     /// Writes all of `data` at `self.offset`, by the path in use (chosen
     /// here on the first chunk).
     fn write_chunk(&mut self, data: &[u8]) -> io::Result<()> {
-        let mut done = 0;
-        while done < data.len() {
-            let at = self.offset + done as u64;
-            let rest = &data[done..];
-            let n = match self.path {
-                Some(WritePath::DontCache) => pwritev2(&self.file, rest, at, RWF_DONTCACHE),
-                Some(WritePath::WriteBehind) => pwritev2(&self.file, rest, at, 0),
-                None => match pwritev2(&self.file, rest, at, RWF_DONTCACHE) {
-                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                        // Refused before anything was written.
-                        self.path = Some(WritePath::WriteBehind);
-                        continue;
-                    }
-                    other => {
-                        if other.is_ok() {
-                            self.path = Some(WritePath::DontCache);
-                        }
-                        other
-                    }
-                },
-            };
-            match n {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        write_at(&self.file, data, self.offset, &mut self.path)
     }
 
     /// Starts writeback of the chunk just written, and drops what is more
     /// than a window behind it once its writeback is done.
     fn write_behind(&mut self, len: u64) -> io::Result<()> {
-        let fd = self.file.as_raw_fd();
-        sync_file_range(fd, self.offset - len, len, libc::SYNC_FILE_RANGE_WRITE)?;
+        start_writeback(&self.file, self.offset - len, len)?;
         if self.offset - self.dropped_to > self.window {
             let to = self.offset - self.window;
-            let len = to - self.dropped_to;
-            sync_file_range(
-                fd,
-                self.dropped_to,
-                len,
-                libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                    | libc::SYNC_FILE_RANGE_WRITE
-                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-            )?;
-            advise_dontneed(&self.file, self.dropped_to, len)?;
+            drop_range(&self.file, self.dropped_to, to - self.dropped_to)?;
             self.dropped_to = to;
         }
         Ok(())
@@ -394,8 +356,55 @@ pub fn drop_cached(file: &File) -> io::Result<u64> {
     Ok(before)
 }
 
+/// Writes all of `data` at `offset` by `path`; `None`: tries
+/// `RWF_DONTCACHE` and sets `path` to what the kernel took.
+pub(crate) fn write_at(
+    file: &File,
+    data: &[u8],
+    offset: u64,
+    path: &mut Option<WritePath>,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < data.len() {
+        let at = offset + done as u64;
+        let rest = &data[done..];
+        let n = match *path {
+            Some(WritePath::DontCache) => pwritev2(file, rest, at, RWF_DONTCACHE),
+            Some(WritePath::WriteBehind) => pwritev2(file, rest, at, 0),
+            None => match pwritev2(file, rest, at, RWF_DONTCACHE) {
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    // Refused before anything was written.
+                    *path = Some(WritePath::WriteBehind);
+                    continue;
+                }
+                other => {
+                    if other.is_ok() {
+                        *path = Some(WritePath::DontCache);
+                    }
+                    other
+                }
+            },
+        };
+        match n {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Starts the range's writeback, without waiting for it.
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+}
+
 /// Waits for the range's writeback (starting it) and drops it.
-fn drop_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+pub(crate) fn drop_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }

@@ -3,18 +3,19 @@
 //! when it is allocated (a chunk never grows, so what is charged is what
 //! is held). When a chunk is refused, or the agent asks for a spill, the
 //! buffers are flushed: each series' points are Gorilla-compressed into a
-//! segment and appended to the engine's file on disk, the buffers'
+//! segment and appended to the engine's file on disk (through the
+//! library's uncached writer), the buffers'
 //! reservations are released, and the engine's arena gives the freed pages
 //! back to the kernel (the `after_flush` hook).
 
 use std::{
     fs::File,
-    io::{BufWriter, Read, Write},
+    io::{Read, Write},
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
-use nodedb_governor::{EngineId, MemoryGovernor, Reservation, SpillHandler};
+use nodedb_governor::{EngineId, MemoryGovernor, Reservation, SpillHandler, UncachedWriter};
 
 use crate::gorilla::{self, Encoder};
 
@@ -41,7 +42,10 @@ struct State {
     series: Vec<Series>,
     /// One reservation per chunk held by the buffers.
     chunks: Vec<Reservation>,
-    out: BufWriter<File>,
+    /// Segments go out through the library's uncached writer: a flush
+    /// does not leave its data in the page cache, where it would push
+    /// out other engines' pages.
+    out: UncachedWriter,
 }
 
 /// What the engine did.
@@ -75,7 +79,7 @@ impl Timeseries {
             state: Mutex::new(State {
                 series: (0..series).map(|_| Series { chunks: Vec::new() }).collect(),
                 chunks: Vec::new(),
-                out: BufWriter::new(File::create(path)?),
+                out: UncachedWriter::create(path)?,
             }),
             stats: Mutex::new(TimeseriesStats::default()),
         })

@@ -8,13 +8,13 @@
 
 use std::{
     fs::File,
-    io::{BufReader, BufWriter, Read, Write},
+    io::{BufReader, Read, Write},
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use instant_distance::{Builder, HnswMap, Point, Search};
-use nodedb_governor::{EngineId, MemoryGovernor, Reservation, SpillHandler};
+use nodedb_governor::{EngineId, MemoryGovernor, Reservation, SpillHandler, UncachedWriter};
 
 pub const DIM: usize = 64;
 /// What a resident vector is charged: its 256 bytes, its zero-layer
@@ -165,7 +165,9 @@ impl VectorEngine {
             return Ok(0);
         };
         let path = self.dir.join(format!("segment-{i}.vec"));
-        let mut w = BufWriter::new(File::create(&path)?);
+        // Evicted because memory is short: through the uncached writer,
+        // so the segment does not stay in the page cache either.
+        let mut w = UncachedWriter::create(&path)?;
         let mut len = 0;
         for (pid, p) in map.iter() {
             w.write_all(&map.values[pid.into_inner() as usize].to_le_bytes())?;
@@ -175,7 +177,10 @@ impl VectorEngine {
             len += 1;
         }
         w.write_all(payload)?;
+        // Written; not made durable (a scratch segment), and the drop
+        // lets its pages go.
         w.flush()?;
+        drop(w);
         let freed = charge.size();
         segs[i] = Segment::OnDisk { path, len };
         lock(&self.stats).evictions += 1;

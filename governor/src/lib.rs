@@ -217,7 +217,8 @@
 //!   global allocator.
 //! * `datafusion`: [`datafusion_pool::GovernorPool`] is DataFusion's
 //!   `MemoryPool` over one engine's budget: DataFusion's spillable operators
-//!   spill when the governor refuses them.
+//!   spill when the governor refuses them; [`datafusion_spill::UncachedSpillFiles`]
+//!   makes DataFusion's spill files without leaving them in the page cache.
 //! * `fault-injection`: [`MemoryGovernor::refuse_nth_reservation`] refuses
 //!   the Nth reservation, to test callers' refusal paths.
 //!
@@ -240,6 +241,8 @@ pub mod budget;
 pub mod control;
 #[cfg(feature = "datafusion")]
 pub mod datafusion_pool;
+#[cfg(feature = "datafusion")]
+pub mod datafusion_spill;
 pub mod engine;
 pub mod error;
 pub mod governor;

@@ -169,8 +169,11 @@ impl UncachedWriter {
         // DontCache drops each folio at the end of its writeback, which
         // the fdatasync waited for; pages it found cached stay, as the
         // flag promises. WriteBehind drops the rest of its range here.
+        // From the start: a large folio straddling the last dropped
+        // boundary was left by that drop (the kernel drops only folios
+        // wholly inside the range).
         if self.path() == Some(WritePath::WriteBehind) {
-            advise_dontneed(&self.file, self.dropped_to, self.offset - self.dropped_to)?;
+            advise_dontneed(&self.file, self.start, self.offset - self.start)?;
             self.dropped_to = self.offset;
         }
         let path = self.path.unwrap_or(WritePath::WriteBehind);
@@ -254,7 +257,7 @@ impl Drop for UncachedWriter {
         }
         let _ = self.write_buffered();
         if self.path == Some(WritePath::WriteBehind) {
-            let _ = drop_range(&self.file, self.dropped_to, self.offset - self.dropped_to);
+            let _ = drop_range(&self.file, self.start, self.offset - self.start);
         }
     }
 }

@@ -1,7 +1,8 @@
 //! DataFusion's memory pool over the Query budget: DataFusion's own
 //! reservations draw on the governor, a refusal reaches DataFusion as
 //! `ResourcesExhausted` with the governor's numbers, and everything comes
-//! back when DataFusion lets go.
+//! back when DataFusion lets go. DataFusion's spill files, made by the
+//! library's factory, do not stay in the page cache.
 
 use std::sync::Arc;
 
@@ -68,4 +69,59 @@ fn datafusion_reserves_from_the_query_budget_and_is_refused_by_it() {
         GovernorPool::new(&g, EngineId::Wal).is_err(),
         "an engine not in the budget"
     );
+}
+
+/// A spill file written and read back through `UncachedSpillFiles`: the
+/// bytes come back exactly, neither the writing nor the reading leaves
+/// them cached, and the file is gone when DataFusion drops it.
+#[test]
+fn spill_files_are_written_and_read_back_uncached() {
+    use std::{
+        io::Write,
+        pin::pin,
+        task::{Context, Poll, Waker},
+    };
+
+    use datafusion_execution::spill_file::TempFileFactory;
+    use futures::Stream;
+    use nodedb_governor::{datafusion_spill::UncachedSpillFiles, page_cache::resident_bytes};
+
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("spill-files-{}", std::process::id()));
+    let factory = UncachedSpillFiles::new(&dir).unwrap();
+    let file = factory.create_temp_file("HashAggregateSpill").unwrap();
+    let path = file.path().unwrap().to_owned();
+    let data: Vec<u8> = (0..32 * MIB).map(|i| (i * 31 % 251) as u8).collect();
+    let mut w = file.open_writer().unwrap();
+    for piece in data.chunks(100_003) {
+        w.write_all(piece).unwrap();
+    }
+    w.finish().unwrap();
+    drop(w);
+    assert_eq!(file.size(), Some(data.len() as u64));
+    assert_eq!(factory.written_bytes(), data.len() as u64);
+    let cached = |p: &std::path::Path| resident_bytes(&std::fs::File::open(p).unwrap()).unwrap().0;
+    let after_write = cached(&path);
+    assert!(
+        after_write <= MIB as u64,
+        "{} KiB of a 32 MiB spill file cached after writing",
+        after_write >> 10
+    );
+    // The stream is an iterator's: every poll is ready.
+    let mut stream = pin!(file.read_stream().unwrap());
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut back = Vec::new();
+    while let Poll::Ready(Some(chunk)) = stream.as_mut().poll_next(&mut cx) {
+        back.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(back == data, "the spill file read back differs");
+    let after_read = cached(&path);
+    assert!(
+        after_read <= MIB as u64,
+        "{} KiB of the spill file cached after reading it",
+        after_read >> 10
+    );
+    drop(file);
+    assert!(!path.exists(), "a dropped spill file is removed");
+    let _ = std::fs::remove_dir_all(&dir);
 }

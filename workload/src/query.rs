@@ -1,6 +1,7 @@
 //! The SQL engine: a high-cardinality `GROUP BY` run by DataFusion with its
 //! memory drawn from the Query budget through the governor's
-//! [`GovernorPool`], spilling to disk when the governor refuses, and the
+//! [`GovernorPool`], spilling to disk when the governor refuses (through
+//! the library's uncached spill files), and the
 //! reference answer computed without DataFusion to check it against.
 
 use std::{path::PathBuf, sync::Arc};
@@ -20,7 +21,9 @@ use datafusion::{
     physical_plan::{ExecutionPlan, execute_stream, metrics::MetricsSet},
     prelude::{SessionConfig, SessionContext},
 };
-use nodedb_governor::{EngineId, MemoryGovernor, datafusion_pool::GovernorPool};
+use nodedb_governor::{
+    EngineId, MemoryGovernor, datafusion_pool::GovernorPool, datafusion_spill::UncachedSpillFiles,
+};
 
 /// The input: `rows` rows of (k, v), with `keys` distinct keys.
 #[derive(Clone, Copy, Debug)]
@@ -169,13 +172,16 @@ impl GroupBy<'_> {
     /// The session and the physical plan.
     async fn plan(self) -> Result<(SessionContext, Arc<dyn ExecutionPlan>)> {
         let pool: Arc<dyn MemoryPool> = Arc::new(GovernorPool::new(self.governor, self.engine)?);
-        let mode = match self.spill {
-            Spill::To(dir) => DiskManagerMode::Directories(vec![dir]),
-            Spill::Disabled => DiskManagerMode::Disabled,
+        // Spill files through the library's factory: written and read
+        // back without staying in the page cache.
+        let disk = match self.spill {
+            Spill::To(dir) => DiskManagerBuilder::default()
+                .with_temp_file_factory(Arc::new(UncachedSpillFiles::new(&dir)?)),
+            Spill::Disabled => DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
         };
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(pool)
-            .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(mode))
+            .with_disk_manager_builder(disk)
             .build_arc()?;
         let config = SessionConfig::new()
             .with_target_partitions(self.partitions)

@@ -14,7 +14,8 @@
 //! * the region never grows past its maximum: a write that does not fit is
 //!   refused with the numbers;
 //! * any number of threads write, read and free at once: the free list is
-//!   locked, and live slots never overlap;
+//!   locked, and live slots never overlap (a file-backed region's writes
+//!   queue behind one another, as they would for the disk);
 //! * a file-backed region keeps what it holds out of the page cache:
 //!   writes go to the file (not through the mapping, whose write faults
 //!   would read around them), with `RWF_DONTCACHE` where the kernel takes
@@ -74,6 +75,9 @@ pub struct OverflowRegion {
 }
 
 /// The mapping and its free list, shared by a region's handles and slots.
+/// (A file-backed region's writes take its `behind` lock, writes and
+/// waits included: writers to one file region queue, as they would for
+/// the disk.)
 struct Mapping {
     map: MmapRaw,
     max_bytes: u64,
@@ -195,6 +199,14 @@ impl OverflowRegion {
         } else {
             self.mapping.allocate(granted)?
         };
+        // The slot owns its space from here: an error below drops it,
+        // and its drop gives the space back.
+        let slot = OverflowSlot {
+            mapping: self.mapping.clone(),
+            offset,
+            len,
+            granted,
+        };
         if len > 0 {
             if self.mapping.behind.is_some() {
                 self.mapping
@@ -215,19 +227,18 @@ impl OverflowRegion {
                 }
             }
         }
-        Ok(OverflowSlot {
-            mapping: self.mapping.clone(),
-            offset,
-            len,
-            granted,
-        })
+        Ok(slot)
     }
 }
 
 impl Mapping {
     /// File-backed: writes `data` at `offset` (a slot of `granted`
-    /// bytes) to the file, uncached; write-behind: starts its writeback
-    /// and drops what was written more than a window before it.
+    /// bytes) to the file, uncached, starts its writeback, and waits for
+    /// the writeback of what was written more than a window before it (on
+    /// either path: `RWF_DONTCACHE` pages leave when their writeback ends,
+    /// which nothing else waits for), dropping it. Only the write's own
+    /// failure fails the slot: the writeback and the drops are the cache's
+    /// business (a lost drop leaves pages cached, nothing else).
     fn write_file(&self, data: &[u8], offset: u64, granted: u64) -> std::io::Result<()> {
         let Some(behind) = &self.behind else {
             return Ok(());
@@ -235,13 +246,9 @@ impl Mapping {
         let mut b = behind.lock().unwrap_or_else(|p| p.into_inner());
         let b = &mut *b;
         page_cache::write_at(&b.file, data, offset, &mut b.path)?;
-        if b.path != Some(WritePath::WriteBehind) {
-            return Ok(());
-        }
-        let len = granted;
-        page_cache::start_writeback(&b.file, offset, len)?;
-        b.pending.push_back((offset, len));
-        b.pending_bytes += len;
+        let _ = page_cache::start_writeback(&b.file, offset, granted);
+        b.pending.push_back((offset, granted));
+        b.pending_bytes += granted;
         while b.pending_bytes > WRITE_BEHIND_BYTES {
             let Some((o, l)) = b.pending.pop_front() else {
                 break;
@@ -256,7 +263,7 @@ impl Mapping {
                 self.map
                     .unchecked_advise_range(UncheckedAdvice::DontNeed, o as usize, l as usize)
             };
-            page_cache::drop_range(&b.file, o, l)?;
+            let _ = page_cache::drop_range(&b.file, o, l);
         }
         Ok(())
     }

@@ -11,8 +11,8 @@
 //! the cache, by one of two paths ([`WritePath`]):
 //!
 //! * [`WritePath::DontCache`]: `pwritev2(..., RWF_DONTCACHE)`, the kernel's
-//!   uncached buffered I/O (Linux 6.14, on filesystems that opt in: ext4
-//!   and xfs among them). The write goes through the cache as usual, the
+//!   uncached buffered I/O (the flag came in Linux 6.14; filesystems opt
+//!   in: xfs and btrfs from 6.15, ext4 from 6.17). The write goes through the cache as usual, the
 //!   kernel starts writeback at once and drops the pages when it
 //!   completes; pages that were cached before the write stay.
 //! * [`WritePath::WriteBehind`], everywhere else: after each chunk the
@@ -45,6 +45,9 @@ use std::{
 /// `RWF_DONTCACHE` (uapi `linux/fs.h`, Linux 6.14): the `libc` crate does
 /// not name it yet.
 const RWF_DONTCACHE: libc::c_int = 0x0000_0080;
+
+/// The page size drops are aligned to (the kernel drops whole pages).
+const PAGE: u64 = 4096;
 
 /// Bytes written per system call, and the granule of the write-behind.
 pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
@@ -140,7 +143,11 @@ impl UncachedWriter {
     /// Bytes per write (at least one page) and the write-behind window
     /// (at least a chunk).
     pub fn sizes(mut self, chunk_bytes: usize, window_bytes: u64) -> Self {
-        self.chunk = chunk_bytes.max(4096);
+        assert!(
+            self.buf.is_empty() && self.offset == self.start,
+            "sizes are set before the first write"
+        );
+        self.chunk = chunk_bytes.max(4096).next_multiple_of(4096);
         self.window = window_bytes.max(self.chunk as u64);
         self.buf = Vec::with_capacity(self.chunk);
         self
@@ -164,6 +171,9 @@ impl UncachedWriter {
     /// Writes what is buffered, makes the file's data durable and drops
     /// what is still cached. Returns the file and the path taken.
     pub fn finish(mut self) -> io::Result<(File, WritePath)> {
+        if self.stopped {
+            return Err(stopped());
+        }
         self.write_buffered()?;
         self.file.sync_data()?;
         // DontCache drops each folio at the end of its writeback, which
@@ -198,8 +208,14 @@ impl UncachedWriter {
                 let len = self.buf.len() as u64;
                 self.offset += len;
                 self.buf.clear();
-                if self.path == Some(WritePath::WriteBehind) {
-                    self.write_behind(len)?;
+                if self.path == Some(WritePath::WriteBehind)
+                    && let Err(e) = self.write_behind(len)
+                {
+                    // Written, but its writeback failed: what fdatasync
+                    // would report, and the file's error cursor has moved
+                    // past it. Nothing more is written, and finish fails.
+                    self.stopped = true;
+                    return Err(e);
                 }
                 Ok(())
             }
@@ -221,7 +237,9 @@ impl UncachedWriter {
     fn write_behind(&mut self, len: u64) -> io::Result<()> {
         start_writeback(&self.file, self.offset - len, len)?;
         if self.offset - self.dropped_to > self.window {
-            let to = self.offset - self.window;
+            // Whole pages: fadvise keeps a partial page at either end,
+            // and a partial flush leaves offsets anywhere.
+            let to = (self.offset - self.window) & !(PAGE - 1);
             drop_range(&self.file, self.dropped_to, to - self.dropped_to)?;
             self.dropped_to = to;
         }

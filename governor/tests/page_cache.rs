@@ -74,8 +74,13 @@ fn buffered_write_stays_cached(len: usize) {
         resident / MIB
     );
     // drop_cached writes back and drops it, and says how much was there.
+    // Two readings of the cache: writeback or reclaim may move it a little
+    // in between.
     let dropped = drop_cached(&f).unwrap();
-    assert_eq!(dropped, resident);
+    assert!(
+        dropped.abs_diff(resident) <= MIB,
+        "drop_cached saw {dropped} bytes cached, mincore {resident}"
+    );
     let (after, _) = resident_bytes(&f).unwrap();
     assert!(
         after <= MIB,
@@ -169,7 +174,7 @@ fn a_writer_appends_after_what_the_file_held() {
 }
 
 /// `RWF_DONTCACHE` came in Linux 6.14 and only for filesystems that opt
-/// in; tmpfs does not (its pages have nowhere to be written back to).
+/// in (xfs from 6.15, ext4 from 6.17); tmpfs does not (its pages have nowhere to be written back to).
 #[test]
 fn the_path_is_the_one_the_kernel_and_filesystem_allow() {
     let shm = std::path::Path::new("/dev/shm");
@@ -210,10 +215,10 @@ fn the_path_is_the_one_the_kernel_and_filesystem_allow() {
             "Linux {release} has no RWF_DONTCACHE"
         );
     }
-    // ext4 and xfs take it from 6.15 on.
+    // xfs takes it from 6.15 on, ext4 from 6.17.
     const EXT4: libc::__fsword_t = 0xEF53;
     const XFS: libc::__fsword_t = 0x5846_5342;
-    if (major, minor) >= (6, 15) && (magic == EXT4 || magic == XFS) {
+    if ((major, minor) >= (6, 17) && magic == EXT4) || ((major, minor) >= (6, 15) && magic == XFS) {
         assert_eq!(
             taken,
             WritePath::DontCache,

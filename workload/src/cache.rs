@@ -12,9 +12,8 @@
 use std::{
     fs::File,
     io::{BufWriter, Write},
-    os::fd::AsRawFd,
     path::Path,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -58,10 +57,9 @@ impl Rng {
 /// for HNSW's upper layers (every query starts there), the rest for the
 /// neighbourhoods queries descend into.
 pub struct HotIndex {
-    file: File,
     map: Mmap,
     vectors: usize,
-    locked: bool,
+    locked: AtomicBool,
 }
 
 impl HotIndex {
@@ -95,10 +93,9 @@ impl HotIndex {
             path.display()
         );
         Ok(Self {
-            file,
             map,
             vectors,
-            locked: false,
+            locked: AtomicBool::new(false),
         })
     }
 
@@ -107,9 +104,10 @@ impl HotIndex {
     }
 
     /// Holds the whole index resident once touched (`MLOCK_ONFAULT`: pages
-    /// are locked as they fault in, none are read in by the call), then
-    /// touches every page so all are.
-    pub fn protect(&mut self) -> anyhow::Result<()> {
+    /// are locked as they fault in, none are read in by the call); then
+    /// [`warm`](Self::warm) touches every page, on the engine's thread (so
+    /// the kernel's attribution sees the engine's thread fault them).
+    pub fn lock(&self) -> anyhow::Result<()> {
         // SAFETY: locking our own mapping's range; it stays mapped until
         // `self` drops, which unmaps (and so unlocks) it.
         let rc = unsafe {
@@ -125,13 +123,12 @@ impl HotIndex {
                 self.map.len() >> 20
             ));
         }
-        self.locked = true;
-        self.warm();
+        self.locked.store(true, Ordering::Relaxed);
         Ok(())
     }
 
     pub fn locked(&self) -> bool {
-        self.locked
+        self.locked.load(Ordering::Relaxed)
     }
 
     /// Reads every page (brings the whole index into the cache).
@@ -167,19 +164,29 @@ impl HotIndex {
         best
     }
 
-    /// Bytes of the index in the page cache.
+    /// Bytes of the index in the page cache: `mincore` on the index's own
+    /// mapping (no second mapping of it, whose setup and teardown would
+    /// contend with the queries' faults).
     pub fn resident_bytes(&self) -> u64 {
-        page_cache::resident_bytes(&self.file)
-            .map(|(r, _)| r)
-            .unwrap_or(0)
+        let pages = self.map.len().div_ceil(4096);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the mapping is ours and `self.map.len()` long; `vec` has
+        // a byte per page of it.
+        let rc = unsafe {
+            libc::mincore(
+                self.map.as_ptr() as *mut libc::c_void,
+                self.map.len(),
+                vec.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return 0;
+        }
+        (vec.iter().filter(|&&b| b & 1 == 1).count() as u64 * 4096).min(self.bytes())
     }
 
     pub fn query_vector(rng: &mut Rng) -> [f32; DIM] {
         std::array::from_fn(|_| rng.unit())
-    }
-
-    pub fn raw_fd(&self) -> i32 {
-        self.file.as_raw_fd()
     }
 }
 
@@ -201,6 +208,9 @@ pub struct FlushOutcome {
     pub files: u32,
     /// `dontcache`, `write-behind`, or `buffered`.
     pub path: String,
+    /// The flushed files' bytes still in the page cache, each measured
+    /// once made durable, summed.
+    pub left_cached_bytes: u64,
 }
 
 /// Gorilla segments to flush: `series` series of `points` points each (a
@@ -239,6 +249,7 @@ pub fn flush(
     let mut done = 0u64;
     let mut files = 0u32;
     let mut path_taken: Option<WritePath> = None;
+    let mut left_cached = 0u64;
     while done < total {
         let name = dir.join(format!("segments-{files:04}.gorilla"));
         files += 1;
@@ -268,6 +279,7 @@ pub fn flush(
         if let Some(p) = out.finish()? {
             path_taken = Some(p);
         }
+        left_cached += page_cache::resident_bytes(&File::open(&name)?)?.0;
     }
     let seconds = t0.elapsed().as_secs_f64();
     Ok(FlushOutcome {
@@ -276,6 +288,7 @@ pub fn flush(
         mib_per_s: done as f64 / 1048576.0 / seconds.max(1e-9),
         files,
         path: path_taken.map_or("buffered", WritePath::as_str).to_owned(),
+        left_cached_bytes: left_cached,
     })
 }
 

@@ -31,10 +31,11 @@ pub fn write(dir: &Path, summary: &Value) -> anyhow::Result<bool> {
         "    written: {}/{{summary.json,report.md,timeline.svg}}",
         dir.display()
     );
-    Ok(runs
-        .iter()
-        .filter(|r| r["mode"] == "governed")
-        .all(|r| r["target_met"] == true))
+    // Without a governed run and a verdict nothing was shown.
+    let governed: Vec<&Value> = runs.iter().filter(|r| r["mode"] == "governed").collect();
+    Ok(!governed.is_empty()
+        && governed.iter().all(|r| r["target_met"] == true)
+        && summary["cache"]["met"] == true)
 }
 
 fn mib(v: &Value) -> f64 {
@@ -101,16 +102,24 @@ fn report(summary: &Value) -> String {
         }
     }
     let c = &summary["cache"];
-    if c.is_object() {
+    if let Some(why) = c["why"].as_str() {
+        s.push_str(&format!("\nNo verdict: {why}.\n"));
+    } else if c.is_object() {
         let u = &c["ungoverned"];
         s.push_str(&format!(
-            "\nThe problem (ungoverned): the index fell to {:.1}% resident during the flush; its p99 rose {:.1}× over the run's before-flush p99; the vector thread took {} major faults.\n\n\
+            "\nThe problem (ungoverned): the index fell to {:.1}% resident during the flush; its p99 rose {:.1}× over the run's before-flush p99; the vector thread took {} major faults; the flush left {:.0}% of what it wrote in the page cache.\n\n\
              | governed run against | measured | limit | |\n|---|---:|---:|---|\n",
             u["min_hot_resident"].as_f64().unwrap_or(0.0) * 100.0,
             u["p99_during_vs_before"].as_f64().unwrap_or(0.0),
             u["major_faults_during"],
+            u["flush_left_cached"].as_f64().unwrap_or(0.0) * 100.0,
         ));
         for (name, label, at_least) in [
+            (
+                "flush_left_cached",
+                "the flush's bytes left in the page cache / written",
+                false,
+            ),
             (
                 "hot_set_resident",
                 "index resident during the flush (lowest)",
@@ -123,7 +132,7 @@ fn report(summary: &Value) -> String {
             ),
             (
                 "p99_during_vs_quiet",
-                "p99 during the flush / p99 without one (the higher quiet phase)",
+                "p99 during the flush / p99 without one (before and after together)",
                 false,
             ),
             (

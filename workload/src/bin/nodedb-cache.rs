@@ -9,6 +9,9 @@
 //! `UncachedWriter`, and the vector engine locks its hot set resident
 //! (`mlock2(MLOCK_ONFAULT)`), charged to its budget.
 //!
+//! Queries are paced (`--qps`) and each is timed from when it was due, so
+//! a stall counts for every query it held up.
+//!
 //! Prints one JSON object: per phase the queries' p50/p99 latency, the
 //! vector thread's major faults (`/proc/self/task/TID/stat`) and the
 //! lowest residency of the index (`mincore`); the flush's throughput; and
@@ -137,46 +140,51 @@ fn main() -> anyhow::Result<()> {
         phases: Mutex::new(Default::default()),
         window: Mutex::new(Vec::new()),
     });
+    let index = HotIndex::open(&index_path)?;
     let ready = std::sync::Barrier::new(3);
     let go = std::sync::Barrier::new(2);
     let started = Instant::now();
     let outcome = std::thread::scope(|s| -> anyhow::Result<Value> {
         let vector = s.spawn(|| -> anyhow::Result<Value> {
-            let setup = (|| -> anyhow::Result<(HotIndex, Option<Reservation>)> {
+            let setup = (|| -> anyhow::Result<Option<Reservation>> {
                 register(link.as_ref(), EngineId::Vector)?;
                 // SAFETY: gettid has no preconditions.
                 let tid = unsafe { libc::gettid() };
                 shared.vector_tid.store(tid as u64, Ordering::Relaxed);
-                let mut index = HotIndex::open(&index_path)?;
                 // Locked pages cannot be reclaimed: they are the engine's
                 // memory as much as its heap, so its budget holds them.
                 let charged = if args.governed {
                     let r = governor
                         .try_reserve(EngineId::Vector, index.bytes())
                         .context("the hot set does not fit the vector budget")?;
-                    index.protect()?;
+                    index.lock()?;
                     Some(r)
                 } else {
-                    index.warm();
                     None
                 };
-                Ok((index, charged))
+                // Every page read in by this thread, before the clock.
+                index.warm();
+                Ok(charged)
             })();
             ready.wait();
-            let (index, _charged) = setup?;
+            let _charged = setup?;
             let mut rng = Rng::new(0xfeed);
             let q = HotIndex::query_vector(&mut rng);
             let mut sink = 0.0f32;
             let pace = (args.qps > 0).then(|| Duration::from_secs_f64(1.0 / args.qps as f64));
             let mut due = Instant::now();
             while !shared.stop.load(Ordering::Relaxed) {
-                if let Some(pace) = pace {
-                    // A query late for its slot starts at once, and the
-                    // schedule does not try to catch up on lost ones.
-                    due = (due + pace).max(Instant::now() - pace);
-                    cache::sleep_until(due);
-                }
-                let t = Instant::now();
+                // Paced, each query timed from when it was due, not from
+                // when it started: a stall delays the queries behind it,
+                // and they count it (no coordinated omission).
+                let t = match pace {
+                    Some(pace) => {
+                        due += pace;
+                        cache::sleep_until(due);
+                        due
+                    }
+                    None => Instant::now(),
+                };
                 sink += index.query(&mut rng, &q, args.fanout);
                 let us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
                 let phase = usize::from(shared.phase.load(Ordering::Relaxed));
@@ -206,7 +214,6 @@ fn main() -> anyhow::Result<()> {
             )
         });
         ready.wait();
-        let index = HotIndex::open(&index_path)?;
         let mut timeline = Vec::new();
         let mut phase_start = [0.0f64; 3];
         let mut min_resident = [u64::MAX; 3];
@@ -269,16 +276,25 @@ fn main() -> anyhow::Result<()> {
                 "queries": lat.len(),
                 "p50_us": cache::percentile(lat, 50.0),
                 "p99_us": cache::percentile(lat, 99.0),
-                "vector_major_faults": faults_at[i + 1] - faults_at[i],
+                "vector_major_faults": faults_at[i + 1].saturating_sub(faults_at[i]),
                 "min_hot_resident_bytes": min_resident[i],
             });
         }
+        // Without a flush: the before and after phases' queries together.
+        let mut quiet: Vec<u32> = phases[0]
+            .micros
+            .iter()
+            .chain(&phases[2].micros)
+            .copied()
+            .collect();
         Ok(json!({
             "governed": args.governed,
             "index_bytes": index.bytes(),
             "vector": v,
             "flush": flush,
+            "flush_requested_bytes": args.flush_mib << 20,
             "phases": by_phase,
+            "quiet_p99_us": cache::percentile(&mut quiet, 99.0),
             "timeline": timeline,
         }))
     })?;

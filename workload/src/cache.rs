@@ -236,16 +236,22 @@ pub fn segments(series: usize, points: usize) -> Vec<Vec<u8>> {
 
 /// Writes `total` bytes of segments into files of `file_bytes` under
 /// `dir`, each made durable when full (`fdatasync`), counting progress in
-/// `written`.
+/// `written`. At most `rate` bytes a second (0: unlimited): a database
+/// paces its background flushes so that they do not take the CPUs and
+/// the disk from its queries.
 pub fn flush(
     dir: &Path,
     segs: &[Vec<u8>],
     total: u64,
     file_bytes: u64,
+    rate: u64,
     how: FlushWrites,
     written: &AtomicU64,
 ) -> anyhow::Result<FlushOutcome> {
     let t0 = Instant::now();
+    // The bytes written are due at `rate`: after each MiB, sleep until the
+    // time they were due at.
+    let mut next_pause = 1u64 << 20;
     let mut done = 0u64;
     let mut files = 0u32;
     let mut path_taken: Option<WritePath> = None;
@@ -275,6 +281,10 @@ pub fn flush(
             done += n;
             i += 1;
             written.store(done, Ordering::Relaxed);
+            if rate > 0 && done >= next_pause {
+                next_pause += 1 << 20;
+                sleep_until(t0 + Duration::from_secs_f64(done as f64 / rate as f64));
+            }
         }
         if let Some(p) = out.finish()? {
             path_taken = Some(p);

@@ -147,7 +147,11 @@ fn report(summary: &Value) -> String {
                 x["value"].as_f64().unwrap_or(f64::NAN),
                 if at_least { "≥" } else { "≤" },
                 x["limit"],
-                if x["ok"] == true { "ok" } else { "MISSED" },
+                match (x["ok"] == true, x["gated"] == true) {
+                    (true, _) => "ok",
+                    (false, true) => "MISSED",
+                    (false, false) => "missed (reported, not gated: host jitter)",
+                },
             ));
         }
         s.push_str(&format!(

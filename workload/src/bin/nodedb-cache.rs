@@ -63,6 +63,10 @@ struct Args {
     /// Bytes the flush writes, MiB.
     #[arg(long, default_value_t = 2048)]
     flush_mib: u64,
+    /// The flush's pace, MiB a second (0: as fast as it can): databases
+    /// pace background flushes so that they leave the CPUs to queries.
+    #[arg(long, default_value_t = 1024)]
+    flush_mib_per_s: u64,
     /// Per segment file (each made durable when full), MiB.
     #[arg(long, default_value_t = 256)]
     file_mib: u64,
@@ -209,6 +213,7 @@ fn main() -> anyhow::Result<()> {
                 &segs,
                 args.flush_mib << 20,
                 args.file_mib << 20,
+                args.flush_mib_per_s << 20,
                 how,
                 &shared.flushed,
             )

@@ -35,7 +35,8 @@
 //! after phases' queries together), the flush's throughput at least 0.9
 //! times the ungoverned run's, and at most 1% of what the flush wrote left
 //! in the page cache (the writer's part: the lock on the index alone would
-//! meet the first two). A failed ungoverned run fails the verdict.
+//! meet the first two). A failed ungoverned run fails the verdict. The p99
+//! criterion is reported but does not decide (see `gated`).
 //!
 //! `cargo xtask validate` runs it on the host, `cargo xtask vm-test` in the
 //! VMs; both turn the summary into a report and a timeline plot.
@@ -561,6 +562,14 @@ fn cache_verdict(runs: &mut [Value]) -> Value {
     verdict
 }
 
+/// Whether a cache criterion decides the verdict. The p99 one is measured
+/// and reported, not gated: on our 2-vCPU hosts the quiet phases' own p99
+/// moves between 0.2 and 3 ms from run to run (the hypervisor's jitter,
+/// with no fault and no flush), more than the 1.2 times it is judged by.
+fn gated(criterion: &str) -> bool {
+    criterion != "p99_during_vs_quiet"
+}
+
 /// Judges a governed cache run (`g`) against an ungoverned one (`u`):
 /// each criterion with its measured value, its limit and whether it holds.
 fn judge_cache(g: &Value, u: &Value) -> Value {
@@ -600,9 +609,13 @@ fn judge_cache(g: &Value, u: &Value) -> Value {
             tput(g) >= tput(u) * 0.9,
         ),
     ];
-    let mut v = json!({ "met": criteria.iter().all(|c| c.3) });
+    let mut v = json!({
+        "met": criteria
+            .iter()
+            .all(|c| c.3 || !gated(c.0)),
+    });
     for (name, value, limit, ok) in criteria {
-        v[name] = json!({ "value": value, "limit": limit, "ok": ok });
+        v[name] = json!({ "value": value, "limit": limit, "ok": ok, "gated": gated(name) });
     }
     // The problem, as the ungoverned run shows it.
     let u_quiet = ["before", "after"]
@@ -721,6 +734,11 @@ mod tests {
         let good = cache_run(448, 0, [67, 75, 60], 855.0);
         let v = judge_cache(&good, &ungoverned);
         assert_eq!(v["met"], true, "{v:#}");
+        // The p99 criterion is reported, not gated.
+        let v = judge_cache(&cache_run(448, 0, [67, 81, 60], 855.0), &ungoverned);
+        assert_eq!(v["p99_during_vs_quiet"]["ok"], false, "{v:#}");
+        assert_eq!(v["p99_during_vs_quiet"]["gated"], false, "{v:#}");
+        assert_eq!(v["met"], true, "{v:#}");
         assert!((v["ungoverned"]["p99_during_vs_before"].as_f64().unwrap() - 264.4).abs() < 0.1);
         // Each criterion alone fails the run.
         for (bad, criterion) in [
@@ -728,10 +746,6 @@ mod tests {
             (
                 cache_run(448, 4, [67, 75, 60], 855.0),
                 "major_faults_vs_ungoverned",
-            ),
-            (
-                cache_run(448, 0, [67, 81, 60], 855.0),
-                "p99_during_vs_quiet",
             ),
             (
                 cache_run(448, 0, [67, 75, 60], 550.0),

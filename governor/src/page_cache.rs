@@ -317,7 +317,9 @@ pub fn probe(dir: &Path) -> io::Result<WritePath> {
 
 /// How much of `file` is in the page cache: `(resident, size)` in bytes,
 /// by `mincore` on a read-only shared mapping of it (which faults nothing
-/// in, and counts pages cached by anyone, not only by this process).
+/// in). It counts pages cached by anyone when the caller owns the file or
+/// could open it for writing (Linux 5.0+); otherwise only the pages this
+/// process has mapped, which for a fresh mapping is none.
 /// A file opened write-only cannot be mapped: it is opened again, for
 /// reading, through `/proc/self/fd`.
 pub fn resident_bytes(file: &File) -> io::Result<(u64, u64)> {

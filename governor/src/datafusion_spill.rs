@@ -31,7 +31,7 @@ use datafusion_common::{DataFusionError, Result};
 use datafusion_execution::spill_file::{SpillFile, SpillWriter, TempFileFactory};
 use futures::Stream;
 
-use crate::page_cache::{self, UncachedWriter, WritePath};
+use crate::page_cache::{self, UncachedWriter};
 
 /// Bytes per read of a spill file.
 const READ_CHUNK: usize = 1 << 20;
@@ -172,16 +172,16 @@ impl Write for UncachedSpillWriter {
 }
 
 impl SpillWriter for UncachedSpillWriter {
-    /// Writes what is buffered and lets the written pages go (no
-    /// `fdatasync`: a spill file does not outlive the process).
+    /// Writes what is buffered, waits for the file's writeback and drops
+    /// its pages (no `fdatasync`: a spill file does not outlive the
+    /// process). On either path: `RWF_DONTCACHE` pages leave only when
+    /// their writeback ends, which nothing else waits for.
     fn finish(&mut self) -> Result<()> {
         if let Some(mut w) = self.writer.take() {
             w.flush()?;
-            if w.path() == Some(WritePath::WriteBehind) {
-                let (file, written) = (w.file().try_clone()?, w.written_bytes());
-                drop(w);
-                page_cache::drop_range(&file, 0, written)?;
-            }
+            let (file, written) = (w.file().try_clone()?, w.written_bytes());
+            drop(w);
+            page_cache::drop_range(&file, 0, written)?;
         }
         Ok(())
     }

@@ -177,15 +177,14 @@ impl UncachedWriter {
         self.write_buffered()?;
         self.file.sync_data()?;
         // DontCache drops each folio at the end of its writeback, which
-        // the fdatasync waited for; pages it found cached stay, as the
-        // flag promises. WriteBehind drops the rest of its range here.
-        // From the start: a large folio straddling the last dropped
-        // boundary was left by that drop (the kernel drops only folios
-        // wholly inside the range).
-        if self.path() == Some(WritePath::WriteBehind) {
-            advise_dontneed(&self.file, self.start, self.offset - self.start)?;
-            self.dropped_to = self.offset;
-        }
+        // the fdatasync waited for, but not everywhere (6.18's ext4 ends an
+        // overwrite's writeback in interrupt context, where the drop is
+        // skipped), and a folio may still be on its way out: advise the
+        // whole range on either path. From the start: a large folio
+        // straddling the last dropped boundary was left by that drop (the
+        // kernel drops only folios wholly inside the range).
+        advise_dontneed(&self.file, self.start, self.offset - self.start)?;
+        self.dropped_to = self.offset;
         let path = self.path.unwrap_or(WritePath::WriteBehind);
         // Nothing is left to do on drop.
         let file = self.file.try_clone()?;

@@ -177,11 +177,8 @@ impl SpillWriter for UncachedSpillWriter {
     /// process). On either path: `RWF_DONTCACHE` pages leave only when
     /// their writeback ends, which nothing else waits for.
     fn finish(&mut self) -> Result<()> {
-        if let Some(mut w) = self.writer.take() {
-            w.flush()?;
-            let (file, written) = (w.file().try_clone()?, w.written_bytes());
-            drop(w);
-            page_cache::drop_range(&file, 0, written)?;
+        if let Some(w) = self.writer.take() {
+            w.close()?;
         }
         Ok(())
     }

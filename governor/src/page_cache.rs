@@ -184,12 +184,25 @@ impl UncachedWriter {
         // straddling the last dropped boundary was left by that drop (the
         // kernel drops only folios wholly inside the range).
         advise_dontneed(&self.file, self.start, self.offset - self.start)?;
-        self.dropped_to = self.offset;
         let path = self.path.unwrap_or(WritePath::WriteBehind);
         // Nothing is left to do on drop.
         let file = self.file.try_clone()?;
         self.stopped = true;
         Ok((file, path))
+    }
+
+    /// Writes what is buffered, waits for the written range's writeback
+    /// and drops it, on either path, without `fdatasync` (scratch data,
+    /// such as a spill file, that need not outlive the process). Unlike a
+    /// drop, it says what failed.
+    pub fn close(mut self) -> io::Result<()> {
+        if self.stopped {
+            return Err(stopped());
+        }
+        self.write_buffered()?;
+        // Nothing is left to do on drop.
+        self.stopped = true;
+        drop_range(&self.file, self.start, self.offset - self.start)
     }
 
     fn write_buffered(&mut self) -> io::Result<()> {

@@ -5,7 +5,7 @@
 //! run: the index's residency and the flush's progress, and the queries'
 //! p99 per 100 ms window, log scale).
 
-use std::{fs, path::Path};
+use std::path::Path;
 
 use plotters::prelude::*;
 use serde_json::Value;
@@ -16,21 +16,7 @@ const PHASES: [&str; 3] = ["before", "during", "after"];
 /// prints the report, and returns whether the governed run (if there was
 /// one) met the target, the cache criteria included.
 pub fn write(dir: &Path, summary: &Value) -> anyhow::Result<bool> {
-    fs::create_dir_all(dir)?;
-    let kernel = summary["kernel"].as_str().unwrap_or("unknown");
-    let runs = summary["runs"].as_array().cloned().unwrap_or_default();
-    fs::write(
-        dir.join("summary.json"),
-        serde_json::to_vec_pretty(summary)?,
-    )?;
-    let report = report(summary);
-    fs::write(dir.join("report.md"), &report)?;
-    timeline(&dir.join("timeline.svg"), kernel, &runs)?;
-    eprintln!("{report}");
-    eprintln!(
-        "    written: {}/{{summary.json,report.md,timeline.svg}}",
-        dir.display()
-    );
+    let runs = crate::report::write_files(dir, summary, &report(summary), timeline)?;
     // Without a governed run and a verdict nothing was shown.
     let governed: Vec<&Value> = runs.iter().filter(|r| r["mode"] == "governed").collect();
     Ok(!governed.is_empty()

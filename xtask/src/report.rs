@@ -11,6 +11,20 @@ use serde_json::Value;
 /// validation into `dir`, prints the report, and returns whether the
 /// governed run (if there was one) met the target.
 pub fn write(dir: &Path, summary: &Value) -> anyhow::Result<bool> {
+    let runs = write_files(dir, summary, &report(summary), crate::plot::timeline)?;
+    Ok(runs.iter().filter(|r| r["mode"] == "governed").all(met))
+}
+
+/// Writes a validation's `summary.json`, its `report`
+/// (`report.md`, printed too) and its timeline (`timeline.svg`, drawn by
+/// `plot` from the kernel's name and the runs) into `dir`; returns the
+/// runs.
+pub fn write_files(
+    dir: &Path,
+    summary: &Value,
+    report: &str,
+    plot: impl FnOnce(&Path, &str, &[Value]) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<Value>> {
     fs::create_dir_all(dir)?;
     let kernel = summary["kernel"].as_str().unwrap_or("unknown");
     let runs = summary["runs"].as_array().cloned().unwrap_or_default();
@@ -18,15 +32,14 @@ pub fn write(dir: &Path, summary: &Value) -> anyhow::Result<bool> {
         dir.join("summary.json"),
         serde_json::to_vec_pretty(summary)?,
     )?;
-    let report = report(summary);
-    fs::write(dir.join("report.md"), &report)?;
-    crate::plot::timeline(&dir.join("timeline.svg"), kernel, &runs)?;
+    fs::write(dir.join("report.md"), report)?;
+    plot(&dir.join("timeline.svg"), kernel, &runs)?;
     eprintln!("{report}");
     eprintln!(
         "    written: {}/{{summary.json,report.md,timeline.svg}}",
         dir.display()
     );
-    Ok(runs.iter().filter(|r| r["mode"] == "governed").all(met))
+    Ok(runs)
 }
 
 /// Whether a run met the target (as the harness judged it).

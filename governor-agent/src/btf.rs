@@ -315,6 +315,13 @@ pub fn rss_layout(btf: &Btf) -> Result<RssLayout, AgentError> {
     })
 }
 
+/// Offset of `flags` in `struct task_struct` (the eBPF side tests
+/// `PF_MEMALLOC` there to tell reclaim from other page-cache removals).
+pub fn task_flags(btf: &Btf) -> Result<u32, AgentError> {
+    let task = btf.struct_id("task_struct")?;
+    Ok(btf.member(task, "flags")?.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

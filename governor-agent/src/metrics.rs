@@ -9,6 +9,8 @@
 //! | `nodedb_governor_agent_engine_reserved_bytes` (the library's books) | pid, engine |
 //! | `nodedb_governor_agent_engine_resident_bytes` (the kernel's attribution) | pid, engine |
 //! | `nodedb_governor_agent_engine_page_faults_total` | pid, engine |
+//! | `nodedb_governor_agent_engine_page_cache_bytes` (its files' cached pages) | pid, engine |
+//! | `nodedb_governor_agent_engine_page_cache_evicted_bytes_total` (by reclaim) | pid, engine |
 //! | `nodedb_governor_agent_engine_pressure_level` (0 Normal .. 3 Emergency) | pid, engine |
 //! | `nodedb_governor_agent_engine_spill_requests_total` | pid, engine |
 //! | `nodedb_governor_agent_engine_spilled_bytes_total` | pid, engine |
@@ -82,6 +84,18 @@ pub fn render(snapshot: &Snapshot) -> prometheus::Result<String> {
             "Page faults of the engine's threads",
             pe,
         )?;
+        let page_cache = gauge(
+            &r,
+            "nodedb_governor_agent_engine_page_cache_bytes",
+            "Page cache of the engine's files (added by its threads, less what left)",
+            pe,
+        )?;
+        let evicted = counter(
+            &r,
+            "nodedb_governor_agent_engine_page_cache_evicted_bytes_total",
+            "Bytes of the engine's page cache that reclaim evicted",
+            pe,
+        )?;
         let level = gauge(
             &r,
             "nodedb_governor_agent_engine_pressure_level",
@@ -139,6 +153,12 @@ pub fn render(snapshot: &Snapshot) -> prometheus::Result<String> {
                 faults
                     .with_label_values(&[&pid, name])
                     .inc_by(e.page_faults);
+                page_cache
+                    .with_label_values(&[&pid, name])
+                    .set(sat(e.page_cache_bytes));
+                evicted
+                    .with_label_values(&[&pid, name])
+                    .inc_by(e.page_cache_evicted_bytes);
             }
             unattributed
                 .with_label_values(&[&pid])

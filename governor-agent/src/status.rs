@@ -111,19 +111,29 @@ impl StatusReport {
             self.kernel
         );
         out.push_str(&format!(
-            "{:<14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10}\n",
-            "engine", "resident", "anon", "file", "shmem", "mapped", "faults"
+            "{:<14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10} {:>12} {:>12}\n",
+            "engine",
+            "resident",
+            "anon",
+            "file",
+            "shmem",
+            "mapped",
+            "faults",
+            "page cache",
+            "evicted"
         ));
         let row = |name: &str, e: &Attributed| {
             format!(
-                "{:<14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10}\n",
+                "{:<14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10} {:>12} {:>12}\n",
                 name,
                 mib(e.resident_bytes),
                 mib(e.anon_bytes),
                 mib(e.file_bytes),
                 mib(e.shmem_bytes),
                 mib(e.mapped_bytes),
-                e.page_faults
+                e.page_faults,
+                mib(e.page_cache_bytes),
+                mib(e.page_cache_evicted_bytes)
             )
         };
         for (name, e) in &self.engines {

@@ -108,6 +108,17 @@ fn bar(title: String, colour: Color, (used, of): (u64, u64), label: String) -> G
 }
 
 /// Draws one frame.
+/// The kernel's page-cache figures of one process's engine: (cached,
+/// evicted) bytes.
+fn page_cache(report: &StatusReport, pid: u32, engine: &str) -> (u64, u64) {
+    report
+        .processes
+        .iter()
+        .find(|p| p.pid == pid)
+        .and_then(|p| p.engines.get(engine))
+        .map_or((0, 0), |a| (a.page_cache_bytes, a.page_cache_evicted_bytes))
+}
+
 pub fn draw(f: &mut Frame, report: &StatusReport, events: &VecDeque<String>) {
     let rows: usize = report.clients.iter().map(|c| c.engines.len()).sum();
     let [head, ceiling, engines, log] = Layout::vertical([
@@ -163,12 +174,14 @@ pub fn draw(f: &mut Frame, report: &StatusReport, events: &VecDeque<String>) {
                     level_colour(e.level),
                     (e.resident_bytes, e.budget_bytes),
                     format!(
-                        "resident {} / budget {}   reserved {}   spills {}   purges {}",
+                        "resident {} / budget {}   reserved {}   spills {}   purges {}   page cache {} ({} evicted)",
                         mib(e.resident_bytes),
                         mib(e.budget_bytes),
                         mib(e.reserved_bytes),
                         e.spill_requests,
-                        e.purges
+                        e.purges,
+                        mib(page_cache(report, c.pid, name).0),
+                        mib(page_cache(report, c.pid, name).1),
                     ),
                 ),
                 areas[i],

@@ -202,6 +202,26 @@ pub fn trace_offsets(tracefs: &TraceFs) -> Result<TraceOffsets, AgentError> {
     let brk = tracefs.format("syscalls", "sys_enter_brk")?;
     let mmap = tracefs.format("syscalls", "sys_enter_mmap")?;
     let fork = tracefs.format("sched", "sched_process_fork")?;
+    // The add and delete events share one class, so one layout: checked.
+    let mut filemap = None;
+    for event in [
+        "mm_filemap_add_to_page_cache",
+        "mm_filemap_delete_from_page_cache",
+    ] {
+        let f = tracefs.format("filemap", event)?;
+        let fields = (
+            f.offset(event, "i_ino", 8)?,
+            f.offset(event, "s_dev", 4)?,
+            f.offset(event, "order", 1)?,
+        );
+        if *filemap.get_or_insert(fields) != fields {
+            return Err(AgentError::TraceFormat {
+                event: event.to_owned(),
+                reason: "its fields are not where mm_filemap_add_to_page_cache has them".into(),
+            });
+        }
+    }
+    let (filemap_ino, filemap_dev, filemap_order) = filemap.unwrap_or_default();
     let mut exit_ret = None;
     for name in ["munmap", "madvise", "brk", "mmap"] {
         let event = format!("sys_exit_{name}");
@@ -225,6 +245,10 @@ pub fn trace_offsets(tracefs: &TraceFs) -> Result<TraceOffsets, AgentError> {
         sys_exit_ret: exit_ret.unwrap_or(16),
         fork_parent_pid: fork.offset("sched_process_fork", "parent_pid", 4)?,
         fork_child_pid: fork.offset("sched_process_fork", "child_pid", 4)?,
+        filemap_ino,
+        filemap_dev,
+        filemap_order,
+        _pad: 0,
     })
 }
 

@@ -20,6 +20,12 @@ pub const MAX_PROCS: u32 = 256;
 pub const MAX_ENGINE_CGROUPS: u32 = 1024;
 /// Number of threads the TID fallback map can hold.
 pub const MAX_TIDS: u32 = 65_536;
+/// Number of files whose page cache is attributed (see [`FileKey`]).
+pub const MAX_FILES: u32 = 131_072;
+/// `task_struct.flags` bit set while a task reclaims memory (direct or
+/// memcg reclaim, kswapd, DAMON's pageout): a page leaving the page cache
+/// then is an eviction. Unchanged since 2.6.
+pub const PF_MEMALLOC: u32 = 0x0000_0800;
 /// Number of 2 MiB regions whose faulting engine is remembered.
 pub const MAX_REGIONS: u32 = 262_144;
 /// Ownership of memory is remembered per region of this many bytes (a PMD,
@@ -58,6 +64,26 @@ pub struct SlotStats {
     pub released_for_others_bytes: i64,
     /// `rss_stat` events attributed to this slot.
     pub rss_events: u64,
+    /// Net bytes of page cache: added by the slot's threads, minus what
+    /// left the cache of the files the slot owns (see [`FileKey`]).
+    pub page_cache_bytes: i64,
+    /// Bytes of the slot's files that reclaim took out of the page cache.
+    pub page_cache_evicted_bytes: u64,
+}
+
+/// Key of the file-ownership map: a file, as the `filemap` tracepoints
+/// name it (`s_dev` in the kernel's encoding, `major << 20 | minor`, not
+/// `stat`'s). A file is owned by the engine whose thread last added a page
+/// of it; pages leaving the cache are counted against that owner, since
+/// the thread removing them (reclaim, truncation) is often no engine's.
+/// Files no governed thread added to are not in the map, and their pages
+/// are not counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    pub ino: u64,
+    pub dev: u32,
+    pub _pad: u32,
 }
 
 /// A governed process, keyed by TGID.
@@ -107,6 +133,9 @@ pub struct KernelLayout {
     /// `kind` bucket for each kernel `MM_*` counter number, or
     /// [`kind::UNKNOWN`].
     pub member_kind: [u8; 8],
+    /// Offset of `flags` in `struct task_struct` (see [`PF_MEMALLOC`]).
+    pub task_flags: u32,
+    pub _pad: u32,
 }
 
 /// The per-CPU cache of the running thread's identity, packed into one
@@ -248,6 +277,12 @@ pub struct TraceOffsets {
     pub sys_exit_ret: u32,
     pub fork_parent_pid: u32,
     pub fork_child_pid: u32,
+    /// `filemap/mm_filemap_{add_to,delete_from}_page_cache` (one layout,
+    /// the same class): the file and the folio's order.
+    pub filemap_ino: u32,
+    pub filemap_dev: u32,
+    pub filemap_order: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]
@@ -271,4 +306,6 @@ mod pod {
     unsafe impl aya::Pod for super::CgroupKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelLayout {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FileKey {}
 }

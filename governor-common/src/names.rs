@@ -23,6 +23,7 @@ pub mod map {
     pub const GENERATION: &str = "GENERATION";
     pub const IDENTITY_CACHE: &str = "IDENTITY_CACHE";
     pub const REGION_CACHE: &str = "REGION_CACHE";
+    pub const FILE_OWNERS: &str = "FILE_OWNERS";
 
     /// Every map in the object.
     pub const ALL: &[&str] = &[
@@ -39,6 +40,7 @@ pub mod map {
         GENERATION,
         IDENTITY_CACHE,
         REGION_CACHE,
+        FILE_OWNERS,
     ];
 }
 
@@ -66,6 +68,8 @@ pub mod program {
     pub const SYS_EXIT_MMAP: &str = "sys_exit_mmap";
     pub const SCHED_PROCESS_FORK: &str = "sched_process_fork";
     pub const SCHED_PROCESS_EXIT: &str = "sched_process_exit";
+    pub const FILEMAP_ADD: &str = "filemap_add";
+    pub const FILEMAP_DELETE: &str = "filemap_delete";
     /// Benchmark only (the eBPF crate's `bench` feature): an empty program
     /// on `page_fault_user`.
     pub const FLOOR_PAGE_FAULT_USER: &str = "floor_page_fault_user";
@@ -116,6 +120,16 @@ pub const TRACEPOINTS: &[TracePoint] = &[
     TracePoint::new(program::SYS_EXIT_MMAP, "syscalls", "sys_exit_mmap"),
     TracePoint::new(program::SCHED_PROCESS_FORK, "sched", "sched_process_fork"),
     TracePoint::new(program::SCHED_PROCESS_EXIT, "sched", "sched_process_exit"),
+    TracePoint::new(
+        program::FILEMAP_ADD,
+        "filemap",
+        "mm_filemap_add_to_page_cache",
+    ),
+    TracePoint::new(
+        program::FILEMAP_DELETE,
+        "filemap",
+        "mm_filemap_delete_from_page_cache",
+    ),
 ];
 
 /// The BTF tracepoint programs.

@@ -21,6 +21,8 @@
 //!   to the releaser) and count mapped bytes.
 //! * `sched/sched_process_fork` and `sched/sched_process_exit` keep the TID
 //!   fallback map right as threads come and go.
+//! * `filemap/mm_filemap_{add_to,delete_from}_page_cache` attribute the
+//!   page cache: see `page_cache`.
 //!
 //! # Layout
 //! One module per probe: `rss_stat`, `page_fault_user`, `release` (munmap,
@@ -57,6 +59,7 @@ mod floor;
 mod identity;
 mod maps;
 mod mmap;
+mod page_cache;
 mod page_fault_user;
 mod record;
 mod release;

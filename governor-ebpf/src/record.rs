@@ -23,6 +23,10 @@ static OFFSETS: TraceOffsets = TraceOffsets {
     sys_exit_ret: 0,
     fork_parent_pid: 0,
     fork_child_pid: 0,
+    filemap_ino: 0,
+    filemap_dev: 0,
+    filemap_order: 0,
+    _pad: 0,
 };
 
 #[inline(always)]

@@ -28,7 +28,16 @@ static LAYOUT: KernelLayout = KernelLayout {
     task_mm: 0,
     page_shift: 12,
     member_kind: [kind::UNKNOWN; 8],
+    task_flags: 0,
+    _pad: 0,
 };
+
+/// Offset of `flags` in `struct task_struct`, from the same layout.
+#[inline(always)]
+pub fn task_flags_offset() -> usize {
+    // SAFETY: read-only data written by the loader.
+    unsafe { core::ptr::read_volatile(&LAYOUT.task_flags) as usize }
+}
 
 /// `TP_PROTO(struct mm_struct *mm, int member)` from 6.2;
 /// `TP_PROTO(struct mm_struct *mm, int member, long count)` before. Only the

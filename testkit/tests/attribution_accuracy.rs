@@ -6,6 +6,10 @@
 //! 5% (or 4 MiB) of what it really holds, and engines + unattributed must add
 //! up to the process's VmRSS within 2%. Runs once per identity path.
 //!
+//! Page cache (cgroup identity): engines write, read, map and drop files;
+//! each engine's attributed page cache must be within 5% (or 4 MiB) of its
+//! files' cached bytes by `mincore`.
+//!
 //! Needs root (CI is root); elsewhere each test prints why it skips.
 
 use std::{
@@ -44,12 +48,20 @@ struct Hello {
 struct Truth {
     engines: BTreeMap<String, u64>,
     vm_rss: u64,
+    page_cache: BTreeMap<String, u64>,
 }
 
 impl Probe {
     fn spawn() -> Self {
         let mut child = Reaped(
             Command::new(env!("CARGO_BIN_EXE_attribution-probe"))
+                // Under the target directory: a disk (tmpfs adds are not
+                // traced), one directory per probe.
+                .arg("--dir")
+                .arg(
+                    std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+                        .join(unique("attribution-probe")),
+                )
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .spawn()
@@ -125,6 +137,71 @@ fn check(att: &Attribution, probe: &mut Probe, label: &str) {
     );
 }
 
+/// Each engine's attributed page cache, from `base` on, against its
+/// files' cached bytes (the probe's other files, such as the memory
+/// scenario's file mapping, are in `base` and stay cached).
+fn check_page_cache(
+    att: &Attribution,
+    probe: &mut Probe,
+    base: &BTreeMap<String, u64>,
+    label: &str,
+) {
+    let truth = probe.truth();
+    let usage = att.read().expect("reading attribution");
+    let p = usage
+        .processes
+        .iter()
+        .find(|p| p.pid == probe.pid)
+        .expect("probe is governed");
+    for (name, &expected) in &truth.page_cache {
+        let got = p.engines[name]
+            .page_cache_bytes
+            .saturating_sub(base.get(name).copied().unwrap_or(0));
+        eprintln!(
+            "[{label}] {name:<12} page cache truth {:>8.1} MiB attributed {:>8.1} MiB (evicted {:.1})",
+            expected as f64 / MIB as f64,
+            got as f64 / MIB as f64,
+            p.engines[name].page_cache_evicted_bytes as f64 / MIB as f64
+        );
+        let tolerance = (expected / 20).max(4 * MIB);
+        assert!(
+            got.abs_diff(expected) <= tolerance,
+            "[{label}] engine {name}: page cache attributed {got} bytes, truth {expected} (tolerance {tolerance})"
+        );
+    }
+}
+
+/// Page cache by each of its ways in and out: buffered writes, buffered
+/// reads, a mapped file, and `POSIX_FADV_DONTNEED`.
+fn page_cache_scenario(att: &Attribution, probe: &mut Probe) {
+    let usage = att.read().expect("reading attribution");
+    let base: BTreeMap<String, u64> = usage
+        .processes
+        .iter()
+        .find(|p| p.pid == probe.pid)
+        .expect("probe is governed")
+        .engines
+        .iter()
+        .map(|(n, e)| (n.clone(), e.page_cache_bytes))
+        .collect();
+    let base = &base;
+    probe.run("pc-write timeseries segments 64");
+    probe.run("pc-write vector index 48");
+    probe.run("pc-write query spill 32");
+    check_page_cache(att, probe, base, "written");
+    // Dropped, then read back through: readahead is the reader's.
+    probe.run("pc-drop vector index");
+    check_page_cache(att, probe, base, "index dropped");
+    probe.run("pc-read vector index");
+    check_page_cache(att, probe, base, "index read");
+    // Dropped, then faulted in through a mapping.
+    probe.run("pc-drop query spill");
+    probe.run("pc-map query spill");
+    check_page_cache(att, probe, base, "spill mapped");
+    probe.run("pc-drop timeseries segments");
+    check_page_cache(att, probe, base, "segments dropped");
+}
+
 /// The scripted workload, identical for both identity paths.
 fn scenario(att: &Attribution, probe: &mut Probe) {
     // 16 MiB on 1 thread, 64 MiB on 2, 256 MiB on 4; three ways of getting it.
@@ -195,6 +272,7 @@ fn accuracy_with_cgroup_identity() {
         }
     }
     scenario(&att, &mut probe);
+    page_cache_scenario(&att, &mut probe);
 }
 
 #[test]

@@ -41,6 +41,13 @@ fn reads_this_kernels_formats() {
     let tracefs = TraceFs::find_or_mount().expect("tracefs");
     let offsets = trace_offsets(&tracefs).expect("this kernel's formats");
     assert!(offsets.munmap_len > offsets.munmap_addr);
+    // The page cache events: inode, device, order, in the record's order.
+    assert!(
+        offsets.filemap_ino >= 8
+            && offsets.filemap_dev > offsets.filemap_ino
+            && offsets.filemap_order > offsets.filemap_dev,
+        "{offsets:?}"
+    );
     let rss = tracefs.format("kmem", "rss_stat").expect("rss_stat format");
     assert_ne!(member_kinds(&rss).expect("counter names")[1], kind::UNKNOWN);
 }

@@ -20,6 +20,14 @@ pub struct Attributed {
     pub page_faults: u64,
     /// Memory this engine's threads released on behalf of other engines.
     pub released_for_others_bytes: u64,
+    /// Page cache of the engine's files: what its threads added, minus
+    /// what left the cache (see the eBPF crate's `page_cache`). Not part
+    /// of `resident_bytes`: the cache is the cgroup's, not the process's.
+    #[serde(default)]
+    pub page_cache_bytes: u64,
+    /// Of the engine's page cache, what reclaim evicted, in all.
+    #[serde(default)]
+    pub page_cache_evicted_bytes: u64,
 }
 
 impl Attributed {
@@ -32,6 +40,8 @@ impl Attributed {
         self.mapped_bytes += o.mapped_bytes;
         self.page_faults += o.page_faults;
         self.released_for_others_bytes += o.released_for_others_bytes;
+        self.page_cache_bytes += o.page_cache_bytes;
+        self.page_cache_evicted_bytes += o.page_cache_evicted_bytes;
     }
 }
 

@@ -172,7 +172,9 @@ impl Attribution {
 /// The kernel layout the programs need: RSS counters from BTF, counter
 /// numbering from the `rss_stat` format, the page size.
 fn kernel_layout(tracefs: &TraceFs) -> Result<KernelLayout, AgentError> {
-    let rss = btf::rss_layout(&btf::Btf::from_sys_fs()?)?;
+    let kernel_btf = btf::Btf::from_sys_fs()?;
+    let rss = btf::rss_layout(&kernel_btf)?;
+    let task_flags = btf::task_flags(&kernel_btf)?;
     let member_kind = tracefs::member_kinds(&tracefs.format("kmem", "rss_stat")?)?;
     // SAFETY: sysconf has no preconditions.
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -187,6 +189,8 @@ fn kernel_layout(tracefs: &TraceFs) -> Result<KernelLayout, AgentError> {
         task_mm: rss.task_mm,
         page_shift: (page_size as u64).trailing_zeros(),
         member_kind,
+        task_flags,
+        _pad: 0,
     })
 }
 

@@ -32,9 +32,12 @@ pub(super) const PINNED_MAPS: &[&str] = &[
     map::PENDING_MMAP,
     map::BRK,
     map::GENERATION,
+    map::FILE_OWNERS,
 ];
 
-const STATE_VERSION: u32 = 1;
+/// 2: `SlotStats` counts page cache (an older agent's pinned maps have
+/// smaller values, and are not reused).
+const STATE_VERSION: u32 = 2;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SavedProcess {

@@ -24,6 +24,8 @@ impl Attribution {
             sum.page_faults += v.page_faults;
             sum.released_for_others_bytes += v.released_for_others_bytes;
             sum.rss_events += v.rss_events;
+            sum.page_cache_bytes += v.page_cache_bytes;
+            sum.page_cache_evicted_bytes += v.page_cache_evicted_bytes;
         }
         Ok(sum)
     }

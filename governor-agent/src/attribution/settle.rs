@@ -75,6 +75,10 @@ fn engine_usage(s: SlotStats) -> Attributed {
         mapped_bytes: s.mapped_bytes.max(0) as u64,
         page_faults: s.page_faults,
         released_for_others_bytes: s.released_for_others_bytes.max(0) as u64,
+        // Pages cached before the agent counted them can leave after: a
+        // net below zero is clamped.
+        page_cache_bytes: s.page_cache_bytes.max(0) as u64,
+        page_cache_evicted_bytes: s.page_cache_evicted_bytes,
     }
 }
 

@@ -11,7 +11,16 @@
 //!   released by a thread of engine BY)
 //! * `spawn ENGINE THREADS MIB` (new threads, born after registration,
 //!   touch MIB between them and exit)
-//! * `truth`, `quit`
+//! * page cache, files under `--dir` (a disk: tmpfs adds are not traced),
+//!   each belonging to the engine that made it:
+//!   * `pc-write ENGINE FILE MIB`: buffered writes, then `fdatasync` (the
+//!     pages stay cached);
+//!   * `pc-read ENGINE FILE`: reads it through (what is not cached comes
+//!     in, readahead included);
+//!   * `pc-map ENGINE FILE`: maps it and touches every page, then unmaps;
+//!   * `pc-drop ENGINE FILE`: `POSIX_FADV_DONTNEED` on the whole file;
+//! * `truth` (its `page_cache` is each engine's files' cached bytes, by
+//!   `mincore`), `quit`
 
 use std::{
     collections::BTreeMap,
@@ -31,7 +40,13 @@ struct Args {
     /// Engines as NAME:THREADS, comma separated.
     #[arg(long, default_value = "vector:1,timeseries:2,query:4")]
     engines: String,
+    /// Where the page-cache commands' files go.
+    #[arg(long, default_value = "/var/tmp/nodedb-attribution-probe")]
+    dir: std::path::PathBuf,
 }
+
+/// The page-cache commands' files: name -> (engine, path).
+type Files = Mutex<BTreeMap<String, (String, std::path::PathBuf)>>;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -47,6 +62,9 @@ fn main() -> anyhow::Result<()> {
         "pid": std::process::id(),
         "engines": engines.iter().map(|(n, e)| (n.clone(), e.tids())).collect::<BTreeMap<_, _>>(),
     });
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
+    let files: Files = Mutex::new(BTreeMap::new());
     let stdout = std::io::stdout();
     writeln!(stdout.lock(), "{hello}")?;
     for line in std::io::stdin().lock().lines() {
@@ -55,17 +73,23 @@ fn main() -> anyhow::Result<()> {
         if words.first() == Some(&"quit") {
             break;
         }
-        let reply = match execute(&engines, &words) {
+        let reply = match execute(&engines, &files, &args.dir, &words) {
             Ok(Some(json)) => json,
             Ok(None) => "ok".to_owned(),
             Err(e) => format!("err {e:#}"),
         };
         writeln!(stdout.lock(), "{reply}")?;
     }
+    let _ = std::fs::remove_dir_all(&args.dir);
     Ok(())
 }
 
-fn execute(engines: &BTreeMap<String, Engine>, words: &[&str]) -> anyhow::Result<Option<String>> {
+fn execute(
+    engines: &BTreeMap<String, Engine>,
+    files: &Files,
+    dir: &std::path::Path,
+    words: &[&str],
+) -> anyhow::Result<Option<String>> {
     let engine = |name: &str| {
         engines
             .get(name)
@@ -103,8 +127,65 @@ fn execute(engines: &BTreeMap<String, Engine>, words: &[&str]) -> anyhow::Result
         ["spawn", name, threads, n] => {
             engine(name)?.spawn_and_exit(threads.parse()?, mib(n)?)?;
         }
+        ["pc-write", name, file, n] => {
+            let path = dir.join(file);
+            files
+                .lock()
+                .expect("files")
+                .insert((*file).to_owned(), ((*name).to_owned(), path.clone()));
+            let len = mib(n)?;
+            engine(name)?.on(0, move || -> std::io::Result<()> {
+                let mut f = std::fs::File::create(&path)?;
+                let chunk = vec![0x5au8; MIB];
+                for _ in 0..len / MIB {
+                    f.write_all(&chunk)?;
+                }
+                f.sync_data()
+            })?;
+        }
+        ["pc-read" | "pc-map" | "pc-drop", name, file] => {
+            let path = files
+                .lock()
+                .expect("files")
+                .get(*file)
+                .map(|(_, p)| p.clone())
+                .with_context(|| format!("no file {file:?} (pc-write it first)"))?;
+            let op = words[0].to_owned();
+            engine(name)?.on(0, move || -> std::io::Result<()> {
+                let f = std::fs::File::open(&path)?;
+                match op.as_str() {
+                    "pc-read" => {
+                        let mut buf = vec![0u8; MIB];
+                        let mut r = &f;
+                        while std::io::Read::read(&mut r, &mut buf)? > 0 {}
+                    }
+                    "pc-map" => {
+                        // SAFETY: a private read-only mapping of our own
+                        // file, dropped before returning.
+                        let map = unsafe { memmap2::Mmap::map(&f)? };
+                        let mut sum = 0u64;
+                        for page in map.chunks(4096) {
+                            sum = sum.wrapping_add(u64::from(std::hint::black_box(page[0])));
+                        }
+                        std::hint::black_box(sum);
+                    }
+                    _ => {
+                        nodedb_governor::page_cache::drop_cached(&f)?;
+                    }
+                }
+                Ok(())
+            })?;
+        }
         ["truth"] => {
+            let mut page_cache: BTreeMap<String, u64> =
+                engines.keys().map(|n| (n.clone(), 0)).collect();
+            for (engine, path) in files.lock().expect("files").values() {
+                let f = std::fs::File::open(path)?;
+                *page_cache.entry(engine.clone()).or_default() +=
+                    nodedb_governor::page_cache::resident_bytes(&f)?.0;
+            }
             let truth = serde_json::json!({
+                "page_cache": page_cache,
                 "engines": engines.iter().map(|(n, e)| (n.clone(), e.resident_bytes())).collect::<BTreeMap<_, _>>(),
                 "vm_rss": nodedb_governor_testkit::procfs::vm_rss_bytes(),
                 "threads": engines.values().map(Engine::threads).sum::<usize>(),

@@ -1,0 +1,118 @@
+//! Page cache per engine: pages a governed thread adds to the page cache
+//! are the engine's; they leave its count when they leave the cache, and
+//! when reclaim takes them they are counted as evicted.
+//!
+//! # Why these tracepoints, and this key
+//! `filemap/mm_filemap_add_to_page_cache` fires in the thread that caused
+//! the page to be cached: the writer, the reader (readahead included), the
+//! thread taking a fault on a mapped file. Its delete counterpart fires in
+//! whoever removes it: the truncating or `POSIX_FADV_DONTNEED`ing thread,
+//! or a reclaimer (a thread in memcg or direct reclaim, kswapd, DAMON),
+//! rarely the engine. So ownership is remembered per file, `(s_dev,
+//! i_ino)`, in an LRU map: under 10 MB for 131,072 files and one hash
+//! lookup per event, where a key per page would need an entry per cached
+//! page (hundreds of MB) and miss pages once a large folio is split. A
+//! file belongs to the engine that last added a page of it, which is exact
+//! for the files a database's engines keep apart (segments, indexes, spill
+//! files) and an approximation for a file two engines fill.
+//!
+//! Both events carry the folio's order: `PAGE_SIZE << order` bytes each
+//! (one event per large folio). tmpfs adds emit no event (its deletes do):
+//! a delete of a file that is not in the map is not counted. A delete in a
+//! task with `PF_MEMALLOC` set is reclaim: an eviction.
+//!
+//! The classic tracepoints are used (field offsets from tracefs, as for
+//! the syscalls): their record already holds the inode and device, where
+//! the BTF tracepoint would need three dependent reads through the folio.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_task, bpf_probe_read_kernel},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use nodedb_governor_common::{FileKey, PF_MEMALLOC};
+
+use crate::{
+    counters::{add_i64, add_u64, stats},
+    identity::identity,
+    maps::FILE_OWNERS,
+    record::offsets,
+    rss_stat::task_flags_offset,
+};
+
+// name: mm_filemap_add_to_page_cache (and mm_filemap_delete_from_page_cache)
+// format, after the common fields (see `record`):
+// 	field:unsigned long pfn;	offset:8;	size:8;	signed:0;
+// 	field:unsigned long i_ino;	offset:16;	size:8;	signed:0;
+// 	field:unsigned long index;	offset:24;	size:8;	signed:0;
+// 	field:dev_t s_dev;	offset:32;	size:4;	signed:0;
+// 	field:unsigned char order;	offset:36;	size:1;	signed:0;
+
+/// The file and the folio's bytes of a `filemap` record.
+#[inline(always)]
+fn file_and_bytes(ctx: &TracePointContext) -> (FileKey, i64) {
+    let off = offsets();
+    // SAFETY: offsets from this kernel's format file for this record.
+    let (ino, dev, order) = unsafe {
+        (
+            ctx.read_at::<u64>(off.filemap_ino as usize).unwrap_or(0),
+            ctx.read_at::<u32>(off.filemap_dev as usize).unwrap_or(0),
+            ctx.read_at::<u8>(off.filemap_order as usize).unwrap_or(0),
+        )
+    };
+    let key = FileKey { ino, dev, _pad: 0 };
+    (key, 4096i64 << (order & 31))
+}
+
+/// A page (folio) entered the page cache: the running thread's engine's.
+#[tracepoint(category = "filemap", name = "mm_filemap_add_to_page_cache")]
+pub fn filemap_add(ctx: TracePointContext) -> u32 {
+    match try_filemap_add(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_filemap_add(ctx: &TracePointContext) -> Result<u32, u32> {
+    let me = identity().ok_or(0u32)?;
+    let (key, bytes) = file_and_bytes(ctx);
+    // SAFETY: copy out of the map value.
+    if unsafe { FILE_OWNERS.get(&key) }.copied() != Some(me.slot) {
+        let _ = FILE_OWNERS.insert(&key, &me.slot, 0);
+    }
+    if let Some(s) = stats(me.slot) {
+        // SAFETY: valid per-CPU map value pointer.
+        unsafe { add_i64(&raw mut (*s).page_cache_bytes, bytes) };
+    }
+    Ok(0)
+}
+
+/// A page (folio) left the page cache: its file's owner's, and evicted if
+/// a reclaimer took it.
+#[tracepoint(category = "filemap", name = "mm_filemap_delete_from_page_cache")]
+pub fn filemap_delete(ctx: TracePointContext) -> u32 {
+    match try_filemap_delete(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_filemap_delete(ctx: &TracePointContext) -> Result<u32, u32> {
+    let (key, bytes) = file_and_bytes(ctx);
+    // SAFETY: copy out of the map value.
+    let owner = unsafe { FILE_OWNERS.get(&key) }.copied().ok_or(0u32)?;
+    let s = stats(owner).ok_or(0u32)?;
+    // SAFETY: valid per-CPU map value pointer.
+    unsafe { add_i64(&raw mut (*s).page_cache_bytes, -bytes) };
+    // SAFETY: reads current->flags at this kernel's BTF offset; a failed
+    // read is 0 (not reclaim).
+    let flags = unsafe {
+        bpf_probe_read_kernel(
+            (bpf_get_current_task() as *const u8).add(task_flags_offset()) as *const u32,
+        )
+    }
+    .unwrap_or(0);
+    if flags & PF_MEMALLOC != 0 {
+        // SAFETY: as above.
+        unsafe { add_u64(&raw mut (*s).page_cache_evicted_bytes, bytes as u64) };
+    }
+    Ok(0)
+}

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::bail;
 use nodedb_governor::{
-    Budget, EngineId, MemoryGovernor, SpillController,
+    Budget, EngineCache, EngineId, MemoryGovernor, SpillController,
     control::{AgentLink, LinkConfig},
 };
 
@@ -43,6 +43,29 @@ pub fn connect(
     engines: &[(&str, EngineId)],
     spill: Option<Arc<SpillController>>,
 ) -> anyhow::Result<(MemoryGovernor, AgentLink)> {
+    let (governor, link, _) = start(socket, database, engines, spill, false)?;
+    Ok((governor, link))
+}
+
+/// [`connect`], with the engines' page cache on the link (the agent's
+/// `drop_cache` requests, hot sets bounded by its configuration and
+/// released in an Emergency). No spill controller.
+pub fn connect_with_cache(
+    socket: &std::path::Path,
+    database: &str,
+    engines: &[(&str, EngineId)],
+) -> anyhow::Result<(MemoryGovernor, AgentLink, Arc<EngineCache>)> {
+    let (governor, link, cache) = start(socket, database, engines, None, true)?;
+    Ok((governor, link, cache.expect("asked for")))
+}
+
+fn start(
+    socket: &std::path::Path,
+    database: &str,
+    engines: &[(&str, EngineId)],
+    spill: Option<Arc<SpillController>>,
+    with_cache: bool,
+) -> anyhow::Result<(MemoryGovernor, AgentLink, Option<Arc<EngineCache>>)> {
     let mut budget = Budget::builder(1 << 40);
     for (_, id) in engines {
         budget = budget.engine(*id, 0, 1 << 40);
@@ -52,9 +75,13 @@ pub fn connect(
     if let Some(spill) = spill {
         builder = builder.spill_controller(spill);
     }
+    let cache = with_cache.then(|| EngineCache::new(&governor));
+    if let Some(cache) = &cache {
+        builder = builder.engine_cache(Arc::clone(cache));
+    }
     let link = builder.start()?;
     wait_welcomed(&link, socket, engines.len())?;
-    Ok((governor, link))
+    Ok((governor, link, cache))
 }
 
 /// Waits until the agent welcomed `link` and sent its budgets for all

@@ -67,6 +67,13 @@ pub struct CeilingStatus {
     /// Engines that run as processes of their own, by name.
     #[serde(default)]
     pub engines: std::collections::BTreeMap<String, EngineDomainStatus>,
+    /// `memory.low` of the database's cgroup (v2): the engines' hot sets,
+    /// which reclaim from outside the database leaves alone.
+    #[serde(default)]
+    pub protected_bytes: Option<u64>,
+    /// Why nothing is protected that way (cgroup v1 has no `memory.low`).
+    #[serde(default)]
+    pub protection_note: Option<String>,
 }
 
 /// The domain cgroup of an engine that runs as a process of its own.
@@ -91,6 +98,8 @@ pub struct Ceiling {
     /// Own-process engines: their cgroup (where the high mark is written)
     /// and the mark.
     engines: std::collections::BTreeMap<String, (PathBuf, u64)>,
+    /// `memory.low` written (v2), or why not.
+    protection: Result<u64, String>,
 }
 
 /// The cgroup v1 memory hierarchy's mount point, if any.
@@ -163,6 +172,7 @@ impl Ceiling {
                 high_now: high,
                 limit_changes: 0,
                 engines: Default::default(),
+                protection: Ok(0),
             };
             write(&dir.join("memory.max"), &limit.to_string())?;
             write(&dir.join("memory.high"), &high.to_string())?;
@@ -190,7 +200,32 @@ impl Ceiling {
             high_now: high,
             limit_changes: 0,
             engines: Default::default(),
+            protection: Ok(0),
         })
+    }
+
+    /// Protects `bytes` of the database's memory from reclaim caused
+    /// outside it: v2 `memory.low` (best effort: the kernel reclaims from
+    /// below it only when nothing else is left). On v1, which has no such
+    /// knob, nothing is written and the status says so; the hot sets are
+    /// still held by their locks.
+    pub fn set_protected(&mut self, bytes: u64) -> Result<(), AgentError> {
+        match self.backend {
+            Backend::CgroupV2 => {
+                write(&self.dir.join("memory.low"), &bytes.to_string())?;
+                self.protection = Ok(bytes);
+            }
+            Backend::CgroupV1 => {
+                self.protection = Err(if bytes == 0 {
+                    "no hot sets configured".to_owned()
+                } else {
+                    format!(
+                        "{bytes} bytes of hot sets not protected from outside reclaim: cgroup v1 has no memory.low (the hot sets' locks still hold them)"
+                    )
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Changes the ceiling and the high mark (a configuration reload).
@@ -350,6 +385,8 @@ impl Ceiling {
             working_set_bytes: current.saturating_sub(inactive_file),
             events,
             limit_changes: self.limit_changes,
+            protected_bytes: self.protection.as_ref().ok().copied(),
+            protection_note: self.protection.as_ref().err().cloned(),
             engines: self
                 .engines
                 .iter()

@@ -120,6 +120,20 @@ pub struct EngineConfig {
     /// the engine's budget (on cgroup v1 hosts: its soft limit).
     #[serde(default)]
     pub own_process: bool,
+    /// The page cache the engine may hold (bytes or a percentage of the
+    /// ceiling; default: no bound). While the database is under memory
+    /// pressure (its use at the warning threshold of the ceiling, or
+    /// stalling), an engine whose attributed page cache is above its share
+    /// is asked to drop its cold files down to it.
+    #[serde(default)]
+    pub page_cache_share: Option<SizeSpec>,
+    /// The hot set the engine may lock resident (`mlock2`, charged to its
+    /// budget; default 0: none). The agent raises a governed process's
+    /// `RLIMIT_MEMLOCK` by its engines' hot sets, and on cgroup v2 sets
+    /// the database cgroup's `memory.low` to the sum over engines, so
+    /// reclaim from outside the database leaves the protected set alone.
+    #[serde(default)]
+    pub hot_set: Option<SizeSpec>,
 }
 
 fn yes() -> bool {
@@ -219,6 +233,9 @@ pub struct EngineLimits {
     pub budget_bytes: u64,
     pub essential: bool,
     pub own_process: bool,
+    /// None: no bound.
+    pub page_cache_share_bytes: Option<u64>,
+    pub hot_set_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -391,6 +408,31 @@ impl Config {
                 ));
             }
             floors = floors.saturating_add(floor);
+            let hot = match &e.hot_set {
+                Some(h) => h
+                    .resolve(Some(ceiling))
+                    .map_err(|e| err(format!("engine[{i}].hot_set"), e.to_string()))?,
+                None => 0,
+            };
+            if hot > budget {
+                return Err(err(
+                    format!("engine[{i}].hot_set"),
+                    format!(
+                        "{hot} bytes is above the engine's budget ({budget}), which it is charged to"
+                    ),
+                ));
+            }
+            if let Some(share) = &e.page_cache_share {
+                let share = share
+                    .resolve(Some(ceiling))
+                    .map_err(|e| err(format!("engine[{i}].page_cache_share"), e.to_string()))?;
+                if share > ceiling {
+                    return Err(err(
+                        format!("engine[{i}].page_cache_share"),
+                        format!("{share} bytes is above the ceiling ({ceiling})"),
+                    ));
+                }
+            }
         }
         if floors > ceiling {
             return Err(err(
@@ -508,6 +550,14 @@ impl Config {
                     .map_or(0, |f| f.resolve(Some(ceiling)).unwrap_or(0)),
                 essential: e.essential,
                 own_process: e.own_process,
+                page_cache_share_bytes: e
+                    .page_cache_share
+                    .as_ref()
+                    .map(|s| s.resolve(Some(ceiling)).unwrap_or(0)),
+                hot_set_bytes: e
+                    .hot_set
+                    .as_ref()
+                    .map_or(0, |h| h.resolve(Some(ceiling)).unwrap_or(0)),
             })
             .collect()
     }
@@ -624,6 +674,16 @@ mod tests {
             (
                 format!("{HEAD}[[engine]]\nname = \"a\"\nbudget = \"10%\"\nfloor = \"20%\"\n"),
                 "engine[0].floor",
+            ),
+            (
+                format!("{HEAD}[[engine]]\nname = \"a\"\nbudget = \"10%\"\nhot_set = \"20%\"\n"),
+                "engine[0].hot_set",
+            ),
+            (
+                format!(
+                    "{HEAD}[[engine]]\nname = \"a\"\nbudget = \"10%\"\npage_cache_share = \"2GiB\"\n"
+                ),
+                "engine[0].page_cache_share",
             ),
             (
                 format!(

@@ -12,6 +12,9 @@
 //! | `nodedb_governor_agent_engine_page_cache_bytes` (its files' cached pages) | pid, engine |
 //! | `nodedb_governor_agent_engine_page_cache_evicted_bytes_total` (by reclaim) | pid, engine |
 //! | `nodedb_governor_agent_engine_pressure_level` (0 Normal .. 3 Emergency) | pid, engine |
+//! | `nodedb_governor_agent_engine_cache_drop_requests_total`, `_cache_dropped_bytes_total` (its page cache above its share under pressure) | pid, engine |
+//! | `nodedb_governor_agent_engine_hot_set_bytes` (locked by the library) | pid, engine |
+//! | `nodedb_governor_cgroup_memory_low_bytes` (v2: the hot sets' protection) | backend |
 //! | `nodedb_governor_agent_engine_spill_requests_total` | pid, engine |
 //! | `nodedb_governor_agent_engine_spilled_bytes_total` | pid, engine |
 //! | `nodedb_governor_agent_engine_purges_total` | pid, engine |
@@ -138,6 +141,24 @@ pub fn render(snapshot: &Snapshot) -> prometheus::Result<String> {
             "1 while a non-essential engine is held to what it holds (Emergency)",
             pe,
         )?;
+        let cache_drops = counter(
+            &r,
+            "nodedb_governor_agent_engine_cache_drop_requests_total",
+            "Requests to drop cold page cache (above its share under pressure)",
+            pe,
+        )?;
+        let cache_dropped = counter(
+            &r,
+            "nodedb_governor_agent_engine_cache_dropped_bytes_total",
+            "Bytes of page cache those requests dropped",
+            pe,
+        )?;
+        let hot_set = gauge(
+            &r,
+            "nodedb_governor_agent_engine_hot_set_bytes",
+            "Bytes the engine's hot sets hold locked",
+            pe,
+        )?;
         let unattributed = gauge(
             &r,
             "nodedb_governor_agent_unattributed_bytes",
@@ -181,6 +202,13 @@ pub fn render(snapshot: &Snapshot) -> prometheus::Result<String> {
                 backpressure
                     .with_label_values(&l)
                     .set(i64::from(e.backpressure));
+                cache_drops
+                    .with_label_values(&l)
+                    .inc_by(e.cache_drop_requests);
+                cache_dropped
+                    .with_label_values(&l)
+                    .inc_by(e.cache_dropped_bytes);
+                hot_set.with_label_values(&l).set(sat(e.hot_set_bytes));
             }
         }
         if let Some(c) = &status.ceiling {
@@ -209,6 +237,13 @@ pub fn render(snapshot: &Snapshot) -> prometheus::Result<String> {
                 "The ceiling (memory.max or the v1 limit)",
                 c.limit_bytes,
             )?;
+            if let Some(low) = c.protected_bytes {
+                g(
+                    "nodedb_governor_cgroup_memory_low_bytes",
+                    "memory.low: the engines' hot sets, protected from reclaim from outside",
+                    low,
+                )?;
+            }
             let ev = counter(
                 &r,
                 "nodedb_governor_cgroup_memory_events_total",

@@ -36,3 +36,46 @@ pub fn check_prerequisites() -> Result<(), AgentError> {
     }
     Ok(())
 }
+
+/// Raises `pid`'s `RLIMIT_MEMLOCK` (soft, and hard where it is lower) to
+/// at least `bytes` with `prlimit` (needs `CAP_SYS_RESOURCE` to raise the
+/// hard limit, or to touch another user's process). A limit already at or
+/// above it is left. Returns the soft limit now (`u64::MAX`: unlimited).
+pub fn raise_memlock(pid: u32, bytes: u64) -> std::io::Result<u64> {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit with a null new limit only reads into `old`.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_MEMLOCK,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if old.rlim_cur >= bytes {
+        return Ok(old.rlim_cur);
+    }
+    let new = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: old.rlim_max.max(bytes),
+    };
+    // SAFETY: both pointers are to live rlimit structs.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_MEMLOCK,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(bytes)
+}

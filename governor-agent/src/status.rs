@@ -162,6 +162,16 @@ impl StatusReport {
             (None, Some(e)) => out.push_str(&format!("ceiling not enforced: {e}\n")),
             (None, None) => {}
         }
+        if let Some(c) = &self.ceiling {
+            match (&c.protected_bytes, &c.protection_note) {
+                (Some(low), _) if *low > 0 => out.push_str(&format!(
+                    "hot sets protected by memory.low: {}\n",
+                    mib(*low)
+                )),
+                (_, Some(note)) => out.push_str(&format!("hot sets: {note}\n")),
+                _ => {}
+            }
+        }
         for c in &self.clients {
             for (name, e) in &c.engines {
                 out.push_str(&format!(
@@ -176,6 +186,31 @@ impl StatusReport {
                     mib(e.spilled_bytes),
                     e.purges
                 ));
+                if e.page_cache_share_bytes.is_some() || e.hot_set_bytes > 0 {
+                    out.push_str(&format!(
+                        "pid {} {:<12} page cache {} share {} drops {} ({} freed) hot set locked {}\n",
+                        c.pid,
+                        name,
+                        mib(e.page_cache_bytes),
+                        e.page_cache_share_bytes.map_or("none".to_owned(), mib),
+                        e.cache_drop_requests,
+                        mib(e.cache_dropped_bytes),
+                        mib(e.hot_set_bytes)
+                    ));
+                }
+            }
+            match (&c.memlock_bytes, &c.memlock_error) {
+                (_, Some(e)) => out.push_str(&format!("pid {} RLIMIT_MEMLOCK: {e}\n", c.pid)),
+                (Some(b), None) => out.push_str(&format!(
+                    "pid {} RLIMIT_MEMLOCK {}\n",
+                    c.pid,
+                    if *b == u64::MAX {
+                        "unlimited".to_owned()
+                    } else {
+                        mib(*b)
+                    }
+                )),
+                _ => {}
             }
             for l in &c.loans {
                 out.push_str(&format!(

@@ -296,6 +296,7 @@ mod tests {
                 },
             )]),
             loans,
+            ..Default::default()
         }];
         r
     }

@@ -50,6 +50,23 @@ pub enum MemError {
         requested: u64,
         waited_ms: u64,
     },
+    /// A hot set beyond the engine's hot-set bound.
+    #[error(
+        "engine {engine} refused a hot set of {requested} bytes: {held} bytes held under its {limit}-byte hot-set bound"
+    )]
+    HotSetLimit {
+        engine: String,
+        requested: u64,
+        held: u64,
+        limit: u64,
+    },
+    /// The kernel would not lock a hot set (nothing is charged).
+    #[error("engine {engine}: locking a hot set of {requested} bytes failed: {reason}")]
+    LockFailed {
+        engine: String,
+        requested: u64,
+        reason: String,
+    },
     /// A budget or limit change that would break an invariant.
     #[error("invalid budget: {field}: {reason}")]
     InvalidBudget { field: String, reason: String },

@@ -237,6 +237,7 @@
 #[cfg(feature = "jemalloc")]
 pub mod arena;
 pub mod budget;
+pub mod cache;
 #[cfg(feature = "control")]
 pub mod control;
 #[cfg(feature = "datafusion")]
@@ -256,6 +257,7 @@ pub mod spill;
 mod sync;
 
 pub use budget::{Budget, BudgetBuilder, EngineBudget};
+pub use cache::{CachedFile, EngineCache, HotSet};
 pub use engine::EngineId;
 pub use error::MemError;
 pub use governor::{DEFAULT_BATCH_BYTES, EngineUsage, MemoryGovernor, Rebalancer, Reservation};

@@ -23,7 +23,7 @@ use nodedb_governor_agent::{
     cgroup::{self, Subtree},
 };
 use nodedb_governor_testkit::{
-    harness::{Reaped, cgroup::RemovedCgroup, unique},
+    harness::{Reaped, cgroup::RemovedCgroup, relocated, unique},
     privileged::skip_unless_privileged,
 };
 
@@ -54,18 +54,17 @@ struct Truth {
 impl Probe {
     fn spawn() -> Self {
         let mut child = Reaped(
-            Command::new(env!("CARGO_BIN_EXE_attribution-probe"))
-                // Under the target directory: a disk (tmpfs adds are not
-                // traced), one directory per probe.
-                .arg("--dir")
-                .arg(
-                    std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-                        .join(unique("attribution-probe")),
-                )
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("spawning attribution-probe"),
+            Command::new(relocated::probe_bin(env!(
+                "CARGO_BIN_EXE_attribution-probe"
+            )))
+            // Under the target directory: a disk (tmpfs adds are not
+            // traced), one directory per probe.
+            .arg("--dir")
+            .arg(relocated::disk_dir(env!("CARGO_TARGET_TMPDIR")).join(unique("attribution-probe")))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawning attribution-probe"),
         );
         let stdin = child.stdin.take().expect("stdin");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));

@@ -13,7 +13,7 @@ use std::{
     fs::File,
     io::{BufWriter, Write},
     path::Path,
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -59,7 +59,6 @@ impl Rng {
 pub struct HotIndex {
     map: Mmap,
     vectors: usize,
-    locked: AtomicBool,
 }
 
 impl HotIndex {
@@ -92,43 +91,16 @@ impl HotIndex {
             "{}: an index of {vectors} vectors",
             path.display()
         );
-        Ok(Self {
-            map,
-            vectors,
-            locked: AtomicBool::new(false),
-        })
+        Ok(Self { map, vectors })
     }
 
     pub fn bytes(&self) -> u64 {
         self.map.len() as u64
     }
 
-    /// Holds the whole index resident once touched (`MLOCK_ONFAULT`: pages
-    /// are locked as they fault in, none are read in by the call); then
-    /// [`warm`](Self::warm) touches every page, on the engine's thread (so
-    /// the kernel's attribution sees the engine's thread fault them).
-    pub fn lock(&self) -> anyhow::Result<()> {
-        // SAFETY: locking our own mapping's range; it stays mapped until
-        // `self` drops, which unmaps (and so unlocks) it.
-        let rc = unsafe {
-            libc::mlock2(
-                self.map.as_ptr().cast(),
-                self.map.len(),
-                libc::MLOCK_ONFAULT as libc::c_uint,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context(format!(
-                "mlock2 of the {} MiB hot set (RLIMIT_MEMLOCK, or CAP_IPC_LOCK)",
-                self.map.len() >> 20
-            ));
-        }
-        self.locked.store(true, Ordering::Relaxed);
-        Ok(())
-    }
-
-    pub fn locked(&self) -> bool {
-        self.locked.load(Ordering::Relaxed)
+    /// The mapped index (what the vector engine protects as its hot set).
+    pub fn bytes_mapped(&self) -> &[u8] {
+        &self.map
     }
 
     /// Reads every page (brings the whole index into the cache).

@@ -47,6 +47,9 @@ pub fn bench(rounds: u32) -> anyhow::Result<()> {
     let out = Command::new(&tracing_cost)
         .args(["--rounds", &rounds.to_string(), "--json"])
         .arg(&json)
+        // The page-cache loop's file: on the build's disk.
+        .arg("--dir")
+        .arg(&out_dir)
         .output()
         .context("running tracing-cost")?;
     eprint!("{}", String::from_utf8_lossy(&out.stderr));

@@ -104,7 +104,51 @@ pub fn build(profile: Profile, packages: &[Binaries]) -> anyhow::Result<Vec<Path
 /// included; this one resolves exactly as the tests do and, after them,
 /// builds nothing. Returns the paths of `bins`, in the order given.
 pub fn build_as_tests(bins: &[&str]) -> anyhow::Result<Vec<PathBuf>> {
-    cmd::run(command().args(["build", "-q", "--all-targets"]))?;
+    Ok(build_as_tests_with(bins, &[])?.0)
+}
+
+/// [`build_as_tests`], and also the executables of the integration tests
+/// named in `tests` (`attribution_accuracy` is
+/// `target/debug/deps/attribution_accuracy-<hash>`; cargo names it in its
+/// JSON messages), in the order given.
+pub fn build_as_tests_with(
+    bins: &[&str],
+    tests: &[&str],
+) -> anyhow::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let out = command()
+        .args([
+            "build",
+            "-q",
+            "--all-targets",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!("cargo build --all-targets failed ({})", out.status);
+    }
+    let mut found = std::collections::BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] == "compiler-artifact"
+            && msg["profile"]["test"] == true
+            && msg["target"]["kind"] == serde_json::json!(["test"])
+            && let (Some(name), Some(exe)) =
+                (msg["target"]["name"].as_str(), msg["executable"].as_str())
+        {
+            found.insert(name.to_owned(), PathBuf::from(exe));
+        }
+    }
+    let tests = tests
+        .iter()
+        .map(|t| {
+            found.get(*t).cloned().ok_or_else(|| {
+                anyhow::anyhow!("cargo build --all-targets built no integration test {t}")
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let dir = crate::root().join("target").join(Profile::Debug.dir());
     let paths: Vec<PathBuf> = bins.iter().map(|b| dir.join(b)).collect();
     if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
@@ -113,5 +157,5 @@ pub fn build_as_tests(bins: &[&str]) -> anyhow::Result<Vec<PathBuf>> {
             missing.display()
         );
     }
-    Ok(paths)
+    Ok((paths, tests))
 }

@@ -69,6 +69,9 @@ enum Task {
         /// (default: sizes for TCG; see vm/initramfs.rs).
         #[arg(last = true)]
         workload: Vec<String>,
+        /// The cache scenario in each VM too (after the mixed one).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        cache_scenario: bool,
     },
     /// The validation on this host: the mixed workload governed,
     /// ungoverned (observed, the same ceiling), observed with ample memory,
@@ -113,6 +116,7 @@ fn main() -> ExitCode {
             timeout_secs,
             validate,
             workload,
+            cache_scenario,
         } => {
             let explicit_series = std::env::args().any(|a| a.starts_with("--series"));
             vm::vm_test(&vm::Options {
@@ -125,6 +129,7 @@ fn main() -> ExitCode {
                 timeout: std::time::Duration::from_secs(timeout_secs),
                 validate_modes: validate.into_iter().filter(|m| m != "none").collect(),
                 workload_args: workload,
+                cache_scenario,
             })
         }
         Task::Validate {

@@ -136,6 +136,7 @@ pub fn test() -> anyhow::Result<()> {
             timeout: std::time::Duration::from_secs(1800),
             validate_modes: ["governed", "ungoverned"].map(str::to_owned).to_vec(),
             workload_args: Vec::new(),
+            cache_scenario: true,
         })?;
     } else {
         eprintln!(

@@ -43,6 +43,9 @@ pub enum ProgramSet {
     /// running any program there at all.
     #[cfg(feature = "bench")]
     Floor,
+    /// Only the page-cache programs (`filemap_add`, `filemap_delete`).
+    #[cfg(feature = "bench")]
+    PageCacheOnly,
 }
 
 impl ProgramSet {
@@ -64,6 +67,10 @@ impl ProgramSet {
             Self::RssOnly => prog == program::RSS_STAT,
             #[cfg(feature = "bench")]
             Self::Floor => floor,
+            #[cfg(feature = "bench")]
+            Self::PageCacheOnly => {
+                matches!(prog, program::FILEMAP_ADD | program::FILEMAP_DELETE)
+            }
         }
     }
 }

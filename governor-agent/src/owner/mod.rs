@@ -212,6 +212,23 @@ impl Agent {
                         tracing::warn!(error = %e, "changing the memory high mark");
                     }
                 }
+                Action::RaiseMemlock {
+                    session,
+                    pid,
+                    bytes,
+                } => {
+                    let result = crate::privilege::raise_memlock(pid, bytes).map_err(|e| {
+                        let why = format!(
+                            "raising RLIMIT_MEMLOCK of pid {pid} to {bytes} bytes: {e} (the agent needs CAP_SYS_RESOURCE; without it the process's hot sets lock only within its own limit)"
+                        );
+                        tracing::warn!("{why}");
+                        why
+                    });
+                    if let Ok(limit) = result {
+                        tracing::info!(pid, limit, "RLIMIT_MEMLOCK raised for the hot sets");
+                    }
+                    self.policy.on_memlock(session, result);
+                }
             }
         }
     }
@@ -278,6 +295,17 @@ impl Agent {
                 tracing::info!(pid, %engine, before_bytes, after_bytes, "arena purged");
                 Ok(())
             }
+            ToAgent::CacheDropped {
+                engine,
+                target_bytes,
+                freed_bytes,
+                files,
+            } => {
+                tracing::debug!(pid, %engine, files, "cache drop answered");
+                self.policy
+                    .on_cache_dropped(session, &engine, target_bytes, freed_bytes);
+                Ok(())
+            }
         }
     }
 
@@ -305,6 +333,7 @@ impl Agent {
             reading: reading.as_ref(),
             ceiling: ceiling.as_ref().map(|c| CeilingUse {
                 working_set_bytes: c.working_set_bytes,
+                charge_bytes: c.current_bytes,
                 limit_bytes: c.limit_bytes,
             }),
             psi: self.psi.as_ref().map(|m| (m.events(), m.window())),

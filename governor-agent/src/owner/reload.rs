@@ -37,6 +37,7 @@ impl Agent {
         }
         if let Some(c) = &mut self.ceiling {
             c.set_limit(new.ceiling_bytes(), normal_high_mark(&new))?;
+            c.set_protected(new.limits().iter().map(|l| l.hot_set_bytes).sum())?;
             for l in new.limits().into_iter().filter(|l| l.own_process) {
                 c.set_engine_high(&l.name, l.budget_bytes)?;
             }

@@ -90,7 +90,11 @@ impl Agent {
             .map(|m| m.status(self.policy.stalling(now, m.window())));
         report.psi_error = self.psi_error.clone();
         report.programs = self.programs.clone();
-        report.clients = self.policy.libraries().map(|(_, l)| l.status()).collect();
+        report.clients = self
+            .policy
+            .libraries()
+            .map(|(_, l)| l.status(self.policy.rules()))
+            .collect();
         self.snapshot.send_replace(Arc::new(Snapshot {
             report,
             health: self.health,

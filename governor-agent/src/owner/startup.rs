@@ -170,6 +170,14 @@ fn ceiling(config: &Config, subtree: Option<&Subtree>) -> (Option<Ceiling>, Opti
             return (None, Some(e.to_string()));
         }
     };
+    let hot: u64 = config.limits().iter().map(|l| l.hot_set_bytes).sum();
+    match c.set_protected(hot) {
+        Ok(()) => tracing::info!(
+            bytes = hot,
+            "hot sets protected (memory.low where the kernel has it)"
+        ),
+        Err(e) => tracing::warn!(error = %e, "the hot sets are not protected by memory.low"),
+    }
     for l in config.limits().into_iter().filter(|l| l.own_process) {
         let dir = subtree
             .and_then(|s| s.own.get(&l.name))

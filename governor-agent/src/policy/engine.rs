@@ -34,6 +34,21 @@ pub struct EngineEnforcement {
     /// Held to what it holds (an Emergency; the engine is not essential).
     #[serde(default)]
     pub backpressure: bool,
+    /// The page cache the kernel attributes to it.
+    #[serde(default)]
+    pub page_cache_bytes: u64,
+    /// Its configured page-cache share (None: no bound).
+    #[serde(default)]
+    pub page_cache_share_bytes: Option<u64>,
+    /// `drop_cache` requests sent (its cache above its share while the
+    /// database was under pressure), and the bytes they freed.
+    #[serde(default)]
+    pub cache_drop_requests: u64,
+    #[serde(default)]
+    pub cache_dropped_bytes: u64,
+    /// Bytes its hot sets hold locked (the library's report).
+    #[serde(default)]
+    pub hot_set_bytes: u64,
 }
 
 /// The library's books for the engine, from its last report.
@@ -41,6 +56,7 @@ pub struct EngineEnforcement {
 pub(super) struct Books {
     pub reserved_bytes: u64,
     pub rejections: u64,
+    pub hot_set_bytes: u64,
 }
 
 /// What the ladder has counted for the engine.
@@ -51,6 +67,8 @@ pub(super) struct Counters {
     pub purges: u64,
     pub level_changes: u64,
     pub limit_changes: u64,
+    pub cache_drop_requests: u64,
+    pub cache_dropped_bytes: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -71,6 +89,10 @@ pub(super) struct EngineState {
     pub held_to: Option<u64>,
     /// The cap the library was last given.
     pub cap_bytes: u64,
+    /// Page cache the kernel attributed to it at the last tick.
+    pub page_cache_bytes: u64,
+    /// When the last `drop_cache` went out and has not been answered.
+    pub cache_drop_sent: Option<Instant>,
     pub counters: Counters,
 }
 
@@ -79,13 +101,15 @@ impl EngineState {
         self.books.map_or(0, |b| b.reserved_bytes)
     }
 
-    pub fn status(&self, budget_bytes: u64) -> EngineEnforcement {
+    pub fn status(&self, budget_bytes: u64, share: Option<u64>) -> EngineEnforcement {
         let Counters {
             spill_requests,
             spilled_bytes,
             purges,
             level_changes,
             limit_changes,
+            cache_drop_requests,
+            cache_dropped_bytes,
         } = self.counters;
         EngineEnforcement {
             level: self.level,
@@ -100,6 +124,11 @@ impl EngineState {
             limit_changes,
             cap_bytes: self.cap_bytes,
             backpressure: self.held_to.is_some(),
+            page_cache_bytes: self.page_cache_bytes,
+            page_cache_share_bytes: share,
+            cache_drop_requests,
+            cache_dropped_bytes,
+            hot_set_bytes: self.books.map_or(0, |b| b.hot_set_bytes),
         }
     }
 }

@@ -12,7 +12,7 @@ use nodedb_governor::{
 };
 
 use super::{
-    Rules, SPILL_RETRY,
+    CACHE_DROP_RETRY, Rules, SPILL_RETRY,
     engine::{Books, EngineEnforcement, EngineState},
 };
 use crate::{attribution::ProcessAttribution, config::EngineLimits};
@@ -30,6 +30,9 @@ pub struct Library {
     /// borrows and is enforced on).
     engines: BTreeMap<String, EngineState>,
     loans: LoanBook<String>,
+    /// Its `RLIMIT_MEMLOCK` as the agent raised it, or why it could not
+    /// (None: no hot sets configured for its engines).
+    pub(super) memlock: Option<Result<u64, String>>,
 }
 
 /// What `status` shows of one library.
@@ -39,6 +42,12 @@ pub struct LibraryStatus {
     pub uid: u32,
     pub engines: BTreeMap<String, EngineEnforcement>,
     pub loans: Vec<Loan<String>>,
+    /// Its `RLIMIT_MEMLOCK` soft limit as raised for its hot sets.
+    #[serde(default)]
+    pub memlock_bytes: Option<u64>,
+    /// Why the agent could not raise it.
+    #[serde(default)]
+    pub memlock_error: Option<String>,
 }
 
 /// Untracked memory moves an engine's cap in steps of its budget / 64 (at
@@ -63,19 +72,32 @@ impl Library {
             observe_cap: (!rules.enforce).then_some(rules.ceiling_bytes),
             engines,
             loans,
+            memlock: None,
         }
     }
 
-    pub fn status(&self) -> LibraryStatus {
+    pub fn status(&self, rules: &Rules) -> LibraryStatus {
+        let share = |name: &str| {
+            rules
+                .limits
+                .iter()
+                .find(|l| l.name == name)
+                .and_then(|l| l.page_cache_share_bytes)
+        };
         LibraryStatus {
             pid: self.pid,
             uid: self.uid,
             engines: self
                 .engines
                 .iter()
-                .map(|(name, e)| (name.clone(), e.status(self.budget(name))))
+                .map(|(name, e)| (name.clone(), e.status(self.budget(name), share(name))))
                 .collect(),
             loans: self.loans.loans().to_vec(),
+            memlock_bytes: self.memlock.as_ref().and_then(|r| r.as_ref().ok().copied()),
+            memlock_error: self
+                .memlock
+                .as_ref()
+                .and_then(|r| r.as_ref().err().cloned()),
         }
     }
 
@@ -126,6 +148,7 @@ impl Library {
             engine: l.name.clone(),
             floor_bytes: floor,
             cap_bytes: cap,
+            hot_set_bytes: Some(l.hot_set_bytes),
         });
     }
 
@@ -213,6 +236,7 @@ impl Library {
             e.books = Some(Books {
                 reserved_bytes: r.reserved_bytes,
                 rejections: r.rejections,
+                hot_set_bytes: r.hot_set_bytes,
             });
             if r.rejections > before && self.observe_cap.is_none() && self.loans.is_lender(&r.name)
             {
@@ -240,6 +264,27 @@ impl Library {
             target_bytes,
             freed_bytes,
             "spill done"
+        );
+    }
+
+    /// A `drop_cache` request was answered.
+    pub(super) fn on_cache_dropped(&mut self, engine: &str, target_bytes: u64, freed_bytes: u64) {
+        let Some(e) = self.engines.get_mut(engine) else {
+            tracing::warn!(
+                pid = self.pid,
+                engine,
+                "drop_cache answer for an engine the library did not declare; ignored"
+            );
+            return;
+        };
+        e.cache_drop_sent = None;
+        e.counters.cache_dropped_bytes = e.counters.cache_dropped_bytes.saturating_add(freed_bytes);
+        tracing::info!(
+            pid = self.pid,
+            engine,
+            target_bytes,
+            freed_bytes,
+            "cold cache dropped"
         );
     }
 
@@ -299,11 +344,15 @@ impl Library {
     /// that got busy take their loans back), then each engine's level, cap
     /// correction, pressure, purge and spill. While the database is
     /// `stalling` on memory (PSI), engines are spilled from Warning on.
+    /// While the database is under pressure (`cache_pressure`), an engine
+    /// holding more page cache than its share is asked to drop its cold
+    /// files down to the share.
     pub(super) fn enforce(
         &mut self,
         rules: &Rules,
         process: &ProcessAttribution,
         stalling: bool,
+        cache_pressure: bool,
         now: Instant,
         out: &mut Vec<ToLibrary>,
     ) {
@@ -328,6 +377,10 @@ impl Library {
             };
             let before = e.level.replace(level).unwrap_or(PressureLevel::Normal);
             e.resident_bytes = resident;
+            e.page_cache_bytes = process
+                .engines
+                .get(&l.name)
+                .map_or(0, |a| a.page_cache_bytes);
             if observe {
                 // Shown, never acted on.
                 e.counters.level_changes += u64::from(level != before);
@@ -348,6 +401,28 @@ impl Library {
             let Some(e) = self.engines.get_mut(&l.name) else {
                 continue;
             };
+            if let Some(share) = l.page_cache_share_bytes
+                && cache_pressure
+                && e.page_cache_bytes > share
+                && e.cache_drop_sent
+                    .is_none_or(|sent| now.duration_since(sent) >= CACHE_DROP_RETRY)
+            {
+                let target = e.page_cache_bytes - share;
+                e.cache_drop_sent = Some(now);
+                e.counters.cache_drop_requests += 1;
+                tracing::info!(
+                    pid,
+                    engine = %l.name,
+                    page_cache = e.page_cache_bytes,
+                    share,
+                    target,
+                    "cold cache drop requested"
+                );
+                out.push(ToLibrary::DropCache {
+                    engine: l.name.clone(),
+                    target_bytes: target,
+                });
+            }
             super::ladder::climb(
                 &super::ladder::Rung {
                     pid,

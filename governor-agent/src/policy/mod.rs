@@ -68,6 +68,10 @@ use crate::{
 
 /// A spill request not answered within this is sent again.
 pub const SPILL_RETRY: Duration = Duration::from_millis(250);
+/// A `drop_cache` request is sent again at most this often while the
+/// engine stays above its share (dropping takes `mincore` passes and
+/// writeback of dirty pages; the attribution follows the drops).
+pub const CACHE_DROP_RETRY: Duration = Duration::from_secs(1);
 
 /// A library connection, as the owner numbers them.
 pub type SessionId = u64;
@@ -103,6 +107,9 @@ impl Rules {
 pub struct CeilingUse {
     /// The charge less the inactive page cache the kernel drops first.
     pub working_set_bytes: u64,
+    /// The whole charge, page cache included (what engines' caches
+    /// contend for).
+    pub charge_bytes: u64,
     pub limit_bytes: u64,
 }
 
@@ -130,7 +137,19 @@ pub enum Action {
     /// The database cgroup's high mark: down to this many bytes (an
     /// Emergency), or back to its normal value (None).
     SetHighMark(Option<u64>),
+    /// Raise the process's `RLIMIT_MEMLOCK` to at least `bytes` (its
+    /// engines' hot sets and the usual headroom), so they can be locked
+    /// without `CAP_IPC_LOCK`.
+    RaiseMemlock {
+        session: SessionId,
+        pid: u32,
+        bytes: u64,
+    },
 }
+
+/// `RLIMIT_MEMLOCK` room left beside the hot sets (the usual default limit:
+/// other locks in the process, such as io_uring rings, keep theirs).
+pub const MEMLOCK_HEADROOM: u64 = 8 << 20;
 
 /// The policy's whole state.
 #[derive(Debug)]
@@ -158,6 +177,10 @@ impl Policy {
             psi_seen: 0,
             psi_last: None,
         }
+    }
+
+    pub fn rules(&self) -> &Rules {
+        &self.rules
     }
 
     /// Whether the whole database is in Emergency.
@@ -197,7 +220,19 @@ impl Policy {
         }
         tracing::info!(pid, uid, engines = declared.len(), "library connected");
         self.libraries.insert(session, library);
-        sends(session, out).collect()
+        let hot: u64 = self
+            .rules
+            .limits
+            .iter()
+            .filter(|l| declared.contains(&l.name))
+            .map(|l| l.hot_set_bytes)
+            .sum();
+        let raise = (self.rules.enforce && hot > 0).then_some(Action::RaiseMemlock {
+            session,
+            pid,
+            bytes: hot + MEMLOCK_HEADROOM,
+        });
+        raise.into_iter().chain(sends(session, out)).collect()
     }
 
     /// The connection ended.
@@ -234,6 +269,26 @@ impl Policy {
         }
     }
 
+    /// What became of a `RaiseMemlock` (the limit now, or why not).
+    pub fn on_memlock(&mut self, session: SessionId, result: Result<u64, String>) {
+        if let Some(l) = self.libraries.get_mut(&session) {
+            l.memlock = Some(result);
+        }
+    }
+
+    /// A library answered a `drop_cache` request.
+    pub fn on_cache_dropped(
+        &mut self,
+        session: SessionId,
+        engine: &str,
+        target_bytes: u64,
+        freed_bytes: u64,
+    ) {
+        if let Some(l) = self.libraries.get_mut(&session) {
+            l.on_cache_dropped(engine, target_bytes, freed_bytes);
+        }
+    }
+
     /// A new (valid) configuration: loans end, and every library hears its
     /// engines' new limits.
     pub fn reload(&mut self, rules: Rules) -> Vec<Action> {
@@ -252,6 +307,10 @@ impl Policy {
     pub fn tick(&mut self, t: &Tick<'_>) -> Vec<Action> {
         let mut actions = Vec::new();
         let (new_stall, stalling) = self.pressure_stall(t);
+        let cache_pressure = stalling || {
+            let (charge, limit) = self.ceiling_charge(t);
+            charge as f64 >= limit as f64 * self.rules.thresholds.warning
+        };
         if let Some(reading) = t.reading {
             for (session, l) in &mut self.libraries {
                 let mut out = Vec::new();
@@ -259,7 +318,7 @@ impl Policy {
                     l.on_stall(&mut out);
                 }
                 if let Some(p) = reading.processes.iter().find(|p| p.pid == l.pid) {
-                    l.enforce(&self.rules, p, stalling, t.now, &mut out);
+                    l.enforce(&self.rules, p, stalling, cache_pressure, t.now, &mut out);
                 }
                 actions.extend(sends(*session, out));
             }
@@ -293,19 +352,7 @@ impl Policy {
     /// the high mark to the restore point while on (when enforcing).
     fn enforce_ceiling(&mut self, t: &Tick<'_>) -> Option<Action> {
         let th = self.rules.thresholds;
-        let (current, limit) = match t.ceiling {
-            Some(c) => (c.working_set_bytes, c.limit_bytes),
-            None => (
-                t.reading.map_or(0, |r| {
-                    r.processes
-                        .iter()
-                        .flat_map(|p| p.engines.values().chain([&p.unattributed]))
-                        .map(|e| e.resident_bytes)
-                        .sum()
-                }),
-                self.rules.ceiling_bytes,
-            ),
-        };
+        let (current, limit) = self.ceiling_use(t);
         let f = current as f64 / limit.max(1) as f64;
         let was = self.emergency;
         if f >= th.emergency {
@@ -327,6 +374,44 @@ impl Policy {
                     .then_some((limit as f64 * self.rules.restore) as u64),
             )
         })
+    }
+
+    /// The database's whole charge (page cache included) and its ceiling:
+    /// the cgroup's, or the attributed resident and page-cache total
+    /// where the kernel enforces no ceiling.
+    fn ceiling_charge(&self, t: &Tick<'_>) -> (u64, u64) {
+        match t.ceiling {
+            Some(c) => (c.charge_bytes, c.limit_bytes),
+            None => (
+                t.reading.map_or(0, |r| {
+                    r.processes
+                        .iter()
+                        .flat_map(|p| p.engines.values().chain([&p.unattributed]))
+                        .map(|e| e.resident_bytes + e.page_cache_bytes)
+                        .sum()
+                }),
+                self.rules.ceiling_bytes,
+            ),
+        }
+    }
+
+    /// The database's use of its ceiling and the ceiling: the cgroup's
+    /// working set, or the attributed total where the kernel enforces no
+    /// ceiling.
+    fn ceiling_use(&self, t: &Tick<'_>) -> (u64, u64) {
+        match t.ceiling {
+            Some(c) => (c.working_set_bytes, c.limit_bytes),
+            None => (
+                t.reading.map_or(0, |r| {
+                    r.processes
+                        .iter()
+                        .flat_map(|p| p.engines.values().chain([&p.unattributed]))
+                        .map(|e| e.resident_bytes)
+                        .sum()
+                }),
+                self.rules.ceiling_bytes,
+            ),
+        }
     }
 }
 

@@ -71,11 +71,13 @@ fn msgs(actions: Vec<Action>) -> Vec<Msg> {
                         engine,
                         floor_bytes,
                         cap_bytes,
+                        ..
                     } => Msg::Limits(name(&engine), floor_bytes, cap_bytes),
                     other => panic!("the policy does not send {other:?}"),
                 }
             }
             Action::SetHighMark(h) => Msg::High(h),
+            other => panic!("no hot sets are configured here: {other:?}"),
         })
         .collect()
 }
@@ -147,13 +149,14 @@ impl World {
                 reserved_bytes: reserved,
                 rejections,
                 arena_resident_bytes: None,
+                hot_set_bytes: 0,
             }],
             self.now,
         ))
     }
 
     fn status(&self) -> LibraryStatus {
-        self.policy.library(S).unwrap().status()
+        self.policy.library(S).unwrap().status(self.policy.rules())
     }
 }
 
@@ -482,6 +485,7 @@ fn the_databases_emergency_holds_non_essential_engines_with_hysteresis() {
     let ceiling = |used: u64| {
         Some(CeilingUse {
             working_set_bytes: used * MIB,
+            charge_bytes: used * MIB,
             limit_bytes: 1024 * MIB,
         })
     };
@@ -579,4 +583,140 @@ fn reports_for_undeclared_engines_and_sessions_that_left_change_nothing() {
     assert!(w.policy.library(S).is_none());
     assert_eq!(w.report("vector", 1, 1), []);
     assert_eq!(w.tick(&[("vector", 250 * MIB)]), []);
+}
+
+/// timeseries may hold 64 MiB of page cache; vector may lock a 256 MiB hot
+/// set. Ceiling 1 GiB, default thresholds.
+fn cache_rules() -> Rules {
+    let config = Config::parse(
+        "database = \"t\"\nceiling = \"1GiB\"\n\
+         [[engine]]\nname = \"vector\"\nbudget = \"512MiB\"\nhot_set = \"256MiB\"\n\
+         [[engine]]\nname = \"timeseries\"\nbudget = \"256MiB\"\npage_cache_share = \"64MiB\"\n",
+    )
+    .unwrap();
+    Rules::from_config(&config)
+}
+
+fn page_cache_reading(engine: &str, bytes: u64) -> Reading {
+    Reading {
+        processes: vec![ProcessAttribution {
+            pid: PID,
+            engines: [(
+                engine.to_owned(),
+                Attributed {
+                    page_cache_bytes: bytes,
+                    ..Attributed::default()
+                },
+            )]
+            .into_iter()
+            .collect(),
+            ..ProcessAttribution::default()
+        }],
+    }
+}
+
+fn cache_drops(actions: Vec<Action>) -> Vec<(String, u64)> {
+    actions
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                message:
+                    ToLibrary::DropCache {
+                        engine,
+                        target_bytes,
+                    },
+                ..
+            } => Some((engine, target_bytes)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_process_with_hot_sets_gets_its_memlock_limit_raised_at_the_welcome() {
+    let mut policy = Policy::new(cache_rules());
+    let actions = policy.connect(S, PID, 0, &["vector".into(), "timeseries".into()]);
+    assert_eq!(
+        actions[0],
+        Action::RaiseMemlock {
+            session: S,
+            pid: PID,
+            bytes: 256 * MIB + MEMLOCK_HEADROOM
+        }
+    );
+    // A process without the engine that has a hot set: nothing to raise.
+    let actions = policy.connect(2, PID + 1, 0, &["timeseries".into()]);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::RaiseMemlock { .. })),
+        "{actions:?}"
+    );
+    policy.on_memlock(S, Err("EPERM".into()));
+    let st = policy.library(S).unwrap().status(policy.rules());
+    assert_eq!(st.memlock_error.as_deref(), Some("EPERM"));
+    // Observing only: nothing is raised.
+    let mut rules = cache_rules();
+    rules.enforce = false;
+    let mut observing = Policy::new(rules);
+    assert!(
+        !observing
+            .connect(S, PID, 0, &["vector".into()])
+            .iter()
+            .any(|a| matches!(a, Action::RaiseMemlock { .. }))
+    );
+}
+
+#[test]
+fn an_engine_above_its_cache_share_drops_cold_cache_only_under_pressure() {
+    let mut policy = Policy::new(cache_rules());
+    policy.connect(S, PID, 0, &["vector".into(), "timeseries".into()]);
+    let t0 = Instant::now();
+    let mut tick = |ms: u64, cached: u64, charge: u64| {
+        let r = page_cache_reading("timeseries", cached * MIB);
+        cache_drops(policy.tick(&Tick {
+            now: t0 + Duration::from_millis(ms),
+            reading: Some(&r),
+            ceiling: Some(CeilingUse {
+                // The flush's pages are inactive: the working set is low
+                // while the charge, page cache included, is high.
+                working_set_bytes: 200 * MIB,
+                charge_bytes: charge * MIB,
+                limit_bytes: 1024 * MIB,
+            }),
+            psi: None,
+        }))
+    };
+    // 300 MiB cached, the database at half its ceiling: no pressure.
+    assert_eq!(tick(0, 300, 512), []);
+    // At 80% of the ceiling (warning is 75%): down to the 64 MiB share.
+    assert_eq!(tick(20, 300, 820), [("timeseries".to_owned(), 236 * MIB)]);
+    // Not again until answered or a second old.
+    assert_eq!(tick(40, 300, 820), []);
+    assert_eq!(tick(1020, 290, 820), [("timeseries".to_owned(), 226 * MIB)]);
+    policy.on_cache_dropped(S, "timeseries", 226 * MIB, 200 * MIB);
+    let mut tick = |ms: u64, cached: u64, charge: u64| {
+        let r = page_cache_reading("timeseries", cached * MIB);
+        cache_drops(policy.tick(&Tick {
+            now: t0 + Duration::from_millis(ms),
+            reading: Some(&r),
+            ceiling: Some(CeilingUse {
+                working_set_bytes: 200 * MIB,
+                charge_bytes: charge * MIB,
+                limit_bytes: 1024 * MIB,
+            }),
+            psi: None,
+        }))
+    };
+    // Answered: the next tick may ask again for what is left.
+    assert_eq!(tick(1040, 100, 800), [("timeseries".to_owned(), 36 * MIB)]);
+    // Under its share: nothing, whatever the pressure.
+    assert_eq!(tick(3000, 60, 1000), []);
+    let st = policy.library(S).unwrap().status(policy.rules());
+    let ts = &st.engines["timeseries"];
+    assert_eq!(ts.cache_drop_requests, 3);
+    assert_eq!(ts.cache_dropped_bytes, 200 * MIB);
+    assert_eq!(ts.page_cache_share_bytes, Some(64 * MIB));
+    // vector has no share: never asked, however much it caches.
+    assert_eq!(st.engines["vector"].cache_drop_requests, 0);
 }

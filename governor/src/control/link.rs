@@ -23,7 +23,10 @@ use std::{
 };
 
 use super::wire::{self, Decoder, EngineDecl, EngineReport, ToAgent, ToLibrary, WireError};
-use crate::{EngineId, MemoryGovernor, PressureLevel, SpillController};
+use crate::{
+    EngineId, MemoryGovernor, PressureLevel, SpillController,
+    cache::{Dropped, EngineCache},
+};
 
 /// Why a connection to the agent ended (kept, as text, in
 /// [`LinkStats::last_error`]).
@@ -79,6 +82,8 @@ pub struct LinkStats {
     pub spills: u64,
     pub spilled_bytes: u64,
     pub purges: u64,
+    /// `drop_cache` requests served.
+    pub cache_drops: u64,
     pub limit_changes: u64,
     /// The last error the agent sent, or the last connection failure.
     pub last_error: Option<String>,
@@ -100,6 +105,7 @@ struct Inner {
     spill: Option<Arc<SpillController>>,
     purge: Option<PurgeFn>,
     arena_resident: Option<ArenaFn>,
+    cache: Option<Arc<EngineCache>>,
     outbox: Mutex<Vec<ToAgent>>,
     state: Mutex<State>,
     changed: Condvar,
@@ -120,9 +126,19 @@ pub struct AgentLinkBuilder {
     spill: Option<Arc<SpillController>>,
     purge: Option<PurgeFn>,
     arena_resident: Option<ArenaFn>,
+    cache: Option<Arc<EngineCache>>,
 }
 
 impl AgentLinkBuilder {
+    /// The engines' page cache: `drop_cache` requests drop their cold
+    /// files, an Emergency releases an engine's hot sets (and a level back
+    /// at Warning or below locks them again), and reports carry the
+    /// locked bytes.
+    pub fn engine_cache(mut self, cache: Arc<EngineCache>) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
     /// Spill requests go to this controller's handlers.
     pub fn spill_controller(mut self, spill: Arc<SpillController>) -> Self {
         self.spill = Some(spill);
@@ -168,6 +184,7 @@ impl AgentLinkBuilder {
             spill: self.spill,
             purge: self.purge,
             arena_resident: self.arena_resident,
+            cache: self.cache,
             outbox: Mutex::new(Vec::new()),
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
@@ -202,6 +219,7 @@ impl AgentLink {
             spill: None,
             purge: None,
             arena_resident: None,
+            cache: None,
         }
     }
 
@@ -447,6 +465,10 @@ impl Inner {
                             .arena_resident
                             .as_ref()
                             .and_then(|f| f(u.engine)),
+                        hot_set_bytes: self
+                            .cache
+                            .as_ref()
+                            .map_or(0, |c| c.hot_sets(u.engine).locked_bytes),
                     })
                 })
                 .collect(),
@@ -492,10 +514,16 @@ impl Inner {
                 engine: name,
                 floor_bytes,
                 cap_bytes,
+                hot_set_bytes,
             } => {
                 let Ok(id) = engine(&name) else {
                     return Ok(None);
                 };
+                if let (Some(cache), Some(bound)) = (&self.cache, hot_set_bytes) {
+                    // The configuration's bound: ranges already locked stay,
+                    // new ones must fit it.
+                    let _ = cache.set_hot_set_limit(id, bound);
+                }
                 let mut result = self.governor.set_limits(id, floor_bytes, cap_bytes);
                 if result.is_err()
                     && let Some(spill) = &self.spill
@@ -527,10 +555,44 @@ impl Inner {
                 level,
             } => {
                 if let Ok(id) = engine(&name) {
+                    if let Some(cache) = &self.cache {
+                        match level {
+                            PressureLevel::Emergency => {
+                                cache.release_hot_sets(Some(id));
+                            }
+                            PressureLevel::Normal | PressureLevel::Warning => {
+                                cache.restore_hot_sets(Some(id));
+                            }
+                            PressureLevel::Critical => {}
+                        }
+                    }
                     lock(&self.state).levels.insert(id, level);
                     self.changed.notify_all();
                 }
                 None
+            }
+            ToLibrary::DropCache {
+                engine: name,
+                target_bytes,
+            } => {
+                let Ok(id) = engine(&name) else {
+                    return Ok(None);
+                };
+                let dropped = match &self.cache {
+                    Some(cache) => cache.drop_cold(id, target_bytes).unwrap_or_else(|e| {
+                        lock(&self.state).stats.last_error =
+                            Some(format!("dropping {name}'s cold cache: {e}"));
+                        Dropped::default()
+                    }),
+                    None => Dropped::default(),
+                };
+                lock(&self.state).stats.cache_drops += 1;
+                Some(ToAgent::CacheDropped {
+                    engine: name,
+                    target_bytes,
+                    freed_bytes: dropped.freed_bytes,
+                    files: dropped.files,
+                })
             }
             ToLibrary::Spill {
                 engine: name,

@@ -35,6 +35,9 @@ pub struct EngineReport {
     /// The engine's jemalloc arena, when the library has one for it.
     #[serde(default)]
     pub arena_resident_bytes: Option<u64>,
+    /// Bytes the engine's hot sets hold locked.
+    #[serde(default)]
+    pub hot_set_bytes: u64,
 }
 
 /// Library to agent.
@@ -70,6 +73,14 @@ pub enum ToAgent {
         before_bytes: u64,
         after_bytes: u64,
     },
+    /// The outcome of a `drop_cache` request: bytes that left the page
+    /// cache, and files dropped.
+    CacheDropped {
+        engine: String,
+        target_bytes: u64,
+        freed_bytes: u64,
+        files: u64,
+    },
 }
 
 /// Agent to library.
@@ -85,11 +96,14 @@ pub enum ToLibrary {
     },
     /// A thread was put in its engine's cgroup (or TID map).
     ThreadPlaced { tid: u32, engine: String },
-    /// The engine's budget changes (rebalancing).
+    /// The engine's budget changes (rebalancing), and the bound on its
+    /// hot sets (the agent's configuration; absent from older agents).
     Limits {
         engine: String,
         floor_bytes: u64,
         cap_bytes: u64,
+        #[serde(default)]
+        hot_set_bytes: Option<u64>,
     },
     /// The engine's pressure level, from the kernel's attribution.
     Pressure {
@@ -100,6 +114,9 @@ pub enum ToLibrary {
     Spill { engine: String, target_bytes: u64 },
     /// Return the engine's idle allocator pages to the kernel.
     Purge { engine: String },
+    /// Drop about `target_bytes` of the engine's cold page cache (its
+    /// least recently used files first).
+    DropCache { engine: String, target_bytes: u64 },
     /// The request could not be served (or was malformed).
     Error { message: String },
 }

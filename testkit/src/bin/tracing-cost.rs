@@ -1,9 +1,11 @@
 //! The cost and accuracy of kernel attribution, measured in one run (root).
 //!
-//! Cost: a page-fault-heavy loop (map 64 MiB, write every page, unmap) and
-//! an mmap/munmap loop (map 64 KiB, touch a page, unmap), each run with no
-//! programs attached, with the full set, and with each counting source
-//! alone. The process is governed (registered, its thread assigned to an
+//! Cost: a page-fault-heavy loop (map 64 MiB, write every page, unmap), an
+//! mmap/munmap loop (map 64 KiB, touch a page, unmap) and a page-cache loop
+//! (64 MiB of buffered writes to a file under `--dir`, then truncated: an
+//! add and a delete per page, no disk I/O), each run with no programs
+//! attached, with the full set, with each counting source alone and with
+//! the page-cache programs alone. The process is governed (registered, its thread assigned to an
 //! engine), so the programs take their full path. Configurations are
 //! interleaved round by round and each is reported as the median over
 //! rounds and as a ratio against the untraced median of the same run.
@@ -38,6 +40,10 @@ struct Args {
     /// and `kernel.bpf_stats_enabled=1` meanwhile), then exit.
     #[arg(long)]
     hold_seconds: Option<u64>,
+    /// Where the page-cache loop writes its file: a disk-backed
+    /// filesystem (tmpfs pages are not page-cache adds).
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize)]
@@ -47,6 +53,7 @@ enum Config {
     FaultsOnly,
     RssOnly,
     Floor,
+    PageCacheOnly,
 }
 
 impl Config {
@@ -57,16 +64,18 @@ impl Config {
             Config::FaultsOnly => "page_fault_user only",
             Config::RssOnly => "rss_stat only",
             Config::Floor => "empty programs on the same fault-path tracepoints (floor)",
+            Config::PageCacheOnly => "filemap add/delete only (page cache)",
         }
     }
 }
 
-const CONFIGS: [Config; 5] = [
+const CONFIGS: [Config; 6] = [
     Config::Untraced,
     Config::Full,
     Config::FaultsOnly,
     Config::RssOnly,
     Config::Floor,
+    Config::PageCacheOnly,
 ];
 
 fn gettid() -> u32 {
@@ -81,6 +90,7 @@ fn attach(config: Config) -> Option<Attribution> {
         Config::FaultsOnly => ProgramSet::FaultsOnly,
         Config::RssOnly => ProgramSet::RssOnly,
         Config::Floor => ProgramSet::Floor,
+        Config::PageCacheOnly => ProgramSet::PageCacheOnly,
     };
     let mut att = Attribution::load(set).expect("loading the eBPF programs");
     let pid = std::process::id();
@@ -110,6 +120,23 @@ fn mmap_loop() -> f64 {
     start.elapsed().as_nanos() as f64 / n as f64
 }
 
+/// ns per 4 KiB page of: 64 MiB written to `file` in 64 KiB buffered
+/// writes (a page-cache add each page), then truncated to nothing (a
+/// delete each page, before any writeback: no disk I/O) (x4).
+fn page_cache_loop(file: &std::fs::File) -> f64 {
+    use std::os::unix::fs::FileExt;
+    let len = 64 * MIB;
+    let chunk = vec![7u8; 64 * 1024];
+    let start = Instant::now();
+    for _ in 0..4 {
+        for off in (0..len).step_by(chunk.len()) {
+            file.write_all_at(&chunk, off as u64).expect("writing");
+        }
+        file.set_len(0).expect("truncating");
+    }
+    start.elapsed().as_nanos() as f64 / (4 * len / PAGE) as f64
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -122,6 +149,8 @@ struct CostRow {
     fault_ratio: f64,
     mmap_ns_per_op: f64,
     mmap_ratio: f64,
+    page_cache_ns_per_page: f64,
+    page_cache_ratio: f64,
 }
 
 #[derive(serde::Serialize)]
@@ -243,10 +272,25 @@ fn main() {
         Some("faults") => vec![Config::Untraced, Config::FaultsOnly],
         Some("rss") => vec![Config::Untraced, Config::RssOnly],
         Some("floor") => vec![Config::Untraced, Config::Floor],
-        Some(other) => panic!("--only {other}: expected full, faults, rss or floor"),
+        Some("page-cache") => vec![Config::Untraced, Config::PageCacheOnly],
+        Some(other) => {
+            panic!("--only {other}: expected full, faults, rss, floor or page-cache")
+        }
     };
+    std::fs::create_dir_all(&args.dir).expect("creating --dir");
+    let path = args
+        .dir
+        .join(format!("tracing-cost-{}", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
     let mut fault: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     let mut mmap: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    let mut cache: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     for round in 0..args.rounds as usize {
         for k in 0..configs.len() {
             // Rotate the order so drift in the machine spreads evenly.
@@ -255,6 +299,8 @@ fn main() {
             fault_loop(); // warm-up
             fault[i].push(fault_loop());
             mmap[i].push(mmap_loop());
+            page_cache_loop(&file); // warm-up
+            cache[i].push(page_cache_loop(&file));
             drop(att);
         }
         eprintln!("round {}/{} done", round + 1, args.rounds);
@@ -279,8 +325,12 @@ fn main() {
             fault_ratio: paired(&fault, i),
             mmap_ns_per_op: median(&mut mmap[i].clone()),
             mmap_ratio: paired(&mmap, i),
+            page_cache_ns_per_page: median(&mut cache[i].clone()),
+            page_cache_ratio: paired(&cache, i),
         })
         .collect();
+    drop(file);
+    let _ = std::fs::remove_file(&path);
     let acc = if args.only.is_some() {
         Vec::new()
     } else {
@@ -294,17 +344,19 @@ fn main() {
         args.rounds
     );
     println!(
-        "| programs attached | fault loop ns/page | vs untraced | mmap+touch+munmap ns | vs untraced |"
+        "| programs attached | fault loop ns/page | vs untraced | mmap+touch+munmap ns | vs untraced | write+truncate ns/page | vs untraced |"
     );
-    println!("|---|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for r in &cost {
         println!(
-            "| {} | {:.0} | {:.3} | {:.0} | {:.3} |",
+            "| {} | {:.0} | {:.3} | {:.0} | {:.3} | {:.0} | {:.3} |",
             r.config.label(),
             r.fault_ns_per_page,
             r.fault_ratio,
             r.mmap_ns_per_op,
-            r.mmap_ratio
+            r.mmap_ratio,
+            r.page_cache_ns_per_page,
+            r.page_cache_ratio
         );
     }
     println!("\nCounting sources against VmRSS (MiB):\n");

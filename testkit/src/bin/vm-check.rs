@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context, bail};
 use clap::Parser;
 use nodedb_governor_testkit::{
-    harness::{Reaped, launch::launch, probes::probe_command, status::read_status},
+    harness::{Reaped, launch::launch, probes::probe_command, relocated, status::read_status},
     wait::try_poll,
 };
 use serde_json::{Value, json};
@@ -30,6 +30,10 @@ struct Args {
     /// A scratch directory (the agent's run directory).
     #[arg(long, default_value = "/tmp/vm-check")]
     work: PathBuf,
+    /// A directory on a disk-backed filesystem for the page-cache checks
+    /// (`none`: the VM has no disk, which fails them).
+    #[arg(long, default_value = "none")]
+    disk: PathBuf,
 }
 
 struct Checks {
@@ -268,7 +272,56 @@ fn main() -> anyhow::Result<()> {
         }
         Ok(json!({"high_events": after - before, "probe": serde_json::from_str::<Value>(&line).unwrap_or_default()}))
     })());
+    checks.record(
+        "attribution accuracy, RSS and page cache (the host's test)",
+        attribution_accuracy(&env.bin, &args.disk),
+    );
     finish(&kernel, checks, breach)
+}
+
+/// Runs the `attribution_accuracy` test binary (copied in as it was built)
+/// with its probe in `bin` and its files on `disk`; the detail is each
+/// checkpoint's page-cache line and the last RSS one per engine.
+fn attribution_accuracy(bin: &Path, disk: &Path) -> anyhow::Result<Value> {
+    if !disk.is_dir() {
+        bail!(
+            "no disk-backed directory ({}): page cache on tmpfs is not traced",
+            disk.display()
+        );
+    }
+    let out = Command::new(bin.join("attribution_accuracy"))
+        .args(["--test-threads=1", "--nocapture"])
+        .env(relocated::BIN_DIR_ENV, bin)
+        .env(relocated::DISK_DIR_ENV, disk)
+        .env("NODEDB_GOVERNOR_REQUIRE_PRIVILEGED", "1")
+        .output()
+        .context("running attribution_accuracy")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        bail!(
+            "attribution_accuracy failed ({}):\n{}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    let page_cache: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("page cache truth"))
+        .collect();
+    let rss: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("[file unmapped]"))
+        .collect();
+    let passed = text
+        .lines()
+        .find(|l| l.starts_with("test result:"))
+        .unwrap_or_default();
+    Ok(json!({"result": passed, "page_cache": page_cache, "rss_last_checkpoint": rss}))
 }
 
 fn finish(kernel: &str, checks: Checks, breach: Value) -> anyhow::Result<()> {

@@ -50,6 +50,7 @@ fn main() -> anyhow::Result<()> {
                     reserved_bytes: reserved,
                     rejections: 3,
                     arena_resident_bytes: None,
+                    hot_set_bytes: 0,
                 }],
             }),
         )?;

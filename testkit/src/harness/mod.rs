@@ -15,6 +15,7 @@ pub mod names;
 pub mod pins;
 pub mod probes;
 pub mod reaped;
+pub mod relocated;
 pub mod scratch;
 pub mod status;
 

@@ -28,7 +28,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use nodedb_governor::{EngineId, MemoryGovernor, Reservation, control::AgentLink};
+use nodedb_governor::{EngineCache, EngineId, HotSet, MemoryGovernor, control::AgentLink};
 use nodedb_governor_workload::cache::{self, FlushWrites, HotIndex, Rng};
 use serde_json::{Value, json};
 
@@ -114,18 +114,25 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
-    let (governor, link) = match &args.socket {
+    let (governor, link, engine_cache) = match &args.socket {
         Some(socket) => {
-            let (g, l) =
-                nodedb_governor_demo::governed::connect(socket, &args.database, &ENGINES, None)?;
-            (g, Some(l))
+            let (g, l, c) = nodedb_governor_demo::governed::connect_with_cache(
+                socket,
+                &args.database,
+                &ENGINES,
+            )?;
+            (g, Some(l), c)
         }
         None => {
             let mut budget = nodedb_governor::Budget::builder(1 << 40);
             for (_, id) in ENGINES {
                 budget = budget.engine(id, 0, 1 << 40);
             }
-            (MemoryGovernor::new(budget.build()?), None)
+            let g = MemoryGovernor::new(budget.build()?);
+            // No agent: the bound is the index itself.
+            let c = EngineCache::new(&g);
+            c.set_hot_set_limit(EngineId::Vector, args.index_mib << 20)?;
+            (g, None, c)
         }
     };
     let index_path = args.dir.join("index.vectors");
@@ -150,19 +157,21 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let outcome = std::thread::scope(|s| -> anyhow::Result<Value> {
         let vector = s.spawn(|| -> anyhow::Result<Value> {
-            let setup = (|| -> anyhow::Result<Option<Reservation>> {
+            let setup = (|| -> anyhow::Result<Option<HotSet>> {
                 register(link.as_ref(), EngineId::Vector)?;
                 // SAFETY: gettid has no preconditions.
                 let tid = unsafe { libc::gettid() };
                 shared.vector_tid.store(tid as u64, Ordering::Relaxed);
-                // Locked pages cannot be reclaimed: they are the engine's
-                // memory as much as its heap, so its budget holds them.
+                // The library's hot set: locked as it faults in, charged
+                // to the vector budget (locked pages cannot be reclaimed:
+                // they are the engine's memory as much as its heap),
+                // bounded by the agent's configuration (`hot_set`).
                 let charged = if args.governed {
-                    let r = governor
-                        .try_reserve(EngineId::Vector, index.bytes())
-                        .context("the hot set does not fit the vector budget")?;
-                    index.lock()?;
-                    Some(r)
+                    Some(
+                        engine_cache
+                            .protect(EngineId::Vector, index.bytes_mapped())
+                            .context("protecting the index as the vector engine's hot set")?,
+                    )
                 } else {
                     None
                 };
@@ -196,7 +205,8 @@ fn main() -> anyhow::Result<()> {
                 shared.window.lock().unwrap().push(us);
                 shared.queries.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(json!({ "locked": index.locked(), "checksum": sink.is_finite() }))
+            let locked = _charged.as_ref().is_some_and(HotSet::is_locked);
+            Ok(json!({ "locked": locked, "checksum": sink.is_finite() }))
         });
         let flusher = s.spawn(|| -> anyhow::Result<cache::FlushOutcome> {
             let segs = (|| -> anyhow::Result<_> {

@@ -1,7 +1,8 @@
 //! The VMs' initramfs: busybox, the binaries with their debug info
 //! stripped, the shared libraries `ldd` names, the bundled configuration,
-//! and an `/init` that mounts cgroup2 with the memory controller, runs
-//! `vm-check` and then, if asked, the validation (newc cpio, gzip).
+//! and an `/init` that mounts cgroup2 with the memory controller and the
+//! scratch disk (ext4), runs `vm-check` and then, if asked, the validation
+//! (newc cpio, gzip).
 
 use std::{
     collections::BTreeSet,
@@ -40,6 +41,11 @@ const VM_WORKLOAD: &[&str] = &[
     "50",
 ];
 
+/// The cache scenario's arguments in the VMs (nodedb-cache; the host
+/// runs its defaults): the same index, ceiling and flush, with queries
+/// paced for TCG.
+const VM_CACHE: &[&str] = &["--qps", "100"];
+
 const INIT_HEAD: &str = r#"#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /mnt
 /bin/busybox mount -t proc proc /proc
@@ -53,13 +59,15 @@ echo "+memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
 echo "NODEDB-VM-BOOTED $(uname -r) controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"
 echo 30 > /proc/sys/kernel/hung_task_timeout_secs
 (while sleep 15; do echo "NODEDB-VM-HEARTBEAT $(cut -d' ' -f1 /proc/uptime)"; done) &
-/bin/vm-check --bin-dir /bin --work /tmp/vm-check
+disk=none
+if mke2fs -q /dev/nvme0n1 && mount -t ext4 /dev/nvme0n1 /mnt; then disk=/mnt; fi
+/bin/vm-check --bin-dir /bin --work /tmp/vm-check --disk "$disk"
 status=$?
 "#;
 
-/// The `/init` script: vm-check, then, when `opts` asks for validation
-/// runs, the scratch disk formatted and mounted and `nodedb-validate` on
-/// the bundled configuration.
+/// The `/init` script: the scratch disk formatted and mounted, vm-check,
+/// then, when `opts` asks for validation runs, `nodedb-validate` on the
+/// bundled configuration.
 pub fn init_script(opts: &Options) -> String {
     let mut s = INIT_HEAD.to_owned();
     if !opts.validate_modes.is_empty() {
@@ -74,7 +82,7 @@ pub fn init_script(opts: &Options) -> String {
             .map(|a| format!("'{}'", a.replace('\'', "")))
             .collect();
         let lines = [
-            "if mke2fs -q /dev/nvme0n1 && mount -t ext4 /dev/nvme0n1 /mnt; then".to_owned(),
+            "if [ \"$disk\" = /mnt ]; then".to_owned(),
             format!(
                 "  /bin/nodedb-validate --config /etc/nodedb-governor.toml --out /tmp/validate \\\n    --scratch /mnt --interval-ms 500 --loan-grace-ms {VM_LOAN_GRACE_MS} --timeout-secs 1200 --modes {} -- {}",
                 opts.validate_modes.join(","),
@@ -83,6 +91,23 @@ pub fn init_script(opts: &Options) -> String {
             "  echo \"NODEDB-VALIDATE-EXIT $?\"".to_owned(),
             "else".to_owned(),
             "  echo \"NODEDB-VALIDATE-EXIT no scratch disk\"".to_owned(),
+            "fi".to_owned(),
+        ];
+        for l in lines {
+            s.push_str(&l);
+            s.push('\n');
+        }
+    }
+    if opts.cache_scenario {
+        let lines = [
+            "if [ \"$disk\" = /mnt ]; then".to_owned(),
+            format!(
+                "  /bin/nodedb-validate --scenario cache --config /etc/nodedb-cache.toml --out /tmp/validate-cache \\\n    --scratch /mnt --timeout-secs 900 --modes ungoverned,governed -- {}",
+                VM_CACHE.join(" ")
+            ),
+            "  echo \"NODEDB-VALIDATE-EXIT cache $?\"".to_owned(),
+            "else".to_owned(),
+            "  echo \"NODEDB-VALIDATE-EXIT cache: no scratch disk\"".to_owned(),
             "fi".to_owned(),
         ];
         for l in lines {
@@ -136,6 +161,11 @@ pub fn build(vm_dir: &Path, bins: &[PathBuf], init: &str) -> anyhow::Result<Path
         dir.join("etc/nodedb-governor.toml"),
     )
     .context("copying the bundled configuration")?;
+    fs::copy(
+        crate::root().join(crate::validate::Scenario::Cache.config()),
+        dir.join("etc/nodedb-cache.toml"),
+    )
+    .context("copying the cache scenario's configuration")?;
     let init_path = dir.join("init");
     fs::write(&init_path, init)?;
     fs::set_permissions(&init_path, fs::Permissions::from_mode(0o755))?;

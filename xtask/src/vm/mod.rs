@@ -37,8 +37,16 @@ use crate::{cargo, cmd::step};
 
 /// The binaries the VM runs.
 const AGENT: &str = "nodedb-governor";
-const PROBE_BINS: &[&str] = &["vm-check", "breach-probe", "hold-probe"];
-const WORKLOAD_BINS: &[&str] = &["nodedb-workload", "nodedb-validate"];
+const PROBE_BINS: &[&str] = &[
+    "vm-check",
+    "breach-probe",
+    "hold-probe",
+    "attribution-probe",
+];
+/// Integration tests vm-check runs as they are (under their target's name,
+/// without cargo's hash).
+const TESTS: &[&str] = &["attribution_accuracy"];
+const WORKLOAD_BINS: &[&str] = &["nodedb-workload", "nodedb-cache", "nodedb-validate"];
 
 pub struct Options {
     /// Kernel series to fetch from Debian ("6.1", "6.12").
@@ -52,20 +60,30 @@ pub struct Options {
     pub validate_modes: Vec<String>,
     /// Arguments for nodedb-workload in the VMs (empty: its defaults).
     pub workload_args: Vec<String>,
+    /// The cache scenario too (`nodedb-validate --scenario cache`, both
+    /// modes), after the mixed one, in the same boot.
+    pub cache_scenario: bool,
 }
 
 pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
     packages::install_missing()?;
     step("building the agent and the VM probes");
-    let bins: Vec<PathBuf> = cargo::build_as_tests(
+    let (mut bins, tests) = cargo::build_as_tests_with(
         &std::iter::once(AGENT)
             .chain(PROBE_BINS.iter().copied())
             .chain(WORKLOAD_BINS.iter().copied())
             .collect::<Vec<_>>(),
+        TESTS,
     )?;
     let root = crate::root();
     let vm_dir = root.join("target/vm");
-    fs::create_dir_all(&vm_dir)?;
+    let tests_dir = vm_dir.join("tests");
+    fs::create_dir_all(&tests_dir)?;
+    for (name, built) in TESTS.iter().zip(tests) {
+        let named = tests_dir.join(name);
+        fs::copy(&built, &named)?;
+        bins.push(named);
+    }
     step("building the initramfs");
     let initrd = initramfs::build(&vm_dir, &bins, &initramfs::init_script(opts))?;
     let mut kernels = Vec::new();
@@ -81,23 +99,34 @@ pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
         step(&format!("booting {} under TCG", k.display()));
         let booted = qemu::boot_twice_if_lost(k, &initrd, opts.timeout, &vm_dir);
         match booted {
-            Ok((result, validation)) => {
+            Ok((result, validations)) => {
                 let kernel = result["kernel"].as_str().unwrap_or("unknown").to_owned();
                 let file = results.join(format!("{kernel}.json"));
                 fs::write(&file, serde_json::to_vec_pretty(&result)?)?;
                 let mut passed = result["passed"] == true;
-                if !opts.validate_modes.is_empty() {
-                    match validation {
+                let asked = [
+                    ("mixed", !opts.validate_modes.is_empty()),
+                    ("cache", opts.cache_scenario),
+                ];
+                for (scenario, _) in asked.into_iter().filter(|(_, wanted)| *wanted) {
+                    match validations.iter().find(|v| v["scenario"] == scenario) {
                         Some(v) => {
-                            let dir = root.join("target/validate").join(&kernel);
-                            let met = crate::report::write(&dir, &v)?;
+                            let met = if scenario == "cache" {
+                                let dir = root.join("target/validate/cache").join(&kernel);
+                                crate::cache_report::write(&dir, v)?
+                            } else {
+                                let dir = root.join("target/validate").join(&kernel);
+                                crate::report::write(&dir, v)?
+                            };
                             if !met {
-                                eprintln!("    FAIL the governed run missed the target");
+                                eprintln!(
+                                    "    FAIL the governed run missed the target ({scenario} scenario)"
+                                );
                                 passed = false;
                             }
                         }
                         None => {
-                            eprintln!("    FAIL the validation printed no result");
+                            eprintln!("    FAIL the {scenario} validation printed no result");
                             passed = false;
                         }
                     }

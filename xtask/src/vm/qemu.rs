@@ -30,8 +30,9 @@ const SCRATCH_GIB: u64 = 8;
 /// frozen.
 const STALL: Duration = Duration::from_secs(120);
 
-/// vm-check's JSON result, and the validation's if it ran.
-pub type Results = (serde_json::Value, Option<serde_json::Value>);
+/// vm-check's JSON result, and the validations' that ran (each names its
+/// `scenario`).
+pub type Results = (serde_json::Value, Vec<serde_json::Value>);
 
 /// Boots `kernel` with `initrd`, and once more if the guest was lost to
 /// its kernel (a freeze, seen once in ~20 boots of 6.1 under TCG before
@@ -54,9 +55,9 @@ pub fn boot_twice_if_lost(
             "booting {} again (the guest {what})",
             kernel.display()
         ));
-        return boot(kernel, initrd, timeout, vm_dir).map(|(mut result, validation)| {
+        return boot(kernel, initrd, timeout, vm_dir).map(|(mut result, validations)| {
             result["lost_boot"] = what.into();
-            (result, validation)
+            (result, validations)
         });
     }
     booted
@@ -151,12 +152,18 @@ fn boot(kernel: &Path, initrd: &Path, timeout: Duration, vm_dir: &Path) -> anyho
                 }
                 .into());
             }
-            let validation = line("NODEDB-VALIDATE-RESULT ")
-                .map(|j| serde_json::from_str(&j).context("the validation's result"))
-                .transpose()?;
-            if let Some(exit) = line("NODEDB-VALIDATE-EXIT ") {
+            let lines = |tag: &str| -> Vec<String> {
+                text.lines()
+                    .filter_map(|l| l.split_once(tag).map(|(_, j)| j.to_owned()))
+                    .collect()
+            };
+            let validations = lines("NODEDB-VALIDATE-RESULT ")
+                .iter()
+                .map(|j| serde_json::from_str(j).context("a validation's result"))
+                .collect::<anyhow::Result<Vec<serde_json::Value>>>()?;
+            for exit in lines("NODEDB-VALIDATE-EXIT ") {
                 eprintln!("    validation exit: {exit}");
-                if exit.trim() != "0" {
+                if !exit.trim().ends_with(" 0") && exit.trim() != "0" {
                     eprintln!(
                         "    the validation's console tail:\n{}",
                         console_tail(&text, 40)
@@ -168,7 +175,7 @@ fn boot(kernel: &Path, initrd: &Path, timeout: Duration, vm_dir: &Path) -> anyho
                     eprintln!("    finished in {:.1} s", started.elapsed().as_secs_f64());
                     Ok((
                         serde_json::from_str(&j).context("vm-check's result")?,
-                        validation,
+                        validations,
                     ))
                 }
                 None => bail!(

@@ -79,3 +79,53 @@ pub fn raise_memlock(pid: u32, bytes: u64) -> std::io::Result<u64> {
     }
     Ok(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memlock_of(pid: u32) -> u64 {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max locked memory"))
+            .unwrap();
+        let soft = line.split_whitespace().nth(3).unwrap();
+        if soft == "unlimited" {
+            u64::MAX
+        } else {
+            soft.parse().unwrap()
+        }
+    }
+
+    /// A limit already high enough is left alone (no privilege needed); a
+    /// raise above the hard limit takes CAP_SYS_RESOURCE (which the root
+    /// of some sandboxes, this project's CI machine among them, lacks), and
+    /// without it the error is EPERM and the limit unchanged.
+    #[test]
+    fn raise_memlock_raises_or_names_the_missing_capability() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let before = memlock_of(pid);
+        assert_eq!(raise_memlock(pid, before.min(4096)).unwrap(), before);
+        let want = before.saturating_add(64 << 20).min(u64::MAX - 1);
+        let has_sys_resource = procfs::effective_caps().is_some_and(|c| c & (1 << 24) != 0);
+        match raise_memlock(pid, want) {
+            Ok(now) => {
+                // With the capability, or within the hard limit.
+                assert_eq!(now, memlock_of(pid));
+                assert!(now >= want, "raised to {now}, asked {want}");
+            }
+            Err(e) => {
+                assert!(!has_sys_resource, "raising failed with CAP_SYS_RESOURCE: {e}");
+                assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+                assert_eq!(memlock_of(pid), before, "a refused raise changes nothing");
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}

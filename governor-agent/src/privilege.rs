@@ -120,7 +120,10 @@ mod tests {
                 assert!(now >= want, "raised to {now}, asked {want}");
             }
             Err(e) => {
-                assert!(!has_sys_resource, "raising failed with CAP_SYS_RESOURCE: {e}");
+                assert!(
+                    !has_sys_resource,
+                    "raising failed with CAP_SYS_RESOURCE: {e}"
+                );
                 assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
                 assert_eq!(memlock_of(pid), before, "a refused raise changes nothing");
             }

@@ -172,10 +172,14 @@ fn ceiling(config: &Config, subtree: Option<&Subtree>) -> (Option<Ceiling>, Opti
     };
     let hot: u64 = config.limits().iter().map(|l| l.hot_set_bytes).sum();
     match c.set_protected(hot) {
-        Ok(()) => tracing::info!(
-            bytes = hot,
-            "hot sets protected (memory.low where the kernel has it)"
-        ),
+        Ok(()) => match c.status().protection_note {
+            None => tracing::info!(
+                bytes = hot,
+                "hot sets protected from outside reclaim (memory.low)"
+            ),
+            Some(note) if hot > 0 => tracing::warn!("{note}"),
+            Some(_) => {}
+        },
         Err(e) => tracing::warn!(error = %e, "the hot sets are not protected by memory.low"),
     }
     for l in config.limits().into_iter().filter(|l| l.own_process) {

@@ -140,6 +140,14 @@ fn report(summary: &Value) -> String {
                 },
             ));
         }
+        let ev = &c["vector_cache_evicted_bytes"];
+        if ev.is_object() {
+            s.push_str(&format!(
+                "\nThe kernel's page-cache attribution: reclaim evicted {:.0} MiB of the vector engine's page cache (its index) ungoverned, {:.0} MiB governed.\n",
+                mib(&ev["ungoverned"]),
+                mib(&ev["governed"]),
+            ));
+        }
         s.push_str(&format!(
             "\nCriteria {}; the existing ones (no OOM kill, resident set under the ceiling, engines within budget): governed target {}.\n",
             if c["met"] == true { "met" } else { "MISSED" },

@@ -91,7 +91,8 @@ pub(super) struct EngineState {
     pub cap_bytes: u64,
     /// Page cache the kernel attributed to it at the last tick.
     pub page_cache_bytes: u64,
-    /// When the last `drop_cache` went out and has not been answered.
+    /// When the last `drop_cache` went out (answered or not: a library
+    /// that could drop nothing is not asked again at once).
     pub cache_drop_sent: Option<Instant>,
     pub counters: Counters,
 }

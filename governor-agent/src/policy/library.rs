@@ -277,7 +277,6 @@ impl Library {
             );
             return;
         };
-        e.cache_drop_sent = None;
         e.counters.cache_dropped_bytes = e.counters.cache_dropped_bytes.saturating_add(freed_bytes);
         tracing::info!(
             pid = self.pid,

@@ -68,9 +68,10 @@ use crate::{
 
 /// A spill request not answered within this is sent again.
 pub const SPILL_RETRY: Duration = Duration::from_millis(250);
-/// A `drop_cache` request is sent again at most this often while the
-/// engine stays above its share (dropping takes `mincore` passes and
-/// writeback of dirty pages; the attribution follows the drops).
+/// A `drop_cache` request is sent at most this often to an engine that
+/// stays above its share, answered or not (dropping takes `mincore`
+/// passes and writeback of dirty pages, the attribution follows the drops,
+/// and a library with nothing tracked to drop answers at once).
 pub const CACHE_DROP_RETRY: Duration = Duration::from_secs(1);
 
 /// A library connection, as the owner numbers them.

@@ -17,6 +17,7 @@ mod ladder;
 mod metrics;
 mod observe;
 mod own_process;
+mod page_cache;
 mod pressure;
 mod rebalancing;
 mod reload;

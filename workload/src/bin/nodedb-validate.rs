@@ -392,6 +392,8 @@ impl Harness {
                         "resident_bytes": s["engines"][e]["resident_bytes"],
                         "budget_bytes": client["engines"][e]["budget_bytes"],
                         "level": client["engines"][e]["level"],
+                        "page_cache_bytes": s["engines"][e]["page_cache_bytes"],
+                        "page_cache_evicted_bytes": s["engines"][e]["page_cache_evicted_bytes"],
                     });
                 }
             }
@@ -555,11 +557,28 @@ fn cache_verdict(runs: &mut [Value]) -> Value {
             "why": "the ungoverned run did not complete correctly: nothing to judge against",
         });
     }
-    let verdict = judge_cache(&runs[g]["workload"], &runs[u]["workload"]);
+    let mut verdict = judge_cache(&runs[g]["workload"], &runs[u]["workload"]);
     if verdict["met"] != true {
         runs[g]["target_met"] = false.into();
     }
+    // The kernel's attribution of the same story: the vector engine's
+    // page cache that reclaim evicted (its index's pages), by run.
+    for (mode, i) in [("ungoverned", u), ("governed", g)] {
+        verdict["vector_cache_evicted_bytes"][mode] = evicted(&runs[i], "vector").into();
+    }
     verdict
+}
+
+/// The largest count of `engine`'s page cache evicted by reclaim in a
+/// run's samples (a counter: its last value, unless the agent restarted).
+fn evicted(run: &Value, engine: &str) -> u64 {
+    run["timeline"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p[engine]["page_cache_evicted_bytes"].as_u64())
+        .max()
+        .unwrap_or(0)
 }
 
 /// Whether a cache criterion decides the verdict. The p99 one is measured

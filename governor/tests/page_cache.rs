@@ -20,8 +20,12 @@ use nodedb_governor::{
 
 const MIB: u64 = 1 << 20;
 
+/// Under cargo's target directory, or, where the test binary runs away
+/// from it (the VMs), under `NODEDB_GOVERNOR_TEST_DISK_DIR`.
 fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("page_cache");
+    let base = std::env::var_os("NODEDB_GOVERNOR_TEST_DISK_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")), PathBuf::from);
+    let dir = base.join("page_cache");
     fs::create_dir_all(&dir).unwrap();
     dir.join(format!("{name}-{}", std::process::id()))
 }

@@ -274,54 +274,69 @@ fn main() -> anyhow::Result<()> {
     })());
     checks.record(
         "attribution accuracy, RSS and page cache (the host's test)",
-        attribution_accuracy(&env.bin, &args.disk),
+        host_test(&env.bin, "attribution_accuracy", &args.disk).map(|text| {
+            let page_cache: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("page cache truth"))
+                .collect();
+            let rss: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("[file unmapped]"))
+                .collect();
+            json!({"result": result_line(&text), "page_cache": page_cache, "rss_last_checkpoint": rss})
+        }),
+    );
+    checks.record(
+        "the uncached writer's path and what it leaves cached (the host's test)",
+        host_test(&env.bin, "page_cache", &args.disk)
+            .map(|text| json!({"result": result_line(&text)})),
+    );
+    checks.record(
+        "cold files dropped first, hot sets locked and released (the host's test)",
+        host_test(&env.bin, "engine_cache", &args.disk)
+            .map(|text| json!({"result": result_line(&text)})),
     );
     finish(&kernel, checks, breach)
 }
 
-/// Runs the `attribution_accuracy` test binary (copied in as it was built)
-/// with its probe in `bin` and its files on `disk`; the detail is each
-/// checkpoint's page-cache line and the last RSS one per engine.
-fn attribution_accuracy(bin: &Path, disk: &Path) -> anyhow::Result<Value> {
+fn result_line(text: &str) -> String {
+    text.lines()
+        .find(|l| l.starts_with("test result:"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Runs the integration test binary `name` (copied in as it was built)
+/// with its probes in `bin` and its files on `disk`; returns what it
+/// printed, or fails when a test failed or skipped.
+fn host_test(bin: &Path, name: &str, disk: &Path) -> anyhow::Result<String> {
     if !disk.is_dir() {
         bail!(
             "no disk-backed directory ({}): page cache on tmpfs is not traced",
             disk.display()
         );
     }
-    let out = Command::new(bin.join("attribution_accuracy"))
+    let out = Command::new(bin.join(name))
         .args(["--test-threads=1", "--nocapture"])
         .env(relocated::BIN_DIR_ENV, bin)
         .env(relocated::DISK_DIR_ENV, disk)
         .env("NODEDB_GOVERNOR_REQUIRE_PRIVILEGED", "1")
         .output()
-        .context("running attribution_accuracy")?;
+        .with_context(|| format!("running {name}"))?;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    if !out.status.success() {
+    if !out.status.success() || !text.contains("test result: ok") || text.contains("skipping ") {
         let tail: Vec<&str> = text.lines().rev().take(30).collect();
         bail!(
-            "attribution_accuracy failed ({}):\n{}",
+            "{name} failed or skipped ({}):\n{}",
             out.status,
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
-    let page_cache: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("page cache truth"))
-        .collect();
-    let rss: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with("[file unmapped]"))
-        .collect();
-    let passed = text
-        .lines()
-        .find(|l| l.starts_with("test result:"))
-        .unwrap_or_default();
-    Ok(json!({"result": passed, "page_cache": page_cache, "rss_last_checkpoint": rss}))
+    Ok(text)
 }
 
 fn finish(kernel: &str, checks: Checks, breach: Value) -> anyhow::Result<()> {

@@ -64,7 +64,12 @@ fn an_engine_above_its_page_cache_share_under_pressure_drops_its_coldest_files()
         .collect();
     let log = agent.log();
     let drops: Vec<&str> = log.lines().filter(|l| l.contains("cold cache")).collect();
-    assert_eq!(per_file.last(), Some(&(8 * MIB)), "{last}\n{}", drops.join("\n"));
+    assert_eq!(
+        per_file.last(),
+        Some(&(8 * MIB)),
+        "{last}\n{}",
+        drops.join("\n")
+    );
     assert!(per_file[..9].iter().all(|&b| b == 0), "{last}");
     let status = agent.status_json();
     let ts = &status["clients"][0]["engines"]["timeseries"];

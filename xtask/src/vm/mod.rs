@@ -45,7 +45,7 @@ const PROBE_BINS: &[&str] = &[
 ];
 /// Integration tests vm-check runs as they are (under their target's name,
 /// without cargo's hash).
-const TESTS: &[&str] = &["attribution_accuracy"];
+const TESTS: &[&str] = &["attribution_accuracy", "page_cache", "engine_cache"];
 const WORKLOAD_BINS: &[&str] = &["nodedb-workload", "nodedb-cache", "nodedb-validate"];
 
 pub struct Options {

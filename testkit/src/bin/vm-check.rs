@@ -274,7 +274,14 @@ fn main() -> anyhow::Result<()> {
     })());
     checks.record(
         "attribution accuracy, RSS and page cache (the host's test)",
-        host_test(&env.bin, "attribution_accuracy", &args.disk).map(|text| {
+        host_test(
+            &env.bin,
+            "attribution_accuracy",
+            // The cgroup identity path (what a v2 kernel is for): the TID
+            // map's path has the same programs and runs on the host.
+            &["accuracy_with_cgroup_identity"],
+            &args.disk,
+        ).map(|text| {
             let page_cache: Vec<&str> = text
                 .lines()
                 .filter(|l| l.contains("page cache truth"))
@@ -288,12 +295,12 @@ fn main() -> anyhow::Result<()> {
     );
     checks.record(
         "the uncached writer's path and what it leaves cached (the host's test)",
-        host_test(&env.bin, "page_cache", &args.disk)
+        host_test(&env.bin, "page_cache", &[], &args.disk)
             .map(|text| json!({"result": result_line(&text)})),
     );
     checks.record(
         "cold files dropped first, hot sets locked and released (the host's test)",
-        host_test(&env.bin, "engine_cache", &args.disk)
+        host_test(&env.bin, "engine_cache", &[], &args.disk)
             .map(|text| json!({"result": result_line(&text)})),
     );
     finish(&kernel, checks, breach)
@@ -306,10 +313,11 @@ fn result_line(text: &str) -> String {
         .to_owned()
 }
 
-/// Runs the integration test binary `name` (copied in as it was built)
-/// with its probes in `bin` and its files on `disk`; returns what it
-/// printed, or fails when a test failed or skipped.
-fn host_test(bin: &Path, name: &str, disk: &Path) -> anyhow::Result<String> {
+/// Runs the integration test binary `name` (copied in as it was built),
+/// its tests matching `filter` (all when empty), with its probes in `bin`
+/// and its files on `disk`; returns what it printed, or fails when a test
+/// failed or skipped.
+fn host_test(bin: &Path, name: &str, filter: &[&str], disk: &Path) -> anyhow::Result<String> {
     if !disk.is_dir() {
         bail!(
             "no disk-backed directory ({}): page cache on tmpfs is not traced",
@@ -318,6 +326,7 @@ fn host_test(bin: &Path, name: &str, disk: &Path) -> anyhow::Result<String> {
     }
     let out = Command::new(bin.join(name))
         .args(["--test-threads=1", "--nocapture"])
+        .args(filter)
         .env(relocated::BIN_DIR_ENV, bin)
         .env(relocated::DISK_DIR_ENV, disk)
         .env("NODEDB_GOVERNOR_REQUIRE_PRIVILEGED", "1")

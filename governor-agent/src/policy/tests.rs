@@ -672,7 +672,7 @@ fn an_engine_above_its_cache_share_drops_cold_cache_only_under_pressure() {
     let mut policy = Policy::new(cache_rules());
     policy.connect(S, PID, 0, &["vector".into(), "timeseries".into()]);
     let t0 = Instant::now();
-    let mut tick = |ms: u64, cached: u64, charge: u64| {
+    let tick = |policy: &mut Policy, ms: u64, cached: u64, charge: u64| {
         let r = page_cache_reading("timeseries", cached * MIB);
         cache_drops(policy.tick(&Tick {
             now: t0 + Duration::from_millis(ms),
@@ -687,32 +687,29 @@ fn an_engine_above_its_cache_share_drops_cold_cache_only_under_pressure() {
             psi: None,
         }))
     };
+    let p = &mut policy;
     // 300 MiB cached, the database at half its ceiling: no pressure.
-    assert_eq!(tick(0, 300, 512), []);
+    assert_eq!(tick(p, 0, 300, 512), []);
     // At 80% of the ceiling (warning is 75%): down to the 64 MiB share.
-    assert_eq!(tick(20, 300, 820), [("timeseries".to_owned(), 236 * MIB)]);
+    assert_eq!(
+        tick(p, 20, 300, 820),
+        [("timeseries".to_owned(), 236 * MIB)]
+    );
     // Not again within a second, answered or not.
-    assert_eq!(tick(40, 300, 820), []);
-    assert_eq!(tick(1020, 290, 820), [("timeseries".to_owned(), 226 * MIB)]);
-    policy.on_cache_dropped(S, "timeseries", 226 * MIB, 200 * MIB);
-    let mut tick = |ms: u64, cached: u64, charge: u64| {
-        let r = page_cache_reading("timeseries", cached * MIB);
-        cache_drops(policy.tick(&Tick {
-            now: t0 + Duration::from_millis(ms),
-            reading: Some(&r),
-            ceiling: Some(CeilingUse {
-                working_set_bytes: 200 * MIB,
-                charge_bytes: charge * MIB,
-                limit_bytes: 1024 * MIB,
-            }),
-            psi: None,
-        }))
-    };
+    assert_eq!(tick(p, 40, 300, 820), []);
+    assert_eq!(
+        tick(p, 1020, 290, 820),
+        [("timeseries".to_owned(), 226 * MIB)]
+    );
+    p.on_cache_dropped(S, "timeseries", 226 * MIB, 200 * MIB);
     // Answered: still a second between requests, then what is left.
-    assert_eq!(tick(1040, 100, 800), []);
-    assert_eq!(tick(2020, 100, 800), [("timeseries".to_owned(), 36 * MIB)]);
+    assert_eq!(tick(p, 1040, 100, 800), []);
+    assert_eq!(
+        tick(p, 2020, 100, 800),
+        [("timeseries".to_owned(), 36 * MIB)]
+    );
     // Under its share: nothing, whatever the pressure.
-    assert_eq!(tick(3000, 60, 1000), []);
+    assert_eq!(tick(p, 3000, 60, 1000), []);
     let st = policy.library(S).unwrap().status(policy.rules());
     let ts = &st.engines["timeseries"];
     assert_eq!(ts.cache_drop_requests, 3);

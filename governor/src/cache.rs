@@ -162,11 +162,18 @@ impl EngineCache {
     /// been dropped). A file that fails to drop is skipped (its error is
     /// the last one returned if nothing could be dropped at all).
     pub fn drop_cold(&self, engine: EngineId, target_bytes: u64) -> io::Result<Dropped> {
-        let mut files: Vec<(u64, Arc<File>)> = lock(&self.inner)
+        // Least recently used first; files used at the same microsecond in
+        // the order they were tracked.
+        let mut files: Vec<((u64, u64), Arc<File>)> = lock(&self.inner)
             .files
-            .values()
-            .filter(|t| t.engine == engine)
-            .map(|t| (t.last_used.load(Ordering::Relaxed), Arc::clone(&t.file)))
+            .iter()
+            .filter(|(_, t)| t.engine == engine)
+            .map(|(id, t)| {
+                (
+                    (t.last_used.load(Ordering::Relaxed), *id),
+                    Arc::clone(&t.file),
+                )
+            })
             .collect();
         files.sort_by_key(|(used, _)| *used);
         let mut done = Dropped::default();

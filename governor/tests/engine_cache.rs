@@ -73,8 +73,8 @@ fn drop_cold_drops_the_least_recently_used_files_first_and_stops_at_the_target()
     let middle = cache.track(EngineId::Timeseries, cached_file("middle", 8));
     let newest = cache.track(EngineId::Timeseries, cached_file("newest", 8));
     let other = cache.track(EngineId::Vector, cached_file("other", 8));
-    // Touched in this order: oldest is the coldest even though it was
-    // tracked first and middle second.
+    // Touched in this order (middle, then newest): oldest stays the
+    // coldest. Files used in the same microsecond go in tracking order.
     std::thread::sleep(std::time::Duration::from_millis(2));
     middle.touch();
     std::thread::sleep(std::time::Duration::from_millis(2));

@@ -56,12 +56,13 @@ fn main() -> anyhow::Result<()> {
         Ok(files)
     })?;
     // Tracked once all are written (a request that comes meanwhile finds
-    // nothing to drop), with distinct use times: oldest first.
-    let mut tracked = Vec::new();
-    for f in files {
-        tracked.push(cache.track(EngineId::Timeseries, f));
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    // nothing to drop), all at once (a request between two would find only
+    // some), oldest first: the cache orders files used in the same
+    // microsecond by when they were tracked.
+    let tracked: Vec<_> = files
+        .into_iter()
+        .map(|f| cache.track(EngineId::Timeseries, f))
+        .collect();
     loop {
         let per_file: Vec<u64> = tracked
             .iter()

@@ -434,6 +434,19 @@ impl Config {
                 }
             }
         }
+        let hot_sets: u64 = self
+            .engines
+            .iter()
+            .filter_map(|e| e.hot_set.as_ref()?.resolve(Some(ceiling)).ok())
+            .sum();
+        if hot_sets > ceiling {
+            return Err(err(
+                "engine.hot_set",
+                format!(
+                    "the hot sets add up to {hot_sets} bytes, above the ceiling ({ceiling}): locked pages cannot be reclaimed"
+                ),
+            ));
+        }
         if floors > ceiling {
             return Err(err(
                 "engine.floor",
@@ -691,6 +704,13 @@ mod tests {
                      [[engine]]\nname = \"b\"\nbudget = \"60%\"\nfloor = \"60%\"\n"
                 ),
                 "engine.floor",
+            ),
+            (
+                format!(
+                    "{HEAD}[[engine]]\nname = \"a\"\nbudget = \"60%\"\nhot_set = \"60%\"\n\
+                     [[engine]]\nname = \"b\"\nbudget = \"60%\"\nhot_set = \"60%\"\n"
+                ),
+                "engine.hot_set",
             ),
             (
                 format!("{HEAD}[thresholds]\nwarning = 0.95\ncritical = 0.9\n{ENGINE}"),

@@ -76,8 +76,8 @@ fn try_filemap_add(ctx: &TracePointContext) -> Result<u32, u32> {
     let me = identity().ok_or(0u32)?;
     let (key, bytes) = file_and_bytes(ctx);
     // SAFETY: copy out of the map value.
-    if unsafe { FILE_OWNERS.get(&key) }.copied() != Some(me.slot) {
-        let _ = FILE_OWNERS.insert(&key, &me.slot, 0);
+    if unsafe { FILE_OWNERS.get(key) }.copied() != Some(me.slot) {
+        let _ = FILE_OWNERS.insert(key, me.slot, 0);
     }
     if let Some(s) = stats(me.slot) {
         // SAFETY: valid per-CPU map value pointer.
@@ -98,7 +98,7 @@ pub fn filemap_delete(ctx: TracePointContext) -> u32 {
 fn try_filemap_delete(ctx: &TracePointContext) -> Result<u32, u32> {
     let (key, bytes) = file_and_bytes(ctx);
     // SAFETY: copy out of the map value.
-    let owner = unsafe { FILE_OWNERS.get(&key) }.copied().ok_or(0u32)?;
+    let owner = unsafe { FILE_OWNERS.get(key) }.copied().ok_or(0u32)?;
     let s = stats(owner).ok_or(0u32)?;
     // SAFETY: valid per-CPU map value pointer.
     unsafe { add_i64(&raw mut (*s).page_cache_bytes, -bytes) };

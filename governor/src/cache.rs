@@ -79,6 +79,8 @@ struct Hot {
     len: usize,
     /// The charge, while locked; `None` while released.
     charge: Option<Reservation>,
+    /// Being locked or relocked outside the registry's lock.
+    pending: bool,
 }
 
 #[derive(Default)]
@@ -217,61 +219,109 @@ impl EngineCache {
     /// Holds `range` (a part of a mapping the engine owns: an index's
     /// upper layers) resident for `engine`: charged to its budget, bounded
     /// by its hot-set limit, locked with `MLOCK_ONFAULT`. Released when
-    /// the handle drops. The range is locked by address: unmapping it ends
-    /// the lock (the kernel's rule), so the mapping must outlive the handle
-    /// for the protection to mean anything.
+    /// the handle drops. The range is locked by address, in whole pages,
+    /// and must not share a page with another hot set (the kernel does not
+    /// count locks: one handle's unlock would unlock the other's page).
+    /// Unmapping it ends the lock (the kernel's rule), so the mapping must
+    /// outlive the handle for the protection to mean anything.
+    ///
+    /// The governor is never called with the registry locked (its pressure
+    /// subscribers may call back here).
     pub fn protect(self: &Arc<Self>, engine: EngineId, range: &[u8]) -> Result<HotSet, MemError> {
         let len = range.len();
         let addr = range.as_ptr() as usize;
-        let mut inner = lock(&self.inner);
-        let limit = inner.limits.get(&engine).copied().unwrap_or(0);
-        let held: u64 = inner
-            .hot
-            .values()
-            .filter(|h| h.engine == engine)
-            .map(|h| h.len as u64)
-            .sum();
-        if held + len as u64 > limit {
-            return Err(MemError::HotSetLimit {
-                engine: engine.to_string(),
-                requested: len as u64,
-                held,
-                limit,
+        let (first, end) = pages(addr, len);
+        let id = {
+            let mut inner = lock(&self.inner);
+            let limit = inner.limits.get(&engine).copied().unwrap_or(0);
+            let held: u64 = inner
+                .hot
+                .values()
+                .filter(|h| h.engine == engine)
+                .map(|h| h.len as u64)
+                .sum();
+            if held + len as u64 > limit {
+                return Err(MemError::HotSetLimit {
+                    engine: engine.to_string(),
+                    requested: len as u64,
+                    held,
+                    limit,
+                });
+            }
+            if inner.hot.values().any(|h| {
+                let (f, e) = pages(h.addr, h.len);
+                f < end && first < e
+            }) {
+                return Err(MemError::LockFailed {
+                    engine: engine.to_string(),
+                    requested: len as u64,
+                    reason: "the range shares a page with a hot set already held".into(),
+                });
+            }
+            // Counted against the bound (and for overlaps) from now on;
+            // locked below, outside the registry's lock.
+            inner.next_id += 1;
+            let id = inner.next_id;
+            inner.hot.insert(
+                id,
+                Hot {
+                    engine,
+                    addr,
+                    len,
+                    charge: None,
+                    pending: true,
+                },
+            );
+            id
+        };
+        let locked = self
+            .governor
+            .try_reserve(engine, len as u64)
+            .and_then(|charge| match lock_range(addr, len) {
+                Ok(()) => Ok(charge),
+                Err(e) => {
+                    // A partial lock (a hole in the range) is undone.
+                    unlock_range(addr, len);
+                    Err(lock_error(engine, len, &e))
+                }
             });
+        let mut inner = lock(&self.inner);
+        match locked {
+            Ok(charge) => {
+                let h = inner.hot.get_mut(&id).expect("a pending hot set stays");
+                h.charge = Some(charge);
+                h.pending = false;
+                Ok(HotSet {
+                    cache: Arc::clone(self),
+                    id,
+                    len,
+                })
+            }
+            Err(e) => {
+                inner.hot.remove(&id);
+                Err(e)
+            }
         }
-        let charge = self.governor.try_reserve(engine, len as u64)?;
-        lock_range(addr, len).map_err(|e| lock_error(engine, len, &e))?;
-        inner.next_id += 1;
-        let id = inner.next_id;
-        inner.hot.insert(
-            id,
-            Hot {
-                engine,
-                addr,
-                len,
-                charge: Some(charge),
-            },
-        );
-        Ok(HotSet {
-            cache: Arc::clone(self),
-            id,
-            len,
-        })
     }
 
     /// Unlocks `engine`'s hot sets (every engine's with `None`) and gives
     /// their charge back: what an Emergency does. Returns the bytes
     /// released.
     pub fn release_hot_sets(&self, engine: Option<EngineId>) -> u64 {
+        let mut charges = Vec::new();
         let mut released = 0;
         for h in lock(&self.inner).hot.values_mut() {
-            if engine.is_some_and(|e| e != h.engine) || h.charge.is_none() {
+            if engine.is_some_and(|e| e != h.engine) || h.pending {
                 continue;
             }
-            unlock_range(h.addr, h.len);
-            h.charge = None;
-            released += h.len as u64;
+            if let Some(charge) = h.charge.take() {
+                unlock_range(h.addr, h.len);
+                released += h.len as u64;
+                charges.push(charge);
+            }
         }
+        // Given back with the registry unlocked.
+        drop(charges);
         released
     }
 
@@ -279,17 +329,41 @@ impl EngineCache {
     /// every engine's with `None`), each only if its charge fits again;
     /// returns the bytes locked.
     pub fn restore_hot_sets(&self, engine: Option<EngineId>) -> u64 {
+        let todo: Vec<(u64, EngineId, usize, usize)> = lock(&self.inner)
+            .hot
+            .iter_mut()
+            .filter(|(_, h)| {
+                engine.is_none_or(|e| e == h.engine) && h.charge.is_none() && !h.pending
+            })
+            .map(|(id, h)| {
+                h.pending = true;
+                (*id, h.engine, h.addr, h.len)
+            })
+            .collect();
         let mut restored = 0;
-        for h in lock(&self.inner).hot.values_mut() {
-            if engine.is_some_and(|e| e != h.engine) || h.charge.is_some() {
-                continue;
-            }
-            let Ok(charge) = self.governor.try_reserve(h.engine, h.len as u64) else {
-                continue;
-            };
-            if lock_range(h.addr, h.len).is_ok() {
-                h.charge = Some(charge);
-                restored += h.len as u64;
+        for (id, engine, addr, len) in todo {
+            let charge = self
+                .governor
+                .try_reserve(engine, len as u64)
+                .ok()
+                .filter(|_| lock_range(addr, len).is_ok());
+            let mut inner = lock(&self.inner);
+            match inner.hot.get_mut(&id) {
+                Some(h) => {
+                    h.pending = false;
+                    if let Some(charge) = charge {
+                        h.charge = Some(charge);
+                        restored += len as u64;
+                    }
+                }
+                None => {
+                    // Dropped meanwhile: undo, and give the charge back
+                    // with the registry unlocked.
+                    drop(inner);
+                    if charge.is_some() {
+                        unlock_range(addr, len);
+                    }
+                }
             }
         }
         restored
@@ -322,6 +396,12 @@ fn lock_range(addr: usize, len: usize) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// The page-aligned span `[first, end)` of `len` bytes at `addr`.
+fn pages(addr: usize, len: usize) -> (usize, usize) {
+    const PAGE: usize = 4096;
+    (addr & !(PAGE - 1), (addr + len).div_ceil(PAGE) * PAGE)
 }
 
 fn unlock_range(addr: usize, len: usize) {
@@ -421,6 +501,7 @@ impl HotSet {
 impl Drop for HotSet {
     fn drop(&mut self) {
         let hot = lock(&self.cache.inner).hot.remove(&self.id);
+        // Unlocked, and the charge given back, with the registry unlocked.
         if let Some(h) = hot
             && h.charge.is_some()
         {

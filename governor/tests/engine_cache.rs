@@ -139,6 +139,14 @@ fn a_hot_set_is_charged_bounded_locked_and_released_in_an_emergency() {
         2 * MIB,
         "a refused hot set charges nothing"
     );
+    // A range sharing a page with a held one: refused (the kernel does not
+    // count locks, so one unlock would undo the other), nothing charged.
+    let err = cache.protect(EngineId::Vector, &first[..4096]).unwrap_err();
+    assert!(
+        matches!(&err, MemError::LockFailed { reason, .. } if reason.contains("shares a page")),
+        "{err}"
+    );
+    assert_eq!(gov.usage(EngineId::Vector).unwrap().used_bytes, 2 * MIB);
 
     // An Emergency releases it: unlocked, uncharged; the handle lives on.
     assert_eq!(cache.release_hot_sets(Some(EngineId::Timeseries)), 0);

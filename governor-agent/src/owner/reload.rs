@@ -37,7 +37,11 @@ impl Agent {
         }
         if let Some(c) = &mut self.ceiling {
             c.set_limit(new.ceiling_bytes(), normal_high_mark(&new))?;
-            c.set_protected(new.limits().iter().map(|l| l.hot_set_bytes).sum())?;
+            // As at startup: a memory.low the kernel refuses is a warning,
+            // not a reason to leave the reload half-applied.
+            if let Err(e) = c.set_protected(new.limits().iter().map(|l| l.hot_set_bytes).sum()) {
+                tracing::warn!(error = %e, "the hot sets' memory.low was not changed");
+            }
             for l in new.limits().into_iter().filter(|l| l.own_process) {
                 c.set_engine_high(&l.name, l.budget_bytes)?;
             }

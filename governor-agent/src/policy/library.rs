@@ -148,7 +148,9 @@ impl Library {
             engine: l.name.clone(),
             floor_bytes: floor,
             cap_bytes: cap,
-            hot_set_bytes: Some(l.hot_set_bytes),
+            // Only when configured: a library from before hot sets refuses
+            // the field (and one without a bound allows none anyway).
+            hot_set_bytes: (l.hot_set_bytes > 0).then_some(l.hot_set_bytes),
         });
     }
 

@@ -503,6 +503,11 @@ impl Inner {
                     .collect();
                 drop(st);
                 self.changed.notify_all();
+                // Hot sets an Emergency released before a reconnect: the
+                // new agent's ladder starts at Normal and would not say so.
+                if let Some(cache) = &self.cache {
+                    cache.restore_hot_sets(None);
+                }
                 None
             }
             ToLibrary::ThreadPlaced { tid, .. } => {

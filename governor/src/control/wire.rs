@@ -35,8 +35,10 @@ pub struct EngineReport {
     /// The engine's jemalloc arena, when the library has one for it.
     #[serde(default)]
     pub arena_resident_bytes: Option<u64>,
-    /// Bytes the engine's hot sets hold locked.
-    #[serde(default)]
+    /// Bytes the engine's hot sets hold locked (not sent when 0, so an
+    /// agent from before hot sets, which refuses unknown fields, still
+    /// takes the report).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub hot_set_bytes: u64,
 }
 
@@ -97,12 +99,14 @@ pub enum ToLibrary {
     /// A thread was put in its engine's cgroup (or TID map).
     ThreadPlaced { tid: u32, engine: String },
     /// The engine's budget changes (rebalancing), and the bound on its
-    /// hot sets (the agent's configuration; absent from older agents).
+    /// hot sets (the agent's configuration; sent only when configured, so
+    /// a library from before hot sets, which refuses unknown fields, still
+    /// takes its limits).
     Limits {
         engine: String,
         floor_bytes: u64,
         cap_bytes: u64,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         hot_set_bytes: Option<u64>,
     },
     /// The engine's pressure level, from the kernel's attribution.
@@ -119,6 +123,10 @@ pub enum ToLibrary {
     DropCache { engine: String, target_bytes: u64 },
     /// The request could not be served (or was malformed).
     Error { message: String },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What was wrong with a frame.
@@ -216,6 +224,43 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fields hot sets added are left out when unused, so a peer from
+    /// before them (which refuses unknown fields) still takes the message,
+    /// and a message from such a peer still decodes.
+    #[test]
+    fn hot_set_fields_are_left_out_when_unused() {
+        let limits = ToLibrary::Limits {
+            engine: "vector".into(),
+            floor_bytes: 1,
+            cap_bytes: 2,
+            hot_set_bytes: None,
+        };
+        let json = serde_json::to_string(&limits).unwrap();
+        assert!(!json.contains("hot_set"), "{json}");
+        let report = EngineReport {
+            name: "vector".into(),
+            reserved_bytes: 1,
+            rejections: 0,
+            arena_resident_bytes: None,
+            hot_set_bytes: 0,
+        };
+        let json = serde_json::to_string(&report).unwrap();
+        assert!(!json.contains("hot_set"), "{json}");
+        let old: ToLibrary = serde_json::from_str(
+            r#"{"type":"limits","engine":"vector","floor_bytes":1,"cap_bytes":2}"#,
+        )
+        .unwrap();
+        assert_eq!(old, limits);
+        let with = ToLibrary::Limits {
+            engine: "vector".into(),
+            floor_bytes: 1,
+            cap_bytes: 2,
+            hot_set_bytes: Some(5),
+        };
+        let back: ToLibrary = serde_json::from_str(&serde_json::to_string(&with).unwrap()).unwrap();
+        assert_eq!(back, with);
+    }
 
     #[test]
     fn frames_round_trip_split_anywhere() {

@@ -56,8 +56,9 @@ fn main() -> anyhow::Result<()> {
         Ok(files)
     })?;
     // Tracked once all are written (a request that comes meanwhile finds
-    // nothing to drop), all at once (a request between two would find only
-    // some), oldest first: the cache orders files used in the same
+    // nothing to drop), in one quick pass (a request between two trackings
+    // would find only some: the window is microseconds against the agent's
+    // 20 ms tick), oldest first: the cache orders files used in the same
     // microsecond by when they were tracked.
     let tracked: Vec<_> = files
         .into_iter()

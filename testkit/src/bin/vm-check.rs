@@ -126,7 +126,7 @@ fn main() -> anyhow::Result<()> {
         format!(
             "database = \"vmcheck\"\nrun_dir = \"{}\"\nceiling = \"512MiB\"\n\
              [pressure_stall]\nstall_ms = 50\nwindow_ms = 1000\n\
-             [[engine]]\nname = \"vector\"\nbudget = \"64MiB\"\n\
+             [[engine]]\nname = \"vector\"\nbudget = \"64MiB\"\nhot_set = \"32MiB\"\n\
              [[engine]]\nname = \"timeseries\"\nbudget = \"64MiB\"\nfloor = \"64MiB\"\n\
              [[engine]]\nname = \"query\"\nbudget = \"64MiB\"\nfloor = \"64MiB\"\nessential = false\n\
              [[engine]]\nname = \"sparse\"\nbudget = \"64MiB\"\nfloor = \"64MiB\"\nown_process = true\n",
@@ -185,6 +185,17 @@ fn main() -> anyhow::Result<()> {
                 bail!("memory.max {max}, memory.high {high}");
             }
             Ok(json!({"memory.max": max, "memory.high": high}))
+        })(),
+    );
+    checks.record(
+        "hot sets protected by memory.low",
+        (|| {
+            let low = read_u64(&domain.join("memory.low"))?;
+            let shown = &status["ceiling"]["protected_bytes"];
+            if low != 32 * MIB || shown != 32 * MIB {
+                bail!("memory.low {low}, status protected_bytes {shown}");
+            }
+            Ok(json!({"memory.low": low}))
         })(),
     );
     let own = domain.join("proc-sparse");

@@ -184,10 +184,9 @@ impl EngineCache {
             if done.freed_bytes >= target_bytes {
                 break;
             }
-            let dropped = page_cache::resident_bytes(&file).and_then(|(before, _)| {
-                page_cache::drop_cached(&file)?;
-                Ok(before.saturating_sub(page_cache::resident_bytes(&file)?.0))
-            });
+            // drop_cached measures what was cached before it dropped.
+            let dropped = page_cache::drop_cached(&file)
+                .and_then(|before| Ok(before.saturating_sub(page_cache::resident_bytes(&file)?.0)));
             match dropped {
                 Ok(freed) => {
                     done.freed_bytes += freed;

@@ -59,7 +59,7 @@ enum Task {
         #[arg(long = "kernel")]
         kernels: Vec<std::path::PathBuf>,
         /// Time limit per boot, in seconds.
-        #[arg(long, default_value_t = 1800)]
+        #[arg(long, default_value_t = 3600)]
         timeout_secs: u64,
         /// The validation runs in each VM (nodedb-validate --modes:
         /// governed, ungoverned, ample, roomy, baseline); `none` for none.
@@ -119,17 +119,25 @@ fn main() -> ExitCode {
             cache_scenario,
         } => {
             let explicit_series = std::env::args().any(|a| a.starts_with("--series"));
-            vm::vm_test(&vm::Options {
-                series: if kernels.is_empty() || explicit_series {
-                    series
-                } else {
-                    Vec::new()
-                },
-                kernels,
-                timeout: std::time::Duration::from_secs(timeout_secs),
-                validate_modes: validate.into_iter().filter(|m| m != "none").collect(),
-                workload_args: workload,
-                cache_scenario,
+            // It builds the agent, and so the eBPF programs: the same
+            // toolchain as the tests.
+            setup::setup().and_then(|()| {
+                vm::vm_test(&vm::Options {
+                    series: if kernels.is_empty() || explicit_series {
+                        series
+                    } else {
+                        Vec::new()
+                    },
+                    kernels,
+                    timeout: std::time::Duration::from_secs(timeout_secs),
+                    validate_modes: validate.into_iter().filter(|m| m != "none").collect(),
+                    workload_args: workload,
+                    cache_scenario: if cache_scenario {
+                        vm::CacheScenario::Every
+                    } else {
+                        vm::CacheScenario::Never
+                    },
+                })
             })
         }
         Task::Validate {

@@ -3,8 +3,10 @@
 //! runs the probes against it, and checks what only such a kernel shows:
 //! the ceiling as `memory.max`/`memory.high` on the database's cgroup, an
 //! own-process engine's `memory.high` (and the kernel acting on it), a
-//! privileged PSI trigger, and the ladder end to end. Prints one line
-//! `NODEDB-VM-RESULT <json>` and exits 0 when every check passed.
+//! privileged PSI trigger, and the ladder end to end. Writes its result
+//! to `<work>/result.json` (the VM's init sends it to the host on the
+//! second serial port), prints one line per check, and exits 0 when every
+//! check passed.
 
 use std::{
     path::{Path, PathBuf},
@@ -160,7 +162,7 @@ fn main() -> anyhow::Result<()> {
                 "agent starts",
                 Err(anyhow::Error::new(e).context(agent_log())),
             );
-            return finish(&kernel, checks, Value::Null);
+            return finish(&args.work, &kernel, checks, Value::Null);
         }
     };
     checks.record(
@@ -314,7 +316,7 @@ fn main() -> anyhow::Result<()> {
         host_test(&env.bin, "engine_cache", &[], &args.disk)
             .map(|text| json!({"result": result_line(&text)})),
     );
-    finish(&kernel, checks, breach)
+    finish(&args.work, &kernel, checks, breach)
 }
 
 fn result_line(text: &str) -> String {
@@ -359,14 +361,21 @@ fn host_test(bin: &Path, name: &str, filter: &[&str], disk: &Path) -> anyhow::Re
     Ok(text)
 }
 
-fn finish(kernel: &str, checks: Checks, breach: Value) -> anyhow::Result<()> {
+fn finish(work: &Path, kernel: &str, checks: Checks, breach: Value) -> anyhow::Result<()> {
     let result = json!({
         "kernel": kernel,
         "passed": !checks.failed,
         "checks": checks.results,
         "breach_latency_us": breach,
     });
-    println!("NODEDB-VM-RESULT {result}");
+    let file = work.join("result.json");
+    std::fs::write(&file, serde_json::to_vec(&result)?)
+        .with_context(|| format!("writing {}", file.display()))?;
+    println!(
+        "vm-check: {} ({})",
+        if checks.failed { "FAILED" } else { "passed" },
+        file.display()
+    );
     if checks.failed {
         std::process::exit(1);
     }

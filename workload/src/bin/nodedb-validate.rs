@@ -18,9 +18,8 @@
 //! Every `--interval-ms` it samples the workload's resident set
 //! (`/proc/<pid>/status`) and, under an agent, each engine's attributed
 //! resident bytes and budget in force and the database cgroup's charge.
-//! Writes `summary.json` to `--out`, and prints it as the last line of
-//! its output, `NODEDB-VALIDATE-RESULT <json>` (how the VM tests read it
-//! from the serial console). Exits non-zero when the governed run misses
+//! Writes `summary.json` to `--out` (the VM tests' init sends that file to
+//! the host on the guest's second serial port). Exits non-zero when the governed run misses
 //! the target: an engine over its budget + 5%, the resident set at or over
 //! the ceiling, an OOM kill, or a wrong result.
 //!
@@ -530,7 +529,6 @@ fn main() -> anyhow::Result<()> {
         harness.args.out.join("summary.json"),
         serde_json::to_vec_pretty(&summary)?,
     )?;
-    println!("NODEDB-VALIDATE-RESULT {summary}");
     if runs
         .iter()
         .any(|r| r["mode"] == "governed" && r["target_met"] != true)

@@ -1,6 +1,9 @@
-//! The qemu loop: boots a kernel with the initramfs under TCG, reads the
-//! serial console, and takes the verdict and the JSON results from it. A
-//! hard time limit kills qemu. A guest lost to its kernel, not to a failed
+//! The qemu loop: boots a kernel with the initramfs under TCG, watches the
+//! serial console (ttyS0: boot, progress, heartbeat, exit) and takes the
+//! JSON results from the second serial port (ttyS1), which only the init
+//! script writes, a block per result between marker lines (on the console
+//! the heartbeat and the kernel's messages land in the middle of a long
+//! result). A hard time limit kills qemu. A guest lost to its kernel, not to a failed
 //! check, is booted once more after the evidence is printed: one that
 //! froze (its heartbeat stopped; where its vCPUs are is the evidence) and
 //! one that stopped before its script ended (qemu's status and the
@@ -68,6 +71,8 @@ fn boot(kernel: &Path, initrd: &Path, timeout: Duration, vm_dir: &Path) -> anyho
     let name = kernel.file_name().unwrap_or_default().to_string_lossy();
     let console = vm_dir.join(format!("console-{name}.log"));
     let _ = fs::remove_file(&console);
+    let results = vm_dir.join(format!("results-{name}.log"));
+    let _ = fs::remove_file(&results);
     // A fresh sparse scratch disk per boot.
     let scratch = vm_dir.join(format!("scratch-{name}.img"));
     let _ = fs::remove_file(&scratch);
@@ -100,6 +105,8 @@ fn boot(kernel: &Path, initrd: &Path, timeout: Duration, vm_dir: &Path) -> anyho
         .arg(format!("unix:{},server=on,wait=off", monitor.display()))
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", results.display()))
         .stdin(Stdio::null())
         .spawn()
         .context("starting qemu")?;
@@ -135,10 +142,6 @@ fn boot(kernel: &Path, initrd: &Path, timeout: Duration, vm_dir: &Path) -> anyho
             let _ = fs::remove_file(&scratch);
             // All qemu wrote, read after it stopped.
             let text = fs::read_to_string(&console).unwrap_or_default();
-            let line = |tag: &str| {
-                text.lines()
-                    .find_map(|l| l.split_once(tag).map(|(_, j)| j.to_owned()))
-            };
             if !text.contains("NODEDB-VM-EXIT") {
                 // A guest panic (oops=panic, panic=-1 and -no-reboot make
                 // qemu exit) or qemu's own death.
@@ -157,12 +160,6 @@ fn boot(kernel: &Path, initrd: &Path, timeout: Duration, vm_dir: &Path) -> anyho
                     .filter_map(|l| l.split_once(tag).map(|(_, j)| j.to_owned()))
                     .collect()
             };
-            // A line the console garbled is skipped (its scenario then
-            // has no result, which fails on its own).
-            let validations: Vec<serde_json::Value> = lines("NODEDB-VALIDATE-RESULT ")
-                .iter()
-                .filter_map(|j| serde_json::from_str(j).ok())
-                .collect();
             for exit in lines("NODEDB-VALIDATE-EXIT ") {
                 eprintln!("    validation exit: {exit}");
                 if !exit.trim().ends_with(" 0") && exit.trim() != "0" {
@@ -172,16 +169,29 @@ fn boot(kernel: &Path, initrd: &Path, timeout: Duration, vm_dir: &Path) -> anyho
                     );
                 }
             }
-            return match line("NODEDB-VM-RESULT ") {
-                Some(j) => {
+            for lost in lines("NODEDB-RESULT-LOST ") {
+                eprintln!("    a result was lost: {lost}");
+            }
+            let blocks = result_blocks(&fs::read_to_string(&results).unwrap_or_default());
+            let mut check = None;
+            let mut validations = Vec::new();
+            for (block, json) in blocks {
+                let value: serde_json::Value = serde_json::from_str(&json)
+                    .with_context(|| format!("the VM's result `{block}` is not JSON"))?;
+                if block == "vm-check" {
+                    check = Some(value);
+                } else {
+                    validations.push(value);
+                }
+            }
+            return match check {
+                Some(result) => {
                     eprintln!("    finished in {:.1} s", started.elapsed().as_secs_f64());
-                    Ok((
-                        serde_json::from_str(&j).context("vm-check's result")?,
-                        validations,
-                    ))
+                    Ok((result, validations))
                 }
                 None => bail!(
-                    "the VM stopped without a result; console tail:\n{}",
+                    "the VM stopped without vm-check's result on its second serial port ({}); console tail:\n{}",
+                    results.display(),
                     console_tail(&text, 40)
                 ),
             };
@@ -216,6 +226,26 @@ fn boot(kernel: &Path, initrd: &Path, timeout: Duration, vm_dir: &Path) -> anyho
     }
 }
 
+/// The result blocks the init script wrote to the second serial port:
+/// `NODEDB-RESULT <name>`, the JSON, `NODEDB-RESULT-END`, each on its own
+/// lines (the serial line may add `\r`). A block cut off by the guest's
+/// end is left out (its result is then missing, which fails on its own).
+fn result_blocks(text: &str) -> Vec<(String, String)> {
+    let mut blocks = Vec::new();
+    let mut open: Option<(String, String)> = None;
+    for line in text.lines().map(|l| l.trim_end_matches('\r')) {
+        if let Some(name) = line.strip_prefix("NODEDB-RESULT ") {
+            open = Some((name.trim().to_owned(), String::new()));
+        } else if line == "NODEDB-RESULT-END" {
+            blocks.extend(open.take());
+        } else if let Some((_, body)) = &mut open {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    blocks
+}
+
 /// The last `n` lines of the console, each cut at 300 characters (the
 /// JSON results are one long line each).
 fn console_tail(text: &str, n: usize) -> String {
@@ -246,3 +276,23 @@ impl std::fmt::Display for Lost {
 }
 
 impl std::error::Error for Lost {}
+
+#[cfg(test)]
+mod tests {
+    use super::result_blocks;
+
+    #[test]
+    fn result_blocks_are_read_whole_and_a_cut_one_is_left_out() {
+        let text = "NODEDB-RESULT vm-check\r\n{\"passed\":true}\r\n\r\nNODEDB-RESULT-END\r\n\
+                    NODEDB-RESULT validate\n{\"scenario\":\n\"mixed\"}\nNODEDB-RESULT-END\n\
+                    NODEDB-RESULT validate-cache\n{\"scenario\":\"ca";
+        let blocks = result_blocks(text);
+        assert_eq!(blocks.len(), 2, "{blocks:?}");
+        assert_eq!(blocks[0].0, "vm-check");
+        let v: serde_json::Value = serde_json::from_str(&blocks[0].1).unwrap();
+        assert_eq!(v["passed"], true);
+        assert_eq!(blocks[1].0, "validate");
+        let v: serde_json::Value = serde_json::from_str(&blocks[1].1).unwrap();
+        assert_eq!(v["scenario"], "mixed");
+    }
+}

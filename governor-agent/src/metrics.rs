@@ -11,6 +11,7 @@
 //! | `nodedb_governor_agent_engine_page_faults_total` | pid, engine |
 //! | `nodedb_governor_agent_engine_page_cache_bytes` (its files' cached pages) | pid, engine |
 //! | `nodedb_governor_agent_engine_page_cache_evicted_bytes_total` (by reclaim) | pid, engine |
+//! | `nodedb_governor_agent_engine_page_cache_untracked_bytes_total` (not counted: the file map was full) | pid, engine |
 //! | `nodedb_governor_agent_engine_pressure_level` (0 Normal .. 3 Emergency) | pid, engine |
 //! | `nodedb_governor_agent_engine_cache_drop_requests_total`, `_cache_dropped_bytes_total` (its page cache above its share under pressure) | pid, engine |
 //! | `nodedb_governor_agent_engine_hot_set_bytes` (locked by the library) | pid, engine |
@@ -99,6 +100,12 @@ pub fn render(snapshot: &Snapshot) -> prometheus::Result<String> {
             "Bytes of the engine's page cache that reclaim evicted",
             pe,
         )?;
+        let untracked = counter(
+            &r,
+            "nodedb_governor_agent_engine_page_cache_untracked_bytes_total",
+            "Bytes the engine added to the page cache that are not counted (the file map was full)",
+            pe,
+        )?;
         let level = gauge(
             &r,
             "nodedb_governor_agent_engine_pressure_level",
@@ -180,6 +187,9 @@ pub fn render(snapshot: &Snapshot) -> prometheus::Result<String> {
                 evicted
                     .with_label_values(&[&pid, name])
                     .inc_by(e.page_cache_evicted_bytes);
+                untracked
+                    .with_label_values(&[&pid, name])
+                    .inc_by(e.page_cache_untracked_bytes);
             }
             unattributed
                 .with_label_values(&[&pid])

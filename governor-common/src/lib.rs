@@ -69,21 +69,38 @@ pub struct SlotStats {
     pub page_cache_bytes: i64,
     /// Bytes of the slot's files that reclaim took out of the page cache.
     pub page_cache_evicted_bytes: u64,
+    /// Bytes the slot's threads added to the page cache and that are not
+    /// counted, because the file-ownership map was full.
+    pub page_cache_untracked_bytes: u64,
 }
 
 /// Key of the file-ownership map: a file, as the `filemap` tracepoints
 /// name it (`s_dev` in the kernel's encoding, `major << 20 | minor`, not
-/// `stat`'s). A file is owned by the engine whose thread last added a page
-/// of it; pages leaving the cache are counted against that owner, since
-/// the thread removing them (reclaim, truncation) is often no engine's.
-/// Files no governed thread added to are not in the map, and their pages
-/// are not counted.
+/// `stat`'s). Files no governed thread added to are not in the map, and
+/// their pages are not counted.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FileKey {
     pub ino: u64,
     pub dev: u32,
     pub _pad: u32,
+}
+
+/// Value of the file-ownership map: the engine slot that owns a file's
+/// counted pages, and how many bytes of them are cached. A file is owned
+/// by the engine whose thread last added a page of it, and its counted
+/// bytes move with it (so an engine's figure is the sum of its files');
+/// pages leaving the cache are counted against that owner, since the
+/// thread removing them (reclaim, truncation) is often no engine's. A
+/// page that leaves a file with no counted bytes left (cached before the
+/// agent counted it) is not subtracted, and the entry goes when its last
+/// counted byte leaves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileOwner {
+    pub slot: u32,
+    pub _pad: u32,
+    pub bytes: i64,
 }
 
 /// A governed process, keyed by TGID.
@@ -308,4 +325,6 @@ mod pod {
     unsafe impl aya::Pod for super::KernelLayout {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FileKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FileOwner {}
 }

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use nodedb_governor_common::{
-    CgroupKey, FileKey, MAX_ENGINE_CGROUPS, MAX_FILES, MAX_PROCS, MAX_REGIONS, MAX_SLOTS, MAX_TIDS,
-    MmState, PendingMap, ProcInfo, RegionKey, ReleaseCtx, SlotStats,
+    CgroupKey, FileKey, FileOwner, MAX_ENGINE_CGROUPS, MAX_FILES, MAX_PROCS, MAX_REGIONS,
+    MAX_SLOTS, MAX_TIDS, MmState, PendingMap, ProcInfo, RegionKey, ReleaseCtx, SlotStats,
 };
 
 #[map]
@@ -48,8 +48,11 @@ pub static IDENTITY_CACHE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0
 /// The last region whose owner was recorded, one packed word per CPU.
 #[map]
 pub static REGION_CACHE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-/// The engine slot owning each file with pages in the page cache (see
-/// `nodedb_governor_common::FileKey`); least recently used files go first
-/// when it is full.
+/// The engine slot owning each file with counted pages in the page cache,
+/// and their bytes (see `nodedb_governor_common::FileOwner`). Not an LRU
+/// map: an entry that went would leave its bytes counted forever. An entry
+/// goes when its last counted page leaves the cache (or the agent forgets
+/// its process); when the map is full, new files' pages are not counted
+/// (`page_cache_untracked_bytes`).
 #[map]
-pub static FILE_OWNERS: LruHashMap<FileKey, u32> = LruHashMap::with_max_entries(MAX_FILES, 0);
+pub static FILE_OWNERS: HashMap<FileKey, FileOwner> = HashMap::with_max_entries(MAX_FILES, 0);

@@ -9,35 +9,49 @@
 //! whoever removes it: the truncating or `POSIX_FADV_DONTNEED`ing thread,
 //! or a reclaimer (a thread in memcg or direct reclaim, kswapd, DAMON),
 //! rarely the engine. So ownership is remembered per file, `(s_dev,
-//! i_ino)`, in an LRU map: under 10 MB for 131,072 files and one hash
-//! lookup per event, where a key per page would need an entry per cached
-//! page (hundreds of MB) and miss pages once a large folio is split. A
-//! file belongs to the engine that last added a page of it, which is exact
-//! for the files a database's engines keep apart (segments, indexes, spill
-//! files) and an approximation for a file two engines fill.
+//! i_ino)`, with the file's counted bytes (`FileOwner`): under 4 MB for
+//! 131,072 files and one hash lookup per event, where a key per page would
+//! need an entry per cached page (hundreds of MB) and miss pages once a
+//! large folio is split. A file belongs to the engine that last added a
+//! page of it, and its counted bytes move with it, so an engine's figure
+//! is always the sum of its files' (exact for the files a database's
+//! engines keep apart: segments, indexes, spill files; a file two engines
+//! fill is wholly the last one's). A delete subtracts at most what the
+//! file has counted (its other pages were cached before the agent counted
+//! them), and the entry goes with its last counted byte; an entry is
+//! never dropped while it still counts bytes (no LRU), so the figures do
+//! not drift. A full map leaves new files uncounted, and says so
+//! (`page_cache_untracked_bytes`).
 //!
 //! Both events carry the folio's order: `PAGE_SIZE << order` bytes each
 //! (one event per large folio). tmpfs adds emit no event (its deletes do):
 //! a delete of a file that is not in the map is not counted. A delete in a
 //! task with `PF_MEMALLOC` set is reclaim: an eviction.
 //!
+//! Two events on one file at once (an add on one CPU, a delete on
+//! another) can race between reading the file's bytes and updating them;
+//! the updates are atomic, the owner change and the removal of an empty
+//! entry are not, so a page added while the file's last counted page
+//! leaves can go uncounted. Rare, and it undercounts.
+//!
 //! The classic tracepoints are used (field offsets from tracefs, as for
 //! the syscalls): their record already holds the inode and device, where
 //! the BTF tracepoint would need three dependent reads through the folio.
 
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_task, bpf_probe_read_kernel},
     macros::tracepoint,
     programs::TracePointContext,
 };
-use nodedb_governor_common::{FileKey, PF_MEMALLOC};
+use nodedb_governor_common::{FileKey, FileOwner, PF_MEMALLOC};
 
 use crate::{
     counters::{add_i64, add_u64, stats},
     identity::identity,
     maps::FILE_OWNERS,
     record::offsets,
-    rss_stat::task_flags_offset,
+    rss_stat::{page_shift, task_flags_offset},
 };
 
 // name: mm_filemap_add_to_page_cache (and mm_filemap_delete_from_page_cache)
@@ -61,7 +75,7 @@ fn file_and_bytes(ctx: &TracePointContext) -> (FileKey, i64) {
         )
     };
     let key = FileKey { ino, dev, _pad: 0 };
-    (key, 4096i64 << (order & 31))
+    (key, 1i64 << ((page_shift() + u32::from(order)) & 63))
 }
 
 /// A page (folio) entered the page cache: the running thread's engine's.
@@ -75,13 +89,48 @@ pub fn filemap_add(ctx: TracePointContext) -> u32 {
 fn try_filemap_add(ctx: &TracePointContext) -> Result<u32, u32> {
     let me = identity().ok_or(0u32)?;
     let (key, bytes) = file_and_bytes(ctx);
-    // SAFETY: copy out of the map value.
-    if unsafe { FILE_OWNERS.get(key) }.copied() != Some(me.slot) {
-        let _ = FILE_OWNERS.insert(key, me.slot, 0);
-    }
-    if let Some(s) = stats(me.slot) {
-        // SAFETY: valid per-CPU map value pointer.
-        unsafe { add_i64(&raw mut (*s).page_cache_bytes, bytes) };
+    let mine = stats(me.slot).ok_or(0u32)?;
+    let file = match FILE_OWNERS.get_ptr_mut(key) {
+        Some(f) => f,
+        None => {
+            let new = FileOwner {
+                slot: me.slot,
+                _pad: 0,
+                bytes,
+            };
+            if FILE_OWNERS.insert(key, new, BPF_NOEXIST as u64).is_ok() {
+                // SAFETY: valid per-CPU map value pointer.
+                unsafe { add_i64(&raw mut (*mine).page_cache_bytes, bytes) };
+                return Ok(0);
+            }
+            // Another CPU made the entry meanwhile, or the map is full.
+            match FILE_OWNERS.get_ptr_mut(key) {
+                Some(f) => f,
+                None => {
+                    // SAFETY: valid per-CPU map value pointer.
+                    unsafe { add_u64(&raw mut (*mine).page_cache_untracked_bytes, bytes as u64) };
+                    return Ok(0);
+                }
+            }
+        }
+    };
+    // SAFETY: `file` is a valid map value pointer; its fields are read and
+    // written with single loads, stores and atomic adds.
+    unsafe {
+        let owner = core::ptr::read_volatile(&raw const (*file).slot);
+        if owner != me.slot {
+            // The file changes hands, with what it has counted.
+            let held = core::ptr::read_volatile(&raw const (*file).bytes);
+            core::ptr::write_volatile(&raw mut (*file).slot, me.slot);
+            if held > 0 {
+                if let Some(theirs) = stats(owner) {
+                    add_i64(&raw mut (*theirs).page_cache_bytes, -held);
+                }
+                add_i64(&raw mut (*mine).page_cache_bytes, held);
+            }
+        }
+        add_i64(&raw mut (*file).bytes, bytes);
+        add_i64(&raw mut (*mine).page_cache_bytes, bytes);
     }
     Ok(0)
 }
@@ -97,11 +146,29 @@ pub fn filemap_delete(ctx: TracePointContext) -> u32 {
 
 fn try_filemap_delete(ctx: &TracePointContext) -> Result<u32, u32> {
     let (key, bytes) = file_and_bytes(ctx);
-    // SAFETY: copy out of the map value.
-    let owner = unsafe { FILE_OWNERS.get(key) }.copied().ok_or(0u32)?;
+    let file = FILE_OWNERS.get_ptr_mut(key).ok_or(0u32)?;
+    // SAFETY: `file` is a valid map value pointer (see `try_filemap_add`).
+    let (owner, held) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*file).slot),
+            core::ptr::read_volatile(&raw const (*file).bytes),
+        )
+    };
+    // At most what the file has counted: its other pages were cached
+    // before the agent counted them.
+    let gone = if bytes < held { bytes } else { held };
+    if gone <= 0 {
+        let _ = FILE_OWNERS.remove(key);
+        return Ok(0);
+    }
+    // SAFETY: as above.
+    unsafe { add_i64(&raw mut (*file).bytes, -gone) };
+    if gone == held {
+        let _ = FILE_OWNERS.remove(key);
+    }
     let s = stats(owner).ok_or(0u32)?;
     // SAFETY: valid per-CPU map value pointer.
-    unsafe { add_i64(&raw mut (*s).page_cache_bytes, -bytes) };
+    unsafe { add_i64(&raw mut (*s).page_cache_bytes, -gone) };
     // SAFETY: reads current->flags at this kernel's BTF offset; a failed
     // read is 0 (not reclaim).
     let flags = unsafe {
@@ -112,7 +179,7 @@ fn try_filemap_delete(ctx: &TracePointContext) -> Result<u32, u32> {
     .unwrap_or(0);
     if flags & PF_MEMALLOC != 0 {
         // SAFETY: as above.
-        unsafe { add_u64(&raw mut (*s).page_cache_evicted_bytes, bytes as u64) };
+        unsafe { add_u64(&raw mut (*s).page_cache_evicted_bytes, gone as u64) };
     }
     Ok(0)
 }

@@ -32,6 +32,13 @@ static LAYOUT: KernelLayout = KernelLayout {
     _pad: 0,
 };
 
+/// log2 of the kernel's page size, from the same layout.
+#[inline(always)]
+pub fn page_shift() -> u32 {
+    // SAFETY: read-only data written by the loader.
+    unsafe { core::ptr::read_volatile(&LAYOUT.page_shift) & 63 }
+}
+
 /// Offset of `flags` in `struct task_struct`, from the same layout.
 #[inline(always)]
 pub fn task_flags_offset() -> usize {
@@ -103,9 +110,7 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<u32, u32> {
             (None, MM_STATES.get_ptr_mut(index).ok_or(0u32)?)
         }
     };
-    // SAFETY: read-only data written by the loader.
-    let page_shift = unsafe { core::ptr::read_volatile(&LAYOUT.page_shift) } & 63;
-    let bytes = read_counter(mm, member) << page_shift;
+    let bytes = read_counter(mm, member) << page_shift();
     // SAFETY: `state` is a valid map value pointer. Most events leave the
     // counter where it was (from 6.2 the value we read moves in per-CPU
     // batches), so look before exchanging.

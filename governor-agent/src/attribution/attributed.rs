@@ -28,6 +28,10 @@ pub struct Attributed {
     /// Of the engine's page cache, what reclaim evicted, in all.
     #[serde(default)]
     pub page_cache_evicted_bytes: u64,
+    /// Page cache the engine's threads added that is not counted: the
+    /// file-ownership map was full (non-zero: the figure above is low).
+    #[serde(default)]
+    pub page_cache_untracked_bytes: u64,
 }
 
 impl Attributed {
@@ -42,6 +46,7 @@ impl Attributed {
         self.released_for_others_bytes += o.released_for_others_bytes;
         self.page_cache_bytes += o.page_cache_bytes;
         self.page_cache_evicted_bytes += o.page_cache_evicted_bytes;
+        self.page_cache_untracked_bytes += o.page_cache_untracked_bytes;
     }
 }
 

@@ -141,6 +141,7 @@ impl Attribution {
         let mm_states = take(&mut ebpf, map::MM_STATES)?;
         let mm_by_ptr = take(&mut ebpf, map::MM_BY_PTR)?;
         let generation = take(&mut ebpf, map::GENERATION)?;
+        let file_owners = take(&mut ebpf, map::FILE_OWNERS)?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| AgentError::io(what, e))?;
         Ok(Self {
             ebpf,
@@ -153,6 +154,7 @@ impl Attribution {
             mm_by_ptr,
             free_mm_indexes: (0..MAX_PROCS).rev().collect(),
             generation,
+            file_owners,
             nr_cpus,
             free_slots: (0..MAX_SLOTS).rev().collect(),
             procs: BTreeMap::new(),

@@ -66,7 +66,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
 };
-use nodedb_governor_common::{CgroupKey, MmState, ProcInfo, SlotStats};
+use nodedb_governor_common::{CgroupKey, FileKey, FileOwner, MmState, ProcInfo, SlotStats};
 
 pub use attributed::{Attributed, ProcessAttribution, ProgramStats, Reading};
 pub use loader::ProgramSet;
@@ -87,6 +87,7 @@ pub struct Attribution {
     mm_by_ptr: BpfHashMap<MapData, u64, u32>,
     free_mm_indexes: Vec<u32>,
     generation: Array<MapData, u64>,
+    file_owners: BpfHashMap<MapData, FileKey, FileOwner>,
     nr_cpus: usize,
     free_slots: Vec<u32>,
     procs: BTreeMap<u32, TrackedProcess>,

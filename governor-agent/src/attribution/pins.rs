@@ -36,8 +36,9 @@ pub(super) const PINNED_MAPS: &[&str] = &[
 ];
 
 /// 2: `SlotStats` counts page cache (an older agent's pinned maps have
-/// smaller values, and are not reused).
-const STATE_VERSION: u32 = 2;
+/// smaller values, and are not reused). 3: `SlotStats` counts untracked
+/// page cache, and `FILE_OWNERS` holds each file's bytes.
+const STATE_VERSION: u32 = 3;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SavedProcess {

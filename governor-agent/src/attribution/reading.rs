@@ -26,6 +26,7 @@ impl Attribution {
             sum.rss_events += v.rss_events;
             sum.page_cache_bytes += v.page_cache_bytes;
             sum.page_cache_evicted_bytes += v.page_cache_evicted_bytes;
+            sum.page_cache_untracked_bytes += v.page_cache_untracked_bytes;
         }
         Ok(sum)
     }

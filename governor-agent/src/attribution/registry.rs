@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::PerCpuValues;
 use nodedb_governor_common::{
-    CgroupKey, MAX_PROCS, MAX_SLOTS, MmState, ProcInfo, SlotStats, identity, kind,
+    CgroupKey, FileKey, MAX_PROCS, MAX_SLOTS, MmState, ProcInfo, SlotStats, identity, kind,
 };
 
 use super::Attribution;
@@ -223,11 +223,34 @@ impl Attribution {
         if let Err(e) = self.bump_generation() {
             tracing::warn!(error = %e, "could not invalidate identity caches");
         }
-        self.free_slots.push(p.unattributed_slot);
-        self.free_slots.push(p.external_slot);
-        self.free_slots.extend(p.engines.values().copied());
+        let slots: Vec<u32> = [p.unattributed_slot, p.external_slot]
+            .into_iter()
+            .chain(p.engines.values().copied())
+            .collect();
+        self.forget_files_of(&slots);
+        self.free_slots.extend(slots);
         tracing::info!(pid = p.pid, "process forgotten");
         self.save();
+    }
+
+    /// Drops the file-ownership entries of `slots` (freed: a slot reused
+    /// by another process must not have the old files' pages subtracted
+    /// from it when they leave the cache). A walk of the map, once per
+    /// forgotten process.
+    fn forget_files_of(&mut self, slots: &[u32]) {
+        let theirs: Vec<FileKey> = self
+            .file_owners
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, owner)| slots.contains(&owner.slot))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &theirs {
+            let _ = self.file_owners.remove(key);
+        }
+        if !theirs.is_empty() {
+            tracing::debug!(files = theirs.len(), "file ownership dropped");
+        }
     }
 
     /// Forgets processes that have exited (or whose pid was reused), and

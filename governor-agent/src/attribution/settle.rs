@@ -79,6 +79,7 @@ fn engine_usage(s: SlotStats) -> Attributed {
         // net below zero is clamped.
         page_cache_bytes: s.page_cache_bytes.max(0) as u64,
         page_cache_evicted_bytes: s.page_cache_evicted_bytes,
+        page_cache_untracked_bytes: s.page_cache_untracked_bytes,
     }
 }
 

@@ -19,6 +19,9 @@
 //!     in, readahead included);
 //!   * `pc-map ENGINE FILE`: maps it and touches every page, then unmaps;
 //!   * `pc-drop ENGINE FILE`: `POSIX_FADV_DONTNEED` on the whole file;
+//!   * `pc-append ENGINE FILE MIB`: buffered writes at its end, then
+//!     `fdatasync`: the file, all its cached pages, is now ENGINE's (the
+//!     engine that last added a page of a file owns it);
 //! * `truth` (its `page_cache` is each engine's files' cached bytes, by
 //!   `mincore`), `quit`
 
@@ -137,6 +140,25 @@ fn execute(
             engine(name)?.on(0, move || -> std::io::Result<()> {
                 let mut f = std::fs::File::create(&path)?;
                 let chunk = vec![0x5au8; MIB];
+                for _ in 0..len / MIB {
+                    f.write_all(&chunk)?;
+                }
+                f.sync_data()
+            })?;
+        }
+        ["pc-append", name, file, n] => {
+            let path = {
+                let mut files = files.lock().expect("files");
+                let entry = files
+                    .get_mut(*file)
+                    .with_context(|| format!("no file {file:?} (pc-write it first)"))?;
+                entry.0 = (*name).to_owned();
+                entry.1.clone()
+            };
+            let len = mib(n)?;
+            engine(name)?.on(0, move || -> std::io::Result<()> {
+                let mut f = std::fs::OpenOptions::new().append(true).open(&path)?;
+                let chunk = vec![0xa5u8; MIB];
                 for _ in 0..len / MIB {
                     f.write_all(&chunk)?;
                 }

@@ -3,7 +3,7 @@
 //! it, and what the ladder did (the counters the status and `/metrics`
 //! show).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nodedb_governor::PressureLevel;
 use serde::{Deserialize, Serialize};
@@ -94,6 +94,14 @@ pub(super) struct EngineState {
     /// When the last `drop_cache` went out (answered or not: a library
     /// that could drop nothing is not asked again at once).
     pub cache_drop_sent: Option<Instant>,
+    /// How long after it the next may go (zero: [`CACHE_DROP_RETRY`]):
+    /// [`CACHE_DROP_RETRY`], doubled
+    /// (up to [`CACHE_DROP_RETRY_MAX`]) by each answer that freed less
+    /// than a quarter of its target, back to the start by one that did.
+    ///
+    /// [`CACHE_DROP_RETRY`]: super::CACHE_DROP_RETRY
+    /// [`CACHE_DROP_RETRY_MAX`]: super::CACHE_DROP_RETRY_MAX
+    pub cache_drop_retry: Duration,
     pub counters: Counters,
 }
 

@@ -12,7 +12,7 @@ use nodedb_governor::{
 };
 
 use super::{
-    CACHE_DROP_RETRY, Rules, SPILL_RETRY,
+    CACHE_DROP_RETRY, CACHE_DROP_RETRY_MAX, Rules, SPILL_RETRY,
     engine::{Books, EngineEnforcement, EngineState},
 };
 use crate::{attribution::ProcessAttribution, config::EngineLimits};
@@ -107,6 +107,11 @@ impl Library {
     }
 
     /// The limits of the engines it declared, in configuration order.
+    /// The hot sets its engines may lock, in all, under `rules`.
+    pub(super) fn hot_set_bytes(&self, rules: &Rules) -> u64 {
+        self.declared(rules).iter().map(|l| l.hot_set_bytes).sum()
+    }
+
     fn declared(&self, rules: &Rules) -> Vec<EngineLimits> {
         rules
             .limits
@@ -280,6 +285,12 @@ impl Library {
             return;
         };
         e.counters.cache_dropped_bytes = e.counters.cache_dropped_bytes.saturating_add(freed_bytes);
+        // Little freed: the next request waits twice as long.
+        e.cache_drop_retry = if freed_bytes < target_bytes / 4 {
+            (e.cache_drop_retry.max(CACHE_DROP_RETRY) * 2).min(CACHE_DROP_RETRY_MAX)
+        } else {
+            CACHE_DROP_RETRY
+        };
         tracing::info!(
             pid = self.pid,
             engine,
@@ -405,8 +416,9 @@ impl Library {
             if let Some(share) = l.page_cache_share_bytes
                 && cache_pressure
                 && e.page_cache_bytes > share
-                && e.cache_drop_sent
-                    .is_none_or(|sent| now.duration_since(sent) >= CACHE_DROP_RETRY)
+                && e.cache_drop_sent.is_none_or(|sent| {
+                    now.duration_since(sent) >= e.cache_drop_retry.max(CACHE_DROP_RETRY)
+                })
             {
                 let target = e.page_cache_bytes - share;
                 e.cache_drop_sent = Some(now);

@@ -73,6 +73,10 @@ pub const SPILL_RETRY: Duration = Duration::from_millis(250);
 /// passes and writeback of dirty pages, the attribution follows the drops,
 /// and a library with nothing tracked to drop answers at once).
 pub const CACHE_DROP_RETRY: Duration = Duration::from_secs(1);
+/// The longest wait between `drop_cache` requests to an engine whose
+/// answers free little (its cache is in files it does not track, or
+/// locked): each walk of its files costs `mincore` passes for nothing.
+pub const CACHE_DROP_RETRY_MAX: Duration = Duration::from_secs(32);
 
 /// A library connection, as the owner numbers them.
 pub type SessionId = u64;
@@ -220,20 +224,20 @@ impl Policy {
             library.set_backpressure(true, &self.rules, &mut out);
         }
         tracing::info!(pid, uid, engines = declared.len(), "library connected");
+        let raise = self.memlock_raise(session, &library);
         self.libraries.insert(session, library);
-        let hot: u64 = self
-            .rules
-            .limits
-            .iter()
-            .filter(|l| declared.contains(&l.name))
-            .map(|l| l.hot_set_bytes)
-            .sum();
-        let raise = (self.rules.enforce && hot > 0).then_some(Action::RaiseMemlock {
-            session,
-            pid,
-            bytes: hot + MEMLOCK_HEADROOM,
-        });
         raise.into_iter().chain(sends(session, out)).collect()
+    }
+
+    /// The `RLIMIT_MEMLOCK` a library needs for its engines' hot sets
+    /// (None: none configured, or observing only).
+    fn memlock_raise(&self, session: SessionId, l: &Library) -> Option<Action> {
+        let hot = l.hot_set_bytes(&self.rules);
+        (self.rules.enforce && hot > 0).then_some(Action::RaiseMemlock {
+            session,
+            pid: l.pid,
+            bytes: hot + MEMLOCK_HEADROOM,
+        })
     }
 
     /// The connection ended.
@@ -290,11 +294,22 @@ impl Policy {
         }
     }
 
-    /// A new (valid) configuration: loans end, and every library hears its
-    /// engines' new limits.
+    /// A new (valid) configuration: loans end, every library hears its
+    /// engines' new limits, and one whose hot sets may now lock more gets
+    /// its `RLIMIT_MEMLOCK` raised first (the limit is only ever raised).
     pub fn reload(&mut self, rules: Rules) -> Vec<Action> {
+        let before: BTreeMap<SessionId, u64> = self
+            .libraries
+            .iter()
+            .map(|(s, l)| (*s, l.hot_set_bytes(&self.rules)))
+            .collect();
         self.rules = rules;
         let mut actions = Vec::new();
+        for (session, l) in &self.libraries {
+            if l.hot_set_bytes(&self.rules) > before.get(session).copied().unwrap_or(0) {
+                actions.extend(self.memlock_raise(*session, l));
+            }
+        }
         for (session, l) in &mut self.libraries {
             let mut out = Vec::new();
             l.reconfigure(&self.rules, &mut out);

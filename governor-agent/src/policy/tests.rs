@@ -718,3 +718,94 @@ fn an_engine_above_its_cache_share_drops_cold_cache_only_under_pressure() {
     // vector has no share: never asked, however much it caches.
     assert_eq!(st.engines["vector"].cache_drop_requests, 0);
 }
+
+#[test]
+fn a_library_that_frees_little_is_asked_less_and_less_often() {
+    let mut policy = Policy::new(cache_rules());
+    policy.connect(S, PID, 0, &["vector".into(), "timeseries".into()]);
+    let t0 = Instant::now();
+    let tick = |policy: &mut Policy, ms: u64, cached: u64, charge: u64| {
+        let r = page_cache_reading("timeseries", cached * MIB);
+        cache_drops(policy.tick(&Tick {
+            now: t0 + Duration::from_millis(ms),
+            reading: Some(&r),
+            ceiling: Some(CeilingUse {
+                // The flush's pages are inactive: the working set is low
+                // while the charge, page cache included, is high.
+                working_set_bytes: 200 * MIB,
+                charge_bytes: charge * MIB,
+                limit_bytes: 1024 * MIB,
+            }),
+            psi: None,
+        }))
+    };
+    let p = &mut policy;
+    let ask = [("timeseries".to_owned(), 236 * MIB)];
+    assert_eq!(tick(p, 0, 300, 820), ask);
+    // Nothing freed (its cache is in files it does not track): 2 s.
+    p.on_cache_dropped(S, "timeseries", 236 * MIB, 0);
+    assert_eq!(tick(p, 1500, 300, 820), []);
+    assert_eq!(tick(p, 2000, 300, 820), ask);
+    // A twentieth of the target: 4 s.
+    p.on_cache_dropped(S, "timeseries", 236 * MIB, 12 * MIB);
+    assert_eq!(tick(p, 5000, 300, 820), []);
+    assert_eq!(tick(p, 6000, 300, 820), ask);
+    // Doubling stops at CACHE_DROP_RETRY_MAX.
+    let mut at = 6000;
+    for _ in 0..8 {
+        p.on_cache_dropped(S, "timeseries", 236 * MIB, 0);
+        at += CACHE_DROP_RETRY_MAX.as_millis() as u64;
+        assert_eq!(tick(p, at, 300, 820), ask, "at {at} ms");
+    }
+    // A drop that frees what was asked: back to a second.
+    p.on_cache_dropped(S, "timeseries", 236 * MIB, 200 * MIB);
+    assert_eq!(tick(p, at + 1000, 300, 820), ask);
+}
+
+#[test]
+fn a_reload_that_raises_a_hot_set_raises_connected_processes_memlock() {
+    let mut policy = Policy::new(cache_rules());
+    policy.connect(S, PID, 0, &["vector".into(), "timeseries".into()]);
+    policy.connect(2, PID + 1, 0, &["timeseries".into()]);
+    let raises = |actions: &[Action]| -> Vec<(SessionId, u64)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::RaiseMemlock { session, bytes, .. } => Some((*session, *bytes)),
+                _ => None,
+            })
+            .collect()
+    };
+    let reload = |vector_hot: &str, timeseries_hot: &str| {
+        Rules::from_config(
+            &Config::parse(&format!(
+                "database = \"t\"\nceiling = \"1GiB\"\n\
+                 [[engine]]\nname = \"vector\"\nbudget = \"512MiB\"\nhot_set = \"{vector_hot}\"\n\
+                 [[engine]]\nname = \"timeseries\"\nbudget = \"256MiB\"\npage_cache_share = \"64MiB\"\nhot_set = \"{timeseries_hot}\"\n",
+            ))
+            .unwrap(),
+        )
+    };
+    // The vector hot set grows: only the process with a vector engine.
+    let actions = policy.reload(reload("384MiB", "0"));
+    assert_eq!(raises(&actions), [(S, 384 * MIB + MEMLOCK_HEADROOM)]);
+    // The same again: nothing to raise.
+    assert_eq!(raises(&policy.reload(reload("384MiB", "0"))), []);
+    // Smaller: the limit is left where it is.
+    assert_eq!(raises(&policy.reload(reload("128MiB", "0"))), []);
+    // A hot set for timeseries: both processes.
+    let actions = policy.reload(reload("128MiB", "32MiB"));
+    assert_eq!(
+        raises(&actions),
+        [
+            (S, 160 * MIB + MEMLOCK_HEADROOM),
+            (2, 32 * MIB + MEMLOCK_HEADROOM)
+        ]
+    );
+    // The raise comes before the new limits reach the library.
+    let first_send = actions
+        .iter()
+        .position(|a| matches!(a, Action::Send { .. }))
+        .unwrap();
+    assert!(matches!(actions[0], Action::RaiseMemlock { .. }) && first_send > 0);
+}

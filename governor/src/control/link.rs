@@ -5,7 +5,10 @@
 //!
 //! Nothing on the allocation path waits for it: reservations only touch
 //! the governor; the link reads the governor's figures and changes its
-//! limits from its own thread. If the agent goes away the governor keeps
+//! limits from its own thread. Dropping cold page cache (a walk of the
+//! engine's files with `mincore` and `fadvise`, which can take a while)
+//! runs on a second thread, so that limits and pressure levels are not
+//! held up behind it; its answer goes out when it is done. If the agent goes away the governor keeps
 //! its last budgets, and the link reconnects with exponential backoff,
 //! declaring everything again (engines and live threads).
 
@@ -110,6 +113,10 @@ struct Inner {
     state: Mutex<State>,
     changed: Condvar,
     stop: AtomicBool,
+    /// `drop_cache` requests not yet served, by engine name (a newer one
+    /// for the same engine replaces the older: one walk serves both).
+    cache_jobs: Mutex<BTreeMap<String, u64>>,
+    cache_wake: Condvar,
 }
 
 /// A running link; dropping it stops the thread (the connection closes,
@@ -117,6 +124,7 @@ struct Inner {
 pub struct AgentLink {
     inner: Arc<Inner>,
     thread: Option<JoinHandle<()>>,
+    cache_thread: Option<JoinHandle<()>>,
 }
 
 /// Builds an [`AgentLink`].
@@ -189,14 +197,39 @@ impl AgentLinkBuilder {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
+            cache_jobs: Mutex::new(BTreeMap::new()),
+            cache_wake: Condvar::new(),
         });
+        let cache_thread = match inner.cache.clone() {
+            Some(cache) => {
+                let run = inner.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("nodedb-cache-drop".into())
+                        .spawn(move || run.drop_cache_worker(&cache))?,
+                )
+            }
+            None => None,
+        };
         let run = inner.clone();
-        let thread = std::thread::Builder::new()
+        let thread = match std::thread::Builder::new()
             .name("nodedb-agent-link".into())
-            .spawn(move || run.run())?;
+            .spawn(move || run.run())
+        {
+            Ok(t) => t,
+            Err(e) => {
+                inner.stop.store(true, Ordering::Release);
+                inner.cache_wake.notify_all();
+                if let Some(t) = cache_thread {
+                    let _ = t.join();
+                }
+                return Err(e);
+            }
+        };
         Ok(AgentLink {
             inner,
             thread: Some(thread),
+            cache_thread,
         })
     }
 }
@@ -271,7 +304,13 @@ impl Drop for AgentLink {
     fn drop(&mut self) {
         self.inner.stop.store(true, Ordering::Release);
         self.inner.changed.notify_all();
+        self.inner.cache_wake.notify_all();
         if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // A walk under way finishes first (it is bounded by the engine's
+        // files; no request waits behind it).
+        if let Some(t) = self.cache_thread.take() {
             let _ = t.join();
         }
     }
@@ -321,6 +360,47 @@ impl Inner {
 
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::Acquire)
+    }
+
+    /// The `drop_cache` thread: one request at a time, answered through
+    /// the outbox (the link thread sends it on its next turn; an answer
+    /// that outlives its connection goes to the next one, whose agent
+    /// counts what was freed).
+    fn drop_cache_worker(&self, cache: &EngineCache) {
+        loop {
+            let job = {
+                let mut jobs = lock(&self.cache_jobs);
+                loop {
+                    if self.stopped() {
+                        return;
+                    }
+                    if let Some(job) = jobs.pop_first() {
+                        break job;
+                    }
+                    jobs = self
+                        .cache_wake
+                        .wait(jobs)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            let (name, target_bytes) = job;
+            let dropped = match self.id_of(&name) {
+                Some(id) => cache.drop_cold(id, target_bytes).unwrap_or_else(|e| {
+                    lock(&self.state).stats.last_error =
+                        Some(format!("dropping {name}'s cold cache: {e}"));
+                    Dropped::default()
+                }),
+                None => Dropped::default(),
+            };
+            lock(&self.state).stats.cache_drops += 1;
+            lock(&self.outbox).push(ToAgent::CacheDropped {
+                engine: name,
+                target_bytes,
+                freed_bytes: dropped.freed_bytes,
+                files: dropped.files,
+            });
+            self.changed.notify_all();
+        }
     }
 
     /// Sleeps up to `d`, waking early when the link is dropped.
@@ -580,24 +660,24 @@ impl Inner {
                 engine: name,
                 target_bytes,
             } => {
-                let Ok(id) = engine(&name) else {
+                if engine(&name).is_err() {
                     return Ok(None);
-                };
-                let dropped = match &self.cache {
-                    Some(cache) => cache.drop_cold(id, target_bytes).unwrap_or_else(|e| {
-                        lock(&self.state).stats.last_error =
-                            Some(format!("dropping {name}'s cold cache: {e}"));
-                        Dropped::default()
-                    }),
-                    None => Dropped::default(),
-                };
-                lock(&self.state).stats.cache_drops += 1;
-                Some(ToAgent::CacheDropped {
-                    engine: name,
-                    target_bytes,
-                    freed_bytes: dropped.freed_bytes,
-                    files: dropped.files,
-                })
+                }
+                if self.cache.is_some() {
+                    // Served by the drop_cache thread.
+                    lock(&self.cache_jobs).insert(name, target_bytes);
+                    self.cache_wake.notify_one();
+                    None
+                } else {
+                    // No page cache of its own to drop: answered at once.
+                    lock(&self.state).stats.cache_drops += 1;
+                    Some(ToAgent::CacheDropped {
+                        engine: name,
+                        target_bytes,
+                        freed_bytes: 0,
+                        files: 0,
+                    })
+                }
             }
             ToLibrary::Spill {
                 engine: name,

@@ -1,0 +1,186 @@
+//! The library's link against an agent played by the test: a
+//! `drop_cache` request is served on the link's cache thread (the engine's
+//! coldest files leave the page cache, and the answer says how much), and
+//! the link keeps serving the agent's other requests meanwhile.
+//!
+//! Files live under cargo's target directory (a block filesystem: tmpfs
+//! pages cannot be dropped).
+
+use std::{
+    fs::{self, File},
+    io::{Read, Write},
+    os::unix::net::{UnixListener, UnixStream},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use nodedb_governor::{
+    Budget, EngineCache, EngineId, MemoryGovernor,
+    control::{
+        AgentLink, LinkConfig,
+        wire::{self, Decoder, ToAgent, ToLibrary},
+    },
+    page_cache::resident_bytes,
+};
+
+const MIB: u64 = 1 << 20;
+
+fn dir() -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("link-{}", std::process::id()));
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A file of `mib` MiB, all of it cached (written, made durable, read).
+fn cached_file(path: &std::path::Path, mib: u64) -> Arc<File> {
+    let mut f = File::create(path).unwrap();
+    f.write_all(&vec![0x5a; (mib * MIB) as usize]).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let mut f = File::open(path).unwrap();
+    f.read_to_end(&mut Vec::new()).unwrap();
+    fs::remove_file(path).unwrap();
+    let f = Arc::new(f);
+    assert_eq!(resident_bytes(&f).unwrap().0, mib * MIB);
+    f
+}
+
+/// The agent's end: reads frames until `want` matches one (or 10 s pass).
+struct Agent {
+    stream: UnixStream,
+    decoder: Decoder,
+}
+
+impl Agent {
+    fn send(&mut self, m: &ToLibrary) {
+        self.stream.write_all(&wire::encode(m)).unwrap();
+    }
+
+    fn wait_for(&mut self, want: impl Fn(&ToAgent) -> bool) -> ToAgent {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 4096];
+        loop {
+            while let Some(m) = self.decoder.next_message::<ToAgent>() {
+                let m = m.expect("the library sends well-formed frames");
+                if want(&m) {
+                    return m;
+                }
+            }
+            assert!(Instant::now() < deadline, "no such message within 10 s");
+            match self.stream.read(&mut buf) {
+                Ok(0) => panic!("the library closed the connection"),
+                Ok(n) => self.decoder.push(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e) => panic!("reading from the library: {e}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn drop_cache_is_answered_from_the_cache_thread_and_limits_still_apply() {
+    let d = dir();
+    let socket = d.join("agent.sock");
+    let _ = fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).unwrap();
+    let governor = MemoryGovernor::new(
+        Budget::builder(256 * MIB)
+            .engine(EngineId::Timeseries, 0, 64 * MIB)
+            .engine(EngineId::Vector, 0, 64 * MIB)
+            .build()
+            .unwrap(),
+    );
+    let cache = EngineCache::new(&governor);
+    let cold = cache.track(EngineId::Timeseries, cached_file(&d.join("cold"), 8));
+    let warm = cache.track(EngineId::Timeseries, cached_file(&d.join("warm"), 8));
+    let other = cache.track(EngineId::Vector, cached_file(&d.join("other"), 8));
+    std::thread::sleep(Duration::from_millis(2));
+    warm.touch();
+    let link = AgentLink::builder(
+        &governor,
+        LinkConfig::new(
+            &socket,
+            "nodedb",
+            &[
+                ("timeseries", EngineId::Timeseries),
+                ("vector", EngineId::Vector),
+            ],
+        ),
+    )
+    .engine_cache(cache.clone())
+    .start()
+    .unwrap();
+    let (stream, _) = listener.accept().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut agent = Agent {
+        stream,
+        decoder: Decoder::new(),
+    };
+    agent.wait_for(|m| matches!(m, ToAgent::Hello { .. }));
+    agent.send(&ToLibrary::Welcome {
+        version: wire::VERSION,
+        engine_cgroups: Default::default(),
+    });
+    assert!(link.wait_connected(Duration::from_secs(10)));
+
+    // A drop, and a budget change right behind it: both are carried out.
+    agent.send(&ToLibrary::DropCache {
+        engine: "timeseries".into(),
+        target_bytes: 4 * MIB,
+    });
+    agent.send(&ToLibrary::Limits {
+        engine: "timeseries".into(),
+        floor_bytes: 0,
+        cap_bytes: 32 * MIB,
+        hot_set_bytes: None,
+    });
+    let answer = agent.wait_for(|m| matches!(m, ToAgent::CacheDropped { .. }));
+    let ToAgent::CacheDropped {
+        engine,
+        target_bytes,
+        freed_bytes,
+        files,
+    } = answer
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (engine.as_str(), target_bytes, freed_bytes, files),
+        ("timeseries", 4 * MIB, 8 * MIB, 1),
+        "the coldest file, whole, is enough"
+    );
+    assert_eq!(resident_bytes(cold.file()).unwrap().0, 0);
+    assert_eq!(resident_bytes(warm.file()).unwrap().0, 8 * MIB);
+    assert_eq!(resident_bytes(other.file()).unwrap().0, 8 * MIB);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while governor.usage(EngineId::Timeseries).unwrap().cap_bytes != 32 * MIB {
+        assert!(Instant::now() < deadline, "the new cap was not applied");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stats = link.stats();
+    assert_eq!(stats.cache_drops, 1);
+    assert_eq!(stats.limit_changes, 1);
+    assert_eq!(stats.last_error, None);
+
+    // An engine the process does not have: no drop, no answer, noted.
+    agent.send(&ToLibrary::DropCache {
+        engine: "sparse".into(),
+        target_bytes: MIB,
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while link.stats().last_error.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the unknown engine was not noted"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(link.stats().last_error.unwrap().contains("sparse"));
+    assert_eq!(link.stats().cache_drops, 1);
+    drop(link);
+    let _ = fs::remove_dir_all(&d);
+}

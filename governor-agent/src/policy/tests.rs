@@ -632,6 +632,31 @@ fn cache_drops(actions: Vec<Action>) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// A tick `ms` after `t0` with `cached` MiB of timeseries page cache and
+/// the database's charge at `charge` MiB of its 1 GiB ceiling; the
+/// `drop_cache` requests it sends.
+fn cache_tick(
+    policy: &mut Policy,
+    t0: Instant,
+    ms: u64,
+    cached: u64,
+    charge: u64,
+) -> Vec<(String, u64)> {
+    let r = page_cache_reading("timeseries", cached * MIB);
+    cache_drops(policy.tick(&Tick {
+        now: t0 + Duration::from_millis(ms),
+        reading: Some(&r),
+        ceiling: Some(CeilingUse {
+            // The flush's pages are inactive: the working set is low
+            // while the charge, page cache included, is high.
+            working_set_bytes: 200 * MIB,
+            charge_bytes: charge * MIB,
+            limit_bytes: 1024 * MIB,
+        }),
+        psi: None,
+    }))
+}
+
 #[test]
 fn a_process_with_hot_sets_gets_its_memlock_limit_raised_at_the_welcome() {
     let mut policy = Policy::new(cache_rules());
@@ -672,44 +697,29 @@ fn an_engine_above_its_cache_share_drops_cold_cache_only_under_pressure() {
     let mut policy = Policy::new(cache_rules());
     policy.connect(S, PID, 0, &["vector".into(), "timeseries".into()]);
     let t0 = Instant::now();
-    let tick = |policy: &mut Policy, ms: u64, cached: u64, charge: u64| {
-        let r = page_cache_reading("timeseries", cached * MIB);
-        cache_drops(policy.tick(&Tick {
-            now: t0 + Duration::from_millis(ms),
-            reading: Some(&r),
-            ceiling: Some(CeilingUse {
-                // The flush's pages are inactive: the working set is low
-                // while the charge, page cache included, is high.
-                working_set_bytes: 200 * MIB,
-                charge_bytes: charge * MIB,
-                limit_bytes: 1024 * MIB,
-            }),
-            psi: None,
-        }))
-    };
     let p = &mut policy;
     // 300 MiB cached, the database at half its ceiling: no pressure.
-    assert_eq!(tick(p, 0, 300, 512), []);
+    assert_eq!(cache_tick(p, t0, 0, 300, 512), []);
     // At 80% of the ceiling (warning is 75%): down to the 64 MiB share.
     assert_eq!(
-        tick(p, 20, 300, 820),
+        cache_tick(p, t0, 20, 300, 820),
         [("timeseries".to_owned(), 236 * MIB)]
     );
     // Not again within a second, answered or not.
-    assert_eq!(tick(p, 40, 300, 820), []);
+    assert_eq!(cache_tick(p, t0, 40, 300, 820), []);
     assert_eq!(
-        tick(p, 1020, 290, 820),
+        cache_tick(p, t0, 1020, 290, 820),
         [("timeseries".to_owned(), 226 * MIB)]
     );
     p.on_cache_dropped(S, "timeseries", 226 * MIB, 200 * MIB);
     // Answered: still a second between requests, then what is left.
-    assert_eq!(tick(p, 1040, 100, 800), []);
+    assert_eq!(cache_tick(p, t0, 1040, 100, 800), []);
     assert_eq!(
-        tick(p, 2020, 100, 800),
+        cache_tick(p, t0, 2020, 100, 800),
         [("timeseries".to_owned(), 36 * MIB)]
     );
     // Under its share: nothing, whatever the pressure.
-    assert_eq!(tick(p, 3000, 60, 1000), []);
+    assert_eq!(cache_tick(p, t0, 3000, 60, 1000), []);
     let st = policy.library(S).unwrap().status(policy.rules());
     let ts = &st.engines["timeseries"];
     assert_eq!(ts.cache_drop_requests, 3);
@@ -724,42 +734,27 @@ fn a_library_that_frees_little_is_asked_less_and_less_often() {
     let mut policy = Policy::new(cache_rules());
     policy.connect(S, PID, 0, &["vector".into(), "timeseries".into()]);
     let t0 = Instant::now();
-    let tick = |policy: &mut Policy, ms: u64, cached: u64, charge: u64| {
-        let r = page_cache_reading("timeseries", cached * MIB);
-        cache_drops(policy.tick(&Tick {
-            now: t0 + Duration::from_millis(ms),
-            reading: Some(&r),
-            ceiling: Some(CeilingUse {
-                // The flush's pages are inactive: the working set is low
-                // while the charge, page cache included, is high.
-                working_set_bytes: 200 * MIB,
-                charge_bytes: charge * MIB,
-                limit_bytes: 1024 * MIB,
-            }),
-            psi: None,
-        }))
-    };
     let p = &mut policy;
     let ask = [("timeseries".to_owned(), 236 * MIB)];
-    assert_eq!(tick(p, 0, 300, 820), ask);
+    assert_eq!(cache_tick(p, t0, 0, 300, 820), ask);
     // Nothing freed (its cache is in files it does not track): 2 s.
     p.on_cache_dropped(S, "timeseries", 236 * MIB, 0);
-    assert_eq!(tick(p, 1500, 300, 820), []);
-    assert_eq!(tick(p, 2000, 300, 820), ask);
+    assert_eq!(cache_tick(p, t0, 1500, 300, 820), []);
+    assert_eq!(cache_tick(p, t0, 2000, 300, 820), ask);
     // A twentieth of the target: 4 s.
     p.on_cache_dropped(S, "timeseries", 236 * MIB, 12 * MIB);
-    assert_eq!(tick(p, 5000, 300, 820), []);
-    assert_eq!(tick(p, 6000, 300, 820), ask);
+    assert_eq!(cache_tick(p, t0, 5000, 300, 820), []);
+    assert_eq!(cache_tick(p, t0, 6000, 300, 820), ask);
     // Doubling stops at CACHE_DROP_RETRY_MAX.
     let mut at = 6000;
     for _ in 0..8 {
         p.on_cache_dropped(S, "timeseries", 236 * MIB, 0);
         at += CACHE_DROP_RETRY_MAX.as_millis() as u64;
-        assert_eq!(tick(p, at, 300, 820), ask, "at {at} ms");
+        assert_eq!(cache_tick(p, t0, at, 300, 820), ask, "at {at} ms");
     }
     // A drop that frees what was asked: back to a second.
     p.on_cache_dropped(S, "timeseries", 236 * MIB, 200 * MIB);
-    assert_eq!(tick(p, at + 1000, 300, 820), ask);
+    assert_eq!(cache_tick(p, t0, at + 1000, 300, 820), ask);
 }
 
 #[test]

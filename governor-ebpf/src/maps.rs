@@ -3,6 +3,7 @@
 //! which `nodedb_governor_common::names::map` repeats.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
@@ -50,9 +51,11 @@ pub static IDENTITY_CACHE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0
 pub static REGION_CACHE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// The engine slot owning each file with counted pages in the page cache,
 /// and their bytes (see `nodedb_governor_common::FileOwner`). Not an LRU
-/// map: an entry that went would leave its bytes counted forever. An entry
-/// goes when its last counted page leaves the cache (or the agent forgets
-/// its process); when the map is full, new files' pages are not counted
-/// (`page_cache_untracked_bytes`).
+/// map: an entry that went would leave its bytes counted forever. The
+/// agent removes entries that count nothing, and those of a process it
+/// forgets; when the map is full, new files' pages are not counted
+/// (`page_cache_untracked_bytes`). Not preallocated: a removed entry is
+/// freed after the programs using it are done, not reused under them.
 #[map]
-pub static FILE_OWNERS: HashMap<FileKey, FileOwner> = HashMap::with_max_entries(MAX_FILES, 0);
+pub static FILE_OWNERS: HashMap<FileKey, FileOwner> =
+    HashMap::with_max_entries(MAX_FILES, BPF_F_NO_PREALLOC);

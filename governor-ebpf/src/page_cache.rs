@@ -9,8 +9,9 @@
 //! whoever removes it: the truncating or `POSIX_FADV_DONTNEED`ing thread,
 //! or a reclaimer (a thread in memcg or direct reclaim, kswapd, DAMON),
 //! rarely the engine. So ownership is remembered per file, `(s_dev,
-//! i_ino)`, with the file's counted bytes (`FileOwner`): under 4 MB for
-//! 131,072 files and one hash lookup per event, where a key per page would
+//! i_ino)`, with the file's counted bytes (`FileOwner`): about 10 MB for
+//! 131,072 files with the kernel's per-entry overhead, and one hash lookup
+//! per event, where a key per page would
 //! need an entry per cached page (hundreds of MB) and miss pages once a
 //! large folio is split. A file belongs to the engine that last added a
 //! page of it, and its counted bytes move with it, so an engine's figure
@@ -18,21 +19,26 @@
 //! engines keep apart: segments, indexes, spill files; a file two engines
 //! fill is wholly the last one's). A delete subtracts at most what the
 //! file has counted (its other pages were cached before the agent counted
-//! them), and the entry goes with its last counted byte; an entry is
-//! never dropped while it still counts bytes (no LRU), so the figures do
-//! not drift. A full map leaves new files uncounted, and says so
-//! (`page_cache_untracked_bytes`).
+//! them). An entry is never dropped while it still counts bytes (no LRU),
+//! so the figures do not drift; the programs never remove one at all: the
+//! agent sweeps out entries that count nothing (`sweep_files`), and an add
+//! to such an entry starts it again. A full map leaves new files
+//! uncounted, and says so (`page_cache_untracked_bytes`).
 //!
 //! Both events carry the folio's order: `PAGE_SIZE << order` bytes each
 //! (one event per large folio). tmpfs adds emit no event (its deletes do):
 //! a delete of a file that is not in the map is not counted. A delete in a
 //! task with `PF_MEMALLOC` set is reclaim: an eviction.
 //!
-//! Two events on one file at once (an add on one CPU, a delete on
-//! another) can race between reading the file's bytes and updating them;
-//! the updates are atomic, the owner change and the removal of an empty
-//! entry are not, so a page added while the file's last counted page
-//! leaves can go uncounted. Rare, and it undercounts.
+//! Two events on one file at once can race between reading the file's
+//! bytes and updating them (the updates themselves are atomic adds): two
+//! deletes of its last counted pages (kswapd and a direct reclaimer) can
+//! both subtract the same folio, which undercounts the owner by it; an
+//! owner change racing another event can leave a folio with the old
+//! owner. Each race is off by a folio, not more. The map is not
+//! preallocated, so an entry the agent sweeps out while a program still
+//! holds it is freed only after the program is done (RCU): a late write
+//! lands in the dead entry, never in another file's.
 //!
 //! The classic tracepoints are used (field offsets from tracefs, as for
 //! the syscalls): their record already holds the inode and device, where
@@ -158,14 +164,10 @@ fn try_filemap_delete(ctx: &TracePointContext) -> Result<u32, u32> {
     // before the agent counted them.
     let gone = if bytes < held { bytes } else { held };
     if gone <= 0 {
-        let _ = FILE_OWNERS.remove(key);
         return Ok(0);
     }
     // SAFETY: as above.
     unsafe { add_i64(&raw mut (*file).bytes, -gone) };
-    if gone == held {
-        let _ = FILE_OWNERS.remove(key);
-    }
     let s = stats(owner).ok_or(0u32)?;
     // SAFETY: valid per-CPU map value pointer.
     unsafe { add_i64(&raw mut (*s).page_cache_bytes, -gone) };

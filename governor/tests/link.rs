@@ -1,7 +1,10 @@
 //! The library's link against an agent played by the test: a
-//! `drop_cache` request is served on the link's cache thread (the engine's
-//! coldest files leave the page cache, and the answer says how much), and
-//! the link keeps serving the agent's other requests meanwhile.
+//! `drop_cache` request is served by the link's cache thread (the engine's
+//! coldest files leave the page cache, and the answer, sent through the
+//! link, says how much), a budget change sent right behind it is applied
+//! too, and dropping the link stops both threads. (That limits are not
+//! held up behind a long walk follows from the walk's own thread; this
+//! test does not time it.)
 //!
 //! Files live under cargo's target directory (a block filesystem: tmpfs
 //! pages cannot be dropped).

@@ -173,7 +173,7 @@ fn check_page_cache(
 /// Page cache by each of its ways in and out: buffered writes, buffered
 /// reads, a mapped file, and `POSIX_FADV_DONTNEED`; and a file that
 /// changes hands.
-fn page_cache_scenario(att: &Attribution, probe: &mut Probe) {
+fn page_cache_scenario(att: &mut Attribution, probe: &mut Probe) {
     let usage = att.read().expect("reading attribution");
     let base: BTreeMap<String, u64> = usage
         .processes
@@ -206,6 +206,16 @@ fn page_cache_scenario(att: &Attribution, probe: &mut Probe) {
     check_page_cache(att, probe, base, "segments changed hands");
     probe.run("pc-drop vector segments");
     check_page_cache(att, probe, base, "segments dropped");
+    // The segments' entry counts nothing now: the sweep takes it (and any
+    // other such), and the figures stay.
+    assert!(
+        att.sweep_files(std::time::Instant::now()) >= 1,
+        "the dropped file's entry was not swept"
+    );
+    check_page_cache(att, probe, base, "swept");
+    // Read back in: counted again, under a fresh entry.
+    probe.run("pc-read vector segments");
+    check_page_cache(att, probe, base, "segments read after the sweep");
 }
 
 /// The scripted workload, identical for both identity paths.
@@ -278,7 +288,7 @@ fn accuracy_with_cgroup_identity() {
         }
     }
     scenario(&att, &mut probe);
-    page_cache_scenario(&att, &mut probe);
+    page_cache_scenario(&mut att, &mut probe);
 }
 
 #[test]

@@ -133,7 +133,10 @@ pub fn test() -> anyhow::Result<()> {
         crate::vm::vm_test(&crate::vm::Options {
             series: vec!["6.1".into(), "6.12".into()],
             kernels: Vec::new(),
-            timeout: std::time::Duration::from_secs(1800),
+            // vm-check, the mixed validation and (6.1) the cache scenario
+            // in one boot; a hang is still caught well before .ci/run's
+            // cut-off.
+            timeout: std::time::Duration::from_secs(2700),
             validate_modes: ["governed", "ungoverned"].map(str::to_owned).to_vec(),
             workload_args: Vec::new(),
             // The cache scenario on 6.1 only: there the 512 MiB flush

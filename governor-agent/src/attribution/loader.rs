@@ -155,6 +155,7 @@ impl Attribution {
             free_mm_indexes: (0..MAX_PROCS).rev().collect(),
             generation,
             file_owners,
+            files_swept: None,
             nr_cpus,
             free_slots: (0..MAX_SLOTS).rev().collect(),
             procs: BTreeMap::new(),

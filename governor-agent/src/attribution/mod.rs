@@ -88,6 +88,8 @@ pub struct Attribution {
     free_mm_indexes: Vec<u32>,
     generation: Array<MapData, u64>,
     file_owners: BpfHashMap<MapData, FileKey, FileOwner>,
+    /// When file-ownership entries that count nothing were last swept.
+    files_swept: Option<std::time::Instant>,
     nr_cpus: usize,
     free_slots: Vec<u32>,
     procs: BTreeMap<u32, TrackedProcess>,

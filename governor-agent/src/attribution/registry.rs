@@ -6,11 +6,16 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::PerCpuValues;
 use nodedb_governor_common::{
-    CgroupKey, FileKey, MAX_PROCS, MAX_SLOTS, MmState, ProcInfo, SlotStats, identity, kind,
+    CgroupKey, FileKey, FileOwner, MAX_PROCS, MAX_SLOTS, MmState, ProcInfo, SlotStats, identity,
+    kind,
 };
 
 use super::Attribution;
 use crate::{error::AgentError, procfs};
+
+/// How often the agent sweeps out file-ownership entries that count
+/// nothing.
+pub const FILE_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How a thread's engine is recognised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -238,19 +243,49 @@ impl Attribution {
     /// from it when they leave the cache). A walk of the map, once per
     /// forgotten process.
     fn forget_files_of(&mut self, slots: &[u32]) {
-        let theirs: Vec<FileKey> = self
+        let n = self.remove_files(|owner| slots.contains(&owner.slot));
+        if n > 0 {
+            tracing::debug!(files = n, "file ownership dropped");
+        }
+    }
+
+    /// Removes the file-ownership entries that count nothing (their files'
+    /// counted pages all left the cache; the programs never remove an
+    /// entry), at most once per [`FILE_SWEEP_INTERVAL`]: a walk of the
+    /// map, two system calls per entry. Returns how many went.
+    pub fn sweep_files(&mut self, now: std::time::Instant) -> usize {
+        if self
+            .files_swept
+            .is_some_and(|t| now.duration_since(t) < FILE_SWEEP_INTERVAL)
+        {
+            return 0;
+        }
+        self.files_swept = Some(now);
+        self.remove_files(|owner| owner.bytes <= 0)
+    }
+
+    /// Removes the entries `doomed` picks, each read again just before it
+    /// goes (an add meanwhile may have given it bytes, or another owner).
+    /// A program's add between that read and the removal is lost (the
+    /// owner keeps a folio with no entry to subtract it): the window is a
+    /// system call wide.
+    fn remove_files(&mut self, doomed: impl Fn(&FileOwner) -> bool) -> usize {
+        let keys: Vec<FileKey> = self
             .file_owners
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, owner)| slots.contains(&owner.slot))
+            .filter(|(_, owner)| doomed(owner))
             .map(|(key, _)| key)
             .collect();
-        for key in &theirs {
-            let _ = self.file_owners.remove(key);
+        let mut removed = 0;
+        for key in &keys {
+            if self.file_owners.get(key, 0).is_ok_and(|o| doomed(&o))
+                && self.file_owners.remove(key).is_ok()
+            {
+                removed += 1;
+            }
         }
-        if !theirs.is_empty() {
-            tracing::debug!(files = theirs.len(), "file ownership dropped");
-        }
+        removed
     }
 
     /// Forgets processes that have exited (or whose pid was reused), and

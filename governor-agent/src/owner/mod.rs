@@ -319,6 +319,10 @@ impl Agent {
             self.own.remove(&pid);
             tracing::info!(pid, "governed process exited");
         }
+        let swept = self.attribution.sweep_files(started);
+        if swept > 0 {
+            tracing::debug!(files = swept, "emptied file-ownership entries swept");
+        }
         let reading = match self.attribution.read() {
             Ok(r) => Some(r),
             Err(e) => {

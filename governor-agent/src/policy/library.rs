@@ -106,12 +106,12 @@ impl Library {
         self.loans.budget(engine).unwrap_or(0)
     }
 
-    /// The limits of the engines it declared, in configuration order.
     /// The hot sets its engines may lock, in all, under `rules`.
     pub(super) fn hot_set_bytes(&self, rules: &Rules) -> u64 {
         self.declared(rules).iter().map(|l| l.hot_set_bytes).sum()
     }
 
+    /// The limits of the engines it declared, in configuration order.
     fn declared(&self, rules: &Rules) -> Vec<EngineLimits> {
         rules
             .limits

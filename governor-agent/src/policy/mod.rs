@@ -295,9 +295,12 @@ impl Policy {
     }
 
     /// A new (valid) configuration: loans end, every library hears its
-    /// engines' new limits, and one whose hot sets may now lock more gets
-    /// its `RLIMIT_MEMLOCK` raised first (the limit is only ever raised).
+    /// engines' new limits, and one whose hot sets may now lock more (a
+    /// larger bound, or enforcement turned on), or whose last raise
+    /// failed, gets its `RLIMIT_MEMLOCK` raised first (the limit is only
+    /// ever raised).
     pub fn reload(&mut self, rules: Rules) -> Vec<Action> {
+        let was_enforcing = self.rules.enforce;
         let before: BTreeMap<SessionId, u64> = self
             .libraries
             .iter()
@@ -306,7 +309,9 @@ impl Policy {
         self.rules = rules;
         let mut actions = Vec::new();
         for (session, l) in &self.libraries {
-            if l.hot_set_bytes(&self.rules) > before.get(session).copied().unwrap_or(0) {
+            let grew = l.hot_set_bytes(&self.rules) > before.get(session).copied().unwrap_or(0);
+            let failed = matches!(l.memlock, Some(Err(_)));
+            if grew || failed || !was_enforcing {
                 actions.extend(self.memlock_raise(*session, l));
             }
         }

@@ -803,4 +803,19 @@ fn a_reload_that_raises_a_hot_set_raises_connected_processes_memlock() {
         .position(|a| matches!(a, Action::Send { .. }))
         .unwrap();
     assert!(matches!(actions[0], Action::RaiseMemlock { .. }) && first_send > 0);
+    // A raise that failed is tried again at the next reload.
+    policy.on_memlock(2, Err("EPERM".into()));
+    assert_eq!(
+        raises(&policy.reload(reload("128MiB", "32MiB"))),
+        [(2, 32 * MIB + MEMLOCK_HEADROOM)]
+    );
+    // Observing, nothing is raised; enforcement turned on raises it.
+    let mut observing = cache_rules();
+    observing.enforce = false;
+    let mut policy = Policy::new(observing);
+    assert_eq!(raises(&policy.connect(S, PID, 0, &["vector".into()])), []);
+    assert_eq!(
+        raises(&policy.reload(cache_rules())),
+        [(S, 256 * MIB + MEMLOCK_HEADROOM)]
+    );
 }

@@ -218,8 +218,7 @@ impl AgentLinkBuilder {
         {
             Ok(t) => t,
             Err(e) => {
-                inner.stop.store(true, Ordering::Release);
-                inner.cache_wake.notify_all();
+                inner.stop_cache_thread();
                 if let Some(t) = cache_thread {
                     let _ = t.join();
                 }
@@ -302,9 +301,8 @@ impl AgentLink {
 
 impl Drop for AgentLink {
     fn drop(&mut self) {
-        self.inner.stop.store(true, Ordering::Release);
+        self.inner.stop_cache_thread();
         self.inner.changed.notify_all();
-        self.inner.cache_wake.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -360,6 +358,15 @@ impl Inner {
 
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::Acquire)
+    }
+
+    /// Sets `stop` under the cache thread's lock, so the thread cannot
+    /// miss the wake-up between seeing no stop and starting to wait.
+    fn stop_cache_thread(&self) {
+        let jobs = lock(&self.cache_jobs);
+        self.stop.store(true, Ordering::Release);
+        drop(jobs);
+        self.cache_wake.notify_all();
     }
 
     /// The `drop_cache` thread: one request at a time, answered through

@@ -3,6 +3,7 @@
 //! share, and the rule privileged tests follow.
 
 pub mod harness;
+pub mod numa;
 pub mod privileged;
 pub mod probe;
 pub mod procfs;

@@ -72,6 +72,9 @@ enum Task {
         /// The cache scenario in each VM too (after the mixed one).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         cache_scenario: bool,
+        /// NUMA nodes in each VM (its 2 CPUs and 3 GiB split evenly).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+        numa_nodes: u32,
     },
     /// The validation on this host: the mixed workload governed,
     /// ungoverned (observed, the same ceiling), observed with ample memory,
@@ -117,6 +120,7 @@ fn main() -> ExitCode {
             validate,
             workload,
             cache_scenario,
+            numa_nodes,
         } => {
             let explicit_series = std::env::args().any(|a| a.starts_with("--series"));
             // It builds the agent, and so the eBPF programs: the same
@@ -137,6 +141,7 @@ fn main() -> ExitCode {
                     } else {
                         vm::CacheScenario::Never
                     },
+                    numa_nodes,
                 })
             })
         }

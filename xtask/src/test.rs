@@ -147,6 +147,7 @@ pub fn test() -> anyhow::Result<()> {
             // long for CI. `cargo xtask vm-test --cache-scenario` runs it
             // on every kernel.
             cache_scenario: crate::vm::CacheScenario::Series(vec!["6.1".into()]),
+            numa_nodes: 1,
         })?;
     } else {
         eprintln!(

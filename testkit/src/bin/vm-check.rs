@@ -316,7 +316,71 @@ fn main() -> anyhow::Result<()> {
         host_test(&env.bin, "engine_cache", &[], &args.disk)
             .map(|text| json!({"result": result_line(&text)})),
     );
+    checks.record("NUMA nodes as booted, and first touch", numa_check());
     finish(&args.work, &kernel, checks, breach)
+}
+
+/// The nodes the VM was booted with (`nodedb.numa_nodes=N` on the kernel
+/// command line; 1 without it) are the kernel's, each with CPUs and
+/// memory; with two or more, a thread pinned to a node's CPUs that first
+/// touches 64 MiB gets at least 95% of its pages there (`numa_maps`).
+fn numa_check() -> anyhow::Result<Value> {
+    use nodedb_governor_testkit::numa;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?;
+    let booted: usize = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("nodedb.numa_nodes="))
+        .map_or(Ok(1), str::parse)
+        .context("nodedb.numa_nodes on the kernel command line")?;
+    if !Path::new("/sys/devices/system/node").exists() {
+        if booted == 1 {
+            return Ok(json!("one node: the kernel has no NUMA support"));
+        }
+        bail!("booted with {booted} nodes, and the kernel has no NUMA support");
+    }
+    let nodes = numa::online_nodes()?;
+    if nodes.len() != booted {
+        bail!("booted with {booted} nodes, the kernel has {nodes:?}");
+    }
+    let mut detail = Vec::new();
+    for &node in &nodes {
+        let cpus = numa::node_cpus(node)?;
+        let memory = numa::node_memory_bytes(node)?;
+        if cpus.is_empty() || memory == 0 {
+            bail!("node {node} has CPUs {cpus:?} and {memory} bytes of memory");
+        }
+        let on_node = if nodes.len() > 1 {
+            let pages = std::thread::scope(|s| {
+                s.spawn(|| -> anyhow::Result<_> {
+                    numa::pin_current_thread(&cpus)?;
+                    let mut region = memmap2::MmapMut::map_anon((64 * MIB) as usize)?;
+                    for page in region.chunks_mut(4096) {
+                        page[0] = 1;
+                    }
+                    numa::mapping_pages_by_node(region.as_ptr() as usize)
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("the pinned thread panicked"))?
+            })?;
+            let total: u64 = pages.values().sum();
+            let here = pages.get(&node).copied().unwrap_or(0);
+            if total == 0 || (here as f64) < 0.95 * total as f64 {
+                bail!(
+                    "a thread on node {node}'s CPUs {cpus:?} touched 64 MiB; its pages by node: {pages:?}"
+                );
+            }
+            Some(here as f64 / total as f64)
+        } else {
+            None
+        };
+        detail.push(json!({
+            "node": node,
+            "cpus": cpus,
+            "memory_bytes": memory,
+            "first_touch_on_node": on_node,
+        }));
+    }
+    Ok(json!(detail))
 }
 
 fn result_line(text: &str) -> String {

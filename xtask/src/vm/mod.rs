@@ -64,6 +64,9 @@ pub struct Options {
     /// Where the cache scenario runs too (`nodedb-validate --scenario
     /// cache`, both modes), after the mixed one, in the same boot.
     pub cache_scenario: CacheScenario,
+    /// NUMA nodes the VM is booted with (its CPUs and memory split
+    /// evenly); 1: none.
+    pub numa_nodes: u32,
 }
 
 /// The kernels the cache scenario runs on.
@@ -132,7 +135,7 @@ pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
     let mut summary = Vec::new();
     for k in &kernels {
         step(&format!("booting {} under TCG", k.display()));
-        let booted = qemu::boot_twice_if_lost(k, &initrd, opts.timeout, &vm_dir);
+        let booted = qemu::boot_twice_if_lost(k, &initrd, opts.timeout, opts.numa_nodes, &vm_dir);
         match booted {
             Ok((result, validations)) => {
                 let kernel = result["kernel"].as_str().unwrap_or("unknown").to_owned();

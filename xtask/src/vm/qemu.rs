@@ -25,6 +25,8 @@ use crate::cmd::step;
 /// The VM's memory: the bundled 1 GiB ceiling, and room for the `ample`
 /// run (which takes what it wants) and the initramfs.
 const VM_MEMORY_MIB: u32 = 3072;
+/// vCPUs.
+const VM_CPUS: u32 = 2;
 /// The scratch disk (sparse) the workload spills to: an NVMe device, whose
 /// driver and ext4 are built into Debian's cloud kernels (a tmpfs would
 /// charge what is spilled to the very cgroup that spilled it).
@@ -46,9 +48,10 @@ pub fn boot_twice_if_lost(
     kernel: &Path,
     initrd: &Path,
     timeout: Duration,
+    numa_nodes: u32,
     vm_dir: &Path,
 ) -> anyhow::Result<Results> {
-    let booted = boot(kernel, initrd, timeout, vm_dir);
+    let booted = boot(kernel, initrd, timeout, numa_nodes, vm_dir);
     if let Err(e) = &booted
         && let Some(lost) = e.downcast_ref::<Lost>()
     {
@@ -58,16 +61,46 @@ pub fn boot_twice_if_lost(
             "booting {} again (the guest {what})",
             kernel.display()
         ));
-        return boot(kernel, initrd, timeout, vm_dir).map(|(mut result, validations)| {
-            result["lost_boot"] = what.into();
-            (result, validations)
-        });
+        return boot(kernel, initrd, timeout, numa_nodes, vm_dir).map(
+            |(mut result, validations)| {
+                result["lost_boot"] = what.into();
+                (result, validations)
+            },
+        );
     }
     booted
 }
 
+/// qemu's arguments for `nodes` NUMA nodes sharing the VM's memory and
+/// CPUs evenly (a RAM backend and CPUs per node); none for one node.
+fn numa_args(nodes: u32) -> anyhow::Result<Vec<String>> {
+    if nodes <= 1 {
+        return Ok(Vec::new());
+    }
+    if !VM_CPUS.is_multiple_of(nodes) || !VM_MEMORY_MIB.is_multiple_of(nodes) {
+        bail!("{nodes} NUMA nodes do not divide {VM_CPUS} CPUs and {VM_MEMORY_MIB} MiB evenly");
+    }
+    let (cpus, mib) = (VM_CPUS / nodes, VM_MEMORY_MIB / nodes);
+    let mut args = Vec::new();
+    for n in 0..nodes {
+        args.push("-object".to_owned());
+        args.push(format!("memory-backend-ram,id=mem{n},size={mib}M"));
+        args.push("-numa".to_owned());
+        let first = n * cpus;
+        let last = first + cpus - 1;
+        args.push(format!("node,nodeid={n},cpus={first}-{last},memdev=mem{n}"));
+    }
+    Ok(args)
+}
+
 /// Boots `kernel` with `initrd` once.
-fn boot(kernel: &Path, initrd: &Path, timeout: Duration, vm_dir: &Path) -> anyhow::Result<Results> {
+fn boot(
+    kernel: &Path,
+    initrd: &Path,
+    timeout: Duration,
+    numa_nodes: u32,
+    vm_dir: &Path,
+) -> anyhow::Result<Results> {
     let name = kernel.file_name().unwrap_or_default().to_string_lossy();
     let console = vm_dir.join(format!("console-{name}.log"));
     let _ = fs::remove_file(&console);
@@ -80,8 +113,9 @@ fn boot(kernel: &Path, initrd: &Path, timeout: Duration, vm_dir: &Path) -> anyho
     let monitor = vm_dir.join(format!("monitor-{name}.sock"));
     let _ = fs::remove_file(&monitor);
     let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-smp", "2"])
+        .args(["-accel", "tcg", "-cpu", "max", "-smp", &VM_CPUS.to_string()])
         .args(["-m", &VM_MEMORY_MIB.to_string()])
+        .args(numa_args(numa_nodes)?)
         .arg("-drive")
         .arg(format!(
             "file={},if=none,id=scratch,format=raw,cache=unsafe",
@@ -92,15 +126,14 @@ fn boot(kernel: &Path, initrd: &Path, timeout: Duration, vm_dir: &Path) -> anyho
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
-        .args([
-            "-append",
-            // nokaslr: the vCPUs' addresses read from the monitor on a
-            // stall are System.map's.
-            "console=ttyS0 panic=-1 oops=panic loglevel=4 nokaslr",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
+        .arg("-append")
+        // nokaslr: the vCPUs' addresses read from the monitor on a stall
+        // are System.map's. nodedb.numa_nodes: what vm-check expects.
+        .arg(format!(
+            "console=ttyS0 panic=-1 oops=panic loglevel=4 nokaslr nodedb.numa_nodes={}",
+            numa_nodes.max(1)
+        ))
+        .args(["-display", "none", "-no-reboot"])
         .arg("-monitor")
         .arg(format!("unix:{},server=on,wait=off", monitor.display()))
         .arg("-serial")

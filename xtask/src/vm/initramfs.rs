@@ -110,8 +110,12 @@ pub fn init_script(opts: &Options) -> String {
                 opts.validate_modes.join(","),
                 workload.join(" ")
             ),
-            "  echo \"NODEDB-VALIDATE-EXIT $?\"".to_owned(),
+            "  code=$?".to_owned(),
+            "  echo \"NODEDB-VALIDATE-EXIT $code\"".to_owned(),
             "  result validate /tmp/validate/summary.json".to_owned(),
+            // A missed target: the governed agent's log goes to the host
+            // (its last 2,000 lines), for the evidence.
+            "  if [ \"$code\" != 0 ]; then tail -n 2000 /tmp/validate/run-governed/agent.log > /tmp/agent-tail.log; result log-governed-agent /tmp/agent-tail.log; fi".to_owned(),
             "else".to_owned(),
             "  echo \"NODEDB-VALIDATE-EXIT no scratch disk\"".to_owned(),
             "fi".to_owned(),

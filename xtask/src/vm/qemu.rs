@@ -211,6 +211,16 @@ fn boot(
             let mut check = None;
             let mut validations = Vec::new();
             for (block, json) in result_blocks(&sent) {
+                if let Some(log) = block.strip_prefix("log-") {
+                    // A log the guest sent as evidence: kept beside the
+                    // console's.
+                    let file = vm_dir.join(format!("{log}-{name}.log"));
+                    match fs::write(&file, &json) {
+                        Ok(()) => eprintln!("    the guest's {log} log: {}", file.display()),
+                        Err(e) => eprintln!("    writing {}: {e}", file.display()),
+                    }
+                    continue;
+                }
                 match serde_json::from_str::<serde_json::Value>(&json) {
                     Ok(value) if block == "vm-check" => check = Some(value),
                     Ok(value) => validations.push(value),

@@ -1,7 +1,7 @@
 //! The agent's TOML configuration. A bad file is refused whole, with the
 //! field named; nothing of it is applied.
 
-use std::{collections::BTreeSet, path::PathBuf};
+use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
@@ -176,6 +176,69 @@ impl Default for PressureStallConfig {
     }
 }
 
+/// How budget moves from idle engines to busy ones (see
+/// `nodedb_governor::lending`): the same rules the library lends by alone.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LendingConfig {
+    /// An engine lends only after it has not grown for this long.
+    #[serde(default = "d_idle_after_ms")]
+    pub idle_after_ms: u64,
+    /// A loan stands at least this long unless its lender really needs it
+    /// (a refused reservation, or Critical of its reduced budget).
+    #[serde(default = "d_min_loan_ms")]
+    pub min_loan_ms: u64,
+    /// A lender at Warning of its reduced budget takes back only after
+    /// staying there this long.
+    #[serde(default = "d_rise_after_ms")]
+    pub rise_after_ms: u64,
+    /// A lender keeps this fraction of its budget beyond what it holds.
+    #[serde(default = "d_cushion")]
+    pub cushion: f64,
+}
+
+fn d_idle_after_ms() -> u64 {
+    nodedb_governor::lending::LendingRules::default()
+        .idle_after
+        .as_millis() as u64
+}
+fn d_min_loan_ms() -> u64 {
+    nodedb_governor::lending::LendingRules::default()
+        .min_loan
+        .as_millis() as u64
+}
+fn d_rise_after_ms() -> u64 {
+    nodedb_governor::lending::LendingRules::default()
+        .rise_after
+        .as_millis() as u64
+}
+fn d_cushion() -> f64 {
+    nodedb_governor::lending::LendingRules::default().cushion
+}
+
+impl Default for LendingConfig {
+    fn default() -> Self {
+        Self {
+            idle_after_ms: d_idle_after_ms(),
+            min_loan_ms: d_min_loan_ms(),
+            rise_after_ms: d_rise_after_ms(),
+            cushion: d_cushion(),
+        }
+    }
+}
+
+impl LendingConfig {
+    pub fn rules(&self) -> nodedb_governor::lending::LendingRules {
+        nodedb_governor::lending::LendingRules {
+            idle_after: Duration::from_millis(self.idle_after_ms),
+            min_loan: Duration::from_millis(self.min_loan_ms),
+            rise_after: Duration::from_millis(self.rise_after_ms),
+            cushion: self.cushion,
+            ..Default::default()
+        }
+    }
+}
+
 /// Pressure thresholds, as fractions of a budget (or of the ceiling).
 #[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -288,6 +351,8 @@ pub struct Config {
     pub program_stats: bool,
     #[serde(default)]
     pub pressure_stall: PressureStallConfig,
+    #[serde(default)]
+    pub lending: LendingConfig,
     #[serde(rename = "engine")]
     pub engines: Vec<EngineConfig>,
 }
@@ -453,6 +518,13 @@ impl Config {
                 format!("the floors add up to {floors} bytes, above the ceiling ({ceiling})"),
             ));
         }
+        if let Err((field, reason)) = self.lending.rules().validate() {
+            let field = match field {
+                "idle_after" | "min_loan" | "rise_after" => format!("lending.{field}_ms"),
+                f => format!("lending.{f}"),
+            };
+            return Err(err(field, reason));
+        }
         let t = &self.thresholds;
         if t.pressure().validate().is_err() {
             return Err(err(
@@ -596,6 +668,20 @@ mod tests {
     }
 
     #[test]
+    fn lending_rules_come_from_the_file_and_default_to_the_librarys() {
+        let text = "database = \"db\"\nceiling = \"1GiB\"\n[lending]\nmin_loan_ms = 5000\n\
+                    rise_after_ms = 400\n[[engine]]\nname = \"a\"\nbudget = 1\n";
+        let rules = Config::parse(text).unwrap().lending.rules();
+        let library = nodedb_governor::lending::LendingRules::default();
+        assert_eq!(rules.min_loan, Duration::from_secs(5));
+        assert_eq!(rules.rise_after, Duration::from_millis(400));
+        assert_eq!(rules.idle_after, library.idle_after);
+        assert_eq!(rules.cushion, library.cushion);
+        let text = text.replace("[lending]\nmin_loan_ms = 5000\nrise_after_ms = 400\n", "");
+        assert_eq!(Config::parse(&text).unwrap().lending.rules(), library);
+    }
+
+    #[test]
     fn sizes_parse_with_units_and_percentages() {
         let t = |s: &str| SizeSpec::Text(s.into());
         assert_eq!(t("512MiB").resolve(None), Ok(512 << 20));
@@ -719,6 +805,18 @@ mod tests {
             (
                 format!("{HEAD}[thresholds]\nrestore = 0.95\n{ENGINE}"),
                 "thresholds.restore",
+            ),
+            (
+                format!("{HEAD}[lending]\ncushion = 2.0\n{ENGINE}"),
+                "lending.cushion",
+            ),
+            (
+                format!("{HEAD}[lending]\nmin_loan_ms = 86400000\n{ENGINE}"),
+                "lending.min_loan_ms",
+            ),
+            (
+                format!("{HEAD}[lending]\nidle_ms = 5\n{ENGINE}"),
+                "`idle_ms`",
             ),
             (
                 format!("{HEAD}allowed_uids = [\"root\"]\n{ENGINE}"),

@@ -17,6 +17,7 @@
 //! | `nodedb_governor_agent_engine_hot_set_bytes` (locked by the library) | pid, engine |
 //! | `nodedb_governor_cgroup_memory_low_bytes` (v2: the hot sets' protection) | backend |
 //! | `nodedb_governor_agent_engine_spill_requests_total` | pid, engine |
+//! | `nodedb_governor_agent_engine_loan_forced_spills_total` | pid, engine |
 //! | `nodedb_governor_agent_engine_spilled_bytes_total` | pid, engine |
 //! | `nodedb_governor_agent_engine_purges_total` | pid, engine |
 //! | `nodedb_governor_agent_engine_refusals_total` (the library's) | pid, engine |
@@ -124,6 +125,12 @@ pub fn render(snapshot: &Snapshot) -> prometheus::Result<String> {
             "Bytes freed by spill requests",
             pe,
         )?;
+        let forced_spills = counter(
+            &r,
+            "nodedb_governor_agent_engine_loan_forced_spills_total",
+            "Loans taken back from the engine that left it at Critical of its new budget",
+            pe,
+        )?;
         let purges = counter(
             &r,
             "nodedb_governor_agent_engine_purges_total",
@@ -206,6 +213,7 @@ pub fn render(snapshot: &Snapshot) -> prometheus::Result<String> {
                     .set(e.level.map_or(0, |l| i64::from(l.index())));
                 spills.with_label_values(&l).inc_by(e.spill_requests);
                 spilled.with_label_values(&l).inc_by(e.spilled_bytes);
+                forced_spills.with_label_values(&l).inc_by(e.forced_spills);
                 purges.with_label_values(&l).inc_by(e.purges);
                 refusals.with_label_values(&l).inc_by(e.rejections);
                 limit_changes.with_label_values(&l).inc_by(e.limit_changes);

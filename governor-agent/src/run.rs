@@ -112,6 +112,7 @@ async fn reload(inputs: &mpsc::Sender<Input>, path: Option<&PathBuf>) {
         }
     };
     let (reply, answer) = oneshot::channel();
+    let config = Box::new(config);
     if inputs.send(Input::Reload { config, reply }).await.is_err() {
         return;
     }

@@ -175,7 +175,7 @@ impl StatusReport {
         for c in &self.clients {
             for (name, e) in &c.engines {
                 out.push_str(&format!(
-                    "pid {} {:<12} budget {} resident {} reserved {} level {} spills {} ({} freed) purges {}\n",
+                    "pid {} {:<12} budget {} resident {} reserved {} level {} spills {} ({} freed, {} forced by take-backs) purges {}\n",
                     c.pid,
                     name,
                     mib(e.budget_bytes),
@@ -184,6 +184,7 @@ impl StatusReport {
                     e.level.map_or("-", |l| l.name()),
                     e.spill_requests,
                     mib(e.spilled_bytes),
+                    e.forced_spills,
                     e.purges
                 ));
                 if e.page_cache_share_bytes.is_some() || e.hot_set_bytes > 0 {

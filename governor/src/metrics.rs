@@ -13,6 +13,7 @@
 //! | `nodedb_governor_engine_lent_bytes` | gauge | engine |
 //! | `nodedb_governor_engine_pressure_level` | gauge, 0 Normal .. 3 Emergency | engine |
 //! | `nodedb_governor_engine_rejections_total` | counter | engine |
+//! | `nodedb_governor_engine_loan_forced_spills_total` | counter | engine |
 //! | `nodedb_governor_engine_spilled_bytes_total` | counter | engine |
 //! | `nodedb_governor_engine_arena_resident_bytes` | gauge (feature `jemalloc`) | engine |
 //! | `nodedb_governor_engine_arena_active_bytes` | gauge (feature `jemalloc`) | engine |
@@ -35,6 +36,7 @@ pub struct GovernorMetrics {
     lent: IntGaugeVec,
     level: IntGaugeVec,
     rejections: IntCounterVec,
+    forced_spills: IntCounterVec,
     spilled: IntCounterVec,
     total: IntGauge,
     ceiling: IntGauge,
@@ -102,6 +104,10 @@ impl GovernorMetrics {
                 "nodedb_governor_engine_spilled_bytes_total",
                 "Bytes freed by spilling",
             )?,
+            forced_spills: engine_counter(
+                "nodedb_governor_engine_loan_forced_spills_total",
+                "Loans taken back from the engine that left it over its spill mark",
+            )?,
             total: gauge(
                 "nodedb_governor_reserved_bytes",
                 "Bytes reserved by all engines",
@@ -156,6 +162,7 @@ impl GovernorMetrics {
             }
             self.level.with_label_values(&[e]).set(level_value(u.level));
             self.advance(&self.rejections, e, "rejections", u.rejections);
+            self.advance(&self.forced_spills, e, "forced_spills", u.forced_spills);
             let spilled = spill.map_or(0, |s| s.spilled_bytes(u.engine));
             self.advance(&self.spilled, e, "spilled", spilled);
         }

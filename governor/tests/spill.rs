@@ -13,7 +13,7 @@ use std::{
 use common::{Chunks, MIB, exact_governor as governor};
 use nodedb_governor::{
     EngineId, MemError, MemoryGovernor, SpillConfig, SpillController,
-    lending::{Loan, LoanEvent},
+    lending::{LendingRules, Loan, LoanEvent},
 };
 
 fn used(g: &MemoryGovernor, e: EngineId) -> u64 {
@@ -178,6 +178,10 @@ fn an_idle_engine_lends_its_budget_and_the_borrower_spills_when_it_is_taken_back
     );
     assert!(g.loans().is_empty());
     assert_eq!(g.usage(EngineId::Vector).unwrap().cap_bytes, 60 * MIB);
+    // Vector holds 90 MiB under a 60 MiB cap: the take-back forced a
+    // spill, and is counted as one.
+    assert_eq!(g.usage(EngineId::Vector).unwrap().forced_spills, 1);
+    assert_eq!(g.usage(EngineId::Query).unwrap().forced_spills, 0);
     // Query just took its loan back: a round does not lend it again.
     assert_eq!(g.rebalance_at(t0 + Duration::from_millis(10)), []);
     // The controller spills the borrower down to 75% of its own cap.
@@ -187,6 +191,95 @@ fn an_idle_engine_lends_its_budget_and_the_borrower_spills_when_it_is_taken_back
     let _q = g
         .try_reserve(EngineId::Query, 20 * MIB)
         .expect("Query's own budget is back");
+}
+
+#[test]
+fn a_lender_that_flickers_above_warning_leaves_the_borrower_alone() {
+    let g = governor(
+        120 * MIB,
+        &[
+            (EngineId::Vector, 0, 60 * MIB),
+            (EngineId::Query, 0, 60 * MIB),
+        ],
+    );
+    let c = SpillController::new(SpillConfig::default()).unwrap();
+    let mut query = g.try_reserve(EngineId::Query, 4 * MIB).unwrap();
+    let busy = g.try_reserve(EngineId::Vector, 57 * MIB).unwrap();
+    let t0 = Instant::now();
+    assert_eq!(g.rebalance_at(t0).len(), 1);
+    assert_eq!(g.usage(EngineId::Query).unwrap().cap_bytes, 19 * MIB);
+    drop(busy);
+    let cache = Chunks::new(&g, EngineId::Vector, 90, 1.0);
+    let _reg = c.register(EngineId::Vector, cache.clone());
+    // Query swings between 4 and 16 MiB of its 19 MiB (past 75%, under
+    // 90%) for 100 ms at a time, long after the loan was made.
+    let rules = g.lending_rules();
+    let mut now = t0 + rules.min_loan;
+    for _ in 0..10 {
+        query.try_grow(12 * MIB).unwrap();
+        assert_eq!(g.rebalance_at(now), []);
+        now += rules.rise_after / 2;
+        assert_eq!(g.rebalance_at(now), []);
+        query.shrink(12 * MIB).unwrap();
+        now += rules.rise_after / 2;
+        assert_eq!(g.rebalance_at(now), []);
+    }
+    assert_eq!(g.usage(EngineId::Query).unwrap().lent_bytes, 41 * MIB);
+    assert!(
+        c.run(&g).spilled.is_empty(),
+        "the borrower keeps its 90 MiB"
+    );
+    assert_eq!(cache.held_bytes(), 90 * MIB);
+    // Held past 75% for the whole rise time, it takes back what it needs
+    // (16 MiB + a 15 MiB cushion = 31 MiB of budget: 12 MiB back).
+    query.try_grow(12 * MIB).unwrap();
+    assert_eq!(g.rebalance_at(now), []);
+    now += rules.rise_after;
+    assert_eq!(
+        g.rebalance_at(now),
+        [LoanEvent::TakenBack(Loan {
+            lender: EngineId::Query,
+            borrower: EngineId::Vector,
+            bytes: 12 * MIB
+        })]
+    );
+    assert_eq!(g.usage(EngineId::Query).unwrap().cap_bytes, 31 * MIB);
+    assert_eq!(g.usage(EngineId::Vector).unwrap().cap_bytes, 89 * MIB);
+    // 90 MiB of 89: the borrower spills, and that is counted.
+    assert_eq!(g.usage(EngineId::Vector).unwrap().forced_spills, 1);
+    assert_eq!(c.run(&g).spilled.len(), 1);
+}
+
+#[test]
+fn lending_rules_out_of_range_are_refused_naming_the_field() {
+    let g = governor(100 * MIB, &[(EngineId::Vector, 0, 50 * MIB)]);
+    let before = g.lending_rules();
+    for (rules, field) in [
+        (
+            LendingRules {
+                cushion: 1.5,
+                ..before
+            },
+            "lending.cushion",
+        ),
+        (
+            LendingRules {
+                min_loan: Duration::from_secs(7200),
+                ..before
+            },
+            "lending.min_loan",
+        ),
+    ] {
+        let err = g.set_lending_rules(rules).unwrap_err();
+        assert!(err.to_string().contains(field), "{err}");
+        assert_eq!(g.lending_rules(), before, "nothing applied");
+    }
+    let shorter = LendingRules {
+        min_loan: Duration::ZERO,
+        ..before
+    };
+    g.set_lending_rules(shorter).unwrap();
+    assert_eq!(g.lending_rules(), shorter);
 }
 
 #[test]

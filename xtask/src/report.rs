@@ -217,5 +217,20 @@ fn report(summary: &Value) -> String {
             g["link"]["purges"],
         ));
     }
+    if let Some(g) = run(&runs, "governed") {
+        let forced: Vec<String> = crate::validate_engines()
+            .iter()
+            .filter_map(|e| {
+                let n = g["engines"][e]["forced_spills"].as_u64()?;
+                Some(format!("{e} {n}"))
+            })
+            .collect();
+        if !forced.is_empty() {
+            s.push_str(&format!(
+                "Loans taken back that forced the borrower to spill (it held Critical of its new budget): {}.\n",
+                forced.join(", ")
+            ));
+        }
+    }
     s
 }

@@ -67,7 +67,7 @@ pub enum Input {
     },
     /// SIGHUP: a new configuration (already parsed and valid on its own).
     Reload {
-        config: Config,
+        config: Box<Config>,
         reply: oneshot::Sender<Result<(), ReloadError>>,
     },
     /// SIGINT or SIGTERM: leave the kernel state the agent made and stop.
@@ -186,7 +186,7 @@ impl Agent {
                 let _ = reply.send(result);
             }
             Input::Reload { config, reply } => {
-                let _ = reply.send(self.reload(config));
+                let _ = reply.send(self.reload(*config));
             }
             Input::Stop => {}
         }

@@ -23,6 +23,10 @@ pub struct EngineEnforcement {
     pub rejections: u64,
     pub spill_requests: u64,
     pub spilled_bytes: u64,
+    /// Loans taken back from it (as borrower) that left it at Critical of
+    /// its new budget: each forced a spill.
+    #[serde(default)]
+    pub forced_spills: u64,
     pub purges: u64,
     pub level_changes: u64,
     /// Limits (floor and cap) sent to the library.
@@ -110,7 +114,12 @@ impl EngineState {
         self.books.map_or(0, |b| b.reserved_bytes)
     }
 
-    pub fn status(&self, budget_bytes: u64, share: Option<u64>) -> EngineEnforcement {
+    pub fn status(
+        &self,
+        budget_bytes: u64,
+        share: Option<u64>,
+        forced_spills: u64,
+    ) -> EngineEnforcement {
         let Counters {
             spill_requests,
             spilled_bytes,
@@ -128,6 +137,7 @@ impl EngineState {
             rejections: self.books.map_or(0, |b| b.rejections),
             spill_requests,
             spilled_bytes,
+            forced_spills,
             purges,
             level_changes,
             limit_changes,

@@ -90,7 +90,13 @@ impl Library {
             engines: self
                 .engines
                 .iter()
-                .map(|(name, e)| (name.clone(), e.status(self.budget(name), share(name))))
+                .map(|(name, e)| {
+                    let forced = self.loans.forced_spills(name.as_str());
+                    (
+                        name.clone(),
+                        e.status(self.budget(name), share(name), forced),
+                    )
+                })
                 .collect(),
             loans: self.loans.loans().to_vec(),
             memlock_bytes: self.memlock.as_ref().and_then(|r| r.as_ref().ok().copied()),
@@ -169,6 +175,7 @@ impl Library {
     /// A new configuration: loans end, every engine gets its configured
     /// budget and floor, and the library hears them.
     pub(super) fn reconfigure(&mut self, rules: &Rules, out: &mut Vec<ToLibrary>) {
+        self.loans.set_rules(rules.lending);
         for l in self.declared(rules) {
             self.loans
                 .set_engine(l.name.clone(), l.budget_bytes, l.floor_bytes);
@@ -247,7 +254,11 @@ impl Library {
             });
             if r.rejections > before && self.observe_cap.is_none() && self.loans.is_lender(&r.name)
             {
-                events.extend(self.loans.take_back(&r.name, now));
+                let engines = &self.engines;
+                events.extend(self.loans.take_back(&r.name, now, |name| Holding {
+                    resident_bytes: engines.get(name).map_or(0, |e| e.resident_bytes),
+                    reserved_bytes: engines.get(name).map_or(0, EngineState::reserved_bytes),
+                }));
             }
         }
         self.send_loan_changes(rules, &events, out);

@@ -102,7 +102,7 @@ impl Rules {
             enforce: config.enforce,
             ceiling_bytes: config.ceiling_bytes(),
             limits: config.limits(),
-            lending: LendingRules::default(),
+            lending: config.lending.rules(),
         }
     }
 }

@@ -49,7 +49,7 @@ pub(super) struct Ledger {
     pub(super) waiters: usize,
     /// Budgets lent between engines (by ledger position); the caps in
     /// force follow it.
-    loans: LoanBook<usize>,
+    pub(super) loans: LoanBook<usize>,
 }
 
 /// A snapshot of one engine's accounting.
@@ -63,6 +63,9 @@ pub struct EngineUsage {
     pub cap_bytes: u64,
     /// Budget this engine has lent to others.
     pub lent_bytes: u64,
+    /// Loans taken back from this engine that left it over its spill
+    /// mark: each forced a spill.
+    pub forced_spills: u64,
     pub peak_bytes: u64,
     pub rejections: u64,
     pub level: PressureLevel,
@@ -158,7 +161,11 @@ impl Ledger {
             // have to give way (their caps drop, and a spill controller
             // spills what they hold beyond them).
             if self.loans.is_lender(&i) {
-                let events = self.loans.take_back(&i, Instant::now());
+                let used: Vec<u64> = self.engines.iter().map(|e| e.used).collect();
+                let events = self.loans.take_back(&i, Instant::now(), |j| Holding {
+                    resident_bytes: used[*j],
+                    reserved_bytes: used[*j],
+                });
                 self.apply_loans(&events);
             }
             return Err(err);
@@ -260,6 +267,7 @@ impl Ledger {
             floor_bytes: e.floor,
             cap_bytes: e.cap,
             lent_bytes: self.loans.lent_bytes(&i),
+            forced_spills: self.loans.forced_spills(&i),
             peak_bytes: e.peak,
             rejections: e.rejections,
             level: e.level,

@@ -63,7 +63,7 @@ use crate::{
     budget::Budget,
     engine::EngineId,
     error::MemError,
-    lending::{Loan, LoanEvent},
+    lending::{LendingRules, Loan, LoanEvent},
     pressure::{PressureChange, PressureLevel, ThresholdsHandle},
 };
 
@@ -278,6 +278,25 @@ impl MemoryGovernor {
     /// its own clock, such as a simulation).
     pub fn rebalance_at(&self, now: Instant) -> Vec<LoanEvent<EngineId>> {
         self.shared.with_ledger(|l| l.rebalance(now))
+    }
+
+    /// The rules lending goes by ([`LendingRules::default`] until set).
+    pub fn lending_rules(&self) -> LendingRules {
+        self.shared.with_ledger(|l| l.loans.rules())
+    }
+
+    /// Changes the rules lending goes by; refused whole, naming the field,
+    /// if they are out of range. Loans in force stand and are judged by
+    /// the new rules from the next round.
+    pub fn set_lending_rules(&self, rules: LendingRules) -> Result<(), MemError> {
+        rules
+            .validate()
+            .map_err(|(field, reason)| MemError::InvalidBudget {
+                field: format!("lending.{field}"),
+                reason,
+            })?;
+        self.shared.with_ledger(|l| l.loans.set_rules(rules));
+        Ok(())
     }
 
     /// The loans in force.

@@ -34,11 +34,17 @@ fn an_idle_engine_lends_its_budget_and_takes_it_back_with_spills_on_the_borrower
         0,
         "no spill while borrowing: {r}"
     );
-    // Query got busy: the loan ended and Vector was spilled under its own
-    // budget again (to the 75% restore point, 48 MiB, or below).
-    assert_eq!(get("vector_budget_after_bytes"), 64 * MIB);
-    assert!(get("vector_spilled_after_bytes") >= 48 * MIB, "{r}");
-    assert!(get("vector_held_after_bytes") <= 48 * MIB, "{r}");
+    // Query got busy (40 MiB): it took back what it needs, 40 MiB + its
+    // 16 MiB cushion of budget (more if it was refused a reservation on
+    // the way), and Vector was spilled under what it keeps of the loan
+    // (to the 75% restore point, or below).
+    let after = get("vector_budget_after_bytes");
+    assert!((64 * MIB..=72 * MIB).contains(&after), "{r}");
+    assert!(get("vector_held_after_bytes") <= after * 3 / 4, "{r}");
+    assert!(
+        get("vector_spilled_after_bytes") >= 96 * MIB - after * 3 / 4,
+        "{r}"
+    );
     assert_eq!(
         get("query_spilled_bytes"),
         0,

@@ -425,7 +425,15 @@ impl Harness {
             let in_force = ratios.iter().copied().fold(0.0, f64::max);
             let over_in_force = ratios.iter().filter(|r| **r > BUDGET_SLACK).count();
             within &= in_force <= BUDGET_SLACK;
+            let enforcement = last["clients"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["pid"] == pid))
+                .map(|c| c["engines"][e].clone())
+                .unwrap_or_default();
             engines[e] = json!({
+                "forced_spills": enforcement["forced_spills"],
+                "spill_requests": enforcement["spill_requests"],
+                "spilled_bytes": enforcement["spilled_bytes"],
                 "peak_resident_bytes": resident,
                 "budget_bytes": budget,
                 "peak_over_budget": resident as f64 / budget.max(1) as f64,

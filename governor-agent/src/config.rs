@@ -353,6 +353,11 @@ pub struct Config {
     pub pressure_stall: PressureStallConfig,
     #[serde(default)]
     pub lending: LendingConfig,
+    /// Arm each engine's next threshold in the kernel, so the programs
+    /// wake the agent the moment an engine crosses it (a BPF ring buffer);
+    /// `false`: the tick alone notices.
+    #[serde(default = "yes")]
+    pub mark_events: bool,
     #[serde(rename = "engine")]
     pub engines: Vec<EngineConfig>,
 }

@@ -54,6 +54,31 @@ pub struct StatusReport {
     /// statistics are on).
     #[serde(default)]
     pub programs: Vec<ProgramStats>,
+    /// The kernel's marks: crossings that woke the agent between ticks.
+    #[serde(default)]
+    pub marks: MarkStatus,
+}
+
+/// What the marks did (see `mark_events` in the configuration).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarkStatus {
+    pub enabled: bool,
+    /// Engines with a mark armed in the kernel now.
+    pub armed: u64,
+    /// Crossings the programs reported.
+    pub events: u64,
+    /// Times the agent read the kernel and ran its ladder for them
+    /// (crossings that came together are served by one).
+    pub reactions: u64,
+    /// From the crossing (in the program) to the agent reading it, the
+    /// last time and the longest, in microseconds.
+    pub last_wake_us: u64,
+    pub max_wake_us: u64,
+    /// Crossings the exact figure did not confirm (the shared total ran
+    /// ahead of it); the mark was armed again.
+    pub early: u64,
+    /// Records on the ring buffer the agent could not read.
+    pub bad_records: u64,
 }
 
 impl StatusReport {
@@ -92,6 +117,7 @@ impl StatusReport {
             psi: None,
             psi_error: None,
             programs: Vec::new(),
+            marks: MarkStatus::default(),
         }
     }
 

@@ -72,6 +72,50 @@ pub struct SlotStats {
     /// Bytes the slot's threads added to the page cache and that are not
     /// counted, because the file-ownership map was full.
     pub page_cache_untracked_bytes: u64,
+    /// Resident bytes (every kind but swap) counted on this CPU and not
+    /// yet added to the slot's `MARK_TOTALS` entry (see [`SlotMark`]).
+    pub mark_pending_bytes: i64,
+}
+
+/// The most one CPU holds back from a slot's mark total, whatever the
+/// distance to the mark (a shared write per this many bytes of growth).
+pub const MARK_MAX_BATCH: i64 = 16 << 20;
+
+/// Where a slot wakes the agent: the `MARKS` array's entry, written by
+/// the agent. A slot's resident bytes (every kind but swap) are counted in
+/// two parts: per CPU, `SlotStats::mark_pending_bytes`, and flushed, the
+/// slot's `MARK_TOTALS` entry. A CPU flushes its part (an atomic add to
+/// the shared total) once it holds more than the distance from the total
+/// to `up_bytes` shifted right by `shift` (or [`MARK_MAX_BATCH`]), or less
+/// than nothing: far from the mark a CPU flushes growth rarely, near it on
+/// every change, so all CPUs together hold back at most half the distance
+/// (the agent picks `shift` as log2 of twice the CPU count), and since
+/// frees are never held back the total never exceeds the exact count. The flush that brings the total to
+/// `up_bytes` while `armed` is 1 swaps `armed` to 0 and sends a
+/// [`MarkEvent`] on the `MARK_EVENTS` ring buffer: one event per crossing,
+/// and none again until the agent arms the slot anew.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotMark {
+    /// The mark, in the slot's own count (not the settled figure).
+    pub up_bytes: i64,
+    /// 1: armed (64 bits: the programs swap it atomically, and BPF
+    /// exchanges only whole words).
+    pub armed: u64,
+    pub shift: u64,
+}
+
+/// A crossing, as the ring buffer carries it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MarkEvent {
+    pub slot: u32,
+    pub _pad: u32,
+    /// The slot's total when it crossed.
+    pub total_bytes: i64,
+    pub up_bytes: i64,
+    /// `bpf_ktime_get_ns` at the crossing (CLOCK_MONOTONIC).
+    pub ktime_ns: u64,
 }
 
 /// Key of the file-ownership map: a file, as the `filemap` tracepoints
@@ -327,4 +371,8 @@ mod pod {
     unsafe impl aya::Pod for super::FileKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FileOwner {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SlotMark {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MarkEvent {}
 }

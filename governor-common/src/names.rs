@@ -24,6 +24,9 @@ pub mod map {
     pub const IDENTITY_CACHE: &str = "IDENTITY_CACHE";
     pub const REGION_CACHE: &str = "REGION_CACHE";
     pub const FILE_OWNERS: &str = "FILE_OWNERS";
+    pub const MARKS: &str = "MARKS";
+    pub const MARK_TOTALS: &str = "MARK_TOTALS";
+    pub const MARK_EVENTS: &str = "MARK_EVENTS";
 
     /// Every map in the object.
     pub const ALL: &[&str] = &[
@@ -41,6 +44,9 @@ pub mod map {
         IDENTITY_CACHE,
         REGION_CACHE,
         FILE_OWNERS,
+        MARKS,
+        MARK_TOTALS,
+        MARK_EVENTS,
     ];
 }
 

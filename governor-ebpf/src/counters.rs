@@ -1,10 +1,11 @@
 //! Adding to a slot's per-CPU counters ([`SlotStats`]).
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg};
 
-use nodedb_governor_common::{SlotStats, kind};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use nodedb_governor_common::{MARK_MAX_BATCH, MarkEvent, SlotStats, kind};
 
-use crate::maps::STATS;
+use crate::maps::{MARK_EVENTS, MARK_TOTALS, MARKS, STATS};
 
 /// This CPU's counters of `slot`.
 #[inline(always)]
@@ -37,6 +38,69 @@ pub fn add_resident(slot: u32, bucket: usize, delta: i64) {
             );
             add_u64(&raw mut (*s).rss_events, 1);
         }
+        if bucket != kind::SWAP {
+            count_toward_mark(slot, s, delta);
+        }
+    }
+}
+
+/// Counts `delta` toward the slot's mark (see
+/// `nodedb_governor_common::SlotMark`): growth is held on this CPU while it
+/// is small against the distance to the mark, anything else is added to
+/// the shared total, and a total that reaches an armed mark wakes the
+/// agent.
+#[inline(always)]
+fn count_toward_mark(slot: u32, s: *mut SlotStats, delta: i64) {
+    let (Some(mark), Some(total)) = (MARKS.get_ptr_mut(slot), MARK_TOTALS.get_ptr_mut(slot)) else {
+        return;
+    };
+    // SAFETY: `s`, `mark` and `total` point into live map values; the
+    // per-CPU part is this CPU's, changed with an atomic add as the other
+    // counters are.
+    unsafe {
+        let pending = &raw mut (*s).mark_pending_bytes;
+        add_i64(pending, delta);
+        let held = core::ptr::read_volatile(pending);
+        let armed = core::ptr::read_volatile(&(*mark).armed) != 0;
+        let up = core::ptr::read_volatile(&(*mark).up_bytes);
+        let shift = (core::ptr::read_volatile(&(*mark).shift) & 63) as u32;
+        let room = up.saturating_sub(core::ptr::read_volatile(total));
+        let batch = if !armed {
+            MARK_MAX_BATCH
+        } else if room > 0 {
+            (room >> shift).min(MARK_MAX_BATCH)
+        } else {
+            0
+        };
+        // What a CPU holds back is never negative (frees go to the total
+        // at once), so the total never runs ahead of the exact count and a
+        // crossing it reports is real.
+        if (0..=batch).contains(&held) {
+            return;
+        }
+        let flushed = atomic_xchg::<i64, { AtomicOrdering::Relaxed }>(pending, 0);
+        // The add's old value cannot be had without BPF_FETCH (not in the
+        // generic CPU the object is built for): read the total after it.
+        // A concurrent flush on another CPU only makes it larger, and the
+        // exchange of `armed` below lets one CPU alone report a crossing.
+        add_i64(total, flushed);
+        let now = core::ptr::read_volatile(total);
+        if !armed || now < up {
+            return;
+        }
+        if atomic_xchg::<u64, { AtomicOrdering::Relaxed }>(&raw mut (*mark).armed, 0) == 0 {
+            return; // another CPU's crossing
+        }
+        let _ = MARK_EVENTS.output::<MarkEvent>(
+            &MarkEvent {
+                slot,
+                _pad: 0,
+                total_bytes: now,
+                up_bytes: up,
+                ktime_ns: bpf_ktime_get_ns(),
+            },
+            0,
+        );
     }
 }
 

@@ -5,11 +5,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use nodedb_governor_common::{
     CgroupKey, FileKey, FileOwner, MAX_ENGINE_CGROUPS, MAX_FILES, MAX_PROCS, MAX_REGIONS,
-    MAX_SLOTS, MAX_TIDS, MmState, PendingMap, ProcInfo, RegionKey, ReleaseCtx, SlotStats,
+    MAX_SLOTS, MAX_TIDS, MmState, PendingMap, ProcInfo, RegionKey, ReleaseCtx, SlotMark, SlotStats,
 };
 
 #[map]
@@ -59,3 +59,14 @@ pub static REGION_CACHE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static FILE_OWNERS: HashMap<FileKey, FileOwner> =
     HashMap::with_max_entries(MAX_FILES, BPF_F_NO_PREALLOC);
+/// Each slot's mark, written by the agent (see
+/// `nodedb_governor_common::SlotMark`).
+#[map]
+pub static MARKS: Array<SlotMark> = Array::with_max_entries(MAX_SLOTS, 0);
+/// Each slot's flushed resident bytes (the rest is per CPU, in `STATS`).
+#[map]
+pub static MARK_TOTALS: Array<i64> = Array::with_max_entries(MAX_SLOTS, 0);
+/// Crossings of a mark, for the agent (`MarkEvent`s): 64 KiB hold 2,048,
+/// and there is at most one per armed slot between two arms.
+#[map]
+pub static MARK_EVENTS: RingBuf = RingBuf::with_byte_size(64 << 10, 0);

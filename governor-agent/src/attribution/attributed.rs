@@ -32,6 +32,10 @@ pub struct Attributed {
     /// file-ownership map was full (non-zero: the figure above is low).
     #[serde(default)]
     pub page_cache_untracked_bytes: u64,
+    /// The engine's own count of resident bytes (every kind but swap)
+    /// before settling: the figure its mark is kept in.
+    #[serde(skip)]
+    pub counted_bytes: i64,
 }
 
 impl Attributed {
@@ -47,6 +51,7 @@ impl Attributed {
         self.page_cache_bytes += o.page_cache_bytes;
         self.page_cache_evicted_bytes += o.page_cache_evicted_bytes;
         self.page_cache_untracked_bytes += o.page_cache_untracked_bytes;
+        self.counted_bytes += o.counted_bytes;
     }
 }
 

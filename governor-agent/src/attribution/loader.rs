@@ -142,6 +142,9 @@ impl Attribution {
         let mm_by_ptr = take(&mut ebpf, map::MM_BY_PTR)?;
         let generation = take(&mut ebpf, map::GENERATION)?;
         let file_owners = take(&mut ebpf, map::FILE_OWNERS)?;
+        let mark_map = take(&mut ebpf, map::MARKS)?;
+        let mark_totals = take(&mut ebpf, map::MARK_TOTALS)?;
+        let mark_events = take(&mut ebpf, map::MARK_EVENTS)?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| AgentError::io(what, e))?;
         Ok(Self {
             ebpf,
@@ -155,6 +158,10 @@ impl Attribution {
             free_mm_indexes: (0..MAX_PROCS).rev().collect(),
             generation,
             file_owners,
+            mark_map,
+            mark_totals,
+            mark_events: Some(mark_events),
+            marks: Default::default(),
             files_swept: None,
             nr_cpus,
             free_slots: (0..MAX_SLOTS).rev().collect(),

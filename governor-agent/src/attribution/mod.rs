@@ -52,9 +52,11 @@
 //!   slots they count in.
 //! - `reading`: summing the per-CPU counters and the figures handed out.
 //! - `settle`: spreading the external slot and clamping negatives.
+//! - `marks`: the thresholds at which the programs wake the agent.
 
 mod attributed;
 mod loader;
+mod marks;
 mod pins;
 mod reading;
 mod registry;
@@ -64,12 +66,15 @@ use std::collections::BTreeMap;
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
 };
-use nodedb_governor_common::{CgroupKey, FileKey, FileOwner, MmState, ProcInfo, SlotStats};
+use nodedb_governor_common::{
+    CgroupKey, FileKey, FileOwner, MmState, ProcInfo, SlotMark, SlotStats,
+};
 
 pub use attributed::{Attributed, ProcessAttribution, ProgramStats, Reading};
 pub use loader::ProgramSet;
+pub use marks::parse_mark_event;
 pub use pins::Persistence;
 pub use registry::Identity;
 use registry::TrackedProcess;
@@ -88,6 +93,11 @@ pub struct Attribution {
     free_mm_indexes: Vec<u32>,
     generation: Array<MapData, u64>,
     file_owners: BpfHashMap<MapData, FileKey, FileOwner>,
+    mark_map: Array<MapData, SlotMark>,
+    mark_totals: Array<MapData, i64>,
+    /// Until the owner takes it to poll.
+    mark_events: Option<RingBuf<MapData>>,
+    marks: marks::Marks,
     /// When file-ownership entries that count nothing were last swept.
     files_swept: Option<std::time::Instant>,
     nr_cpus: usize,

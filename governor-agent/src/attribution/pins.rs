@@ -33,12 +33,14 @@ pub(super) const PINNED_MAPS: &[&str] = &[
     map::BRK,
     map::GENERATION,
     map::FILE_OWNERS,
+    map::MARK_TOTALS,
 ];
 
 /// 2: `SlotStats` counts page cache (an older agent's pinned maps have
 /// smaller values, and are not reused). 3: `SlotStats` counts untracked
-/// page cache, and `FILE_OWNERS` holds each file's bytes.
-const STATE_VERSION: u32 = 3;
+/// page cache, and `FILE_OWNERS` holds each file's bytes. 4: `SlotStats`
+/// holds the per-CPU part of the mark count, `MARK_TOTALS` the rest.
+const STATE_VERSION: u32 = 4;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SavedProcess {

@@ -10,7 +10,7 @@ use super::{Attribution, attributed::Reading, settle::settle};
 use crate::{error::AgentError, procfs};
 
 impl Attribution {
-    fn read_slot(&self, slot: u32) -> Result<SlotStats, AgentError> {
+    pub(super) fn read_slot(&self, slot: u32) -> Result<SlotStats, AgentError> {
         let values = self
             .stats
             .get(&slot, 0)

@@ -65,6 +65,7 @@ impl Attribution {
         self.stats
             .set(slot, zero, 0)
             .map_err(|e| AgentError::ebpf(format!("resetting slot {slot}"), e))?;
+        self.reset_mark(slot)?;
         Ok(slot)
     }
 

@@ -20,6 +20,14 @@ pub(super) fn settle(
     let names: Vec<String> = engines.keys().cloned().collect();
     let mut rows: Vec<SlotStats> = engines.into_values().collect();
     rows.push(unattributed);
+    let counted: Vec<i64> = rows
+        .iter()
+        .map(|r| {
+            r.resident_bytes[kind::ANON]
+                + r.resident_bytes[kind::FILE]
+                + r.resident_bytes[kind::SHMEM]
+        })
+        .collect();
     for k in 0..kind::COUNT {
         let ext = external.resident_bytes[k];
         if ext != 0 {
@@ -50,12 +58,16 @@ pub(super) fn settle(
             last.resident_bytes[k] += deficit;
         }
     }
-    let unattributed = rows.pop().map(engine_usage).unwrap_or_default();
-    let engines = names
+    let mut usages: Vec<Attributed> = rows
         .into_iter()
-        .zip(rows)
-        .map(|(n, r)| (n, engine_usage(r)))
+        .zip(counted)
+        .map(|(r, c)| Attributed {
+            counted_bytes: c,
+            ..engine_usage(r)
+        })
         .collect();
+    let unattributed = usages.pop().unwrap_or_default();
+    let engines = names.into_iter().zip(usages).collect();
     ProcessAttribution {
         pid,
         engines,
@@ -80,6 +92,8 @@ fn engine_usage(s: SlotStats) -> Attributed {
         page_cache_bytes: s.page_cache_bytes.max(0) as u64,
         page_cache_evicted_bytes: s.page_cache_evicted_bytes,
         page_cache_untracked_bytes: s.page_cache_untracked_bytes,
+        // The slot's own count, before settling: the caller's.
+        counted_bytes: 0,
     }
 }
 

@@ -22,11 +22,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use nodedb_governor_common::MarkEvent;
 pub use snapshot::{Health, Snapshot, Snapshots};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::{mpsc, oneshot, watch},
+};
 
 use crate::{
-    attribution::{Attribution, Identity},
+    attribution::{Attribution, Identity, parse_mark_event},
     ceiling::Ceiling,
     cgroup::Subtree,
     config::Config,
@@ -92,6 +96,8 @@ pub struct Agent {
     /// engine.
     own: BTreeMap<u32, String>,
     health: Health,
+    /// What the kernel's marks did (shown in the status).
+    mark_status: crate::status::MarkStatus,
     metrics_addr: Option<std::net::SocketAddr>,
     /// Keeps the kernel's program statistics on (run counts and times).
     _program_stats: Option<std::os::fd::OwnedFd>,
@@ -126,8 +132,34 @@ impl Agent {
     pub async fn serve(mut self, mut inputs: mpsc::Receiver<Input>) {
         let mut period = Duration::from_millis(self.config.tick_ms);
         let mut interval = tokio::time::interval(period);
+        let mut crossings = self.attribution.take_mark_events().and_then(|ring| {
+            // SAFETY: the ring buffer owns its map's descriptor and keeps it
+            // open, the same one, until it is dropped with the AsyncFd.
+            unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "polling the mark ring buffer; the tick alone will notice crossings")
+                })
+                .ok()
+        });
         loop {
             tokio::select! {
+                ready = async { crossings.as_mut()?.readable_mut().await.ok() }, if crossings.is_some() => {
+                    let Some(mut guard) = ready else {
+                        continue;
+                    };
+                    let mut events = Vec::new();
+                    let ring = guard.get_inner_mut();
+                    while let Some(record) = ring.next() {
+                        match parse_mark_event(&record) {
+                            Some(e) => events.push(e),
+                            None => self.mark_status.bad_records += 1,
+                        }
+                    }
+                    guard.clear_ready();
+                    if !events.is_empty() {
+                        self.on_crossings(&events);
+                    }
+                }
                 _ = interval.tick() => {
                     self.tick();
                     // A reload may change the tick.
@@ -169,7 +201,8 @@ impl Agent {
             }
             Input::Disconnected { session } => {
                 self.sessions.remove(&session);
-                self.policy.disconnect(session);
+                let actions = self.policy.disconnect(session);
+                self.apply(actions);
             }
             Input::Assign {
                 pid,
@@ -228,6 +261,9 @@ impl Agent {
                         tracing::info!(pid, limit, "RLIMIT_MEMLOCK raised for the hot sets");
                     }
                     self.policy.on_memlock(session, result);
+                }
+                Action::Mark { pid, engine, bytes } => {
+                    self.attribution.set_mark(pid, &engine, bytes);
                 }
             }
         }
@@ -344,6 +380,13 @@ impl Agent {
         });
         let high_mark_moved = actions.iter().any(|a| matches!(a, Action::SetHighMark(_)));
         self.apply(actions);
+        let passed = reading
+            .as_ref()
+            .map(|r| self.attribution.sync_marks(r))
+            .unwrap_or_default();
+        if !passed.is_empty() {
+            self.react(passed.into_iter().map(|(pid, e)| (pid, e, None)).collect());
+        }
         // The high mark just moved: show it as it is now.
         let ceiling = if high_mark_moved {
             self.ceiling.as_ref().map(Ceiling::status)
@@ -357,6 +400,80 @@ impl Agent {
         }
     }
 
+    /// Engines crossed their marks, as the ring buffer reported them.
+    fn on_crossings(&mut self, events: &[MarkEvent]) {
+        let now_ns = monotonic_ns();
+        let mut crossed = Vec::new();
+        for e in events {
+            self.mark_status.events += 1;
+            let wake = now_ns.saturating_sub(e.ktime_ns) / 1000;
+            self.mark_status.last_wake_us = wake;
+            self.mark_status.max_wake_us = self.mark_status.max_wake_us.max(wake);
+            if let Some((pid, engine, mark)) = self.attribution.mark_crossed(e) {
+                tracing::debug!(pid, engine, mark, wake_us = wake, "mark crossed");
+                crossed.push((pid, engine, Some(mark)));
+            }
+        }
+        self.react(crossed);
+    }
+
+    /// Reads the kernel and runs the ladder at once for engines that
+    /// crossed their marks, as a tick would (without the slow work: new
+    /// and exited processes, the file sweep, the snapshot). A crossing the
+    /// exact figure does not confirm (the total ran ahead of it: see
+    /// `Attribution::sync_marks`) re-arms the same mark; a confirmed one
+    /// goes to the policy, which moves the mark up. A mark the engine
+    /// passed before it was written is one more crossing (a few rounds at
+    /// most: each moves the mark up).
+    fn react(&mut self, mut crossed: Vec<(u32, String, Option<u64>)>) {
+        for _ in 0..4 {
+            self.mark_status.reactions += 1;
+            let reading = match self.attribution.read() {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading attribution for a crossing");
+                    return;
+                }
+            };
+            for (pid, engine, mark) in &crossed {
+                let resident = reading
+                    .processes
+                    .iter()
+                    .find(|p| p.pid == *pid)
+                    .and_then(|p| p.engines.get(engine))
+                    .map_or(0, |a| a.resident_bytes);
+                match mark {
+                    Some(m) if resident < *m => {
+                        self.mark_status.early += 1;
+                        self.attribution.set_mark(*pid, engine, Some(*m));
+                    }
+                    _ => self.policy.on_mark(*pid, engine),
+                }
+            }
+            let ceiling = self.ceiling.as_ref().map(Ceiling::status);
+            let actions = self.policy.tick(&Tick {
+                now: Instant::now(),
+                reading: Some(&reading),
+                ceiling: ceiling.as_ref().map(|c| CeilingUse {
+                    working_set_bytes: c.working_set_bytes,
+                    charge_bytes: c.current_bytes,
+                    limit_bytes: c.limit_bytes,
+                }),
+                psi: self.psi.as_ref().map(|m| (m.events(), m.window())),
+            });
+            self.apply(actions);
+            crossed = self
+                .attribution
+                .sync_marks(&reading)
+                .into_iter()
+                .map(|(pid, engine)| (pid, engine, None))
+                .collect();
+            if crossed.is_empty() {
+                return;
+            }
+        }
+    }
+
     /// Leaves the kernel state the agent made (a v1 ceiling cgroup, once
     /// its processes are gone; the pins of a clean stop).
     fn shutdown(&self) {
@@ -365,4 +482,15 @@ impl Agent {
         }
         self.attribution.unpin();
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -90,6 +90,11 @@ impl Agent {
             .map(|m| m.status(self.policy.stalling(now, m.window())));
         report.psi_error = self.psi_error.clone();
         report.programs = self.programs.clone();
+        report.marks = crate::status::MarkStatus {
+            enabled: self.policy.rules().mark_events,
+            armed: self.attribution.armed_marks() as u64,
+            ..self.mark_status
+        };
         report.clients = self
             .policy
             .libraries()

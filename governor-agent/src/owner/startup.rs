@@ -86,6 +86,7 @@ impl Agent {
             sessions: BTreeMap::new(),
             own: BTreeMap::new(),
             health: Health::default(),
+            mark_status: Default::default(),
             metrics_addr: None,
             _program_stats: program_stats,
             programs: Vec::new(),

@@ -107,6 +107,10 @@ pub(super) struct EngineState {
     /// [`CACHE_DROP_RETRY_MAX`]: super::CACHE_DROP_RETRY_MAX
     pub cache_drop_retry: Duration,
     pub counters: Counters,
+    /// The mark armed in the kernel for it (resident bytes), if any.
+    pub mark: Option<u64>,
+    /// The mark that fired last, until the engine falls well below it.
+    pub mark_fired: Option<u64>,
 }
 
 impl EngineState {

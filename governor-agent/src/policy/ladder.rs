@@ -100,3 +100,31 @@ pub(super) fn climb(r: &Rung<'_>, e: &mut EngineState, out: &mut Vec<ToLibrary>)
         target_bytes: target,
     });
 }
+
+/// How far below a mark that fired an engine must fall before that mark
+/// is armed again (a fraction of its budget in force): an engine hovering
+/// at a threshold wakes the agent once, and the tick watches it after.
+pub(super) const MARK_HYSTERESIS: f64 = 0.02;
+
+/// The mark that wakes the agent for an engine holding `resident_bytes` of
+/// `budget_bytes`: the next threshold (Warning, Critical, Emergency) above
+/// what it holds, unless that is the mark that `fired` last and the engine
+/// has not fallen [`MARK_HYSTERESIS`] below it since (None: no mark; the
+/// tick alone watches). `fired` is forgotten once the engine has.
+pub(super) fn next_mark(
+    resident_bytes: u64,
+    budget_bytes: u64,
+    t: &nodedb_governor::PressureThresholds,
+    fired: &mut Option<u64>,
+) -> Option<u64> {
+    let at = |f: f64| (budget_bytes as f64 * f) as u64;
+    let band = at(MARK_HYSTERESIS);
+    if fired.is_some_and(|f| resident_bytes.saturating_add(band) <= f) {
+        *fired = None;
+    }
+    let next = [t.warning, t.critical, t.emergency]
+        .into_iter()
+        .map(at)
+        .find(|&m| m > resident_bytes)?;
+    (*fired != Some(next)).then_some(next)
+}

@@ -50,6 +50,17 @@ pub struct LibraryStatus {
     pub memlock_error: Option<String>,
 }
 
+/// What holds for the whole database at this tick.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Conditions {
+    /// It stalls on memory (PSI): engines spill from Warning on.
+    pub stalling: bool,
+    /// Its charge is at the warning threshold of the ceiling (or it
+    /// stalls): engines above their page-cache share drop cold files.
+    pub cache_pressure: bool,
+    pub now: Instant,
+}
+
 /// Untracked memory moves an engine's cap in steps of its budget / 64 (at
 /// least 1 MiB, rounded up), so a wobble of a few pages sends nothing.
 pub(super) fn untracked_step(budget: u64) -> u64 {
@@ -374,11 +385,15 @@ impl Library {
         &mut self,
         rules: &Rules,
         process: &ProcessAttribution,
-        stalling: bool,
-        cache_pressure: bool,
-        now: Instant,
+        at: Conditions,
         out: &mut Vec<ToLibrary>,
+        marks: &mut Vec<(String, Option<u64>)>,
     ) {
+        let Conditions {
+            stalling,
+            cache_pressure,
+            now,
+        } = at;
         let resident = |name: &str| process.engines.get(name).map_or(0, |e| e.resident_bytes);
         if self.observe_cap.is_none() {
             let events = self.loans.round(now, &rules.thresholds, |name| Holding {
@@ -463,6 +478,32 @@ impl Library {
                 e,
                 out,
             );
+            // The next mark up, for the kernel to wake the agent at.
+            let mark = if rules.mark_events {
+                super::ladder::next_mark(resident, budget, &rules.thresholds, &mut e.mark_fired)
+            } else {
+                None
+            };
+            if mark != e.mark {
+                e.mark = mark;
+                marks.push((l.name.clone(), mark));
+            }
         }
+    }
+
+    /// The kernel saw `engine` cross its mark (and disarmed it).
+    pub(super) fn on_mark(&mut self, engine: &str) {
+        if let Some(e) = self.engines.get_mut(engine) {
+            e.mark_fired = e.mark.take();
+        }
+    }
+
+    /// Every mark armed for the library's engines, to disarm them (the
+    /// library is gone).
+    pub(super) fn armed_marks(&self) -> impl Iterator<Item = &String> {
+        self.engines
+            .iter()
+            .filter(|(_, e)| e.mark.is_some())
+            .map(|(name, _)| name)
     }
 }

@@ -92,6 +92,9 @@ pub struct Rules {
     /// Every configured engine, in configuration order.
     pub limits: Vec<EngineLimits>,
     pub lending: LendingRules,
+    /// Arm marks in the kernel, so a crossing wakes the agent at once
+    /// (false: the tick alone).
+    pub mark_events: bool,
 }
 
 impl Rules {
@@ -103,6 +106,7 @@ impl Rules {
             ceiling_bytes: config.ceiling_bytes(),
             limits: config.limits(),
             lending: config.lending.rules(),
+            mark_events: config.mark_events,
         }
     }
 }
@@ -149,6 +153,13 @@ pub enum Action {
         session: SessionId,
         pid: u32,
         bytes: u64,
+    },
+    /// Arm the kernel's mark for an engine of a process at this many
+    /// resident bytes, or disarm it (None).
+    Mark {
+        pid: u32,
+        engine: String,
+        bytes: Option<u64>,
     },
 }
 
@@ -240,10 +251,26 @@ impl Policy {
         })
     }
 
-    /// The connection ended.
-    pub fn disconnect(&mut self, session: SessionId) {
-        if let Some(l) = self.libraries.remove(&session) {
-            tracing::info!(pid = l.pid, "library disconnected");
+    /// The connection ended: its engines' marks are disarmed.
+    pub fn disconnect(&mut self, session: SessionId) -> Vec<Action> {
+        let Some(l) = self.libraries.remove(&session) else {
+            return Vec::new();
+        };
+        tracing::info!(pid = l.pid, "library disconnected");
+        l.armed_marks()
+            .map(|engine| Action::Mark {
+                pid: l.pid,
+                engine: engine.clone(),
+                bytes: None,
+            })
+            .collect()
+    }
+
+    /// The kernel saw `engine` of process `pid` cross its mark; the next
+    /// tick (the owner runs one at once) arms the next.
+    pub fn on_mark(&mut self, pid: u32, engine: &str) {
+        for l in self.libraries.values_mut().filter(|l| l.pid == pid) {
+            l.on_mark(engine);
         }
     }
 
@@ -338,10 +365,21 @@ impl Policy {
                 if new_stall {
                     l.on_stall(&mut out);
                 }
+                let mut marks = Vec::new();
                 if let Some(p) = reading.processes.iter().find(|p| p.pid == l.pid) {
-                    l.enforce(&self.rules, p, stalling, cache_pressure, t.now, &mut out);
+                    let at = library::Conditions {
+                        stalling,
+                        cache_pressure,
+                        now: t.now,
+                    };
+                    l.enforce(&self.rules, p, at, &mut out, &mut marks);
                 }
                 actions.extend(sends(*session, out));
+                actions.extend(marks.into_iter().map(|(engine, bytes)| Action::Mark {
+                    pid: l.pid,
+                    engine,
+                    bytes,
+                }));
             }
         }
         actions.extend(self.enforce_ceiling(t));

@@ -34,6 +34,9 @@ fn rules(enforce: bool) -> Rules {
 struct World {
     policy: Policy,
     now: Instant,
+    /// The marks the last tick armed (or disarmed: None), kept apart from
+    /// what the library is told.
+    marks: Vec<(String, Option<u64>)>,
 }
 
 /// What a library was told, in a form a table can spell.
@@ -112,6 +115,7 @@ impl World {
             Self {
                 policy,
                 now: Instant::now(),
+                marks: Vec::new(),
             },
             welcome,
         )
@@ -133,12 +137,27 @@ impl World {
         psi_events: Option<u64>,
     ) -> Vec<Msg> {
         let r = reading(resident);
-        msgs(self.policy.tick(&Tick {
-            now: self.now,
-            reading: Some(&r),
-            ceiling,
-            psi: psi_events.map(|n| (n, Duration::from_secs(2))),
-        }))
+        let (marks, actions): (Vec<Action>, Vec<Action>) = self
+            .policy
+            .tick(&Tick {
+                now: self.now,
+                reading: Some(&r),
+                ceiling,
+                psi: psi_events.map(|n| (n, Duration::from_secs(2))),
+            })
+            .into_iter()
+            .partition(|a| matches!(a, Action::Mark { .. }));
+        self.marks = marks
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Mark { pid, engine, bytes } => {
+                    assert_eq!(pid, PID);
+                    Some((engine, bytes))
+                }
+                _ => None,
+            })
+            .collect();
+        msgs(actions)
     }
 
     fn report(&mut self, engine: &str, reserved: u64, rejections: u64) -> Vec<Msg> {
@@ -839,5 +858,61 @@ fn a_reload_that_raises_a_hot_set_raises_connected_processes_memlock() {
     assert_eq!(
         raises(&policy.reload(cache_rules())),
         [(S, 256 * MIB + MEMLOCK_HEADROOM)]
+    );
+}
+
+/// Marks: the next threshold up is armed in the kernel; a crossing the
+/// kernel reports moves it up; an engine hovering at the mark that fired
+/// is left to the tick until it falls 2% of its budget below it.
+#[test]
+fn marks_follow_the_engine_with_hysteresis() {
+    let (mut w, _) = World::new(&["vector"], true);
+    let (warning, critical, emergency) = (
+        (256.0 * MIB as f64 * 0.75) as u64,
+        (256.0 * MIB as f64 * 0.90) as u64,
+        (256.0 * MIB as f64 * 0.97) as u64,
+    );
+    let v = |m: Option<u64>| vec![("vector".to_owned(), m)];
+    w.tick(&[("vector", 100 * MIB)]);
+    assert_eq!(w.marks, v(Some(warning)));
+    w.after(20).tick(&[("vector", 120 * MIB)]);
+    assert_eq!(w.marks, [], "unchanged: nothing written");
+    // The kernel reports the crossing; the reaction arms the next.
+    w.policy.on_mark(PID, "vector");
+    w.after(1).tick(&[("vector", 200 * MIB)]);
+    assert_eq!(w.marks, v(Some(critical)));
+    w.policy.on_mark(PID, "vector");
+    let got = w.after(1).tick(&[("vector", 235 * MIB)]);
+    assert!(got.contains(&Msg::Spill("vector", 235 * MIB - 192 * MIB)));
+    assert_eq!(w.marks, v(Some(emergency)));
+    // Spilled back under Critical, but within 2% (5.1 MiB) of it: the mark
+    // that fired stays off.
+    w.after(20).tick(&[("vector", 228 * MIB)]);
+    assert_eq!(w.marks, v(None));
+    w.after(20).tick(&[("vector", 229 * MIB)]);
+    assert_eq!(w.marks, []);
+    // Well below: armed again.
+    w.after(20).tick(&[("vector", 220 * MIB)]);
+    assert_eq!(w.marks, v(Some(critical)));
+    // Past Emergency there is no mark; the tick watches.
+    w.after(20).tick(&[("vector", 250 * MIB)]);
+    assert_eq!(w.marks, v(None));
+    // Off in the configuration: disarmed at the next tick, none after.
+    w.after(20).tick(&[("vector", 100 * MIB)]);
+    assert_eq!(w.marks, v(Some(warning)));
+    let mut rules = w.policy.rules().clone();
+    rules.mark_events = false;
+    w.policy.reload(rules);
+    w.after(20).tick(&[("vector", 100 * MIB)]);
+    assert_eq!(w.marks, v(None));
+    w.after(20).tick(&[("vector", 200 * MIB)]);
+    assert_eq!(w.marks, []);
+    // A library that goes disarms its engines' marks.
+    let (mut w, _) = World::new(&["vector"], true);
+    w.tick(&[("vector", 100 * MIB)]);
+    let gone = w.policy.disconnect(S);
+    assert!(
+        matches!(&gone[..], [Action::Mark { pid: PID, engine, bytes: None }] if engine == "vector"),
+        "{gone:?}"
     );
 }

@@ -366,6 +366,9 @@ impl Harness {
         let timeout = Duration::from_secs(self.args.timeout_secs);
         let interval = Duration::from_millis(self.args.interval_ms);
         let mut timeline = Vec::new();
+        // The library's row in the last status that had it (it is gone
+        // from the status once the workload exits).
+        let mut last_client = Value::Null;
         let exit = loop {
             if let Some(st) = workload.0.try_wait()? {
                 break st;
@@ -385,6 +388,9 @@ impl Harness {
                     .and_then(|c| c.iter().find(|c| c["pid"] == pid))
                     .cloned()
                     .unwrap_or_default();
+                if !client.is_null() {
+                    last_client = client.clone();
+                }
                 point["cgroup_bytes"] = s["ceiling"]["current_bytes"].clone();
                 for e in ENGINES {
                     point[e] = json!({
@@ -425,11 +431,7 @@ impl Harness {
             let in_force = ratios.iter().copied().fold(0.0, f64::max);
             let over_in_force = ratios.iter().filter(|r| **r > BUDGET_SLACK).count();
             within &= in_force <= BUDGET_SLACK;
-            let enforcement = last["clients"]
-                .as_array()
-                .and_then(|c| c.iter().find(|c| c["pid"] == pid))
-                .map(|c| c["engines"][e].clone())
-                .unwrap_or_default();
+            let enforcement = &last_client["engines"][e];
             engines[e] = json!({
                 "forced_spills": enforcement["forced_spills"],
                 "spill_requests": enforcement["spill_requests"],

@@ -47,18 +47,19 @@ fn main() -> anyhow::Result<()> {
     let _registered = spill.register();
     let (governor, link) = spill.connect(&args.agent)?;
     let cap = |e| governor.usage(e).map_or(0, |u| u.cap_bytes);
-    // Vector's budget in force, as the agent reports it.
-    let budget = || -> u64 {
+    // An engine's budget in force, as the agent reports it.
+    let budget_of = |engine: &str| -> u64 {
         governed::admin_status(&args.admin)
             .and_then(|v| {
                 v["clients"]
                     .as_array()?
                     .iter()
-                    .find(|c| c["pid"] == std::process::id())?["engines"]["vector"]["budget_bytes"]
+                    .find(|c| c["pid"] == std::process::id())?["engines"][engine]["budget_bytes"]
                     .as_u64()
             })
             .unwrap_or(0)
     };
+    let budget = || budget_of("vector");
     let configured = cap(EngineId::Vector);
 
     // Vector grows past its budget while Query is idle.
@@ -78,15 +79,15 @@ fn main() -> anyhow::Result<()> {
     let spilled_during_loan = vector.spilled_bytes();
     let held_during_loan = vector.held_bytes();
 
-    // Query gets busy: it takes back what it needs (what it holds and its
-    // cushion, a quarter of its budget), Vector is spilled.
+    // Query gets busy: it takes back what it needs as it grows (what it
+    // holds and its cushion, a quarter of its budget, each time it reaches
+    // Critical of its budget in force), Vector is spilled.
     on_engine_thread(&link, EngineId::Query, || {
         Ok(query.touch(args.query_mib * MIB, 2 * MIB)?)
     })?;
-    let lent = lent_budget - configured;
-    let needed = (args.query_mib as u64 * MIB as u64).min(lent);
+    let query_mib = args.query_mib as f64 * MIB as f64;
     wait_until("query to take back what it needs", || {
-        budget() <= lent_budget - needed
+        budget_of("query") as f64 * 0.90 > query_mib
     })?;
     wait_until("vector to be spilled", || {
         (vector.held_bytes() as f64) < budget() as f64 * 0.90
@@ -98,6 +99,7 @@ fn main() -> anyhow::Result<()> {
         "vector_held_during_loan_bytes": held_during_loan,
         "vector_spilled_during_loan_bytes": spilled_during_loan,
         "vector_budget_after_bytes": budget(),
+        "query_budget_after_bytes": budget_of("query"),
         "vector_held_after_bytes": vector.held_bytes(),
         "vector_spilled_after_bytes": vector.spilled_bytes(),
         "query_held_bytes": query.held_bytes(),

@@ -34,15 +34,24 @@ fn an_idle_engine_lends_its_budget_and_takes_it_back_with_spills_on_the_borrower
         0,
         "no spill while borrowing: {r}"
     );
-    // Query got busy (40 MiB): it took back what it needs, 40 MiB + its
-    // 16 MiB cushion of budget (more if it was refused a reservation on
-    // the way), and Vector was spilled under what it keeps of the loan
-    // (to the 75% restore point, or below).
+    // Query got busy (40 MiB): each time it reached Critical of its budget
+    // in force it took back what it held + its 16 MiB cushion, so it ends
+    // with room for its 40 MiB below Critical (all of it back if it was
+    // refused a reservation on the way), and Vector was spilled under what
+    // it keeps of the loan. The two
+    // budgets still add up to the configured 128 MiB.
     let after = get("vector_budget_after_bytes");
-    assert!((64 * MIB..=72 * MIB).contains(&after), "{r}");
-    assert!(get("vector_held_after_bytes") <= after * 3 / 4, "{r}");
+    let query_after = get("query_budget_after_bytes");
+    assert_eq!(after + query_after, 128 * MIB, "{r}");
+    assert!(query_after as f64 * 0.90 > 40.0 * MIB as f64, "{r}");
+    assert!((64 * MIB..112 * MIB).contains(&after), "{r}");
+    // Spilled below Critical of what it keeps (a spill goes to 75% of the
+    // budget in force when it is asked; take-backs as query grew may have
+    // lowered the budget since, short of a new Critical).
+    let critical = after * 9 / 10;
+    assert!(get("vector_held_after_bytes") < critical, "{r}");
     assert!(
-        get("vector_spilled_after_bytes") >= 96 * MIB - after * 3 / 4,
+        get("vector_spilled_after_bytes") > 96 * MIB - critical,
         "{r}"
     );
     assert_eq!(

@@ -57,6 +57,20 @@ pub struct StatusReport {
     /// The kernel's marks: crossings that woke the agent between ticks.
     #[serde(default)]
     pub marks: MarkStatus,
+    /// The agent's own loop.
+    #[serde(default)]
+    pub ticks: TickStatus,
+}
+
+/// How much work the agent's ticks are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TickStatus {
+    pub ticks: u64,
+    /// The last tick's time (reading the kernel, deciding, acting), in
+    /// microseconds.
+    pub last_us: u64,
+    /// All ticks' time together.
+    pub total_us: u64,
 }
 
 /// What the marks did (see `mark_events` in the configuration).
@@ -118,6 +132,7 @@ impl StatusReport {
             psi_error: None,
             programs: Vec::new(),
             marks: MarkStatus::default(),
+            ticks: TickStatus::default(),
         }
     }
 

@@ -10,7 +10,7 @@
 
 use std::{
     fs::File,
-    io::{Read, Write},
+    io::{BufRead, Read, Write},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -177,24 +177,29 @@ impl Timeseries {
     }
 
     /// Reads every segment back: (points, sum of values), to check nothing
-    /// was lost or changed.
+    /// was lost or changed. Streams the file a segment at a time: the
+    /// engine's memory stays what one segment takes, not the file's size
+    /// (which no budget was asked for).
     pub fn verify(&self) -> anyhow::Result<(u64, f64)> {
-        let mut bytes = Vec::new();
-        File::open(&self.path)?.read_to_end(&mut bytes)?;
-        let (mut points, mut sum, mut at) = (0u64, 0.0, 0usize);
-        while at < bytes.len() {
-            let head = bytes
-                .get(at..at + 8)
-                .ok_or_else(|| anyhow::anyhow!("a segment header is cut at byte {at}"))?;
+        let mut file = std::io::BufReader::new(File::open(&self.path)?);
+        let (mut points, mut sum, mut at) = (0u64, 0.0, 0u64);
+        let mut seg = Vec::new();
+        loop {
+            if file.fill_buf()?.is_empty() {
+                break;
+            }
+            let mut head = [0u8; 8];
+            file.read_exact(&mut head)
+                .map_err(|_| anyhow::anyhow!("a segment header is cut at byte {at}"))?;
             let len = u32::from_le_bytes(head[4..8].try_into()?) as usize;
-            let seg = bytes
-                .get(at + 8..at + 8 + len)
-                .ok_or_else(|| anyhow::anyhow!("a segment is cut at byte {at}"))?;
-            for (_, v) in gorilla::decode(seg)? {
+            seg.resize(len, 0);
+            file.read_exact(&mut seg)
+                .map_err(|_| anyhow::anyhow!("a segment is cut at byte {at}"))?;
+            for (_, v) in gorilla::decode(&seg)? {
                 points += 1;
                 sum += v;
             }
-            at += 8 + len;
+            at += 8 + len as u64;
         }
         Ok((points, sum))
     }

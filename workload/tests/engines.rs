@@ -82,6 +82,17 @@ fn a_spill_request_flushes_the_timeseries_buffers() {
     assert!(freed >= held / 2, "freed {freed} of {held}");
     assert_eq!(ts.stats().spill_flushes, 1);
     assert_eq!(ts.verify().unwrap().0, (CHUNK_POINTS * 12) as u64);
+    // A file cut inside its last segment is refused, naming where.
+    let path = dir.join("points.gorilla");
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 3)
+        .unwrap();
+    let err = ts.verify().unwrap_err().to_string();
+    assert!(err.contains("a segment is cut at byte"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
 

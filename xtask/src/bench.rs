@@ -61,5 +61,45 @@ pub fn bench(rounds: u32) -> anyhow::Result<()> {
     let md = out_dir.join("tracing-cost.md");
     std::fs::write(&md, report.as_bytes())?;
     eprintln!("==> wrote {} and {}", md.display(), json.display());
+    agent_scale(&out_dir)
+}
+
+/// The agent's own CPU and tick time at 10, 100 and 1,000 engine threads
+/// (50 processes at most, every thread mapping and unmapping memory).
+fn agent_scale(out_dir: &std::path::Path) -> anyhow::Result<()> {
+    step("building the agent-cost benchmark (release)");
+    let [scale] = cargo::build(
+        Profile::Release,
+        &[Binaries::new("nodedb-governor-testkit", &["agent-scale"])],
+    )?
+    .try_into()
+    .expect("one binary asked for, one path");
+    step("agent cost: 10, 100 and 1,000 engine threads, 10 s each, default 20 ms tick");
+    let out = Command::new(&scale)
+        .args(["--threads", "10,100,1000", "--seconds", "10"])
+        .output()
+        .context("running agent-scale")?;
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("agent-scale failed ({})", out.status);
+    }
+    let r: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("agent-scale's report")?;
+    let mut md = String::from(
+        "| engine threads | processes | agent CPU (% of one core) | mean tick (us) |\n|---:|---:|---:|---:|\n",
+    );
+    for row in r["rows"].as_array().into_iter().flatten() {
+        md.push_str(&format!(
+            "| {} | {} | {:.2} | {:.0} |\n",
+            row["threads"],
+            row["processes"],
+            row["agent_cpu_percent"].as_f64().unwrap_or(f64::NAN),
+            row["mean_tick_us"].as_f64().unwrap_or(f64::NAN),
+        ));
+    }
+    print!("{md}");
+    std::fs::write(out_dir.join("agent-scale.md"), &md)?;
+    std::fs::write(out_dir.join("agent-scale.json"), &out.stdout)?;
+    eprintln!("==> wrote {}", out_dir.join("agent-scale.md").display());
     Ok(())
 }

@@ -395,6 +395,7 @@ impl Agent {
         };
         self.health.ticks += 1;
         self.health.last_tick = started.elapsed();
+        self.health.tick_time += self.health.last_tick;
         if let Some(reading) = reading {
             self.publish(reading, ceiling);
         }

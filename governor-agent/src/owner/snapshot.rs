@@ -21,6 +21,8 @@ pub struct Health {
     pub ticks: u64,
     /// How long the last tick took (reading the kernel, deciding, acting).
     pub last_tick: Duration,
+    /// All ticks together.
+    pub tick_time: Duration,
 }
 
 /// The agent's state as of one tick.
@@ -90,6 +92,11 @@ impl Agent {
             .map(|m| m.status(self.policy.stalling(now, m.window())));
         report.psi_error = self.psi_error.clone();
         report.programs = self.programs.clone();
+        report.ticks = crate::status::TickStatus {
+            ticks: self.health.ticks,
+            last_us: self.health.last_tick.as_micros() as u64,
+            total_us: self.health.tick_time.as_micros() as u64,
+        };
         report.marks = crate::status::MarkStatus {
             enabled: self.policy.rules().mark_events,
             armed: self.attribution.armed_marks() as u64,

@@ -109,6 +109,11 @@ impl Agent {
         self.dir.path().join("governor.toml")
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
     /// What the agent logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()

@@ -22,6 +22,7 @@ mod pressure;
 mod rebalancing;
 mod reload;
 mod restart;
+mod scale;
 
 use std::process::Stdio;
 

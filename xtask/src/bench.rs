@@ -1,9 +1,10 @@
 //! `cargo xtask bench`: the reservation path against DataFusion's memory
 //! pools (criterion, one run), then the cost of kernel attribution against an
 //! untraced baseline in the same run (see testkit/src/bin/tracing-cost.rs) and
-//! how each counting source compares with VmRSS. Writes
-//! `target/bench/tracing-cost.{md,json}`; criterion keeps its own reports in
-//! `target/criterion`.
+//! how each counting source compares with VmRSS, then the agent's own CPU at
+//! 10, 100 and 1,000 engine threads (testkit/src/bin/agent-scale.rs). Writes
+//! `target/bench/tracing-cost.{md,json}` and `target/bench/agent-scale.{md,json}`;
+//! criterion keeps its own reports in `target/criterion`.
 
 use std::process::Command;
 
@@ -89,6 +90,10 @@ fn agent_scale(out_dir: &std::path::Path) -> anyhow::Result<()> {
         "| engine threads | processes | agent CPU (% of one core) | mean tick (us) |\n|---:|---:|---:|---:|\n",
     );
     for row in r["rows"].as_array().into_iter().flatten() {
+        if let Some(e) = row["error"].as_str() {
+            md.push_str(&format!("| {} | | not measured: {e} | |\n", row["threads"]));
+            continue;
+        }
         md.push_str(&format!(
             "| {} | {} | {:.2} | {:.0} |\n",
             row["threads"],

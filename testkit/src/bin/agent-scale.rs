@@ -67,9 +67,14 @@ fn main() -> anyhow::Result<()> {
     if args.child {
         return child(&args);
     }
+    // A count the agent cannot serve is a row with its error, not the end
+    // of the measurement.
     let mut rows = Vec::new();
     for &threads in &args.threads {
-        rows.push(measure(&args, threads)?);
+        rows.push(measure(&args, threads).unwrap_or_else(|e| {
+            eprintln!("agent-scale: {threads} threads: {e:#}");
+            json!({ "threads": threads, "error": format!("{e:#}") })
+        }));
     }
     println!("{}", json!({ "seconds": args.seconds, "rows": rows }));
     Ok(())
@@ -116,12 +121,19 @@ fn measure(args: &Args, threads: usize) -> anyhow::Result<serde_json::Value> {
             .context("starting a governed process")?;
         children.push(child);
     }
-    for c in &mut children {
+    let ready = children.iter_mut().all(|c| {
         let mut line = String::new();
-        BufReader::new(c.stdout.as_mut().context("child stdout")?).read_line(&mut line)?;
-        if line.trim() != "ready" {
-            bail!("a governed process did not get ready: {line:?}");
+        c.stdout
+            .as_mut()
+            .is_some_and(|out| BufReader::new(out).read_line(&mut line).is_ok())
+            && line.trim() == "ready"
+    });
+    if !ready {
+        for mut c in children {
+            let _ = c.kill();
+            let _ = c.wait();
         }
+        bail!("a governed process did not get every thread placed within 30 s");
     }
     let status = agent.status_json();
     let clients = status["clients"].as_array().map_or(0, Vec::len);

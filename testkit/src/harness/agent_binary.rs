@@ -1,10 +1,6 @@
 //! The agent's binary, built for the tests that run it.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    sync::OnceLock,
-};
+use std::{path::PathBuf, process::Command, sync::OnceLock};
 
 /// Names an agent binary already built for this test run (`cargo xtask
 /// test` builds it with the tests' own selection, so no second build of
@@ -28,12 +24,15 @@ pub fn agent_binary() -> PathBuf {
             return bin;
         }
         let exe = std::env::current_exe().expect("the test's own path");
-        // target/<profile>/deps/<test> -> target/<profile>
-        let profile_dir = exe
+        // A test runs from target/<profile>/deps/<test>, a probe from
+        // target/<profile>/<probe>: either way, target/<profile>.
+        let mut profile_dir = exe
             .parent()
-            .and_then(Path::parent)
-            .expect("the test runs from target/<profile>/deps")
+            .expect("the caller runs from target/<profile>")
             .to_owned();
+        if profile_dir.ends_with("deps") {
+            profile_dir.pop();
+        }
         let mut build = Command::new(env!("CARGO"));
         build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
             "build",

@@ -30,8 +30,8 @@ use tokio::{
 };
 
 use crate::{
-    attribution::{Attribution, Identity, parse_mark_event},
-    ceiling::Ceiling,
+    attribution::{Attribution, Identity, Reading, parse_mark_event},
+    ceiling::{Ceiling, CeilingStatus},
     cgroup::Subtree,
     config::Config,
     error::{AgentError, HelloError, MessageError, ReloadError},
@@ -367,17 +367,7 @@ impl Agent {
             }
         };
         let ceiling = self.ceiling.as_ref().map(Ceiling::status);
-        let now = Instant::now();
-        let actions = self.policy.tick(&Tick {
-            now,
-            reading: reading.as_ref(),
-            ceiling: ceiling.as_ref().map(|c| CeilingUse {
-                working_set_bytes: c.working_set_bytes,
-                charge_bytes: c.current_bytes,
-                limit_bytes: c.limit_bytes,
-            }),
-            psi: self.psi.as_ref().map(|m| (m.events(), m.window())),
-        });
+        let actions = self.decide(reading.as_ref(), ceiling.as_ref());
         let high_mark_moved = actions.iter().any(|a| matches!(a, Action::SetHighMark(_)));
         self.apply(actions);
         let passed = reading
@@ -399,6 +389,24 @@ impl Agent {
         if let Some(reading) = reading {
             self.publish(reading, ceiling);
         }
+    }
+
+    /// The policy's decision on what was just read.
+    fn decide(
+        &mut self,
+        reading: Option<&Reading>,
+        ceiling: Option<&CeilingStatus>,
+    ) -> Vec<Action> {
+        self.policy.tick(&Tick {
+            now: Instant::now(),
+            reading,
+            ceiling: ceiling.map(|c| CeilingUse {
+                working_set_bytes: c.working_set_bytes,
+                charge_bytes: c.current_bytes,
+                limit_bytes: c.limit_bytes,
+            }),
+            psi: self.psi.as_ref().map(|m| (m.events(), m.window())),
+        })
     }
 
     /// Engines crossed their marks, as the ring buffer reported them.
@@ -452,16 +460,7 @@ impl Agent {
                 }
             }
             let ceiling = self.ceiling.as_ref().map(Ceiling::status);
-            let actions = self.policy.tick(&Tick {
-                now: Instant::now(),
-                reading: Some(&reading),
-                ceiling: ceiling.as_ref().map(|c| CeilingUse {
-                    working_set_bytes: c.working_set_bytes,
-                    charge_bytes: c.current_bytes,
-                    limit_bytes: c.limit_bytes,
-                }),
-                psi: self.psi.as_ref().map(|m| (m.events(), m.window())),
-            });
+            let actions = self.decide(Some(&reading), ceiling.as_ref());
             self.apply(actions);
             crossed = self
                 .attribution

@@ -91,7 +91,7 @@ fn count_toward_mark(slot: u32, s: *mut SlotStats, delta: i64) {
         if atomic_xchg::<u64, { AtomicOrdering::Relaxed }>(&raw mut (*mark).armed, 0) == 0 {
             return; // another CPU's crossing
         }
-        let _ = MARK_EVENTS.output::<MarkEvent>(
+        let sent = MARK_EVENTS.output::<MarkEvent>(
             &MarkEvent {
                 slot,
                 _pad: 0,
@@ -101,6 +101,10 @@ fn count_toward_mark(slot: u32, s: *mut SlotStats, delta: i64) {
             },
             0,
         );
+        if sent.is_err() {
+            // The ring is full: armed again, the next change reports it.
+            core::ptr::write_volatile(&raw mut (*mark).armed, 1);
+        }
     }
 }
 

@@ -66,7 +66,8 @@ pub static MARKS: Array<SlotMark> = Array::with_max_entries(MAX_SLOTS, 0);
 /// Each slot's flushed resident bytes (the rest is per CPU, in `STATS`).
 #[map]
 pub static MARK_TOTALS: Array<i64> = Array::with_max_entries(MAX_SLOTS, 0);
-/// Crossings of a mark, for the agent (`MarkEvent`s): 64 KiB hold 2,048,
+/// Crossings of a mark, for the agent (`MarkEvent`s, 32 bytes and an
+/// 8-byte header each): 64 KiB hold about 1,600, more than the slots,
 /// and there is at most one per armed slot between two arms.
 #[map]
 pub static MARK_EVENTS: RingBuf = RingBuf::with_byte_size(64 << 10, 0);

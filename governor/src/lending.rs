@@ -19,9 +19,11 @@
 //!   [`LendingRules::growth_bytes`] for [`LendingRules::idle_after`] (nor
 //!   taken a loan back within it), holds less than `warning` of its budget
 //!   in force, and is not borrowing itself, can lend.
-//! * **How much**: a lender keeps its floor, or what it holds plus a
-//!   cushion of [`LendingRules::cushion`] of its configured budget if that
-//!   is more; the rest of its budget in force is lendable. A busy engine
+//! * **How much**: a lender keeps what it would need back at once (see
+//!   below): its floor, what it holds plus a cushion of
+//!   [`LendingRules::cushion`] of its configured budget, and what it holds
+//!   over `warning`, whichever is most; the rest of its budget in force is
+//!   lendable. A lender never borrows. A busy engine
 //!   borrows everything lendable from the idle engine that can lend the
 //!   most. The floor is never lent.
 //! * **Taken back, at once**: a lender that is refused a reservation
@@ -38,8 +40,8 @@
 //!   whichever is most; taken from its newest loans first, the last one
 //!   partly. The borrower's budget drops by as much; what it holds beyond
 //!   it is spilled by whoever enforces the budget, and a take-back that
-//!   leaves the borrower at `critical` of its new budget is counted as one
-//!   that forced a spill ([`LoanBook::forced_spills`]).
+//!   brings the borrower to `critical` of its new budget (from below it)
+//!   is counted as one that forced a spill ([`LoanBook::forced_spills`]).
 //!
 //! Thresholds are [`PressureThresholds`]: the same `warning` and
 //! `critical` as the pressure levels.
@@ -330,6 +332,7 @@ impl<K: Clone + PartialEq> LoanBook<K> {
         &mut self,
         lender: &Q,
         now: Instant,
+        thresholds: &PressureThresholds,
         holding: impl Fn(&K) -> Holding,
     ) -> Vec<LoanEvent<K>>
     where
@@ -342,7 +345,7 @@ impl<K: Clone + PartialEq> LoanBook<K> {
         for a in &mut self.accounts {
             a.last = holding(&a.engine);
         }
-        self.recall(&k, Need::All, now, None)
+        self.recall(&k, Need::All, now, thresholds)
     }
 
     /// Ends the loans `ends` picks and repays them (new terms, not a
@@ -381,7 +384,8 @@ impl<K: Clone + PartialEq> LoanBook<K> {
         let held = a.last.held();
         let cushion = (a.budget_bytes as f64 * self.rules.cushion) as u64;
         let over_warning = if thresholds.warning > 0.0 {
-            (held as f64 / thresholds.warning).ceil() as u64
+            // Strictly below Warning, which is reached at equality.
+            (held as f64 / thresholds.warning) as u64 + 1
         } else {
             a.budget_bytes
         };
@@ -392,23 +396,25 @@ impl<K: Clone + PartialEq> LoanBook<K> {
     }
 
     /// Takes back the loans of `lender` that `need` allows, newest first,
-    /// until its budget in force reaches what it needs (`thresholds`; all
-    /// of them when `None` or `Need::All`).
+    /// until its budget in force reaches what it needs (all of them for
+    /// `Need::All`).
     fn recall(
         &mut self,
         lender: &K,
         need: Need,
         now: Instant,
-        thresholds: Option<&PressureThresholds>,
+        thresholds: &PressureThresholds,
     ) -> Vec<LoanEvent<K>> {
         let Some(a) = self.account(lender) else {
             return Vec::new();
         };
-        let mut short = match (need, thresholds) {
-            (Need::All, _) | (_, None) => u64::MAX,
-            (_, Some(t)) => self.needed(a, t).saturating_sub(a.in_force_bytes),
+        let mut short = match need {
+            Need::All => u64::MAX,
+            _ => self.needed(a, thresholds).saturating_sub(a.in_force_bytes),
         };
-        let critical = thresholds.map_or(PressureThresholds::default().critical, |t| t.critical);
+        let critical = |b: &Account<K>| {
+            b.last.resident_bytes as f64 >= b.in_force_bytes as f64 * thresholds.critical
+        };
         let mut events = Vec::new();
         let mut i = self.loans.len();
         while i > 0 && short > 0 {
@@ -432,9 +438,13 @@ impl<K: Clone + PartialEq> LoanBook<K> {
             } else {
                 self.loans[i].bytes -= bytes;
             }
+            // A borrower this take-back brings to Critical must spill; one
+            // already there was spilling anyway.
+            let was = self.account(&taken.borrower).is_some_and(critical);
             self.repay(&taken, Some(now));
             if let Some(b) = self.account_mut(&taken.borrower)
-                && b.last.resident_bytes as f64 >= b.in_force_bytes as f64 * critical
+                && !was
+                && critical(b)
             {
                 b.forced_spills += 1;
             }
@@ -496,7 +506,7 @@ impl<K: Clone + PartialEq> LoanBook<K> {
             };
             if let Some(need) = need {
                 let lender = self.accounts[l].engine.clone();
-                events.extend(self.recall(&lender, need, now, Some(thresholds)));
+                events.extend(self.recall(&lender, need, now, thresholds));
             }
         }
         // Busy engines borrow from idle ones.
@@ -504,6 +514,8 @@ impl<K: Clone + PartialEq> LoanBook<K> {
             let borrower = &self.accounts[b];
             if (borrower.last.resident_bytes as f64)
                 < borrower.in_force_bytes as f64 * thresholds.critical
+                // A lender never borrows: it takes its own loans back.
+                || self.loans.iter().any(|x| x.lender == borrower.engine)
             {
                 continue;
             }
@@ -520,11 +532,11 @@ impl<K: Clone + PartialEq> LoanBook<K> {
                     if !quiet || r as f64 >= a.in_force_bytes as f64 * thresholds.warning {
                         return None; // not idle
                     }
-                    // What it holds: resident, or its reservations if they
-                    // are larger (reserved, not yet touched).
-                    let cushion = (a.budget_bytes as f64 * rules.cushion) as u64;
-                    let keep = a.floor_bytes.max(a.last.held().saturating_add(cushion));
-                    let lendable = a.in_force_bytes.saturating_sub(keep);
+                    // It keeps what it would take back at once: its floor,
+                    // what it holds (resident, or its reservations if they
+                    // are larger) plus the cushion, and what it holds over
+                    // Warning; so lending never leaves it at Warning.
+                    let lendable = a.in_force_bytes.saturating_sub(self.needed(a, thresholds));
                     (lendable > 0).then_some((l, lendable))
                 })
                 .max_by_key(|(_, lendable)| *lendable);
@@ -609,12 +621,12 @@ mod tests {
         // Vector rises to warning of its reduced budget (56 of 74 MiB):
         // the loan stands, young as it is, however long the rise lasts.
         for at in [20, 300, 1900] {
-            let ev = b.round(t0 + ms(at), &t, holding(56 * MIB, 400 * MIB));
+            let ev = b.round(t0 + ms(at), &t, holding(56 * MIB, 380 * MIB));
             assert!(ev.is_empty(), "at {at} ms: {ev:?}");
         }
         // Two seconds on, the sustained rise takes back what vector needs
         // (56 + 64 MiB of cushion), not the whole loan.
-        let ev = b.round(t0 + ms(2000), &t, holding(56 * MIB, 400 * MIB));
+        let ev = b.round(t0 + ms(2000), &t, holding(56 * MIB, 380 * MIB));
         assert_eq!(
             ev,
             vec![LoanEvent::TakenBack(Loan {
@@ -626,7 +638,11 @@ mod tests {
         assert_eq!(b.budget(&"vector"), Some(120 * MIB));
         assert_eq!(b.budget(&"query"), Some(392 * MIB));
         assert_eq!(b.lent_bytes(&"vector"), 136 * MIB);
-        assert_eq!(b.forced_spills(&"query"), 1, "400 MiB is past 90% of 392");
+        assert_eq!(
+            b.forced_spills(&"query"),
+            1,
+            "380 MiB: under 90% of 438, past 90% of 392"
+        );
         // Vector jumps to critical of its budget (110 of 120 MiB): it
         // would be spilled itself, so it takes back at once what it needs
         // (110 + 64 MiB), and query, at 300 MiB, need not spill.
@@ -752,6 +768,7 @@ mod tests {
         let ev = b.take_back(
             &"vector",
             t0 + Duration::from_millis(5),
+            &t,
             holding(0, 240 * MIB),
         );
         assert_eq!(ev.len(), 1);
@@ -788,8 +805,20 @@ mod tests {
 
     #[test]
     fn budgets_in_force_always_add_up_to_the_configured_ones() {
+        // The default rules, and a thin cushion with no waiting (where the
+        // cushion alone would leave a lender at Warning of what it keeps).
+        walk(LendingRules::default());
+        walk(LendingRules {
+            cushion: 0.05,
+            min_loan: Duration::ZERO,
+            rise_after: Duration::ZERO,
+            ..LendingRules::default()
+        });
+    }
+
+    fn walk(rules: LendingRules) {
         let t = PressureThresholds::default();
-        let mut b = LoanBook::new(LendingRules::default());
+        let mut b = LoanBook::new(rules);
         for (e, budget, floor) in [(0u8, 100, 10), (1, 300, 0), (2, 50, 50), (3, 200, 20)] {
             b.set_engine(e, budget * MIB, floor * MIB);
         }
@@ -812,7 +841,17 @@ mod tests {
                 }
             });
             if x.is_multiple_of(13) {
-                b.take_back(&((x % 4) as u8), now, |_| Holding::default());
+                b.take_back(&((x % 4) as u8), now, &t, |_| Holding::default());
+            }
+            for e in &ev {
+                if let LoanEvent::Lent(l) = e {
+                    let a = b.account(&l.lender).unwrap();
+                    assert!(
+                        (a.last.held() as f64) < a.in_force_bytes as f64 * t.warning,
+                        "lending left {} at Warning: {ev:?}",
+                        l.lender
+                    );
+                }
             }
             assert_eq!(b.loans.len(), b.made.len());
             let sum: u64 = (0..4u8).map(|e| b.budget(&e).unwrap()).sum();

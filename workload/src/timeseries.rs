@@ -181,7 +181,9 @@ impl Timeseries {
     /// engine's memory stays what one segment takes, not the file's size
     /// (which no budget was asked for).
     pub fn verify(&self) -> anyhow::Result<(u64, f64)> {
-        let mut file = std::io::BufReader::new(File::open(&self.path)?);
+        let file = File::open(&self.path)?;
+        let size = file.metadata()?.len();
+        let mut file = std::io::BufReader::new(file);
         let (mut points, mut sum, mut at) = (0u64, 0.0, 0u64);
         let mut seg = Vec::new();
         loop {
@@ -189,12 +191,14 @@ impl Timeseries {
                 break;
             }
             let mut head = [0u8; 8];
-            file.read_exact(&mut head)
-                .map_err(|_| anyhow::anyhow!("a segment header is cut at byte {at}"))?;
+            anyhow::ensure!(at + 8 <= size, "a segment header is cut at byte {at}");
+            file.read_exact(&mut head)?;
             let len = u32::from_le_bytes(head[4..8].try_into()?) as usize;
+            // The length is checked against the file before anything is
+            // allocated for it.
+            anyhow::ensure!(at + 8 + len as u64 <= size, "a segment is cut at byte {at}");
             seg.resize(len, 0);
-            file.read_exact(&mut seg)
-                .map_err(|_| anyhow::anyhow!("a segment is cut at byte {at}"))?;
+            file.read_exact(&mut seg)?;
             for (_, v) in gorilla::decode(&seg)? {
                 points += 1;
                 sum += v;

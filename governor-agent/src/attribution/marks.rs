@@ -13,9 +13,9 @@
 //! anyone. Each CPU counts on its own and adds to the shared total only
 //! when what it holds back is large against the distance to the mark, so
 //! far from every mark a CPU touches the shared line once per
-//! `MARK_MAX_BATCH` (16 MiB) of growth, and near one on every change: the
-//! crossing is seen within half the distance from where the last flush
-//! left it, and exactly at the end.
+//! `MARK_MAX_BATCH` (16 MiB) of growth, and near one on every change of
+//! the CPU the engine runs on. What CPUs it left hold back is the error
+//! (see [`Attribution::arm`]).
 
 use std::collections::BTreeMap;
 
@@ -158,10 +158,19 @@ impl Attribution {
     /// the engine's threads left keep the growth they held back, and the
     /// total stays below the count by as much until they count again. The
     /// difference is read now, with the count, and the mark written in the
-    /// total's terms, so what a quiet CPU holds does not make the crossing
-    /// late; if that CPU flushes later, the total jumps and may report
-    /// early, which the owner checks against the exact figure.
+    /// total's terms, so what quiet CPUs hold at this moment does not make
+    /// the crossing late; if one flushes later, the total jumps and may
+    /// report early (the owner checks against the exact figure). What CPUs
+    /// the threads leave after this moment hold back makes it late, by at
+    /// most a share of the distance each had at its last change; if the
+    /// engine stops growing inside that, the tick sees the crossing.
     fn arm(&mut self, slot: u32, up: i64) -> Result<bool, AgentError> {
+        // The total first: a flush between the two reads then makes the
+        // mark early (checked against the exact figure), never late.
+        let total = self
+            .mark_totals
+            .get(&slot, 0)
+            .map_err(|e| AgentError::ebpf(format!("reading the mark total of slot {slot}"), e))?;
         let s = self.read_slot(slot)?;
         let counted = s.resident_bytes[kind::ANON]
             + s.resident_bytes[kind::FILE]
@@ -171,10 +180,6 @@ impl Attribution {
             self.write_mark(slot, None)?;
             return Ok(false);
         }
-        let total = self
-            .mark_totals
-            .get(&slot, 0)
-            .map_err(|e| AgentError::ebpf(format!("reading the mark total of slot {slot}"), e))?;
         self.write_mark(slot, Some(up.saturating_add(total - counted)))?;
         if let Some(a) = self.marks.get_mut(&slot) {
             a.written = Some(up);

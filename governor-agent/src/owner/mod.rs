@@ -423,7 +423,11 @@ impl Agent {
                 crossed.push((pid, engine, Some(mark)));
             }
         }
-        self.react(crossed);
+        // Crossings of marks no longer armed (a slot reused, a mark moved
+        // since) need nothing: the tick has it.
+        if !crossed.is_empty() {
+            self.react(crossed);
+        }
     }
 
     /// Reads the kernel and runs the ladder at once for engines that
@@ -471,6 +475,11 @@ impl Agent {
             if crossed.is_empty() {
                 return;
             }
+        }
+        // Still passing marks after these rounds: the policy hears of them
+        // (they are disarmed), and the next tick arms what follows.
+        for (pid, engine, _) in &crossed {
+            self.policy.on_mark(*pid, engine);
         }
     }
 

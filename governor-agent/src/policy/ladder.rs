@@ -108,9 +108,10 @@ pub(super) const MARK_HYSTERESIS: f64 = 0.02;
 
 /// The mark that wakes the agent for an engine holding `resident_bytes` of
 /// `budget_bytes`: the next threshold (Warning, Critical, Emergency) above
-/// what it holds, unless that is the mark that `fired` last and the engine
-/// has not fallen [`MARK_HYSTERESIS`] below it since (None: no mark; the
-/// tick alone watches). `fired` is forgotten once the engine has.
+/// what it holds; if that is the mark that `fired` last and the engine has
+/// not fallen [`MARK_HYSTERESIS`] below it since, the one above that (None:
+/// no mark; the tick alone watches). `fired` is forgotten once the engine
+/// has fallen that far.
 pub(super) fn next_mark(
     resident_bytes: u64,
     budget_bytes: u64,
@@ -122,9 +123,12 @@ pub(super) fn next_mark(
     if fired.is_some_and(|f| resident_bytes.saturating_add(band) <= f) {
         *fired = None;
     }
-    let next = [t.warning, t.critical, t.emergency]
-        .into_iter()
-        .map(at)
-        .find(|&m| m > resident_bytes)?;
-    (*fired != Some(next)).then_some(next)
+    let marks = [t.warning, t.critical, t.emergency].map(at);
+    let next = marks.into_iter().find(|&m| m > resident_bytes)?;
+    if *fired == Some(next) {
+        // Hovering at the mark that fired: the tick watches it, and the
+        // one above stays armed for a jump past it.
+        return marks.into_iter().find(|&m| m > next);
+    }
+    Some(next)
 }

@@ -266,10 +266,15 @@ impl Library {
             if r.rejections > before && self.observe_cap.is_none() && self.loans.is_lender(&r.name)
             {
                 let engines = &self.engines;
-                events.extend(self.loans.take_back(&r.name, now, |name| Holding {
-                    resident_bytes: engines.get(name).map_or(0, |e| e.resident_bytes),
-                    reserved_bytes: engines.get(name).map_or(0, EngineState::reserved_bytes),
-                }));
+                events.extend(
+                    self.loans
+                        .take_back(&r.name, now, &rules.thresholds, |name| Holding {
+                            resident_bytes: engines.get(name).map_or(0, |e| e.resident_bytes),
+                            reserved_bytes: engines
+                                .get(name)
+                                .map_or(0, EngineState::reserved_bytes),
+                        }),
+                );
             }
         }
         self.send_loan_changes(rules, &events, out);

@@ -162,10 +162,12 @@ impl Ledger {
             // spills what they hold beyond them).
             if self.loans.is_lender(&i) {
                 let used: Vec<u64> = self.engines.iter().map(|e| e.used).collect();
-                let events = self.loans.take_back(&i, Instant::now(), |j| Holding {
-                    resident_bytes: used[*j],
-                    reserved_bytes: used[*j],
-                });
+                let events = self
+                    .loans
+                    .take_back(&i, Instant::now(), &self.thresholds, |j| Holding {
+                        resident_bytes: used[*j],
+                        reserved_bytes: used[*j],
+                    });
                 self.apply_loans(&events);
             }
             return Err(err);

@@ -33,17 +33,6 @@ fn breaches(extra: &str) -> (Value, Value) {
         "the agent saw the engine back under its budget: {final_level}"
     );
     let marks = agent.status_json()["marks"].clone();
-    std::fs::write(format!("/tmp/ladder-{}.log", extra.len()), agent.log()).unwrap();
-    eprintln!(
-        "rounds: {:?}",
-        rounds
-            .iter()
-            .map(|r| (
-                r["latency_us"].as_u64().unwrap(),
-                r["peak_touched_bytes"].as_u64().unwrap() >> 20
-            ))
-            .collect::<Vec<_>>()
-    );
     (report, marks)
 }
 

@@ -24,7 +24,8 @@ fn the_agent_governs_many_churning_threads_and_its_cost_is_measured() {
     let row = &r["rows"][0];
     assert_eq!(row["threads"], 60, "{r}");
     assert_eq!(row["processes"], 3, "{r}");
-    // 60 threads mapping and touching 64 pages every 50 ms for 3 s: the
+    // 60 threads mapping and touching 64 pages every 50 ms, for the 2 s
+    // measured and the second before it: the
     // engines' faults are attributed (well above what the processes' own
     // start-up takes).
     assert!(
@@ -34,7 +35,8 @@ fn the_agent_governs_many_churning_threads_and_its_cost_is_measured() {
     // About 50 ticks a second at the default 20 ms tick.
     assert!(row["ticks"].as_u64() >= Some(50), "{r}");
     let cpu = row["agent_cpu_percent"].as_f64().unwrap();
-    assert!((0.0..=200.0).contains(&cpu), "{r}");
+    // Ticking 50 times a second over three processes costs something.
+    assert!(cpu > 0.0 && cpu < 200.0, "{r}");
     eprintln!(
         "agent cost, 60 threads in 3 processes: {cpu:.2}% of a CPU, mean tick {:.0} us",
         row["mean_tick_us"].as_f64().unwrap()

@@ -4,9 +4,10 @@
 //! is held). When a chunk is refused, or the agent asks for a spill, the
 //! buffers are flushed: each series' points are Gorilla-compressed into a
 //! segment and appended to the engine's file on disk (through the
-//! library's uncached writer), the buffers'
-//! reservations are released, and the engine's arena gives the freed pages
-//! back to the kernel (the `after_flush` hook).
+//! library's uncached writer), and series by series the buffers'
+//! reservations are released and the engine's arena gives the freed pages
+//! back to the kernel (the `after_flush` hook, every 32 MiB and at the
+//! end).
 
 use std::{
     fs::File,
@@ -21,6 +22,8 @@ use crate::gorilla::{self, Encoder};
 
 /// Points per reserved chunk of a series' buffer.
 pub const CHUNK_POINTS: usize = 4096;
+/// A flush has the arena give freed pages back every this many bytes.
+const PURGE_EVERY: u64 = 32 << 20;
 const POINT_BYTES: u64 = 16;
 
 struct Series {
@@ -85,8 +88,9 @@ impl Timeseries {
         })
     }
 
-    /// Runs `hook` after every flush (the workload purges the engine's
-    /// arena there, so freed buffers leave the resident set at once).
+    /// Runs `hook` after every flush, and every 32 MiB released during a
+    /// long one (the workload purges the engine's arena there, so freed
+    /// buffers leave the resident set at once).
     pub fn after_flush(mut self, hook: impl Fn() + Send + Sync + 'static) -> Self {
         self.after_flush = Some(Box::new(hook));
         self
@@ -137,7 +141,9 @@ impl Timeseries {
     fn flush_locked(&self, st: &mut State, spill: bool) -> std::io::Result<u64> {
         let mut segments = 0;
         let (mut raw, mut compressed) = (0u64, 0u64);
-        for (i, s) in st.series.iter_mut().enumerate() {
+        let (mut released, mut unpurged) = (0u64, 0u64);
+        for i in 0..st.series.len() {
+            let s = &mut st.series[i];
             if s.chunks.is_empty() {
                 continue;
             }
@@ -146,16 +152,35 @@ impl Timeseries {
                 e.push(t, v);
             }
             raw += s.len() as u64 * POINT_BYTES;
+            let held = s.chunks.len();
+            s.chunks = Vec::new();
             let seg = e.finish();
             st.out.write_all(&(i as u32).to_le_bytes())?;
             st.out.write_all(&(seg.len() as u32).to_le_bytes())?;
             st.out.write_all(&seg)?;
             compressed += seg.len() as u64;
             segments += 1;
-            s.chunks = Vec::new();
+            // The series is on its way to disk: its chunks' reservations go
+            // now (they are all the same size), and every 32 MiB the arena
+            // gives the freed pages back, so a long flush brings the
+            // engine down as it goes rather than at its end.
+            let n = held.min(st.chunks.len());
+            let gone: u64 = st
+                .chunks
+                .drain(st.chunks.len() - n..)
+                .map(|r| r.size())
+                .sum();
+            released += gone;
+            unpurged += gone;
+            if unpurged >= PURGE_EVERY
+                && let Some(hook) = &self.after_flush
+            {
+                hook();
+                unpurged = 0;
+            }
         }
         st.out.flush()?;
-        let released: u64 = st.chunks.iter().map(Reservation::size).sum();
+        released += st.chunks.iter().map(Reservation::size).sum::<u64>();
         st.chunks.clear();
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         stats.flushes += 1;

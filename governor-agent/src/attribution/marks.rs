@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 
 use aya::maps::{MapData, RingBuf};
-use nodedb_governor_common::{MarkEvent, SlotMark, kind};
+use nodedb_governor_common::{MarkEvent, SlotMark};
 
 use super::{Attribution, Reading};
 use crate::error::AgentError;
@@ -172,9 +172,7 @@ impl Attribution {
             .get(&slot, 0)
             .map_err(|e| AgentError::ebpf(format!("reading the mark total of slot {slot}"), e))?;
         let s = self.read_slot(slot)?;
-        let counted = s.resident_bytes[kind::ANON]
-            + s.resident_bytes[kind::FILE]
-            + s.resident_bytes[kind::SHMEM];
+        let counted = super::settle::counted_bytes(&s);
         if counted >= up {
             self.marks.remove(&slot);
             self.write_mark(slot, None)?;

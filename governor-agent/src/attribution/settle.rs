@@ -20,14 +20,7 @@ pub(super) fn settle(
     let names: Vec<String> = engines.keys().cloned().collect();
     let mut rows: Vec<SlotStats> = engines.into_values().collect();
     rows.push(unattributed);
-    let counted: Vec<i64> = rows
-        .iter()
-        .map(|r| {
-            r.resident_bytes[kind::ANON]
-                + r.resident_bytes[kind::FILE]
-                + r.resident_bytes[kind::SHMEM]
-        })
-        .collect();
+    let counted: Vec<i64> = rows.iter().map(counted_bytes).collect();
     for k in 0..kind::COUNT {
         let ext = external.resident_bytes[k];
         if ext != 0 {
@@ -74,6 +67,12 @@ pub(super) fn settle(
         unattributed,
         vm_rss_bytes,
     }
+}
+
+/// A slot's own count of resident bytes, every kind but swap: the figure
+/// its mark is kept in (the programs count the same kinds toward it).
+pub(super) fn counted_bytes(s: &SlotStats) -> i64 {
+    s.resident_bytes[kind::ANON] + s.resident_bytes[kind::FILE] + s.resident_bytes[kind::SHMEM]
 }
 
 fn engine_usage(s: SlotStats) -> Attributed {

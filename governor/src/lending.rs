@@ -61,7 +61,9 @@ pub struct LendingRules {
     /// for this long after it took a loan back.
     pub idle_after: Duration,
     /// Growth smaller than this does not count as activity (allocator
-    /// noise, a page here and there).
+    /// noise, a page here and there), and a loan (or a top-up of one)
+    /// smaller than this is not made: it would be noise too, and each one
+    /// is a budget change for whoever enforces it.
     pub growth_bytes: u64,
     /// A lender keeps this fraction of its configured budget beyond what it
     /// holds.
@@ -537,7 +539,7 @@ impl<K: Clone + PartialEq> LoanBook<K> {
                     // are larger) plus the cushion, and what it holds over
                     // Warning; so lending never leaves it at Warning.
                     let lendable = a.in_force_bytes.saturating_sub(self.needed(a, thresholds));
-                    (lendable > 0).then_some((l, lendable))
+                    (lendable > 0 && lendable >= rules.growth_bytes).then_some((l, lendable))
                 })
                 .max_by_key(|(_, lendable)| *lendable);
             let Some((l, bytes)) = lender else {
@@ -756,6 +758,32 @@ mod tests {
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].loan().bytes, 192 * MIB);
         assert_eq!(b.budget(&"query"), Some(64 * MIB), "the floor stays");
+    }
+
+    #[test]
+    fn loans_smaller_than_the_growth_noise_are_not_made() {
+        let t = PressureThresholds::default();
+        let mut b = book();
+        let t0 = Instant::now();
+        let ev = b.round(t0, &t, holding(10 * MIB, 240 * MIB));
+        assert_eq!(ev.len(), 1);
+        // Query stays busy; vector shrinks by a page, then by 700 bytes
+        // more: each would be a top-up of a few hundred bytes (and a
+        // budget change for the enforcer). None is made.
+        for (i, v) in [10 * MIB - 4096, 10 * MIB - 4796, 10 * MIB - (1 << 19)]
+            .into_iter()
+            .enumerate()
+        {
+            let ev = b.round(t0 + ms(20 * (i as u64 + 1)), &t, holding(v, 430 * MIB));
+            assert!(ev.is_empty(), "vector at {v}: {ev:?}");
+        }
+        assert_eq!(b.budget(&"query"), Some(438 * MIB));
+        // Two MiB freed is a loan worth making.
+        let ev = b.round(t0 + ms(100), &t, holding(8 * MIB, 430 * MIB));
+        assert!(
+            matches!(&ev[..], [LoanEvent::Lent(l)] if l.bytes == 2 * MIB),
+            "{ev:?}"
+        );
     }
 
     #[test]

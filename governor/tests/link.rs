@@ -4,7 +4,11 @@
 //! link, says how much), a budget change sent right behind it is applied
 //! too, and dropping the link stops both threads. (That limits are not
 //! held up behind a long walk follows from the walk's own thread; this
-//! test does not time it.)
+//! test does not time it.) Spills run on a thread per engine: one engine's
+//! spill stuck in its handler holds up neither another engine's spill nor
+//! a budget change, requests that pile up behind it are merged, and a cap
+//! below what an engine holds applies once its spill thread has brought
+//! it down.
 //!
 //! Files live under cargo's target directory (a block filesystem: tmpfs
 //! pages cannot be dropped).
@@ -18,8 +22,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::sync::{Mutex, mpsc};
+
 use nodedb_governor::{
-    Budget, EngineCache, EngineId, MemoryGovernor,
+    Budget, EngineCache, EngineId, MemoryGovernor, Reservation, SpillConfig, SpillController,
+    SpillHandler,
     control::{
         AgentLink, LinkConfig,
         wire::{self, Decoder, ToAgent, ToLibrary},
@@ -184,6 +191,188 @@ fn drop_cache_is_answered_from_the_cache_thread_and_limits_still_apply() {
     }
     assert!(link.stats().last_error.unwrap().contains("sparse"));
     assert_eq!(link.stats().cache_drops, 1);
+    drop(link);
+    let _ = fs::remove_dir_all(&d);
+}
+
+/// A spill handler holding reservations; its spills wait for a go-ahead
+/// on `gate` when it has one (one message per spill).
+struct Held {
+    held: Mutex<Vec<Reservation>>,
+    gate: Option<Mutex<mpsc::Receiver<()>>>,
+    entered: mpsc::SyncSender<()>,
+}
+
+impl SpillHandler for Held {
+    fn reclaimable_bytes(&self) -> u64 {
+        self.held
+            .lock()
+            .unwrap()
+            .iter()
+            .map(Reservation::size)
+            .sum()
+    }
+
+    fn spill(&self, target_bytes: u64) -> u64 {
+        let _ = self.entered.try_send(());
+        if let Some(gate) = &self.gate {
+            gate.lock().unwrap().recv().unwrap();
+        }
+        let mut held = self.held.lock().unwrap();
+        let mut freed = 0;
+        while freed < target_bytes
+            && let Some(r) = held.pop()
+        {
+            freed += r.size();
+        }
+        freed
+    }
+}
+
+fn held(
+    governor: &MemoryGovernor,
+    engine: EngineId,
+    chunks: u64,
+    gate: Option<mpsc::Receiver<()>>,
+) -> (Arc<Held>, mpsc::Receiver<()>) {
+    let (entered, spilling) = mpsc::sync_channel(64);
+    let held = (0..chunks)
+        .map(|_| governor.try_reserve(engine, MIB).unwrap())
+        .collect();
+    let h = Arc::new(Held {
+        held: Mutex::new(held),
+        gate: gate.map(Mutex::new),
+        entered,
+    });
+    (h, spilling)
+}
+
+fn spilled(m: &ToAgent, name: &str) -> Option<(u64, u64)> {
+    match m {
+        ToAgent::Spilled {
+            engine,
+            target_bytes,
+            freed_bytes,
+        } if engine == name => Some((*target_bytes, *freed_bytes)),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_slow_spill_holds_up_neither_other_engines_nor_limits_and_requests_behind_it_merge() {
+    let d = dir();
+    let socket = d.join("spill.sock");
+    let _ = fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).unwrap();
+    let governor = MemoryGovernor::new(
+        Budget::builder(512 * MIB)
+            .engine(EngineId::Vector, 0, 128 * MIB)
+            .engine(EngineId::Timeseries, 0, 128 * MIB)
+            .engine(EngineId::Query, 0, 128 * MIB)
+            .build()
+            .unwrap(),
+    );
+    let spill = Arc::new(SpillController::new(SpillConfig::default()).unwrap());
+    // Vector's spills wait for the test; timeseries' and query's do not.
+    let (go, gate) = mpsc::channel();
+    let (vector, vector_spilling) = held(&governor, EngineId::Vector, 64, Some(gate));
+    let (timeseries, _) = held(&governor, EngineId::Timeseries, 64, None);
+    let (query, _) = held(&governor, EngineId::Query, 64, None);
+    let _r = [
+        spill.register(EngineId::Vector, vector.clone()),
+        spill.register(EngineId::Timeseries, timeseries.clone()),
+        spill.register(EngineId::Query, query.clone()),
+    ];
+    let link = AgentLink::builder(
+        &governor,
+        LinkConfig::new(
+            &socket,
+            "nodedb",
+            &[
+                ("vector", EngineId::Vector),
+                ("timeseries", EngineId::Timeseries),
+                ("query", EngineId::Query),
+            ],
+        ),
+    )
+    .spill_controller(spill.clone())
+    .start()
+    .unwrap();
+    let (stream, _) = listener.accept().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut agent = Agent {
+        stream,
+        decoder: Decoder::new(),
+    };
+    agent.wait_for(|m| matches!(m, ToAgent::Hello { .. }));
+    agent.send(&ToLibrary::Welcome {
+        version: wire::VERSION,
+        engine_cgroups: Default::default(),
+    });
+    assert!(link.wait_connected(Duration::from_secs(10)));
+
+    // Vector's spill starts and sticks in its handler.
+    let spill_of = |engine: &str, mib: u64| ToLibrary::Spill {
+        engine: engine.into(),
+        target_bytes: mib * MIB,
+    };
+    agent.send(&spill_of("vector", 8));
+    vector_spilling
+        .recv_timeout(Duration::from_secs(10))
+        .expect("vector's spill started");
+    // Three more requests for vector pile up behind it; timeseries is
+    // asked to spill, and query's cap drops below what it holds.
+    for mib in [10, 12, 16] {
+        agent.send(&spill_of("vector", mib));
+    }
+    agent.send(&spill_of("timeseries", 20));
+    agent.send(&ToLibrary::Limits {
+        engine: "query".into(),
+        floor_bytes: 0,
+        cap_bytes: 40 * MIB,
+        hot_set_bytes: None,
+    });
+    let ts = agent.wait_for(|m| spilled(m, "timeseries").is_some());
+    assert_eq!(spilled(&ts, "timeseries"), Some((20 * MIB, 20 * MIB)));
+    assert_eq!(timeseries.reclaimable_bytes(), 44 * MIB);
+    // Query was spilled down to its new cap, which now applies.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while governor.usage(EngineId::Query).unwrap().cap_bytes != 40 * MIB {
+        assert!(
+            Instant::now() < deadline,
+            "query's new cap was not applied: {:?}",
+            governor.usage(EngineId::Query)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        governor.usage(EngineId::Query).unwrap().used_bytes,
+        40 * MIB
+    );
+    // Vector is still stuck in its first spill, and nothing of it freed.
+    assert_eq!(vector.reclaimable_bytes(), 64 * MIB);
+
+    // Let it go: the first request is answered, then one more spill, for
+    // the newest of the three behind it (the others merged into it).
+    go.send(()).unwrap();
+    let first = agent.wait_for(|m| spilled(m, "vector").is_some());
+    assert_eq!(spilled(&first, "vector"), Some((8 * MIB, 8 * MIB)));
+    go.send(()).unwrap();
+    let second = agent.wait_for(|m| spilled(m, "vector").is_some());
+    assert_eq!(spilled(&second, "vector"), Some((16 * MIB, 16 * MIB)));
+    assert_eq!(vector.reclaimable_bytes(), 40 * MIB);
+    let stats = link.stats();
+    assert_eq!(stats.spills_merged, 2, "{stats:?}");
+    assert_eq!(stats.spilled_bytes, (20 + 24 + 8 + 16) * MIB, "{stats:?}");
+    assert_eq!(stats.last_error, None);
+    // No third spill of vector: a request arriving now is the only one.
+    agent.send(&spill_of("vector", 1));
+    go.send(()).unwrap();
+    let third = agent.wait_for(|m| spilled(m, "vector").is_some());
+    assert_eq!(spilled(&third, "vector"), Some((MIB, MIB)));
+    assert_eq!(link.stats().spills, 5);
     drop(link);
     let _ = fs::remove_dir_all(&d);
 }

@@ -5,12 +5,19 @@
 //!
 //! Nothing on the allocation path waits for it: reservations only touch
 //! the governor; the link reads the governor's figures and changes its
-//! limits from its own thread. Dropping cold page cache (a walk of the
-//! engine's files with `mincore` and `fadvise`, which can take a while)
-//! runs on a second thread, so that limits and pressure levels are not
-//! held up behind it; its answer goes out when it is done. If the agent goes away the governor keeps
-//! its last budgets, and the link reconnects with exponential backoff,
-//! declaring everything again (engines and live threads).
+//! limits from its own thread. Work that can take a while runs on threads
+//! of its own, so that limits and pressure levels are never held up behind
+//! it, and its answer goes out when it is done: dropping cold page cache
+//! (a walk of the engine's files with `mincore` and `fadvise`) on one
+//! thread, and spills on one thread per engine (an engine's spill handler
+//! may write hundreds of MiB, or wait for the engine's own flush; another
+//! engine's spill does not wait behind it). A spill request that arrives
+//! while an earlier one for the same engine has not started replaces it
+//! (the agent's newer figures), so a slow engine does not pile up stale
+//! requests; the replaced one is answered with the one that ran. If the
+//! agent goes away the governor keeps its last budgets, and the link
+//! reconnects with exponential backoff, declaring everything again
+//! (engines and live threads).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -82,8 +89,13 @@ pub struct LinkStats {
     pub connected: bool,
     /// Successful connections so far (a reconnect adds one).
     pub connects: u64,
+    /// Spills carried out (for the agent's requests, and to bring an
+    /// engine under a new cap).
     pub spills: u64,
     pub spilled_bytes: u64,
+    /// Spill requests replaced by a newer one for the same engine before
+    /// they started.
+    pub spills_merged: u64,
     pub purges: u64,
     /// `drop_cache` requests served.
     pub cache_drops: u64,
@@ -100,6 +112,28 @@ struct State {
     placed: BTreeSet<u32>,
     levels: BTreeMap<EngineId, PressureLevel>,
     cgroups: BTreeMap<String, PathBuf>,
+    /// Limits the agent sent that are below what the engine held: its cap
+    /// is held at what it holds until its spill thread has brought it
+    /// down, then these apply. A newer `limits` replaces them.
+    wanted: BTreeMap<EngineId, (u64, u64)>,
+}
+
+/// Spill work for one engine, not yet started.
+#[derive(Default)]
+struct SpillJob {
+    /// The agent's request: the bytes to free (answered when done).
+    request: Option<u64>,
+    /// Requests this one replaced.
+    merged: u64,
+    /// Bring the engine under its wanted limits.
+    limits: bool,
+}
+
+#[derive(Default)]
+struct SpillJobs {
+    pending: BTreeMap<EngineId, SpillJob>,
+    /// Engines whose spill thread is running.
+    workers: BTreeSet<EngineId>,
 }
 
 struct Inner {
@@ -117,6 +151,9 @@ struct Inner {
     /// for the same engine replaces the older: one walk serves both).
     cache_jobs: Mutex<BTreeMap<String, u64>>,
     cache_wake: Condvar,
+    spill_jobs: Mutex<SpillJobs>,
+    spill_wake: Condvar,
+    spill_threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// A running link; dropping it stops the thread (the connection closes,
@@ -199,6 +236,9 @@ impl AgentLinkBuilder {
             stop: AtomicBool::new(false),
             cache_jobs: Mutex::new(BTreeMap::new()),
             cache_wake: Condvar::new(),
+            spill_jobs: Mutex::new(SpillJobs::default()),
+            spill_wake: Condvar::new(),
+            spill_threads: Mutex::new(Vec::new()),
         });
         let cache_thread = match inner.cache.clone() {
             Some(cache) => {
@@ -311,6 +351,11 @@ impl Drop for AgentLink {
         if let Some(t) = self.cache_thread.take() {
             let _ = t.join();
         }
+        // Likewise a spill under way (bounded by the engine's handler).
+        let spills = std::mem::take(&mut *lock(&self.inner.spill_threads));
+        for t in spills {
+            let _ = t.join();
+        }
     }
 }
 
@@ -360,13 +405,129 @@ impl Inner {
         self.stop.load(Ordering::Acquire)
     }
 
-    /// Sets `stop` under the cache thread's lock, so the thread cannot
-    /// miss the wake-up between seeing no stop and starting to wait.
+    /// Sets `stop` under the worker threads' locks, so none can miss the
+    /// wake-up between seeing no stop and starting to wait.
     fn stop_cache_thread(&self) {
         let jobs = lock(&self.cache_jobs);
+        let spills = lock(&self.spill_jobs);
         self.stop.store(true, Ordering::Release);
-        drop(jobs);
+        drop((jobs, spills));
         self.cache_wake.notify_all();
+        self.spill_wake.notify_all();
+    }
+
+    /// Queues spill work for `engine` (an agent's request for
+    /// `request` bytes, or bringing it under its wanted limits), starting
+    /// the engine's spill thread if it has none. A request not yet started
+    /// is replaced by this one.
+    fn queue_spill(self: &Arc<Self>, engine: EngineId, request: Option<u64>) {
+        let mut jobs = lock(&self.spill_jobs);
+        if self.stopped() {
+            return;
+        }
+        let job = jobs.pending.entry(engine).or_default();
+        match request {
+            Some(bytes) => {
+                if job.request.replace(bytes).is_some() {
+                    job.merged += 1;
+                }
+            }
+            None => job.limits = true,
+        }
+        if jobs.workers.insert(engine) {
+            let run = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!(
+                    "spill-{}",
+                    self.name_of(engine).unwrap_or("engine")
+                ))
+                .spawn(move || run.spill_worker(engine));
+            match spawned {
+                Ok(t) => lock(&self.spill_threads).push(t),
+                Err(e) => {
+                    // No thread: the work is done here, on the link's
+                    // thread, as it would have been without one.
+                    jobs.workers.remove(&engine);
+                    let job = jobs.pending.remove(&engine).unwrap_or_default();
+                    drop(jobs);
+                    lock(&self.state).stats.last_error =
+                        Some(format!("starting a spill thread for {engine:?}: {e}"));
+                    self.spill_now(engine, job);
+                    return;
+                }
+            }
+        }
+        drop(jobs);
+        self.spill_wake.notify_all();
+    }
+
+    /// One engine's spill thread: its jobs, one at a time.
+    fn spill_worker(&self, engine: EngineId) {
+        loop {
+            let job = {
+                let mut jobs = lock(&self.spill_jobs);
+                loop {
+                    if self.stopped() {
+                        return;
+                    }
+                    if let Some(job) = jobs.pending.remove(&engine) {
+                        break job;
+                    }
+                    jobs = self
+                        .spill_wake
+                        .wait(jobs)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            self.spill_now(engine, job);
+        }
+    }
+
+    /// Carries out one spill job: frees what the agent asked for, or what
+    /// the engine holds beyond its wanted cap (whichever is more), applies
+    /// the wanted limits if they fit now, and answers the request.
+    fn spill_now(&self, engine: EngineId, job: SpillJob) {
+        let Some(spill) = &self.spill else {
+            return;
+        };
+        let wanted_cap = || lock(&self.state).wanted.get(&engine).map(|w| w.1);
+        let used = || self.governor.usage(engine).map_or(0, |u| u.used_bytes);
+        let over = wanted_cap().map_or(0, |cap| used().saturating_sub(cap));
+        let target = job.request.unwrap_or(0).max(over);
+        let freed = if target > 0 {
+            spill.spill_engines(&[engine], target)
+        } else {
+            0
+        };
+        let mut st = lock(&self.state);
+        st.stats.spills += 1;
+        st.stats.spilled_bytes += freed;
+        st.stats.spills_merged += job.merged;
+        if let Some(&(floor, cap)) = st.wanted.get(&engine) {
+            match self.governor.set_limits(engine, floor, cap) {
+                Ok(()) => {
+                    st.wanted.remove(&engine);
+                    st.stats.limit_changes += 1;
+                }
+                // Still above it: the cap stays at what the engine holds
+                // (lowered as it frees), and the next spill tries again.
+                Err(_) => {
+                    let held = used();
+                    if held < self.governor.usage(engine).map_or(0, |u| u.cap_bytes) {
+                        let _ = self.governor.set_limits(engine, floor.min(held), held);
+                    }
+                }
+            }
+        }
+        drop(st);
+        self.changed.notify_all();
+        if let (Some(target_bytes), Some(name)) = (job.request, self.name_of(engine)) {
+            lock(&self.outbox).push(ToAgent::Spilled {
+                engine: name.to_owned(),
+                target_bytes,
+                freed_bytes: freed,
+            });
+        }
     }
 
     /// The `drop_cache` thread: one request at a time, answered through
@@ -449,7 +610,7 @@ impl Inner {
     }
 
     /// One connection, until it ends. Err: why it ended.
-    fn serve(&self, mut stream: UnixStream) -> Result<(), Ended> {
+    fn serve(self: &Arc<Self>, mut stream: UnixStream) -> Result<(), Ended> {
         let hello = ToAgent::Hello {
             version: wire::VERSION,
             database: self.config.database.clone(),
@@ -563,7 +724,7 @@ impl Inner {
     }
 
     /// Carries out one message from the agent; the reply to send, if any.
-    fn handle(&self, m: ToLibrary) -> Result<Option<ToAgent>, Ended> {
+    fn handle(self: &Arc<Self>, m: ToLibrary) -> Result<Option<ToAgent>, Ended> {
         // An engine this process does not have is the agent's mistake:
         // noted, and the connection goes on.
         let engine = |name: &str| {
@@ -616,29 +777,30 @@ impl Inner {
                     // new ones must fit it.
                     let _ = cache.set_hot_set_limit(id, bound);
                 }
+                let mut st = lock(&self.state);
+                // These replace any limits still waiting for a spill.
+                st.wanted.remove(&id);
                 let mut result = self.governor.set_limits(id, floor_bytes, cap_bytes);
-                if result.is_err()
-                    && let Some(spill) = &self.spill
-                {
-                    // Below what the engine holds: spill down to the new
-                    // cap, then apply it.
-                    let used = self.governor.usage(id).map_or(0, |u| u.used_bytes);
-                    spill.spill_engines(&[id], used.saturating_sub(cap_bytes));
-                    result = self.governor.set_limits(id, floor_bytes, cap_bytes);
-                }
-                if result.is_err() {
-                    // Still above the new cap (nothing to spill, or not
-                    // enough): the cap is what the engine holds, so every
-                    // new reservation is refused until it frees.
-                    let used = self.governor.usage(id).map_or(0, |u| u.used_bytes);
-                    if used > cap_bytes {
-                        result = self.governor.set_limits(id, floor_bytes.min(used), used);
+                let used = self.governor.usage(id).map_or(0, |u| u.used_bytes);
+                let mut spill = false;
+                if result.is_err() && used > cap_bytes {
+                    // Below what the engine holds: its cap is what it
+                    // holds, so every new reservation is refused, and its
+                    // spill thread brings it down to the new cap, which
+                    // applies then.
+                    result = self.governor.set_limits(id, floor_bytes.min(used), used);
+                    if result.is_ok() && self.spill.is_some() {
+                        st.wanted.insert(id, (floor_bytes, cap_bytes));
+                        spill = true;
                     }
                 }
-                let mut st = lock(&self.state);
                 match result {
                     Ok(()) => st.stats.limit_changes += 1,
                     Err(e) => st.stats.last_error = Some(e.to_string()),
+                }
+                drop(st);
+                if spill {
+                    self.queue_spill(id, None);
                 }
                 None
             }
@@ -693,20 +855,19 @@ impl Inner {
                 let Ok(id) = engine(&name) else {
                     return Ok(None);
                 };
-                let freed = self
-                    .spill
-                    .as_ref()
-                    .map_or(0, |s| s.spill_engines(&[id], target_bytes));
-                let mut st = lock(&self.state);
-                st.stats.spills += 1;
-                st.stats.spilled_bytes += freed;
-                drop(st);
-                self.changed.notify_all();
-                Some(ToAgent::Spilled {
-                    engine: name,
-                    target_bytes,
-                    freed_bytes: freed,
-                })
+                if self.spill.is_some() {
+                    // Answered by the engine's spill thread.
+                    self.queue_spill(id, Some(target_bytes));
+                    None
+                } else {
+                    // Nothing to spill with: answered at once.
+                    lock(&self.state).stats.spills += 1;
+                    Some(ToAgent::Spilled {
+                        engine: name,
+                        target_bytes,
+                        freed_bytes: 0,
+                    })
+                }
             }
             ToLibrary::Purge { engine: name } => {
                 let Ok(id) = engine(&name) else {

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: the reservation path against DataFusion's memory
 //! pools (criterion, one run), then the cost of kernel attribution against an
-//! untraced baseline in the same run (see testkit/src/bin/tracing-cost.rs) and
+//! untraced baseline and against a bpftrace script keeping the same counts,
+//! in the same run (see testkit/src/bin/tracing-cost.rs), and
 //! how each counting source compares with VmRSS, then the agent's own CPU at
 //! 10, 100 and 1,000 engine threads (testkit/src/bin/agent-scale.rs). Writes
 //! `target/bench/tracing-cost.{md,json}` and `target/bench/agent-scale.{md,json}`;

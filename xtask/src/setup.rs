@@ -9,7 +9,9 @@
 //! 5. `make`, which building jemalloc (the library's `jemalloc` feature)
 //!    needs;
 //! 6. a C++ compiler and `cargo-fuzz`, for the control channel's fuzz
-//!    target.
+//!    target;
+//! 7. `bpftrace`, the tracing benchmark's comparison (a script keeping
+//!    the same per-thread counts as our programs).
 
 use std::{path::Path, process::Command};
 
@@ -42,6 +44,7 @@ pub fn setup() -> anyhow::Result<()> {
     // libfuzzer-sys (the fuzz target) builds libFuzzer.
     tool_or_debian_package("c++", "g++", "building libFuzzer")?;
     cargo_fuzz()?;
+    tool_or_debian_package("bpftrace", "bpftrace", "the tracing benchmark's comparison")?;
     eprintln!("    toolchain ready");
     Ok(())
 }

@@ -5,10 +5,15 @@
 //! (64 MiB of buffered writes to a file under `--dir`, then truncated: an
 //! add and a delete per page, no disk I/O), each run with no programs
 //! attached, with the full set, with each counting source alone and with
-//! the page-cache programs alone. The process is governed (registered, its thread assigned to an
-//! engine), so the programs take their full path. Configurations are
-//! interleaved round by round and each is reported as the median over
-//! rounds and as a ratio against the untraced median of the same run.
+//! the page-cache programs alone, and with a bpftrace script that keeps the
+//! same per-thread counts on the same tracepoints
+//! (`testkit/bpftrace/per-thread-resident.bt`: what a user would write
+//! instead, and the comparison for our cost). The process is governed
+//! (registered, its thread assigned to an engine), so the programs take
+//! their full path. Configurations are interleaved round by round; each
+//! is reported as the median time over rounds and as the median, first
+//! and third quartile of its per-round ratios to the untraced run of the
+//! same round.
 //!
 //! Accuracy: what each source says for memory whose fault count and page
 //! count differ (a THP-backed region, a file read through fault-around, a
@@ -32,7 +37,8 @@ struct Args {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Measure only the untraced baseline and this configuration
-    /// (full, faults, rss, floor), and skip the accuracy table.
+    /// (full, faults, rss, floor, page-cache; bpftrace: the full set and
+    /// the script), and skip the accuracy table.
     #[arg(long)]
     only: Option<String>,
     /// Profiling aid: keep the full set attached and run the fault loop for
@@ -54,6 +60,7 @@ enum Config {
     RssOnly,
     Floor,
     PageCacheOnly,
+    Bpftrace,
 }
 
 impl Config {
@@ -65,39 +72,102 @@ impl Config {
             Config::RssOnly => "rss_stat only",
             Config::Floor => "empty programs on the same fault-path tracepoints (floor)",
             Config::PageCacheOnly => "filemap add/delete only (page cache)",
+            Config::Bpftrace => "bpftrace script, same counts (comparison)",
         }
     }
 }
 
-const CONFIGS: [Config; 6] = [
+const CONFIGS: [Config; 7] = [
     Config::Untraced,
     Config::Full,
     Config::FaultsOnly,
     Config::RssOnly,
     Config::Floor,
     Config::PageCacheOnly,
+    Config::Bpftrace,
 ];
+
+/// The comparison: per-thread counts kept by bpftrace.
+const BPFTRACE_SCRIPT: &str = include_str!("../../bpftrace/per-thread-resident.bt");
+
+/// What a configuration attached; detaches when dropped.
+enum Attached {
+    // Held, not read: the programs stay attached while it lives.
+    Ours(#[allow(dead_code)] Box<Attribution>),
+    Bpftrace(std::process::Child),
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if let Attached::Bpftrace(child) = self {
+            // SIGINT: bpftrace runs END and detaches.
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts the bpftrace script on this process and waits until every
+/// probe is attached (it prints "ready" from BEGIN, which runs after).
+fn bpftrace() -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new("bpftrace")
+        .args(["-q", "-e", BPFTRACE_SCRIPT])
+        .arg(std::process::id().to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("starting bpftrace: {e} (the setup step installs Debian's bpftrace)")
+        });
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    let mut line = String::new();
+    let ready = out.read_line(&mut line).is_ok() && line.trim() == "ready";
+    if !ready {
+        let _ = child.kill();
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        panic!("bpftrace did not attach: {line}{err}");
+    }
+    // Whatever it prints later (nothing but END's empty maps) goes
+    // nowhere; stderr too, so neither pipe fills.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    if let Some(mut e) = child.stderr.take() {
+        std::thread::spawn(move || std::io::copy(&mut e, &mut std::io::sink()));
+    }
+    child
+}
 
 fn gettid() -> u32 {
     // SAFETY: no preconditions.
     unsafe { libc::gettid() as u32 }
 }
 
-fn attach(config: Config) -> Option<Attribution> {
+fn attach(config: Config) -> Option<Attached> {
     let set = match config {
         Config::Untraced => return None,
+        Config::Bpftrace => return Some(Attached::Bpftrace(bpftrace())),
         Config::Full => ProgramSet::Full,
         Config::FaultsOnly => ProgramSet::FaultsOnly,
         Config::RssOnly => ProgramSet::RssOnly,
         Config::Floor => ProgramSet::Floor,
         Config::PageCacheOnly => ProgramSet::PageCacheOnly,
     };
+    Some(Attached::Ours(Box::new(ours(set))))
+}
+
+/// Our programs of `set`, governing this process (its thread in engine
+/// "bench").
+fn ours(set: ProgramSet) -> Attribution {
     let mut att = Attribution::load(set).expect("loading the eBPF programs");
     let pid = std::process::id();
     att.register_process(pid, &["bench".to_owned()])
         .expect("registering");
     att.assign_tid(pid, gettid(), "bench").expect("assigning");
-    Some(att)
+    att
 }
 
 /// ns per page of: map 64 MiB, write every page, unmap (x4).
@@ -138,19 +208,35 @@ fn page_cache_loop(file: &std::fs::File) -> f64 {
 }
 
 fn median(v: &mut [f64]) -> f64 {
+    quantiles(v).1
+}
+
+/// First quartile, median and third quartile (the quartiles rounded
+/// outwards, so a few rounds give the widest honest spread).
+fn quantiles(v: &mut [f64]) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let last = (v.len() - 1) as f64;
+    let (q1, q3) = ((last * 0.25).floor(), (last * 0.75).ceil());
+    (v[q1 as usize], v[v.len() / 2], v[q3 as usize])
+}
+
+/// A ratio's median and its spread over rounds.
+#[derive(serde::Serialize)]
+struct Ratio {
+    median: f64,
+    q1: f64,
+    q3: f64,
 }
 
 #[derive(serde::Serialize)]
 struct CostRow {
     config: Config,
     fault_ns_per_page: f64,
-    fault_ratio: f64,
+    fault_ratio: Ratio,
     mmap_ns_per_op: f64,
-    mmap_ratio: f64,
+    mmap_ratio: Ratio,
     page_cache_ns_per_page: f64,
-    page_cache_ratio: f64,
+    page_cache_ratio: Ratio,
 }
 
 #[derive(serde::Serialize)]
@@ -162,7 +248,7 @@ struct AccuracyRow {
 }
 
 fn accuracy() -> Vec<AccuracyRow> {
-    let att = attach(Config::Full).expect("full set");
+    let att = ours(ProgramSet::Full);
     let pid = std::process::id();
     let read = || {
         let u = att.read().expect("usage");
@@ -273,8 +359,9 @@ fn main() {
         Some("rss") => vec![Config::Untraced, Config::RssOnly],
         Some("floor") => vec![Config::Untraced, Config::Floor],
         Some("page-cache") => vec![Config::Untraced, Config::PageCacheOnly],
+        Some("bpftrace") => vec![Config::Untraced, Config::Full, Config::Bpftrace],
         Some(other) => {
-            panic!("--only {other}: expected full, faults, rss, floor or page-cache")
+            panic!("--only {other}: expected full, faults, rss, floor, page-cache or bpftrace")
         }
     };
     std::fs::create_dir_all(&args.dir).expect("creating --dir");
@@ -308,13 +395,14 @@ fn main() {
     // Ratios are paired: each configuration against the untraced sample of
     // the same round, then the median over rounds, so slow drift of the
     // machine cancels out.
-    let paired = |samples: &[Vec<f64>], i: usize| -> f64 {
+    let paired = |samples: &[Vec<f64>], i: usize| -> Ratio {
         let mut r: Vec<f64> = samples[i]
             .iter()
             .zip(&samples[0])
             .map(|(c, b)| c / b)
             .collect();
-        median(&mut r)
+        let (q1, median, q3) = quantiles(&mut r);
+        Ratio { median, q1, q3 }
     };
     let cost: Vec<CostRow> = configs
         .iter()
@@ -339,7 +427,7 @@ fn main() {
 
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
-        "Tracing cost, kernel {}, {} rounds; times are medians, ratios are medians of per-round ratios to the untraced run:\n",
+        "Tracing cost, kernel {}, {} rounds; times are medians, ratios are medians (first-third quartile) of per-round ratios to the untraced run:\n",
         kernel.trim(),
         args.rounds
     );
@@ -348,15 +436,16 @@ fn main() {
     );
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for r in &cost {
+        let ratio = |r: &Ratio| format!("{:.3} ({:.3}-{:.3})", r.median, r.q1, r.q3);
         println!(
-            "| {} | {:.0} | {:.3} | {:.0} | {:.3} | {:.0} | {:.3} |",
+            "| {} | {:.0} | {} | {:.0} | {} | {:.0} | {} |",
             r.config.label(),
             r.fault_ns_per_page,
-            r.fault_ratio,
+            ratio(&r.fault_ratio),
             r.mmap_ns_per_op,
-            r.mmap_ratio,
+            ratio(&r.mmap_ratio),
             r.page_cache_ns_per_page,
-            r.page_cache_ratio
+            ratio(&r.page_cache_ratio)
         );
     }
     println!("\nCounting sources against VmRSS (MiB):\n");

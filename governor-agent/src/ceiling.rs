@@ -132,13 +132,15 @@ fn read_u64(path: &Path) -> Option<u64> {
 
 /// `key value` lines (memory.events, memory.oom_control).
 fn keyed(path: &Path, key: &str) -> u64 {
-    fs::read_to_string(path)
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                let (k, v) = l.split_once(' ')?;
-                (k == key).then(|| v.trim().parse().ok())?
-            })
+    keyed_in(&fs::read_to_string(path).unwrap_or_default(), key)
+}
+
+/// `key`'s value in a flat-keyed cgroup file's text (0 if absent).
+fn keyed_in(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse().ok())?
         })
         .unwrap_or(0)
 }
@@ -352,24 +354,31 @@ impl Ceiling {
     pub fn status(&self) -> CeilingStatus {
         let d = &self.dir;
         let (current, events) = match self.backend {
-            Backend::CgroupV2 => (
-                read_u64(&d.join("memory.current")).unwrap_or(0),
-                CeilingEvents {
-                    high: keyed(&d.join("memory.events"), "high"),
-                    max: keyed(&d.join("memory.events"), "max"),
-                    oom: keyed(&d.join("memory.events"), "oom"),
-                    oom_kill: keyed(&d.join("memory.events"), "oom_kill"),
-                },
-            ),
-            Backend::CgroupV1 => (
-                read_u64(&d.join("memory.usage_in_bytes")).unwrap_or(0),
-                CeilingEvents {
-                    high: 0,
-                    max: read_u64(&d.join("memory.failcnt")).unwrap_or(0),
-                    oom: keyed(&d.join("memory.oom_control"), "under_oom"),
-                    oom_kill: keyed(&d.join("memory.oom_control"), "oom_kill"),
-                },
-            ),
+            // Each file read once (the status is read at every tick).
+            Backend::CgroupV2 => {
+                let ev = fs::read_to_string(d.join("memory.events")).unwrap_or_default();
+                (
+                    read_u64(&d.join("memory.current")).unwrap_or(0),
+                    CeilingEvents {
+                        high: keyed_in(&ev, "high"),
+                        max: keyed_in(&ev, "max"),
+                        oom: keyed_in(&ev, "oom"),
+                        oom_kill: keyed_in(&ev, "oom_kill"),
+                    },
+                )
+            }
+            Backend::CgroupV1 => {
+                let oom = fs::read_to_string(d.join("memory.oom_control")).unwrap_or_default();
+                (
+                    read_u64(&d.join("memory.usage_in_bytes")).unwrap_or(0),
+                    CeilingEvents {
+                        high: 0,
+                        max: read_u64(&d.join("memory.failcnt")).unwrap_or(0),
+                        oom: keyed_in(&oom, "under_oom"),
+                        oom_kill: keyed_in(&oom, "oom_kill"),
+                    },
+                )
+            }
         };
         // v1 keeps the hierarchical figure under `total_`.
         let inactive_file = match self.backend {

@@ -134,6 +134,35 @@ fn check(att: &Attribution, probe: &mut Probe, label: &str) {
         "[{label}] engines + unattributed = {sum} bytes, VmRSS = {} (more than 2% apart)",
         truth.vm_rss
     );
+    // The tick's batch read (one system call for every slot) and the
+    // slot-by-slot read agree (the probe is idle while it is checked).
+    let one_by_one = att.read_counters_unbatched().expect("reading slot by slot");
+    let batched = att.read_counters().expect("reading in one batch");
+    let of = |r: &nodedb_governor_agent::attribution::Reading| {
+        r.processes
+            .iter()
+            .find(|p| p.pid == probe.pid)
+            .map(|p| {
+                let mut v: Vec<(String, u64, u64)> = p
+                    .engines
+                    .iter()
+                    .map(|(n, a)| (n.clone(), a.resident_bytes, a.page_faults))
+                    .collect();
+                v.push((
+                    "unattributed".into(),
+                    p.unattributed.resident_bytes,
+                    p.unattributed.page_faults,
+                ));
+                v
+            })
+            .expect("probe is governed")
+    };
+    assert_eq!(
+        of(&batched),
+        of(&one_by_one),
+        "[{label}] batch and slot-by-slot reads differ"
+    );
+    assert!(att.batched_reads(), "the kernel refused the batch read");
 }
 
 /// Each engine's attributed page cache, from `base` on, against its

@@ -164,6 +164,7 @@ impl Attribution {
             marks: Default::default(),
             files_swept: None,
             nr_cpus,
+            batch_failed: Default::default(),
             free_slots: (0..MAX_SLOTS).rev().collect(),
             procs: BTreeMap::new(),
         })

@@ -55,6 +55,7 @@
 //! - `marks`: the thresholds at which the programs wake the agent.
 
 mod attributed;
+mod batch;
 mod loader;
 mod marks;
 mod pins;
@@ -101,6 +102,8 @@ pub struct Attribution {
     /// When file-ownership entries that count nothing were last swept.
     files_swept: Option<std::time::Instant>,
     nr_cpus: usize,
+    /// The kernel refused a batch read (before 5.6): slot by slot.
+    batch_failed: std::sync::atomic::AtomicBool,
     free_slots: Vec<u32>,
     procs: BTreeMap<u32, TrackedProcess>,
 }

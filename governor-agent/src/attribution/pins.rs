@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use nodedb_governor_common::{CgroupKey, names::map};
 
-use super::{Attribution, ProgramSet, registry::TrackedProcess};
+use super::{
+    Attribution, ProgramSet,
+    registry::{self, TrackedProcess},
+};
 use crate::error::AgentError;
 
 /// Where the agent keeps its maps (pinned in bpffs) and its registry of
@@ -106,6 +109,7 @@ impl Attribution {
                             })
                             .collect(),
                         tids: sp.tids,
+                        pidfd: registry::open_pidfd(sp.pid, sp.start_time),
                     },
                 );
             }

@@ -2,7 +2,11 @@
 //! threads the programs attribute, the slots they count in, and the map
 //! entries that tell the programs so.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+};
 
 use aya::maps::PerCpuValues;
 use nodedb_governor_common::{
@@ -38,6 +42,24 @@ pub(super) struct TrackedProcess {
     pub(super) mm_index: u32,
     pub(super) cgroup_keys: Vec<CgroupKey>,
     pub(super) tids: Vec<u32>,
+    /// A pidfd for the process (None if the kernel gave none): readable
+    /// once it has exited, so a tick learns of every exit with one `poll`.
+    pub(super) pidfd: Option<OwnedFd>,
+}
+
+/// A pidfd for `pid`, if it is still the process that started at
+/// `start_time` once the pidfd is open (so the pidfd cannot name a
+/// process that reused the pid).
+pub(super) fn open_pidfd(pid: u32, start_time: u64) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags; a non-negative result is a
+    // new file descriptor we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: as above, a fresh descriptor nobody else holds.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    (procfs::start_time(pid).ok() == Some(start_time)).then_some(fd)
 }
 
 impl Attribution {
@@ -137,6 +159,7 @@ impl Attribution {
                 mm_index,
                 cgroup_keys: Vec::new(),
                 tids: Vec::new(),
+                pidfd: open_pidfd(pid, start_time),
             },
         );
         tracing::info!(pid, engines = engines.len(), "process registered");
@@ -292,12 +315,50 @@ impl Attribution {
     /// Forgets processes that have exited (or whose pid was reused), and
     /// returns their pids.
     pub fn reap_exited(&mut self) -> Vec<u32> {
-        let gone: Vec<u32> = self
+        // Those with a pidfd: one poll for all of them (readable: exited).
+        let polled: Vec<(u32, libc::pollfd)> = self
             .procs
             .values()
-            .filter(|p| procfs::start_time(p.pid).ok() != Some(p.start_time))
-            .map(|p| p.pid)
+            .filter_map(|p| {
+                let fd = p.pidfd.as_ref()?;
+                Some((
+                    p.pid,
+                    libc::pollfd {
+                        fd: fd.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ))
+            })
             .collect();
+        let (pids, mut fds): (Vec<u32>, Vec<libc::pollfd>) = polled.into_iter().unzip();
+        // SAFETY: `fds` is a live array of `fds.len()` pollfds; zero timeout.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+        let mut gone: Vec<u32> = if ready < 0 {
+            // Cannot tell this way: every one is checked through /proc.
+            pids.iter()
+                .copied()
+                .filter(|pid| {
+                    self.procs
+                        .get(pid)
+                        .is_some_and(|p| procfs::start_time(*pid).ok() != Some(p.start_time))
+                })
+                .collect()
+        } else {
+            pids.iter()
+                .zip(&fds)
+                .filter(|(_, f)| f.revents != 0)
+                .map(|(pid, _)| *pid)
+                .collect()
+        };
+        // Those without: their start time, from /proc.
+        gone.extend(
+            self.procs
+                .values()
+                .filter(|p| p.pidfd.is_none())
+                .filter(|p| procfs::start_time(p.pid).ok() != Some(p.start_time))
+                .map(|p| p.pid),
+        );
         for pid in &gone {
             self.forget_process(*pid);
         }

@@ -18,7 +18,10 @@ mod startup;
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, atomic::AtomicBool},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -102,9 +105,13 @@ pub struct Agent {
     /// Keeps the kernel's program statistics on (run counts and times).
     _program_stats: Option<std::os::fd::OwnedFd>,
     /// The eBPF programs' statistics as last read (a system call per
-    /// program), and whether a reader of the snapshot has asked since.
+    /// program).
     programs: Vec<crate::attribution::ProgramStats>,
-    programs_wanted: Arc<AtomicBool>,
+    /// A reader of the snapshot waits for the next one: the tick builds
+    /// it (reading what only the snapshot shows: VmRSS, the programs'
+    /// statistics). No reader, no snapshot: a tick reads the counters and
+    /// decides, nothing more.
+    wanted: Arc<AtomicBool>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     config_tx: watch::Sender<Arc<Config>>,
 }
@@ -112,7 +119,7 @@ pub struct Agent {
 impl Agent {
     /// A reader of the snapshot published at every tick.
     pub fn snapshots(&self) -> Snapshots {
-        Snapshots::new(self.snapshot.subscribe(), self.programs_wanted.clone())
+        Snapshots::new(self.snapshot.subscribe(), self.wanted.clone())
     }
 
     /// A receiver of the configuration in force (replaced on reload).
@@ -359,7 +366,7 @@ impl Agent {
         if swept > 0 {
             tracing::debug!(files = swept, "emptied file-ownership entries swept");
         }
-        let reading = match self.attribution.read() {
+        let reading = match self.attribution.read_counters() {
             Ok(r) => Some(r),
             Err(e) => {
                 tracing::warn!(error = %e, "reading attribution");
@@ -386,7 +393,10 @@ impl Agent {
         self.health.ticks += 1;
         self.health.last_tick = started.elapsed();
         self.health.tick_time += self.health.last_tick;
-        if let Some(reading) = reading {
+        if let Some(mut reading) = reading
+            && self.wanted.load(Ordering::Relaxed)
+        {
+            reading.read_vm_rss();
             self.publish(reading, ceiling);
         }
     }
@@ -441,7 +451,7 @@ impl Agent {
     fn react(&mut self, mut crossed: Vec<(u32, String, Option<u64>)>) {
         for _ in 0..4 {
             self.mark_status.reactions += 1;
-            let reading = match self.attribution.read() {
+            let reading = match self.attribution.read_counters() {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(error = %e, "reading attribution for a crossing");

@@ -33,25 +33,20 @@ pub struct Snapshot {
 }
 
 /// A reader of the published snapshots, for the tasks that serve them. A
-/// read waits for the next tick's snapshot (at most a tick, or a second
-/// if the owner does not answer), and asks the owner to read the eBPF
-/// programs' statistics afresh for it: a system call per program, made
-/// only as often as someone looks.
+/// read asks the owner for a snapshot and waits for the next tick's (at
+/// most a tick, or a second if the owner does not answer): ticks build one
+/// only when asked (with VmRSS and the eBPF programs' statistics read
+/// afresh, a system call per process and per program), so their cost
+/// goes with how often someone looks.
 #[derive(Clone, Debug)]
 pub struct Snapshots {
     rx: watch::Receiver<Arc<Snapshot>>,
-    programs_wanted: Arc<AtomicBool>,
+    wanted: Arc<AtomicBool>,
 }
 
 impl Snapshots {
-    pub(super) fn new(
-        rx: watch::Receiver<Arc<Snapshot>>,
-        programs_wanted: Arc<AtomicBool>,
-    ) -> Self {
-        Self {
-            rx,
-            programs_wanted,
-        }
+    pub(super) fn new(rx: watch::Receiver<Arc<Snapshot>>, wanted: Arc<AtomicBool>) -> Self {
+        Self { rx, wanted }
     }
 
     /// The snapshot of the next tick (or, if none comes within a second,
@@ -59,7 +54,7 @@ impl Snapshots {
     pub async fn next(&self) -> Arc<Snapshot> {
         let mut rx = self.rx.clone();
         rx.mark_unchanged();
-        self.programs_wanted.store(true, Ordering::Relaxed);
+        self.wanted.store(true, Ordering::Relaxed);
         let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
         rx.borrow_and_update().clone()
     }
@@ -70,9 +65,8 @@ impl Agent {
     /// figures) and the policy's state, and publishes it.
     pub(super) fn publish(&mut self, reading: Reading, ceiling: Option<CeilingStatus>) {
         let now = Instant::now();
-        if self.programs_wanted.swap(false, Ordering::Relaxed) {
-            self.programs = self.attribution.program_stats();
-        }
+        self.wanted.store(false, Ordering::Relaxed);
+        self.programs = self.attribution.program_stats();
         let mut report = StatusReport::new(
             &self.config.database,
             self.identity,

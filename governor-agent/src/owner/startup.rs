@@ -90,7 +90,7 @@ impl Agent {
             metrics_addr: None,
             _program_stats: program_stats,
             programs: Vec::new(),
-            programs_wanted: Arc::new(AtomicBool::new(true)),
+            wanted: Arc::new(AtomicBool::new(true)),
             snapshot,
             config_tx,
         };

@@ -5,6 +5,12 @@
 //! `/proc/<agent>/stat`) per second of governing, with its mean tick (the
 //! status's `ticks`). Prints one JSON object, a row per thread count.
 //!
+//! The memory churned per second is the same at every thread count
+//! (`--churn-mib-per-s`, shared by the threads), so the curve shows what
+//! more threads and processes cost the agent, not a machine saturated by
+//! a thousand threads faulting flat out (at 256 KiB every 50 ms each, a
+//! thousand threads would fault 5 GB/s).
+//!
 //! Run by `cargo xtask bench` (release, 10, 100 and 1,000 threads, 10 s
 //! each) and by the enforcement tests on a small slice.
 //!
@@ -44,10 +50,13 @@ struct Args {
     /// Seconds of governing measured, per thread count.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Each thread allocates, touches and frees this many KiB, then
-    /// sleeps `--pause-ms`.
+    /// Each thread maps, touches and unmaps this many KiB at a time...
     #[arg(long, default_value_t = 256)]
     churn_kib: usize,
+    /// ...and all threads together churn this many MiB per second.
+    #[arg(long, default_value_t = 100)]
+    churn_mib_per_s: u64,
+    /// A child's pause between two churns (internal: set by the parent).
     #[arg(long, default_value_t = 50)]
     pause_ms: u64,
     /// Runs as one governed process (internal).
@@ -108,13 +117,18 @@ fn measure(args: &Args, threads: usize) -> anyhow::Result<serde_json::Value> {
     for p in 0..processes {
         // The threads spread evenly, the first processes take the rest.
         let mine = threads / processes + usize::from(p < threads % processes);
+        // Each thread's share of the churn rate.
+        let pause_ms = (args.churn_kib as u64 * threads as u64 * 1000)
+            .checked_div(args.churn_mib_per_s << 10)
+            .unwrap_or(u64::MAX / 2)
+            .max(1);
         let child = Command::new(&exe)
             .args(["--child", "--socket"])
             .arg(&agent.control)
             .args(["--database", &agent.database])
             .args(["--threads", &mine.to_string()])
             .args(["--churn-kib", &args.churn_kib.to_string()])
-            .args(["--pause-ms", &args.pause_ms.to_string()])
+            .args(["--pause-ms", &pause_ms.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -171,6 +185,7 @@ fn measure(args: &Args, threads: usize) -> anyhow::Result<serde_json::Value> {
         "ticks": t1 - t0,
         "mean_tick_us": (us1 - us0) as f64 / (t1 - t0).max(1) as f64,
         "engine_page_faults": attributed,
+        "churn_mib_per_s": args.churn_mib_per_s,
     });
     eprintln!("agent-scale: {row}");
     Ok(row)

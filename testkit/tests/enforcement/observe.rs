@@ -42,3 +42,38 @@ fn an_observing_agent_measures_but_asks_nothing() {
         "no lower high mark"
     );
 }
+
+/// A governed process that exits is forgotten at the next tick (its
+/// pidfd turns readable; one `poll` per tick for every process), and one
+/// still running is kept.
+#[test]
+fn an_exited_process_is_forgotten_at_once() {
+    if skip_unless_privileged("exit of a governed process") {
+        return;
+    }
+    let agent = super::start_agent("enforce = false");
+    let bin = env!("CARGO_BIN_EXE_hold-probe");
+    let mut gone = agent.spawn_probe(bin, &["--mib", "8"], Stdio::null());
+    let _kept = agent.spawn_probe(bin, &["--mib", "8"], Stdio::null());
+    let pids = |s: &serde_json::Value| -> Vec<u64> {
+        let mut v: Vec<u64> = s["processes"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|p| p["pid"].as_u64()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    wait_for("both processes governed", || {
+        pids(&agent.status_json()).len() == 2
+    });
+    let pid = u64::from(gone.id());
+    gone.kill().expect("killing the probe");
+    gone.wait().expect("reaping the probe");
+    let started = std::time::Instant::now();
+    wait_for("the exited process forgotten", || {
+        !pids(&agent.status_json()).contains(&pid)
+    });
+    let left = pids(&agent.status_json());
+    assert_eq!(left.len(), 1, "the running one is kept: {left:?}");
+    eprintln!("forgotten after {:?}", started.elapsed());
+}

@@ -20,8 +20,10 @@
 //! `memory.failcnt` / `memory.oom_control` (v1) are read every tick.
 
 use std::{
-    fs,
+    fs::{self, File},
+    os::unix::fs::FileExt,
     path::{Path, PathBuf},
+    sync::OnceLock,
 };
 
 use serde::{Deserialize, Serialize};
@@ -100,6 +102,43 @@ pub struct Ceiling {
     engines: std::collections::BTreeMap<String, (PathBuf, u64)>,
     /// `memory.low` written (v2), or why not.
     protection: Result<u64, String>,
+    /// The two files read at every tick, opened at the first.
+    usage_files: OnceLock<UsageFiles>,
+}
+
+/// The charge and `memory.stat`, kept open: a kernfs file read again from
+/// offset 0 is generated afresh, and opening one (a path walk through
+/// cgroupfs and the security hooks) cost more than reading it.
+#[derive(Debug)]
+struct UsageFiles {
+    current: Option<File>,
+    stat: Option<File>,
+}
+
+/// A file's whole text, read from its start with `pread` (no open).
+fn reread(f: &File) -> Option<String> {
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(len * 2, 0);
+        }
+        let n = f.read_at(&mut buf[len..], len as u64).ok()?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).ok()
+}
+
+fn parse_u64(s: &str) -> Option<u64> {
+    let s = s.trim();
+    if s == "max" {
+        return Some(u64::MAX);
+    }
+    s.parse().ok()
 }
 
 /// The cgroup v1 memory hierarchy's mount point, if any.
@@ -122,12 +161,7 @@ fn write(path: &Path, value: &str) -> Result<(), AgentError> {
 }
 
 fn read_u64(path: &Path) -> Option<u64> {
-    let s = fs::read_to_string(path).ok()?;
-    let s = s.trim();
-    if s == "max" {
-        return Some(u64::MAX);
-    }
-    s.parse().ok()
+    parse_u64(&fs::read_to_string(path).ok()?)
 }
 
 /// `key value` lines (memory.events, memory.oom_control).
@@ -175,6 +209,7 @@ impl Ceiling {
                 limit_changes: 0,
                 engines: Default::default(),
                 protection: Ok(0),
+                usage_files: OnceLock::new(),
             };
             write(&dir.join("memory.max"), &limit.to_string())?;
             write(&dir.join("memory.high"), &high.to_string())?;
@@ -203,6 +238,7 @@ impl Ceiling {
             limit_changes: 0,
             engines: Default::default(),
             protection: Ok(0),
+            usage_files: OnceLock::new(),
         })
     }
 
@@ -349,6 +385,37 @@ impl Ceiling {
         self.high_now = want;
         self.limit_changes += 1;
         Ok(())
+    }
+
+    /// What the policy needs at every tick: the charge and the working
+    /// set (two files; the events and the engines' domains are read for
+    /// the status only).
+    pub fn usage(&self) -> crate::policy::CeilingUse {
+        let (current, inactive) = match self.backend {
+            Backend::CgroupV2 => ("memory.current", "inactive_file"),
+            // v1 keeps the hierarchical figure under `total_`.
+            Backend::CgroupV1 => ("memory.usage_in_bytes", "total_inactive_file"),
+        };
+        let files = self.usage_files.get_or_init(|| UsageFiles {
+            current: File::open(self.dir.join(current)).ok(),
+            stat: File::open(self.dir.join("memory.stat")).ok(),
+        });
+        let current = files
+            .current
+            .as_ref()
+            .and_then(reread)
+            .and_then(|s| parse_u64(&s))
+            .unwrap_or(0);
+        let inactive_file = files
+            .stat
+            .as_ref()
+            .and_then(reread)
+            .map_or(0, |s| keyed_in(&s, inactive));
+        crate::policy::CeilingUse {
+            working_set_bytes: current.saturating_sub(inactive_file),
+            charge_bytes: current,
+            limit_bytes: self.limit,
+        }
     }
 
     pub fn status(&self) -> CeilingStatus {

@@ -312,9 +312,18 @@ pub struct Config {
     /// found from the mount table when absent.
     #[serde(default)]
     pub cgroup_root: Option<PathBuf>,
-    /// How often attribution is read, in milliseconds.
+    /// How often attribution is read, in milliseconds, while anything is
+    /// under way: an engine above Normal, a spill not yet answered, a
+    /// loan, the database near its ceiling, memory stalls.
     #[serde(default = "default_tick_ms")]
     pub tick_ms: u64,
+    /// The tick while all is calm, with the kernel's marks armed (they
+    /// wake the agent at once when an engine crosses its first
+    /// threshold): the slow work alone, so an idle agent costs little.
+    /// At least `tick_ms` (default: 100, or `tick_ms` if that is longer);
+    /// without `mark_events`, `tick_ms` always.
+    #[serde(default)]
+    pub idle_tick_ms: Option<u64>,
     /// Runtime directory for the admin socket.
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
@@ -366,6 +375,9 @@ fn default_tick_ms() -> u64 {
     20
 }
 
+/// The calm tick when the configuration does not set one.
+pub const DEFAULT_IDLE_TICK_MS: u64 = 100;
+
 fn default_run_dir() -> PathBuf {
     super::paths::DEFAULT_RUN_DIR.into()
 }
@@ -394,6 +406,15 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl Config {
+    /// The tick while all is calm (see `idle_tick_ms`).
+    pub fn idle_tick_ms(&self) -> u64 {
+        if !self.mark_events {
+            return self.tick_ms;
+        }
+        self.idle_tick_ms
+            .unwrap_or(DEFAULT_IDLE_TICK_MS.max(self.tick_ms))
+    }
+
     /// Parses and validates a configuration.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| {
@@ -426,6 +447,14 @@ impl Config {
             return Err(err(
                 "tick_ms",
                 format!("{} is outside 10..=60000", self.tick_ms),
+            ));
+        }
+        if let Some(idle) = self.idle_tick_ms
+            && !(self.tick_ms..=60_000).contains(&idle)
+        {
+            return Err(err(
+                "idle_tick_ms",
+                format!("{idle} is outside tick_ms ({})..=60000", self.tick_ms),
             ));
         }
         if self.engines.is_empty() {
@@ -667,6 +696,13 @@ mod tests {
         let c = Config::parse(DEFAULT_CONFIG).expect("default config");
         assert_eq!(c.engine_names(), ["vector", "timeseries", "query"]);
         assert_eq!(c.tick_ms, 20);
+        assert_eq!(c.idle_tick_ms(), 100);
+        // A slower busy tick makes the calm one as slow; without marks
+        // the tick never slows.
+        let slow = Config::parse(&DEFAULT_CONFIG.replace("tick_ms = 20", "tick_ms = 500")).unwrap();
+        assert_eq!(slow.idle_tick_ms(), 500);
+        let no_marks = Config::parse(&format!("mark_events = false\n{DEFAULT_CONFIG}")).unwrap();
+        assert_eq!(no_marks.idle_tick_ms(), 20);
         let limits = c.limits();
         assert!(limits.iter().all(|l| l.floor_bytes <= l.budget_bytes));
         assert!(limits.iter().map(|l| l.floor_bytes).sum::<u64>() <= c.ceiling_bytes());
@@ -735,6 +771,10 @@ mod tests {
                 "database",
             ),
             (format!("{HEAD}tick_ms = 1\n{ENGINE}"), "tick_ms"),
+            (
+                format!("{HEAD}tick_ms = 50\nidle_tick_ms = 20\n{ENGINE}"),
+                "idle_tick_ms",
+            ),
             (format!("{HEAD}engine = []\n"), "engine"),
             (format!("{HEAD}{ENGINE}{ENGINE}"), "engine[1].name"),
             (

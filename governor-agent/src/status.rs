@@ -71,6 +71,13 @@ pub struct TickStatus {
     pub last_us: u64,
     /// All ticks' time together.
     pub total_us: u64,
+    /// The tick's period now: `idle_tick_ms` while all is calm, else
+    /// `tick_ms`.
+    #[serde(default)]
+    pub period_ms: u64,
+    /// Ticks taken at the calm pace.
+    #[serde(default)]
+    pub calm_ticks: u64,
 }
 
 /// What the marks did (see `mark_events` in the configuration).

@@ -34,7 +34,7 @@ use tokio::{
 
 use crate::{
     attribution::{Attribution, Identity, Reading, parse_mark_event},
-    ceiling::{Ceiling, CeilingStatus},
+    ceiling::Ceiling,
     cgroup::Subtree,
     config::Config,
     error::{AgentError, HelloError, MessageError, ReloadError},
@@ -112,6 +112,10 @@ pub struct Agent {
     /// statistics). No reader, no snapshot: a tick reads the counters and
     /// decides, nothing more.
     wanted: Arc<AtomicBool>,
+    /// When the subtree was last scanned for new processes.
+    scanned: Option<Instant>,
+    /// The mark ring buffer is polled (crossings wake the owner).
+    marks_polled: bool,
     snapshot: watch::Sender<Arc<Snapshot>>,
     config_tx: watch::Sender<Arc<Config>>,
 }
@@ -139,6 +143,7 @@ impl Agent {
     pub async fn serve(mut self, mut inputs: mpsc::Receiver<Input>) {
         let mut period = Duration::from_millis(self.config.tick_ms);
         let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut crossings = self.attribution.take_mark_events().and_then(|ring| {
             // SAFETY: the ring buffer owns its map's descriptor and keeps it
             // open, the same one, until it is dropped with the AsyncFd.
@@ -148,6 +153,8 @@ impl Agent {
                 })
                 .ok()
         });
+        self.marks_polled = crossings.is_some();
+        self.note_period(period);
         loop {
             tokio::select! {
                 ready = async { crossings.as_mut()?.readable_mut().await.ok() }, if crossings.is_some() => {
@@ -165,16 +172,25 @@ impl Agent {
                     guard.clear_ready();
                     if !events.is_empty() {
                         self.on_crossings(&events);
+                        // Something is under way: the busy tick, from now.
+                        let busy = self.period(true);
+                        if busy != period {
+                            period = busy;
+                            self.note_period(period);
+                            interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        }
                     }
                 }
                 _ = interval.tick() => {
                     self.tick();
-                    // A reload may change the tick.
-                    let now = Duration::from_millis(self.config.tick_ms);
+                    // Calm, busy, or a reload changed the tick.
+                    let now = self.period(false);
                     if now != period {
                         period = now;
-                        interval = tokio::time::interval(period);
-                        interval.tick().await;
+                        self.note_period(period);
+                        interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     }
                 }
                 input = inputs.recv() => match input {
@@ -352,12 +368,30 @@ impl Agent {
         }
     }
 
+    /// The tick to keep now: the calm one while the policy saw nothing
+    /// under way and the kernel's marks can wake the agent (`busy`: an
+    /// event just arrived), else the configured one.
+    fn period(&self, busy: bool) -> Duration {
+        let marks_live = self.policy.rules().mark_events && self.marks_polled;
+        let ms = if !busy && marks_live && self.policy.calm() {
+            self.config.idle_tick_ms()
+        } else {
+            self.config.tick_ms
+        };
+        Duration::from_millis(ms)
+    }
+
+    /// Keeps `period` as the tick's, for the status.
+    fn note_period(&mut self, period: Duration) {
+        self.health.period = period;
+    }
+
     /// One tick: picks up processes that entered the subtree, forgets those
     /// that exited, reads the kernel once, lets the policy decide, and
     /// publishes the snapshot.
     fn tick(&mut self) {
         let started = Instant::now();
-        self.adopt_new_processes();
+        self.adopt_new_processes(started);
         for pid in self.attribution.reap_exited() {
             self.own.remove(&pid);
             tracing::info!(pid, "governed process exited");
@@ -373,9 +407,8 @@ impl Agent {
                 None
             }
         };
-        let ceiling = self.ceiling.as_ref().map(Ceiling::status);
-        let actions = self.decide(reading.as_ref(), ceiling.as_ref());
-        let high_mark_moved = actions.iter().any(|a| matches!(a, Action::SetHighMark(_)));
+        let ceiling = self.ceiling.as_ref().map(Ceiling::usage);
+        let actions = self.decide(reading.as_ref(), ceiling);
         self.apply(actions);
         let passed = reading
             .as_ref()
@@ -384,37 +417,28 @@ impl Agent {
         if !passed.is_empty() {
             self.react(passed.into_iter().map(|(pid, e)| (pid, e, None)).collect());
         }
-        // The high mark just moved: show it as it is now.
-        let ceiling = if high_mark_moved {
-            self.ceiling.as_ref().map(Ceiling::status)
-        } else {
-            ceiling
-        };
         self.health.ticks += 1;
+        if self.health.period > Duration::from_millis(self.config.tick_ms) {
+            self.health.calm_ticks += 1;
+        }
         self.health.last_tick = started.elapsed();
         self.health.tick_time += self.health.last_tick;
         if let Some(mut reading) = reading
             && self.wanted.load(Ordering::Relaxed)
         {
             reading.read_vm_rss();
+            // Read after the actions: a high mark just moved shows as it is.
+            let ceiling = self.ceiling.as_ref().map(Ceiling::status);
             self.publish(reading, ceiling);
         }
     }
 
     /// The policy's decision on what was just read.
-    fn decide(
-        &mut self,
-        reading: Option<&Reading>,
-        ceiling: Option<&CeilingStatus>,
-    ) -> Vec<Action> {
+    fn decide(&mut self, reading: Option<&Reading>, ceiling: Option<CeilingUse>) -> Vec<Action> {
         self.policy.tick(&Tick {
             now: Instant::now(),
             reading,
-            ceiling: ceiling.map(|c| CeilingUse {
-                working_set_bytes: c.working_set_bytes,
-                charge_bytes: c.current_bytes,
-                limit_bytes: c.limit_bytes,
-            }),
+            ceiling,
             psi: self.psi.as_ref().map(|m| (m.events(), m.window())),
         })
     }
@@ -473,8 +497,8 @@ impl Agent {
                     _ => self.policy.on_mark(*pid, engine),
                 }
             }
-            let ceiling = self.ceiling.as_ref().map(Ceiling::status);
-            let actions = self.decide(Some(&reading), ceiling.as_ref());
+            let ceiling = self.ceiling.as_ref().map(Ceiling::usage);
+            let actions = self.decide(Some(&reading), ceiling);
             self.apply(actions);
             crossed = self
                 .attribution

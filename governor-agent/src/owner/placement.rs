@@ -13,14 +13,28 @@ use crate::{
     procfs,
 };
 
+/// How often the subtree is scanned for processes that entered it by
+/// themselves.
+pub(super) const SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
 impl Agent {
     /// Takes in processes that entered the subtree (a child of a governed
-    /// process, a process moved there by hand), and those of own-process
-    /// engines.
-    pub(super) fn adopt_new_processes(&mut self) {
+    /// process, a process moved there by hand: within [`SCAN_INTERVAL`]),
+    /// and those of own-process engines.
+    pub(super) fn adopt_new_processes(&mut self, now: std::time::Instant) {
         let Some(s) = &self.subtree else {
             return;
         };
+        // `cgroup.procs` walks every thread of the subtree: read it every
+        // SCAN_INTERVAL, not at every tick (processes that connect are
+        // registered at their hello, and those the admin assigns at once).
+        if self
+            .scanned
+            .is_some_and(|at| now.duration_since(at) < SCAN_INTERVAL)
+        {
+            return;
+        }
+        self.scanned = Some(now);
         let own = s.own_pids();
         match s.pids() {
             Ok(pids) => {

@@ -23,6 +23,10 @@ pub struct Health {
     pub last_tick: Duration,
     /// All ticks together.
     pub tick_time: Duration,
+    /// The tick's period now.
+    pub period: Duration,
+    /// Ticks taken at the calm pace.
+    pub calm_ticks: u64,
 }
 
 /// The agent's state as of one tick.
@@ -90,6 +94,8 @@ impl Agent {
             ticks: self.health.ticks,
             last_us: self.health.last_tick.as_micros() as u64,
             total_us: self.health.tick_time.as_micros() as u64,
+            period_ms: self.health.period.as_millis() as u64,
+            calm_ticks: self.health.calm_ticks,
         };
         report.marks = crate::status::MarkStatus {
             enabled: self.policy.rules().mark_events,

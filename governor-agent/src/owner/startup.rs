@@ -91,6 +91,8 @@ impl Agent {
             _program_stats: program_stats,
             programs: Vec::new(),
             wanted: Arc::new(AtomicBool::new(true)),
+            scanned: None,
+            marks_polled: false,
             snapshot,
             config_tx,
         };

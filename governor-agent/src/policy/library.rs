@@ -280,6 +280,17 @@ impl Library {
         self.send_loan_changes(rules, &events, out);
     }
 
+    /// Nothing under way: every engine at Normal (after a first tick),
+    /// no spill outstanding, no cap held down, no loan.
+    pub(super) fn calm(&self) -> bool {
+        self.loans.loans().is_empty()
+            && self.engines.values().all(|e| {
+                e.level == Some(PressureLevel::Normal)
+                    && e.spill_sent.is_none()
+                    && e.held_to.is_none()
+            })
+    }
+
     /// A spill request was answered.
     pub(super) fn on_spilled(&mut self, engine: &str, target_bytes: u64, freed_bytes: u64) {
         let Some(e) = self.engines.get_mut(engine) else {

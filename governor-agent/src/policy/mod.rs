@@ -177,6 +177,8 @@ pub struct Policy {
     /// PSI trigger events already acted on, and when the last one came.
     psi_seen: u64,
     psi_last: Option<Instant>,
+    /// Nothing was under way at the last tick (see [`Policy::calm`]).
+    calm: bool,
 }
 
 fn sends(session: SessionId, out: Vec<ToLibrary>) -> impl Iterator<Item = Action> {
@@ -192,7 +194,16 @@ impl Policy {
             emergency: false,
             psi_seen: 0,
             psi_last: None,
+            calm: false,
         }
+    }
+
+    /// Whether nothing was under way at the last tick: every engine of
+    /// every library at Normal with no spill outstanding and no loan, no
+    /// Emergency, the database's charge below `warning` of its ceiling and
+    /// no memory stall. The agent then ticks at its calm pace.
+    pub fn calm(&self) -> bool {
+        self.calm
     }
 
     pub fn rules(&self) -> &Rules {
@@ -388,6 +399,10 @@ impl Policy {
             l.set_backpressure(self.emergency, &self.rules, &mut out);
             actions.extend(sends(*session, out));
         }
+        self.calm = t.reading.is_some()
+            && !cache_pressure
+            && !self.emergency
+            && self.libraries.values().all(Library::calm);
         actions
     }
 

@@ -61,7 +61,8 @@ pub struct LinkConfig {
     pub database: String,
     /// Each engine's name on the wire and its id in the governor.
     pub engines: Vec<(String, EngineId)>,
-    /// How often the books are reported.
+    /// How often the books are looked at: reported when they changed, and
+    /// every [`REPORT_HEARTBEAT`] when they did not.
     pub report_interval: Duration,
     /// Reconnection backoff: first wait, and the longest.
     pub backoff: (Duration, Duration),
@@ -78,6 +79,9 @@ impl LinkConfig {
         }
     }
 }
+
+/// Unchanged books are reported again this often.
+pub const REPORT_HEARTBEAT: Duration = Duration::from_secs(1);
 
 type PurgeFn = Box<dyn Fn(EngineId) -> Option<(u64, u64)> + Send + Sync>;
 type ArenaFn = Box<dyn Fn(EngineId) -> Option<u64> + Send + Sync>;
@@ -654,6 +658,7 @@ impl Inner {
         let mut decoder = Decoder::new();
         let mut buf = vec![0u8; 16 * 1024];
         let mut next_report = Instant::now();
+        let mut last_report: Option<(ToAgent, Instant)> = None;
         loop {
             if self.stopped() {
                 return Ok(());
@@ -689,7 +694,17 @@ impl Inner {
             }
             if Instant::now() >= next_report {
                 next_report = Instant::now() + self.config.report_interval;
-                stream.write_all(&wire::encode(&self.report()))?;
+                // Books that did not change are not sent again, but for a
+                // heartbeat every second (an agent governing fifty
+                // processes would otherwise parse a thousand a second).
+                let report = self.report();
+                if last_report
+                    .as_ref()
+                    .is_none_or(|(r, at)| *r != report || at.elapsed() >= REPORT_HEARTBEAT)
+                {
+                    stream.write_all(&wire::encode(&report))?;
+                    last_report = Some((report, Instant::now()));
+                }
             }
             let out = std::mem::take(&mut *lock(&self.outbox));
             for m in out {

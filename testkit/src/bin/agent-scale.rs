@@ -186,6 +186,8 @@ fn measure(args: &Args, threads: usize) -> anyhow::Result<serde_json::Value> {
         "mean_tick_us": (us1 - us0) as f64 / (t1 - t0).max(1) as f64,
         "engine_page_faults": attributed,
         "churn_mib_per_s": args.churn_mib_per_s,
+        "tick_period_ms": end["ticks"]["period_ms"],
+        "calm_ticks": end["ticks"]["calm_ticks"],
     });
     eprintln!("agent-scale: {row}");
     Ok(row)

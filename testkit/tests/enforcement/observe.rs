@@ -15,6 +15,11 @@ fn an_observing_agent_measures_but_asks_nothing() {
     }
     const MIB: u64 = 1 << 20;
     let agent = super::start_agent("enforce = false");
+    // Nothing governed, nothing under way: the calm tick.
+    let period = |s: &serde_json::Value| s["ticks"]["period_ms"].as_u64();
+    wait_for("the calm tick", || {
+        period(&agent.status_json()) == Some(100)
+    });
     let _probe = agent.spawn_probe(
         env!("CARGO_BIN_EXE_hold-probe"),
         &["--mib", "80"],
@@ -40,6 +45,17 @@ fn an_observing_agent_measures_but_asks_nothing() {
     assert_eq!(
         s["ceiling"]["high_bytes"], s["ceiling"]["limit_bytes"],
         "no lower high mark"
+    );
+    assert_eq!(
+        period(&s),
+        Some(20),
+        "an engine in Emergency: the busy tick ({})",
+        s["ticks"]
+    );
+    assert!(
+        s["ticks"]["calm_ticks"].as_u64() > Some(0),
+        "{}",
+        s["ticks"]
     );
 }
 

@@ -24,18 +24,21 @@ fn the_agent_governs_many_churning_threads_and_its_cost_is_measured() {
     let row = &r["rows"][0];
     assert_eq!(row["threads"], 60, "{r}");
     assert_eq!(row["processes"], 3, "{r}");
-    // 60 threads mapping and touching 64 pages every 50 ms, for the 2 s
-    // measured and the second before it: the
-    // engines' faults are attributed (well above what the processes' own
-    // start-up takes).
+    // 100 MiB/s churned by the threads together (every page of it a
+    // fault), for the 2 s measured and the second before it: the engines'
+    // faults are attributed (half of it is well above what the processes'
+    // own start-up takes).
+    let churned_pages = 100 * 256 * 2;
     assert!(
-        row["engine_page_faults"].as_u64() > Some(60 * 64 * 10),
+        row["engine_page_faults"].as_u64() > Some(churned_pages / 2),
         "{r}"
     );
-    // About 50 ticks a second at the default 20 ms tick.
-    assert!(row["ticks"].as_u64() >= Some(50), "{r}");
+    // Engines idle under their budgets: the calm tick (100 ms), about 10
+    // a second.
+    assert_eq!(row["tick_period_ms"], 100, "{r}");
+    assert!(row["ticks"].as_u64() >= Some(15), "{r}");
     let cpu = row["agent_cpu_percent"].as_f64().unwrap();
-    // Ticking 50 times a second over three processes costs something.
+    // Ticking over three processes costs something.
     assert!(cpu > 0.0 && cpu < 200.0, "{r}");
     eprintln!(
         "agent cost, 60 threads in 3 processes: {cpu:.2}% of a CPU, mean tick {:.0} us",

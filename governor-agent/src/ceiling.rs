@@ -23,7 +23,7 @@ use std::{
     fs::{self, File},
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
-    sync::OnceLock,
+    sync::Mutex,
 };
 
 use serde::{Deserialize, Serialize};
@@ -102,8 +102,9 @@ pub struct Ceiling {
     engines: std::collections::BTreeMap<String, (PathBuf, u64)>,
     /// `memory.low` written (v2), or why not.
     protection: Result<u64, String>,
-    /// The two files read at every tick, opened at the first.
-    usage_files: OnceLock<UsageFiles>,
+    /// The two files read at every tick, opened at the first (and again
+    /// after a read fails).
+    usage_files: Mutex<Option<UsageFiles>>,
 }
 
 /// The charge and `memory.stat`, kept open: a kernfs file read again from
@@ -111,8 +112,8 @@ pub struct Ceiling {
 /// cgroupfs and the security hooks) cost more than reading it.
 #[derive(Debug)]
 struct UsageFiles {
-    current: Option<File>,
-    stat: Option<File>,
+    current: File,
+    stat: File,
 }
 
 /// A file's whole text, read from its start with `pread` (no open).
@@ -209,7 +210,7 @@ impl Ceiling {
                 limit_changes: 0,
                 engines: Default::default(),
                 protection: Ok(0),
-                usage_files: OnceLock::new(),
+                usage_files: Mutex::new(None),
             };
             write(&dir.join("memory.max"), &limit.to_string())?;
             write(&dir.join("memory.high"), &high.to_string())?;
@@ -238,7 +239,7 @@ impl Ceiling {
             limit_changes: 0,
             engines: Default::default(),
             protection: Ok(0),
-            usage_files: OnceLock::new(),
+            usage_files: Mutex::new(None),
         })
     }
 
@@ -396,21 +397,34 @@ impl Ceiling {
             // v1 keeps the hierarchical figure under `total_`.
             Backend::CgroupV1 => ("memory.usage_in_bytes", "total_inactive_file"),
         };
-        let files = self.usage_files.get_or_init(|| UsageFiles {
-            current: File::open(self.dir.join(current)).ok(),
-            stat: File::open(self.dir.join("memory.stat")).ok(),
-        });
-        let current = files
-            .current
+        let (current_path, stat_path) = (self.dir.join(current), self.dir.join("memory.stat"));
+        let mut files = self.usage_files.lock().unwrap_or_else(|p| p.into_inner());
+        if files.is_none() {
+            *files = File::open(&current_path)
+                .and_then(|current| {
+                    Ok(UsageFiles {
+                        current,
+                        stat: File::open(&stat_path)?,
+                    })
+                })
+                .ok();
+        }
+        let read = files
             .as_ref()
-            .and_then(reread)
-            .and_then(|s| parse_u64(&s))
-            .unwrap_or(0);
-        let inactive_file = files
-            .stat
-            .as_ref()
-            .and_then(reread)
-            .map_or(0, |s| keyed_in(&s, inactive));
+            .and_then(|f| Some((reread(&f.current)?, reread(&f.stat)?)));
+        let (current_text, stat_text) = match read {
+            Some(texts) => texts,
+            None => {
+                // Opened again at the next tick; read by path this time.
+                *files = None;
+                (
+                    fs::read_to_string(&current_path).unwrap_or_default(),
+                    fs::read_to_string(&stat_path).unwrap_or_default(),
+                )
+            }
+        };
+        let current = parse_u64(&current_text).unwrap_or(0);
+        let inactive_file = keyed_in(&stat_text, inactive);
         crate::policy::CeilingUse {
             working_set_bytes: current.saturating_sub(inactive_file),
             charge_bytes: current,

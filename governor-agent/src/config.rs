@@ -378,6 +378,9 @@ fn default_tick_ms() -> u64 {
 /// The calm tick when the configuration does not set one.
 pub const DEFAULT_IDLE_TICK_MS: u64 = 100;
 
+/// The longest calm tick (unless `tick_ms` is longer).
+pub const MAX_IDLE_TICK_MS: u64 = 1000;
+
 fn default_run_dir() -> PathBuf {
     super::paths::DEFAULT_RUN_DIR.into()
 }
@@ -449,12 +452,16 @@ impl Config {
                 format!("{} is outside 10..=60000", self.tick_ms),
             ));
         }
+        // The calm tick still notices what has no mark (the ceiling's
+        // charge, memory stalls, exits): a second at most, unless the
+        // busy tick itself is slower.
+        let most = self.tick_ms.max(MAX_IDLE_TICK_MS);
         if let Some(idle) = self.idle_tick_ms
-            && !(self.tick_ms..=60_000).contains(&idle)
+            && !(self.tick_ms..=most).contains(&idle)
         {
             return Err(err(
                 "idle_tick_ms",
-                format!("{idle} is outside tick_ms ({})..=60000", self.tick_ms),
+                format!("{idle} is outside tick_ms ({})..={most}", self.tick_ms),
             ));
         }
         if self.engines.is_empty() {
@@ -773,6 +780,10 @@ mod tests {
             (format!("{HEAD}tick_ms = 1\n{ENGINE}"), "tick_ms"),
             (
                 format!("{HEAD}tick_ms = 50\nidle_tick_ms = 20\n{ENGINE}"),
+                "idle_tick_ms",
+            ),
+            (
+                format!("{HEAD}idle_tick_ms = 5000\n{ENGINE}"),
                 "idle_tick_ms",
             ),
             (format!("{HEAD}engine = []\n"), "engine"),

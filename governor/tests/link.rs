@@ -216,7 +216,9 @@ impl SpillHandler for Held {
     fn spill(&self, target_bytes: u64) -> u64 {
         let _ = self.entered.try_send(());
         if let Some(gate) = &self.gate {
-            gate.lock().unwrap().recv().unwrap();
+            // Bounded: a failing test drops the link (which joins this
+            // thread) before the sender.
+            let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(20));
         }
         let mut held = self.held.lock().unwrap();
         let mut freed = 0;
@@ -373,6 +375,80 @@ fn a_slow_spill_holds_up_neither_other_engines_nor_limits_and_requests_behind_it
     let third = agent.wait_for(|m| spilled(m, "vector").is_some());
     assert_eq!(spilled(&third, "vector"), Some((MIB, MIB)));
     assert_eq!(link.stats().spills, 5);
+    drop(link);
+    let _ = fs::remove_dir_all(&d);
+}
+
+/// A cap below what an engine holds is applied once the engine has come
+/// down, whether its spill brought it there or it freed on its own while
+/// its spill was stuck; meanwhile its cap follows it down.
+#[test]
+fn limits_below_what_an_engine_holds_apply_once_it_frees_on_its_own() {
+    let d = dir();
+    let socket = d.join("wanted.sock");
+    let _ = fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).unwrap();
+    let governor = MemoryGovernor::new(
+        Budget::builder(512 * MIB)
+            .engine(EngineId::Query, 0, 128 * MIB)
+            .build()
+            .unwrap(),
+    );
+    let spill = Arc::new(SpillController::new(SpillConfig::default()).unwrap());
+    let (go, gate) = mpsc::channel();
+    let (query, query_spilling) = held(&governor, EngineId::Query, 64, Some(gate));
+    let _r = spill.register(EngineId::Query, query.clone());
+    let link = AgentLink::builder(
+        &governor,
+        LinkConfig::new(&socket, "nodedb", &[("query", EngineId::Query)]),
+    )
+    .spill_controller(spill.clone())
+    .start()
+    .unwrap();
+    let (stream, _) = listener.accept().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut agent = Agent {
+        stream,
+        decoder: Decoder::new(),
+    };
+    agent.wait_for(|m| matches!(m, ToAgent::Hello { .. }));
+    agent.send(&ToLibrary::Welcome {
+        version: wire::VERSION,
+        engine_cgroups: Default::default(),
+    });
+    assert!(link.wait_connected(Duration::from_secs(10)));
+    agent.send(&ToLibrary::Limits {
+        engine: "query".into(),
+        floor_bytes: 0,
+        cap_bytes: 40 * MIB,
+        hot_set_bytes: None,
+    });
+    // Its spill is stuck; the cap is held at what it holds.
+    query_spilling
+        .recv_timeout(Duration::from_secs(10))
+        .expect("query's spill started");
+    let cap = || governor.usage(EngineId::Query).unwrap().cap_bytes;
+    assert_eq!(cap(), 64 * MIB);
+    assert!(governor.try_reserve(EngineId::Query, MIB).is_err());
+    // It frees 10 MiB on its own: the cap follows it down (to what the
+    // books hold, releases kept as the thread's credit included).
+    query.held.lock().unwrap().truncate(54);
+    let used = || governor.usage(EngineId::Query).unwrap().used_bytes;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(cap() < 64 * MIB && cap() == used()) {
+        assert!(Instant::now() < deadline, "the cap stayed at {}", cap());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Down to 30 MiB: the new cap applies, with the spill still stuck.
+    query.held.lock().unwrap().truncate(30);
+    while cap() != 40 * MIB {
+        assert!(Instant::now() < deadline, "the cap stayed at {}", cap());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(governor.try_reserve(EngineId::Query, 10 * MIB).is_ok());
+    go.send(()).unwrap();
     drop(link);
     let _ = fs::remove_dir_all(&d);
 }

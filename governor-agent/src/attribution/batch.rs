@@ -29,9 +29,19 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// Whether `e` says the kernel cannot do batch reads at all (before 5.6,
+/// or not for this map), rather than that this one failed.
+pub(super) fn unsupported(e: &std::io::Error) -> bool {
+    // ENOTSUPP (524) is the kernel's own, not in libc.
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
+    )
+}
+
 /// Slots `0..n` of `map`, each summed over the CPUs. `nr_cpus`: the
 /// possible CPUs (the kernel writes a value for each). Errors are the
-/// system call's (`EINVAL` before 5.6).
+/// system call's (see [`unsupported`]).
 pub(super) fn read_slots(
     map: &PerCpuArray<MapData, SlotStats>,
     n: u32,
@@ -47,12 +57,15 @@ pub(super) fn read_slots(
     let mut values = vec![SlotStats::default(); n as usize * nr_cpus];
     let mut filled = 0usize;
     let mut next = 0u32;
+    // One pointer for both: the kernel reads where to go on from it and
+    // writes where it stopped to it.
+    let cursor = std::ptr::addr_of_mut!(next) as u64;
     let mut first = true;
     while filled < n as usize {
         let mut attr = BatchAttr {
             // Null on the first call: from the start.
-            in_batch: if first { 0 } else { &next as *const u32 as u64 },
-            out_batch: &mut next as *mut u32 as u64,
+            in_batch: if first { 0 } else { cursor },
+            out_batch: cursor,
             keys: keys[filled..].as_mut_ptr() as u64,
             values: values[filled * nr_cpus..].as_mut_ptr() as u64,
             count: n - filled as u32,

@@ -62,10 +62,16 @@ impl Attribution {
         let all = match batched.then(|| batch::read_slots(&self.stats, used, self.nr_cpus)) {
             None => None,
             Some(Ok(all)) => Some(all),
-            Some(Err(e)) => {
+            Some(Err(e)) if batch::unsupported(&e) => {
                 // Said once; the slots are read one by one from now on.
                 self.batch_failed.store(true, Ordering::Relaxed);
-                tracing::warn!(error = %e, "the kernel refused a batch read of the counters; reading them slot by slot (a system call each)");
+                tracing::warn!(error = %e, "the kernel refuses batch reads of the counters; reading them slot by slot (a system call each)");
+                None
+            }
+            // This read failed (memory, a signal): slot by slot this
+            // time, in one batch again the next.
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "a batch read of the counters failed; slot by slot this time");
                 None
             }
         };

@@ -18,10 +18,7 @@ mod startup;
 
 use std::{
     collections::BTreeMap,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -111,7 +108,7 @@ pub struct Agent {
     /// it (reading what only the snapshot shows: VmRSS, the programs'
     /// statistics). No reader, no snapshot: a tick reads the counters and
     /// decides, nothing more.
-    wanted: Arc<AtomicBool>,
+    wanted: Arc<snapshot::Wanted>,
     /// When the subtree was last scanned for new processes.
     scanned: Option<Instant>,
     /// The mark ring buffer is polled (crossings wake the owner).
@@ -144,6 +141,7 @@ impl Agent {
         let mut period = Duration::from_millis(self.config.tick_ms);
         let mut interval = tokio::time::interval(period);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let wanted = self.wanted.clone();
         let mut crossings = self.attribution.take_mark_events().and_then(|ring| {
             // SAFETY: the ring buffer owns its map's descriptor and keeps it
             // open, the same one, until it is dropped with the AsyncFd.
@@ -177,8 +175,7 @@ impl Agent {
                         if busy != period {
                             period = busy;
                             self.note_period(period);
-                            interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-                            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            interval = restart(period);
                         }
                     }
                 }
@@ -189,13 +186,33 @@ impl Agent {
                     if now != period {
                         period = now;
                         self.note_period(period);
-                        interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-                        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        interval = restart(period);
+                    }
+                }
+                // A reader waits for a snapshot: built now, not at the
+                // next (maybe calm) tick.
+                () = wanted.wake.notified() => {
+                    if self.wanted.is_set() {
+                        self.publish_now();
                     }
                 }
                 input = inputs.recv() => match input {
                     Some(Input::Stop) | None => break,
-                    Some(input) => self.handle(input),
+                    Some(input) => {
+                        // A new library, a new configuration, a thread
+                        // placed: the busy tick, so the next one comes soon.
+                        let prompt = matches!(
+                            input,
+                            Input::Hello { .. } | Input::Reload { .. } | Input::Assign { .. }
+                        );
+                        self.handle(input);
+                        let busy = self.period(true);
+                        if prompt && busy != period {
+                            period = busy;
+                            self.note_period(period);
+                            interval = restart(period);
+                        }
+                    }
                 },
             }
         }
@@ -424,7 +441,7 @@ impl Agent {
         self.health.last_tick = started.elapsed();
         self.health.tick_time += self.health.last_tick;
         if let Some(mut reading) = reading
-            && self.wanted.load(Ordering::Relaxed)
+            && self.wanted.is_set()
         {
             reading.read_vm_rss();
             // Read after the actions: a high mark just moved shows as it is.
@@ -525,6 +542,13 @@ impl Agent {
         }
         self.attribution.unpin();
     }
+}
+
+/// A tick every `period`, the first one `period` from now.
+fn restart(period: Duration) -> tokio::time::Interval {
+    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.

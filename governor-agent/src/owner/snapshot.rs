@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use super::Agent;
 use crate::{attribution::Reading, ceiling::CeilingStatus, status::StatusReport};
@@ -36,29 +36,44 @@ pub struct Snapshot {
     pub health: Health,
 }
 
+/// A reader's request for a snapshot: the flag the owner clears when it
+/// publishes one, and its wake-up.
+#[derive(Debug, Default)]
+pub(super) struct Wanted {
+    pub flag: AtomicBool,
+    pub wake: Notify,
+}
+
+impl Wanted {
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+}
+
 /// A reader of the published snapshots, for the tasks that serve them. A
-/// read asks the owner for a snapshot and waits for the next tick's (at
-/// most a tick, or a second if the owner does not answer): ticks build one
-/// only when asked (with VmRSS and the eBPF programs' statistics read
-/// afresh, a system call per process and per program), so their cost
-/// goes with how often someone looks.
+/// read asks the owner for a snapshot and waits for it (a second at most,
+/// then it takes the last one): the owner builds one only when asked
+/// (with VmRSS and the eBPF programs' statistics read afresh, a system
+/// call per process and per program), so their cost goes with how often
+/// someone looks, and a calm agent answers at once, not at its next tick.
 #[derive(Clone, Debug)]
 pub struct Snapshots {
     rx: watch::Receiver<Arc<Snapshot>>,
-    wanted: Arc<AtomicBool>,
+    wanted: Arc<Wanted>,
 }
 
 impl Snapshots {
-    pub(super) fn new(rx: watch::Receiver<Arc<Snapshot>>, wanted: Arc<AtomicBool>) -> Self {
+    pub(super) fn new(rx: watch::Receiver<Arc<Snapshot>>, wanted: Arc<Wanted>) -> Self {
         Self { rx, wanted }
     }
 
-    /// The snapshot of the next tick (or, if none comes within a second,
-    /// the last one).
+    /// A snapshot built after this call (or, if none comes within a
+    /// second, the last one).
     pub async fn next(&self) -> Arc<Snapshot> {
         let mut rx = self.rx.clone();
         rx.mark_unchanged();
-        self.wanted.store(true, Ordering::Relaxed);
+        self.wanted.flag.store(true, Ordering::Relaxed);
+        self.wanted.wake.notify_one();
         let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
         rx.borrow_and_update().clone()
     }
@@ -69,7 +84,7 @@ impl Agent {
     /// figures) and the policy's state, and publishes it.
     pub(super) fn publish(&mut self, reading: Reading, ceiling: Option<CeilingStatus>) {
         let now = Instant::now();
-        self.wanted.store(false, Ordering::Relaxed);
+        self.wanted.flag.store(false, Ordering::Relaxed);
         self.programs = self.attribution.program_stats();
         let mut report = StatusReport::new(
             &self.config.database,

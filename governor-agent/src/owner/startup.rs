@@ -90,7 +90,10 @@ impl Agent {
             metrics_addr: None,
             _program_stats: program_stats,
             programs: Vec::new(),
-            wanted: Arc::new(AtomicBool::new(true)),
+            wanted: Arc::new(super::snapshot::Wanted {
+                flag: AtomicBool::new(true),
+                wake: Default::default(),
+            }),
             scanned: None,
             marks_polled: false,
             snapshot,

@@ -129,8 +129,6 @@ struct SpillJob {
     request: Option<u64>,
     /// Requests this one replaced.
     merged: u64,
-    /// Bring the engine under its wanted limits.
-    limits: bool,
 }
 
 #[derive(Default)]
@@ -429,14 +427,13 @@ impl Inner {
         if self.stopped() {
             return;
         }
+        // A job with no request brings the engine under its wanted limits
+        // (every job does, once it has spilled what was asked).
         let job = jobs.pending.entry(engine).or_default();
-        match request {
-            Some(bytes) => {
-                if job.request.replace(bytes).is_some() {
-                    job.merged += 1;
-                }
-            }
-            None => job.limits = true,
+        if let Some(bytes) = request
+            && job.request.replace(bytes).is_some()
+        {
+            job.merged += 1;
         }
         if jobs.workers.insert(engine) {
             let run = self.clone();
@@ -465,6 +462,29 @@ impl Inner {
         self.spill_wake.notify_all();
     }
 
+    /// Applies `engine`'s wanted limits if it now holds no more than their
+    /// cap; else holds its cap at what it holds (lowered as it frees: the
+    /// spill thread and every report turn call this). Limits refused for
+    /// another reason are dropped, the error noted.
+    fn apply_wanted(&self, st: &mut State, engine: EngineId) {
+        let Some(&(floor, cap)) = st.wanted.get(&engine) else {
+            return;
+        };
+        let usage = self.governor.usage(engine);
+        let held = usage.as_ref().map_or(0, |u| u.used_bytes);
+        if held > cap {
+            if usage.is_ok_and(|u| held < u.cap_bytes) {
+                let _ = self.governor.set_limits(engine, floor.min(held), held);
+            }
+            return;
+        }
+        st.wanted.remove(&engine);
+        match self.governor.set_limits(engine, floor, cap) {
+            Ok(()) => st.stats.limit_changes += 1,
+            Err(e) => st.stats.last_error = Some(e.to_string()),
+        }
+    }
+
     /// One engine's spill thread: its jobs, one at a time.
     fn spill_worker(&self, engine: EngineId) {
         loop {
@@ -483,7 +503,24 @@ impl Inner {
                         .unwrap_or_else(|p| p.into_inner());
                 }
             };
-            self.spill_now(engine, job);
+            // A handler that panics answers 0 freed; the thread goes on
+            // serving the engine (its requests would otherwise pile up
+            // unanswered).
+            let request = job.request;
+            let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.spill_now(engine, job)
+            }));
+            if done.is_err() {
+                lock(&self.state).stats.last_error =
+                    Some(format!("the spill handler of {engine:?} panicked"));
+                if let (Some(target_bytes), Some(name)) = (request, self.name_of(engine)) {
+                    lock(&self.outbox).push(ToAgent::Spilled {
+                        engine: name.to_owned(),
+                        target_bytes,
+                        freed_bytes: 0,
+                    });
+                }
+            }
         }
     }
 
@@ -504,25 +541,12 @@ impl Inner {
             0
         };
         let mut st = lock(&self.state);
-        st.stats.spills += 1;
+        if target > 0 {
+            st.stats.spills += 1;
+        }
         st.stats.spilled_bytes += freed;
         st.stats.spills_merged += job.merged;
-        if let Some(&(floor, cap)) = st.wanted.get(&engine) {
-            match self.governor.set_limits(engine, floor, cap) {
-                Ok(()) => {
-                    st.wanted.remove(&engine);
-                    st.stats.limit_changes += 1;
-                }
-                // Still above it: the cap stays at what the engine holds
-                // (lowered as it frees), and the next spill tries again.
-                Err(_) => {
-                    let held = used();
-                    if held < self.governor.usage(engine).map_or(0, |u| u.cap_bytes) {
-                        let _ = self.governor.set_limits(engine, floor.min(held), held);
-                    }
-                }
-            }
-        }
+        self.apply_wanted(&mut st, engine);
         drop(st);
         self.changed.notify_all();
         if let (Some(target_bytes), Some(name)) = (job.request, self.name_of(engine)) {
@@ -694,6 +718,16 @@ impl Inner {
             }
             if Instant::now() >= next_report {
                 next_report = Instant::now() + self.config.report_interval;
+                // Limits waiting for an engine to come down: applied as
+                // soon as it has (it may free on its own, or after its
+                // spill returned), its cap following it down meanwhile.
+                {
+                    let mut st = lock(&self.state);
+                    let waiting: Vec<EngineId> = st.wanted.keys().copied().collect();
+                    for engine in waiting {
+                        self.apply_wanted(&mut st, engine);
+                    }
+                }
                 // Books that did not change are not sent again, but for a
                 // heartbeat every second (an agent governing fifty
                 // processes would otherwise parse a thousand a second).

@@ -376,7 +376,7 @@ fn default_tick_ms() -> u64 {
 }
 
 /// The calm tick when the configuration does not set one.
-pub const DEFAULT_IDLE_TICK_MS: u64 = 100;
+pub const DEFAULT_IDLE_TICK_MS: u64 = 250;
 
 /// The longest calm tick (unless `tick_ms` is longer).
 pub const MAX_IDLE_TICK_MS: u64 = 1000;
@@ -703,7 +703,7 @@ mod tests {
         let c = Config::parse(DEFAULT_CONFIG).expect("default config");
         assert_eq!(c.engine_names(), ["vector", "timeseries", "query"]);
         assert_eq!(c.tick_ms, 20);
-        assert_eq!(c.idle_tick_ms(), 100);
+        assert_eq!(c.idle_tick_ms(), 250);
         // A slower busy tick makes the calm one as slow; without marks
         // the tick never slows.
         let slow = Config::parse(&DEFAULT_CONFIG.replace("tick_ms = 20", "tick_ms = 500")).unwrap();

@@ -15,7 +15,7 @@ use crate::{
 
 /// How often the subtree is scanned for processes that entered it by
 /// themselves.
-pub(super) const SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+pub(super) const SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Agent {
     /// Takes in processes that entered the subtree (a child of a governed

@@ -444,8 +444,19 @@ impl Library {
             // room only for what the budget has left.
             if let Some(books) = e.books {
                 let step = untracked_step(budget);
-                // Rounded up: the cap errs on the side of the budget.
-                let untracked = resident.saturating_sub(books.reserved_bytes).div_ceil(step) * step;
+                // Rounded up: the cap errs on the side of the budget. Up
+                // at once; down only half a step past the boundary, so
+                // memory wobbling at a boundary (threads mapping and
+                // unmapping) does not move the cap back and forth.
+                let raw = resident.saturating_sub(books.reserved_bytes);
+                let up = raw.div_ceil(step) * step;
+                let untracked = if up >= e.untracked_bytes
+                    || raw + step / 2 <= e.untracked_bytes.saturating_sub(step)
+                {
+                    up
+                } else {
+                    e.untracked_bytes
+                };
                 if e.untracked_bytes != untracked {
                     e.untracked_bytes = untracked;
                     self.send_limits(&l, out);

@@ -490,8 +490,20 @@ fn memory_the_library_did_not_reserve_comes_off_its_cap() {
     let got = w.tick(&[("query", 141 * MIB), ("vector", 0)]);
     assert_eq!(got, [Limits("query", 64 * MIB, 152 * MIB)]);
     assert_eq!(w.status().engines["query"].cap_bytes, 152 * MIB);
-    // A wobble inside the same step sends nothing.
+    // A wobble inside the same step sends nothing, nor one just below
+    // its lower boundary (less than half a step past it)...
     assert_eq!(w.after(20).tick(&[("query", 142 * MIB), ("vector", 0)]), []);
+    assert_eq!(w.after(20).tick(&[("query", 139 * MIB), ("vector", 0)]), []);
+    assert_eq!(w.after(20).tick(&[("query", 141 * MIB), ("vector", 0)]), []);
+    // ...half a step past it, the cap steps up.
+    assert_eq!(
+        w.after(20).tick(&[("query", 137 * MIB), ("vector", 0)]),
+        [Limits("query", 64 * MIB, 156 * MIB)]
+    );
+    assert_eq!(
+        w.after(20).tick(&[("query", 141 * MIB), ("vector", 0)]),
+        [Limits("query", 64 * MIB, 152 * MIB)]
+    );
     // Once the books cover what the kernel sees, the whole budget is back.
     w.report("query", 142 * MIB, 0);
     assert_eq!(

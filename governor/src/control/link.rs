@@ -81,7 +81,7 @@ impl LinkConfig {
 }
 
 /// Unchanged books are reported again this often.
-pub const REPORT_HEARTBEAT: Duration = Duration::from_secs(1);
+pub const REPORT_HEARTBEAT: Duration = Duration::from_secs(5);
 
 type PurgeFn = Box<dyn Fn(EngineId) -> Option<(u64, u64)> + Send + Sync>;
 type ArenaFn = Box<dyn Fn(EngineId) -> Option<u64> + Send + Sync>;
@@ -729,7 +729,7 @@ impl Inner {
                     }
                 }
                 // Books that did not change are not sent again, but for a
-                // heartbeat every second (an agent governing fifty
+                // heartbeat every five seconds (an agent governing fifty
                 // processes would otherwise parse a thousand a second).
                 let report = self.report();
                 if last_report

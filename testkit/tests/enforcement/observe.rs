@@ -18,7 +18,7 @@ fn an_observing_agent_measures_but_asks_nothing() {
     // Nothing governed, nothing under way: the calm tick.
     let period = |s: &serde_json::Value| s["ticks"]["period_ms"].as_u64();
     wait_for("the calm tick", || {
-        period(&agent.status_json()) == Some(100)
+        period(&agent.status_json()) == Some(250)
     });
     let _probe = agent.spawn_probe(
         env!("CARGO_BIN_EXE_hold-probe"),

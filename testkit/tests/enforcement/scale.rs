@@ -33,13 +33,14 @@ fn the_agent_governs_many_churning_threads_and_its_cost_is_measured() {
         row["engine_page_faults"].as_u64() > Some(churned_pages / 2),
         "{r}"
     );
-    // Engines idle under their budgets: the calm tick (100 ms), about 10
+    // Engines idle under their budgets: the calm tick (250 ms), about 4
     // a second.
-    assert_eq!(row["tick_period_ms"], 100, "{r}");
-    assert!(row["ticks"].as_u64() >= Some(15), "{r}");
+    assert_eq!(row["tick_period_ms"], 250, "{r}");
+    assert!(row["ticks"].as_u64() >= Some(6), "{r}");
     let cpu = row["agent_cpu_percent"].as_f64().unwrap();
-    // Ticking over three processes costs something.
-    assert!(cpu > 0.0 && cpu < 200.0, "{r}");
+    // An agent that does not spin (its figures at scale come from
+    // `cargo xtask bench`; two seconds of CPU ticks are too coarse here).
+    assert!((0.0..20.0).contains(&cpu), "{r}");
     eprintln!(
         "agent cost, 60 threads in 3 processes: {cpu:.2}% of a CPU, mean tick {:.0} us",
         row["mean_tick_us"].as_f64().unwrap()

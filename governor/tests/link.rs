@@ -28,7 +28,7 @@ use nodedb_governor::{
     Budget, EngineCache, EngineId, MemoryGovernor, Reservation, SpillConfig, SpillController,
     SpillHandler,
     control::{
-        AgentLink, LinkConfig,
+        AgentLink, AgentLinkBuilder, LinkConfig,
         wire::{self, Decoder, ToAgent, ToLibrary},
     },
     page_cache::resident_bytes,
@@ -89,37 +89,21 @@ impl Agent {
     }
 }
 
-#[test]
-fn drop_cache_is_answered_from_the_cache_thread_and_limits_still_apply() {
-    let d = dir();
-    let socket = d.join("agent.sock");
-    let _ = fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket).unwrap();
-    let governor = MemoryGovernor::new(
-        Budget::builder(256 * MIB)
-            .engine(EngineId::Timeseries, 0, 64 * MIB)
-            .engine(EngineId::Vector, 0, 64 * MIB)
-            .build()
-            .unwrap(),
-    );
-    let cache = EngineCache::new(&governor);
-    let cold = cache.track(EngineId::Timeseries, cached_file(&d.join("cold"), 8));
-    let warm = cache.track(EngineId::Timeseries, cached_file(&d.join("warm"), 8));
-    let other = cache.track(EngineId::Vector, cached_file(&d.join("other"), 8));
-    std::thread::sleep(Duration::from_millis(2));
-    warm.touch();
-    let link = AgentLink::builder(
-        &governor,
-        LinkConfig::new(
-            &socket,
-            "nodedb",
-            &[
-                ("timeseries", EngineId::Timeseries),
-                ("vector", EngineId::Vector),
-            ],
-        ),
-    )
-    .engine_cache(cache.clone())
+/// A link on `governor` for `engines` (their names on the wire), set up
+/// by `with`, and the agent's end of it, played by the test on `socket`:
+/// returned once the link is welcomed.
+fn welcomed(
+    socket: &std::path::Path,
+    governor: &MemoryGovernor,
+    engines: &[(&str, EngineId)],
+    with: impl FnOnce(AgentLinkBuilder) -> AgentLinkBuilder,
+) -> (AgentLink, Agent) {
+    let _ = fs::remove_file(socket);
+    let listener = UnixListener::bind(socket).unwrap();
+    let link = with(AgentLink::builder(
+        governor,
+        LinkConfig::new(socket, "nodedb", engines),
+    ))
     .start()
     .unwrap();
     let (stream, _) = listener.accept().unwrap();
@@ -136,6 +120,35 @@ fn drop_cache_is_answered_from_the_cache_thread_and_limits_still_apply() {
         engine_cgroups: Default::default(),
     });
     assert!(link.wait_connected(Duration::from_secs(10)));
+    (link, agent)
+}
+
+#[test]
+fn drop_cache_is_answered_from_the_cache_thread_and_limits_still_apply() {
+    let d = dir();
+    let socket = d.join("agent.sock");
+    let governor = MemoryGovernor::new(
+        Budget::builder(256 * MIB)
+            .engine(EngineId::Timeseries, 0, 64 * MIB)
+            .engine(EngineId::Vector, 0, 64 * MIB)
+            .build()
+            .unwrap(),
+    );
+    let cache = EngineCache::new(&governor);
+    let cold = cache.track(EngineId::Timeseries, cached_file(&d.join("cold"), 8));
+    let warm = cache.track(EngineId::Timeseries, cached_file(&d.join("warm"), 8));
+    let other = cache.track(EngineId::Vector, cached_file(&d.join("other"), 8));
+    std::thread::sleep(Duration::from_millis(2));
+    warm.touch();
+    let (link, mut agent) = welcomed(
+        &socket,
+        &governor,
+        &[
+            ("timeseries", EngineId::Timeseries),
+            ("vector", EngineId::Vector),
+        ],
+        |b| b.engine_cache(cache.clone()),
+    );
 
     // A drop, and a budget change right behind it: both are carried out.
     agent.send(&ToLibrary::DropCache {
@@ -264,8 +277,6 @@ fn spilled(m: &ToAgent, name: &str) -> Option<(u64, u64)> {
 fn a_slow_spill_holds_up_neither_other_engines_nor_limits_and_requests_behind_it_merge() {
     let d = dir();
     let socket = d.join("spill.sock");
-    let _ = fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket).unwrap();
     let governor = MemoryGovernor::new(
         Budget::builder(512 * MIB)
             .engine(EngineId::Vector, 0, 128 * MIB)
@@ -285,35 +296,16 @@ fn a_slow_spill_holds_up_neither_other_engines_nor_limits_and_requests_behind_it
         spill.register(EngineId::Timeseries, timeseries.clone()),
         spill.register(EngineId::Query, query.clone()),
     ];
-    let link = AgentLink::builder(
+    let (link, mut agent) = welcomed(
+        &socket,
         &governor,
-        LinkConfig::new(
-            &socket,
-            "nodedb",
-            &[
-                ("vector", EngineId::Vector),
-                ("timeseries", EngineId::Timeseries),
-                ("query", EngineId::Query),
-            ],
-        ),
-    )
-    .spill_controller(spill.clone())
-    .start()
-    .unwrap();
-    let (stream, _) = listener.accept().unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let mut agent = Agent {
-        stream,
-        decoder: Decoder::new(),
-    };
-    agent.wait_for(|m| matches!(m, ToAgent::Hello { .. }));
-    agent.send(&ToLibrary::Welcome {
-        version: wire::VERSION,
-        engine_cgroups: Default::default(),
-    });
-    assert!(link.wait_connected(Duration::from_secs(10)));
+        &[
+            ("vector", EngineId::Vector),
+            ("timeseries", EngineId::Timeseries),
+            ("query", EngineId::Query),
+        ],
+        |b| b.spill_controller(spill.clone()),
+    );
 
     // Vector's spill starts and sticks in its handler.
     let spill_of = |engine: &str, mib: u64| ToLibrary::Spill {
@@ -386,8 +378,6 @@ fn a_slow_spill_holds_up_neither_other_engines_nor_limits_and_requests_behind_it
 fn limits_below_what_an_engine_holds_apply_once_it_frees_on_its_own() {
     let d = dir();
     let socket = d.join("wanted.sock");
-    let _ = fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket).unwrap();
     let governor = MemoryGovernor::new(
         Budget::builder(512 * MIB)
             .engine(EngineId::Query, 0, 128 * MIB)
@@ -398,27 +388,9 @@ fn limits_below_what_an_engine_holds_apply_once_it_frees_on_its_own() {
     let (go, gate) = mpsc::channel();
     let (query, query_spilling) = held(&governor, EngineId::Query, 64, Some(gate));
     let _r = spill.register(EngineId::Query, query.clone());
-    let link = AgentLink::builder(
-        &governor,
-        LinkConfig::new(&socket, "nodedb", &[("query", EngineId::Query)]),
-    )
-    .spill_controller(spill.clone())
-    .start()
-    .unwrap();
-    let (stream, _) = listener.accept().unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let mut agent = Agent {
-        stream,
-        decoder: Decoder::new(),
-    };
-    agent.wait_for(|m| matches!(m, ToAgent::Hello { .. }));
-    agent.send(&ToLibrary::Welcome {
-        version: wire::VERSION,
-        engine_cgroups: Default::default(),
+    let (link, mut agent) = welcomed(&socket, &governor, &[("query", EngineId::Query)], |b| {
+        b.spill_controller(spill.clone())
     });
-    assert!(link.wait_connected(Duration::from_secs(10)));
     agent.send(&ToLibrary::Limits {
         engine: "query".into(),
         floor_bytes: 0,

@@ -16,8 +16,9 @@
 //!
 //! In Emergency the high mark is lowered to force reclaim (v2; on v1 the
 //! soft limit only acts under global pressure, and is reported as such),
-//! and restored when the pressure is gone. `memory.events` (v2) or
-//! `memory.failcnt` / `memory.oom_control` (v1) are read every tick.
+//! and restored when the pressure is gone. The charge and `memory.stat`
+//! are read every tick (`usage`); `memory.events` (v2) or
+//! `memory.failcnt` / `memory.oom_control` (v1) when the status is built.
 
 use std::{
     fs::{self, File},
@@ -165,12 +166,8 @@ fn read_u64(path: &Path) -> Option<u64> {
     parse_u64(&fs::read_to_string(path).ok()?)
 }
 
-/// `key value` lines (memory.events, memory.oom_control).
-fn keyed(path: &Path, key: &str) -> u64 {
-    keyed_in(&fs::read_to_string(path).unwrap_or_default(), key)
-}
-
-/// `key`'s value in a flat-keyed cgroup file's text (0 if absent).
+/// `key`'s value in a flat-keyed cgroup file's text (`key value` lines:
+/// memory.events, memory.oom_control, memory.stat; 0 if absent).
 fn keyed_in(text: &str, key: &str) -> u64 {
     text.lines()
         .find_map(|l| {
@@ -434,45 +431,35 @@ impl Ceiling {
 
     pub fn status(&self) -> CeilingStatus {
         let d = &self.dir;
-        let (current, events) = match self.backend {
-            // Each file read once (the status is read at every tick).
+        // Each events file read once.
+        let events = match self.backend {
             Backend::CgroupV2 => {
                 let ev = fs::read_to_string(d.join("memory.events")).unwrap_or_default();
-                (
-                    read_u64(&d.join("memory.current")).unwrap_or(0),
-                    CeilingEvents {
-                        high: keyed_in(&ev, "high"),
-                        max: keyed_in(&ev, "max"),
-                        oom: keyed_in(&ev, "oom"),
-                        oom_kill: keyed_in(&ev, "oom_kill"),
-                    },
-                )
+                CeilingEvents {
+                    high: keyed_in(&ev, "high"),
+                    max: keyed_in(&ev, "max"),
+                    oom: keyed_in(&ev, "oom"),
+                    oom_kill: keyed_in(&ev, "oom_kill"),
+                }
             }
             Backend::CgroupV1 => {
                 let oom = fs::read_to_string(d.join("memory.oom_control")).unwrap_or_default();
-                (
-                    read_u64(&d.join("memory.usage_in_bytes")).unwrap_or(0),
-                    CeilingEvents {
-                        high: 0,
-                        max: read_u64(&d.join("memory.failcnt")).unwrap_or(0),
-                        oom: keyed_in(&oom, "under_oom"),
-                        oom_kill: keyed_in(&oom, "oom_kill"),
-                    },
-                )
+                CeilingEvents {
+                    high: 0,
+                    max: read_u64(&d.join("memory.failcnt")).unwrap_or(0),
+                    oom: keyed_in(&oom, "under_oom"),
+                    oom_kill: keyed_in(&oom, "oom_kill"),
+                }
             }
         };
-        // v1 keeps the hierarchical figure under `total_`.
-        let inactive_file = match self.backend {
-            Backend::CgroupV2 => keyed(&d.join("memory.stat"), "inactive_file"),
-            Backend::CgroupV1 => keyed(&d.join("memory.stat"), "total_inactive_file"),
-        };
+        let usage = self.usage();
         CeilingStatus {
             backend: self.backend,
             cgroup: d.display().to_string(),
             limit_bytes: self.limit,
             high_bytes: self.high_now,
-            current_bytes: current,
-            working_set_bytes: current.saturating_sub(inactive_file),
+            current_bytes: usage.charge_bytes,
+            working_set_bytes: usage.working_set_bytes,
             events,
             limit_changes: self.limit_changes,
             protected_bytes: self.protection.as_ref().ok().copied(),

@@ -320,7 +320,7 @@ pub struct Config {
     /// The tick while all is calm, with the kernel's marks armed (they
     /// wake the agent at once when an engine crosses its first
     /// threshold): the slow work alone, so an idle agent costs little.
-    /// At least `tick_ms` (default: 100, or `tick_ms` if that is longer);
+    /// At least `tick_ms` (default: 250, or `tick_ms` if that is longer);
     /// without `mark_events`, `tick_ms` always.
     #[serde(default)]
     pub idle_tick_ms: Option<u64>,

@@ -104,10 +104,10 @@ pub struct Agent {
     /// The eBPF programs' statistics as last read (a system call per
     /// program).
     programs: Vec<crate::attribution::ProgramStats>,
-    /// A reader of the snapshot waits for the next one: the tick builds
-    /// it (reading what only the snapshot shows: VmRSS, the programs'
-    /// statistics). No reader, no snapshot: a tick reads the counters and
-    /// decides, nothing more.
+    /// A reader of the snapshot waits for one: the owner builds it when
+    /// woken, or at the tick (reading what only the snapshot shows: VmRSS,
+    /// the programs' statistics, the ceiling's events). No reader, no
+    /// snapshot: a tick reads the counters and decides, nothing more.
     wanted: Arc<snapshot::Wanted>,
     /// When the subtree was last scanned for new processes.
     scanned: Option<Instant>,
@@ -118,7 +118,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// A reader of the snapshot published at every tick.
+    /// A reader of the snapshots (built when a reader asks).
     pub fn snapshots(&self) -> Snapshots {
         Snapshots::new(self.snapshot.subscribe(), self.wanted.clone())
     }
@@ -138,7 +138,7 @@ impl Agent {
     /// until told to stop (or every sender is gone), then leaves the kernel
     /// state it made.
     pub async fn serve(mut self, mut inputs: mpsc::Receiver<Input>) {
-        let mut period = Duration::from_millis(self.config.tick_ms);
+        let period = Duration::from_millis(self.config.tick_ms);
         let mut interval = tokio::time::interval(period);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let wanted = self.wanted.clone();
@@ -152,7 +152,7 @@ impl Agent {
                 .ok()
         });
         self.marks_polled = crossings.is_some();
-        self.note_period(period);
+        self.health.period = period;
         loop {
             tokio::select! {
                 ready = async { crossings.as_mut()?.readable_mut().await.ok() }, if crossings.is_some() => {
@@ -171,23 +171,13 @@ impl Agent {
                     if !events.is_empty() {
                         self.on_crossings(&events);
                         // Something is under way: the busy tick, from now.
-                        let busy = self.period(true);
-                        if busy != period {
-                            period = busy;
-                            self.note_period(period);
-                            interval = restart(period);
-                        }
+                        self.retime(&mut interval, self.period(true));
                     }
                 }
                 _ = interval.tick() => {
                     self.tick();
                     // Calm, busy, or a reload changed the tick.
-                    let now = self.period(false);
-                    if now != period {
-                        period = now;
-                        self.note_period(period);
-                        interval = restart(period);
-                    }
+                    self.retime(&mut interval, self.period(false));
                 }
                 // A reader waits for a snapshot: built now, not at the
                 // next (maybe calm) tick.
@@ -206,11 +196,8 @@ impl Agent {
                             Input::Hello { .. } | Input::Reload { .. } | Input::Assign { .. }
                         );
                         self.handle(input);
-                        let busy = self.period(true);
-                        if prompt && busy != period {
-                            period = busy;
-                            self.note_period(period);
-                            interval = restart(period);
+                        if prompt {
+                            self.retime(&mut interval, self.period(true));
                         }
                     }
                 },
@@ -398,9 +385,13 @@ impl Agent {
         Duration::from_millis(ms)
     }
 
-    /// Keeps `period` as the tick's, for the status.
-    fn note_period(&mut self, period: Duration) {
-        self.health.period = period;
+    /// Ticks every `period` from now on, if that is not the period
+    /// already (kept in the health, for the status).
+    fn retime(&mut self, interval: &mut tokio::time::Interval, period: Duration) {
+        if period != self.health.period {
+            self.health.period = period;
+            *interval = restart(period);
+        }
     }
 
     /// One tick: picks up processes that entered the subtree, forgets those

@@ -513,13 +513,7 @@ impl Inner {
             if done.is_err() {
                 lock(&self.state).stats.last_error =
                     Some(format!("the spill handler of {engine:?} panicked"));
-                if let (Some(target_bytes), Some(name)) = (request, self.name_of(engine)) {
-                    lock(&self.outbox).push(ToAgent::Spilled {
-                        engine: name.to_owned(),
-                        target_bytes,
-                        freed_bytes: 0,
-                    });
-                }
+                self.answer_spill(engine, request, 0);
             }
         }
     }
@@ -531,9 +525,11 @@ impl Inner {
         let Some(spill) = &self.spill else {
             return;
         };
-        let wanted_cap = || lock(&self.state).wanted.get(&engine).map(|w| w.1);
-        let used = || self.governor.usage(engine).map_or(0, |u| u.used_bytes);
-        let over = wanted_cap().map_or(0, |cap| used().saturating_sub(cap));
+        let wanted_cap = lock(&self.state).wanted.get(&engine).map(|w| w.1);
+        let over = wanted_cap.map_or(0, |cap| {
+            let used = self.governor.usage(engine).map_or(0, |u| u.used_bytes);
+            used.saturating_sub(cap)
+        });
         let target = job.request.unwrap_or(0).max(over);
         let freed = if target > 0 {
             spill.spill_engines(&[engine], target)
@@ -549,11 +545,17 @@ impl Inner {
         self.apply_wanted(&mut st, engine);
         drop(st);
         self.changed.notify_all();
-        if let (Some(target_bytes), Some(name)) = (job.request, self.name_of(engine)) {
+        self.answer_spill(engine, job.request, freed);
+    }
+
+    /// Answers the agent's spill request for `engine`, if there was one
+    /// (a job that only brought the engine under new limits has none).
+    fn answer_spill(&self, engine: EngineId, request: Option<u64>, freed_bytes: u64) {
+        if let (Some(target_bytes), Some(name)) = (request, self.name_of(engine)) {
             lock(&self.outbox).push(ToAgent::Spilled {
                 engine: name.to_owned(),
                 target_bytes,
-                freed_bytes: freed,
+                freed_bytes,
             });
         }
     }

@@ -116,6 +116,8 @@ pub fn init_script(opts: &Options) -> String {
             // A missed target: the governed agent's log goes to the host
             // (its last 2,000 lines), for the evidence.
             "  if [ \"$code\" != 0 ]; then tail -n 2000 /tmp/validate/run-governed/agent.log > /tmp/agent-tail.log; result log-governed-agent /tmp/agent-tail.log; fi".to_owned(),
+            // And each run's workload log (why a workload exited non-zero).
+            "  if [ \"$code\" != 0 ]; then for r in /tmp/validate/run-*; do [ -f \"$r/workload.log\" ] && tail -n 200 \"$r/workload.log\" > /tmp/wl-tail.log && result \"log-${r##*/run-}-workload\" /tmp/wl-tail.log; done; fi".to_owned(),
             "else".to_owned(),
             "  echo \"NODEDB-VALIDATE-EXIT no scratch disk\"".to_owned(),
             "fi".to_owned(),

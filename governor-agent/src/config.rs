@@ -367,12 +367,23 @@ pub struct Config {
     /// `false`: the tick alone notices.
     #[serde(default = "yes")]
     pub mark_events: bool,
+    /// The agent's thread runs at `SCHED_FIFO` with this priority (1-99),
+    /// so a crossing wakes it at once rather than when the busy CPU's
+    /// running task yields (up to a scheduler tick); 0: the normal
+    /// policy. Needs CAP_SYS_NICE; refused, the agent says so and runs at
+    /// the normal policy.
+    #[serde(default = "default_realtime_priority")]
+    pub realtime_priority: u8,
     #[serde(rename = "engine")]
     pub engines: Vec<EngineConfig>,
 }
 
 fn default_tick_ms() -> u64 {
     20
+}
+
+fn default_realtime_priority() -> u8 {
+    1
 }
 
 /// The calm tick when the configuration does not set one.
@@ -462,6 +473,15 @@ impl Config {
             return Err(err(
                 "idle_tick_ms",
                 format!("{idle} is outside tick_ms ({})..={most}", self.tick_ms),
+            ));
+        }
+        if self.realtime_priority > 99 {
+            return Err(err(
+                "realtime_priority",
+                format!(
+                    "{} is outside 0..=99 (SCHED_FIFO priorities are 1-99; 0 is the normal policy)",
+                    self.realtime_priority
+                ),
             ));
         }
         if self.engines.is_empty() {
@@ -704,6 +724,7 @@ mod tests {
         assert_eq!(c.engine_names(), ["vector", "timeseries", "query"]);
         assert_eq!(c.tick_ms, 20);
         assert_eq!(c.idle_tick_ms(), 250);
+        assert_eq!(c.realtime_priority, 1);
         // A slower busy tick makes the calm one as slow; without marks
         // the tick never slows.
         let slow = Config::parse(&DEFAULT_CONFIG.replace("tick_ms = 20", "tick_ms = 500")).unwrap();
@@ -785,6 +806,14 @@ mod tests {
             (
                 format!("{HEAD}idle_tick_ms = 5000\n{ENGINE}"),
                 "idle_tick_ms",
+            ),
+            (
+                format!("{HEAD}realtime_priority = 100\n{ENGINE}"),
+                "realtime_priority",
+            ),
+            (
+                format!("{HEAD}realtime_priority = -1\n{ENGINE}"),
+                "realtime_priority",
             ),
             (format!("{HEAD}engine = []\n"), "engine"),
             (format!("{HEAD}{ENGINE}{ENGINE}"), "engine[1].name"),

@@ -31,6 +31,7 @@ pub mod privilege;
 pub mod procfs;
 pub mod psi;
 pub mod run;
+pub mod sched;
 pub mod status;
 pub mod top;
 pub mod tracefs;

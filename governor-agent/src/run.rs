@@ -34,6 +34,8 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     let control_path = config.control_socket_path();
     let metrics_addr = config.metrics_addr;
     let mut agent = Agent::start(config)?;
+    // The owner runs here: the binary's runtime has this one thread.
+    agent.schedule_thread(crate::sched::this_thread());
     let admin_listener = bind_socket(&admin_path)?;
     tracing::info!(socket = %admin_path.display(), "agent running");
     let control_listener = bind_socket(&control_path)?;

@@ -60,6 +60,9 @@ pub struct StatusReport {
     /// The agent's own loop.
     #[serde(default)]
     pub ticks: TickStatus,
+    /// The agent thread's scheduling (`realtime_priority`).
+    #[serde(default)]
+    pub scheduling: crate::sched::SchedulingStatus,
 }
 
 /// How much work the agent's ticks are.
@@ -140,6 +143,7 @@ impl StatusReport {
             programs: Vec::new(),
             marks: MarkStatus::default(),
             ticks: TickStatus::default(),
+            scheduling: Default::default(),
         }
     }
 
@@ -219,6 +223,12 @@ impl StatusReport {
                 (_, Some(note)) => out.push_str(&format!("hot sets: {note}\n")),
                 _ => {}
             }
+        }
+        if let Some(e) = &self.scheduling.error {
+            out.push_str(&format!(
+                "agent scheduling: {} ({e})\n",
+                self.scheduling.policy
+            ));
         }
         for c in &self.clients {
             for (name, e) in &c.engines {

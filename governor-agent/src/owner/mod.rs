@@ -113,6 +113,10 @@ pub struct Agent {
     scanned: Option<Instant>,
     /// The mark ring buffer is polled (crossings wake the owner).
     marks_polled: bool,
+    /// The thread the owner runs on, once `run` has named it, and its
+    /// scheduling (`realtime_priority`).
+    sched_thread: Option<libc::pid_t>,
+    scheduling: crate::sched::SchedulingStatus,
     snapshot: watch::Sender<Arc<Snapshot>>,
     config_tx: watch::Sender<Arc<Config>>,
 }
@@ -131,6 +135,31 @@ impl Agent {
     /// Where `/metrics` is served (the status reports it).
     pub fn set_metrics_addr(&mut self, addr: std::net::SocketAddr) {
         self.metrics_addr = Some(addr);
+        self.publish_now();
+    }
+
+    /// Puts `tid`, the thread the owner runs on (a current-thread
+    /// runtime's), at the configured `realtime_priority`, now and at each
+    /// reload that changes it. A refusal is a warning: the agent runs at
+    /// the normal policy, and its status says why.
+    pub fn schedule_thread(&mut self, tid: libc::pid_t) {
+        self.sched_thread = Some(tid);
+        self.apply_scheduling();
+    }
+
+    fn apply_scheduling(&mut self) {
+        let Some(tid) = self.sched_thread else {
+            return;
+        };
+        self.scheduling = crate::sched::apply(tid, self.config.realtime_priority);
+        match &self.scheduling.error {
+            None => tracing::info!(
+                policy = %self.scheduling.policy,
+                priority = self.scheduling.priority,
+                "the agent's scheduling"
+            ),
+            Some(e) => tracing::warn!(error = %e, "the agent runs at the normal policy"),
+        }
         self.publish_now();
     }
 

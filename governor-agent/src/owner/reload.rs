@@ -47,9 +47,13 @@ impl Agent {
             }
         }
         let actions = self.policy.reload(Rules::from_config(&new));
+        let rescheduled = new.realtime_priority != self.config.realtime_priority;
         self.config = new;
         self.config_tx.send_replace(Arc::new(self.config.clone()));
         self.apply(actions);
+        if rescheduled {
+            self.apply_scheduling();
+        }
         Ok(())
     }
 }

@@ -112,6 +112,7 @@ impl Agent {
             period_ms: self.health.period.as_millis() as u64,
             calm_ticks: self.health.calm_ticks,
         };
+        report.scheduling = self.scheduling.clone();
         report.marks = crate::status::MarkStatus {
             enabled: self.policy.rules().mark_events,
             armed: self.attribution.armed_marks() as u64,

@@ -96,6 +96,8 @@ impl Agent {
             }),
             scanned: None,
             marks_polled: false,
+            sched_thread: None,
+            scheduling: crate::sched::current(crate::sched::this_thread()),
             snapshot,
             config_tx,
         };

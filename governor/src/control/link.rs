@@ -104,6 +104,10 @@ pub struct LinkStats {
     /// `drop_cache` requests served.
     pub cache_drops: u64,
     pub limit_changes: u64,
+    /// The kernel keeps the short scheduler slice the link's threads ask
+    /// for while they wait, so a request wakes them at once (Linux 6.12
+    /// on; see `wake`).
+    pub prompt_wakeups: bool,
     /// The last error the agent sent, or the last connection failure.
     pub last_error: Option<String>,
 }
@@ -487,6 +491,9 @@ impl Inner {
     /// One engine's spill thread: its jobs, one at a time.
     fn spill_worker(&self, engine: EngineId) {
         loop {
+            // Woken at once when a request comes; the handler runs at the
+            // thread's ordinary slice.
+            super::wake::prompt();
             let job = {
                 let mut jobs = lock(&self.spill_jobs);
                 loop {
@@ -505,6 +512,7 @@ impl Inner {
             // A handler that panics answers 0 freed; the thread goes on
             // serving the engine (its requests would otherwise pile up
             // unanswered).
+            super::wake::relaxed();
             let request = job.request;
             let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.spill_now(engine, job)
@@ -610,6 +618,8 @@ impl Inner {
     }
 
     fn run(self: Arc<Self>) {
+        // Its work is small: it keeps the short slice.
+        lock(&self.state).stats.prompt_wakeups = super::wake::prompt();
         let (min, max) = self.config.backoff;
         let mut backoff = min;
         while !self.stopped() {

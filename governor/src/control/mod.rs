@@ -3,6 +3,7 @@
 //! [`link`] the library's end, a background thread.
 
 pub mod link;
+mod wake;
 pub mod wire;
 
 pub use link::{AgentLink, AgentLinkBuilder, LinkConfig, LinkStats};

@@ -120,6 +120,7 @@ fn main() -> anyhow::Result<()> {
             "spill_requests": stats.spills,
             "spilled_bytes": stats.spilled_bytes,
             "connects": stats.connects,
+            "prompt_wakeups": stats.prompt_wakeups,
             "final_level": format!("{final_level:?}"),
         })
     );

@@ -21,10 +21,24 @@ fn sighup_reloads_the_config_atomically() {
         query_budget(&agent) == Some(64 << 20)
     });
     let hup = |agent: &Agent| agent.signal(libc::SIGHUP);
+    // The agent's thread runs at SCHED_FIFO 1 by default (a crossing
+    // wakes it at once), as the kernel shows.
+    let scheduling = |agent: &Agent| agent.status_json()["scheduling"].clone();
+    assert_eq!(
+        scheduling(&agent)["policy"],
+        "fifo",
+        "{}",
+        scheduling(&agent)
+    );
+    assert_eq!(scheduling(&agent)["priority"], 1);
+    assert_eq!(kernel_policy(agent.pid()), (SCHED_FIFO, 1));
 
     // A good change: applied in place, the library told.
     let changed = original
-        .replace("ceiling = \"1GiB\"", "ceiling = \"512MiB\"")
+        .replace(
+            "ceiling = \"1GiB\"",
+            "ceiling = \"512MiB\"\nrealtime_priority = 0",
+        )
         .replacen(
             "name = \"query\"\nbudget = \"64MiB\"",
             "name = \"query\"\nbudget = \"32MiB\"",
@@ -35,6 +49,8 @@ fn sighup_reloads_the_config_atomically() {
     hup(&agent);
     wait_for("the new budget", || query_budget(&agent) == Some(32 << 20));
     assert_eq!(ceiling(&agent), Some(512 << 20));
+    assert_eq!(scheduling(&agent)["policy"], "normal");
+    assert_eq!(kernel_policy(agent.pid()), (SCHED_OTHER, 0));
 
     // Bad ones: refused whole, the old one stays, the agent keeps running.
     for (bad, named) in [
@@ -61,7 +77,21 @@ fn sighup_reloads_the_config_atomically() {
             "nothing of it applied"
         );
         assert_eq!(ceiling(&agent), Some(512 << 20));
+        assert_eq!(kernel_policy(agent.pid()), (SCHED_OTHER, 0));
     }
     let _ = client.kill();
     let _ = client.wait();
+}
+
+const SCHED_OTHER: u32 = 0;
+const SCHED_FIFO: u32 = 1;
+
+/// The policy and real-time priority of `pid`'s main thread (the agent's
+/// runtime thread), from `/proc/<pid>/stat` (fields 41 and 40).
+fn kernel_policy(pid: u32) -> (u32, u32) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command's closing parenthesis start at field 3.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let field = |n: usize| fields[n - 3].parse::<u32>().unwrap();
+    (field(41), field(40))
 }

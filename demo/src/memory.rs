@@ -81,6 +81,25 @@ impl Block {
         Ok(block)
     }
 
+    /// Maps `len` bytes of private anonymous memory without touching
+    /// them: a pool's reservation, resident only once some thread faults
+    /// it in ([`Block::fault_in`]), possibly not the one that mapped it.
+    pub fn reserve(len: usize) -> std::io::Result<Self> {
+        let len = len.div_ceil(PAGE) * PAGE;
+        Ok(Self {
+            ptr: map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)?,
+            len,
+            kind: Kind::Anon,
+            resident: false,
+        })
+    }
+
+    /// Touches every page, on the calling thread.
+    pub fn fault_in(&mut self) {
+        self.touch();
+        self.resident = true;
+    }
+
     /// Takes ownership of a touched region mapped elsewhere.
     ///
     /// # Safety

@@ -1,7 +1,8 @@
 //! Accuracy of kernel attribution, against ground truth, on the running
 //! kernel. Three engines with 1, 2 and 4 threads allocate 16, 64 and 256 MiB
 //! (anonymous mmap, the allocator, a file mapping), free part of it, release
-//! each other's memory, and start threads after registration that exit. At
+//! each other's memory (also a pool one engine mapped and another faulted
+//! in), and start threads after registration that exit. At
 //! every checkpoint each engine's attributed resident bytes must be within
 //! 5% (or 4 MiB) of what it really holds, and engines + unattributed must add
 //! up to the process's VmRSS within 2%. Runs once per identity path.
@@ -273,6 +274,16 @@ fn scenario(att: &Attribution, probe: &mut Probe) {
         "vector's thread unmapped 64 MiB of query's memory, recorded {}",
         p.engines["vector"].released_for_others_bytes
     );
+
+    // A pool: mapped by vector's thread, faulted in by timeseries', then
+    // unmapped by query's. The pages are timeseries' from the fault to
+    // the unmap, whoever mapped them: why the programs own regions from
+    // the fault (page_fault_user) rather than from mmap.
+    probe.run("pool vector timeseries 32");
+    check(att, probe, "pool faulted in by another engine");
+    // All timeseries' resident mappings: its own 8 MiB and the pool's 32.
+    probe.run("release timeseries query munmap 40");
+    check(att, probe, "pool released by a third engine");
 
     // Threads born after registration, which then exit.
     probe.run("spawn vector 3 24");

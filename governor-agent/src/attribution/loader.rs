@@ -171,7 +171,7 @@ impl Attribution {
     }
 
     /// Every loaded program with its run count and run time (zero unless
-    /// the kernel's program statistics are on: `aya::sys::enable_stats`).
+    /// the kernel's program statistics are on: [`program_stats_on`]).
     pub fn program_stats(&self) -> Vec<ProgramStats> {
         self.ebpf
             .programs()
@@ -251,6 +251,17 @@ fn raise_memlock() {
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on 5.11+");
     }
+}
+
+/// Turns the kernel's program statistics on (run counts and run times:
+/// two clock reads per program run) for as long as the descriptor lives.
+pub fn program_stats_on() -> Result<std::os::fd::OwnedFd, AgentError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| {
+        AgentError::io(
+            "turning on the kernel's eBPF program statistics",
+            e.io_error,
+        )
+    })
 }
 
 #[cfg(test)]

@@ -74,7 +74,7 @@ use nodedb_governor_common::{
 };
 
 pub use attributed::{Attributed, ProcessAttribution, ProgramStats, Reading};
-pub use loader::ProgramSet;
+pub use loader::{ProgramSet, program_stats_on};
 pub use marks::parse_mark_event;
 pub use pins::Persistence;
 pub use registry::Identity;

@@ -51,7 +51,7 @@ impl Agent {
         let (ceiling, ceiling_error) = ceiling(&config, subtree.as_ref());
         let (psi, psi_error) = pressure_stall(&config, subtree.as_ref());
         let program_stats = if config.program_stats {
-            match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            match crate::attribution::program_stats_on() {
                 Ok(fd) => Some(fd),
                 Err(e) => {
                     tracing::warn!(error = %e, "eBPF program statistics are off");

@@ -35,7 +35,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use nodedb_governor_demo::{
     engine::Engine,
-    memory::{self, Kind, MIB},
+    memory::{self, Block, Kind, MIB},
 };
 
 #[derive(Parser)]
@@ -126,6 +126,17 @@ fn execute(
                 }
                 other => bail!("release how {other:?} (munmap, madvise)"),
             }
+        }
+        ["pool", mapper, user, n] => {
+            // One engine's thread maps, another's faults the pages in
+            // (a buffer pool handing out its reservation).
+            let len = mib(n)?;
+            let mut block = engine(mapper)?.on(0, move || Block::reserve(len))?;
+            let block = engine(user)?.on(0, move || {
+                block.fault_in();
+                block
+            });
+            engine(user)?.keep(vec![block]);
         }
         ["spawn", name, threads, n] => {
             engine(name)?.spawn_and_exit(threads.parse()?, mib(n)?)?;

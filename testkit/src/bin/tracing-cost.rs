@@ -21,7 +21,7 @@
 //!
 //! Prints a markdown report; `--json FILE` also writes the figures.
 
-use std::{path::PathBuf, time::Instant};
+use std::{collections::BTreeMap, path::PathBuf, time::Instant};
 
 use clap::Parser;
 use nodedb_governor_agent::{
@@ -180,9 +180,12 @@ fn fault_loop() -> f64 {
     start.elapsed().as_nanos() as f64 / (4 * len / PAGE) as f64
 }
 
+/// Maps of the mmap loop.
+const MMAP_OPS: usize = 20_000;
+
 /// ns per map + touch + unmap of 64 KiB.
 fn mmap_loop() -> f64 {
-    let n = 20_000;
+    let n = MMAP_OPS;
     let start = Instant::now();
     for _ in 0..n {
         drop(Block::new(Kind::Anon, 64 * 1024).expect("mmap"));
@@ -237,6 +240,80 @@ struct CostRow {
     mmap_ratio: Ratio,
     page_cache_ns_per_page: f64,
     page_cache_ratio: Ratio,
+}
+
+/// One program's own time on the fault and mmap loops, from the kernel's
+/// program statistics (the time inside the program: what attaching any
+/// program costs, the floor, comes on top).
+#[derive(serde::Serialize)]
+struct ProgramRow {
+    program: String,
+    fault_runs_per_page: f64,
+    fault_ns_per_run: f64,
+    /// Its time per page, as a share of an untraced page fault.
+    fault_share: f64,
+    mmap_runs_per_op: f64,
+    mmap_ns_per_run: f64,
+    mmap_share: f64,
+}
+
+/// Runs the fault and mmap loops under the full set with the kernel's
+/// program statistics on, and splits the programs' time by program. The
+/// shares are against the untraced loops' times (medians of the rounds).
+fn program_costs(untraced_fault_ns: f64, untraced_mmap_ns: f64) -> Vec<ProgramRow> {
+    let _stats =
+        nodedb_governor_agent::attribution::program_stats_on().unwrap_or_else(|e| panic!("{e}"));
+    let att = ours(ProgramSet::Full);
+    let read = || -> BTreeMap<String, (u64, u64)> {
+        att.program_stats()
+            .into_iter()
+            .map(|p| (p.name, (p.run_count, p.run_time_ns)))
+            .collect()
+    };
+    let delta = |before: &BTreeMap<String, (u64, u64)>, after: &BTreeMap<String, (u64, u64)>| {
+        after
+            .iter()
+            .map(|(name, (runs, ns))| {
+                let (r0, n0) = before.get(name).copied().unwrap_or_default();
+                (name.clone(), (runs - r0, ns - n0))
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    fault_loop(); // warm-up
+    const FAULT_LOOPS: usize = 5;
+    let before = read();
+    for _ in 0..FAULT_LOOPS {
+        fault_loop();
+    }
+    let faults = delta(&before, &read());
+    let pages = (FAULT_LOOPS * 4 * 64 * MIB / PAGE) as f64;
+    let before = read();
+    mmap_loop();
+    let mmaps = delta(&before, &read());
+    let ops = MMAP_OPS as f64;
+    faults
+        .iter()
+        .filter(|(name, (runs, _))| *runs > 0 || mmaps[*name].0 > 0)
+        .map(|(name, &(runs, ns))| {
+            let (m_runs, m_ns) = mmaps[name];
+            let per_run = |ns: u64, runs: u64| {
+                if runs == 0 {
+                    0.0
+                } else {
+                    ns as f64 / runs as f64
+                }
+            };
+            ProgramRow {
+                program: name.clone(),
+                fault_runs_per_page: runs as f64 / pages,
+                fault_ns_per_run: per_run(ns, runs),
+                fault_share: ns as f64 / pages / untraced_fault_ns,
+                mmap_runs_per_op: m_runs as f64 / ops,
+                mmap_ns_per_run: per_run(m_ns, m_runs),
+                mmap_share: m_ns as f64 / ops / untraced_mmap_ns,
+            }
+        })
+        .collect()
 }
 
 #[derive(serde::Serialize)]
@@ -419,6 +496,11 @@ fn main() {
         .collect();
     drop(file);
     let _ = std::fs::remove_file(&path);
+    let programs = if configs.contains(&Config::Full) {
+        program_costs(cost[0].fault_ns_per_page, cost[0].mmap_ns_per_op)
+    } else {
+        Vec::new()
+    };
     let acc = if args.only.is_some() {
         Vec::new()
     } else {
@@ -448,6 +530,27 @@ fn main() {
             ratio(&r.page_cache_ratio)
         );
     }
+    if !programs.is_empty() {
+        println!(
+            "\nThe full set, program by program (the kernel's program statistics: the time inside each program; attaching costs the floor on top). Share: its time per page (per map) against an untraced one:\n"
+        );
+        println!(
+            "| program | fault loop runs/page | ns/run | share of a fault | mmap loop runs/map | ns/run | share of a map |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+        for p in &programs {
+            println!(
+                "| {} | {:.2} | {:.0} | {:.2}% | {:.2} | {:.0} | {:.2}% |",
+                p.program,
+                p.fault_runs_per_page,
+                p.fault_ns_per_run,
+                p.fault_share * 100.0,
+                p.mmap_runs_per_op,
+                p.mmap_ns_per_run,
+                p.mmap_share * 100.0
+            );
+        }
+    }
     println!("\nCounting sources against VmRSS (MiB):\n");
     println!("| memory | VmRSS change | rss_stat (used) | page faults x 4 KiB |");
     println!("|---|---:|---:|---:|");
@@ -458,7 +561,7 @@ fn main() {
         );
     }
     if let Some(path) = args.json {
-        let doc = serde_json::json!({ "kernel": kernel.trim(), "rounds": args.rounds, "cost": cost, "accuracy": acc });
+        let doc = serde_json::json!({ "kernel": kernel.trim(), "rounds": args.rounds, "cost": cost, "programs": programs, "accuracy": acc });
         std::fs::write(&path, serde_json::to_string_pretty(&doc).expect("json"))
             .expect("writing json");
     }

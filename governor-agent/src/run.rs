@@ -34,8 +34,16 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     let control_path = config.control_socket_path();
     let metrics_addr = config.metrics_addr;
     let mut agent = Agent::start(config)?;
-    // The owner runs here: the binary's runtime has this one thread.
-    agent.schedule_thread(crate::sched::this_thread());
+    // The owner runs here when the runtime has this one thread (the
+    // binary's does); on another runtime its tasks could move, so the
+    // thread is not raised.
+    if tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::CurrentThread
+    {
+        agent.schedule_thread(crate::sched::this_thread());
+    } else {
+        tracing::warn!("not a current-thread runtime: realtime_priority is not applied");
+    }
     let admin_listener = bind_socket(&admin_path)?;
     tracing::info!(socket = %admin_path.display(), "agent running");
     let control_listener = bind_socket(&control_path)?;

@@ -3,9 +3,12 @@
 //! can wait for the running task's slice to end, up to a scheduler tick
 //! (4 ms at `HZ=250`), and that wait was most of the breach-to-spill time.
 //! At `SCHED_FIFO` it preempts at once (Android's lmkd runs so for the same
-//! reason). The agent's work is small and bounded (a fraction of a percent
-//! of a core at 1,000 threads); the kernel's real-time throttling still
-//! leaves the other tasks their share if it ever were not.
+//! reason). The agent's own work is small (a fraction of a percent of a
+//! core at 1,000 threads); the writes that can make the kernel reclaim
+//! memory in the writer's context (a cgroup limit lowered below what the
+//! cgroup holds) run at the normal policy ([`unraised`]). Were the agent
+//! to spin, the kernel's real-time throttling (by default) would still
+//! leave the other tasks 5% of the CPU.
 //!
 //! Only the agent's own thread is raised, with `SCHED_RESET_ON_FORK`: a
 //! thread or process it starts runs at the normal policy.
@@ -28,8 +31,10 @@ pub struct SchedulingStatus {
 /// normal policy for 0. A refusal leaves the thread as it was and is
 /// reported, naming the capability it needs.
 pub fn apply(tid: libc::pid_t, priority: u8) -> SchedulingStatus {
+    // SCHED_RESET_ON_FORK either way: once set, a thread without
+    // CAP_SYS_NICE may not clear it (and keeping it needs nothing).
     let (policy, name) = if priority == 0 {
-        (libc::SCHED_OTHER, "normal")
+        (libc::SCHED_OTHER | libc::SCHED_RESET_ON_FORK, "normal")
     } else {
         (libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, "fifo")
     };
@@ -45,12 +50,14 @@ pub fn apply(tid: libc::pid_t, priority: u8) -> SchedulingStatus {
         };
     }
     let e = std::io::Error::last_os_error();
-    let why = if e.raw_os_error() == Some(libc::EPERM) {
+    let why = if priority > 0 && e.raw_os_error() == Some(libc::EPERM) {
         format!(
-            "SCHED_FIFO priority {priority}: {e} (the agent needs CAP_SYS_NICE, or an RLIMIT_RTPRIO of at least {priority}; a kernel with real-time group scheduling also needs real-time runtime in the agent's cpu cgroup)"
+            "SCHED_FIFO priority {priority}: {e} (the agent needs CAP_SYS_NICE in the host's user namespace, or an RLIMIT_RTPRIO of at least {priority}; a service manager's RestrictRealtime= or a seccomp or LSM policy also refuses it, and a kernel with real-time group scheduling on cgroup v1 needs real-time runtime in the agent's cpu cgroup)"
         )
+    } else if priority > 0 {
+        format!("SCHED_FIFO priority {priority}: {e}")
     } else {
-        format!("{name} policy at priority {priority}: {e}")
+        format!("back to the normal policy: {e}")
     };
     let mut now = current(tid);
     now.error = Some(why);
@@ -81,6 +88,21 @@ pub fn current(tid: libc::pid_t) -> SchedulingStatus {
         priority,
         error: None,
     }
+}
+
+/// Runs `f` with thread `raised.0` at the normal policy, then raises it
+/// to `raised.1` again (`None`: the thread is not raised, `f` just runs).
+/// For writes that may reclaim memory in the writer's own context (a
+/// cgroup limit set below what the cgroup holds): that work must not run
+/// ahead of every normal task on the CPU.
+pub fn unraised<R>(raised: Option<(libc::pid_t, u8)>, f: impl FnOnce() -> R) -> R {
+    let Some((tid, priority)) = raised else {
+        return f();
+    };
+    let _ = apply(tid, 0);
+    let r = f();
+    let _ = apply(tid, priority);
+    r
 }
 
 /// The calling thread's id.

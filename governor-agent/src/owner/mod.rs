@@ -151,7 +151,14 @@ impl Agent {
         let Some(tid) = self.sched_thread else {
             return;
         };
-        self.scheduling = crate::sched::apply(tid, self.config.realtime_priority);
+        let priority = self.config.realtime_priority;
+        if priority == 0 && self.raised().is_none() {
+            // Not raised by the agent: left as the service manager put it.
+            self.scheduling = crate::sched::current(tid);
+            self.publish_now();
+            return;
+        }
+        self.scheduling = crate::sched::apply(tid, priority);
         match &self.scheduling.error {
             None => tracing::info!(
                 policy = %self.scheduling.policy,
@@ -161,6 +168,14 @@ impl Agent {
             Some(e) => tracing::warn!(error = %e, "the agent runs at the normal policy"),
         }
         self.publish_now();
+    }
+
+    /// The owner's thread and its priority, if the agent raised it.
+    fn raised(&self) -> Option<(libc::pid_t, u8)> {
+        let raised = self.scheduling.error.is_none() && self.scheduling.policy == "fifo";
+        self.sched_thread
+            .filter(|_| raised)
+            .map(|tid| (tid, self.scheduling.priority))
     }
 
     /// Runs the owner: ticks at the configured interval and takes inputs
@@ -295,8 +310,11 @@ impl Agent {
             match a {
                 Action::Send { session, message } => self.send(session, message),
                 Action::SetHighMark(bytes) => {
+                    // Lowered below the charge, the kernel reclaims in the
+                    // writer's context: at the normal policy.
+                    let raised = self.raised();
                     if let Some(c) = &mut self.ceiling
-                        && let Err(e) = c.set_high(bytes)
+                        && let Err(e) = crate::sched::unraised(raised, || c.set_high(bytes))
                     {
                         tracing::warn!(error = %e, "changing the memory high mark");
                     }

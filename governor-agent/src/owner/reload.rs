@@ -10,8 +10,9 @@ impl Agent {
     /// what only a restart can change (the database, identity, cgroup root,
     /// sockets, the metrics address, delegation, observe mode, the set of
     /// engines) must be unchanged. Budgets, floors, thresholds, the
-    /// ceiling, the tick and the allowed uids change in place; libraries
-    /// get their new budgets (loans end).
+    /// ceiling, the tick, the allowed uids and the agent's
+    /// `realtime_priority` change in place; libraries get their new
+    /// budgets (loans end).
     pub(super) fn reload(&mut self, new: Config) -> Result<(), ReloadError> {
         let old = &self.config;
         let fixed: [(&'static str, bool); 10] = [
@@ -35,19 +36,26 @@ impl Agent {
         if let Some((field, _)) = fixed.iter().find(|(_, same)| !same) {
             return Err(ReloadError::NeedsRestart { field });
         }
+        // Limits lowered below the charge make the kernel reclaim in the
+        // writer's context: at the normal policy.
+        let raised = self.raised();
         if let Some(c) = &mut self.ceiling {
-            c.set_limit(new.ceiling_bytes(), normal_high_mark(&new))?;
+            crate::sched::unraised(raised, || {
+                c.set_limit(new.ceiling_bytes(), normal_high_mark(&new))
+            })?;
             // As at startup: a memory.low the kernel refuses is a warning,
             // not a reason to leave the reload half-applied.
             if let Err(e) = c.set_protected(new.limits().iter().map(|l| l.hot_set_bytes).sum()) {
                 tracing::warn!(error = %e, "the hot sets' memory.low was not changed");
             }
             for l in new.limits().into_iter().filter(|l| l.own_process) {
-                c.set_engine_high(&l.name, l.budget_bytes)?;
+                crate::sched::unraised(raised, || c.set_engine_high(&l.name, l.budget_bytes))?;
             }
         }
         let actions = self.policy.reload(Rules::from_config(&new));
-        let rescheduled = new.realtime_priority != self.config.realtime_priority;
+        // A failed raise is tried again (its cause may have been fixed).
+        let rescheduled = new.realtime_priority != self.config.realtime_priority
+            || self.scheduling.error.is_some();
         self.config = new;
         self.config_tx.send_replace(Arc::new(self.config.clone()));
         self.apply(actions);

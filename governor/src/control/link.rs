@@ -457,7 +457,7 @@ impl Inner {
                     drop(jobs);
                     lock(&self.state).stats.last_error =
                         Some(format!("starting a spill thread for {engine:?}: {e}"));
-                    self.spill_now(engine, job);
+                    super::wake::relaxed_while(|| self.spill_now(engine, job));
                     return;
                 }
             }
@@ -517,6 +517,10 @@ impl Inner {
             let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.spill_now(engine, job)
             }));
+            // What the handler released on this thread went to its credit;
+            // this thread reserves nothing, so the books get it back now
+            // (also from a handler that panicked half way).
+            self.governor.flush_thread_credit();
             if done.is_err() {
                 lock(&self.state).stats.last_error =
                     Some(format!("the spill handler of {engine:?} panicked"));
@@ -544,7 +548,8 @@ impl Inner {
             0
         };
         // What the handlers released on this thread went to its credit;
-        // this thread reserves nothing, so the books get it back now.
+        // this thread reserves nothing, so the books get it back before
+        // the limits are weighed.
         self.governor.flush_thread_credit();
         let mut st = lock(&self.state);
         if target > 0 {
@@ -734,7 +739,9 @@ impl Inner {
                 next_report = Instant::now() + self.config.report_interval;
                 // Limits waiting for an engine to come down: applied as
                 // soon as it has (it may free on its own, or after its
-                // spill returned), its cap following it down meanwhile.
+                // spill returned); its cap stays where it was clamped
+                // meanwhile (the agent asks for spills while the engine
+                // is over the budget it sent).
                 {
                     let mut st = lock(&self.state);
                     let waiting: Vec<EngineId> = st.wanted.keys().copied().collect();
@@ -936,7 +943,10 @@ impl Inner {
                 let Ok(id) = engine(&name) else {
                     return Ok(None);
                 };
-                let (before, after) = self.purge.as_ref().and_then(|f| f(id)).unwrap_or((0, 0));
+                // The engine's work, at the thread's ordinary slice.
+                let (before, after) = super::wake::relaxed_while(|| {
+                    self.purge.as_ref().and_then(|f| f(id)).unwrap_or((0, 0))
+                });
                 lock(&self.state).stats.purges += 1;
                 Some(ToAgent::Purged {
                     engine: name,

@@ -260,6 +260,9 @@ struct ProgramRow {
 /// Runs the fault and mmap loops under the full set with the kernel's
 /// program statistics on, and splits the programs' time by program. The
 /// shares are against the untraced loops' times (medians of the rounds).
+/// The statistics are the programs' own, over every process: run it on a
+/// quiet host (others' events on the same tracepoints, mostly the cheap
+/// early exit, would add runs and lower the time per run).
 fn program_costs(untraced_fault_ns: f64, untraced_mmap_ns: f64) -> Vec<ProgramRow> {
     let _stats =
         nodedb_governor_agent::attribution::program_stats_on().unwrap_or_else(|e| panic!("{e}"));
@@ -293,9 +296,9 @@ fn program_costs(untraced_fault_ns: f64, untraced_mmap_ns: f64) -> Vec<ProgramRo
     let ops = MMAP_OPS as f64;
     faults
         .iter()
-        .filter(|(name, (runs, _))| *runs > 0 || mmaps[*name].0 > 0)
+        .filter(|(name, (runs, _))| *runs > 0 || mmaps.get(*name).is_some_and(|m| m.0 > 0))
         .map(|(name, &(runs, ns))| {
-            let (m_runs, m_ns) = mmaps[name];
+            let (m_runs, m_ns) = mmaps.get(name).copied().unwrap_or_default();
             let per_run = |ns: u64, runs: u64| {
                 if runs == 0 {
                     0.0

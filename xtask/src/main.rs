@@ -75,6 +75,10 @@ enum Task {
         /// NUMA nodes in each VM (its 2 CPUs and 3 GiB split evenly).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
         numa_nodes: u32,
+        /// Breaches the ladder check drives in each VM, each timed from
+        /// the crossing to the spill (10 in `.ci/run`).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        breach_rounds: u32,
     },
     /// The validation on this host: the mixed workload governed,
     /// ungoverned (observed, the same ceiling), observed with ample memory,
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
             workload,
             cache_scenario,
             numa_nodes,
+            breach_rounds,
         } => {
             let explicit_series = std::env::args().any(|a| a.starts_with("--series"));
             // It builds the agent, and so the eBPF programs: the same
@@ -142,6 +147,7 @@ fn main() -> ExitCode {
                         vm::CacheScenario::Never
                     },
                     numa_nodes,
+                    breach_rounds,
                 })
             })
         }

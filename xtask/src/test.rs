@@ -148,6 +148,7 @@ pub fn test() -> anyhow::Result<()> {
             // on every kernel.
             cache_scenario: crate::vm::CacheScenario::Series(vec!["6.1".into()]),
             numa_nodes: 1,
+            breach_rounds: 10,
         })?;
     } else {
         eprintln!(

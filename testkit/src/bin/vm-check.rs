@@ -36,6 +36,9 @@ struct Args {
     /// (`none`: the VM has no disk, which fails them).
     #[arg(long, default_value = "none")]
     disk: PathBuf,
+    /// Breaches the ladder check drives (each one timed, breach to spill).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    breach_rounds: u32,
 }
 
 struct Checks {
@@ -228,7 +231,10 @@ fn main() -> anyhow::Result<()> {
         "breach to spill",
         (|| {
             let out = env
-                .probe("breach-probe", &["--rounds", "10"])
+                .probe(
+                    "breach-probe",
+                    &["--rounds", &args.breach_rounds.to_string()],
+                )
                 .stderr(Stdio::inherit())
                 .output()?;
             if !out.status.success() {
@@ -238,7 +244,7 @@ fn main() -> anyhow::Result<()> {
             breach = r["latency_us"].clone();
             // The kernel's marks woke the agent for these breaches.
             let marks = env.status()?["marks"].clone();
-            if marks["events"].as_u64() < Some(10) {
+            if marks["events"].as_u64() < Some(u64::from(args.breach_rounds)) {
                 bail!("the marks reported fewer crossings than breaches: {marks}");
             }
             breach["marks"] = marks;

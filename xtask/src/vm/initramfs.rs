@@ -82,9 +82,6 @@ result() {
 (while sleep 15; do echo "NODEDB-VM-HEARTBEAT $(cut -d' ' -f1 /proc/uptime)"; done) &
 disk=none
 if mke2fs -q /dev/nvme0n1 && mount -t ext4 /dev/nvme0n1 /mnt; then disk=/mnt; fi
-/bin/vm-check --bin-dir /bin --work /tmp/vm-check --disk "$disk"
-status=$?
-result vm-check /tmp/vm-check/result.json
 "#;
 
 /// The `/init` script: the scratch disk formatted and mounted, vm-check,
@@ -92,6 +89,12 @@ result vm-check /tmp/vm-check/result.json
 /// bundled configuration.
 pub fn init_script(opts: &Options) -> String {
     let mut s = INIT_HEAD.to_owned();
+    s.push_str(&format!(
+        "/bin/vm-check --bin-dir /bin --work /tmp/vm-check --disk \"$disk\" --breach-rounds {}\n\
+         status=$?\n\
+         result vm-check /tmp/vm-check/result.json\n",
+        opts.breach_rounds
+    ));
     if !opts.validate_modes.is_empty() {
         // Single-quoted for the shell (the arguments are sizes and flags).
         let given: Vec<String> = if opts.workload_args.is_empty() {
@@ -222,4 +225,42 @@ pub fn build(vm_dir: &Path, bins: &[PathBuf], init: &str) -> anyhow::Result<Path
         libs.len()
     );
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(breach_rounds: u32, validate: &[&str]) -> Options {
+        Options {
+            series: Vec::new(),
+            kernels: Vec::new(),
+            timeout: std::time::Duration::from_secs(60),
+            validate_modes: validate.iter().map(|m| (*m).to_owned()).collect(),
+            workload_args: Vec::new(),
+            cache_scenario: super::super::CacheScenario::Never,
+            numa_nodes: 1,
+            breach_rounds,
+        }
+    }
+
+    #[test]
+    fn vm_check_runs_first_with_the_breaches_asked_for() {
+        let s = init_script(&options(100, &["governed"]));
+        let check = s
+            .find("/bin/vm-check ")
+            .expect("the init script runs vm-check");
+        let line = s[check..].lines().next().unwrap();
+        assert!(line.ends_with("--breach-rounds 100"), "{line}");
+        // Its result is sent before the validation starts.
+        let sent = s
+            .find("result vm-check ")
+            .expect("vm-check's result is sent");
+        let validate = s.find("/bin/nodedb-validate").expect("validation runs");
+        assert!(check < sent && sent < validate, "{s}");
+        assert!(
+            init_script(&options(10, &[])).contains("--breach-rounds 10\n"),
+            "the default reaches vm-check"
+        );
+    }
 }

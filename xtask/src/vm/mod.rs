@@ -67,6 +67,8 @@ pub struct Options {
     /// NUMA nodes the VM is booted with (its CPUs and memory split
     /// evenly); 1: none.
     pub numa_nodes: u32,
+    /// Breaches vm-check's ladder check drives and times.
+    pub breach_rounds: u32,
 }
 
 /// The kernels the cache scenario runs on.

@@ -469,22 +469,25 @@ impl Policy {
         }
     }
 
-    /// The database's use of its ceiling and the ceiling: the cgroup's
-    /// working set, or the attributed total where the kernel enforces no
-    /// ceiling.
+    /// The database's use of its ceiling and the ceiling: the larger of
+    /// the cgroup's working set and what its processes hold resident (the
+    /// attributed total, which adds up to their RSS), or the attributed
+    /// total alone where the kernel enforces no ceiling. The cgroup alone
+    /// is not enough: pages a process maps but another cgroup was charged
+    /// for (its binary's text read in before it started, memory touched
+    /// before it joined) are resident in it, and the ceiling is on the
+    /// database's memory, not on its cgroup's share of it.
     fn ceiling_use(&self, t: &Tick<'_>) -> (u64, u64) {
+        let resident = t.reading.map_or(0, |r| {
+            r.processes
+                .iter()
+                .flat_map(|p| p.engines.values().chain([&p.unattributed]))
+                .map(|e| e.resident_bytes)
+                .sum()
+        });
         match t.ceiling {
-            Some(c) => (c.working_set_bytes, c.limit_bytes),
-            None => (
-                t.reading.map_or(0, |r| {
-                    r.processes
-                        .iter()
-                        .flat_map(|p| p.engines.values().chain([&p.unattributed]))
-                        .map(|e| e.resident_bytes)
-                        .sum()
-                }),
-                self.rules.ceiling_bytes,
-            ),
+            Some(c) => (c.working_set_bytes.max(resident), c.limit_bytes),
+            None => (resident, self.rules.ceiling_bytes),
         }
     }
 }

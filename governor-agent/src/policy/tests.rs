@@ -136,12 +136,20 @@ impl World {
         ceiling: Option<CeilingUse>,
         psi_events: Option<u64>,
     ) -> Vec<Msg> {
-        let r = reading(resident);
+        self.tick_on(&reading(resident), ceiling, psi_events)
+    }
+
+    fn tick_on(
+        &mut self,
+        r: &Reading,
+        ceiling: Option<CeilingUse>,
+        psi_events: Option<u64>,
+    ) -> Vec<Msg> {
         let (marks, actions): (Vec<Action>, Vec<Action>) = self
             .policy
             .tick(&Tick {
                 now: self.now,
-                reading: Some(&r),
+                reading: Some(r),
                 ceiling,
                 psi: psi_events.map(|n| (n, Duration::from_secs(2))),
             })
@@ -580,6 +588,50 @@ fn the_databases_emergency_holds_non_essential_engines_with_hysteresis() {
             Limits("query", 64 * MIB, 64 * MIB)
         ]
     );
+}
+
+/// Pages a process holds but another cgroup was charged for (its binary's
+/// text, read in before it started) are in its RSS, not in its cgroup's
+/// charge: the Emergency comes at the larger of the two.
+#[test]
+fn the_emergency_counts_resident_memory_the_cgroup_was_not_charged_for() {
+    use Msg::*;
+    let (mut w, _) = World::new(&["vector", "query"], true);
+    w.report("query", 100 * MIB, 0);
+    let cgroup = |used: u64| {
+        Some(CeilingUse {
+            working_set_bytes: used * MIB,
+            charge_bytes: used * MIB,
+            limit_bytes: 1024 * MIB,
+        })
+    };
+    // Engines inside their budgets; the rest of the process (its
+    // binary's text, its runtime) unattributed.
+    let process = |unattributed: u64| {
+        let mut r = reading(&[("vector", 100 * MIB), ("query", 100 * MIB)]);
+        r.processes[0].unattributed.resident_bytes = unattributed * MIB;
+        r
+    };
+    // The cgroup at 92%, the process at 92% too: no Emergency.
+    assert_eq!(w.tick_on(&process(742), cgroup(940), None), []);
+    assert!(!w.policy.emergency());
+    // The cgroup still at 92%, but the process holds 98% of the ceiling
+    // (60 MiB of it charged elsewhere): Emergency.
+    let got = w.after(20).tick_on(&process(804), cgroup(940), None);
+    assert!(got.contains(&High(Some(768 * MIB))), "{got:?}");
+    assert!(
+        got.contains(&Limits("query", 64 * MIB, 100 * MIB)),
+        "{got:?}"
+    );
+    assert!(w.policy.emergency());
+    // The process back below warning but the cgroup's working set (its
+    // page cache, say) still at 98%: the Emergency holds.
+    assert_eq!(w.after(20).tick_on(&process(300), cgroup(1004), None), []);
+    assert!(w.policy.emergency());
+    // Both below warning: over.
+    let got = w.after(20).tick_on(&process(300), cgroup(700), None);
+    assert!(got.contains(&High(None)), "{got:?}");
+    assert!(!w.policy.emergency());
 }
 
 #[test]

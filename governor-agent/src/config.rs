@@ -134,6 +134,14 @@ pub struct EngineConfig {
     /// reclaim from outside the database leaves the protected set alone.
     #[serde(default)]
     pub hot_set: Option<SizeSpec>,
+    /// The engine's spill is cheap (default false): what it holds when idle
+    /// is a buffer it must write anyway, or a cache it can rebuild. While
+    /// the database is at the warning threshold of its ceiling and the
+    /// engine has not grown for `lending.idle_spill_after_ms`, it is asked
+    /// to spill down to its floor, and the budget it frees is lent to busy
+    /// engines.
+    #[serde(default)]
+    pub idle_spill: bool,
 }
 
 fn yes() -> bool {
@@ -195,6 +203,10 @@ pub struct LendingConfig {
     /// A lender keeps this fraction of its budget beyond what it holds.
     #[serde(default = "d_cushion")]
     pub cushion: f64,
+    /// An engine with `idle_spill` is asked to spill once it has not grown
+    /// for this long (and the database is short of memory).
+    #[serde(default = "d_idle_spill_after_ms")]
+    pub idle_spill_after_ms: u64,
 }
 
 fn d_idle_after_ms() -> u64 {
@@ -212,6 +224,11 @@ fn d_rise_after_ms() -> u64 {
         .rise_after
         .as_millis() as u64
 }
+fn d_idle_spill_after_ms() -> u64 {
+    nodedb_governor::lending::LendingRules::default()
+        .idle_spill_after
+        .as_millis() as u64
+}
 fn d_cushion() -> f64 {
     nodedb_governor::lending::LendingRules::default().cushion
 }
@@ -223,6 +240,7 @@ impl Default for LendingConfig {
             min_loan_ms: d_min_loan_ms(),
             rise_after_ms: d_rise_after_ms(),
             cushion: d_cushion(),
+            idle_spill_after_ms: d_idle_spill_after_ms(),
         }
     }
 }
@@ -234,6 +252,7 @@ impl LendingConfig {
             min_loan: Duration::from_millis(self.min_loan_ms),
             rise_after: Duration::from_millis(self.rise_after_ms),
             cushion: self.cushion,
+            idle_spill_after: Duration::from_millis(self.idle_spill_after_ms),
             ..Default::default()
         }
     }
@@ -299,6 +318,7 @@ pub struct EngineLimits {
     /// None: no bound.
     pub page_cache_share_bytes: Option<u64>,
     pub hot_set_bytes: u64,
+    pub idle_spill: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -581,7 +601,9 @@ impl Config {
         }
         if let Err((field, reason)) = self.lending.rules().validate() {
             let field = match field {
-                "idle_after" | "min_loan" | "rise_after" => format!("lending.{field}_ms"),
+                "idle_after" | "min_loan" | "rise_after" | "idle_spill_after" => {
+                    format!("lending.{field}_ms")
+                }
                 f => format!("lending.{f}"),
             };
             return Err(err(field, reason));
@@ -704,6 +726,7 @@ impl Config {
                     .hot_set
                     .as_ref()
                     .map_or(0, |h| h.resolve(Some(ceiling)).unwrap_or(0)),
+                idle_spill: e.idle_spill,
             })
             .collect()
     }
@@ -739,14 +762,23 @@ mod tests {
     #[test]
     fn lending_rules_come_from_the_file_and_default_to_the_librarys() {
         let text = "database = \"db\"\nceiling = \"1GiB\"\n[lending]\nmin_loan_ms = 5000\n\
-                    rise_after_ms = 400\n[[engine]]\nname = \"a\"\nbudget = 1\n";
-        let rules = Config::parse(text).unwrap().lending.rules();
+                    rise_after_ms = 400\nidle_spill_after_ms = 3000\n\
+                    [[engine]]\nname = \"a\"\nbudget = 1\nidle_spill = true\n\
+                    [[engine]]\nname = \"b\"\nbudget = 1\n";
+        let config = Config::parse(text).unwrap();
+        let rules = config.lending.rules();
         let library = nodedb_governor::lending::LendingRules::default();
         assert_eq!(rules.min_loan, Duration::from_secs(5));
         assert_eq!(rules.rise_after, Duration::from_millis(400));
+        assert_eq!(rules.idle_spill_after, Duration::from_secs(3));
         assert_eq!(rules.idle_after, library.idle_after);
         assert_eq!(rules.cushion, library.cushion);
-        let text = text.replace("[lending]\nmin_loan_ms = 5000\nrise_after_ms = 400\n", "");
+        let idle_spill: Vec<bool> = config.limits().iter().map(|l| l.idle_spill).collect();
+        assert_eq!(idle_spill, [true, false], "off unless asked for");
+        let text = text.replace(
+            "[lending]\nmin_loan_ms = 5000\nrise_after_ms = 400\nidle_spill_after_ms = 3000\n",
+            "",
+        );
         assert_eq!(Config::parse(&text).unwrap().lending.rules(), library);
     }
 
@@ -898,6 +930,14 @@ mod tests {
             (
                 format!("{HEAD}[lending]\nmin_loan_ms = 86400000\n{ENGINE}"),
                 "lending.min_loan_ms",
+            ),
+            (
+                format!("{HEAD}[lending]\nidle_spill_after_ms = 86400000\n{ENGINE}"),
+                "lending.idle_spill_after_ms",
+            ),
+            (
+                format!("{HEAD}[[engine]]\nname = \"a\"\nbudget = 1\nidle_spill = 1\n"),
+                "idle_spill",
             ),
             (
                 format!("{HEAD}[lending]\nidle_ms = 5\n{ENGINE}"),

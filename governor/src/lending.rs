@@ -43,6 +43,13 @@
 //!   brings the borrower to `critical` of its new budget (from below it)
 //!   is counted as one that forced a spill ([`LoanBook::forced_spills`]).
 //!
+//! * **Idle spill**: an engine whose spill is cheap (a buffer it must write
+//!   anyway; marked with [`LoanBook::set_idle_spill`]) that has not grown
+//!   for [`LendingRules::idle_spill_after`] while memory is short (the
+//!   owner says when: the database at `warning` of its ceiling) is asked to
+//!   spill down to its floor ([`LoanBook::idle_spills`]), once per idle
+//!   spell; what it frees, it lends like any idle engine.
+//!
 //! Thresholds are [`PressureThresholds`]: the same `warning` and
 //! `critical` as the pressure levels.
 
@@ -74,11 +81,16 @@ pub struct LendingRules {
     /// A lender at `warning` of its reduced budget takes back only once it
     /// has stayed there this long.
     pub rise_after: Duration,
+    /// An engine marked to spill when idle (see
+    /// [`LoanBook::set_idle_spill`]) is asked to spill down to its floor
+    /// once it has not grown for this long and memory is short.
+    pub idle_spill_after: Duration,
 }
 
 impl Default for LendingRules {
     /// Idle after 500 ms without 1 MiB of growth; a cushion of a quarter of
-    /// the budget; loans stand 2 s; a rise counts after 250 ms.
+    /// the budget; loans stand 2 s; a rise counts after 250 ms; an idle
+    /// spill after 2 s without growth.
     fn default() -> Self {
         Self {
             idle_after: Duration::from_millis(500),
@@ -86,6 +98,7 @@ impl Default for LendingRules {
             cushion: 0.25,
             min_loan: Duration::from_secs(2),
             rise_after: Duration::from_millis(250),
+            idle_spill_after: Duration::from_secs(2),
         }
     }
 }
@@ -103,6 +116,7 @@ impl LendingRules {
             ("idle_after", self.idle_after),
             ("min_loan", self.min_loan),
             ("rise_after", self.rise_after),
+            ("idle_spill_after", self.idle_spill_after),
         ] {
             if d > Self::MAX_DURATION {
                 return Err((field, format!("{d:?} is longer than an hour")));
@@ -189,6 +203,11 @@ struct Account<K> {
     /// Take-backs that left this engine, as borrower, at `critical` of
     /// its new budget.
     forced_spills: u64,
+    /// It is asked to spill down to its floor when idle and memory is
+    /// short (its spill is cheap: a buffer it must write anyway).
+    idle_spill: bool,
+    /// When it was last asked to (None: not since it last grew).
+    idle_spilled: Option<Instant>,
 }
 
 /// Why loans are taken back.
@@ -256,6 +275,8 @@ impl<K: Clone + PartialEq> LoanBook<K> {
                 last: Holding::default(),
                 rising_since: None,
                 forced_spills: 0,
+                idle_spill: false,
+                idle_spilled: None,
             }),
         }
     }
@@ -290,6 +311,68 @@ impl<K: Clone + PartialEq> LoanBook<K> {
 
     pub fn loans(&self) -> &[Loan<K>] {
         &self.loans
+    }
+
+    /// Marks the engine as one whose spill is cheap (a buffer it must write
+    /// anyway, a cache it can rebuild): while memory is short and it has not
+    /// grown for [`LendingRules::idle_spill_after`], it is asked to spill
+    /// down to its floor (see [`LoanBook::idle_spills`]), and what it gives
+    /// back is lent to busy engines like any idle engine's budget. Returns
+    /// false if the engine is not in the book.
+    pub fn set_idle_spill<Q>(&mut self, engine: &Q, on: bool) -> bool
+    where
+        K: Borrow<Q>,
+        Q: PartialEq + ?Sized,
+    {
+        match self
+            .accounts
+            .iter_mut()
+            .find(|a| a.engine.borrow() == engine)
+        {
+            Some(a) => {
+                a.idle_spill = on;
+                a.idle_spilled = None;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The engines marked to spill when idle that must spill now, each with
+    /// what it holds beyond its floor: memory is `short`, and the engine
+    /// has not grown for [`LendingRules::idle_spill_after`] (as of the last
+    /// [`round`](Self::round)) and holds more than its floor by at least
+    /// [`LendingRules::growth_bytes`]. An engine asked is not asked again
+    /// until it grows and goes idle again, or another
+    /// [`LendingRules::idle_spill_after`] has passed with it still
+    /// holding (its spill freed less than asked, or failed).
+    pub fn idle_spills(&mut self, now: Instant, short: bool) -> Vec<(K, u64)> {
+        if !short {
+            return Vec::new();
+        }
+        let rules = self.rules;
+        let mut out = Vec::new();
+        for a in &mut self.accounts {
+            let Some((_, since)) = a.activity else {
+                continue;
+            };
+            if !a.idle_spill || now.saturating_duration_since(since) < rules.idle_spill_after {
+                continue;
+            }
+            let excess = a.last.resident_bytes.saturating_sub(a.floor_bytes);
+            if excess == 0 || excess < rules.growth_bytes {
+                continue;
+            }
+            let asked_lately = a.idle_spilled.is_some_and(|at| {
+                at >= since && now.saturating_duration_since(at) < rules.idle_spill_after
+            });
+            if asked_lately {
+                continue;
+            }
+            a.idle_spilled = Some(now);
+            out.push((a.engine.clone(), excess));
+        }
+        out
     }
 
     /// Bytes of budget the engine has lent to others.
@@ -383,6 +466,14 @@ impl<K: Clone + PartialEq> LoanBook<K> {
     /// the cushion, or what it holds over `warning`, whichever is most (at
     /// most its configured budget).
     fn needed(&self, a: &Account<K>, thresholds: &PressureThresholds) -> u64 {
+        self.wanted(a, thresholds).min(a.budget_bytes)
+    }
+
+    /// The budget in force that leaves the engine its floor, what it holds
+    /// plus the cushion, and what it holds under `warning`: what a lender
+    /// keeps (up to its configured budget) and what a borrower borrows up
+    /// to.
+    fn wanted(&self, a: &Account<K>, thresholds: &PressureThresholds) -> u64 {
         let held = a.last.held();
         let cushion = (a.budget_bytes as f64 * self.rules.cushion) as u64;
         let over_warning = if thresholds.warning > 0.0 {
@@ -394,7 +485,6 @@ impl<K: Clone + PartialEq> LoanBook<K> {
         a.floor_bytes
             .max(held.saturating_add(cushion))
             .max(over_warning)
-            .min(a.budget_bytes)
     }
 
     /// Takes back the loans of `lender` that `need` allows, newest first,
@@ -758,6 +848,59 @@ mod tests {
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].loan().bytes, 192 * MIB);
         assert_eq!(b.budget(&"query"), Some(64 * MIB), "the floor stays");
+    }
+
+    #[test]
+    fn an_idle_engine_marked_to_spill_spills_to_its_floor_when_memory_is_short_then_lends() {
+        let t = PressureThresholds::default();
+        let mut b = LoanBook::new(LendingRules::default());
+        b.set_engine("vector", 256 * MIB, 32 * MIB);
+        b.set_engine("query", 256 * MIB, 64 * MIB);
+        assert!(b.set_idle_spill(&"vector", true));
+        assert!(!b.set_idle_spill(&"sparse", true), "not in the book");
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Nothing before the first round (idleness is not known yet).
+        assert_eq!(b.idle_spills(t0, true), []);
+        b.round(t0, &t, holding(180 * MIB, 100 * MIB));
+        // Vector grows at 100 ms, then sits on 200 MiB (78%: at Warning,
+        // so it lends nothing); query is idle too.
+        b.round(at(100), &t, holding(200 * MIB, 100 * MIB));
+        assert_eq!(b.idle_spills(at(1000), true), [], "idle only 0.9 s");
+        assert_eq!(b.idle_spills(at(2200), false), [], "memory is not short");
+        // Query busy and nobody can lend it anything.
+        let ev = b.round(at(2200), &t, holding(200 * MIB, 240 * MIB));
+        assert_eq!(ev, []);
+        // Idle 2.1 s and memory short: down to its floor. Query is not
+        // marked: it is never asked.
+        assert_eq!(b.idle_spills(at(2200), true), [("vector", 168 * MIB)]);
+        assert_eq!(b.idle_spills(at(2300), true), [], "asked once");
+        // It spilled: it lends what it no longer needs to busy query
+        // (keeping 10 MiB + the 64 MiB cushion).
+        let ev = b.round(at(2400), &t, holding(10 * MIB, 240 * MIB));
+        assert_eq!(
+            ev,
+            [LoanEvent::Lent(Loan {
+                lender: "vector",
+                borrower: "query",
+                bytes: 182 * MIB
+            })]
+        );
+        assert_eq!(b.idle_spills(at(5000), true), [], "at its floor's side");
+        // A spill that freed nothing is asked again once another
+        // `idle_spill_after` has passed, not before.
+        let mut b = LoanBook::new(LendingRules::default());
+        b.set_engine("vector", 256 * MIB, 32 * MIB);
+        b.set_engine("query", 256 * MIB, 64 * MIB);
+        b.set_idle_spill(&"vector", true);
+        b.round(t0, &t, holding(200 * MIB, 0));
+        assert_eq!(b.idle_spills(at(1600), true), [("vector", 168 * MIB)]);
+        b.round(at(1700), &t, holding(200 * MIB, 0));
+        assert_eq!(b.idle_spills(at(3500), true), []);
+        assert_eq!(b.idle_spills(at(3600), true), [("vector", 168 * MIB)]);
+        // Unmarked: never.
+        b.set_idle_spill(&"vector", false);
+        assert_eq!(b.idle_spills(at(9000), true), []);
     }
 
     #[test]

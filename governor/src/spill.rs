@@ -88,7 +88,8 @@ pub enum SpillAction {
 /// What a spill round did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SpillReport {
-    /// Per engine past `spill_at`: (engine, target, freed).
+    /// Per engine past `spill_at`, or idle and marked to spill when memory
+    /// is short: (engine, target, freed).
     pub spilled: Vec<(EngineId, u64, u64)>,
     /// Floors their owners are not using but cannot have, because engines
     /// above their own floors hold the memory: (target, freed) spilled from
@@ -222,7 +223,9 @@ impl SpillController {
     }
 
     /// Checks and spills: every engine past `spill_at` is spilled down to
-    /// `restore_at` (as far as its handlers can).
+    /// `restore_at` (as far as its handlers can), and every idle engine
+    /// marked to spill when memory is short
+    /// ([`MemoryGovernor::set_idle_spill`]) down to its floor.
     pub fn run(&self, governor: &MemoryGovernor) -> SpillReport {
         let mut report = SpillReport::default();
         for SpillAction::Spill {
@@ -239,6 +242,14 @@ impl SpillController {
                     *flag = false;
                 }
             }
+            report.spilled.push((engine, target_bytes, freed));
+        }
+        for SpillAction::Spill {
+            engine,
+            target_bytes,
+        } in governor.idle_spills()
+        {
+            let freed = self.spill_engines(&[engine], target_bytes);
             report.spilled.push((engine, target_bytes, freed));
         }
         report.floor_reclaim = self.reclaim_floors(governor);

@@ -194,6 +194,79 @@ fn an_idle_engine_lends_its_budget_and_the_borrower_spills_when_it_is_taken_back
 }
 
 #[test]
+fn an_idle_engine_marked_to_spill_gives_its_buffer_back_when_memory_is_short_and_lends_it() {
+    let g = governor(
+        200 * MIB,
+        &[
+            (EngineId::Timeseries, 10 * MIB, 100 * MIB),
+            (EngineId::Query, 0, 120 * MIB),
+        ],
+    );
+    g.set_lending_rules(LendingRules {
+        idle_after: Duration::from_millis(20),
+        idle_spill_after: Duration::from_millis(60),
+        ..LendingRules::default()
+    })
+    .unwrap();
+    assert!(matches!(
+        g.set_idle_spill(EngineId::Sparse, true),
+        Err(MemError::UnknownEngine { .. })
+    ));
+    g.set_idle_spill(EngineId::Timeseries, true).unwrap();
+    let c = SpillController::new(SpillConfig::default()).unwrap();
+    // Timeseries ingested 70 MiB of points and went quiet.
+    let points = Chunks::new(&g, EngineId::Timeseries, 70, 1.0);
+    let _reg = c.register(EngineId::Timeseries, points.clone());
+    let mut query = vec![g.try_reserve(EngineId::Query, 50 * MIB).unwrap()];
+    g.rebalance();
+    std::thread::sleep(Duration::from_millis(100));
+    g.rebalance();
+    // Idle long enough, but 120 of 200 MiB is not short of memory.
+    assert!(c.run(&g).spilled.is_empty());
+    assert_eq!(points.held_bytes(), 70 * MIB);
+    // The query grows to 114 MiB (95% of its cap; with timeseries' 70,
+    // 92% of the ceiling) and borrows the little timeseries can lend
+    // while it holds its points (it keeps 70 + 25 MiB)...
+    query.push(g.try_reserve(EngineId::Query, 64 * MIB).unwrap());
+    assert_eq!(
+        g.rebalance(),
+        [LoanEvent::Lent(Loan {
+            lender: EngineId::Timeseries,
+            borrower: EngineId::Query,
+            bytes: 5 * MIB
+        })]
+    );
+    // ...and memory is short: the idle timeseries spills down to its
+    // floor.
+    // (The query, past its own spill mark, is asked too; it has nothing
+    // registered to spill here.)
+    let timeseries = |r: nodedb_governor::SpillReport| -> Vec<(u64, u64)> {
+        r.spilled
+            .iter()
+            .filter(|s| s.0 == EngineId::Timeseries)
+            .map(|s| (s.1, s.2))
+            .collect()
+    };
+    assert_eq!(timeseries(c.run(&g)), [(60 * MIB, 60 * MIB)]);
+    assert_eq!(points.held_bytes(), 10 * MIB);
+    assert_eq!(timeseries(c.run(&g)), [], "asked once");
+    // What it gave back is lent to the busy query (timeseries keeps 10
+    // MiB + a quarter of its budget), which can now grow well past its
+    // own cap.
+    assert_eq!(
+        g.rebalance(),
+        [LoanEvent::Lent(Loan {
+            lender: EngineId::Timeseries,
+            borrower: EngineId::Query,
+            bytes: 60 * MIB
+        })]
+    );
+    assert_eq!(g.usage(EngineId::Timeseries).unwrap().lent_bytes, 65 * MIB);
+    query.push(g.try_reserve(EngineId::Query, 40 * MIB).unwrap());
+    assert_eq!(used(&g, EngineId::Query), 154 * MIB);
+}
+
+#[test]
 fn a_lender_that_flickers_above_warning_leaves_the_borrower_alone() {
     let g = governor(
         120 * MIB,

@@ -53,6 +53,10 @@ pub struct EngineEnforcement {
     /// Bytes its hot sets hold locked (the library's report).
     #[serde(default)]
     pub hot_set_bytes: u64,
+    /// Spill requests sent because it sat idle on memory while the database
+    /// was short of it (`idle_spill`; counted in `spill_requests` too).
+    #[serde(default)]
+    pub idle_spills: u64,
 }
 
 /// The library's books for the engine, from its last report.
@@ -73,6 +77,7 @@ pub(super) struct Counters {
     pub limit_changes: u64,
     pub cache_drop_requests: u64,
     pub cache_dropped_bytes: u64,
+    pub idle_spills: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -132,6 +137,7 @@ impl EngineState {
             limit_changes,
             cache_drop_requests,
             cache_dropped_bytes,
+            idle_spills,
         } = self.counters;
         EngineEnforcement {
             level: self.level,
@@ -152,6 +158,7 @@ impl EngineState {
             cache_drop_requests,
             cache_dropped_bytes,
             hot_set_bytes: self.books.map_or(0, |b| b.hot_set_bytes),
+            idle_spills,
         }
     }
 }

@@ -58,6 +58,9 @@ pub(super) struct Conditions {
     /// Its charge is at the warning threshold of the ceiling (or it
     /// stalls): engines above their page-cache share drop cold files.
     pub cache_pressure: bool,
+    /// Its use is at the warning threshold of the ceiling: idle engines
+    /// marked `idle_spill` spill down to their floors.
+    pub short: bool,
     pub now: Instant,
 }
 
@@ -75,6 +78,7 @@ impl Library {
         let mut engines = BTreeMap::new();
         for l in rules.limits.iter().filter(|l| declared.contains(&l.name)) {
             loans.set_engine(l.name.clone(), l.budget_bytes, l.floor_bytes);
+            loans.set_idle_spill(l.name.as_str(), l.idle_spill);
             engines.insert(l.name.clone(), EngineState::default());
         }
         Self {
@@ -190,6 +194,7 @@ impl Library {
         for l in self.declared(rules) {
             self.loans
                 .set_engine(l.name.clone(), l.budget_bytes, l.floor_bytes);
+            self.loans.set_idle_spill(l.name.as_str(), l.idle_spill);
         }
         self.observe_cap = (!rules.enforce).then_some(rules.ceiling_bytes);
         self.send_all_limits(rules, out);
@@ -408,6 +413,7 @@ impl Library {
         let Conditions {
             stalling,
             cache_pressure,
+            short,
             now,
         } = at;
         let resident = |name: &str| process.engines.get(name).map_or(0, |e| e.resident_bytes);
@@ -420,6 +426,24 @@ impl Library {
                     .map_or(0, EngineState::reserved_bytes),
             });
             self.send_loan_changes(rules, &events, out);
+            for (engine, target) in self.loans.idle_spills(now, short) {
+                let Some(e) = self.engines.get_mut(&engine) else {
+                    continue;
+                };
+                e.counters.spill_requests += 1;
+                e.counters.idle_spills += 1;
+                tracing::info!(
+                    pid = self.pid,
+                    engine = %engine,
+                    resident = resident(&engine),
+                    target,
+                    "idle spill requested: the database is short of memory and the engine sits idle on it"
+                );
+                out.push(ToLibrary::Spill {
+                    engine,
+                    target_bytes: target,
+                });
+            }
         }
         for l in self.declared(rules) {
             let budget = self.budget(&l.name);

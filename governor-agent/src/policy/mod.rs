@@ -370,6 +370,10 @@ impl Policy {
             let (charge, limit) = self.ceiling_charge(t);
             charge as f64 >= limit as f64 * self.rules.thresholds.warning
         };
+        let short = {
+            let (current, limit) = self.ceiling_use(t);
+            current as f64 >= limit as f64 * self.rules.thresholds.warning
+        };
         if let Some(reading) = t.reading {
             for (session, l) in &mut self.libraries {
                 let mut out = Vec::new();
@@ -381,6 +385,7 @@ impl Policy {
                     let at = library::Conditions {
                         stalling,
                         cache_pressure,
+                        short,
                         now: t.now,
                     };
                     l.enforce(&self.rules, p, at, &mut out, &mut marks);

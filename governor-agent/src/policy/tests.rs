@@ -108,7 +108,11 @@ fn reading(resident: &[(&str, u64)]) -> Reading {
 
 impl World {
     fn new(engines: &[&str], enforce: bool) -> (Self, Vec<Msg>) {
-        let mut policy = Policy::new(rules(enforce));
+        Self::with_rules(rules(enforce), engines)
+    }
+
+    fn with_rules(rules: Rules, engines: &[&str]) -> (Self, Vec<Msg>) {
+        let mut policy = Policy::new(rules);
         let declared: Vec<String> = engines.iter().map(|e| (*e).to_owned()).collect();
         let welcome = msgs(policy.connect(S, PID, 0, &declared));
         (
@@ -632,6 +636,52 @@ fn the_emergency_counts_resident_memory_the_cgroup_was_not_charged_for() {
     let got = w.after(20).tick_on(&process(300), cgroup(700), None);
     assert!(got.contains(&High(None)), "{got:?}");
     assert!(!w.policy.emergency());
+}
+
+/// An engine marked `idle_spill` that sits idle on memory while the
+/// database is short of it (at the warning threshold of its ceiling) is
+/// asked to spill down to its floor, once per idle spell.
+#[test]
+fn an_idle_engine_marked_to_spill_is_asked_to_when_the_database_is_short() {
+    let config = Config::parse(
+        "database = \"t\"\nceiling = \"1GiB\"\n\
+         [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\nfloor = \"32MiB\"\nidle_spill = true\n\
+         [[engine]]\nname = \"query\"\nbudget = \"256MiB\"\n",
+    )
+    .unwrap();
+    let (mut w, _) = World::with_rules(Rules::from_config(&config), &["vector", "query"]);
+    let cgroup = |used: u64| {
+        Some(CeilingUse {
+            working_set_bytes: used * MIB,
+            charge_bytes: used * MIB,
+            limit_bytes: 1024 * MIB,
+        })
+    };
+    let spills = |got: Vec<Msg>| -> Vec<Msg> {
+        got.into_iter()
+            .filter(|m| matches!(m, Msg::Spill(..)))
+            .collect()
+    };
+    let resident = [("vector", 100 * MIB), ("query", 60 * MIB)];
+    w.tick_with(&resident, cgroup(600), None);
+    // Idle 2 s, but the database uses 59% of its ceiling: nothing.
+    assert_eq!(
+        spills(w.after(2100).tick_with(&resident, cgroup(600), None)),
+        []
+    );
+    // At 78% of it: vector spills down to its floor; query (not marked),
+    // never.
+    let got = spills(w.after(20).tick_with(&resident, cgroup(800), None));
+    assert_eq!(got, [Msg::Spill("vector", 68 * MIB)]);
+    let status = w.status();
+    assert_eq!(status.engines["vector"].idle_spills, 1);
+    assert_eq!(status.engines["vector"].spill_requests, 1);
+    assert_eq!(status.engines["query"].idle_spills, 0);
+    // Asked once: not again at the next tick.
+    assert_eq!(
+        spills(w.after(20).tick_with(&resident, cgroup(800), None)),
+        []
+    );
 }
 
 #[test]

@@ -11,6 +11,7 @@ use crate::{
     error::MemError,
     lending::{Holding, LendingRules, Loan, LoanBook, LoanEvent},
     pressure::{PressureChange, PressureLevel, PressureThresholds, ThresholdsHandle},
+    spill::SpillAction,
 };
 
 #[derive(Debug)]
@@ -358,6 +359,21 @@ impl Ledger {
         events
             .into_iter()
             .map(|ev| ev.map(|i| self.engines[i].id))
+            .collect()
+    }
+
+    /// The idle engines marked to spill that must spill now: the governor
+    /// is short of memory when what is held is at the warning threshold of
+    /// the ceiling.
+    pub(super) fn idle_spills(&mut self, now: Instant) -> Vec<SpillAction> {
+        let short = self.total as f64 >= self.ceiling as f64 * self.thresholds.warning;
+        self.loans
+            .idle_spills(now, short)
+            .into_iter()
+            .map(|(i, target_bytes)| SpillAction::Spill {
+                engine: self.engines[i].id,
+                target_bytes,
+            })
             .collect()
     }
 

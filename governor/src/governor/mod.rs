@@ -65,6 +65,7 @@ use crate::{
     error::MemError,
     lending::{LendingRules, Loan, LoanEvent},
     pressure::{PressureChange, PressureLevel, ThresholdsHandle},
+    spill::SpillAction,
 };
 
 /// Per-engine budgets under a global ceiling. See the crate documentation
@@ -297,6 +298,34 @@ impl MemoryGovernor {
             })?;
         self.shared.with_ledger(|l| l.loans.set_rules(rules));
         Ok(())
+    }
+
+    /// Marks `engine` as one whose spill is cheap (a buffer it must write
+    /// anyway, a cache it can rebuild): once it has not grown for
+    /// [`LendingRules::idle_spill_after`] while the governor is at the
+    /// warning threshold of its ceiling, [`idle_spills`](Self::idle_spills)
+    /// asks it to spill down to its floor (a
+    /// [`SpillController::run`](crate::SpillController::run) does it), and
+    /// the budget it frees is lent to busy engines. Idleness is judged by
+    /// the rebalancing rounds, so it needs a rebalancer; under the agent,
+    /// the agent asks instead (its engine setting `idle_spill`).
+    pub fn set_idle_spill(&self, engine: EngineId, on: bool) -> Result<(), MemError> {
+        let i = self.shared.slot(engine)?;
+        self.shared.with_ledger(|l| l.loans.set_idle_spill(&i, on));
+        Ok(())
+    }
+
+    /// The engines marked with [`set_idle_spill`](Self::set_idle_spill)
+    /// that must spill now, and how much (what each holds beyond its
+    /// floor); each is named once per idle spell (see
+    /// [`LoanBook::idle_spills`](crate::lending::LoanBook::idle_spills)).
+    pub fn idle_spills(&self) -> Vec<SpillAction> {
+        self.idle_spills_at(Instant::now())
+    }
+
+    /// [`idle_spills`](Self::idle_spills) as of `now`.
+    pub fn idle_spills_at(&self, now: Instant) -> Vec<SpillAction> {
+        self.shared.with_ledger(|l| l.idle_spills(now))
     }
 
     /// The loans in force.

@@ -13,8 +13,10 @@
 //! Every engine has a configured budget and a floor; the budget *in force*
 //! is the configured one moved by loans, and the budgets in force always
 //! add up to the configured ones.
-//! * **Busy**: an engine holding at least `critical` of its budget in force
-//!   borrows.
+//! * **Busy**: an engine holding at least `critical` of its budget in force,
+//!   or at least `warning` of it while growing (it grew within
+//!   [`LendingRules::idle_after`]), borrows: a growing engine borrows before
+//!   it is refused, not after.
 //! * **Idle**: an engine that has not grown by more than
 //!   [`LendingRules::growth_bytes`] for [`LendingRules::idle_after`] (nor
 //!   taken a loan back within it), holds less than `warning` of its budget
@@ -43,6 +45,14 @@
 //!   brings the borrower to `critical` of its new budget (from below it)
 //!   is counted as one that forced a spill ([`LoanBook::forced_spills`]).
 //!
+//! * **Loans follow need**: a busy engine that no idle engine can lend to
+//!   takes over loans held by a quiet borrower (one that has not grown for
+//!   [`LendingRules::idle_after`]) whose budget in force is a larger share
+//!   of its configured budget than its own: what it needs, at most up to
+//!   equal shares, whatever the loans' age. Budget lent to an engine that
+//!   has stopped growing goes to the one that is growing; the quiet
+//!   borrower's budget drops by as much (a drop that brings it to
+//!   `critical` counts as a forced spill).
 //! * **Idle spill**: an engine whose spill is cheap (a buffer it must write
 //!   anyway; marked with [`LoanBook::set_idle_spill`]) that has not grown
 //!   for [`LendingRules::idle_spill_after`] while memory is short (the
@@ -602,13 +612,18 @@ impl<K: Clone + PartialEq> LoanBook<K> {
             }
         }
         // Busy engines borrow from idle ones.
+        let mut unserved = Vec::new();
         for b in 0..self.accounts.len() {
             let borrower = &self.accounts[b];
-            if (borrower.last.resident_bytes as f64)
-                < borrower.in_force_bytes as f64 * thresholds.critical
-                // A lender never borrows: it takes its own loans back.
-                || self.loans.iter().any(|x| x.lender == borrower.engine)
-            {
+            let r = borrower.last.resident_bytes as f64;
+            let budget = borrower.in_force_bytes as f64;
+            let growing = borrower
+                .activity
+                .is_some_and(|(_, since)| now.duration_since(since) < rules.idle_after);
+            let busy =
+                r >= budget * thresholds.critical || (growing && r >= budget * thresholds.warning);
+            // A lender never borrows: it takes its own loans back.
+            if !busy || self.loans.iter().any(|x| x.lender == borrower.engine) {
                 continue;
             }
             let lender = self
@@ -633,6 +648,7 @@ impl<K: Clone + PartialEq> LoanBook<K> {
                 })
                 .max_by_key(|(_, lendable)| *lendable);
             let Some((l, bytes)) = lender else {
+                unserved.push(b);
                 continue;
             };
             self.accounts[l].in_force_bytes -= bytes;
@@ -660,6 +676,108 @@ impl<K: Clone + PartialEq> LoanBook<K> {
             events.push(LoanEvent::Lent(Loan {
                 lender,
                 borrower,
+                bytes,
+            }));
+        }
+        for b in unserved {
+            events.extend(self.relend(b, now, thresholds));
+        }
+        events
+    }
+
+    /// A busy engine no idle engine could lend to takes over loans held by
+    /// a quiet borrower (one that has not grown for `idle_after`) whose
+    /// budget in force is a larger share of its configured budget than the
+    /// busy engine's, whatever the loans' age (a busy engine at `critical`
+    /// is a real need, as a lender's is): what it needs, at most up to
+    /// equal shares. Loans follow need: budget lent to an engine
+    /// that has stopped growing goes to the one that is growing. The quiet
+    /// borrower's budget drops by as much, and if that leaves it at
+    /// `critical` it spills (counted as a forced spill).
+    fn relend(
+        &mut self,
+        b: usize,
+        now: Instant,
+        thresholds: &PressureThresholds,
+    ) -> Vec<LoanEvent<K>> {
+        let rules = self.rules;
+        let share = |a: &Account<K>| a.in_force_bytes as f64 / a.budget_bytes.max(1) as f64;
+        let busy = &self.accounts[b];
+        let mut want = self
+            .wanted(busy, thresholds)
+            .saturating_sub(busy.in_force_bytes);
+        let mut events = Vec::new();
+        while want >= rules.growth_bytes {
+            let busy = &self.accounts[b];
+            let pick = (0..self.loans.len())
+                .filter(|&i| {
+                    let loan = &self.loans[i];
+                    loan.borrower != busy.engine && loan.lender != busy.engine
+                })
+                .filter_map(|i| {
+                    let x = self.account(&self.loans[i].borrower)?;
+                    let quiet = x
+                        .activity
+                        .is_some_and(|(_, since)| now.duration_since(since) >= rules.idle_after);
+                    (quiet && share(x) > share(busy)).then_some((i, share(x)))
+                })
+                .max_by(|p, q| p.1.total_cmp(&q.1));
+            let Some((i, _)) = pick else {
+                break;
+            };
+            let x = self.account(&self.loans[i].borrower).expect("picked");
+            // Up to equal shares: (x - m) / X = (b + m) / B.
+            let (xb, xi) = (x.budget_bytes as f64, x.in_force_bytes as f64);
+            let (bb, bi) = (busy.budget_bytes as f64, busy.in_force_bytes as f64);
+            let equal = ((xi * bb - bi * xb) / (xb + bb)).max(0.0) as u64;
+            let bytes = want.min(equal).min(self.loans[i].bytes);
+            if bytes < rules.growth_bytes {
+                break;
+            }
+            want -= bytes;
+            let lender = self.loans[i].lender.clone();
+            let from = self.loans[i].borrower.clone();
+            let to = busy.engine.clone();
+            if bytes == self.loans[i].bytes {
+                self.loans.remove(i);
+                self.made.remove(i);
+            } else {
+                self.loans[i].bytes -= bytes;
+            }
+            let critical = |a: &Account<K>| {
+                a.last.resident_bytes as f64 >= a.in_force_bytes as f64 * thresholds.critical
+            };
+            if let Some(x) = self.account_mut(&from) {
+                let was = critical(x);
+                x.in_force_bytes -= bytes;
+                if !was && critical(x) {
+                    x.forced_spills += 1;
+                }
+            }
+            self.accounts[b].in_force_bytes += bytes;
+            let mut loan = Loan {
+                lender: lender.clone(),
+                borrower: to.clone(),
+                bytes,
+            };
+            if let Some(j) = self
+                .loans
+                .iter()
+                .position(|l| l.lender == lender && l.borrower == to)
+            {
+                loan.bytes += self.loans.remove(j).bytes;
+                self.made.remove(j);
+            }
+            self.loans.push(loan);
+            self.made.push(now);
+            events.push(LoanEvent::TakenBack(Loan {
+                lender: lender.clone(),
+                borrower: from,
+                bytes,
+            }));
+            events.push(LoanEvent::Lent(Loan {
+                lender,
+                borrower: to,
                 bytes,
             }));
         }
@@ -806,8 +924,8 @@ mod tests {
         // the newest loan (timeseries') and 18 MiB of the older one.
         let ev = b.round(t0 + ms(700), &t, h(58, 240, 240));
         assert_eq!(
-            ev,
-            vec![
+            ev[..2],
+            [
                 LoanEvent::TakenBack(Loan {
                     lender: "vector",
                     borrower: "timeseries",
@@ -825,6 +943,30 @@ mod tests {
         // forced a spill; query at 240 of 390 MiB did not.
         assert_eq!(b.forced_spills(&"timeseries"), 1);
         assert_eq!(b.forced_spills(&"query"), 0);
+        // And busy timeseries, which no idle engine can lend to, takes
+        // over part of quiet query's loan: what it needs to hold its 240
+        // MiB under Warning (64 MiB and a byte), less than equal shares of
+        // their configured budgets would allow ((390 - m) / 256 = (256 +
+        // m) / 256: 67 MiB).
+        let m = 64 * MIB + 1;
+        assert_eq!(
+            ev[2..],
+            [
+                LoanEvent::TakenBack(Loan {
+                    lender: "vector",
+                    borrower: "query",
+                    bytes: m
+                }),
+                LoanEvent::Lent(Loan {
+                    lender: "vector",
+                    borrower: "timeseries",
+                    bytes: m
+                })
+            ]
+        );
+        assert_eq!(b.budget(&"timeseries"), Some(256 * MIB + m));
+        assert_eq!(b.budget(&"query"), Some(390 * MIB - m));
+        assert_eq!(b.forced_spills(&"query"), 0, "240 of 326 MiB: not critical");
     }
 
     #[test]
@@ -864,8 +1006,8 @@ mod tests {
         assert_eq!(b.idle_spills(t0, true), []);
         b.round(t0, &t, holding(180 * MIB, 100 * MIB));
         // Vector grows at 100 ms, then sits on 200 MiB (78%: at Warning,
-        // so it lends nothing); query is idle too.
-        b.round(at(100), &t, holding(200 * MIB, 100 * MIB));
+        // so it lends nothing); query grew too (so it lent nothing).
+        b.round(at(100), &t, holding(200 * MIB, 110 * MIB));
         assert_eq!(b.idle_spills(at(1000), true), [], "idle only 0.9 s");
         assert_eq!(b.idle_spills(at(2200), false), [], "memory is not short");
         // Query busy and nobody can lend it anything.
@@ -901,6 +1043,101 @@ mod tests {
         // Unmarked: never.
         b.set_idle_spill(&"vector", false);
         assert_eq!(b.idle_spills(at(9000), true), []);
+    }
+
+    #[test]
+    fn a_growing_engine_borrows_from_warning_a_steady_one_only_from_critical() {
+        let t = PressureThresholds::default();
+        let mut b = book();
+        let t0 = Instant::now();
+        // Query steady at 200 of 256 MiB (78%, Warning; first seen: not
+        // growing), vector idle: no loan.
+        assert_eq!(b.round(t0, &t, holding(10 * MIB, 200 * MIB)), []);
+        // Query grows to 210 MiB (82%): it borrows before it is refused.
+        let ev = b.round(t0 + ms(100), &t, holding(10 * MIB, 210 * MIB));
+        assert_eq!(
+            ev,
+            [LoanEvent::Lent(Loan {
+                lender: "vector",
+                borrower: "query",
+                bytes: 182 * MIB
+            })]
+        );
+        // Growing but under Warning: it would not have.
+        let mut b = book();
+        b.round(t0, &t, holding(10 * MIB, 150 * MIB));
+        assert_eq!(b.round(t0 + ms(100), &t, holding(10 * MIB, 180 * MIB)), []);
+    }
+
+    #[test]
+    fn loans_follow_need_from_a_quiet_borrower_to_a_busy_one_up_to_equal_shares() {
+        let t = PressureThresholds::default();
+        let mut b = LoanBook::new(LendingRules::default());
+        b.set_engine("timeseries", 256 * MIB, 0);
+        b.set_engine("vector", 256 * MIB, 0);
+        b.set_engine("query", 256 * MIB, 0);
+        let t0 = Instant::now();
+        let h = |ts: u64, v: u64, q: u64| {
+            move |e: &&str| Holding {
+                resident_bytes: match *e {
+                    "timeseries" => ts,
+                    "vector" => v,
+                    _ => q,
+                } * MIB,
+                reserved_bytes: 0,
+            }
+        };
+        // Timeseries (idle, empty) lends to busy vector; query has 20 MiB
+        // and is growing, so lends nothing.
+        let ev = b.round(t0, &t, h(0, 240, 20));
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(b.budget(&"vector"), Some(448 * MIB));
+        // Query grows and is busy; vector is still growing: its loan is
+        // not taken over.
+        assert_eq!(b.round(t0 + ms(300), &t, h(0, 260, 100)), []);
+        assert_eq!(b.round(t0 + ms(600), &t, h(0, 300, 240)), []);
+        // Vector has stopped at 300 MiB (quiet from 1.1 s): busy query
+        // takes over what it needs of vector's loan (240 under Warning:
+        // 320 MiB and a byte), less than equal shares would allow.
+        let ev = b.round(t0 + ms(1200), &t, h(0, 300, 240));
+        let m = 64 * MIB + 1;
+        assert_eq!(
+            ev,
+            [
+                LoanEvent::TakenBack(Loan {
+                    lender: "timeseries",
+                    borrower: "vector",
+                    bytes: m
+                }),
+                LoanEvent::Lent(Loan {
+                    lender: "timeseries",
+                    borrower: "query",
+                    bytes: m
+                })
+            ]
+        );
+        assert_eq!(b.budget(&"vector"), Some(448 * MIB - m));
+        assert_eq!(b.budget(&"query"), Some(256 * MIB + m));
+        // Vector holds 300 of 384 MiB: not critical, no forced spill.
+        assert_eq!(b.forced_spills(&"vector"), 0);
+        // Query grows on to 300 MiB and wants 80 MiB more: equal shares
+        // bound it now ((384 - m) = (320 + m): 32 MiB). Vector keeps 352
+        // MiB (it holds 85% of it: no forced spill).
+        let ev = b.round(t0 + ms(1300), &t, h(0, 300, 300));
+        let m2 = 32 * MIB;
+        assert_eq!(ev.len(), 2, "{ev:?}");
+        assert_eq!(ev[1].loan().bytes, ev[0].loan().bytes);
+        assert!(ev[0].loan().bytes.abs_diff(m2) <= 1, "{ev:?}");
+        assert_eq!(b.budget(&"vector"), b.budget(&"query"), "equal shares");
+        assert_eq!(b.forced_spills(&"vector"), 0);
+        // Shares equal: nothing more moves, however busy query is.
+        assert_eq!(b.round(t0 + ms(1400), &t, h(0, 300, 340)), []);
+        // The budgets in force still add up.
+        let sum: u64 = ["timeseries", "vector", "query"]
+            .iter()
+            .map(|e| b.budget(e).unwrap())
+            .sum();
+        assert_eq!(sum, 3 * 256 * MIB);
     }
 
     #[test]

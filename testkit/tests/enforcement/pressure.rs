@@ -39,8 +39,12 @@ fn memory_stalls_and_an_emergency_move_the_ladder() {
         return;
     }
     const MIB: u64 = 1 << 20;
+    // No lending (a lender keeps its whole budget beyond what it holds):
+    // vector, growing at Warning, would otherwise borrow idle query's
+    // budget and leave Warning.
     let agent = super::start_agent_with(
-        "ceiling = \"160MiB\"\n[pressure_stall]\nstall_ms = 1\nwindow_ms = 2000",
+        "ceiling = \"160MiB\"\n[pressure_stall]\nstall_ms = 1\nwindow_ms = 2000\n\
+         [lending]\ncushion = 1.0",
         "[[engine]]\nname = \"vector\"\nbudget = \"64MiB\"\n\
          [[engine]]\nname = \"query\"\nbudget = \"64MiB\"\nessential = false\n",
     );

@@ -657,32 +657,38 @@ impl<K: Clone + PartialEq> LoanBook<K> {
                 self.accounts[l].engine.clone(),
                 self.accounts[b].engine.clone(),
             );
-            // A top-up makes the loan new again, and newest.
-            let mut loan = Loan {
-                lender: lender.clone(),
-                borrower: borrower.clone(),
-                bytes,
-            };
-            if let Some(x) = self
-                .loans
-                .iter()
-                .position(|x| x.lender == lender && x.borrower == borrower)
-            {
-                loan.bytes += self.loans.remove(x).bytes;
-                self.made.remove(x);
-            }
-            self.loans.push(loan);
-            self.made.push(now);
-            events.push(LoanEvent::Lent(Loan {
-                lender,
-                borrower,
-                bytes,
-            }));
+            events.push(self.book(lender, borrower, bytes, now));
         }
         for b in unserved {
             events.extend(self.relend(b, now, thresholds));
         }
         events
+    }
+
+    /// Records `bytes` lent by `lender` to `borrower` at `now` (the budgets
+    /// in force are the caller's to move): a top-up of a loan between the
+    /// two makes it new again, and newest.
+    fn book(&mut self, lender: K, borrower: K, bytes: u64, now: Instant) -> LoanEvent<K> {
+        let mut loan = Loan {
+            lender: lender.clone(),
+            borrower: borrower.clone(),
+            bytes,
+        };
+        if let Some(x) = self
+            .loans
+            .iter()
+            .position(|x| x.lender == lender && x.borrower == borrower)
+        {
+            loan.bytes += self.loans.remove(x).bytes;
+            self.made.remove(x);
+        }
+        self.loans.push(loan);
+        self.made.push(now);
+        LoanEvent::Lent(Loan {
+            lender,
+            borrower,
+            bytes,
+        })
     }
 
     /// A busy engine no idle engine could lend to takes over loans held by
@@ -755,31 +761,12 @@ impl<K: Clone + PartialEq> LoanBook<K> {
                 }
             }
             self.accounts[b].in_force_bytes += bytes;
-            let mut loan = Loan {
-                lender: lender.clone(),
-                borrower: to.clone(),
-                bytes,
-            };
-            if let Some(j) = self
-                .loans
-                .iter()
-                .position(|l| l.lender == lender && l.borrower == to)
-            {
-                loan.bytes += self.loans.remove(j).bytes;
-                self.made.remove(j);
-            }
-            self.loans.push(loan);
-            self.made.push(now);
             events.push(LoanEvent::TakenBack(Loan {
                 lender: lender.clone(),
                 borrower: from,
                 bytes,
             }));
-            events.push(LoanEvent::Lent(Loan {
-                lender,
-                borrower: to,
-                bytes,
-            }));
+            events.push(self.book(lender, to, bytes, now));
         }
         events
     }
@@ -801,6 +788,27 @@ mod tests {
     fn holding(v: u64, q: u64) -> impl Fn(&&str) -> Holding {
         move |e: &&str| Holding {
             resident_bytes: if *e == "vector" { v } else { q },
+            reserved_bytes: 0,
+        }
+    }
+
+    /// Vector, query and timeseries: 256 MiB each, no floor.
+    fn three() -> LoanBook<&'static str> {
+        let mut b = LoanBook::new(LendingRules::default());
+        b.set_engine("vector", 256 * MIB, 0);
+        b.set_engine("query", 256 * MIB, 0);
+        b.set_engine("timeseries", 256 * MIB, 0);
+        b
+    }
+
+    /// What vector, query and timeseries hold, in MiB.
+    fn h(v: u64, q: u64, ts: u64) -> impl Fn(&&str) -> Holding {
+        move |e: &&str| Holding {
+            resident_bytes: match *e {
+                "vector" => v,
+                "query" => q,
+                _ => ts,
+            } * MIB,
             reserved_bytes: 0,
         }
     }
@@ -896,21 +904,8 @@ mod tests {
     #[test]
     fn the_newest_loan_is_taken_back_first() {
         let t = PressureThresholds::default();
-        let mut b = LoanBook::new(LendingRules::default());
-        b.set_engine("vector", 256 * MIB, 0);
-        b.set_engine("query", 256 * MIB, 0);
-        b.set_engine("timeseries", 256 * MIB, 0);
+        let mut b = three();
         let t0 = Instant::now();
-        let h = |v: u64, q: u64, ts: u64| {
-            move |e: &&str| Holding {
-                resident_bytes: match *e {
-                    "vector" => v,
-                    "query" => q,
-                    _ => ts,
-                } * MIB,
-                reserved_bytes: 0,
-            }
-        };
         // Vector, holding 40 MiB, lends 152 MiB to busy query (more than
         // timeseries could).
         b.round(t0, &t, h(40, 240, 100));
@@ -1072,34 +1067,21 @@ mod tests {
     #[test]
     fn loans_follow_need_from_a_quiet_borrower_to_a_busy_one_up_to_equal_shares() {
         let t = PressureThresholds::default();
-        let mut b = LoanBook::new(LendingRules::default());
-        b.set_engine("timeseries", 256 * MIB, 0);
-        b.set_engine("vector", 256 * MIB, 0);
-        b.set_engine("query", 256 * MIB, 0);
+        let mut b = three();
         let t0 = Instant::now();
-        let h = |ts: u64, v: u64, q: u64| {
-            move |e: &&str| Holding {
-                resident_bytes: match *e {
-                    "timeseries" => ts,
-                    "vector" => v,
-                    _ => q,
-                } * MIB,
-                reserved_bytes: 0,
-            }
-        };
         // Timeseries (idle, empty) lends to busy vector; query has 20 MiB
         // and is growing, so lends nothing.
-        let ev = b.round(t0, &t, h(0, 240, 20));
+        let ev = b.round(t0, &t, h(240, 20, 0));
         assert_eq!(ev.len(), 1, "{ev:?}");
         assert_eq!(b.budget(&"vector"), Some(448 * MIB));
         // Query grows and is busy; vector is still growing: its loan is
         // not taken over.
-        assert_eq!(b.round(t0 + ms(300), &t, h(0, 260, 100)), []);
-        assert_eq!(b.round(t0 + ms(600), &t, h(0, 300, 240)), []);
+        assert_eq!(b.round(t0 + ms(300), &t, h(260, 100, 0)), []);
+        assert_eq!(b.round(t0 + ms(600), &t, h(300, 240, 0)), []);
         // Vector has stopped at 300 MiB (quiet from 1.1 s): busy query
         // takes over what it needs of vector's loan (240 under Warning:
         // 320 MiB and a byte), less than equal shares would allow.
-        let ev = b.round(t0 + ms(1200), &t, h(0, 300, 240));
+        let ev = b.round(t0 + ms(1200), &t, h(300, 240, 0));
         let m = 64 * MIB + 1;
         assert_eq!(
             ev,
@@ -1123,7 +1105,7 @@ mod tests {
         // Query grows on to 300 MiB and wants 80 MiB more: equal shares
         // bound it now ((384 - m) = (320 + m): 32 MiB). Vector keeps 352
         // MiB (it holds 85% of it: no forced spill).
-        let ev = b.round(t0 + ms(1300), &t, h(0, 300, 300));
+        let ev = b.round(t0 + ms(1300), &t, h(300, 300, 0));
         let m2 = 32 * MIB;
         assert_eq!(ev.len(), 2, "{ev:?}");
         assert_eq!(ev[1].loan().bytes, ev[0].loan().bytes);
@@ -1131,7 +1113,7 @@ mod tests {
         assert_eq!(b.budget(&"vector"), b.budget(&"query"), "equal shares");
         assert_eq!(b.forced_spills(&"vector"), 0);
         // Shares equal: nothing more moves, however busy query is.
-        assert_eq!(b.round(t0 + ms(1400), &t, h(0, 300, 340)), []);
+        assert_eq!(b.round(t0 + ms(1400), &t, h(300, 340, 0)), []);
         // The budgets in force still add up.
         let sum: u64 = ["timeseries", "vector", "query"]
             .iter()

@@ -251,14 +251,20 @@ impl MemoryGovernor {
         let i = self.slot(engine)?;
         self.shared.flush_credit(Some(i));
         self.shared
-            .with_ledger(|l| l.set_limits(i, floor_bytes, cap_bytes))
+            .with_ledger(|l| l.set_limits(i, floor_bytes, cap_bytes))?;
+        // A raised cap admits waiting reservations as a release would (an
+        // agent giving back a lender's loans, say).
+        self.shared.wake_waiters();
+        Ok(())
     }
 
     /// Changes the global ceiling; refused if it is below what is held, a
     /// cap, or the sum of floors.
     pub fn set_ceiling(&self, ceiling_bytes: u64) -> Result<(), MemError> {
         self.shared.flush_credit(None);
-        self.shared.with_ledger(|l| l.set_ceiling(ceiling_bytes))
+        self.shared.with_ledger(|l| l.set_ceiling(ceiling_bytes))?;
+        self.shared.wake_waiters();
+        Ok(())
     }
 
     /// One round of rebalancing now: busy engines borrow the unused budget
@@ -278,7 +284,11 @@ impl MemoryGovernor {
     /// [`rebalance`](Self::rebalance) as of `now` (for a caller that keeps
     /// its own clock, such as a simulation).
     pub fn rebalance_at(&self, now: Instant) -> Vec<LoanEvent<EngineId>> {
-        self.shared.with_ledger(|l| l.rebalance(now))
+        let events = self.shared.with_ledger(|l| l.rebalance(now));
+        if !events.is_empty() {
+            self.shared.wake_waiters();
+        }
+        events
     }
 
     /// The rules lending goes by ([`LendingRules::default`] until set).

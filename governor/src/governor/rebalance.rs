@@ -39,7 +39,12 @@ impl Rebalancer {
                     let Some(shared) = weak.upgrade() else {
                         return;
                     };
-                    shared.with_ledger(|l| l.rebalance(Instant::now()));
+                    if !shared
+                        .with_ledger(|l| l.rebalance(Instant::now()))
+                        .is_empty()
+                    {
+                        shared.wake_waiters();
+                    }
                 }
             })
             .ok();

@@ -164,6 +164,14 @@ impl Shared {
         }
     }
 
+    /// Wakes the threads waiting in `reserve_timeout`, if any: a cap or the
+    /// ceiling moved (a raise can admit them as a release would).
+    pub(super) fn wake_waiters(&self) {
+        if self.with_ledger(|l| l.waiters > 0) {
+            self.released.notify_all();
+        }
+    }
+
     /// Takes `bytes` for `slot`: from this thread's credit while the engine
     /// is far from its limits, else exactly under the lock.
     #[inline]

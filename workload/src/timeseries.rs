@@ -14,6 +14,7 @@ use std::{
     io::{BufRead, Read, Write},
     path::{Path, PathBuf},
     sync::Mutex,
+    time::{Duration, Instant},
 };
 
 use nodedb_governor::{EngineId, MemoryGovernor, Reservation, SpillHandler, UncachedWriter};
@@ -71,6 +72,9 @@ pub struct Timeseries {
     after_flush: Option<Hook>,
     state: Mutex<State>,
     stats: Mutex<TimeseriesStats>,
+    /// When each flush a spill request asked for started, and how long it
+    /// took (it runs on the caller's thread, not the ingest's).
+    spill_flushes: Mutex<Vec<(Instant, Duration)>>,
 }
 
 impl Timeseries {
@@ -85,6 +89,7 @@ impl Timeseries {
                 out: UncachedWriter::create(path)?,
             }),
             stats: Mutex::new(TimeseriesStats::default()),
+            spill_flushes: Mutex::new(Vec::new()),
         })
     }
 
@@ -98,6 +103,20 @@ impl Timeseries {
 
     pub fn stats(&self) -> TimeseriesStats {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The time spent in flushes that spill requests asked for and that
+    /// started at or after `since`: the compression and writing an ingest
+    /// that ended at `since` left to another thread, which its rate must
+    /// still count.
+    pub fn spill_flush_time_since(&self, since: Instant) -> Duration {
+        self.spill_flushes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(at, _)| *at >= since)
+            .map(|(_, took)| *took)
+            .sum()
     }
 
     /// Appends one point to `series`; takes a chunk's reservation when the
@@ -242,6 +261,12 @@ impl SpillHandler for Timeseries {
 
     fn spill(&self, _target_bytes: u64) -> u64 {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.flush_locked(&mut st, true).unwrap_or(0)
+        let started = Instant::now();
+        let freed = self.flush_locked(&mut st, true).unwrap_or(0);
+        self.spill_flushes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((started, started.elapsed()));
+        freed
     }
 }

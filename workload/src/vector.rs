@@ -22,6 +22,11 @@ pub const DIM: usize = 64;
 /// for the build's scratch.
 pub const CHARGE_PER_VECTOR: u64 = 1024;
 
+/// How long a refused segment waits for room before it evicts: long enough
+/// for an agent to hear the refusal (the library reports every 50 ms) and
+/// give back what the engine lent, short beside a segment's build.
+pub const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Vector(pub [f32; DIM]);
 
@@ -105,15 +110,27 @@ impl VectorEngine {
     }
 
     /// Builds a segment of vectors `first..first + n`. Its charge is taken
-    /// first; while it is refused, older segments go to disk. Fails when
-    /// nothing is left to evict and the charge is still refused.
+    /// first; refused, it waits [`REFUSAL_WAIT`] for room once (a budget
+    /// it lent may be on its way back: the refusal is what asks for it),
+    /// and while it is still refused, older segments go to disk. Fails
+    /// when nothing is left to evict and the charge is still refused.
     pub fn add_segment(&self, first: u32, n: u32) -> anyhow::Result<()> {
         let bytes = u64::from(n) * (CHARGE_PER_VECTOR + self.payload_bytes as u64);
+        let mut waited = false;
         let charge = loop {
             match self.governor.try_reserve(EngineId::Vector, bytes) {
                 Ok(r) => break r,
                 Err(e) => {
                     lock(&self.stats).refusals += 1;
+                    if !waited {
+                        waited = true;
+                        if let Ok(r) =
+                            self.governor
+                                .reserve_timeout(EngineId::Vector, bytes, REFUSAL_WAIT)
+                        {
+                            break r;
+                        }
+                    }
                     let mut segs = lock(&self.segments);
                     if self.evict_oldest(&mut segs)? == 0 {
                         anyhow::bail!("a {bytes}-byte segment does not fit the budget: {e}");

@@ -78,9 +78,19 @@ fn a_spill_request_flushes_the_timeseries_buffers() {
     }
     let held = g.usage(EngineId::Timeseries).unwrap().used_bytes;
     assert!(held >= 12 * CHUNK_POINTS as u64 * 16, "{held}");
+    let ingest_end = std::time::Instant::now();
     let freed = spill.spill_engines(&[EngineId::Timeseries], held / 2);
+    let after = std::time::Instant::now();
     assert!(freed >= held / 2, "freed {freed} of {held}");
     assert_eq!(ts.stats().spill_flushes, 1);
+    // The flush's time is kept for the ingest's rate, when it came after
+    // the ingest; a final flush is not a spill's.
+    let spilled = ts.spill_flush_time_since(ingest_end);
+    assert!(spilled > std::time::Duration::ZERO);
+    assert!(spilled <= after - ingest_end);
+    assert_eq!(ts.spill_flush_time_since(after), std::time::Duration::ZERO);
+    ts.flush().unwrap();
+    assert_eq!(ts.spill_flush_time_since(ingest_end), spilled);
     assert_eq!(ts.verify().unwrap().0, (CHUNK_POINTS * 12) as u64);
     // A file cut inside its last segment is refused, naming where.
     let path = dir.join("points.gorilla");

@@ -44,7 +44,6 @@
 //!   it is spilled by whoever enforces the budget, and a take-back that
 //!   brings the borrower to `critical` of its new budget (from below it)
 //!   is counted as one that forced a spill ([`LoanBook::forced_spills`]).
-//!
 //! * **Loans follow need**: a busy engine that no idle engine can lend to
 //!   takes over loans held by a quiet borrower (one that has not grown for
 //!   [`LendingRules::idle_after`]) whose budget in force is a larger share
@@ -216,8 +215,23 @@ struct Account<K> {
     /// It is asked to spill down to its floor when idle and memory is
     /// short (its spill is cheap: a buffer it must write anyway).
     idle_spill: bool,
-    /// When it was last asked to (None: not since it last grew).
+    /// When it was last asked to (None: never, or not since it was
+    /// marked).
     idle_spilled: Option<Instant>,
+}
+
+impl<K> Account<K> {
+    /// It has not grown for `after` (nor taken a loan back within it);
+    /// never before its first round.
+    fn quiet(&self, now: Instant, after: Duration) -> bool {
+        self.activity
+            .is_some_and(|(_, since)| now.duration_since(since) >= after)
+    }
+
+    /// It holds at least `fraction` of its budget in force.
+    fn holds(&self, fraction: f64) -> bool {
+        self.last.resident_bytes as f64 >= self.in_force_bytes as f64 * fraction
+    }
 }
 
 /// Why loans are taken back.
@@ -334,18 +348,12 @@ impl<K: Clone + PartialEq> LoanBook<K> {
         K: Borrow<Q>,
         Q: PartialEq + ?Sized,
     {
-        match self
-            .accounts
-            .iter_mut()
-            .find(|a| a.engine.borrow() == engine)
-        {
-            Some(a) => {
+        self.account_mut(engine)
+            .map(|a| {
                 a.idle_spill = on;
                 a.idle_spilled = None;
-                true
-            }
-            None => false,
-        }
+            })
+            .is_some()
     }
 
     /// The engines marked to spill when idle that must spill now, each with
@@ -373,9 +381,11 @@ impl<K: Clone + PartialEq> LoanBook<K> {
             if excess == 0 || excess < rules.growth_bytes {
                 continue;
             }
-            let asked_lately = a.idle_spilled.is_some_and(|at| {
-                at >= since && now.saturating_duration_since(at) < rules.idle_spill_after
-            });
+            // Asked before it last grew is as good as never asked: it has
+            // been idle for `idle_spill_after` since, so longer since then.
+            let asked_lately = a
+                .idle_spilled
+                .is_some_and(|at| now.saturating_duration_since(at) < rules.idle_spill_after);
             if asked_lately {
                 continue;
             }
@@ -415,8 +425,14 @@ impl<K: Clone + PartialEq> LoanBook<K> {
         self.accounts.iter().find(|a| a.engine.borrow() == engine)
     }
 
-    fn account_mut(&mut self, engine: &K) -> Option<&mut Account<K>> {
-        self.accounts.iter_mut().find(|a| &a.engine == engine)
+    fn account_mut<Q>(&mut self, engine: &Q) -> Option<&mut Account<K>>
+    where
+        K: Borrow<Q>,
+        Q: PartialEq + ?Sized,
+    {
+        self.accounts
+            .iter_mut()
+            .find(|a| a.engine.borrow() == engine)
     }
 
     /// The lender needs its budget now (it was refused a reservation): all
@@ -514,9 +530,7 @@ impl<K: Clone + PartialEq> LoanBook<K> {
             Need::All => u64::MAX,
             _ => self.needed(a, thresholds).saturating_sub(a.in_force_bytes),
         };
-        let critical = |b: &Account<K>| {
-            b.last.resident_bytes as f64 >= b.in_force_bytes as f64 * thresholds.critical
-        };
+        let critical = |b: &Account<K>| b.holds(thresholds.critical);
         let mut events = Vec::new();
         let mut i = self.loans.len();
         while i > 0 && short > 0 {
@@ -615,13 +629,9 @@ impl<K: Clone + PartialEq> LoanBook<K> {
         let mut unserved = Vec::new();
         for b in 0..self.accounts.len() {
             let borrower = &self.accounts[b];
-            let r = borrower.last.resident_bytes as f64;
-            let budget = borrower.in_force_bytes as f64;
-            let growing = borrower
-                .activity
-                .is_some_and(|(_, since)| now.duration_since(since) < rules.idle_after);
-            let busy =
-                r >= budget * thresholds.critical || (growing && r >= budget * thresholds.warning);
+            let growing = !borrower.quiet(now, rules.idle_after);
+            let busy = borrower.holds(thresholds.critical)
+                || (growing && borrower.holds(thresholds.warning));
             // A lender never borrows: it takes its own loans back.
             if !busy || self.loans.iter().any(|x| x.lender == borrower.engine) {
                 continue;
@@ -632,11 +642,7 @@ impl<K: Clone + PartialEq> LoanBook<K> {
                 .enumerate()
                 .filter(|(l, a)| *l != b && !self.loans.iter().any(|x| x.borrower == a.engine))
                 .filter_map(|(l, a)| {
-                    let r = a.last.resident_bytes;
-                    let quiet = a
-                        .activity
-                        .is_some_and(|(_, since)| now.duration_since(since) >= rules.idle_after);
-                    if !quiet || r as f64 >= a.in_force_bytes as f64 * thresholds.warning {
+                    if !a.quiet(now, rules.idle_after) || a.holds(thresholds.warning) {
                         return None; // not idle
                     }
                     // It keeps what it would take back at once: its floor,
@@ -694,8 +700,8 @@ impl<K: Clone + PartialEq> LoanBook<K> {
     /// A busy engine no idle engine could lend to takes over loans held by
     /// a quiet borrower (one that has not grown for `idle_after`) whose
     /// budget in force is a larger share of its configured budget than the
-    /// busy engine's, whatever the loans' age (a busy engine at `critical`
-    /// is a real need, as a lender's is): what it needs, at most up to
+    /// busy engine's, whatever the loans' age (a busy engine's need is
+    /// real, as a lender's at `critical` is): what it needs, at most up to
     /// equal shares. Loans follow need: budget lent to an engine
     /// that has stopped growing goes to the one that is growing. The quiet
     /// borrower's budget drops by as much, and if that leaves it at
@@ -722,10 +728,8 @@ impl<K: Clone + PartialEq> LoanBook<K> {
                 })
                 .filter_map(|i| {
                     let x = self.account(&self.loans[i].borrower)?;
-                    let quiet = x
-                        .activity
-                        .is_some_and(|(_, since)| now.duration_since(since) >= rules.idle_after);
-                    (quiet && share(x) > share(busy)).then_some((i, share(x)))
+                    (x.quiet(now, rules.idle_after) && share(x) > share(busy))
+                        .then_some((i, share(x)))
                 })
                 .max_by(|p, q| p.1.total_cmp(&q.1));
             let Some((i, _)) = pick else {
@@ -750,13 +754,10 @@ impl<K: Clone + PartialEq> LoanBook<K> {
             } else {
                 self.loans[i].bytes -= bytes;
             }
-            let critical = |a: &Account<K>| {
-                a.last.resident_bytes as f64 >= a.in_force_bytes as f64 * thresholds.critical
-            };
             if let Some(x) = self.account_mut(&from) {
-                let was = critical(x);
+                let was = x.holds(thresholds.critical);
                 x.in_force_bytes -= bytes;
-                if !was && critical(x) {
+                if !was && x.holds(thresholds.critical) {
                     x.forced_spills += 1;
                 }
             }

@@ -370,8 +370,9 @@ impl Policy {
             let (charge, limit) = self.ceiling_charge(t);
             charge as f64 >= limit as f64 * self.rules.thresholds.warning
         };
+        let ceiling_use = self.ceiling_use(t);
         let short = {
-            let (current, limit) = self.ceiling_use(t);
+            let (current, limit) = ceiling_use;
             current as f64 >= limit as f64 * self.rules.thresholds.warning
         };
         if let Some(reading) = t.reading {
@@ -398,7 +399,7 @@ impl Policy {
                 }));
             }
         }
-        actions.extend(self.enforce_ceiling(t));
+        actions.extend(self.enforce_ceiling(ceiling_use));
         for (session, l) in &mut self.libraries {
             let mut out = Vec::new();
             l.set_backpressure(self.emergency, &self.rules, &mut out);
@@ -428,10 +429,11 @@ impl Policy {
 
     /// The database's Emergency, with hysteresis: on at the emergency
     /// threshold of the ceiling, off below the warning threshold. Lowers
-    /// the high mark to the restore point while on (when enforcing).
-    fn enforce_ceiling(&mut self, t: &Tick<'_>) -> Option<Action> {
+    /// the high mark to the restore point while on (when enforcing). Takes
+    /// the database's use of its ceiling and the ceiling
+    /// ([`Policy::ceiling_use`]).
+    fn enforce_ceiling(&mut self, (current, limit): (u64, u64)) -> Option<Action> {
         let th = self.rules.thresholds;
-        let (current, limit) = self.ceiling_use(t);
         let f = current as f64 / limit.max(1) as f64;
         let was = self.emergency;
         if f >= th.emergency {

@@ -106,6 +106,16 @@ fn reading(resident: &[(&str, u64)]) -> Reading {
     }
 }
 
+/// The database cgroup of a 1 GiB ceiling with `used` MiB charged, all of
+/// it in the working set.
+fn cgroup(used: u64) -> Option<CeilingUse> {
+    Some(CeilingUse {
+        working_set_bytes: used * MIB,
+        charge_bytes: used * MIB,
+        limit_bytes: 1024 * MIB,
+    })
+}
+
 impl World {
     fn new(engines: &[&str], enforce: bool) -> (Self, Vec<Msg>) {
         Self::with_rules(rules(enforce), engines)
@@ -547,28 +557,21 @@ fn the_databases_emergency_holds_non_essential_engines_with_hysteresis() {
     use Msg::*;
     let (mut w, _) = World::new(&["vector", "query"], true);
     w.report("query", 10 * MIB, 0);
-    let ceiling = |used: u64| {
-        Some(CeilingUse {
-            working_set_bytes: used * MIB,
-            charge_bytes: used * MIB,
-            limit_bytes: 1024 * MIB,
-        })
-    };
     // 96% of the ceiling: not yet.
-    assert_eq!(w.tick_with(&[], ceiling(983), None), []);
+    assert_eq!(w.tick_with(&[], cgroup(983), None), []);
     // 97%: the high mark drops to the restore point; query (holding
     // 10 MiB, floor 64 MiB) is held to its floor; vector is essential.
     assert_eq!(
-        w.after(20).tick_with(&[], ceiling(994), None),
+        w.after(20).tick_with(&[], cgroup(994), None),
         [High(Some(768 * MIB)), Limits("query", 64 * MIB, 64 * MIB)]
     );
     assert!(w.policy.emergency());
     assert!(w.status().engines["query"].backpressure);
     // Between warning and emergency: still on, nothing new.
-    assert_eq!(w.after(20).tick_with(&[], ceiling(800), None), []);
+    assert_eq!(w.after(20).tick_with(&[], cgroup(800), None), []);
     // Below warning: over; the high mark and query's cap come back.
     assert_eq!(
-        w.after(20).tick_with(&[], ceiling(700), None),
+        w.after(20).tick_with(&[], cgroup(700), None),
         [High(None), Limits("query", 64 * MIB, 256 * MIB)]
     );
     assert!(!w.status().engines["query"].backpressure);
@@ -602,13 +605,6 @@ fn the_emergency_counts_resident_memory_the_cgroup_was_not_charged_for() {
     use Msg::*;
     let (mut w, _) = World::new(&["vector", "query"], true);
     w.report("query", 100 * MIB, 0);
-    let cgroup = |used: u64| {
-        Some(CeilingUse {
-            working_set_bytes: used * MIB,
-            charge_bytes: used * MIB,
-            limit_bytes: 1024 * MIB,
-        })
-    };
     // Engines inside their budgets; the rest of the process (its
     // binary's text, its runtime) unattributed.
     let process = |unattributed: u64| {
@@ -650,13 +646,6 @@ fn an_idle_engine_marked_to_spill_is_asked_to_when_the_database_is_short() {
     )
     .unwrap();
     let (mut w, _) = World::with_rules(Rules::from_config(&config), &["vector", "query"]);
-    let cgroup = |used: u64| {
-        Some(CeilingUse {
-            working_set_bytes: used * MIB,
-            charge_bytes: used * MIB,
-            limit_bytes: 1024 * MIB,
-        })
-    };
     let spills = |got: Vec<Msg>| -> Vec<Msg> {
         got.into_iter()
             .filter(|m| matches!(m, Msg::Spill(..)))

@@ -199,3 +199,8 @@ fn root() -> std::path::PathBuf {
         .expect("xtask has a parent directory")
         .to_owned()
 }
+
+/// True under CI (`CI=true` or `CI=1`, as CI services and `ci-local` set).
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}

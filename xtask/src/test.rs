@@ -10,7 +10,59 @@ use crate::{
 /// Read by the test harness (`testkit::harness::agent_binary`).
 const AGENT_BIN_ENV: &str = "NODEDB_GOVERNOR_AGENT_BIN";
 
+/// What a build of every target from nothing writes under `target/` (a
+/// fresh clone's came to 8.2-8.6 GiB with incremental compilation on: the
+/// debug tests and binaries, the loom and fuzz builds, the VM images), with
+/// room to spare.
+const FRESH_TARGET_BYTES: u64 = 10 << 30;
+/// What a rebuild over an existing `target/` needs at most: the test
+/// binaries it relinks (DataFusion's are ~250 MB each) beside the old ones.
+const WARM_TARGET_BYTES: u64 = 4 << 30;
+
+/// Fails before any build when the disk cannot hold it. A linker that runs
+/// out of room mid-write dies of SIGBUS ("ld terminated with signal 7")
+/// half an hour in, which names nothing; this names the disk.
+fn check_disk() -> anyhow::Result<()> {
+    let root = crate::root();
+    let target = root.join("target");
+    let warm = target.join("debug").is_dir();
+    let need = if warm {
+        WARM_TARGET_BYTES
+    } else {
+        FRESH_TARGET_BYTES
+    };
+    let Some(free) = cmd::free_bytes(&root) else {
+        eprintln!(
+            "    cannot read the free space of {}: not checked",
+            root.display()
+        );
+        return Ok(());
+    };
+    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+    if free < need {
+        anyhow::bail!(
+            "{:.1} GiB free on the filesystem of {}; {} needs about {:.0} GiB: free some space (old clones, `cargo clean`) and run again",
+            gib(free),
+            root.display(),
+            if warm {
+                "a rebuild over the existing target/"
+            } else {
+                "a build of every target from nothing"
+            },
+            gib(need)
+        );
+    }
+    eprintln!(
+        "    {:.1} GiB free for target/ (needs about {:.0} GiB)",
+        gib(free),
+        gib(need)
+    );
+    Ok(())
+}
+
 pub fn test() -> anyhow::Result<()> {
+    step("disk space for the build");
+    check_disk()?;
     step("cargo fmt --check");
     cmd::run(cargo::command().args(["fmt", "--all", "--check"]))?;
     crate::deps::deps()?;
@@ -109,8 +161,7 @@ pub fn test() -> anyhow::Result<()> {
     )?;
     step("doc tests");
     cmd::run(cargo::command().args(["test", "--doc"]))?;
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-    if cmd::is_root() || ci {
+    if cmd::is_root() || crate::ci() {
         step("the validation on this host (cgroup v1 fallback where the host has it)");
         crate::validate::validate(&crate::validate::Options {
             scenario: crate::validate::Scenario::Mixed,

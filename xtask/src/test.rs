@@ -24,8 +24,9 @@ const WARM_TARGET_BYTES: u64 = 4 << 30;
 /// half an hour in, which names nothing; this names the disk.
 fn check_disk() -> anyhow::Result<()> {
     let root = crate::root();
-    let target = root.join("target");
-    let warm = target.join("debug").is_dir();
+    // `cargo xtask` itself lives in target/debug, so that directory says
+    // nothing; the agent binary is built only by the build below.
+    let warm = root.join("target/debug/nodedb-governor").is_file();
     let need = if warm {
         WARM_TARGET_BYTES
     } else {

@@ -222,6 +222,18 @@ impl Subtree {
         })
     }
 
+    /// The threads in an engine's cgroup (its threaded child, or its own
+    /// process's domain cgroup).
+    pub fn engine_threads(&self, engine: &str) -> Result<Vec<u32>, AgentError> {
+        let Some(cg) = self.engines.get(engine).or_else(|| self.own.get(engine)) else {
+            return Ok(Vec::new());
+        };
+        let path = cg.dir.join("cgroup.threads");
+        let text = fs::read_to_string(&path)
+            .map_err(|e| AgentError::io(format!("reading {}", path.display()), e))?;
+        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    }
+
     /// Processes with threads anywhere in the subtree.
     pub fn pids(&self) -> Result<Vec<u32>, AgentError> {
         let text = fs::read_to_string(self.dir.join("cgroup.procs")).map_err(|e| {

@@ -1,7 +1,11 @@
 //! The agent's TOML configuration. A bad file is refused whole, with the
 //! field named; nothing of it is applied.
 
-use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    time::Duration,
+};
 
 use serde::Deserialize;
 
@@ -142,6 +146,14 @@ pub struct EngineConfig {
     /// engines.
     #[serde(default)]
     pub idle_spill: bool,
+    /// The CPUs the engine's threads run on (a kernel list, `"0-3,8"`;
+    /// default: wherever the database runs them). The agent sets each
+    /// thread's affinity as it places it in the engine, and again on a
+    /// reload that changes the list: keep a latency-critical engine off
+    /// the CPUs that take the disks' interrupts and run the flushes. Every
+    /// CPU named must be online.
+    #[serde(default)]
+    pub cpus: Option<crate::cpus::CpuList>,
 }
 
 fn yes() -> bool {
@@ -568,6 +580,26 @@ impl Config {
                     ),
                 ));
             }
+            if let Some(cpus) = &e.cpus {
+                // Checked where the CPUs can be read (a configuration is
+                // also checked on machines other than its own: `check`).
+                if let Ok(online) = crate::cpus::CpuList::online() {
+                    let missing = cpus.missing_from(&online);
+                    if !missing.is_empty() {
+                        return Err(err(
+                            format!("engine[{i}].cpus"),
+                            format!(
+                                "CPU {} is not online (online: {online})",
+                                missing
+                                    .iter()
+                                    .map(u32::to_string)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        ));
+                    }
+                }
+            }
             if let Some(share) = &e.page_cache_share {
                 let share = share
                     .resolve(Some(ceiling))
@@ -728,6 +760,14 @@ impl Config {
                     .map_or(0, |h| h.resolve(Some(ceiling)).unwrap_or(0)),
                 idle_spill: e.idle_spill,
             })
+            .collect()
+    }
+
+    /// The engines kept to CPUs, and their CPUs.
+    pub fn engine_cpus(&self) -> BTreeMap<String, crate::cpus::CpuList> {
+        self.engines
+            .iter()
+            .filter_map(|e| Some((e.name.clone(), e.cpus.clone()?)))
             .collect()
     }
 
@@ -914,6 +954,18 @@ mod tests {
                      [[engine]]\nname = \"b\"\nbudget = \"60%\"\nhot_set = \"60%\"\n"
                 ),
                 "engine.hot_set",
+            ),
+            (
+                format!("{HEAD}[[engine]]\nname = \"a\"\nbudget = 1\ncpus = \"1-0\"\n"),
+                "runs backwards",
+            ),
+            (
+                format!("{HEAD}[[engine]]\nname = \"a\"\nbudget = 1\ncpus = \"\"\n"),
+                "names no CPU",
+            ),
+            (
+                format!("{HEAD}[[engine]]\nname = \"a\"\nbudget = 1\ncpus = \"0,1000\"\n"),
+                "engine[0].cpus",
             ),
             (
                 format!("{HEAD}[thresholds]\nwarning = 0.95\ncritical = 0.9\n{ENGINE}"),

@@ -20,6 +20,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod cpus;
 pub mod error;
 pub mod http;
 pub mod metrics;

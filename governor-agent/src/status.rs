@@ -63,6 +63,23 @@ pub struct StatusReport {
     /// The agent thread's scheduling (`realtime_priority`).
     #[serde(default)]
     pub scheduling: crate::sched::SchedulingStatus,
+    /// Per engine kept to CPUs (`[[engine]] cpus`): its threads' affinity.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub placement: BTreeMap<String, PlacementStatus>,
+}
+
+/// An engine's CPUs, and how setting its threads' affinity went.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementStatus {
+    /// The CPUs its threads are kept to (a kernel list; empty after a
+    /// reload took the list away: its threads were let run anywhere).
+    pub cpus: String,
+    /// Threads whose affinity was set, since the agent started.
+    pub threads_pinned: u64,
+    /// Threads whose affinity could not be set.
+    pub errors: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// How much work the agent's ticks are.
@@ -144,6 +161,7 @@ impl StatusReport {
             marks: MarkStatus::default(),
             ticks: TickStatus::default(),
             scheduling: Default::default(),
+            placement: BTreeMap::new(),
         }
     }
 
@@ -223,6 +241,17 @@ impl StatusReport {
                 (_, Some(note)) => out.push_str(&format!("hot sets: {note}\n")),
                 _ => {}
             }
+        }
+        for (engine, p) in &self.placement {
+            out.push_str(&format!(
+                "engine {engine} on CPUs {}: {} threads placed, {} refused{}\n",
+                if p.cpus.is_empty() { "(any)" } else { &p.cpus },
+                p.threads_pinned,
+                p.errors,
+                p.last_error
+                    .as_ref()
+                    .map_or(String::new(), |e| format!(" (last: {e})"))
+            ));
         }
         if let Some(e) = &self.scheduling.error {
             out.push_str(&format!(

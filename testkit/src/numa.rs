@@ -4,32 +4,16 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 const NODES: &str = "/sys/devices/system/node";
 
-/// A kernel list such as `0-1,4,6-7`.
+/// A kernel list such as `0-1,4,6-7` (the agent's parser: the lists the
+/// agent is configured with are read the same way).
 pub fn parse_list(s: &str) -> anyhow::Result<Vec<u32>> {
-    let mut out = Vec::new();
-    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b): (u32, u32) = (
-                    a.parse().with_context(|| format!("list item {part:?}"))?,
-                    b.parse().with_context(|| format!("list item {part:?}"))?,
-                );
-                if b < a {
-                    bail!("list item {part:?} runs backwards");
-                }
-                out.extend(a..=b);
-            }
-            None => out.push(
-                part.parse()
-                    .with_context(|| format!("list item {part:?}"))?,
-            ),
-        }
-    }
-    Ok(out)
+    Ok(nodedb_governor_agent::cpus::CpuList::parse_kernel(s)?
+        .cpus()
+        .collect())
 }
 
 /// The online nodes (a kernel without NUMA shows none: one node, 0).
@@ -72,21 +56,15 @@ pub fn node_memory_bytes(node: u32) -> anyhow::Result<u64> {
 
 /// Pins the calling thread to `cpus`.
 pub fn pin_current_thread(cpus: &[u32]) -> anyhow::Result<()> {
-    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET stays within it
-    // for CPUs below CPU_SETSIZE, which is checked.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for &c in cpus {
-            if c as usize >= libc::CPU_SETSIZE as usize {
-                bail!("CPU {c} is beyond CPU_SETSIZE");
-            }
-            libc::CPU_SET(c as usize, &mut set);
-        }
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
-        }
-    }
-    Ok(())
+    let list: nodedb_governor_agent::cpus::CpuList = cpus
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+        .parse()?;
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() } as u32;
+    list.apply(tid).context("sched_setaffinity")
 }
 
 /// Pages per node of the mapping that starts at `addr`, from

@@ -211,6 +211,11 @@ pub fn segments(series: usize, points: usize) -> Vec<Vec<u8>> {
 /// `written`. At most `rate` bytes a second (0: unlimited): a database
 /// paces its background flushes so that they do not take the CPUs and
 /// the disk from its queries.
+///
+/// The flush runs in `windows` equal windows; `gate(k)` is called before
+/// window `k` and returns when it may start (the scenario interleaves
+/// quiet windows with them). The throughput counts the windows' time only.
+#[allow(clippy::too_many_arguments)]
 pub fn flush(
     dir: &Path,
     segs: &[Vec<u8>],
@@ -219,51 +224,72 @@ pub fn flush(
     rate: u64,
     how: FlushWrites,
     written: &AtomicU64,
+    windows: u32,
+    gate: &dyn Fn(u32),
 ) -> anyhow::Result<FlushOutcome> {
-    let t0 = Instant::now();
-    // The bytes written are due at `rate`: after each MiB, sleep until the
-    // time they were due at.
-    let mut next_pause = 1u64 << 20;
+    let windows = u64::from(windows.max(1));
+    let mut active = Duration::ZERO;
     let mut done = 0u64;
     let mut files = 0u32;
     let mut path_taken: Option<WritePath> = None;
     let mut left_cached = 0u64;
-    while done < total {
-        let name = dir.join(format!("segments-{files:04}.gorilla"));
-        files += 1;
-        let mut out: Box<dyn SegmentSink> = match how {
-            FlushWrites::Buffered => Box::new(BufWriter::with_capacity(
-                1 << 20,
-                File::create(&name).with_context(|| format!("creating {}", name.display()))?,
-            )),
-            FlushWrites::Uncached => Box::new(
-                UncachedWriter::create(&name)
-                    .with_context(|| format!("creating {}", name.display()))?,
-            ),
-        };
-        let mut in_file = 0u64;
-        let mut i = 0usize;
-        while in_file < file_bytes && done < total {
+    let mut out: Option<Box<dyn SegmentSink>> = None;
+    let mut in_file = 0u64;
+    let mut i = 0usize;
+    for k in 0..windows {
+        gate(k as u32);
+        let t0 = Instant::now();
+        let from = done;
+        let until = total * (k + 1) / windows;
+        // The bytes written are due at `rate`: after each MiB, sleep until
+        // the time they were due at.
+        let mut next_pause = from + (1 << 20);
+        while done < until {
+            let sink = match &mut out {
+                Some(sink) => sink,
+                None => {
+                    let name = dir.join(format!("segments-{files:04}.gorilla"));
+                    files += 1;
+                    in_file = 0;
+                    i = 0;
+                    out.insert(match how {
+                        FlushWrites::Buffered => Box::new(BufWriter::with_capacity(
+                            1 << 20,
+                            File::create(&name)
+                                .with_context(|| format!("creating {}", name.display()))?,
+                        )),
+                        FlushWrites::Uncached => Box::new(
+                            UncachedWriter::create(&name)
+                                .with_context(|| format!("creating {}", name.display()))?,
+                        ),
+                    })
+                }
+            };
             let seg = &segs[i % segs.len()];
-            out.write_all(&(i as u32).to_le_bytes())?;
-            out.write_all(&(seg.len() as u32).to_le_bytes())?;
-            out.write_all(seg)?;
+            sink.write_all(&(i as u32).to_le_bytes())?;
+            sink.write_all(&(seg.len() as u32).to_le_bytes())?;
+            sink.write_all(seg)?;
             let n = 8 + seg.len() as u64;
             in_file += n;
             done += n;
             i += 1;
             written.store(done, Ordering::Relaxed);
+            if in_file >= file_bytes || done >= total {
+                let sink = out.take().expect("a file is open");
+                if let Some(p) = sink.finish()? {
+                    path_taken = Some(p);
+                }
+                let name = dir.join(format!("segments-{:04}.gorilla", files - 1));
+                left_cached += page_cache::resident_bytes(&File::open(&name)?)?.0;
+            }
             if rate > 0 && done >= next_pause {
                 next_pause += 1 << 20;
-                sleep_until(t0 + Duration::from_secs_f64(done as f64 / rate as f64));
+                sleep_until(t0 + Duration::from_secs_f64((done - from) as f64 / rate as f64));
             }
         }
-        if let Some(p) = out.finish()? {
-            path_taken = Some(p);
-        }
-        left_cached += page_cache::resident_bytes(&File::open(&name)?)?.0;
+        active += t0.elapsed();
     }
-    let seconds = t0.elapsed().as_secs_f64();
+    let seconds = active.as_secs_f64();
     Ok(FlushOutcome {
         bytes: done,
         seconds,

@@ -6,10 +6,13 @@
 //!
 //! - [`query`]: the SQL engine, a DataFusion `GROUP BY` through the
 //!   library's memory pool, spilling to disk when refused;
-//! - [`cache`]: the cache scenario's mapped index and flush.
+//! - [`cache`]: the cache scenario's mapped index and flush;
+//! - [`irq`]: where a disk's interrupts land (the cache scenario places its
+//!   engines by it).
 
 pub mod cache;
 pub mod gorilla;
+pub mod irq;
 pub mod query;
 pub mod timeseries;
 pub mod vector;

@@ -117,6 +117,8 @@ pub struct Agent {
     /// scheduling (`realtime_priority`).
     sched_thread: Option<libc::pid_t>,
     scheduling: crate::sched::SchedulingStatus,
+    /// Per engine kept to CPUs: what its threads' affinity came to.
+    placement: BTreeMap<String, crate::status::PlacementStatus>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     config_tx: watch::Sender<Arc<Config>>,
 }

@@ -98,6 +98,10 @@ impl Agent {
         if let Some(cg) = self.subtree.as_ref().and_then(|s| s.own.get(engine)) {
             self.attribution.bind_cgroup(pid, engine, cg.id)?;
         }
+        // The whole process is the engine's: every thread it has now (the
+        // ones it starts inherit their creator's CPUs).
+        let threads = procfs::threads(pid).unwrap_or_default();
+        self.pin(engine, &threads);
         tracing::info!(pid, engine, "process of an own-process engine registered");
         self.own.insert(pid, engine.to_owned());
         Ok(())
@@ -140,8 +144,81 @@ impl Agent {
                 self.attribution.assign_tid(pid, tid, engine)?;
             }
         }
+        self.pin(engine, &[tid]);
         tracing::info!(pid, tid, engine, "thread assigned");
         Ok(())
+    }
+
+    /// Keeps `threads` of `engine` to the engine's CPUs, if it has any
+    /// (`[[engine]] cpus`). A refusal (the thread exited, a CPU went
+    /// offline) is counted and shown in the status, not fatal: the thread
+    /// is governed all the same.
+    pub(super) fn pin(&mut self, engine: &str, threads: &[u32]) {
+        // Engines without a list are left where the database runs them.
+        if let Some(cpus) = self.config.engine_cpus().remove(engine) {
+            self.set_affinity(engine, Some(&cpus), threads);
+        }
+    }
+
+    /// Sets `threads`' affinity to `cpus`, or to every online CPU when
+    /// None (an engine whose list a reload removed).
+    fn set_affinity(&mut self, engine: &str, cpus: Option<&crate::cpus::CpuList>, threads: &[u32]) {
+        let online;
+        let (cpus, shown) = match cpus {
+            Some(c) => (c, c.to_string()),
+            None => match crate::cpus::CpuList::online() {
+                Ok(o) => {
+                    online = o;
+                    (&online, String::new())
+                }
+                Err(e) => {
+                    tracing::warn!(engine, error = %e, "reading the online CPUs");
+                    return;
+                }
+            },
+        };
+        let status = self.placement.entry(engine.to_owned()).or_default();
+        status.cpus = shown;
+        for &tid in threads {
+            match cpus.apply(tid) {
+                Ok(()) => status.threads_pinned += 1,
+                Err(e) => {
+                    status.errors += 1;
+                    let e = format!("thread {tid}: {e}");
+                    tracing::warn!(engine, error = %e, "could not keep the thread to its engine's CPUs");
+                    status.last_error = Some(e);
+                }
+            }
+        }
+        if status.cpus.is_empty() && status.errors == 0 {
+            self.placement.remove(engine);
+        }
+    }
+
+    /// After a reload: engines whose CPUs changed have every thread they
+    /// hold moved to the new CPUs (to any online CPU when the list went).
+    pub(super) fn repin(&mut self, old: &std::collections::BTreeMap<String, crate::cpus::CpuList>) {
+        let new = self.config.engine_cpus();
+        let engines: std::collections::BTreeSet<String> =
+            old.keys().chain(new.keys()).cloned().collect();
+        for engine in engines {
+            if old.get(&engine) == new.get(&engine) {
+                continue;
+            }
+            let mut threads = match &self.subtree {
+                Some(s) => s.engine_threads(&engine).unwrap_or_else(|e| {
+                    tracing::warn!(engine, error = %e, "reading the engine's threads");
+                    Vec::new()
+                }),
+                None => Vec::new(),
+            };
+            for (pid, _) in self.own.iter().filter(|(_, e)| **e == engine) {
+                threads.extend(procfs::threads(*pid).unwrap_or_default());
+            }
+            threads.sort_unstable();
+            threads.dedup();
+            self.set_affinity(&engine, new.get(&engine), &threads);
+        }
     }
 
     /// A library's thread started working for `engine`. `moved`: the
@@ -160,6 +237,7 @@ impl Agent {
         if !procfs::threads(pid)?.contains(&tid) {
             return Err(AgentError::NoSuchThread { pid, tid });
         }
+        self.pin(engine, &[tid]);
         tracing::info!(pid, tid, %engine, "thread moved by the library (delegated subtree)");
         Ok(())
     }

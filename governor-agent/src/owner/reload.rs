@@ -12,7 +12,8 @@ impl Agent {
     /// engines) must be unchanged. Budgets, floors, thresholds, the
     /// ceiling, the tick, the allowed uids and the agent's
     /// `realtime_priority` change in place; libraries get their new
-    /// budgets (loans end).
+    /// budgets (loans end); engines whose `cpus` changed have their threads
+    /// moved to the new CPUs.
     pub(super) fn reload(&mut self, new: Config) -> Result<(), ReloadError> {
         let old = &self.config;
         let fixed: [(&'static str, bool); 10] = [
@@ -56,9 +57,11 @@ impl Agent {
         // A failed raise is tried again (its cause may have been fixed).
         let rescheduled = new.realtime_priority != self.config.realtime_priority
             || self.scheduling.error.is_some();
+        let old_cpus = self.config.engine_cpus();
         self.config = new;
         self.config_tx.send_replace(Arc::new(self.config.clone()));
         self.apply(actions);
+        self.repin(&old_cpus);
         if rescheduled {
             self.apply_scheduling();
         }

@@ -113,6 +113,7 @@ impl Agent {
             calm_ticks: self.health.calm_ticks,
         };
         report.scheduling = self.scheduling.clone();
+        report.placement = self.placement.clone();
         report.marks = crate::status::MarkStatus {
             enabled: self.policy.rules().mark_events,
             armed: self.attribution.armed_marks() as u64,

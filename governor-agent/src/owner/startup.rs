@@ -98,6 +98,7 @@ impl Agent {
             marks_polled: false,
             sched_thread: None,
             scheduling: crate::sched::current(crate::sched::this_thread()),
+            placement: BTreeMap::new(),
             snapshot,
             config_tx,
         };

@@ -1,7 +1,9 @@
 //! A governed process that holds memory: it connects over the control
 //! channel, registers a thread of `--engine` (default vector) that touches
 //! `--mib` MiB and keeps it, then prints its link state as a JSON line every 100 ms (until
-//! killed), so a test can watch it ride out an agent restart.
+//! killed), so a test can watch it ride out an agent restart. With
+//! `--stay` the engine thread stays alive (parked) and the lines carry its
+//! tid, so a test can read what the agent did to it.
 
 use std::time::Duration;
 
@@ -20,6 +22,9 @@ struct Args {
     /// The one engine this process runs.
     #[arg(long, default_value = "vector")]
     engine: String,
+    /// The engine thread stays alive after touching its memory.
+    #[arg(long)]
+    stay: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,17 +37,45 @@ fn main() -> anyhow::Result<()> {
     };
     let (_governor, link) = args.agent.connect(&[(args.engine.as_str(), id)], None)?;
     let held = Untracked::default();
-    on_engine_thread(&link, id, || Ok(held.touch(args.mib * MIB, 2 * MIB)?))?;
-    loop {
-        let st = link.stats();
-        println!(
-            "{}",
-            serde_json::json!({
-                "connected": st.connected,
-                "connects": st.connects,
-                "held_bytes": held.held_bytes(),
-            })
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let engine_tid = if args.stay {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (link, held) = (&link, &held);
+            s.spawn(move || {
+                let placed = (|| -> anyhow::Result<u32> {
+                    let tid = link.register_current_thread(id)?;
+                    if !link.wait_placed(tid, Duration::from_secs(10)) {
+                        bail!("the agent did not place {id:?} thread {tid}");
+                    }
+                    held.touch(args.mib * MIB, 2 * MIB)?;
+                    Ok(tid)
+                })();
+                let placed_ok = placed.is_ok();
+                let _ = tx.send(placed);
+                // Parked for the rest of the run (the process is killed).
+                if placed_ok {
+                    loop {
+                        std::thread::park();
+                    }
+                }
+            });
+            Some(rx.recv()??)
+        } else {
+            on_engine_thread(&link, id, || Ok(held.touch(args.mib * MIB, 2 * MIB)?))?;
+            None
+        };
+        loop {
+            let st = link.stats();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "connected": st.connected,
+                    "connects": st.connects,
+                    "held_bytes": held.held_bytes(),
+                    "engine_tid": engine_tid,
+                })
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
 }

@@ -18,6 +18,7 @@ mod metrics;
 mod observe;
 mod own_process;
 mod page_cache;
+mod placement;
 mod pressure;
 mod rebalancing;
 mod reload;

@@ -1,8 +1,12 @@
 //! The cache scenario's database: the vector engine serves queries from a
 //! mapped index file whose hot part every query touches, while the
 //! timeseries engine flushes several times the page cache's room in
-//! Gorilla segments. Three phases: queries alone (`before`), queries
-//! during the flush (`during`), queries alone again (`after`).
+//! Gorilla segments. The flush runs in `--windows` windows with queries
+//! alone before, between and after them, so that the quiet and the flush
+//! windows interleave: a host's drift over the run (its other tenants,
+//! its clock) falls on both alike. Reported as three phases: `before` (the
+//! first quiet window), `during` (the flush windows together) and `after`
+//! (the last quiet window); the quiet p99 pools every quiet window.
 //!
 //! Ungoverned, the flush writes through the page cache as a database does
 //! today. `--governed`: the flush writes through the library's
@@ -12,16 +16,16 @@
 //! Queries are paced (`--qps`) and each is timed from when it was due, so
 //! a stall counts for every query it held up.
 //!
-//! Prints one JSON object: per phase the queries' p50/p99 latency, the
-//! vector thread's major faults (`/proc/self/task/TID/stat`) and the
-//! lowest residency of the index (`mincore`); the flush's throughput; and
-//! a timeline sampled every 100 ms.
+//! Prints one JSON object: per phase and per window the queries' p50/p99
+//! latency, the vector thread's major faults (`/proc/self/task/TID/stat`)
+//! and the lowest residency of the index (`mincore`); the flush's
+//! throughput; and a timeline sampled every 100 ms.
 
 use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -39,7 +43,6 @@ const ENGINES: [(&str, EngineId); 2] = [
     ("vector", EngineId::Vector),
     ("timeseries", EngineId::Timeseries),
 ];
-const PHASES: [&str; 3] = ["before", "during", "after"];
 
 #[derive(Parser)]
 #[command(name = "nodedb-cache")]
@@ -78,26 +81,28 @@ struct Args {
     /// so, not every millisecond); 0: as fast as it can.
     #[arg(long, default_value_t = 500)]
     qps: u64,
-    /// Seconds of queries alone before the flush and after it.
-    #[arg(long, default_value_t = 4.0)]
+    /// Seconds of queries alone in each quiet window (before, between and
+    /// after the flush windows).
+    #[arg(long, default_value_t = 2.0)]
     quiet_secs: f64,
-}
-
-/// What the vector thread measured in a phase.
-#[derive(Default)]
-struct PhaseLatencies {
-    micros: Vec<u32>,
+    /// Flush windows (each writes an equal part of the flush), with a
+    /// quiet window before each and after the last.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    windows: u32,
 }
 
 struct Shared {
-    phase: AtomicU8,
+    /// The window the queries are in: even ones are quiet, odd ones flush.
+    window_index: AtomicU32,
+    /// The flush window the flush thread waits to start (set by it).
+    flush_waiting: AtomicU32,
     stop: AtomicBool,
     queries: AtomicU64,
     flushed: AtomicU64,
     vector_tid: AtomicU64,
-    /// Per phase, and since the last sample.
-    phases: Mutex<[PhaseLatencies; 3]>,
-    window: Mutex<Vec<u32>>,
+    /// Per window, and since the last sample.
+    windows: Mutex<Vec<Vec<u32>>>,
+    sample: Mutex<Vec<u32>>,
 }
 
 fn register(link: Option<&AgentLink>, engine: EngineId) -> anyhow::Result<()> {
@@ -142,18 +147,22 @@ fn main() -> anyhow::Result<()> {
     } else {
         FlushWrites::Buffered
     };
+    let windows = 2 * args.windows as usize + 1;
     let shared = Arc::new(Shared {
-        phase: AtomicU8::new(0),
+        window_index: AtomicU32::new(0),
+        flush_waiting: AtomicU32::new(0),
         stop: AtomicBool::new(false),
         queries: AtomicU64::new(0),
         flushed: AtomicU64::new(0),
         vector_tid: AtomicU64::new(0),
-        phases: Mutex::new(Default::default()),
-        window: Mutex::new(Vec::new()),
+        windows: Mutex::new(vec![Vec::new(); windows]),
+        sample: Mutex::new(Vec::new()),
     });
     let index = HotIndex::open(&index_path)?;
     let ready = std::sync::Barrier::new(3);
-    let go = std::sync::Barrier::new(2);
+    // The sampler starts each flush window (a channel, not a barrier: a
+    // flush thread that failed must not leave the sampler waiting).
+    let (go, gate) = std::sync::mpsc::channel::<()>();
     let started = Instant::now();
     let outcome = std::thread::scope(|s| -> anyhow::Result<Value> {
         let vector = s.spawn(|| -> anyhow::Result<Value> {
@@ -200,15 +209,17 @@ fn main() -> anyhow::Result<()> {
                 };
                 sink += index.query(&mut rng, &q, args.fanout);
                 let us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
-                let phase = usize::from(shared.phase.load(Ordering::Relaxed));
-                shared.phases.lock().unwrap()[phase].micros.push(us);
-                shared.window.lock().unwrap().push(us);
+                let w = shared.window_index.load(Ordering::Relaxed) as usize;
+                shared.windows.lock().unwrap()[w].push(us);
+                shared.sample.lock().unwrap().push(us);
                 shared.queries.fetch_add(1, Ordering::Relaxed);
             }
             let locked = _charged.as_ref().is_some_and(HotSet::is_locked);
             Ok(json!({ "locked": locked, "checksum": sink.is_finite() }))
         });
         let flusher = s.spawn(|| -> anyhow::Result<cache::FlushOutcome> {
+            // The receiver is this thread's (it is not shared).
+            let gate = gate;
             let segs = (|| -> anyhow::Result<_> {
                 register(link.as_ref(), EngineId::Timeseries)?;
                 // 64 series of 16k points: about 1 MiB of segments, encoded
@@ -216,9 +227,8 @@ fn main() -> anyhow::Result<()> {
                 Ok(cache::segments(64, 16_384))
             })();
             ready.wait();
-            go.wait();
             let segs = segs?;
-            cache::flush(
+            let flushed = cache::flush(
                 &args.dir,
                 &segs,
                 args.flush_mib << 20,
@@ -226,50 +236,72 @@ fn main() -> anyhow::Result<()> {
                 args.flush_mib_per_s << 20,
                 how,
                 &shared.flushed,
-            )
+                args.windows,
+                &|k| {
+                    // The flush window before this one has ended: its
+                    // queries from now on are the next quiet window's.
+                    if k > 0 {
+                        shared.window_index.store(2 * k, Ordering::Relaxed);
+                    }
+                    shared.flush_waiting.store(k, Ordering::Release);
+                    // The sampler gone: the run is over, write nothing more.
+                    let _ = gate.recv();
+                },
+            );
+            shared
+                .window_index
+                .store(2 * args.windows, Ordering::Relaxed);
+            flushed
         });
         ready.wait();
         let mut timeline = Vec::new();
-        let mut phase_start = [0.0f64; 3];
-        let mut min_resident = [u64::MAX; 3];
-        let mut faults_at = [0u64; 4];
+        let mut window_start = vec![0.0f64; windows];
+        let mut min_resident = vec![u64::MAX; windows];
+        let mut faults_at = vec![0u64; windows + 1];
         let tid = shared.vector_tid.load(Ordering::Relaxed) as i32;
         let t0 = Instant::now();
         let mut next = t0;
         let quiet = Duration::from_secs_f64(args.quiet_secs);
-        let mut phase = 0usize;
-        let mut phase_began = t0;
+        let mut w = 0usize;
+        let mut window_began = t0;
         faults_at[0] = cache::thread_major_faults(tid).unwrap_or(0);
         loop {
             let now = Instant::now();
-            let advance = match phase {
-                0 | 2 => now - phase_began >= quiet,
-                _ => flusher.is_finished(),
+            let advance = if w.is_multiple_of(2) {
+                now - window_began >= quiet
+            } else {
+                // A flush window ends when the flush thread waits at the
+                // next one's gate, or has finished.
+                shared.flush_waiting.load(Ordering::Acquire) as usize > w / 2
+                    || flusher.is_finished()
             };
             if advance {
-                faults_at[phase + 1] = cache::thread_major_faults(tid).unwrap_or(0);
-                if phase == 2 {
+                faults_at[w + 1] = cache::thread_major_faults(tid).unwrap_or(0);
+                if w + 1 == windows {
                     break;
                 }
-                phase += 1;
-                phase_began = now;
-                phase_start[phase] = (now - t0).as_secs_f64();
-                shared.phase.store(phase as u8, Ordering::Relaxed);
-                if phase == 1 {
-                    go.wait();
+                w += 1;
+                window_began = now;
+                window_start[w] = (now - t0).as_secs_f64();
+                if w % 2 == 1 {
+                    // The flush thread moves the queries on to the next
+                    // quiet window itself, the moment its window ends.
+                    shared.window_index.store(w as u32, Ordering::Relaxed);
+                    let _ = go.send(());
                 }
             }
             let resident = index.resident_bytes();
-            min_resident[phase] = min_resident[phase].min(resident);
-            let mut window = std::mem::take(&mut *shared.window.lock().unwrap());
+            min_resident[w] = min_resident[w].min(resident);
+            let mut sample = std::mem::take(&mut *shared.sample.lock().unwrap());
             timeline.push(json!({
                 "t": (now - t0).as_secs_f64(),
-                "phase": PHASES[phase],
+                "phase": phase_name(w, windows),
+                "window": w,
                 "hot_resident_bytes": resident,
                 "vector_major_faults": cache::thread_major_faults(tid),
                 "queries": shared.queries.load(Ordering::Relaxed),
-                "p50_us": cache::percentile(&mut window, 50.0),
-                "p99_us": cache::percentile(&mut window, 99.0),
+                "p50_us": cache::percentile(&mut sample, 50.0),
+                "p99_us": cache::percentile(&mut sample, 99.0),
                 "flushed_bytes": shared.flushed.load(Ordering::Relaxed),
             }));
             next += cache::SAMPLE;
@@ -282,34 +314,51 @@ fn main() -> anyhow::Result<()> {
         let flush = flusher
             .join()
             .map_err(|_| anyhow::anyhow!("the flush thread panicked"))??;
-        let mut phases = shared.phases.lock().unwrap();
-        let mut by_phase = json!({});
-        for (i, name) in PHASES.iter().enumerate() {
-            let lat = &mut phases[i].micros;
-            by_phase[*name] = json!({
-                "started_s": phase_start[i],
-                "queries": lat.len(),
-                "p50_us": cache::percentile(lat, 50.0),
-                "p99_us": cache::percentile(lat, 99.0),
-                "vector_major_faults": faults_at[i + 1].saturating_sub(faults_at[i]),
-                "min_hot_resident_bytes": min_resident[i],
-            });
+        let mut lat = shared.windows.lock().unwrap();
+        let faults = |k: usize| faults_at[k + 1].saturating_sub(faults_at[k]);
+        let mut per_window = Vec::with_capacity(windows);
+        for (k, l) in lat.iter_mut().enumerate() {
+            per_window.push(json!({
+                "kind": if k.is_multiple_of(2) { "quiet" } else { "flush" },
+                "started_s": window_start[k],
+                "queries": l.len(),
+                "p50_us": cache::percentile(l, 50.0),
+                "p99_us": cache::percentile(l, 99.0),
+                "vector_major_faults": faults(k),
+                "min_hot_resident_bytes": min_resident[k],
+            }));
         }
-        // Without a flush: the before and after phases' queries together.
-        let mut quiet: Vec<u32> = phases[0]
-            .micros
-            .iter()
-            .chain(&phases[2].micros)
-            .copied()
-            .collect();
+        // A phase: some windows' queries together.
+        let phase = |ks: &[usize]| {
+            let mut all: Vec<u32> = ks.iter().flat_map(|&k| lat[k].iter().copied()).collect();
+            json!({
+                "started_s": window_start[ks[0]],
+                "windows": ks.len(),
+                "queries": all.len(),
+                "p50_us": cache::percentile(&mut all, 50.0),
+                "p99_us": cache::percentile(&mut all, 99.0),
+                "vector_major_faults": ks.iter().map(|&k| faults(k)).sum::<u64>(),
+                "min_hot_resident_bytes": ks.iter().map(|&k| min_resident[k]).min(),
+            })
+        };
+        let flush_windows: Vec<usize> = (1..windows).step_by(2).collect();
+        let quiet_windows: Vec<usize> = (0..windows).step_by(2).collect();
+        let quiet_phase = phase(&quiet_windows);
         Ok(json!({
             "governed": args.governed,
             "index_bytes": index.bytes(),
             "vector": v,
             "flush": flush,
             "flush_requested_bytes": args.flush_mib << 20,
-            "phases": by_phase,
-            "quiet_p99_us": cache::percentile(&mut quiet, 99.0),
+            "phases": {
+                "before": phase(&[0]),
+                "during": phase(&flush_windows),
+                "after": phase(&[windows - 1]),
+            },
+            "windows": per_window,
+            // Without a flush: every quiet window's queries together.
+            "quiet_p99_us": quiet_phase["p99_us"],
+            "quiet": quiet_phase,
             "timeline": timeline,
         }))
     })?;
@@ -320,4 +369,15 @@ fn main() -> anyhow::Result<()> {
     drop(link);
     drop(governor);
     Ok(())
+}
+
+/// A timeline sample's phase: the first quiet window is `before`, the last
+/// `after`, the flush windows `during`, the quiet ones between `between`.
+fn phase_name(w: usize, windows: usize) -> &'static str {
+    match w {
+        0 => "before",
+        w if w + 1 == windows => "after",
+        w if w % 2 == 1 => "during",
+        _ => "between",
+    }
 }

@@ -30,12 +30,17 @@
 //! judged against the ungoverned run of the same invocation: the index at
 //! least 99% resident throughout the flush, the vector thread's major
 //! faults during it at most 1% of the ungoverned run's, its query p99
-//! during the flush within 1.2 times its p99 without one (the before and
-//! after phases' queries together), the flush's throughput at least 0.9
-//! times the ungoverned run's, and at most 1% of what the flush wrote left
-//! in the page cache (the writer's part: the lock on the index alone would
-//! meet the first two). A failed ungoverned run fails the verdict. The p99
-//! criterion is reported but does not decide (see `gated`).
+//! during the flush windows within 1.2 times its p99 in the quiet windows
+//! interleaved with them, the flush's throughput at least 0.9 times the
+//! ungoverned run's, and at most 1% of what the flush wrote left in the
+//! page cache (the writer's part: the lock on the index alone would meet
+//! the first two). A failed ungoverned run fails the verdict.
+//!
+//! The governed run places the engines as an operator would (`[[engine]]
+//! cpus`): the scratch disk's interrupt CPU is found by a probe write
+//! (`irq`), the flushing timeseries engine goes there and the vector
+//! engine on the other CPUs, so the flush's I/O completions (interrupt
+//! and softirq work, ahead of any thread) do not delay its queries.
 //!
 //! `cargo xtask validate` runs it on the host, `cargo xtask vm-test` in the
 //! VMs; both turn the summary into a report and a timeline plot.
@@ -174,6 +179,43 @@ struct Harness {
     /// From `nodedb-governor check-config --json`.
     resolved: Value,
     base_config: toml::Table,
+    /// The cache scenario's engine placement for its governed run.
+    placement: Option<Placement>,
+}
+
+/// Where the cache scenario's governed run puts its engines (`[[engine]]
+/// cpus`), from where the scratch disk's interrupts land: the vector
+/// engine on the other CPUs, the flushing timeseries engine on that one.
+#[derive(Clone, Debug, serde::Serialize)]
+struct Placement {
+    disk: nodedb_governor_workload::irq::DiskIrq,
+    vector: String,
+    timeseries: String,
+}
+
+impl Placement {
+    /// Probes the scratch disk (64 MiB written durably); None on a machine
+    /// of one CPU, or a disk that does not interrupt.
+    fn probe(scratch: &Path) -> anyhow::Result<Option<Self>> {
+        let Some(disk) = nodedb_governor_workload::irq::probe_disk(&scratch.join("irq"), 64 << 20)?
+        else {
+            return Ok(None);
+        };
+        if disk.cpus.len() < 2 {
+            return Ok(None);
+        }
+        let others: Vec<String> = disk
+            .cpus
+            .iter()
+            .filter(|&&c| c != disk.cpu)
+            .map(u32::to_string)
+            .collect();
+        Ok(Some(Self {
+            vector: others.join(","),
+            timeseries: disk.cpu.to_string(),
+            disk,
+        }))
+    }
 }
 
 fn vm_rss(pid: u32) -> Option<u64> {
@@ -238,12 +280,35 @@ impl Harness {
             .with_context(|| format!("reading {}", args.config.display()))?;
         let base_config: toml::Table =
             toml::from_str(&text).with_context(|| format!("in {}", args.config.display()))?;
+        let placement = if args.scenario == Scenario::Cache && args.modes.contains(&Mode::Governed)
+        {
+            let p = Placement::probe(&args.scratch)?;
+            match &p {
+                Some(p) => eprintln!(
+                    "nodedb-validate: the scratch disk interrupts CPU {} ({:.0}% of {} on line {} {}): the governed run puts the vector engine on CPUs {} and the timeseries engine on CPU {}",
+                    p.disk.cpu,
+                    p.disk.share * 100.0,
+                    p.disk.per_cpu.iter().sum::<u64>(),
+                    p.disk.line,
+                    p.disk.device,
+                    p.vector,
+                    p.timeseries
+                ),
+                None => eprintln!(
+                    "nodedb-validate: one CPU, or a scratch disk without interrupts: no engine placement"
+                ),
+            }
+            p
+        } else {
+            None
+        };
         Ok(Self {
             args,
             agent_bin,
             workload_bin,
             resolved,
             base_config,
+            placement,
         })
     }
 
@@ -278,6 +343,18 @@ impl Harness {
                 "ceiling".into(),
                 toml::Value::Integer(i64::try_from(self.ceiling() * 16)?),
             );
+        }
+        if let (Some(p), Mode::Governed) = (&self.placement, mode)
+            && let Some(toml::Value::Array(engines)) = c.get_mut("engine")
+        {
+            for e in engines.iter_mut().filter_map(toml::Value::as_table_mut) {
+                let cpus = match e.get("name").and_then(toml::Value::as_str) {
+                    Some("vector") => &p.vector,
+                    Some("timeseries") => &p.timeseries,
+                    _ => continue,
+                };
+                e.insert("cpus".into(), cpus.clone().into());
+            }
         }
         Ok(toml::to_string(&c)?)
     }
@@ -531,6 +608,7 @@ fn main() -> anyhow::Result<()> {
         "scenario": harness.args.scenario.name(),
         "cache": cache,
         "config": harness.resolved,
+        "placement": harness.placement,
         "workload_args": harness.args.workload,
         "loan_grace_seconds": harness.args.loan_grace_ms as f64 / 1000.0,
         "runs": runs,
@@ -589,14 +667,6 @@ fn evicted(run: &Value, engine: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Whether a cache criterion decides the verdict. The p99 one is measured
-/// and reported, not gated: on our 2-vCPU hosts the quiet phases' own p99
-/// moves between 0.2 and 3 ms from run to run (the hypervisor's jitter,
-/// with no fault and no flush), more than the 1.2 times it is judged by.
-fn gated(criterion: &str) -> bool {
-    criterion != "p99_during_vs_quiet"
-}
-
 /// Judges a governed cache run (`g`) against an ungoverned one (`u`):
 /// each criterion with its measured value, its limit and whether it holds.
 fn judge_cache(g: &Value, u: &Value) -> Value {
@@ -605,7 +675,8 @@ fn judge_cache(g: &Value, u: &Value) -> Value {
     let resident = during(g, "min_hot_resident_bytes").unwrap_or(0.0) / index.max(1.0);
     let faults_g = during(g, "vector_major_faults").unwrap_or(f64::MAX);
     let faults_u = during(u, "vector_major_faults").unwrap_or(0.0);
-    // Without a flush: the before and after phases' queries together.
+    // Without a flush: every quiet window's queries together (before,
+    // between and after the flush windows).
     let quiet_p99 = g["quiet_p99_us"].as_f64().unwrap_or(0.0);
     let p99_during = during(g, "p99_us").unwrap_or(f64::MAX);
     let tput = |r: &Value| r["flush"]["mib_per_s"].as_f64().unwrap_or(0.0);
@@ -639,10 +710,10 @@ fn judge_cache(g: &Value, u: &Value) -> Value {
     let mut v = json!({
         "met": criteria
             .iter()
-            .all(|c| c.3 || !gated(c.0)),
+            .all(|c| c.3),
     });
     for (name, value, limit, ok) in criteria {
-        v[name] = json!({ "value": value, "limit": limit, "ok": ok, "gated": gated(name) });
+        v[name] = json!({ "value": value, "limit": limit, "ok": ok });
     }
     // The problem, as the ungoverned run shows it.
     let u_quiet = ["before", "after"]
@@ -761,11 +832,6 @@ mod tests {
         let good = cache_run(448, 0, [67, 75, 60], 855.0);
         let v = judge_cache(&good, &ungoverned);
         assert_eq!(v["met"], true, "{v:#}");
-        // The p99 criterion is reported, not gated.
-        let v = judge_cache(&cache_run(448, 0, [67, 81, 60], 855.0), &ungoverned);
-        assert_eq!(v["p99_during_vs_quiet"]["ok"], false, "{v:#}");
-        assert_eq!(v["p99_during_vs_quiet"]["gated"], false, "{v:#}");
-        assert_eq!(v["met"], true, "{v:#}");
         assert!((v["ungoverned"]["p99_during_vs_before"].as_f64().unwrap() - 264.4).abs() < 0.1);
         // Each criterion alone fails the run.
         for (bad, criterion) in [
@@ -781,6 +847,11 @@ mod tests {
             (
                 cache_run_left(448, 0, [67, 75, 60], 855.0, 64),
                 "flush_left_cached",
+            ),
+            // 81 µs during the flush against 67 quiet: 1.21 times.
+            (
+                cache_run(448, 0, [67, 81, 60], 855.0),
+                "p99_during_vs_quiet",
             ),
         ] {
             let v = judge_cache(&bad, &ungoverned);

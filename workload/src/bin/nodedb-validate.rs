@@ -34,7 +34,9 @@
 //! interleaved with them, the flush's throughput at least 0.9 times the
 //! ungoverned run's, and at most 1% of what the flush wrote left in the
 //! page cache (the writer's part: the lock on the index alone would meet
-//! the first two). A failed ungoverned run fails the verdict.
+//! the first two). A failed ungoverned run fails the verdict. Under
+//! `--emulated-timing` (the VM tests, on qemu's TCG) the p99 criterion is
+//! reported, not gated: it would judge the emulator's jitter.
 //!
 //! The governed run places the engines as an operator would (`[[engine]]
 //! cpus`): the scratch disk's interrupt CPU is found by a probe write
@@ -146,6 +148,12 @@ struct Args {
     /// flush alone takes over 1 s.
     #[arg(long, default_value_t = 1000)]
     loan_grace_ms: u64,
+    /// The CPUs' timing is emulated (qemu's TCG): a latency criterion
+    /// (the cache scenario's p99) is then reported, not gated, since what
+    /// it measures is the emulator's jitter (p99 of 14 to 24 ms per 2 s
+    /// window with no flush at all, under TCG), not the kernel's.
+    #[arg(long)]
+    emulated_timing: bool,
     /// Arguments for nodedb-workload (sizes), after `--`.
     #[arg(last = true)]
     workload: Vec<String>,
@@ -602,7 +610,8 @@ fn main() -> anyhow::Result<()> {
     for mode in modes {
         runs.push(harness.run(mode)?);
     }
-    let cache = (harness.args.scenario == Scenario::Cache).then(|| cache_verdict(&mut runs));
+    let cache = (harness.args.scenario == Scenario::Cache)
+        .then(|| cache_verdict(&mut runs, harness.args.emulated_timing));
     let summary = json!({
         "kernel": kernel,
         "scenario": harness.args.scenario.name(),
@@ -629,7 +638,7 @@ fn main() -> anyhow::Result<()> {
 /// The cache criteria for the governed run, against the ungoverned run of
 /// the same invocation; a governed run that misses one misses its target.
 /// Without both runs there is nothing to judge by (and no verdict).
-fn cache_verdict(runs: &mut [Value]) -> Value {
+fn cache_verdict(runs: &mut [Value], emulated_timing: bool) -> Value {
     let find = |runs: &[Value], mode: &str| runs.iter().position(|r| r["mode"] == mode);
     let (Some(g), Some(u)) = (find(runs, "governed"), find(runs, "ungoverned")) else {
         return Value::Null;
@@ -643,7 +652,7 @@ fn cache_verdict(runs: &mut [Value]) -> Value {
             "why": "the ungoverned run did not complete correctly: nothing to judge against",
         });
     }
-    let mut verdict = judge_cache(&runs[g]["workload"], &runs[u]["workload"]);
+    let mut verdict = judge_cache(&runs[g]["workload"], &runs[u]["workload"], emulated_timing);
     if verdict["met"] != true {
         runs[g]["target_met"] = false.into();
     }
@@ -667,9 +676,15 @@ fn evicted(run: &Value, engine: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether a cache criterion decides the verdict: all do, but the latency
+/// one where the CPUs' timing is emulated (`--emulated-timing`).
+fn gated(criterion: &str, emulated_timing: bool) -> bool {
+    !(emulated_timing && criterion == "p99_during_vs_quiet")
+}
+
 /// Judges a governed cache run (`g`) against an ungoverned one (`u`):
 /// each criterion with its measured value, its limit and whether it holds.
-fn judge_cache(g: &Value, u: &Value) -> Value {
+fn judge_cache(g: &Value, u: &Value, emulated_timing: bool) -> Value {
     let during = |r: &Value, k: &str| r["phases"]["during"][k].as_f64();
     let index = g["index_bytes"].as_f64().unwrap_or(0.0);
     let resident = during(g, "min_hot_resident_bytes").unwrap_or(0.0) / index.max(1.0);
@@ -710,10 +725,15 @@ fn judge_cache(g: &Value, u: &Value) -> Value {
     let mut v = json!({
         "met": criteria
             .iter()
-            .all(|c| c.3),
+            .all(|c| c.3 || !gated(c.0, emulated_timing)),
     });
     for (name, value, limit, ok) in criteria {
-        v[name] = json!({ "value": value, "limit": limit, "ok": ok });
+        v[name] = json!({
+            "value": value,
+            "limit": limit,
+            "ok": ok,
+            "gated": gated(name, emulated_timing),
+        });
     }
     // The problem, as the ungoverned run shows it.
     let u_quiet = ["before", "after"]
@@ -830,9 +850,18 @@ mod tests {
     fn the_cache_criteria_judge_the_governed_run_against_the_ungoverned_one() {
         let ungoverned = cache_run(286, 316, [211, 55_786, 3469], 613.0);
         let good = cache_run(448, 0, [67, 75, 60], 855.0);
-        let v = judge_cache(&good, &ungoverned);
+        let v = judge_cache(&good, &ungoverned, false);
         assert_eq!(v["met"], true, "{v:#}");
         assert!((v["ungoverned"]["p99_during_vs_before"].as_f64().unwrap() - 264.4).abs() < 0.1);
+        // Under emulated timing the p99 is reported, not gated; the rest
+        // still decide.
+        let slow = cache_run(448, 0, [67, 81, 60], 855.0);
+        let v = judge_cache(&slow, &ungoverned, true);
+        assert_eq!(v["p99_during_vs_quiet"]["ok"], false, "{v:#}");
+        assert_eq!(v["p99_during_vs_quiet"]["gated"], false, "{v:#}");
+        assert_eq!(v["met"], true, "{v:#}");
+        let v = judge_cache(&cache_run(440, 0, [67, 81, 60], 855.0), &ungoverned, true);
+        assert_eq!(v["met"], false, "{v:#}");
         // Each criterion alone fails the run.
         for (bad, criterion) in [
             (cache_run(440, 0, [67, 75, 60], 855.0), "hot_set_resident"),
@@ -854,7 +883,7 @@ mod tests {
                 "p99_during_vs_quiet",
             ),
         ] {
-            let v = judge_cache(&bad, &ungoverned);
+            let v = judge_cache(&bad, &ungoverned, false);
             assert_eq!(v["met"], false, "{criterion}: {v:#}");
             assert_eq!(v[criterion]["ok"], false, "{criterion}: {v:#}");
         }
@@ -863,7 +892,7 @@ mod tests {
             json!({"mode": "governed", "target_met": true, "workload": cache_run(448, 4, [67, 75, 60], 855.0)}),
             json!({"mode": "ungoverned", "target_met": false, "completed": true, "correct": true, "workload": ungoverned}),
         ];
-        assert_eq!(cache_verdict(&mut runs)["met"], false);
+        assert_eq!(cache_verdict(&mut runs, false)["met"], false);
         assert_eq!(runs[0]["target_met"], false);
         // A good governed run against a failed ungoverned one: no verdict
         // to pass by.
@@ -871,7 +900,7 @@ mod tests {
             json!({"mode": "governed", "target_met": true, "workload": good}),
             json!({"mode": "ungoverned", "completed": false, "correct": false, "workload": null}),
         ];
-        assert_eq!(cache_verdict(&mut runs)["met"], false);
+        assert_eq!(cache_verdict(&mut runs, false)["met"], false);
         assert_eq!(runs[0]["target_met"], false);
     }
 }

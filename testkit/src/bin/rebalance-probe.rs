@@ -88,6 +88,11 @@ fn main() -> anyhow::Result<()> {
     let query_mib = args.query_mib as f64 * MIB as f64;
     wait_until("query to take back what it needs", || {
         budget_of("query") as f64 * 0.90 > query_mib
+    })
+    .map_err(|e| {
+        // What the agent saw: the engines' levels, budgets and loans.
+        let clients = governed::admin_status(&args.admin).map(|s| s["clients"].clone());
+        e.context(format!("the agent's clients: {clients:?}"))
     })?;
     wait_until("vector to be spilled", || {
         (vector.held_bytes() as f64) < budget() as f64 * 0.90

@@ -212,9 +212,11 @@ pub fn segments(series: usize, points: usize) -> Vec<Vec<u8>> {
 /// paces its background flushes so that they do not take the CPUs and
 /// the disk from its queries.
 ///
-/// The flush runs in `windows` equal windows; `gate(k)` is called before
-/// window `k` and returns when it may start (the scenario interleaves
-/// quiet windows with them). The throughput counts the windows' time only.
+/// The flush runs in `windows` windows of about equal bytes, each ending
+/// with its last file made durable (so files should be no larger than a
+/// window); `gate(k)` is called before window `k` and returns when it may
+/// start (the scenario interleaves quiet windows with them). The
+/// throughput counts the windows' time only.
 #[allow(clippy::too_many_arguments)]
 pub fn flush(
     dir: &Path,
@@ -244,7 +246,10 @@ pub fn flush(
         // The bytes written are due at `rate`: after each MiB, sleep until
         // the time they were due at.
         let mut next_pause = from + (1 << 20);
-        while done < until {
+        // A window ends with its last file durable, as a flush is done
+        // when its data is: a buffered writer's writeback is paid in its
+        // window, not deferred into the quiet one after it.
+        while done < total && (done < until || out.is_some()) {
             let sink = match &mut out {
                 Some(sink) => sink,
                 None => {
@@ -390,6 +395,47 @@ mod tests {
             after > before,
             "reading a 4 MiB file dropped from the cache took no major fault"
         );
+    }
+
+    #[test]
+    fn a_flush_runs_in_windows_each_ending_with_its_files_whole() {
+        let dir = std::env::temp_dir().join(format!("nodedb-flush-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let segs = segments(4, 1024);
+        let written = AtomicU64::new(0);
+        // At each gate: how far the flush got, and the files then on disk.
+        let seen = std::sync::Mutex::new(Vec::new());
+        let out = flush(
+            &dir,
+            &segs,
+            4 << 20,
+            1 << 20,
+            0,
+            FlushWrites::Buffered,
+            &written,
+            2,
+            &|k| {
+                let files = std::fs::read_dir(&dir).unwrap().count();
+                seen.lock()
+                    .unwrap()
+                    .push((k, written.load(Ordering::Relaxed), files));
+            },
+        )
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            out.bytes >= 4 << 20 && out.bytes < (4 << 20) + (64 << 10),
+            "{out:?}"
+        );
+        assert_eq!(out.files, 4, "{out:?}");
+        let seen = seen.into_inner().unwrap();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(seen[0], (0, 0, 0));
+        // The second window starts after the first's 2 MiB, its two files
+        // finished (the third not started), not mid-file.
+        let (k, at, files) = seen[1];
+        assert_eq!((k, files), (1, 2), "{seen:?}");
+        assert!((2 << 20..(2 << 20) + (64 << 10)).contains(&at), "{seen:?}");
     }
 
     #[test]

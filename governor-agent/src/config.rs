@@ -771,6 +771,14 @@ impl Config {
             .collect()
     }
 
+    /// The CPUs `engine` is kept to, if it has a list.
+    pub fn cpus_of(&self, engine: &str) -> Option<&crate::cpus::CpuList> {
+        self.engines
+            .iter()
+            .find(|e| e.name == engine)
+            .and_then(|e| e.cpus.as_ref())
+    }
+
     /// Whether `uid` may use the control socket.
     pub fn uid_allowed(&self, uid: u32) -> bool {
         uid == 0 || self.allowed_uids.contains(&uid)

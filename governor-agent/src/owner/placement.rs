@@ -155,7 +155,7 @@ impl Agent {
     /// is governed all the same.
     pub(super) fn pin(&mut self, engine: &str, threads: &[u32]) {
         // Engines without a list are left where the database runs them.
-        if let Some(cpus) = self.config.engine_cpus().remove(engine) {
+        if let Some(cpus) = self.config.cpus_of(engine).cloned() {
             self.set_affinity(engine, Some(&cpus), threads);
         }
     }

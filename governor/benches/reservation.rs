@@ -9,6 +9,10 @@
 //!   same pair DataFusion's pools are measured with (an operator registers
 //!   one `MemoryReservation` and grows and shrinks it): the fair comparison;
 //! * `guard`: a new reservation per request, created and dropped.
+//!
+//! And the batched governor with its budget split across two NUMA nodes
+//! (this machine's CPUs split between them by parity), beside the same
+//! governor on one node: the fast path's cost of NUMA, same run.
 
 use std::{hint::black_box, sync::Arc, thread, time::Instant};
 
@@ -16,7 +20,9 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use datafusion_execution::memory_pool::{
     FairSpillPool, GreedyMemoryPool, MemoryConsumer, MemoryPool,
 };
-use nodedb_governor::{Budget, EngineId, MemoryGovernor, Reservation, ThresholdsHandle};
+use nodedb_governor::{
+    Budget, EngineId, MemoryGovernor, Node, Reservation, ThresholdsHandle, Topology,
+};
 
 const SIZE: u64 = 4096;
 const BIG: u64 = 1 << 40;
@@ -29,6 +35,26 @@ fn governor(batch: u64) -> MemoryGovernor {
             .expect("budget"),
         ThresholdsHandle::default(),
         batch,
+    )
+}
+
+/// The batched governor on two nodes: CPUs split between them by parity.
+fn governor_two_nodes() -> MemoryGovernor {
+    let cpus = thread::available_parallelism().map_or(2, |n| n.get()) as u32;
+    let node = |id: u32| Node {
+        id,
+        cpus: (0..cpus.max(2)).filter(|c| c % 2 == id).collect(),
+        memory_bytes: 1 << 30,
+    };
+    let topology = Topology::new(vec![node(0), node(1)]).expect("two nodes");
+    MemoryGovernor::with_batch(
+        Budget::builder(BIG)
+            .engine(EngineId::Query, 0, BIG)
+            .numa(topology)
+            .build()
+            .expect("budget"),
+        ThresholdsHandle::default(),
+        nodedb_governor::DEFAULT_BATCH_BYTES,
     )
 }
 
@@ -82,10 +108,15 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("reserve+release");
     let fast = governor(nodedb_governor::DEFAULT_BATCH_BYTES);
     let exact = governor(0);
+    let numa = governor_two_nodes();
     let greedy: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(BIG as usize));
     let fair: Arc<dyn MemoryPool> = Arc::new(FairSpillPool::new(BIG as usize));
 
-    for (name, g) in [("batched", &fast), ("exact", &exact)] {
+    for (name, g) in [
+        ("batched", &fast),
+        ("batched, 2 NUMA nodes", &numa),
+        ("exact", &exact),
+    ] {
         group.bench_function(format!("governor ({name}) guard/1 thread"), |b| {
             b.iter(|| governor_pair(g))
         });
@@ -102,7 +133,11 @@ fn bench(c: &mut Criterion) {
         group.bench_function(format!("{name}/1 thread"), |b| b.iter(|| pool_pair(&mut r)));
     }
 
-    for (name, g) in [("batched", &fast), ("exact", &exact)] {
+    for (name, g) in [
+        ("batched", &fast),
+        ("batched, 2 NUMA nodes", &numa),
+        ("exact", &exact),
+    ] {
         group.bench_function(format!("governor ({name}) guard/2 threads"), |b| {
             b.iter_custom(|iters| concurrent(2, iters, || (), |_| governor_pair(g)))
         });

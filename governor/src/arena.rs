@@ -9,13 +9,21 @@
 //! Under pressure an engine's idle memory is given back at once
 //! (`arena.<i>.purge`) or aged out (`arena.<i>.decay`).
 //!
+//! With NUMA ([`EngineArenas::create_numa`]) each engine gets one arena per
+//! node, and a thread joins its engine's arena *on the node it runs on*:
+//! jemalloc's extents are per arena, so an arena's pages are first touched
+//! by threads of one node and land there (the kernel's default policy
+//! places a page on the node of the thread that first touches it). A
+//! thread-per-core database pins its threads, so a thread's node does not
+//! change; one that moves joins again ([`EngineArenas::pin_current_thread`]).
+//!
 //! The embedder installs jemalloc as the global allocator (for example
 //! `#[global_allocator] static A: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;`);
 //! otherwise creating arenas works but no allocation goes to them.
 
 use std::{collections::BTreeMap, ffi::CString};
 
-use crate::EngineId;
+use crate::{EngineId, numa::Topology};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArenaError {
@@ -45,10 +53,13 @@ pub struct ArenaStats {
     pub mapped_bytes: u64,
 }
 
-/// One dedicated arena per engine.
+/// One dedicated arena per engine (and NUMA node).
 #[derive(Debug)]
 pub struct EngineArenas {
-    arenas: BTreeMap<EngineId, u32>,
+    /// Per engine, its arena on each node (one without NUMA).
+    arenas: BTreeMap<EngineId, Vec<u32>>,
+    /// The nodes the arenas are per, when more than one.
+    topology: Option<Topology>,
     page_bytes: u64,
 }
 
@@ -96,15 +107,50 @@ pub fn purge_all() -> Result<(), ArenaError> {
 impl EngineArenas {
     /// Creates a dedicated arena for each engine.
     pub fn create(engines: &[EngineId]) -> Result<Self, ArenaError> {
+        Self::create_per_node(engines, None)
+    }
+
+    /// Creates a dedicated arena for each engine on each of `topology`'s
+    /// nodes.
+    pub fn create_numa(engines: &[EngineId], topology: &Topology) -> Result<Self, ArenaError> {
+        Self::create_per_node(
+            engines,
+            Some(topology.clone()).filter(|t| t.nodes().len() > 1),
+        )
+    }
+
+    fn create_per_node(
+        engines: &[EngineId],
+        topology: Option<Topology>,
+    ) -> Result<Self, ArenaError> {
+        let nodes = topology.as_ref().map_or(1, |t| t.nodes().len());
         let mut arenas = BTreeMap::new();
         for &e in engines {
-            let index: u32 = read("arenas.create")?;
-            arenas.insert(e, index);
+            let per_node = (0..nodes)
+                .map(|_| read::<u32>("arenas.create"))
+                .collect::<Result<Vec<_>, _>>()?;
+            arenas.insert(e, per_node);
         }
         Ok(Self {
             arenas,
+            topology,
             page_bytes: read::<usize>("arenas.page")? as u64,
         })
+    }
+
+    /// The arena index of `engine` on node position `node` (in the
+    /// topology's order; 0 without NUMA).
+    pub fn index_on(&self, engine: EngineId, node: usize) -> Result<u32, ArenaError> {
+        self.arenas
+            .get(&engine)
+            .and_then(|v| v.get(node))
+            .copied()
+            .ok_or(ArenaError::UnknownEngine(engine))
+    }
+
+    /// The node position the calling thread runs on (0 without NUMA).
+    fn current_node(&self) -> usize {
+        self.topology.as_ref().map_or(0, Topology::current_node)
     }
 
     /// The engines that have an arena.
@@ -112,15 +158,14 @@ impl EngineArenas {
         self.arenas.keys().copied()
     }
 
-    /// The arena index of `engine`.
+    /// The arena index of `engine` (on the calling thread's node, with
+    /// NUMA).
     pub fn index(&self, engine: EngineId) -> Result<u32, ArenaError> {
-        self.arenas
-            .get(&engine)
-            .copied()
-            .ok_or(ArenaError::UnknownEngine(engine))
+        self.index_on(engine, self.current_node())
     }
 
-    /// Moves the calling thread's allocations to `engine`'s arena.
+    /// Moves the calling thread's allocations to `engine`'s arena (on the
+    /// node the thread runs on, with NUMA).
     pub fn pin_current_thread(&self, engine: EngineId) -> Result<(), ArenaError> {
         let index = self.index(engine)?;
         // SAFETY: "thread.arena" takes an unsigned (u32) arena index.
@@ -133,10 +178,36 @@ impl EngineArenas {
         read("thread.arena")
     }
 
-    /// Fresh statistics of `engine`'s arena.
+    /// `engine`'s arenas, one per node.
+    fn all(&self, engine: EngineId) -> Result<&[u32], ArenaError> {
+        self.arenas
+            .get(&engine)
+            .map(Vec::as_slice)
+            .ok_or(ArenaError::UnknownEngine(engine))
+    }
+
+    /// Fresh statistics of `engine`'s arenas (every node's, summed).
     pub fn stats(&self, engine: EngineId) -> Result<ArenaStats, ArenaError> {
-        let i = self.index(engine)?;
         tikv_jemalloc_ctl::epoch::advance().map_err(|e| mallctl_err("epoch", e))?;
+        let mut sum = ArenaStats::default();
+        for &i in self.all(engine)? {
+            let st = self.arena_stats(i)?;
+            sum.resident_bytes += st.resident_bytes;
+            sum.active_bytes += st.active_bytes;
+            sum.dirty_bytes += st.dirty_bytes;
+            sum.mapped_bytes += st.mapped_bytes;
+        }
+        Ok(sum)
+    }
+
+    /// Fresh statistics of `engine`'s arena on node position `node`.
+    pub fn stats_on(&self, engine: EngineId, node: usize) -> Result<ArenaStats, ArenaError> {
+        let i = self.index_on(engine, node)?;
+        tikv_jemalloc_ctl::epoch::advance().map_err(|e| mallctl_err("epoch", e))?;
+        self.arena_stats(i)
+    }
+
+    fn arena_stats(&self, i: u32) -> Result<ArenaStats, ArenaError> {
         let stat = |s: &str| read::<usize>(&format!("stats.arenas.{i}.{s}")).map(|v| v as u64);
         Ok(ArenaStats {
             resident_bytes: stat("resident")?,
@@ -146,13 +217,20 @@ impl EngineArenas {
         })
     }
 
-    /// Returns all of `engine`'s dirty pages to the kernel now.
+    /// Returns all of `engine`'s dirty pages (on every node) to the kernel
+    /// now.
     pub fn purge(&self, engine: EngineId) -> Result<(), ArenaError> {
-        call_void(&format!("arena.{}.purge", self.index(engine)?))
+        for &i in self.all(engine)? {
+            call_void(&format!("arena.{i}.purge"))?;
+        }
+        Ok(())
     }
 
-    /// Returns the dirty pages that are past the arena's decay time.
+    /// Returns the dirty pages that are past the arenas' decay time.
     pub fn decay(&self, engine: EngineId) -> Result<(), ArenaError> {
-        call_void(&format!("arena.{}.decay", self.index(engine)?))
+        for &i in self.all(engine)? {
+            call_void(&format!("arena.{i}.decay"))?;
+        }
+        Ok(())
     }
 }

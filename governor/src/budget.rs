@@ -8,7 +8,11 @@
 
 use std::{collections::BTreeSet, sync::Arc};
 
-use crate::{engine::EngineId, error::MemError};
+use crate::{
+    engine::EngineId,
+    error::MemError,
+    numa::{NumaPolicy, Topology},
+};
 
 /// One engine's share of the budget.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,6 +25,20 @@ pub struct EngineBudget {
     /// The engine never holds more than this through reservations (loans
     /// move it while they last).
     pub cap_bytes: u64,
+    /// How its reservations use the NUMA nodes (with [`Budget::numa`]).
+    pub numa_policy: NumaPolicy,
+    /// Its cap's split across the nodes, as weights (one per node, in the
+    /// topology's order); None: the nodes' own weights.
+    pub node_weights: Option<Vec<u64>>,
+}
+
+/// The ceiling's split across NUMA nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NumaBudget {
+    pub topology: Topology,
+    /// One weight per node (in the topology's order): node `n`'s part of
+    /// the ceiling is `ceiling * w(n) / sum(w)`.
+    pub node_weights: Vec<u64>,
 }
 
 /// The whole budget. Built and validated by [`BudgetBuilder`].
@@ -28,6 +46,8 @@ pub struct EngineBudget {
 pub struct Budget {
     pub ceiling_bytes: u64,
     pub engines: Vec<EngineBudget>,
+    /// Split across NUMA nodes; None: one node, as if NUMA did not exist.
+    pub numa: Option<NumaBudget>,
 }
 
 /// Builds a [`Budget`]; `build` refuses it whole, naming the field, if any
@@ -37,6 +57,9 @@ pub struct BudgetBuilder {
     ceiling_bytes: u64,
     engines: Vec<EngineBudget>,
     next_custom: u16,
+    numa: Option<NumaBudget>,
+    /// Per-engine NUMA settings for engines not added yet, or unknown.
+    engine_numa: Vec<(EngineId, NumaPolicy, Option<Vec<u64>>)>,
 }
 
 impl Budget {
@@ -46,6 +69,8 @@ impl Budget {
             ceiling_bytes,
             engines: Vec::new(),
             next_custom: 0,
+            numa: None,
+            engine_numa: Vec::new(),
         }
     }
 }
@@ -62,7 +87,37 @@ impl BudgetBuilder {
             name,
             floor_bytes,
             cap_bytes,
+            numa_policy: NumaPolicy::default(),
+            node_weights: None,
         });
+        self
+    }
+
+    /// Splits the ceiling across `topology`'s nodes by their memory.
+    pub fn numa(self, topology: Topology) -> Self {
+        let weights = topology.nodes().iter().map(|n| n.memory_bytes).collect();
+        self.numa_weights(topology, weights)
+    }
+
+    /// Splits the ceiling across `topology`'s nodes by `weights` (one per
+    /// node, in its order: bytes, or any proportion).
+    pub fn numa_weights(mut self, topology: Topology, weights: Vec<u64>) -> Self {
+        self.numa = Some(NumaBudget {
+            topology,
+            node_weights: weights,
+        });
+        self
+    }
+
+    /// Sets `engine`'s NUMA policy and, optionally, its cap's split across
+    /// the nodes (one weight per node; None: the nodes' weights).
+    pub fn engine_numa(
+        mut self,
+        engine: EngineId,
+        policy: NumaPolicy,
+        node_weights: Option<Vec<u64>>,
+    ) -> Self {
+        self.engine_numa.push((engine, policy, node_weights));
         self
     }
 
@@ -79,11 +134,13 @@ impl BudgetBuilder {
             name: name.into(),
             floor_bytes,
             cap_bytes,
+            numa_policy: NumaPolicy::default(),
+            node_weights: None,
         });
         self
     }
 
-    pub fn build(self) -> Result<Budget, MemError> {
+    pub fn build(mut self) -> Result<Budget, MemError> {
         let bad = |field: String, reason: String| MemError::InvalidBudget { field, reason };
         if self.ceiling_bytes == 0 {
             return Err(bad("ceiling_bytes".into(), "must be positive".into()));
@@ -131,9 +188,50 @@ impl BudgetBuilder {
                 ),
             ));
         }
+        for (id, policy, weights) in std::mem::take(&mut self.engine_numa) {
+            let Some(e) = self.engines.iter_mut().find(|e| e.id == id) else {
+                return Err(bad(
+                    format!("engine {id}.numa"),
+                    "the engine is not in the budget".into(),
+                ));
+            };
+            e.numa_policy = policy;
+            e.node_weights = weights;
+        }
+        let nodes = self.numa.as_ref().map_or(1, |n| n.topology.nodes().len());
+        let check_weights = |field: String, w: &[u64]| {
+            if w.len() != nodes {
+                return Err(bad(field, format!("{} weights for {nodes} nodes", w.len())));
+            }
+            if w.iter()
+                .try_fold(0u64, |a, x| a.checked_add(*x))
+                .is_none_or(|s| s == 0)
+            {
+                return Err(bad(
+                    field,
+                    "they must add up to a positive 64-bit number".into(),
+                ));
+            }
+            Ok(())
+        };
+        if let Some(numa) = &self.numa {
+            check_weights("numa.node_weights".into(), &numa.node_weights)?;
+        }
+        for e in &self.engines {
+            if let Some(w) = &e.node_weights {
+                if self.numa.is_none() {
+                    return Err(bad(
+                        format!("engine {}.node_weights", e.name),
+                        "the budget is not split across NUMA nodes".into(),
+                    ));
+                }
+                check_weights(format!("engine {}.node_weights", e.name), w)?;
+            }
+        }
         Ok(Budget {
             ceiling_bytes: self.ceiling_bytes,
             engines: self.engines,
+            numa: self.numa,
         })
     }
 }

@@ -26,6 +26,30 @@ pub enum MemError {
         available: u64,
         limit: u64,
     },
+    /// The engine's share of a NUMA node would be exceeded (and, by its
+    /// policy, no other node may take the request).
+    #[error(
+        "engine {engine} refused {requested} bytes on NUMA node {node}: {available} of its {limit}-byte share there available"
+    )]
+    NodeBudgetExceeded {
+        engine: String,
+        node: u32,
+        requested: u64,
+        available: u64,
+        limit: u64,
+    },
+    /// A NUMA node's part of the ceiling would be exceeded (and, by the
+    /// engine's policy, no other node may take the request).
+    #[error(
+        "engine {engine} refused {requested} bytes on NUMA node {node}: {available} bytes available under the node's {limit}-byte part of the ceiling"
+    )]
+    NodeCeilingExceeded {
+        engine: String,
+        node: u32,
+        requested: u64,
+        available: u64,
+        limit: u64,
+    },
     /// The engine is not in the budget.
     #[error("unknown engine {engine}: not in the budget")]
     UnknownEngine { engine: EngineId },

@@ -189,6 +189,53 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## NUMA: the budget per node
+//! With a [`Topology`] ([`Topology::detect`] reads the kernel's), the
+//! ceiling and each engine's cap are split across the nodes (by the
+//! nodes' memory, or by weights), and each reservation is charged to a
+//! node as well as to its engine: the node of the calling thread, by the
+//! engine's [`NumaPolicy`]. `strict` refuses when the engine's share of
+//! that node is used up, naming the node, even while another node has
+//! room; `prefer-local` then charges the node with the most room and
+//! counts the bytes as remote; `interleave` charges the node with the most
+//! room wherever the thread runs. A reservation gives its bytes back to
+//! the nodes it took them from, whichever thread drops it. The fast path
+//! keeps its speed: credit is drawn for the thread's node once a batch
+//! (see [`numa`]). With one node nothing of this runs.
+//!
+//! ```
+//! use nodedb_governor::*;
+//!
+//! const MIB: u64 = 1 << 20;
+//! # fn main() -> Result<(), MemError> {
+//! // Node 1 has memory but no CPUs here, so every thread is on node 0.
+//! let all_cpus = (0..1024).collect();
+//! let topology = Topology::new(vec![
+//!     Node { id: 0, cpus: all_cpus, memory_bytes: 1 << 30 },
+//!     Node { id: 1, cpus: vec![], memory_bytes: 1 << 30 },
+//! ])?;
+//! let governor = MemoryGovernor::new(
+//!     Budget::builder(200 * MIB)
+//!         .engine(EngineId::Vector, 0, 100 * MIB)
+//!         .engine(EngineId::Query, 0, 100 * MIB)
+//!         .numa(topology)
+//!         .engine_numa(EngineId::Vector, NumaPolicy::Strict, None)
+//!         .build()?,
+//! );
+//! // Vector's share of node 0 is half its cap.
+//! let _index = governor.try_reserve(EngineId::Vector, 50 * MIB)?;
+//! assert!(matches!(
+//!     governor.try_reserve(EngineId::Vector, MIB),
+//!     Err(MemError::NodeBudgetExceeded { node: 0, .. })
+//! ));
+//! // Query prefers node 0, and borrows node 1's share when it must.
+//! let _table = governor.try_reserve(EngineId::Query, 50 * MIB)?;
+//! let spilled_over = governor.try_reserve(EngineId::Query, 10 * MIB)?;
+//! assert_eq!(spilled_over.node_bytes(), [(1, 10 * MIB)]);
+//! assert_eq!(governor.node_usage(EngineId::Query)?[1].remote_bytes, 10 * MIB);
+//! # Ok(()) }
+//! ```
+//!
 //! ## Spilling somewhere: the overflow region
 //! An [`OverflowRegion`] is a bounded mmap (anonymous or file-backed) that
 //! spilled data can go to: slots read back exactly what was written, freed
@@ -209,11 +256,11 @@
 //! ## Features
 //! * `metrics`: [`metrics::GovernorMetrics`] publishes the accounting on a
 //!   `prometheus::Registry` (per engine: reserved, limit, floor, lent,
-//!   pressure level, rejections, spilled bytes; with `jemalloc`, arena
-//!   resident, active and dirty bytes).
+//!   pressure level, rejections, spilled bytes; with NUMA, the same per
+//!   node; with `jemalloc`, arena resident, active and dirty bytes).
 //! * `jemalloc`: [`arena::EngineArenas`] gives each engine a dedicated
-//!   jemalloc arena (`arenas.create`), pins threads to it, reads its
-//!   statistics and purges it. The embedder installs jemalloc as the
+//!   jemalloc arena (`arenas.create`; with NUMA, one per engine and node),
+//!   pins threads to it, reads its statistics and purges it. The embedder installs jemalloc as the
 //!   global allocator.
 //! * `datafusion`: [`datafusion_pool::GovernorPool`] is DataFusion's
 //!   `MemoryPool` over one engine's budget: DataFusion's spillable operators
@@ -250,17 +297,19 @@ pub mod governor;
 pub mod lending;
 #[cfg(feature = "metrics")]
 pub mod metrics;
+pub mod numa;
 pub mod overflow;
 pub mod page_cache;
 pub mod pressure;
 pub mod spill;
 mod sync;
 
-pub use budget::{Budget, BudgetBuilder, EngineBudget};
+pub use budget::{Budget, BudgetBuilder, EngineBudget, NumaBudget};
 pub use cache::{CachedFile, EngineCache, HotSet};
 pub use engine::EngineId;
 pub use error::MemError;
 pub use governor::{DEFAULT_BATCH_BYTES, EngineUsage, MemoryGovernor, Rebalancer, Reservation};
+pub use numa::{Node, NodeTotals, NodeUsage, NumaPolicy, Topology};
 pub use overflow::{OverflowError, OverflowRegion, OverflowSlot};
 pub use page_cache::{UncachedWriter, WritePath};
 pub use pressure::{PressureChange, PressureLevel, PressureThresholds, ThresholdsHandle};

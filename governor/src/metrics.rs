@@ -18,6 +18,12 @@
 //! | `nodedb_governor_engine_arena_resident_bytes` | gauge (feature `jemalloc`) | engine |
 //! | `nodedb_governor_engine_arena_active_bytes` | gauge (feature `jemalloc`) | engine |
 //! | `nodedb_governor_engine_arena_dirty_bytes` | gauge (feature `jemalloc`) | engine |
+//! | `nodedb_governor_engine_node_reserved_bytes` | gauge (NUMA) | engine, node |
+//! | `nodedb_governor_engine_node_share_bytes` | gauge (NUMA) | engine, node |
+//! | `nodedb_governor_engine_node_remote_bytes_total` | counter (NUMA) | engine, node |
+//! | `nodedb_governor_engine_node_rejections_total` | counter (NUMA) | engine, node |
+//! | `nodedb_governor_node_reserved_bytes` | gauge (NUMA) | node |
+//! | `nodedb_governor_node_ceiling_bytes` | gauge (NUMA) | node |
 //! | `nodedb_governor_reserved_bytes` | gauge | |
 //! | `nodedb_governor_ceiling_bytes` | gauge | |
 //! | `nodedb_governor_pressure_level` | gauge | |
@@ -38,12 +44,17 @@ pub struct GovernorMetrics {
     rejections: IntCounterVec,
     forced_spills: IntCounterVec,
     spilled: IntCounterVec,
+    /// Per (engine, node): reserved, share; remote, rejections.
+    node_gauges: [IntGaugeVec; 2],
+    node_counters: [IntCounterVec; 2],
+    /// Per node: reserved, ceiling.
+    node_totals: [IntGaugeVec; 2],
     total: IntGauge,
     ceiling: IntGauge,
     global_level: IntGauge,
     #[cfg(feature = "jemalloc")]
     arena: [IntGaugeVec; 3],
-    /// Last seen monotonic counts, per (engine, metric).
+    /// Last seen monotonic counts, per (engine and node, metric).
     last: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
@@ -70,6 +81,17 @@ impl GovernorMetrics {
         };
         let engine_counter = |name: &str, help: &str| -> prometheus::Result<IntCounterVec> {
             let c = IntCounterVec::new(Opts::new(name, help), &["engine"])?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let node_gauge =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntGaugeVec> {
+                let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(g.clone()))?;
+                Ok(g)
+            };
+        let node_counter = |name: &str, help: &str| -> prometheus::Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(name, help), &["engine", "node"])?;
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
@@ -108,6 +130,40 @@ impl GovernorMetrics {
                 "nodedb_governor_engine_loan_forced_spills_total",
                 "Loans taken back from the engine that left it over its spill mark",
             )?,
+            node_gauges: [
+                node_gauge(
+                    "nodedb_governor_engine_node_reserved_bytes",
+                    "Bytes reserved by the engine charged to the NUMA node",
+                    &["engine", "node"],
+                )?,
+                node_gauge(
+                    "nodedb_governor_engine_node_share_bytes",
+                    "The engine's share of the NUMA node (its cap's part there)",
+                    &["engine", "node"],
+                )?,
+            ],
+            node_counters: [
+                node_counter(
+                    "nodedb_governor_engine_node_remote_bytes_total",
+                    "Bytes charged to the NUMA node for the engine's threads on another node (prefer-local)",
+                )?,
+                node_counter(
+                    "nodedb_governor_engine_node_rejections_total",
+                    "Reservations refused for want of room on the NUMA node",
+                )?,
+            ],
+            node_totals: [
+                node_gauge(
+                    "nodedb_governor_node_reserved_bytes",
+                    "Bytes reserved by all engines charged to the NUMA node",
+                    &["node"],
+                )?,
+                node_gauge(
+                    "nodedb_governor_node_ceiling_bytes",
+                    "The NUMA node's part of the ceiling",
+                    &["node"],
+                )?,
+            ],
             total: gauge(
                 "nodedb_governor_reserved_bytes",
                 "Bytes reserved by all engines",
@@ -137,14 +193,24 @@ impl GovernorMetrics {
     }
 
     fn advance(&self, counter: &IntCounterVec, engine: &str, metric: &'static str, now: u64) {
+        self.advance_labels(counter, &[engine], metric, now);
+    }
+
+    fn advance_labels(
+        &self,
+        counter: &IntCounterVec,
+        labels: &[&str],
+        metric: &'static str,
+        now: u64,
+    ) {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let seen = last.entry((engine.to_owned(), metric)).or_insert(0);
+        let seen = last.entry((labels.join("\u{0}"), metric)).or_insert(0);
         if now > *seen {
-            counter.with_label_values(&[engine]).inc_by(now - *seen);
+            counter.with_label_values(labels).inc_by(now - *seen);
             *seen = now;
         } else {
             // Make the series exist even before the first event.
-            counter.with_label_values(&[engine]).inc_by(0);
+            counter.with_label_values(labels).inc_by(0);
         }
     }
 
@@ -165,6 +231,30 @@ impl GovernorMetrics {
             self.advance(&self.forced_spills, e, "forced_spills", u.forced_spills);
             let spilled = spill.map_or(0, |s| s.spilled_bytes(u.engine));
             self.advance(&self.spilled, e, "spilled", spilled);
+            for n in governor.node_usage(u.engine).unwrap_or_default() {
+                let node = n.node.to_string();
+                let labels = [e, node.as_str()];
+                let [reserved, share] = &self.node_gauges;
+                reserved
+                    .with_label_values(&labels)
+                    .set(saturate(n.used_bytes));
+                share
+                    .with_label_values(&labels)
+                    .set(saturate(n.share_bytes));
+                let [remote, rejections] = &self.node_counters;
+                self.advance_labels(remote, &labels, "node_remote", n.remote_bytes);
+                self.advance_labels(rejections, &labels, "node_rejections", n.rejections);
+            }
+        }
+        for n in governor.node_totals() {
+            let node = n.node.to_string();
+            let [reserved, ceiling] = &self.node_totals;
+            reserved
+                .with_label_values(&[&node])
+                .set(saturate(n.used_bytes));
+            ceiling
+                .with_label_values(&[&node])
+                .set(saturate(n.ceiling_bytes));
         }
         self.total.set(saturate(governor.total_bytes()));
         self.ceiling.set(saturate(governor.ceiling_bytes()));

@@ -155,3 +155,80 @@ fn arena_resident_bytes_are_exported_per_engine() {
     );
     drop(held);
 }
+
+/// Pins the calling thread to `cpu`.
+fn pin(cpu: u32) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes the set.
+    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    // SAFETY: the set is ours and sized as passed.
+    let rc = unsafe { libc::sched_setaffinity(0, size_of_val(&set), &set) };
+    assert_eq!(
+        rc,
+        0,
+        "pinning to CPU {cpu}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+#[test]
+fn with_numa_a_thread_joins_its_engines_arena_on_its_node() {
+    use nodedb_governor::{Node, Topology};
+    // Two CPUs this process may run on, each treated as a node (the
+    // two-node VM checks where the pages land, with numa_maps).
+    // SAFETY: as in pin.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the set is ours and sized as passed.
+    unsafe { libc::sched_getaffinity(0, size_of_val(&set), &mut set) };
+    // SAFETY: CPU_ISSET reads the set.
+    let cpus: Vec<u32> = (0..libc::CPU_SETSIZE as u32)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c as usize, &set) })
+        .take(2)
+        .collect();
+    let [a, b] = cpus[..] else {
+        eprintln!("skipped: two nodes need two CPUs to pin threads to, this process has {cpus:?}");
+        return;
+    };
+    let node = |id: u32, cpu: u32| Node {
+        id,
+        cpus: vec![cpu],
+        memory_bytes: 1 << 30,
+    };
+    let topology = Topology::new(vec![node(0, a), node(1, b)]).unwrap();
+    let arenas = EngineArenas::create_numa(&[EngineId::Sparse], &topology).unwrap();
+    let (on0, on1) = (
+        arenas.index_on(EngineId::Sparse, 0).unwrap(),
+        arenas.index_on(EngineId::Sparse, 1).unwrap(),
+    );
+    assert_ne!(on0, on1);
+    let arenas = std::sync::Arc::new(arenas);
+    let active = |n| arenas.stats_on(EngineId::Sparse, n).unwrap().active_bytes;
+    let (before0, before1) = (active(0), active(1));
+    let held = std::thread::scope(|s| {
+        s.spawn(|| {
+            pin(b);
+            arenas.pin_current_thread(EngineId::Sparse).unwrap();
+            assert_eq!(EngineArenas::current_thread_arena().unwrap(), on1);
+            (0..4).map(|_| touch(4 * MIB)).collect::<Vec<_>>()
+        })
+        .join()
+        .unwrap()
+    });
+    // 16 MiB in node 1's arena, none in node 0's; the engine's stats sum both.
+    let grown1 = active(1) - before1;
+    assert!(grown1 >= 16 * MIB as u64, "node 1's arena grew {grown1}");
+    assert!(active(0) - before0 < MIB as u64, "node 0's arena grew");
+    assert_eq!(
+        arenas.stats(EngineId::Sparse).unwrap().active_bytes,
+        active(0) + active(1)
+    );
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            pin(a);
+            arenas.pin_current_thread(EngineId::Sparse).unwrap();
+            assert_eq!(EngineArenas::current_thread_arena().unwrap(), on0);
+        });
+    });
+    drop(held);
+}

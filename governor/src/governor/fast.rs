@@ -39,8 +39,10 @@ use super::ledger::Ledger;
 /// Per engine, whether threads may reserve from credit.
 pub(super) struct Gate {
     /// Per ledger position: true while the engine is far enough from its
-    /// limits for threads to reserve from batched credit.
+    /// limits, and from its share of every NUMA node's, for threads to
+    /// reserve from batched credit.
     open: Vec<AtomicBool>,
+    nodes: usize,
     /// Credit is drawn from the ledger this many bytes at a time; 0 keeps
     /// the gate shut.
     batch: u64,
@@ -49,8 +51,9 @@ pub(super) struct Gate {
 }
 
 impl Gate {
-    /// A shut gate for `engines` engines drawing `batch_bytes` at a time.
-    pub(super) fn new(engines: usize, batch_bytes: u64) -> Self {
+    /// A shut gate for `engines` engines on `nodes` nodes drawing
+    /// `batch_bytes` at a time.
+    pub(super) fn new(engines: usize, nodes: usize, batch_bytes: u64) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
         // Loom checks the exact core; the fast path is thread-local.
         // Batches are capped at 1 TiB so credit arithmetic never nears u64::MAX.
@@ -61,6 +64,7 @@ impl Gate {
         };
         Self {
             open: (0..engines).map(|_| AtomicBool::new(false)).collect(),
+            nodes,
             batch,
             headroom: batch.saturating_mul(2 * cores),
         }
@@ -73,7 +77,8 @@ impl Gate {
     /// Engines far from their limits take credit; the others go exact.
     pub(super) fn refresh(&self, ledger: &Ledger) {
         for (i, flag) in self.open.iter().enumerate() {
-            let open = self.batch > 0 && ledger.headroom(i) >= self.headroom;
+            let open = self.batch > 0
+                && (0..self.nodes).all(|node| ledger.headroom_at(i, node) >= self.headroom);
             // Write only on change: the flag's cache line is read by every
             // reservation on every core.
             if flag.load(Ordering::Relaxed) != open {
@@ -94,21 +99,34 @@ pub(super) trait CreditSource {
     fn id(&self) -> u64;
     /// Credit is drawn this many bytes at a time.
     fn batch(&self) -> u64;
-    /// Draws `bytes` of credit for engine `slot`, if the ledger admits it.
-    fn draw_credit(&self, slot: usize, bytes: u64) -> bool;
+    /// The NUMA node (position) the calling thread runs on.
+    fn current_node(&self) -> usize;
+    /// Draws `bytes` of credit for engine `slot` on `node`, if the ledger
+    /// admits it there.
+    fn draw_credit(&self, slot: usize, node: usize, bytes: u64) -> bool;
     /// Gives unused credit back to the ledger.
-    fn return_credit(&self, slot: usize, bytes: u64);
+    fn return_credit(&self, slot: usize, node: usize, bytes: u64);
 }
 
-/// Names a (governor, engine slot) pair in one word; 0 names nothing
-/// (governor ids start at 1). Slots are below 2^24 (`EngineId::index`).
+/// Bits of a key that name the NUMA node (position) of the credit.
+const NODE_BITS: u32 = 6;
+const NODE_MASK: u64 = (1 << NODE_BITS) - 1;
+const _: () = assert!(crate::numa::MAX_NODES as u64 == NODE_MASK + 1);
+
+/// Names a (governor, engine slot, node) triple in one word; 0 names
+/// nothing (governor ids start at 1). Slots are below 2^24
+/// (`EngineId::index`), so the slot and node fit the low 32 bits.
 #[inline]
-fn key(source: &impl CreditSource, slot: usize) -> u64 {
-    (source.id() << 24) | slot as u64
+fn key(source: &impl CreditSource, slot: usize, node: usize) -> u64 {
+    (source.id() << 32) | ((slot as u64) << NODE_BITS) | node as u64
 }
 
-fn unkey(key: u64) -> (u64, usize) {
-    (key >> 24, (key & 0xff_ffff) as usize)
+fn unkey(key: u64) -> (u64, usize, usize) {
+    (
+        key >> 32,
+        ((key & 0xffff_ffff) >> NODE_BITS) as usize,
+        (key & NODE_MASK) as usize,
+    )
 }
 
 /// Credit parked while another (governor, engine) is hot, and the owners
@@ -141,7 +159,8 @@ impl Drop for Credits {
             if bytes > 0
                 && let Some(owner) = p.owner.upgrade()
             {
-                owner.return_credit(unkey(p.key).1, bytes);
+                let (_, slot, node) = unkey(p.key);
+                owner.return_credit(slot, node, bytes);
             }
         }
     }
@@ -158,12 +177,12 @@ thread_local! {
 }
 
 impl Credits {
-    /// Makes (governor, slot) hot: parks the current hot credit and takes
-    /// the new one's parked bytes. Runs no outside code.
-    fn switch<S: CreditSource + 'static>(&self, source: &Arc<S>, slot: usize) {
+    /// Makes (governor, slot, node) hot: parks the current hot credit and
+    /// takes the new one's parked bytes. Runs no outside code.
+    fn switch<S: CreditSource + 'static>(&self, source: &Arc<S>, slot: usize, node: usize) {
         let old_key = self.hot_key.get();
         let old_bytes = self.hot_bytes.replace(0);
-        let new_key = key(&**source, slot);
+        let new_key = key(&**source, slot, node);
         let mut parked = self.parked.borrow_mut();
         if old_bytes > 0
             && let Some(p) = parked.iter_mut().find(|p| p.key == old_key)
@@ -199,64 +218,80 @@ impl Credits {
 }
 
 /// Spends `bytes` of this thread's credit for `slot`, drawing a batch when
-/// it runs short. False: the caller must decide exactly.
+/// it runs short; returns the node (position) the bytes are charged to.
+/// None: the caller must decide exactly.
+///
+/// The hot credit is spent on whichever node it was drawn for: a thread
+/// that migrated keeps charging its old node until that credit runs out
+/// (the next draw is for the node it runs on then).
 #[inline]
-pub(super) fn take<S: CreditSource + 'static>(source: &Arc<S>, slot: usize, bytes: u64) -> bool {
-    let k = key(&**source, slot);
+pub(super) fn take<S: CreditSource + 'static>(
+    source: &Arc<S>,
+    slot: usize,
+    bytes: u64,
+) -> Option<usize> {
+    let base = key(&**source, slot, 0);
     let spent = CREDITS.try_with(|c| {
+        let hot = c.hot_key.get();
         let have = c.hot_bytes.get();
-        if c.hot_key.get() == k && have >= bytes {
+        let node = (hot & NODE_MASK) as usize;
+        if hot & !NODE_MASK == base && have >= bytes {
             c.hot_bytes.set(have - bytes);
-            true
+            Some(node)
         } else {
-            false
+            None
         }
     });
     match spent {
-        Ok(true) => true,
-        Ok(false) => take_slow(source, slot, bytes),
-        Err(_) => false,
+        Ok(Some(node)) => Some(node),
+        Ok(None) => take_slow(source, slot, bytes),
+        Err(_) => None,
     }
 }
 
-/// `take` when the pair is not hot or its credit is short: switch, then
-/// draw a batch from the ledger.
+/// `take` when the engine's credit is not hot or is short: switch to the
+/// thread's node now, then draw a batch from the ledger.
 #[cold]
 #[inline(never)]
-fn take_slow<S: CreditSource + 'static>(source: &Arc<S>, slot: usize, bytes: u64) -> bool {
-    let k = key(&**source, slot);
+fn take_slow<S: CreditSource + 'static>(source: &Arc<S>, slot: usize, bytes: u64) -> Option<usize> {
+    let node = source.current_node();
+    let k = key(&**source, slot, node);
     CREDITS
         .try_with(|c| {
             if c.hot_key.get() != k {
-                c.switch(source, slot);
+                c.switch(source, slot, node);
             }
             let held = c.hot_bytes.get();
             if held >= bytes {
                 c.hot_bytes.set(held - bytes);
-                return true;
+                return Some(node);
             }
-            let Some(want) = (bytes - held).checked_add(source.batch()) else {
-                return false;
-            };
+            let want = (bytes - held).checked_add(source.batch())?;
             // Hold the hot bytes here while the ledger is asked: drawing may
             // run subscribers that reserve on this thread.
             c.hot_bytes.set(0);
-            let drawn = source.draw_credit(slot, want);
+            let drawn = source.draw_credit(slot, node, want);
             // Spare: held + want - bytes (one batch) on success, held on failure.
             let spare = if drawn { held + want - bytes } else { held };
             if !c.add_if_hot(k, spare) {
-                source.return_credit(slot, spare);
+                source.return_credit(slot, node, spare);
             }
-            drawn
+            drawn.then_some(node)
         })
-        .unwrap_or(false)
+        .ok()
+        .flatten()
 }
 
-/// Puts released `bytes` of `slot` into this thread's credit, returning
-/// what exceeds two batches to the ledger.
+/// Puts released `bytes` of `slot` charged to `node` into this thread's
+/// credit, returning what exceeds two batches to the ledger.
 #[inline]
-pub(super) fn put<S: CreditSource + 'static>(source: &Arc<S>, slot: usize, bytes: u64) {
-    let k = key(&**source, slot);
+pub(super) fn put<S: CreditSource + 'static>(
+    source: &Arc<S>,
+    slot: usize,
+    node: usize,
+    bytes: u64,
+) {
+    let k = key(&**source, slot, node);
     let kept = CREDITS.try_with(|c| {
         let now = c.hot_bytes.get().saturating_add(bytes);
         if c.hot_key.get() == k && now <= source.batch().saturating_mul(2) {
@@ -267,19 +302,19 @@ pub(super) fn put<S: CreditSource + 'static>(source: &Arc<S>, slot: usize, bytes
         }
     });
     if kept != Ok(true) {
-        put_slow(source, slot, bytes);
+        put_slow(source, slot, node, bytes);
     }
 }
 
 /// `put` when the pair is not hot or the credit would pass two batches.
 #[cold]
 #[inline(never)]
-fn put_slow<S: CreditSource + 'static>(source: &Arc<S>, slot: usize, bytes: u64) {
+fn put_slow<S: CreditSource + 'static>(source: &Arc<S>, slot: usize, node: usize, bytes: u64) {
     let batch = source.batch();
     let back = CREDITS
         .try_with(|c| {
-            if c.hot_key.get() != key(&**source, slot) {
-                c.switch(source, slot);
+            if c.hot_key.get() != key(&**source, slot, node) {
+                c.switch(source, slot, node);
             }
             let mut now = c.hot_bytes.get().saturating_add(bytes);
             let mut back = 0;
@@ -293,28 +328,30 @@ fn put_slow<S: CreditSource + 'static>(source: &Arc<S>, slot: usize, bytes: u64)
         // The thread is exiting: straight to the ledger.
         .unwrap_or(bytes);
     if back > 0 {
-        source.return_credit(slot, back);
+        source.return_credit(slot, node, back);
     }
 }
 
 /// Takes this thread's credit for the governor (`slot`, or every engine
 /// when None) out of the thread-local state.
-fn take_credit(source: &impl CreditSource, slot: Option<usize>) -> Vec<(usize, u64)> {
+fn take_credit(source: &impl CreditSource, slot: Option<usize>) -> Vec<(usize, usize, u64)> {
     let id = source.id();
     CREDITS
         .try_with(|c| {
             let mut out = Vec::new();
             let matches = |k: u64| {
-                let (g, s) = unkey(k);
+                let (g, s, _) = unkey(k);
                 g == id && slot.is_none_or(|want| want == s)
             };
             let hot_key = c.hot_key.get();
             if matches(hot_key) && c.hot_bytes.get() > 0 {
-                out.push((unkey(hot_key).1, c.hot_bytes.replace(0)));
+                let (_, s, n) = unkey(hot_key);
+                out.push((s, n, c.hot_bytes.replace(0)));
             }
             if let Ok(mut parked) = c.parked.try_borrow_mut() {
                 for p in parked.iter_mut().filter(|p| matches(p.key) && p.bytes > 0) {
-                    out.push((unkey(p.key).1, std::mem::take(&mut p.bytes)));
+                    let (_, s, n) = unkey(p.key);
+                    out.push((s, n, std::mem::take(&mut p.bytes)));
                 }
             }
             out
@@ -325,7 +362,7 @@ fn take_credit(source: &impl CreditSource, slot: Option<usize>) -> Vec<(usize, u
 /// Returns this thread's credit for `slot` (or, when None, for every engine
 /// of the governor) to the ledger.
 pub(super) fn flush(source: &impl CreditSource, slot: Option<usize>) {
-    for (slot, bytes) in take_credit(source, slot) {
-        source.return_credit(slot, bytes);
+    for (slot, node, bytes) in take_credit(source, slot) {
+        source.return_credit(slot, node, bytes);
     }
 }

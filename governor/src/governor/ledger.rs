@@ -6,10 +6,11 @@
 use std::{sync::Arc, time::Instant};
 
 use crate::{
-    budget::Budget,
+    budget::{Budget, NumaBudget},
     engine::EngineId,
     error::MemError,
     lending::{Holding, LendingRules, Loan, LoanBook, LoanEvent},
+    numa::{NodeTotals, NodeUsage, NumaPolicy},
     pressure::{PressureChange, PressureLevel, PressureThresholds, ThresholdsHandle},
     spill::SpillAction,
 };
@@ -51,6 +52,82 @@ pub(super) struct Ledger {
     /// Budgets lent between engines (by ledger position); the caps in
     /// force follow it.
     pub(super) loans: LoanBook<usize>,
+    /// The books per NUMA node; None on one node.
+    numa: Option<NumaLedger>,
+}
+
+/// The books per NUMA node: each node's part of the ceiling and total,
+/// and per engine its use, share weights and policy there.
+#[derive(Debug)]
+struct NumaLedger {
+    ids: Vec<u32>,
+    weights: Vec<u64>,
+    weight_sum: u64,
+    totals: Vec<u64>,
+    engines: Vec<EngineNodes>,
+}
+
+#[derive(Debug)]
+struct EngineNodes {
+    policy: NumaPolicy,
+    weights: Vec<u64>,
+    weight_sum: u64,
+    used: Vec<u64>,
+    remote: Vec<u64>,
+    rejections: Vec<u64>,
+}
+
+/// `whole * w / sum`, exactly (u128), for a share by weight.
+fn part(whole: u64, w: u64, sum: u64) -> u64 {
+    (u128::from(whole) * u128::from(w) / u128::from(sum.max(1))) as u64
+}
+
+impl NumaLedger {
+    fn new(numa: NumaBudget, engines: &[crate::budget::EngineBudget]) -> Self {
+        let n = numa.node_weights.len();
+        Self {
+            ids: numa.topology.nodes().iter().map(|x| x.id).collect(),
+            weight_sum: numa.node_weights.iter().sum(),
+            totals: vec![0; n],
+            engines: engines
+                .iter()
+                .map(|e| {
+                    let weights = e
+                        .node_weights
+                        .clone()
+                        .unwrap_or_else(|| numa.node_weights.clone());
+                    EngineNodes {
+                        policy: e.numa_policy,
+                        weight_sum: weights.iter().sum(),
+                        weights,
+                        used: vec![0; n],
+                        remote: vec![0; n],
+                        rejections: vec![0; n],
+                    }
+                })
+                .collect(),
+            weights: numa.node_weights,
+        }
+    }
+
+    fn node_ceiling(&self, ceiling: u64, node: usize) -> u64 {
+        part(ceiling, self.weights[node], self.weight_sum)
+    }
+
+    fn share(&self, i: usize, cap: u64, node: usize) -> u64 {
+        let e = &self.engines[i];
+        part(cap, e.weights[node], e.weight_sum)
+    }
+
+    /// Room for engine `i` on `node`: its share's and the node's.
+    fn room(&self, i: usize, cap: u64, ceiling: u64, node: usize) -> (u64, u64) {
+        (
+            self.share(i, cap, node)
+                .saturating_sub(self.engines[i].used[node]),
+            self.node_ceiling(ceiling, node)
+                .saturating_sub(self.totals[node]),
+        )
+    }
 }
 
 /// A snapshot of one engine's accounting.
@@ -77,7 +154,8 @@ impl Ledger {
     pub(super) fn new(budget: Budget, thresholds: &ThresholdsHandle) -> Self {
         let engines: Vec<EngineLedger> = budget
             .engines
-            .into_iter()
+            .iter()
+            .cloned()
             .map(|e| EngineLedger {
                 id: e.id,
                 name: e.name,
@@ -89,6 +167,11 @@ impl Ledger {
                 level: PressureLevel::Normal,
             })
             .collect();
+        let numa = budget
+            .numa
+            .clone()
+            .filter(|n| n.node_weights.len() > 1)
+            .map(|n| NumaLedger::new(n, &budget.engines));
         let mut loans = LoanBook::new(LendingRules::default());
         for (i, e) in engines.iter().enumerate() {
             loans.set_engine(i, e.cap, e.floor);
@@ -103,7 +186,13 @@ impl Ledger {
             thresholds_version: thresholds.version(),
             waiters: 0,
             loans,
+            numa,
         }
+    }
+
+    /// NUMA nodes in the books (1 without NUMA).
+    pub(super) fn nodes(&self) -> usize {
+        self.numa.as_ref().map_or(1, |n| n.ids.len())
     }
 
     /// Applies `f` to engine `i`, keeping `protected_total` in step.
@@ -115,13 +204,22 @@ impl Ledger {
         r
     }
 
-    pub(super) fn admit(&mut self, i: usize, n: u64) -> Result<(), MemError> {
-        self.admit_as(i, n, true)
+    /// Admits `n` bytes for engine `i` from a thread on `node` (a position
+    /// in the topology; 0 without NUMA); returns the node charged.
+    pub(super) fn admit(&mut self, i: usize, node: usize, n: u64) -> Result<usize, MemError> {
+        self.admit_as(i, node, n, true)
     }
 
     /// Admission; `counted` is false for credit draws, which are not the
-    /// caller's request and so neither count as refusals nor end loans.
-    pub(super) fn admit_as(&mut self, i: usize, n: u64, counted: bool) -> Result<(), MemError> {
+    /// caller's request and so neither count as refusals nor end loans
+    /// (nor borrow another node's share: the request then goes exact).
+    pub(super) fn admit_as(
+        &mut self,
+        i: usize,
+        node: usize,
+        n: u64,
+        counted: bool,
+    ) -> Result<usize, MemError> {
         let e = &self.engines[i];
         let name = || e.name.to_string();
         let new_used = e
@@ -136,49 +234,131 @@ impl Ledger {
         // A zero-byte request is a probe: it fails once the engine or the
         // pool is exhausted, like any request would.
         let need = n.max(1);
-        let refusal = if e.used.saturating_add(need) > e.cap || new_used > e.cap {
-            Some(MemError::BudgetExceeded {
+        let decision = if e.used.saturating_add(need) > e.cap || new_used > e.cap {
+            Err(MemError::BudgetExceeded {
                 engine: name(),
                 requested: n,
                 available: e.cap.saturating_sub(e.used),
                 limit: e.cap,
             })
         } else if need > global_free {
-            Some(MemError::GlobalCeilingExceeded {
+            Err(MemError::GlobalCeilingExceeded {
                 engine: name(),
                 requested: n,
                 available: global_free,
                 limit: self.ceiling,
             })
         } else {
-            None
+            self.pick_node(i, node, n, counted)
         };
-        if let Some(err) = refusal {
-            if !counted {
-                return Err(err);
+        let err = match decision {
+            Ok(m) => {
+                self.add(i, m, n);
+                if m != node
+                    && let Some(numa) = &mut self.numa
+                    && numa.engines[i].policy == NumaPolicy::PreferLocal
+                {
+                    numa.engines[i].remote[m] += n;
+                }
+                return Ok(m);
             }
-            self.engines[i].rejections += 1;
-            // A lender refused takes its loans back at once; borrowers will
-            // have to give way (their caps drop, and a spill controller
-            // spills what they hold beyond them).
-            if self.loans.is_lender(&i) {
-                let used: Vec<u64> = self.engines.iter().map(|e| e.used).collect();
-                let events = self
-                    .loans
-                    .take_back(&i, Instant::now(), &self.thresholds, |j| Holding {
-                        resident_bytes: used[*j],
-                        reserved_bytes: used[*j],
-                    });
-                self.apply_loans(&events);
-            }
+            Err(err) => err,
+        };
+        if !counted {
             return Err(err);
         }
-        self.add(i, n);
-        Ok(())
+        self.engines[i].rejections += 1;
+        if let (
+            Some(numa),
+            MemError::NodeBudgetExceeded { node: id, .. }
+            | MemError::NodeCeilingExceeded { node: id, .. },
+        ) = (&mut self.numa, &err)
+            && let Some(m) = numa.ids.iter().position(|x| x == id)
+        {
+            numa.engines[i].rejections[m] += 1;
+        }
+        // A lender refused takes its loans back at once; borrowers will
+        // have to give way (their caps drop, and a spill controller
+        // spills what they hold beyond them).
+        if self.loans.is_lender(&i) {
+            let used: Vec<u64> = self.engines.iter().map(|e| e.used).collect();
+            let events = self
+                .loans
+                .take_back(&i, Instant::now(), &self.thresholds, |j| Holding {
+                    resident_bytes: used[*j],
+                    reserved_bytes: used[*j],
+                });
+            self.apply_loans(&events);
+        }
+        Err(err)
     }
 
-    /// Counts bytes that cannot be refused; only a counter overflow fails.
-    pub(super) fn charge(&mut self, i: usize, n: u64) -> Result<(), MemError> {
+    /// The node a request of `n` bytes for engine `i` from a thread on
+    /// `node` is charged to, by the engine's policy, or the refusal naming
+    /// the node that had no room.
+    fn pick_node(&self, i: usize, node: usize, n: u64, counted: bool) -> Result<usize, MemError> {
+        let Some(numa) = &self.numa else {
+            return Ok(0);
+        };
+        let need = n.max(1);
+        let (cap, ceiling) = (self.engines[i].cap, self.ceiling);
+        let room = |m: usize| numa.room(i, cap, ceiling, m);
+        let fits = |m: usize| {
+            let (share, node) = room(m);
+            need <= share && need <= node
+        };
+        let refusal = |m: usize| {
+            let (share_room, node_room) = room(m);
+            let engine = self.engines[i].name.to_string();
+            if need > share_room {
+                MemError::NodeBudgetExceeded {
+                    engine,
+                    node: numa.ids[m],
+                    requested: n,
+                    available: share_room,
+                    limit: numa.share(i, cap, m),
+                }
+            } else {
+                MemError::NodeCeilingExceeded {
+                    engine,
+                    node: numa.ids[m],
+                    requested: n,
+                    available: node_room,
+                    limit: numa.node_ceiling(ceiling, m),
+                }
+            }
+        };
+        // The node (other than `skip`) with the most room that fits.
+        let best = |skip: Option<usize>| {
+            (0..numa.ids.len())
+                .filter(|&m| Some(m) != skip && fits(m))
+                .max_by_key(|&m| {
+                    let (a, b) = room(m);
+                    // Ties to the lowest position.
+                    (a.min(b), std::cmp::Reverse(m))
+                })
+        };
+        match numa.engines[i].policy {
+            _ if fits(node) && numa.engines[i].policy != NumaPolicy::Interleave => Ok(node),
+            NumaPolicy::Strict => Err(refusal(node)),
+            NumaPolicy::PreferLocal if !counted => Err(refusal(node)),
+            NumaPolicy::PreferLocal => best(Some(node)).ok_or_else(|| refusal(node)),
+            NumaPolicy::Interleave => best(None).ok_or_else(|| {
+                // None fits: name the node with the most room.
+                let most = (0..numa.ids.len())
+                    .max_by_key(|&m| {
+                        let (a, b) = room(m);
+                        (a.min(b), std::cmp::Reverse(m))
+                    })
+                    .unwrap_or(0);
+                refusal(most)
+            }),
+        }
+    }
+
+    /// Counts bytes that cannot be refused on `node`; only a counter
+    /// overflow fails.
+    pub(super) fn charge(&mut self, i: usize, node: usize, n: u64) -> Result<(), MemError> {
         let e = &self.engines[i];
         if e.used
             .checked_add(n)
@@ -191,23 +371,85 @@ impl Ledger {
                 current: e.used,
             });
         }
-        self.add(i, n);
+        self.add(i, node.min(self.nodes() - 1), n);
         Ok(())
     }
 
-    fn add(&mut self, i: usize, n: u64) {
+    fn add(&mut self, i: usize, node: usize, n: u64) {
         self.update(i, |e| {
             e.used += n;
             e.peak = e.peak.max(e.used);
         });
         self.total += n;
+        if let Some(numa) = &mut self.numa {
+            numa.totals[node] += n;
+            numa.engines[i].used[node] += n;
+        }
     }
 
-    pub(super) fn release(&mut self, i: usize, n: u64) {
+    /// Gives back `n` bytes of engine `i` charged to `node`.
+    pub(super) fn release(&mut self, i: usize, node: usize, n: u64) {
         // A guard never holds more than was added for it.
         debug_assert!(self.engines[i].used >= n && self.total >= n);
         self.update(i, |e| e.used -= n);
         self.total -= n;
+        if let Some(numa) = &mut self.numa {
+            debug_assert!(numa.engines[i].used[node] >= n);
+            numa.totals[node] -= n;
+            numa.engines[i].used[node] -= n;
+        }
+    }
+
+    /// Gives back `n` bytes of engine `i` whose node is not known (a pool
+    /// that keeps its own books): from `node` first, then from the other
+    /// nodes the engine holds memory on, the last first.
+    #[cfg(feature = "datafusion")]
+    pub(super) fn release_any(&mut self, i: usize, node: usize, n: u64) {
+        let Some(numa) = &self.numa else {
+            return self.release(i, 0, n);
+        };
+        let used = numa.engines[i].used.clone();
+        let mut left = n;
+        let order = std::iter::once(node).chain((0..used.len()).rev().filter(|&m| m != node));
+        for m in order {
+            let take = left.min(used[m]);
+            if take > 0 {
+                self.release(i, m, take);
+                left -= take;
+            }
+        }
+        debug_assert_eq!(left, 0, "released more than the engine holds");
+    }
+
+    /// Engine `i`'s books per node (empty without NUMA).
+    pub(super) fn node_usage(&self, i: usize) -> Vec<NodeUsage> {
+        let Some(numa) = &self.numa else {
+            return Vec::new();
+        };
+        let e = &numa.engines[i];
+        (0..numa.ids.len())
+            .map(|m| NodeUsage {
+                node: numa.ids[m],
+                used_bytes: e.used[m],
+                share_bytes: numa.share(i, self.engines[i].cap, m),
+                remote_bytes: e.remote[m],
+                rejections: e.rejections[m],
+            })
+            .collect()
+    }
+
+    /// Each node's total and part of the ceiling (empty without NUMA).
+    pub(super) fn node_totals(&self) -> Vec<NodeTotals> {
+        let Some(numa) = &self.numa else {
+            return Vec::new();
+        };
+        (0..numa.ids.len())
+            .map(|m| NodeTotals {
+                node: numa.ids[m],
+                used_bytes: numa.totals[m],
+                ceiling_bytes: numa.node_ceiling(self.ceiling, m),
+            })
+            .collect()
     }
 
     /// Takes up the thresholds in `handle` if they changed, recomputes the
@@ -259,6 +501,20 @@ impl Ledger {
     pub(super) fn headroom(&self, i: usize) -> u64 {
         let e = &self.engines[i];
         e.cap.saturating_sub(e.used).min(self.global_free(i))
+    }
+
+    /// [`headroom`](Self::headroom) on `node`: the engine's and the node's
+    /// room there too. An interleaved engine has none (it decides exactly).
+    pub(super) fn headroom_at(&self, i: usize, node: usize) -> u64 {
+        let all = self.headroom(i);
+        match &self.numa {
+            None => all,
+            Some(numa) if numa.engines[i].policy == NumaPolicy::Interleave => 0,
+            Some(numa) => {
+                let (share, room) = numa.room(i, self.engines[i].cap, self.ceiling, node);
+                all.min(share).min(room)
+            }
+        }
     }
 
     pub(super) fn usage(&self, i: usize) -> EngineUsage {

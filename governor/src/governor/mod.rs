@@ -64,6 +64,7 @@ use crate::{
     engine::EngineId,
     error::MemError,
     lending::{LendingRules, Loan, LoanEvent},
+    numa::{NodeTotals, NodeUsage},
     pressure::{PressureChange, PressureLevel, ThresholdsHandle},
     spill::SpillAction,
 };
@@ -113,18 +114,18 @@ impl MemoryGovernor {
     /// Reserves for a ledger slot without a guard (for pools that keep
     /// their own books, such as the DataFusion pool).
     pub(crate) fn reserve_slot(&self, slot: usize, bytes: u64) -> Result<(), MemError> {
-        self.shared.reserve(slot, bytes)
+        self.shared.reserve(slot, bytes).map(drop)
     }
 
     #[cfg(feature = "datafusion")]
     /// Gives back what `reserve_slot` or `charge_slot` took.
     pub(crate) fn release_slot(&self, slot: usize, bytes: u64) {
-        self.shared.give_back(slot, bytes);
+        self.shared.give_back_any(slot, bytes);
     }
 
     #[cfg(feature = "datafusion")]
     pub(crate) fn charge_slot(&self, slot: usize, bytes: u64) -> Result<(), MemError> {
-        self.shared.charge(slot, bytes)
+        self.shared.charge(slot, bytes).map(drop)
     }
 
     /// Fault injection: the `n`th reservation attempt from now (`try_reserve`
@@ -154,8 +155,8 @@ impl MemoryGovernor {
     }
 
     /// A guard for `bytes` of `slot` that the ledger already counts.
-    fn guard(&self, slot: usize, engine: EngineId, bytes: u64) -> Reservation {
-        Reservation::new(self.shared.clone(), slot, engine, bytes)
+    fn guard(&self, slot: usize, engine: EngineId, bytes: u64, node: usize) -> Reservation {
+        Reservation::new(self.shared.clone(), slot, engine, bytes, node)
     }
 
     /// An empty reservation for `engine`, to [`try_grow`](Reservation::try_grow)
@@ -164,15 +165,15 @@ impl MemoryGovernor {
     /// error), and holding one is how code that reserves often stays off
     /// shared cache lines: see [Holding a reservation](self#holding-a-reservation).
     pub fn reservation(&self, engine: EngineId) -> Result<Reservation, MemError> {
-        Ok(self.guard(self.slot(engine)?, engine, 0))
+        Ok(self.guard(self.slot(engine)?, engine, 0, 0))
     }
 
     /// Reserves `bytes` for `engine`, or refuses at once.
     #[inline]
     pub fn try_reserve(&self, engine: EngineId, bytes: u64) -> Result<Reservation, MemError> {
         let slot = self.slot(engine)?;
-        self.shared.reserve(slot, bytes)?;
-        Ok(self.guard(slot, engine, bytes))
+        let node = self.shared.reserve(slot, bytes)?;
+        Ok(self.guard(slot, engine, bytes, node))
     }
 
     /// Like [`try_reserve`](Self::try_reserve), but waits up to `timeout`
@@ -185,8 +186,8 @@ impl MemoryGovernor {
         timeout: Duration,
     ) -> Result<Reservation, MemError> {
         let slot = self.slot(engine)?;
-        self.shared.reserve_waiting(slot, bytes, timeout)?;
-        Ok(self.guard(slot, engine, bytes))
+        let node = self.shared.reserve_waiting(slot, bytes, timeout)?;
+        Ok(self.guard(slot, engine, bytes, node))
     }
 
     /// Counts `bytes` that cannot be refused (memory already allocated
@@ -194,8 +195,8 @@ impl MemoryGovernor {
     /// above its cap and the total above the ceiling; pressure then says so.
     pub fn charge(&self, engine: EngineId, bytes: u64) -> Result<Reservation, MemError> {
         let slot = self.slot(engine)?;
-        self.shared.charge(slot, bytes)?;
-        Ok(self.guard(slot, engine, bytes))
+        let node = self.shared.charge(slot, bytes)?;
+        Ok(self.guard(slot, engine, bytes, node))
     }
 
     /// One engine's accounting.
@@ -208,6 +209,19 @@ impl MemoryGovernor {
     pub fn usages(&self) -> Vec<EngineUsage> {
         let l = self.shared.lock();
         (0..l.engines.len()).map(|i| l.usage(i)).collect()
+    }
+
+    /// `engine`'s books per NUMA node (empty when the budget is not split
+    /// across nodes).
+    pub fn node_usage(&self, engine: EngineId) -> Result<Vec<NodeUsage>, MemError> {
+        let slot = self.slot(engine)?;
+        Ok(self.shared.lock().node_usage(slot))
+    }
+
+    /// Each NUMA node's total and part of the ceiling (empty when the
+    /// budget is not split across nodes).
+    pub fn node_totals(&self) -> Vec<NodeTotals> {
+        self.shared.lock().node_totals()
     }
 
     /// Bytes held by all engines.

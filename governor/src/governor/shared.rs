@@ -16,6 +16,7 @@ use crate::{
     budget::Budget,
     engine::EngineId,
     error::MemError,
+    numa::Topology,
     pressure::{PressureChange, ThresholdsHandle},
     sync::{Condvar, Mutex, MutexGuard},
 };
@@ -37,6 +38,9 @@ pub(super) struct Shared {
     /// so the fast path reads it without the lock).
     slots: Vec<usize>,
     gate: Gate,
+    /// The machine's nodes when the budget is split across them (more
+    /// than one node), else None: every charge is on node 0.
+    topology: Option<Topology>,
     /// Fault injection: refuse the reservation attempt this many attempts
     /// from now (0: off), and how many were refused so.
     #[cfg(feature = "fault-injection")]
@@ -64,12 +68,16 @@ impl CreditSource for Shared {
         self.gate.batch()
     }
 
-    fn draw_credit(&self, slot: usize, bytes: u64) -> bool {
-        self.with_ledger(|l| l.admit_as(slot, bytes, false).is_ok())
+    fn current_node(&self) -> usize {
+        self.node()
     }
 
-    fn return_credit(&self, slot: usize, bytes: u64) {
-        self.release(slot, bytes);
+    fn draw_credit(&self, slot: usize, node: usize, bytes: u64) -> bool {
+        self.with_ledger(|l| l.admit_as(slot, node, bytes, false).is_ok())
+    }
+
+    fn return_credit(&self, slot: usize, node: usize, bytes: u64) {
+        self.release(slot, node, bytes);
     }
 }
 
@@ -86,7 +94,13 @@ impl Shared {
         for (i, e) in budget.engines.iter().enumerate() {
             slots[e.id.index()] = i;
         }
-        let gate = Gate::new(budget.engines.len(), batch_bytes);
+        let topology = budget
+            .numa
+            .as_ref()
+            .map(|n| n.topology.clone())
+            .filter(|t| t.nodes().len() > 1);
+        let nodes = topology.as_ref().map_or(1, |t| t.nodes().len());
+        let gate = Gate::new(budget.engines.len(), nodes, batch_bytes);
         let shared = Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             ledger: Mutex::new(Ledger::new(budget, &thresholds)),
@@ -95,6 +109,7 @@ impl Shared {
             subscribers: Mutex::new(Vec::new()),
             slots,
             gate,
+            topology,
             #[cfg(feature = "fault-injection")]
             fault: Default::default(),
         };
@@ -145,18 +160,37 @@ impl Shared {
             .push(f);
     }
 
-    /// Counts bytes that cannot be refused (see `MemoryGovernor::charge`).
-    pub(super) fn charge(&self, slot: usize, bytes: u64) -> Result<(), MemError> {
-        self.with_ledger(|l| l.charge(slot, bytes))
+    /// The node (position) the calling thread runs on; 0 without NUMA.
+    #[inline]
+    pub(super) fn node(&self) -> usize {
+        self.topology.as_ref().map_or(0, Topology::current_node)
+    }
+
+    /// NUMA nodes in the books (1 without NUMA).
+    pub(super) fn nodes(&self) -> usize {
+        self.topology.as_ref().map_or(1, |t| t.nodes().len())
+    }
+
+    /// The kernel id of node position `node`.
+    pub(super) fn node_id(&self, node: usize) -> u32 {
+        self.topology.as_ref().map_or(0, |t| t.nodes()[node].id)
+    }
+
+    /// Counts bytes that cannot be refused (see `MemoryGovernor::charge`),
+    /// on the calling thread's node; returns the node.
+    pub(super) fn charge(&self, slot: usize, bytes: u64) -> Result<usize, MemError> {
+        let node = self.node();
+        self.with_ledger(|l| l.charge(slot, node, bytes))?;
+        Ok(node)
     }
 
     #[inline(never)]
-    fn release(&self, slot: usize, bytes: u64) {
+    fn release(&self, slot: usize, node: usize, bytes: u64) {
         if bytes == 0 {
             return;
         }
         let waiters = self.with_ledger(|l| {
-            l.release(slot, bytes);
+            l.release(slot, node, bytes);
             l.waiters > 0
         });
         if waiters {
@@ -173,24 +207,28 @@ impl Shared {
     }
 
     /// Takes `bytes` for `slot`: from this thread's credit while the engine
-    /// is far from its limits, else exactly under the lock.
+    /// is far from its limits, else exactly under the lock. Returns the
+    /// node (position) charged.
     #[inline]
-    pub(super) fn reserve(self: &Arc<Self>, slot: usize, bytes: u64) -> Result<(), MemError> {
+    pub(super) fn reserve(self: &Arc<Self>, slot: usize, bytes: u64) -> Result<usize, MemError> {
         #[cfg(feature = "fault-injection")]
         self.injected_refusal(slot, bytes)?;
-        if self.gate.is_open(slot) && fast::take(self, slot, bytes) {
-            return Ok(());
+        if self.gate.is_open(slot)
+            && let Some(node) = fast::take(self, slot, bytes)
+        {
+            return Ok(node);
         }
         self.reserve_exact(slot, bytes)
     }
 
     /// Takes `bytes` for `slot` under the lock.
     #[inline(never)]
-    fn reserve_exact(&self, slot: usize, bytes: u64) -> Result<(), MemError> {
+    fn reserve_exact(&self, slot: usize, bytes: u64) -> Result<usize, MemError> {
         // Exact: this thread's credit (for every engine of this governor)
         // goes back first, so its own slack never decides its refusal.
         self.flush_credit(None);
-        self.with_ledger(|l| l.admit(slot, bytes))
+        let node = self.node();
+        self.with_ledger(|l| l.admit(slot, node, bytes))
     }
 
     /// Returns this thread's credit for `slot` (every engine when None).
@@ -205,14 +243,21 @@ impl Shared {
         slot: usize,
         bytes: u64,
         timeout: Duration,
-    ) -> Result<(), MemError> {
+    ) -> Result<usize, MemError> {
         let start = Instant::now();
         self.flush_credit(Some(slot));
+        let node = self.node();
         let mut ledger = self.lock();
         let result = loop {
-            match ledger.admit(slot, bytes) {
-                Ok(()) => break Ok(()),
+            match ledger.admit(slot, node, bytes) {
+                Ok(m) => break Ok(m),
                 Err(MemError::GlobalCeilingExceeded { .. }) => {}
+                // A node's share or part of the ceiling that could hold the
+                // request once others release.
+                Err(
+                    MemError::NodeCeilingExceeded { limit, .. }
+                    | MemError::NodeBudgetExceeded { limit, .. },
+                ) if bytes <= limit => {}
                 Err(MemError::BudgetExceeded { .. }) if bytes <= ledger.engines[slot].cap => {}
                 Err(e) => break Err(e),
             }
@@ -260,18 +305,38 @@ impl Shared {
         })
     }
 
-    /// Gives `bytes` of `slot` back: small releases into this thread's
-    /// credit while the engine is fast (the next small reservation reuses
-    /// them), everything else to the ledger.
+    /// Gives `bytes` of `slot` charged to `node` back: small releases into
+    /// this thread's credit while the engine is fast (the next small
+    /// reservation reuses them), everything else to the ledger.
     #[inline]
-    pub(super) fn give_back(self: &Arc<Self>, slot: usize, bytes: u64) {
+    pub(super) fn give_back(self: &Arc<Self>, slot: usize, node: usize, bytes: u64) {
         if bytes == 0 {
             return;
         }
         if bytes <= self.gate.batch() && self.gate.is_open(slot) {
-            fast::put(self, slot, bytes);
+            fast::put(self, slot, node, bytes);
         } else {
-            self.release(slot, bytes);
+            self.release(slot, node, bytes);
+        }
+    }
+
+    /// Gives `bytes` of `slot` back whose node is not known (see
+    /// `Ledger::release_any`); on one node, as `give_back`.
+    #[cfg(feature = "datafusion")]
+    pub(super) fn give_back_any(self: &Arc<Self>, slot: usize, bytes: u64) {
+        if self.topology.is_none() {
+            return self.give_back(slot, 0, bytes);
+        }
+        if bytes == 0 {
+            return;
+        }
+        let node = self.node();
+        let waiters = self.with_ledger(|l| {
+            l.release_any(slot, node, bytes);
+            l.waiters > 0
+        });
+        if waiters {
+            self.released.notify_all();
         }
     }
 

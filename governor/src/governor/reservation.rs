@@ -26,10 +26,8 @@ pub struct Reservation {
     /// (always so without NUMA: node 0).
     node: u32,
     bytes: u64,
-    /// Bytes per node, once they are on more than one (a thin pointer:
-    /// a reservation on one node stays as small and as fast as without
-    /// NUMA).
-    spread: Option<Box<Vec<u64>>>,
+    /// Bytes per node, once they are on more than one.
+    spread: Option<Box<[u64]>>,
 }
 
 impl Reservation {
@@ -85,7 +83,7 @@ impl Reservation {
                 let mut v = vec![0; self.shared.nodes()];
                 v[self.node as usize] = self.bytes;
                 v[node] += n;
-                self.spread = Some(Box::new(v));
+                self.spread = Some(v.into_boxed_slice());
             }
         }
     }

@@ -167,8 +167,9 @@ impl HotIndex {
 pub enum FlushWrites {
     /// Ordinary buffered writes, what a database does today.
     Buffered,
-    /// Through the library's uncached writer.
-    Uncached,
+    /// Through the library's uncached writer, its write-behind running
+    /// at most `window_bytes` ahead of what is written back and dropped.
+    Uncached { window_bytes: u64 },
 }
 
 /// What a flush did.
@@ -263,9 +264,10 @@ pub fn flush(
                             File::create(&name)
                                 .with_context(|| format!("creating {}", name.display()))?,
                         )),
-                        FlushWrites::Uncached => Box::new(
+                        FlushWrites::Uncached { window_bytes } => Box::new(
                             UncachedWriter::create(&name)
-                                .with_context(|| format!("creating {}", name.display()))?,
+                                .with_context(|| format!("creating {}", name.display()))?
+                                .sizes(page_cache::DEFAULT_CHUNK_BYTES, window_bytes),
                         ),
                     })
                 }

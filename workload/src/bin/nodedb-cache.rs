@@ -70,6 +70,12 @@ struct Args {
     /// pace background flushes so that they leave the CPUs to queries.
     #[arg(long, default_value_t = 1024)]
     flush_mib_per_s: u64,
+    /// Governed, where the writer falls back to write-behind: how far the
+    /// written data may run ahead of what is written back and dropped
+    /// (the data in flight to the disk, and the most of the flush the
+    /// page cache holds at a time), MiB.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    write_behind_mib: u64,
     /// Per segment file (each made durable when full), MiB.
     #[arg(long, default_value_t = 256)]
     file_mib: u64,
@@ -143,7 +149,9 @@ fn main() -> anyhow::Result<()> {
     let index_path = args.dir.join("index.vectors");
     HotIndex::create(&index_path, args.index_mib << 20)?;
     let how = if args.governed {
-        FlushWrites::Uncached
+        FlushWrites::Uncached {
+            window_bytes: args.write_behind_mib << 20,
+        }
     } else {
         FlushWrites::Buffered
     };

@@ -35,8 +35,10 @@
 //! ungoverned run's, and at most 1% of what the flush wrote left in the
 //! page cache (the writer's part: the lock on the index alone would meet
 //! the first two). A failed ungoverned run fails the verdict. Under
-//! `--emulated-timing` (the VM tests, on qemu's TCG) the p99 criterion is
-//! reported, not gated: it would judge the emulator's jitter.
+//! `--emulated-timing` (the VM tests, on qemu's TCG) the p99 and the
+//! throughput criteria are reported, not gated: they would judge the
+//! emulator's jitter and its emulated disk's speed from one run to the
+//! next (see `emulated_timing`).
 //!
 //! The governed run places the engines as an operator would (`[[engine]]
 //! cpus`): the scratch disk's interrupt CPU is found by a probe write
@@ -148,12 +150,22 @@ struct Args {
     /// flush alone takes over 1 s.
     #[arg(long, default_value_t = 1000)]
     loan_grace_ms: u64,
-    /// The CPUs' timing is emulated (qemu's TCG): a latency criterion
-    /// (the cache scenario's p99) is then reported, not gated, since what
-    /// it measures is the emulator's jitter (p99 of 14 to 24 ms per 2 s
-    /// window with no flush at all, under TCG), not the kernel's.
+    /// The CPUs' timing is emulated (qemu's TCG): the cache scenario's
+    /// timing criteria are then reported, not gated. Its p99 measures the
+    /// emulator's jitter (p99 of 14 to 24 ms per 2 s window with no flush
+    /// at all, under TCG), not the kernel's; its flush throughput, the
+    /// emulated disk's speed, which varies more from one run to the next
+    /// than the criterion's 10% margin: the same ungoverned flush measured
+    /// 46 to 62 MiB/s in four runs of one boot of the 6.1 VM, and governed
+    /// runs of one configuration 49 to 68 MiB/s across two boots.
     #[arg(long)]
     emulated_timing: bool,
+    /// The cache scenario's engine placement for its governed run: `auto`
+    /// puts the flushing engine on the CPU the scratch disk interrupts and
+    /// the vector engine on the others; `none` leaves both to the
+    /// scheduler, as in the ungoverned run.
+    #[arg(long, value_enum, default_value_t = PlacementMode::Auto)]
+    placement: PlacementMode,
     /// Arguments for nodedb-workload (sizes), after `--`.
     #[arg(last = true)]
     workload: Vec<String>,
@@ -189,6 +201,12 @@ struct Harness {
     base_config: toml::Table,
     /// The cache scenario's engine placement for its governed run.
     placement: Option<Placement>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PlacementMode {
+    Auto,
+    None,
 }
 
 /// Where the cache scenario's governed run puts its engines (`[[engine]]
@@ -288,7 +306,9 @@ impl Harness {
             .with_context(|| format!("reading {}", args.config.display()))?;
         let base_config: toml::Table =
             toml::from_str(&text).with_context(|| format!("in {}", args.config.display()))?;
-        let placement = if args.scenario == Scenario::Cache && args.modes.contains(&Mode::Governed)
+        let placement = if args.scenario == Scenario::Cache
+            && args.modes.contains(&Mode::Governed)
+            && args.placement == PlacementMode::Auto
         {
             let p = Placement::probe(&args.scratch)?;
             match &p {
@@ -676,10 +696,15 @@ fn evicted(run: &Value, engine: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Whether a cache criterion decides the verdict: all do, but the latency
-/// one where the CPUs' timing is emulated (`--emulated-timing`).
+/// Whether a cache criterion decides the verdict: all do, but the timing
+/// ones (latency, throughput) where the CPUs' timing is emulated
+/// (`--emulated-timing`).
 fn gated(criterion: &str, emulated_timing: bool) -> bool {
-    !(emulated_timing && criterion == "p99_during_vs_quiet")
+    !(emulated_timing
+        && matches!(
+            criterion,
+            "p99_during_vs_quiet" | "flush_throughput_vs_ungoverned"
+        ))
 }
 
 /// Judges a governed cache run (`g`) against an ungoverned one (`u`):
@@ -862,6 +887,13 @@ mod tests {
         assert_eq!(v["met"], true, "{v:#}");
         let v = judge_cache(&cache_run(440, 0, [67, 81, 60], 855.0), &ungoverned, true);
         assert_eq!(v["met"], false, "{v:#}");
+        // So is the throughput: reported, not gated, under emulation.
+        let slow_disk = cache_run(448, 0, [67, 75, 60], 400.0);
+        let v = judge_cache(&slow_disk, &ungoverned, true);
+        assert_eq!(v["flush_throughput_vs_ungoverned"]["ok"], false, "{v:#}");
+        assert_eq!(v["flush_throughput_vs_ungoverned"]["gated"], false, "{v:#}");
+        assert_eq!(v["met"], true, "{v:#}");
+        assert_eq!(judge_cache(&slow_disk, &ungoverned, false)["met"], false);
         // Each criterion alone fails the run.
         for (bad, criterion) in [
             (cache_run(440, 0, [67, 75, 60], 855.0), "hot_set_resident"),

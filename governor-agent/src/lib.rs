@@ -25,6 +25,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod mounts;
+pub mod numa;
 pub mod owner;
 pub mod paths;
 pub mod policy;

@@ -31,6 +31,9 @@
 //! | `nodedb_governor_psi_triggers_total`, `nodedb_governor_psi_stalling` | |
 //! | `nodedb_governor_psi_memory_stall_seconds_total`, `_avg10_ratio` | kind (some, full) |
 //! | `nodedb_governor_bpf_program_runs_total`, `_run_seconds_total` | program |
+//! | `nodedb_governor_node_memory_total_bytes`, `_free_bytes`, `_file_bytes`, `_anon_bytes` | node |
+//! | `nodedb_governor_node_database_bytes` (the database cgroup's memory on the node) | node, kind (anon, file) |
+//! | `nodedb_governor_node_ceiling_share_bytes`, `nodedb_governor_node_pressure_level` | node |
 //! | `nodedb_governor_agent_clients`, `_processes`, `_ticks_total`, `_tick_seconds` | |
 
 use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
@@ -332,6 +335,49 @@ pub fn render(snapshot: &Snapshot) -> prometheus::Result<String> {
             ] {
                 stall.with_label_values(&[kind]).inc_by(total as f64 / 1e6);
                 avg.with_label_values(&[kind]).set(avg10);
+            }
+        }
+        if !status.numa.is_empty() {
+            let n = &["node"];
+            let node_gauges = [
+                ("nodedb_governor_node_memory_total_bytes", "The NUMA node's memory"),
+                ("nodedb_governor_node_memory_free_bytes", "The NUMA node's free memory"),
+                ("nodedb_governor_node_file_bytes", "The NUMA node's page cache (every process's)"),
+                ("nodedb_governor_node_anon_bytes", "The NUMA node's anonymous memory (every process's)"),
+                ("nodedb_governor_node_ceiling_share_bytes", "The NUMA node's share of the ceiling (by the nodes' memory)"),
+                ("nodedb_governor_node_pressure_level", "The database's memory on the NUMA node against its share: 0 Normal .. 3 Emergency"),
+            ]
+            .map(|(name, help)| gauge(&r, name, help, n));
+            let [total, free, file, anon, share, level] = node_gauges;
+            let (total, free, file, anon, share, level) =
+                (total?, free?, file?, anon?, share?, level?);
+            let database = gauge(
+                &r,
+                "nodedb_governor_node_database_bytes",
+                "The database cgroup's memory on the NUMA node",
+                &["node", "kind"],
+            )?;
+            for node in &status.numa {
+                let id = node.node.to_string();
+                let l = &[id.as_str()];
+                total.with_label_values(l).set(sat(node.memory_total_bytes));
+                free.with_label_values(l).set(sat(node.memory_free_bytes));
+                file.with_label_values(l).set(sat(node.file_bytes));
+                anon.with_label_values(l).set(sat(node.anon_bytes));
+                if let Some(s) = node.ceiling_share_bytes {
+                    share.with_label_values(l).set(sat(s));
+                }
+                if let Some(lv) = node.level {
+                    level.with_label_values(l).set(i64::from(lv.index()));
+                }
+                for (kind, v) in [
+                    ("anon", node.database_anon_bytes),
+                    ("file", node.database_file_bytes),
+                ] {
+                    if let Some(v) = v {
+                        database.with_label_values(&[id.as_str(), kind]).set(sat(v));
+                    }
+                }
             }
         }
         if !status.programs.is_empty() {

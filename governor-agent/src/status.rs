@@ -66,6 +66,13 @@ pub struct StatusReport {
     /// Per engine kept to CPUs (`[[engine]] cpus`): its threads' affinity.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub placement: BTreeMap<String, PlacementStatus>,
+    /// Per NUMA node: its memory, the database's on it, and the node's
+    /// pressure against its share of the ceiling (one entry on a machine
+    /// of one node).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub numa: Vec<crate::numa::NodeStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_error: Option<String>,
 }
 
 /// An engine's CPUs, and how setting its threads' affinity went.
@@ -162,6 +169,8 @@ impl StatusReport {
             ticks: TickStatus::default(),
             scheduling: Default::default(),
             placement: BTreeMap::new(),
+            numa: Vec::new(),
+            numa_error: None,
         }
     }
 
@@ -252,6 +261,24 @@ impl StatusReport {
                     .as_ref()
                     .map_or(String::new(), |e| format!(" (last: {e})"))
             ));
+        }
+        for n in &self.numa {
+            out.push_str(&format!(
+                "node {} (CPUs {}): {} of {} free, page cache {}, anon {}; the database {} anon {} file of its {} share, level {}\n",
+                n.node,
+                n.cpus,
+                mib(n.memory_free_bytes),
+                mib(n.memory_total_bytes),
+                mib(n.file_bytes),
+                mib(n.anon_bytes),
+                n.database_anon_bytes.map_or("-".to_owned(), mib),
+                n.database_file_bytes.map_or("-".to_owned(), mib),
+                n.ceiling_share_bytes.map_or("-".to_owned(), mib),
+                n.level.map_or("-", |l| l.name()),
+            ));
+        }
+        if let Some(e) = &self.numa_error {
+            out.push_str(&format!("NUMA figures: {e}\n"));
         }
         if let Some(e) = &self.scheduling.error {
             out.push_str(&format!(

@@ -121,9 +121,16 @@ fn page_cache(report: &StatusReport, pid: u32, engine: &str) -> (u64, u64) {
 
 pub fn draw(f: &mut Frame, report: &StatusReport, events: &VecDeque<String>) {
     let rows: usize = report.clients.iter().map(|c| c.engines.len()).sum();
-    let [head, ceiling, engines, log] = Layout::vertical([
+    // A bar per NUMA node where there is more than one.
+    let nodes: Vec<_> = if report.numa.len() > 1 {
+        report.numa.iter().collect()
+    } else {
+        Vec::new()
+    };
+    let [head, ceiling, node_area, engines, log] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Length(3),
+        Constraint::Length((nodes.len() as u16).saturating_mul(3)),
         Constraint::Length((rows as u16).saturating_mul(3).max(3)),
         Constraint::Min(3),
     ])
@@ -163,6 +170,30 @@ pub fn draw(f: &mut Frame, report: &StatusReport, events: &VecDeque<String>) {
             .block(Block::default().borders(Borders::ALL)),
             ceiling,
         ),
+    }
+    let node_rows = Layout::vertical(vec![Constraint::Length(3); nodes.len()]).split(node_area);
+    for (n, area) in nodes.iter().zip(node_rows.iter()) {
+        let db = n.database_anon_bytes.unwrap_or(0) + n.database_file_bytes.unwrap_or(0);
+        f.render_widget(
+            bar(
+                format!(
+                    "node {} (CPUs {}) [{}]",
+                    n.node,
+                    n.cpus,
+                    level_name(n.level)
+                ),
+                level_colour(n.level),
+                (db, n.ceiling_share_bytes.unwrap_or(n.memory_total_bytes)),
+                format!(
+                    "database {} / share {}   node free {} of {}",
+                    mib(db),
+                    n.ceiling_share_bytes.map_or("-".to_owned(), mib),
+                    mib(n.memory_free_bytes),
+                    mib(n.memory_total_bytes)
+                ),
+            ),
+            *area,
+        );
     }
     let areas = Layout::vertical(vec![Constraint::Length(3); rows.max(1)]).split(engines);
     let mut i = 0;
@@ -358,5 +389,53 @@ mod tests {
             .iter()
             .any(|c| c.fg == Color::Red);
         assert!(red, "the critical engine's bar is red");
+    }
+
+    #[test]
+    fn a_frame_shows_each_numa_node_against_its_share() {
+        let node = |id: u32, db: u64, level| crate::numa::NodeStatus {
+            node: id,
+            cpus: id.to_string(),
+            memory_total_bytes: 1 << 30,
+            memory_free_bytes: 512 << 20,
+            file_bytes: 0,
+            anon_bytes: 0,
+            database_anon_bytes: Some(db),
+            database_file_bytes: Some(0),
+            ceiling_share_bytes: Some(256 << 20),
+            level: Some(level),
+        };
+        let mut r = report(PressureLevel::Normal, 0, vec![]);
+        r.numa = vec![
+            node(0, 16 << 20, PressureLevel::Normal),
+            node(1, 250 << 20, PressureLevel::Critical),
+        ];
+        let mut t = Terminal::new(TestBackend::new(100, 24)).unwrap();
+        t.draw(|f| draw(f, &r, &VecDeque::new())).unwrap();
+        let text: String = t
+            .backend()
+            .buffer()
+            .content()
+            .iter()
+            .map(|c| c.symbol())
+            .collect();
+        for want in [
+            "node 0 (CPUs 0) [normal]",
+            "node 1 (CPUs 1) [critical]",
+            "database 250.0 MiB / share 256.0 MiB",
+        ] {
+            assert!(text.contains(want), "no {want:?} in the frame:\n{text}");
+        }
+        // One node: no node bars (the ceiling's bar is the node's).
+        r.numa.truncate(1);
+        t.draw(|f| draw(f, &r, &VecDeque::new())).unwrap();
+        let text: String = t
+            .backend()
+            .buffer()
+            .content()
+            .iter()
+            .map(|c| c.symbol())
+            .collect();
+        assert!(!text.contains("node 0 (CPUs"), "{text}");
     }
 }

@@ -95,6 +95,14 @@ impl Agent {
             &self.config.engine_names(),
             reading,
         );
+        match crate::numa::read(
+            self.ceiling.as_ref().map(|c| (c.dir(), c.backend())),
+            ceiling.as_ref().map(|c| c.limit_bytes),
+            &self.policy.rules().thresholds,
+        ) {
+            Ok(nodes) => report.numa = nodes,
+            Err(e) => report.numa_error = Some(e),
+        }
         report.ceiling = ceiling;
         report.ceiling_error = self.ceiling_error.clone();
         report.metrics_addr = self.metrics_addr.map(|a| a.to_string());

@@ -15,6 +15,7 @@ mod control_socket;
 mod delegation;
 mod ladder;
 mod metrics;
+mod numa;
 mod observe;
 mod own_process;
 mod page_cache;

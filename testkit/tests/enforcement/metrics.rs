@@ -10,7 +10,7 @@ use std::{
 use nodedb_governor_testkit::{privileged::skip_unless_privileged, wait::poll};
 
 /// `GET path` over plain HTTP/1.0; the body.
-fn http_get(addr: &str, path: &str) -> String {
+pub(super) fn http_get(addr: &str, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();

@@ -1,0 +1,232 @@
+//! The database's memory per NUMA node, and each node's pressure.
+//!
+//! A node can run out while the totals look fine: the kernel reclaims
+//! there (or allocations go remote) while another node is idle. Per node
+//! the agent reads the node's own figures (`/sys/devices/system/node/
+//! node<N>/meminfo`: MemTotal, MemFree, FilePages, AnonPages) and the
+//! database cgroup's memory on it (`memory.numa_stat`: v2 `anon N0=<bytes>
+//! N1=...`, v1 `anon=<pages> N0=<pages> ...`), and judges the database's
+//! part of each node against the node's share of the ceiling (the ceiling
+//! split by the nodes' memory, as the library splits a budget), with the
+//! same thresholds as the engines' levels.
+//!
+//! These are read when a status snapshot is built (a few small files per
+//! node), not at every tick.
+
+use std::{fs, path::Path};
+
+use nodedb_governor::{PressureLevel, PressureThresholds, Topology};
+use serde::{Deserialize, Serialize};
+
+use crate::ceiling::Backend;
+
+/// One node as the status shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node: u32,
+    /// Its CPUs, a kernel list.
+    pub cpus: String,
+    pub memory_total_bytes: u64,
+    pub memory_free_bytes: u64,
+    /// The node's page cache and anonymous memory, every process's.
+    pub file_bytes: u64,
+    pub anon_bytes: u64,
+    /// The database's (its cgroup's) memory on the node; absent without a
+    /// ceiling cgroup to read.
+    pub database_anon_bytes: Option<u64>,
+    pub database_file_bytes: Option<u64>,
+    /// The node's share of the ceiling (by the nodes' memory).
+    pub ceiling_share_bytes: Option<u64>,
+    /// The database's memory on the node against that share.
+    pub level: Option<PressureLevel>,
+}
+
+/// Reads every node, and the database cgroup `cgroup` (with its
+/// `backend`) on each, judging it against `ceiling` split by the nodes'
+/// memory. An error names the file.
+pub fn read(
+    cgroup: Option<(&Path, Backend)>,
+    ceiling: Option<u64>,
+    thresholds: &PressureThresholds,
+) -> Result<Vec<NodeStatus>, String> {
+    let nodes_dir = Path::new("/sys/devices/system/node");
+    let topology = Topology::detect().map_err(|e| e.to_string())?;
+    let db = match cgroup {
+        Some((dir, backend)) => {
+            let path = dir.join("memory.numa_stat");
+            let text = fs::read_to_string(&path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            Some(parse_numa_stat(&text, backend).map_err(|e| format!("{}: {e}", path.display()))?)
+        }
+        None => None,
+    };
+    let total_memory: u64 = topology.nodes().iter().map(|n| n.memory_bytes).sum();
+    let mut out = Vec::with_capacity(topology.nodes().len());
+    for n in topology.nodes() {
+        let meminfo = nodes_dir.join(format!("node{}/meminfo", n.id));
+        let fields = match fs::read_to_string(&meminfo) {
+            Ok(text) => parse_node_meminfo(&text),
+            // A kernel without NUMA has no node directory: the machine's.
+            Err(_) if topology.nodes().len() == 1 => {
+                let text = fs::read_to_string("/proc/meminfo")
+                    .map_err(|e| format!("reading /proc/meminfo: {e}"))?;
+                parse_node_meminfo(&text)
+            }
+            Err(e) => return Err(format!("reading {}: {e}", meminfo.display())),
+        };
+        let field = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| *v);
+        let (anon, file) = match &db {
+            Some(stat) => (
+                Some(stat.anon.get(&n.id).copied().unwrap_or(0)),
+                Some(stat.file.get(&n.id).copied().unwrap_or(0)),
+            ),
+            None => (None, None),
+        };
+        let share = ceiling.map(|c| {
+            (u128::from(c) * u128::from(n.memory_bytes) / u128::from(total_memory.max(1))) as u64
+        });
+        let level = match (anon, file, share) {
+            (Some(a), Some(f), Some(s)) => Some(thresholds.level(a + f, s)),
+            _ => None,
+        };
+        out.push(NodeStatus {
+            node: n.id,
+            cpus: cpu_list(&n.cpus),
+            memory_total_bytes: field("MemTotal").unwrap_or(n.memory_bytes),
+            memory_free_bytes: field("MemFree").unwrap_or(0),
+            file_bytes: field("FilePages").or(field("Cached")).unwrap_or(0),
+            anon_bytes: field("AnonPages").unwrap_or(0),
+            database_anon_bytes: anon,
+            database_file_bytes: file,
+            ceiling_share_bytes: share,
+            level,
+        });
+    }
+    Ok(out)
+}
+
+/// `0-3,8` from a sorted list of CPUs.
+fn cpu_list(cpus: &[u32]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            cpus[i].to_string()
+        } else {
+            format!("{}-{}", cpus[i], cpus[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
+/// `(field, bytes)` of a node's meminfo ("Node 0 MemFree:  123 kB") or
+/// of `/proc/meminfo` ("MemFree:  123 kB").
+fn parse_node_meminfo(text: &str) -> Vec<(String, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let (key, value) = l.split_once(':')?;
+            let key = key.split_whitespace().last()?;
+            let kib = value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()?;
+            Some((key.to_owned(), kib << 10))
+        })
+        .collect()
+}
+
+/// A cgroup's memory per node, bytes.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct NumaStat {
+    anon: std::collections::BTreeMap<u32, u64>,
+    file: std::collections::BTreeMap<u32, u64>,
+}
+
+/// `memory.numa_stat`: v2 `anon N0=<bytes> N1=<bytes>` lines, v1
+/// `anon=<pages> N0=<pages> N1=<pages>` lines.
+fn parse_numa_stat(text: &str, backend: Backend) -> Result<NumaStat, String> {
+    let mut stat = NumaStat::default();
+    // SAFETY: sysconf has no preconditions.
+    let page = (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(1) as u64;
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let Some(first) = words.next() else { continue };
+        let (key, scale) = match backend {
+            Backend::CgroupV2 => (first, 1),
+            Backend::CgroupV1 => (first.split_once('=').map_or(first, |(k, _)| k), page),
+        };
+        let into = match key {
+            "anon" => &mut stat.anon,
+            "file" => &mut stat.file,
+            _ => continue,
+        };
+        for w in words {
+            let Some((node, value)) = w.strip_prefix('N').and_then(|w| w.split_once('=')) else {
+                return Err(format!("{w:?} in {line:?} is not N<node>=<value>"));
+            };
+            let (Ok(node), Ok(value)) = (node.parse::<u32>(), value.parse::<u64>()) else {
+                return Err(format!("{w:?} in {line:?} is not N<node>=<value>"));
+            };
+            into.insert(node, value.saturating_mul(scale));
+        }
+    }
+    if stat.anon.is_empty() && stat.file.is_empty() {
+        return Err("no anon or file line".into());
+    }
+    Ok(stat)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numa_stat_is_read_in_both_formats_and_bad_lines_are_named() {
+        let v2 = "anon N0=4096 N1=8192\nfile N0=0 N1=12288\nkernel_stack N0=16384 N1=0\n";
+        let s = parse_numa_stat(v2, Backend::CgroupV2).unwrap();
+        assert_eq!(s.anon.get(&1), Some(&8192));
+        assert_eq!(s.file.get(&1), Some(&12288));
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+        let v1 = "total=3 N0=1 N1=2\nfile=1 N0=0 N1=1\nanon=2 N0=1 N1=1\nhierarchical_total=3 N0=1 N1=2\n";
+        let s = parse_numa_stat(v1, Backend::CgroupV1).unwrap();
+        assert_eq!(s.anon.get(&0), Some(&page));
+        assert_eq!(s.file.get(&1), Some(&page));
+        let e = parse_numa_stat("anon N0=x\n", Backend::CgroupV2).unwrap_err();
+        assert!(e.contains("\"N0=x\""), "{e}");
+        assert!(parse_numa_stat("", Backend::CgroupV2).is_err());
+    }
+
+    #[test]
+    fn node_meminfo_and_proc_meminfo_parse_alike() {
+        let node = "Node 1 MemTotal:        1024 kB\nNode 1 FilePages:  8 kB\n";
+        let proc = "MemTotal:        1024 kB\nFilePages:  8 kB\n";
+        assert_eq!(parse_node_meminfo(node), parse_node_meminfo(proc));
+        assert_eq!(parse_node_meminfo(node)[0], ("MemTotal".into(), 1 << 20));
+        assert_eq!(cpu_list(&[0, 1, 2, 5, 7, 8]), "0-2,5,7-8");
+    }
+
+    #[test]
+    fn this_machine_reads_and_each_node_is_judged_on_its_share() {
+        let t = PressureThresholds::default();
+        let nodes = read(None, Some(1 << 30), &t).expect("sysfs");
+        assert!(!nodes.is_empty());
+        let shares: u64 = nodes.iter().filter_map(|n| n.ceiling_share_bytes).sum();
+        assert!(
+            shares <= 1 << 30 && shares + nodes.len() as u64 >= 1 << 30,
+            "{nodes:?}"
+        );
+        assert!(
+            nodes
+                .iter()
+                .all(|n| n.memory_total_bytes > 0 && n.level.is_none())
+        );
+    }
+}

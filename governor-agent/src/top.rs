@@ -358,19 +358,23 @@ mod tests {
         assert!(diff(&b, &b).is_empty());
     }
 
+    /// What the terminal shows, as one string.
+    fn screen(t: &Terminal<TestBackend>) -> String {
+        t.backend()
+            .buffer()
+            .content()
+            .iter()
+            .map(|c| c.symbol())
+            .collect()
+    }
+
     #[test]
     fn a_frame_shows_each_engine_against_its_budget() {
         let mut t = Terminal::new(TestBackend::new(100, 16)).unwrap();
         let events = VecDeque::from(["pid 42 vector: normal -> critical".to_string()]);
         t.draw(|f| draw(f, &report(PressureLevel::Critical, 1, vec![]), &events))
             .unwrap();
-        let text: String = t
-            .backend()
-            .buffer()
-            .content()
-            .iter()
-            .map(|c| c.symbol())
-            .collect();
+        let text = screen(&t);
         for want in [
             "database nodedb",
             "pid 42 vector [critical]",
@@ -412,13 +416,7 @@ mod tests {
         ];
         let mut t = Terminal::new(TestBackend::new(100, 24)).unwrap();
         t.draw(|f| draw(f, &r, &VecDeque::new())).unwrap();
-        let text: String = t
-            .backend()
-            .buffer()
-            .content()
-            .iter()
-            .map(|c| c.symbol())
-            .collect();
+        let text = screen(&t);
         for want in [
             "node 0 (CPUs 0) [normal]",
             "node 1 (CPUs 1) [critical]",
@@ -429,13 +427,7 @@ mod tests {
         // One node: no node bars (the ceiling's bar is the node's).
         r.numa.truncate(1);
         t.draw(|f| draw(f, &r, &VecDeque::new())).unwrap();
-        let text: String = t
-            .backend()
-            .buffer()
-            .content()
-            .iter()
-            .map(|c| c.symbol())
-            .collect();
+        let text = screen(&t);
         assert!(!text.contains("node 0 (CPUs"), "{text}");
     }
 }

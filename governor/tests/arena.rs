@@ -3,6 +3,8 @@
 //! jemalloc's automatic ones), a pinned thread's memory lands in its
 //! engine's arena only, and purge gives freed pages back.
 
+mod common;
+
 use nodedb_governor::{EngineId, arena::EngineArenas};
 
 #[global_allocator]
@@ -156,38 +158,12 @@ fn arena_resident_bytes_are_exported_per_engine() {
     drop(held);
 }
 
-/// Pins the calling thread to `cpu`.
-fn pin(cpu: u32) {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes the set.
-    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
-    // SAFETY: the set is ours and sized as passed.
-    let rc = unsafe { libc::sched_setaffinity(0, size_of_val(&set), &set) };
-    assert_eq!(
-        rc,
-        0,
-        "pinning to CPU {cpu}: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
 #[test]
 fn with_numa_a_thread_joins_its_engines_arena_on_its_node() {
     use nodedb_governor::{Node, Topology};
     // Two CPUs this process may run on, each treated as a node (the
-    // two-node VM checks where the pages land, with numa_maps).
-    // SAFETY: as in pin.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: the set is ours and sized as passed.
-    unsafe { libc::sched_getaffinity(0, size_of_val(&set), &mut set) };
-    // SAFETY: CPU_ISSET reads the set.
-    let cpus: Vec<u32> = (0..libc::CPU_SETSIZE as u32)
-        .filter(|&c| unsafe { libc::CPU_ISSET(c as usize, &set) })
-        .take(2)
-        .collect();
-    let [a, b] = cpus[..] else {
-        eprintln!("skipped: two nodes need two CPUs to pin threads to, this process has {cpus:?}");
+    // two-node VM checks where the pages land).
+    let Some((a, b)) = common::two_cpus() else {
         return;
     };
     let node = |id: u32, cpu: u32| Node {
@@ -207,7 +183,7 @@ fn with_numa_a_thread_joins_its_engines_arena_on_its_node() {
     let (before0, before1) = (active(0), active(1));
     let held = std::thread::scope(|s| {
         s.spawn(|| {
-            pin(b);
+            common::pin(b);
             arenas.pin_current_thread(EngineId::Sparse).unwrap();
             assert_eq!(EngineArenas::current_thread_arena().unwrap(), on1);
             (0..4).map(|_| touch(4 * MIB)).collect::<Vec<_>>()
@@ -225,7 +201,7 @@ fn with_numa_a_thread_joins_its_engines_arena_on_its_node() {
     );
     std::thread::scope(|s| {
         s.spawn(|| {
-            pin(a);
+            common::pin(a);
             arenas.pin_current_thread(EngineId::Sparse).unwrap();
             assert_eq!(EngineArenas::current_thread_arena().unwrap(), on0);
         });

@@ -9,7 +9,11 @@
 //! machine of two nodes. The two-node VM runs the same library against the
 //! kernel's own topology.
 
+mod common;
+
 use std::sync::Mutex;
+
+use common::{pin, two_cpus};
 
 use nodedb_governor::{
     Budget, EngineId, MemError, MemoryGovernor, Node, NumaPolicy, Reservation, ThresholdsHandle,
@@ -20,47 +24,6 @@ const MIB: u64 = 1 << 20;
 
 /// Pinning changes the test thread's CPU: one test at a time.
 static PINNED: Mutex<()> = Mutex::new(());
-
-/// Two CPUs this process may run on, or None (with the reason printed).
-fn two_cpus() -> Option<(u32, u32)> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: the set is ours and sized as passed.
-    let rc = unsafe { libc::sched_getaffinity(0, size_of_val(&set), &mut set) };
-    assert_eq!(
-        rc,
-        0,
-        "sched_getaffinity: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: CPU_ISSET reads the set.
-    let cpus: Vec<u32> = (0..libc::CPU_SETSIZE as u32)
-        .filter(|&c| unsafe { libc::CPU_ISSET(c as usize, &set) })
-        .collect();
-    if cpus.len() < 2 {
-        eprintln!("skipped: two nodes need two CPUs to pin threads to, this process has {cpus:?}");
-        return None;
-    }
-    Some((cpus[0], cpus[1]))
-}
-
-/// Pins the calling thread to `cpu`.
-fn pin(cpu: u32) {
-    // SAFETY: as in two_cpus.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes the set.
-    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
-    // SAFETY: the set is ours and sized as passed.
-    let rc = unsafe { libc::sched_setaffinity(0, size_of_val(&set), &set) };
-    assert_eq!(
-        rc,
-        0,
-        "pinning to CPU {cpu}: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: sched_getcpu has no preconditions.
-    assert_eq!(unsafe { libc::sched_getcpu() }, cpu as i32);
-}
 
 /// Undoes `pin`: every CPU the process had.
 struct Unpin(libc::cpu_set_t);

@@ -79,3 +79,50 @@ impl SpillHandler for Chunks {
         freed
     }
 }
+
+/// The first two CPUs this process may run on, or None (with the reason
+/// printed): the NUMA tests treat each as a node and pin threads to them.
+pub fn two_cpus() -> Option<(u32, u32)> {
+    let cpus = allowed_cpus();
+    if cpus.len() < 2 {
+        eprintln!("skipped: two nodes need two CPUs to pin threads to, this process has {cpus:?}");
+        return None;
+    }
+    Some((cpus[0], cpus[1]))
+}
+
+/// The CPUs the calling thread may run on.
+pub fn allowed_cpus() -> Vec<u32> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the set is ours and sized as passed.
+    let rc = unsafe { libc::sched_getaffinity(0, size_of_val(&set), &mut set) };
+    assert_eq!(
+        rc,
+        0,
+        "sched_getaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: CPU_ISSET reads the set.
+    (0..libc::CPU_SETSIZE as u32)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c as usize, &set) })
+        .collect()
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin(cpu: u32) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes the set.
+    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    // SAFETY: the set is ours and sized as passed.
+    let rc = unsafe { libc::sched_setaffinity(0, size_of_val(&set), &set) };
+    assert_eq!(
+        rc,
+        0,
+        "pinning to CPU {cpu}: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: sched_getcpu has no preconditions.
+    assert_eq!(unsafe { libc::sched_getcpu() }, cpu as i32);
+}

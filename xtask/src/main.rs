@@ -72,7 +72,9 @@ enum Task {
         /// The cache scenario in each VM too (after the mixed one).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         cache_scenario: bool,
-        /// NUMA nodes in each VM (its 2 CPUs and 3 GiB split evenly).
+        /// NUMA nodes in each VM (its 2 CPUs and 3 GiB split evenly); with
+        /// two, vm-check also runs the library (`numa-probe`) and reads
+        /// the agent's per-node status on the kernel's nodes.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
         numa_nodes: u32,
         /// Breaches the ladder check drives in each VM, each timed from

@@ -328,15 +328,21 @@ fn main() -> anyhow::Result<()> {
         host_test(&env.bin, "engine_cache", &[], &args.disk)
             .map(|text| json!({"result": result_line(&text)})),
     );
-    checks.record("NUMA nodes as booted, and first touch", numa_check());
+    checks.record(
+        "NUMA nodes as booted, first touch, and the library on them",
+        numa_check(&env),
+    );
     finish(&args.work, &kernel, checks, breach)
 }
 
 /// The nodes the VM was booted with (`nodedb.numa_nodes=N` on the kernel
 /// command line; 1 without it) are the kernel's, each with CPUs and
 /// memory; with two or more, a thread pinned to a node's CPUs that first
-/// touches 64 MiB gets at least 95% of its pages there (`numa_maps`).
-fn numa_check() -> anyhow::Result<Value> {
+/// touches 64 MiB gets at least 95% of its pages there (`numa_maps`), and
+/// `numa-probe` runs the library on the nodes (arenas per node, the budget
+/// split across them), and the agent's status shows every node with the
+/// database cgroup's memory on it (`memory.numa_stat`).
+fn numa_check(env: &Env) -> anyhow::Result<Value> {
     use nodedb_governor_testkit::numa;
     let cmdline = std::fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?;
     let booted: usize = cmdline
@@ -392,7 +398,39 @@ fn numa_check() -> anyhow::Result<Value> {
             "first_touch_on_node": on_node,
         }));
     }
-    Ok(json!(detail))
+    // The agent's per-node status: every node, the database cgroup's
+    // memory on it (memory.numa_stat) and its share of the ceiling.
+    let status = env.status()?;
+    let agent = status["numa"].as_array().cloned().unwrap_or_default();
+    let seen: Vec<u64> = agent.iter().filter_map(|n| n["node"].as_u64()).collect();
+    let want: Vec<u64> = nodes.iter().map(|&n| u64::from(n)).collect();
+    if seen != want
+        || agent.iter().any(|n| {
+            n["database_anon_bytes"].as_u64().is_none()
+                || n["ceiling_share_bytes"].as_u64().is_none()
+        })
+    {
+        bail!(
+            "the agent's per-node status, for nodes {want:?}: {} (error: {})",
+            status["numa"],
+            status["numa_error"]
+        );
+    }
+    if nodes.len() < 2 {
+        return Ok(json!({"nodes": detail, "agent": agent}));
+    }
+    let out = Command::new(env.bin.join("numa-probe"))
+        .output()
+        .context("running numa-probe")?;
+    if !out.status.success() {
+        bail!(
+            "numa-probe {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let library: Value = serde_json::from_slice(&out.stdout).context("numa-probe's JSON")?;
+    Ok(json!({"nodes": detail, "library": library, "agent": agent}))
 }
 
 fn result_line(text: &str) -> String {

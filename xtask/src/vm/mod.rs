@@ -43,6 +43,7 @@ const PROBE_BINS: &[&str] = &[
     "breach-probe",
     "hold-probe",
     "attribution-probe",
+    "numa-probe",
 ];
 /// Integration tests vm-check runs as they are (under their target's name,
 /// without cargo's hash).

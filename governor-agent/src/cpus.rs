@@ -143,25 +143,29 @@ impl FromStr for CpuList {
 
 impl fmt::Display for CpuList {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut first = true;
-        let mut it = self.cpus().peekable();
-        while let Some(a) = it.next() {
-            let mut b = a;
-            while it.peek() == Some(&(b + 1)) {
-                b = it.next().expect("peeked");
-            }
-            if !first {
-                f.write_str(",")?;
-            }
-            first = false;
-            if a == b {
-                write!(f, "{a}")?;
-            } else {
-                write!(f, "{a}-{b}")?;
-            }
-        }
-        Ok(())
+        f.write_str(&kernel_list(self.cpus()))
     }
+}
+
+/// Ascending CPUs written as the kernel writes lists (`0-3,8,10-11`).
+pub fn kernel_list(cpus: impl Iterator<Item = u32>) -> String {
+    let mut out = String::new();
+    let mut it = cpus.peekable();
+    while let Some(a) = it.next() {
+        let mut b = a;
+        while it.peek() == Some(&(b + 1)) {
+            b = it.next().expect("peeked");
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if a == b {
+            out.push_str(&a.to_string());
+        } else {
+            out.push_str(&format!("{a}-{b}"));
+        }
+    }
+    out
 }
 
 impl<'de> Deserialize<'de> for CpuList {

@@ -18,7 +18,7 @@ use std::{fs, path::Path};
 use nodedb_governor::{PressureLevel, PressureThresholds, Topology};
 use serde::{Deserialize, Serialize};
 
-use crate::ceiling::Backend;
+use crate::{ceiling::Backend, cpus::kernel_list};
 
 /// One node as the status shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -91,7 +91,7 @@ pub fn read(
         };
         out.push(NodeStatus {
             node: n.id,
-            cpus: cpu_list(&n.cpus),
+            cpus: kernel_list(n.cpus.iter().copied()),
             memory_total_bytes: field("MemTotal").unwrap_or(n.memory_bytes),
             memory_free_bytes: field("MemFree").unwrap_or(0),
             file_bytes: field("FilePages").or(field("Cached")).unwrap_or(0),
@@ -103,25 +103,6 @@ pub fn read(
         });
     }
     Ok(out)
-}
-
-/// `0-3,8` from a sorted list of CPUs.
-fn cpu_list(cpus: &[u32]) -> String {
-    let mut parts = Vec::new();
-    let mut i = 0;
-    while i < cpus.len() {
-        let mut j = i;
-        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
-            j += 1;
-        }
-        parts.push(if i == j {
-            cpus[i].to_string()
-        } else {
-            format!("{}-{}", cpus[i], cpus[j])
-        });
-        i = j + 1;
-    }
-    parts.join(",")
 }
 
 /// `(field, bytes)` of a node's meminfo ("Node 0 MemFree:  123 kB") or
@@ -210,7 +191,7 @@ mod tests {
         let proc = "MemTotal:        1024 kB\nFilePages:  8 kB\n";
         assert_eq!(parse_node_meminfo(node), parse_node_meminfo(proc));
         assert_eq!(parse_node_meminfo(node)[0], ("MemTotal".into(), 1 << 20));
-        assert_eq!(cpu_list(&[0, 1, 2, 5, 7, 8]), "0-2,5,7-8");
+        assert_eq!(kernel_list([0, 1, 2, 5, 7, 8].into_iter()), "0-2,5,7-8");
     }
 
     #[test]

@@ -152,10 +152,13 @@ pub struct EngineUsage {
 impl Ledger {
     /// An empty ledger for `budget`, in budget order.
     pub(super) fn new(budget: Budget, thresholds: &ThresholdsHandle) -> Self {
+        let numa = budget
+            .numa
+            .filter(|n| n.node_weights.len() > 1)
+            .map(|n| NumaLedger::new(n, &budget.engines));
         let engines: Vec<EngineLedger> = budget
             .engines
-            .iter()
-            .cloned()
+            .into_iter()
             .map(|e| EngineLedger {
                 id: e.id,
                 name: e.name,
@@ -167,11 +170,6 @@ impl Ledger {
                 level: PressureLevel::Normal,
             })
             .collect();
-        let numa = budget
-            .numa
-            .clone()
-            .filter(|n| n.node_weights.len() > 1)
-            .map(|n| NumaLedger::new(n, &budget.engines));
         let mut loans = LoanBook::new(LendingRules::default());
         for (i, e) in engines.iter().enumerate() {
             loans.set_engine(i, e.cap, e.floor);
@@ -188,11 +186,6 @@ impl Ledger {
             loans,
             numa,
         }
-    }
-
-    /// NUMA nodes in the books (1 without NUMA).
-    pub(super) fn nodes(&self) -> usize {
-        self.numa.as_ref().map_or(1, |n| n.ids.len())
     }
 
     /// Applies `f` to engine `i`, keeping `protected_total` in step.
@@ -328,15 +321,17 @@ impl Ledger {
                 }
             }
         };
+        // The node among `nodes` with the most room (ties to the lowest
+        // position).
+        let most_room = |nodes: &mut dyn Iterator<Item = usize>| {
+            nodes.max_by_key(|&m| {
+                let (a, b) = room(m);
+                (a.min(b), std::cmp::Reverse(m))
+            })
+        };
         // The node (other than `skip`) with the most room that fits.
         let best = |skip: Option<usize>| {
-            (0..numa.ids.len())
-                .filter(|&m| Some(m) != skip && fits(m))
-                .max_by_key(|&m| {
-                    let (a, b) = room(m);
-                    // Ties to the lowest position.
-                    (a.min(b), std::cmp::Reverse(m))
-                })
+            most_room(&mut (0..numa.ids.len()).filter(|&m| Some(m) != skip && fits(m)))
         };
         match numa.engines[i].policy {
             _ if fits(node) && numa.engines[i].policy != NumaPolicy::Interleave => Ok(node),
@@ -345,13 +340,7 @@ impl Ledger {
             NumaPolicy::PreferLocal => best(Some(node)).ok_or_else(|| refusal(node)),
             NumaPolicy::Interleave => best(None).ok_or_else(|| {
                 // None fits: name the node with the most room.
-                let most = (0..numa.ids.len())
-                    .max_by_key(|&m| {
-                        let (a, b) = room(m);
-                        (a.min(b), std::cmp::Reverse(m))
-                    })
-                    .unwrap_or(0);
-                refusal(most)
+                refusal(most_room(&mut (0..numa.ids.len())).unwrap_or(0))
             }),
         }
     }
@@ -371,7 +360,7 @@ impl Ledger {
                 current: e.used,
             });
         }
-        self.add(i, node.min(self.nodes() - 1), n);
+        self.add(i, node, n);
         Ok(())
     }
 

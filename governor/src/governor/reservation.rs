@@ -178,15 +178,9 @@ impl Reservation {
 impl Drop for Reservation {
     #[inline]
     fn drop(&mut self) {
-        match self.spread.take() {
-            None => self
-                .shared
-                .give_back(self.slot, self.node as usize, self.bytes),
-            Some(v) => {
-                for (node, &n) in v.iter().enumerate() {
-                    self.shared.give_back(self.slot, node, n);
-                }
-            }
-        }
+        let slot = self.slot;
+        self.take_parts(self.bytes, |shared, node, n| {
+            shared.give_back(slot, node, n)
+        });
     }
 }

@@ -189,8 +189,14 @@ impl Shared {
         if bytes == 0 {
             return;
         }
+        self.release_by(|l| l.release(slot, node, bytes));
+    }
+
+    /// Gives memory back to the ledger with `f`, then wakes the threads
+    /// waiting in `reserve_timeout`, if any.
+    fn release_by(&self, f: impl FnOnce(&mut Ledger)) {
         let waiters = self.with_ledger(|l| {
-            l.release(slot, node, bytes);
+            f(l);
             l.waiters > 0
         });
         if waiters {
@@ -331,13 +337,7 @@ impl Shared {
             return;
         }
         let node = self.node();
-        let waiters = self.with_ledger(|l| {
-            l.release_any(slot, node, bytes);
-            l.waiters > 0
-        });
-        if waiters {
-            self.released.notify_all();
-        }
+        self.release_by(|l| l.release_any(slot, node, bytes));
     }
 
     /// The engine's name in the ledger, for errors.

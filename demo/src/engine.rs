@@ -163,6 +163,11 @@ impl Engine {
         });
     }
 
+    /// Runs `f` over the engine's blocks (to look at where they are).
+    pub fn with_blocks<R>(&self, f: impl FnOnce(&[Block]) -> R) -> R {
+        f(&self.blocks.lock().expect("blocks"))
+    }
+
     /// Keeps blocks that another engine handed over (or partly released).
     pub fn keep(&self, blocks: Vec<Block>) {
         self.blocks.lock().expect("blocks").extend(blocks);

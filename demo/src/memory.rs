@@ -128,6 +128,22 @@ impl Block {
         }
     }
 
+    /// Reads one byte of every page, on the calling thread (a reader of
+    /// memory it does not own); returns their sum.
+    pub fn read_pages(&self) -> u64 {
+        let mut sum = 0u64;
+        for off in (0..self.len).step_by(PAGE) {
+            // SAFETY: off < len, inside the mapping we own.
+            sum += u64::from(unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(off)) });
+        }
+        sum
+    }
+
+    /// Where the block starts.
+    pub fn addr(&self) -> usize {
+        self.ptr.as_ptr() as usize
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

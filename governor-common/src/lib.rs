@@ -75,7 +75,22 @@ pub struct SlotStats {
     /// Resident bytes (every kind but swap) counted on this CPU and not
     /// yet added to the slot's `MARK_TOTALS` entry (see [`SlotMark`]).
     pub mark_pending_bytes: i64,
+    /// NUMA hinting faults the slot's threads took in a region another slot
+    /// owns, which therefore stayed that slot's (see [`RegionCache`]).
+    pub hinting_faults_elsewhere: u64,
+    /// Net resident bytes (every kind but swap) by NUMA node (index: node)
+    /// of the CPU that counted them. A page is first placed on the node of
+    /// the CPU that touches it, unless a memory policy or a full node sends
+    /// it elsewhere, so growth is counted where it lands; a release is
+    /// taken off the node of the CPU that counts it, which is wrong for a
+    /// thread that moved to another node since it faulted the memory in.
+    /// Pages NUMA balancing moves later are not followed. Nodes from
+    /// [`NODE_SLOTS`] up are not counted.
+    pub node_resident_bytes: [i64; NODE_SLOTS],
 }
+
+/// NUMA nodes counted per slot ([`SlotStats::node_resident_bytes`]).
+pub const NODE_SLOTS: usize = 8;
 
 /// The most one CPU holds back from a slot's mark total, whatever the
 /// distance to the mark (a shared write per this many bytes of growth).
@@ -249,6 +264,31 @@ pub mod identity {
 /// The per-CPU memory of the last 2 MiB region whose owner was recorded,
 /// packed into one word like [`identity`] and zeroed on `sched_switch`:
 /// bit 63 valid, bits 53..63 slot, bits 0..53 region number.
+/// One CPU's memory of the faults that recorded regions' owners (the
+/// `REGION_CACHE` map).
+///
+/// A fault is taken for one of two reasons the tracepoint cannot tell
+/// apart: to bring a page in, and so take the region for the faulting
+/// slot, or (NUMA balancing) to sample which node uses a page already
+/// there, which changes nothing. A fault that gives a region another owner
+/// leaves the change here until the thread's next fault; a hinting fault
+/// (the `task_numa_fault` program, inside the same fault) hands the region
+/// back. Without this, a thread that reads another engine's memory (a
+/// spill thread flushing its buffers) takes those regions over while NUMA
+/// balancing scans, and their release is then charged to it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegionCache {
+    /// [`region_cache::pack`] of the slot and region last recorded, or 0.
+    pub word: u64,
+    /// The thread whose last fault gave a region a new owner, or 0.
+    pub moved_tid: u32,
+    /// The slot that owned the region before.
+    pub moved_from: u32,
+    /// The region (address >> [`REGION_SHIFT`]).
+    pub moved_region: u64,
+}
+
 pub mod region_cache {
     const SLOT_SHIFT: u32 = 53;
     const REGION_MASK: u64 = (1 << 53) - 1;

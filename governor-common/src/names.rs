@@ -76,6 +76,7 @@ pub mod program {
     pub const SCHED_PROCESS_EXIT: &str = "sched_process_exit";
     pub const FILEMAP_ADD: &str = "filemap_add";
     pub const FILEMAP_DELETE: &str = "filemap_delete";
+    pub const TASK_NUMA_FAULT: &str = "task_numa_fault";
     /// Benchmark only (the eBPF crate's `bench` feature): an empty program
     /// on `page_fault_user`.
     pub const FLOOR_PAGE_FAULT_USER: &str = "floor_page_fault_user";
@@ -145,6 +146,21 @@ pub const BTF_TRACEPOINTS: &[BtfTracePoint] = &[
     BtfTracePoint::new(program::PAGE_FAULT_USER, "page_fault_user"),
     BtfTracePoint::new(program::RSS_STAT, "rss_stat"),
 ];
+
+/// A program on a kernel function's entry (`fentry/{function}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FEntry {
+    pub program: &'static str,
+    pub function: &'static str,
+}
+
+/// The fentry programs. Each is optional: a kernel without the function
+/// (built without NUMA balancing) has nothing for it to see, and the agent
+/// runs without it.
+pub const FENTRIES: &[FEntry] = &[FEntry {
+    program: program::TASK_NUMA_FAULT,
+    function: "task_numa_fault",
+}];
 
 /// The benchmark's empty programs, in the object only when the eBPF crate
 /// is built with its `bench` feature.

@@ -2,8 +2,8 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg};
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
-use nodedb_governor_common::{MARK_MAX_BATCH, MarkEvent, SlotStats, kind};
+use aya_ebpf::helpers::{bpf_get_numa_node_id, bpf_ktime_get_ns};
+use nodedb_governor_common::{MARK_MAX_BATCH, MarkEvent, NODE_SLOTS, SlotStats, kind};
 
 use crate::maps::{MARK_EVENTS, MARK_TOTALS, MARKS, STATS};
 
@@ -39,6 +39,18 @@ pub fn add_resident(slot: u32, bucket: usize, delta: i64) {
             add_u64(&raw mut (*s).rss_events, 1);
         }
         if bucket != kind::SWAP {
+            // SAFETY: the helper takes no arguments and reads this CPU's
+            // node id.
+            let node = unsafe { bpf_get_numa_node_id() } as usize;
+            if node < NODE_SLOTS {
+                // SAFETY: as above; the index is checked.
+                unsafe {
+                    add_i64(
+                        &raw mut (*s).node_resident_bytes[node & (NODE_SLOTS - 1)],
+                        delta,
+                    )
+                };
+            }
             count_toward_mark(slot, s, delta);
         }
     }

@@ -23,10 +23,13 @@
 //!   fallback map right as threads come and go.
 //! * `filemap/mm_filemap_{add_to,delete_from}_page_cache` attribute the
 //!   page cache: see `page_cache`.
+//! * `fentry/task_numa_fault` tells NUMA balancing's hinting faults from
+//!   faults that bring memory in, so that reading another engine's memory
+//!   does not take it over: see `numa_hint`.
 //!
 //! # Layout
-//! One module per probe: `rss_stat`, `page_fault_user`, `release` (munmap,
-//! madvise), `brk`, `mmap`, `sched` (switch, fork, exit), `cgroup_attach`;
+//! One module per probe: `rss_stat`, `page_fault_user`, `numa_hint`,
+//! `release` (munmap, madvise), `brk`, `mmap`, `sched` (switch, fork, exit), `cgroup_attach`;
 //! `floor` holds the benchmark's empty programs (feature `bench`). Shared by
 //! them: `maps`, `identity` (who the running thread is, and its per-CPU
 //! cache), `counters` (adding to a slot) and `record` (classic tracepoint
@@ -59,6 +62,7 @@ mod floor;
 mod identity;
 mod maps;
 mod mmap;
+mod numa_hint;
 mod page_cache;
 mod page_fault_user;
 mod record;

@@ -9,7 +9,8 @@ use aya_ebpf::{
 };
 use nodedb_governor_common::{
     CgroupKey, FileKey, FileOwner, MAX_ENGINE_CGROUPS, MAX_FILES, MAX_PROCS, MAX_REGIONS,
-    MAX_SLOTS, MAX_TIDS, MmState, PendingMap, ProcInfo, RegionKey, ReleaseCtx, SlotMark, SlotStats,
+    MAX_SLOTS, MAX_TIDS, MmState, PendingMap, ProcInfo, RegionCache, RegionKey, ReleaseCtx,
+    SlotMark, SlotStats,
 };
 
 #[map]
@@ -46,9 +47,10 @@ pub static GENERATION: Array<u64> = Array::with_max_entries(1, 0);
 /// The running thread's identity, one packed word per CPU.
 #[map]
 pub static IDENTITY_CACHE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-/// The last region whose owner was recorded, one packed word per CPU.
+/// The last region whose owner was recorded, and the last owner change,
+/// per CPU (see `nodedb_governor_common::RegionCache`).
 #[map]
-pub static REGION_CACHE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+pub static REGION_CACHE: PerCpuArray<RegionCache> = PerCpuArray::with_max_entries(1, 0);
 /// The engine slot owning each file with counted pages in the page cache,
 /// and their bytes (see `nodedb_governor_common::FileOwner`). Not an LRU
 /// map: an entry that went would leave its bytes counted forever. The

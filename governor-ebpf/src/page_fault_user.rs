@@ -32,23 +32,43 @@ fn try_page_fault_user(ctx: &BtfTracePointContext) -> Result<u32, u32> {
     let address: u64 = ctx.arg(0);
     let region = address >> REGION_SHIFT;
     let cache = REGION_CACHE.get_ptr_mut(0).ok_or(0u32)?;
+    // SAFETY: this CPU's entry of a live per-CPU map; single aligned loads
+    // and stores. An owner change left by an earlier fault is over: this
+    // is another fault (see `numa_hint`).
+    unsafe {
+        if core::ptr::read_volatile(&(*cache).moved_tid) != 0 {
+            core::ptr::write_volatile(&raw mut (*cache).moved_tid, 0);
+        }
+    }
     let word = region_cache::pack(me.slot, region);
-    // SAFETY: this CPU's entry of a live per-CPU map.
-    if unsafe { core::ptr::read_volatile(cache) } == word {
+    // SAFETY: as above.
+    if unsafe { core::ptr::read_volatile(&(*cache).word) } == word {
         return Ok(0);
     }
     // Last faulter owns the region: a region reused by another engine after
     // an unmap changes hands on its first fault.
+    let (tgid, tid) = ids();
     let key = RegionKey {
-        tgid: ids().0,
+        tgid,
         _pad: 0,
         region,
     };
     // SAFETY: copy out of the map value.
-    if unsafe { REGIONS.get(key) }.copied() != Some(me.slot) {
+    let owner = unsafe { REGIONS.get(key) }.copied();
+    if owner != Some(me.slot) {
         let _ = REGIONS.insert(key, me.slot, 0);
+        if let Some(from) = owner {
+            // Kept until this thread's next fault, for a hinting fault to
+            // undo.
+            // SAFETY: as above.
+            unsafe {
+                core::ptr::write_volatile(&raw mut (*cache).moved_region, region);
+                core::ptr::write_volatile(&raw mut (*cache).moved_from, from);
+                core::ptr::write_volatile(&raw mut (*cache).moved_tid, tid);
+            }
+        }
     }
     // SAFETY: as above; one 64-bit store.
-    unsafe { core::ptr::write_volatile(cache, word) };
+    unsafe { core::ptr::write_volatile(&raw mut (*cache).word, word) };
     Ok(0)
 }

@@ -26,12 +26,15 @@ pub fn sched_switch(_ctx: BtfTracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_sched_switch() -> Result<u32, u32> {
-    for cache in [IDENTITY_CACHE.get_ptr_mut(0), REGION_CACHE.get_ptr_mut(0)]
-        .into_iter()
-        .flatten()
-    {
+    if let Some(cache) = IDENTITY_CACHE.get_ptr_mut(0) {
         // SAFETY: this CPU's entry of a live per-CPU map.
         unsafe { core::ptr::write_volatile(cache, 0) };
+    }
+    // The owner change a fault left stays: it names its thread, which may
+    // have slept inside the fault and come back here.
+    if let Some(cache) = REGION_CACHE.get_ptr_mut(0) {
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(&raw mut (*cache).word, 0) };
     }
     Ok(0)
 }

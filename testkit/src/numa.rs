@@ -89,6 +89,97 @@ pub fn parse_numa_maps_nodes(line: &str) -> BTreeMap<u32, u64> {
         .collect()
 }
 
+/// The node of each page of `[addr, addr + len)`, from the kernel
+/// (`move_pages(2)` with no target nodes only reports); a page not present
+/// reports a negative errno.
+pub fn page_nodes(addr: usize, len: usize) -> anyhow::Result<Vec<i32>> {
+    const PAGE: usize = 4096;
+    let pages: Vec<*const libc::c_void> = (addr..addr + len)
+        .step_by(PAGE)
+        .map(|a| a as *const libc::c_void)
+        .collect();
+    let mut status = vec![0i32; pages.len()];
+    // SAFETY: `pages` and `status` are `count` long; a null node list
+    // asks where the pages are and moves nothing.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_pages,
+            0,
+            pages.len() as libc::c_ulong,
+            pages.as_ptr(),
+            std::ptr::null::<i32>(),
+            status.as_mut_ptr(),
+            0,
+        )
+    };
+    anyhow::ensure!(rc == 0, "move_pages: {}", std::io::Error::last_os_error());
+    Ok(status)
+}
+
+/// NUMA balancing on, and scanning often, for as long as it lives (the
+/// knobs are put back on drop): the kernel's hinting faults, which the
+/// attribution must tell from faults that bring memory in, happen within a
+/// second instead of a minute.
+pub struct FastNumaScan {
+    saved: Vec<(std::path::PathBuf, String)>,
+}
+
+const NUMA_BALANCING: &str = "/proc/sys/kernel/numa_balancing";
+const SCAN_KNOBS: &str = "/sys/kernel/debug/sched/numa_balancing";
+
+impl FastNumaScan {
+    /// None on a kernel with one node, or without NUMA balancing: it
+    /// never scans there.
+    pub fn start() -> anyhow::Result<Option<Self>> {
+        if online_nodes()?.len() < 2 || !Path::new(NUMA_BALANCING).exists() {
+            return Ok(None);
+        }
+        let mut scan = Self { saved: Vec::new() };
+        scan.set(Path::new(NUMA_BALANCING), "1")?;
+        if !Path::new(SCAN_KNOBS).exists()
+            && !nodedb_governor_agent::mounts::is_mounted("/sys/kernel/debug", "debugfs")
+        {
+            nodedb_governor_agent::mounts::mount_pseudo("debugfs", "/sys/kernel/debug")
+                .context("mounting debugfs for NUMA balancing's scan knobs")?;
+        }
+        for (knob, value) in [
+            ("scan_delay_ms", "0"),
+            ("scan_period_min_ms", "100"),
+            ("scan_size_mb", "1024"),
+        ] {
+            scan.set(&Path::new(SCAN_KNOBS).join(knob), value)?;
+        }
+        Ok(Some(scan))
+    }
+
+    fn set(&mut self, path: &Path, value: &str) -> anyhow::Result<()> {
+        let old =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        std::fs::write(path, value).with_context(|| format!("writing {}", path.display()))?;
+        self.saved.push((path.to_owned(), old.trim().to_owned()));
+        Ok(())
+    }
+}
+
+impl Drop for FastNumaScan {
+    fn drop(&mut self) {
+        for (path, old) in self.saved.drain(..).rev() {
+            if let Err(e) = std::fs::write(&path, &old) {
+                eprintln!("putting {} back to {old}: {e}", path.display());
+            }
+        }
+    }
+}
+
+/// The kernel's count of NUMA hinting faults (`numa_hint_faults` in
+/// `/proc/vmstat`), 0 on a kernel without NUMA balancing.
+pub fn hinting_faults() -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string("/proc/vmstat").context("reading /proc/vmstat")?;
+    Ok(s.lines()
+        .find_map(|l| l.strip_prefix("numa_hint_faults ")?.trim().parse().ok())
+        .unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -73,9 +73,11 @@ enum Task {
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         cache_scenario: bool,
         /// NUMA nodes in each VM (its 2 CPUs and 3 GiB split evenly); with
-        /// two, vm-check also runs the library (`numa-probe`) and reads
-        /// the agent's per-node status on the kernel's nodes.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+        /// two (the default, as in `.ci/run`), vm-check also runs the
+        /// library (`numa-probe`) on the kernel's nodes, and the
+        /// attribution's per-node and NUMA-balancing checks have two nodes
+        /// to tell apart.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
         numa_nodes: u32,
         /// Breaches the ladder check drives in each VM, each timed from
         /// the crossing to the spill (10 in `.ci/run`).

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use nodedb_governor_common::NODE_SLOTS;
 use serde::{Deserialize, Serialize};
 
 /// Attributed memory of one engine (or of the unattributed bucket).
@@ -32,6 +33,16 @@ pub struct Attributed {
     /// file-ownership map was full (non-zero: the figure above is low).
     #[serde(default)]
     pub page_cache_untracked_bytes: u64,
+    /// NUMA hinting faults the engine's threads took in memory another
+    /// engine owns (reads of its memory while NUMA balancing scans); the
+    /// memory stays the other engine's.
+    #[serde(default)]
+    pub hinting_faults_elsewhere: u64,
+    /// `resident_bytes` by NUMA node (index: node; see
+    /// [`nodedb_governor_common::SlotStats::node_resident_bytes`] for how a
+    /// page's node is judged).
+    #[serde(default)]
+    pub node_resident_bytes: [u64; NODE_SLOTS],
     /// The engine's own count of resident bytes (every kind but swap)
     /// before settling: the figure its mark is kept in.
     #[serde(skip)]
@@ -51,6 +62,14 @@ impl Attributed {
         self.page_cache_bytes += o.page_cache_bytes;
         self.page_cache_evicted_bytes += o.page_cache_evicted_bytes;
         self.page_cache_untracked_bytes += o.page_cache_untracked_bytes;
+        self.hinting_faults_elsewhere += o.hinting_faults_elsewhere;
+        for (mine, theirs) in self
+            .node_resident_bytes
+            .iter_mut()
+            .zip(o.node_resident_bytes)
+        {
+            *mine += theirs;
+        }
         self.counted_bytes += o.counted_bytes;
     }
 }

@@ -117,6 +117,14 @@ pub(super) fn sum<'a>(values: impl IntoIterator<Item = &'a SlotStats>) -> SlotSt
         sum.page_cache_evicted_bytes += v.page_cache_evicted_bytes;
         sum.page_cache_untracked_bytes += v.page_cache_untracked_bytes;
         sum.mark_pending_bytes += v.mark_pending_bytes;
+        sum.hinting_faults_elsewhere += v.hinting_faults_elsewhere;
+        for (total, b) in sum
+            .node_resident_bytes
+            .iter_mut()
+            .zip(v.node_resident_bytes)
+        {
+            *total += b;
+        }
     }
     sum
 }

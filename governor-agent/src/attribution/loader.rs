@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    programs::{BtfTracePoint, TracePoint},
+    programs::{BtfTracePoint, FEntry, ProgramError, TracePoint},
 };
 use nodedb_governor_common::{
     KernelLayout, MAX_PROCS, MAX_SLOTS,
@@ -133,6 +133,25 @@ impl Attribution {
                 .attach()
                 .map_err(|e| AgentError::ebpf(format!("attaching {prog}"), e))?;
         }
+        for f in names::FENTRIES.iter().filter(|f| set.attaches(f.program)) {
+            let (prog, function) = (f.program, f.function);
+            let program: &mut FEntry = program_mut(&mut ebpf, prog)?;
+            let attached = program
+                .load(function, &btf)
+                .and_then(|()| program.attach().map(drop));
+            match attached {
+                Ok(()) => {}
+                Err(e) => match unavailable(&e) {
+                    Some(why) => tracing::warn!(
+                        "{prog} not attached ({why}): where NUMA balancing scans, a thread \
+                         that reads another engine's memory can take it over"
+                    ),
+                    None => {
+                        return Err(AgentError::ebpf(format!("loading {prog} on {function}"), e));
+                    }
+                },
+            }
+        }
 
         let stats = take(&mut ebpf, map::STATS)?;
         let procs_map = take(&mut ebpf, map::PROCS)?;
@@ -212,6 +231,24 @@ fn kernel_layout(tracefs: &TraceFs) -> Result<KernelLayout, AgentError> {
     })
 }
 
+/// Why an optional program cannot run on this kernel, or None when its
+/// failure is a fault of ours (the verifier refused it: an error).
+fn unavailable(e: &ProgramError) -> Option<String> {
+    match e {
+        ProgramError::Btf(aya::BtfError::UnknownBtfTypeName { type_name }) => {
+            Some(format!("{type_name} is not in this kernel"))
+        }
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } if format!("{verifier_log:?}").trim().is_empty() => Some(format!(
+            "the kernel refused the program before verifying it: {io_error}"
+        )),
+        ProgramError::SyscallError(e) => Some(format!("attaching: {e}")),
+        _ => None,
+    }
+}
+
 fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, AgentError>
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program>,
@@ -286,7 +323,10 @@ mod tests {
         #[cfg(feature = "bench")]
         let btf = btf.chain(names::BENCH_BTF_TRACEPOINTS);
         let btf = btf.map(|tp| (tp.program, format!("tp_btf/{}", tp.event)));
-        classic.chain(btf).collect()
+        let fentry = names::FENTRIES
+            .iter()
+            .map(|f| (f.program, format!("fentry/{}", f.function)));
+        classic.chain(btf).chain(fentry).collect()
     }
 
     /// The embedded object, the agent's `names` and the eBPF crate's
@@ -340,6 +380,17 @@ mod tests {
                 ),
                 "{} is not a BTF tracepoint program",
                 tp.program
+            );
+        }
+
+        for f in names::FENTRIES {
+            assert!(
+                matches!(
+                    obj.programs[f.program].section,
+                    ProgramSection::FEntry { .. }
+                ),
+                "{} is not an fentry program",
+                f.program
             );
         }
 

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use nodedb_governor_common::{SlotStats, kind};
+use nodedb_governor_common::{NODE_SLOTS, SlotStats, kind};
 
 use super::attributed::{Attributed, ProcessAttribution};
 
@@ -21,35 +21,16 @@ pub(super) fn settle(
     let mut rows: Vec<SlotStats> = engines.into_values().collect();
     rows.push(unattributed);
     let counted: Vec<i64> = rows.iter().map(counted_bytes).collect();
+    let engine_rows = names.len();
     for k in 0..kind::COUNT {
         let ext = external.resident_bytes[k];
-        if ext != 0 {
-            let held: i64 = rows.iter().map(|r| r.resident_bytes[k].max(0)).sum();
-            let mut left = ext;
-            if held > 0 {
-                for r in rows.iter_mut() {
-                    let share =
-                        (ext as i128 * r.resident_bytes[k].max(0) as i128 / held as i128) as i64;
-                    r.resident_bytes[k] += share;
-                    left -= share;
-                }
-            }
-            // Rounding remainder, or nothing held at all: unattributed.
-            if let Some(last) = rows.last_mut() {
-                last.resident_bytes[k] += left;
-            }
-        }
-        let deficit: i64 = rows[..names.len()]
-            .iter_mut()
-            .map(|r| {
-                let neg = r.resident_bytes[k].min(0);
-                r.resident_bytes[k] -= neg;
-                neg
-            })
-            .sum();
-        if let Some(last) = rows.last_mut() {
-            last.resident_bytes[k] += deficit;
-        }
+        spread_and_clamp(&mut rows, engine_rows, ext, |r| &mut r.resident_bytes[k]);
+    }
+    for n in 0..NODE_SLOTS {
+        let ext = external.node_resident_bytes[n];
+        spread_and_clamp(&mut rows, engine_rows, ext, |r| {
+            &mut r.node_resident_bytes[n]
+        });
     }
     let mut usages: Vec<Attributed> = rows
         .into_iter()
@@ -66,6 +47,45 @@ pub(super) fn settle(
         engines,
         unattributed,
         vm_rss_bytes,
+    }
+}
+
+/// Spreads `ext` (the external slot's count of one figure) over the rows
+/// by their share of it, then moves the engines' negatives (the first
+/// `engines` rows) into the last row, `unattributed`.
+fn spread_and_clamp(
+    rows: &mut [SlotStats],
+    engines: usize,
+    ext: i64,
+    field: impl Fn(&mut SlotStats) -> &mut i64,
+) {
+    if ext != 0 {
+        let held: i64 = rows.iter_mut().map(|r| (*field(r)).max(0)).sum();
+        let mut left = ext;
+        if held > 0 {
+            for r in rows.iter_mut() {
+                let v = field(r);
+                let share = (ext as i128 * (*v).max(0) as i128 / held as i128) as i64;
+                *v += share;
+                left -= share;
+            }
+        }
+        // Rounding remainder, or nothing held at all: unattributed.
+        if let Some(last) = rows.last_mut() {
+            *field(last) += left;
+        }
+    }
+    let deficit: i64 = rows[..engines]
+        .iter_mut()
+        .map(|r| {
+            let v = field(r);
+            let neg = (*v).min(0);
+            *v -= neg;
+            neg
+        })
+        .sum();
+    if let Some(last) = rows.last_mut() {
+        *field(last) += deficit;
     }
 }
 
@@ -91,6 +111,8 @@ fn engine_usage(s: SlotStats) -> Attributed {
         page_cache_bytes: s.page_cache_bytes.max(0) as u64,
         page_cache_evicted_bytes: s.page_cache_evicted_bytes,
         page_cache_untracked_bytes: s.page_cache_untracked_bytes,
+        hinting_faults_elsewhere: s.hinting_faults_elsewhere,
+        node_resident_bytes: s.node_resident_bytes.map(|b| b.max(0) as u64),
         // The slot's own count, before settling: the caller's.
         counted_bytes: 0,
     }
@@ -131,5 +153,27 @@ mod tests {
         assert_eq!(u.engines["a"].anon_bytes, 0);
         assert_eq!(u.engines["b"].anon_bytes, 8192);
         assert_eq!(u.unattributed.anon_bytes, 10_000 - 4096);
+    }
+
+    #[test]
+    fn nodes_are_settled_like_kinds_each_on_its_own() {
+        let node = |n0: i64, n1: i64| {
+            let mut s = SlotStats::default();
+            s.node_resident_bytes[0] = n0;
+            s.node_resident_bytes[1] = n1;
+            s
+        };
+        let mut engines = BTreeMap::new();
+        engines.insert("a".to_owned(), node(300, -40));
+        engines.insert("b".to_owned(), node(100, 80));
+        // Reclaim from outside (kswapd, on node 0's CPUs) took 200 from
+        // node 0: spread over node 0's holders only.
+        let u = settle(1, engines, node(0, 0), node(-200, 0), None);
+        assert_eq!(u.engines["a"].node_resident_bytes[..2], [150, 0]);
+        assert_eq!(u.engines["b"].node_resident_bytes[..2], [50, 80]);
+        // a's -40 on node 1 (a release counted there by a thread that had
+        // moved) is clamped: a shows none, the deficit is the unattributed
+        // bucket's, which cannot show less than none either.
+        assert_eq!(u.unattributed.node_resident_bytes[..2], [0, 0]);
     }
 }

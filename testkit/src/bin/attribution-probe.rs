@@ -9,6 +9,12 @@
 //! * `free ENGINE KIND MIB` (freed by the engine's own threads)
 //! * `release VICTIM BY munmap|madvise MIB` (VICTIM's anonymous memory,
 //!   released by a thread of engine BY)
+//! * `read VICTIM BY MILLIS` (a thread of engine BY reads every page of
+//!   VICTIM's anonymous memory, over and over for MILLIS; answers
+//!   `{"passes":N}`)
+//! * `pin ENGINE NODE` (the engine's first thread onto NODE's CPUs)
+//! * `nodes`: each engine's resident mapped memory by node, from the
+//!   kernel (`move_pages`): `{"engine":{"node":bytes}}`
 //! * `spawn ENGINE THREADS MIB` (new threads, born after registration,
 //!   touch MIB between them and exit)
 //! * page cache, files under `--dir` (a disk: tmpfs adds are not traced),
@@ -37,6 +43,7 @@ use nodedb_governor_demo::{
     engine::Engine,
     memory::{self, Block, Kind, MIB},
 };
+use nodedb_governor_testkit::numa;
 
 #[derive(Parser)]
 struct Args {
@@ -137,6 +144,45 @@ fn execute(
                 block
             });
             engine(user)?.keep(vec![block]);
+        }
+        ["read", victim, by, millis] => {
+            let blocks = engine(victim)?.take(Kind::Anon, usize::MAX);
+            let until =
+                std::time::Instant::now() + std::time::Duration::from_millis(millis.parse()?);
+            let (blocks, passes) = engine(by)?.on(0, move || {
+                let mut passes = 0u64;
+                while passes == 0 || std::time::Instant::now() < until {
+                    for b in &blocks {
+                        std::hint::black_box(b.read_pages());
+                    }
+                    passes += 1;
+                }
+                (blocks, passes)
+            });
+            engine(victim)?.keep(blocks);
+            return Ok(Some(serde_json::json!({ "passes": passes }).to_string()));
+        }
+        ["pin", name, node] => {
+            let cpus = numa::node_cpus(node.parse()?)?;
+            engine(name)?.on(0, move || numa::pin_current_thread(&cpus))?;
+        }
+        ["nodes"] => {
+            let mut all = BTreeMap::new();
+            for (name, e) in engines {
+                let by_node = e.with_blocks(|blocks| -> anyhow::Result<BTreeMap<u32, u64>> {
+                    let mut by_node = BTreeMap::new();
+                    for b in blocks.iter().filter(|b| b.kind() != Kind::Malloc) {
+                        for node in numa::page_nodes(b.addr(), b.len())? {
+                            if let Ok(node) = u32::try_from(node) {
+                                *by_node.entry(node).or_insert(0) += 4096;
+                            }
+                        }
+                    }
+                    Ok(by_node)
+                })?;
+                all.insert(name.clone(), by_node);
+            }
+            return Ok(Some(serde_json::to_string(&all)?));
         }
         ["spawn", name, threads, n] => {
             engine(name)?.spawn_and_exit(threads.parse()?, mib(n)?)?;

@@ -14,7 +14,7 @@ use nodedb_governor::{
     Budget, EngineId, MemError, MemoryGovernor, NumaPolicy, ThresholdsHandle, Topology,
     arena::EngineArenas,
 };
-use nodedb_governor_testkit::numa::pin_current_thread;
+use nodedb_governor_testkit::numa::{self, pin_current_thread};
 use serde_json::json;
 
 #[global_allocator]
@@ -23,29 +23,9 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 const MIB: u64 = 1 << 20;
 const PAGE: usize = 4096;
 
-/// Each page's node, from the kernel (`move_pages(2)` with no target
-/// nodes only reports); pages not present report a negative errno.
+/// Each page's node (see [`numa::page_nodes`]).
 fn nodes_of(buf: &[u8]) -> anyhow::Result<Vec<i32>> {
-    let pages: Vec<*const libc::c_void> = buf
-        .chunks(PAGE)
-        .map(|c| c.as_ptr().cast::<libc::c_void>())
-        .collect();
-    let mut status = vec![0i32; pages.len()];
-    // SAFETY: `pages` and `status` are `count` long; a null node list
-    // asks where the pages are and moves nothing.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_move_pages,
-            0,
-            pages.len() as libc::c_ulong,
-            pages.as_ptr(),
-            std::ptr::null::<i32>(),
-            status.as_mut_ptr(),
-            0,
-        )
-    };
-    ensure!(rc == 0, "move_pages: {}", std::io::Error::last_os_error());
-    Ok(status)
+    numa::page_nodes(buf.as_ptr() as usize, buf.len())
 }
 
 fn main() -> anyhow::Result<()> {

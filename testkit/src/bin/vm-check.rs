@@ -298,15 +298,24 @@ fn main() -> anyhow::Result<()> {
         Ok(json!({"high_events": after - before, "probe": serde_json::from_str::<Value>(&line).unwrap_or_default()}))
     })());
     checks.record(
-        "attribution accuracy, RSS and page cache (the host's test)",
+        "attribution accuracy, RSS, page cache and NUMA nodes (the host's test)",
         host_test(
             &env.bin,
             "attribution_accuracy",
             // The cgroup identity path (what a v2 kernel is for): the TID
             // map's path has the same programs and runs on the host.
-            &["accuracy_with_cgroup_identity"],
+            &["accuracy_with_cgroup_identity", "per_node_attribution"],
             &args.disk,
-        ).map(|text| {
+        )
+        .map(|text| {
+            let lines = |prefix: &str| -> Vec<&str> {
+                text.lines().filter(|l| l.starts_with(prefix)).collect()
+            };
+            let (read, placed, moved) = (
+                lines("[read by another engine]"),
+                lines("[placed]"),
+                lines("[moved, then freed]"),
+            );
             let page_cache: Vec<&str> = text
                 .lines()
                 .filter(|l| l.contains("page cache truth"))
@@ -315,7 +324,14 @@ fn main() -> anyhow::Result<()> {
                 .lines()
                 .filter(|l| l.starts_with("[file unmapped]"))
                 .collect();
-            json!({"result": result_line(&text), "page_cache": page_cache, "rss_last_checkpoint": rss})
+            json!({
+                "result": result_line(&text),
+                "page_cache": page_cache,
+                "rss_last_checkpoint": rss,
+                "read_by_another_engine": read,
+                "nodes_placed": placed,
+                "nodes_thread_moved": moved,
+            })
         }),
     );
     checks.record(

@@ -154,10 +154,47 @@ pub struct EngineConfig {
     /// CPU named must be online.
     #[serde(default)]
     pub cpus: Option<crate::cpus::CpuList>,
+    /// How the engine's budget is split over the NUMA nodes: one weight per
+    /// online node, in node order (default `numa.weights`, else the nodes'
+    /// memory). An engine with `cpus` or `node_weights` is judged on each
+    /// node as well as in all (see `[numa]`).
+    #[serde(default)]
+    pub node_weights: Option<Vec<u64>>,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// NUMA: the ladder per node. A placed engine (with `cpus` or
+/// `node_weights`) has its budget split over the nodes as the library
+/// splits one (its `node_weights`, else `weights`, else the nodes'
+/// memory) and is judged on each node as well as in all: past a threshold
+/// of its share on one node, it is spilled by what it holds there beyond
+/// the restore point, whatever it holds in all, and engines under their
+/// shares are left alone. An engine placed nowhere runs wherever the
+/// scheduler puts its threads, so where its pages land says nothing of
+/// it: it is judged in all only. Nothing changes on a machine of one
+/// node.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NumaConfig {
+    /// The ladder per node (default true).
+    #[serde(default = "yes")]
+    pub ladder: bool,
+    /// One weight per online node, in node order (default: the nodes'
+    /// memory sizes); an engine's `node_weights` take its place.
+    #[serde(default)]
+    pub weights: Option<Vec<u64>>,
+}
+
+impl Default for NumaConfig {
+    fn default() -> Self {
+        Self {
+            ladder: true,
+            weights: None,
+        }
+    }
 }
 
 /// Pressure stall information as an input: a PSI trigger on the database's
@@ -406,6 +443,8 @@ pub struct Config {
     /// the normal policy.
     #[serde(default = "default_realtime_priority")]
     pub realtime_priority: u8,
+    #[serde(default)]
+    pub numa: NumaConfig,
     #[serde(rename = "engine")]
     pub engines: Vec<EngineConfig>,
 }
@@ -515,6 +554,37 @@ impl Config {
                     self.realtime_priority
                 ),
             ));
+        }
+        let weights = self
+            .numa
+            .weights
+            .iter()
+            .map(|w| ("numa.weights".to_owned(), w))
+            .chain(self.engines.iter().enumerate().filter_map(|(i, e)| {
+                Some((
+                    format!("engine[{i}].node_weights"),
+                    e.node_weights.as_ref()?,
+                ))
+            }));
+        for (field, w) in weights {
+            if w.is_empty() || w.len() > 64 {
+                return Err(err(
+                    field,
+                    format!("{} weights: one per node, 1 to 64", w.len()),
+                ));
+            }
+            if let Some(i) = w.iter().position(|&x| x > 1_000_000) {
+                return Err(err(
+                    format!("{field}[{i}]"),
+                    format!("{} is above 1000000", w[i]),
+                ));
+            }
+            if w.iter().all(|&x| x == 0) {
+                return Err(err(
+                    field,
+                    "every weight is 0: no node would hold any of it",
+                ));
+            }
         }
         if self.engines.is_empty() {
             return Err(err("engine", "at least one [[engine]] is required"));

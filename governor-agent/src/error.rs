@@ -35,6 +35,10 @@ pub enum AgentError {
     },
     #[error("too many {what} (limit {limit})")]
     Full { what: &'static str, limit: u32 },
+    /// The configuration does not fit this machine (checked once the
+    /// machine is known, e.g. NUMA weights against its nodes).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 impl AgentError {

@@ -9,6 +9,8 @@
 //! | `nodedb_governor_agent_engine_reserved_bytes` (the library's books) | pid, engine |
 //! | `nodedb_governor_agent_engine_resident_bytes` (the kernel's attribution) | pid, engine |
 //! | `nodedb_governor_agent_engine_page_faults_total` | pid, engine |
+//! | `nodedb_governor_agent_engine_node_resident_bytes` (more than one NUMA node) | pid, engine, node |
+//! | `nodedb_governor_agent_engine_node_share_bytes` (a placed engine's share of its budget per node) | pid, engine, node |
 //! | `nodedb_governor_agent_engine_page_cache_bytes` (its files' cached pages) | pid, engine |
 //! | `nodedb_governor_agent_engine_page_cache_evicted_bytes_total` (by reclaim) | pid, engine |
 //! | `nodedb_governor_agent_engine_page_cache_untracked_bytes_total` (not counted: the file map was full) | pid, engine |
@@ -182,9 +184,30 @@ pub fn render(snapshot: &Snapshot) -> prometheus::Result<String> {
             "Resident bytes of a governed process no engine caused",
             &["pid"],
         )?;
+        let node_resident = gauge(
+            &r,
+            "nodedb_governor_agent_engine_node_resident_bytes",
+            "Resident bytes the kernel attributes to the engine on the NUMA node (the counting CPU's node)",
+            &["pid", "engine", "node"],
+        )?;
+        let node_share = gauge(
+            &r,
+            "nodedb_governor_agent_engine_node_share_bytes",
+            "The NUMA node's share of a placed engine's budget in force",
+            &["pid", "engine", "node"],
+        )?;
         for p in &status.processes {
             let pid = p.pid.to_string();
             for (name, e) in &p.engines {
+                // Nodes as the status lists them (none on one node).
+                for node in status.numa.iter().filter(|_| status.numa.len() > 1) {
+                    let held = e.node_resident_bytes.get(node.node as usize).copied();
+                    if let Some(held) = held {
+                        node_resident
+                            .with_label_values(&[&pid, name, &node.node.to_string()])
+                            .set(sat(held));
+                    }
+                }
                 resident
                     .with_label_values(&[&pid, name])
                     .set(sat(e.resident_bytes));
@@ -208,6 +231,11 @@ pub fn render(snapshot: &Snapshot) -> prometheus::Result<String> {
         for c in &status.clients {
             let pid = c.pid.to_string();
             for (name, e) in &c.engines {
+                for n in &e.nodes {
+                    node_share
+                        .with_label_values(&[&pid, name, &n.node.to_string()])
+                        .set(sat(n.share_bytes));
+                }
                 let l = [pid.as_str(), name.as_str()];
                 budget.with_label_values(&l).set(sat(e.budget_bytes));
                 reserved.with_label_values(&l).set(sat(e.reserved_bytes));

@@ -105,6 +105,18 @@ pub fn read(
     Ok(out)
 }
 
+/// The machine's NUMA nodes (one, with a warning, if the kernel's cannot
+/// be read: the ladder then judges engines in all only).
+pub fn machine_nodes() -> Vec<nodedb_governor::Node> {
+    match Topology::detect() {
+        Ok(t) => t.nodes().to_vec(),
+        Err(e) => {
+            tracing::warn!(error = %e, "NUMA nodes unreadable: engines are judged in all only");
+            Vec::new()
+        }
+    }
+}
+
 /// `(field, bytes)` of a node's meminfo ("Node 0 MemFree:  123 kB") or
 /// of `/proc/meminfo` ("MemFree:  123 kB").
 fn parse_node_meminfo(text: &str) -> Vec<(String, u64)> {

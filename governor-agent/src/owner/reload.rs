@@ -37,6 +37,10 @@ impl Agent {
         if let Some((field, _)) = fixed.iter().find(|(_, same)| !same) {
             return Err(ReloadError::NeedsRestart { field });
         }
+        // Checked against the machine before anything is applied.
+        let rules = Rules::from_config(&new)
+            .on_nodes(&new, &crate::numa::machine_nodes())
+            .map_err(crate::error::AgentError::from)?;
         // Limits lowered below the charge make the kernel reclaim in the
         // writer's context: at the normal policy.
         let raised = self.raised();
@@ -53,7 +57,7 @@ impl Agent {
                 crate::sched::unraised(raised, || c.set_engine_high(&l.name, l.budget_bytes))?;
             }
         }
-        let actions = self.policy.reload(Rules::from_config(&new));
+        let actions = self.policy.reload(rules);
         // A failed raise is tried again (its cause may have been fixed).
         let rescheduled = new.realtime_priority != self.config.realtime_priority
             || self.scheduling.error.is_some();

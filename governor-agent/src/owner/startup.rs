@@ -47,6 +47,7 @@ impl Agent {
         if restored {
             tracing::info!("restarted: attribution continues from the pinned maps");
         }
+        let rules = Rules::from_config(&config).on_nodes(&config, &crate::numa::machine_nodes())?;
         let (identity, subtree) = identity_and_subtree(&config)?;
         let (ceiling, ceiling_error) = ceiling(&config, subtree.as_ref());
         let (psi, psi_error) = pressure_stall(&config, subtree.as_ref());
@@ -74,7 +75,7 @@ impl Agent {
         }));
         let (config_tx, _) = watch::channel(Arc::new(config.clone()));
         let mut agent = Self {
-            policy: Policy::new(Rules::from_config(&config)),
+            policy: Policy::new(rules),
             config,
             identity,
             attribution,

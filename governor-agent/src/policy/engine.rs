@@ -57,6 +57,20 @@ pub struct EngineEnforcement {
     /// was short of it (`idle_spill`; counted in `spill_requests` too).
     #[serde(default)]
     pub idle_spills: u64,
+    /// Per node, where its budget is split over nodes (its `cpus` lie on
+    /// them): what it holds there against its share.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<EngineNode>,
+}
+
+/// An engine on one NUMA node: what the kernel attributes to it there
+/// against its share of its budget in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineNode {
+    pub node: u32,
+    pub resident_bytes: u64,
+    pub share_bytes: u64,
+    pub level: PressureLevel,
 }
 
 /// The library's books for the engine, from its last report.
@@ -116,6 +130,8 @@ pub(super) struct EngineState {
     pub mark: Option<u64>,
     /// The mark that fired last, until the engine falls well below it.
     pub mark_fired: Option<u64>,
+    /// Per node, at the last tick (empty: judged in all only).
+    pub nodes: Vec<EngineNode>,
 }
 
 impl EngineState {
@@ -159,6 +175,7 @@ impl EngineState {
             cache_dropped_bytes,
             hot_set_bytes: self.books.map_or(0, |b| b.hot_set_bytes),
             idle_spills,
+            nodes: self.nodes.clone(),
         }
     }
 }

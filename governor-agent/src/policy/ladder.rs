@@ -8,7 +8,10 @@
 //! | Emergency | as Critical | as Critical |
 //!
 //! Every change of level is sent as `pressure`. While the database stalls
-//! on memory (PSI), spilling starts at Warning.
+//! on memory (PSI), spilling starts at Warning. An engine whose budget is
+//! split over NUMA nodes climbs by the worse of its total and its worst
+//! node; a node that sets the level sets the spill's target too (what the
+//! engine holds there beyond the restore point of its share).
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +23,9 @@ use super::engine::EngineState;
 pub(super) struct Rung<'a> {
     pub pid: u32,
     pub engine: &'a str,
+    /// The node whose share set the level (None: the engine in all).
+    /// `resident_bytes` and `budget_bytes` are then the node's.
+    pub node: Option<u32>,
     /// The level at the last tick (Normal before the first).
     pub before: PressureLevel,
     pub level: PressureLevel,
@@ -37,6 +43,7 @@ pub(super) fn climb(r: &Rung<'_>, e: &mut EngineState, out: &mut Vec<ToLibrary>)
     let Rung {
         pid,
         engine,
+        node,
         before,
         level,
         resident_bytes,
@@ -53,6 +60,7 @@ pub(super) fn climb(r: &Rung<'_>, e: &mut EngineState, out: &mut Vec<ToLibrary>)
             engine,
             from = ?before,
             to = ?level,
+            node,
             resident = resident_bytes,
             budget = budget_bytes,
             "engine pressure changed"
@@ -88,6 +96,7 @@ pub(super) fn climb(r: &Rung<'_>, e: &mut EngineState, out: &mut Vec<ToLibrary>)
     tracing::info!(
         pid,
         engine,
+        node,
         resident = resident_bytes,
         budget = budget_bytes,
         target,
@@ -105,6 +114,19 @@ pub(super) fn climb(r: &Rung<'_>, e: &mut EngineState, out: &mut Vec<ToLibrary>)
 /// is armed again (a fraction of its budget in force): an engine hovering
 /// at a threshold wakes the agent once, and the tick watches it after.
 pub(super) const MARK_HYSTERESIS: f64 = 0.02;
+
+/// The first threshold (Warning, Critical, Emergency) of `budget_bytes`
+/// above `resident_bytes`, in bytes (None: past them all).
+pub(super) fn next_threshold(
+    resident_bytes: u64,
+    budget_bytes: u64,
+    t: &nodedb_governor::PressureThresholds,
+) -> Option<u64> {
+    [t.warning, t.critical, t.emergency]
+        .map(|f| (budget_bytes as f64 * f) as u64)
+        .into_iter()
+        .find(|&m| m > resident_bytes)
+}
 
 /// The mark that wakes the agent for an engine holding `resident_bytes` of
 /// `budget_bytes`: the next threshold (Warning, Critical, Emergency) above

@@ -13,7 +13,7 @@ use nodedb_governor::{
 
 use super::{
     CACHE_DROP_RETRY, CACHE_DROP_RETRY_MAX, Rules, SPILL_RETRY,
-    engine::{Books, EngineEnforcement, EngineState},
+    engine::{Books, EngineEnforcement, EngineNode, EngineState},
 };
 use crate::{attribution::ProcessAttribution, config::EngineLimits};
 
@@ -62,6 +62,36 @@ pub(super) struct Conditions {
     /// marked `idle_spill` spill down to their floors.
     pub short: bool,
     pub now: Instant,
+}
+
+/// `engine` on each node its budget is split over: what the kernel
+/// attributes to it there against its share of `budget` (empty: the
+/// engine is judged in all only).
+fn judge_nodes(
+    rules: &Rules,
+    engine: &str,
+    budget: u64,
+    process: &ProcessAttribution,
+) -> Vec<EngineNode> {
+    let Some(shares) = rules.node_shares.get(engine) else {
+        return Vec::new();
+    };
+    let attributed = process.engines.get(engine);
+    shares
+        .iter()
+        .map(|s| {
+            let share_bytes = (budget as f64 * s.fraction) as u64;
+            let resident_bytes = attributed
+                .and_then(|a| a.node_resident_bytes.get(s.node as usize).copied())
+                .unwrap_or(0);
+            EngineNode {
+                node: s.node,
+                resident_bytes,
+                share_bytes,
+                level: rules.thresholds.level(resident_bytes, share_bytes),
+            }
+        })
+        .collect()
 }
 
 /// Untracked memory moves an engine's cap in steps of its budget / 64 (at
@@ -448,13 +478,30 @@ impl Library {
         for l in self.declared(rules) {
             let budget = self.budget(&l.name);
             let resident = resident(&l.name);
-            let level = rules.thresholds.level(resident, budget);
+            let nodes = judge_nodes(rules, &l.name, budget, process);
+            // The worse of the engine in all and its worst node; the node
+            // then sets the spill's target too.
+            let total_level = rules.thresholds.level(resident, budget);
+            let worst = nodes
+                .iter()
+                .filter(|n| n.level > total_level)
+                .max_by(|a, b| {
+                    let over =
+                        |n: &EngineNode| n.resident_bytes as f64 / n.share_bytes.max(1) as f64;
+                    a.level.cmp(&b.level).then(over(a).total_cmp(&over(b)))
+                })
+                .copied();
+            let (level, judged_resident, judged_budget, judged_node) = match worst {
+                Some(n) => (n.level, n.resident_bytes, n.share_bytes, Some(n.node)),
+                None => (total_level, resident, budget, None),
+            };
             let observe = self.observe_cap.is_some();
             let Some(e) = self.engines.get_mut(&l.name) else {
                 continue;
             };
             let before = e.level.replace(level).unwrap_or(PressureLevel::Normal);
             e.resident_bytes = resident;
+            e.nodes = nodes;
             e.page_cache_bytes = process
                 .engines
                 .get(&l.name)
@@ -517,10 +564,11 @@ impl Library {
                 &super::ladder::Rung {
                     pid,
                     engine: &l.name,
+                    node: judged_node,
                     before,
                     level,
-                    resident_bytes: resident,
-                    budget_bytes: budget,
+                    resident_bytes: judged_resident,
+                    budget_bytes: judged_budget,
                     restore: rules.restore,
                     stalling,
                     now,
@@ -531,7 +579,28 @@ impl Library {
             );
             // The next mark up, for the kernel to wake the agent at.
             let mark = if rules.mark_events {
-                super::ladder::next_mark(resident, budget, &rules.thresholds, &mut e.mark_fired)
+                let total =
+                    super::ladder::next_mark(resident, budget, &rules.thresholds, &mut e.mark_fired);
+                // The kernel counts the engine in all: a node's next
+                // threshold is armed as the total at which it would be
+                // crossed if all growth landed there (growth elsewhere
+                // wakes the agent early, and it arms the mark higher).
+                let by_node = e
+                    .nodes
+                    .iter()
+                    .filter_map(|n| {
+                        let next = super::ladder::next_threshold(
+                            n.resident_bytes,
+                            n.share_bytes,
+                            &rules.thresholds,
+                        )?;
+                        Some(resident + (next - n.resident_bytes))
+                    })
+                    .min();
+                match (total, by_node) {
+                    (Some(t), Some(n)) => Some(t.min(n)),
+                    (t, n) => t.or(n),
+                }
             } else {
                 None
             };

@@ -53,7 +53,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use engine::EngineEnforcement;
+pub use engine::{EngineEnforcement, EngineNode};
 pub use library::{Library, LibraryStatus};
 use nodedb_governor::{
     PressureThresholds,
@@ -61,9 +61,12 @@ use nodedb_governor::{
     lending::LendingRules,
 };
 
+use nodedb_governor::Node;
+use nodedb_governor_common::NODE_SLOTS;
+
 use crate::{
     attribution::Reading,
-    config::{Config, EngineLimits},
+    config::{Config, ConfigError, EngineLimits},
 };
 
 /// A spill request not answered within this is sent again.
@@ -95,6 +98,18 @@ pub struct Rules {
     /// Arm marks in the kernel, so a crossing wakes the agent at once
     /// (false: the tick alone).
     pub mark_events: bool,
+    /// Each engine with CPUs on NUMA nodes: its budget split over them
+    /// (see [`crate::config::NumaConfig`]); an engine absent here is
+    /// judged in all only.
+    pub node_shares: BTreeMap<String, Vec<NodeShare>>,
+}
+
+/// A node's part of an engine's budget.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NodeShare {
+    pub node: u32,
+    /// Of the budget in force, 0 to 1.
+    pub fraction: f64,
 }
 
 impl Rules {
@@ -107,7 +122,75 @@ impl Rules {
             limits: config.limits(),
             lending: config.lending.rules(),
             mark_events: config.mark_events,
+            node_shares: BTreeMap::new(),
         }
+    }
+
+    /// The rules on a machine of these NUMA `nodes`: each placed engine
+    /// (with `cpus` or `node_weights`) gets its budget split over the
+    /// nodes, as the library splits one (its `node_weights`, else
+    /// `numa.weights`, else the nodes' memory). Weights that do not match
+    /// the machine's nodes, or nodes the attribution does not count apart,
+    /// are refused, naming the field.
+    pub fn on_nodes(mut self, config: &Config, nodes: &[Node]) -> Result<Self, ConfigError> {
+        self.node_shares.clear();
+        if !config.numa.ladder || nodes.len() < 2 {
+            return Ok(self);
+        }
+        let fits = |field: String, w: &[u64]| -> Result<(), ConfigError> {
+            if w.len() != nodes.len() {
+                return Err(ConfigError {
+                    field,
+                    reason: format!(
+                        "{} weights for the {} online nodes (one per node, in node order)",
+                        w.len(),
+                        nodes.len()
+                    ),
+                });
+            }
+            Ok(())
+        };
+        let memory: Vec<u64> = nodes.iter().map(|n| n.memory_bytes.max(1)).collect();
+        let default = match &config.numa.weights {
+            Some(w) => {
+                fits("numa.weights".into(), w)?;
+                w.clone()
+            }
+            None => memory,
+        };
+        for (i, e) in config.engines.iter().enumerate() {
+            if e.cpus.is_none() && e.node_weights.is_none() {
+                continue;
+            }
+            if let Some(n) = nodes.iter().find(|n| n.id as usize >= NODE_SLOTS) {
+                return Err(ConfigError {
+                    field: format!("engine[{i}]"),
+                    reason: format!(
+                        "judged per node, and node {} is past the {NODE_SLOTS} the \
+                         attribution counts apart",
+                        n.id
+                    ),
+                });
+            }
+            let weights = match &e.node_weights {
+                Some(w) => {
+                    fits(format!("engine[{i}].node_weights"), w)?;
+                    w
+                }
+                None => &default,
+            };
+            let total: u128 = weights.iter().map(|&w| u128::from(w)).sum();
+            let shares = nodes
+                .iter()
+                .zip(weights)
+                .map(|(n, &w)| NodeShare {
+                    node: n.id,
+                    fraction: u128::from(w) as f64 / total.max(1) as f64,
+                })
+                .collect();
+            self.node_shares.insert(e.name.clone(), shares);
+        }
+        Ok(self)
     }
 }
 

@@ -1019,3 +1019,155 @@ fn marks_follow_the_engine_with_hysteresis() {
         "{gone:?}"
     );
 }
+
+/// Two nodes of equal memory, CPU 0 on node 0 and CPU 1 on node 1.
+fn two_nodes() -> Vec<Node> {
+    (0..2)
+        .map(|id| Node {
+            id,
+            cpus: vec![id],
+            memory_bytes: 1 << 30,
+        })
+        .collect()
+}
+
+/// [`rules`] with vector on CPU 0 (node 0) and query on CPU 1 (node 1),
+/// `extra` before the engines, on [`two_nodes`].
+fn numa_rules(extra: &str) -> Result<Rules, ConfigError> {
+    let config = Config::parse(&format!(
+        "database = \"t\"\nceiling = \"1GiB\"\n{extra}\n\
+         [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\ncpus = \"0\"\n\
+         [[engine]]\nname = \"query\"\nbudget = \"256MiB\"\nfloor = \"64MiB\"\n\
+         essential = false\ncpus = \"1\"\n",
+    ))?;
+    Rules::from_config(&config).on_nodes(&config, &two_nodes())
+}
+
+/// Resident MiB per node of each engine (the total is their sum).
+fn node_reading(resident: &[(&str, [u64; 2])]) -> Reading {
+    let mut r = reading(
+        &resident
+            .iter()
+            .map(|(n, by)| (*n, (by[0] + by[1]) * MIB))
+            .collect::<Vec<_>>(),
+    );
+    for (n, by) in resident {
+        let a = r.processes[0].engines.get_mut(*n).unwrap();
+        a.node_resident_bytes[0] = by[0] * MIB;
+        a.node_resident_bytes[1] = by[1] * MIB;
+    }
+    r
+}
+
+#[test]
+fn an_engine_over_its_share_on_one_node_is_spilled_there_and_the_other_is_left_alone() {
+    use Msg::*;
+    // Each 256 MiB budget is 128 MiB per node. Query holds 120 MiB, all on
+    // node 1: 94% of its share there (Critical), 47% of its budget.
+    let (mut w, _) = World::with_rules(numa_rules("").unwrap(), &["vector", "query"]);
+    let r = node_reading(&[("vector", [40, 0]), ("query", [0, 120])]);
+    assert_eq!(
+        w.tick_on(&r, None, None),
+        [
+            Pressure("query", Critical),
+            Purge("query"),
+            // Down to 75% of its node-1 share: 120 - 96.
+            Spill("query", 24 * MIB),
+        ],
+        "vector, at 31% of its node-0 share, hears nothing"
+    );
+    // Its mark: the total at which node 0 would reach Warning (96 of its
+    // 128 MiB share) if all growth landed there, below its total's
+    // Warning (192 MiB).
+    assert!(
+        w.marks.contains(&("vector".to_owned(), Some(96 * MIB))),
+        "{:?}",
+        w.marks
+    );
+    let status = w.status();
+    let query = &status.engines["query"];
+    assert_eq!(query.level, Some(Critical));
+    assert_eq!(query.resident_bytes, 120 * MIB);
+    let node1 = query.nodes.iter().find(|n| n.node == 1).unwrap();
+    assert_eq!(
+        (node1.resident_bytes, node1.share_bytes, node1.level),
+        (120 * MIB, 128 * MIB, Critical)
+    );
+    // Vector grows to 150 MiB on node 0: 59% of its budget (Normal: it
+    // borrows nothing), 117% of its node-0 share.
+    let r = node_reading(&[("vector", [150, 0]), ("query", [0, 96])]);
+    let sent = w.after(300).tick_on(&r, None, None);
+    assert!(
+        sent.contains(&Pressure("vector", Emergency)) && sent.contains(&Spill("vector", 54 * MIB)),
+        "vector at 117% of its node-0 share (59% of its budget): {sent:?}"
+    );
+    assert!(
+        !sent.iter().any(|m| matches!(m, Spill("query", _))),
+        "query came down to its restore point on node 1: {sent:?}"
+    );
+
+    // The same figures judged in all only (one node, or engines placed
+    // nowhere): both engines are Normal, nothing is asked.
+    let (mut w, _) = World::new(&["vector", "query"], true);
+    let r = node_reading(&[("vector", [40, 0]), ("query", [0, 120])]);
+    assert_eq!(w.tick_on(&r, None, None), []);
+}
+
+#[test]
+fn node_shares_follow_the_weights_and_only_placed_engines_get_them() {
+    // Weighted 1:3, query's node-1 share is 192 MiB: 120 MiB is Normal.
+    let rules = numa_rules("[numa]\nweights = [1, 3]").unwrap();
+    let query = &rules.node_shares["query"];
+    assert_eq!(query[1].fraction, 0.75);
+    let (mut w, _) = World::with_rules(rules, &["vector", "query"]);
+    let r = node_reading(&[("vector", [40, 0]), ("query", [0, 120])]);
+    assert_eq!(w.tick_on(&r, None, None), []);
+    // An engine's own weights take the place of the default: all of
+    // query's budget on node 1.
+    let config = Config::parse(
+        "database = \"t\"\nceiling = \"1GiB\"\n\
+         [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\n\
+         [[engine]]\nname = \"query\"\nbudget = \"256MiB\"\nnode_weights = [0, 1]\n",
+    )
+    .unwrap();
+    let rules = Rules::from_config(&config)
+        .on_nodes(&config, &two_nodes())
+        .unwrap();
+    assert_eq!(rules.node_shares["query"][1].fraction, 1.0);
+    assert!(
+        !rules.node_shares.contains_key("vector"),
+        "vector is placed nowhere: judged in all only"
+    );
+    // One node, or the ladder per node off: nobody is judged per node.
+    let one = &two_nodes()[..1];
+    assert!(
+        Rules::from_config(&config)
+            .on_nodes(&config, one)
+            .unwrap()
+            .node_shares
+            .is_empty()
+    );
+    let off = numa_rules("[numa]\nladder = false").unwrap();
+    assert!(off.node_shares.is_empty());
+}
+
+#[test]
+fn weights_that_do_not_fit_the_machine_or_make_no_sense_are_refused_by_name() {
+    let e = numa_rules("[numa]\nweights = [1, 1, 1]").unwrap_err();
+    assert_eq!(e.field, "numa.weights");
+    assert!(
+        e.reason.contains("3 weights for the 2 online nodes"),
+        "{}",
+        e.reason
+    );
+    let e = numa_rules("[numa]\nweights = [0, 0]").unwrap_err();
+    assert_eq!(e.field, "numa.weights");
+    let e = numa_rules("[numa]\nweights = [1, 2000000]").unwrap_err();
+    assert_eq!(e.field, "numa.weights[1]");
+    let e = Config::parse(
+        "database = \"t\"\nceiling = \"1GiB\"\n\
+         [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\nnode_weights = []\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "engine[0].node_weights");
+}

@@ -579,8 +579,12 @@ impl Library {
             );
             // The next mark up, for the kernel to wake the agent at.
             let mark = if rules.mark_events {
-                let total =
-                    super::ladder::next_mark(resident, budget, &rules.thresholds, &mut e.mark_fired);
+                let total = super::ladder::next_mark(
+                    resident,
+                    budget,
+                    &rules.thresholds,
+                    &mut e.mark_fired,
+                );
                 // The kernel counts the engine in all: a node's next
                 // threshold is armed as the total at which it would be
                 // crossed if all growth landed there (growth elsewhere

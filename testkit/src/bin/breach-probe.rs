@@ -1,10 +1,13 @@
 //! A process embedding the library, for the enforcement test: it connects
-//! to the agent over the control channel, registers a Vector thread, and in
-//! each round that thread touches memory *without reserving it* (only the
-//! kernel knows) until it is over the Vector budget the agent set. The
-//! agent sees it in the attribution and asks for a spill; the Vector spill
-//! handler unmaps what was touched. Prints one JSON line: per round, the
-//! breach-to-spill latency and what was freed.
+//! to the agent over the control channel, registers an engine thread
+//! (Vector by default), and in each round that thread touches memory
+//! *without reserving it* (only the kernel knows) until it is over the
+//! budget the agent set, or over a NUMA node's share of it (`--node`). The
+//! agent sees it in the attribution and asks for a spill; the engine's
+//! spill handler unmaps what was touched. With `--quiet`, another engine
+//! holds memory under its shares all along and must hear no spill. Prints
+//! one JSON line: per round, the breach-to-spill latency and what was
+//! freed.
 
 use std::time::{Duration, Instant};
 
@@ -31,25 +34,79 @@ struct Args {
     /// the agent must answer with a spill.
     #[arg(long, default_value_t = 0.90)]
     critical: f64,
+    /// The engine driven over its budget (default: vector, with the demo's
+    /// three engines declared; otherwise only it and `--quiet`).
+    #[arg(long, default_value = "vector")]
+    engine: String,
+    /// Judge the breach on this NUMA node's share of the budget (split by
+    /// the nodes' memory, as the agent splits a placed engine's): the
+    /// engine's threads must run there (its `cpus` in the agent's config).
+    #[arg(long)]
+    node: Option<u32>,
+    /// Another engine, holding `--quiet-mib` of untracked memory below its
+    /// shares all along: it must get no spill request.
+    #[arg(long)]
+    quiet: Option<String>,
+    #[arg(long, default_value_t = 8)]
+    quiet_mib: usize,
+}
+
+fn engine_id(name: &str) -> anyhow::Result<EngineId> {
+    EngineId::builtin(name).with_context(|| format!("no built-in engine {name:?}"))
+}
+
+/// `node`'s part of the machine's memory (the agent's default split).
+fn node_fraction(node: u32) -> anyhow::Result<f64> {
+    let topology = nodedb_governor::Topology::detect().context("the kernel's nodes")?;
+    let total: u64 = topology.nodes().iter().map(|n| n.memory_bytes).sum();
+    let mine = topology
+        .nodes()
+        .iter()
+        .find(|n| n.id == node)
+        .with_context(|| format!("no node {node}"))?
+        .memory_bytes;
+    Ok(mine as f64 / total.max(1) as f64)
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let spill = UntrackedSpill::new(&[EngineId::Vector])?;
-    let untracked = spill.of(EngineId::Vector);
+    let engine = engine_id(&args.engine)?;
+    let quiet = args.quiet.as_deref().map(engine_id).transpose()?;
+    let spill = UntrackedSpill::new(&[engine].into_iter().chain(quiet).collect::<Vec<_>>())?;
+    let untracked = spill.of(engine);
     let _registered = spill.register();
-    let (governor, link) = spill.connect(&args.agent)?;
-    let budget = governor.usage(EngineId::Vector)?.cap_bytes;
+    let (governor, link) = if engine == EngineId::Vector && quiet.is_none() {
+        spill.connect(&args.agent)?
+    } else {
+        spill.connect_own(&args.agent)?
+    };
+    // What the breach is judged on: the budget, or a node's share of it.
+    let share = match args.node {
+        Some(node) => node_fraction(node)?,
+        None => 1.0,
+    };
+    let budget = (governor.usage(engine)?.cap_bytes as f64 * share) as u64;
+    if let Some(q) = quiet {
+        let held = spill.of(q);
+        let bytes = args.quiet_mib * MIB;
+        on_engine_thread(&link, q, || {
+            held.blocks
+                .lock()
+                .unwrap()
+                .push(Block::new(Kind::Anon, bytes).context("the quiet engine's memory")?);
+            Ok(())
+        })?;
+    }
 
     // Below Critical: the agent saw the last spill (the engine back under
     // its budget).
     let calm = || {
         poll(Duration::from_secs(10), Duration::from_millis(2), || {
-            link.agent_level(EngineId::Vector) < Some(PressureLevel::Critical)
+            link.agent_level(engine) < Some(PressureLevel::Critical)
         })
     };
     let step = args.step_mib * MIB;
-    let worker = on_engine_thread(&link, EngineId::Vector, || {
+    let worker = on_engine_thread(&link, engine, || {
         let mut out = Vec::new();
         for round in 0..args.rounds {
             // Calm first: the last round's spill is seen by the agent.
@@ -103,7 +160,8 @@ fn main() -> anyhow::Result<()> {
     if !calm() {
         bail!("the engine never came back under its budget");
     }
-    let final_level = link.agent_level(EngineId::Vector);
+    let final_level = link.agent_level(engine);
+    let quiet_spills = quiet.map(|q| spill.of(q).spills.lock().unwrap().len());
     let mut lat: Vec<u64> = worker
         .iter()
         .filter_map(|r| r["latency_us"].as_u64())
@@ -115,6 +173,8 @@ fn main() -> anyhow::Result<()> {
         "{}",
         serde_json::json!({
             "budget_bytes": budget,
+            "node": args.node,
+            "quiet_spills": quiet_spills,
             "rounds": worker,
             "latency_us": { "p50": pct(0.50), "p99": pct(0.99), "max": lat[lat.len() - 1] },
             "spill_requests": stats.spills,

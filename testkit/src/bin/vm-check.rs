@@ -126,6 +126,9 @@ fn main() -> anyhow::Result<()> {
         database: "vmcheck".into(),
     };
     let config = args.work.join("governor.toml");
+    // With two nodes, two engines placed one per node (their budgets split
+    // over the nodes) for the ladder per node.
+    let placed = placed_engines()?;
     std::fs::write(
         &config,
         format!(
@@ -134,8 +137,14 @@ fn main() -> anyhow::Result<()> {
              [[engine]]\nname = \"vector\"\nbudget = \"64MiB\"\nhot_set = \"32MiB\"\n\
              [[engine]]\nname = \"timeseries\"\nbudget = \"64MiB\"\nfloor = \"64MiB\"\n\
              [[engine]]\nname = \"query\"\nbudget = \"64MiB\"\nfloor = \"64MiB\"\nessential = false\n\
-             [[engine]]\nname = \"sparse\"\nbudget = \"64MiB\"\nfloor = \"64MiB\"\nown_process = true\n",
-            args.work.display()
+             [[engine]]\nname = \"sparse\"\nbudget = \"64MiB\"\nfloor = \"64MiB\"\nown_process = true\n{}",
+            args.work.display(),
+            placed
+                .iter()
+                .map(|(engine, cpus, _)| format!(
+                    "[[engine]]\nname = \"{engine}\"\nbudget = \"64MiB\"\ncpus = \"{cpus}\"\n"
+                ))
+                .collect::<String>()
         ),
     )?;
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -252,6 +261,58 @@ fn main() -> anyhow::Result<()> {
         })(),
     );
 
+    // The ladder per node: the engine placed on the last node is driven
+    // over its share there (half its budget) by memory it never reserved,
+    // far below its budget in all; it is spilled, and the engine on the
+    // first node, under its share, hears nothing.
+    if let [(quiet, _, _), (engine, _, node)] = placed.as_slice() {
+        checks.record(
+            "the ladder per NUMA node",
+            (|| {
+                let out = env
+                    .probe(
+                        "breach-probe",
+                        &[
+                            "--rounds",
+                            &args.breach_rounds.to_string(),
+                            "--engine",
+                            engine,
+                            "--node",
+                            &node.to_string(),
+                            "--quiet",
+                            quiet,
+                        ],
+                    )
+                    .stderr(Stdio::inherit())
+                    .output()?;
+                if !out.status.success() {
+                    bail!("breach-probe failed");
+                }
+                let r: Value = serde_json::from_slice(&out.stdout)?;
+                if r["quiet_spills"] != 0 {
+                    bail!("the engine under its shares was asked to spill: {r}");
+                }
+                if r["rounds"].as_array().map(Vec::len) != Some(args.breach_rounds as usize) {
+                    bail!("not every breach was spilled: {r}");
+                }
+                let status = env.status()?;
+                Ok(json!({
+                    "judged_on_bytes": r["budget_bytes"],
+                    "latency_us": r["latency_us"],
+                    "quiet_spills": r["quiet_spills"],
+                    "spill_requests": r["spill_requests"],
+                    "agent_nodes": status["clients"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|c| c["engines"].get(engine.as_str()))
+                        .map(|e| e["nodes"].clone())
+                        .collect::<Vec<_>>(),
+                }))
+            })(),
+        );
+    }
+
     // An own-process engine: attributed, charged to its cgroup, spilled
     // at Critical; then pushed past its memory.high, where the kernel
     // throttles it.
@@ -349,6 +410,30 @@ fn main() -> anyhow::Result<()> {
         numa_check(&env),
     );
     finish(&args.work, &kernel, checks, breach)
+}
+
+/// With two NUMA nodes or more: `(engine, cpus, node)` of the engine
+/// placed on the first node and of the one placed on the last.
+fn placed_engines() -> anyhow::Result<Vec<(String, String, u32)>> {
+    use nodedb_governor_testkit::numa;
+    let nodes = numa::online_nodes()?;
+    let (Some(&first), Some(&last)) = (nodes.first(), nodes.last()) else {
+        return Ok(Vec::new());
+    };
+    if first == last {
+        return Ok(Vec::new());
+    }
+    let cpus = |node: u32| -> anyhow::Result<String> {
+        Ok(numa::node_cpus(node)?
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(","))
+    };
+    Ok(vec![
+        ("crdt".into(), cpus(first)?, first),
+        ("wal".into(), cpus(last)?, last),
+    ])
 }
 
 /// The nodes the VM was booted with (`nodedb.numa_nodes=N` on the kernel

@@ -46,6 +46,22 @@ impl UntrackedSpill {
             .collect()
     }
 
+    /// Connects its own engines (and no others) to the agent, spill
+    /// requests going to these handlers.
+    pub fn connect_own(&self, agent: &AgentArgs) -> anyhow::Result<(MemoryGovernor, AgentLink)> {
+        let engines: Vec<(&str, EngineId)> = self
+            .untracked
+            .iter()
+            .map(|(e, _)| {
+                let name = e
+                    .builtin_name()
+                    .ok_or_else(|| anyhow::anyhow!("{e:?} has no built-in name"))?;
+                Ok((name, *e))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        agent.connect(&engines, Some(self.controller.clone()))
+    }
+
     /// Connects the demo's three engines to the agent, spill requests
     /// going to these handlers.
     pub fn connect(&self, agent: &AgentArgs) -> anyhow::Result<(MemoryGovernor, AgentLink)> {

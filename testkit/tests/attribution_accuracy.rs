@@ -388,18 +388,23 @@ fn accuracy_with_tid_identity() {
     if skip_unless_privileged("accuracy_with_tid_identity") {
         return;
     }
+    let (att, mut probe) = by_tid(Probe::spawn());
+    scenario(&att, &mut probe);
+}
+
+/// The programs loaded, and `probe`'s engines told apart by the TID map.
+fn by_tid(probe: Probe) -> (Attribution, Probe) {
     let mut att = Attribution::load(ProgramSet::Full).expect("loading eBPF");
-    let engines: Vec<String> = ["vector", "timeseries", "query"].map(String::from).to_vec();
-    let mut probe = Probe::spawn();
+    let engines: Vec<String> = probe.engines.keys().cloned().collect();
     att.register_process(probe.pid, &engines)
         .expect("registering");
-    for (name, tids) in probe.engines.clone() {
-        for tid in tids {
-            att.assign_tid(probe.pid, tid, &name)
+    for (name, tids) in &probe.engines {
+        for &tid in tids {
+            att.assign_tid(probe.pid, tid, name)
                 .expect("assigning thread");
         }
     }
-    scenario(&att, &mut probe);
+    (att, probe)
 }
 
 /// Each engine's attributed resident bytes by node against where its pages
@@ -414,17 +419,7 @@ fn per_node_attribution() {
     }
     let nodes = numa::online_nodes().expect("online nodes");
     let (first, last) = (nodes[0], *nodes.last().unwrap());
-    let mut att = Attribution::load(ProgramSet::Full).expect("loading eBPF");
-    let engines: Vec<String> = ["vector", "timeseries"].map(String::from).to_vec();
-    let mut probe = Probe::spawn_with(&["--engines", "vector:1,timeseries:1"]);
-    att.register_process(probe.pid, &engines)
-        .expect("registering");
-    for (name, tids) in probe.engines.clone() {
-        for tid in tids {
-            att.assign_tid(probe.pid, tid, &name)
-                .expect("assigning thread");
-        }
-    }
+    let (att, mut probe) = by_tid(Probe::spawn_with(&["--engines", "vector:1,timeseries:1"]));
     probe.run(&format!("pin vector {first}"));
     probe.run(&format!("pin timeseries {last}"));
     probe.run("alloc vector mmap 48");

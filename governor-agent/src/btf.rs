@@ -322,6 +322,16 @@ pub fn task_flags(btf: &Btf) -> Result<u32, AgentError> {
     Ok(btf.member(task, "flags")?.0)
 }
 
+/// Offsets of `min_flt` and `maj_flt` in `struct task_struct` (each an
+/// `unsigned long`, counted when a fault finishes).
+pub fn task_fault_counts(btf: &Btf) -> Result<(u32, u32), AgentError> {
+    let task = btf.struct_id("task_struct")?;
+    Ok((
+        btf.member(task, "min_flt")?.0,
+        btf.member(task, "maj_flt")?.0,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

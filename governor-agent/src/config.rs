@@ -155,9 +155,9 @@ pub struct EngineConfig {
     #[serde(default)]
     pub cpus: Option<crate::cpus::CpuList>,
     /// How the engine's budget is split over the NUMA nodes: one weight per
-    /// online node, in node order (default `numa.weights`, else the nodes'
-    /// memory). An engine with `cpus` or `node_weights` is judged on each
-    /// node as well as in all (see `[numa]`).
+    /// online node, in node order (default: over the nodes of its `cpus`,
+    /// by `numa.weights` or the nodes' memory). Needs `cpus`: an engine
+    /// placed nowhere is judged in all only (see `[numa]`).
     #[serde(default)]
     pub node_weights: Option<Vec<u64>>,
 }
@@ -166,16 +166,18 @@ fn yes() -> bool {
     true
 }
 
-/// NUMA: the ladder per node. A placed engine (with `cpus` or
-/// `node_weights`) has its budget split over the nodes as the library
-/// splits one (its `node_weights`, else `weights`, else the nodes'
-/// memory) and is judged on each node as well as in all: past a threshold
-/// of its share on one node, it is spilled by what it holds there beyond
-/// the restore point, whatever it holds in all, and engines under their
-/// shares are left alone. An engine placed nowhere runs wherever the
-/// scheduler puts its threads, so where its pages land says nothing of
-/// it: it is judged in all only. Nothing changes on a machine of one
-/// node.
+/// NUMA: the ladder per node. A placed engine (with `cpus`) has its
+/// budget split over the nodes, as the library splits one: by its
+/// `node_weights`, or else over the nodes of its CPUs by `weights` (or the
+/// nodes' memory). It is judged on each node as well as in all: past a
+/// threshold of its share on one node, it is spilled by what it holds
+/// there beyond the restore point, whatever it holds in all, and engines
+/// under their shares are left alone. An engine placed nowhere runs
+/// wherever the scheduler puts its threads, so where its pages land says
+/// nothing of it: it is judged in all only. Nothing changes on a machine
+/// of one node. (A release is counted on the node of the CPU that makes
+/// it: an engine whose threads span nodes can free memory without its
+/// figure on the node going down, and be spilled again.)
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NumaConfig {
@@ -566,6 +568,16 @@ impl Config {
                     e.node_weights.as_ref()?,
                 ))
             }));
+        if let Some(i) = self
+            .engines
+            .iter()
+            .position(|e| e.node_weights.is_some() && e.cpus.is_none())
+        {
+            return Err(err(
+                format!("engine[{i}].node_weights"),
+                "needs `cpus`: an engine placed nowhere is judged in all only",
+            ));
+        }
         for (field, w) in weights {
             if w.is_empty() || w.len() > 64 {
                 return Err(err(

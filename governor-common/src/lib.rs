@@ -211,7 +211,10 @@ pub struct KernelLayout {
     pub member_kind: [u8; 8],
     /// Offset of `flags` in `struct task_struct` (see [`PF_MEMALLOC`]).
     pub task_flags: u32,
-    pub _pad: u32,
+    /// Offsets of `min_flt` and `maj_flt` in `struct task_struct` (see
+    /// [`RegionCache`]).
+    pub task_min_flt: u32,
+    pub task_maj_flt: u32,
 }
 
 /// The per-CPU cache of the running thread's identity, packed into one
@@ -261,9 +264,6 @@ pub mod identity {
     }
 }
 
-/// The per-CPU memory of the last 2 MiB region whose owner was recorded,
-/// packed into one word like [`identity`] and zeroed on `sched_switch`:
-/// bit 63 valid, bits 53..63 slot, bits 0..53 region number.
 /// One CPU's memory of the faults that recorded regions' owners (the
 /// `REGION_CACHE` map).
 ///
@@ -271,24 +271,36 @@ pub mod identity {
 /// apart: to bring a page in, and so take the region for the faulting
 /// slot, or (NUMA balancing) to sample which node uses a page already
 /// there, which changes nothing. A fault that gives a region another owner
-/// leaves the change here until the thread's next fault; a hinting fault
-/// (the `task_numa_fault` program, inside the same fault) hands the region
-/// back. Without this, a thread that reads another engine's memory (a
-/// spill thread flushing its buffers) takes those regions over while NUMA
-/// balancing scans, and their release is then charged to it.
+/// leaves the change here, with the thread and its count of finished
+/// faults; a hinting fault (the `task_numa_fault` program) hands the region
+/// back if it is that same fault: the same thread, on this CPU, with the
+/// same count (the kernel counts a fault when it finishes, so any later
+/// fault, from user or kernel mode, sees a larger one). Without this, a
+/// thread that reads another engine's memory (a spill thread flushing its
+/// buffers) takes those regions over while NUMA balancing scans, and their
+/// release is then charged to it. Best effort: a hinting fault that races
+/// another on the same page, or finds no page to sample, never reaches
+/// `task_numa_fault`, and a thread that slept inside its fault and woke on
+/// another CPU finds nothing to undo; the region then keeps its new owner
+/// until the next fault there.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RegionCache {
-    /// [`region_cache::pack`] of the slot and region last recorded, or 0.
+    /// [`region_cache::pack`] of the slot and region last recorded, or 0
+    /// (`sched_switch` zeroes it).
     pub word: u64,
-    /// The thread whose last fault gave a region a new owner, or 0.
+    /// The thread whose fault gave a region a new owner, or 0.
     pub moved_tid: u32,
     /// The slot that owned the region before.
     pub moved_from: u32,
     /// The region (address >> [`REGION_SHIFT`]).
     pub moved_region: u64,
+    /// The thread's finished faults (`min_flt + maj_flt`) when it faulted.
+    pub moved_faults: u64,
 }
 
+/// The word of [`RegionCache::word`]: bit 63 valid, bits 53..63 slot,
+/// bits 0..53 region number.
 pub mod region_cache {
     const SLOT_SHIFT: u32 = 53;
     const REGION_MASK: u64 = (1 << 53) - 1;

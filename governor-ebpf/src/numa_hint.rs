@@ -4,7 +4,8 @@
 //! and the kernel calls `task_numa_fault` from inside it (after migrating
 //! the page, if it does). Such a fault brings no memory in, so it must not
 //! give the region a new owner: the change `page_fault_user` made is undone
-//! here (see `nodedb_governor_common::RegionCache`).
+//! here, when it is this same fault's (see
+//! `nodedb_governor_common::RegionCache`, and its limits).
 
 use aya_ebpf::{macros::fentry, programs::FEntryContext};
 use nodedb_governor_common::{RegionKey, region_cache};
@@ -13,6 +14,7 @@ use crate::{
     counters::{add_u64, stats},
     identity::{identity, ids},
     maps::{REGION_CACHE, REGIONS},
+    rss_stat::task_faults,
 };
 
 /// `void task_numa_fault(int last_cpupid, int mem_node, int pages, int
@@ -30,18 +32,23 @@ fn try_task_numa_fault() -> Result<u32, u32> {
     let me = identity().ok_or(0u32)?;
     let cache = REGION_CACHE.get_ptr_mut(0).ok_or(0u32)?;
     let (tgid, tid) = ids();
-    // SAFETY: this CPU's entry of a live per-CPU map. A thread that slept
-    // inside its fault and woke on another CPU finds nothing here, and the
-    // region keeps its new owner, as before this program existed.
+    // SAFETY: this CPU's entry of a live per-CPU map, single aligned loads.
+    // The change must be this fault's: this thread's, with its count of
+    // finished faults unchanged since (any later fault, from user or
+    // kernel mode, has a larger one). Read, then the thread's id again: a
+    // task that preempted us and faulted here in between rewrote it.
     let (region, from) = unsafe {
         if core::ptr::read_volatile(&(*cache).moved_tid) != tid {
             return Ok(0);
         }
+        let region = core::ptr::read_volatile(&(*cache).moved_region);
+        let from = core::ptr::read_volatile(&(*cache).moved_from);
+        let faults = core::ptr::read_volatile(&(*cache).moved_faults);
+        if core::ptr::read_volatile(&(*cache).moved_tid) != tid || faults != task_faults() {
+            return Ok(0);
+        }
         core::ptr::write_volatile(&raw mut (*cache).moved_tid, 0);
-        (
-            core::ptr::read_volatile(&(*cache).moved_region),
-            core::ptr::read_volatile(&(*cache).moved_from),
-        )
+        (region, from)
     };
     let key = RegionKey {
         tgid,

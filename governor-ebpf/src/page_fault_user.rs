@@ -9,6 +9,7 @@ use crate::{
     counters::{add_u64, stats},
     identity::{identity, ids},
     maps::{REGION_CACHE, REGIONS},
+    rss_stat::task_faults,
 };
 
 /// `TP_PROTO(unsigned long address, struct pt_regs *regs, unsigned long
@@ -34,7 +35,8 @@ fn try_page_fault_user(ctx: &BtfTracePointContext) -> Result<u32, u32> {
     let cache = REGION_CACHE.get_ptr_mut(0).ok_or(0u32)?;
     // SAFETY: this CPU's entry of a live per-CPU map; single aligned loads
     // and stores. An owner change left by an earlier fault is over: this
-    // is another fault (see `numa_hint`).
+    // is another fault (see `numa_hint`; its fault count rules out the
+    // rest).
     unsafe {
         if core::ptr::read_volatile(&(*cache).moved_tid) != 0 {
             core::ptr::write_volatile(&raw mut (*cache).moved_tid, 0);
@@ -58,12 +60,16 @@ fn try_page_fault_user(ctx: &BtfTracePointContext) -> Result<u32, u32> {
     if owner != Some(me.slot) {
         let _ = REGIONS.insert(key, me.slot, 0);
         if let Some(from) = owner {
-            // Kept until this thread's next fault, for a hinting fault to
-            // undo.
+            // For a hinting fault inside this same fault to undo (see
+            // `numa_hint`); the thread's id goes last, so a reader that
+            // sees it sees the rest.
+            let faults = task_faults();
             // SAFETY: as above.
             unsafe {
+                core::ptr::write_volatile(&raw mut (*cache).moved_tid, 0);
                 core::ptr::write_volatile(&raw mut (*cache).moved_region, region);
                 core::ptr::write_volatile(&raw mut (*cache).moved_from, from);
+                core::ptr::write_volatile(&raw mut (*cache).moved_faults, faults);
                 core::ptr::write_volatile(&raw mut (*cache).moved_tid, tid);
             }
         }

@@ -29,7 +29,8 @@ static LAYOUT: KernelLayout = KernelLayout {
     page_shift: 12,
     member_kind: [kind::UNKNOWN; 8],
     task_flags: 0,
-    _pad: 0,
+    task_min_flt: 0,
+    task_maj_flt: 0,
 };
 
 /// log2 of the kernel's page size, from the same layout.
@@ -37,6 +38,21 @@ static LAYOUT: KernelLayout = KernelLayout {
 pub fn page_shift() -> u32 {
     // SAFETY: read-only data written by the loader.
     unsafe { core::ptr::read_volatile(&LAYOUT.page_shift) & 63 }
+}
+
+/// The running thread's finished faults (`min_flt + maj_flt`), from the
+/// offsets in the same layout; 0 if unreadable.
+#[inline(always)]
+pub fn task_faults() -> u64 {
+    // SAFETY: read-only data written by the loader; the helper reads the
+    // current task at those offsets and tolerates a bad address.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let at =
+            |off: u32| bpf_probe_read_kernel(task.add(off as usize) as *const u64).unwrap_or(0);
+        at(core::ptr::read_volatile(&LAYOUT.task_min_flt))
+            .wrapping_add(at(core::ptr::read_volatile(&LAYOUT.task_maj_flt)))
+    }
 }
 
 /// Offset of `flags` in `struct task_struct`, from the same layout.

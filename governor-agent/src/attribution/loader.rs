@@ -139,17 +139,14 @@ impl Attribution {
             let attached = program
                 .load(function, &btf)
                 .and_then(|()| program.attach().map(drop));
-            match attached {
-                Ok(()) => {}
-                Err(e) => match unavailable(&e) {
-                    Some(why) => tracing::warn!(
-                        "{prog} not attached ({why}): where NUMA balancing scans, a thread \
-                         that reads another engine's memory can take it over"
-                    ),
-                    None => {
-                        return Err(AgentError::ebpf(format!("loading {prog} on {function}"), e));
-                    }
-                },
+            // Optional: the agent runs without it, says why, and leaves it
+            // out of `status`'s programs (the VM checks require it there).
+            if let Err(e) = attached {
+                tracing::warn!(
+                    "{prog} not attached ({}): where NUMA balancing scans, a thread that reads \
+                     another engine's memory can take it over",
+                    unavailable(&e)
+                );
             }
         }
 
@@ -212,6 +209,7 @@ fn kernel_layout(tracefs: &TraceFs) -> Result<KernelLayout, AgentError> {
     let kernel_btf = btf::Btf::from_sys_fs()?;
     let rss = btf::rss_layout(&kernel_btf)?;
     let task_flags = btf::task_flags(&kernel_btf)?;
+    let faults = btf::task_fault_counts(&kernel_btf)?;
     let member_kind = tracefs::member_kinds(&tracefs.format("kmem", "rss_stat")?)?;
     // SAFETY: sysconf has no preconditions.
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -227,25 +225,29 @@ fn kernel_layout(tracefs: &TraceFs) -> Result<KernelLayout, AgentError> {
         page_shift: (page_size as u64).trailing_zeros(),
         member_kind,
         task_flags,
-        _pad: 0,
+        task_min_flt: faults.0,
+        task_maj_flt: faults.1,
     })
 }
 
-/// Why an optional program cannot run on this kernel, or None when its
-/// failure is a fault of ours (the verifier refused it: an error).
-fn unavailable(e: &ProgramError) -> Option<String> {
+/// Why an optional program did not load or attach, in words.
+fn unavailable(e: &ProgramError) -> String {
     match e {
         ProgramError::Btf(aya::BtfError::UnknownBtfTypeName { type_name }) => {
-            Some(format!("{type_name} is not in this kernel"))
+            format!("{type_name} is not in this kernel")
         }
         ProgramError::LoadError {
             io_error,
             verifier_log,
-        } if format!("{verifier_log:?}").trim().is_empty() => Some(format!(
-            "the kernel refused the program before verifying it: {io_error}"
-        )),
-        ProgramError::SyscallError(e) => Some(format!("attaching: {e}")),
-        _ => None,
+        } => {
+            let log = format!("{verifier_log:?}");
+            if log.trim().is_empty() {
+                format!("the kernel refused it before verifying it: {io_error}")
+            } else {
+                format!("the kernel refused it: {io_error}: {}", log.trim())
+            }
+        }
+        other => other.to_string(),
     }
 }
 

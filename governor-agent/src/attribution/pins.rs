@@ -42,8 +42,9 @@ pub(super) const PINNED_MAPS: &[&str] = &[
 /// 2: `SlotStats` counts page cache (an older agent's pinned maps have
 /// smaller values, and are not reused). 3: `SlotStats` counts untracked
 /// page cache, and `FILE_OWNERS` holds each file's bytes. 4: `SlotStats`
-/// holds the per-CPU part of the mark count, `MARK_TOTALS` the rest.
-const STATE_VERSION: u32 = 4;
+/// holds the per-CPU part of the mark count, `MARK_TOTALS` the rest. 5:
+/// `SlotStats` counts hinting faults and resident bytes per NUMA node.
+const STATE_VERSION: u32 = 5;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SavedProcess {

@@ -10,8 +10,10 @@ impl Agent {
     /// what only a restart can change (the database, identity, cgroup root,
     /// sockets, the metrics address, delegation, observe mode, the set of
     /// engines) must be unchanged. Budgets, floors, thresholds, the
-    /// ceiling, the tick, the allowed uids and the agent's
-    /// `realtime_priority` change in place; libraries get their new
+    /// ceiling, the tick, the allowed uids, the agent's
+    /// `realtime_priority` and the NUMA split (`[numa]`, `node_weights`,
+    /// checked against the machine's nodes first) change in place;
+    /// libraries get their new
     /// budgets (loans end); engines whose `cpus` changed have their threads
     /// moved to the new CPUs.
     pub(super) fn reload(&mut self, new: Config) -> Result<(), ReloadError> {

@@ -32,6 +32,9 @@ impl Agent {
     pub fn start(config: Config) -> Result<Self, AgentError> {
         // Name missing privileges before touching anything that needs them.
         crate::privilege::check_prerequisites()?;
+        // The configuration against this machine's NUMA nodes, before any
+        // state is taken over.
+        let rules = Rules::from_config(&config).on_nodes(&config, &crate::numa::machine_nodes())?;
         // bpffs is where the maps are pinned; like tracefs, mount it when
         // the host has not.
         mounts::ensure_bpffs().map_err(|e| AgentError::io("mounting bpffs", e))?;
@@ -47,7 +50,6 @@ impl Agent {
         if restored {
             tracing::info!("restarted: attribution continues from the pinned maps");
         }
-        let rules = Rules::from_config(&config).on_nodes(&config, &crate::numa::machine_nodes())?;
         let (identity, subtree) = identity_and_subtree(&config)?;
         let (ceiling, ceiling_error) = ceiling(&config, subtree.as_ref());
         let (psi, psi_error) = pressure_stall(&config, subtree.as_ref());

@@ -79,6 +79,7 @@ fn judge_nodes(
     let attributed = process.engines.get(engine);
     shares
         .iter()
+        .filter(|s| s.fraction > 0.0)
         .map(|s| {
             let share_bytes = (budget as f64 * s.fraction) as u64;
             let resident_bytes = attributed
@@ -447,9 +448,28 @@ impl Library {
             now,
         } = at;
         let resident = |name: &str| process.engines.get(name).map_or(0, |e| e.resident_bytes);
+        // What lending judges an engine by: what it holds, or, for a
+        // placed engine, the total at which it would stand as its worst
+        // node does (an engine short on one node is busy, not a lender).
+        let holding: BTreeMap<String, u64> = self
+            .declared(rules)
+            .iter()
+            .map(|l| {
+                let budget = self.budget(&l.name);
+                let worst = judge_nodes(rules, &l.name, budget, process)
+                    .iter()
+                    .map(|n| {
+                        (n.resident_bytes as f64 * budget as f64 / n.share_bytes.max(1) as f64)
+                            as u64
+                    })
+                    .max()
+                    .unwrap_or(0);
+                (l.name.clone(), resident(&l.name).max(worst))
+            })
+            .collect();
         if self.observe_cap.is_none() {
             let events = self.loans.round(now, &rules.thresholds, |name| Holding {
-                resident_bytes: resident(name),
+                resident_bytes: holding.get(name).copied().unwrap_or_else(|| resident(name)),
                 reserved_bytes: self
                     .engines
                     .get(name)

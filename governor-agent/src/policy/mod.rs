@@ -98,9 +98,10 @@ pub struct Rules {
     /// Arm marks in the kernel, so a crossing wakes the agent at once
     /// (false: the tick alone).
     pub mark_events: bool,
-    /// Each engine with CPUs on NUMA nodes: its budget split over them
-    /// (see [`crate::config::NumaConfig`]); an engine absent here is
-    /// judged in all only.
+    /// Each placed engine (with `cpus`): its budget's split over the NUMA
+    /// nodes, the nodes with no part of it left out (see
+    /// [`crate::config::NumaConfig`]); an engine absent here is judged in
+    /// all only.
     pub node_shares: BTreeMap<String, Vec<NodeShare>>,
 }
 
@@ -127,11 +128,12 @@ impl Rules {
     }
 
     /// The rules on a machine of these NUMA `nodes`: each placed engine
-    /// (with `cpus` or `node_weights`) gets its budget split over the
-    /// nodes, as the library splits one (its `node_weights`, else
-    /// `numa.weights`, else the nodes' memory). Weights that do not match
-    /// the machine's nodes, or nodes the attribution does not count apart,
-    /// are refused, naming the field.
+    /// (with `cpus`) gets its budget split over the nodes by its
+    /// `node_weights`, or else over the nodes of its CPUs by
+    /// `numa.weights` or the nodes' memory. Weights that do not match the
+    /// machine's nodes are refused, naming the field; an engine on a node
+    /// the attribution does not count apart (8 and up) is judged in all
+    /// only, with a warning.
     pub fn on_nodes(mut self, config: &Config, nodes: &[Node]) -> Result<Self, ConfigError> {
         self.node_shares.clear();
         if !config.numa.ladder || nodes.len() < 2 {
@@ -150,44 +152,57 @@ impl Rules {
             }
             Ok(())
         };
-        let memory: Vec<u64> = nodes.iter().map(|n| n.memory_bytes.max(1)).collect();
         let default = match &config.numa.weights {
             Some(w) => {
                 fits("numa.weights".into(), w)?;
                 w.clone()
             }
-            None => memory,
+            None => nodes.iter().map(|n| n.memory_bytes).collect(),
         };
         for (i, e) in config.engines.iter().enumerate() {
-            if e.cpus.is_none() && e.node_weights.is_none() {
+            let Some(cpus) = &e.cpus else {
                 continue;
-            }
-            if let Some(n) = nodes.iter().find(|n| n.id as usize >= NODE_SLOTS) {
-                return Err(ConfigError {
-                    field: format!("engine[{i}]"),
-                    reason: format!(
-                        "judged per node, and node {} is past the {NODE_SLOTS} the \
-                         attribution counts apart",
-                        n.id
-                    ),
-                });
-            }
-            let weights = match &e.node_weights {
+            };
+            let weights: Vec<u64> = match &e.node_weights {
                 Some(w) => {
                     fits(format!("engine[{i}].node_weights"), w)?;
-                    w
+                    w.clone()
                 }
-                None => &default,
+                // Where its threads run, and so where its pages land.
+                None => nodes
+                    .iter()
+                    .zip(&default)
+                    .map(|(n, &w)| {
+                        if cpus.cpus().any(|c| n.cpus.contains(&c)) {
+                            w
+                        } else {
+                            0
+                        }
+                    })
+                    .collect(),
             };
             let total: u128 = weights.iter().map(|&w| u128::from(w)).sum();
-            let shares = nodes
+            if total == 0 {
+                continue;
+            }
+            let shares: Vec<NodeShare> = nodes
                 .iter()
-                .zip(weights)
+                .zip(&weights)
+                .filter(|&(_, &w)| w > 0)
                 .map(|(n, &w)| NodeShare {
                     node: n.id,
-                    fraction: u128::from(w) as f64 / total.max(1) as f64,
+                    fraction: u128::from(w) as f64 / total as f64,
                 })
                 .collect();
+            if let Some(far) = shares.iter().find(|s| s.node as usize >= NODE_SLOTS) {
+                tracing::warn!(
+                    engine = %e.name,
+                    node = far.node,
+                    "judged in all only: the attribution counts nodes 0-{} apart",
+                    NODE_SLOTS - 1
+                );
+                continue;
+            }
             self.node_shares.insert(e.name.clone(), shares);
         }
         Ok(self)

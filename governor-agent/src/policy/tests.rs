@@ -1032,13 +1032,19 @@ fn two_nodes() -> Vec<Node> {
 }
 
 /// [`rules`] with vector on CPU 0 (node 0) and query on CPU 1 (node 1),
-/// `extra` before the engines, on [`two_nodes`].
+/// each with its budget split evenly over both nodes, `extra` before the
+/// engines, on [`two_nodes`].
 fn numa_rules(extra: &str) -> Result<Rules, ConfigError> {
+    numa_rules_with(extra, "node_weights = [1, 1]")
+}
+
+/// As [`numa_rules`], with `placement` for each engine after its `cpus`.
+fn numa_rules_with(extra: &str, placement: &str) -> Result<Rules, ConfigError> {
     let config = Config::parse(&format!(
         "database = \"t\"\nceiling = \"1GiB\"\n{extra}\n\
-         [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\ncpus = \"0\"\n\
+         [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\ncpus = \"0\"\n{placement}\n\
          [[engine]]\nname = \"query\"\nbudget = \"256MiB\"\nfloor = \"64MiB\"\n\
-         essential = false\ncpus = \"1\"\n",
+         essential = false\ncpus = \"1\"\n{placement}\n",
     ))?;
     Rules::from_config(&config).on_nodes(&config, &two_nodes())
 }
@@ -1064,7 +1070,20 @@ fn an_engine_over_its_share_on_one_node_is_spilled_there_and_the_other_is_left_a
     use Msg::*;
     // Each 256 MiB budget is 128 MiB per node. Query holds 120 MiB, all on
     // node 1: 94% of its share there (Critical), 47% of its budget.
-    let (mut w, _) = World::with_rules(numa_rules("").unwrap(), &["vector", "query"]);
+    // (Vector's floor is its budget: it lends nothing, so query cannot
+    // borrow its way out.)
+    let config = Config::parse(
+        "database = \"t\"\nceiling = \"1GiB\"\n\
+         [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\nfloor = \"256MiB\"\n\
+         cpus = \"0\"\nnode_weights = [1, 1]\n\
+         [[engine]]\nname = \"query\"\nbudget = \"256MiB\"\nfloor = \"64MiB\"\n\
+         essential = false\ncpus = \"1\"\nnode_weights = [1, 1]\n",
+    )
+    .unwrap();
+    let rules = Rules::from_config(&config)
+        .on_nodes(&config, &two_nodes())
+        .unwrap();
+    let (mut w, _) = World::with_rules(rules, &["vector", "query"]);
     let r = node_reading(&[("vector", [40, 0]), ("query", [0, 120])]);
     assert_eq!(
         w.tick_on(&r, None, None),
@@ -1115,29 +1134,46 @@ fn an_engine_over_its_share_on_one_node_is_spilled_there_and_the_other_is_left_a
 
 #[test]
 fn node_shares_follow_the_weights_and_only_placed_engines_get_them() {
-    // Weighted 1:3, query's node-1 share is 192 MiB: 120 MiB is Normal.
-    let rules = numa_rules("[numa]\nweights = [1, 3]").unwrap();
-    let query = &rules.node_shares["query"];
-    assert_eq!(query[1].fraction, 0.75);
-    let (mut w, _) = World::with_rules(rules, &["vector", "query"]);
-    let r = node_reading(&[("vector", [40, 0]), ("query", [0, 120])]);
-    assert_eq!(w.tick_on(&r, None, None), []);
-    // An engine's own weights take the place of the default: all of
-    // query's budget on node 1.
+    // By default a placed engine's budget is all on its CPUs' nodes.
+    let rules = numa_rules_with("", "").unwrap();
+    assert_eq!(
+        rules.node_shares["query"],
+        [NodeShare {
+            node: 1,
+            fraction: 1.0
+        }]
+    );
+    // Its CPUs on both nodes, weighted 1:3: a quarter and three quarters.
     let config = Config::parse(
-        "database = \"t\"\nceiling = \"1GiB\"\n\
+        "database = \"t\"\nceiling = \"1GiB\"\n[numa]\nweights = [1, 3]\n\
          [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\n\
-         [[engine]]\nname = \"query\"\nbudget = \"256MiB\"\nnode_weights = [0, 1]\n",
+         [[engine]]\nname = \"query\"\nbudget = \"256MiB\"\ncpus = \"0-1\"\n",
     )
     .unwrap();
     let rules = Rules::from_config(&config)
         .on_nodes(&config, &two_nodes())
         .unwrap();
-    assert_eq!(rules.node_shares["query"][1].fraction, 1.0);
+    let fractions: Vec<f64> = rules.node_shares["query"]
+        .iter()
+        .map(|s| s.fraction)
+        .collect();
+    assert_eq!(fractions, [0.25, 0.75]);
     assert!(
         !rules.node_shares.contains_key("vector"),
         "vector is placed nowhere: judged in all only"
     );
+    // Query at 120 MiB on node 1: 63% of its 192 MiB share there, Normal.
+    let (mut w, _) = World::with_rules(rules, &["vector", "query"]);
+    let r = node_reading(&[("vector", [40, 0]), ("query", [0, 120])]);
+    assert_eq!(w.tick_on(&r, None, None), []);
+    // A node with no part of the budget is not judged: stray bytes there
+    // (a stack faulted in before the thread was pinned) are no Emergency.
+    let (mut w, _) = World::with_rules(
+        numa_rules_with("", "node_weights = [0, 1]").unwrap(),
+        &["vector", "query"],
+    );
+    let r = node_reading(&[("vector", [1, 40]), ("query", [0, 40])]);
+    assert_eq!(w.tick_on(&r, None, None), []);
     // One node, or the ladder per node off: nobody is judged per node.
     let one = &two_nodes()[..1];
     assert!(
@@ -1149,6 +1185,36 @@ fn node_shares_follow_the_weights_and_only_placed_engines_get_them() {
     );
     let off = numa_rules("[numa]\nladder = false").unwrap();
     assert!(off.node_shares.is_empty());
+}
+
+#[test]
+fn an_engine_short_on_one_node_borrows_and_does_not_lend() {
+    use Msg::*;
+    // Query grows to 120 MiB, all on node 1: 94% of its 128 MiB share
+    // there (Critical), 47% of its budget. Vector, idle at 10 MiB, lends
+    // to it as to any engine at Critical, query being judged by its node.
+    let (mut w, _) = World::with_rules(numa_rules("").unwrap(), &["vector", "query"]);
+    w.tick_on(
+        &node_reading(&[("vector", [10, 0]), ("query", [0, 60])]),
+        None,
+        None,
+    );
+    let sent = w.after(600).tick_on(
+        &node_reading(&[("vector", [10, 0]), ("query", [0, 120])]),
+        None,
+        None,
+    );
+    assert!(
+        sent.iter()
+            .any(|m| matches!(m, Limits("query", _, cap) if *cap > 256 * MIB)),
+        "query, short on node 1, borrows: {sent:?}"
+    );
+    assert!(
+        !sent
+            .iter()
+            .any(|m| matches!(m, Limits("vector", _, cap) if *cap > 256 * MIB)),
+        "and does not lend: {sent:?}"
+    );
 }
 
 #[test]
@@ -1166,8 +1232,18 @@ fn weights_that_do_not_fit_the_machine_or_make_no_sense_are_refused_by_name() {
     assert_eq!(e.field, "numa.weights[1]");
     let e = Config::parse(
         "database = \"t\"\nceiling = \"1GiB\"\n\
-         [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\nnode_weights = []\n",
+         [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\ncpus = \"0\"\nnode_weights = []\n",
     )
     .unwrap_err();
     assert_eq!(e.field, "engine[0].node_weights");
+    let e = numa_rules_with("", "node_weights = [1, 1, 1]").unwrap_err();
+    assert_eq!(e.field, "engine[0].node_weights");
+    // Weights need a placed engine.
+    let e = Config::parse(
+        "database = \"t\"\nceiling = \"1GiB\"\n\
+         [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\nnode_weights = [1, 1]\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "engine[0].node_weights");
+    assert!(e.reason.contains("needs `cpus`"), "{}", e.reason);
 }

@@ -126,8 +126,8 @@ fn main() -> anyhow::Result<()> {
         database: "vmcheck".into(),
     };
     let config = args.work.join("governor.toml");
-    // With two nodes, two engines placed one per node (their budgets split
-    // over the nodes) for the ladder per node.
+    // With two nodes, two engines placed one per node, each budget split
+    // evenly over the nodes, for the ladder per node.
     let placed = placed_engines()?;
     std::fs::write(
         &config,
@@ -142,7 +142,10 @@ fn main() -> anyhow::Result<()> {
             placed
                 .iter()
                 .map(|(engine, cpus, _)| format!(
-                    "[[engine]]\nname = \"{engine}\"\nbudget = \"64MiB\"\ncpus = \"{cpus}\"\n"
+                    "[[engine]]\nname = \"{engine}\"\nbudget = \"64MiB\"\ncpus = \"{cpus}\"\n\
+                     node_weights = [{}]\n",
+                    vec!["1"; nodedb_governor_testkit::numa::online_nodes().map_or(1, |n| n.len())]
+                        .join(", ")
                 ))
                 .collect::<String>()
         ),
@@ -516,6 +519,19 @@ fn numa_check(env: &Env) -> anyhow::Result<Value> {
             status["numa"],
             status["numa_error"]
         );
+    }
+    // Where the kernel has NUMA balancing, the program that tells its
+    // hinting faults apart runs (it is optional to the agent, not here).
+    let programs: Vec<&str> = status["programs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    if Path::new("/proc/sys/kernel/numa_balancing").exists()
+        && !programs.contains(&"task_numa_fault")
+    {
+        bail!("NUMA balancing is built in, and task_numa_fault is not loaded: {programs:?}");
     }
     if nodes.len() < 2 {
         return Ok(json!({"nodes": detail, "agent": agent}));

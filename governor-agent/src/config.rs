@@ -175,9 +175,9 @@ fn yes() -> bool {
 /// under their shares are left alone. An engine placed nowhere runs
 /// wherever the scheduler puts its threads, so where its pages land says
 /// nothing of it: it is judged in all only. Nothing changes on a machine
-/// of one node. (A release is counted on the node of the CPU that makes
-/// it: an engine whose threads span nodes can free memory without its
-/// figure on the node going down, and be spilled again.)
+/// of one node. (Pages NUMA balancing moves are not followed: an engine
+/// whose pages the kernel moved off a node stays counted there until it
+/// frees them, and can be spilled for them.)
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NumaConfig {

@@ -33,6 +33,27 @@ pub const MAX_REGIONS: u32 = 262_144;
 pub const REGION_SHIFT: u32 = 21;
 /// No slot: the thread or region is not attributed.
 pub const NO_SLOT: u32 = u32::MAX;
+/// No node: where a released range was faulted in is not known.
+pub const NO_NODE: u32 = u32::MAX;
+
+/// A `REGIONS` value: the slot that owns the region, and the NUMA node of
+/// the CPU that faulted it in (so a release, whichever CPU makes it, is
+/// taken off the node its pages were counted on).
+pub mod region_owner {
+    pub const fn pack(slot: u32, node: u32) -> u32 {
+        (slot & 0xffff) | ((node & 0xff) << 16)
+    }
+
+    pub const fn slot(value: u32) -> u32 {
+        value & 0xffff
+    }
+
+    pub const fn node(value: u32) -> u32 {
+        (value >> 16) & 0xff
+    }
+
+    const _: () = assert!(super::MAX_SLOTS <= 0x10000);
+}
 
 /// Resident-memory kinds, as buckets of [`SlotStats::resident_bytes`]. The
 /// kernel's `MM_*` counter numbers are mapped onto these at load time from
@@ -78,13 +99,15 @@ pub struct SlotStats {
     /// NUMA hinting faults the slot's threads took in a region another slot
     /// owns, which therefore stayed that slot's (see [`RegionCache`]).
     pub hinting_faults_elsewhere: u64,
-    /// Net resident bytes (every kind but swap) by NUMA node (index: node)
-    /// of the CPU that counted them. A page is first placed on the node of
-    /// the CPU that touches it, unless a memory policy or a full node sends
-    /// it elsewhere, so growth is counted where it lands; a release is
-    /// taken off the node of the CPU that counts it, which is wrong for a
-    /// thread that moved to another node since it faulted the memory in.
-    /// Pages NUMA balancing moves later are not followed. Nodes from
+    /// Net resident bytes (every kind but swap) by NUMA node (index:
+    /// node). Growth is counted on the node of the CPU that counts it: a
+    /// page is first placed on the node of the CPU that touches it, unless
+    /// a memory policy or a full node sends it elsewhere. A release
+    /// (munmap, madvise, brk) comes off the node its range's owner faulted
+    /// it in on (see [`region_owner`]), whichever CPU releases it; other
+    /// decreases (exit, reclaim) off the counting CPU's. Not followed:
+    /// pages NUMA balancing moves later, and a 2 MiB region faulted in from
+    /// two nodes (its release comes off the last one's). Nodes from
     /// [`NODE_SLOTS`] up are not counted.
     pub node_resident_bytes: [i64; NODE_SLOTS],
 }
@@ -328,6 +351,14 @@ mod tests {
     }
 
     #[test]
+    fn region_owners_keep_slot_and_node_apart() {
+        let v = region_owner::pack(MAX_SLOTS - 1, 7);
+        assert_eq!(region_owner::slot(v), MAX_SLOTS - 1);
+        assert_eq!(region_owner::node(v), 7);
+        assert_eq!(region_owner::node(region_owner::pack(3, 0)), 0);
+    }
+
+    #[test]
     fn region_words_differ_by_slot_and_region() {
         let a = region_cache::pack(3, 1 << 26);
         assert_ne!(a, region_cache::pack(4, 1 << 26));
@@ -362,7 +393,9 @@ pub struct RegionKey {
 pub struct ReleaseCtx {
     /// Slot that owned the released range, or [`NO_SLOT`].
     pub owner_slot: u32,
-    pub _pad: u32,
+    /// The NUMA node its owner faulted it in on, or [`NO_NODE`]: what the
+    /// release takes off the owner comes off that node.
+    pub owner_node: u32,
     /// Length of the range in bytes (munmap: mapped bytes go away).
     pub len: u64,
 }

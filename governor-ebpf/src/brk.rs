@@ -63,7 +63,7 @@ fn try_sys_exit_brk(ctx: &TracePointContext) -> Result<u32, u32> {
     } else if let Some(last) = last
         && now < last
     {
-        let owner = match region_owner(tgid, now, last - now) {
+        let owner = match region_owner(tgid, now, last - now).0 {
             NO_SLOT => slot,
             s => s,
         };

@@ -3,7 +3,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg};
 
 use aya_ebpf::helpers::{bpf_get_numa_node_id, bpf_ktime_get_ns};
-use nodedb_governor_common::{MARK_MAX_BATCH, MarkEvent, NODE_SLOTS, SlotStats, kind};
+use nodedb_governor_common::{MARK_MAX_BATCH, MarkEvent, NO_NODE, NODE_SLOTS, SlotStats, kind};
 
 use crate::maps::{MARK_EVENTS, MARK_TOTALS, MARKS, STATS};
 
@@ -26,8 +26,16 @@ pub fn add_u64(field: *mut u64, delta: u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, delta) };
 }
 
+/// Adds `delta` to the slot's resident bytes, on the running CPU's node.
 #[inline(always)]
 pub fn add_resident(slot: u32, bucket: usize, delta: i64) {
+    add_resident_on(slot, bucket, delta, NO_NODE);
+}
+
+/// Adds `delta` to the slot's resident bytes, on `node` (`NO_NODE`: the
+/// running CPU's).
+#[inline(always)]
+pub fn add_resident_on(slot: u32, bucket: usize, delta: i64, node: u32) {
     if let Some(s) = stats(slot) {
         // SAFETY: `s` is a valid per-CPU map value pointer; the bucket index
         // is masked into the array.
@@ -39,9 +47,13 @@ pub fn add_resident(slot: u32, bucket: usize, delta: i64) {
             add_u64(&raw mut (*s).rss_events, 1);
         }
         if bucket != kind::SWAP {
-            // SAFETY: the helper takes no arguments and reads this CPU's
-            // node id.
-            let node = unsafe { bpf_get_numa_node_id() } as usize;
+            let node = if node == NO_NODE {
+                // SAFETY: the helper takes no arguments and reads this
+                // CPU's node id.
+                unsafe { bpf_get_numa_node_id() as usize }
+            } else {
+                node as usize
+            };
             if node < NODE_SLOTS {
                 // SAFETY: as above; the index is checked.
                 unsafe {

@@ -8,7 +8,7 @@
 //! `nodedb_governor_common::RegionCache`, and its limits).
 
 use aya_ebpf::{macros::fentry, programs::FEntryContext};
-use nodedb_governor_common::{RegionKey, region_cache};
+use nodedb_governor_common::{RegionKey, region_cache, region_owner};
 
 use crate::{
     counters::{add_u64, stats},
@@ -56,7 +56,7 @@ fn try_task_numa_fault() -> Result<u32, u32> {
         region,
     };
     // SAFETY: copy out of the map value.
-    if unsafe { REGIONS.get(key) }.copied() == Some(me.slot) {
+    if unsafe { REGIONS.get(key) }.map(|&v| region_owner::slot(v)) == Some(me.slot) {
         let _ = REGIONS.insert(key, from, 0);
         if let Some(s) = stats(me.slot) {
             // SAFETY: valid per-CPU map value pointer.

@@ -1,9 +1,12 @@
 //! `page_fault_user`: counts the faults of each slot and records which
-//! engine last faulted each 2 MiB region, so memory released by another
-//! thread can be charged back to the engine that faulted it in.
+//! engine last faulted each 2 MiB region, and on which NUMA node, so
+//! memory released by another thread (or from another node) can be
+//! charged back to the engine that faulted it in, on that node.
 
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
-use nodedb_governor_common::{REGION_SHIFT, RegionKey, region_cache};
+use aya_ebpf::{
+    helpers::bpf_get_numa_node_id, macros::btf_tracepoint, programs::BtfTracePointContext,
+};
+use nodedb_governor_common::{REGION_SHIFT, RegionKey, region_cache, region_owner};
 
 use crate::{
     counters::{add_u64, stats},
@@ -55,11 +58,14 @@ fn try_page_fault_user(ctx: &BtfTracePointContext) -> Result<u32, u32> {
         _pad: 0,
         region,
     };
+    // SAFETY: the helper takes no arguments and reads this CPU's node id.
+    let node = unsafe { bpf_get_numa_node_id() } as u32;
+    let mine = region_owner::pack(me.slot, node);
     // SAFETY: copy out of the map value.
     let owner = unsafe { REGIONS.get(key) }.copied();
-    if owner != Some(me.slot) {
-        let _ = REGIONS.insert(key, me.slot, 0);
-        if let Some(from) = owner {
+    if owner != Some(mine) {
+        let _ = REGIONS.insert(key, mine, 0);
+        if let Some(from) = owner.filter(|&v| region_owner::slot(v) != me.slot) {
             // For a hinting fault inside this same fault to undo (see
             // `numa_hint`); the thread's id goes last, so a reader that
             // sees it sees the rest.

@@ -4,7 +4,9 @@
 //! takes the unmapped bytes off the owner's mapped count.
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use nodedb_governor_common::{NO_SLOT, REGION_SHIFT, RegionKey, ReleaseCtx};
+use nodedb_governor_common::{
+    NO_NODE, NO_SLOT, REGION_SHIFT, RegionKey, ReleaseCtx, region_owner as owner,
+};
 
 use crate::{
     counters::{add_mapped, page_align},
@@ -18,17 +20,20 @@ const OWNER_SAMPLES: u64 = 64;
 /// Distinct owners tallied per range.
 const OWNER_CANDIDATES: usize = 4;
 
-/// The engine that faulted most of `[addr, addr + len)` in: a majority vote
-/// over up to 64 regions spread evenly over the range. Mappings are not
-/// 2 MiB aligned, so a range's first region is often shared with a
-/// neighbour; the vote keeps that neighbour from taking the whole release.
+/// The engine that faulted most of `[addr, addr + len)` in, and the node
+/// it was faulted in on (`NO_SLOT`, `NO_NODE` when no region of it is
+/// known): a majority vote over up to 64 regions spread evenly over the
+/// range. Mappings are not 2 MiB aligned, so a range's first region is
+/// often shared with a neighbour; the vote keeps that neighbour from taking
+/// the whole release. The node is that of the winner's first region seen.
 #[inline(always)]
-pub fn region_owner(tgid: u32, addr: u64, len: u64) -> u32 {
+pub fn region_owner(tgid: u32, addr: u64, len: u64) -> (u32, u32) {
     let first = addr >> REGION_SHIFT;
     let last = (addr + len.max(1) - 1) >> REGION_SHIFT;
     let regions = last - first + 1;
     let stride = regions.div_ceil(OWNER_SAMPLES).max(1);
     let mut slots = [NO_SLOT; OWNER_CANDIDATES];
+    let mut nodes = [NO_NODE; OWNER_CANDIDATES];
     let mut votes = [0u32; OWNER_CANDIDATES];
     let mut key = RegionKey {
         tgid,
@@ -41,12 +46,16 @@ pub fn region_owner(tgid: u32, addr: u64, len: u64) -> u32 {
             break;
         }
         // SAFETY: copy out of the map value.
-        let Some(owner) = (unsafe { REGIONS.get(key) }).copied() else {
+        let Some(value) = (unsafe { REGIONS.get(key) }).copied() else {
             continue;
         };
+        let owner = owner::slot(value);
         for c in 0..OWNER_CANDIDATES {
             if slots[c] == owner || slots[c] == NO_SLOT {
-                slots[c] = owner;
+                if slots[c] == NO_SLOT {
+                    slots[c] = owner;
+                    nodes[c] = owner::node(value);
+                }
                 votes[c] += 1;
                 break;
             }
@@ -58,7 +67,7 @@ pub fn region_owner(tgid: u32, addr: u64, len: u64) -> u32 {
             best = c;
         }
     }
-    slots[best]
+    (slots[best], nodes[best])
 }
 
 /// Starts a release of `[addr, addr + len)` by a governed thread.
@@ -68,9 +77,10 @@ pub fn begin_release(addr: u64, len: u64) -> Result<u32, u32> {
         return Ok(0);
     }
     let (tgid, tid) = ids();
+    let (owner_slot, owner_node) = region_owner(tgid, addr, len);
     let ctx = ReleaseCtx {
-        owner_slot: region_owner(tgid, addr, len),
-        _pad: 0,
+        owner_slot,
+        owner_node,
         len,
     };
     let _ = RELEASING.insert(tid, ctx, 0);

@@ -11,10 +11,10 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use nodedb_governor_common::{KernelLayout, MmState, NO_SLOT, kind};
+use nodedb_governor_common::{KernelLayout, MmState, NO_NODE, NO_SLOT, kind};
 
 use crate::{
-    counters::{add_i64, add_resident, stats},
+    counters::{add_i64, add_resident, add_resident_on, stats},
     identity::{Identity, identity, ids},
     maps::{MM_BY_PTR, MM_STATES, RELEASING},
 };
@@ -146,14 +146,17 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<u32, u32> {
         add_resident(unsafe { (*state).external_slot }, bucket, delta);
         return Ok(0);
     };
+    let mut node = NO_NODE;
     if delta < 0 {
         // Memory going away inside a release syscall belongs to whoever
-        // faulted the range in, not to the thread that released it.
+        // faulted the range in, not to the thread that released it, and
+        // comes off the node it was faulted in on.
         // SAFETY: copy out of the map value.
         if let Some(rel) = unsafe { RELEASING.get(ids().1) } {
+            node = rel.owner_node;
             let owner = rel.owner_slot;
             if owner != NO_SLOT && owner != me.slot {
-                add_resident(owner, bucket, delta);
+                add_resident_on(owner, bucket, delta, node);
                 if let Some(s) = stats(me.slot) {
                     // SAFETY: valid per-CPU map value pointer.
                     unsafe { add_i64(&raw mut (*s).released_for_others_bytes, -delta) };
@@ -162,7 +165,7 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<u32, u32> {
             }
         }
     }
-    add_resident(me.slot, bucket, delta);
+    add_resident_on(me.slot, bucket, delta, node);
     Ok(0)
 }
 

@@ -408,9 +408,9 @@ fn by_tid(probe: Probe) -> (Attribution, Probe) {
 }
 
 /// Each engine's attributed resident bytes by node against where its pages
-/// are (`move_pages`), then the error of the approximation (a release is
-/// taken off the node of the CPU that counts it) when a thread moves to
-/// another node and frees memory it faulted in on the first. Two nodes in
+/// are (`move_pages`), then again after a thread moves to another node and
+/// frees memory it faulted in on the first (the release comes off the node
+/// the regions were faulted in on, not the releasing CPU's). Two nodes in
 /// the VMs; on a one-node host, node 0 must hold everything.
 #[test]
 fn per_node_attribution() {
@@ -456,16 +456,12 @@ fn per_node_attribution() {
         worst as f64 / MIB as f64,
         nodes.len()
     );
-    if first != last {
-        // The approximation's known error: the release was taken off the
-        // first node, the pages were on the last.
-        assert!(
-            (36 * MIB..=44 * MIB).contains(&worst),
-            "the moved thread's free should be 40 MiB off per node, was {worst}"
-        );
-    } else {
-        assert!(worst <= 4 * MIB, "one node: every figure is node 0's");
-    }
+    // The release comes off the node its regions were faulted in on,
+    // whichever CPU makes it.
+    assert!(
+        worst <= 4 * MIB,
+        "the moved thread's free came off the wrong node: {worst} bytes off"
+    );
 }
 
 /// (engine, node, attributed - truth) for every engine and online node,

@@ -127,7 +127,8 @@ fn main() -> anyhow::Result<()> {
     };
     let config = args.work.join("governor.toml");
     // With two nodes, two engines placed one per node, each budget split
-    // evenly over the nodes, for the ladder per node.
+    // evenly over the nodes, for the ladder per node (floors at their
+    // budgets: no loans between them, so the shares stay put).
     let placed = placed_engines()?;
     std::fs::write(
         &config,
@@ -142,8 +143,8 @@ fn main() -> anyhow::Result<()> {
             placed
                 .iter()
                 .map(|(engine, cpus, _)| format!(
-                    "[[engine]]\nname = \"{engine}\"\nbudget = \"64MiB\"\ncpus = \"{cpus}\"\n\
-                     node_weights = [{}]\n",
+                    "[[engine]]\nname = \"{engine}\"\nbudget = \"64MiB\"\nfloor = \"64MiB\"\n\
+                     cpus = \"{cpus}\"\nnode_weights = [{}]\n",
                     vec!["1"; nodedb_governor_testkit::numa::online_nodes().map_or(1, |n| n.len())]
                         .join(", ")
                 ))
@@ -298,19 +299,12 @@ fn main() -> anyhow::Result<()> {
                 if r["rounds"].as_array().map(Vec::len) != Some(args.breach_rounds as usize) {
                     bail!("not every breach was spilled: {r}");
                 }
-                let status = env.status()?;
                 Ok(json!({
                     "judged_on_bytes": r["budget_bytes"],
                     "latency_us": r["latency_us"],
                     "quiet_spills": r["quiet_spills"],
+                    "early_spills": r["early_spills"],
                     "spill_requests": r["spill_requests"],
-                    "agent_nodes": status["clients"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|c| c["engines"].get(engine.as_str()))
-                        .map(|e| e["nodes"].clone())
-                        .collect::<Vec<_>>(),
                 }))
             })(),
         );

@@ -130,6 +130,12 @@ pub(super) struct EngineState {
     pub mark: Option<u64>,
     /// The mark that fired last, until the engine falls well below it.
     pub mark_fired: Option<u64>,
+    /// The node and its threshold (bytes on the node) behind the armed
+    /// mark, when a node's threshold set it (None: the engine's total's).
+    pub mark_node: Option<(u32, u64)>,
+    /// Per node, the threshold whose mark fired last, until the engine
+    /// falls well below it there (as `mark_fired` for the total).
+    pub node_fired: std::collections::BTreeMap<u32, u64>,
     /// Per node, at the last tick (empty: judged in all only).
     pub nodes: Vec<EngineNode>,
 }

@@ -115,19 +115,6 @@ pub(super) fn climb(r: &Rung<'_>, e: &mut EngineState, out: &mut Vec<ToLibrary>)
 /// at a threshold wakes the agent once, and the tick watches it after.
 pub(super) const MARK_HYSTERESIS: f64 = 0.02;
 
-/// The first threshold (Warning, Critical, Emergency) of `budget_bytes`
-/// above `resident_bytes`, in bytes (None: past them all).
-pub(super) fn next_threshold(
-    resident_bytes: u64,
-    budget_bytes: u64,
-    t: &nodedb_governor::PressureThresholds,
-) -> Option<u64> {
-    [t.warning, t.critical, t.emergency]
-        .map(|f| (budget_bytes as f64 * f) as u64)
-        .into_iter()
-        .find(|&m| m > resident_bytes)
-}
-
 /// The mark that wakes the agent for an engine holding `resident_bytes` of
 /// `budget_bytes`: the next threshold (Warning, Critical, Emergency) above
 /// what it holds; if that is the mark that `fired` last and the engine has

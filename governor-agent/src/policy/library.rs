@@ -606,24 +606,43 @@ impl Library {
                     &mut e.mark_fired,
                 );
                 // The kernel counts the engine in all: a node's next
-                // threshold is armed as the total at which it would be
-                // crossed if all growth landed there (growth elsewhere
-                // wakes the agent early, and it arms the mark higher).
-                let by_node = e
-                    .nodes
-                    .iter()
-                    .filter_map(|n| {
-                        let next = super::ladder::next_threshold(
-                            n.resident_bytes,
-                            n.share_bytes,
-                            &rules.thresholds,
-                        )?;
-                        Some(resident + (next - n.resident_bytes))
-                    })
-                    .min();
+                // threshold (with the same hysteresis, per node) is armed
+                // as the total at which it would be crossed if all growth
+                // landed there (growth elsewhere wakes the agent early, and
+                // it arms the mark higher).
+                let mut by_node: Option<(u64, u32, u64)> = None;
+                for n in &e.nodes {
+                    let mut fired = e.node_fired.get(&n.node).copied();
+                    let next = super::ladder::next_mark(
+                        n.resident_bytes,
+                        n.share_bytes,
+                        &rules.thresholds,
+                        &mut fired,
+                    );
+                    match fired {
+                        Some(f) => e.node_fired.insert(n.node, f),
+                        None => e.node_fired.remove(&n.node),
+                    };
+                    if let Some(next) = next {
+                        let at = resident + (next - n.resident_bytes);
+                        if by_node.is_none_or(|(b, _, _)| at < b) {
+                            by_node = Some((at, n.node, next));
+                        }
+                    }
+                }
                 match (total, by_node) {
-                    (Some(t), Some(n)) => Some(t.min(n)),
-                    (t, n) => t.or(n),
+                    (Some(t), Some((n, ..))) if t <= n => {
+                        e.mark_node = None;
+                        Some(t)
+                    }
+                    (_, Some((n, node, next))) => {
+                        e.mark_node = Some((node, next));
+                        Some(n)
+                    }
+                    (t, None) => {
+                        e.mark_node = None;
+                        t
+                    }
                 }
             } else {
                 None
@@ -638,7 +657,13 @@ impl Library {
     /// The kernel saw `engine` cross its mark (and disarmed it).
     pub(super) fn on_mark(&mut self, engine: &str) {
         if let Some(e) = self.engines.get_mut(engine) {
-            e.mark_fired = e.mark.take();
+            let fired = e.mark.take();
+            match e.mark_node.take() {
+                Some((node, threshold)) => {
+                    e.node_fired.insert(node, threshold);
+                }
+                None => e.mark_fired = fired,
+            }
         }
     }
 

@@ -1049,6 +1049,22 @@ fn numa_rules_with(extra: &str, placement: &str) -> Result<Rules, ConfigError> {
     Rules::from_config(&config).on_nodes(&config, &two_nodes())
 }
 
+/// As [`numa_rules`], with both floors at the budgets: no loans, so the
+/// shares stay put.
+fn placed_without_loans() -> Rules {
+    let config = Config::parse(
+        "database = \"t\"\nceiling = \"1GiB\"\n\
+         [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\nfloor = \"256MiB\"\n\
+         cpus = \"0\"\nnode_weights = [1, 1]\n\
+         [[engine]]\nname = \"query\"\nbudget = \"256MiB\"\nfloor = \"256MiB\"\n\
+         essential = false\ncpus = \"1\"\nnode_weights = [1, 1]\n",
+    )
+    .unwrap();
+    Rules::from_config(&config)
+        .on_nodes(&config, &two_nodes())
+        .unwrap()
+}
+
 /// Resident MiB per node of each engine (the total is their sum).
 fn node_reading(resident: &[(&str, [u64; 2])]) -> Reading {
     let mut r = reading(
@@ -1072,18 +1088,7 @@ fn an_engine_over_its_share_on_one_node_is_spilled_there_and_the_other_is_left_a
     // node 1: 94% of its share there (Critical), 47% of its budget.
     // (Vector's floor is its budget: it lends nothing, so query cannot
     // borrow its way out.)
-    let config = Config::parse(
-        "database = \"t\"\nceiling = \"1GiB\"\n\
-         [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\nfloor = \"256MiB\"\n\
-         cpus = \"0\"\nnode_weights = [1, 1]\n\
-         [[engine]]\nname = \"query\"\nbudget = \"256MiB\"\nfloor = \"64MiB\"\n\
-         essential = false\ncpus = \"1\"\nnode_weights = [1, 1]\n",
-    )
-    .unwrap();
-    let rules = Rules::from_config(&config)
-        .on_nodes(&config, &two_nodes())
-        .unwrap();
-    let (mut w, _) = World::with_rules(rules, &["vector", "query"]);
+    let (mut w, _) = World::with_rules(placed_without_loans(), &["vector", "query"]);
     let r = node_reading(&[("vector", [40, 0]), ("query", [0, 120])]);
     assert_eq!(
         w.tick_on(&r, None, None),
@@ -1246,4 +1251,31 @@ fn weights_that_do_not_fit_the_machine_or_make_no_sense_are_refused_by_name() {
     .unwrap_err();
     assert_eq!(e.field, "engine[0].node_weights");
     assert!(e.reason.contains("needs `cpus`"), "{}", e.reason);
+}
+
+/// A node's marks have the total's hysteresis: an engine hovering just
+/// under a node threshold whose mark fired is left to the tick, and armed
+/// again only once it falls 2% of its share below.
+#[test]
+fn a_node_hovering_under_a_threshold_that_fired_is_not_armed_again() {
+    // Vector's node-0 share is 128 MiB: Warning at 96, Critical at 115.2.
+    let (mut w, _) = World::with_rules(placed_without_loans(), &["vector", "query"]);
+    let critical = (128.0 * MIB as f64 * 0.90) as u64;
+    let vector = |w: &World| w.marks.iter().find(|(e, _)| e == "vector").map(|(_, m)| *m);
+    let at = |node0: u64| node_reading(&[("vector", [node0, 0]), ("query", [0, 10])]);
+    w.tick_on(&at(90), None, None);
+    assert_eq!(
+        vector(&w),
+        Some(Some(96 * MIB)),
+        "node 0's Warning, as a total"
+    );
+    w.policy.on_mark(PID, "vector");
+    w.after(1).tick_on(&at(97), None, None);
+    assert_eq!(vector(&w), Some(Some(critical)), "then its Critical");
+    // Just under Warning again (within 2.56 MiB): Critical stays armed.
+    w.after(20).tick_on(&at(95), None, None);
+    assert_eq!(vector(&w), None, "unchanged: nothing written");
+    // Well below: Warning armed again.
+    w.after(20).tick_on(&at(90), None, None);
+    assert_eq!(vector(&w), Some(Some(96 * MIB)));
 }

@@ -128,6 +128,7 @@ fn report(summary: &Value) -> String {
             r["oom_kills"].as_u64().unwrap_or(0),
         ));
     }
+    s.push_str(&per_node(summary, &runs));
     // Throughput against the run without an agent.
     if let Some(b) = run(&runs, "baseline").map(|b| &b["workload"])
         && b.is_object()
@@ -231,6 +232,66 @@ fn report(summary: &Value) -> String {
                 forced.join(", ")
             ));
         }
+    }
+    s
+}
+
+/// The runs spread over the NUMA nodes, per node: each node's peak of the
+/// database's anonymous memory against its share of the ceiling, and each
+/// placed engine's peak there against its share of its budget in force.
+fn per_node(summary: &Value, runs: &[Value]) -> String {
+    let Some(spread) = summary["spread"]["cpus"].as_array() else {
+        return String::new();
+    };
+    let mut s = format!(
+        "\nSpread over the NUMA nodes ({}): per node, the database's peak anonymous memory there (its cgroup's `memory.numa_stat`) / the node's share of the ceiling, MiB; \
+         each placed engine's peak there / its share of its budget in force there, in brackets (the worst sample, with the same loan grace).\n\n\
+         | run | per node | engines per node | per node met |\n|---|---|---|---|\n",
+        spread
+            .iter()
+            .filter_map(|p| Some(format!("{} on CPUs {}", p[0].as_str()?, p[1].as_str()?)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for r in runs.iter().filter(|r| r["numa"].is_object()) {
+        let v = &r["numa"];
+        let nodes = v["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| {
+                format!(
+                    "node {}: {} / {}",
+                    n["node"],
+                    mib(&n["peak_anon_bytes"]),
+                    mib(&n["ceiling_share_bytes"])
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let engines = crate::validate_engines()
+            .iter()
+            .flat_map(|e| {
+                v["engines"][e]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(move |n| {
+                        format!(
+                            "{e} on {}: {} MiB ({:.0}%)",
+                            n["node"],
+                            mib(&n["peak_resident_bytes"]),
+                            n["peak_over_share_in_force"].as_f64().unwrap_or(0.0) * 100.0
+                        )
+                    })
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        s.push_str(&format!(
+            "| {} | {nodes} | {engines} | {} |\n",
+            r["mode"].as_str().unwrap_or_default(),
+            if v["met"] == true { "yes" } else { "no" }
+        ));
     }
     s
 }

@@ -160,10 +160,15 @@ struct Args {
     /// runs of one configuration 49 to 68 MiB/s across two boots.
     #[arg(long)]
     emulated_timing: bool,
-    /// The cache scenario's engine placement for its governed run: `auto`
-    /// puts the flushing engine on the CPU the scratch disk interrupts and
-    /// the vector engine on the others; `none` leaves both to the
-    /// scheduler, as in the ungoverned run.
+    /// Engine placement. The cache scenario's governed run: `auto` puts
+    /// the flushing engine on the CPU the scratch disk interrupts and the
+    /// vector engine on the others; `none` leaves both to the scheduler, as
+    /// in the ungoverned run. The mixed scenario, on a machine of two or
+    /// more NUMA nodes: `auto` spreads the engines over the nodes in every
+    /// run under an agent (vector on the first node's CPUs, timeseries on
+    /// the last's, query on all: its budget split over them), and the
+    /// target is judged per node as well as in total; `none` leaves them
+    /// to the scheduler.
     #[arg(long, value_enum, default_value_t = PlacementMode::Auto)]
     placement: PlacementMode,
     /// Arguments for nodedb-workload (sizes), after `--`.
@@ -201,6 +206,57 @@ struct Harness {
     base_config: toml::Table,
     /// The cache scenario's engine placement for its governed run.
     placement: Option<Placement>,
+    /// The mixed scenario's engines spread over the NUMA nodes.
+    spread: Option<Spread>,
+}
+
+/// The mixed scenario's engines spread over the NUMA nodes (`[[engine]]
+/// cpus`, so the agent splits each engine's budget over its CPUs' nodes):
+/// vector on the first node, timeseries on the last, query on all. Each
+/// node's share of the ceiling is the ceiling split by the nodes' memory,
+/// as the agent's status splits it.
+#[derive(Clone, Debug, serde::Serialize)]
+struct Spread {
+    /// Engine name and its CPUs (a kernel list).
+    cpus: Vec<(String, String)>,
+    /// Node id and its memory, bytes.
+    nodes: Vec<(u32, u64)>,
+}
+
+impl Spread {
+    /// None on a machine of one node.
+    fn of(topology: &nodedb_governor::Topology) -> Option<Self> {
+        let nodes = topology.nodes();
+        let (first, last) = (nodes.first()?, nodes.last()?);
+        if nodes.len() < 2 {
+            return None;
+        }
+        let list = |cpus: &mut dyn Iterator<Item = &u32>| {
+            cpus.map(u32::to_string).collect::<Vec<_>>().join(",")
+        };
+        Some(Self {
+            cpus: vec![
+                ("vector".into(), list(&mut first.cpus.iter())),
+                ("timeseries".into(), list(&mut last.cpus.iter())),
+                (
+                    "query".into(),
+                    list(&mut nodes.iter().flat_map(|n| n.cpus.iter())),
+                ),
+            ],
+            nodes: nodes.iter().map(|n| (n.id, n.memory_bytes)).collect(),
+        })
+    }
+
+    /// `node`'s share of `ceiling`.
+    fn ceiling_share(&self, node: u32, ceiling: u64) -> u64 {
+        let total: u64 = self.nodes.iter().map(|(_, m)| m).sum();
+        let mem = self
+            .nodes
+            .iter()
+            .find(|(n, _)| *n == node)
+            .map_or(0, |(_, m)| *m);
+        (u128::from(ceiling) * u128::from(mem) / u128::from(total.max(1))) as u64
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -330,6 +386,25 @@ impl Harness {
         } else {
             None
         };
+        let spread = if args.scenario == Scenario::Mixed && args.placement == PlacementMode::Auto
+        {
+            let topology = nodedb_governor::Topology::detect().context("the NUMA nodes")?;
+            let spread = Spread::of(&topology);
+            if let Some(s) = &spread {
+                eprintln!(
+                    "nodedb-validate: {} NUMA nodes: the runs under an agent place {}",
+                    s.nodes.len(),
+                    s.cpus
+                        .iter()
+                        .map(|(e, c)| format!("{e} on CPUs {c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            spread
+        } else {
+            None
+        };
         Ok(Self {
             args,
             agent_bin,
@@ -337,6 +412,7 @@ impl Harness {
             resolved,
             base_config,
             placement,
+            spread,
         })
     }
 
@@ -382,6 +458,17 @@ impl Harness {
                     _ => continue,
                 };
                 e.insert("cpus".into(), cpus.clone().into());
+            }
+        }
+        if let Some(s) = &self.spread
+            && mode != Mode::Baseline
+            && let Some(toml::Value::Array(engines)) = c.get_mut("engine")
+        {
+            for e in engines.iter_mut().filter_map(toml::Value::as_table_mut) {
+                let name = e.get("name").and_then(toml::Value::as_str).unwrap_or("");
+                if let Some((_, cpus)) = s.cpus.iter().find(|(n, _)| n == name) {
+                    e.insert("cpus".into(), cpus.clone().into());
+                }
             }
         }
         Ok(toml::to_string(&c)?)
@@ -505,6 +592,27 @@ impl Harness {
                         "page_cache_bytes": s["engines"][e]["page_cache_bytes"],
                         "page_cache_evicted_bytes": s["engines"][e]["page_cache_evicted_bytes"],
                     });
+                    // A placed engine on each node: what it holds there
+                    // against its share of its budget in force.
+                    if self.spread.is_some() {
+                        point[e]["nodes"] = client["engines"][e]["nodes"].clone();
+                    }
+                }
+                // The database's memory per node (its cgroup's
+                // memory.numa_stat).
+                if self.spread.is_some() {
+                    point["numa"] = s["numa"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|n| {
+                            json!({
+                                "node": n["node"],
+                                "anon_bytes": n["database_anon_bytes"],
+                                "file_bytes": n["database_file_bytes"],
+                            })
+                        })
+                        .collect();
                 }
             }
             timeline.push(point);
@@ -523,6 +631,7 @@ impl Harness {
             |f: &dyn Fn(&Value) -> Option<u64>| timeline.iter().filter_map(f).max().unwrap_or(0);
         let mut engines = json!({});
         let mut within = true;
+        let grace = self.args.loan_grace_ms as f64 / 1000.0;
         for e in ENGINES {
             let resident = peak(&|p: &Value| p[e]["resident_bytes"].as_u64());
             let budget = self.budget(e);
@@ -531,8 +640,12 @@ impl Harness {
             // one; the sum of budgets never changes). A lender takes its
             // loan back at once, and the borrower then has to spill: for
             // the loan grace after a budget drops, the larger one holds.
-            let grace = self.args.loan_grace_ms as f64 / 1000.0;
-            let ratios = in_force_ratios(&timeline, e, grace);
+            let ratios = in_force_ratios(
+                &timeline,
+                grace,
+                |p| p[e]["resident_bytes"].as_u64(),
+                |p| p[e]["budget_bytes"].as_u64(),
+            );
             let in_force = ratios.iter().copied().fold(0.0, f64::max);
             let over_in_force = ratios.iter().filter(|r| **r > BUDGET_SLACK).count();
             within &= in_force <= BUDGET_SLACK;
@@ -567,6 +680,11 @@ impl Harness {
                         .all(|p| result["phases"][p]["queries"].as_u64() > Some(0))
             }
         };
+        // Spread over the NUMA nodes: the same criteria on each node.
+        let (nodes_met, numa) = self
+            .spread
+            .as_ref()
+            .map_or((true, Value::Null), |s| judge_nodes(&timeline, s, ceiling, grace));
         let summary = json!({
             "mode": mode.name(),
             "ceiling_bytes": ceiling,
@@ -584,7 +702,12 @@ impl Harness {
             // The target (judged for the governed run): completed with
             // correct results, no OOM kill, every engine within its budget
             // in force + 5%, the resident set under the ceiling.
-            "target_met": completed && correct && oom_kills == 0 && within && peak_rss < ceiling,
+            // Spread over the NUMA nodes, on each node as well: every
+            // placed engine within its share there of its budget in force
+            // + 5%, the database's anonymous memory there under the node's
+            // share of the ceiling.
+            "target_met": completed && correct && oom_kills == 0 && within && peak_rss < ceiling && nodes_met,
+            "numa": numa,
             "engines": engines,
             "workload": result,
             "timeline": timeline,
@@ -614,6 +737,42 @@ impl Harness {
                 .collect::<Vec<_>>()
                 .join(", "),
         );
+        if !numa.is_null() {
+            eprintln!(
+                "nodedb-validate: {}: per node: {}; {}",
+                mode.name(),
+                numa["nodes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|n| format!(
+                        "node {} anon {} / {} MiB",
+                        n["node"],
+                        n["peak_anon_bytes"].as_u64().unwrap_or(0) >> 20,
+                        n["ceiling_share_bytes"].as_u64().unwrap_or(0) >> 20
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                ENGINES
+                    .iter()
+                    .flat_map(|e| {
+                        numa["engines"][e]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(move |n| {
+                                format!(
+                                    "{e} on {} {} MiB ({:.0}% of its share)",
+                                    n["node"],
+                                    n["peak_resident_bytes"].as_u64().unwrap_or(0) >> 20,
+                                    n["peak_over_share_in_force"].as_f64().unwrap_or(0.0) * 100.0
+                                )
+                            })
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         Ok(summary)
     }
 }
@@ -638,6 +797,7 @@ fn main() -> anyhow::Result<()> {
         "cache": cache,
         "config": harness.resolved,
         "placement": harness.placement,
+        "spread": harness.spread,
         "workload_args": harness.args.workload,
         "loan_grace_seconds": harness.args.loan_grace_ms as f64 / 1000.0,
         "runs": runs,
@@ -778,16 +938,22 @@ fn judge_cache(g: &Value, u: &Value, emulated_timing: bool) -> Value {
     v
 }
 
-/// Each sample's resident bytes of `engine` over its budget in force: the
-/// largest budget among the samples within `grace` seconds before it and
-/// the last sample before those (its budget held until the next sample,
-/// so a drop first seen at `t` is not judged before `t + grace`).
-fn in_force_ratios(timeline: &[Value], engine: &str, grace: f64) -> Vec<f64> {
+/// Each sample's resident bytes (`resident`) over the budget in force
+/// (`budget`): the largest budget among the samples within `grace` seconds
+/// before it and the last sample before those (its budget held until the
+/// next sample, so a drop first seen at `t` is not judged before `t +
+/// grace`).
+fn in_force_ratios(
+    timeline: &[Value],
+    grace: f64,
+    resident: impl Fn(&Value) -> Option<u64>,
+    budget: impl Fn(&Value) -> Option<u64>,
+) -> Vec<f64> {
     timeline
         .iter()
         .enumerate()
         .filter_map(|(i, p)| {
-            let r = p[engine]["resident_bytes"].as_u64()?;
+            let r = resident(p)?;
             let t = p["t"].as_f64()?;
             let window = timeline[..=i]
                 .iter()
@@ -796,12 +962,81 @@ fn in_force_ratios(timeline: &[Value], engine: &str, grace: f64) -> Vec<f64> {
                 .count();
             let b = timeline[i.saturating_sub(window)..=i]
                 .iter()
-                .filter_map(|q| q[engine]["budget_bytes"].as_u64())
+                .filter_map(&budget)
                 .max()
                 .filter(|b| *b > 0)?;
             Some(r as f64 / b as f64)
         })
         .collect()
+}
+
+/// `engine`'s entry for `node` in a sample (its `nodes`, as the agent's
+/// status gives a placed engine's).
+fn on_node<'a>(p: &'a Value, engine: &str, node: u64) -> Option<&'a Value> {
+    p[engine]["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["node"].as_u64() == Some(node))
+}
+
+/// The per-node criteria of a spread run: each placed engine on each node
+/// against its share there of its budget in force (with the loan grace, as
+/// in all), and the database's anonymous memory on each node against the
+/// node's share of `ceiling`. Returns the verdict and its figures.
+fn judge_nodes(timeline: &[Value], spread: &Spread, ceiling: u64, grace: f64) -> (bool, Value) {
+    let mut met = true;
+    let mut engines = json!({});
+    for e in ENGINES {
+        let mut nodes = Vec::new();
+        for &(node, _) in &spread.nodes {
+            let n = u64::from(node);
+            let resident = |p: &Value| on_node(p, e, n)?["resident_bytes"].as_u64();
+            let share = |p: &Value| on_node(p, e, n)?["share_bytes"].as_u64();
+            if !timeline.iter().any(|p| share(p).is_some_and(|s| s > 0)) {
+                continue;
+            }
+            let ratios = in_force_ratios(timeline, grace, resident, share);
+            let worst = ratios.iter().copied().fold(0.0, f64::max);
+            met &= worst <= BUDGET_SLACK;
+            nodes.push(json!({
+                "node": node,
+                "peak_resident_bytes": timeline.iter().filter_map(resident).max().unwrap_or(0),
+                "peak_over_share_in_force": worst,
+                "samples_over_share_in_force": ratios.iter().filter(|r| **r > BUDGET_SLACK).count(),
+            }));
+        }
+        engines[e] = nodes.into();
+    }
+    let mut totals = Vec::new();
+    for &(node, _) in &spread.nodes {
+        let field = |p: &Value, k: &str| {
+            p["numa"]
+                .as_array()?
+                .iter()
+                .find(|x| x["node"].as_u64() == Some(u64::from(node)))?[k]
+                .as_u64()
+        };
+        let anon = timeline
+            .iter()
+            .filter_map(|p| field(p, "anon_bytes"))
+            .max()
+            .unwrap_or(0);
+        let file = timeline
+            .iter()
+            .filter_map(|p| field(p, "file_bytes"))
+            .max()
+            .unwrap_or(0);
+        let share = spread.ceiling_share(node, ceiling);
+        met &= anon < share;
+        totals.push(json!({
+            "node": node,
+            "peak_anon_bytes": anon,
+            "peak_file_bytes": file,
+            "ceiling_share_bytes": share,
+            "under_share": anon < share,
+        }));
+    }
+    (met, json!({"met": met, "engines": engines, "nodes": totals}))
 }
 
 #[cfg(test)]
@@ -810,6 +1045,14 @@ mod tests {
 
     fn sample(t: f64, resident: u64, budget: u64) -> Value {
         json!({"t": t, "ts": {"resident_bytes": resident, "budget_bytes": budget}})
+    }
+
+    fn resident(p: &Value) -> Option<u64> {
+        p["ts"]["resident_bytes"].as_u64()
+    }
+
+    fn budget(p: &Value) -> Option<u64> {
+        p["ts"]["budget_bytes"].as_u64()
     }
 
     #[test]
@@ -825,7 +1068,7 @@ mod tests {
             sample(2.5, 380, 400),
         ];
         let over = |grace| {
-            in_force_ratios(&timeline, "ts", grace)
+            in_force_ratios(&timeline, grace, resident, budget)
                 .iter()
                 .map(|r| *r > 1.05)
                 .collect::<Vec<_>>()
@@ -835,13 +1078,74 @@ mod tests {
         // With 0.75 s, 1.0 and 1.5 s hold it (0.5 s is the last sample
         // before their window), 2.0 s is judged on 400: 120%.
         assert_eq!(over(0.75), [false, false, false, false, true, false]);
-        let at_2 = in_force_ratios(&timeline, "ts", 0.75)[4];
+        let at_2 = in_force_ratios(&timeline, 0.75, resident, budget)[4];
         assert!((at_2 - 1.2).abs() < 1e-9, "{at_2}");
         // A budget that grows again is in force at once.
         assert_eq!(
-            in_force_ratios(&[sample(0.0, 100, 200), sample(0.1, 100, 100)], "ts", 0.0),
+            in_force_ratios(
+                &[sample(0.0, 100, 200), sample(0.1, 100, 100)],
+                0.0,
+                resident,
+                budget
+            ),
             [0.5, 1.0]
         );
+    }
+
+    /// A sample of a spread run: timeseries on node 1 alone, query on
+    /// both, and the database's anonymous memory per node (MiB).
+    fn spread_sample(t: f64, ts: (u64, u64), query: [(u64, u64); 2], anon: [u64; 2]) -> Value {
+        let n = |node: u32, (r, s): (u64, u64)| {
+            json!({"node": node, "resident_bytes": r << 20, "share_bytes": s << 20, "level": "normal"})
+        };
+        json!({
+            "t": t,
+            "vector": {},
+            "timeseries": {"nodes": [n(1, ts)]},
+            "query": {"nodes": [n(0, query[0]), n(1, query[1])]},
+            "numa": [
+                {"node": 0, "anon_bytes": anon[0] << 20, "file_bytes": 0},
+                {"node": 1, "anon_bytes": anon[1] << 20, "file_bytes": 1 << 20},
+            ],
+        })
+    }
+
+    #[test]
+    fn a_spread_run_is_judged_on_every_node_each_engine_holds_a_share_of() {
+        let spread = Spread {
+            cpus: Vec::new(),
+            nodes: vec![(0, 1536 << 20), (1, 1536 << 20)],
+        };
+        let ceiling = 1024 << 20;
+        assert_eq!(spread.ceiling_share(1, ceiling), 512 << 20);
+        let good = [
+            spread_sample(0.0, (200, 307), [(100, 204), (90, 204)], [300, 310]),
+            spread_sample(0.5, (310, 307), [(150, 204), (150, 204)], [400, 480]),
+        ];
+        let (met, v) = judge_nodes(&good, &spread, ceiling, 1.0);
+        assert!(met, "{v:#}");
+        // The engines placed nowhere have no per-node figures; timeseries
+        // only where its budget lies.
+        assert_eq!(v["engines"]["vector"], json!([]));
+        assert_eq!(v["engines"]["timeseries"][0]["node"], 1);
+        assert_eq!(v["engines"]["timeseries"].as_array().unwrap().len(), 1);
+        assert_eq!(v["nodes"][1]["peak_anon_bytes"], 480u64 << 20);
+        // Query over its share on node 1 while far under its budget in
+        // all fails the run, and names the node.
+        let mut over = good.to_vec();
+        over.push(spread_sample(1.0, (300, 307), [(20, 204), (230, 204)], [300, 500]));
+        let (met, v) = judge_nodes(&over, &spread, ceiling, 1.0);
+        assert!(!met, "{v:#}");
+        assert_eq!(v["engines"]["query"][1]["samples_over_share_in_force"], 1);
+        assert_eq!(v["engines"]["query"][0]["samples_over_share_in_force"], 0);
+        // So does a node whose memory reaches its share of the ceiling,
+        // every engine inside its shares.
+        let mut full = good.to_vec();
+        full.push(spread_sample(1.0, (300, 307), [(100, 204), (190, 204)], [300, 512]));
+        let (met, v) = judge_nodes(&full, &spread, ceiling, 1.0);
+        assert!(!met, "{v:#}");
+        assert_eq!(v["nodes"][1]["under_share"], false);
+        assert_eq!(v["nodes"][0]["under_share"], true);
     }
 
     fn cache_run(resident_mib: u64, faults: u64, p99s: [u64; 3], mib_per_s: f64) -> Value {

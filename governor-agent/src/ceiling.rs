@@ -144,19 +144,6 @@ fn parse_u64(s: &str) -> Option<u64> {
 }
 
 /// The cgroup v1 memory hierarchy's mount point, if any.
-fn v1_memory_mount() -> Option<PathBuf> {
-    let info = fs::read_to_string(super::paths::MOUNTINFO).ok()?;
-    info.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mut r = right.split_whitespace();
-        let fstype = r.next()?;
-        let _source = r.next()?;
-        let options = r.next()?;
-        (fstype == "cgroup" && options.split(',').any(|o| o == "memory"))
-            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
-    })
-}
-
 fn write(path: &Path, value: &str) -> Result<(), AgentError> {
     fs::write(path, value)
         .map_err(|e| AgentError::io(format!("writing {value:?} to {}", path.display()), e))
@@ -213,7 +200,7 @@ impl Ceiling {
             write(&dir.join("memory.high"), &high.to_string())?;
             return Ok(c);
         }
-        let Some(mount) = v1_memory_mount() else {
+        let Some(mount) = crate::mounts::cgroup_v1("memory") else {
             return Err(AgentError::CgroupUnusable {
                 path: v2_dir.map(Path::to_owned).unwrap_or_else(|| "/sys/fs/cgroup".into()),
                 reason: "no memory controller: neither cgroup v2 (cgroup.controllers) nor a cgroup v1 memory hierarchy".into(),

@@ -190,6 +190,23 @@ pub struct NumaConfig {
     pub weights: Option<Vec<u64>>,
 }
 
+/// The database's CPUs and memory nodes, kept by the kernel's cpuset
+/// controller on its cgroup (v2 `cpuset.cpus`/`cpuset.mems` of the
+/// database's domain cgroup, or a v1 cpuset cgroup of its name): every
+/// thread of the database runs on `cpus` and allocates on `mems`. Engines'
+/// `cpus` must lie inside `cpus`, and their `node_weights` give nothing to
+/// a node outside `mems`. Absent: the database runs where it is put.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpusetConfig {
+    /// The database's CPUs, a kernel list (default: its parent's).
+    #[serde(default)]
+    pub cpus: Option<crate::cpus::CpuList>,
+    /// The database's memory nodes, a kernel list (default: its parent's).
+    #[serde(default)]
+    pub mems: Option<crate::cpus::CpuList>,
+}
+
 impl Default for NumaConfig {
     fn default() -> Self {
         Self {
@@ -447,6 +464,8 @@ pub struct Config {
     pub realtime_priority: u8,
     #[serde(default)]
     pub numa: NumaConfig,
+    #[serde(default)]
+    pub cpuset: Option<CpusetConfig>,
     #[serde(rename = "engine")]
     pub engines: Vec<EngineConfig>,
 }
@@ -694,6 +713,9 @@ impl Config {
                 }
             }
         }
+        if let Some(cs) = &self.cpuset {
+            self.validate_cpuset(cs)?;
+        }
         let hot_sets: u64 = self
             .engines
             .iter()
@@ -867,6 +889,72 @@ impl Config {
     }
 }
 
+impl Config {
+    /// `[cpuset]`: names something, only online CPUs and nodes (where they
+    /// can be read: a configuration is also checked on other machines), and
+    /// holds every engine's CPUs and the nodes its weights give to.
+    fn validate_cpuset(&self, cs: &CpusetConfig) -> Result<(), ConfigError> {
+        let names = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+        if cs.cpus.is_none() && cs.mems.is_none() {
+            return Err(err("cpuset", "names neither `cpus` nor `mems`"));
+        }
+        if let Some(cpus) = &cs.cpus
+            && let Ok(online) = crate::cpus::CpuList::online()
+        {
+            let missing = cpus.missing_from(&online);
+            if !missing.is_empty() {
+                return Err(err(
+                    "cpuset.cpus",
+                    format!("CPU {} is not online (online: {online})", names(&missing)),
+                ));
+            }
+        }
+        let nodes: Option<Vec<u32>> = nodedb_governor::Topology::detect()
+            .ok()
+            .map(|t| t.nodes().iter().map(|n| n.id).collect());
+        if let (Some(mems), Some(nodes)) = (&cs.mems, &nodes) {
+            let missing: Vec<u32> = mems.cpus().filter(|m| !nodes.contains(m)).collect();
+            if !missing.is_empty() {
+                return Err(err(
+                    "cpuset.mems",
+                    format!(
+                        "node {} is not online (online: {})",
+                        names(&missing),
+                        names(nodes)
+                    ),
+                ));
+            }
+        }
+        for (i, e) in self.engines.iter().enumerate() {
+            if let (Some(own), Some(db)) = (&e.cpus, &cs.cpus) {
+                let outside = own.missing_from(db);
+                if !outside.is_empty() {
+                    return Err(err(
+                        format!("engine[{i}].cpus"),
+                        format!(
+                            "CPU {} is outside the database's cpuset.cpus ({db})",
+                            names(&outside)
+                        ),
+                    ));
+                }
+            }
+            if let (Some(w), Some(mems), Some(nodes)) = (&e.node_weights, &cs.mems, &nodes)
+                && let Some((k, node)) = w.iter().zip(nodes).enumerate().find_map(|(k, (w, n))| {
+                    (*w > 0 && !mems.cpus().any(|m| m == *n)).then_some((k, n))
+                })
+            {
+                return Err(err(
+                    format!("engine[{i}].node_weights[{k}]"),
+                    format!(
+                        "gives node {node} a share, but the database's memory is kept to cpuset.mems ({mems})"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -945,6 +1033,55 @@ mod tests {
             }
         );
         assert!(e.to_string().contains("outside 0%..=100%"), "{e}");
+    }
+
+    #[test]
+    fn a_cpuset_holds_every_engines_cpus_and_the_nodes_its_weights_give_to() {
+        let online = crate::cpus::CpuList::online().unwrap();
+        let first = online.cpus().next().unwrap();
+        let nodes = nodedb_governor::Topology::detect().unwrap();
+        let node0 = nodes.nodes()[0].id;
+        let config = |cpuset: &str, engine: &str| {
+            Config::parse(&format!(
+                "database = \"db\"\nceiling = \"1GiB\"\n[cpuset]\n{cpuset}\n\
+                 [[engine]]\nname = \"a\"\nbudget = \"50%\"\n{engine}\n"
+            ))
+        };
+        let c = config(
+            &format!("cpus = \"{first}\"\nmems = \"{node0}\""),
+            &format!("cpus = \"{first}\""),
+        )
+        .unwrap();
+        let cs = c.cpuset.as_ref().unwrap();
+        assert_eq!(cs.cpus.as_ref().unwrap().to_string(), first.to_string());
+        assert_eq!(cs.mems.as_ref().unwrap().to_string(), node0.to_string());
+        // An engine's CPU outside the database's: refused, by name.
+        if let Some(other) = online.cpus().find(|c| *c != first) {
+            let e = config(
+                &format!("cpus = \"{first}\""),
+                &format!("cpus = \"{other}\""),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("engine[0].cpus"), "{e}");
+            assert!(e.contains("outside the database's cpuset.cpus"), "{e}");
+        }
+        // Weights giving a node outside `mems` a share: refused, by node.
+        if nodes.nodes().len() > 1 {
+            let n = nodes.nodes().len();
+            let mut w = vec![0; n];
+            w[n - 1] = 1;
+            let e = config(
+                &format!("mems = \"{node0}\""),
+                &format!("cpus = \"{first}\"\nnode_weights = {w:?}"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(&format!("engine[0].node_weights[{}]", n - 1)),
+                "{e}"
+            );
+        }
     }
 
     /// One case per kind of bad config: each is refused whole, naming the
@@ -1056,6 +1193,19 @@ mod tests {
             (
                 format!("{HEAD}[[engine]]\nname = \"a\"\nbudget = 1\ncpus = \"0,1000\"\n"),
                 "engine[0].cpus",
+            ),
+            (format!("{HEAD}[cpuset]\n{ENGINE}"), "cpuset"),
+            (
+                format!("{HEAD}[cpuset]\ncpus = \"0,1000\"\n{ENGINE}"),
+                "cpuset.cpus",
+            ),
+            (
+                format!("{HEAD}[cpuset]\nmems = \"0,1000\"\n{ENGINE}"),
+                "cpuset.mems",
+            ),
+            (
+                format!("{HEAD}[cpuset]\nnodes = \"0\"\n{ENGINE}"),
+                "`nodes`",
             ),
             (
                 format!("{HEAD}[thresholds]\nwarning = 0.95\ncritical = 0.9\n{ENGINE}"),

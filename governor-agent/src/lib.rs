@@ -21,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod cpus;
+pub mod cpuset;
 pub mod error;
 pub mod http;
 pub mod metrics;

@@ -19,6 +19,22 @@ pub fn is_mounted(path: &str, fstype: &str) -> bool {
     })
 }
 
+/// Where the cgroup v1 hierarchy of `controller` (`memory`, `cpuset`) is
+/// mounted, if anywhere.
+pub fn cgroup_v1(controller: &str) -> Option<std::path::PathBuf> {
+    let info = fs::read_to_string(super::paths::MOUNTINFO).ok()?;
+    info.lines().find_map(|line| {
+        // "... /sys/fs/cgroup/memory rw,... - cgroup cgroup rw,memory"
+        let (left, right) = line.split_once(" - ")?;
+        let mut r = right.split_whitespace();
+        let fstype = r.next()?;
+        let _source = r.next()?;
+        let options = r.next()?;
+        (fstype == "cgroup" && options.split(',').any(|o| o == controller))
+            .then(|| left.split_whitespace().nth(4).map(std::path::PathBuf::from))?
+    })
+}
+
 /// Mounts a pseudo filesystem (`tracefs`, `bpf`) at `target`.
 pub fn mount_pseudo(fstype: &str, target: &str) -> io::Result<()> {
     fs::create_dir_all(target)?;

@@ -73,6 +73,13 @@ pub struct StatusReport {
     pub numa: Vec<crate::numa::NodeStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub numa_error: Option<String>,
+    /// The database's CPUs and memory nodes as the kernel keeps them
+    /// (`[cpuset]`; absent: not configured, or not applied: see
+    /// `cpuset_error`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpuset: Option<crate::cpuset::CpusetStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpuset_error: Option<String>,
 }
 
 /// An engine's CPUs, and how setting its threads' affinity went.
@@ -171,6 +178,8 @@ impl StatusReport {
             placement: BTreeMap::new(),
             numa: Vec::new(),
             numa_error: None,
+            cpuset: None,
+            cpuset_error: None,
         }
     }
 
@@ -279,6 +288,14 @@ impl StatusReport {
         }
         if let Some(e) = &self.numa_error {
             out.push_str(&format!("NUMA figures: {e}\n"));
+        }
+        match (&self.cpuset, &self.cpuset_error) {
+            (Some(c), _) => out.push_str(&format!(
+                "cpuset ({:?}) on {}: CPUs {}, memory nodes {}\n",
+                c.backend, c.cgroup, c.effective_cpus, c.effective_mems
+            )),
+            (None, Some(e)) => out.push_str(&format!("cpuset not applied: {e}\n")),
+            (None, None) => {}
         }
         if let Some(e) = &self.scheduling.error {
             out.push_str(&format!(

@@ -172,6 +172,11 @@ impl Attribution {
         self.procs.contains_key(&pid)
     }
 
+    /// The governed processes.
+    pub fn registered(&self) -> Vec<u32> {
+        self.procs.keys().copied().collect()
+    }
+
     fn engine_slot(&self, pid: u32, engine: &str) -> Result<u32, AgentError> {
         let proc_ = self
             .procs

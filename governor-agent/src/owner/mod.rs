@@ -86,6 +86,10 @@ pub struct Agent {
     subtree: Option<Subtree>,
     ceiling: Option<Ceiling>,
     ceiling_error: Option<String>,
+    /// The database's cpuset (`[cpuset]`; absent: not configured, or not
+    /// applied: see `cpuset_error`).
+    cpuset: Option<crate::cpuset::Cpuset>,
+    cpuset_error: Option<String>,
     /// The PSI trigger (absent: off, or unavailable: see `psi_error`).
     psi: Option<PsiMonitor>,
     psi_error: Option<String>,
@@ -574,10 +578,13 @@ impl Agent {
         }
     }
 
-    /// Leaves the kernel state the agent made (a v1 ceiling cgroup, once
-    /// its processes are gone; the pins of a clean stop).
+    /// Leaves the kernel state the agent made (v1 ceiling and cpuset
+    /// cgroups, once their processes are gone; the pins of a clean stop).
     fn shutdown(&self) {
         if let Some(c) = &self.ceiling {
+            c.remove();
+        }
+        if let Some(c) = &self.cpuset {
             c.remove();
         }
         self.attribution.unpin();

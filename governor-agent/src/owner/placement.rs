@@ -66,6 +66,7 @@ impl Agent {
         {
             tracing::warn!(pid, error = %e, "could not put the process under the ceiling");
         }
+        self.adopt_cpuset(pid);
         if let Some(s) = &self.subtree {
             for (name, cg) in &s.engines {
                 self.attribution.bind_cgroup(pid, name, cg.id)?;
@@ -95,6 +96,7 @@ impl Agent {
         {
             tracing::warn!(pid, engine, error = %e, "could not put the process under its engine's cgroup");
         }
+        self.adopt_cpuset(pid);
         if let Some(cg) = self.subtree.as_ref().and_then(|s| s.own.get(engine)) {
             self.attribution.bind_cgroup(pid, engine, cg.id)?;
         }
@@ -195,14 +197,30 @@ impl Agent {
         }
     }
 
+    /// Puts a process in the database's cpuset (v1; on v2 it is there
+    /// already, in the domain cgroup).
+    pub(super) fn adopt_cpuset(&self, pid: u32) {
+        if let Some(c) = &self.cpuset
+            && let Err(e) = c.adopt(pid)
+        {
+            tracing::warn!(pid, error = %e, "could not put the process in the database's cpuset");
+        }
+    }
+
     /// After a reload: engines whose CPUs changed have every thread they
-    /// hold moved to the new CPUs (to any online CPU when the list went).
-    pub(super) fn repin(&mut self, old: &std::collections::BTreeMap<String, crate::cpus::CpuList>) {
+    /// hold moved to the new CPUs (to any online CPU when the list went);
+    /// with `all` (the database's cpuset changed, and the kernel reset its
+    /// threads' affinity to it), every engine kept to CPUs.
+    pub(super) fn repin(
+        &mut self,
+        old: &std::collections::BTreeMap<String, crate::cpus::CpuList>,
+        all: bool,
+    ) {
         let new = self.config.engine_cpus();
         let engines: std::collections::BTreeSet<String> =
             old.keys().chain(new.keys()).cloned().collect();
         for engine in engines {
-            if old.get(&engine) == new.get(&engine) {
+            if old.get(&engine) == new.get(&engine) && !(all && new.contains_key(&engine)) {
                 continue;
             }
             let mut threads = match &self.subtree {

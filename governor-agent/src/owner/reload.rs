@@ -11,8 +11,9 @@ impl Agent {
     /// sockets, the metrics address, delegation, observe mode, the set of
     /// engines) must be unchanged. Budgets, floors, thresholds, the
     /// ceiling, the tick, the allowed uids, the agent's
-    /// `realtime_priority` and the NUMA split (`[numa]`, `node_weights`,
-    /// checked against the machine's nodes first) change in place;
+    /// `realtime_priority`, the NUMA split (`[numa]`, `node_weights`,
+    /// checked against the machine's nodes first) and the database's
+    /// cpuset (`[cpuset]`) change in place;
     /// libraries get their new
     /// budgets (loans end); engines whose `cpus` changed have their threads
     /// moved to the new CPUs.
@@ -59,6 +60,7 @@ impl Agent {
                 crate::sched::unraised(raised, || c.set_engine_high(&l.name, l.budget_bytes))?;
             }
         }
+        let cpuset_changed = self.reload_cpuset(&new)?;
         let actions = self.policy.reload(rules);
         // A failed raise is tried again (its cause may have been fixed).
         let rescheduled = new.realtime_priority != self.config.realtime_priority
@@ -67,10 +69,43 @@ impl Agent {
         self.config = new;
         self.config_tx.send_replace(Arc::new(self.config.clone()));
         self.apply(actions);
-        self.repin(&old_cpus);
+        self.repin(&old_cpus, cpuset_changed);
         if rescheduled {
             self.apply_scheduling();
         }
         Ok(())
+    }
+
+    /// The database's cpuset after a reload: changed in place (a section
+    /// taken out leaves the parent's sets), or set up where there was none
+    /// (every governed process put in it). Whether it changed. A set the
+    /// kernel refuses refuses the reload, nothing of the cpuset changed.
+    fn reload_cpuset(&mut self, new: &Config) -> Result<bool, ReloadError> {
+        if new.cpuset == self.config.cpuset && self.cpuset_error.is_none() {
+            return Ok(false);
+        }
+        let raised = self.raised();
+        match (&mut self.cpuset, &new.cpuset) {
+            (Some(c), wanted) => {
+                let wanted = wanted.clone().unwrap_or_default();
+                crate::sched::unraised(raised, || c.apply(&wanted))?;
+            }
+            (None, None) => return Ok(false),
+            (None, Some(wanted)) => {
+                let c = crate::sched::unraised(raised, || {
+                    crate::cpuset::Cpuset::setup(
+                        self.subtree.as_ref().map(|s| s.domain.as_path()),
+                        &new.database,
+                        wanted,
+                    )
+                })?;
+                self.cpuset = Some(c);
+                self.cpuset_error = None;
+                for pid in self.attribution.registered() {
+                    self.adopt_cpuset(pid);
+                }
+            }
+        }
+        Ok(true)
     }
 }

@@ -105,6 +105,8 @@ impl Agent {
         }
         report.ceiling = ceiling;
         report.ceiling_error = self.ceiling_error.clone();
+        report.cpuset = self.cpuset.as_ref().map(crate::cpuset::Cpuset::status);
+        report.cpuset_error = self.cpuset_error.clone();
         report.metrics_addr = self.metrics_addr.map(|a| a.to_string());
         report.emergency = self.policy.emergency();
         report.psi = self

@@ -52,6 +52,7 @@ impl Agent {
         }
         let (identity, subtree) = identity_and_subtree(&config)?;
         let (ceiling, ceiling_error) = ceiling(&config, subtree.as_ref());
+        let (cpuset, cpuset_error) = cpuset(&config, subtree.as_ref());
         let (psi, psi_error) = pressure_stall(&config, subtree.as_ref());
         let program_stats = if config.program_stats {
             match crate::attribution::program_stats_on() {
@@ -84,6 +85,8 @@ impl Agent {
             subtree,
             ceiling,
             ceiling_error,
+            cpuset,
+            cpuset_error,
             psi,
             psi_error,
             sessions: BTreeMap::new(),
@@ -203,6 +206,29 @@ fn ceiling(config: &Config, subtree: Option<&Subtree>) -> (Option<Ceiling>, Opti
         }
     }
     (Some(c), None)
+}
+
+/// The database's cpuset in the kernel (`[cpuset]`), or why there is none.
+/// Configured and not applied is not fatal (as the ceiling): the agent
+/// says so and the status shows it.
+fn cpuset(
+    config: &Config,
+    subtree: Option<&Subtree>,
+) -> (Option<crate::cpuset::Cpuset>, Option<String>) {
+    let Some(cs) = &config.cpuset else {
+        return (None, None);
+    };
+    match crate::cpuset::Cpuset::setup(subtree.map(|s| s.domain.as_path()), &config.database, cs) {
+        Ok(c) => {
+            let s = c.status();
+            tracing::info!(backend = ?s.backend, cgroup = %s.cgroup, cpus = %s.effective_cpus, mems = %s.effective_mems, "cpuset applied");
+            (Some(c), None)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the cpuset is not applied");
+            (None, Some(e.to_string()))
+        }
+    }
 }
 
 /// The PSI trigger on the database's cgroup (PSI is kept per cgroup v2,

@@ -76,12 +76,15 @@ impl Agent {
             control,
             admin,
         };
-        // The ceiling's cgroup, when the memory controller is on v1.
+        // The ceiling's cgroup when the memory controller is on v1, and
+        // the cpuset's when that one is.
         let status = agent.status_json();
-        if let Some(ceiling) = status["ceiling"]["cgroup"].as_str().map(PathBuf::from)
-            && agent.cgroups.iter().all(|c| c.path() != ceiling)
-        {
-            agent.cgroups.push(RemovedCgroup::new(ceiling));
+        for made in [&status["ceiling"]["cgroup"], &status["cpuset"]["cgroup"]] {
+            if let Some(dir) = made.as_str().map(PathBuf::from)
+                && agent.cgroups.iter().all(|c| c.path() != dir)
+            {
+                agent.cgroups.push(RemovedCgroup::new(dir));
+            }
         }
         agent
     }

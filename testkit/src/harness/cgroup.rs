@@ -89,11 +89,12 @@ fn evacuate(dir: &Path, procs: &Path) {
 
 /// Where this process was, in the hierarchy mounted at `mount`, when this
 /// was first asked (before any agent of this test binary could adopt it):
-/// v2 when the mount has `cgroup.controllers`, v1's memory controller
-/// otherwise.
+/// v2 when the mount has `cgroup.controllers`, v1's cpuset controller
+/// when it has `cpuset.cpus`, v1's memory controller otherwise.
 fn home(mount: &Path) -> Option<String> {
-    static HOMES: OnceLock<(Option<String>, Option<String>)> = OnceLock::new();
-    let (v2, v1_memory) = HOMES.get_or_init(|| {
+    type Homes = (Option<String>, Option<String>, Option<String>);
+    static HOMES: OnceLock<Homes> = OnceLock::new();
+    let (v2, v1_memory, v1_cpuset) = HOMES.get_or_init(|| {
         let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
         let find = |ours: &dyn Fn(&str) -> bool| {
             text.lines().find_map(|line| {
@@ -105,10 +106,13 @@ fn home(mount: &Path) -> Option<String> {
         (
             find(&|c| c.is_empty()),
             find(&|c| c.split(',').any(|c| c == "memory")),
+            find(&|c| c.split(',').any(|c| c == "cpuset")),
         )
     });
     if mount.join("cgroup.controllers").exists() {
         v2.clone()
+    } else if mount.join("cpuset.cpus").exists() {
+        v1_cpuset.clone()
     } else {
         v1_memory.clone()
     }

@@ -1,7 +1,9 @@
 //! `[[engine]] cpus`: the agent keeps an engine's threads to its CPUs as it
 //! places them, moves them when a reload changes the list, lets them run
 //! anywhere when the list goes, and refuses a list naming a CPU that is
-//! not online, leaving everything as it was.
+//! not online, leaving everything as it was. `[cpuset]`: the whole
+//! database is kept to its CPUs and memory nodes by the kernel's cpuset
+//! controller (v2, or the v1 hierarchy), changed and dropped on reload.
 
 use std::process::Stdio;
 
@@ -12,14 +14,20 @@ use nodedb_governor_testkit::{
     wait::wait_for,
 };
 
-/// The CPUs thread `tid` of `pid` may run on, as the kernel shows them.
-fn allowed(pid: u32, tid: u64) -> CpuList {
+/// A list thread `tid` of `pid` is allowed, as the kernel shows it
+/// (`Cpus_allowed_list`, `Mems_allowed_list`).
+fn allowed_list(pid: u32, tid: u64, field: &str) -> CpuList {
     let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
     let list = status
         .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .expect("Cpus_allowed_list in the thread's status");
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("{field} in the thread's status"));
     list.trim().parse().unwrap()
+}
+
+/// The CPUs thread `tid` of `pid` may run on.
+fn allowed(pid: u32, tid: u64) -> CpuList {
+    allowed_list(pid, tid, "Cpus_allowed_list")
 }
 
 #[test]
@@ -95,6 +103,124 @@ fn an_engines_threads_are_kept_to_its_cpus_and_moved_on_reload() {
     wait_for("the thread free to run anywhere", || {
         allowed(pid, tid) == online
     });
+    let _ = probe.kill();
+    let _ = probe.wait();
+}
+
+#[test]
+fn the_database_is_kept_to_its_cpuset_changed_and_let_go_on_reload() {
+    if skip_unless_privileged("the database's cpuset") {
+        return;
+    }
+    let online = CpuList::online().unwrap();
+    let cpus: Vec<u32> = online.cpus().collect();
+    let (first, last) = (cpus[0], *cpus.last().unwrap());
+    let node = nodedb_governor::Topology::detect().unwrap().nodes()[0].id;
+    let list = |c: &[u32]| -> CpuList {
+        c.iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+            .parse()
+            .unwrap()
+    };
+    // The database on its first and last CPUs, node 0's memory; the
+    // vector engine on the first CPU alone.
+    let pair = list(&[first, last]);
+    let engines = super::three_engines(&[]).replacen(
+        "name = \"vector\"\nbudget = \"64MiB\"\n",
+        &format!("name = \"vector\"\nbudget = \"64MiB\"\ncpus = \"{first}\"\n"),
+        1,
+    );
+    let agent = super::start_agent_with(
+        &format!("[cpuset]\ncpus = \"{pair}\"\nmems = \"{node}\"\n"),
+        &engines,
+    );
+    let status = agent.status_json();
+    let cs = &status["cpuset"];
+    assert_eq!(cs["effective_cpus"], pair.to_string(), "{status:#}");
+    assert_eq!(cs["effective_mems"], node.to_string(), "{status:#}");
+    assert!(status["cpuset_error"].is_null(), "{status:#}");
+    let mut probe = agent.spawn_probe(
+        env!("CARGO_BIN_EXE_hold-probe"),
+        &["--mib", "4", "--stay"],
+        Stdio::piped(),
+    );
+    let pid = probe.id();
+    let mut lines = JsonLines::of(&mut probe);
+    let tid = lines.next_value()["engine_tid"]
+        .as_u64()
+        .expect("the engine thread's tid");
+    let main = u64::from(pid);
+    // The whole process is in the cpuset: its main thread (no engine's)
+    // runs on the database's CPUs and allocates on its node; the engine's
+    // thread is kept to its own CPU inside them.
+    wait_for("the process kept to the database's cpuset", || {
+        allowed(pid, main) == pair
+    });
+    assert_eq!(allowed_list(pid, main, "Mems_allowed_list"), list(&[node]));
+    assert_eq!(allowed(pid, tid), list(&[first]));
+
+    let config = agent.config_path();
+    let original = std::fs::read_to_string(&config).unwrap();
+    // The database narrowed to a CPU the vector engine is not kept to:
+    // refused whole (the engine's CPU would lie outside), nothing applied.
+    if first != last {
+        std::fs::write(
+            &config,
+            original.replacen(
+                &format!("cpus = \"{pair}\""),
+                &format!("cpus = \"{last}\""),
+                1,
+            ),
+        )
+        .unwrap();
+        agent.signal(libc::SIGHUP);
+        wait_for(
+            "a refusal naming the engine's CPUs outside the cpuset",
+            || {
+                let log = agent.log();
+                log.contains("configuration refused")
+                    && log.contains("outside the database's cpuset.cpus")
+            },
+        );
+        assert_eq!(allowed(pid, main), pair, "nothing of it applied");
+    }
+    // The database's CPUs narrowed to the first: the process follows, and
+    // the engine's thread keeps its CPU.
+    std::fs::write(
+        &config,
+        original.replacen(
+            &format!("cpus = \"{pair}\""),
+            &format!("cpus = \"{first}\""),
+            1,
+        ),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for("the process on the narrowed cpuset", || {
+        allowed(pid, main) == list(&[first])
+    });
+    assert_eq!(allowed(pid, tid), list(&[first]));
+    wait_for("the status showing the narrowed cpuset", || {
+        agent.status_json()["cpuset"]["effective_cpus"] == first.to_string()
+    });
+    // The section gone: the database runs where its parent lets it again,
+    // and the engine stays on its CPU.
+    std::fs::write(
+        &config,
+        original.replacen(
+            &format!("[cpuset]\ncpus = \"{pair}\"\nmems = \"{node}\"\n"),
+            "",
+            1,
+        ),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for("the process free of the cpuset", || {
+        allowed(pid, main) == online
+    });
+    assert_eq!(allowed(pid, tid), list(&[first]));
     let _ = probe.kill();
     let _ = probe.wait();
 }

@@ -386,8 +386,7 @@ impl Harness {
         } else {
             None
         };
-        let spread = if args.scenario == Scenario::Mixed && args.placement == PlacementMode::Auto
-        {
+        let spread = if args.scenario == Scenario::Mixed && args.placement == PlacementMode::Auto {
             let topology = nodedb_governor::Topology::detect().context("the NUMA nodes")?;
             let spread = Spread::of(&topology);
             if let Some(s) = &spread {
@@ -681,10 +680,9 @@ impl Harness {
             }
         };
         // Spread over the NUMA nodes: the same criteria on each node.
-        let (nodes_met, numa) = self
-            .spread
-            .as_ref()
-            .map_or((true, Value::Null), |s| judge_nodes(&timeline, s, ceiling, grace));
+        let (nodes_met, numa) = self.spread.as_ref().map_or((true, Value::Null), |s| {
+            judge_nodes(&timeline, s, ceiling, grace)
+        });
         let summary = json!({
             "mode": mode.name(),
             "ceiling_bytes": ceiling,
@@ -1036,7 +1034,10 @@ fn judge_nodes(timeline: &[Value], spread: &Spread, ceiling: u64, grace: f64) ->
             "under_share": anon < share,
         }));
     }
-    (met, json!({"met": met, "engines": engines, "nodes": totals}))
+    (
+        met,
+        json!({"met": met, "engines": engines, "nodes": totals}),
+    )
 }
 
 #[cfg(test)]
@@ -1095,9 +1096,7 @@ mod tests {
     /// A sample of a spread run: timeseries on node 1 alone, query on
     /// both, and the database's anonymous memory per node (MiB).
     fn spread_sample(t: f64, ts: (u64, u64), query: [(u64, u64); 2], anon: [u64; 2]) -> Value {
-        let n = |node: u32, (r, s): (u64, u64)| {
-            json!({"node": node, "resident_bytes": r << 20, "share_bytes": s << 20, "level": "normal"})
-        };
+        let n = |node: u32, (r, s): (u64, u64)| json!({"node": node, "resident_bytes": r << 20, "share_bytes": s << 20, "level": "normal"});
         json!({
             "t": t,
             "vector": {},
@@ -1133,7 +1132,12 @@ mod tests {
         // Query over its share on node 1 while far under its budget in
         // all fails the run, and names the node.
         let mut over = good.to_vec();
-        over.push(spread_sample(1.0, (300, 307), [(20, 204), (230, 204)], [300, 500]));
+        over.push(spread_sample(
+            1.0,
+            (300, 307),
+            [(20, 204), (230, 204)],
+            [300, 500],
+        ));
         let (met, v) = judge_nodes(&over, &spread, ceiling, 1.0);
         assert!(!met, "{v:#}");
         assert_eq!(v["engines"]["query"][1]["samples_over_share_in_force"], 1);
@@ -1141,7 +1145,12 @@ mod tests {
         // So does a node whose memory reaches its share of the ceiling,
         // every engine inside its shares.
         let mut full = good.to_vec();
-        full.push(spread_sample(1.0, (300, 307), [(100, 204), (190, 204)], [300, 512]));
+        full.push(spread_sample(
+            1.0,
+            (300, 307),
+            [(100, 204), (190, 204)],
+            [300, 512],
+        ));
         let (met, v) = judge_nodes(&full, &spread, ceiling, 1.0);
         assert!(!met, "{v:#}");
         assert_eq!(v["nodes"][1]["under_share"], false);

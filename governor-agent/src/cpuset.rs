@@ -1,0 +1,196 @@
+//! The database's CPUs and memory nodes (`[cpuset]`), kept by the kernel's
+//! cpuset controller on its cgroup:
+//! * cgroup v2: `cpuset.cpus` and `cpuset.mems` of the database's domain
+//!   cgroup (the controller enabled on its parent), which bound every
+//!   process and thread below it, the engines' threaded cgroups included;
+//! * hosts whose cpuset controller is on cgroup v1: a `<v1 cpuset>/
+//!   <database>` cgroup with both files (v1 needs both before it takes a
+//!   task: a field left out takes the parent's), each process put in it
+//!   as it registers.
+//!
+//! An engine's `cpus` lie inside the database's (refused otherwise), and
+//! its threads' affinity is set again after the set changes (the kernel
+//! resets a task's affinity to its cpuset's CPUs when they change). A
+//! field left out on v2 is written empty: the parent's set.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ceiling::Backend, config::CpusetConfig, cpus::CpuList, error::AgentError};
+
+/// The database's cpuset as the kernel keeps it now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpusetStatus {
+    pub backend: Backend,
+    pub cgroup: String,
+    /// As configured (None: the parent's).
+    pub cpus: Option<String>,
+    pub mems: Option<String>,
+    /// What the kernel applies (the configured set within the parent's).
+    pub effective_cpus: String,
+    pub effective_mems: String,
+}
+
+/// The cpuset the agent keeps.
+#[derive(Debug)]
+pub struct Cpuset {
+    backend: Backend,
+    dir: PathBuf,
+    config: CpusetConfig,
+}
+
+fn write(path: &Path, value: &str) -> Result<(), AgentError> {
+    fs::write(path, value)
+        .map_err(|e| AgentError::io(format!("writing {value:?} to {}", path.display()), e))
+}
+
+fn read(path: &Path) -> Result<String, AgentError> {
+    fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .map_err(|e| AgentError::io(format!("reading {}", path.display()), e))
+}
+
+/// The two files, in the order they are written.
+const FILES: [&str; 2] = ["cpuset.cpus", "cpuset.mems"];
+
+fn list(l: &Option<CpuList>) -> Option<String> {
+    l.as_ref().map(CpuList::to_string)
+}
+
+impl Cpuset {
+    /// Applies `config` to the database's domain cgroup `v2_dir` (v2 with
+    /// the cpuset controller), else to a v1 cpuset cgroup of the
+    /// database's name.
+    pub fn setup(
+        v2_dir: Option<&Path>,
+        database: &str,
+        config: &CpusetConfig,
+    ) -> Result<Self, AgentError> {
+        if let Some(dir) = v2_dir
+            && let Some(parent) = dir.parent()
+            && fs::read_to_string(parent.join("cgroup.controllers"))
+                .is_ok_and(|c| c.split_whitespace().any(|x| x == "cpuset"))
+        {
+            let enabled = fs::read_to_string(parent.join("cgroup.subtree_control"))
+                .is_ok_and(|c| c.split_whitespace().any(|x| x == "cpuset"));
+            if !enabled {
+                write(&parent.join("cgroup.subtree_control"), "+cpuset")?;
+            }
+            let mut c = Self {
+                backend: Backend::CgroupV2,
+                dir: dir.to_owned(),
+                config: CpusetConfig::default(),
+            };
+            c.apply(config)?;
+            return Ok(c);
+        }
+        let Some(mount) = crate::mounts::cgroup_v1("cpuset") else {
+            return Err(AgentError::CgroupUnusable {
+                path: v2_dir
+                    .map(Path::to_owned)
+                    .unwrap_or_else(|| "/sys/fs/cgroup".into()),
+                reason: "no cpuset controller: neither on cgroup v2 (cgroup.controllers) nor a cgroup v1 cpuset hierarchy".into(),
+            });
+        };
+        let dir = mount.join(database);
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(AgentError::io(format!("creating {}", dir.display()), e)),
+        }
+        let mut c = Self {
+            backend: Backend::CgroupV1,
+            dir,
+            config: CpusetConfig::default(),
+        };
+        c.apply(config)?;
+        Ok(c)
+    }
+
+    /// Writes `config` (a reload's too): both files, or, if the kernel
+    /// refuses one, neither (what was written is put back).
+    pub fn apply(&mut self, config: &CpusetConfig) -> Result<(), AgentError> {
+        let before: Vec<(&str, String)> = FILES
+            .iter()
+            .map(|f| Ok((*f, read(&self.dir.join(f))?)))
+            .collect::<Result<_, AgentError>>()?;
+        for (i, (file, value)) in FILES
+            .iter()
+            .zip([list(&config.cpus), list(&config.mems)])
+            .enumerate()
+        {
+            let value = match (value, self.backend) {
+                (Some(v), _) => v,
+                // v2: empty is the parent's set.
+                (None, Backend::CgroupV2) => String::new(),
+                // v1 takes no task without both: the parent's.
+                (None, Backend::CgroupV1) => {
+                    read(&self.dir.parent().unwrap_or(&self.dir).join(file))?
+                }
+            };
+            if let Err(e) = write(&self.dir.join(file), &value) {
+                for (f, old) in &before[..i] {
+                    let _ = fs::write(self.dir.join(f), old);
+                }
+                return Err(e);
+            }
+        }
+        self.config = config.clone();
+        Ok(())
+    }
+
+    /// Puts a process in the cpuset (v1: its own hierarchy; on v2 the
+    /// process is in the domain cgroup already).
+    pub fn adopt(&self, pid: u32) -> Result<(), AgentError> {
+        if self.backend == Backend::CgroupV1 {
+            write(&self.dir.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The CPUs its threads may run on, as the kernel applies them.
+    pub fn effective_cpus(&self) -> Option<CpuList> {
+        let (v2, v1) = ("cpuset.cpus.effective", "cpuset.effective_cpus");
+        let text = read(&self.dir.join(v2))
+            .or_else(|_| read(&self.dir.join(v1)))
+            .ok()?;
+        CpuList::parse_kernel(&text).ok()
+    }
+
+    pub fn status(&self) -> CpusetStatus {
+        let effective = |v2: &str, v1: &str, own: &str| {
+            read(&self.dir.join(v2))
+                .or_else(|_| read(&self.dir.join(v1)))
+                .or_else(|_| read(&self.dir.join(own)))
+                .unwrap_or_default()
+        };
+        CpusetStatus {
+            backend: self.backend,
+            cgroup: self.dir.display().to_string(),
+            cpus: list(&self.config.cpus),
+            mems: list(&self.config.mems),
+            effective_cpus: effective(
+                "cpuset.cpus.effective",
+                "cpuset.effective_cpus",
+                "cpuset.cpus",
+            ),
+            effective_mems: effective(
+                "cpuset.mems.effective",
+                "cpuset.effective_mems",
+                "cpuset.mems",
+            ),
+        }
+    }
+
+    /// Removes the v1 cgroup (empty once the database's processes are
+    /// gone); on v2 the domain cgroup goes with the subtree.
+    pub fn remove(&self) {
+        if self.backend == Backend::CgroupV1 {
+            let _ = fs::remove_dir(&self.dir);
+        }
+    }
+}

@@ -403,6 +403,12 @@ fn main() -> anyhow::Result<()> {
             .map(|text| json!({"result": result_line(&text)})),
     );
     checks.record(
+        // The cgroup v2 path of `[cpuset]` (the host's is v1).
+        "the database kept to its cpuset, changed and let go on reload (the host's test)",
+        host_test(&env.bin, "enforcement", &["placement::"], &args.disk)
+            .map(|text| json!({"result": result_line(&text)})),
+    );
+    checks.record(
         "NUMA nodes as booted, first touch, and the library on them",
         numa_check(&env),
     );
@@ -567,6 +573,10 @@ fn host_test(bin: &Path, name: &str, filter: &[&str], disk: &Path) -> anyhow::Re
         .args(filter)
         .env(relocated::BIN_DIR_ENV, bin)
         .env(relocated::DISK_DIR_ENV, disk)
+        .env(
+            nodedb_governor_testkit::harness::agent_binary::AGENT_BIN_ENV,
+            bin.join("nodedb-governor"),
+        )
         .env("NODEDB_GOVERNOR_REQUIRE_PRIVILEGED", "1")
         .output()
         .with_context(|| format!("running {name}"))?;

@@ -166,7 +166,10 @@ impl Agent {
 
     /// The probe `bin` pointed at this agent (`--socket`, `--database`).
     pub fn probe(&self, bin: impl AsRef<Path>) -> Command {
-        probe_command(bin.as_ref(), &self.control, &self.database)
+        // Relocated when the test runs away from its target directory (a
+        // VM's initramfs).
+        let bin = super::relocated::probe_bin(&bin.as_ref().to_string_lossy());
+        probe_command(&bin, &self.control, &self.database)
     }
 
     /// Starts the probe `bin` against this agent with `args`, its stdout

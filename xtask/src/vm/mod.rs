@@ -47,7 +47,12 @@ const PROBE_BINS: &[&str] = &[
 ];
 /// Integration tests vm-check runs as they are (under their target's name,
 /// without cargo's hash).
-const TESTS: &[&str] = &["attribution_accuracy", "page_cache", "engine_cache"];
+const TESTS: &[&str] = &[
+    "attribution_accuracy",
+    "page_cache",
+    "engine_cache",
+    "enforcement",
+];
 const WORKLOAD_BINS: &[&str] = &["nodedb-workload", "nodedb-cache", "nodedb-validate"];
 
 pub struct Options {

@@ -7,8 +7,11 @@
 //! database cgroup's memory on it (`memory.numa_stat`: v2 `anon N0=<bytes>
 //! N1=...`, v1 `anon=<pages> N0=<pages> ...`), and judges the database's
 //! part of each node against the node's share of the ceiling (the ceiling
-//! split by the nodes' memory, as the library splits a budget), with the
-//! same thresholds as the engines' levels.
+//! split by `numa.weights`, or else the nodes' memory, as the library
+//! splits a budget), with the same thresholds as the engines' levels. The
+//! ladder holds the placed engines on a node to that part (see
+//! `policy::library`), from the attribution's per-node figures at every
+//! tick.
 //!
 //! These are read when a status snapshot is built (a few small files per
 //! node), not at every tick.
@@ -42,12 +45,14 @@ pub struct NodeStatus {
 }
 
 /// Reads every node, and the database cgroup `cgroup` (with its
-/// `backend`) on each, judging it against `ceiling` split by the nodes'
-/// memory. An error names the file.
+/// `backend`) on each, judging it against `ceiling` split by `weights` (one
+/// per node, `numa.weights`) or else the nodes' memory. An error names the
+/// file.
 pub fn read(
     cgroup: Option<(&Path, Backend)>,
     ceiling: Option<u64>,
     thresholds: &PressureThresholds,
+    weights: Option<&[u64]>,
 ) -> Result<Vec<NodeStatus>, String> {
     let nodes_dir = Path::new("/sys/devices/system/node");
     let topology = Topology::detect().map_err(|e| e.to_string())?;
@@ -60,9 +65,13 @@ pub fn read(
         }
         None => None,
     };
-    let total_memory: u64 = topology.nodes().iter().map(|n| n.memory_bytes).sum();
+    let weights: Vec<u64> = match weights {
+        Some(w) if w.len() == topology.nodes().len() => w.to_vec(),
+        _ => topology.nodes().iter().map(|n| n.memory_bytes).collect(),
+    };
+    let whole: u128 = weights.iter().map(|&w| u128::from(w)).sum();
     let mut out = Vec::with_capacity(topology.nodes().len());
-    for n in topology.nodes() {
+    for (n, &weight) in topology.nodes().iter().zip(&weights) {
         let meminfo = nodes_dir.join(format!("node{}/meminfo", n.id));
         let fields = match fs::read_to_string(&meminfo) {
             Ok(text) => parse_node_meminfo(&text),
@@ -82,9 +91,7 @@ pub fn read(
             ),
             None => (None, None),
         };
-        let share = ceiling.map(|c| {
-            (u128::from(c) * u128::from(n.memory_bytes) / u128::from(total_memory.max(1))) as u64
-        });
+        let share = ceiling.map(|c| (u128::from(c) * u128::from(weight) / whole.max(1)) as u64);
         let level = match (anon, file, share) {
             (Some(a), Some(f), Some(s)) => Some(thresholds.level(a + f, s)),
             _ => None,
@@ -209,8 +216,22 @@ mod tests {
     #[test]
     fn this_machine_reads_and_each_node_is_judged_on_its_share() {
         let t = PressureThresholds::default();
-        let nodes = read(None, Some(1 << 30), &t).expect("sysfs");
+        let nodes = read(None, Some(1 << 30), &t, None).expect("sysfs");
         assert!(!nodes.is_empty());
+        // Weights split the ceiling instead of the nodes' memory (here the
+        // last node gets three parts in n + 2); weights that do not fit
+        // the machine are the memory's split.
+        let n = nodes.len();
+        let mut w = vec![1; n];
+        w[n - 1] = 3;
+        let weighted = read(None, Some(1 << 30), &t, Some(&w)).expect("sysfs");
+        let last = weighted[n - 1].ceiling_share_bytes.unwrap();
+        assert_eq!(last, ((1u128 << 30) * 3 / (n as u128 + 2)) as u64);
+        let unfit = read(None, Some(1 << 30), &t, Some(&[1; 9])).expect("sysfs");
+        let shares_of = |v: &[NodeStatus]| -> Vec<Option<u64>> {
+            v.iter().map(|n| n.ceiling_share_bytes).collect()
+        };
+        assert_eq!(shares_of(&unfit), shares_of(&nodes));
         let shares: u64 = nodes.iter().filter_map(|n| n.ceiling_share_bytes).sum();
         assert!(
             shares <= 1 << 30 && shares + nodes.len() as u64 >= 1 << 30,

@@ -99,6 +99,7 @@ impl Agent {
             self.ceiling.as_ref().map(|c| (c.dir(), c.backend())),
             ceiling.as_ref().map(|c| c.limit_bytes),
             &self.policy.rules().thresholds,
+            self.config.numa.weights.as_deref(),
         ) {
             Ok(nodes) => report.numa = nodes,
             Err(e) => report.numa_error = Some(e),

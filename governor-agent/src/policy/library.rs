@@ -95,6 +95,42 @@ fn judge_nodes(
         .collect()
 }
 
+/// The nodes whose placed engines must give way, with the factor their
+/// shares there are fitted by: a node where what the kernel attributes to
+/// the process's engines has reached the Critical threshold of the node's
+/// part of the ceiling, while the engines' shares there add up to more
+/// than that part (budgets overcommit the ceiling, and an engine within
+/// its share can still fill the node). Each is then held to its share
+/// scaled down to fit (the node's part over the sum of the shares), so the
+/// engines holding the most beyond that give it back.
+fn crowded_nodes(
+    rules: &Rules,
+    budgets: &BTreeMap<String, u64>,
+    process: &ProcessAttribution,
+) -> BTreeMap<u32, f64> {
+    let mut out = BTreeMap::new();
+    for (&node, &part) in &rules.node_ceiling {
+        let room = rules.ceiling_bytes as f64 * part;
+        let shares: f64 = rules
+            .node_shares
+            .iter()
+            .filter_map(|(engine, shares)| {
+                let s = shares.iter().find(|s| s.node == node)?;
+                Some(*budgets.get(engine)? as f64 * s.fraction)
+            })
+            .sum();
+        let held: u64 = process
+            .engines
+            .values()
+            .filter_map(|a| a.node_resident_bytes.get(node as usize).copied())
+            .sum();
+        if shares > room && held as f64 >= room * rules.thresholds.critical {
+            out.insert(node, room / shares);
+        }
+    }
+    out
+}
+
 /// Untracked memory moves an engine's cap in steps of its budget / 64 (at
 /// least 1 MiB, rounded up), so a wobble of a few pages sends nothing.
 pub(super) fn untracked_step(budget: u64) -> u64 {
@@ -495,14 +531,35 @@ impl Library {
                 });
             }
         }
+        let budgets: BTreeMap<String, u64> = self
+            .declared(rules)
+            .iter()
+            .map(|l| (l.name.clone(), self.budget(&l.name)))
+            .collect();
+        let crowded = crowded_nodes(rules, &budgets, process);
         for l in self.declared(rules) {
             let budget = self.budget(&l.name);
             let resident = resident(&l.name);
             let nodes = judge_nodes(rules, &l.name, budget, process);
-            // The worse of the engine in all and its worst node; the node
-            // then sets the spill's target too.
+            // The worse of the engine in all and its worst node (on a
+            // crowded node, against its share fitted to the node's part of
+            // the ceiling); the node then sets the spill's target too.
             let total_level = rules.thresholds.level(resident, budget);
-            let worst = nodes
+            let judged: Vec<EngineNode> = nodes
+                .iter()
+                .map(|n| match crowded.get(&n.node) {
+                    Some(fit) => {
+                        let share_bytes = (n.share_bytes as f64 * fit) as u64;
+                        EngineNode {
+                            share_bytes,
+                            level: rules.thresholds.level(n.resident_bytes, share_bytes),
+                            ..*n
+                        }
+                    }
+                    None => *n,
+                })
+                .collect();
+            let worst = judged
                 .iter()
                 .filter(|n| n.level > total_level)
                 .max_by(|a, b| {

@@ -103,6 +103,10 @@ pub struct Rules {
     /// [`crate::config::NumaConfig`]); an engine absent here is judged in
     /// all only.
     pub node_shares: BTreeMap<String, Vec<NodeShare>>,
+    /// Each node's part of the ceiling, 0 to 1 (by `numa.weights`, or the
+    /// nodes' memory), on a machine of several nodes with the ladder per
+    /// node (empty otherwise): what the placed engines there must fit in.
+    pub node_ceiling: BTreeMap<u32, f64>,
 }
 
 /// A node's part of an engine's budget.
@@ -124,6 +128,7 @@ impl Rules {
             lending: config.lending.rules(),
             mark_events: config.mark_events,
             node_shares: BTreeMap::new(),
+            node_ceiling: BTreeMap::new(),
         }
     }
 
@@ -136,6 +141,7 @@ impl Rules {
     /// only, with a warning.
     pub fn on_nodes(mut self, config: &Config, nodes: &[Node]) -> Result<Self, ConfigError> {
         self.node_shares.clear();
+        self.node_ceiling.clear();
         if !config.numa.ladder || nodes.len() < 2 {
             return Ok(self);
         }
@@ -159,6 +165,12 @@ impl Rules {
             }
             None => nodes.iter().map(|n| n.memory_bytes).collect(),
         };
+        let whole: u128 = default.iter().map(|&w| u128::from(w)).sum();
+        self.node_ceiling = nodes
+            .iter()
+            .zip(&default)
+            .map(|(n, &w)| (n.id, u128::from(w) as f64 / whole.max(1) as f64))
+            .collect();
         for (i, e) in config.engines.iter().enumerate() {
             let Some(cpus) = &e.cpus else {
                 continue;

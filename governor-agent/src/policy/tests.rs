@@ -1279,3 +1279,63 @@ fn a_node_hovering_under_a_threshold_that_fired_is_not_armed_again() {
     w.after(20).tick_on(&at(90), None, None);
     assert_eq!(vector(&w), Some(Some(96 * MIB)));
 }
+
+#[test]
+fn engines_that_crowd_a_node_past_its_part_of_the_ceiling_give_way_by_what_they_hold_beyond_a_fitted_share()
+ {
+    use Msg::*;
+    // A 512 MiB ceiling over two equal nodes: 256 MiB each. Vector's 256
+    // MiB budget all on node 0, query's 128 MiB half there: their shares
+    // on node 0 add up to 320 MiB, more than the node's part (fitted by
+    // 0.8: vector 204.8 MiB, query 51.2 MiB). Floors at the budgets: no
+    // loans.
+    let text = "database = \"t\"\nceiling = \"512MiB\"\n\
+         [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\nfloor = \"256MiB\"\n\
+         cpus = \"0\"\nnode_weights = [1, 0]\n\
+         [[engine]]\nname = \"query\"\nbudget = \"128MiB\"\nfloor = \"128MiB\"\n\
+         cpus = \"0-1\"\n";
+    let config = Config::parse(text).unwrap();
+    let rules = Rules::from_config(&config)
+        .on_nodes(&config, &two_nodes())
+        .unwrap();
+    assert_eq!(rules.node_ceiling[&0], 0.5);
+    let (mut w, _) = World::with_rules(rules.clone(), &["vector", "query"]);
+    // Node 0 holds 220 MiB, under Critical of its part (230.4): each
+    // engine is judged on its own share. Vector at 78% of its: Warning.
+    let r = node_reading(&[("vector", [200, 0]), ("query", [20, 0])]);
+    assert_eq!(
+        w.tick_on(&r, None, None),
+        [Pressure("vector", Warning), Purge("vector")]
+    );
+    // Query brings node 0 to 240 MiB: crowded. Vector, at 98% of its
+    // fitted share, spills down to 75% of it; query, at 78% of its fitted
+    // 51.2 MiB, is at Warning and spills nothing.
+    let r = node_reading(&[("vector", [200, 0]), ("query", [40, 0])]);
+    let sent = w.after(300).tick_on(&r, None, None);
+    let fitted = (256.0 * MIB as f64 * 0.8) as u64;
+    let target = 200 * MIB - (fitted as f64 * 0.75) as u64;
+    assert_eq!(
+        sent,
+        [
+            Pressure("vector", Emergency),
+            Spill("vector", target),
+            Pressure("query", Warning),
+            Purge("query"),
+        ],
+    );
+    // The status keeps each engine's own share (what it is budgeted on).
+    let status = w.status();
+    let v0 = status.engines["vector"].nodes[0];
+    assert_eq!((v0.node, v0.share_bytes), (0, 256 * MIB));
+    // The same figures with room on the node (the ceiling twice as
+    // large): nothing but the engines' own shares counts.
+    let roomy = Config::parse(&text.replace("\"512MiB\"", "\"1GiB\"")).unwrap();
+    let rules = Rules::from_config(&roomy)
+        .on_nodes(&roomy, &two_nodes())
+        .unwrap();
+    let (mut w, _) = World::with_rules(rules, &["vector", "query"]);
+    assert_eq!(
+        w.tick_on(&r, None, None),
+        [Pressure("vector", Warning), Purge("vector")]
+    );
+}

@@ -214,7 +214,11 @@ struct Harness {
 /// cpus`, so the agent splits each engine's budget over its CPUs' nodes):
 /// vector on the first node, timeseries on the last, query on all. Each
 /// node's share of the ceiling is the ceiling split by the nodes' memory,
-/// as the agent's status splits it.
+/// as the agent's status splits it. The query engine's memory is its
+/// DataFusion pool's, which spills when a reservation is refused (no spill
+/// request reaches it), so the workload splits its budget over the nodes
+/// in the library as well, strictly (`--numa query=strict`): its share of
+/// a node, as the agent judges it, refuses it there.
 #[derive(Clone, Debug, serde::Serialize)]
 struct Spread {
     /// Engine name and its CPUs (a kernel list).
@@ -534,6 +538,9 @@ impl Harness {
         }
         if self.args.scenario == Scenario::Cache && mode == Mode::Governed {
             cmd.arg("--governed");
+        }
+        if self.spread.is_some() && agent.is_some() {
+            cmd.args(["--numa", "query=strict"]);
         }
         let mut workload = Reaped(
             cmd.arg("--dir")

@@ -174,48 +174,19 @@ impl Ceiling {
         limit: u64,
         high: u64,
     ) -> Result<Self, AgentError> {
-        if let Some(dir) = v2_dir
-            && let Some(parent) = dir.parent()
-            && fs::read_to_string(parent.join("cgroup.controllers"))
-                .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"))
-        {
-            // The domain cgroup gets the memory controller from its parent.
-            let enabled = fs::read_to_string(parent.join("cgroup.subtree_control"))
-                .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"));
-            if !enabled {
-                write(&parent.join("cgroup.subtree_control"), "+memory")?;
+        let (backend, dir) = crate::cgroup::controller_dir(v2_dir, database, "memory")?;
+        match backend {
+            Backend::CgroupV2 => {
+                write(&dir.join("memory.max"), &limit.to_string())?;
+                write(&dir.join("memory.high"), &high.to_string())?;
             }
-            let c = Self {
-                backend: Backend::CgroupV2,
-                dir: dir.to_owned(),
-                limit,
-                high,
-                high_now: high,
-                limit_changes: 0,
-                engines: Default::default(),
-                protection: Ok(0),
-                usage_files: Mutex::new(None),
-            };
-            write(&dir.join("memory.max"), &limit.to_string())?;
-            write(&dir.join("memory.high"), &high.to_string())?;
-            return Ok(c);
+            Backend::CgroupV1 => {
+                write(&dir.join("memory.limit_in_bytes"), &limit.to_string())?;
+                write(&dir.join("memory.soft_limit_in_bytes"), &high.to_string())?;
+            }
         }
-        let Some(mount) = crate::mounts::cgroup_v1("memory") else {
-            return Err(AgentError::CgroupUnusable {
-                path: v2_dir.map(Path::to_owned).unwrap_or_else(|| "/sys/fs/cgroup".into()),
-                reason: "no memory controller: neither cgroup v2 (cgroup.controllers) nor a cgroup v1 memory hierarchy".into(),
-            });
-        };
-        let dir = mount.join(database);
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(AgentError::io(format!("creating {}", dir.display()), e)),
-        }
-        write(&dir.join("memory.limit_in_bytes"), &limit.to_string())?;
-        write(&dir.join("memory.soft_limit_in_bytes"), &high.to_string())?;
         Ok(Self {
-            backend: Backend::CgroupV1,
+            backend,
             dir,
             limit,
             high,

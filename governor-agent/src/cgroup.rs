@@ -55,6 +55,46 @@ pub fn cgroup_id(dir: &Path) -> Result<u64, AgentError> {
         .map_err(|e| AgentError::io(format!("reading cgroup id of {}", dir.display()), e))
 }
 
+/// Where the database's cgroup gets `controller` (`memory`, `cpuset`): on
+/// cgroup v2, its domain `v2_dir` once the parent passes the controller
+/// down (enabled in the parent's `cgroup.subtree_control` here if it is
+/// not yet); else `<v1 hierarchy>/<database>`, made if missing. Which
+/// backend, and the directory; an error says why neither can be had.
+pub fn controller_dir(
+    v2_dir: Option<&Path>,
+    database: &str,
+    controller: &str,
+) -> Result<(crate::ceiling::Backend, PathBuf), AgentError> {
+    let has = |file: PathBuf| {
+        fs::read_to_string(file).is_ok_and(|c| c.split_whitespace().any(|x| x == controller))
+    };
+    if let Some(dir) = v2_dir
+        && let Some(parent) = dir.parent()
+        && has(parent.join("cgroup.controllers"))
+    {
+        if !has(parent.join("cgroup.subtree_control")) {
+            let file = parent.join("cgroup.subtree_control");
+            fs::write(&file, format!("+{controller}")).map_err(|e| {
+                AgentError::io(format!("writing +{controller} to {}", file.display()), e)
+            })?;
+        }
+        return Ok((crate::ceiling::Backend::CgroupV2, dir.to_owned()));
+    }
+    let Some(mount) = crate::mounts::cgroup_v1(controller) else {
+        return Err(AgentError::CgroupUnusable {
+            path: v2_dir
+                .map(Path::to_owned)
+                .unwrap_or_else(|| "/sys/fs/cgroup".into()),
+            reason: format!(
+                "no {controller} controller: neither on cgroup v2 (cgroup.controllers) nor a cgroup v1 {controller} hierarchy"
+            ),
+        });
+    };
+    let dir = mount.join(database);
+    mkdir(&dir).map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
+    Ok((crate::ceiling::Backend::CgroupV1, dir))
+}
+
 /// An engine's threaded cgroup.
 #[derive(Clone, Debug)]
 pub struct EngineCgroup {

@@ -70,40 +70,9 @@ impl Cpuset {
         database: &str,
         config: &CpusetConfig,
     ) -> Result<Self, AgentError> {
-        if let Some(dir) = v2_dir
-            && let Some(parent) = dir.parent()
-            && fs::read_to_string(parent.join("cgroup.controllers"))
-                .is_ok_and(|c| c.split_whitespace().any(|x| x == "cpuset"))
-        {
-            let enabled = fs::read_to_string(parent.join("cgroup.subtree_control"))
-                .is_ok_and(|c| c.split_whitespace().any(|x| x == "cpuset"));
-            if !enabled {
-                write(&parent.join("cgroup.subtree_control"), "+cpuset")?;
-            }
-            let mut c = Self {
-                backend: Backend::CgroupV2,
-                dir: dir.to_owned(),
-                config: CpusetConfig::default(),
-            };
-            c.apply(config)?;
-            return Ok(c);
-        }
-        let Some(mount) = crate::mounts::cgroup_v1("cpuset") else {
-            return Err(AgentError::CgroupUnusable {
-                path: v2_dir
-                    .map(Path::to_owned)
-                    .unwrap_or_else(|| "/sys/fs/cgroup".into()),
-                reason: "no cpuset controller: neither on cgroup v2 (cgroup.controllers) nor a cgroup v1 cpuset hierarchy".into(),
-            });
-        };
-        let dir = mount.join(database);
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(AgentError::io(format!("creating {}", dir.display()), e)),
-        }
+        let (backend, dir) = crate::cgroup::controller_dir(v2_dir, database, "cpuset")?;
         let mut c = Self {
-            backend: Backend::CgroupV1,
+            backend,
             dir,
             config: CpusetConfig::default(),
         };

@@ -25,6 +25,30 @@ fn allowed_list(pid: u32, tid: u64, field: &str) -> CpuList {
     list.trim().parse().unwrap()
 }
 
+/// The three engines with vector kept to CPU `cpu`.
+fn vector_on(cpu: u32) -> String {
+    super::three_engines(&[]).replacen(
+        "name = \"vector\"\nbudget = \"64MiB\"\n",
+        &format!("name = \"vector\"\nbudget = \"64MiB\"\ncpus = \"{cpu}\"\n"),
+        1,
+    )
+}
+
+/// A hold-probe of the vector engine against `agent`: the probe, its pid
+/// and its engine thread's tid.
+fn vector_probe(agent: &Agent) -> (nodedb_governor_testkit::harness::Reaped, u32, u64) {
+    let mut probe = agent.spawn_probe(
+        env!("CARGO_BIN_EXE_hold-probe"),
+        &["--mib", "4", "--stay"],
+        Stdio::piped(),
+    );
+    let pid = probe.id();
+    let tid = JsonLines::of(&mut probe).next_value()["engine_tid"]
+        .as_u64()
+        .expect("the engine thread's tid");
+    (probe, pid, tid)
+}
+
 /// The CPUs thread `tid` of `pid` may run on.
 fn allowed(pid: u32, tid: u64) -> CpuList {
     allowed_list(pid, tid, "Cpus_allowed_list")
@@ -38,22 +62,8 @@ fn an_engines_threads_are_kept_to_its_cpus_and_moved_on_reload() {
     let online = CpuList::online().unwrap();
     let cpus: Vec<u32> = online.cpus().collect();
     let (first, last) = (cpus[0], *cpus.last().unwrap());
-    let engines = super::three_engines(&[]).replacen(
-        "name = \"vector\"\nbudget = \"64MiB\"\n",
-        &format!("name = \"vector\"\nbudget = \"64MiB\"\ncpus = \"{first}\"\n"),
-        1,
-    );
-    let agent = super::start_agent_with("", &engines);
-    let mut probe = agent.spawn_probe(
-        env!("CARGO_BIN_EXE_hold-probe"),
-        &["--mib", "4", "--stay"],
-        Stdio::piped(),
-    );
-    let pid = probe.id();
-    let mut lines = JsonLines::of(&mut probe);
-    let tid = lines.next_value()["engine_tid"]
-        .as_u64()
-        .expect("the engine thread's tid");
+    let agent = super::start_agent_with("", &vector_on(first));
+    let (mut probe, pid, tid) = vector_probe(&agent);
     let one = |c: u32| -> CpuList { c.to_string().parse().unwrap() };
     // Placed, and kept to its engine's CPU; the process's other threads
     // (not the engine's) are left where they were.
@@ -127,30 +137,16 @@ fn the_database_is_kept_to_its_cpuset_changed_and_let_go_on_reload() {
     // The database on its first and last CPUs, node 0's memory; the
     // vector engine on the first CPU alone.
     let pair = list(&[first, last]);
-    let engines = super::three_engines(&[]).replacen(
-        "name = \"vector\"\nbudget = \"64MiB\"\n",
-        &format!("name = \"vector\"\nbudget = \"64MiB\"\ncpus = \"{first}\"\n"),
-        1,
-    );
     let agent = super::start_agent_with(
         &format!("[cpuset]\ncpus = \"{pair}\"\nmems = \"{node}\"\n"),
-        &engines,
+        &vector_on(first),
     );
     let status = agent.status_json();
     let cs = &status["cpuset"];
     assert_eq!(cs["effective_cpus"], pair.to_string(), "{status:#}");
     assert_eq!(cs["effective_mems"], node.to_string(), "{status:#}");
     assert!(status["cpuset_error"].is_null(), "{status:#}");
-    let mut probe = agent.spawn_probe(
-        env!("CARGO_BIN_EXE_hold-probe"),
-        &["--mib", "4", "--stay"],
-        Stdio::piped(),
-    );
-    let pid = probe.id();
-    let mut lines = JsonLines::of(&mut probe);
-    let tid = lines.next_value()["engine_tid"]
-        .as_u64()
-        .expect("the engine thread's tid");
+    let (mut probe, pid, tid) = vector_probe(&agent);
     let main = u64::from(pid);
     // The whole process is in the cpuset: its main thread (no engine's)
     // runs on the database's CPUs and allocates on its node; the engine's

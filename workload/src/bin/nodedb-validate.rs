@@ -40,6 +40,13 @@
 //! emulator's jitter and its emulated disk's speed from one run to the
 //! next (see `emulated_timing`).
 //!
+//! On a machine of two NUMA nodes or more (the VMs), the mixed scenario's
+//! runs under an agent spread the engines over the nodes (`Spread`), and
+//! the governed run's target holds on each node as well: every placed
+//! engine within its share there of its budget in force + 5%, and the
+//! database's anonymous memory on each node (its cgroup's
+//! `memory.numa_stat`) under the node's part of the ceiling.
+//!
 //! The governed run places the engines as an operator would (`[[engine]]
 //! cpus`): the scratch disk's interrupt CPU is found by a probe write
 //! (`irq`), the flushing timeseries engine goes there and the vector

@@ -8,10 +8,13 @@
 //!   task: a field left out takes the parent's), each process put in it
 //!   as it registers.
 //!
+//! A field left out takes the parent's set as it is when written (an
+//! empty set, v2's "the parent's, as it changes", is refused by the kernel
+//! while the cgroup holds tasks).
+//!
 //! An engine's `cpus` lie inside the database's (refused otherwise), and
 //! its threads' affinity is set again after the set changes (the kernel
-//! resets a task's affinity to its cpuset's CPUs when they change). A
-//! field left out on v2 is written empty: the parent's set.
+//! resets a task's affinity to its cpuset's CPUs when they change).
 
 use std::{
     fs,
@@ -92,14 +95,12 @@ impl Cpuset {
             .zip([list(&config.cpus), list(&config.mems)])
             .enumerate()
         {
-            let value = match (value, self.backend) {
-                (Some(v), _) => v,
-                // v2: empty is the parent's set.
-                (None, Backend::CgroupV2) => String::new(),
-                // v1 takes no task without both: the parent's.
-                (None, Backend::CgroupV1) => {
-                    read(&self.dir.parent().unwrap_or(&self.dir).join(file))?
-                }
+            // Left out: the parent's set as the kernel applies it (an empty
+            // set, v2's "the parent's", is refused while the cgroup holds
+            // tasks, and v1 takes no task without both).
+            let value = match value {
+                Some(v) => v,
+                None => self.parent_effective(file)?,
             };
             if let Err(e) = write(&self.dir.join(file), &value) {
                 for (f, old) in &before[..i] {
@@ -110,6 +111,16 @@ impl Cpuset {
         }
         self.config = config.clone();
         Ok(())
+    }
+
+    /// The parent's set that `file` (`cpuset.cpus`, `cpuset.mems`) would
+    /// take from it: v2 its `.effective` file, v1 the file itself.
+    fn parent_effective(&self, file: &str) -> Result<String, AgentError> {
+        let parent = self.dir.parent().unwrap_or(&self.dir);
+        match self.backend {
+            Backend::CgroupV2 => read(&parent.join(format!("{file}.effective"))),
+            Backend::CgroupV1 => read(&parent.join(file)),
+        }
     }
 
     /// Puts a process in the cpuset (v1: its own hierarchy; on v2 the

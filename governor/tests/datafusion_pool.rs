@@ -4,12 +4,15 @@
 //! back when DataFusion lets go. DataFusion's spill files, made by the
 //! library's factory, do not stay in the page cache.
 
+mod common;
+
 use std::sync::Arc;
 
 use datafusion_common::DataFusionError;
 use datafusion_execution::memory_pool::{MemoryConsumer, MemoryLimit, MemoryPool};
 use nodedb_governor::{
-    Budget, EngineId, MemoryGovernor, ThresholdsHandle, datafusion_pool::GovernorPool,
+    Budget, EngineId, MemoryGovernor, Node, ThresholdsHandle, Topology,
+    datafusion_pool::GovernorPool,
 };
 
 const MIB: usize = 1 << 20;
@@ -124,4 +127,68 @@ fn spill_files_are_written_and_read_back_uncached() {
     drop(file);
     assert!(!path.exists(), "a dropped spill file is removed");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The pool keeps its own books and does not know which node a byte it
+/// gives back was charged to: the ledger takes it off the releasing
+/// thread's node first. Threads' unspent credit is charged to its node
+/// too, so such a release can leave a node's books short of the credit a
+/// thread returns there later. The books stay whole: what a node lacks
+/// comes off the others (seen in the two-node VM as the query engine's
+/// thread exiting with its credit: an assertion on the node's books).
+#[test]
+fn the_pool_gives_back_on_the_wrong_node_and_the_node_books_stay_whole() {
+    let Some(cpus) = common::two_cpus() else {
+        return;
+    };
+    let node = |id: u32, cpu: u32| Node {
+        id,
+        cpus: vec![cpu],
+        memory_bytes: 1 << 30,
+    };
+    let topology = Topology::new(vec![node(0, cpus.0), node(1, cpus.1)]).unwrap();
+    let g = MemoryGovernor::with_batch(
+        Budget::builder(256 * MIB as u64)
+            .engine(EngineId::Query, 0, 128 * MIB as u64)
+            .numa(topology)
+            .build()
+            .unwrap(),
+        ThresholdsHandle::default(),
+        nodedb_governor::DEFAULT_BATCH_BYTES,
+    );
+    let pool: Arc<dyn MemoryPool> = Arc::new(GovernorPool::new(&g, EngineId::Query).unwrap());
+    let used = || -> Vec<u64> {
+        g.node_usage(EngineId::Query)
+            .unwrap()
+            .iter()
+            .map(|n| n.used_bytes)
+            .collect()
+    };
+    // Grown on node 0 by a thread that then exits (its unspent credit goes
+    // back there)...
+    let on_0 = std::thread::scope(|s| {
+        s.spawn(|| {
+            common::pin(cpus.0);
+            let r = MemoryConsumer::new("on node 0").register(&pool);
+            r.try_grow(64 << 10).unwrap();
+            r
+        })
+        .join()
+        .unwrap()
+    });
+    // ...and on node 1 by this thread, which keeps a batch of credit
+    // there, less what it spent.
+    common::pin(cpus.1);
+    let on_1 = MemoryConsumer::new("on node 1").register(&pool);
+    on_1.try_grow(64 << 10).unwrap();
+    assert_eq!(used()[0], 64 << 10);
+    // Both given back here: node 1's books lose both (one of them was
+    // node 0's), and when this thread's credit returns to node 1, node 1
+    // is short by what node 0 still holds.
+    drop(on_0);
+    drop(on_1);
+    g.flush_thread_credit();
+    assert_eq!(used(), [0, 0]);
+    assert_eq!(g.total_bytes(), 0);
+    assert_eq!(pool.reserved(), 0);
 }

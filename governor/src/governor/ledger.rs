@@ -376,38 +376,33 @@ impl Ledger {
         }
     }
 
-    /// Gives back `n` bytes of engine `i` charged to `node`.
+    /// Gives back `n` bytes of engine `i` charged to `node`. A node's books
+    /// can be short of them: a pool that keeps its own books gives bytes
+    /// back without their node (`Shared::give_back_any` takes them off the
+    /// releasing thread's node first), and a thread's unspent credit, charged to its
+    /// node, may come back there after such a release took that node's
+    /// bytes. What `node` lacks then comes off the engine's other nodes,
+    /// the last first: the engine's books stay whole, and no node's go
+    /// below zero.
     pub(super) fn release(&mut self, i: usize, node: usize, n: u64) {
         // A guard never holds more than was added for it.
         debug_assert!(self.engines[i].used >= n && self.total >= n);
         self.update(i, |e| e.used -= n);
         self.total -= n;
         if let Some(numa) = &mut self.numa {
-            debug_assert!(numa.engines[i].used[node] >= n);
-            numa.totals[node] -= n;
-            numa.engines[i].used[node] -= n;
-        }
-    }
-
-    /// Gives back `n` bytes of engine `i` whose node is not known (a pool
-    /// that keeps its own books): from `node` first, then from the other
-    /// nodes the engine holds memory on, the last first.
-    #[cfg(feature = "datafusion")]
-    pub(super) fn release_any(&mut self, i: usize, node: usize, n: u64) {
-        let Some(numa) = &self.numa else {
-            return self.release(i, 0, n);
-        };
-        let used = numa.engines[i].used.clone();
-        let mut left = n;
-        let order = std::iter::once(node).chain((0..used.len()).rev().filter(|&m| m != node));
-        for m in order {
-            let take = left.min(used[m]);
-            if take > 0 {
-                self.release(i, m, take);
+            let nodes = numa.totals.len();
+            let mut left = n;
+            for m in std::iter::once(node).chain((0..nodes).rev().filter(|&m| m != node)) {
+                let take = left.min(numa.engines[i].used[m]);
+                numa.totals[m] -= take;
+                numa.engines[i].used[m] -= take;
                 left -= take;
+                if left == 0 {
+                    break;
+                }
             }
+            debug_assert_eq!(left, 0, "the engine's nodes hold less than it does");
         }
-        debug_assert_eq!(left, 0, "released more than the engine holds");
     }
 
     /// Engine `i`'s books per node (empty without NUMA).

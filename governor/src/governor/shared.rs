@@ -326,8 +326,9 @@ impl Shared {
         }
     }
 
-    /// Gives `bytes` of `slot` back whose node is not known (see
-    /// `Ledger::release_any`); on one node, as `give_back`.
+    /// Gives `bytes` of `slot` back whose node is not known: off the
+    /// calling thread's node first, then the engine's others (see
+    /// `Ledger::release`); on one node, as `give_back`.
     #[cfg(feature = "datafusion")]
     pub(super) fn give_back_any(self: &Arc<Self>, slot: usize, bytes: u64) {
         if self.topology.is_none() {
@@ -337,7 +338,7 @@ impl Shared {
             return;
         }
         let node = self.node();
-        self.release_by(|l| l.release_any(slot, node, bytes));
+        self.release_by(|l| l.release(slot, node, bytes));
     }
 
     /// The engine's name in the ledger, for errors.

@@ -107,6 +107,12 @@ pub(super) struct EngineState {
     /// What the kernel sees it hold beyond its reservations, in whole
     /// steps, as last taken off its cap.
     pub untracked_bytes: u64,
+    /// What it holds on its worst node beyond the Critical threshold of
+    /// its share there (fitted, on a crowded node), in whole steps, as
+    /// last taken off its cap: an engine whose memory a spill request does
+    /// not reach (a pool that spills when refused) is held on the node by
+    /// its cap.
+    pub node_excess_bytes: u64,
     /// Under backpressure (an Emergency; not essential): the cap it is
     /// held to.
     pub held_to: Option<u64>,

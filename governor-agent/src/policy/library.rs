@@ -131,6 +131,19 @@ fn crowded_nodes(
     out
 }
 
+/// `raw` bytes to take off a cap, in whole `step`s: rounded up (the cap
+/// errs on the side of the budget), up at once, down only half a step
+/// past the boundary below `last`, so memory wobbling at a boundary
+/// (threads mapping and unmapping) does not move the cap back and forth.
+fn stepped(raw: u64, last: u64, step: u64) -> u64 {
+    let up = raw.div_ceil(step) * step;
+    if up >= last || raw + step / 2 <= last.saturating_sub(step) {
+        up
+    } else {
+        last
+    }
+}
+
 /// Untracked memory moves an engine's cap in steps of its budget / 64 (at
 /// least 1 MiB, rounded up), so a wobble of a few pages sends nothing.
 pub(super) fn untracked_step(budget: u64) -> u64 {
@@ -213,6 +226,12 @@ impl Library {
     /// holds unreserved (never below the floor), or less again under
     /// backpressure. Observing, the cap is the ceiling and the floor 0.
     fn send_limits(&mut self, l: &EngineLimits, out: &mut Vec<ToLibrary>) {
+        self.send_limits_if(l, out, false);
+    }
+
+    /// Sends the engine its limits; with `only_new_cap`, only if its cap
+    /// is not the one last sent.
+    fn send_limits_if(&mut self, l: &EngineLimits, out: &mut Vec<ToLibrary>, only_new_cap: bool) {
         let budget = self.budget(&l.name);
         let observe_cap = self.observe_cap;
         let Some(e) = self.engines.get_mut(&l.name) else {
@@ -229,11 +248,15 @@ impl Library {
                 // it is doing (the ladder still spills it).
                 let corrected = budget
                     .saturating_sub(e.untracked_bytes)
+                    .saturating_sub(e.node_excess_bytes)
                     .max(l.floor_bytes.min(budget));
                 let cap = e.held_to.map_or(corrected, |held| held.min(corrected));
                 (l.floor_bytes.min(cap), cap)
             }
         };
+        if only_new_cap && cap == e.cap_bytes {
+            return;
+        }
         e.counters.limit_changes += 1;
         e.cap_bytes = cap;
         tracing::info!(pid = self.pid, engine = %l.name, floor, cap, budget, "engine limits sent");
@@ -589,26 +612,36 @@ impl Library {
                 continue;
             }
             // The kernel's figure against the library's: the cap leaves
-            // room only for what the budget has left.
-            if let Some(books) = e.books {
-                let step = untracked_step(budget);
-                // Rounded up: the cap errs on the side of the budget. Up
-                // at once; down only half a step past the boundary, so
-                // memory wobbling at a boundary (threads mapping and
-                // unmapping) does not move the cap back and forth.
-                let raw = resident.saturating_sub(books.reserved_bytes);
-                let up = raw.div_ceil(step) * step;
-                let untracked = if up >= e.untracked_bytes
-                    || raw + step / 2 <= e.untracked_bytes.saturating_sub(step)
-                {
-                    up
-                } else {
-                    e.untracked_bytes
-                };
-                if e.untracked_bytes != untracked {
-                    e.untracked_bytes = untracked;
-                    self.send_limits(&l, out);
-                }
+            // room only for what the budget has left, and, for an engine
+            // past the Critical threshold of its share on a node, none for
+            // what it holds there beyond it.
+            let step = untracked_step(budget);
+            let untracked = e.books.map_or(e.untracked_bytes, |books| {
+                stepped(
+                    resident.saturating_sub(books.reserved_bytes),
+                    e.untracked_bytes,
+                    step,
+                )
+            });
+            let excess = stepped(
+                judged
+                    .iter()
+                    .map(|n| {
+                        n.resident_bytes.saturating_sub(
+                            (n.share_bytes as f64 * rules.thresholds.critical) as u64,
+                        )
+                    })
+                    .max()
+                    .unwrap_or(0),
+                e.node_excess_bytes,
+                step,
+            );
+            let untracked_moved = e.untracked_bytes != untracked;
+            let excess_moved = e.node_excess_bytes != excess;
+            e.untracked_bytes = untracked;
+            e.node_excess_bytes = excess;
+            if untracked_moved || excess_moved {
+                self.send_limits_if(&l, out, !untracked_moved);
             }
             let pid = self.pid;
             let Some(e) = self.engines.get_mut(&l.name) else {

@@ -1339,3 +1339,45 @@ fn engines_that_crowd_a_node_past_its_part_of_the_ceiling_give_way_by_what_they_
         [Pressure("vector", Warning), Purge("vector")]
     );
 }
+
+#[test]
+fn an_engine_past_critical_of_its_node_share_is_held_there_by_its_cap() {
+    use Msg::*;
+    // Query (256 MiB budget, 64 MiB floor) split evenly: 128 MiB per
+    // node. At 120 MiB on node 1 it is 4.8 MiB past the Critical threshold
+    // of its share there: its cap comes down by that, in whole steps of 4
+    // MiB (its budget / 64), so an engine a spill request does not reach
+    // (a pool that spills when refused) is held on the node by its
+    // library's refusals.
+    // (Vector's floor is its budget: it lends nothing.)
+    let config = Config::parse(
+        "database = \"t\"\nceiling = \"1GiB\"\n\
+         [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\nfloor = \"256MiB\"\n\
+         cpus = \"0\"\nnode_weights = [1, 1]\n\
+         [[engine]]\nname = \"query\"\nbudget = \"256MiB\"\nfloor = \"64MiB\"\n\
+         cpus = \"1\"\nnode_weights = [1, 1]\n",
+    )
+    .unwrap();
+    let rules = Rules::from_config(&config)
+        .on_nodes(&config, &two_nodes())
+        .unwrap();
+    let (mut w, _) = World::with_rules(rules, &["vector", "query"]);
+    let r = node_reading(&[("vector", [10, 0]), ("query", [0, 120])]);
+    assert_eq!(
+        w.tick_on(&r, None, None),
+        [
+            Limits("query", 64 * MIB, 248 * MIB),
+            Pressure("query", Critical),
+            Purge("query"),
+            Spill("query", 24 * MIB),
+        ]
+    );
+    assert_eq!(w.status().engines["query"].cap_bytes, 248 * MIB);
+    // Back under it: the cap is the budget again.
+    let r = node_reading(&[("vector", [10, 0]), ("query", [0, 90])]);
+    let sent = w.after(300).tick_on(&r, None, None);
+    assert!(
+        sent.contains(&Limits("query", 64 * MIB, 256 * MIB)),
+        "{sent:?}"
+    );
+}

@@ -246,7 +246,7 @@ fn per_node(summary: &Value, runs: &[Value]) -> String {
     let mut s = format!(
         "\nSpread over the NUMA nodes ({}): per node, the database's peak anonymous memory there (its cgroup's `memory.numa_stat`) / the node's share of the ceiling, MiB; \
          each placed engine's peak there / its share of its budget in force there, in brackets (the worst sample, with the same loan grace).\n\n\
-         | run | per node | engines per node | per node met |\n|---|---|---|---|\n",
+         | run | per node | engines per node | the agent | per node met |\n|---|---|---|---|---|\n",
         spread
             .iter()
             .filter_map(|p| Some(format!("{} on CPUs {}", p[0].as_str()?, p[1].as_str()?)))
@@ -287,8 +287,18 @@ fn per_node(summary: &Value, runs: &[Value]) -> String {
             })
             .collect::<Vec<_>>()
             .join("; ");
+        let crowded = v["crowded_nodes"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(n, c)| format!("node {n} crowded {c} times"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| "none crowded".to_owned());
         s.push_str(&format!(
-            "| {} | {nodes} | {engines} | {} |\n",
+            "| {} | {nodes} | {engines} | {crowded} | {} |\n",
             r["mode"].as_str().unwrap_or_default(),
             if v["met"] == true { "yes" } else { "no" }
         ));

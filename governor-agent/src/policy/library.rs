@@ -33,6 +33,8 @@ pub struct Library {
     /// Its `RLIMIT_MEMLOCK` as the agent raised it, or why it could not
     /// (None: no hot sets configured for its engines).
     pub(super) memlock: Option<Result<u64, String>>,
+    /// The nodes crowded at the last tick, and how often each became so.
+    crowded: (std::collections::BTreeSet<u32>, BTreeMap<u32, u64>),
 }
 
 /// What `status` shows of one library.
@@ -48,6 +50,10 @@ pub struct LibraryStatus {
     /// Why the agent could not raise it.
     #[serde(default)]
     pub memlock_error: Option<String>,
+    /// Per NUMA node, how often its engines crowded it past the Critical
+    /// threshold of its part of the ceiling (and were fitted to it).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub crowded_nodes: BTreeMap<u32, u64>,
 }
 
 /// What holds for the whole database at this tick.
@@ -97,8 +103,8 @@ fn judge_nodes(
 
 /// The nodes whose placed engines must give way, with the factor their
 /// shares there are fitted by: a node where what the kernel attributes to
-/// the process's engines has reached the Critical threshold of the node's
-/// part of the ceiling, while the engines' shares there add up to more
+/// the process (its engines, and its threads that are none's) has reached
+/// the Critical threshold of the node's part of the ceiling, while the engines' shares there add up to more
 /// than that part (budgets overcommit the ceiling, and an engine within
 /// its share can still fill the node). Each is then held to its share
 /// scaled down to fit (the node's part over the sum of the shares), so the
@@ -119,9 +125,12 @@ fn crowded_nodes(
                 Some(*budgets.get(engine)? as f64 * s.fraction)
             })
             .sum();
+        // Everything of the process on the node, its threads that are no
+        // engine's too.
         let held: u64 = process
             .engines
             .values()
+            .chain([&process.unattributed])
             .filter_map(|a| a.node_resident_bytes.get(node as usize).copied())
             .sum();
         if shares > room && held as f64 >= room * rules.thresholds.critical {
@@ -168,6 +177,7 @@ impl Library {
             engines,
             loans,
             memlock: None,
+            crowded: Default::default(),
         }
     }
 
@@ -199,6 +209,7 @@ impl Library {
                 .memlock
                 .as_ref()
                 .and_then(|r| r.as_ref().err().cloned()),
+            crowded_nodes: self.crowded.1.clone(),
         }
     }
 
@@ -560,6 +571,18 @@ impl Library {
             .map(|l| (l.name.clone(), self.budget(&l.name)))
             .collect();
         let crowded = crowded_nodes(rules, &budgets, process);
+        for &node in crowded.keys() {
+            if self.crowded.0.insert(node) {
+                *self.crowded.1.entry(node).or_default() += 1;
+                tracing::info!(
+                    pid = self.pid,
+                    node,
+                    fit = crowded[&node],
+                    "node crowded: its engines are held to their shares fitted to its part of the ceiling"
+                );
+            }
+        }
+        self.crowded.0.retain(|n| crowded.contains_key(n));
         for l in self.declared(rules) {
             let budget = self.budget(&l.name);
             let resident = resident(&l.name);

@@ -1327,6 +1327,7 @@ fn engines_that_crowd_a_node_past_its_part_of_the_ceiling_give_way_by_what_they_
     let status = w.status();
     let v0 = status.engines["vector"].nodes[0];
     assert_eq!((v0.node, v0.share_bytes), (0, 256 * MIB));
+    assert_eq!(status.crowded_nodes, [(0, 1)].into());
     // The same figures with room on the node (the ceiling twice as
     // large): nothing but the engines' own shares counts.
     let roomy = Config::parse(&text.replace("\"512MiB\"", "\"1GiB\"")).unwrap();

@@ -694,9 +694,14 @@ impl Harness {
             }
         };
         // Spread over the NUMA nodes: the same criteria on each node.
-        let (nodes_met, numa) = self.spread.as_ref().map_or((true, Value::Null), |s| {
+        let (nodes_met, mut numa) = self.spread.as_ref().map_or((true, Value::Null), |s| {
             judge_nodes(&timeline, s, ceiling, grace)
         });
+        if !numa.is_null() {
+            // How often the agent found a node crowded (its engines held
+            // to shares fitted to its part of the ceiling).
+            numa["crowded_nodes"] = last_client["crowded_nodes"].clone();
+        }
         let summary = json!({
             "mode": mode.name(),
             "ceiling_bytes": ceiling,

@@ -108,11 +108,14 @@ pub(super) struct EngineState {
     /// steps, as last taken off its cap.
     pub untracked_bytes: u64,
     /// What it holds on its worst node beyond the Critical threshold of
-    /// its share there (fitted, on a crowded node), in whole steps, as
-    /// last taken off its cap: an engine whose memory a spill request does
-    /// not reach (a pool that spills when refused) is held on the node by
-    /// its cap.
+    /// its share there (fitted, on a crowded node), in whole steps.
     pub node_excess_bytes: u64,
+    /// While it has a node excess: the cap that holds it (what it had
+    /// reserved when the excess grew, less the excess), so an engine whose
+    /// memory a spill request does not reach (a pool that spills when
+    /// refused) gives it back; far under its budget in all, a cap lowered
+    /// from the budget would not bind.
+    pub node_cap: Option<u64>,
     /// Under backpressure (an Emergency; not essential): the cap it is
     /// held to.
     pub held_to: Option<u64>,

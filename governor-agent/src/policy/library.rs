@@ -259,7 +259,10 @@ impl Library {
                 // it is doing (the ladder still spills it).
                 let corrected = budget
                     .saturating_sub(e.untracked_bytes)
-                    .saturating_sub(e.node_excess_bytes)
+                    .max(l.floor_bytes.min(budget));
+                let corrected = e
+                    .node_cap
+                    .map_or(corrected, |c| c.min(corrected))
                     .max(l.floor_bytes.min(budget));
                 let cap = e.held_to.map_or(corrected, |held| held.min(corrected));
                 (l.floor_bytes.min(cap), cap)
@@ -635,9 +638,9 @@ impl Library {
                 continue;
             }
             // The kernel's figure against the library's: the cap leaves
-            // room only for what the budget has left, and, for an engine
-            // past the Critical threshold of its share on a node, none for
-            // what it holds there beyond it.
+            // room only for what the budget has left; and an engine past
+            // the Critical threshold of its share on a node is held below
+            // what it has reserved by what it holds there beyond it.
             let step = untracked_step(budget);
             let untracked = e.books.map_or(e.untracked_bytes, |books| {
                 stepped(
@@ -659,11 +662,22 @@ impl Library {
                 e.node_excess_bytes,
                 step,
             );
+            // Held at what it has reserved less the excess, lowered again
+            // as the excess grows, let go once it is gone.
+            let reserved = e
+                .books
+                .map_or(resident.saturating_sub(untracked), |b| b.reserved_bytes);
+            let node_cap = match (excess, e.node_cap) {
+                (0, _) => None,
+                (x, Some(c)) if x <= e.node_excess_bytes => Some(c),
+                (x, c) => Some(c.unwrap_or(u64::MAX).min(reserved.saturating_sub(x))),
+            };
             let untracked_moved = e.untracked_bytes != untracked;
-            let excess_moved = e.node_excess_bytes != excess;
+            let node_moved = e.node_cap != node_cap;
             e.untracked_bytes = untracked;
             e.node_excess_bytes = excess;
-            if untracked_moved || excess_moved {
+            e.node_cap = node_cap;
+            if untracked_moved || node_moved {
                 self.send_limits_if(&l, out, !untracked_moved);
             }
             let pid = self.pid;

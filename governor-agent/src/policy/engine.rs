@@ -107,8 +107,10 @@ pub(super) struct EngineState {
     /// What the kernel sees it hold beyond its reservations, in whole
     /// steps, as last taken off its cap.
     pub untracked_bytes: u64,
-    /// What it holds on its worst node beyond the Critical threshold of
-    /// its share there (fitted, on a crowded node), in whole steps.
+    /// Once it passes the Critical threshold of its share on a node
+    /// (fitted, on a crowded node), what it holds on its worst node beyond
+    /// the restore point of its share there, in whole steps, until it is
+    /// back under it.
     pub node_excess_bytes: u64,
     /// While it has a node excess: the cap that holds it (what it had
     /// reserved when the excess grew, less the excess), so an engine whose

@@ -649,13 +649,20 @@ impl Library {
                     step,
                 )
             });
+            // Past the Critical threshold of its share on a node (fitted,
+            // on a crowded one), what it holds there beyond the restore
+            // point, as a spill's target; held so until it is back there.
+            let holding_back = e.node_cap.is_some();
             let excess = stepped(
                 judged
                     .iter()
                     .map(|n| {
-                        n.resident_bytes.saturating_sub(
-                            (n.share_bytes as f64 * rules.thresholds.critical) as u64,
-                        )
+                        let at = |f: f64| (n.share_bytes as f64 * f) as u64;
+                        if n.resident_bytes >= at(rules.thresholds.critical) || holding_back {
+                            n.resident_bytes.saturating_sub(at(rules.restore))
+                        } else {
+                            0
+                        }
                     })
                     .max()
                     .unwrap_or(0),

@@ -1345,11 +1345,11 @@ fn engines_that_crowd_a_node_past_its_part_of_the_ceiling_give_way_by_what_they_
 fn an_engine_past_critical_of_its_node_share_is_held_there_by_its_cap() {
     use Msg::*;
     // Query (256 MiB budget, 64 MiB floor) split evenly: 128 MiB per
-    // node. At 120 MiB on node 1 it is 4.8 MiB past the Critical threshold
-    // of its share there (8 MiB in whole steps of its budget / 64): its
-    // cap comes down to what it holds less that, far below its budget, so
-    // an engine a spill request does not reach (a pool that spills when
-    // refused) gives it back by its library's refusals.
+    // node. At 120 MiB on node 1 it is past the Critical threshold of its
+    // share there, 24 MiB beyond the restore point (96 MiB): its cap comes
+    // down to what it holds less that, far below its budget, so an engine
+    // a spill request does not reach (a pool that spills when refused)
+    // gives it back by its library's refusals.
     // (Vector's floor is its budget: it lends nothing.)
     let config = Config::parse(
         "database = \"t\"\nceiling = \"1GiB\"\n\
@@ -1367,16 +1367,21 @@ fn an_engine_past_critical_of_its_node_share_is_held_there_by_its_cap() {
     assert_eq!(
         w.tick_on(&r, None, None),
         [
-            Limits("query", 64 * MIB, 112 * MIB),
+            Limits("query", 64 * MIB, 96 * MIB),
             Pressure("query", Critical),
             Purge("query"),
             Spill("query", 24 * MIB),
         ]
     );
-    assert_eq!(w.status().engines["query"].cap_bytes, 112 * MIB);
+    assert_eq!(w.status().engines["query"].cap_bytes, 96 * MIB);
     // Still past it by the same: held where it is (no new limits).
     let sent = w.after(300).tick_on(&r, None, None);
     assert!(!sent.iter().any(|m| matches!(m, Limits(..))), "{sent:?}");
+    // Under Critical but not yet back at the restore point: still held.
+    let r = node_reading(&[("vector", [10, 0]), ("query", [0, 110])]);
+    let sent = w.after(300).tick_on(&r, None, None);
+    assert!(!sent.iter().any(|m| matches!(m, Limits(..))), "{sent:?}");
+    assert_eq!(w.status().engines["query"].cap_bytes, 96 * MIB);
     // Back under it: the cap is the budget again.
     let r = node_reading(&[("vector", [10, 0]), ("query", [0, 90])]);
     let sent = w.after(300).tick_on(&r, None, None);

@@ -244,7 +244,7 @@ fn per_node(summary: &Value, runs: &[Value]) -> String {
         return String::new();
     };
     let mut s = format!(
-        "\nSpread over the NUMA nodes ({}): per node, the database's peak anonymous memory there (its cgroup's `memory.numa_stat`) / the node's share of the ceiling, MiB; \
+        "\nSpread over the NUMA nodes ({}): per node, the database's peak anonymous memory there (its cgroup's `memory.numa_stat`) / the node's part of the ceiling, MiB (within it + 5% to meet the target, as budgets: the agent holds it, not the kernel); \
          each placed engine's peak there / its share of its budget in force there, in brackets (the worst sample, with the same loan grace).\n\n\
          | run | per node | engines per node | the agent | per node met |\n|---|---|---|---|---|\n",
         spread

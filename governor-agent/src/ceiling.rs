@@ -143,7 +143,6 @@ fn parse_u64(s: &str) -> Option<u64> {
     s.parse().ok()
 }
 
-/// The cgroup v1 memory hierarchy's mount point, if any.
 fn write(path: &Path, value: &str) -> Result<(), AgentError> {
     fs::write(path, value)
         .map_err(|e| AgentError::io(format!("writing {value:?} to {}", path.display()), e))

@@ -132,15 +132,6 @@ impl Cpuset {
         Ok(())
     }
 
-    /// The CPUs its threads may run on, as the kernel applies them.
-    pub fn effective_cpus(&self) -> Option<CpuList> {
-        let (v2, v1) = ("cpuset.cpus.effective", "cpuset.effective_cpus");
-        let text = read(&self.dir.join(v2))
-            .or_else(|_| read(&self.dir.join(v1)))
-            .ok()?;
-        CpuList::parse_kernel(&text).ok()
-    }
-
     pub fn status(&self) -> CpusetStatus {
         let effective = |v2: &str, v1: &str, own: &str| {
             read(&self.dir.join(v2))

@@ -44,6 +44,8 @@ impl Agent {
         let rules = Rules::from_config(&new)
             .on_nodes(&new, &crate::numa::machine_nodes())
             .map_err(crate::error::AgentError::from)?;
+        // First what the kernel may refuse whole (nothing else changed yet).
+        let cpuset_changed = self.reload_cpuset(&new)?;
         // Limits lowered below the charge make the kernel reclaim in the
         // writer's context: at the normal policy.
         let raised = self.raised();
@@ -60,7 +62,6 @@ impl Agent {
                 crate::sched::unraised(raised, || c.set_engine_high(&l.name, l.budget_bytes))?;
             }
         }
-        let cpuset_changed = self.reload_cpuset(&new)?;
         let actions = self.policy.reload(rules);
         // A failed raise is tried again (its cause may have been fixed).
         let rescheduled = new.realtime_priority != self.config.realtime_priority
@@ -79,9 +80,11 @@ impl Agent {
     /// The database's cpuset after a reload: changed in place (a section
     /// taken out leaves the parent's sets), or set up where there was none
     /// (every governed process put in it). Whether it changed. A set the
-    /// kernel refuses refuses the reload, nothing of the cpuset changed.
+    /// kernel refuses refuses the reload, nothing of the cpuset changed; an
+    /// unchanged section is left as it is (one the kernel could not apply
+    /// at start stays a warning in the status, not a refused reload).
     fn reload_cpuset(&mut self, new: &Config) -> Result<bool, ReloadError> {
-        if new.cpuset == self.config.cpuset && self.cpuset_error.is_none() {
+        if new.cpuset == self.config.cpuset {
             return Ok(false);
         }
         let raised = self.raised();

@@ -257,9 +257,7 @@ impl Library {
                 // Never below the floor, though: the floor is guaranteed,
                 // and an engine left no room at all could not finish what
                 // it is doing (the ladder still spills it).
-                let corrected = budget
-                    .saturating_sub(e.untracked_bytes)
-                    .max(l.floor_bytes.min(budget));
+                let corrected = budget.saturating_sub(e.untracked_bytes);
                 let corrected = e
                     .node_cap
                     .map_or(corrected, |c| c.min(corrected))

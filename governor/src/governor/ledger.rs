@@ -379,9 +379,9 @@ impl Ledger {
     /// Gives back `n` bytes of engine `i` charged to `node`. A node's books
     /// can be short of them: a pool that keeps its own books gives bytes
     /// back without their node (`Shared::give_back_any` takes them off the
-    /// releasing thread's node first), and a thread's unspent credit, charged to its
-    /// node, may come back there after such a release took that node's
-    /// bytes. What `node` lacks then comes off the engine's other nodes,
+    /// releasing thread's node first), and a thread's unspent credit,
+    /// charged to its node, may come back there after such a release took
+    /// that node's bytes. What `node` lacks then comes off the engine's other nodes,
     /// the last first: the engine's books stay whole, and no node's go
     /// below zero.
     pub(super) fn release(&mut self, i: usize, node: usize, n: u64) {

@@ -34,19 +34,28 @@ fn vector_on(cpu: u32) -> String {
     )
 }
 
-/// A hold-probe of the vector engine against `agent`: the probe, its pid
-/// and its engine thread's tid.
-fn vector_probe(agent: &Agent) -> (nodedb_governor_testkit::harness::Reaped, u32, u64) {
+/// A hold-probe of the vector engine against `agent`: the probe, its
+/// output (kept open: the probe prints on), its pid and its engine
+/// thread's tid.
+fn vector_probe(
+    agent: &Agent,
+) -> (
+    nodedb_governor_testkit::harness::Reaped,
+    JsonLines,
+    u32,
+    u64,
+) {
     let mut probe = agent.spawn_probe(
         env!("CARGO_BIN_EXE_hold-probe"),
         &["--mib", "4", "--stay"],
         Stdio::piped(),
     );
     let pid = probe.id();
-    let tid = JsonLines::of(&mut probe).next_value()["engine_tid"]
+    let mut lines = JsonLines::of(&mut probe);
+    let tid = lines.next_value()["engine_tid"]
         .as_u64()
         .expect("the engine thread's tid");
-    (probe, pid, tid)
+    (probe, lines, pid, tid)
 }
 
 /// The CPUs thread `tid` of `pid` may run on.
@@ -63,7 +72,7 @@ fn an_engines_threads_are_kept_to_its_cpus_and_moved_on_reload() {
     let cpus: Vec<u32> = online.cpus().collect();
     let (first, last) = (cpus[0], *cpus.last().unwrap());
     let agent = super::start_agent_with("", &vector_on(first));
-    let (mut probe, pid, tid) = vector_probe(&agent);
+    let (mut probe, _lines, pid, tid) = vector_probe(&agent);
     let one = |c: u32| -> CpuList { c.to_string().parse().unwrap() };
     // Placed, and kept to its engine's CPU; the process's other threads
     // (not the engine's) are left where they were.
@@ -146,7 +155,7 @@ fn the_database_is_kept_to_its_cpuset_changed_and_let_go_on_reload() {
     assert_eq!(cs["effective_cpus"], pair.to_string(), "{status:#}");
     assert_eq!(cs["effective_mems"], node.to_string(), "{status:#}");
     assert!(status["cpuset_error"].is_null(), "{status:#}");
-    let (mut probe, pid, tid) = vector_probe(&agent);
+    let (mut probe, _lines, pid, tid) = vector_probe(&agent);
     let main = u64::from(pid);
     // The whole process is in the cpuset: its main thread (no engine's)
     // runs on the database's CPUs and allocates on its node; the engine's

@@ -32,7 +32,7 @@ use std::{
 use anyhow::{Context, bail};
 use clap::Parser;
 use nodedb_governor::{
-    Budget, EngineId, MemoryGovernor, NumaPolicy, SpillConfig, SpillController, Topology,
+    Budget, EngineId, MemoryGovernor, SpillConfig, SpillController,
     arena::EngineArenas,
     control::{AgentLink, LinkConfig},
 };
@@ -108,31 +108,6 @@ struct Args {
     /// Keys the rows are drawn from (8M rows over 16M keys: 6.3M groups).
     #[arg(long, default_value_t = 16_000_000)]
     keys: u64,
-    /// An engine's NUMA policy, `ENGINE=POLICY` (`strict`, `prefer-local`,
-    /// `interleave`; repeatable): on a machine of two nodes or more, the
-    /// budget is split over the nodes (by their memory) and the engine's
-    /// reservations charged to its thread's node by that policy; `strict`
-    /// refuses one when the engine's share of that node is used, and the
-    /// engine spills. Nothing on one node.
-    #[arg(long = "numa", value_parser = parse_numa)]
-    numa: Vec<(EngineId, NumaPolicy)>,
-}
-
-fn parse_numa(s: &str) -> Result<(EngineId, NumaPolicy), String> {
-    let (engine, policy) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?} is not ENGINE=POLICY"))?;
-    let id = ENGINES
-        .iter()
-        .find(|(n, _)| *n == engine)
-        .map(|(_, id)| *id)
-        .ok_or_else(|| {
-            format!(
-                "unknown engine {engine:?}: {}",
-                ENGINES.map(|(n, _)| n).join(", ")
-            )
-        })?;
-    Ok((id, policy.parse()?))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -142,14 +117,6 @@ fn main() -> anyhow::Result<()> {
     let mut budget = Budget::builder(1 << 40);
     for (_, id) in ENGINES {
         budget = budget.engine(id, 0, 1 << 40);
-    }
-    let topology = Topology::detect().context("the NUMA nodes")?;
-    let numa = !args.numa.is_empty() && topology.nodes().len() > 1;
-    if numa {
-        budget = budget.numa(topology);
-        for (id, policy) in &args.numa {
-            budget = budget.engine_numa(*id, *policy, None);
-        }
     }
     let governor = MemoryGovernor::new(budget.build()?);
     let arenas = Arc::new(EngineArenas::create(&ENGINES.map(|(_, e)| e))?);
@@ -345,17 +312,7 @@ fn main() -> anyhow::Result<()> {
     let usage: Vec<_> = governor
         .usages()
         .into_iter()
-        .map(|u| {
-            let mut e = json!({"engine": format!("{:?}", u.engine).to_lowercase(), "cap_bytes": u.cap_bytes, "rejections": u.rejections});
-            // Per node, where the budget is split over the nodes.
-            if numa && let Ok(nodes) = governor.node_usage(u.engine) {
-                e["nodes"] = nodes
-                    .iter()
-                    .map(|n| json!({"node": n.node, "rejections": n.rejections, "remote_bytes": n.remote_bytes}))
-                    .collect();
-            }
-            e
-        })
+        .map(|u| json!({"engine": format!("{:?}", u.engine).to_lowercase(), "cap_bytes": u.cap_bytes, "rejections": u.rejections}))
         .collect();
     let ok =
         t["correct"] == true && q["correct"] == true && v["recall_at_10"].as_f64() >= Some(0.8);

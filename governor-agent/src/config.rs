@@ -326,6 +326,95 @@ impl LendingConfig {
     }
 }
 
+/// What the control socket allows its clients (`[control]`): how many may
+/// be connected, and how long a silent one is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Connections open at once, in all (one more is refused and closed
+    /// at once).
+    #[serde(default = "d_max_connections")]
+    pub max_connections: u32,
+    /// Connections open at once from one uid (root's included).
+    #[serde(default = "d_max_connections_per_uid")]
+    pub max_connections_per_uid: u32,
+    /// A connection that has not said hello within this is closed.
+    #[serde(default = "d_hello_timeout_ms")]
+    pub hello_timeout_ms: u64,
+    /// A welcomed library that has sent nothing for this long is
+    /// disconnected (a library reports at least every 5 s).
+    #[serde(default = "d_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+}
+
+fn d_max_connections() -> u32 {
+    1024
+}
+fn d_max_connections_per_uid() -> u32 {
+    128
+}
+fn d_hello_timeout_ms() -> u64 {
+    5_000
+}
+fn d_idle_timeout_ms() -> u64 {
+    60_000
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: d_max_connections(),
+            max_connections_per_uid: d_max_connections_per_uid(),
+            hello_timeout_ms: d_hello_timeout_ms(),
+            idle_timeout_ms: d_idle_timeout_ms(),
+        }
+    }
+}
+
+impl ControlConfig {
+    /// The least `idle_timeout_ms`: two of the library's report
+    /// heartbeats, so a library that is only quiet is never cut off.
+    pub const MIN_IDLE_TIMEOUT_MS: u64 =
+        2 * nodedb_governor::control::link::REPORT_HEARTBEAT.as_millis() as u64;
+
+    /// The field that is out of range, and why.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(1..=65_536).contains(&self.max_connections) {
+            return Err((
+                "control.max_connections",
+                format!("{} is outside 1..=65536", self.max_connections),
+            ));
+        }
+        if !(1..=self.max_connections).contains(&self.max_connections_per_uid) {
+            return Err((
+                "control.max_connections_per_uid",
+                format!(
+                    "{} is outside 1..=max_connections ({})",
+                    self.max_connections_per_uid, self.max_connections
+                ),
+            ));
+        }
+        if !(100..=600_000).contains(&self.hello_timeout_ms) {
+            return Err((
+                "control.hello_timeout_ms",
+                format!("{} is outside 100..=600000", self.hello_timeout_ms),
+            ));
+        }
+        if !(Self::MIN_IDLE_TIMEOUT_MS..=86_400_000).contains(&self.idle_timeout_ms) {
+            return Err((
+                "control.idle_timeout_ms",
+                format!(
+                    "{} is outside {}..=86400000 (a library reports every {} ms at least)",
+                    self.idle_timeout_ms,
+                    Self::MIN_IDLE_TIMEOUT_MS,
+                    Self::MIN_IDLE_TIMEOUT_MS / 2
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Pressure thresholds, as fractions of a budget (or of the ceiling).
 #[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -424,6 +513,9 @@ pub struct Config {
     /// Uids allowed on the control socket (root always is).
     #[serde(default)]
     pub allowed_uids: Vec<u32>,
+    /// Connection limits and timeouts of the control socket.
+    #[serde(default)]
+    pub control: ControlConfig,
     /// Delegates the multi-engine processes' cgroups (`shared/` and its
     /// engine cgroups) to this uid, the database's user: its libraries then
     /// move their threads into their engines themselves. Must be in
@@ -734,6 +826,9 @@ impl Config {
                 "engine.floor",
                 format!("the floors add up to {floors} bytes, above the ceiling ({ceiling})"),
             ));
+        }
+        if let Err((field, reason)) = self.control.validate() {
+            return Err(err(field, reason));
         }
         if let Err((field, reason)) = self.lending.rules().validate() {
             let field = match field {
@@ -1234,6 +1329,28 @@ mod tests {
             (
                 format!("{HEAD}[lending]\nidle_ms = 5\n{ENGINE}"),
                 "`idle_ms`",
+            ),
+            (
+                format!("{HEAD}[control]\nmax_connections = 0\n{ENGINE}"),
+                "control.max_connections",
+            ),
+            (
+                format!(
+                    "{HEAD}[control]\nmax_connections = 8\nmax_connections_per_uid = 9\n{ENGINE}"
+                ),
+                "control.max_connections_per_uid",
+            ),
+            (
+                format!("{HEAD}[control]\nhello_timeout_ms = 10\n{ENGINE}"),
+                "control.hello_timeout_ms",
+            ),
+            (
+                format!("{HEAD}[control]\nidle_timeout_ms = 5000\n{ENGINE}"),
+                "control.idle_timeout_ms",
+            ),
+            (
+                format!("{HEAD}[control]\nbacklog = 5\n{ENGINE}"),
+                "`backlog`",
             ),
             (
                 format!("{HEAD}allowed_uids = [\"root\"]\n{ENGINE}"),

@@ -19,6 +19,10 @@ pub enum AgentError {
     TraceFormat { event: String, reason: String },
     #[error("no process with pid {pid}")]
     NoSuchProcess { pid: u32 },
+    #[error(
+        "the process that connected (pid {pid}) has exited: this connection no longer speaks for a process (pid {pid} is no one's now, or another process's)"
+    )]
+    PeerGone { pid: u32 },
     #[error("thread {tid} does not belong to process {pid}")]
     NoSuchThread { pid: u32, tid: u32 },
     #[error("unknown engine `{name}` (configured engines: {known})")]
@@ -66,6 +70,8 @@ impl AgentError {
 pub enum HelloError {
     #[error("the first message must be hello")]
     NotHello,
+    #[error("uid {uid} is not allowed on the control socket (see allowed_uids in the config)")]
+    UidNotAllowed { uid: u32 },
     #[error("protocol version {got} is not supported (this agent speaks {speaks})")]
     Version { got: u32, speaks: u32 },
     #[error("database {got:?} is not governed here (this agent governs {governs:?})")]

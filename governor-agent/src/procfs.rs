@@ -21,10 +21,36 @@ impl RssBreakdown {
 }
 
 fn read(pid: u32, file: &str) -> Result<String, AgentError> {
-    fs::read_to_string(format!("/proc/{pid}/{file}")).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => AgentError::NoSuchProcess { pid },
-        _ => AgentError::io(format!("reading /proc/{pid}/{file}"), e),
-    })
+    fs::read_to_string(format!("/proc/{pid}/{file}")).map_err(|e| gone_or(pid, file, e))
+}
+
+/// A failed read of `/proc/<pid>/<file>`: the process is gone (no such
+/// entry, or it exited while read), or it could not be read (out of
+/// descriptors, say), which says nothing of whether it lives.
+fn gone_or(pid: u32, file: &str, e: std::io::Error) -> AgentError {
+    if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) {
+        AgentError::NoSuchProcess { pid }
+    } else {
+        AgentError::io(format!("reading /proc/{pid}/{file}"), e)
+    }
+}
+
+/// Whether the process `pid` that started at `start_time` still runs.
+#[derive(Debug)]
+pub enum Liveness {
+    Alive,
+    /// Exited (its pid may be another process's now).
+    Gone,
+    /// `/proc` could not be read: not known.
+    Unknown(AgentError),
+}
+
+pub fn liveness(pid: u32, started: u64) -> Liveness {
+    match start_time(pid) {
+        Ok(t) if t == started => Liveness::Alive,
+        Ok(_) | Err(AgentError::NoSuchProcess { .. }) => Liveness::Gone,
+        Err(e) => Liveness::Unknown(e),
+    }
 }
 
 /// Parses the `kB` fields of a status file.
@@ -101,6 +127,54 @@ pub fn effective_caps() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Out of descriptors, `/proc` cannot be read: a process is then
+    /// not known to be gone (the agent once forgot every governed process
+    /// this way). Run in a child of the test binary, whose descriptor
+    /// limit it lowers.
+    #[test]
+    fn a_process_proc_cannot_read_is_unknown_not_gone() {
+        const CHILD: &str = "NODEDB_PROCFS_FD_CHILD";
+        let me = std::process::id();
+        let started = start_time(me).unwrap();
+        if std::env::var_os(CHILD).is_some() {
+            assert!(matches!(liveness(me, started), Liveness::Alive));
+            let limit = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            // SAFETY: a valid rlimit for this process.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+            let mut held = Vec::new();
+            while let Ok(f) = fs::File::open("/dev/null") {
+                held.push(f);
+            }
+            match liveness(me, started) {
+                Liveness::Unknown(e) => assert!(e.to_string().contains("/stat"), "{e}"),
+                other => panic!("out of descriptors, liveness said {other:?}"),
+            }
+            assert!(matches!(liveness(me, started + 1), Liveness::Unknown(_)));
+            drop(held);
+            assert!(matches!(liveness(me, started + 1), Liveness::Gone));
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "procfs::tests::a_process_proc_cannot_read_is_unknown_not_gone",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "the child failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // And a pid no process has is gone.
+        assert!(matches!(liveness(u32::MAX >> 2, 1), Liveness::Gone));
+    }
 
     #[test]
     fn parses_status_kb_fields() {

@@ -89,6 +89,12 @@ impl Agent {
     }
 }
 
+/// This process's uid: the test plays the agent.
+fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// A link on `governor` for `engines` (their names on the wire), set up
 /// by `with`, and the agent's end of it, played by the test on `socket`:
 /// returned once the link is welcomed.
@@ -102,7 +108,10 @@ fn welcomed(
     let listener = UnixListener::bind(socket).unwrap();
     let link = with(AgentLink::builder(
         governor,
-        LinkConfig::new(socket, "nodedb", engines),
+        LinkConfig {
+            agent_uid: Some(euid()),
+            ..LinkConfig::new(socket, "nodedb", engines)
+        },
     ))
     .start()
     .unwrap();
@@ -420,4 +429,278 @@ fn limits_below_what_an_engine_holds_apply_once_it_frees_on_its_own() {
     go.send(()).unwrap();
     drop(link);
     let _ = fs::remove_dir_all(&d);
+}
+
+/// A socket path of `name` in a directory of its own (the other tests
+/// remove theirs when they end).
+fn own_socket(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("link-{}-{name}", std::process::id()));
+    fs::create_dir_all(&d).unwrap();
+    d.join("agent.sock")
+}
+
+/// Bytes the other end has sent to `s` that it has not read yet.
+fn unread(s: &UnixStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(r, 0);
+    n as usize
+}
+
+/// Runs `f` on a thread of its own and says whether it returned within
+/// `within` (the thread is left behind if not: the test fails anyway).
+fn returns_within(within: Duration, f: impl FnOnce() + Send + 'static) -> bool {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(within).is_ok()
+}
+
+/// A link whose books change all the time (a thread reserves and frees),
+/// so it writes a report at every tick, to an agent that welcomes it and
+/// then reads nothing: returned once the link's writes are blocked (the
+/// agent's end holds what it has not read, and it no longer grows).
+fn stalled_agent(
+    socket: &std::path::Path,
+    write_timeout: Duration,
+) -> (
+    AgentLink,
+    UnixListener,
+    UnixStream,
+    Arc<std::sync::atomic::AtomicBool>,
+) {
+    let governor = MemoryGovernor::new(
+        Budget::builder(256 * MIB)
+            .engine(EngineId::Query, 0, 256 * MIB)
+            .build()
+            .unwrap(),
+    );
+    let _ = fs::remove_file(socket);
+    let listener = UnixListener::bind(socket).unwrap();
+    let link = AgentLink::builder(
+        &governor,
+        LinkConfig {
+            report_interval: Duration::from_millis(1),
+            write_timeout,
+            agent_uid: Some(euid()),
+            ..LinkConfig::new(socket, "nodedb", &[("query", EngineId::Query)])
+        },
+    )
+    .start()
+    .unwrap();
+    let (stream, _) = listener.accept().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut agent = Agent {
+        stream,
+        decoder: Decoder::new(),
+    };
+    agent.wait_for(|m| matches!(m, ToAgent::Hello { .. }));
+    agent.send(&ToLibrary::Welcome {
+        version: wire::VERSION,
+        engine_cgroups: Default::default(),
+    });
+    assert!(link.wait_connected(Duration::from_secs(10)));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = stop.clone();
+    std::thread::spawn(move || {
+        let mut n = 1u64;
+        let mut held = None;
+        while !churn.load(std::sync::atomic::Ordering::Relaxed) {
+            drop(held.take());
+            held = governor
+                .try_reserve(EngineId::Query, (n % 50 + 1) * MIB)
+                .ok();
+            n += 1;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = (0, Instant::now());
+    loop {
+        let now = unread(&agent.stream);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if now > 0 && last.1.elapsed() > Duration::from_millis(500) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the link's writes never blocked ({now} bytes unread)"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (link, listener, agent.stream, stop)
+}
+
+#[test]
+fn dropping_the_link_does_not_wait_on_an_agent_that_stopped_reading() {
+    let socket = own_socket("stalled-drop");
+    // A write timeout longer than any test: only the shutdown on drop can
+    // free the blocked write.
+    let (link, _listener, _agent, stop) = stalled_agent(&socket, Duration::from_secs(3600));
+    assert!(
+        returns_within(Duration::from_secs(10), move || drop(link)),
+        "dropping the link hung on its blocked write"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[test]
+fn a_write_the_agent_does_not_read_times_out_and_the_link_connects_again() {
+    let socket = own_socket("stalled-write");
+    let (link, listener, _agent, stop) = stalled_agent(&socket, Duration::from_millis(300));
+    // The blocked write gives up, and the link connects again.
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let second = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the link did not connect again: {:?}",
+                    link.stats()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("accepting: {e}"),
+        }
+    };
+    second.set_nonblocking(false).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut agent = Agent {
+        stream: second,
+        decoder: Decoder::new(),
+    };
+    agent.wait_for(|m| matches!(m, ToAgent::Hello { .. }));
+    let stats = link.stats();
+    assert_eq!(stats.connects, 1, "welcomed once so far");
+    let e = stats.last_error.unwrap_or_default();
+    assert!(
+        e.contains("timed out")
+            || e.contains("temporarily unavailable")
+            || e.contains("would block"),
+        "{e}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[test]
+fn a_socket_another_uid_listens_on_is_refused() {
+    let socket = own_socket("foreign");
+    let _ = fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let governor = MemoryGovernor::new(
+        Budget::builder(64 * MIB)
+            .engine(EngineId::Query, 0, 64 * MIB)
+            .build()
+            .unwrap(),
+    );
+    let link = AgentLink::builder(
+        &governor,
+        LinkConfig {
+            agent_uid: Some(euid().wrapping_add(1)),
+            ..LinkConfig::new(&socket, "nodedb", &[("query", EngineId::Query)])
+        },
+    )
+    .start()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let e = loop {
+        if let Some(e) = link.stats().last_error {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no error from the link");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        e.contains(&format!(
+            "runs as uid {}, not the agent's uid {}",
+            euid(),
+            euid().wrapping_add(1)
+        )),
+        "{e}"
+    );
+    // Nothing was said to it: the connection was closed before the hello.
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert!(
+        got.is_empty(),
+        "the link wrote {} bytes to a foreign listener",
+        got.len()
+    );
+    assert!(!link.stats().connected);
+}
+
+#[test]
+fn an_agent_that_does_not_accept_holds_up_neither_the_link_nor_its_drop() {
+    use std::os::{fd::AsRawFd, unix::ffi::OsStrExt};
+    let socket = own_socket("full");
+    let _ = fs::remove_file(&socket);
+    // A listener with no room in its queue (backlog 0, one connection
+    // waiting in it), as an agent stopped with its socket open.
+    // SAFETY: plain socket calls on a descriptor this test owns.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+    assert!(fd >= 0);
+    // SAFETY: as above.
+    let listener = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: zeroed sockaddr_un, filled within bounds.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, b) in addr.sun_path.iter_mut().zip(socket.as_os_str().as_bytes()) {
+        *d = *b as libc::c_char;
+    }
+    // SAFETY: a valid address of the size given.
+    let bound = unsafe {
+        libc::bind(
+            listener.as_raw_fd(),
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(bound, 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    let _waiting = UnixStream::connect(&socket).unwrap();
+    let governor = MemoryGovernor::new(
+        Budget::builder(64 * MIB)
+            .engine(EngineId::Query, 0, 64 * MIB)
+            .build()
+            .unwrap(),
+    );
+    let link = AgentLink::builder(
+        &governor,
+        LinkConfig {
+            agent_uid: Some(euid()),
+            ..LinkConfig::new(&socket, "nodedb", &[("query", EngineId::Query)])
+        },
+    )
+    .start()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let e = loop {
+        if let Some(e) = link.stats().last_error {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no error from the link");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(e.contains("listen queue is full"), "{e}");
+    assert!(
+        returns_within(Duration::from_secs(10), move || drop(link)),
+        "dropping the link hung"
+    );
 }

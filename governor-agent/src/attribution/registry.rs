@@ -318,7 +318,9 @@ impl Attribution {
     }
 
     /// Forgets processes that have exited (or whose pid was reused), and
-    /// returns their pids.
+    /// returns their pids. A process `/proc` cannot tell of (out of
+    /// descriptors, say) is kept: not known to be gone is not gone. One
+    /// without a pidfd (none could be opened) is given one when it can.
     pub fn reap_exited(&mut self) -> Vec<u32> {
         // Those with a pidfd: one poll for all of them (readable: exited).
         let polled: Vec<(u32, libc::pollfd)> = self
@@ -339,15 +341,23 @@ impl Attribution {
         let (pids, mut fds): (Vec<u32>, Vec<libc::pollfd>) = polled.into_iter().unzip();
         // SAFETY: `fds` is a live array of `fds.len()` pollfds; zero timeout.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+        let mut unknown = 0;
+        let mut gone_by_proc = |p: &TrackedProcess| match procfs::liveness(p.pid, p.start_time) {
+            procfs::Liveness::Alive => false,
+            procfs::Liveness::Gone => true,
+            procfs::Liveness::Unknown(e) => {
+                unknown += 1;
+                if unknown == 1 {
+                    tracing::warn!(pid = p.pid, error = %e, "cannot tell whether a governed process still runs: kept");
+                }
+                false
+            }
+        };
         let mut gone: Vec<u32> = if ready < 0 {
             // Cannot tell this way: every one is checked through /proc.
             pids.iter()
+                .filter(|pid| self.procs.get(pid).is_some_and(&mut gone_by_proc))
                 .copied()
-                .filter(|pid| {
-                    self.procs
-                        .get(pid)
-                        .is_some_and(|p| procfs::start_time(*pid).ok() != Some(p.start_time))
-                })
                 .collect()
         } else {
             pids.iter()
@@ -361,9 +371,14 @@ impl Attribution {
             self.procs
                 .values()
                 .filter(|p| p.pidfd.is_none())
-                .filter(|p| procfs::start_time(p.pid).ok() != Some(p.start_time))
+                .filter(|p| gone_by_proc(p))
                 .map(|p| p.pid),
         );
+        for p in self.procs.values_mut() {
+            if p.pidfd.is_none() && !gone.contains(&p.pid) {
+                p.pidfd = open_pidfd(p.pid, p.start_time);
+            }
+        }
         for pid in &gone {
             self.forget_process(*pid);
         }

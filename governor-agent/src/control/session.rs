@@ -1,21 +1,53 @@
-//! One library connection: peer credentials checked against the
-//! allow-list, then the hello, then messages until it ends. Bad frames are
-//! answered with an error; only an oversized frame (the stream cannot be
-//! resynchronised) or a refused hello ends the connection.
+//! One library connection: counted against the socket's limits, peer
+//! credentials checked against the allow-list, then the hello (within
+//! `hello_timeout_ms`), then messages until it ends (a welcomed library
+//! silent for `idle_timeout_ms` is disconnected). Bad frames are answered
+//! with an error; only an oversized frame (the stream cannot be
+//! resynchronised) or a refused hello ends the connection. The peer's pid
+//! is tied to its start time, so a connection that outlives its process
+//! never speaks for another process given the same pid.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use nodedb_governor::control::wire::{self, Decoder, ToAgent, ToLibrary};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{UnixStream, unix::OwnedReadHalf},
-    sync::{mpsc, oneshot, watch},
+    sync::{Notify, mpsc, oneshot, watch},
+    time::Instant,
 };
 
-use crate::{config::Config, owner::Input, policy::SessionId};
+use super::{Counted, OUTBOUND_QUEUE, Outbound, WRITE_TIMEOUT};
+use crate::{
+    config::{Config, ControlConfig},
+    owner::{Input, Peer},
+    policy::SessionId,
+};
+
+/// Connections turned away at the limit in all (logged at 1, 2, 4, 8, ...
+/// so a flood does not flood the log).
+static TURNED_AWAY: AtomicU64 = AtomicU64::new(0);
+
+/// A connection past `control.max_connections`: told why (if it can be
+/// written at once) and closed, holding nothing.
+pub(super) async fn turn_away(mut stream: UnixStream, why: String) {
+    let n = TURNED_AWAY.fetch_add(1, Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        tracing::warn!(turned_away = n, %why, "control connection refused");
+    }
+    let frame = wire::encode(&ToLibrary::Error { message: why });
+    let _ = tokio::time::timeout(Duration::from_millis(100), stream.write_all(&frame)).await;
+}
 
 pub(super) async fn run(
     stream: UnixStream,
+    mut counted: Counted,
     session: SessionId,
     owner: mpsc::Sender<Input>,
     config: watch::Receiver<Arc<Config>>,
@@ -28,39 +60,79 @@ pub(super) async fn run(
         }
     };
     let uid = cred.uid();
+    let (limits, allowed) = {
+        let c = config.borrow();
+        (c.control, c.uid_allowed(uid))
+    };
     let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<ToLibrary>();
+    let (tx, mut rx) = mpsc::channel::<ToLibrary>(OUTBOUND_QUEUE);
+    let close = Arc::new(Notify::new());
+    let out = Outbound {
+        tx,
+        close: close.clone(),
+        uid,
+    };
+    let writer_close = close.clone();
     let writer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
-            if wr.write_all(&wire::encode(&m)).await.is_err() {
-                break;
+            match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&wire::encode(&m))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        uid,
+                        "a library has not read its messages for {} s: disconnected",
+                        WRITE_TIMEOUT.as_secs()
+                    );
+                    break;
+                }
             }
         }
+        // Nothing more reaches the library: its session ends too.
+        writer_close.notify_one();
     });
     let refuse = |message: String| {
         tracing::warn!(uid, %message, "control connection refused");
-        let _ = tx.send(ToLibrary::Error { message });
+        out.send(ToLibrary::Error { message });
     };
-    let allowed = config.borrow().uid_allowed(uid);
-    let pid = cred.pid().and_then(|p| u32::try_from(p).ok());
-    match (allowed, pid) {
-        (false, _) => {
-            refuse(format!(
-                "uid {uid} is not allowed on the control socket (see allowed_uids in the config)"
-            ));
-            linger(&mut rd).await;
-        }
-        (true, None) => {
-            refuse("the peer's pid is unknown".into());
-            linger(&mut rd).await;
-        }
-        (true, Some(pid)) => {
-            converse(&owner, &mut rd, &tx, session, pid, uid).await;
-            let _ = owner.send(Input::Disconnected { session }).await;
+    let peer = cred
+        .pid()
+        .and_then(|p| u32::try_from(p).ok())
+        .map(|pid| (pid, crate::procfs::start_time(pid)));
+    if let Err(why) = counted.as_uid(uid, limits.max_connections_per_uid) {
+        refuse(why);
+    } else if !allowed {
+        refuse(format!(
+            "uid {uid} is not allowed on the control socket (see allowed_uids in the config)"
+        ));
+        linger(&mut rd).await;
+    } else {
+        match peer {
+            None => {
+                refuse("the peer's pid is unknown".into());
+                linger(&mut rd).await;
+            }
+            Some((pid, Err(e))) => {
+                refuse(format!("the peer's process {pid}: {e}"));
+                linger(&mut rd).await;
+            }
+            Some((pid, Ok(start_time))) => {
+                let peer = Peer {
+                    pid,
+                    start_time,
+                    uid,
+                };
+                tokio::select! {
+                    () = converse(&owner, &mut rd, &out, session, peer, limits) => {}
+                    () = close.notified() => {}
+                }
+                let _ = owner.send(Input::Disconnected { session }).await;
+            }
         }
     }
-    drop(tx);
+    drop(out);
     let _ = writer.await;
+    drop(counted);
 }
 
 /// A refused peer may still be writing its hello: read (and drop) a
@@ -83,27 +155,49 @@ async fn linger(rd: &mut OwnedReadHalf) {
 async fn converse(
     owner: &mpsc::Sender<Input>,
     rd: &mut OwnedReadHalf,
-    tx: &mpsc::UnboundedSender<ToLibrary>,
+    out: &Outbound,
     session: SessionId,
-    pid: u32,
-    uid: u32,
+    peer: Peer,
+    limits: ControlConfig,
 ) {
+    let Peer { pid, uid, .. } = peer;
     let mut decoder = Decoder::new();
     let mut buf = vec![0u8; 16 * 1024];
     let mut welcomed = false;
+    let hello_by = Instant::now() + Duration::from_millis(limits.hello_timeout_ms);
+    let idle = Duration::from_millis(limits.idle_timeout_ms);
     let reply_error = |message: String| {
         tracing::warn!(pid, uid, %message, "bad control message");
-        let _ = tx.send(ToLibrary::Error { message });
+        out.send(ToLibrary::Error { message });
     };
     loop {
-        match rd.read(&mut buf).await {
-            Ok(0) | Err(_) => {
+        let by = if welcomed {
+            Instant::now() + idle
+        } else {
+            hello_by
+        };
+        match tokio::time::timeout_at(by, rd.read(&mut buf)).await {
+            Err(_) => {
+                reply_error(if welcomed {
+                    format!(
+                        "nothing heard for {} ms (control.idle_timeout_ms): disconnected",
+                        limits.idle_timeout_ms
+                    )
+                } else {
+                    format!(
+                        "no hello within {} ms (control.hello_timeout_ms)",
+                        limits.hello_timeout_ms
+                    )
+                });
+                return;
+            }
+            Ok(Ok(0) | Err(_)) => {
                 if let Err(e) = decoder.finish() {
                     reply_error(e.to_string());
                 }
                 return;
             }
-            Ok(n) => decoder.push(&buf[..n]),
+            Ok(Ok(n)) => decoder.push(&buf[..n]),
         }
         while let Some(m) = decoder.next_message::<ToAgent>() {
             let m = match m {
@@ -129,9 +223,8 @@ async fn converse(
             let (reply, answer) = oneshot::channel();
             let input = Input::Hello {
                 session,
-                pid,
-                uid,
-                tx: tx.clone(),
+                peer,
+                out: out.clone(),
                 hello: m,
                 reply,
             };

@@ -40,17 +40,25 @@ use crate::{
 };
 use nodedb_governor::control::wire::{ToAgent, ToLibrary};
 
+/// A library's process as it connected: its pid with its start time
+/// (which tell it from a later process given the same pid), and its uid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub pid: u32,
+    pub start_time: u64,
+    pub uid: u32,
+}
+
 /// What the other tasks ask of the owner.
 #[derive(Debug)]
 pub enum Input {
     /// A library's hello (its peer credentials already checked against
     /// the allow-list). Answered with the outcome; on success its
-    /// messages go to `tx`.
+    /// messages go to `out`.
     Hello {
         session: SessionId,
-        pid: u32,
-        uid: u32,
-        tx: mpsc::UnboundedSender<ToLibrary>,
+        peer: Peer,
+        out: crate::control::Outbound,
         hello: ToAgent,
         reply: oneshot::Sender<Result<(), HelloError>>,
     },
@@ -94,8 +102,8 @@ pub struct Agent {
     psi: Option<PsiMonitor>,
     psi_error: Option<String>,
     policy: Policy,
-    /// Each welcomed library's outbound channel.
-    sessions: BTreeMap<SessionId, mpsc::UnboundedSender<ToLibrary>>,
+    /// Each welcomed library's process and outbound queue.
+    sessions: BTreeMap<SessionId, (Peer, crate::control::Outbound)>,
     /// Processes of engines that run as processes of their own, and the
     /// engine.
     own: BTreeMap<u32, String>,
@@ -260,13 +268,12 @@ impl Agent {
         match input {
             Input::Hello {
                 session,
-                pid,
-                uid,
-                tx,
+                peer,
+                out,
                 hello,
                 reply,
             } => {
-                let result = self.hello(session, pid, uid, tx, hello);
+                let result = self.hello(session, peer, out, hello);
                 let _ = reply.send(result);
             }
             Input::Message { session, message } => {
@@ -305,8 +312,8 @@ impl Agent {
     fn send(&self, session: SessionId, message: ToLibrary) {
         // A closed channel means the connection is going away; its session
         // says so with `Disconnected`.
-        if let Some(tx) = self.sessions.get(&session) {
-            let _ = tx.send(message);
+        if let Some((_, out)) = self.sessions.get(&session) {
+            out.send(message);
         }
     }
 
@@ -354,19 +361,24 @@ impl Agent {
     fn hello(
         &mut self,
         session: SessionId,
-        pid: u32,
-        uid: u32,
-        tx: mpsc::UnboundedSender<ToLibrary>,
+        peer: Peer,
+        out: crate::control::Outbound,
         hello: ToAgent,
     ) -> Result<(), HelloError> {
+        let Peer { pid, uid, .. } = peer;
+        // Checked at connect; again here, for a reload in between.
+        if !self.config.uid_allowed(uid) {
+            return Err(HelloError::UidNotAllowed { uid });
+        }
         let declared = self.check_hello(hello)?;
+        same_process(peer)?;
         self.place_library(pid, &declared)?;
         let engine_cgroups = self.delegated_cgroups(pid, uid);
-        let _ = tx.send(ToLibrary::Welcome {
+        out.send(ToLibrary::Welcome {
             version: nodedb_governor::control::wire::VERSION,
             engine_cgroups,
         });
-        self.sessions.insert(session, tx);
+        self.sessions.insert(session, (peer, out));
         let actions = self.policy.connect(session, pid, uid, &declared);
         self.apply(actions);
         Ok(())
@@ -378,13 +390,22 @@ impl Agent {
         session: SessionId,
         message: ToAgent,
     ) -> Result<(), MessageError> {
-        let Some(pid) = self.policy.library(session).map(|l| l.pid) else {
+        let Some(&(peer, ref out)) = self.sessions.get(&session) else {
             // Not welcomed (its hello is still on its way, or was refused).
             return Ok(());
         };
+        let pid = peer.pid;
         match message {
             ToAgent::Hello { .. } => Err(MessageError::HelloAgain),
             ToAgent::Thread { tid, engine, moved } => {
+                // Only for the process that connected: a connection that
+                // outlived it (a child kept the socket) could otherwise
+                // have another process's threads moved, once the pid is
+                // given again.
+                if let Err(e) = same_process(peer) {
+                    out.close();
+                    return Err(e.into());
+                }
                 self.place_thread(pid, tid, &engine, moved)?;
                 self.send(session, ToLibrary::ThreadPlaced { tid, engine });
                 Ok(())
@@ -607,4 +628,17 @@ fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes the timespec it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The peer's process is still the one that connected: its pid has not
+/// been given to another process since (checked before its threads are
+/// moved).
+fn same_process(peer: Peer) -> Result<(), AgentError> {
+    match crate::procfs::start_time(peer.pid) {
+        Ok(t) if t == peer.start_time => Ok(()),
+        Ok(_) | Err(AgentError::NoSuchProcess { .. }) => {
+            Err(AgentError::PeerGone { pid: peer.pid })
+        }
+        Err(e) => Err(e),
+    }
 }

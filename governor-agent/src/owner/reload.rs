@@ -69,6 +69,23 @@ impl Agent {
         let old_cpus = self.config.engine_cpus();
         self.config = new;
         self.config_tx.send_replace(Arc::new(self.config.clone()));
+        // Libraries whose uid the allow-list no longer names are let go.
+        for (peer, out) in self.sessions.values() {
+            if !self.config.uid_allowed(peer.uid) {
+                tracing::warn!(
+                    pid = peer.pid,
+                    uid = peer.uid,
+                    "uid no longer allowed: library disconnected"
+                );
+                out.send(nodedb_governor::control::wire::ToLibrary::Error {
+                    message: format!(
+                        "uid {} is no longer allowed on the control socket (allowed_uids changed): disconnected",
+                        peer.uid
+                    ),
+                });
+                out.close();
+            }
+        }
         self.apply(actions);
         self.repin(&old_cpus, cpuset_changed);
         if rescheduled {

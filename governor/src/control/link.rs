@@ -66,6 +66,13 @@ pub struct LinkConfig {
     pub report_interval: Duration,
     /// Reconnection backoff: first wait, and the longest.
     pub backoff: (Duration, Duration),
+    /// The longest one message's write may block (the agent not reading):
+    /// past it the connection is dropped and made again.
+    pub write_timeout: Duration,
+    /// The uid the agent runs as: a socket whose listener is another uid's
+    /// is refused (it could be anyone's, left where the agent's should
+    /// be). `None`: any.
+    pub agent_uid: Option<u32>,
 }
 
 impl LinkConfig {
@@ -76,6 +83,8 @@ impl LinkConfig {
             engines: engines.iter().map(|(n, e)| ((*n).to_owned(), *e)).collect(),
             report_interval: Duration::from_millis(50),
             backoff: (Duration::from_millis(20), Duration::from_secs(2)),
+            write_timeout: Duration::from_secs(5),
+            agent_uid: Some(0),
         }
     }
 }
@@ -160,6 +169,9 @@ struct Inner {
     spill_jobs: Mutex<SpillJobs>,
     spill_wake: Condvar,
     spill_threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The connection in use (a second handle), shut down by `Drop` so a
+    /// write or read blocked on it returns at once.
+    live: Mutex<Option<UnixStream>>,
 }
 
 /// A running link; dropping it stops the thread (the connection closes,
@@ -245,6 +257,7 @@ impl AgentLinkBuilder {
             spill_jobs: Mutex::new(SpillJobs::default()),
             spill_wake: Condvar::new(),
             spill_threads: Mutex::new(Vec::new()),
+            live: Mutex::new(None),
         });
         let cache_thread = match inner.cache.clone() {
             Some(cache) => {
@@ -349,6 +362,11 @@ impl Drop for AgentLink {
     fn drop(&mut self) {
         self.inner.stop_cache_thread();
         self.inner.changed.notify_all();
+        // Whatever the agent does (stopped with its socket open, not
+        // reading), the link's thread is not left blocked on it.
+        if let Some(s) = lock(&self.inner.live).as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -363,6 +381,101 @@ impl Drop for AgentLink {
             let _ = t.join();
         }
     }
+}
+
+/// Connects to the agent's socket without blocking on it (an agent whose
+/// listen queue is full, stopped say, is a failed attempt, tried again
+/// later), and checks the listener's uid.
+fn connect(path: &std::path::Path, agent_uid: Option<u32>) -> std::io::Result<UnixStream> {
+    use std::os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    };
+    // SAFETY: a plain zeroed sockaddr_un, filled below within its bounds.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "the socket path is longer than {} bytes",
+                addr.sun_path.len() - 1
+            ),
+        ));
+    }
+    for (d, b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *b as libc::c_char;
+    }
+    // SAFETY: socket(2) with constant arguments; a non-negative result is
+    // a descriptor we own.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `addr` is a valid sockaddr_un of the size given.
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EAGAIN) {
+            std::io::Error::new(
+                ErrorKind::WouldBlock,
+                "the agent is not accepting connections (its listen queue is full)",
+            )
+        } else {
+            e
+        });
+    }
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    if let Some(want) = agent_uid {
+        let uid = peer_uid(&stream)?;
+        if uid != want {
+            return Err(std::io::Error::new(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "the socket's listener runs as uid {uid}, not the agent's uid {want} (LinkConfig::agent_uid)"
+                ),
+            ));
+        }
+    }
+    Ok(stream)
+}
+
+/// The uid of the process at the other end of `stream` (SO_PEERCRED).
+fn peer_uid(stream: &UnixStream) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a zeroed ucred is valid; getsockopt fills at most `len`.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: as above, on a live socket.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
 }
 
 impl Inner {
@@ -628,10 +741,18 @@ impl Inner {
         let (min, max) = self.config.backoff;
         let mut backoff = min;
         while !self.stopped() {
-            match UnixStream::connect(&self.config.socket) {
+            match connect(&self.config.socket, self.config.agent_uid) {
                 Ok(stream) => {
                     backoff = min;
-                    let outcome = self.serve(stream);
+                    *lock(&self.live) = stream.try_clone().ok();
+                    // Dropped meanwhile: the handle may have come too late
+                    // for Drop to shut it down.
+                    let outcome = if self.stopped() {
+                        Ok(())
+                    } else {
+                        self.serve(stream)
+                    };
+                    *lock(&self.live) = None;
                     let mut st = lock(&self.state);
                     st.stats.connected = false;
                     st.placed.clear();
@@ -674,6 +795,7 @@ impl Inner {
                 })
                 .collect(),
         };
+        stream.set_write_timeout(Some(self.config.write_timeout))?;
         stream.write_all(&wire::encode(&hello))?;
         // Threads registered before (or during an earlier connection) and
         // still alive are declared again.

@@ -4,6 +4,14 @@
 //! reports a reservation, touches memory without reserving it and stays
 //! connected a while. For tests that need another uid, a report the
 //! library would not send, or a process the kernel kills at the ceiling.
+//!
+//! `--follow` prints every later reply too, until the agent ends the
+//! connection (then `{"closed": true}`). `--fork-keeper`: after the reply
+//! the process forks and exits, printing `{"parent": PID, "keeper":
+//! CHILD}`; the child
+//! keeps the connection and, for each line `TID` on its stdin, asks the
+//! agent to place that thread (as if it were the connected process's),
+//! following the replies as `--follow` does.
 
 use std::time::Duration;
 
@@ -30,6 +38,24 @@ struct Args {
     /// ...and stay connected this long.
     #[arg(long, default_value_t = 0)]
     hold_ms: u64,
+    /// Print every reply until the connection ends.
+    #[arg(long)]
+    follow: bool,
+    /// Fork after the reply; the parent exits, the child keeps the
+    /// connection and sends a thread for each tid read from stdin.
+    #[arg(long)]
+    fork_keeper: bool,
+}
+
+/// Prints each reply as a JSON line until the agent closes the connection.
+fn follow(s: &mut std::os::unix::net::UnixStream, d: &mut wire::Decoder) -> anyhow::Result<()> {
+    s.set_read_timeout(None)?;
+    while let Ok(reply) = read_reply(s, d) {
+        println!("{}", serde_json::to_string(&reply)?);
+        std::io::Write::flush(&mut std::io::stdout())?;
+    }
+    println!("{}", serde_json::json!({"closed": true}));
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +67,42 @@ fn main() -> anyhow::Result<()> {
     let reply = read_reply(&mut s, &mut d)?;
     println!("{}", serde_json::to_string(&reply)?);
     std::io::Write::flush(&mut std::io::stdout())?;
+    if args.fork_keeper {
+        // SAFETY: this process has one thread; the child only makes system
+        // calls and allocates.
+        let child = unsafe { libc::fork() };
+        anyhow::ensure!(child >= 0, "fork: {}", std::io::Error::last_os_error());
+        if child > 0 {
+            println!(
+                "{}",
+                serde_json::json!({"parent": std::process::id(), "keeper": child})
+            );
+            std::io::Write::flush(&mut std::io::stdout())?;
+            // SAFETY: leaving at once, the connection left to the child.
+            unsafe { libc::_exit(0) };
+        }
+        let mut w = s.try_clone()?;
+        let engine = args.engine.clone();
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lines() {
+                let Ok(tid) = line.unwrap_or_default().trim().parse::<u32>() else {
+                    break;
+                };
+                let thread = wire::encode(&ToAgent::Thread {
+                    tid,
+                    engine: engine.clone(),
+                    moved: false,
+                });
+                if std::io::Write::write_all(&mut w, &thread).is_err() {
+                    break;
+                }
+            }
+        });
+        return follow(&mut s, &mut d);
+    }
+    if args.follow {
+        return follow(&mut s, &mut d);
+    }
     if let Some(reserved) = args.report_reserved {
         std::io::Write::write_all(
             &mut s,

@@ -27,6 +27,10 @@ pub enum AgentError {
     NoSuchThread { pid: u32, tid: u32 },
     #[error("unknown engine `{name}` (configured engines: {known})")]
     UnknownEngine { name: String, known: String },
+    #[error(
+        "{path} cannot hold the agent's sockets and registry: {reason} (a directory only root can write, not a symlink)"
+    )]
+    UnsafeDir { path: String, reason: String },
     #[error("cannot use cgroup hierarchy at {path}: {reason}")]
     CgroupUnusable { path: PathBuf, reason: String },
     #[error("{what}: {source}")]

@@ -137,8 +137,10 @@ async fn reload(inputs: &mpsc::Sender<Input>, path: Option<&PathBuf>) {
 
 /// Binds a Unix socket at `path` (replacing a stale one), mode 0660.
 fn bind_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
+    // Only root may write where the socket is: nobody can swap it (or
+    // the path chmod'ed below) for their own.
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::paths::private_dir(dir)?;
     }
     match fs::remove_file(path) {
         Ok(()) => tracing::info!(socket = %path.display(), "removed a stale socket"),

@@ -197,6 +197,56 @@ fn a_cgroup_hierarchy_it_cannot_use_is_named() {
 }
 
 #[test]
+fn a_run_dir_others_can_write_is_refused_by_name() {
+    if skip_unless_privileged("a_run_dir_others_can_write_is_refused_by_name") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = ScratchDir::new("open-run-dir");
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    // Made 1777 like /tmp: anyone could put a socket of their own there.
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let config = dir.write(
+        "governor.toml",
+        &format!(
+            "database = \"{}\"\nrun_dir = \"{}\"\nceiling = 1048576\n[[engine]]\nname = \"a\"\nbudget = 1024\n",
+            dir.name(),
+            run.display()
+        ),
+    );
+    let mut agent = Command::new(agent_binary())
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while agent.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = agent.kill();
+            let _ = agent.wait();
+            panic!("the agent runs with its sockets in a directory others can write");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = agent.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(
+        e.contains(&run.display().to_string()) && e.contains("mode 1777 lets others write it"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&run).unwrap().count(),
+        0,
+        "nothing was put in it"
+    );
+}
+
+#[test]
 fn an_unprivileged_agent_names_the_missing_capabilities() {
     // This one needs root to drop to `nobody`; as a normal user the agent
     // would fail the same way, which the message check covers too.

@@ -150,11 +150,9 @@ impl Attribution {
                 })
                 .collect(),
         };
-        let tmp = p.state_file.with_extension("tmp");
         let written = serde_json::to_vec(&state)
             .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&tmp, b))
-            .and_then(|()| std::fs::rename(&tmp, &p.state_file));
+            .and_then(|b| crate::paths::write_atomically(&p.state_file, &b));
         if let Err(e) = written {
             tracing::warn!(file = %p.state_file.display(), error = %e, "could not save the registry");
         }

@@ -3,7 +3,6 @@
 
 use std::{
     collections::BTreeMap,
-    fs,
     path::PathBuf,
     sync::{Arc, atomic::AtomicBool},
     time::Duration,
@@ -38,8 +37,7 @@ impl Agent {
         // bpffs is where the maps are pinned; like tracefs, mount it when
         // the host has not.
         mounts::ensure_bpffs().map_err(|e| AgentError::io("mounting bpffs", e))?;
-        fs::create_dir_all(&config.run_dir)
-            .map_err(|e| AgentError::io(format!("creating {}", config.run_dir.display()), e))?;
+        paths::private_dir(&config.run_dir)?;
         let persistence = Persistence {
             pin_dir: PathBuf::from(paths::DEFAULT_PIN_DIR).join(&config.database),
             state_file: config

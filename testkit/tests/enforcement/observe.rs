@@ -17,8 +17,11 @@ fn an_observing_agent_measures_but_asks_nothing() {
     let agent = super::start_agent("enforce = false");
     // Nothing governed, nothing under way: the calm tick.
     let period = |s: &serde_json::Value| s["ticks"]["period_ms"].as_u64();
+    // (A calm tick has run, not only been scheduled: on a busy machine
+    // the probe below could otherwise end the calm before its first tick.)
     wait_for("the calm tick", || {
-        period(&agent.status_json()) == Some(250)
+        let s = agent.status_json();
+        period(&s) == Some(250) && s["ticks"]["calm_ticks"].as_u64() > Some(0)
     });
     let _probe = agent.spawn_probe(
         env!("CARGO_BIN_EXE_hold-probe"),

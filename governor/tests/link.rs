@@ -95,6 +95,26 @@ fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// The agent's end of `link`'s next connection on `listener`, once the
+/// link is welcomed.
+fn accept_welcomed(listener: &UnixListener, link: &AgentLink) -> Agent {
+    let (stream, _) = listener.accept().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut agent = Agent {
+        stream,
+        decoder: Decoder::new(),
+    };
+    agent.wait_for(|m| matches!(m, ToAgent::Hello { .. }));
+    agent.send(&ToLibrary::Welcome {
+        version: wire::VERSION,
+        engine_cgroups: Default::default(),
+    });
+    assert!(link.wait_connected(Duration::from_secs(10)));
+    agent
+}
+
 /// A link on `governor` for `engines` (their names on the wire), set up
 /// by `with`, and the agent's end of it, played by the test on `socket`:
 /// returned once the link is welcomed.
@@ -115,20 +135,7 @@ fn welcomed(
     ))
     .start()
     .unwrap();
-    let (stream, _) = listener.accept().unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let mut agent = Agent {
-        stream,
-        decoder: Decoder::new(),
-    };
-    agent.wait_for(|m| matches!(m, ToAgent::Hello { .. }));
-    agent.send(&ToLibrary::Welcome {
-        version: wire::VERSION,
-        engine_cgroups: Default::default(),
-    });
-    assert!(link.wait_connected(Duration::from_secs(10)));
+    let agent = accept_welcomed(&listener, &link);
     (link, agent)
 }
 
@@ -450,6 +457,39 @@ fn unread(s: &UnixStream) -> usize {
     n as usize
 }
 
+/// A governor with the query engine (a cap of 64 MiB) and a link for it
+/// to `socket`, configured by `with` from the defaults.
+fn query_link(
+    socket: &std::path::Path,
+    with: impl FnOnce(LinkConfig) -> LinkConfig,
+) -> (MemoryGovernor, AgentLink) {
+    let governor = MemoryGovernor::new(
+        Budget::builder(256 * MIB)
+            .engine(EngineId::Query, 0, 64 * MIB)
+            .build()
+            .unwrap(),
+    );
+    let config = with(LinkConfig::new(
+        socket,
+        "nodedb",
+        &[("query", EngineId::Query)],
+    ));
+    let link = AgentLink::builder(&governor, config).start().unwrap();
+    (governor, link)
+}
+
+/// The first error `link` notes (within 10 s).
+fn first_error(link: &AgentLink) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(e) = link.stats().last_error {
+            return e;
+        }
+        assert!(Instant::now() < deadline, "no error from the link");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Runs `f` on a thread of its own and says whether it returned within
 /// `within` (the thread is left behind if not: the test fails anyway).
 fn returns_within(within: Duration, f: impl FnOnce() + Send + 'static) -> bool {
@@ -493,20 +533,7 @@ fn stalled_agent(
     )
     .start()
     .unwrap();
-    let (stream, _) = listener.accept().unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let mut agent = Agent {
-        stream,
-        decoder: Decoder::new(),
-    };
-    agent.wait_for(|m| matches!(m, ToAgent::Hello { .. }));
-    agent.send(&ToLibrary::Welcome {
-        version: wire::VERSION,
-        engine_cgroups: Default::default(),
-    });
-    assert!(link.wait_connected(Duration::from_secs(10)));
+    let agent = accept_welcomed(&listener, &link);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let churn = stop.clone();
     std::thread::spawn(move || {
@@ -600,29 +627,11 @@ fn a_socket_another_uid_listens_on_is_refused() {
     let _ = fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).unwrap();
     listener.set_nonblocking(true).unwrap();
-    let governor = MemoryGovernor::new(
-        Budget::builder(64 * MIB)
-            .engine(EngineId::Query, 0, 64 * MIB)
-            .build()
-            .unwrap(),
-    );
-    let link = AgentLink::builder(
-        &governor,
-        LinkConfig {
-            agent_uid: Some(euid().wrapping_add(1)),
-            ..LinkConfig::new(&socket, "nodedb", &[("query", EngineId::Query)])
-        },
-    )
-    .start()
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let e = loop {
-        if let Some(e) = link.stats().last_error {
-            break e;
-        }
-        assert!(Instant::now() < deadline, "no error from the link");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let (_governor, link) = query_link(&socket, |c| LinkConfig {
+        agent_uid: Some(euid().wrapping_add(1)),
+        ..c
+    });
+    let e = first_error(&link);
     assert!(
         e.contains(&format!(
             "runs as uid {}, not the agent's uid {}",
@@ -675,32 +684,72 @@ fn an_agent_that_does_not_accept_holds_up_neither_the_link_nor_its_drop() {
     // SAFETY: as above.
     assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
     let _waiting = UnixStream::connect(&socket).unwrap();
-    let governor = MemoryGovernor::new(
-        Budget::builder(64 * MIB)
-            .engine(EngineId::Query, 0, 64 * MIB)
-            .build()
-            .unwrap(),
-    );
-    let link = AgentLink::builder(
-        &governor,
-        LinkConfig {
-            agent_uid: Some(euid()),
-            ..LinkConfig::new(&socket, "nodedb", &[("query", EngineId::Query)])
-        },
-    )
-    .start()
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let e = loop {
-        if let Some(e) = link.stats().last_error {
-            break e;
-        }
-        assert!(Instant::now() < deadline, "no error from the link");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let (_governor, link) = query_link(&socket, |c| LinkConfig {
+        agent_uid: Some(euid()),
+        ..c
+    });
+    let e = first_error(&link);
     assert!(e.contains("listen queue is full"), "{e}");
     assert!(
         returns_within(Duration::from_secs(10), move || drop(link)),
         "dropping the link hung"
     );
+}
+
+#[test]
+fn an_agent_lost_for_long_gives_the_engines_their_own_limits_back() {
+    let socket = own_socket("lost");
+    let _ = fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).unwrap();
+    let (governor, link) = query_link(&socket, |c| LinkConfig {
+        agent_uid: Some(euid()),
+        agent_lost_after: Duration::from_millis(300),
+        ..c
+    });
+    let mut agent = accept_welcomed(&listener, &link);
+    // The agent's Emergency cap, and its level.
+    agent.send(&ToLibrary::Limits {
+        engine: "query".into(),
+        floor_bytes: 0,
+        cap_bytes: 8 * MIB,
+        hot_set_bytes: None,
+    });
+    agent.send(&ToLibrary::Pressure {
+        engine: "query".into(),
+        level: nodedb_governor::PressureLevel::Emergency,
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while governor.usage(EngineId::Query).unwrap().cap_bytes != 8 * MIB
+        || link.agent_level(EngineId::Query).is_none()
+    {
+        assert!(Instant::now() < deadline, "the agent's cap was not applied");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The agent goes, and does not come back.
+    drop(agent);
+    drop(listener);
+    fs::remove_file(&socket).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while governor.usage(EngineId::Query).unwrap().cap_bytes != 64 * MIB {
+        assert!(
+            Instant::now() < deadline,
+            "the stale cap stayed: {:?}",
+            link.stats()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stats = link.stats();
+    assert_eq!(stats.agent_lost, 1);
+    assert!(
+        stats
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("every engine has its own limits again")),
+        "{stats:?}"
+    );
+    assert_eq!(link.agent_level(EngineId::Query), None);
+    assert!(governor.try_reserve(EngineId::Query, 32 * MIB).is_ok());
+    // Given back once per loss, not at every failed attempt.
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(link.stats().agent_lost, 1);
 }

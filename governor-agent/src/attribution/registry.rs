@@ -47,6 +47,10 @@ pub(super) struct TrackedProcess {
     pub(super) pidfd: Option<OwnedFd>,
 }
 
+/// `/proc` could not tell of a governed process at the last tick (warned
+/// once until it can again).
+static UNREADABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// A pidfd for `pid`, if it is still the process that started at
 /// `start_time` once the pidfd is open (so the pidfd cannot name a
 /// process that reused the pid).
@@ -347,7 +351,8 @@ impl Attribution {
             procfs::Liveness::Gone => true,
             procfs::Liveness::Unknown(e) => {
                 unknown += 1;
-                if unknown == 1 {
+                // Once a spell (every tick would flood the log).
+                if unknown == 1 && !UNREADABLE.swap(true, std::sync::atomic::Ordering::Relaxed) {
                     tracing::warn!(pid = p.pid, error = %e, "cannot tell whether a governed process still runs: kept");
                 }
                 false
@@ -374,6 +379,9 @@ impl Attribution {
                 .filter(|p| gone_by_proc(p))
                 .map(|p| p.pid),
         );
+        if unknown == 0 {
+            UNREADABLE.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
         for p in self.procs.values_mut() {
             if p.pidfd.is_none() && !gone.contains(&p.pid) {
                 p.pidfd = open_pidfd(p.pid, p.start_time);

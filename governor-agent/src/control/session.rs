@@ -38,7 +38,7 @@ static TURNED_AWAY: AtomicU64 = AtomicU64::new(0);
 /// written at once) and closed, holding nothing.
 pub(super) async fn turn_away(mut stream: UnixStream, why: String) {
     let n = TURNED_AWAY.fetch_add(1, Ordering::Relaxed) + 1;
-    if n.is_power_of_two() {
+    if n.is_power_of_two() || n.is_multiple_of(10_000) {
         tracing::warn!(turned_away = n, %why, "control connection refused");
     }
     let frame = wire::encode(&ToLibrary::Error { message: why });
@@ -131,7 +131,16 @@ pub(super) async fn run(
         }
     }
     drop(out);
-    let _ = writer.await;
+    // What is left in the queue gets one write timeout in all, not one
+    // per message: a peer that reads a frame now and then does not keep
+    // its place long after it was let go.
+    let mut writer = writer;
+    if tokio::time::timeout(WRITE_TIMEOUT, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
     drop(counted);
 }
 

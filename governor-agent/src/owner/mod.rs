@@ -309,6 +309,19 @@ impl Agent {
         }
     }
 
+    /// Ends a library's session now: told why, its connection closed, and
+    /// forgotten by the policy (its `Disconnected` comes later, and finds
+    /// nothing left).
+    pub(super) fn let_go(&mut self, session: SessionId, why: String) {
+        if let Some((peer, out)) = self.sessions.remove(&session) {
+            tracing::warn!(pid = peer.pid, uid = peer.uid, %why, "library disconnected");
+            out.send(ToLibrary::Error { message: why });
+            out.close();
+        }
+        let actions = self.policy.disconnect(session);
+        self.apply(actions);
+    }
+
     fn send(&self, session: SessionId, message: ToLibrary) {
         // A closed channel means the connection is going away; its session
         // says so with `Disconnected`.
@@ -337,6 +350,13 @@ impl Agent {
                     pid,
                     bytes,
                 } => {
+                    // Only for the process that connected.
+                    if let Some((peer, _)) = self.sessions.get(&session)
+                        && let Err(e) = same_process(*peer)
+                    {
+                        self.policy.on_memlock(session, Err(e.to_string()));
+                        continue;
+                    }
                     let result = crate::privilege::raise_memlock(pid, bytes).map_err(|e| {
                         let why = format!(
                             "raising RLIMIT_MEMLOCK of pid {pid} to {bytes} bytes: {e} (the agent needs CAP_SYS_RESOURCE; without it the process's hot sets lock only within its own limit)"
@@ -477,6 +497,18 @@ impl Agent {
         for pid in self.attribution.reap_exited() {
             self.own.remove(&pid);
             tracing::info!(pid, "governed process exited");
+            // A connection its process left behind (a child kept it)
+            // speaks for no one: let go, so nothing it said reaches
+            // whoever is given the pid next.
+            let left: Vec<SessionId> = self
+                .sessions
+                .iter()
+                .filter(|(_, (peer, _))| peer.pid == pid)
+                .map(|(s, _)| *s)
+                .collect();
+            for session in left {
+                self.let_go(session, AgentError::PeerGone { pid }.to_string());
+            }
         }
         let swept = self.attribution.sweep_files(started);
         if swept > 0 {

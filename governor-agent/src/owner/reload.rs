@@ -62,6 +62,22 @@ impl Agent {
                 crate::sched::unraised(raised, || c.set_engine_high(&l.name, l.budget_bytes))?;
             }
         }
+        // Libraries whose uid the allow-list no longer names are let go
+        // (before the policy's reload answers them).
+        let refused: Vec<_> = self
+            .sessions
+            .iter()
+            .filter(|(_, (peer, _))| !new.uid_allowed(peer.uid))
+            .map(|(s, (peer, _))| (*s, peer.uid))
+            .collect();
+        for (session, uid) in refused {
+            self.let_go(
+                session,
+                format!(
+                    "uid {uid} is no longer allowed on the control socket (allowed_uids changed): disconnected"
+                ),
+            );
+        }
         let actions = self.policy.reload(rules);
         // A failed raise is tried again (its cause may have been fixed).
         let rescheduled = new.realtime_priority != self.config.realtime_priority
@@ -69,23 +85,6 @@ impl Agent {
         let old_cpus = self.config.engine_cpus();
         self.config = new;
         self.config_tx.send_replace(Arc::new(self.config.clone()));
-        // Libraries whose uid the allow-list no longer names are let go.
-        for (peer, out) in self.sessions.values() {
-            if !self.config.uid_allowed(peer.uid) {
-                tracing::warn!(
-                    pid = peer.pid,
-                    uid = peer.uid,
-                    "uid no longer allowed: library disconnected"
-                );
-                out.send(nodedb_governor::control::wire::ToLibrary::Error {
-                    message: format!(
-                        "uid {} is no longer allowed on the control socket (allowed_uids changed): disconnected",
-                        peer.uid
-                    ),
-                });
-                out.close();
-            }
-        }
         self.apply(actions);
         self.repin(&old_cpus, cpuset_changed);
         if rescheduled {

@@ -62,7 +62,8 @@ pub struct LinkConfig {
     /// Each engine's name on the wire and its id in the governor.
     pub engines: Vec<(String, EngineId)>,
     /// How often the books are looked at: reported when they changed, and
-    /// every [`REPORT_HEARTBEAT`] when they did not.
+    /// every [`REPORT_HEARTBEAT`] when they did not (looked at that often
+    /// at least, whatever this says: the agent lets a silent library go).
     pub report_interval: Duration,
     /// Reconnection backoff: first wait, and the longest.
     pub backoff: (Duration, Duration),
@@ -73,6 +74,12 @@ pub struct LinkConfig {
     /// is refused (it could be anyone's, left where the agent's should
     /// be). `None`: any.
     pub agent_uid: Option<u32>,
+    /// An agent gone (or refusing the link) this long gives its steering
+    /// back: every engine returns to the limits it had when the link
+    /// started, pressure levels are forgotten and hot sets locked again
+    /// (`LinkStats::agent_lost` counts it), rather than the database
+    /// keeping a stale Emergency cap until the agent is back.
+    pub agent_lost_after: Duration,
 }
 
 impl LinkConfig {
@@ -85,6 +92,7 @@ impl LinkConfig {
             backoff: (Duration::from_millis(20), Duration::from_secs(2)),
             write_timeout: Duration::from_secs(5),
             agent_uid: Some(0),
+            agent_lost_after: Duration::from_secs(30),
         }
     }
 }
@@ -117,6 +125,10 @@ pub struct LinkStats {
     /// for while they wait, so a request wakes them at once (Linux 6.12
     /// on; see `wake`).
     pub prompt_wakeups: bool,
+    /// Times the agent was lost for `agent_lost_after` after it had
+    /// steered the engines, and their own limits were restored (said in
+    /// `last_error` too).
+    pub agent_lost: u64,
     /// The last error the agent sent, or the last connection failure.
     pub last_error: Option<String>,
 }
@@ -133,6 +145,9 @@ struct State {
     /// is held at what it holds until its spill thread has brought it
     /// down, then these apply. A newer `limits` replaces them.
     wanted: BTreeMap<EngineId, (u64, u64)>,
+    /// The agent has changed a limit or sent a level since the link
+    /// started or last gave its steering back.
+    steered: bool,
 }
 
 /// Spill work for one engine, not yet started.
@@ -172,6 +187,9 @@ struct Inner {
     /// The connection in use (a second handle), shut down by `Drop` so a
     /// write or read blocked on it returns at once.
     live: Mutex<Option<UnixStream>>,
+    /// Each engine's floor and cap when the link started: what it returns
+    /// to when the agent is lost.
+    own_limits: Vec<(EngineId, u64, u64)>,
 }
 
 /// A running link; dropping it stops the thread (the connection closes,
@@ -241,6 +259,12 @@ impl AgentLinkBuilder {
 
     /// Starts the link's thread.
     pub fn start(self) -> std::io::Result<AgentLink> {
+        let own_limits = self
+            .governor
+            .usages()
+            .into_iter()
+            .map(|u| (u.engine, u.floor_bytes, u.cap_bytes))
+            .collect();
         let inner = Arc::new(Inner {
             config: self.config,
             governor: self.governor,
@@ -258,6 +282,7 @@ impl AgentLinkBuilder {
             spill_wake: Condvar::new(),
             spill_threads: Mutex::new(Vec::new()),
             live: Mutex::new(None),
+            own_limits,
         });
         let cache_thread = match inner.cache.clone() {
             Some(cache) => {
@@ -395,6 +420,12 @@ fn connect(path: &std::path::Path, agent_uid: Option<u32>) -> std::io::Result<Un
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     let bytes = path.as_os_str().as_bytes();
+    if bytes.contains(&0) {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            "the socket path holds a NUL byte",
+        ));
+    }
     if bytes.len() >= addr.sun_path.len() {
         return Err(std::io::Error::new(
             ErrorKind::InvalidInput,
@@ -479,6 +510,42 @@ fn peer_uid(stream: &UnixStream) -> std::io::Result<u32> {
 }
 
 impl Inner {
+    /// The agent lost for `lost`: the engines return to their own limits
+    /// (once per loss, if the agent had steered them).
+    fn give_steering_back(&self, lost: Duration) {
+        let mut st = lock(&self.state);
+        if !st.steered {
+            return;
+        }
+        st.steered = false;
+        st.wanted.clear();
+        st.levels.clear();
+        let mut refused = Vec::new();
+        for &(engine, floor, cap) in &self.own_limits {
+            if let Err(e) = self.governor.set_limits(engine, floor, cap) {
+                refused.push(format!("{engine:?}: {e}"));
+            }
+        }
+        st.stats.agent_lost += 1;
+        st.stats.last_error = Some(if refused.is_empty() {
+            format!(
+                "the agent was lost for {:.1} s: every engine has its own limits again",
+                lost.as_secs_f64()
+            )
+        } else {
+            format!(
+                "the agent was lost for {:.1} s: own limits restored but for {}",
+                lost.as_secs_f64(),
+                refused.join("; ")
+            )
+        });
+        drop(st);
+        if let Some(cache) = &self.cache {
+            cache.restore_hot_sets(None);
+        }
+        self.changed.notify_all();
+    }
+
     fn name_of(&self, engine: EngineId) -> Option<&str> {
         self.config
             .engines
@@ -740,10 +807,13 @@ impl Inner {
         lock(&self.state).stats.prompt_wakeups = super::wake::prompt();
         let (min, max) = self.config.backoff;
         let mut backoff = min;
+        // Since when no agent has had the link welcomed.
+        let mut lost_since: Option<Instant> = None;
         while !self.stopped() {
             match connect(&self.config.socket, self.config.agent_uid) {
                 Ok(stream) => {
                     backoff = min;
+                    let welcomed_before = lock(&self.state).stats.connects;
                     *lock(&self.live) = stream.try_clone().ok();
                     // Dropped meanwhile: the handle may have come too late
                     // for Drop to shut it down.
@@ -759,6 +829,11 @@ impl Inner {
                     if let Err(e) = outcome {
                         st.stats.last_error = Some(e.to_string());
                     }
+                    if st.stats.connects > welcomed_before {
+                        lost_since = Some(Instant::now());
+                    } else {
+                        lost_since.get_or_insert_with(Instant::now);
+                    }
                     drop(st);
                     self.changed.notify_all();
                 }
@@ -767,10 +842,16 @@ impl Inner {
                         "connecting to {}: {e}",
                         self.config.socket.display()
                     ));
+                    lost_since.get_or_insert_with(Instant::now);
                 }
             }
             if self.stopped() {
                 break;
+            }
+            if let Some(since) = lost_since
+                && since.elapsed() >= self.config.agent_lost_after
+            {
+                self.give_steering_back(since.elapsed());
             }
             self.pause(backoff);
             backoff = (backoff * 2).min(max);
@@ -858,7 +939,7 @@ impl Inner {
                 continue; // nothing but the hello until welcomed
             }
             if Instant::now() >= next_report {
-                next_report = Instant::now() + self.config.report_interval;
+                next_report = Instant::now() + self.config.report_interval.min(REPORT_HEARTBEAT);
                 // Limits waiting for an engine to come down: applied as
                 // soon as it has (it may free on its own, or after its
                 // spill returned); its cap stays where it was clamped
@@ -970,6 +1051,7 @@ impl Inner {
                     let _ = cache.set_hot_set_limit(id, bound);
                 }
                 let mut st = lock(&self.state);
+                st.steered = true;
                 // These replace any limits still waiting for a spill.
                 st.wanted.remove(&id);
                 let mut result = self.governor.set_limits(id, floor_bytes, cap_bytes);
@@ -1012,7 +1094,10 @@ impl Inner {
                             PressureLevel::Critical => {}
                         }
                     }
-                    lock(&self.state).levels.insert(id, level);
+                    let mut st = lock(&self.state);
+                    st.levels.insert(id, level);
+                    st.steered = true;
+                    drop(st);
                     self.changed.notify_all();
                 }
                 None

@@ -35,6 +35,51 @@ fn gone_or(pid: u32, file: &str, e: std::io::Error) -> AgentError {
     }
 }
 
+/// A pidfd for `pid` (None if the kernel gives none: too old, the process
+/// gone, or out of descriptors).
+pub fn pidfd_open(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags; a non-negative result is a
+    // new descriptor we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: as above, a fresh descriptor nobody else holds.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A pidfd for the process at the other end of the Unix socket `socket`,
+/// as it was when it connected (`SO_PEERPIDFD`, Linux 6.5 on; None before).
+pub fn peer_pidfd(socket: std::os::fd::BorrowedFd<'_>) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut fd: libc::c_int = -1;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one int (a new descriptor we own) on a live
+    // socket.
+    let r = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERPIDFD,
+            (&raw mut fd).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: as above.
+    (r == 0 && fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether the process a pidfd names has exited (its pid may be given to
+/// another process from then on).
+pub fn pidfd_exited(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd, no wait.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents != 0 }
+}
+
 /// Whether the process `pid` that started at `start_time` still runs.
 #[derive(Debug)]
 pub enum Liveness {

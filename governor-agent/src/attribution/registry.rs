@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     path::Path,
 };
 
@@ -55,14 +55,7 @@ static UNREADABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool
 /// `start_time` once the pidfd is open (so the pidfd cannot name a
 /// process that reused the pid).
 pub(super) fn open_pidfd(pid: u32, start_time: u64) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags; a non-negative result is a
-    // new file descriptor we own.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: as above, a fresh descriptor nobody else holds.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let fd = procfs::pidfd_open(pid)?;
     (procfs::start_time(pid).ok() == Some(start_time)).then_some(fd)
 }
 

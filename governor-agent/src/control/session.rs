@@ -64,6 +64,7 @@ pub(super) async fn run(
         let c = config.borrow();
         (c.control, c.uid_allowed(uid))
     };
+    let pidfd = crate::procfs::peer_pidfd(std::os::fd::AsFd::as_fd(&stream));
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<ToLibrary>(OUTBOUND_QUEUE);
     let close = Arc::new(Notify::new());
@@ -98,7 +99,7 @@ pub(super) async fn run(
     let peer = cred
         .pid()
         .and_then(|p| u32::try_from(p).ok())
-        .map(|pid| (pid, crate::procfs::start_time(pid)));
+        .map(|pid| identify(pidfd, pid, uid));
     if let Err(why) = counted.as_uid(uid, limits.max_connections_per_uid) {
         refuse(why);
     } else if !allowed {
@@ -112,16 +113,11 @@ pub(super) async fn run(
                 refuse("the peer's pid is unknown".into());
                 linger(&mut rd).await;
             }
-            Some((pid, Err(e))) => {
-                refuse(format!("the peer's process {pid}: {e}"));
+            Some(Err(why)) => {
+                refuse(why);
                 linger(&mut rd).await;
             }
-            Some((pid, Ok(start_time))) => {
-                let peer = Peer {
-                    pid,
-                    start_time,
-                    uid,
-                };
+            Some(Ok(peer)) => {
                 tokio::select! {
                     () = converse(&owner, &mut rd, &out, session, peer, limits) => {}
                     () = close.notified() => {}
@@ -142,6 +138,35 @@ pub(super) async fn run(
         writer.abort();
     }
     drop(counted);
+}
+
+/// The process that connected: a pidfd for it (the kernel's own, taken
+/// at connect, or else one opened now), and its start time, read while
+/// the pidfd shows it has not exited (so the pid is still its own).
+fn identify(pidfd: Option<std::os::fd::OwnedFd>, pid: u32, uid: u32) -> Result<Peer, String> {
+    let pidfd = pidfd
+        .or_else(|| crate::procfs::pidfd_open(pid))
+        .map(Arc::new);
+    let exited = || {
+        pidfd
+            .as_ref()
+            .is_some_and(|fd| crate::procfs::pidfd_exited(std::os::fd::AsFd::as_fd(fd.as_ref())))
+    };
+    let gone = || crate::error::AgentError::PeerGone { pid }.to_string();
+    if exited() {
+        return Err(gone());
+    }
+    let start_time =
+        crate::procfs::start_time(pid).map_err(|e| format!("the peer's process {pid}: {e}"))?;
+    if exited() {
+        return Err(gone());
+    }
+    Ok(Peer {
+        pid,
+        pidfd,
+        start_time,
+        uid,
+    })
 }
 
 /// A refused peer may still be writing its hello: read (and drop) a
@@ -169,7 +194,7 @@ async fn converse(
     peer: Peer,
     limits: ControlConfig,
 ) {
-    let Peer { pid, uid, .. } = peer;
+    let (pid, uid) = (peer.pid, peer.uid);
     let mut decoder = Decoder::new();
     let mut buf = vec![0u8; 16 * 1024];
     let mut welcomed = false;
@@ -232,7 +257,7 @@ async fn converse(
             let (reply, answer) = oneshot::channel();
             let input = Input::Hello {
                 session,
-                peer,
+                peer: peer.clone(),
                 out: out.clone(),
                 hello: m,
                 reply,

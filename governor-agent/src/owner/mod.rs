@@ -40,11 +40,15 @@ use crate::{
 };
 use nodedb_governor::control::wire::{ToAgent, ToLibrary};
 
-/// A library's process as it connected: its pid with its start time
-/// (which tell it from a later process given the same pid), and its uid.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A library's process as it connected: its pid with a pidfd for it and
+/// its start time (which tell it from a later process given the same
+/// pid), and its uid.
+#[derive(Clone, Debug)]
 pub struct Peer {
     pub pid: u32,
+    /// The kernel's own handle on the process (None: the kernel gave
+    /// none; the start time alone tells, to its 10 ms).
+    pub pidfd: Option<Arc<std::os::fd::OwnedFd>>,
     pub start_time: u64,
     pub uid: u32,
 }
@@ -352,7 +356,7 @@ impl Agent {
                 } => {
                     // Only for the process that connected.
                     if let Some((peer, _)) = self.sessions.get(&session)
-                        && let Err(e) = same_process(*peer)
+                        && let Err(e) = same_process(peer)
                     {
                         self.policy.on_memlock(session, Err(e.to_string()));
                         continue;
@@ -385,13 +389,13 @@ impl Agent {
         out: crate::control::Outbound,
         hello: ToAgent,
     ) -> Result<(), HelloError> {
-        let Peer { pid, uid, .. } = peer;
+        let (pid, uid) = (peer.pid, peer.uid);
         // Checked at connect; again here, for a reload in between.
         if !self.config.uid_allowed(uid) {
             return Err(HelloError::UidNotAllowed { uid });
         }
         let declared = self.check_hello(hello)?;
-        same_process(peer)?;
+        same_process(&peer)?;
         self.place_library(pid, &declared)?;
         let engine_cgroups = self.delegated_cgroups(pid, uid);
         out.send(ToLibrary::Welcome {
@@ -410,7 +414,7 @@ impl Agent {
         session: SessionId,
         message: ToAgent,
     ) -> Result<(), MessageError> {
-        let Some(&(peer, ref out)) = self.sessions.get(&session) else {
+        let Some((peer, out)) = self.sessions.get(&session) else {
             // Not welcomed (its hello is still on its way, or was refused).
             return Ok(());
         };
@@ -665,7 +669,12 @@ fn monotonic_ns() -> u64 {
 /// The peer's process is still the one that connected: its pid has not
 /// been given to another process since (checked before its threads are
 /// moved).
-fn same_process(peer: Peer) -> Result<(), AgentError> {
+fn same_process(peer: &Peer) -> Result<(), AgentError> {
+    if let Some(fd) = &peer.pidfd
+        && crate::procfs::pidfd_exited(std::os::fd::AsFd::as_fd(fd.as_ref()))
+    {
+        return Err(AgentError::PeerGone { pid: peer.pid });
+    }
     match crate::procfs::start_time(peer.pid) {
         Ok(t) if t == peer.start_time => Ok(()),
         Ok(_) | Err(AgentError::NoSuchProcess { .. }) => {

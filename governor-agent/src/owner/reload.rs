@@ -49,9 +49,17 @@ impl Agent {
         // Limits lowered below the charge make the kernel reclaim in the
         // writer's context: at the normal policy.
         let raised = self.raised();
+        // An Emergency under way keeps its lowered high mark (at the
+        // restore point of the new ceiling) until it ends.
+        let emergency_mark = (self.policy.emergency() && new.enforce)
+            .then(|| (new.ceiling_bytes() as f64 * rules.restore) as u64);
         if let Some(c) = &mut self.ceiling {
             crate::sched::unraised(raised, || {
-                c.set_limit(new.ceiling_bytes(), normal_high_mark(&new))
+                c.set_limit(new.ceiling_bytes(), normal_high_mark(&new))?;
+                match emergency_mark {
+                    Some(mark) => c.set_high(Some(mark)),
+                    None => Ok(()),
+                }
             })?;
             // As at startup: a memory.low the kernel refuses is a warning,
             // not a reason to leave the reload half-applied.

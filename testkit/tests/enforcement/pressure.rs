@@ -160,6 +160,41 @@ fn memory_stalls_and_an_emergency_move_the_ladder() {
     );
     let during = agent.status_json();
     eprintln!("psi: {} ceiling: {}", during["psi"], during["ceiling"]);
+    // A reload during the Emergency (the same file) keeps the lowered
+    // high mark: the kernel goes on reclaiming at the restore point.
+    let lowered = during["ceiling"]["high_bytes"].as_u64().unwrap();
+    assert!(
+        lowered < during["ceiling"]["limit_bytes"].as_u64().unwrap() * 9 / 10,
+        "the Emergency lowered the high mark: {}",
+        during["ceiling"]
+    );
+    agent.signal(libc::SIGHUP);
+    wait_for("the reload", || {
+        agent.log().contains("configuration reloaded")
+    });
+    let reloaded = agent.status_json();
+    assert_eq!(reloaded["emergency"], true, "{reloaded}");
+    assert_eq!(
+        reloaded["ceiling"]["high_bytes"].as_u64(),
+        Some(lowered),
+        "a reload undid the Emergency's high mark: {}",
+        reloaded["ceiling"]
+    );
+    // As the kernel has it.
+    let high_file = match reloaded["ceiling"]["backend"].as_str() {
+        Some("cgroup-v1") => "memory.soft_limit_in_bytes",
+        _ => "memory.high",
+    };
+    let in_kernel = std::fs::read_to_string(
+        std::path::Path::new(reloaded["ceiling"]["cgroup"].as_str().unwrap()).join(high_file),
+    )
+    .unwrap();
+    // (In whole pages.)
+    assert_eq!(
+        in_kernel.trim().parse::<u64>().ok().map(|b| b / 4096),
+        Some(lowered / 4096),
+        "{high_file}"
+    );
     assert!(
         vector(&during)["purges"].as_u64() > Some(purges_before),
         "the stall purged the arenas: {during}"

@@ -42,16 +42,16 @@ pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5)
 pub struct Outbound {
     tx: mpsc::Sender<ToLibrary>,
     close: Arc<Notify>,
-    /// The peer's uid (checked again when `allowed_uids` changes).
+    /// The peer's uid (for the log).
     pub uid: u32,
 }
 
 impl Outbound {
     /// Queues `message`; a full queue disconnects the library (it is not
-    /// reading), and false says it was not queued.
-    pub fn send(&self, message: ToLibrary) -> bool {
+    /// reading).
+    pub fn send(&self, message: ToLibrary) {
         match self.tx.try_send(message) {
-            Ok(()) => true,
+            Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(
                     uid = self.uid,
@@ -59,10 +59,9 @@ impl Outbound {
                     "a library is not reading its messages: disconnected"
                 );
                 self.close();
-                false
             }
             // The connection is going away; its session says so.
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 

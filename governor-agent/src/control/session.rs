@@ -3,9 +3,9 @@
 //! `hello_timeout_ms`), then messages until it ends (a welcomed library
 //! silent for `idle_timeout_ms` is disconnected). Bad frames are answered
 //! with an error; only an oversized frame (the stream cannot be
-//! resynchronised) or a refused hello ends the connection. The peer's pid
-//! is tied to its start time, so a connection that outlives its process
-//! never speaks for another process given the same pid.
+//! resynchronised) or a refused hello ends the connection. The peer is
+//! held by a pidfd and its start time, so a connection that outlives its
+//! process never speaks for another process given the same pid.
 
 use std::{
     sync::{
@@ -96,10 +96,6 @@ pub(super) async fn run(
         tracing::warn!(uid, %message, "control connection refused");
         out.send(ToLibrary::Error { message });
     };
-    let peer = cred
-        .pid()
-        .and_then(|p| u32::try_from(p).ok())
-        .map(|pid| identify(pidfd, pid, uid));
     if let Err(why) = counted.as_uid(uid, limits.max_connections_per_uid) {
         refuse(why);
     } else if !allowed {
@@ -108,6 +104,10 @@ pub(super) async fn run(
         ));
         linger(&mut rd).await;
     } else {
+        let peer = cred
+            .pid()
+            .and_then(|p| u32::try_from(p).ok())
+            .map(|pid| identify(pidfd, pid, uid));
         match peer {
             None => {
                 refuse("the peer's pid is unknown".into());

@@ -675,11 +675,9 @@ fn same_process(peer: &Peer) -> Result<(), AgentError> {
     {
         return Err(AgentError::PeerGone { pid: peer.pid });
     }
-    match crate::procfs::start_time(peer.pid) {
-        Ok(t) if t == peer.start_time => Ok(()),
-        Ok(_) | Err(AgentError::NoSuchProcess { .. }) => {
-            Err(AgentError::PeerGone { pid: peer.pid })
-        }
-        Err(e) => Err(e),
+    match crate::procfs::liveness(peer.pid, peer.start_time) {
+        crate::procfs::Liveness::Alive => Ok(()),
+        crate::procfs::Liveness::Gone => Err(AgentError::PeerGone { pid: peer.pid }),
+        crate::procfs::Liveness::Unknown(e) => Err(e),
     }
 }

@@ -1,6 +1,6 @@
 //! The agent's HTTP endpoint, with axum on the agent's runtime: `GET
 //! /metrics` (Prometheus text, rendered from the last snapshot) and `GET
-//! /healthz`.
+//! /healthz` (whether the owner still ticks).
 
 use std::net::SocketAddr;
 
@@ -10,7 +10,7 @@ use crate::owner::Snapshots;
 
 async fn metrics(State(snapshots): State<Snapshots>) -> impl IntoResponse {
     let snapshot = snapshots.next().await;
-    match crate::metrics::render(&snapshot) {
+    match crate::metrics::render(&snapshot, snapshots.liveness()) {
         Ok(t) => (
             StatusCode::OK,
             [("content-type", "text/plain; version=0.0.4")],
@@ -24,8 +24,22 @@ async fn metrics(State(snapshots): State<Snapshots>) -> impl IntoResponse {
     }
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// `ok` while the owner ticks; 503, with how long it has not, once it
+/// has stopped (see `Liveness::stalled_after`).
+async fn healthz(State(snapshots): State<Snapshots>) -> (StatusCode, String) {
+    let l = snapshots.liveness();
+    if l.stalled {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "stalled: no tick has ended for {} ms (the tick period is {} ms)\n",
+                l.age.as_millis(),
+                l.period.as_millis()
+            ),
+        )
+    } else {
+        (StatusCode::OK, "ok\n".into())
+    }
 }
 
 /// Binds `addr` and serves until the task is aborted. Returns the bound

@@ -23,6 +23,7 @@ pub mod control;
 pub mod cpus;
 pub mod cpuset;
 pub mod error;
+pub mod faults;
 pub mod http;
 pub mod metrics;
 pub mod mounts;

@@ -15,6 +15,8 @@ fn main() -> ExitCode {
         // Colours only on a terminal: a log file or journald gets plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    #[cfg(feature = "failpoints")]
+    let _faults = nodedb_governor_agent::faults::setup();
     let result = match Cli::parse().command {
         Command::Run { config: path } => cli::load_config(path.as_ref()).and_then(|config| {
             tokio::runtime::Builder::new_current_thread()

@@ -40,7 +40,7 @@
 
 use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use crate::owner::Snapshot;
+use crate::owner::{Liveness, Snapshot};
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
     let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
@@ -64,7 +64,7 @@ fn sat(v: u64) -> i64 {
 }
 
 /// The metrics text for `snapshot`.
-pub fn render(snapshot: &Snapshot) -> prometheus::Result<String> {
+pub fn render(snapshot: &Snapshot, alive: Liveness) -> prometheus::Result<String> {
     let status = &snapshot.report;
     let health = snapshot.health;
     let r = Registry::new();
@@ -322,7 +322,11 @@ pub fn render(snapshot: &Snapshot) -> prometheus::Result<String> {
             g.set(v);
             Ok(())
         };
-        plain("nodedb_governor_agent_up", "1 while the agent runs", 1)?;
+        plain(
+            "nodedb_governor_agent_up",
+            "1 while the agent's owner ticks; 0 once no tick has ended for 5 periods (2 s at least)",
+            i64::from(!alive.stalled),
+        )?;
         plain(
             "nodedb_governor_emergency",
             "1 while the database is at the emergency threshold of its ceiling",
@@ -451,6 +455,12 @@ pub fn render(snapshot: &Snapshot) -> prometheus::Result<String> {
         )?;
         r.register(Box::new(tick.clone()))?;
         tick.set(health.last_tick.as_secs_f64());
+        let age = prometheus::Gauge::new(
+            "nodedb_governor_agent_last_tick_age_seconds",
+            "Time since the last tick ended",
+        )?;
+        r.register(Box::new(age.clone()))?;
+        age.set(alive.age.as_secs_f64());
         let mut out = Vec::new();
         TextEncoder::new().encode(&r.gather(), &mut out)?;
         Ok(String::from_utf8_lossy(&out).into_owned())

@@ -48,7 +48,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     tracing::info!(socket = %admin_path.display(), "agent running");
     let control_listener = bind_socket(&control_path)?;
     tracing::info!(socket = %control_path.display(), "control socket open");
-    let metrics = match metrics_addr {
+    let mut metrics = match metrics_addr {
         Some(addr) => {
             let (bound, task) = http::serve(agent.snapshots(), addr).await?;
             tracing::info!(addr = %bound, "serving /metrics");
@@ -59,12 +59,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     };
 
     let (inputs, rx) = mpsc::channel(INPUT_QUEUE);
-    let admin = tokio::spawn(admin::server::serve(
+    let mut admin = tokio::spawn(admin::server::serve(
         admin_listener,
         inputs.clone(),
         agent.snapshots(),
     ));
-    let control = tokio::spawn(control::serve(
+    let mut control = tokio::spawn(control::serve(
         control_listener,
         inputs.clone(),
         agent.configs(),
@@ -73,7 +73,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
 
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let owner_ended = loop {
+    // None: a signal to stop. Otherwise the task that ended on its own:
+    // none of them does but by a panic or a failed listener, and an agent
+    // without its owner, its sockets or its endpoint is one the service
+    // manager must restart (it exits non-zero; its pins stay, for the
+    // agent started next to carry on from them).
+    let ended: Option<(&str, Result<(), tokio::task::JoinError>)> = loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {
                 tracing::info!("SIGINT: stopping");
@@ -84,10 +89,15 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
                 break None;
             }
             _ = hup.recv() => reload(&inputs, config_path.as_ref()).await,
-            // It only ends on its own by a panic: nothing is enforced any
-            // more, so the agent stops (and its pins stay, for the agent
-            // that is started next to carry on from them).
-            ended = &mut owner => break Some(ended),
+            ended = &mut owner => break Some(("the owner", ended)),
+            ended = &mut admin => break Some(("the admin socket's server", ended)),
+            ended = &mut control => break Some(("the control socket's server", ended)),
+            ended = async {
+                match metrics.as_mut() {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            } => break Some(("the metrics endpoint", ended)),
         }
     };
     admin.abort();
@@ -95,11 +105,22 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     if let Some(m) = metrics {
         m.abort();
     }
-    let result = match owner_ended {
-        Some(ended) => match ended {
-            Err(e) => Err(anyhow::anyhow!("the agent's owner task failed: {e}")),
-            Ok(()) => Err(anyhow::anyhow!("the agent's owner task stopped")),
-        },
+    let result = match ended {
+        Some((task, ended)) => {
+            let why = match ended {
+                Err(e) if e.is_panic() => format!("{task} task panicked"),
+                Err(e) => format!("{task} task failed: {e}"),
+                Ok(()) => format!("{task} task stopped"),
+            };
+            tracing::error!(%why, "the agent stops");
+            if !owner.is_finished() {
+                // The owner itself is well: it leaves the kernel as a stop
+                // leaves it.
+                let _ = inputs.send(Input::Stop).await;
+                let _ = owner.await;
+            }
+            Err(anyhow::anyhow!("{why}: the agent stopped"))
+        }
         None => {
             // Sessions may still hold senders: the owner is told to stop.
             let _ = inputs.send(Input::Stop).await;

@@ -16,6 +16,7 @@ pub async fn serve(listener: UnixListener, owner: mpsc::Sender<Input>, snapshots
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                crate::faults::accepted("admin-accept");
                 tokio::spawn(connection(stream, owner.clone(), snapshots.clone()));
             }
             Err(e) => {

@@ -166,6 +166,7 @@ pub async fn serve(
                 continue;
             }
         };
+        crate::faults::accepted("control-accept");
         let limits = config.borrow().control;
         let counted = match open.open(limits.max_connections) {
             Ok(c) => c,

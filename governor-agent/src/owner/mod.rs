@@ -23,7 +23,7 @@ use std::{
 };
 
 use nodedb_governor_common::MarkEvent;
-pub use snapshot::{Health, Snapshot, Snapshots};
+pub use snapshot::{Health, Liveness, Snapshot, Snapshots};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::{mpsc, oneshot, watch},
@@ -237,9 +237,13 @@ impl Agent {
                     }
                 }
                 _ = interval.tick() => {
+                    if let Some(stall) = crate::faults::owner_stall() {
+                        tokio::time::sleep(stall).await;
+                    }
                     self.tick();
                     // Calm, busy, or a reload changed the tick.
                     self.retime(&mut interval, self.period(false));
+                    self.wanted.beat.beat(self.health.period);
                 }
                 // A reader waits for a snapshot: built now, not at the
                 // next (maybe calm) tick.

@@ -5,7 +5,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -37,16 +37,93 @@ pub struct Snapshot {
 }
 
 /// A reader's request for a snapshot: the flag the owner clears when it
-/// publishes one, and its wake-up.
-#[derive(Debug, Default)]
+/// publishes one, and its wake-up; and the owner's heartbeat, which the
+/// readers judge without asking the owner anything.
+#[derive(Debug)]
 pub(super) struct Wanted {
     pub flag: AtomicBool,
     pub wake: Notify,
+    pub beat: Heartbeat,
 }
 
 impl Wanted {
+    /// A snapshot is wanted at once (the first tick builds one).
+    pub fn new() -> Self {
+        Self {
+            flag: AtomicBool::new(true),
+            wake: Notify::new(),
+            beat: Heartbeat::new(),
+        }
+    }
+
     pub fn is_set(&self) -> bool {
         self.flag.load(Ordering::Relaxed)
+    }
+}
+
+/// A tick that has not ended for this long, at least, means the owner has
+/// stopped (the calm tick is seconds at most; a tick under load, a few
+/// hundred milliseconds).
+pub const STALLED_FLOOR: Duration = Duration::from_secs(2);
+/// ... and for this many of its periods.
+pub const STALLED_PERIODS: u32 = 5;
+
+/// When the owner last ended a tick, and its period then. Written by the
+/// owner, read by `/healthz`, `/metrics` and `status` when they answer,
+/// so that an owner that stopped ticking (stuck on an await, or a loop
+/// that no longer reaches its tick) shows however long it has been,
+/// even though every snapshot it published before says it was fine.
+#[derive(Debug)]
+pub struct Heartbeat {
+    origin: Instant,
+    /// Nanoseconds from `origin` to the end of the last tick (0: none yet;
+    /// the age is then counted from the start).
+    last_ns: AtomicU64,
+    period_ms: AtomicU64,
+}
+
+/// How long ago the owner last ended a tick, and whether that is too long.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Liveness {
+    pub age: Duration,
+    pub period: Duration,
+    pub stalled: bool,
+}
+
+impl Liveness {
+    /// How long a tick may be awaited before the owner counts as stopped.
+    pub fn stalled_after(period: Duration) -> Duration {
+        (period * STALLED_PERIODS).max(STALLED_FLOOR)
+    }
+}
+
+impl Heartbeat {
+    fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            last_ns: AtomicU64::new(0),
+            period_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// A tick has ended; the next is due within `period`.
+    pub fn beat(&self, period: Duration) {
+        let ns = self.origin.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.period_ms
+            .store(period.as_millis() as u64, Ordering::Relaxed);
+        self.last_ns.store(ns.max(1), Ordering::Relaxed);
+    }
+
+    /// The owner's liveness as of `now`.
+    pub fn at(&self, now: Instant) -> Liveness {
+        let last = self.origin + Duration::from_nanos(self.last_ns.load(Ordering::Relaxed));
+        let period = Duration::from_millis(self.period_ms.load(Ordering::Relaxed));
+        let age = now.saturating_duration_since(last);
+        Liveness {
+            age,
+            period,
+            stalled: age > Liveness::stalled_after(period),
+        }
     }
 }
 
@@ -76,6 +153,11 @@ impl Snapshots {
         self.wanted.wake.notify_one();
         let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
         rx.borrow_and_update().clone()
+    }
+
+    /// Whether the owner still ticks, as of now.
+    pub fn liveness(&self) -> Liveness {
+        self.wanted.beat.at(Instant::now())
     }
 }
 
@@ -151,5 +233,41 @@ impl Agent {
             }
             Err(e) => tracing::warn!(error = %e, "reading attribution"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The owner counts as stopped once no tick has ended for five of its
+    /// periods, and never sooner than the floor (a calm tick of a second
+    /// is not a stall); a tick that ends makes it live again.
+    #[test]
+    fn the_owner_is_stalled_past_five_periods_or_the_floor() {
+        let beat = Heartbeat::new();
+        let start = beat.origin;
+        // No tick yet: the age counts from the start.
+        let l = beat.at(start + Duration::from_millis(1500));
+        assert_eq!(l.age, Duration::from_millis(1500));
+        assert!(!l.stalled, "{l:?}");
+        assert!(
+            beat.at(start + STALLED_FLOOR + Duration::from_millis(1))
+                .stalled
+        );
+
+        beat.beat(Duration::from_millis(20));
+        let ended = start + Duration::from_nanos(beat.last_ns.load(Ordering::Relaxed));
+        assert!(!beat.at(ended + STALLED_FLOOR).stalled, "the floor holds");
+        let l = beat.at(ended + STALLED_FLOOR + Duration::from_millis(1));
+        assert!(l.stalled && l.period == Duration::from_millis(20), "{l:?}");
+
+        // A calm period of a second: five of them.
+        beat.beat(Duration::from_secs(1));
+        let ended = start + Duration::from_nanos(beat.last_ns.load(Ordering::Relaxed));
+        assert!(!beat.at(ended + Duration::from_millis(4900)).stalled);
+        assert!(beat.at(ended + Duration::from_millis(5001)).stalled);
+        // A reading from before the last beat is not a negative age.
+        assert_eq!(beat.at(start).age, Duration::ZERO);
     }
 }

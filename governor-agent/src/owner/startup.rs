@@ -1,12 +1,7 @@
 //! Start-up: the kernel side the agent owns, made (or taken over from an
 //! agent that was killed) before anything is served.
 
-use std::{
-    collections::BTreeMap,
-    path::PathBuf,
-    sync::{Arc, atomic::AtomicBool},
-    time::Duration,
-};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
@@ -94,10 +89,7 @@ impl Agent {
             metrics_addr: None,
             _program_stats: program_stats,
             programs: Vec::new(),
-            wanted: Arc::new(super::snapshot::Wanted {
-                flag: AtomicBool::new(true),
-                wake: Default::default(),
-            }),
+            wanted: Arc::new(super::snapshot::Wanted::new()),
             scanned: None,
             marks_polled: false,
             sched_thread: None,

@@ -168,6 +168,7 @@ fn main() -> anyhow::Result<()> {
             &args.work.join("control.sock"),
             &args.work.join("agent.sock"),
         ],
+        &[],
         Duration::from_secs(180),
     );
     let agent_log = || std::fs::read_to_string(args.work.join("agent.log")).unwrap_or_default();

@@ -9,6 +9,8 @@ use std::{
 
 use serde::de::DeserializeOwned;
 
+use crate::wait::poll;
+
 use super::{
     agent_binary::agent_binary,
     cgroup::RemovedCgroup,
@@ -36,6 +38,8 @@ pub struct Agent {
     pub control: PathBuf,
     /// The admin socket the CLI (`status`, `assign`) talks to.
     pub admin: PathBuf,
+    /// The agent's fault points (`FAILPOINTS`), kept for a restart.
+    faults: String,
 }
 
 impl Agent {
@@ -48,6 +52,14 @@ impl Agent {
     /// the engines), with its log in `agent.log`; returns once it serves
     /// both sockets.
     pub fn start(prefix: &str, config: &str) -> Self {
+        Self::start_with_faults(prefix, config, "")
+    }
+
+    /// [`start`], with the agent's fault points set (`FAILPOINTS`, see
+    /// `nodedb_governor_agent::faults`): `owner-stall=return(MS)`, say.
+    ///
+    /// [`start`]: Self::start
+    pub fn start_with_faults(prefix: &str, config: &str, faults: &str) -> Self {
         let dir = ScratchDir::new(prefix);
         let database = dir.name().to_owned();
         dir.write(
@@ -66,7 +78,7 @@ impl Agent {
             cgroups.push(RemovedCgroup::new(root.join(&database)));
         }
         let _pins = RemovedPins(database.clone());
-        let child = Self::launch(&dir, &control, &admin);
+        let child = Self::launch(&dir, &control, &admin, faults);
         let mut agent = Self {
             child,
             cgroups,
@@ -75,6 +87,7 @@ impl Agent {
             database,
             control,
             admin,
+            faults: faults.to_owned(),
         };
         // The ceiling's cgroup when the memory controller is on v1, and
         // the cpuset's when that one is.
@@ -89,13 +102,14 @@ impl Agent {
         agent
     }
 
-    fn launch(dir: &ScratchDir, control: &Path, admin: &Path) -> Reaped {
+    fn launch(dir: &ScratchDir, control: &Path, admin: &Path, faults: &str) -> Reaped {
         let log = dir.path().join("agent.log");
         launch(
             &agent_binary(),
             &dir.path().join("governor.toml"),
             &log,
             &[control, admin],
+            &[("FAILPOINTS", faults)],
             Self::START_TIMEOUT,
         )
         .unwrap_or_else(|e| panic!("{e}: {}", std::fs::read_to_string(&log).unwrap_or_default()))
@@ -135,13 +149,24 @@ impl Agent {
         let _ = self.child.wait();
     }
 
+    /// How the agent exited, if it does within `timeout` (on its own: it
+    /// is not signalled).
+    pub fn exit_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        poll(timeout, Duration::from_millis(20), || {
+            status = self.child.try_wait().expect("waiting for the agent");
+            status.is_some()
+        });
+        status
+    }
+
     /// Starts the agent again on the same configuration (after [`kill`]).
     ///
     /// [`kill`]: Self::kill
     pub fn restart(&mut self) {
         let _ = std::fs::remove_file(&self.control);
         let _ = std::fs::remove_file(&self.admin);
-        self.child = Self::launch(&self.dir, &self.control, &self.admin);
+        self.child = Self::launch(&self.dir, &self.control, &self.admin, &self.faults);
     }
 
     /// Runs the CLI with `args` against this agent's admin socket.

@@ -41,6 +41,10 @@ pub fn agent_binary() -> PathBuf {
             "nodedb-governor-agent",
             "--bin",
             "nodedb-governor",
+            // As the tests' own build has it (their dependency on the
+            // agent asks for its fault points).
+            "--features",
+            "failpoints",
         ]);
         if profile_dir.ends_with("release") {
             build.arg("--release");

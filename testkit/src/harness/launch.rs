@@ -27,8 +27,8 @@ pub enum LaunchError {
     },
 }
 
-/// Runs `bin run --config <config>` with its stderr (the agent's log) in
-/// `log`, and waits up to `timeout` for every one of `sockets` to exist.
+/// Runs `bin run --config <config>` with `env` added to its environment
+/// and its stderr (the agent's log) in `log`, and waits up to `timeout` for every one of `sockets` to exist.
 /// An agent that exits first, or does not open them in time, is an error
 /// (and is killed).
 pub fn launch(
@@ -36,6 +36,7 @@ pub fn launch(
     config: &Path,
     log: &Path,
     sockets: &[&Path],
+    env: &[(&str, &str)],
     timeout: Duration,
 ) -> Result<Reaped, LaunchError> {
     let spawn = |source| LaunchError::Spawn {
@@ -46,6 +47,7 @@ pub fn launch(
         Command::new(bin)
             .args(["run", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .stderr(std::fs::File::create(log).map_err(spawn)?)
             .spawn()
             .map_err(spawn)?,

@@ -14,6 +14,7 @@ mod ceiling;
 mod control_socket;
 mod delegation;
 mod ladder;
+mod liveness;
 mod metrics;
 mod numa;
 mod observe;

@@ -282,13 +282,35 @@ impl Subtree {
         Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
     }
 
-    /// Engine of the cgroup a thread is in, if any (from /proc).
-    pub fn engine_of_thread(&self, pid: u32, tid: u32) -> Option<String> {
-        let text = fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup")).ok()?;
-        let v2 = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-        let name = v2.rsplit('/').next()?;
-        let engine = name.strip_prefix("engine-")?;
-        self.engines.contains_key(engine).then(|| engine.to_owned())
+    /// The cgroup v2 path `tid` of `pid` is in, as `/proc` shows it
+    /// (relative to the reader's cgroup namespace).
+    pub fn cgroup_of_thread(pid: u32, tid: u32) -> Result<String, AgentError> {
+        let path = format!("/proc/{pid}/task/{tid}/cgroup");
+        let text = fs::read_to_string(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => AgentError::NoSuchThread { pid, tid },
+            _ => AgentError::io(format!("reading {path}"), e),
+        })?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(str::to_owned)
+            .ok_or_else(|| AgentError::io(path, io::Error::other("no cgroup v2 line")))
+    }
+
+    /// The engine whose cgroup `path` (as [`cgroup_of_thread`] reads it)
+    /// is, if any: the whole path under the mount the subtree is in, not
+    /// its last name (another cgroup called `engine-vector` is not the
+    /// vector engine's). /proc shows it from the root of the agent's
+    /// cgroup namespace, which is that mount's root (the init namespace,
+    /// or a container's own with its own mount).
+    ///
+    /// [`cgroup_of_thread`]: Self::cgroup_of_thread
+    pub fn engine_of(&self, path: &str) -> Option<&str> {
+        let mount = self.domain.parent()?;
+        let dir = mount.join(path.trim_start_matches('/'));
+        self.engines
+            .iter()
+            .find(|(_, cg)| cg.dir == dir)
+            .map(|(name, _)| name.as_str())
     }
 
     /// Removes the engine cgroups, `shared` and the domain cgroup (they
@@ -306,4 +328,47 @@ fn write_file(path: &Path, text: &str) -> io::Result<()> {
     // cgroupfs wants a single write(2) per value.
     let mut f = fs::OpenOptions::new().write(true).open(path)?;
     f.write_all(text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subtree() -> Subtree {
+        let dir = PathBuf::from("/sys/fs/cgroup/db/shared");
+        let engine = |name: &str| EngineCgroup {
+            dir: dir.join(format!("engine-{name}")),
+            id: 0,
+        };
+        Subtree {
+            domain: "/sys/fs/cgroup/db".into(),
+            engines: [("vector", engine("vector")), ("query", engine("query"))]
+                .into_iter()
+                .map(|(n, c)| (n.to_owned(), c))
+                .collect(),
+            dir,
+            own: BTreeMap::new(),
+        }
+    }
+
+    /// A thread's cgroup is an engine's only by its whole path under the
+    /// mount, never by its last name alone.
+    #[test]
+    fn a_cgroup_is_an_engines_by_its_whole_path() {
+        let s = subtree();
+        assert_eq!(s.engine_of("/db/shared/engine-vector"), Some("vector"));
+        assert_eq!(s.engine_of("/db/shared/engine-query"), Some("query"));
+        for other in [
+            "/other/shared/engine-vector",
+            "/shared/engine-vector",
+            "/engine-vector",
+            "/engine-vector-x",
+            "/db/shared",
+            "/db/shared/engine-vector/sub",
+            "/",
+            "",
+        ] {
+            assert_eq!(s.engine_of(other), None, "{other}");
+        }
+    }
 }

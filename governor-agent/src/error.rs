@@ -25,6 +25,14 @@ pub enum AgentError {
     PeerGone { pid: u32 },
     #[error("thread {tid} does not belong to process {pid}")]
     NoSuchThread { pid: u32, tid: u32 },
+    #[error(
+        "thread {tid} was said to be moved into engine `{engine}`'s cgroup, but it is in {found}: the agent moves nothing on a library's word"
+    )]
+    NotMoved {
+        tid: u32,
+        engine: String,
+        found: String,
+    },
     #[error("unknown engine `{name}` (configured engines: {known})")]
     UnknownEngine { name: String, known: String },
     #[error(

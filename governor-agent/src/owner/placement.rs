@@ -241,7 +241,7 @@ impl Agent {
 
     /// A library's thread started working for `engine`. `moved`: the
     /// library put it in the engine's cgroup itself (a delegated subtree);
-    /// the thread must at least be the process's.
+    /// the agent checks that it is there (and is the process's).
     pub(super) fn place_thread(
         &mut self,
         pid: u32,
@@ -254,6 +254,21 @@ impl Agent {
         }
         if !procfs::threads(pid)?.contains(&tid) {
             return Err(AgentError::NoSuchThread { pid, tid });
+        }
+        // On the library's word alone, a thread left in `shared` would be
+        // counted as governed and pinned as the engine's: its cgroup is
+        // read.
+        let found = match &self.subtree {
+            Some(_) => crate::cgroup::Subtree::cgroup_of_thread(pid, tid)?,
+            None => "no cgroup of this agent's (it manages no cgroup v2 subtree)".into(),
+        };
+        let theirs = self.subtree.as_ref().and_then(|s| s.engine_of(&found));
+        if theirs != Some(engine) {
+            return Err(AgentError::NotMoved {
+                tid,
+                engine: engine.to_owned(),
+                found,
+            });
         }
         self.pin(engine, &[tid]);
         tracing::info!(pid, tid, %engine, "thread moved by the library (delegated subtree)");

@@ -484,3 +484,43 @@ fn a_connection_that_outlives_its_process_moves_no_other_process() {
     let _ = other.kill();
     let _ = other.wait();
 }
+
+/// A library that says it moved its thread into an engine's cgroup
+/// itself (`moved: true`, as it may in a delegated subtree) without having
+/// done so is refused, naming where the thread is: the agent reads the
+/// thread's cgroup rather than pin and count it on the library's word.
+#[test]
+fn a_thread_said_to_be_moved_but_not_in_its_engines_cgroup_is_refused() {
+    if skip_unless_privileged("control socket: moved threads") {
+        return;
+    }
+    let agent = super::start_agent("");
+    let (mut s, mut d) = connect(&agent);
+    s.write_all(&hello(&agent.database, &["vector"])).unwrap();
+    assert!(matches!(reply(&mut s, &mut d), ToLibrary::Welcome { .. }));
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() } as u32;
+    s.write_all(&wire::encode(&ToAgent::Thread {
+        tid,
+        engine: "vector".into(),
+        moved: true,
+    }))
+    .unwrap();
+    let answer = loop {
+        match reply(&mut s, &mut d) {
+            ToLibrary::Limits { .. } | ToLibrary::Pressure { .. } => continue,
+            other => break other,
+        }
+    };
+    match answer {
+        ToLibrary::Error { message } => assert!(
+            message.contains(&format!(
+                "thread {tid} was said to be moved into engine `vector`'s cgroup, but it is in"
+            )),
+            "{message}"
+        ),
+        other => panic!("a thread left where it was was taken as moved: {other:?}"),
+    }
+    let log = agent.log();
+    assert!(!log.contains("thread moved by the library"), "{log}");
+}

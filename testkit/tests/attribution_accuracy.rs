@@ -374,7 +374,7 @@ fn accuracy_with_cgroup_identity() {
         for tid in tids {
             subtree.move_thread(tid, &name).expect("moving thread");
             assert_eq!(
-                subtree.engine_of_thread(probe.pid, tid).as_deref(),
+                subtree.engine_of(&Subtree::cgroup_of_thread(probe.pid, tid).unwrap()),
                 Some(name.as_str())
             );
         }

@@ -513,6 +513,12 @@ pub struct Config {
     /// Uids allowed on the control socket (root always is).
     #[serde(default)]
     pub allowed_uids: Vec<u32>,
+    /// Besides root, the members of this group (a name, or a gid) may use
+    /// the admin socket (`status`, `assign`); the socket is given to it
+    /// (mode 0660). Absent: root alone. Checked against each peer's
+    /// credentials, not only by the socket's mode.
+    #[serde(default)]
+    pub admin_group: Option<GroupSpec>,
     /// Connection limits and timeouts of the control socket.
     #[serde(default)]
     pub control: ControlConfig,
@@ -586,6 +592,23 @@ fn default_run_dir() -> PathBuf {
 pub struct ConfigError {
     pub field: String,
     pub reason: String,
+}
+
+/// A group, by name or by id.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum GroupSpec {
+    Gid(u32),
+    Name(String),
+}
+
+impl std::fmt::Display for GroupSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Gid(g) => write!(f, "gid {g}"),
+            Self::Name(n) => write!(f, "group `{n}`"),
+        }
+    }
 }
 
 fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -857,6 +880,11 @@ impl Config {
                     t.restore, t.critical
                 ),
             ));
+        }
+        if let Some(GroupSpec::Name(name)) = &self.admin_group
+            && (name.is_empty() || name.len() > 256 || name.contains(['\0', ':', '\n']))
+        {
+            return Err(err("admin_group", format!("{name:?} is not a group name")));
         }
         if let Some(uid) = self.delegate_uid
             && !self.allowed_uids.contains(&uid)

@@ -33,6 +33,10 @@ pub enum AgentError {
         engine: String,
         found: String,
     },
+    #[error(
+        "process {pid} runs as uid {uid}: {by} may not assign it (only processes of the uids in allowed_uids, and of root for root)"
+    )]
+    AssignRefused { pid: u32, uid: u32, by: String },
     #[error("unknown engine `{name}` (configured engines: {known})")]
     UnknownEngine { name: String, known: String },
     #[error(

@@ -37,6 +37,55 @@ pub fn check_prerequisites() -> Result<(), AgentError> {
     Ok(())
 }
 
+/// The gid of `group`: a gid as it is, a name looked up as the system
+/// does (`getgrnam_r`: /etc/group, or the directory NSS names).
+pub fn resolve_group(group: &crate::config::GroupSpec) -> Result<u32, AgentError> {
+    let name = match group {
+        crate::config::GroupSpec::Gid(g) => return Ok(*g),
+        crate::config::GroupSpec::Name(n) => n,
+    };
+    let missing = |reason: String| {
+        AgentError::Config(crate::config::ConfigError {
+            field: "admin_group".into(),
+            reason,
+        })
+    };
+    let c_name = std::ffi::CString::new(name.as_str())
+        .map_err(|_| missing(format!("{name:?} holds a NUL")))?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: zeroed is a valid `group` (pointers null, ids 0).
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is to live memory of the length given;
+        // `grp`'s strings point into `buf`, read before it is dropped.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                c_name.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        match rc {
+            0 if found.is_null() => {
+                return Err(missing(format!(
+                    "no group is named `{name}` on this machine"
+                )));
+            }
+            0 => return Ok(grp.gr_gid),
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            e => {
+                return Err(AgentError::io(
+                    format!("looking up group `{name}`"),
+                    std::io::Error::from_raw_os_error(e),
+                ));
+            }
+        }
+    }
+}
+
 /// Raises `pid`'s `RLIMIT_MEMLOCK` (soft, and hard where it is lower) to
 /// at least `bytes` with `prlimit` (needs `CAP_SYS_RESOURCE` to raise the
 /// hard limit, or to touch another user's process). A limit already at or
@@ -83,6 +132,22 @@ pub fn raise_memlock(pid: u32, bytes: u64) -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::GroupSpec;
+
+    /// Names are looked up as the system does; a gid is taken as it is;
+    /// a group the machine lacks is named in the error.
+    #[test]
+    fn admin_groups_resolve_by_name_or_gid() {
+        assert_eq!(resolve_group(&GroupSpec::Name("root".into())).unwrap(), 0);
+        assert_eq!(resolve_group(&GroupSpec::Gid(4242)).unwrap(), 4242);
+        let e = resolve_group(&GroupSpec::Name("nodedb-no-such-group".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("admin_group") && e.contains("no group is named `nodedb-no-such-group`"),
+            "{e}"
+        );
+    }
 
     fn memlock_of(pid: u32) -> u64 {
         let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();

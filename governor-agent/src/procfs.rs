@@ -162,6 +162,48 @@ pub fn threads(pid: u32) -> Result<Vec<u32>, AgentError> {
         .collect())
 }
 
+/// Who a process acts as: its effective uid and gid, and its
+/// supplementary groups.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl Creds {
+    pub fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.groups.contains(&gid)
+    }
+}
+
+/// Parses the `Uid:`, `Gid:` and `Groups:` lines of /proc/<pid>/status
+/// (the effective id is the second of each).
+pub fn parse_creds(status: &str) -> Option<Creds> {
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name));
+    let effective =
+        |name: &str| -> Option<u32> { field(name)?.split_whitespace().nth(1)?.parse().ok() };
+    Some(Creds {
+        uid: effective("Uid:")?,
+        gid: effective("Gid:")?,
+        groups: field("Groups:")?
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .ok()?,
+    })
+}
+
+/// `pid`'s credentials, read now.
+pub fn creds(pid: u32) -> Result<Creds, AgentError> {
+    parse_creds(&read(pid, "status")?).ok_or_else(|| {
+        AgentError::io(
+            format!("parsing /proc/{pid}/status"),
+            std::io::Error::other("no Uid:, Gid: or Groups: line"),
+        )
+    })
+}
+
 /// Effective capability bits of this process.
 pub fn effective_caps() -> Option<u64> {
     let status = fs::read_to_string("/proc/self/status").ok()?;
@@ -172,6 +214,29 @@ pub fn effective_caps() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_are_the_effective_ids_and_every_group() {
+        let status = "Name:\tx\nUid:\t1000\t1001\t1000\t1001\nGid:\t100\t101\t100\t101\nGroups:\t4 24 27 \nVmRSS:\t1 kB\n";
+        let c = parse_creds(status).unwrap();
+        assert_eq!((c.uid, c.gid), (1001, 101));
+        assert_eq!(c.groups, [4, 24, 27]);
+        assert!(c.in_group(101) && c.in_group(24) && !c.in_group(100));
+        // No supplementary groups: an empty line.
+        let c = parse_creds("Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n").unwrap();
+        assert!(c.groups.is_empty());
+        assert_eq!(parse_creds("Uid:\t0\t0\t0\t0\nGroups:\t1\n"), None);
+        assert_eq!(
+            parse_creds("Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\tx\n"),
+            None
+        );
+        // This process's own, as the kernel shows them.
+        let mine = creds(std::process::id()).unwrap();
+        // SAFETY: geteuid/getegid have no preconditions.
+        assert_eq!((mine.uid, mine.gid), unsafe {
+            (libc::geteuid(), libc::getegid())
+        });
+    }
 
     /// Out of descriptors, `/proc` cannot be read: a process is then
     /// not known to be gone (the agent once forgot every governed process

@@ -33,6 +33,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     let admin_path = config.socket_path();
     let control_path = config.control_socket_path();
     let metrics_addr = config.metrics_addr;
+    let admin_gid = config
+        .admin_group
+        .as_ref()
+        .map(crate::privilege::resolve_group)
+        .transpose()?;
     let mut agent = Agent::start(config)?;
     // The owner runs here when the runtime has this one thread (the
     // binary's does); on another runtime its tasks could move, so the
@@ -44,9 +49,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     } else {
         tracing::warn!("not a current-thread runtime: realtime_priority is not applied");
     }
-    let admin_listener = bind_socket(&admin_path)?;
+    let admin_listener = bind_socket(&admin_path, admin_gid)?;
     tracing::info!(socket = %admin_path.display(), "agent running");
-    let control_listener = bind_socket(&control_path)?;
+    let control_listener = bind_socket(&control_path, None)?;
     tracing::info!(socket = %control_path.display(), "control socket open");
     let mut metrics = match metrics_addr {
         Some(addr) => {
@@ -61,6 +66,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     let (inputs, rx) = mpsc::channel(INPUT_QUEUE);
     let mut admin = tokio::spawn(admin::server::serve(
         admin_listener,
+        admin::server::Admins { gid: admin_gid },
         inputs.clone(),
         agent.snapshots(),
     ));
@@ -156,8 +162,9 @@ async fn reload(inputs: &mpsc::Sender<Input>, path: Option<&PathBuf>) {
     }
 }
 
-/// Binds a Unix socket at `path` (replacing a stale one), mode 0660.
-fn bind_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
+/// Binds a Unix socket at `path` (replacing a stale one), mode 0660, and
+/// gives it to `group` if one is named.
+fn bind_socket(path: &std::path::Path, group: Option<u32>) -> anyhow::Result<UnixListener> {
     // Only root may write where the socket is: nobody can swap it (or
     // the path chmod'ed below) for their own.
     if let Some(dir) = path.parent() {
@@ -172,5 +179,9 @@ fn bind_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o660))
         .with_context(|| format!("setting the mode of {}", path.display()))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::lchown(path, None, Some(gid))
+            .with_context(|| format!("giving {} to gid {gid}", path.display()))?;
+    }
     Ok(listener)
 }

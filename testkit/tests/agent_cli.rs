@@ -321,3 +321,145 @@ fn check_config_json_resolves_budgets_against_the_ceiling() {
     assert_eq!(engines[2]["essential"], false);
     assert_eq!(v["enforce"], true);
 }
+
+const NOBODY: u32 = 65534;
+const ADMINS: u32 = 4242;
+
+/// `cmd` run as `uid` (its gid the same number) with exactly `groups`.
+fn as_user<'c>(cmd: &'c mut Command, uid: u32, groups: &[u32]) -> &'c mut Command {
+    use std::os::unix::process::CommandExt;
+    let groups = groups.to_vec();
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(uid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The CLI run as `uid` with `groups` against `agent` (a copy of it in
+/// the agent's world-readable directory: the build tree may be out of
+/// that uid's reach).
+fn cli_as(agent: &Agent, uid: u32, groups: &[u32], args: &[&str]) -> Output {
+    let bin = agent.dir().copy_executable(&agent_binary());
+    as_user(Command::new(bin).args(args), uid, groups)
+        .arg("--socket")
+        .arg(&agent.admin)
+        .output()
+        .expect("running the CLI")
+}
+
+fn admin_agent(extra: &str) -> Agent {
+    Agent::start(
+        "nodedb-agent-test",
+        &format!(
+            "tick_ms = 20\nceiling = \"1GiB\"\nadmin_group = {ADMINS}\n{extra}\n\
+             [[engine]]\nname = \"vector\"\nbudget = \"50%\"\n\
+             [[engine]]\nname = \"query\"\nbudget = \"50%\"\n"
+        ),
+    )
+}
+
+/// The admin socket is given to the admin group (0660) and serves root
+/// and that group's members; anyone else is refused by their
+/// credentials, even on a socket whose mode would let them in.
+#[test]
+fn the_admin_socket_serves_root_and_the_admin_group_only() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if skip_unless_privileged("admin socket credentials") {
+        return;
+    }
+    let agent = admin_agent("");
+    let meta = std::fs::metadata(&agent.admin).unwrap();
+    assert_eq!((meta.gid(), meta.mode() & 0o777), (ADMINS, 0o660));
+
+    let member = cli_as(&agent, NOBODY, &[ADMINS], &["status", "--json"]);
+    assert!(member.status.success(), "{}", stderr(&member));
+
+    // A mode an operator loosened by mistake: the credentials still rule.
+    std::fs::set_permissions(&agent.admin, std::fs::Permissions::from_mode(0o666)).unwrap();
+    for args in [
+        &["status", "--json"][..],
+        &["assign", "--pid", "1", "--tid", "1", "--engine", "vector"],
+    ] {
+        let other = cli_as(&agent, NOBODY, &[], args);
+        assert!(!other.status.success(), "{args:?} served to a non-member");
+        assert!(
+            stderr(&other).contains(&format!(
+                "uid {NOBODY} may not use the admin socket: it takes root or a member of the admin group (gid {ADMINS})"
+            )),
+            "{}",
+            stderr(&other)
+        );
+    }
+    let root: StatusReport = agent.status();
+    assert_eq!(root.schema, "nodedb-governor.status.v1");
+}
+
+/// `assign` is checked as a library's thread is: only processes of the
+/// uids the control socket allows, root's only for root, and the admin
+/// group's members may place what they are allowed to.
+#[test]
+fn assign_moves_only_processes_of_allowed_uids() {
+    if skip_unless_privileged("admin socket assign checks") {
+        return;
+    }
+    let agent = admin_agent(&format!("allowed_uids = [{NOBODY}]"));
+    let spawn_as = |uid: u32| {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("120");
+        if uid != 0 {
+            as_user(&mut cmd, uid, &[]);
+        }
+        Reaped(cmd.spawn().expect("sleep"))
+    };
+    let stranger = spawn_as(NOBODY - 1);
+    let pid = stranger.id();
+    let out = assign(&agent, pid, pid, "vector");
+    assert!(
+        !out.status.success(),
+        "a process of a uid not allowed was moved"
+    );
+    assert!(
+        stderr(&out).contains(&format!(
+            "process {pid} runs as uid {}: root may not assign it",
+            NOBODY - 1
+        )),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!thread_cgroup(pid, pid).contains("engine-vector"));
+
+    let roots = spawn_as(0);
+    let rpid = roots.id().to_string();
+    let args = [
+        "assign", "--pid", &rpid, "--tid", &rpid, "--engine", "vector",
+    ];
+    let out = cli_as(&agent, NOBODY, &[ADMINS], &args);
+    assert!(
+        stderr(&out).contains(&format!(
+            "runs as uid 0: uid {NOBODY} (admin group) may not assign it"
+        )),
+        "{}",
+        stderr(&out)
+    );
+
+    let allowed = spawn_as(NOBODY);
+    let apid = allowed.id().to_string();
+    let args = [
+        "assign", "--pid", &apid, "--tid", &apid, "--engine", "vector",
+    ];
+    let out = cli_as(&agent, NOBODY, &[ADMINS], &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: StatusReport = agent.status();
+    assert!(
+        status.processes.iter().any(|p| p.pid == allowed.id()),
+        "the member's assign governs the process"
+    );
+}

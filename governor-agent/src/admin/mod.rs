@@ -1,8 +1,9 @@
 //! The agent's admin socket: newline-delimited JSON requests and replies.
 //! It serves `status` (the snapshot of the last tick) and `assign` (moving
 //! a thread into an engine by hand; libraries do it over the control
-//! channel). The socket is created 0660, so only root and the socket's
-//! group can use it. This module is the protocol and the client's call;
+//! channel). The socket is created 0660 (given to `admin_group` if one is
+//! configured), and the server admits root and that group's members by
+//! their credentials, whatever the mode. This module is the protocol and the client's call;
 //! [`server`] is the agent's side.
 
 pub mod server;

@@ -1,6 +1,8 @@
 //! The admin socket's server: one task per connection, one reply line per
 //! request line. `status` is answered from the last snapshot without
-//! asking the owner; `assign` goes to the owner.
+//! asking the owner; `assign` goes to the owner. A peer must be root or a
+//! member of the admin group (`admin_group`), checked by its credentials
+//! whatever the socket's mode says.
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -11,13 +13,68 @@ use tokio::{
 use super::{MAX_REQUEST_BYTES, Reply, Request, RequestError, parse_request};
 use crate::owner::{Input, Snapshots};
 
+/// Who may use the admin socket besides root.
+#[derive(Clone, Copy, Debug)]
+pub struct Admins {
+    /// The admin group's gid (`admin_group`), if one is configured.
+    pub gid: Option<u32>,
+}
+
+impl Admins {
+    /// The peer's uid if it may use the socket (None: root), or why not.
+    /// Its supplementary groups are read from /proc, and count only if
+    /// its pidfd shows that /proc was still its own when read.
+    fn admit(&self, stream: &UnixStream) -> Result<Option<u32>, String> {
+        let cred = stream
+            .peer_cred()
+            .map_err(|e| format!("the peer's credentials cannot be read: {e}"))?;
+        let uid = cred.uid();
+        if uid == 0 {
+            return Ok(None);
+        }
+        let refused = || match self.gid {
+            Some(gid) => format!(
+                "uid {uid} may not use the admin socket: it takes root or a member of the admin group (gid {gid})"
+            ),
+            None => format!(
+                "uid {uid} may not use the admin socket: it takes root (no admin_group is configured)"
+            ),
+        };
+        let Some(gid) = self.gid else {
+            return Err(refused());
+        };
+        if cred.gid() == gid {
+            return Ok(Some(uid));
+        }
+        let pid = cred
+            .pid()
+            .and_then(|p| u32::try_from(p).ok())
+            .ok_or_else(refused)?;
+        let pidfd = crate::procfs::peer_pidfd(std::os::fd::AsFd::as_fd(stream))
+            .or_else(|| crate::procfs::pidfd_open(pid))
+            .ok_or_else(refused)?;
+        let creds = crate::procfs::creds(pid).map_err(|_| refused())?;
+        let still_its_own = !crate::procfs::pidfd_exited(std::os::fd::AsFd::as_fd(&pidfd));
+        if still_its_own && creds.uid == uid && creds.in_group(gid) {
+            Ok(Some(uid))
+        } else {
+            Err(refused())
+        }
+    }
+}
+
 /// Accepts admin connections until the task is aborted.
-pub async fn serve(listener: UnixListener, owner: mpsc::Sender<Input>, snapshots: Snapshots) {
+pub async fn serve(
+    listener: UnixListener,
+    admins: Admins,
+    owner: mpsc::Sender<Input>,
+    snapshots: Snapshots,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 crate::faults::accepted("admin-accept");
-                tokio::spawn(connection(stream, owner.clone(), snapshots.clone()));
+                tokio::spawn(admitted(stream, admins, owner.clone(), snapshots.clone()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accepting an admin connection");
@@ -27,7 +84,43 @@ pub async fn serve(listener: UnixListener, owner: mpsc::Sender<Input>, snapshots
     }
 }
 
-async fn connection(stream: UnixStream, owner: mpsc::Sender<Input>, snapshots: Snapshots) {
+/// Serves the peer if it may use the socket; otherwise tells it why, in
+/// one error reply, and closes.
+async fn admitted(
+    mut stream: UnixStream,
+    admins: Admins,
+    owner: mpsc::Sender<Input>,
+    snapshots: Snapshots,
+) {
+    match admins.admit(&stream) {
+        Ok(by) => connection(stream, by, owner, snapshots).await,
+        Err(message) => {
+            tracing::warn!(%message, "admin connection refused");
+            // The peer's request is read (a line at most, a second at
+            // most) before the refusal is written: one that finds the
+            // connection closed under its write reads no reason.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                let mut line = Vec::new();
+                let limit = MAX_REQUEST_BYTES as u64;
+                let _ = BufReader::new(&mut stream)
+                    .take(limit)
+                    .read_until(b'\n', &mut line)
+                    .await;
+                let mut out = serde_json::to_vec(&Reply::Error { message }).unwrap_or_default();
+                out.push(b'\n');
+                let _ = stream.write_all(&out).await;
+            })
+            .await;
+        }
+    }
+}
+
+async fn connection(
+    stream: UnixStream,
+    by: Option<u32>,
+    owner: mpsc::Sender<Input>,
+    snapshots: Snapshots,
+) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -46,7 +139,7 @@ async fn connection(stream: UnixStream, owner: mpsc::Sender<Input>, snapshots: S
                 .and_then(|line| parse_request(line.trim_end()))
         };
         let reply = match request {
-            Ok(request) => answer(request, &owner, &snapshots).await,
+            Ok(request) => answer(request, by, &owner, &snapshots).await,
             Err(e) => Reply::Error {
                 message: e.to_string(),
             },
@@ -64,7 +157,12 @@ async fn connection(stream: UnixStream, owner: mpsc::Sender<Input>, snapshots: S
     }
 }
 
-async fn answer(request: Request, owner: &mpsc::Sender<Input>, snapshots: &Snapshots) -> Reply {
+async fn answer(
+    request: Request,
+    by: Option<u32>,
+    owner: &mpsc::Sender<Input>,
+    snapshots: &Snapshots,
+) -> Reply {
     let (pid, tid, engine) = match request {
         Request::Status => return Reply::Status(Box::new(snapshots.next().await.report.clone())),
         Request::Assign { pid, tid, engine } => (pid, tid, engine),
@@ -77,6 +175,7 @@ async fn answer(request: Request, owner: &mpsc::Sender<Input>, snapshots: &Snaps
         pid,
         tid,
         engine: engine.clone(),
+        by,
         reply,
     };
     if owner.send(input).await.is_err() {

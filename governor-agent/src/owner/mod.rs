@@ -74,11 +74,13 @@ pub enum Input {
     },
     /// The library's connection ended.
     Disconnected { session: SessionId },
-    /// `assign` on the admin socket: thread `tid` of `pid` into `engine`.
+    /// `assign` on the admin socket: thread `tid` of `pid` into `engine`,
+    /// asked by root (`by` None) or by a member of the admin group.
     Assign {
         pid: u32,
         tid: u32,
         engine: String,
+        by: Option<u32>,
         reply: oneshot::Sender<Result<(), AgentError>>,
     },
     /// SIGHUP: a new configuration (already parsed and valid on its own).
@@ -300,9 +302,10 @@ impl Agent {
                 pid,
                 tid,
                 engine,
+                by,
                 reply,
             } => {
-                let result = self.assign(pid, tid, &engine);
+                let result = self.assign(pid, tid, &engine, by);
                 if result.is_ok() {
                     // The caller may ask for the status next: show the
                     // process now, not at the next tick.

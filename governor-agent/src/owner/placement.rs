@@ -109,8 +109,47 @@ impl Agent {
         Ok(())
     }
 
-    /// Moves thread `tid` of `pid` into `engine`.
-    pub(super) fn assign(&mut self, pid: u32, tid: u32, engine: &str) -> Result<(), AgentError> {
+    /// `assign` on the admin socket: moves thread `tid` of `pid` into
+    /// `engine`, for root (`by` None) or a member of the admin group
+    /// (`by` its uid). Checked as a library's thread is: the process must
+    /// run as a uid the control socket allows (and, asked by a non-root
+    /// admin, not as root), and it is held by a pidfd from the first check
+    /// to the move, so a pid given to another process meanwhile is refused.
+    pub(super) fn assign(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        engine: &str,
+        by: Option<u32>,
+    ) -> Result<(), AgentError> {
+        let held = procfs::pidfd_open(pid).ok_or(AgentError::NoSuchProcess { pid })?;
+        let uid = procfs::creds(pid)?.uid;
+        let allowed = match by {
+            None => self.config.uid_allowed(uid),
+            Some(_) => self.config.allowed_uids.contains(&uid) && uid != 0,
+        };
+        if !allowed {
+            return Err(AgentError::AssignRefused {
+                pid,
+                uid,
+                by: by.map_or("root".into(), |u| format!("uid {u} (admin group)")),
+            });
+        }
+        if procfs::pidfd_exited(std::os::fd::AsFd::as_fd(&held)) {
+            return Err(AgentError::NoSuchProcess { pid });
+        }
+        self.place(pid, tid, engine)?;
+        if procfs::pidfd_exited(std::os::fd::AsFd::as_fd(&held)) {
+            // Exited after the checks: whatever was moved is the tick's
+            // to forget (the process is gone, its pid not yet reaped).
+            tracing::warn!(pid, tid, "the assigned process exited while it was placed");
+        }
+        Ok(())
+    }
+
+    /// Moves thread `tid` of `pid` into `engine` (a library's own thread,
+    /// or an `assign` checked first).
+    pub(super) fn place(&mut self, pid: u32, tid: u32, engine: &str) -> Result<(), AgentError> {
         procfs::start_time(pid)?;
         if !procfs::threads(pid)?.contains(&tid) {
             return Err(AgentError::NoSuchThread { pid, tid });
@@ -250,7 +289,7 @@ impl Agent {
         moved: bool,
     ) -> Result<(), AgentError> {
         if !moved {
-            return self.assign(pid, tid, engine);
+            return self.place(pid, tid, engine);
         }
         if !procfs::threads(pid)?.contains(&tid) {
             return Err(AgentError::NoSuchThread { pid, tid });

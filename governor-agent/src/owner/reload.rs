@@ -8,7 +8,7 @@ use crate::{config::Config, error::ReloadError, policy::Rules};
 impl Agent {
     /// Applies a new (valid) configuration at once, or refuses it whole:
     /// what only a restart can change (the database, identity, cgroup root,
-    /// sockets, the metrics address, delegation, observe mode, the set of
+    /// sockets and the admin group, the metrics address, delegation, observe mode, the set of
     /// engines) must be unchanged. Budgets, floors, thresholds, the
     /// ceiling, the tick, the allowed uids, the agent's
     /// `realtime_priority`, the NUMA split (`[numa]`, `node_weights`,
@@ -19,7 +19,7 @@ impl Agent {
     /// moved to the new CPUs.
     pub(super) fn reload(&mut self, new: Config) -> Result<(), ReloadError> {
         let old = &self.config;
-        let fixed: [(&'static str, bool); 10] = [
+        let fixed: [(&'static str, bool); 11] = [
             ("database", old.database == new.database),
             ("identity", old.identity == new.identity),
             ("cgroup_root", old.cgroup_root == new.cgroup_root),
@@ -29,6 +29,7 @@ impl Agent {
                 old.control_socket_path() == new.control_socket_path(),
             ),
             ("metrics_addr", old.metrics_addr == new.metrics_addr),
+            ("admin_group", old.admin_group == new.admin_group),
             ("delegate_uid", old.delegate_uid == new.delegate_uid),
             ("enforce", old.enforce == new.enforce),
             ("engine", old.engine_names() == new.engine_names()),

@@ -37,6 +37,81 @@ pub fn check_prerequisites() -> Result<(), AgentError> {
     Ok(())
 }
 
+/// What the agent keeps once its programs are attached, its cgroups made
+/// (and delegated) and its sockets bound, and why each:
+///
+/// - `CAP_BPF`: every later `bpf()` call (the maps the tick reads and
+///   the registrations write, the programs' statistics, the ring buffer)
+///   on kernels that check it for any command while unprivileged BPF is
+///   off (6.1 does);
+/// - `CAP_SYS_NICE`: the engines' threads kept to their CPUs
+///   (`sched_setaffinity` on processes of other uids) and the agent's own
+///   `SCHED_FIFO` (`realtime_priority`, changed by a reload);
+/// - `CAP_SYS_RESOURCE`: a library's locked-memory limit raised for its
+///   hot sets (`prlimit` on another uid's process);
+/// - `CAP_DAC_OVERRIDE`, with `delegate_uid` only: the delegated cgroups'
+///   files belong to that uid, and the agent still moves processes in.
+///
+/// Everything else goes from the effective, permitted, inheritable,
+/// ambient and bounding sets: `CAP_SYS_ADMIN`, `CAP_PERFMON` (attaching
+/// is done), `CAP_CHOWN` (delegation and the admin socket's group are
+/// done at start), `CAP_NET_BIND_SERVICE` (the endpoint is bound), and the
+/// rest, which the agent never used.
+pub fn kept_capabilities(delegating: bool) -> caps::CapsHashSet {
+    let mut keep: caps::CapsHashSet = [
+        caps::Capability::CAP_BPF,
+        caps::Capability::CAP_SYS_NICE,
+        caps::Capability::CAP_SYS_RESOURCE,
+    ]
+    .into_iter()
+    .collect();
+    if delegating {
+        keep.insert(caps::Capability::CAP_DAC_OVERRIDE);
+    }
+    keep
+}
+
+/// Drops every capability but `keep` from this thread, for good: from the
+/// bounding set first (while `CAP_SETPCAP` is held), so that no `exec`
+/// brings any back, then the inheritable and ambient sets, then the
+/// effective and permitted. No new privileges either (`PR_SET_NO_NEW_PRIVS`).
+/// Capabilities are per thread: call it while the process has no other
+/// thread (the agent's runtime has one), or the others keep theirs.
+/// Returns the names of those that remain (the ones kept that it had).
+pub fn drop_capabilities(keep: &caps::CapsHashSet) -> Result<Vec<String>, AgentError> {
+    use caps::CapSet;
+    let failed = |what: &str, e: caps::errors::CapsError| {
+        AgentError::io(
+            format!("dropping capabilities: {what}"),
+            std::io::Error::other(e.to_string()),
+        )
+    };
+    let had =
+        caps::read(None, CapSet::Permitted).map_err(|e| failed("reading the permitted set", e))?;
+    let bounding =
+        caps::read(None, CapSet::Bounding).map_err(|e| failed("reading the bounding set", e))?;
+    for cap in bounding.difference(keep) {
+        caps::drop(None, CapSet::Bounding, *cap)
+            .map_err(|e| failed(&format!("{cap} from the bounding set"), e))?;
+    }
+    caps::clear(None, CapSet::Ambient).map_err(|e| failed("the ambient set", e))?;
+    caps::clear(None, CapSet::Inheritable).map_err(|e| failed("the inheritable set", e))?;
+    let left: caps::CapsHashSet = had.intersection(keep).copied().collect();
+    caps::set(None, CapSet::Effective, &left).map_err(|e| failed("the effective set", e))?;
+    caps::set(None, CapSet::Permitted, &left).map_err(|e| failed("the permitted set", e))?;
+    // SAFETY: prctl with these arguments only sets a flag on this thread
+    // (inherited by its children).
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(AgentError::io(
+            "setting no_new_privs",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let mut names: Vec<String> = left.iter().map(|c| c.to_string().to_lowercase()).collect();
+    names.sort();
+    Ok(names)
+}
+
 /// The gid of `group`: a gid as it is, a name looked up as the system
 /// does (`getgrnam_r`: /etc/group, or the directory NSS names).
 pub fn resolve_group(group: &crate::config::GroupSpec) -> Result<u32, AgentError> {

@@ -204,6 +204,53 @@ pub fn creds(pid: u32) -> Result<Creds, AgentError> {
     })
 }
 
+/// The capabilities every thread of this process holds, together (a
+/// thread that kept more than the others shows).
+pub fn capabilities() -> crate::status::CapabilityStatus {
+    let read = || -> std::io::Result<[u64; 3]> {
+        let mut sets = [0u64; 3];
+        for task in fs::read_dir("/proc/self/task")? {
+            let status = fs::read_to_string(task?.path().join("status"))?;
+            for (i, field) in ["CapEff:", "CapPrm:", "CapBnd:"].iter().enumerate() {
+                let hex = status.lines().find_map(|l| l.strip_prefix(field));
+                let bits = hex
+                    .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+                    .ok_or_else(|| std::io::Error::other(format!("no {field} line")))?;
+                sets[i] |= bits;
+            }
+        }
+        Ok(sets)
+    };
+    match read() {
+        Ok([eff, prm, bnd]) => crate::status::CapabilityStatus {
+            effective: cap_names(eff),
+            permitted: cap_names(prm),
+            bounding: cap_names(bnd),
+            error: None,
+        },
+        Err(e) => crate::status::CapabilityStatus {
+            error: Some(format!("reading /proc/self/task/*/status: {e}")),
+            ..Default::default()
+        },
+    }
+}
+
+/// The names of the capabilities set in `bits` (a bit no name is known
+/// for: `cap_<n>`).
+pub fn cap_names(bits: u64) -> Vec<String> {
+    let mut names: Vec<String> = (0..64u8)
+        .filter(|b| bits & (1 << b) != 0)
+        .map(|b| {
+            caps::all()
+                .into_iter()
+                .find(|c| c.index() == b)
+                .map_or(format!("cap_{b}"), |c| c.to_string().to_lowercase())
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 /// Effective capability bits of this process.
 pub fn effective_caps() -> Option<u64> {
     let status = fs::read_to_string("/proc/self/status").ok()?;

@@ -267,6 +267,11 @@ struct Poller {
 
 impl Poller {
     fn run(self) {
+        // Capabilities are per thread, and this one polls a descriptor
+        // already open: it keeps none (the agent drops its own later).
+        if let Err(e) = crate::privilege::drop_capabilities(&Default::default()) {
+            tracing::warn!(error = %e, "the PSI thread keeps its capabilities");
+        }
         let mut last_read = std::time::Instant::now();
         let mut last_total = self.figures.lock().map_or(0, |f| f.some_total_us);
         let mut fired_since_read = false;

@@ -33,6 +33,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     let admin_path = config.socket_path();
     let control_path = config.control_socket_path();
     let metrics_addr = config.metrics_addr;
+    let delegating = config.delegate_uid.is_some();
     let admin_gid = config
         .admin_group
         .as_ref()
@@ -62,6 +63,14 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
         }
         None => None,
     };
+
+    // The programs are attached, the cgroups made and delegated, the
+    // sockets and the endpoint bound: what is left is the running agent's.
+    // Capabilities are per thread: the runtime has this one, and the PSI
+    // poller dropped its own (status shows what every thread holds).
+    let kept =
+        crate::privilege::drop_capabilities(&crate::privilege::kept_capabilities(delegating))?;
+    tracing::info!(kept = %kept.join(","), "capabilities dropped");
 
     let (inputs, rx) = mpsc::channel(INPUT_QUEUE);
     let mut admin = tokio::spawn(admin::server::serve(

@@ -40,6 +40,10 @@ pub struct StatusReport {
     /// Where `/metrics` is served, if it is.
     #[serde(default)]
     pub metrics_addr: Option<String>,
+    /// The capabilities the agent holds (after it dropped what it no
+    /// longer needs at start).
+    #[serde(default)]
+    pub capabilities: CapabilityStatus,
     /// The whole database is at the emergency threshold of its ceiling
     /// (non-essential engines are under backpressure).
     #[serde(default)]
@@ -168,6 +172,7 @@ impl StatusReport {
             ceiling_error: None,
             clients: Vec::new(),
             metrics_addr: None,
+            capabilities: CapabilityStatus::default(),
             emergency: false,
             psi: None,
             psi_error: None,
@@ -372,4 +377,17 @@ fn kernel_release() -> String {
                 .unwrap_or_default()
         })
         .clone()
+}
+
+/// The agent's capabilities: every thread's effective and permitted sets
+/// and the bounding set, together (names as the kernel's headers spell
+/// them, lower case), as /proc shows them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapabilityStatus {
+    pub effective: Vec<String>,
+    pub permitted: Vec<String>,
+    pub bounding: Vec<String>,
+    /// Why they could not be read, if they could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }

@@ -463,3 +463,72 @@ fn assign_moves_only_processes_of_allowed_uids() {
         "the member's assign governs the process"
     );
 }
+
+/// A field of `/proc/<pid>/status` as a number (hexadecimal for the
+/// capability sets).
+fn proc_status_field(pid: u32, field: &str, radix: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let value = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in {status}"));
+    u64::from_str_radix(value.trim(), radix).unwrap()
+}
+
+/// Once started, the agent holds only what it still uses: CAP_BPF,
+/// CAP_SYS_NICE, CAP_SYS_RESOURCE (as far as it was given them), and
+/// CAP_DAC_OVERRIDE only when it delegates; nothing in the bounding,
+/// inheritable or ambient sets that an exec could bring back, and no new
+/// privileges. The kernel's view (/proc/<agent>/status) and the status's
+/// agree.
+#[test]
+fn a_running_agent_keeps_only_the_capabilities_it_uses() {
+    if skip_unless_privileged("capabilities dropped") {
+        return;
+    }
+    const CAP_DAC_OVERRIDE: u64 = 1;
+    const CAP_SYS_NICE: u64 = 23;
+    const CAP_SYS_RESOURCE: u64 = 24;
+    const CAP_BPF: u64 = 39;
+    let me = std::process::id();
+    let given = proc_status_field(me, "CapPrm:", 16);
+    let bounded = proc_status_field(me, "CapBnd:", 16);
+    for (extra, delegating) in [
+        ("", false),
+        ("allowed_uids = [65534]\ndelegate_uid = 65534", true),
+    ] {
+        let agent = admin_agent(extra);
+        let pid = agent.pid();
+        let mut want = [CAP_SYS_NICE, CAP_SYS_RESOURCE, CAP_BPF]
+            .iter()
+            .fold(0u64, |m, b| m | 1 << b);
+        if delegating {
+            want |= 1 << CAP_DAC_OVERRIDE;
+        }
+        let names = |bits| nodedb_governor_agent::procfs::cap_names(bits);
+        let eff = proc_status_field(pid, "CapEff:", 16);
+        assert_eq!(
+            names(eff),
+            names(want & given),
+            "effective, delegating: {delegating}"
+        );
+        assert_eq!(proc_status_field(pid, "CapPrm:", 16), eff, "permitted");
+        assert_eq!(
+            names(proc_status_field(pid, "CapBnd:", 16)),
+            names(want & bounded),
+            "bounding"
+        );
+        assert_eq!(proc_status_field(pid, "CapInh:", 16), 0, "inheritable");
+        assert_eq!(proc_status_field(pid, "CapAmb:", 16), 0, "ambient");
+        assert_eq!(proc_status_field(pid, "NoNewPrivs:", 10), 1, "no_new_privs");
+        let status: StatusReport = agent.status();
+        assert_eq!(status.capabilities.effective, names(eff));
+        assert_eq!(status.capabilities.permitted, names(eff));
+        assert!(
+            !status
+                .capabilities
+                .effective
+                .contains(&"cap_sys_admin".into())
+        );
+    }
+}

@@ -191,6 +191,8 @@ impl Agent {
         report.cpuset = self.cpuset.as_ref().map(crate::cpuset::Cpuset::status);
         report.cpuset_error = self.cpuset_error.clone();
         report.metrics_addr = self.metrics_addr.map(|a| a.to_string());
+        // Read as the snapshot is built (a file per thread, two threads).
+        report.capabilities = crate::procfs::capabilities();
         report.emergency = self.policy.emergency();
         report.psi = self
             .psi

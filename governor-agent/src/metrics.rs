@@ -33,6 +33,8 @@
 //! | `nodedb_governor_psi_triggers_total`, `nodedb_governor_psi_stalling` | |
 //! | `nodedb_governor_psi_memory_stall_seconds_total`, `_avg10_ratio` | kind (some, full) |
 //! | `nodedb_governor_bpf_program_runs_total`, `_run_seconds_total` | program |
+//! | `nodedb_governor_bpf_map_insert_failures_total` (attribution lost to a full map) | map |
+//! | `nodedb_governor_bpf_execs_followed_total` | |
 //! | `nodedb_governor_node_memory_total_bytes`, `_free_bytes`, `_file_bytes`, `_anon_bytes` | node |
 //! | `nodedb_governor_node_database_bytes` (the database cgroup's memory on the node) | node, kind (anon, file) |
 //! | `nodedb_governor_node_ceiling_share_bytes`, `nodedb_governor_node_pressure_level` | node |
@@ -411,6 +413,23 @@ pub fn render(snapshot: &Snapshot, alive: Liveness) -> prometheus::Result<String
                     }
                 }
             }
+        }
+        if let Some(k) = &status.kernel_events {
+            let failed = counter(
+                &r,
+                "nodedb_governor_bpf_map_insert_failures_total",
+                "Inserts the eBPF programs could not make (the map full, or no memory): attribution lost",
+                &["map"],
+            )?;
+            for (map, n) in &k.insert_failures {
+                failed.with_label_values(&[map]).inc_by(*n);
+            }
+            let execs = prometheus::IntCounter::new(
+                "nodedb_governor_bpf_execs_followed_total",
+                "Governed processes that called exec, followed into their new image",
+            )?;
+            r.register(Box::new(execs.clone()))?;
+            execs.inc_by(k.execs_followed);
         }
         if !status.programs.is_empty() {
             let runs = counter(

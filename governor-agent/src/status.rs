@@ -40,6 +40,12 @@ pub struct StatusReport {
     /// Where `/metrics` is served, if it is.
     #[serde(default)]
     pub metrics_addr: Option<String>,
+    /// What the programs counted besides memory: failed map inserts, execs
+    /// followed (absent: not read; see `kernel_events_error`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_events: Option<KernelEvents>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_events_error: Option<String>,
     /// The capabilities the agent holds (after it dropped what it no
     /// longer needs at start).
     #[serde(default)]
@@ -173,6 +179,8 @@ impl StatusReport {
             clients: Vec::new(),
             metrics_addr: None,
             capabilities: CapabilityStatus::default(),
+            kernel_events: None,
+            kernel_events_error: None,
             emergency: false,
             psi: None,
             psi_error: None,
@@ -390,4 +398,17 @@ pub struct CapabilityStatus {
     /// Why they could not be read, if they could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// What the eBPF programs counted besides memory.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelEvents {
+    /// Per map: inserts the programs could not make (the map full, or the
+    /// kernel out of memory for it), each a piece of attribution lost (a
+    /// region's owner, a release's, an address space or a break not
+    /// learned, a thread's inherited engine). Zero in a healthy agent.
+    pub insert_failures: BTreeMap<String, u64>,
+    /// Governed processes that called exec and were followed into their
+    /// new image.
+    pub execs_followed: u64,
 }

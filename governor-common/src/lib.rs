@@ -26,6 +26,40 @@ pub const MAX_FILES: u32 = 131_072;
 /// memcg reclaim, kswapd, DAMON's pageout): a page leaving the page cache
 /// then is an eviction. Unchanged since 2.6.
 pub const PF_MEMALLOC: u32 = 0x0000_0800;
+/// What the programs count besides memory, per CPU (the map
+/// `KERNEL_EVENTS`, indexed by these): an insert into one of their maps
+/// that failed (full, or no memory), which loses part of the attribution
+/// and must not do so silently, and the execs they followed.
+pub mod kernel_event {
+    /// `MM_BY_PTR`: a process's address space, learned at its first change.
+    pub const MM_BY_PTR_INSERT_FAILED: u32 = 0;
+    /// `REGIONS`: the engine that faulted a region in.
+    pub const REGIONS_INSERT_FAILED: u32 = 1;
+    /// `RELEASING`: a release under way (munmap, madvise, brk shrink).
+    pub const RELEASING_INSERT_FAILED: u32 = 2;
+    /// `PENDING_MMAP`: an mmap under way.
+    pub const PENDING_MMAP_INSERT_FAILED: u32 = 3;
+    /// `BRK`: a governed process's last break.
+    pub const BRK_INSERT_FAILED: u32 = 4;
+    /// `ENGINE_BY_TID`: a new thread's inherited engine (at fork).
+    pub const TID_INHERIT_FAILED: u32 = 5;
+    /// A governed process called exec: its new address space is learned
+    /// at its first change, the old one forgotten.
+    pub const EXEC_FOLLOWED: u32 = 6;
+    /// Entries of the map (a power of two).
+    pub const COUNT: u32 = 8;
+    /// Each counted event and its name in the agent's metrics.
+    pub const NAMES: [(u32, &str); 7] = [
+        (MM_BY_PTR_INSERT_FAILED, "MM_BY_PTR"),
+        (REGIONS_INSERT_FAILED, "REGIONS"),
+        (RELEASING_INSERT_FAILED, "RELEASING"),
+        (PENDING_MMAP_INSERT_FAILED, "PENDING_MMAP"),
+        (BRK_INSERT_FAILED, "BRK"),
+        (TID_INHERIT_FAILED, "ENGINE_BY_TID"),
+        (EXEC_FOLLOWED, "exec"),
+    ];
+}
+
 /// Number of 2 MiB regions whose faulting engine is remembered.
 pub const MAX_REGIONS: u32 = 262_144;
 /// Ownership of memory is remembered per region of this many bytes (a PMD,

@@ -27,6 +27,7 @@ pub mod map {
     pub const MARKS: &str = "MARKS";
     pub const MARK_TOTALS: &str = "MARK_TOTALS";
     pub const MARK_EVENTS: &str = "MARK_EVENTS";
+    pub const KERNEL_EVENTS: &str = "KERNEL_EVENTS";
 
     /// Every map in the object.
     pub const ALL: &[&str] = &[
@@ -47,6 +48,7 @@ pub mod map {
         MARKS,
         MARK_TOTALS,
         MARK_EVENTS,
+        KERNEL_EVENTS,
     ];
 }
 
@@ -74,6 +76,7 @@ pub mod program {
     pub const SYS_EXIT_MMAP: &str = "sys_exit_mmap";
     pub const SCHED_PROCESS_FORK: &str = "sched_process_fork";
     pub const SCHED_PROCESS_EXIT: &str = "sched_process_exit";
+    pub const SCHED_PROCESS_EXEC: &str = "sched_process_exec";
     pub const FILEMAP_ADD: &str = "filemap_add";
     pub const FILEMAP_DELETE: &str = "filemap_delete";
     pub const TASK_NUMA_FAULT: &str = "task_numa_fault";
@@ -127,6 +130,7 @@ pub const TRACEPOINTS: &[TracePoint] = &[
     TracePoint::new(program::SYS_EXIT_MMAP, "syscalls", "sys_exit_mmap"),
     TracePoint::new(program::SCHED_PROCESS_FORK, "sched", "sched_process_fork"),
     TracePoint::new(program::SCHED_PROCESS_EXIT, "sched", "sched_process_exit"),
+    TracePoint::new(program::SCHED_PROCESS_EXEC, "sched", "sched_process_exec"),
     TracePoint::new(
         program::FILEMAP_ADD,
         "filemap",

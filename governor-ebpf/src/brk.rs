@@ -2,10 +2,10 @@
 //! (bracketed like munmap) whose mapped bytes come off the range's owner.
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use nodedb_governor_common::NO_SLOT;
+use nodedb_governor_common::{NO_SLOT, kernel_event};
 
 use crate::{
-    counters::add_mapped,
+    counters::{add_mapped, insert_or_count},
     identity::{identity, ids},
     maps::BRK,
     record::{offsets, read_arg, read_ret},
@@ -55,7 +55,7 @@ fn try_sys_exit_brk(ctx: &TracePointContext) -> Result<u32, u32> {
     let now = read_ret(ctx) as u64;
     // SAFETY: copy out of the map value.
     let last = unsafe { BRK.get(tgid) }.copied();
-    let _ = BRK.insert(tgid, now, 0);
+    insert_or_count(BRK.insert(tgid, now, 0), kernel_event::BRK_INSERT_FAILED);
     if let Some(last) = last
         && now > last
     {

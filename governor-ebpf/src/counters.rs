@@ -7,6 +7,23 @@ use nodedb_governor_common::{MARK_MAX_BATCH, MarkEvent, NO_NODE, NODE_SLOTS, Slo
 
 use crate::maps::{MARK_EVENTS, MARK_TOTALS, MARKS, STATS};
 
+/// Counts one `event` (a `kernel_event` index) on this CPU.
+#[inline(always)]
+pub fn count_event(event: u32) {
+    if let Some(n) = crate::maps::KERNEL_EVENTS.get_ptr_mut(event) {
+        add_u64(n, 1);
+    }
+}
+
+/// Inserts with `insert`; a failure (the map full, or no memory) is
+/// counted as `event`.
+#[inline(always)]
+pub fn insert_or_count<E>(insert: Result<(), E>, event: u32) {
+    if insert.is_err() {
+        count_event(event);
+    }
+}
+
 /// This CPU's counters of `slot`.
 #[inline(always)]
 pub fn stats(slot: u32) -> Option<*mut SlotStats> {

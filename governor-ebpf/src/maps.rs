@@ -73,3 +73,9 @@ pub static MARK_TOTALS: Array<i64> = Array::with_max_entries(MAX_SLOTS, 0);
 /// and there is at most one per armed slot between two arms.
 #[map]
 pub static MARK_EVENTS: RingBuf = RingBuf::with_byte_size(64 << 10, 0);
+/// Inserts that failed and execs followed, per CPU (indexed by
+/// `nodedb_governor_common::kernel_event`). Not pinned: a restarted agent
+/// counts from zero, as a Prometheus counter may.
+#[map]
+pub static KERNEL_EVENTS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(nodedb_governor_common::kernel_event::COUNT, 0);

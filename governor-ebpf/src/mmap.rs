@@ -2,10 +2,10 @@
 //! call succeeds, added to the caller's mapped bytes.
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use nodedb_governor_common::PendingMap;
+use nodedb_governor_common::{PendingMap, kernel_event};
 
 use crate::{
-    counters::{add_mapped, page_align},
+    counters::{add_mapped, insert_or_count, page_align},
     identity::{identity, ids},
     maps::PENDING_MMAP,
     record::{offsets, read_arg, read_ret},
@@ -35,7 +35,10 @@ fn try_sys_enter_mmap(ctx: &TracePointContext) -> Result<u32, u32> {
     let pending = PendingMap {
         len: read_arg(ctx, offsets().mmap_len),
     };
-    let _ = PENDING_MMAP.insert(tid, pending, 0);
+    insert_or_count(
+        PENDING_MMAP.insert(tid, pending, 0),
+        kernel_event::PENDING_MMAP_INSERT_FAILED,
+    );
     Ok(0)
 }
 

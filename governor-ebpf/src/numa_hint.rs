@@ -8,10 +8,10 @@
 //! `nodedb_governor_common::RegionCache`, and its limits).
 
 use aya_ebpf::{macros::fentry, programs::FEntryContext};
-use nodedb_governor_common::{RegionKey, region_cache, region_owner};
+use nodedb_governor_common::{RegionKey, kernel_event, region_cache, region_owner};
 
 use crate::{
-    counters::{add_u64, stats},
+    counters::{add_u64, insert_or_count, stats},
     identity::{identity, ids},
     maps::{REGION_CACHE, REGIONS},
     rss_stat::task_faults,
@@ -57,7 +57,10 @@ fn try_task_numa_fault() -> Result<u32, u32> {
     };
     // SAFETY: copy out of the map value.
     if unsafe { REGIONS.get(key) }.map(|&v| region_owner::slot(v)) == Some(me.slot) {
-        let _ = REGIONS.insert(key, from, 0);
+        insert_or_count(
+            REGIONS.insert(key, from, 0),
+            kernel_event::REGIONS_INSERT_FAILED,
+        );
         if let Some(s) = stats(me.slot) {
             // SAFETY: valid per-CPU map value pointer.
             unsafe { add_u64(&raw mut (*s).hinting_faults_elsewhere, 1) };

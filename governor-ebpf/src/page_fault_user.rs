@@ -6,10 +6,10 @@
 use aya_ebpf::{
     helpers::bpf_get_numa_node_id, macros::btf_tracepoint, programs::BtfTracePointContext,
 };
-use nodedb_governor_common::{REGION_SHIFT, RegionKey, region_cache, region_owner};
+use nodedb_governor_common::{REGION_SHIFT, RegionKey, kernel_event, region_cache, region_owner};
 
 use crate::{
-    counters::{add_u64, stats},
+    counters::{add_u64, insert_or_count, stats},
     identity::{identity, ids},
     maps::{REGION_CACHE, REGIONS},
     rss_stat::task_faults,
@@ -64,7 +64,10 @@ fn try_page_fault_user(ctx: &BtfTracePointContext) -> Result<u32, u32> {
     // SAFETY: copy out of the map value.
     let owner = unsafe { REGIONS.get(key) }.copied();
     if owner != Some(mine) {
-        let _ = REGIONS.insert(key, mine, 0);
+        insert_or_count(
+            REGIONS.insert(key, mine, 0),
+            kernel_event::REGIONS_INSERT_FAILED,
+        );
         if let Some(from) = owner.filter(|&v| region_owner::slot(v) != me.slot) {
             // For a hinting fault inside this same fault to undo (see
             // `numa_hint`); the thread's id goes last, so a reader that

@@ -5,11 +5,11 @@
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use nodedb_governor_common::{
-    NO_NODE, NO_SLOT, REGION_SHIFT, RegionKey, ReleaseCtx, region_owner as owner,
+    NO_NODE, NO_SLOT, REGION_SHIFT, RegionKey, ReleaseCtx, kernel_event, region_owner as owner,
 };
 
 use crate::{
-    counters::{add_mapped, page_align},
+    counters::{add_mapped, insert_or_count, page_align},
     identity::{identity, ids},
     maps::{REGIONS, RELEASING},
     record::{offsets, read_arg, read_ret},
@@ -83,7 +83,10 @@ pub fn begin_release(addr: u64, len: u64) -> Result<u32, u32> {
         owner_node,
         len,
     };
-    let _ = RELEASING.insert(tid, ctx, 0);
+    insert_or_count(
+        RELEASING.insert(tid, ctx, 0),
+        kernel_event::RELEASING_INSERT_FAILED,
+    );
     Ok(0)
 }
 

@@ -11,10 +11,10 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use nodedb_governor_common::{KernelLayout, MmState, NO_NODE, NO_SLOT, kind};
+use nodedb_governor_common::{KernelLayout, MmState, NO_NODE, NO_SLOT, kernel_event, kind};
 
 use crate::{
-    counters::{add_i64, add_resident, add_resident_on, stats},
+    counters::{add_i64, add_resident, add_resident_on, insert_or_count, stats},
     identity::{Identity, identity, ids},
     maps::{MM_BY_PTR, MM_STATES, RELEASING},
 };
@@ -185,6 +185,9 @@ fn learn_mm(mm: u64, me: Identity, state: *mut MmState) -> Result<(), u32> {
     }
     // SAFETY: valid map value pointer; racing CPUs write the same value.
     unsafe { core::ptr::write_volatile(&raw mut (*state).mm, mm) };
-    let _ = MM_BY_PTR.insert(mm, me.mm_index, 0);
+    insert_or_count(
+        MM_BY_PTR.insert(mm, me.mm_index, 0),
+        kernel_event::MM_BY_PTR_INSERT_FAILED,
+    );
     Ok(())
 }

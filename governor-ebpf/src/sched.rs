@@ -1,16 +1,23 @@
 //! Task switches and thread lifetime: `sched_switch` clears the per-CPU
 //! caches when another task gets the CPU; `sched_process_fork` and
 //! `sched_process_exit` keep the TID fallback map right as threads come and
-//! go.
+//! go (and the break of a process that exits is forgotten);
+//! `sched_process_exec` follows a governed process into its new image.
 
 use aya_ebpf::{
     macros::{btf_tracepoint, tracepoint},
     programs::{BtfTracePointContext, TracePointContext},
 };
 
+use nodedb_governor_common::kernel_event;
+
 use crate::{
-    identity::ids,
-    maps::{ENGINE_BY_TID, IDENTITY_CACHE, PENDING_MMAP, REGION_CACHE, RELEASING},
+    counters::{count_event, insert_or_count},
+    identity::{identity, ids},
+    maps::{
+        BRK, ENGINE_BY_TID, IDENTITY_CACHE, MM_BY_PTR, MM_STATES, PENDING_MMAP, REGION_CACHE,
+        RELEASING,
+    },
     record::offsets,
 };
 
@@ -68,7 +75,10 @@ fn try_sched_process_fork(ctx: &TracePointContext) -> Result<u32, u32> {
     };
     // SAFETY: copy out of the map value.
     if let Some(slot) = unsafe { ENGINE_BY_TID.get(parent) }.copied() {
-        let _ = ENGINE_BY_TID.insert(child, slot, 0);
+        insert_or_count(
+            ENGINE_BY_TID.insert(child, slot, 0),
+            kernel_event::TID_INHERIT_FAILED,
+        );
     }
     Ok(0)
 }
@@ -83,9 +93,46 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
 }
 
 fn try_sched_process_exit() -> Result<u32, u32> {
-    let (_, tid) = ids();
+    let (tgid, tid) = ids();
     let _ = ENGINE_BY_TID.remove(tid);
     let _ = RELEASING.remove(tid);
     let _ = PENDING_MMAP.remove(tid);
+    if tid == tgid {
+        // The leader exits: the process is going (a leader that exits
+        // early leaves its threads a break to learn again at their next
+        // brk, one step uncounted). Otherwise the map would fill with the
+        // breaks of processes long gone, and brk would go uncounted for
+        // every process after.
+        let _ = BRK.remove(tgid);
+    }
+    Ok(0)
+}
+
+/// A governed process called exec (the record is read for nothing: the
+/// running thread is the one that did). Its old address space is gone, and
+/// with it the break; the new one is learned at its first counter change,
+/// with the counts carried on (the first change adds the new image's
+/// resident bytes less what the old one last held, so the engine's total
+/// is the new image's). Without this, every later change of the new
+/// address space would be dropped as another process's.
+#[tracepoint(category = "sched", name = "sched_process_exec")]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    match try_sched_process_exec() {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_sched_process_exec() -> Result<u32, u32> {
+    let me = identity().ok_or(0u32)?;
+    let state = MM_STATES.get_ptr_mut(me.mm_index).ok_or(0u32)?;
+    // SAFETY: a valid map value pointer.
+    let old = unsafe { core::ptr::read_volatile(&raw const (*state).mm) };
+    if old != 0 {
+        let _ = MM_BY_PTR.remove(old);
+    }
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(&raw mut (*state).mm, 0) };
+    let _ = BRK.remove(ids().0);
+    count_event(kernel_event::EXEC_FOLLOWED);
     Ok(0)
 }

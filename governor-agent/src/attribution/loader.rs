@@ -161,6 +161,8 @@ impl Attribution {
         let mark_map = take(&mut ebpf, map::MARKS)?;
         let mark_totals = take(&mut ebpf, map::MARK_TOTALS)?;
         let mark_events = take(&mut ebpf, map::MARK_EVENTS)?;
+        let brk = take(&mut ebpf, map::BRK)?;
+        let kernel_events = take(&mut ebpf, map::KERNEL_EVENTS)?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| AgentError::io(what, e))?;
         Ok(Self {
             ebpf,
@@ -177,6 +179,8 @@ impl Attribution {
             mark_map,
             mark_totals,
             mark_events: Some(mark_events),
+            brk,
+            kernel_events,
             marks: Default::default(),
             files_swept: None,
             nr_cpus,
@@ -184,6 +188,27 @@ impl Attribution {
             free_slots: (0..MAX_SLOTS).rev().collect(),
             procs: BTreeMap::new(),
         })
+    }
+
+    /// The programs' failed inserts (per map) and the execs they
+    /// followed, summed over the CPUs: a system call per counter.
+    pub fn kernel_events(&self) -> Result<crate::status::KernelEvents, AgentError> {
+        use nodedb_governor_common::kernel_event;
+        let mut events = crate::status::KernelEvents::default();
+        for (index, name) in kernel_event::NAMES {
+            let n: u64 = self
+                .kernel_events
+                .get(&index, 0)
+                .map_err(|e| AgentError::ebpf(format!("reading {}", map::KERNEL_EVENTS), e))?
+                .iter()
+                .sum();
+            if index == kernel_event::EXEC_FOLLOWED {
+                events.execs_followed = n;
+            } else {
+                events.insert_failures.insert(name.to_owned(), n);
+            }
+        }
+        Ok(events)
     }
 
     /// Every loaded program with its run count and run time (zero unless

@@ -98,6 +98,10 @@ pub struct Attribution {
     mark_totals: Array<MapData, i64>,
     /// Until the owner takes it to poll.
     mark_events: Option<RingBuf<MapData>>,
+    /// Each governed process's last break (removed when it is forgotten).
+    brk: BpfHashMap<MapData, u32, u64>,
+    /// The programs' failed inserts and followed execs, per CPU.
+    kernel_events: PerCpuArray<MapData, u64>,
     marks: marks::Marks,
     /// When file-ownership entries that count nothing were last swept.
     files_swept: Option<std::time::Instant>,

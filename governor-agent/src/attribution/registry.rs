@@ -240,6 +240,9 @@ impl Attribution {
             return;
         };
         let _ = self.procs_map.remove(&pid);
+        // The programs forget it when the process exits; a process let go
+        // while it runs must not keep its entry either.
+        let _ = self.brk.remove(&pid);
         for key in &p.cgroup_keys {
             let _ = self.by_cgroup.remove(key);
         }

@@ -40,6 +40,10 @@ use crate::{
 };
 use nodedb_governor::control::wire::{ToAgent, ToLibrary};
 
+/// How often the tick reads the programs' event counts (failed inserts,
+/// execs followed) to log what changed.
+const KERNEL_EVENTS_EVERY: Duration = Duration::from_secs(1);
+
 /// A library's process as it connected: its pid with a pidfd for it and
 /// its start time (which tell it from a later process given the same
 /// pid), and its uid.
@@ -129,6 +133,9 @@ pub struct Agent {
     wanted: Arc<snapshot::Wanted>,
     /// When the subtree was last scanned for new processes.
     scanned: Option<Instant>,
+    /// The programs' failed inserts and followed execs as last logged,
+    /// and when they were last read.
+    kernel_events: (crate::status::KernelEvents, Option<Instant>),
     /// The mark ring buffer is polled (crossings wake the owner).
     marks_polled: bool,
     /// The thread the owner runs on, once `run` has named it, and its
@@ -521,6 +528,17 @@ impl Agent {
                 self.let_go(session, AgentError::PeerGone { pid }.to_string());
             }
         }
+        if self
+            .kernel_events
+            .1
+            .is_none_or(|t| started.duration_since(t) >= KERNEL_EVENTS_EVERY)
+        {
+            self.kernel_events.1 = Some(started);
+            match self.attribution.kernel_events() {
+                Ok(events) => self.note_kernel_events(&events),
+                Err(e) => tracing::warn!(error = %e, "reading the programs' event counts"),
+            }
+        }
         let swept = self.attribution.sweep_files(started);
         if swept > 0 {
             tracing::debug!(files = swept, "emptied file-ownership entries swept");
@@ -556,6 +574,31 @@ impl Agent {
             let ceiling = self.ceiling.as_ref().map(Ceiling::status);
             self.publish(reading, ceiling);
         }
+    }
+
+    /// Logs what the programs counted since the last look: a failed
+    /// insert is attribution lost (a warning, naming the map), an exec
+    /// followed is news.
+    pub(super) fn note_kernel_events(&mut self, now: &crate::status::KernelEvents) {
+        let seen = &self.kernel_events.0;
+        for (map, n) in &now.insert_failures {
+            let before = seen.insert_failures.get(map).copied().unwrap_or(0);
+            if *n > before {
+                tracing::warn!(
+                    map = %map,
+                    failed = n - before,
+                    total = n,
+                    "the programs could not insert into a full map: attribution is lost (see status kernel_events)"
+                );
+            }
+        }
+        if now.execs_followed > seen.execs_followed {
+            tracing::info!(
+                execs = now.execs_followed - seen.execs_followed,
+                "governed processes called exec: followed into their new images"
+            );
+        }
+        self.kernel_events.0 = now.clone();
     }
 
     /// The policy's decision on what was just read.

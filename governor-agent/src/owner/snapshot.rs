@@ -200,6 +200,13 @@ impl Agent {
             .map(|m| m.status(self.policy.stalling(now, m.window())));
         report.psi_error = self.psi_error.clone();
         report.programs = self.programs.clone();
+        match self.attribution.kernel_events() {
+            Ok(events) => {
+                self.note_kernel_events(&events);
+                report.kernel_events = Some(events);
+            }
+            Err(e) => report.kernel_events_error = Some(e.to_string()),
+        }
         report.ticks = crate::status::TickStatus {
             ticks: self.health.ticks,
             last_us: self.health.last_tick.as_micros() as u64,

@@ -91,6 +91,7 @@ impl Agent {
             programs: Vec::new(),
             wanted: Arc::new(super::snapshot::Wanted::new()),
             scanned: None,
+            kernel_events: Default::default(),
             marks_polled: false,
             sched_thread: None,
             scheduling: crate::sched::current(crate::sched::this_thread()),

@@ -1,0 +1,94 @@
+//! The programs' maps over the life of many processes: what a process
+//! leaves in them goes with it, so that a long-running agent governing
+//! short-lived processes keeps counting, and what could not be inserted
+//! is counted, never silent.
+//!
+//! Needs root (CI is root); elsewhere each test prints why it skips.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Command, Stdio},
+};
+
+use nodedb_governor_agent::attribution::{Attribution, ProgramSet};
+use nodedb_governor_common::MAX_PROCS;
+use nodedb_governor_testkit::{harness::Reaped, privileged::skip_unless_privileged};
+
+const KIB: u64 = 1 << 10;
+
+/// A governed process that grows its break by 2 × 256 KiB once told to,
+/// and exits; returns it (reaped) and how much the vector engine's mapped
+/// bytes grew meanwhile, read while it lived.
+fn grow_break(att: &mut Attribution) -> (Reaped, u64) {
+    let mut child = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_touch-probe"))
+            .args(["--brk-kib", "256"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("touch-probe"),
+    );
+    let pid = child.id();
+    att.register_process(pid, &["vector".to_owned()])
+        .expect("registering");
+    att.assign_tid(pid, pid, "vector").expect("assigning");
+    let mapped = |att: &Attribution| {
+        let reading = att.read().expect("reading");
+        reading
+            .processes
+            .iter()
+            .find(|p| p.pid == pid)
+            .and_then(|p| p.engines.get("vector"))
+            .map_or(0, |a| a.mapped_bytes)
+    };
+    // Its start (the loader's mappings) is not what is measured.
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.contains("ready"), "{line:?}");
+    let before = mapped(att);
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "go").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert!(line.contains("\"brk_bytes\":524288"), "{line:?}");
+    let grown = mapped(att).saturating_sub(before);
+    writeln!(stdin, "done").unwrap();
+    let _ = child.wait();
+    (child, grown)
+}
+
+/// More governed processes than the maps hold one entry each for come,
+/// grow their break and go, each forgotten as the agent forgets a process
+/// that exited; the break of every one of them is counted (the second
+/// growth: the first is where the programs learn the break), up to the
+/// last, and no insert failed. Before, `BRK` kept the break of every
+/// process that had ever grown one: after 256, brk went uncounted for good.
+#[test]
+fn breaks_are_counted_after_more_processes_than_the_maps_hold() {
+    if skip_unless_privileged("brk over many processes") {
+        return;
+    }
+    let mut att = Attribution::load(ProgramSet::Full).expect("loading eBPF");
+    let rounds = MAX_PROCS as usize + 44;
+    let mut uncounted = Vec::new();
+    for round in 0..rounds {
+        let (child, grown) = grow_break(&mut att);
+        if grown < 256 * KIB {
+            uncounted.push((round, grown));
+        }
+        let pid = child.id();
+        drop(child);
+        assert_eq!(att.reap_exited(), [pid], "round {round}");
+    }
+    assert!(
+        uncounted.is_empty(),
+        "breaks not counted (round, mapped bytes): {uncounted:?}"
+    );
+    let events = att.kernel_events().expect("the programs' event counts");
+    assert_eq!(
+        events.insert_failures.values().sum::<u64>(),
+        0,
+        "{events:?}"
+    );
+}

@@ -72,8 +72,8 @@ pub fn kept_capabilities(delegating: bool) -> caps::CapsHashSet {
 }
 
 /// Drops every capability but `keep` from this thread, for good: from the
-/// bounding set first (while `CAP_SETPCAP` is held), so that no `exec`
-/// brings any back, then the inheritable and ambient sets, then the
+/// bounding set first (if `CAP_SETPCAP` is held, else it is left as given),
+/// so that no `exec` brings any back, then the inheritable and ambient sets, then the
 /// effective and permitted. No new privileges either (`PR_SET_NO_NEW_PRIVS`).
 /// Capabilities are per thread: call it while the process has no other
 /// thread (the agent's runtime has one), or the others keep theirs.
@@ -90,9 +90,16 @@ pub fn drop_capabilities(keep: &caps::CapsHashSet) -> Result<Vec<String>, AgentE
         caps::read(None, CapSet::Permitted).map_err(|e| failed("reading the permitted set", e))?;
     let bounding =
         caps::read(None, CapSet::Bounding).map_err(|e| failed("reading the bounding set", e))?;
-    for cap in bounding.difference(keep) {
-        caps::drop(None, CapSet::Bounding, *cap)
-            .map_err(|e| failed(&format!("{cap} from the bounding set"), e))?;
+    if had.contains(&caps::Capability::CAP_SETPCAP) {
+        for cap in bounding.difference(keep) {
+            caps::drop(None, CapSet::Bounding, *cap)
+                .map_err(|e| failed(&format!("{cap} from the bounding set"), e))?;
+        }
+    } else {
+        // A service manager that bounded the agent already (without
+        // CAP_SETPCAP): its set stays, and no_new_privs below keeps an
+        // exec from gaining anything beyond what is permitted.
+        tracing::info!("no CAP_SETPCAP: the bounding set is left as the service manager gave it");
     }
     caps::clear(None, CapSet::Ambient).map_err(|e| failed("the ambient set", e))?;
     caps::clear(None, CapSet::Inheritable).map_err(|e| failed("the inheritable set", e))?;
@@ -110,6 +117,29 @@ pub fn drop_capabilities(keep: &caps::CapsHashSet) -> Result<Vec<String>, AgentE
     let mut names: Vec<String> = left.iter().map(|c| c.to_string().to_lowercase()).collect();
     names.sort();
     Ok(names)
+}
+
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit (each
+/// control connection holds two descriptors: its socket and a pidfd).
+/// Returns the soft limit now.
+pub fn raise_nofile() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into a live struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: a live struct; raising the soft limit up to the hard one
+        // needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
 }
 
 /// The gid of `group`: a gid as it is, a name looked up as the system

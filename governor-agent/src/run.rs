@@ -34,6 +34,18 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     let control_path = config.control_socket_path();
     let metrics_addr = config.metrics_addr;
     let delegating = config.delegate_uid.is_some();
+    // Each control connection holds two descriptors (its socket and a
+    // pidfd), and the agent a few hundred of its own at most.
+    let fds_needed = 2 * u64::from(config.control.max_connections) + 256;
+    match crate::privilege::raise_nofile() {
+        Ok(n) if n < fds_needed => tracing::warn!(
+            limit = n,
+            needed = fds_needed,
+            "RLIMIT_NOFILE is below what control.max_connections needs: past it, connections wait (raise LimitNOFILE)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "raising RLIMIT_NOFILE"),
+    }
     let admin_gid = config
         .admin_group
         .as_ref()

@@ -32,8 +32,13 @@ pub(crate) const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from
 /// reading, and it is disconnected.
 pub const OUTBOUND_QUEUE: usize = 256;
 
+/// Connections past `max_connections` being told why at once (each for
+/// 100 ms at most); past these, they are closed unanswered.
+pub const TURNED_AWAY_AT_ONCE: usize = 64;
+
 /// How long one message's write may block (the library's socket buffer
 /// full) before the library is disconnected.
+
 pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The way to one library: its bounded queue, and a way to end its
@@ -155,6 +160,10 @@ pub async fn serve(
     config: watch::Receiver<Arc<Config>>,
 ) {
     let open = Connections::default();
+    // Connections past the limit told why at once: a few at a time, the
+    // rest closed unanswered, so a flood holds no more descriptors than
+    // the limit and these.
+    let telling = Arc::new(tokio::sync::Semaphore::new(TURNED_AWAY_AT_ONCE));
     let mut next_session = 0u64;
     loop {
         let stream = match listener.accept().await {
@@ -171,7 +180,14 @@ pub async fn serve(
         let counted = match open.open(limits.max_connections) {
             Ok(c) => c,
             Err(why) => {
-                tokio::spawn(session::turn_away(stream, why));
+                if let Ok(permit) = telling.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        session::turn_away(stream, why).await;
+                        drop(permit);
+                    });
+                } else {
+                    session::count_turned_away(&why);
+                }
                 continue;
             }
         };

@@ -37,12 +37,18 @@ static TURNED_AWAY: AtomicU64 = AtomicU64::new(0);
 /// A connection past `control.max_connections`: told why (if it can be
 /// written at once) and closed, holding nothing.
 pub(super) async fn turn_away(mut stream: UnixStream, why: String) {
+    count_turned_away(&why);
+    let frame = wire::encode(&ToLibrary::Error { message: why });
+    let _ = tokio::time::timeout(Duration::from_millis(100), stream.write_all(&frame)).await;
+}
+
+/// Counts a connection turned away (logged at the 1st, 2nd, 4th, ... and
+/// every 10,000th).
+pub(super) fn count_turned_away(why: &str) {
     let n = TURNED_AWAY.fetch_add(1, Ordering::Relaxed) + 1;
     if n.is_power_of_two() || n.is_multiple_of(10_000) {
         tracing::warn!(turned_away = n, %why, "control connection refused");
     }
-    let frame = wire::encode(&ToLibrary::Error { message: why });
-    let _ = tokio::time::timeout(Duration::from_millis(100), stream.write_all(&frame)).await;
 }
 
 pub(super) async fn run(

@@ -13,6 +13,7 @@
 mod ceiling;
 mod control_socket;
 mod delegation;
+mod flood;
 mod kernel;
 mod ladder;
 mod liveness;

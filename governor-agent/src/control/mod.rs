@@ -38,7 +38,6 @@ pub const TURNED_AWAY_AT_ONCE: usize = 64;
 
 /// How long one message's write may block (the library's socket buffer
 /// full) before the library is disconnected.
-
 pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The way to one library: its bounded queue, and a way to end its

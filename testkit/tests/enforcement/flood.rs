@@ -48,8 +48,9 @@ fn raise_nofile(want: u64) {
     lim.rlim_max = lim.rlim_max.max(want);
     lim.rlim_cur = want.min(lim.rlim_max);
     // SAFETY: a live struct; root may raise the hard limit.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
     assert_eq!(
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) },
+        rc,
         0,
         "{}",
         std::io::Error::last_os_error()

@@ -1,8 +1,6 @@
-//! The agent's HTTP endpoint, with axum on the agent's runtime: `GET
-//! /metrics` (Prometheus text, rendered from the last snapshot) and `GET
-//! /healthz` (whether the owner still ticks).
-
-use std::net::SocketAddr;
+//! The agent's HTTP endpoint, with axum on the serving thread's runtime:
+//! `GET /metrics` (Prometheus text, rendered from the last snapshot) and
+//! `GET /healthz` (whether the owner still ticks).
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 
@@ -42,25 +40,14 @@ async fn healthz(State(snapshots): State<Snapshots>) -> (StatusCode, String) {
     }
 }
 
-/// Binds `addr` and serves until the task is aborted. Returns the bound
-/// address (a port of 0 picks one).
-pub async fn serve(
-    snapshots: Snapshots,
-    addr: SocketAddr,
-) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    use anyhow::Context as _;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics address {addr}"))?;
-    let bound = listener.local_addr()?;
+/// Serves on `listener` until the task is aborted (an error of the
+/// listener ends it, logged).
+pub async fn serve_on(listener: tokio::net::TcpListener, snapshots: Snapshots) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .with_state(snapshots);
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!(error = %e, "metrics server stopped");
-        }
-    });
-    Ok((bound, task))
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::warn!(error = %e, "metrics server stopped");
+    }
 }

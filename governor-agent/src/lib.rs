@@ -36,6 +36,7 @@ pub mod procfs;
 pub mod psi;
 pub mod run;
 pub mod sched;
+pub mod serving;
 pub mod status;
 pub mod top;
 pub mod tracefs;

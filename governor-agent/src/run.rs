@@ -1,8 +1,10 @@
-//! `nodedb-governor run`: starts the owner of the agent's state, opens its
-//! sockets and its HTTP endpoint, and turns signals into inputs, until
-//! SIGINT or SIGTERM.
+//! `nodedb-governor run`: starts the owner of the agent's state, binds its
+//! sockets and its HTTP endpoint, drops the privileges it no longer needs,
+//! serves them on a thread of their own, and turns signals into inputs,
+//! until SIGINT or SIGTERM.
 //!
 //! ```text
+//!  serving thread (normal policy)          owner's thread (SCHED_FIFO)
 //!  control sessions ─┐                    ┌─> libraries (pressure, spill, purge, limits)
 //!  admin `assign`  ──┼─ Input ─> owner ───┼─> kernel (cgroups, maps, memory.high)
 //!  SIGHUP (reload) ──┘   (ticks, policy)  └─> Snapshot ─> `status`, /metrics
@@ -12,7 +14,6 @@ use std::{fs, os::unix::fs::PermissionsExt, path::PathBuf};
 
 use anyhow::Context as _;
 use tokio::{
-    net::UnixListener,
     signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot},
 };
@@ -20,8 +21,8 @@ use tokio::{
 use crate::{
     admin,
     config::Config,
-    control, http,
     owner::{Agent, Input},
+    serving::{self, Serving},
 };
 
 /// How many inputs may wait for the owner before their senders wait too.
@@ -66,12 +67,15 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     tracing::info!(socket = %admin_path.display(), "agent running");
     let control_listener = bind_socket(&control_path, None)?;
     tracing::info!(socket = %control_path.display(), "control socket open");
-    let mut metrics = match metrics_addr {
+    let metrics_listener = match metrics_addr {
         Some(addr) => {
-            let (bound, task) = http::serve(agent.snapshots(), addr).await?;
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding the metrics address {addr}"))?;
+            l.set_nonblocking(true)?;
+            let bound = l.local_addr()?;
             tracing::info!(addr = %bound, "serving /metrics");
             agent.set_metrics_addr(bound);
-            Some(task)
+            Some(l)
         }
         None => None,
     };
@@ -79,23 +83,22 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     // The programs are attached, the cgroups made and delegated, the
     // sockets and the endpoint bound: what is left is the running agent's.
     // Capabilities are per thread: the runtime has this one, and the PSI
-    // poller dropped its own (status shows what every thread holds).
+    // poller dropped its own (status shows what every thread holds); the
+    // serving thread, made next, inherits what is left.
     let kept =
         crate::privilege::drop_capabilities(&crate::privilege::kept_capabilities(delegating))?;
     tracing::info!(kept = %kept.join(","), "capabilities dropped");
 
     let (inputs, rx) = mpsc::channel(INPUT_QUEUE);
-    let mut admin = tokio::spawn(admin::server::serve(
-        admin_listener,
-        admin::server::Admins { gid: admin_gid },
-        inputs.clone(),
-        agent.snapshots(),
-    ));
-    let mut control = tokio::spawn(control::serve(
-        control_listener,
-        inputs.clone(),
-        agent.configs(),
-    ));
+    let mut serving = Serving::start(serving::Parts {
+        admin: admin_listener,
+        admins: admin::server::Admins { gid: admin_gid },
+        control: control_listener,
+        metrics: metrics_listener,
+        inputs: inputs.clone(),
+        snapshots: agent.snapshots(),
+        configs: agent.configs(),
+    })?;
     let mut owner = tokio::spawn(agent.serve(rx));
 
     let mut term = signal(SignalKind::terminate())?;
@@ -105,7 +108,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     // without its owner, its sockets or its endpoint is one the service
     // manager must restart (it exits non-zero; its pins stay, for the
     // agent started next to carry on from them).
-    let ended: Option<(&str, Result<(), tokio::task::JoinError>)> = loop {
+    let ended: Option<serving::Ended> = loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {
                 tracing::info!("SIGINT: stopping");
@@ -117,21 +120,15 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
             }
             _ = hup.recv() => reload(&inputs, config_path.as_ref()).await,
             ended = &mut owner => break Some(("the owner", ended)),
-            ended = &mut admin => break Some(("the admin socket's server", ended)),
-            ended = &mut control => break Some(("the control socket's server", ended)),
-            ended = async {
-                match metrics.as_mut() {
-                    Some(task) => task.await,
-                    None => std::future::pending().await,
-                }
-            } => break Some(("the metrics endpoint", ended)),
+            ended = &mut serving.ended => match ended {
+                Ok(ended) => break Some(ended),
+                // The serving thread ended without a word: its runtime
+                // could not start its tasks (logged).
+                Err(_) => break Some(("the serving thread", Ok(()))),
+            },
         }
     };
-    admin.abort();
-    control.abort();
-    if let Some(m) = metrics {
-        m.abort();
-    }
+    serving.stop();
     let result = match ended {
         Some((task, ended)) => {
             let why = match ended {
@@ -184,8 +181,12 @@ async fn reload(inputs: &mpsc::Sender<Input>, path: Option<&PathBuf>) {
 }
 
 /// Binds a Unix socket at `path` (replacing a stale one), mode 0660, and
-/// gives it to `group` if one is named.
-fn bind_socket(path: &std::path::Path, group: Option<u32>) -> anyhow::Result<UnixListener> {
+/// gives it to `group` if one is named; non-blocking, for the serving
+/// runtime to take.
+fn bind_socket(
+    path: &std::path::Path,
+    group: Option<u32>,
+) -> anyhow::Result<std::os::unix::net::UnixListener> {
     // Only root may write where the socket is: nobody can swap it (or
     // the path chmod'ed below) for their own.
     if let Some(dir) = path.parent() {
@@ -196,8 +197,9 @@ fn bind_socket(path: &std::path::Path, group: Option<u32>) -> anyhow::Result<Uni
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    listener.set_nonblocking(true)?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o660))
         .with_context(|| format!("setting the mode of {}", path.display()))?;
     if let Some(gid) = group {

@@ -49,12 +49,7 @@ fn raise_nofile(want: u64) {
     lim.rlim_cur = want.min(lim.rlim_max);
     // SAFETY: a live struct; root may raise the hard limit.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
-    assert_eq!(
-        rc,
-        0,
-        "{}",
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
 }
 
 #[test]

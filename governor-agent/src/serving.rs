@@ -1,0 +1,123 @@
+//! The tasks that serve the agent's sockets and its HTTP endpoint, on a
+//! thread and a runtime of their own: a flood of connections (accepts,
+//! hellos, refusals, `/metrics` scrapes) is work for this thread, not for
+//! the owner's, which runs at `SCHED_FIFO` and answers the kernel's
+//! crossings at once whatever the sockets are doing. Both sides meet only
+//! through channels (inputs to the owner, snapshots and configurations
+//! from it, each library's outbound queue), which work across runtimes.
+
+use std::{os::unix::net::UnixListener as StdUnixListener, sync::Arc, thread::JoinHandle};
+
+use tokio::{
+    net::{TcpListener, UnixListener},
+    sync::{mpsc, oneshot, watch},
+    task::JoinError,
+};
+
+use crate::{
+    admin,
+    config::Config,
+    control, http,
+    owner::{Input, Snapshots},
+};
+
+/// What the serving thread is given: its listeners, bound (and made
+/// non-blocking) by the agent's main thread while it still had the
+/// privileges to, and its ends of the owner's channels.
+pub struct Parts {
+    pub admin: StdUnixListener,
+    pub admins: admin::server::Admins,
+    pub control: StdUnixListener,
+    pub metrics: Option<std::net::TcpListener>,
+    pub inputs: mpsc::Sender<Input>,
+    pub snapshots: Snapshots,
+    pub configs: watch::Receiver<Arc<Config>>,
+}
+
+/// A serving task that ended on its own (none does but by a panic or a
+/// failed listener): its name and how it ended.
+pub type Ended = (&'static str, Result<(), JoinError>);
+
+/// The running serving thread.
+pub struct Serving {
+    /// Resolves when a serving task ends on its own.
+    pub ended: oneshot::Receiver<Ended>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Serving {
+    /// Starts the thread (named `serve`). It is created by the caller's
+    /// thread, whose capabilities (already dropped) it inherits, and at
+    /// the normal policy (the owner's `SCHED_FIFO` is set with
+    /// `SCHED_RESET_ON_FORK`).
+    pub fn start(parts: Parts) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (stop, stopped) = oneshot::channel();
+        let (report, ended) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("serve".into())
+            .spawn(move || runtime.block_on(serve(parts, stopped, report)))?;
+        Ok(Self {
+            ended,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the serving tasks and waits for the thread.
+    pub fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn serve(parts: Parts, stopped: oneshot::Receiver<()>, report: oneshot::Sender<Ended>) {
+    let listen = |l: StdUnixListener| UnixListener::from_std(l);
+    let (admin_l, control_l) = match (listen(parts.admin), listen(parts.control)) {
+        (Ok(a), Ok(c)) => (a, c),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "registering the sockets with the serving runtime");
+            return;
+        }
+    };
+    let mut admin = tokio::spawn(admin::server::serve(
+        admin_l,
+        parts.admins,
+        parts.inputs.clone(),
+        parts.snapshots.clone(),
+    ));
+    let mut control = tokio::spawn(control::serve(control_l, parts.inputs, parts.configs));
+    let mut metrics = match parts.metrics.map(TcpListener::from_std).transpose() {
+        Ok(l) => l.map(|l| tokio::spawn(http::serve_on(l, parts.snapshots))),
+        Err(e) => {
+            tracing::error!(error = %e, "registering the metrics listener with the serving runtime");
+            None
+        }
+    };
+    let ended = tokio::select! {
+        _ = stopped => None,
+        ended = &mut admin => Some(("the admin socket's server", ended)),
+        ended = &mut control => Some(("the control socket's server", ended)),
+        ended = async {
+            match metrics.as_mut() {
+                Some(task) => task.await,
+                None => std::future::pending().await,
+            }
+        } => Some(("the metrics endpoint", ended)),
+    };
+    admin.abort();
+    control.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
+    if let Some(ended) = ended {
+        let _ = report.send(ended);
+    }
+}

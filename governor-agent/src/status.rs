@@ -40,6 +40,10 @@ pub struct StatusReport {
     /// Where `/metrics` is served, if it is.
     #[serde(default)]
     pub metrics_addr: Option<String>,
+    /// What this agent found of an earlier one's state (taken over, or
+    /// discarded and why).
+    #[serde(default)]
+    pub restart: crate::attribution::RestartStatus,
     /// What the programs counted besides memory: failed map inserts, execs
     /// followed (absent: not read; see `kernel_events_error`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -180,6 +184,7 @@ impl StatusReport {
             metrics_addr: None,
             capabilities: CapabilityStatus::default(),
             kernel_events: None,
+            restart: Default::default(),
             kernel_events_error: None,
             emergency: false,
             psi: None,

@@ -76,7 +76,7 @@ use nodedb_governor_common::{
 pub use attributed::{Attributed, ProcessAttribution, ProgramStats, Reading};
 pub use loader::{ProgramSet, program_stats_on};
 pub use marks::parse_mark_event;
-pub use pins::Persistence;
+pub use pins::{Persistence, RestartStatus};
 pub use registry::Identity;
 use registry::TrackedProcess;
 

@@ -64,25 +64,206 @@ struct SavedState {
     processes: Vec<SavedProcess>,
 }
 
+/// What an earlier agent left, as the new one found it (`status
+/// --json` `restart`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RestartStatus {
+    /// Processes whose counts were taken over from the earlier agent's
+    /// pinned maps.
+    pub taken_over: u64,
+    /// Why what it left was not used (absent: it was, or it left nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discarded: Option<String>,
+    /// Processes its registry listed that are governed afresh, their
+    /// counts from zero (0 when the registry could not be read at all).
+    pub processes_lost: u64,
+}
+
+impl RestartStatus {
+    /// What the earlier agent left is not used: said, and the registry
+    /// kept aside for whoever wants to look.
+    fn discard(&mut self, p: &Persistence, why: String, listed: u64) {
+        let aside = p.state_file.with_extension("json.discarded");
+        let kept = std::fs::rename(&p.state_file, &aside).is_ok();
+        tracing::warn!(
+            %why,
+            processes = listed,
+            kept_as = %if kept { aside.display().to_string() } else { "-".into() },
+            "the earlier agent's state is discarded: counting starts afresh"
+        );
+        self.discarded = Some(why);
+        self.processes_lost = listed;
+    }
+}
+
+/// The registry an earlier agent left, read and checked.
+enum Saved {
+    /// None (a clean stop, or the first start).
+    Nothing,
+    Usable(SavedState),
+    /// Not to be used, and why; how many processes it listed.
+    Discarded {
+        why: String,
+        listed: u64,
+    },
+}
+
+/// Reads `p`'s registry and checks it against this build: its version, the
+/// pins it goes with, and every index in it in range and used once.
+fn read_saved(p: &Persistence) -> Saved {
+    let file = p.state_file.display();
+    let bytes = match std::fs::read(&p.state_file) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Saved::Nothing,
+        Err(e) => {
+            return Saved::Discarded {
+                why: format!("{file} cannot be read: {e}"),
+                listed: 0,
+            };
+        }
+    };
+    let version = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("version")?.as_u64());
+    if let Some(v) = version
+        && v != u64::from(STATE_VERSION)
+    {
+        return Saved::Discarded {
+            why: format!(
+                "{file} is a registry of version {v}; this agent reads version {STATE_VERSION}"
+            ),
+            listed: 0,
+        };
+    }
+    let state = match serde_json::from_slice::<SavedState>(&bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            return Saved::Discarded {
+                why: format!("{file} is not a registry this agent can read: {e}"),
+                listed: 0,
+            };
+        }
+    };
+    let listed = state.processes.len() as u64;
+    let missing: Vec<&str> = PINNED_MAPS
+        .iter()
+        .copied()
+        .filter(|m| !p.pin_dir.join(m).exists())
+        .collect();
+    if !missing.is_empty() {
+        return Saved::Discarded {
+            why: format!(
+                "{file} goes with maps pinned under {}, and {} are missing",
+                p.pin_dir.display(),
+                missing.join(", ")
+            ),
+            listed,
+        };
+    }
+    if let Err(why) = check_ranges(&state) {
+        return Saved::Discarded {
+            why: format!("{file}: {why}"),
+            listed,
+        };
+    }
+    Saved::Usable(state)
+}
+
+/// Every slot and address-space index in range and used once, every pid
+/// a pid, and no more processes, threads or cgroups than the maps hold.
+fn check_ranges(state: &SavedState) -> Result<(), String> {
+    use nodedb_governor_common::{MAX_ENGINE_CGROUPS, MAX_PROCS, MAX_SLOTS, MAX_TIDS};
+    if state.processes.len() > MAX_PROCS as usize {
+        return Err(format!(
+            "{} processes, more than the maps hold ({MAX_PROCS})",
+            state.processes.len()
+        ));
+    }
+    let mut slots = std::collections::BTreeSet::new();
+    let mut mm = std::collections::BTreeSet::new();
+    let mut pids = std::collections::BTreeSet::new();
+    let (mut tids, mut cgroups) = (0usize, 0usize);
+    for sp in &state.processes {
+        let pid = sp.pid;
+        if pid == 0 || pid > 1 << 22 || !pids.insert(pid) {
+            return Err(format!("process {pid} is not a pid, or is listed twice"));
+        }
+        for slot in [sp.unattributed_slot, sp.external_slot]
+            .into_iter()
+            .chain(sp.engines.values().copied())
+        {
+            if slot >= MAX_SLOTS || !slots.insert(slot) {
+                return Err(format!(
+                    "process {pid}: slot {slot} is out of range (below {MAX_SLOTS}) or used twice"
+                ));
+            }
+        }
+        if sp.mm_index >= MAX_PROCS || !mm.insert(sp.mm_index) {
+            return Err(format!(
+                "process {pid}: address-space index {} is out of range (below {MAX_PROCS}) or used twice",
+                sp.mm_index
+            ));
+        }
+        tids += sp.tids.len();
+        cgroups += sp.cgroup_keys.len();
+    }
+    if tids > MAX_TIDS as usize || cgroups > MAX_ENGINE_CGROUPS as usize {
+        return Err(format!(
+            "{tids} threads and {cgroups} cgroups, more than the maps hold ({MAX_TIDS}, {MAX_ENGINE_CGROUPS})"
+        ));
+    }
+    Ok(())
+}
+
 impl Attribution {
     /// Loads with the state maps pinned under `p.pin_dir`. If an earlier
     /// agent left pinned maps and its registry (it was killed), they are
-    /// taken over: the counts go on from where they were. Returns whether
-    /// state was taken over.
-    pub fn load_persistent(set: ProgramSet, p: &Persistence) -> Result<(Self, bool), AgentError> {
-        let saved = std::fs::read(&p.state_file)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<SavedState>(&b).ok())
-            .filter(|s| s.version == STATE_VERSION)
-            .filter(|_| PINNED_MAPS.iter().all(|m| p.pin_dir.join(m).exists()));
+    /// taken over: the counts go on from where they were. What it left
+    /// that cannot be trusted (a registry that cannot be read, of another
+    /// version, or out of range; pins missing, or that do not match this
+    /// build's maps) is named in the log and the returned status, the
+    /// registry kept aside as `<file>.discarded`, and the agent starts
+    /// afresh: the processes it listed are governed again as they are
+    /// found (their libraries reconnect, the subtree is scanned), their
+    /// counts from zero.
+    pub fn load_persistent(
+        set: ProgramSet,
+        p: &Persistence,
+    ) -> Result<(Self, RestartStatus), AgentError> {
+        let mut status = RestartStatus::default();
+        let saved = match read_saved(p) {
+            Saved::Nothing => None,
+            Saved::Usable(s) => Some(s),
+            Saved::Discarded { why, listed } => {
+                status.discard(p, why, listed);
+                None
+            }
+        };
         if saved.is_none() {
             // Pins without a registry (or the reverse) cannot be trusted.
             Self::unpin_at(p);
         }
         std::fs::create_dir_all(&p.pin_dir)
             .map_err(|e| AgentError::io(format!("creating {}", p.pin_dir.display()), e))?;
-        let mut me = Self::load_with(set, Some(p.clone()))?;
-        let restored = saved.is_some();
+        let (mut me, saved) = match Self::load_with(set, Some(p.clone())) {
+            Ok(me) => (me, saved),
+            Err(e) if saved.is_some() => {
+                let listed = saved.as_ref().map_or(0, |s| s.processes.len() as u64);
+                status.discard(
+                    p,
+                    format!(
+                        "the maps pinned under {} do not match this build's: {e}",
+                        p.pin_dir.display()
+                    ),
+                    listed,
+                );
+                Self::unpin_at(p);
+                std::fs::create_dir_all(&p.pin_dir)
+                    .map_err(|e| AgentError::io(format!("creating {}", p.pin_dir.display()), e))?;
+                (Self::load_with(set, Some(p.clone()))?, None)
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(saved) = saved {
             for sp in saved.processes {
                 me.free_slots.retain(|s| {
@@ -114,6 +295,7 @@ impl Attribution {
                     },
                 );
             }
+            status.taken_over = me.procs.len() as u64;
             for pid in me.reap_exited() {
                 tracing::info!(pid, "a process of the earlier agent has exited");
             }
@@ -121,7 +303,7 @@ impl Attribution {
             tracing::info!(processes = me.procs.len(), pins = %p.pin_dir.display(), "took over the earlier agent's maps and registry");
         }
         me.save();
-        Ok((me, restored))
+        Ok((me, status))
     }
 
     /// Writes the registry next to the pinned maps (atomically).
@@ -172,5 +354,69 @@ impl Attribution {
         }
         let _ = std::fs::remove_dir(&p.pin_dir);
         let _ = std::fs::remove_file(&p.state_file);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn process(pid: u32, slots: [u32; 3], mm_index: u32) -> SavedProcess {
+        SavedProcess {
+            pid,
+            start_time: 1,
+            unattributed_slot: slots[0],
+            external_slot: slots[1],
+            engines: [("vector".to_owned(), slots[2])].into_iter().collect(),
+            mm_index,
+            cgroup_keys: Vec::new(),
+            tids: vec![pid],
+        }
+    }
+
+    fn state(processes: Vec<SavedProcess>) -> SavedState {
+        SavedState {
+            version: STATE_VERSION,
+            processes,
+        }
+    }
+
+    /// A registry is used only if every index in it is in range and used
+    /// once: an index past a map's end would be a write out of its bounds
+    /// refused by the kernel at best, one used twice two processes counted
+    /// as one.
+    #[test]
+    fn a_registry_is_used_only_with_every_index_in_range_and_once() {
+        let good = state(vec![process(10, [0, 1, 2], 0), process(11, [3, 4, 5], 1)]);
+        assert_eq!(check_ranges(&good), Ok(()));
+        for (bad, want) in [
+            (
+                state(vec![process(10, [0, 1, 99_999], 0)]),
+                "slot 99999 is out of range",
+            ),
+            (
+                state(vec![process(10, [0, 1, 2], 0), process(11, [2, 4, 5], 1)]),
+                "slot 2 is out of range (below 1024) or used twice",
+            ),
+            (
+                state(vec![process(10, [0, 1, 2], 0), process(11, [3, 4, 5], 0)]),
+                "address-space index 0",
+            ),
+            (
+                state(vec![process(10, [0, 1, 2], 256)]),
+                "address-space index 256 is out of range",
+            ),
+            (
+                state(vec![process(0, [0, 1, 2], 0)]),
+                "process 0 is not a pid",
+            ),
+            (
+                state(vec![process(10, [0, 1, 2], 0), process(10, [3, 4, 5], 1)]),
+                "listed twice",
+            ),
+        ] {
+            let e = check_ranges(&bad).unwrap_err();
+            assert!(e.contains(want), "{e} (wanted {want})");
+        }
     }
 }

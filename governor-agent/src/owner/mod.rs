@@ -133,6 +133,8 @@ pub struct Agent {
     wanted: Arc<snapshot::Wanted>,
     /// When the subtree was last scanned for new processes.
     scanned: Option<Instant>,
+    /// What this agent found of an earlier one's state.
+    restart: crate::attribution::RestartStatus,
     /// The programs' failed inserts and followed execs as last logged,
     /// and when they were last read.
     kernel_events: (crate::status::KernelEvents, Option<Instant>),

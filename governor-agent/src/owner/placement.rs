@@ -5,7 +5,7 @@
 
 use std::fs;
 
-use nodedb_governor::control::wire::{self, ToAgent};
+use nodedb_governor::control::wire::ToAgent;
 
 use super::Agent;
 use crate::{
@@ -314,38 +314,9 @@ impl Agent {
         Ok(())
     }
 
-    /// Checks a hello: the first message, this protocol version, this
-    /// database, configured engines. Returns the engines it declares.
+    /// Checks a hello (see [`crate::policy::check_hello`]).
     pub(super) fn check_hello(&self, hello: ToAgent) -> Result<Vec<String>, HelloError> {
-        let ToAgent::Hello {
-            version,
-            database,
-            engines,
-        } = hello
-        else {
-            return Err(HelloError::NotHello);
-        };
-        if version != wire::VERSION {
-            return Err(HelloError::Version {
-                got: version,
-                speaks: wire::VERSION,
-            });
-        }
-        if database != self.config.database {
-            return Err(HelloError::Database {
-                got: database,
-                governs: self.config.database.clone(),
-            });
-        }
-        let known = self.config.engine_names();
-        if let Some(e) = engines.iter().find(|e| !known.contains(&e.name)) {
-            return Err(AgentError::UnknownEngine {
-                name: e.name.clone(),
-                known: known.join(", "),
-            }
-            .into());
-        }
-        Ok(engines.into_iter().map(|e| e.name).collect())
+        crate::policy::check_hello(&self.config.database, &self.config.engine_names(), hello)
     }
 
     /// Takes a library's process under governance: into `shared/` when it

@@ -200,6 +200,7 @@ impl Agent {
             .map(|m| m.status(self.policy.stalling(now, m.window())));
         report.psi_error = self.psi_error.clone();
         report.programs = self.programs.clone();
+        report.restart = self.restart.clone();
         match self.attribution.kernel_events() {
             Ok(events) => {
                 self.note_kernel_events(&events);

@@ -39,8 +39,8 @@ impl Agent {
                 .run_dir
                 .join(format!("attribution-{}.json", config.database)),
         };
-        let (attribution, restored) = Attribution::load_persistent(ProgramSet::Full, &persistence)?;
-        if restored {
+        let (attribution, restart) = Attribution::load_persistent(ProgramSet::Full, &persistence)?;
+        if restart.taken_over > 0 {
             tracing::info!("restarted: attribution continues from the pinned maps");
         }
         let (identity, subtree) = identity_and_subtree(&config)?;
@@ -91,6 +91,7 @@ impl Agent {
             programs: Vec::new(),
             wanted: Arc::new(super::snapshot::Wanted::new()),
             scanned: None,
+            restart,
             kernel_events: Default::default(),
             marks_polled: false,
             sched_thread: None,

@@ -277,6 +277,45 @@ pub enum Action {
 /// other locks in the process, such as io_uring rings, keep theirs).
 pub const MEMLOCK_HEADROOM: u64 = 8 << 20;
 
+/// Checks a library's first message: a hello, in this protocol version,
+/// for `database`, declaring only engines of `known`. Returns the
+/// engines it declares.
+pub fn check_hello(
+    database: &str,
+    known: &[String],
+    hello: nodedb_governor::control::wire::ToAgent,
+) -> Result<Vec<String>, crate::error::HelloError> {
+    use crate::error::HelloError;
+    let nodedb_governor::control::wire::ToAgent::Hello {
+        version,
+        database: theirs,
+        engines,
+    } = hello
+    else {
+        return Err(HelloError::NotHello);
+    };
+    if version != nodedb_governor::control::wire::VERSION {
+        return Err(HelloError::Version {
+            got: version,
+            speaks: nodedb_governor::control::wire::VERSION,
+        });
+    }
+    if theirs != database {
+        return Err(HelloError::Database {
+            got: theirs,
+            governs: database.to_owned(),
+        });
+    }
+    if let Some(e) = engines.iter().find(|e| !known.contains(&e.name)) {
+        return Err(crate::error::AgentError::UnknownEngine {
+            name: e.name.clone(),
+            known: known.join(", "),
+        }
+        .into());
+    }
+    Ok(engines.into_iter().map(|e| e.name).collect())
+}
+
 /// The policy's whole state.
 #[derive(Debug)]
 pub struct Policy {

@@ -86,3 +86,120 @@ fn a_killed_agent_restarts_on_its_pinned_maps_and_the_library_reconnects() {
     let _ = probe.kill();
     let _ = probe.wait();
 }
+
+/// What a killed agent left that cannot be trusted is named in the log
+/// and the status (`restart.discarded`), the registry kept aside, and the
+/// agent starts afresh rather than failing (and being restarted into the
+/// same failure): a registry that is not one, one whose indexes are out
+/// of range, and maps pinned by another layout. Each time the library
+/// reconnects and its process is governed again, and the processes the
+/// registry listed are counted as lost.
+#[test]
+fn state_a_killed_agent_left_that_cannot_be_used_is_named_and_set_aside() {
+    if skip_unless_privileged("agent restart on bad state") {
+        return;
+    }
+    let mut agent = super::start_agent("");
+    let registry = agent
+        .dir()
+        .path()
+        .join(format!("attribution-{}.json", agent.database));
+    let pins = std::path::PathBuf::from("/sys/fs/bpf/nodedb-governor").join(&agent.database);
+    let mut probe = agent.spawn_probe(
+        env!("CARGO_BIN_EXE_hold-probe"),
+        &["--mib", "48"],
+        Stdio::piped(),
+    );
+    let pid = probe.id();
+    let mut lines = JsonLines::of(&mut probe);
+    assert_eq!(lines.next_value()["held_bytes"], 48 << 20);
+    let vector = |agent: &Agent| -> u64 {
+        agent.status_json()["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pid"] == pid)
+            .and_then(|p| p["engines"]["vector"]["resident_bytes"].as_u64())
+            .unwrap_or(0)
+    };
+    wait_for("48 MiB attributed to vector", || vector(&agent) >= 47 << 20);
+
+    type Spoil = Box<dyn Fn(&std::path::Path, &std::path::Path)>;
+    let cases: [(&str, Spoil, bool); 3] = [
+        (
+            "is not a registry this agent can read",
+            Box::new(|registry, _| std::fs::write(registry, b"{\"version\": 5, \"proc").unwrap()),
+            false,
+        ),
+        (
+            "slot 99999 is out of range",
+            Box::new(|registry, _| {
+                let mut saved: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(registry).unwrap()).unwrap();
+                saved["processes"][0]["external_slot"] = 99_999.into();
+                std::fs::write(registry, serde_json::to_vec(&saved).unwrap()).unwrap();
+            }),
+            true,
+        ),
+        (
+            "do not match this build's",
+            // Another map of the object pinned where STATS was: an array
+            // of i64 where per-CPU slot statistics should be.
+            Box::new(|_, pins| {
+                std::fs::remove_file(pins.join("STATS")).unwrap();
+                std::fs::rename(pins.join("MARK_TOTALS"), pins.join("STATS")).unwrap();
+                std::fs::hard_link(pins.join("STATS"), pins.join("MARK_TOTALS"))
+                    .or_else(|_| {
+                        std::fs::copy(pins.join("STATS"), pins.join("MARK_TOTALS")).map(drop)
+                    })
+                    .ok();
+            }),
+            true,
+        ),
+    ];
+    for (why, spoil, counted) in cases {
+        agent.kill();
+        spoil(&registry, &pins);
+        agent.restart();
+        let status = agent.status_json();
+        let restart = &status["restart"];
+        assert!(
+            restart["discarded"]
+                .as_str()
+                .is_some_and(|d| d.contains(why)),
+            "{why}: {restart}\n{}",
+            agent.log()
+        );
+        if counted {
+            assert_eq!(restart["processes_lost"], 1, "{why}: {restart}");
+        }
+        assert!(
+            registry.with_extension("json.discarded").exists(),
+            "{why}: the registry is kept aside"
+        );
+        assert!(
+            agent
+                .log()
+                .contains("the earlier agent's state is discarded"),
+            "{why}"
+        );
+        // The library reconnects (with its backoff); its process is
+        // governed afresh (its counts from zero: memory it holds idle is
+        // attributed at its next change).
+        let again = nodedb_governor_testkit::wait::poll(
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                let s = agent.status_json();
+                let listed = |k: &str| {
+                    s[k].as_array()
+                        .is_some_and(|a| a.iter().any(|p| p["pid"] == pid))
+                };
+                listed("processes") && listed("clients")
+            },
+        );
+        assert!(again, "{why}: the library's process is not governed again");
+    }
+    let _ = probe.kill();
+    let _ = probe.wait();
+}

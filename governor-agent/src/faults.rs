@@ -31,3 +31,13 @@ pub fn accepted(point: &'static str) {
     let _ = point;
     fail::fail_point!(point);
 }
+
+/// A kernel write that fails (`reload-after-ceiling=return`): the error
+/// to report instead of going on, as a write the kernel refused would.
+pub fn failing(point: &'static str) -> Option<std::io::Error> {
+    let _ = point;
+    fail::fail_point!(point, |_| Some(std::io::Error::other(format!(
+        "{point}: refused by a fault point"
+    ))));
+    None
+}

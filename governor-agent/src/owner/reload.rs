@@ -45,31 +45,20 @@ impl Agent {
         let rules = Rules::from_config(&new)
             .on_nodes(&new, &crate::numa::machine_nodes())
             .map_err(crate::error::AgentError::from)?;
-        // First what the kernel may refuse whole (nothing else changed yet).
+        // The kernel's part, all or nothing: the cpuset first (the kernel
+        // refuses a set whole, nothing changed), then the limits; a write
+        // refused midway puts back what the old configuration had written,
+        // and the reload is refused with the old configuration in force.
         let cpuset_changed = self.reload_cpuset(&new)?;
-        // Limits lowered below the charge make the kernel reclaim in the
-        // writer's context: at the normal policy.
-        let raised = self.raised();
-        // An Emergency under way keeps its lowered high mark (at the
-        // restore point of the new ceiling) until it ends.
-        let emergency_mark = (self.policy.emergency() && new.enforce)
-            .then(|| (new.ceiling_bytes() as f64 * rules.restore) as u64);
-        if let Some(c) = &mut self.ceiling {
-            crate::sched::unraised(raised, || {
-                c.set_limit(new.ceiling_bytes(), normal_high_mark(&new))?;
-                match emergency_mark {
-                    Some(mark) => c.set_high(Some(mark)),
-                    None => Ok(()),
-                }
-            })?;
-            // As at startup: a memory.low the kernel refuses is a warning,
-            // not a reason to leave the reload half-applied.
-            if let Err(e) = c.set_protected(new.limits().iter().map(|l| l.hot_set_bytes).sum()) {
-                tracing::warn!(error = %e, "the hot sets' memory.low was not changed");
+        if let Err(e) = self.write_limits(&new, rules.restore) {
+            let old = self.config.clone();
+            if let Err(undo) = self.write_limits(&old, self.policy.rules().restore) {
+                tracing::error!(error = %undo, "putting the old limits back after a refused reload");
             }
-            for l in new.limits().into_iter().filter(|l| l.own_process) {
-                crate::sched::unraised(raised, || c.set_engine_high(&l.name, l.budget_bytes))?;
+            if cpuset_changed && let Err(undo) = self.reload_cpuset_from(&new, &old) {
+                tracing::error!(error = %undo, "putting the old cpuset back after a refused reload");
             }
+            return Err(e);
         }
         // Libraries whose uid the allow-list no longer names are let go
         // (before the policy's reload answers them).
@@ -100,6 +89,63 @@ impl Agent {
             self.apply_scheduling();
         }
         Ok(())
+    }
+
+    /// Writes `config`'s limits to the kernel: the ceiling and its high
+    /// mark (lowered to the restore point while an Emergency lasts), the
+    /// hot sets' protection, and own-process engines' high marks. The
+    /// first write the kernel refuses ends it (a refused memory.low is a
+    /// warning only).
+    fn write_limits(&mut self, config: &Config, restore: f64) -> Result<(), ReloadError> {
+        // Limits lowered below the charge make the kernel reclaim in the
+        // writer's context: at the normal policy.
+        let raised = self.raised();
+        // An Emergency under way keeps its lowered high mark (at the
+        // restore point of the new ceiling) until it ends.
+        let emergency_mark = (self.policy.emergency() && config.enforce)
+            .then(|| (config.ceiling_bytes() as f64 * restore) as u64);
+        let Some(c) = &mut self.ceiling else {
+            return Ok(());
+        };
+        crate::sched::unraised(raised, || {
+            c.set_limit(config.ceiling_bytes(), normal_high_mark(config))?;
+            match emergency_mark {
+                Some(mark) => c.set_high(Some(mark)),
+                None => Ok(()),
+            }
+        })?;
+        if let Some(e) = crate::faults::failing("reload-after-ceiling") {
+            return Err(crate::error::AgentError::io("reloading the limits", e).into());
+        }
+        // As at startup: a memory.low the kernel refuses is a warning,
+        // not a reason to leave the reload half-applied.
+        if let Err(e) = c.set_protected(config.limits().iter().map(|l| l.hot_set_bytes).sum()) {
+            tracing::warn!(error = %e, "the hot sets' memory.low was not changed");
+        }
+        for l in config.limits().into_iter().filter(|l| l.own_process) {
+            crate::sched::unraised(raised, || c.set_engine_high(&l.name, l.budget_bytes))?;
+        }
+        Ok(())
+    }
+
+    /// Puts the cpuset of `old` back after `new`'s was applied (a reload
+    /// refused later). One `new` set up where `old` had none stays, said.
+    fn reload_cpuset_from(&mut self, new: &Config, old: &Config) -> Result<(), ReloadError> {
+        let raised = self.raised();
+        match (&mut self.cpuset, &old.cpuset) {
+            (Some(_), None) if new.cpuset.is_some() && self.config.cpuset.is_none() => {
+                tracing::warn!(
+                    "the cpuset the refused reload set up stays (its processes are in it)"
+                );
+                Ok(())
+            }
+            (Some(c), wanted) => {
+                let wanted = wanted.clone().unwrap_or_default();
+                crate::sched::unraised(raised, || c.apply(&wanted))?;
+                Ok(())
+            }
+            (None, _) => Ok(()),
+        }
     }
 
     /// The database's cpuset after a reload: changed in place (a section

@@ -95,3 +95,52 @@ fn kernel_policy(pid: u32) -> (u32, u32) {
     let field = |n: usize| fields[n - 3].parse::<u32>().unwrap();
     (field(41), field(40))
 }
+
+/// A reload the kernel refuses midway (the ceiling written, the next
+/// write refused: a fault point stands in for the kernel) puts back what
+/// it had written: the ceiling the kernel enforces is the old one again,
+/// the reload is refused naming the failure, and the old configuration
+/// stays in force. Before, the new ceiling stayed in the kernel under the
+/// old configuration.
+#[test]
+fn a_reload_refused_midway_puts_back_what_it_wrote() {
+    if skip_unless_privileged("reload rolled back") {
+        return;
+    }
+    let agent = Agent::start_with_faults(
+        "nodedb-enforce",
+        &format!("ceiling = \"1GiB\"\n{}", super::three_engines(&[])),
+        "reload-after-ceiling=1*return",
+    );
+    let limit = |agent: &Agent| agent.status_json()["ceiling"]["limit_bytes"].as_u64();
+    let before = limit(&agent);
+    assert_eq!(before, Some(1 << 30));
+    let config = agent.config_path();
+    let original = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        original.replace("ceiling = \"1GiB\"", "ceiling = \"768MiB\""),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for("the reload to be refused", || {
+        agent.log().contains("SIGHUP: configuration refused")
+    });
+    let log = agent.log();
+    assert!(
+        log.contains("reload-after-ceiling: refused by a fault point"),
+        "{log}"
+    );
+    assert_eq!(
+        limit(&agent),
+        before,
+        "the old ceiling is back in the kernel"
+    );
+    // The old configuration is in force: the same change, reloaded again
+    // (the fault point fired once), applies.
+    agent.signal(libc::SIGHUP);
+    wait_for("the reload to apply", || {
+        agent.log().contains("SIGHUP: configuration reloaded")
+    });
+    assert_eq!(limit(&agent), Some(768 << 20));
+}

@@ -92,3 +92,40 @@ fn breaks_are_counted_after_more_processes_than_the_maps_hold() {
         "{events:?}"
     );
 }
+
+/// A registration that runs out of counter slots midway gives back what
+/// it took: with the slots nearly all taken, a process with many engines
+/// is refused (naming the slots), and a small one registers after it in
+/// what is left. Before, each failed registration kept the slots it had
+/// taken, for good.
+#[test]
+fn a_registration_that_fails_midway_gives_back_its_slots() {
+    use nodedb_governor_common::MAX_SLOTS;
+    if skip_unless_privileged("registration rolled back") {
+        return;
+    }
+    let mut att = Attribution::load(ProgramSet::Full).expect("loading eBPF");
+    let sleepers: Vec<Reaped> = (0..12)
+        .map(|_| Reaped(Command::new("sleep").arg("60").spawn().expect("sleep")))
+        .collect();
+    let engines = |n: usize| -> Vec<String> { (0..n).map(|i| format!("e{i}")).collect() };
+    // Ten processes of 100 engines: 102 slots each, 4 left.
+    let big = engines(100);
+    for s in &sleepers[..10] {
+        att.register_process(s.id(), &big).expect("registering");
+    }
+    assert_eq!(MAX_SLOTS as usize - 10 * 102, 4);
+    // Takes the 4 left and needs more: refused, and gives them back.
+    for _ in 0..3 {
+        let e = att
+            .register_process(sleepers[10].id(), &big)
+            .expect_err("more slots than are left")
+            .to_string();
+        assert!(e.contains("counter slots"), "{e}");
+        assert!(!att.is_registered(sleepers[10].id()));
+    }
+    // Two engines: the 4 slots a registration needs are still there.
+    att.register_process(sleepers[11].id(), &engines(2))
+        .expect("the slots the refused registrations took were given back");
+    assert!(att.is_registered(sleepers[11].id()));
+}

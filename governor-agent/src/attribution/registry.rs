@@ -59,6 +59,13 @@ pub(super) fn open_pidfd(pid: u32, start_time: u64) -> Option<OwnedFd> {
     (procfs::start_time(pid).ok() == Some(start_time)).then_some(fd)
 }
 
+/// What a registration took so far, given back if it fails.
+#[derive(Default)]
+struct Taken {
+    slots: Vec<u32>,
+    mm_index: Option<u32>,
+}
+
 impl Attribution {
     /// Invalidates the programs' per-CPU identity caches after a registry
     /// change. The word only grows (the programs add 1 per cgroup move, we
@@ -89,23 +96,55 @@ impl Attribution {
     }
 
     /// Starts governing process `pid` with the named engines. Its current
-    /// resident memory is the baseline and counts as unattributed.
+    /// resident memory is the baseline and counts as unattributed. All or
+    /// nothing: a registration that fails midway (slots or address-space
+    /// indexes run out, a map refuses) gives back what it took.
     pub fn register_process(&mut self, pid: u32, engines: &[String]) -> Result<(), AgentError> {
         if self.procs.contains_key(&pid) {
             return Ok(());
         }
         let start_time = procfs::start_time(pid)?;
         let baseline = procfs::rss_breakdown(pid)?;
-        let unattributed_slot = self.alloc_slot()?;
-        let external_slot = self.alloc_slot()?;
+        let mut taken = Taken::default();
+        match self.register_with(pid, start_time, baseline, engines, &mut taken) {
+            Ok(()) => {
+                tracing::info!(pid, engines = engines.len(), "process registered");
+                self.save();
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.procs_map.remove(&pid);
+                self.free_slots.extend(taken.slots);
+                self.free_mm_indexes.extend(taken.mm_index);
+                Err(e)
+            }
+        }
+    }
+
+    fn register_with(
+        &mut self,
+        pid: u32,
+        start_time: u64,
+        baseline: procfs::RssBreakdown,
+        engines: &[String],
+        taken: &mut Taken,
+    ) -> Result<(), AgentError> {
+        let mut alloc = |me: &mut Self| -> Result<u32, AgentError> {
+            let slot = me.alloc_slot()?;
+            taken.slots.push(slot);
+            Ok(slot)
+        };
+        let unattributed_slot = alloc(self)?;
+        let external_slot = alloc(self)?;
         let mut slots = BTreeMap::new();
         for name in engines {
-            slots.insert(name.clone(), self.alloc_slot()?);
+            slots.insert(name.clone(), alloc(self)?);
         }
         let mm_index = self.free_mm_indexes.pop().ok_or(AgentError::Full {
             what: "governed processes",
             limit: MAX_PROCS,
         })?;
+        taken.mm_index = Some(mm_index);
         let mut baseline_bytes = [0i64; kind::COUNT];
         baseline_bytes[kind::ANON] = baseline.anon as i64;
         baseline_bytes[kind::FILE] = baseline.file as i64;
@@ -159,8 +198,6 @@ impl Attribution {
                 pidfd: open_pidfd(pid, start_time),
             },
         );
-        tracing::info!(pid, engines = engines.len(), "process registered");
-        self.save();
         Ok(())
     }
 

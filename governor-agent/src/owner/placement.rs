@@ -69,7 +69,14 @@ impl Agent {
         self.adopt_cpuset(pid);
         if let Some(s) = &self.subtree {
             for (name, cg) in &s.engines {
-                self.attribution.bind_cgroup(pid, name, cg.id)?;
+                if let Err(e) = self.attribution.bind_cgroup(pid, name, cg.id) {
+                    // Half bound, its threads in an unbound engine would
+                    // count as unattributed for good: forgotten whole, to
+                    // be registered again at its next hello or the next
+                    // scan of the subtree.
+                    self.attribution.forget_process(pid);
+                    return Err(e);
+                }
             }
         }
         Ok(())
@@ -97,8 +104,12 @@ impl Agent {
             tracing::warn!(pid, engine, error = %e, "could not put the process under its engine's cgroup");
         }
         self.adopt_cpuset(pid);
-        if let Some(cg) = self.subtree.as_ref().and_then(|s| s.own.get(engine)) {
-            self.attribution.bind_cgroup(pid, engine, cg.id)?;
+        if let Some(cg) = self.subtree.as_ref().and_then(|s| s.own.get(engine))
+            && let Err(e) = self.attribution.bind_cgroup(pid, engine, cg.id)
+        {
+            // As in `register`: forgotten whole, registered again later.
+            self.attribution.forget_process(pid);
+            return Err(e);
         }
         // The whole process is the engine's: every thread it has now (the
         // ones it starts inherit their creator's CPUs).

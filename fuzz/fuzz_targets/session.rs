@@ -8,8 +8,10 @@
 //!
 //! - it speaks only to sessions it was told of and that have not left,
 //!   and to each only of engines that library declared;
-//! - limits never exceed the ceiling (floor at most cap), spills ask for
-//!   something and at most the ceiling, the high mark stays under it;
+//! - limits never exceed the ceiling (floor at most cap), a spill asks
+//!   for something and at most what the engine was ever seen to hold (by
+//!   the kernel's figure or its own books), the high mark stays under the
+//!   ceiling;
 //! - a library that left is forgotten, and its status can be read at any
 //!   time.
 #![no_main]
@@ -67,7 +69,7 @@ fn engine(i: u8) -> String {
 
 fn config(ceiling_mib: u16, lend: bool) -> Config {
     let ceiling = u64::from(ceiling_mib.max(16)) * MIB;
-    let floor = if lend { "" } else { "floor = \"50%\"\n" };
+    let floor = if lend { "" } else { "floor = \"30%\"\n" };
     let engines: String = ENGINES
         .iter()
         .map(|e| format!("[[engine]]\nname = \"{e}\"\nbudget = \"30%\"\n{floor}"))
@@ -90,6 +92,8 @@ struct World {
     rules: Rules,
     sessions: BTreeMap<u64, Session>,
     now: Instant,
+    /// The most each session's engine was seen to hold (read or reported).
+    held: BTreeMap<(u64, String), u64>,
 }
 
 impl World {
@@ -122,7 +126,15 @@ impl World {
                             engine,
                             target_bytes,
                         } => {
-                            assert!(*target_bytes > 0 && *target_bytes <= ceiling, "{message:?}");
+                            let held = self
+                                .held
+                                .get(&(*session, engine.clone()))
+                                .copied()
+                                .unwrap_or(0);
+                            assert!(
+                                *target_bytes > 0 && *target_bytes <= held,
+                                "{message:?}, the engine seen holding {held} at most"
+                            );
                             Some(engine)
                         }
                         ToLibrary::DropCache { engine, .. }
@@ -207,7 +219,13 @@ impl World {
                 }
             }
             Some(_) => match m {
-                ToAgent::Report { engines } => self.policy.on_report(id, engines, self.now),
+                ToAgent::Report { engines } => {
+                    for e in &engines {
+                        let held = self.held.entry((id, e.name.clone())).or_default();
+                        *held = (*held).max(e.reserved_bytes);
+                    }
+                    self.policy.on_report(id, engines, self.now)
+                }
                 ToAgent::Spilled {
                     engine,
                     target_bytes,
@@ -240,6 +258,8 @@ impl World {
                 pid: 1000 + id as u32,
                 ..Default::default()
             });
+            let held = self.held.entry((id, engine(*e))).or_default();
+            *held = (*held).max(u64::from(*mib) * MIB);
             p.engines.insert(
                 engine(*e),
                 Attributed {
@@ -274,6 +294,7 @@ fuzz_target!(|steps: Vec<Step>| {
         rules,
         sessions: BTreeMap::new(),
         now: Instant::now(),
+        held: BTreeMap::new(),
     };
     for step in steps.into_iter().take(256) {
         match step {

@@ -159,6 +159,12 @@ pub fn test() -> anyhow::Result<()> {
             .args(["fuzz", "run", "decode", "--"])
             .args(["-max_total_time=30", "-rss_limit_mb=2048"]),
     )?;
+    step("fuzzing the agent's sessions: sequences of frames into the policy (cargo fuzz, 30 s)");
+    cmd::run(
+        cargo::nightly()
+            .args(["fuzz", "run", "session", "--"])
+            .args(["-max_total_time=30", "-rss_limit_mb=2048"]),
+    )?;
     step("doc tests");
     cmd::run(cargo::command().args(["test", "--doc"]))?;
     if cmd::is_root() || crate::ci() {

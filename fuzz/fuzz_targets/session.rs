@@ -37,9 +37,17 @@ const MIB: u64 = 1 << 20;
 #[derive(Arbitrary, Debug)]
 enum Step {
     /// Bytes arriving on session `session % 4`: raw, or a message framed.
-    Bytes { session: u8, bytes: Vec<u8> },
-    Message { session: u8, message: Message },
-    Disconnect { session: u8 },
+    Bytes {
+        session: u8,
+        bytes: Vec<u8>,
+    },
+    Message {
+        session: u8,
+        message: Message,
+    },
+    Disconnect {
+        session: u8,
+    },
     Tick {
         /// Per session and engine, resident bytes in MiB.
         resident: Vec<(u8, u8, u16)>,
@@ -47,7 +55,10 @@ enum Step {
         psi_events: Option<u8>,
         after_ms: u16,
     },
-    Reload { ceiling_mib: u16, lend: bool },
+    Reload {
+        ceiling_mib: u16,
+        lend: bool,
+    },
 }
 
 /// Messages built to pass the decoder, so that the fuzzer reaches the
@@ -143,10 +154,15 @@ impl World {
                         _ => None,
                     };
                     if let Some(e) = named {
-                        assert!(declared.contains(e), "{message:?} to a library that declared {declared:?}");
+                        assert!(
+                            declared.contains(e),
+                            "{message:?} to a library that declared {declared:?}"
+                        );
                     }
                 }
-                Action::SetHighMark(Some(b)) => assert!(*b <= ceiling, "high mark {b} over {ceiling}"),
+                Action::SetHighMark(Some(b)) => {
+                    assert!(*b <= ceiling, "high mark {b} over {ceiling}")
+                }
                 _ => {}
             }
         }
@@ -231,7 +247,8 @@ impl World {
                     target_bytes,
                     freed_bytes,
                 } => {
-                    self.policy.on_spilled(id, &engine, target_bytes, freed_bytes);
+                    self.policy
+                        .on_spilled(id, &engine, target_bytes, freed_bytes);
                     Vec::new()
                 }
                 ToAgent::CacheDropped {

@@ -371,6 +371,71 @@ impl Default for ControlConfig {
     }
 }
 
+/// How many entries the eBPF maps that grow with the workload hold
+/// (`[maps]`), within documented limits. The maps of processes (256) and
+/// counter slots (1,024) are fixed by the identity the programs pack into
+/// one word. A full map is counted and logged (`kernel_events`), and the
+/// agent refuses pins made with other sizes (they are set aside, counting
+/// starts afresh).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapsConfig {
+    /// Threads the TID identity map, the releases and the mmaps under way
+    /// can each hold (`ENGINE_BY_TID`, `RELEASING`, `PENDING_MMAP`).
+    #[serde(default = "d_map_threads")]
+    pub threads: u32,
+    /// 2 MiB regions whose faulting engine is remembered (`REGIONS`, an
+    /// LRU: past it the oldest are forgotten, and a release there comes
+    /// off the releasing engine): 262,144 cover 512 GiB.
+    #[serde(default = "d_map_regions")]
+    pub regions: u32,
+    /// Files whose page cache is attributed (`FILE_OWNERS`).
+    #[serde(default = "d_map_files")]
+    pub files: u32,
+}
+
+fn d_map_threads() -> u32 {
+    nodedb_governor_common::MAX_TIDS
+}
+fn d_map_regions() -> u32 {
+    nodedb_governor_common::MAX_REGIONS
+}
+fn d_map_files() -> u32 {
+    nodedb_governor_common::MAX_FILES
+}
+
+impl Default for MapsConfig {
+    fn default() -> Self {
+        Self {
+            threads: d_map_threads(),
+            regions: d_map_regions(),
+            files: d_map_files(),
+        }
+    }
+}
+
+impl MapsConfig {
+    /// The limits of each size: `(field, least, most)`.
+    pub const LIMITS: [(&'static str, u32, u32); 3] = [
+        ("maps.threads", 1_024, 4_194_304),
+        ("maps.regions", 4_096, 16_777_216),
+        ("maps.files", 1_024, 4_194_304),
+    ];
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        for ((field, least, most), value) in
+            Self::LIMITS
+                .into_iter()
+                .zip([self.threads, self.regions, self.files])
+        {
+            if !(least..=most).contains(&value) {
+                return Err((field, format!("{value} is outside {least}..={most}")));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ControlConfig {
     /// The least `idle_timeout_ms`: two of the library's report
     /// heartbeats, so a library that is only quiet is never cut off.
@@ -522,6 +587,9 @@ pub struct Config {
     /// Connection limits and timeouts of the control socket.
     #[serde(default)]
     pub control: ControlConfig,
+    /// Sizes of the eBPF maps that grow with the workload.
+    #[serde(default)]
+    pub maps: MapsConfig,
     /// Delegates the multi-engine processes' cgroups (`shared/` and its
     /// engine cgroups) to this uid, the database's user: its libraries then
     /// move their threads into their engines themselves. Must be in
@@ -851,6 +919,9 @@ impl Config {
             ));
         }
         if let Err((field, reason)) = self.control.validate() {
+            return Err(err(field, reason));
+        }
+        if let Err((field, reason)) = self.maps.validate() {
             return Err(err(field, reason));
         }
         if let Err((field, reason)) = self.lending.rules().validate() {
@@ -1379,6 +1450,19 @@ mod tests {
             (
                 format!("{HEAD}[control]\nbacklog = 5\n{ENGINE}"),
                 "`backlog`",
+            ),
+            (
+                format!("{HEAD}[maps]\nthreads = 100\n{ENGINE}"),
+                "maps.threads",
+            ),
+            (
+                format!("{HEAD}[maps]\nregions = 99999999\n{ENGINE}"),
+                "maps.regions",
+            ),
+            (format!("{HEAD}[maps]\nfiles = 0\n{ENGINE}"), "maps.files"),
+            (
+                format!("{HEAD}[maps]\nprocesses = 512\n{ENGINE}"),
+                "`processes`",
             ),
             (
                 format!("{HEAD}allowed_uids = [\"root\"]\n{ENGINE}"),

@@ -78,12 +78,14 @@ impl ProgramSet {
 impl Attribution {
     /// Loads and attaches the programs.
     pub fn load(set: ProgramSet) -> Result<Self, AgentError> {
-        Self::load_with(set, None)
+        Self::load_with(set, None, &Default::default())
     }
 
+    /// Loads with the workload's maps sized by `maps`.
     pub(super) fn load_with(
         set: ProgramSet,
         persistence: Option<Persistence>,
+        maps: &crate::config::MapsConfig,
     ) -> Result<Self, AgentError> {
         privilege::check_prerequisites()?;
         raise_memlock();
@@ -95,7 +97,12 @@ impl Attribution {
         loader
             .btf(Some(&btf))
             .override_global(global::OFFSETS, &offsets, true)
-            .override_global(global::LAYOUT, &layout, true);
+            .override_global(global::LAYOUT, &layout, true)
+            .map_max_entries(map::ENGINE_BY_TID, maps.threads)
+            .map_max_entries(map::RELEASING, maps.threads)
+            .map_max_entries(map::PENDING_MMAP, maps.threads)
+            .map_max_entries(map::REGIONS, maps.regions)
+            .map_max_entries(map::FILE_OWNERS, maps.files);
         let pin_paths: Vec<(&str, std::path::PathBuf)> = persistence
             .iter()
             .flat_map(|p| PINNED_MAPS.iter().map(|m| (*m, p.pin_dir.join(m))))
@@ -354,6 +361,27 @@ mod tests {
             .iter()
             .map(|f| (f.program, format!("fentry/{}", f.function)));
         classic.chain(btf).chain(fentry).collect()
+    }
+
+    /// The layout pins are checked against at a restart is the object's
+    /// (a type changed in `governor-common` without the list fails here).
+    #[test]
+    fn the_pinned_layout_is_the_objects() {
+        let obj = Object::parse(EBPF_OBJECT).expect("parsing the embedded eBPF object");
+        let layout = crate::attribution::pins::pinned_layout(&Default::default());
+        let names: Vec<&str> = layout.iter().map(|l| l.0).collect();
+        assert_eq!(
+            names, PINNED_MAPS,
+            "the layout lists the pinned maps, in order"
+        );
+        for (name, key, value, entries) in layout {
+            let m = &obj.maps[name];
+            assert_eq!(
+                (m.key_size(), m.value_size(), m.max_entries()),
+                (key, value, entries),
+                "{name}: key and value sizes and entries"
+            );
+        }
     }
 
     /// The embedded object, the agent's `names` and the eBPF crate's

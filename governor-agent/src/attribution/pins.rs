@@ -39,6 +39,47 @@ pub(super) const PINNED_MAPS: &[&str] = &[
     map::MARK_TOTALS,
 ];
 
+/// Each pinned map as this build makes it, in [`PINNED_MAPS`]' order: its
+/// key and value sizes and its entries (the workload's maps sized by
+/// `[maps]`). Pins that differ were made by another build or another
+/// configuration, and are not used.
+pub(super) fn pinned_layout(
+    maps: &crate::config::MapsConfig,
+) -> [(&'static str, u32, u32, u32); 13] {
+    use nodedb_governor_common::{
+        FileKey, FileOwner, MAX_ENGINE_CGROUPS, MAX_PROCS, MAX_SLOTS, MmState, PendingMap,
+        ProcInfo, RegionKey, ReleaseCtx, SlotStats,
+    };
+    fn sz<T>() -> u32 {
+        size_of::<T>() as u32
+    }
+    [
+        (map::STATS, 4, sz::<SlotStats>(), MAX_SLOTS),
+        (map::PROCS, 4, sz::<ProcInfo>(), MAX_PROCS),
+        (
+            map::ENGINE_BY_CGROUP,
+            sz::<CgroupKey>(),
+            4,
+            MAX_ENGINE_CGROUPS,
+        ),
+        (map::ENGINE_BY_TID, 4, 4, maps.threads),
+        (map::MM_STATES, 4, sz::<MmState>(), MAX_PROCS),
+        (map::MM_BY_PTR, 8, 4, MAX_PROCS),
+        (map::REGIONS, sz::<RegionKey>(), 4, maps.regions),
+        (map::RELEASING, 4, sz::<ReleaseCtx>(), maps.threads),
+        (map::PENDING_MMAP, 4, sz::<PendingMap>(), maps.threads),
+        (map::BRK, 4, 8, MAX_PROCS),
+        (map::GENERATION, 4, 8, 1),
+        (
+            map::FILE_OWNERS,
+            sz::<FileKey>(),
+            sz::<FileOwner>(),
+            maps.files,
+        ),
+        (map::MARK_TOTALS, 4, 8, MAX_SLOTS),
+    ]
+}
+
 /// 2: `SlotStats` counts page cache (an older agent's pinned maps have
 /// smaller values, and are not reused). 3: `SlotStats` counts untracked
 /// page cache, and `FILE_OWNERS` holds each file's bytes. 4: `SlotStats`
@@ -109,8 +150,9 @@ enum Saved {
 }
 
 /// Reads `p`'s registry and checks it against this build: its version, the
-/// pins it goes with, and every index in it in range and used once.
-fn read_saved(p: &Persistence) -> Saved {
+/// pins it goes with (there, and of this build's layout and `maps`' sizes),
+/// and every index in it in range and used once.
+fn read_saved(p: &Persistence, maps: &crate::config::MapsConfig) -> Saved {
     let file = p.state_file.display();
     let bytes = match std::fs::read(&p.state_file) {
         Ok(b) => b,
@@ -160,7 +202,26 @@ fn read_saved(p: &Persistence) -> Saved {
             listed,
         };
     }
-    if let Err(why) = check_ranges(&state) {
+    for (name, key, value, entries) in pinned_layout(maps) {
+        let path = p.pin_dir.join(name);
+        let found = aya::maps::MapInfo::from_pin(&path)
+            .map(|i| (i.key_size(), i.value_size(), i.max_entries()))
+            .map_err(|e| e.to_string());
+        if found.as_ref() != Ok(&(key, value, entries)) {
+            let found = match found {
+                Ok((k, v, n)) => format!("{n} entries of {k}-byte keys and {v}-byte values"),
+                Err(e) => format!("unreadable ({e})"),
+            };
+            return Saved::Discarded {
+                why: format!(
+                    "the maps pinned under {} do not match this build's: {name} holds {found}, this build's {entries} of {key}-byte keys and {value}-byte values",
+                    p.pin_dir.display()
+                ),
+                listed,
+            };
+        }
+    }
+    if let Err(why) = check_ranges(&state, maps) {
         return Saved::Discarded {
             why: format!("{file}: {why}"),
             listed,
@@ -171,8 +232,9 @@ fn read_saved(p: &Persistence) -> Saved {
 
 /// Every slot and address-space index in range and used once, every pid
 /// a pid, and no more processes, threads or cgroups than the maps hold.
-fn check_ranges(state: &SavedState) -> Result<(), String> {
-    use nodedb_governor_common::{MAX_ENGINE_CGROUPS, MAX_PROCS, MAX_SLOTS, MAX_TIDS};
+fn check_ranges(state: &SavedState, maps: &crate::config::MapsConfig) -> Result<(), String> {
+    use nodedb_governor_common::{MAX_ENGINE_CGROUPS, MAX_PROCS, MAX_SLOTS};
+    let max_tids = maps.threads;
     if state.processes.len() > MAX_PROCS as usize {
         return Err(format!(
             "{} processes, more than the maps hold ({MAX_PROCS})",
@@ -207,9 +269,9 @@ fn check_ranges(state: &SavedState) -> Result<(), String> {
         tids += sp.tids.len();
         cgroups += sp.cgroup_keys.len();
     }
-    if tids > MAX_TIDS as usize || cgroups > MAX_ENGINE_CGROUPS as usize {
+    if tids > max_tids as usize || cgroups > MAX_ENGINE_CGROUPS as usize {
         return Err(format!(
-            "{tids} threads and {cgroups} cgroups, more than the maps hold ({MAX_TIDS}, {MAX_ENGINE_CGROUPS})"
+            "{tids} threads and {cgroups} cgroups, more than the maps hold ({max_tids}, {MAX_ENGINE_CGROUPS})"
         ));
     }
     Ok(())
@@ -229,9 +291,10 @@ impl Attribution {
     pub fn load_persistent(
         set: ProgramSet,
         p: &Persistence,
+        maps: &crate::config::MapsConfig,
     ) -> Result<(Self, RestartStatus), AgentError> {
         let mut status = RestartStatus::default();
-        let saved = match read_saved(p) {
+        let saved = match read_saved(p, maps) {
             Saved::Nothing => None,
             Saved::Usable(s) => Some(s),
             Saved::Discarded { why, listed } => {
@@ -245,7 +308,7 @@ impl Attribution {
         }
         std::fs::create_dir_all(&p.pin_dir)
             .map_err(|e| AgentError::io(format!("creating {}", p.pin_dir.display()), e))?;
-        let (mut me, saved) = match Self::load_with(set, Some(p.clone())) {
+        let (mut me, saved) = match Self::load_with(set, Some(p.clone()), maps) {
             Ok(me) => (me, saved),
             Err(e) if saved.is_some() => {
                 let listed = saved.as_ref().map_or(0, |s| s.processes.len() as u64);
@@ -260,7 +323,7 @@ impl Attribution {
                 Self::unpin_at(p);
                 std::fs::create_dir_all(&p.pin_dir)
                     .map_err(|e| AgentError::io(format!("creating {}", p.pin_dir.display()), e))?;
-                (Self::load_with(set, Some(p.clone()))?, None)
+                (Self::load_with(set, Some(p.clone()), maps)?, None)
             }
             Err(e) => return Err(e),
         };
@@ -387,8 +450,9 @@ mod tests {
     /// as one.
     #[test]
     fn a_registry_is_used_only_with_every_index_in_range_and_once() {
+        let maps = crate::config::MapsConfig::default();
         let good = state(vec![process(10, [0, 1, 2], 0), process(11, [3, 4, 5], 1)]);
-        assert_eq!(check_ranges(&good), Ok(()));
+        assert_eq!(check_ranges(&good, &maps), Ok(()));
         for (bad, want) in [
             (
                 state(vec![process(10, [0, 1, 99_999], 0)]),
@@ -415,7 +479,7 @@ mod tests {
                 "listed twice",
             ),
         ] {
-            let e = check_ranges(&bad).unwrap_err();
+            let e = check_ranges(&bad, &maps).unwrap_err();
             assert!(e.contains(want), "{e} (wanted {want})");
         }
     }

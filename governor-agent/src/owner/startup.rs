@@ -39,7 +39,8 @@ impl Agent {
                 .run_dir
                 .join(format!("attribution-{}.json", config.database)),
         };
-        let (attribution, restart) = Attribution::load_persistent(ProgramSet::Full, &persistence)?;
+        let (attribution, restart) =
+            Attribution::load_persistent(ProgramSet::Full, &persistence, &config.maps)?;
         if restart.taken_over > 0 {
             tracing::info!("restarted: attribution continues from the pinned maps");
         }

@@ -203,3 +203,37 @@ fn state_a_killed_agent_left_that_cannot_be_used_is_named_and_set_aside() {
     let _ = probe.kill();
     let _ = probe.wait();
 }
+
+/// `[maps]` sizes the workload's maps, and pins an agent made with other
+/// sizes are not taken over: an agent killed with `threads = 1024`, then
+/// started with 2048, names the map and both sizes and starts afresh.
+#[test]
+fn maps_are_sized_by_the_config_and_pins_of_other_sizes_set_aside() {
+    if skip_unless_privileged("map sizes") {
+        return;
+    }
+    let mut agent = super::start_agent("[maps]\nthreads = 1024\nregions = 8192\n");
+    let mut probe = agent.spawn_probe(
+        env!("CARGO_BIN_EXE_hold-probe"),
+        &["--mib", "8"],
+        Stdio::piped(),
+    );
+    assert_eq!(
+        JsonLines::of(&mut probe).next_value()["held_bytes"],
+        8 << 20
+    );
+    agent.kill();
+    let config = agent.config_path();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("threads = 1024", "threads = 2048")).unwrap();
+    agent.restart();
+    let restart = agent.status_json()["restart"].clone();
+    let discarded = restart["discarded"].as_str().unwrap_or_default();
+    assert!(
+        discarded.contains("ENGINE_BY_TID holds 1024 entries")
+            && discarded.contains("this build's 2048"),
+        "{restart}"
+    );
+    let _ = probe.kill();
+    let _ = probe.wait();
+}

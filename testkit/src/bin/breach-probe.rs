@@ -49,6 +49,13 @@ struct Args {
     quiet: Option<String>,
     #[arg(long, default_value_t = 8)]
     quiet_mib: usize,
+    /// The agent's admin socket: each round, the engine's memory the
+    /// kernel counts besides the touched blocks (its thread's stack, code
+    /// and heap) is read from the agent's status at the calm point, and
+    /// the breach is judged on the blocks and it together, as the agent
+    /// judges (without it, on the blocks alone).
+    #[arg(long)]
+    admin: Option<std::path::PathBuf>,
 }
 
 fn engine_id(name: &str) -> anyhow::Result<EngineId> {
@@ -66,6 +73,25 @@ fn node_fraction(node: u32) -> anyhow::Result<f64> {
         .with_context(|| format!("no node {node}"))?
         .memory_bytes;
     Ok(mine as f64 / total.max(1) as f64)
+}
+
+/// What the agent's status counts for `engine` of this process (on
+/// `node`, or in all) beyond the `held` bytes of touched blocks.
+fn besides_blocks(admin: &std::path::Path, engine: &str, node: Option<u32>, held: usize) -> usize {
+    let Some(status) = nodedb_governor_demo::governed::admin_status(admin) else {
+        return 0;
+    };
+    let me = u64::from(std::process::id());
+    let attributed = status["processes"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["pid"].as_u64() == Some(me)))
+        .map(|p| p["engines"][engine].clone())
+        .unwrap_or_default();
+    let counted = match node {
+        Some(n) => attributed["node_resident_bytes"][n as usize].as_u64(),
+        None => attributed["resident_bytes"].as_u64(),
+    };
+    (counted.unwrap_or(0) as usize).saturating_sub(held)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -114,6 +140,7 @@ fn main() -> anyhow::Result<()> {
         // most as many as the rounds.
         let mut early = Vec::new();
         let mut round = 0;
+        let mut baseline = 0usize;
         while out.len() < args.rounds {
             round += 1;
             // Calm first: the last round's spill is seen by the agent.
@@ -122,9 +149,15 @@ fn main() -> anyhow::Result<()> {
             }
             let spills_before = untracked.spills.lock().unwrap().len();
             let held = untracked.reclaimable_bytes() as usize;
+            let besides = args
+                .admin
+                .as_deref()
+                .map_or(0, |a| besides_blocks(a, &args.engine, args.node, held));
+            baseline = baseline.max(besides);
             // Touch until the spill comes (or just over the budget):
-            // the breach is crossing the Critical threshold.
-            let critical = (budget as f64 * args.critical) as usize;
+            // the breach is crossing the Critical threshold, of the
+            // blocks and what the kernel counts besides them.
+            let critical = ((budget as f64 * args.critical) as usize).saturating_sub(besides);
             let mut touched = held;
             let mut breach = None;
             let mut peak = touched;
@@ -174,9 +207,9 @@ fn main() -> anyhow::Result<()> {
                 "freed_bytes": spill.2,
             }));
         }
-        Ok((out, early))
+        Ok((out, early, baseline))
     })?;
-    let (worker, early) = worker;
+    let (worker, early, baseline) = worker;
     // After the last spill the agent must see the engine back under its
     // budget (below Critical).
     if !calm() {
@@ -198,6 +231,7 @@ fn main() -> anyhow::Result<()> {
             "node": args.node,
             "quiet_spills": quiet_spills,
             "early_spills": early,
+            "besides_blocks_bytes": baseline,
             "rounds": worker,
             "latency_us": { "p50": pct(0.50), "p99": pct(0.99), "max": lat[lat.len() - 1] },
             "spill_requests": stats.spills,

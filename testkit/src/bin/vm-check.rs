@@ -286,6 +286,8 @@ fn main() -> anyhow::Result<()> {
                             &node.to_string(),
                             "--quiet",
                             quiet,
+                            "--admin",
+                            &env.work.join("agent.sock").to_string_lossy(),
                         ],
                     )
                     .stderr(Stdio::inherit())
@@ -302,6 +304,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(json!({
                     "judged_on_bytes": r["budget_bytes"],
+                    "besides_blocks_bytes": r["besides_blocks_bytes"],
                     "latency_us": r["latency_us"],
                     "quiet_spills": r["quiet_spills"],
                     "early_spills": r["early_spills"],

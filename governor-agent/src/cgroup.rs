@@ -297,15 +297,22 @@ impl Subtree {
     }
 
     /// The engine whose cgroup `path` (as [`cgroup_of_thread`] reads it)
-    /// is, if any: the whole path under the mount the subtree is in, not
-    /// its last name (another cgroup called `engine-vector` is not the
-    /// vector engine's). /proc shows it from the root of the agent's
-    /// cgroup namespace, which is that mount's root (the init namespace,
-    /// or a container's own with its own mount).
+    /// is, if any: the whole path under the cgroup v2 mount, not its last
+    /// name (another cgroup called `engine-vector` is not the vector
+    /// engine's). /proc shows it from the root of the agent's cgroup
+    /// namespace, which is the mount's root (the init namespace, or a
+    /// container's own with its own mount); `cgroup_root` may be any
+    /// directory below it.
     ///
     /// [`cgroup_of_thread`]: Self::cgroup_of_thread
     pub fn engine_of(&self, path: &str) -> Option<&str> {
-        let mount = self.domain.parent()?;
+        self.engine_under(&find_v2_mount()?, path)
+    }
+
+    /// [`engine_of`] with the mount given.
+    ///
+    /// [`engine_of`]: Self::engine_of
+    pub fn engine_under(&self, mount: &Path, path: &str) -> Option<&str> {
         let dir = mount.join(path.trim_start_matches('/'));
         self.engines
             .iter()
@@ -335,13 +342,17 @@ mod tests {
     use super::*;
 
     fn subtree() -> Subtree {
-        let dir = PathBuf::from("/sys/fs/cgroup/db/shared");
+        subtree_at("/sys/fs/cgroup")
+    }
+
+    fn subtree_at(root: &str) -> Subtree {
+        let dir = PathBuf::from(root).join("db/shared");
         let engine = |name: &str| EngineCgroup {
             dir: dir.join(format!("engine-{name}")),
             id: 0,
         };
         Subtree {
-            domain: "/sys/fs/cgroup/db".into(),
+            domain: PathBuf::from(root).join("db"),
             engines: [("vector", engine("vector")), ("query", engine("query"))]
                 .into_iter()
                 .map(|(n, c)| (n.to_owned(), c))
@@ -356,8 +367,22 @@ mod tests {
     #[test]
     fn a_cgroup_is_an_engines_by_its_whole_path() {
         let s = subtree();
-        assert_eq!(s.engine_of("/db/shared/engine-vector"), Some("vector"));
-        assert_eq!(s.engine_of("/db/shared/engine-query"), Some("query"));
+        let mount = Path::new("/sys/fs/cgroup");
+        assert_eq!(
+            s.engine_under(mount, "/db/shared/engine-vector"),
+            Some("vector")
+        );
+        assert_eq!(
+            s.engine_under(mount, "/db/shared/engine-query"),
+            Some("query")
+        );
+        // A cgroup_root below the mount: /proc shows the whole path.
+        let deeper = subtree_at("/sys/fs/cgroup/nodedb.slice");
+        assert_eq!(
+            deeper.engine_under(mount, "/nodedb.slice/db/shared/engine-vector"),
+            Some("vector")
+        );
+        assert_eq!(deeper.engine_under(mount, "/db/shared/engine-vector"), None);
         for other in [
             "/other/shared/engine-vector",
             "/shared/engine-vector",
@@ -368,7 +393,7 @@ mod tests {
             "/",
             "",
         ] {
-            assert_eq!(s.engine_of(other), None, "{other}");
+            assert_eq!(s.engine_under(mount, other), None, "{other}");
         }
     }
 }

@@ -1,10 +1,11 @@
 //! Fault points, for the tests that need the agent to fail as it would in
 //! the field: an owner that stops ticking, a serving task that panics.
 //! They are `fail`'s points: compiled in only with the `failpoints`
-//! feature (the tests' build has it, a release build of the agent alone
-//! does not) and configured at start by the `FAILPOINTS` environment
-//! variable (`name=action;...`, see `fail::cfg`). Without the feature,
-//! each is a constant the compiler removes.
+//! feature (`cargo build -p nodedb-governor-agent` leaves them out; a
+//! build of the whole workspace has them, as the testkit asks for them)
+//! and configured at start by the `FAILPOINTS` environment variable
+//! (`name=action;...`, see `fail::cfg`), which only the service manager
+//! sets. Without the feature, each is a constant the compiler removes.
 
 use std::time::Duration;
 

@@ -137,12 +137,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
                 Ok(()) => format!("{task} task stopped"),
             };
             tracing::error!(%why, "the agent stops");
-            if !owner.is_finished() {
-                // The owner itself is well: it leaves the kernel as a stop
-                // leaves it.
-                let _ = inputs.send(Input::Stop).await;
-                let _ = owner.await;
-            }
+            // Not a stop: the owner is not told to clean up (a clean stop
+            // removes the pins, the registry and the database's cgroups).
+            // It is dropped with the runtime, and everything stays for the
+            // agent the service manager starts next to carry on from.
+            owner.abort();
             Err(anyhow::anyhow!("{why}: the agent stopped"))
         }
         None => {

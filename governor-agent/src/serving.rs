@@ -1,8 +1,9 @@
 //! The tasks that serve the agent's sockets and its HTTP endpoint, on a
 //! thread and a runtime of their own: a flood of connections (accepts,
-//! hellos, refusals, `/metrics` scrapes) is work for this thread, not for
-//! the owner's, which runs at `SCHED_FIFO` and answers the kernel's
-//! crossings at once whatever the sockets are doing. Both sides meet only
+//! hellos, refusals, reading and writing frames, HTTP) is work for this
+//! thread, not for the owner's, which runs at `SCHED_FIFO` and answers the
+//! kernel's crossings at once whatever the sockets are doing. (A `status`
+//! or a scrape still has the owner build a snapshot, once per request.) Both sides meet only
 //! through channels (inputs to the owner, snapshots and configurations
 //! from it, each library's outbound queue), which work across runtimes.
 
@@ -97,8 +98,12 @@ async fn serve(parts: Parts, stopped: oneshot::Receiver<()>, report: oneshot::Se
     let mut metrics = match parts.metrics.map(TcpListener::from_std).transpose() {
         Ok(l) => l.map(|l| tokio::spawn(http::serve_on(l, parts.snapshots))),
         Err(e) => {
+            // Without its endpoint (and /healthz) the agent stops: the
+            // thread ends without a report, which the caller takes as such.
             tracing::error!(error = %e, "registering the metrics listener with the serving runtime");
-            None
+            admin.abort();
+            control.abort();
+            return;
         }
     };
     let ended = tokio::select! {

@@ -127,7 +127,10 @@ fn try_sched_process_exec() -> Result<u32, u32> {
     let state = MM_STATES.get_ptr_mut(me.mm_index).ok_or(0u32)?;
     // SAFETY: a valid map value pointer.
     let old = unsafe { core::ptr::read_volatile(&raw const (*state).mm) };
-    if old != 0 {
+    // SAFETY: copy out of the map value.
+    if old != 0 && unsafe { MM_BY_PTR.get(old) }.copied() == Some(me.mm_index) {
+        // Only its own: a vfork child shares its parent's address space
+        // until it execs, and the entry may be the parent's.
         let _ = MM_BY_PTR.remove(old);
     }
     // SAFETY: as above.

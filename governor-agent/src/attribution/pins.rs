@@ -310,7 +310,9 @@ impl Attribution {
             .map_err(|e| AgentError::io(format!("creating {}", p.pin_dir.display()), e))?;
         let (mut me, saved) = match Self::load_with(set, Some(p.clone()), maps) {
             Ok(me) => (me, saved),
-            Err(e) if saved.is_some() => {
+            // Whether the pins are to blame: a load without them tells (one
+            // that fails too is another failure, and leaves the state be).
+            Err(e) if saved.is_some() && Self::load_with(set, None, maps).is_ok() => {
                 let listed = saved.as_ref().map_or(0, |s| s.processes.len() as u64);
                 status.discard(
                     p,

@@ -85,14 +85,24 @@ impl Attribution {
             what: "counter slots",
             limit: MAX_SLOTS,
         })?;
-        // A reused slot starts from zero on every CPU.
+        // A reused slot starts from zero on every CPU; one that cannot be
+        // reset goes back on the free list.
+        match self.reset_slot(slot) {
+            Ok(()) => Ok(slot),
+            Err(e) => {
+                self.free_slots.push(slot);
+                Err(e)
+            }
+        }
+    }
+
+    fn reset_slot(&mut self, slot: u32) -> Result<(), AgentError> {
         let zero = PerCpuValues::try_from(vec![SlotStats::default(); self.nr_cpus])
             .map_err(|e| AgentError::io("building per-CPU zeroes", e))?;
         self.stats
             .set(slot, zero, 0)
             .map_err(|e| AgentError::ebpf(format!("resetting slot {slot}"), e))?;
-        self.reset_mark(slot)?;
-        Ok(slot)
+        self.reset_mark(slot)
     }
 
     /// Starts governing process `pid` with the named engines. Its current

@@ -134,6 +134,7 @@ impl Agent {
         by: Option<u32>,
     ) -> Result<(), AgentError> {
         let held = procfs::pidfd_open(pid).ok_or(AgentError::NoSuchProcess { pid })?;
+        let started = procfs::start_time(pid)?;
         let uid = procfs::creds(pid)?.uid;
         let allowed = match by {
             None => self.config.uid_allowed(uid),
@@ -146,7 +147,11 @@ impl Agent {
                 by: by.map_or("root".into(), |u| format!("uid {u} (admin group)")),
             });
         }
-        if procfs::pidfd_exited(std::os::fd::AsFd::as_fd(&held)) {
+        // Still the process checked: its pidfd has not seen it exit, and
+        // the pid's start time is the one read first.
+        if procfs::pidfd_exited(std::os::fd::AsFd::as_fd(&held))
+            || procfs::start_time(pid).ok() != Some(started)
+        {
             return Err(AgentError::NoSuchProcess { pid });
         }
         self.place(pid, tid, engine)?;

@@ -56,7 +56,7 @@ impl Agent {
             if let Err(undo) = self.write_limits(&old, self.policy.rules().restore) {
                 tracing::error!(error = %undo, "putting the old limits back after a refused reload");
             }
-            if cpuset_changed && let Err(undo) = self.reload_cpuset_from(&new, &old) {
+            if cpuset_changed && let Err(undo) = self.reload_cpuset_from(&old) {
                 tracing::error!(error = %undo, "putting the old cpuset back after a refused reload");
             }
             return Err(e);
@@ -130,16 +130,11 @@ impl Agent {
     }
 
     /// Puts the cpuset of `old` back after `new`'s was applied (a reload
-    /// refused later). One `new` set up where `old` had none stays, said.
-    fn reload_cpuset_from(&mut self, new: &Config, old: &Config) -> Result<(), ReloadError> {
+    /// refused later); where `old` had none, the parent's sets, as a
+    /// section taken out leaves them.
+    fn reload_cpuset_from(&mut self, old: &Config) -> Result<(), ReloadError> {
         let raised = self.raised();
         match (&mut self.cpuset, &old.cpuset) {
-            (Some(_), None) if new.cpuset.is_some() && self.config.cpuset.is_none() => {
-                tracing::warn!(
-                    "the cpuset the refused reload set up stays (its processes are in it)"
-                );
-                Ok(())
-            }
             (Some(c), wanted) => {
                 let wanted = wanted.clone().unwrap_or_default();
                 crate::sched::unraised(raised, || c.apply(&wanted))?;

@@ -69,7 +69,7 @@ pub const STALLED_FLOOR: Duration = Duration::from_secs(2);
 pub const STALLED_PERIODS: u32 = 5;
 
 /// When the owner last ended a tick, and its period then. Written by the
-/// owner, read by `/healthz`, `/metrics` and `status` when they answer,
+/// owner, read by `/healthz` and `/metrics` when they answer,
 /// so that an owner that stopped ticking (stuck on an await, or a loop
 /// that no longer reaches its tick) shows however long it has been,
 /// even though every snapshot it published before says it was fine.

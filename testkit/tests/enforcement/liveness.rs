@@ -87,7 +87,8 @@ fn a_stalled_owner_fails_the_health_check_until_it_ticks_again() {
 /// A serving task that panics (the control socket's, at the connection it
 /// accepts, by a fault point) stops the agent with a non-zero exit naming
 /// it, so that the service manager starts it again; an agent that stayed
-/// up without its control socket would govern no new library.
+/// up without its control socket would govern no new library. The pins
+/// and the registry stay for the next agent (a clean stop removes them).
 #[test]
 fn a_serving_task_that_panics_stops_the_agent_non_zero() {
     if skip_unless_privileged("agent liveness") {
@@ -106,5 +107,16 @@ fn a_serving_task_that_panics_stops_the_agent_non_zero() {
     assert!(
         log.contains("the control socket's server task panicked"),
         "{log}"
+    );
+    // Not a stop: what the next agent carries on from stays.
+    let pins = std::path::Path::new("/sys/fs/bpf/nodedb-governor").join(&agent.database);
+    assert!(pins.join("STATS").exists(), "the pins were removed");
+    assert!(
+        agent
+            .dir()
+            .path()
+            .join(format!("attribution-{}.json", agent.database))
+            .exists(),
+        "the registry was removed"
     );
 }

@@ -1,12 +1,49 @@
 //! Running commands, saying what is run.
 
-use std::process::{Command, ExitStatus, Stdio};
+use std::{
+    process::{Command, ExitStatus, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, bail};
 
-/// Prints a step heading.
+/// Every heading printed so far, with when it started.
+static STEPS: Mutex<Vec<(String, Instant)>> = Mutex::new(Vec::new());
+
+/// Prints a step heading, with the time since the first one (so a log
+/// shows where the time went).
 pub fn step(what: &str) {
-    eprintln!("==> {what}");
+    let now = Instant::now();
+    let mut steps = STEPS.lock().unwrap_or_else(|e| e.into_inner());
+    let since = steps.first().map_or(Duration::ZERO, |(_, t)| now - *t);
+    eprintln!("==> [{}] {what}", clock(since));
+    steps.push((what.to_owned(), now));
+}
+
+fn clock(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{:02}:{:02}", s / 60, s % 60)
+}
+
+/// Prints how long each step took, longest first, and the whole; said at
+/// the end of a long command whether it succeeded or not.
+pub fn time_summary() {
+    let steps = STEPS.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((_, start)) = steps.first() else {
+        return;
+    };
+    let end = Instant::now();
+    let mut took: Vec<(Duration, &str)> = steps
+        .iter()
+        .zip(steps.iter().skip(1).map(|(_, t)| *t).chain([end]))
+        .map(|((what, begun), ended)| (ended - *begun, what.as_str()))
+        .collect();
+    took.sort_by_key(|t| std::cmp::Reverse(t.0));
+    eprintln!("==> time taken: {} in all", clock(end - *start));
+    for (d, what) in took.iter().filter(|(d, _)| d.as_secs() >= 5) {
+        eprintln!("    {}  {what}", clock(*d));
+    }
 }
 
 fn describe(cmd: &Command) -> String {

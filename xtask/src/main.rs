@@ -182,6 +182,7 @@ fn main() -> ExitCode {
         }),
         Task::Bench { rounds } => setup::setup().and_then(|()| bench::bench(rounds)),
     };
+    cmd::time_summary();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

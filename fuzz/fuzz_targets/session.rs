@@ -54,6 +54,9 @@ enum Step {
         charge_mib: Option<u16>,
         psi_events: Option<u8>,
         after_ms: u16,
+        /// A reaction to session `crossed % 4`'s process crossing a mark
+        /// (its library alone) instead of a whole tick.
+        crossed: Option<u8>,
     },
     Reload {
         ceiling_mib: u16,
@@ -267,7 +270,13 @@ impl World {
         self.check(&actions);
     }
 
-    fn tick(&mut self, resident: &[(u8, u8, u16)], charge: Option<u16>, psi: Option<u8>) {
+    fn tick(
+        &mut self,
+        resident: &[(u8, u8, u16)],
+        charge: Option<u16>,
+        psi: Option<u8>,
+        crossed: Option<u8>,
+    ) {
         let mut processes: BTreeMap<u64, ProcessAttribution> = BTreeMap::new();
         for (s, e, mib) in resident {
             let id = u64::from(s % 4) + 1;
@@ -290,7 +299,7 @@ impl World {
             processes: processes.into_values().collect(),
         };
         let limit = self.rules.ceiling_bytes;
-        let actions = self.policy.tick(&Tick {
+        let t = Tick {
             now: self.now,
             reading: Some(&reading),
             ceiling: charge.map(|c| CeilingUse {
@@ -299,7 +308,26 @@ impl World {
                 limit_bytes: limit,
             }),
             psi: psi.map(|n| (u64::from(n), Duration::from_secs(2))),
-        });
+        };
+        let actions = match crossed {
+            Some(s) => {
+                let pid = 1000 + u32::from(s % 4) + 1;
+                let actions = self.policy.react(&t, &[pid]);
+                // Only that process's libraries hear of the ladder (the
+                // Emergency's backpressure aside, which is everyone's).
+                let others_sent = actions.iter().any(|a| {
+                    matches!(a, Action::Send { session, message }
+                        if 1000 + *session as u32 != pid
+                            && !matches!(message, ToLibrary::Limits { .. }))
+                });
+                assert!(
+                    !others_sent,
+                    "a reaction for {pid} reached another process: {actions:?}"
+                );
+                actions
+            }
+            None => self.policy.tick(&t),
+        };
         self.check(&actions);
     }
 }
@@ -380,9 +408,10 @@ fuzz_target!(|steps: Vec<Step>| {
                 charge_mib,
                 psi_events,
                 after_ms,
+                crossed,
             } => {
                 w.now += Duration::from_millis(u64::from(after_ms));
-                w.tick(&resident, charge_mib, psi_events);
+                w.tick(&resident, charge_mib, psi_events, crossed);
             }
             Step::Reload { ceiling_mib, lend } => {
                 let rules = Rules::from_config(&config(ceiling_mib, lend));

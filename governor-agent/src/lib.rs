@@ -25,6 +25,7 @@ pub mod cpuset;
 pub mod error;
 pub mod faults;
 pub mod http;
+pub mod latency;
 pub mod metrics;
 pub mod mounts;
 pub mod numa;

@@ -120,7 +120,8 @@ pub fn drop_capabilities(keep: &caps::CapsHashSet) -> Result<Vec<String>, AgentE
 }
 
 /// Raises this process's soft `RLIMIT_NOFILE` to its hard limit (each
-/// control connection holds two descriptors: its socket and a pidfd).
+/// control connection holds
+/// [`DESCRIPTORS_PER_CONNECTION`](crate::control::DESCRIPTORS_PER_CONNECTION)).
 /// Returns the soft limit now.
 pub fn raise_nofile() -> std::io::Result<u64> {
     let mut lim = libc::rlimit {

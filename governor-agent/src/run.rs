@@ -35,9 +35,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     let control_path = config.control_socket_path();
     let metrics_addr = config.metrics_addr;
     let delegating = config.delegate_uid.is_some();
-    // Each control connection holds two descriptors (its socket and a
-    // pidfd), and the agent a few hundred of its own at most.
-    let fds_needed = 2 * u64::from(config.control.max_connections) + 256;
+    // Each control connection holds a few descriptors, and the agent a
+    // few hundred of its own at most.
+    let fds_needed = crate::control::DESCRIPTORS_PER_CONNECTION
+        * u64::from(config.control.max_connections)
+        + 256;
     match crate::privilege::raise_nofile() {
         Ok(n) if n < fds_needed => tracing::warn!(
             limit = n,
@@ -98,7 +100,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
         inputs: inputs.clone(),
         snapshots: agent.snapshots(),
         configs: agent.configs(),
+        deliveries: agent.deliveries(),
     })?;
+    agent.schedule_delivery(serving.delivery_tid);
     let mut owner = tokio::spawn(agent.serve(rx));
 
     let mut term = signal(SignalKind::terminate())?;

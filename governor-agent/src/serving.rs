@@ -6,6 +6,15 @@
 //! or a scrape still has the owner build a snapshot, once per request.) Both sides meet only
 //! through channels (inputs to the owner, snapshots and configurations
 //! from it, each library's outbound queue), which work across runtimes.
+//!
+//! What the owner sends a library (a spill, a pressure level) is written
+//! by a third thread, `deliver`, with a runtime of its own that runs only
+//! the connections' writers, at the owner's scheduling (`SCHED_FIFO` at
+//! `realtime_priority`): a request waits behind other requests, not
+//! behind a flood's accepts and hellos in the serving thread's queue, nor
+//! behind the database's or a flood's threads for a CPU. The
+//! serving thread runs at a lower priority (nice [`SERVING_NICE`]), so a
+//! flood it answers yields the CPU to the database and to delivery.
 
 use std::{os::unix::net::UnixListener as StdUnixListener, sync::Arc, thread::JoinHandle};
 
@@ -33,18 +42,27 @@ pub struct Parts {
     pub inputs: mpsc::Sender<Input>,
     pub snapshots: Snapshots,
     pub configs: watch::Receiver<Arc<Config>>,
+    /// Where the sessions record their requests' delivery times.
+    pub deliveries: crate::latency::Shared,
 }
 
 /// A serving task that ended on its own (none does but by a panic or a
 /// failed listener): its name and how it ended.
 pub type Ended = (&'static str, Result<(), JoinError>);
 
-/// The running serving thread.
+/// The serving thread's nice value (the database's threads run at 0).
+pub const SERVING_NICE: i32 = 10;
+
+/// The running serving and delivery threads.
 pub struct Serving {
     /// Resolves when a serving task ends on its own.
     pub ended: oneshot::Receiver<Ended>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    stop_delivery: Option<oneshot::Sender<()>>,
+    delivery: Option<JoinHandle<()>>,
+    /// The delivery thread's id (the owner gives it its own scheduling).
+    pub delivery_tid: libc::pid_t,
 }
 
 impl Serving {
@@ -53,6 +71,21 @@ impl Serving {
     /// the normal policy (the owner's `SCHED_FIFO` is set with
     /// `SCHED_RESET_ON_FORK`).
     pub fn start(parts: Parts) -> anyhow::Result<Self> {
+        let delivering = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let deliver = delivering.handle().clone();
+        let (stop_delivery, delivery_stopped) = oneshot::channel::<()>();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let delivery = std::thread::Builder::new()
+            .name("deliver".into())
+            .spawn(move || {
+                let _ = tid_tx.send(crate::sched::this_thread());
+                delivering.block_on(async {
+                    let _ = delivery_stopped.await;
+                });
+            })?;
+        let delivery_tid = tid_rx.recv()?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -60,11 +93,17 @@ impl Serving {
         let (report, ended) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("serve".into())
-            .spawn(move || runtime.block_on(serve(parts, stopped, report)))?;
+            .spawn(move || {
+                lower_priority();
+                runtime.block_on(serve(parts, deliver, stopped, report));
+            })?;
         Ok(Self {
             ended,
             stop: Some(stop),
             thread: Some(thread),
+            stop_delivery: Some(stop_delivery),
+            delivery: Some(delivery),
+            delivery_tid,
         })
     }
 
@@ -76,10 +115,36 @@ impl Serving {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+        if let Some(stop) = self.stop_delivery.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.delivery.take() {
+            let _ = thread.join();
+        }
     }
 }
 
-async fn serve(parts: Parts, stopped: oneshot::Receiver<()>, report: oneshot::Sender<Ended>) {
+/// Puts the calling thread at nice [`SERVING_NICE`] (raising one's own
+/// nice value needs no privilege); a refusal is logged, not fatal.
+fn lower_priority() {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: PRIO_PROCESS with a thread id names that thread alone.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, SERVING_NICE) };
+    if rc != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "the serving thread stays at the normal priority"
+        );
+    }
+}
+
+async fn serve(
+    parts: Parts,
+    deliver: tokio::runtime::Handle,
+    stopped: oneshot::Receiver<()>,
+    report: oneshot::Sender<Ended>,
+) {
     let listen = |l: StdUnixListener| UnixListener::from_std(l);
     let (admin_l, control_l) = match (listen(parts.admin), listen(parts.control)) {
         (Ok(a), Ok(c)) => (a, c),
@@ -94,7 +159,13 @@ async fn serve(parts: Parts, stopped: oneshot::Receiver<()>, report: oneshot::Se
         parts.inputs.clone(),
         parts.snapshots.clone(),
     ));
-    let mut control = tokio::spawn(control::serve(control_l, parts.inputs, parts.configs));
+    let mut control = tokio::spawn(control::serve(
+        control_l,
+        parts.inputs,
+        parts.configs,
+        parts.deliveries,
+        deliver,
+    ));
     let mut metrics = match parts.metrics.map(TcpListener::from_std).transpose() {
         Ok(l) => l.map(|l| tokio::spawn(http::serve_on(l, parts.snapshots))),
         Err(e) => {

@@ -71,6 +71,11 @@ pub struct StatusReport {
     /// The kernel's marks: crossings that woke the agent between ticks.
     #[serde(default)]
     pub marks: MarkStatus,
+    /// From a request queued for a library (limits, pressure, spill,
+    /// purge, drop cache) to its write on the library's socket, over the
+    /// last requests: the serving side's share of breach to spill.
+    #[serde(default)]
+    pub delivery: crate::latency::Summary,
     /// The agent's own loop.
     #[serde(default)]
     pub ticks: TickStatus,
@@ -148,6 +153,14 @@ pub struct MarkStatus {
     pub early: u64,
     /// Records on the ring buffer the agent could not read.
     pub bad_records: u64,
+    /// From the crossing (in the program) to the agent reading it, over
+    /// the last crossings.
+    #[serde(default)]
+    pub wake: crate::latency::Summary,
+    /// From reading a crossing to the ladder's requests queued for the
+    /// libraries (the kernel read again, the policy run), per reaction.
+    #[serde(default)]
+    pub reaction: crate::latency::Summary,
 }
 
 impl StatusReport {
@@ -191,6 +204,7 @@ impl StatusReport {
             psi_error: None,
             programs: Vec::new(),
             marks: MarkStatus::default(),
+            delivery: Default::default(),
             ticks: TickStatus::default(),
             scheduling: Default::default(),
             placement: BTreeMap::new(),

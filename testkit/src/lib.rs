@@ -2,6 +2,7 @@
 //! for a test, the pieces the probes (processes that embed the library)
 //! share, and the rule privileged tests follow.
 
+pub mod flood;
 pub mod harness;
 pub mod numa;
 pub mod privileged;

@@ -53,8 +53,18 @@ fn grow_break(att: &mut Attribution) -> (Reaped, u64) {
     out.read_line(&mut line).unwrap();
     assert!(line.contains("\"brk_bytes\":524288"), "{line:?}");
     let grown = mapped(att).saturating_sub(before);
+    assert!(
+        att.tracks_break(pid),
+        "the programs never learned the break"
+    );
     writeln!(stdin, "done").unwrap();
     let _ = child.wait();
+    // Gone with the process, by the program at its exit: the agent has
+    // not forgotten it yet.
+    assert!(
+        !att.tracks_break(pid),
+        "process {pid}'s break outlived it in the kernel"
+    );
     (child, grown)
 }
 

@@ -22,8 +22,8 @@ pub struct Admins {
 
 impl Admins {
     /// The peer's uid if it may use the socket (None: root), or why not.
-    /// Its supplementary groups are read from /proc, and count only if
-    /// its pidfd shows that /proc was still its own when read.
+    /// Its gid and supplementary groups are the kernel's record of them
+    /// at connect (`SO_PEERCRED`, `SO_PEERGROUPS`).
     fn admit(&self, stream: &UnixStream) -> Result<Option<u32>, String> {
         let cred = stream
             .peer_cred()
@@ -46,16 +46,9 @@ impl Admins {
         if cred.gid() == gid {
             return Ok(Some(uid));
         }
-        let pid = cred
-            .pid()
-            .and_then(|p| u32::try_from(p).ok())
-            .ok_or_else(refused)?;
-        let pidfd = crate::procfs::peer_pidfd(std::os::fd::AsFd::as_fd(stream))
-            .or_else(|| crate::procfs::pidfd_open(pid))
-            .ok_or_else(refused)?;
-        let creds = crate::procfs::creds(pid).map_err(|_| refused())?;
-        let still_its_own = !crate::procfs::pidfd_exited(std::os::fd::AsFd::as_fd(&pidfd));
-        if still_its_own && creds.uid == uid && creds.in_group(gid) {
+        let groups = crate::procfs::peer_groups(std::os::fd::AsFd::as_fd(stream))
+            .map_err(|e| format!("{}; the peer's groups cannot be read: {e}", refused()))?;
+        if groups.contains(&gid) {
             Ok(Some(uid))
         } else {
             Err(refused())

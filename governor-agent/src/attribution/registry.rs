@@ -216,6 +216,12 @@ impl Attribution {
         self.procs.contains_key(&pid)
     }
 
+    /// Whether the programs hold `pid`'s last break (`BRK`, learned at
+    /// its first brk and removed when its leader exits).
+    pub fn tracks_break(&self, pid: u32) -> bool {
+        self.brk.get(&pid, 0).is_ok()
+    }
+
     /// The governed processes.
     pub fn registered(&self) -> Vec<u32> {
         self.procs.keys().copied().collect()

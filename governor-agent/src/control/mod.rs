@@ -36,6 +36,11 @@ pub const OUTBOUND_QUEUE: usize = 256;
 /// 100 ms at most); past these, they are closed unanswered.
 pub const TURNED_AWAY_AT_ONCE: usize = 64;
 
+/// What one control connection holds: its socket, the same socket again
+/// for its writer (on the delivery thread's reactor), and a pidfd for its
+/// peer.
+pub const DESCRIPTORS_PER_CONNECTION: u64 = 3;
+
 /// How long one message's write may block (the library's socket buffer
 /// full) before the library is disconnected.
 pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -44,7 +49,8 @@ pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5)
 /// connection.
 #[derive(Clone, Debug)]
 pub struct Outbound {
-    tx: mpsc::Sender<ToLibrary>,
+    /// Each message with when it was queued.
+    tx: mpsc::Sender<(ToLibrary, std::time::Instant)>,
     close: Arc<Notify>,
     /// The peer's uid (for the log).
     pub uid: u32,
@@ -54,7 +60,7 @@ impl Outbound {
     /// Queues `message`; a full queue disconnects the library (it is not
     /// reading).
     pub fn send(&self, message: ToLibrary) {
-        match self.tx.try_send(message) {
+        match self.tx.try_send((message, std::time::Instant::now())) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(
@@ -157,6 +163,8 @@ pub async fn serve(
     listener: UnixListener,
     owner: mpsc::Sender<Input>,
     config: watch::Receiver<Arc<Config>>,
+    deliveries: crate::latency::Shared,
+    deliver: tokio::runtime::Handle,
 ) {
     let open = Connections::default();
     // Connections past the limit told why at once: a few at a time, the
@@ -197,6 +205,8 @@ pub async fn serve(
             next_session,
             owner.clone(),
             config.clone(),
+            deliveries.clone(),
+            deliver.clone(),
         ));
     }
 }

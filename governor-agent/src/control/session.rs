@@ -18,7 +18,7 @@ use std::{
 use nodedb_governor::control::wire::{self, Decoder, ToAgent, ToLibrary};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{UnixStream, unix::OwnedReadHalf},
+    net::UnixStream,
     sync::{Notify, mpsc, oneshot, watch},
     time::Instant,
 };
@@ -57,6 +57,8 @@ pub(super) async fn run(
     session: SessionId,
     owner: mpsc::Sender<Input>,
     config: watch::Receiver<Arc<Config>>,
+    deliveries: crate::latency::Shared,
+    deliver: tokio::runtime::Handle,
 ) {
     let cred = match stream.peer_cred() {
         Ok(c) => c,
@@ -71,8 +73,18 @@ pub(super) async fn run(
         (c.control, c.uid_allowed(uid))
     };
     let pidfd = crate::procfs::peer_pidfd(std::os::fd::AsFd::as_fd(&stream));
-    let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<ToLibrary>(OUTBOUND_QUEUE);
+    // The writing end: the same socket on a descriptor of its own, for
+    // the delivery runtime's reactor (the reading end stays with this
+    // one's).
+    let wr = match std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned() {
+        Ok(fd) => std::os::unix::net::UnixStream::from(fd),
+        Err(e) => {
+            tracing::warn!(uid, error = %e, "control connection dropped: no descriptor for its writer");
+            return;
+        }
+    };
+    let mut rd = stream;
+    let (tx, mut rx) = mpsc::channel(OUTBOUND_QUEUE);
     let close = Arc::new(Notify::new());
     let out = Outbound {
         tx,
@@ -80,10 +92,24 @@ pub(super) async fn run(
         uid,
     };
     let writer_close = close.clone();
-    let writer = tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
+    let writer = deliver.spawn(async move {
+        // Non-blocking already: the flag is the socket's, shared with the
+        // reading end.
+        let mut wr = match UnixStream::from_std(wr) {
+            Ok(wr) => wr,
+            Err(e) => {
+                tracing::warn!(uid, error = %e, "registering a control connection's writer");
+                writer_close.notify_one();
+                return;
+            }
+        };
+        while let Some((m, queued)) = rx.recv().await {
             match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&wire::encode(&m))).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => {
+                    if is_request(&m) {
+                        deliveries.record(queued.elapsed().as_micros() as u64);
+                    }
+                }
                 Ok(Err(_)) => break,
                 Err(_) => {
                     tracing::warn!(
@@ -146,6 +172,19 @@ pub(super) async fn run(
     drop(counted);
 }
 
+/// A request of the owner's ladder (not a welcome, a placement's answer
+/// or an error): what `delivery` in the status is measured on.
+fn is_request(m: &ToLibrary) -> bool {
+    matches!(
+        m,
+        ToLibrary::Limits { .. }
+            | ToLibrary::Pressure { .. }
+            | ToLibrary::Spill { .. }
+            | ToLibrary::Purge { .. }
+            | ToLibrary::DropCache { .. }
+    )
+}
+
 /// The process that connected: a pidfd for it (the kernel's own, taken
 /// at connect, or else one opened now), and its start time, read while
 /// the pidfd shows it has not exited (so the pid is still its own).
@@ -178,7 +217,7 @@ fn identify(pidfd: Option<std::os::fd::OwnedFd>, pid: u32, uid: u32) -> Result<P
 /// A refused peer may still be writing its hello: read (and drop) a
 /// little of it before closing, so it reads the refusal instead of failing
 /// on a broken pipe.
-async fn linger(rd: &mut OwnedReadHalf) {
+async fn linger(rd: &mut UnixStream) {
     let mut sink = vec![0u8; wire::MAX_FRAME];
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         while let Ok(n) = rd.read(&mut sink).await {
@@ -194,7 +233,7 @@ async fn linger(rd: &mut OwnedReadHalf) {
 /// the owner), then every message goes to the owner.
 async fn converse(
     owner: &mpsc::Sender<Input>,
-    rd: &mut OwnedReadHalf,
+    rd: &mut UnixStream,
     out: &Outbound,
     session: SessionId,
     peer: Peer,

@@ -120,6 +120,13 @@ pub struct Agent {
     health: Health,
     /// What the kernel's marks did (shown in the status).
     mark_status: crate::status::MarkStatus,
+    /// The last crossings' wakes and reactions (summarised in
+    /// `mark_status` by the snapshot).
+    wakes: crate::latency::Recent,
+    reactions: crate::latency::Recent,
+    /// The libraries' requests, queued to written (recorded by the
+    /// sessions' writers).
+    deliveries: crate::latency::Shared,
     metrics_addr: Option<std::net::SocketAddr>,
     /// Keeps the kernel's program statistics on (run counts and times).
     _program_stats: Option<std::os::fd::OwnedFd>,
@@ -144,6 +151,10 @@ pub struct Agent {
     /// scheduling (`realtime_priority`).
     sched_thread: Option<libc::pid_t>,
     scheduling: crate::sched::SchedulingStatus,
+    /// The thread that writes to the libraries, at the owner's
+    /// scheduling, and whether the agent raised it.
+    delivery_thread: Option<libc::pid_t>,
+    delivery_raised: bool,
     /// Per engine kept to CPUs: what its threads' affinity came to.
     placement: BTreeMap<String, crate::status::PlacementStatus>,
     snapshot: watch::Sender<Arc<Snapshot>>,
@@ -154,6 +165,12 @@ impl Agent {
     /// A reader of the snapshots (built when a reader asks).
     pub fn snapshots(&self) -> Snapshots {
         Snapshots::new(self.snapshot.subscribe(), self.wanted.clone())
+    }
+
+    /// Where the sessions' writers record how long a request took from
+    /// the owner's queue to the library's socket.
+    pub fn deliveries(&self) -> crate::latency::Shared {
+        self.deliveries.clone()
     }
 
     /// A receiver of the configuration in force (replaced on reload).
@@ -196,7 +213,34 @@ impl Agent {
             ),
             Some(e) => tracing::warn!(error = %e, "the agent runs at the normal policy"),
         }
+        self.schedule_delivery_thread();
         self.publish_now();
+    }
+
+    /// Puts `tid`, the thread that writes the owner's requests to the
+    /// libraries, at the owner's scheduling, now and at each reload.
+    pub fn schedule_delivery(&mut self, tid: libc::pid_t) {
+        self.delivery_thread = Some(tid);
+        self.schedule_delivery_thread();
+    }
+
+    /// Raised with the owner, and lowered with it (a thread the agent
+    /// never raised is left as the service manager put it).
+    fn schedule_delivery_thread(&mut self) {
+        let Some(tid) = self.delivery_thread else {
+            return;
+        };
+        let priority = match (self.raised(), self.delivery_raised) {
+            (Some((_, p)), _) => p,
+            (None, true) => 0,
+            (None, false) => return,
+        };
+        match crate::sched::apply(tid, priority).error {
+            None => self.delivery_raised = priority > 0,
+            Some(e) => {
+                tracing::warn!(error = %e, "the delivery thread's scheduling");
+            }
+        }
     }
 
     /// The owner's thread and its priority, if the agent raised it.
@@ -228,6 +272,12 @@ impl Agent {
         self.health.period = period;
         loop {
             tokio::select! {
+                // In this order when several are ready: a crossing first
+                // (a flood of hellos queued as inputs must not delay it),
+                // then the tick, then the inputs, then a snapshot (which
+                // the tick builds too when one is wanted, so a flood of
+                // readers cannot hold up the libraries' messages).
+                biased;
                 ready = async { crossings.as_mut()?.readable_mut().await.ok() }, if crossings.is_some() => {
                     let Some(mut guard) = ready else {
                         continue;
@@ -256,13 +306,6 @@ impl Agent {
                     self.retime(&mut interval, self.period(false));
                     self.wanted.beat.beat(self.health.period);
                 }
-                // A reader waits for a snapshot: built now, not at the
-                // next (maybe calm) tick.
-                () = wanted.wake.notified() => {
-                    if self.wanted.is_set() {
-                        self.publish_now();
-                    }
-                }
                 input = inputs.recv() => match input {
                     Some(Input::Stop) | None => break,
                     Some(input) => {
@@ -278,6 +321,13 @@ impl Agent {
                         }
                     }
                 },
+                // A reader waits for a snapshot: built now, not at the
+                // next (maybe calm) tick.
+                () = wanted.wake.notified() => {
+                    if self.wanted.is_set() {
+                        self.publish_now();
+                    }
+                }
             }
         }
         self.shutdown();
@@ -605,12 +655,21 @@ impl Agent {
 
     /// The policy's decision on what was just read.
     fn decide(&mut self, reading: Option<&Reading>, ceiling: Option<CeilingUse>) -> Vec<Action> {
-        self.policy.tick(&Tick {
+        self.policy.tick(&self.tick_input(reading, ceiling))
+    }
+
+    /// What the policy is given now.
+    fn tick_input<'r>(
+        &self,
+        reading: Option<&'r Reading>,
+        ceiling: Option<CeilingUse>,
+    ) -> Tick<'r> {
+        Tick {
             now: Instant::now(),
             reading,
             ceiling,
             psi: self.psi.as_ref().map(|m| (m.events(), m.window())),
-        })
+        }
     }
 
     /// Engines crossed their marks, as the ring buffer reported them.
@@ -620,6 +679,7 @@ impl Agent {
         for e in events {
             self.mark_status.events += 1;
             let wake = now_ns.saturating_sub(e.ktime_ns) / 1000;
+            self.wakes.record(wake);
             self.mark_status.last_wake_us = wake;
             self.mark_status.max_wake_us = self.mark_status.max_wake_us.max(wake);
             if let Some((pid, engine, mark)) = self.attribution.mark_crossed(e) {
@@ -631,6 +691,8 @@ impl Agent {
         // since) need nothing: the tick has it.
         if !crossed.is_empty() {
             self.react(crossed);
+            let took = monotonic_ns().saturating_sub(now_ns) / 1000;
+            self.reactions.record(took);
         }
     }
 
@@ -668,7 +730,12 @@ impl Agent {
                 }
             }
             let ceiling = self.ceiling.as_ref().map(Ceiling::usage);
-            let actions = self.decide(Some(&reading), ceiling);
+            let mut pids: Vec<u32> = crossed.iter().map(|(pid, _, _)| *pid).collect();
+            pids.sort_unstable();
+            pids.dedup();
+            let actions = self
+                .policy
+                .react(&self.tick_input(Some(&reading), ceiling), &pids);
             self.apply(actions);
             crossed = self
                 .attribution

@@ -220,8 +220,11 @@ impl Agent {
         report.marks = crate::status::MarkStatus {
             enabled: self.policy.rules().mark_events,
             armed: self.attribution.armed_marks() as u64,
+            wake: self.wakes.summary(),
+            reaction: self.reactions.summary(),
             ..self.mark_status
         };
+        report.delivery = self.deliveries.summary();
         report.clients = self
             .policy
             .libraries()

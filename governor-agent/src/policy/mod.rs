@@ -513,6 +513,19 @@ impl Policy {
     /// One tick: PSI, the ladder of every engine of every library, then
     /// the database's Emergency and the backpressure it brings.
     pub fn tick(&mut self, t: &Tick<'_>) -> Vec<Action> {
+        self.run(t, None)
+    }
+
+    /// The ladder for the libraries of `pids` alone (processes whose
+    /// engines crossed a mark), with the ceiling and the backpressure
+    /// that follows it: what a reaction to a crossing needs, at a cost
+    /// that does not grow with the other libraries connected (a flood of
+    /// idle ones). Their lending and the calm pace are the tick's.
+    pub fn react(&mut self, t: &Tick<'_>, pids: &[u32]) -> Vec<Action> {
+        self.run(t, Some(pids))
+    }
+
+    fn run(&mut self, t: &Tick<'_>, only: Option<&[u32]>) -> Vec<Action> {
         let mut actions = Vec::new();
         let (new_stall, stalling) = self.pressure_stall(t);
         let cache_pressure = stalling || {
@@ -525,7 +538,8 @@ impl Policy {
             current as f64 >= limit as f64 * self.rules.thresholds.warning
         };
         if let Some(reading) = t.reading {
-            for (session, l) in &mut self.libraries {
+            let chosen = |l: &Library| only.is_none_or(|pids| pids.contains(&l.pid));
+            for (session, l) in self.libraries.iter_mut().filter(|(_, l)| chosen(l)) {
                 let mut out = Vec::new();
                 if new_stall {
                     l.on_stall(&mut out);
@@ -548,11 +562,19 @@ impl Policy {
                 }));
             }
         }
+        let was = self.emergency;
         actions.extend(self.enforce_ceiling(ceiling_use));
-        for (session, l) in &mut self.libraries {
-            let mut out = Vec::new();
-            l.set_backpressure(self.emergency, &self.rules, &mut out);
-            actions.extend(sends(*session, out));
+        // A reaction holds or frees every library only when it changed
+        // the Emergency; otherwise the tick keeps them in step.
+        if only.is_none() || self.emergency != was {
+            for (session, l) in &mut self.libraries {
+                let mut out = Vec::new();
+                l.set_backpressure(self.emergency, &self.rules, &mut out);
+                actions.extend(sends(*session, out));
+            }
+        }
+        if only.is_some() {
+            return actions;
         }
         self.calm = t.reading.is_some()
             && !cache_pressure

@@ -1390,3 +1390,55 @@ fn an_engine_past_critical_of_its_node_share_is_held_there_by_its_cap() {
         "{sent:?}"
     );
 }
+
+/// A reaction to one process's crossing runs the ladder for that
+/// process's library alone: another library over its budget (or a flood
+/// of idle ones) waits for the tick, and adds nothing to the reaction.
+#[test]
+fn a_reaction_runs_the_ladder_for_the_crossed_process_only() {
+    const OTHER_PID: u32 = 8;
+    const OTHER: SessionId = 2;
+    let (mut w, _) = World::new(&["vector"], true);
+    w.policy
+        .connect(OTHER, OTHER_PID, 0, &["vector".to_owned()]);
+    let over = |pid| ProcessAttribution {
+        pid,
+        engines: [(
+            "vector".to_owned(),
+            Attributed {
+                resident_bytes: 240 * MIB,
+                ..Attributed::default()
+            },
+        )]
+        .into(),
+        ..ProcessAttribution::default()
+    };
+    let r = Reading {
+        processes: vec![over(PID), over(OTHER_PID)],
+    };
+    let t = Tick {
+        now: w.now,
+        reading: Some(&r),
+        ceiling: None,
+        psi: None,
+    };
+    let spills_to = |actions: Vec<Action>| -> Vec<SessionId> {
+        actions
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Send {
+                    session,
+                    message: ToLibrary::Spill { .. },
+                } => Some(session),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(spills_to(w.policy.react(&t, &[PID])), [S]);
+    // The tick then serves the other (the first is answered already).
+    let t = Tick {
+        now: w.now + Duration::from_millis(20),
+        ..t
+    };
+    assert_eq!(spills_to(w.policy.tick(&t)), [OTHER]);
+}

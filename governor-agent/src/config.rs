@@ -621,9 +621,10 @@ pub struct Config {
     /// `false`: the tick alone notices.
     #[serde(default = "yes")]
     pub mark_events: bool,
-    /// The agent's thread runs at `SCHED_FIFO` with this priority (1-99),
-    /// so a crossing wakes it at once rather than when the busy CPU's
-    /// running task yields (up to a scheduler tick); 0: the normal
+    /// The agent's owner thread, and the delivery thread that writes its
+    /// requests to the libraries, run at `SCHED_FIFO` with this priority
+    /// (1-99), so a crossing wakes it at once rather than when the busy
+    /// CPU's running task yields (up to a scheduler tick); 0: the normal
     /// policy. Needs CAP_SYS_NICE; refused, the agent says so and runs at
     /// the normal policy.
     #[serde(default = "default_realtime_priority")]

@@ -3,9 +3,10 @@
 //! hellos, refusals, reading and writing frames, HTTP) is work for this
 //! thread, not for the owner's, which runs at `SCHED_FIFO` and answers the
 //! kernel's crossings at once whatever the sockets are doing. (A `status`
-//! or a scrape still has the owner build a snapshot, once per request.) Both sides meet only
-//! through channels (inputs to the owner, snapshots and configurations
-//! from it, each library's outbound queue), which work across runtimes.
+//! or a scrape still has the owner build a snapshot, once per request.)
+//! Both sides meet only through channels (inputs to the owner, snapshots
+//! and configurations from it, each library's outbound queue), which work
+//! across runtimes.
 //!
 //! What the owner sends a library (a spill, a pressure level) is written
 //! by a third thread, `deliver`, with a runtime of its own that runs only
@@ -66,10 +67,12 @@ pub struct Serving {
 }
 
 impl Serving {
-    /// Starts the thread (named `serve`). It is created by the caller's
-    /// thread, whose capabilities (already dropped) it inherits, and at
-    /// the normal policy (the owner's `SCHED_FIFO` is set with
-    /// `SCHED_RESET_ON_FORK`).
+    /// Starts the threads (named `deliver` and `serve`). They are created
+    /// by the caller's thread, whose capabilities (already dropped) they
+    /// inherit, at the normal policy (the owner's `SCHED_FIFO` is set with
+    /// `SCHED_RESET_ON_FORK`); `serve` then lowers itself to nice
+    /// [`SERVING_NICE`], and the owner raises `deliver` with itself
+    /// ([`delivery_tid`](Self::delivery_tid)).
     pub fn start(parts: Parts) -> anyhow::Result<Self> {
         let delivering = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -127,8 +130,7 @@ impl Serving {
 /// Puts the calling thread at nice [`SERVING_NICE`] (raising one's own
 /// nice value needs no privilege); a refusal is logged, not fatal.
 fn lower_priority() {
-    // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::gettid() };
+    let tid = crate::sched::this_thread();
     // SAFETY: PRIO_PROCESS with a thread id names that thread alone.
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, SERVING_NICE) };
     if rc != 0 {

@@ -503,8 +503,9 @@ impl<K: Clone + PartialEq> LoanBook<K> {
         let held = a.last.held();
         let cushion = (a.budget_bytes as f64 * self.rules.cushion) as u64;
         let over_warning = if thresholds.warning > 0.0 {
-            // Strictly below Warning, which is reached at equality.
-            (held as f64 / thresholds.warning) as u64 + 1
+            // Strictly below Warning, which is reached at equality (a
+            // report near u64::MAX saturates rather than wrap).
+            ((held as f64 / thresholds.warning) as u64).saturating_add(1)
         } else {
             a.budget_bytes
         };
@@ -816,6 +817,34 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    /// A library's report is its own word: figures near `u64::MAX` (a bug
+    /// or a hostile peer) must neither wrap nor move a byte of budget that
+    /// is not there.
+    #[test]
+    fn absurd_holdings_neither_overflow_nor_create_budget() {
+        let t = PressureThresholds::default();
+        let mut b = three();
+        let t0 = Instant::now();
+        let huge = |e: &&str| Holding {
+            resident_bytes: if *e == "vector" { 0 } else { u64::MAX - 1 },
+            reserved_bytes: if *e == "query" { u64::MAX } else { 0 },
+        };
+        for at in [0, 1000, 2000, 5000] {
+            b.round(t0 + ms(at), &t, huge);
+            let sum: u64 = ["vector", "query", "timeseries"]
+                .iter()
+                .map(|e| b.budget(e).unwrap())
+                .sum();
+            assert_eq!(
+                sum,
+                768 * MIB,
+                "budgets in force always sum to the configured"
+            );
+        }
+        // Vector, idle and holding nothing, lent to a busy engine.
+        assert!(b.lent_bytes(&"vector") > 0);
     }
 
     #[test]

@@ -131,6 +131,10 @@ pub struct TickStatus {
     /// Ticks taken at the calm pace.
     #[serde(default)]
     pub calm_ticks: u64,
+    /// The last ticks' times (p50, p99, longest): what a crossing or a
+    /// library's message may wait behind on the owner.
+    #[serde(default)]
+    pub time: crate::latency::Summary,
 }
 
 /// What the marks did (see `mark_events` in the configuration).

@@ -7,7 +7,7 @@
 //! figure by the engine's share of changes made from outside the process
 //! (reclaim). The programs report a crossing on the `MARK_EVENTS` ring
 //! buffer and disarm the slot; the owner reads the buffer
-//! ([`Attribution::take_mark_events`]) and tells the policy.
+//! ([`Attribution::drain_mark_events`]) and tells the policy.
 //!
 //! Why a mark and not an event per change: a page fault must not wake
 //! anyone. Each CPU counts on its own and adds to the shared total only
@@ -19,7 +19,6 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{MapData, RingBuf};
 use nodedb_governor_common::{MarkEvent, SlotMark};
 
 use super::{Attribution, Reading};
@@ -203,10 +202,30 @@ impl Attribution {
         self.marks.values().filter(|a| a.written.is_some()).count()
     }
 
-    /// The ring buffer the programs report crossings on, for the owner to
-    /// poll (once: it is moved out).
-    pub fn take_mark_events(&mut self) -> Option<RingBuf<MapData>> {
-        self.mark_events.take()
+    /// A descriptor of the ring buffer the programs report crossings on,
+    /// for the owner to wait on: readable when there are records to
+    /// [`drain`](Self::drain_mark_events) (None: no ring buffer).
+    pub fn mark_events_fd(&self) -> Option<std::io::Result<std::os::fd::OwnedFd>> {
+        use std::os::fd::AsFd;
+        self.mark_events
+            .as_ref()
+            .map(|ring| ring.as_fd().try_clone_to_owned())
+    }
+
+    /// The crossings the programs reported since the last drain, and how
+    /// many records were not ones (cheap when there are none: it reads
+    /// the ring's positions, no system call).
+    pub fn drain_mark_events(&mut self) -> (Vec<MarkEvent>, u64) {
+        let (mut events, mut bad) = (Vec::new(), 0);
+        if let Some(ring) = &mut self.mark_events {
+            while let Some(record) = ring.next() {
+                match parse_mark_event(&record) {
+                    Some(e) => events.push(e),
+                    None => bad += 1,
+                }
+            }
+        }
+        (events, bad)
     }
 }
 

@@ -30,7 +30,7 @@ use tokio::{
 };
 
 use crate::{
-    attribution::{Attribution, Identity, Reading, parse_mark_event},
+    attribution::{Attribution, Identity, Reading},
     ceiling::Ceiling,
     cgroup::Subtree,
     config::Config,
@@ -43,6 +43,10 @@ use nodedb_governor::control::wire::{ToAgent, ToLibrary};
 /// How often the tick reads the programs' event counts (failed inserts,
 /// execs followed) to log what changed.
 const KERNEL_EVENTS_EVERY: Duration = Duration::from_secs(1);
+
+/// How often the owner looks for crossings while a helper thread waits on
+/// the kernel for it (see `Agent::off_thread`).
+const OFF_THREAD_POLL: Duration = Duration::from_micros(200);
 
 /// A library's process as it connected: its pid with a pidfd for it and
 /// its start time (which tell it from a later process given the same
@@ -124,6 +128,8 @@ pub struct Agent {
     /// `mark_status` by the snapshot).
     wakes: crate::latency::Recent,
     reactions: crate::latency::Recent,
+    /// The last ticks' times.
+    tick_times: crate::latency::Recent,
     /// The libraries' requests, queued to written (recorded by the
     /// sessions' writers).
     deliveries: crate::latency::Shared,
@@ -259,10 +265,16 @@ impl Agent {
         let mut interval = tokio::time::interval(period);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let wanted = self.wanted.clone();
-        let mut crossings = self.attribution.take_mark_events().and_then(|ring| {
-            // SAFETY: the ring buffer owns its map's descriptor and keeps it
-            // open, the same one, until it is dropped with the AsyncFd.
-            unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        // Waited on through a descriptor of its own; the records are read
+        // through the attribution, here and wherever the owner waits on
+        // the kernel (see `off_thread`).
+        let crossings = self.attribution.mark_events_fd().and_then(|fd| {
+            // SAFETY: the AsyncFd owns the descriptor (a duplicate of the
+            // ring buffer's), which stays open until it is dropped.
+            fd.and_then(|fd| {
+                unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+                    .map_err(std::io::Error::from)
+            })
                 .inspect_err(|e| {
                     tracing::warn!(error = %e, "polling the mark ring buffer; the tick alone will notice crossings")
                 })
@@ -278,21 +290,14 @@ impl Agent {
                 // the tick builds too when one is wanted, so a flood of
                 // readers cannot hold up the libraries' messages).
                 biased;
-                ready = async { crossings.as_mut()?.readable_mut().await.ok() }, if crossings.is_some() => {
+                ready = async { crossings.as_ref()?.readable().await.ok() }, if crossings.is_some() => {
                     let Some(mut guard) = ready else {
                         continue;
                     };
-                    let mut events = Vec::new();
-                    let ring = guard.get_inner_mut();
-                    while let Some(record) = ring.next() {
-                        match parse_mark_event(&record) {
-                            Some(e) => events.push(e),
-                            None => self.mark_status.bad_records += 1,
-                        }
-                    }
+                    // Cleared before the drain: a record written after it
+                    // makes the descriptor readable again.
                     guard.clear_ready();
-                    if !events.is_empty() {
-                        self.on_crossings(&events);
+                    if self.poll_crossings() {
                         // Something is under way: the busy tick, from now.
                         self.retime(&mut interval, self.period(true));
                     }
@@ -618,6 +623,8 @@ impl Agent {
         }
         self.health.last_tick = started.elapsed();
         self.health.tick_time += self.health.last_tick;
+        self.tick_times
+            .record(self.health.last_tick.as_micros() as u64);
         if let Some(mut reading) = reading
             && self.wanted.is_set()
         {
@@ -670,6 +677,46 @@ impl Agent {
             ceiling,
             psi: self.psi.as_ref().map(|m| (m.events(), m.window())),
         }
+    }
+
+    /// Reads the crossings the programs reported and reacts to them; true
+    /// if there were any.
+    fn poll_crossings(&mut self) -> bool {
+        let (events, bad) = self.attribution.drain_mark_events();
+        self.mark_status.bad_records += bad;
+        if events.is_empty() {
+            return false;
+        }
+        self.on_crossings(&events);
+        true
+    }
+
+    /// Runs `op` on a helper thread and answers the marks' crossings while
+    /// it runs. For a cgroup migration: writing `cgroup.procs` or
+    /// `cgroup.threads` takes the kernel's `cgroup_threadgroup_rwsem`,
+    /// which can wait for an RCU grace period (tens of milliseconds); the
+    /// first hello of a new process must not hold up another engine's
+    /// spill that long. Run inline if no thread can be made.
+    fn off_thread<T: Send>(&mut self, op: impl FnOnce() -> T + Send) -> T {
+        let slot = std::sync::Mutex::new(Some(op));
+        let take = || slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        std::thread::scope(|s| {
+            let helper = std::thread::Builder::new()
+                .name("owner-cgroup".into())
+                .spawn_scoped(s, || take().map(|op| op()));
+            let Ok(helper) = helper else {
+                return take().map(|op| op());
+            };
+            while !helper.is_finished() {
+                self.poll_crossings();
+                std::thread::sleep(OFF_THREAD_POLL);
+            }
+            match helper.join() {
+                Ok(done) => done,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+        .expect("the operation runs once, on the helper or here")
     }
 
     /// Engines crossed their marks, as the ring buffer reported them.

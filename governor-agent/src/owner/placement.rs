@@ -9,6 +9,7 @@ use nodedb_governor::control::wire::ToAgent;
 
 use super::Agent;
 use crate::{
+    cgroup::Subtree,
     error::{AgentError, HelloError},
     procfs,
 };
@@ -190,11 +191,11 @@ impl Agent {
         }
         match &self.subtree {
             Some(s) => {
-                s.adopt_process(pid)?;
+                let s = s.clone();
+                self.adopt(&s, pid)?;
                 self.register(pid)?;
-                if let Some(s) = &self.subtree {
-                    s.move_thread(tid, engine)?;
-                }
+                let engine = engine.to_owned();
+                self.off_thread(move || s.move_thread(tid, &engine))?;
             }
             None => {
                 self.register(pid)?;
@@ -314,7 +315,7 @@ impl Agent {
         // counted as governed and pinned as the engine's: its cgroup is
         // read.
         let found = match &self.subtree {
-            Some(_) => crate::cgroup::Subtree::cgroup_of_thread(pid, tid)?,
+            Some(_) => Subtree::cgroup_of_thread(pid, tid)?,
             None => "no cgroup of this agent's (it manages no cgroup v2 subtree)".into(),
         };
         let theirs = self.subtree.as_ref().and_then(|s| s.engine_of(&found));
@@ -354,8 +355,8 @@ impl Agent {
             .collect();
         match own.as_slice() {
             [] => {
-                if let Some(s) = &self.subtree {
-                    s.adopt_process(pid)?;
+                if let Some(s) = self.subtree.clone() {
+                    self.adopt(&s, pid)?;
                 }
                 self.register(pid)?;
             }
@@ -370,6 +371,16 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Moves `pid` into the subtree's shared cgroup unless it is there
+    /// already (off the owner's thread: see `off_thread`).
+    fn adopt(&mut self, s: &Subtree, pid: u32) -> Result<(), AgentError> {
+        if s.pids()?.contains(&pid) {
+            return Ok(());
+        }
+        let s = s.clone();
+        self.off_thread(move || s.adopt_process(pid))
     }
 
     /// Where the subtree is delegated to the library's user, the engines'

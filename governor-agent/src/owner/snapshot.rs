@@ -214,6 +214,7 @@ impl Agent {
             total_us: self.health.tick_time.as_micros() as u64,
             period_ms: self.health.period.as_millis() as u64,
             calm_ticks: self.health.calm_ticks,
+            time: self.tick_times.summary(),
         };
         report.scheduling = self.scheduling.clone();
         report.placement = self.placement.clone();

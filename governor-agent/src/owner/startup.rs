@@ -89,6 +89,7 @@ impl Agent {
             mark_status: Default::default(),
             wakes: Default::default(),
             reactions: Default::default(),
+            tick_times: Default::default(),
             deliveries: Default::default(),
             metrics_addr: None,
             _program_stats: program_stats,

@@ -4,7 +4,7 @@
 //! | level (resident / budget in force) | on entering | while there |
 //! |---|---|---|
 //! | Warning | purge the engine's arena | |
-//! | Critical | spill request down to `restore` | again when the last one is answered or `spill_retry` old |
+//! | Critical | spill request down to `restore` | again when the last one is answered, the engine was below Critical since, or `spill_retry` old |
 //! | Emergency | as Critical | as Critical |
 //!
 //! Every change of level is sent as `pressure`. While the database stalls
@@ -82,6 +82,11 @@ pub(super) fn climb(r: &Rung<'_>, e: &mut EngineState, out: &mut Vec<ToLibrary>)
         PressureLevel::Critical
     };
     if level < spill_from {
+        // Below where spilling starts, the kernel's own figure says the
+        // last request was carried out: a new crossing is answered at
+        // once, not when the library's answer (behind a busy socket,
+        // say) arrives or `spill_retry` has passed.
+        e.spill_sent = None;
         return;
     }
     let due = e

@@ -355,6 +355,39 @@ fn an_answered_spill_is_asked_again_at_the_next_tick_while_still_critical() {
     assert!(!w.status().engines.contains_key("query"));
 }
 
+/// The library's answer can sit behind a busy socket; the kernel's figure
+/// cannot. An engine that fell below Critical after a request carried it
+/// out: crossing Critical again is answered with a spill at once, not
+/// when the answer arrives or the request is `spill_retry` old.
+#[test]
+fn a_spill_the_kernel_saw_carried_out_does_not_hold_up_the_next() {
+    let (mut w, _) = World::new(&["vector"], true);
+    assert_eq!(
+        w.tick(&[("vector", 240 * MIB)]),
+        [
+            Msg::Pressure("vector", Critical),
+            Msg::Purge("vector"),
+            Msg::Spill("vector", 48 * MIB)
+        ]
+    );
+    // Unanswered, but the engine came down to Warning...
+    assert_eq!(
+        w.after(20).tick(&[("vector", 200 * MIB)]),
+        [Msg::Pressure("vector", Warning)]
+    );
+    // ... and crossed Critical again 20 ms later.
+    assert_eq!(
+        w.after(20).tick(&[("vector", 240 * MIB)]),
+        [
+            Msg::Pressure("vector", Critical),
+            Msg::Spill("vector", 48 * MIB)
+        ]
+    );
+    // Still Critical and unanswered: not again before spill_retry.
+    assert_eq!(w.after(20).tick(&[("vector", 240 * MIB)]), []);
+    assert_eq!(w.status().engines["vector"].spill_requests, 2);
+}
+
 #[test]
 fn a_stall_spills_from_warning_for_one_window_only() {
     let (mut w, _) = World::new(&["vector"], true);

@@ -142,7 +142,7 @@ fn a_flood_of_clients_neither_stops_enforcement_nor_grows_the_agent() {
         "flood: {IDLE} idle + {CHURN} churned connections ({refused} refused by the kernel's listen queue); \
          agent fds {fds_before} -> peak {peak_fds} -> {}, VmRSS {rss_before} -> peak {peak_rss} -> {rss_after} KiB; \
          breach to spill during it: p50 {} us, p99 {} us, max {} us; \
-         of which the agent's wake: {}; its reaction: {}; the request's delivery: {}",
+         of which the agent's wake: {}; its reaction: {}; the request's delivery: {}; its ticks: {}",
         open_fds(pid),
         lat["p50"],
         lat["p99"],
@@ -150,6 +150,7 @@ fn a_flood_of_clients_neither_stops_enforcement_nor_grows_the_agent() {
         part(&status["marks"]["wake"]),
         part(&status["marks"]["reaction"]),
         part(&status["delivery"]),
+        part(&status["ticks"]["time"]),
     );
     let rounds = report["rounds"].as_array().unwrap();
     // Per round, in order (0: the spill came before the probe noted the

@@ -269,9 +269,9 @@ impl Agent {
         // through the attribution, here and wherever the owner waits on
         // the kernel (see `off_thread`).
         let crossings = self.attribution.mark_events_fd().and_then(|fd| {
-            // SAFETY: the AsyncFd owns the descriptor (a duplicate of the
-            // ring buffer's), which stays open until it is dropped.
             fd.and_then(|fd| {
+                // SAFETY: the AsyncFd owns the descriptor (a duplicate of
+                // the ring buffer's), which stays open until it is dropped.
                 unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
                     .map_err(std::io::Error::from)
             })

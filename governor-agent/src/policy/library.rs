@@ -15,7 +15,10 @@ use super::{
     CACHE_DROP_RETRY, CACHE_DROP_RETRY_MAX, Rules, SPILL_RETRY,
     engine::{Books, EngineEnforcement, EngineNode, EngineState},
 };
-use crate::{attribution::ProcessAttribution, config::EngineLimits};
+use crate::{
+    attribution::{Attributed, ProcessAttribution},
+    config::EngineLimits,
+};
 
 /// One library connected over the control channel.
 #[derive(Clone, Debug)]
@@ -35,6 +38,13 @@ pub struct Library {
     pub(super) memlock: Option<Result<u64, String>>,
     /// The nodes crowded at the last tick, and how often each became so.
     crowded: (std::collections::BTreeSet<u32>, BTreeMap<u32, u64>),
+    /// The kernel's figures for its engines at the last round of the
+    /// ladder, kept while that round left it calm: the same figures again,
+    /// with nothing heard from it since and the database at ease, would
+    /// change nothing, and the round is skipped (see `enforce`).
+    calm_at: Option<Vec<Option<Attributed>>>,
+    /// Rounds skipped so.
+    skipped: u64,
 }
 
 /// What `status` shows of one library.
@@ -54,6 +64,11 @@ pub struct LibraryStatus {
     /// threshold of its part of the ceiling (and were fitted to it).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub crowded_nodes: BTreeMap<u32, u64>,
+    /// Ticks at which its ladder was skipped: it was calm and the kernel's
+    /// figures for its engines had not moved (a connected library that
+    /// does nothing costs a tick next to nothing).
+    #[serde(default)]
+    pub unchanged_ticks: u64,
 }
 
 /// What holds for the whole database at this tick.
@@ -178,6 +193,8 @@ impl Library {
             loans,
             memlock: None,
             crowded: Default::default(),
+            calm_at: None,
+            skipped: 0,
         }
     }
 
@@ -210,6 +227,7 @@ impl Library {
                 .as_ref()
                 .and_then(|r| r.as_ref().err().cloned()),
             crowded_nodes: self.crowded.1.clone(),
+            unchanged_ticks: self.skipped,
         }
     }
 
@@ -284,6 +302,7 @@ impl Library {
 
     /// Sends every declared engine its limits (the welcome, a reload).
     pub(super) fn send_all_limits(&mut self, rules: &Rules, out: &mut Vec<ToLibrary>) {
+        self.calm_at = None;
         for l in self.declared(rules) {
             self.send_limits(&l, out);
         }
@@ -292,6 +311,7 @@ impl Library {
     /// A new configuration: loans end, every engine gets its configured
     /// budget and floor, and the library hears them.
     pub(super) fn reconfigure(&mut self, rules: &Rules, out: &mut Vec<ToLibrary>) {
+        self.calm_at = None;
         self.loans.set_rules(rules.lending);
         for l in self.declared(rules) {
             self.loans
@@ -346,6 +366,7 @@ impl Library {
         now: Instant,
         out: &mut Vec<ToLibrary>,
     ) {
+        self.calm_at = None;
         let mut events = Vec::new();
         for r in reports {
             let Some(e) = self.engines.get_mut(&r.name) else {
@@ -400,6 +421,7 @@ impl Library {
 
     /// A spill request was answered.
     pub(super) fn on_spilled(&mut self, engine: &str, target_bytes: u64, freed_bytes: u64) {
+        self.calm_at = None;
         let Some(e) = self.engines.get_mut(engine) else {
             tracing::warn!(
                 pid = self.pid,
@@ -421,6 +443,7 @@ impl Library {
 
     /// A `drop_cache` request was answered.
     pub(super) fn on_cache_dropped(&mut self, engine: &str, target_bytes: u64, freed_bytes: u64) {
+        self.calm_at = None;
         let Some(e) = self.engines.get_mut(engine) else {
             tracing::warn!(
                 pid = self.pid,
@@ -449,6 +472,7 @@ impl Library {
     /// engine's arena is purged now (returning dirty pages is the cheapest
     /// relief).
     pub(super) fn on_stall(&mut self, out: &mut Vec<ToLibrary>) {
+        self.calm_at = None;
         if self.observe_cap.is_some() {
             return;
         }
@@ -470,6 +494,7 @@ impl Library {
     /// reservations as last reported), or its floor if that is more, so
     /// its new reservations beyond both are refused.
     pub(super) fn set_backpressure(&mut self, on: bool, rules: &Rules, out: &mut Vec<ToLibrary>) {
+        // Held, an engine is not calm: no round is skipped (`enforce`).
         if self.observe_cap.is_some() {
             return;
         }
@@ -505,6 +530,43 @@ impl Library {
     /// holding more page cache than its share is asked to drop its cold
     /// files down to the share.
     pub(super) fn enforce(
+        &mut self,
+        rules: &Rules,
+        process: &ProcessAttribution,
+        at: Conditions,
+        out: &mut Vec<ToLibrary>,
+        marks: &mut Vec<(String, Option<u64>)>,
+    ) {
+        let Conditions {
+            stalling,
+            cache_pressure,
+            short,
+            now: _,
+        } = at;
+        // A calm library whose engines' figures have not moved since a
+        // round that left it calm, with nothing heard from it since (an
+        // answer, a report, a crossing, a new configuration clears
+        // `calm_at`), the database at ease and no node fitting its
+        // engines' shares (that reads the whole process): this round would
+        // send nothing, lend nothing and arm the same marks. Calm means
+        // every engine at Normal with no loan, so none is busy enough to
+        // borrow; the idle spills and cache drops want the database short.
+        let figures: Vec<Option<Attributed>> = self
+            .engines
+            .keys()
+            .map(|name| process.engines.get(name).copied())
+            .collect();
+        let at_ease = !stalling && !cache_pressure && !short && rules.node_ceiling.is_empty();
+        if at_ease && self.calm_at.as_ref() == Some(&figures) && self.calm() {
+            self.skipped += 1;
+            return;
+        }
+        self.enforce_round(rules, process, at, out, marks);
+        self.calm_at = (at_ease && self.calm()).then_some(figures);
+    }
+
+    /// The round `enforce` runs.
+    fn enforce_round(
         &mut self,
         rules: &Rules,
         process: &ProcessAttribution,
@@ -788,6 +850,7 @@ impl Library {
 
     /// The kernel saw `engine` cross its mark (and disarmed it).
     pub(super) fn on_mark(&mut self, engine: &str) {
+        self.calm_at = None;
         if let Some(e) = self.engines.get_mut(engine) {
             let fired = e.mark.take();
             match e.mark_node.take() {

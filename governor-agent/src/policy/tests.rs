@@ -355,6 +355,48 @@ fn an_answered_spill_is_asked_again_at_the_next_tick_while_still_critical() {
     assert!(!w.status().engines.contains_key("query"));
 }
 
+/// A connected library that does nothing costs a tick next to nothing:
+/// while it is calm and its engines' figures do not move, its round is
+/// skipped; a moved figure, a report or a crossing is acted on at the
+/// very next tick.
+#[test]
+fn a_calm_library_whose_figures_did_not_move_is_skipped_and_nothing_is_missed() {
+    let (mut w, _) = World::new(&["vector"], true);
+    let skipped = |w: &World| w.status().unchanged_ticks;
+    assert_eq!(w.tick(&[("vector", 100 * MIB)]), []);
+    assert_eq!(w.after(20).tick(&[("vector", 100 * MIB)]), []);
+    assert_eq!(w.after(20).tick(&[("vector", 100 * MIB)]), []);
+    assert_eq!(skipped(&w), 2, "the same figures at a calm tick: skipped");
+    // A figure that moved: the ladder runs at once.
+    assert_eq!(
+        w.after(20).tick(&[("vector", 240 * MIB)]),
+        [
+            Msg::Pressure("vector", Critical),
+            Msg::Purge("vector"),
+            Msg::Spill("vector", 48 * MIB)
+        ]
+    );
+    assert_eq!(skipped(&w), 2);
+    // Calm again and skipped again...
+    w.policy.on_spilled(S, "vector", 48 * MIB, 140 * MIB);
+    assert_eq!(
+        w.after(20).tick(&[("vector", 100 * MIB)]),
+        [Msg::Pressure("vector", Normal)]
+    );
+    assert_eq!(w.after(20).tick(&[("vector", 100 * MIB)]), []);
+    assert_eq!(skipped(&w), 3);
+    // ... until the library reports: 10 MiB reserved of the 100 the kernel
+    // counts, so its cap comes down by the 90 it does not know of, at the
+    // next tick although the figures did not move.
+    w.report("vector", 10 * MIB, 0);
+    let got = w.after(20).tick(&[("vector", 100 * MIB)]);
+    assert!(
+        matches!(&got[..], [Msg::Limits("vector", _, cap)] if *cap < 256 * MIB - 80 * MIB),
+        "{got:?}"
+    );
+    assert_eq!(skipped(&w), 3);
+}
+
 /// The library's answer can sit behind a busy socket; the kernel's figure
 /// cannot. An engine that fell below Critical after a request carried it
 /// out: crossing Critical again is answered with a spill at once, not

@@ -584,6 +584,12 @@ pub struct Config {
     /// credentials, not only by the socket's mode.
     #[serde(default)]
     pub admin_group: Option<GroupSpec>,
+    /// The control socket is given to this group (a name, or a gid; mode
+    /// 0660), at every start: a database whose user is a member can
+    /// connect with no step of its own that a restart would undo (its uid
+    /// must still be in `allowed_uids`). Absent: root's group.
+    #[serde(default)]
+    pub control_group: Option<GroupSpec>,
     /// Connection limits and timeouts of the control socket.
     #[serde(default)]
     pub control: ControlConfig,
@@ -953,10 +959,15 @@ impl Config {
                 ),
             ));
         }
-        if let Some(GroupSpec::Name(name)) = &self.admin_group
-            && (name.is_empty() || name.len() > 256 || name.contains(['\0', ':', '\n']))
-        {
-            return Err(err("admin_group", format!("{name:?} is not a group name")));
+        for (field, group) in [
+            ("admin_group", &self.admin_group),
+            ("control_group", &self.control_group),
+        ] {
+            if let Some(GroupSpec::Name(name)) = group
+                && (name.is_empty() || name.len() > 256 || name.contains(['\0', ':', '\n']))
+            {
+                return Err(err(field, format!("{name:?} is not a group name")));
+            }
         }
         if let Some(uid) = self.delegate_uid
             && !self.allowed_uids.contains(&uid)
@@ -1193,6 +1204,30 @@ mod tests {
             "",
         );
         assert_eq!(Config::parse(&text).unwrap().lending.rules(), library);
+    }
+
+    /// A group name that cannot be one is refused, naming the field; a
+    /// gid or a name is taken as given.
+    #[test]
+    fn socket_groups_must_be_group_names_or_gids() {
+        let base = "database = \"db\"\nceiling = \"1GiB\"\n[[engine]]\nname = \"a\"\nbudget = 1\n";
+        for field in ["admin_group", "control_group"] {
+            for bad in ["\"\"", "\"a:b\""] {
+                let e = Config::parse(&format!("{field} = {bad}\n{base}"))
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    e.contains(field) && e.contains("is not a group name"),
+                    "{e}"
+                );
+            }
+        }
+        let c = Config::parse(&format!(
+            "control_group = \"nodedb\"\nadmin_group = 4242\n{base}"
+        ))
+        .unwrap();
+        assert_eq!(c.control_group, Some(GroupSpec::Name("nodedb".into())));
+        assert_eq!(c.admin_group, Some(GroupSpec::Gid(4242)));
     }
 
     #[test]

@@ -24,6 +24,7 @@
 //! | `nodedb_governor_agent_engine_purges_total` | pid, engine |
 //! | `nodedb_governor_agent_engine_refusals_total` (the library's) | pid, engine |
 //! | `nodedb_governor_agent_unattributed_bytes` | pid |
+//! | `nodedb_governor_agent_process_vm_rss_bytes` (what /proc reports; the engines and the unattributed bucket should add up to it) | pid |
 //! | `nodedb_governor_cgroup_memory_current_bytes`, `_high_bytes`, `_max_bytes` | backend |
 //! | `nodedb_governor_cgroup_memory_events_total` | backend, event |
 //! | `nodedb_governor_agent_engine_limit_changes_total` (limits sent to the library) | pid, engine |
@@ -186,6 +187,12 @@ pub fn render(snapshot: &Snapshot, alive: Liveness) -> prometheus::Result<String
             "Resident bytes of a governed process no engine caused",
             &["pid"],
         )?;
+        let vm_rss = gauge(
+            &r,
+            "nodedb_governor_agent_process_vm_rss_bytes",
+            "A governed process's VmRSS as /proc reports it (what the engines and the unattributed bucket should add up to)",
+            &["pid"],
+        )?;
         let node_resident = gauge(
             &r,
             "nodedb_governor_agent_engine_node_resident_bytes",
@@ -229,6 +236,9 @@ pub fn render(snapshot: &Snapshot, alive: Liveness) -> prometheus::Result<String
             unattributed
                 .with_label_values(&[&pid])
                 .set(sat(p.unattributed.resident_bytes));
+            if let Some(rss) = p.vm_rss_bytes {
+                vm_rss.with_label_values(&[&pid]).set(sat(rss));
+            }
         }
         for c in &status.clients {
             let pid = c.pid.to_string();

@@ -145,14 +145,14 @@ pub fn raise_nofile() -> std::io::Result<u64> {
 
 /// The gid of `group`: a gid as it is, a name looked up as the system
 /// does (`getgrnam_r`: /etc/group, or the directory NSS names).
-pub fn resolve_group(group: &crate::config::GroupSpec) -> Result<u32, AgentError> {
+pub fn resolve_group(field: &str, group: &crate::config::GroupSpec) -> Result<u32, AgentError> {
     let name = match group {
         crate::config::GroupSpec::Gid(g) => return Ok(*g),
         crate::config::GroupSpec::Name(n) => n,
     };
     let missing = |reason: String| {
         AgentError::Config(crate::config::ConfigError {
-            field: "admin_group".into(),
+            field: field.into(),
             reason,
         })
     };
@@ -244,11 +244,20 @@ mod tests {
     /// a group the machine lacks is named in the error.
     #[test]
     fn admin_groups_resolve_by_name_or_gid() {
-        assert_eq!(resolve_group(&GroupSpec::Name("root".into())).unwrap(), 0);
-        assert_eq!(resolve_group(&GroupSpec::Gid(4242)).unwrap(), 4242);
-        let e = resolve_group(&GroupSpec::Name("nodedb-no-such-group".into()))
-            .unwrap_err()
-            .to_string();
+        assert_eq!(
+            resolve_group("admin_group", &GroupSpec::Name("root".into())).unwrap(),
+            0
+        );
+        assert_eq!(
+            resolve_group("admin_group", &GroupSpec::Gid(4242)).unwrap(),
+            4242
+        );
+        let e = resolve_group(
+            "admin_group",
+            &GroupSpec::Name("nodedb-no-such-group".into()),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("admin_group") && e.contains("no group is named `nodedb-no-such-group`"),
             "{e}"

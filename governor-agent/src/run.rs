@@ -52,7 +52,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     let admin_gid = config
         .admin_group
         .as_ref()
-        .map(crate::privilege::resolve_group)
+        .map(|g| crate::privilege::resolve_group("admin_group", g))
+        .transpose()?;
+    let control_gid = config
+        .control_group
+        .as_ref()
+        .map(|g| crate::privilege::resolve_group("control_group", g))
         .transpose()?;
     let mut agent = Agent::start(config)?;
     // The owner runs here when the runtime has this one thread (the
@@ -67,7 +72,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     }
     let admin_listener = bind_socket(&admin_path, admin_gid)?;
     tracing::info!(socket = %admin_path.display(), "agent running");
-    let control_listener = bind_socket(&control_path, None)?;
+    let control_listener = bind_socket(&control_path, control_gid)?;
     tracing::info!(socket = %control_path.display(), "control socket open");
     let metrics_listener = match metrics_addr {
         Some(addr) => {

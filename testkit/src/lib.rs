@@ -8,5 +8,6 @@ pub mod numa;
 pub mod privileged;
 pub mod probe;
 pub mod procfs;
+pub mod promtool;
 pub mod wait;
 pub mod wire;

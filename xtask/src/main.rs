@@ -6,6 +6,7 @@ mod bench;
 mod cache_report;
 mod cargo;
 mod cmd;
+mod deploy;
 mod deps;
 mod ebpf;
 mod plot;
@@ -37,6 +38,10 @@ enum Task {
     /// integration and privileged eBPF tests (those fail instead of
     /// skipping under CI or as root).
     Test,
+    /// The checks of deploy/ alone (they run in `test` too): the
+    /// Prometheus rules with promtool, the systemd unit with
+    /// systemd-analyze (verify, and its security exposure).
+    CheckDeploy,
     /// The dependency check: a database that embeds the library (with
     /// its features, DataFusion's too) pulls in none of the agent's
     /// crates (cargo tree; nothing is built).
@@ -120,6 +125,7 @@ fn main() -> ExitCode {
         Task::BuildEbpf => setup::setup().and_then(|()| ebpf::build()),
         Task::Test => setup::setup().and_then(|()| test::test()),
         Task::Deps => deps::deps(),
+        Task::CheckDeploy => setup::setup().and_then(|()| deploy::check_built()),
         Task::Run { seconds } => setup::setup().and_then(|()| run::run(seconds)),
         Task::VmTest {
             series,

@@ -189,7 +189,20 @@ fn tool_or_debian_package(tool: &str, package: &str, needed_by: &str) -> anyhow:
         bail!("`{tool}` is missing ({needed_by} needs it): install {package}");
     }
     step(&format!("installing {package} ({needed_by} needs it)"));
-    apt::install(&[package])
+    // Package lists a fresh machine has never fetched, or stale ones, are
+    // fetched once and the install tried again.
+    apt::install(&[package]).or_else(|e| {
+        eprintln!("    {e:#}; fetching the package lists and trying again");
+        apt::update()?;
+        apt::install(&[package])
+    })
+}
+
+/// What `cargo xtask test` checks `deploy/` with: `promtool` (Debian's
+/// `prometheus`) and `systemd-analyze` (`systemd`).
+pub fn deploy_tools() -> anyhow::Result<()> {
+    tool_or_debian_package("promtool", "prometheus", "the alert rules' tests")?;
+    tool_or_debian_package("systemd-analyze", "systemd", "checking the systemd unit")
 }
 
 fn rustc_llvm_major(toolchain: &str) -> Option<u32> {

@@ -108,6 +108,8 @@ pub fn test() -> anyhow::Result<()> {
     let [agent] = cargo::build_as_tests(&["nodedb-governor"])?
         .try_into()
         .expect("one binary asked for, one path");
+    step("deploy/: the Prometheus rules (promtool) and the systemd unit (systemd-analyze)");
+    crate::deploy::check(&agent)?;
     step("tests");
     let mut test = cargo::command();
     test.args(["test", "--all-targets"]);
@@ -124,7 +126,12 @@ pub fn test() -> anyhow::Result<()> {
     }
     cmd::run(&mut test)?;
     step("library features: fault injection, metrics, jemalloc arenas, DataFusion pool");
-    cmd::run(cargo::command().args([
+    let mut features = cargo::command();
+    if cmd::is_root() {
+        // promtool (installed by the deploy step) must run, not skip.
+        features.env("NODEDB_GOVERNOR_REQUIRE_PRIVILEGED", "1");
+    }
+    cmd::run(features.args([
         "test",
         "-p",
         "nodedb-governor",

@@ -19,7 +19,7 @@ impl Agent {
     /// moved to the new CPUs.
     pub(super) fn reload(&mut self, new: Config) -> Result<(), ReloadError> {
         let old = &self.config;
-        let fixed: [(&'static str, bool); 12] = [
+        let fixed: [(&'static str, bool); 13] = [
             ("database", old.database == new.database),
             ("identity", old.identity == new.identity),
             ("cgroup_root", old.cgroup_root == new.cgroup_root),
@@ -30,6 +30,7 @@ impl Agent {
             ),
             ("metrics_addr", old.metrics_addr == new.metrics_addr),
             ("admin_group", old.admin_group == new.admin_group),
+            ("control_group", old.control_group == new.control_group),
             ("maps", old.maps == new.maps),
             ("delegate_uid", old.delegate_uid == new.delegate_uid),
             ("enforce", old.enforce == new.enforce),

@@ -145,9 +145,12 @@ fn uids_not_on_the_allow_list_are_refused() {
     }
     const NOBODY: u32 = 65534;
     let run = |agent: &Agent| {
-        // The socket's group is the client's, as a deployment would set it,
-        // so only the allow-list stands in the way.
-        std::os::unix::fs::chown(&agent.control, None, Some(NOBODY)).unwrap();
+        // The socket is given to the client's group by the agent
+        // (`control_group`), at every start, so only the allow-list
+        // stands in the way.
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&agent.control).unwrap();
+        assert_eq!((meta.gid(), meta.mode() & 0o777), (NOBODY, 0o660));
         // The build tree may not be reachable by another uid (a 0700 clone
         // directory): run a copy from the agent's world-readable directory.
         let client = agent
@@ -155,7 +158,7 @@ fn uids_not_on_the_allow_list_are_refused() {
             .copy_executable(env!("CARGO_BIN_EXE_wire-probe").as_ref());
         report::<ToLibrary>(agent.probe(client).uid(NOBODY).gid(NOBODY))
     };
-    let agent = super::start_agent("");
+    let agent = super::start_agent("control_group = 65534");
     match run(&agent) {
         ToLibrary::Error { message } => {
             assert!(message.contains("uid 65534 is not allowed"), "{message}")
@@ -163,7 +166,7 @@ fn uids_not_on_the_allow_list_are_refused() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     drop(agent);
-    let agent = super::start_agent("allowed_uids = [65534]");
+    let agent = super::start_agent("allowed_uids = [65534]\ncontrol_group = 65534");
     assert!(
         matches!(run(&agent), ToLibrary::Welcome { .. }),
         "an allowed uid is welcomed"
@@ -372,7 +375,7 @@ fn a_library_whose_uid_a_reload_disallows_is_disconnected() {
         return;
     }
     const NOBODY: u32 = 65534;
-    let agent = super::start_agent("allowed_uids = [65534]");
+    let agent = super::start_agent("allowed_uids = [65534]\ncontrol_group = 65534");
     std::os::unix::fs::chown(&agent.control, None, Some(NOBODY)).unwrap();
     let client = agent
         .dir()

@@ -74,6 +74,7 @@ fn metrics_are_served_over_http() {
             "nodedb_governor_agent_engine_budget_bytes{{engine=\"query\",pid=\"{pid}\"}} 67108864"
         ),
         format!("nodedb_governor_agent_engine_resident_bytes{{engine=\"query\",pid=\"{pid}\"}}"),
+        format!("nodedb_governor_agent_process_vm_rss_bytes{{pid=\"{pid}\"}}"),
         "nodedb_governor_cgroup_memory_max_bytes{backend=".into(),
         "nodedb_governor_agent_up 1".into(),
         "nodedb_governor_agent_clients 1".into(),
@@ -86,5 +87,12 @@ fn metrics_are_served_over_http() {
         "nodedb_governor_psi_memory_stall_seconds_total{kind=\"some\"}".into(),
     ] {
         assert!(text.contains(&series), "no {series} in:\n{text}");
+    }
+    // What Prometheus's own linter says of it: nothing.
+    if let Some(complaints) = nodedb_governor_testkit::promtool::check_metrics(&text) {
+        assert!(
+            complaints.is_empty(),
+            "promtool check metrics:\n{complaints}"
+        );
     }
 }

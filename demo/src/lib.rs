@@ -3,6 +3,8 @@
 //! engine does (anonymous mmap, the allocator, a file mapping), and how such
 //! a process joins the agent.
 
+#[cfg(feature = "cli")]
+pub mod app;
 pub mod engine;
 pub mod governed;
 pub mod memory;

@@ -24,6 +24,7 @@ mod own_process;
 mod page_cache;
 mod placement;
 mod pressure;
+mod prometheus;
 mod rebalancing;
 mod reload;
 mod restart;

@@ -185,6 +185,7 @@ fn report(summary: &Value) -> String {
 }
 
 fn timeline(path: &Path, kernel: &str, runs: &[Value]) -> anyhow::Result<()> {
+    crate::plot::fonts()?;
     let root = SVGBackend::new(path, (1000, 300 * runs.len() as u32)).into_drawing_area();
     root.fill(&WHITE)?;
     let rows = root.split_evenly((runs.len(), 2));

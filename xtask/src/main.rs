@@ -9,6 +9,7 @@ mod cmd;
 mod deploy;
 mod deps;
 mod ebpf;
+mod panels;
 mod plot;
 mod report;
 mod run;
@@ -38,6 +39,14 @@ enum Task {
     /// integration and privileged eBPF tests (those fail instead of
     /// skipping under CI or as root).
     Test,
+    /// The Grafana dashboard's panels drawn as PNGs under docs/dashboard/,
+    /// from a real Prometheus scraping an agent that governs the demo
+    /// (the enforcement suite's Prometheus test, run longer).
+    Panels {
+        /// Seconds of the demo to record beyond the test's own checks.
+        #[arg(long, default_value_t = 90)]
+        secs: u64,
+    },
     /// The checks of deploy/ alone (they run in `test` too): the
     /// Prometheus rules with promtool, the systemd unit with
     /// systemd-analyze (verify, and its security exposure).
@@ -125,6 +134,7 @@ fn main() -> ExitCode {
         Task::BuildEbpf => setup::setup().and_then(|()| ebpf::build()),
         Task::Test => setup::setup().and_then(|()| test::test()),
         Task::Deps => deps::deps(),
+        Task::Panels { secs } => setup::setup().and_then(|()| panels::panels(secs)),
         Task::CheckDeploy => setup::setup().and_then(|()| deploy::check_built()),
         Task::Run { seconds } => setup::setup().and_then(|()| run::run(seconds)),
         Task::VmTest {

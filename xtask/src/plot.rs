@@ -8,6 +8,31 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde_json::Value;
 
+/// Text is drawn with DejaVu Sans (Debian's `fonts-dejavu-core`), read
+/// once and registered as "sans-serif": plotters measures text with it
+/// for the SVG timelines and draws it for the PNG panels.
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+pub fn fonts() -> anyhow::Result<()> {
+    static REGISTERED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            if !Path::new(FONT).exists() && crate::apt::is_debian() && crate::cmd::is_root() {
+                let _ = crate::apt::install(&["fonts-dejavu-core"]);
+            }
+            let bytes = std::fs::read(FONT)
+                .map_err(|e| format!("{FONT}: {e} (install fonts-dejavu-core)"))?;
+            plotters::style::register_font(
+                "sans-serif",
+                FontStyle::Normal,
+                Box::leak(bytes.into_boxed_slice()),
+            )
+            .map_err(|_| format!("{FONT} is not a font plotters can read"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
 const COLOURS: [RGBColor; 3] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
@@ -15,6 +40,7 @@ const COLOURS: [RGBColor; 3] = [
 ];
 
 pub fn timeline(path: &Path, kernel: &str, runs: &[Value]) -> anyhow::Result<()> {
+    fonts()?;
     let root = SVGBackend::new(path, (1000, 330 * runs.len() as u32)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((runs.len(), 1));

@@ -199,10 +199,22 @@ fn tool_or_debian_package(tool: &str, package: &str, needed_by: &str) -> anyhow:
 }
 
 /// What `cargo xtask test` checks `deploy/` with: `promtool` (Debian's
-/// `prometheus`) and `systemd-analyze` (`systemd`).
+/// `prometheus`), `systemd-analyze` (`systemd`) and `kubectl` (its
+/// `kustomize` renders the Kubernetes manifests for their test).
 pub fn deploy_tools() -> anyhow::Result<()> {
     tool_or_debian_package("promtool", "prometheus", "the alert rules' tests")?;
-    tool_or_debian_package("systemd-analyze", "systemd", "checking the systemd unit")
+    tool_or_debian_package("systemd-analyze", "systemd", "checking the systemd unit")?;
+    if cmd::output(Command::new("kubectl").args(["version", "--client"])).is_some() {
+        eprintln!("    kubectl: present");
+        return Ok(());
+    }
+    if !apt::is_debian() || !cmd::is_root() {
+        bail!(
+            "`kubectl` is missing (the Kubernetes manifests' test renders them with it): install kubectl"
+        );
+    }
+    step("installing kubectl (the Kubernetes manifests' test renders them with it)");
+    apt::install(&["kubectl"])
 }
 
 fn rustc_llvm_major(toolchain: &str) -> Option<u32> {

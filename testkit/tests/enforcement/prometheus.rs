@@ -1,8 +1,11 @@
 //! A real Prometheus (Debian's `prometheus`) scraping an agent that
 //! governs the demo database, with the project's rules loaded
 //! (`deploy/prometheus`): every series the rules select returns data,
-//! every recording rule yields series, and every rule evaluates without
-//! error.
+//! every recording rule yields series, every rule evaluates without
+//! error, and every query of the Grafana dashboard (`deploy/grafana`)
+//! returns data. Each panel's queries over the run are written to
+//! `target/dashboard-panels.json`, which `cargo xtask panels` draws (it
+//! runs this test longer first: `NODEDB_GOVERNOR_PANELS_SECS`).
 
 use std::{collections::BTreeSet, process::Stdio, time::Duration};
 
@@ -19,6 +22,54 @@ const RULES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../deploy/prometheus/nodedb-governor.rules.yml"
 );
+const DASHBOARD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../deploy/grafana/nodedb-governor.json"
+);
+const PANELS_OUT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../target/dashboard-panels.json"
+);
+
+/// A dashboard query as Prometheus takes it: every agent, Grafana's rate
+/// interval as a minute.
+fn resolve(expr: &str) -> String {
+    expr.replace("$instance", ".*")
+        .replace("$__rate_interval", "1m")
+}
+
+/// A dashboard panel: its title, unit and queries (each with its legend).
+type Panel = (String, String, Vec<(String, String)>);
+
+/// Each panel of the dashboard.
+fn panels(dashboard: &Value) -> Vec<Panel> {
+    dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .map(|p| {
+            let targets = p["targets"]
+                .as_array()
+                .expect("targets")
+                .iter()
+                .map(|t| {
+                    (
+                        t["expr"].as_str().expect("expr").to_owned(),
+                        t["legendFormat"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect();
+            (
+                p["title"].as_str().expect("title").to_owned(),
+                p["fieldConfig"]["defaults"]["unit"]
+                    .as_str()
+                    .unwrap_or("short")
+                    .to_owned(),
+                targets,
+            )
+        })
+        .collect()
+}
 
 /// Percent-encodes `s` for a query string.
 fn encode(s: &str) -> String {
@@ -120,6 +171,7 @@ fn prometheus_scrapes_the_agent_and_every_rule_has_data() {
             })
     });
 
+    let started = std::time::SystemTime::now();
     let dir = agent.dir();
     let web = format!("127.0.0.1:{}", free_port());
     let config = dir.write(
@@ -186,6 +238,25 @@ fn prometheus_scrapes_the_agent_and_every_rule_has_data() {
         .collect();
     assert_eq!(engines, BTreeSet::from(["query", "timeseries", "vector"]));
 
+    // Every query of the dashboard returns data.
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(DASHBOARD).unwrap()).expect("dashboard JSON");
+    let panels = panels(&dashboard);
+    let exprs: Vec<String> = panels
+        .iter()
+        .flat_map(|(_, _, t)| t.iter().map(|(e, _)| resolve(e)))
+        .collect();
+    let mut empty = Vec::new();
+    let all = poll(Duration::from_secs(30), Duration::from_millis(500), || {
+        empty = exprs
+            .iter()
+            .filter(|e| query(&web, e).is_empty())
+            .cloned()
+            .collect();
+        empty.is_empty()
+    });
+    assert!(all, "dashboard queries without data: {empty:?}");
+
     // Every rule evaluated, none with an error.
     let rules: Value = serde_json::from_str(&http_get(&web, "/api/v1/rules")).unwrap();
     let mut evaluated = 0;
@@ -197,9 +268,56 @@ fn prometheus_scrapes_the_agent_and_every_rule_has_data() {
     }
     assert_eq!(evaluated, 12, "{rules}");
     eprintln!(
-        "prometheus: {} series selectors and {} recording rules returned data; {evaluated} rules evaluated without error",
+        "prometheus: {} series selectors and {} recording rules returned data; {evaluated} rules evaluated without error; {} dashboard queries in {} panels returned data",
         series.len(),
-        recorded.len()
+        recorded.len(),
+        exprs.len(),
+        panels.len()
     );
+
+    // Each panel's queries over the run, for `cargo xtask panels`.
+    let extra = std::env::var("NODEDB_GOVERNOR_PANELS_SECS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(0);
+    std::thread::sleep(Duration::from_secs(extra));
+    let since = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let (start, end) = (since(started), since(std::time::SystemTime::now()));
+    let drawn: Vec<Value> = panels
+        .iter()
+        .map(|(title, unit, targets)| {
+            let series: Vec<Value> = targets
+                .iter()
+                .flat_map(|(expr, legend)| {
+                    let body = http_get(
+                        &web,
+                        &format!(
+                            "/api/v1/query_range?query={}&start={start}&end={end}&step=1",
+                            encode(&resolve(expr))
+                        ),
+                    );
+                    let v: Value = serde_json::from_str(&body).unwrap_or_default();
+                    v["data"]["result"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(move |r| serde_json::json!({"legend": legend, "metric": r["metric"], "values": r["values"]}))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            serde_json::json!({"title": title, "unit": unit, "series": series})
+        })
+        .collect();
+    std::fs::write(
+        PANELS_OUT,
+        serde_json::to_string(&serde_json::json!({"start": start, "end": end, "panels": drawn}))
+            .unwrap(),
+    )
+    .unwrap();
     drop(demo);
 }

@@ -138,3 +138,29 @@ pub fn timeline(path: &Path, kernel: &str, runs: &[Value]) -> anyhow::Result<()>
     root.present()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The validation's timeline draws (its text measured with the
+    /// registered font) from a run of two samples.
+    #[test]
+    fn a_timeline_is_drawn_with_the_registered_font() {
+        let path = std::env::temp_dir().join(format!("timeline-{}.svg", std::process::id()));
+        let run = serde_json::json!({
+            "mode": "governed",
+            "ceiling_bytes": 1u64 << 30,
+            "peak_rss_bytes": 900u64 << 20,
+            "engines": {"vector": {"budget_bytes": 400u64 << 20}},
+            "timeline": [
+                {"t": 0.0, "rss_bytes": 100u64 << 20, "vector": {"resident_bytes": 50u64 << 20, "budget_bytes": 400u64 << 20}},
+                {"t": 1.0, "rss_bytes": 900u64 << 20, "vector": {"resident_bytes": 350u64 << 20, "budget_bytes": 400u64 << 20}}
+            ]
+        });
+        timeline(&path, "test", &[run]).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(svg.contains("<svg") && svg.contains("governed (test)"), "{svg}");
+    }
+}

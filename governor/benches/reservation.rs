@@ -18,7 +18,7 @@ use std::{hint::black_box, sync::Arc, thread, time::Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use datafusion_execution::memory_pool::{
-    FairSpillPool, GreedyMemoryPool, MemoryConsumer, MemoryPool,
+    FairSpillPool, GreedyMemoryPool, MemoryConsumer, MemoryPool, TrackConsumersPool,
 };
 use nodedb_governor::{
     Budget, EngineId, MemoryGovernor, Node, Reservation, ThresholdsHandle, Topology,
@@ -163,5 +163,62 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// A refusal: a request beyond the engine's budget, with three engines
+/// holding memory (what a refusal reports), against DataFusion's
+/// `GreedyMemoryPool` refusing a request beyond its size, same run.
+fn refusal(c: &mut Criterion) {
+    let mut group = c.benchmark_group("refusal");
+    let g = MemoryGovernor::new(
+        Budget::builder(1 << 30)
+            .engine(EngineId::Vector, 0, 256 << 20)
+            .engine(EngineId::Timeseries, 0, 256 << 20)
+            .engine(EngineId::Query, 0, 256 << 20)
+            .build()
+            .expect("budget"),
+    );
+    let held: Vec<Reservation> = [EngineId::Vector, EngineId::Timeseries, EngineId::Query]
+        .iter()
+        .map(|&e| g.try_reserve(e, 100 << 20).unwrap())
+        .collect();
+    group.bench_function("governor try_reserve beyond the budget", |b| {
+        b.iter(|| {
+            black_box(
+                g.try_reserve(EngineId::Query, black_box(200 << 20))
+                    .is_err(),
+            )
+        })
+    });
+    let pool: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(256 << 20));
+    let r = MemoryConsumer::new("q").register(&pool);
+    r.try_grow(100 << 20).unwrap();
+    group.bench_function(
+        "datafusion GreedyMemoryPool try_grow beyond the pool",
+        |b| b.iter(|| black_box(r.try_grow(black_box(200 << 20)).is_err())),
+    );
+    // Through DataFusion's consumer tracking, whose refusal lists the top
+    // consumers: around this library's pool and around DataFusion's.
+    let top = std::num::NonZeroUsize::new(3).unwrap();
+    let tracked: Arc<dyn MemoryPool> = Arc::new(
+        nodedb_governor::datafusion_pool::GovernorPool::tracked(&g, EngineId::Query, top).unwrap(),
+    );
+    let r = MemoryConsumer::new("q").register(&tracked);
+    r.try_grow(50 << 20).unwrap();
+    group.bench_function("governor pool, tracked: try_grow beyond the budget", |b| {
+        b.iter(|| black_box(r.try_grow(black_box(200 << 20)).is_err()))
+    });
+    let greedy: Arc<dyn MemoryPool> = Arc::new(TrackConsumersPool::new(
+        GreedyMemoryPool::new(256 << 20),
+        top,
+    ));
+    let r = MemoryConsumer::new("q").register(&greedy);
+    r.try_grow(100 << 20).unwrap();
+    group.bench_function(
+        "datafusion TrackConsumersPool<GreedyMemoryPool> try_grow beyond",
+        |b| b.iter(|| black_box(r.try_grow(black_box(200 << 20)).is_err())),
+    );
+    group.finish();
+    drop(held);
+}
+
+criterion_group!(benches, bench, refusal);
 criterion_main!(benches);

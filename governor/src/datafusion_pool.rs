@@ -4,14 +4,23 @@
 //!
 //! DataFusion calls `try_grow` before its operators hold memory; when the
 //! governor refuses, the call fails with `ResourcesExhausted` carrying the
-//! governor's refusal (engine, requested, available, limit), and spillable
-//! operators (sorts, hash aggregations) spill and try again. `grow`, which
+//! governor's refusal (engine, requested, available, limit, and the
+//! database's largest engines at that moment), and spillable operators
+//! (sorts, hash aggregations) spill and try again. `grow`, which
 //! DataFusion uses for memory it cannot refuse, is a governor `charge`.
+//!
+//! [`GovernorPool::tracked`] wraps the pool in DataFusion's own
+//! `TrackConsumersPool`, so a refusal also names the engine's largest
+//! DataFusion consumers (what DataFusion's users asked its errors for);
+//! it costs a lock on every grow and shrink, which the plain pool does
+//! not take.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use datafusion_common::{DataFusionError, Result};
-use datafusion_execution::memory_pool::{MemoryLimit, MemoryPool, MemoryReservation};
+use datafusion_execution::memory_pool::{
+    MemoryLimit, MemoryPool, MemoryReservation, TrackConsumersPool,
+};
 
 use crate::{EngineId, MemError, MemoryGovernor};
 
@@ -32,6 +41,17 @@ impl GovernorPool {
             engine,
             reserved: AtomicUsize::new(0),
         })
+    }
+
+    /// The pool in DataFusion's `TrackConsumersPool`: a refusal names the
+    /// `top` DataFusion consumers of the engine holding the most, then the
+    /// governor's refusal with the database's largest engines.
+    pub fn tracked(
+        governor: &MemoryGovernor,
+        engine: EngineId,
+        top: std::num::NonZeroUsize,
+    ) -> Result<TrackConsumersPool<Self>, MemError> {
+        Ok(TrackConsumersPool::new(Self::new(governor, engine)?, top))
     }
 }
 

@@ -1,35 +1,131 @@
 //! The library's error type. A refusal names the engine and the numbers, so
 //! the caller can decide to spill, wait or give up, and so can a log reader.
 
+use std::sync::Arc;
+
 use crate::engine::EngineId;
+
+/// The database's largest holders when a request was refused: its engines
+/// by the bytes they held at that moment (reservations, and credit their
+/// threads held ahead), largest first, at most [`Holders::KEPT`]. A
+/// refusal's message ends with them, so whoever reads it sees who holds
+/// the memory, not only that there is none. Taken under the ledger's lock
+/// at the cost of a few comparisons and one reference count (the engines'
+/// names are the governor's, shared).
+#[derive(Clone, Debug, Default)]
+pub struct Holders {
+    names: Option<Arc<[Arc<str>]>>,
+    /// Bytes and the engines' positions in `names`, largest first; the
+    /// first `len` are set. Apart, to keep a refusal small.
+    bytes: [u64; Holders::KEPT],
+    at: [u8; Holders::KEPT],
+    len: u8,
+}
+
+impl Holders {
+    /// Holders kept: the largest three.
+    pub const KEPT: usize = 3;
+
+    /// The largest [`KEPT`](Self::KEPT) of the engines named `names`,
+    /// holding `used` bytes each (in the same order); those holding
+    /// nothing left out.
+    pub fn largest(names: &Arc<[Arc<str>]>, used: impl IntoIterator<Item = u64>) -> Self {
+        let (mut top, mut at) = ([0u64; Self::KEPT], [0u8; Self::KEPT]);
+        let mut len = 0usize;
+        for (i, bytes) in used.into_iter().enumerate() {
+            // Positions past 255 are not named (no database has as many
+            // engines).
+            if bytes == 0 || i >= names.len() || i > usize::from(u8::MAX) {
+                continue;
+            }
+            let k = top[..len].iter().position(|&b| bytes > b).unwrap_or(len);
+            if k < Self::KEPT {
+                top[k..].rotate_right(1);
+                at[k..].rotate_right(1);
+                (top[k], at[k]) = (bytes, i as u8);
+                len = (len + 1).min(Self::KEPT);
+            }
+        }
+        Self {
+            names: (len > 0).then(|| names.clone()),
+            bytes: top,
+            at,
+            len: len as u8,
+        }
+    }
+
+    /// These engines holding these bytes (largest first), as a refusal
+    /// would name them: what a test compares a refusal with.
+    pub fn of(holders: &[(&str, u64)]) -> Self {
+        let names: Arc<[Arc<str>]> = holders.iter().map(|(n, _)| Arc::from(*n)).collect();
+        Self::largest(&names, holders.iter().map(|(_, b)| *b))
+    }
+
+    /// Name and bytes, largest first.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
+        let names = self.names.as_deref().unwrap_or_default();
+        let len = usize::from(self.len);
+        self.at[..len]
+            .iter()
+            .zip(&self.bytes[..len])
+            .filter_map(|(&i, &b)| Some((&**names.get(usize::from(i))?, b)))
+    }
+}
+
+/// Equal when they name the same engines with the same bytes, in order.
+impl PartialEq for Holders {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Holders {}
+
+impl std::fmt::Display for Holders {
+    /// "; largest holders: query 300.0 MiB, vector 12.5 MiB" (nothing
+    /// when no engine holds anything).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, bytes)) in self.iter().enumerate() {
+            f.write_str(if i == 0 { "; largest holders: " } else { ", " })?;
+            if bytes >= 1 << 20 {
+                write!(f, "{name} {:.1} MiB", bytes as f64 / f64::from(1u32 << 20))?;
+            } else {
+                write!(f, "{name} {bytes} bytes")?;
+            }
+        }
+        Ok(())
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MemError {
     /// The engine's own cap would be exceeded.
     #[error(
-        "engine {engine} refused {requested} bytes: {available} of its {limit}-byte budget available"
+        "engine {engine} refused {requested} bytes: {available} of its {limit}-byte budget available{holders}"
     )]
     BudgetExceeded {
         engine: String,
         requested: u64,
         available: u64,
         limit: u64,
+        holders: Holders,
     },
     /// The global ceiling (less what other engines' floors protect) would be
     /// exceeded.
     #[error(
-        "engine {engine} refused {requested} bytes: {available} bytes available under the {limit}-byte global ceiling"
+        "engine {engine} refused {requested} bytes: {available} bytes available under the {limit}-byte global ceiling{holders}"
     )]
     GlobalCeilingExceeded {
         engine: String,
         requested: u64,
         available: u64,
         limit: u64,
+        holders: Holders,
     },
     /// The engine's share of a NUMA node would be exceeded (and, by its
     /// policy, no other node may take the request).
     #[error(
-        "engine {engine} refused {requested} bytes on NUMA node {node}: {available} of its {limit}-byte share there available"
+        "engine {engine} refused {requested} bytes on NUMA node {node}: {available} of its {limit}-byte share there available{holders}"
     )]
     NodeBudgetExceeded {
         engine: String,
@@ -37,11 +133,12 @@ pub enum MemError {
         requested: u64,
         available: u64,
         limit: u64,
+        holders: Holders,
     },
     /// A NUMA node's part of the ceiling would be exceeded (and, by the
     /// engine's policy, no other node may take the request).
     #[error(
-        "engine {engine} refused {requested} bytes on NUMA node {node}: {available} bytes available under the node's {limit}-byte part of the ceiling"
+        "engine {engine} refused {requested} bytes on NUMA node {node}: {available} bytes available under the node's {limit}-byte part of the ceiling{holders}"
     )]
     NodeCeilingExceeded {
         engine: String,
@@ -49,6 +146,7 @@ pub enum MemError {
         requested: u64,
         available: u64,
         limit: u64,
+        holders: Holders,
     },
     /// The engine is not in the budget.
     #[error("unknown engine {engine}: not in the budget")]
@@ -68,11 +166,12 @@ pub enum MemError {
         held: u64,
     },
     /// A bounded wait ran out.
-    #[error("engine {engine}: {requested} bytes not available within {waited_ms} ms")]
+    #[error("engine {engine}: {requested} bytes not available within {waited_ms} ms{holders}")]
     Timeout {
         engine: String,
         requested: u64,
         waited_ms: u64,
+        holders: Holders,
     },
     /// A hot set beyond the engine's hot-set bound.
     #[error(
@@ -94,4 +193,33 @@ pub enum MemError {
     /// A budget or limit change that would break an invariant.
     #[error("invalid budget: {field}: {reason}")]
     InvalidBudget { field: String, reason: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holders_keep_the_largest_three_largest_first_and_say_so() {
+        let names: Arc<[Arc<str>]> = ["a", "b", "c", "d", "e"]
+            .into_iter()
+            .map(Arc::from)
+            .collect();
+        let h = Holders::largest(&names, [5 << 20, 0, 9 << 20, 1 << 10, 7 << 20]);
+        assert_eq!(
+            h.iter().collect::<Vec<_>>(),
+            [("c", 9 << 20), ("e", 7 << 20), ("a", 5 << 20)]
+        );
+        assert_eq!(
+            h.to_string(),
+            "; largest holders: c 9.0 MiB, e 7.0 MiB, a 5.0 MiB"
+        );
+        assert_eq!(
+            h,
+            Holders::of(&[("c", 9 << 20), ("e", 7 << 20), ("a", 5 << 20)])
+        );
+        let small = Holders::largest(&names, [0, 512]);
+        assert_eq!(small.to_string(), "; largest holders: b 512 bytes");
+        assert_eq!(Holders::largest(&names, [0; 5]).to_string(), "");
+    }
 }

@@ -307,7 +307,7 @@ mod sync;
 pub use budget::{Budget, BudgetBuilder, EngineBudget, NumaBudget};
 pub use cache::{CachedFile, EngineCache, HotSet};
 pub use engine::EngineId;
-pub use error::MemError;
+pub use error::{Holders, MemError};
 pub use governor::{DEFAULT_BATCH_BYTES, EngineUsage, MemoryGovernor, Rebalancer, Reservation};
 pub use numa::{Node, NodeTotals, NodeUsage, NumaPolicy, Topology};
 pub use overflow::{OverflowError, OverflowRegion, OverflowSlot};

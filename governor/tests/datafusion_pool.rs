@@ -74,6 +74,54 @@ fn datafusion_reserves_from_the_query_budget_and_is_refused_by_it() {
     );
 }
 
+/// A refusal names who holds the memory: the database's largest engines
+/// (from the governor), and with the tracked pool the engine's largest
+/// DataFusion consumers too.
+#[test]
+fn a_refusal_names_the_largest_holders() {
+    let g = MemoryGovernor::with_batch(
+        Budget::builder(64 * MIB as u64)
+            .engine(EngineId::Vector, 0, 64 * MIB as u64)
+            .engine(EngineId::Timeseries, 0, 64 * MIB as u64)
+            .engine(EngineId::Query, 0, 16 * MIB as u64)
+            .build()
+            .unwrap(),
+        ThresholdsHandle::default(),
+        0,
+    );
+    let _vector = g.try_reserve(EngineId::Vector, 30 * MIB as u64).unwrap();
+    let _timeseries = g.try_reserve(EngineId::Timeseries, 3 * MIB as u64).unwrap();
+    let pool: Arc<dyn MemoryPool> = Arc::new(
+        GovernorPool::tracked(&g, EngineId::Query, std::num::NonZeroUsize::new(2).unwrap())
+            .unwrap(),
+    );
+    let sort = MemoryConsumer::new("sort").register(&pool);
+    let agg = MemoryConsumer::new("hash aggregate").register(&pool);
+    let scan = MemoryConsumer::new("scan").register(&pool);
+    sort.try_grow(2 * MIB).unwrap();
+    agg.try_grow(9 * MIB).unwrap();
+    scan.try_grow(MIB).unwrap();
+    let msg = match agg.try_grow(8 * MIB) {
+        Err(DataFusionError::ResourcesExhausted(msg)) => msg,
+        other => panic!("expected ResourcesExhausted, got {other:?}"),
+    };
+    // The engine's two largest consumers, largest first; not the third.
+    let (top, rest) = msg.split_once("Error:").expect("the tracked pool's layout");
+    let (a, b) = (
+        top.find("hash aggregate").unwrap(),
+        top.find("sort").unwrap(),
+    );
+    assert!(a < b && !top.contains("scan"), "{msg}");
+    // The governor's refusal, with the database's largest engines then.
+    assert!(
+        rest.contains(
+            "engine query refused 8388608 bytes: 4194304 of its 16777216-byte budget available; \
+             largest holders: vector 30.0 MiB, query 12.0 MiB, timeseries 3.0 MiB"
+        ),
+        "{msg}"
+    );
+}
+
 /// A spill file written and read back through `UncachedSpillFiles`: the
 /// bytes come back exactly, neither the writing nor the reading leaves
 /// them cached, and the file is gone when DataFusion drops it.

@@ -16,8 +16,8 @@ use std::sync::Mutex;
 use common::{pin, two_cpus};
 
 use nodedb_governor::{
-    Budget, EngineId, MemError, MemoryGovernor, Node, NumaPolicy, Reservation, ThresholdsHandle,
-    Topology,
+    Budget, EngineId, Holders, MemError, MemoryGovernor, Node, NumaPolicy, Reservation,
+    ThresholdsHandle, Topology,
 };
 
 const MIB: u64 = 1 << 20;
@@ -104,10 +104,16 @@ fn strict_refuses_on_the_exhausted_node_while_the_other_has_room() {
             requested: 20 * MIB,
             available: 10 * MIB,
             limit: 50 * MIB,
+            holders: Holders::of(&[("vector", 40 * MIB)]),
         },
         "{err}"
     );
     assert!(err.to_string().contains("NUMA node 1"), "{err}");
+    assert!(
+        err.to_string()
+            .ends_with("; largest holders: vector 40.0 MiB"),
+        "{err}"
+    );
     // The engine has 60 MiB of its cap left, 50 of it on node 0.
     assert_eq!(g.usage(EngineId::Vector).unwrap().used_bytes, 40 * MIB);
     let nodes = g.node_usage(EngineId::Vector).unwrap();
@@ -212,6 +218,7 @@ fn the_node_ceiling_binds_engines_together() {
             requested: 30 * MIB,
             available: 20 * MIB,
             limit: 50 * MIB,
+            holders: Holders::of(&[("vector", 30 * MIB)]),
         }
     );
 }

@@ -161,6 +161,9 @@ mod tests {
         timeline(&path, "test", &[run]).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         let _ = std::fs::remove_file(&path);
-        assert!(svg.contains("<svg") && svg.contains("governed (test)"), "{svg}");
+        assert!(
+            svg.contains("<svg") && svg.contains("governed (test)"),
+            "{svg}"
+        );
     }
 }

@@ -397,6 +397,19 @@ fn a_calm_library_whose_figures_did_not_move_is_skipped_and_nothing_is_missed() 
     assert_eq!(skipped(&w), 3);
 }
 
+/// A refusal's log line names the process's largest holders: by what the
+/// kernel counts or the library reserved, whichever is more.
+#[test]
+fn a_refusal_is_logged_with_the_largest_holders() {
+    let (mut w, _) = World::new(&["vector", "query"], true);
+    w.tick(&[("vector", 100 * MIB), ("query", 20 * MIB)]);
+    w.report("query", 150 * MIB, 1);
+    assert_eq!(
+        w.policy.library(S).unwrap().largest_holders(),
+        "query 20.0 MiB resident, 150.0 MiB reserved; vector 100.0 MiB resident, 0.0 MiB reserved"
+    );
+}
+
 /// The library's answer can sit behind a busy socket; the kernel's figure
 /// cannot. An engine that fell below Critical after a request carried it
 /// out: crossing Critical again is answered with a spill at once, not

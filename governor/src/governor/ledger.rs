@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Instant};
 use crate::{
     budget::{Budget, NumaBudget},
     engine::EngineId,
-    error::MemError,
+    error::{Holders, MemError},
     lending::{Holding, LendingRules, Loan, LoanBook, LoanEvent},
     numa::{NodeTotals, NodeUsage, NumaPolicy},
     pressure::{PressureChange, PressureLevel, PressureThresholds, ThresholdsHandle},
@@ -42,6 +42,9 @@ pub(super) struct Ledger {
     /// Sum of every engine's `protected()`, kept up to date on each change.
     protected_total: u64,
     pub(super) engines: Vec<EngineLedger>,
+    /// The engines' names in ledger order, shared with refusals (their
+    /// [`Holders`]).
+    names: Arc<[Arc<str>]>,
     pub(super) level: PressureLevel,
     /// The thresholds in force and the handle version they came from.
     thresholds: PressureThresholds,
@@ -178,6 +181,7 @@ impl Ledger {
             ceiling: budget.ceiling_bytes,
             total: 0,
             protected_total: engines.iter().map(EngineLedger::protected).sum(),
+            names: engines.iter().map(|e| e.name.clone()).collect(),
             engines,
             level: PressureLevel::Normal,
             thresholds: thresholds.get(),
@@ -233,6 +237,7 @@ impl Ledger {
                 requested: n,
                 available: e.cap.saturating_sub(e.used),
                 limit: e.cap,
+                holders: Holders::default(),
             })
         } else if need > global_free {
             Err(MemError::GlobalCeilingExceeded {
@@ -240,6 +245,7 @@ impl Ledger {
                 requested: n,
                 available: global_free,
                 limit: self.ceiling,
+                holders: Holders::default(),
             })
         } else {
             self.pick_node(i, node, n, counted)
@@ -255,7 +261,7 @@ impl Ledger {
                 }
                 return Ok(m);
             }
-            Err(err) => err,
+            Err(err) => self.with_holders(err),
         };
         if !counted {
             return Err(err);
@@ -286,6 +292,23 @@ impl Ledger {
         Err(err)
     }
 
+    /// The database's largest holders now (see [`Holders`]).
+    pub(super) fn holders(&self) -> Holders {
+        Holders::largest(&self.names, self.engines.iter().map(|e| e.used))
+    }
+
+    /// `err` with the database's largest holders now, if it is a refusal.
+    fn with_holders(&self, mut err: MemError) -> MemError {
+        if let MemError::BudgetExceeded { holders, .. }
+        | MemError::GlobalCeilingExceeded { holders, .. }
+        | MemError::NodeBudgetExceeded { holders, .. }
+        | MemError::NodeCeilingExceeded { holders, .. } = &mut err
+        {
+            *holders = self.holders();
+        }
+        err
+    }
+
     /// The node a request of `n` bytes for engine `i` from a thread on
     /// `node` is charged to, by the engine's policy, or the refusal naming
     /// the node that had no room.
@@ -310,6 +333,7 @@ impl Ledger {
                     requested: n,
                     available: share_room,
                     limit: numa.share(i, cap, m),
+                    holders: Holders::default(),
                 }
             } else {
                 MemError::NodeCeilingExceeded {
@@ -318,6 +342,7 @@ impl Ledger {
                     requested: n,
                     available: node_room,
                     limit: numa.node_ceiling(ceiling, m),
+                    holders: Holders::default(),
                 }
             }
         };

@@ -273,6 +273,7 @@ impl Shared {
                     engine: ledger.engines[slot].name.to_string(),
                     requested: bytes,
                     waited_ms: start.elapsed().as_millis() as u64,
+                    holders: ledger.holders(),
                 });
             }
             ledger.waiters += 1;
@@ -308,6 +309,7 @@ impl Shared {
             requested: bytes,
             available: 0,
             limit: l.ceiling,
+            holders: l.holders(),
         })
     }
 

@@ -46,6 +46,10 @@ enum Task {
         /// Seconds of the demo to record beyond the test's own checks.
         #[arg(long, default_value_t = 90)]
         secs: u64,
+        /// Draw again from the last run's data (target/dashboard-panels.json)
+        /// without running the test.
+        #[arg(long)]
+        redraw: bool,
     },
     /// The checks of deploy/ alone (they run in `test` too): the
     /// Prometheus rules with promtool, the systemd unit with
@@ -134,7 +138,7 @@ fn main() -> ExitCode {
         Task::BuildEbpf => setup::setup().and_then(|()| ebpf::build()),
         Task::Test => setup::setup().and_then(|()| test::test()),
         Task::Deps => deps::deps(),
-        Task::Panels { secs } => setup::setup().and_then(|()| panels::panels(secs)),
+        Task::Panels { secs, redraw } => setup::setup().and_then(|()| panels::panels(secs, redraw)),
         Task::CheckDeploy => setup::setup().and_then(|()| deploy::check_built()),
         Task::Run { seconds } => setup::setup().and_then(|()| run::run(seconds)),
         Task::VmTest {

@@ -16,7 +16,7 @@ use crate::{
     cmd::{self, step},
 };
 
-const PALETTE: [RGBColor; 8] = [
+const PALETTE: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -25,9 +25,38 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
 
-pub fn panels(secs: u64) -> anyhow::Result<()> {
+pub fn panels(secs: u64, redraw: bool) -> anyhow::Result<()> {
+    if !redraw {
+        record(secs)?;
+    }
+    let root = crate::root();
+    let data = root.join("target/dashboard-panels.json");
+    let data: Value = serde_json::from_str(
+        &std::fs::read_to_string(&data).with_context(|| format!("reading {}", data.display()))?,
+    )?;
+    let out = root.join("docs/dashboard");
+    std::fs::create_dir_all(&out)?;
+    step(&format!("drawing the panels into {}", out.display()));
+    crate::plot::fonts()?;
+    let start = data["start"].as_f64().unwrap_or(0.0);
+    for (i, panel) in data["panels"].as_array().into_iter().flatten().enumerate() {
+        let title = panel["title"].as_str().unwrap_or_default();
+        let path = out.join(format!("{:02}-{}.png", i + 1, slug(title)));
+        draw(&path, panel, start).with_context(|| format!("drawing {title:?}"))?;
+        eprintln!(
+            "    {}",
+            path.strip_prefix(&root).unwrap_or(&path).display()
+        );
+    }
+    Ok(())
+}
+
+/// Runs the Prometheus test `secs` longer, which leaves its data behind.
+fn record(secs: u64) -> anyhow::Result<()> {
     if !cmd::is_root() {
         bail!(
             "the Prometheus test runs an agent (eBPF, cgroups): run `cargo xtask panels` as root"
@@ -49,27 +78,7 @@ pub fn panels(secs: u64) -> anyhow::Result<()> {
             .args(["prometheus::", "--", "--nocapture"])
             .env("NODEDB_GOVERNOR_PANELS_SECS", secs.to_string())
             .env("NODEDB_GOVERNOR_REQUIRE_PRIVILEGED", "1"),
-    )?;
-    let root = crate::root();
-    let data = root.join("target/dashboard-panels.json");
-    let data: Value = serde_json::from_str(
-        &std::fs::read_to_string(&data).with_context(|| format!("reading {}", data.display()))?,
-    )?;
-    let out = root.join("docs/dashboard");
-    std::fs::create_dir_all(&out)?;
-    step(&format!("drawing the panels into {}", out.display()));
-    crate::plot::fonts()?;
-    let start = data["start"].as_f64().unwrap_or(0.0);
-    for (i, panel) in data["panels"].as_array().into_iter().flatten().enumerate() {
-        let title = panel["title"].as_str().unwrap_or_default();
-        let path = out.join(format!("{:02}-{}.png", i + 1, slug(title)));
-        draw(&path, panel, start).with_context(|| format!("drawing {title:?}"))?;
-        eprintln!(
-            "    {}",
-            path.strip_prefix(&root).unwrap_or(&path).display()
-        );
-    }
-    Ok(())
+    )
 }
 
 /// "Engine memory: resident, reserved" -> "engine-memory-resident-reserved".
@@ -143,9 +152,11 @@ fn draw(path: &Path, panel: &Value, start: f64) -> anyhow::Result<()> {
     } else {
         hi + (hi - lo) * 0.1
     };
-    let root = BitMapBackend::new(path, (900, 340)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1150, 340)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
+    // The chart on the left, its legend beside it (never over the lines).
+    let (plot, legend_area) = root.split_horizontally(850);
+    let mut chart = ChartBuilder::on(&plot)
         .caption(
             panel["title"].as_str().unwrap_or_default(),
             ("sans-serif", 18),
@@ -162,18 +173,11 @@ fn draw(path: &Path, panel: &Value, start: f64) -> anyhow::Result<()> {
         .draw()?;
     for (i, (name, points)) in series.into_iter().enumerate() {
         let c = PALETTE[i % PALETTE.len()];
-        chart
-            .draw_series(LineSeries::new(points, c.stroke_width(2)))?
-            .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2)));
+        chart.draw_series(LineSeries::new(points, c.stroke_width(2)))?;
+        let y = 40 + 17 * i as i32;
+        legend_area.draw(&PathElement::new(vec![(4, y), (22, y)], c.stroke_width(3)))?;
+        legend_area.draw(&Text::new(name, (28, y - 7), ("sans-serif", 12)))?;
     }
-    chart
-        .configure_series_labels()
-        .label_font(("sans-serif", 11))
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()?;
     root.present()?;
     Ok(())
 }

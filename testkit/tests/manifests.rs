@@ -238,14 +238,17 @@ fn the_manifests_agree_with_each_other_and_with_the_agents_configuration() {
     let db_container = &db_spec["containers"][0];
     let run_dir = config.run_dir.to_str().unwrap();
     assert!(host_path_mounted(db_spec, db_container, run_dir));
-    let socket = db_container["env"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "NODEDB_GOVERNOR_SOCKET")
-        .expect("the socket's path");
+    let env = |name: &str| {
+        let var = db_container["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in the database's environment"));
+        str_of(var, &["value"]).to_owned()
+    };
     assert_eq!(
-        Path::new(str_of(socket, &["value"])),
+        Path::new(&env("NODEDB_GOVERNOR_SOCKET")),
         config
             .control_socket
             .clone()
@@ -266,11 +269,5 @@ fn the_manifests_agree_with_each_other_and_with_the_agents_configuration() {
         groups.contains(&u64::from(gid)),
         "the pod is in group {gid}"
     );
-    let db_name = db_container["env"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "NODEDB_GOVERNOR_DATABASE")
-        .expect("the database's name");
-    assert_eq!(str_of(db_name, &["value"]), config.database);
+    assert_eq!(env("NODEDB_GOVERNOR_DATABASE"), config.database);
 }

@@ -575,12 +575,6 @@ impl Library {
         out: &mut Vec<ToLibrary>,
         marks: &mut Vec<(String, Option<u64>)>,
     ) {
-        let Conditions {
-            stalling,
-            cache_pressure,
-            short,
-            now: _,
-        } = at;
         // A calm library whose engines' figures have not moved since a
         // round that left it calm, with nothing heard from it since (an
         // answer, a report, a crossing, a new configuration clears
@@ -594,24 +588,12 @@ impl Library {
             .keys()
             .map(|name| process.engines.get(name).copied())
             .collect();
-        let at_ease = !stalling && !cache_pressure && !short && rules.node_ceiling.is_empty();
+        let at_ease =
+            !at.stalling && !at.cache_pressure && !at.short && rules.node_ceiling.is_empty();
         if at_ease && self.calm_at.as_ref() == Some(&figures) && self.calm() {
             self.skipped += 1;
             return;
         }
-        self.enforce_round(rules, process, at, out, marks);
-        self.calm_at = (at_ease && self.calm()).then_some(figures);
-    }
-
-    /// The round `enforce` runs.
-    fn enforce_round(
-        &mut self,
-        rules: &Rules,
-        process: &ProcessAttribution,
-        at: Conditions,
-        out: &mut Vec<ToLibrary>,
-        marks: &mut Vec<(String, Option<u64>)>,
-    ) {
         let Conditions {
             stalling,
             cache_pressure,
@@ -884,6 +866,7 @@ impl Library {
                 marks.push((l.name.clone(), mark));
             }
         }
+        self.calm_at = (at_ease && self.calm()).then_some(figures);
     }
 
     /// The kernel saw `engine` cross its mark (and disarmed it).

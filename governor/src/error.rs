@@ -10,65 +10,97 @@ use crate::engine::EngineId;
 /// threads held ahead), largest first, at most [`Holders::KEPT`]. A
 /// refusal's message ends with them, so whoever reads it sees who holds
 /// the memory, not only that there is none. Taken under the ledger's lock
-/// at the cost of a few comparisons and one reference count (the engines'
-/// names are the governor's, shared).
-#[derive(Clone, Debug, Default)]
+/// at the cost of a few comparisons: built-in engines are named by their
+/// [`EngineId`]; the governor's table of names is shared (one reference
+/// count) only when a custom engine is among them.
+#[derive(Clone, Debug)]
 pub struct Holders {
     names: Option<Arc<[Arc<str>]>>,
-    /// Bytes and the engines' positions in `names`, largest first; the
-    /// first `len` are set. Apart, to keep a refusal small.
+    /// Bytes, engines and their positions in the governor's names, largest
+    /// first; the first `len` are set. Apart, to keep a refusal small.
     bytes: [u64; Holders::KEPT],
+    ids: [EngineId; Holders::KEPT],
     at: [u8; Holders::KEPT],
     len: u8,
+}
+
+impl Default for Holders {
+    /// No holder.
+    fn default() -> Self {
+        Self {
+            names: None,
+            bytes: [0; Self::KEPT],
+            ids: [EngineId::Vector; Self::KEPT],
+            at: [0; Self::KEPT],
+            len: 0,
+        }
+    }
 }
 
 impl Holders {
     /// Holders kept: the largest three.
     pub const KEPT: usize = 3;
 
-    /// The largest [`KEPT`](Self::KEPT) of the engines named `names`,
-    /// holding `used` bytes each (in the same order); those holding
-    /// nothing left out.
-    pub fn largest(names: &Arc<[Arc<str>]>, used: impl IntoIterator<Item = u64>) -> Self {
-        let (mut top, mut at) = ([0u64; Self::KEPT], [0u8; Self::KEPT]);
+    /// The largest [`KEPT`](Self::KEPT) of the engines (their ids and the
+    /// bytes they hold, in the order of `names`); those holding nothing
+    /// left out.
+    pub fn largest(
+        names: &Arc<[Arc<str>]>,
+        engines: impl IntoIterator<Item = (EngineId, u64)>,
+    ) -> Self {
+        let mut h = Self::default();
         let mut len = 0usize;
-        for (i, bytes) in used.into_iter().enumerate() {
+        for (i, (id, bytes)) in engines.into_iter().enumerate() {
             // Positions past 255 are not named (no database has as many
             // engines).
             if bytes == 0 || i >= names.len() || i > usize::from(u8::MAX) {
                 continue;
             }
-            let k = top[..len].iter().position(|&b| bytes > b).unwrap_or(len);
+            let k = h.bytes[..len]
+                .iter()
+                .position(|&b| bytes > b)
+                .unwrap_or(len);
             if k < Self::KEPT {
-                top[k..].rotate_right(1);
-                at[k..].rotate_right(1);
-                (top[k], at[k]) = (bytes, i as u8);
+                // Shifted down by hand: three elements (rotate_right's
+                // general path costs more than the whole refusal).
+                let mut j = len.min(Self::KEPT - 1);
+                while j > k {
+                    h.bytes[j] = h.bytes[j - 1];
+                    h.ids[j] = h.ids[j - 1];
+                    h.at[j] = h.at[j - 1];
+                    j -= 1;
+                }
+                (h.bytes[k], h.ids[k], h.at[k]) = (bytes, id, i as u8);
                 len = (len + 1).min(Self::KEPT);
             }
         }
-        Self {
-            names: (len > 0).then(|| names.clone()),
-            bytes: top,
-            at,
-            len: len as u8,
+        h.len = len as u8;
+        if h.ids[..len].iter().any(|id| id.builtin_name().is_none()) {
+            h.names = Some(names.clone());
         }
+        h
     }
 
     /// These engines holding these bytes (largest first), as a refusal
     /// would name them: what a test compares a refusal with.
-    pub fn of(holders: &[(&str, u64)]) -> Self {
-        let names: Arc<[Arc<str>]> = holders.iter().map(|(n, _)| Arc::from(*n)).collect();
-        Self::largest(&names, holders.iter().map(|(_, b)| *b))
+    pub fn of(holders: &[(EngineId, u64)]) -> Self {
+        let names: Arc<[Arc<str>]> = holders
+            .iter()
+            .map(|(e, _)| Arc::from(e.to_string()))
+            .collect();
+        Self::largest(&names, holders.iter().copied())
     }
 
     /// Name and bytes, largest first.
     pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
-        let names = self.names.as_deref().unwrap_or_default();
         let len = usize::from(self.len);
-        self.at[..len]
-            .iter()
-            .zip(&self.bytes[..len])
-            .filter_map(|(&i, &b)| Some((&**names.get(usize::from(i))?, b)))
+        (0..len).filter_map(move |k| {
+            let name = match self.ids[k].builtin_name() {
+                Some(n) => n,
+                None => self.names.as_deref()?.get(usize::from(self.at[k]))?,
+            };
+            Some((name, self.bytes[k]))
+        })
     }
 }
 
@@ -201,25 +233,30 @@ mod tests {
 
     #[test]
     fn holders_keep_the_largest_three_largest_first_and_say_so() {
-        let names: Arc<[Arc<str>]> = ["a", "b", "c", "d", "e"]
+        use EngineId::*;
+        let names: Arc<[Arc<str>]> = ["vector", "ledger", "query", "wal", "crdt"]
             .into_iter()
             .map(Arc::from)
             .collect();
-        let h = Holders::largest(&names, [5 << 20, 0, 9 << 20, 1 << 10, 7 << 20]);
+        let ids = [Vector, Custom(0), Query, Wal, Crdt];
+        let held = |bytes: [u64; 5]| Holders::largest(&names, ids.into_iter().zip(bytes));
+        let h = held([5 << 20, 0, 9 << 20, 1 << 10, 7 << 20]);
         assert_eq!(
             h.iter().collect::<Vec<_>>(),
-            [("c", 9 << 20), ("e", 7 << 20), ("a", 5 << 20)]
+            [("query", 9 << 20), ("crdt", 7 << 20), ("vector", 5 << 20)]
         );
+        assert!(h.names.is_none(), "built-in engines need no names");
         assert_eq!(
             h.to_string(),
-            "; largest holders: c 9.0 MiB, e 7.0 MiB, a 5.0 MiB"
+            "; largest holders: query 9.0 MiB, crdt 7.0 MiB, vector 5.0 MiB"
         );
         assert_eq!(
             h,
-            Holders::of(&[("c", 9 << 20), ("e", 7 << 20), ("a", 5 << 20)])
+            Holders::of(&[(Query, 9 << 20), (Crdt, 7 << 20), (Vector, 5 << 20)])
         );
-        let small = Holders::largest(&names, [0, 512]);
-        assert_eq!(small.to_string(), "; largest holders: b 512 bytes");
-        assert_eq!(Holders::largest(&names, [0; 5]).to_string(), "");
+        // A custom engine is named by the governor's name for it.
+        let custom = held([0, 512, 0, 0, 0]);
+        assert_eq!(custom.to_string(), "; largest holders: ledger 512 bytes");
+        assert_eq!(held([0; 5]).to_string(), "");
     }
 }

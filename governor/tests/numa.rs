@@ -104,7 +104,7 @@ fn strict_refuses_on_the_exhausted_node_while_the_other_has_room() {
             requested: 20 * MIB,
             available: 10 * MIB,
             limit: 50 * MIB,
-            holders: Holders::of(&[("vector", 40 * MIB)]),
+            holders: Holders::of(&[(EngineId::Vector, 40 * MIB)]),
         },
         "{err}"
     );
@@ -218,7 +218,7 @@ fn the_node_ceiling_binds_engines_together() {
             requested: 30 * MIB,
             available: 20 * MIB,
             limit: 50 * MIB,
-            holders: Holders::of(&[("vector", 30 * MIB)]),
+            holders: Holders::of(&[(EngineId::Vector, 30 * MIB)]),
         }
     );
 }

@@ -294,7 +294,7 @@ impl Ledger {
 
     /// The database's largest holders now (see [`Holders`]).
     pub(super) fn holders(&self) -> Holders {
-        Holders::largest(&self.names, self.engines.iter().map(|e| e.used))
+        Holders::largest(&self.names, self.engines.iter().map(|e| (e.id, e.used)))
     }
 
     /// `err` with the database's largest holders now, if it is a refusal.

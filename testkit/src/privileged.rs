@@ -18,14 +18,23 @@ use nodedb_governor_agent::privilege;
 /// # }
 /// ```
 pub fn skip_unless_privileged(test: &str) -> bool {
-    let Err(e) = privilege::check_prerequisites() else {
-        return false;
-    };
+    match privilege::check_prerequisites() {
+        Ok(()) => false,
+        Err(e) => skip(test, e),
+    }
+}
+
+/// `test` cannot run here, for `why` (a missing prerequisite: a
+/// capability, a tool `cargo xtask test` installs): skips it (true, after
+/// printing `skipping <test>: <why>`), or, under CI or with
+/// `NODEDB_GOVERNOR_REQUIRE_PRIVILEGED=1`, panics, as
+/// [`skip_unless_privileged`] does.
+pub fn skip(test: &str, why: impl std::fmt::Display) -> bool {
     let required = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
         || std::env::var("NODEDB_GOVERNOR_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1");
     if required {
-        panic!("{test} must run here (CI or root) but cannot: {e}");
+        panic!("{test} must run here (CI or root) but cannot: {why}");
     }
-    eprintln!("skipping {test}: {e}");
+    eprintln!("skipping {test}: {why}");
     true
 }

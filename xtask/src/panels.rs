@@ -16,19 +16,6 @@ use crate::{
     cmd::{self, step},
 };
 
-const PALETTE: [RGBColor; 10] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
-    RGBColor(188, 189, 34),
-    RGBColor(23, 190, 207),
-];
-
 pub fn panels(secs: u64, redraw: bool) -> anyhow::Result<()> {
     if !redraw {
         record(secs)?;
@@ -172,7 +159,7 @@ fn draw(path: &Path, panel: &Value, start: f64) -> anyhow::Result<()> {
         .label_style(("sans-serif", 12))
         .draw()?;
     for (i, (name, points)) in series.into_iter().enumerate() {
-        let c = PALETTE[i % PALETTE.len()];
+        let c = crate::plot::PALETTE[i % crate::plot::PALETTE.len()];
         chart.draw_series(LineSeries::new(points, c.stroke_width(2)))?;
         let y = 40 + 17 * i as i32;
         legend_area.draw(&PathElement::new(vec![(4, y), (22, y)], c.stroke_width(3)))?;

@@ -8,18 +8,16 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde_json::Value;
 
-/// Text is drawn with DejaVu Sans (Debian's `fonts-dejavu-core`), read
-/// once and registered as "sans-serif": plotters measures text with it
-/// for the SVG timelines and draws it for the PNG panels.
-const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+/// Text is drawn with DejaVu Sans (Debian's `fonts-dejavu-core`, which
+/// the setup installs), read once and registered as "sans-serif": plotters
+/// measures text with it for the SVG timelines and draws it for the PNG
+/// panels.
+pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 pub fn fonts() -> anyhow::Result<()> {
     static REGISTERED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     REGISTERED
         .get_or_init(|| {
-            if !Path::new(FONT).exists() && crate::apt::is_debian() && crate::cmd::is_root() {
-                let _ = crate::apt::install(&["fonts-dejavu-core"]);
-            }
             let bytes = std::fs::read(FONT)
                 .map_err(|e| format!("{FONT}: {e} (install fonts-dejavu-core)"))?;
             plotters::style::register_font(
@@ -33,10 +31,18 @@ pub fn fonts() -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)
 }
 
-const COLOURS: [RGBColor; 3] = [
+/// Series colours, in turn (matplotlib's ten).
+pub const PALETTE: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
 
 pub fn timeline(path: &Path, kernel: &str, runs: &[Value]) -> anyhow::Result<()> {
@@ -73,7 +79,7 @@ pub fn timeline(path: &Path, kernel: &str, runs: &[Value]) -> anyhow::Result<()>
             .draw()?;
         let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / 1048576.0;
         for (i, e) in super::validate_engines().iter().enumerate() {
-            let c = COLOURS[i];
+            let c = PALETTE[i];
             chart
                 .draw_series(LineSeries::new(
                     points.iter().map(|p| {

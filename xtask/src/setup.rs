@@ -45,6 +45,12 @@ pub fn setup() -> anyhow::Result<()> {
     tool_or_debian_package("c++", "g++", "building libFuzzer")?;
     cargo_fuzz()?;
     tool_or_debian_package("bpftrace", "bpftrace", "the tracing benchmark's comparison")?;
+    present_or_debian_package(
+        Path::new(crate::plot::FONT).exists(),
+        crate::plot::FONT,
+        "fonts-dejavu-core",
+        "the plots' text",
+    )?;
     eprintln!("    toolchain ready");
     Ok(())
 }
@@ -181,7 +187,19 @@ fn cargo_fuzz() -> anyhow::Result<()> {
 /// `tool` (found by `tool --version`), or else Debian's `package`
 /// installed; `needed_by` says what wants it.
 fn tool_or_debian_package(tool: &str, package: &str, needed_by: &str) -> anyhow::Result<()> {
-    if cmd::output(Command::new(tool).arg("--version")).is_some() {
+    let present = cmd::output(Command::new(tool).arg("--version")).is_some();
+    present_or_debian_package(present, tool, package, needed_by)
+}
+
+/// Nothing when `tool` (a command, or a file) is `present`, or else
+/// Debian's `package` installed; `needed_by` says what wants it.
+fn present_or_debian_package(
+    present: bool,
+    tool: &str,
+    package: &str,
+    needed_by: &str,
+) -> anyhow::Result<()> {
+    if present {
         eprintln!("    {tool}: present");
         return Ok(());
     }
@@ -204,17 +222,14 @@ fn tool_or_debian_package(tool: &str, package: &str, needed_by: &str) -> anyhow:
 pub fn deploy_tools() -> anyhow::Result<()> {
     tool_or_debian_package("promtool", "prometheus", "the alert rules' tests")?;
     tool_or_debian_package("systemd-analyze", "systemd", "checking the systemd unit")?;
-    if cmd::output(Command::new("kubectl").args(["version", "--client"])).is_some() {
-        eprintln!("    kubectl: present");
-        return Ok(());
-    }
-    if !apt::is_debian() || !cmd::is_root() {
-        bail!(
-            "`kubectl` is missing (the Kubernetes manifests' test renders them with it): install kubectl"
-        );
-    }
-    step("installing kubectl (the Kubernetes manifests' test renders them with it)");
-    apt::install(&["kubectl"])
+    // kubectl has no --version.
+    let kubectl = cmd::output(Command::new("kubectl").args(["version", "--client"])).is_some();
+    present_or_debian_package(
+        kubectl,
+        "kubectl",
+        "kubectl",
+        "the Kubernetes manifests' test",
+    )
 }
 
 fn rustc_llvm_major(toolchain: &str) -> Option<u32> {

@@ -189,10 +189,9 @@ impl Agent {
             tracing::info!(pid, tid, engine, "thread of an own-process engine");
             return Ok(());
         }
-        match &self.subtree {
+        match self.subtree.clone() {
             Some(s) => {
-                let s = s.clone();
-                self.adopt(&s, pid)?;
+                self.adopt(pid)?;
                 self.register(pid)?;
                 let engine = engine.to_owned();
                 self.off_thread(move || s.move_thread(tid, &engine))?;
@@ -355,9 +354,7 @@ impl Agent {
             .collect();
         match own.as_slice() {
             [] => {
-                if let Some(s) = self.subtree.clone() {
-                    self.adopt(&s, pid)?;
-                }
+                self.adopt(pid)?;
                 self.register(pid)?;
             }
             [engine] if declared.len() == 1 => {
@@ -373,9 +370,12 @@ impl Agent {
         Ok(())
     }
 
-    /// Moves `pid` into the subtree's shared cgroup unless it is there
-    /// already (off the owner's thread: see `off_thread`).
-    fn adopt(&mut self, s: &Subtree, pid: u32) -> Result<(), AgentError> {
+    /// Moves `pid` into the subtree's shared cgroup, if there is one and
+    /// it is not there already (off the owner's thread: see `off_thread`).
+    fn adopt(&mut self, pid: u32) -> Result<(), AgentError> {
+        let Some(s) = &self.subtree else {
+            return Ok(());
+        };
         if s.pids()?.contains(&pid) {
             return Ok(());
         }

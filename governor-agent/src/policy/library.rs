@@ -311,7 +311,6 @@ impl Library {
     /// A new configuration: loans end, every engine gets its configured
     /// budget and floor, and the library hears them.
     pub(super) fn reconfigure(&mut self, rules: &Rules, out: &mut Vec<ToLibrary>) {
-        self.calm_at = None;
         self.loans.set_rules(rules.lending);
         for l in self.declared(rules) {
             self.loans
@@ -432,7 +431,7 @@ impl Library {
             .map(|(n, e)| (n, e.resident_bytes, e.reserved_bytes()))
             .filter(|&(_, r, b)| r.max(b) > 0)
             .collect();
-        held.sort_by_key(|&(n, r, b)| (std::cmp::Reverse(r.max(b)), n.clone()));
+        held.sort_by(|x, y| y.1.max(y.2).cmp(&x.1.max(x.2)).then(x.0.cmp(y.0)));
         held.iter()
             .take(3)
             .map(|(n, r, b)| {

@@ -258,5 +258,28 @@ mod tests {
         let custom = held([0, 512, 0, 0, 0]);
         assert_eq!(custom.to_string(), "; largest holders: ledger 512 bytes");
         assert_eq!(held([0; 5]).to_string(), "");
+        // Every order of arrival gives the same three, largest first; equal
+        // holdings keep the earlier engine first.
+        let order = |h: &Holders| h.iter().map(|(n, b)| (n.to_owned(), b)).collect::<Vec<_>>();
+        for bytes in [
+            [1, 2, 3, 4, 5],
+            [5, 4, 3, 2, 1],
+            [3, 5, 1, 4, 2],
+            [2, 1, 5, 3, 4],
+        ] {
+            let mut want: Vec<(String, u64)> =
+                names.iter().map(|n| n.to_string()).zip(bytes).collect();
+            want.sort_by_key(|&(_, b)| std::cmp::Reverse(b));
+            want.truncate(Holders::KEPT);
+            assert_eq!(order(&held(bytes)), want, "{bytes:?}");
+        }
+        assert_eq!(
+            order(&held([4, 4, 0, 4, 4])),
+            [
+                ("vector".into(), 4),
+                ("ledger".into(), 4),
+                ("wal".into(), 4)
+            ]
+        );
     }
 }

@@ -35,6 +35,22 @@ impl EngineLedger {
     }
 }
 
+/// Why a request was not admitted, before it is said as a [`MemError`]
+/// (which only a counted refusal pays for: a name and the holders).
+#[derive(Clone, Copy, Debug)]
+enum Refusal {
+    /// The engine's figure would overflow its counter.
+    Overflow,
+    /// Beyond the engine's cap in force.
+    Budget,
+    /// Beyond what the ceiling leaves (this much was free).
+    Ceiling { available: u64 },
+    /// Beyond the engine's share of node position `node`.
+    NodeBudget { node: usize },
+    /// Beyond node position `node`'s part of the ceiling.
+    NodeCeiling { node: usize },
+}
+
 #[derive(Debug)]
 pub(super) struct Ledger {
     pub(super) ceiling: u64,
@@ -202,77 +218,83 @@ impl Ledger {
     }
 
     /// Admits `n` bytes for engine `i` from a thread on `node` (a position
-    /// in the topology; 0 without NUMA); returns the node charged.
+    /// in the topology; 0 without NUMA); returns the node charged, or the
+    /// refusal naming the database's largest holders. A refusal is
+    /// counted, and a lender refused takes its loans back.
     pub(super) fn admit(&mut self, i: usize, node: usize, n: u64) -> Result<usize, MemError> {
-        self.admit_as(i, node, n, true)
+        match self.decide(i, node, n, true) {
+            Ok(m) => {
+                self.add_admitted(i, node, m, n);
+                Ok(m)
+            }
+            Err(refusal) => Err(self.refused(i, n, refusal)),
+        }
     }
 
-    /// Admission; `counted` is false for credit draws, which are not the
-    /// caller's request and so neither count as refusals nor end loans
-    /// (nor borrow another node's share: the request then goes exact).
-    pub(super) fn admit_as(
-        &mut self,
-        i: usize,
-        node: usize,
-        n: u64,
-        counted: bool,
-    ) -> Result<usize, MemError> {
+    /// Admits a credit draw of `n` bytes on `node`, if it fits there. A
+    /// draw is not the caller's request: it neither counts as a refusal
+    /// nor ends loans, and it builds no error (the request then goes
+    /// exact, and that one names what refused it).
+    pub(super) fn draw(&mut self, i: usize, node: usize, n: u64) -> bool {
+        match self.decide(i, node, n, false) {
+            Ok(m) => {
+                self.add_admitted(i, node, m, n);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Whether a counted refusal of engine `i` would change anything but
+    /// counters: it ends the loans of a lender.
+    pub(super) fn refusal_moves_caps(&self, i: usize) -> bool {
+        self.loans.is_lender(&i)
+    }
+
+    /// The admission rule, without changing anything: the node `n` bytes
+    /// of engine `i` are charged to, or why not. `counted` is false for
+    /// credit draws, which do not borrow another node's share.
+    fn decide(&self, i: usize, node: usize, n: u64, counted: bool) -> Result<usize, Refusal> {
         let e = &self.engines[i];
-        let name = || e.name.to_string();
-        let new_used = e
-            .used
-            .checked_add(n)
-            .ok_or_else(|| MemError::SizeOverflow {
-                engine: name(),
-                requested: n,
-                current: e.used,
-            })?;
+        let new_used = e.used.checked_add(n).ok_or(Refusal::Overflow)?;
         let global_free = self.global_free(i);
         // A zero-byte request is a probe: it fails once the engine or the
         // pool is exhausted, like any request would.
         let need = n.max(1);
-        let decision = if e.used.saturating_add(need) > e.cap || new_used > e.cap {
-            Err(MemError::BudgetExceeded {
-                engine: name(),
-                requested: n,
-                available: e.cap.saturating_sub(e.used),
-                limit: e.cap,
-                holders: Holders::default(),
-            })
+        if e.used.saturating_add(need) > e.cap || new_used > e.cap {
+            Err(Refusal::Budget)
         } else if need > global_free {
-            Err(MemError::GlobalCeilingExceeded {
-                engine: name(),
-                requested: n,
+            Err(Refusal::Ceiling {
                 available: global_free,
-                limit: self.ceiling,
-                holders: Holders::default(),
             })
         } else {
             self.pick_node(i, node, n, counted)
-        };
-        let err = match decision {
-            Ok(m) => {
-                self.add(i, m, n);
-                if m != node
-                    && let Some(numa) = &mut self.numa
-                    && numa.engines[i].policy == NumaPolicy::PreferLocal
-                {
-                    numa.engines[i].remote[m] += n;
-                }
-                return Ok(m);
-            }
-            Err(err) => self.with_holders(err),
-        };
-        if !counted {
-            return Err(err);
+        }
+    }
+
+    /// Books `n` admitted bytes of engine `i`, from a thread on `node`,
+    /// charged to node `m`.
+    fn add_admitted(&mut self, i: usize, node: usize, m: usize, n: u64) {
+        self.add(i, m, n);
+        if m != node
+            && let Some(numa) = &mut self.numa
+            && numa.engines[i].policy == NumaPolicy::PreferLocal
+        {
+            numa.engines[i].remote[m] += n;
+        }
+    }
+
+    /// Counts the refusal of `n` bytes for engine `i` (ending a lender's
+    /// loans) and says it as an error naming the largest holders.
+    #[cold]
+    fn refused(&mut self, i: usize, n: u64, refusal: Refusal) -> MemError {
+        let err = self.refusal_error(i, n, refusal);
+        if matches!(refusal, Refusal::Overflow) {
+            return err;
         }
         self.engines[i].rejections += 1;
-        if let (
-            Some(numa),
-            MemError::NodeBudgetExceeded { node: id, .. }
-            | MemError::NodeCeilingExceeded { node: id, .. },
-        ) = (&mut self.numa, &err)
-            && let Some(m) = numa.ids.iter().position(|x| x == id)
+        if let (Some(numa), Refusal::NodeBudget { node: m } | Refusal::NodeCeiling { node: m }) =
+            (&mut self.numa, refusal)
         {
             numa.engines[i].rejections[m] += 1;
         }
@@ -289,7 +311,62 @@ impl Ledger {
                 });
             self.apply_loans(&events);
         }
-        Err(err)
+        err
+    }
+
+    /// The error saying `refusal` of `n` bytes for engine `i`, with the
+    /// database's largest holders now.
+    fn refusal_error(&self, i: usize, n: u64, refusal: Refusal) -> MemError {
+        let e = &self.engines[i];
+        let engine = String::from(&*e.name);
+        let (cap, ceiling) = (e.cap, self.ceiling);
+        match refusal {
+            Refusal::Overflow => MemError::SizeOverflow {
+                engine,
+                requested: n,
+                current: e.used,
+            },
+            Refusal::Budget => MemError::BudgetExceeded {
+                engine,
+                requested: n,
+                available: cap.saturating_sub(e.used),
+                limit: cap,
+                holders: self.holders(),
+            },
+            Refusal::Ceiling { available } => MemError::GlobalCeilingExceeded {
+                engine,
+                requested: n,
+                available,
+                limit: ceiling,
+                holders: self.holders(),
+            },
+            Refusal::NodeBudget { node: m } | Refusal::NodeCeiling { node: m } => {
+                let numa = self
+                    .numa
+                    .as_ref()
+                    .expect("a node refusal comes from the NUMA books");
+                let (share_room, node_room) = numa.room(i, cap, ceiling, m);
+                if matches!(refusal, Refusal::NodeBudget { .. }) {
+                    MemError::NodeBudgetExceeded {
+                        engine,
+                        node: numa.ids[m],
+                        requested: n,
+                        available: share_room,
+                        limit: numa.share(i, cap, m),
+                        holders: self.holders(),
+                    }
+                } else {
+                    MemError::NodeCeilingExceeded {
+                        engine,
+                        node: numa.ids[m],
+                        requested: n,
+                        available: node_room,
+                        limit: numa.node_ceiling(ceiling, m),
+                        holders: self.holders(),
+                    }
+                }
+            }
+        }
     }
 
     /// The database's largest holders now (see [`Holders`]).
@@ -297,22 +374,10 @@ impl Ledger {
         Holders::largest(&self.names, self.engines.iter().map(|e| (e.id, e.used)))
     }
 
-    /// `err` with the database's largest holders now, if it is a refusal.
-    fn with_holders(&self, mut err: MemError) -> MemError {
-        if let MemError::BudgetExceeded { holders, .. }
-        | MemError::GlobalCeilingExceeded { holders, .. }
-        | MemError::NodeBudgetExceeded { holders, .. }
-        | MemError::NodeCeilingExceeded { holders, .. } = &mut err
-        {
-            *holders = self.holders();
-        }
-        err
-    }
-
     /// The node a request of `n` bytes for engine `i` from a thread on
     /// `node` is charged to, by the engine's policy, or the refusal naming
     /// the node that had no room.
-    fn pick_node(&self, i: usize, node: usize, n: u64, counted: bool) -> Result<usize, MemError> {
+    fn pick_node(&self, i: usize, node: usize, n: u64, counted: bool) -> Result<usize, Refusal> {
         let Some(numa) = &self.numa else {
             return Ok(0);
         };
@@ -324,26 +389,10 @@ impl Ledger {
             need <= share && need <= node
         };
         let refusal = |m: usize| {
-            let (share_room, node_room) = room(m);
-            let engine = self.engines[i].name.to_string();
-            if need > share_room {
-                MemError::NodeBudgetExceeded {
-                    engine,
-                    node: numa.ids[m],
-                    requested: n,
-                    available: share_room,
-                    limit: numa.share(i, cap, m),
-                    holders: Holders::default(),
-                }
+            if need > room(m).0 {
+                Refusal::NodeBudget { node: m }
             } else {
-                MemError::NodeCeilingExceeded {
-                    engine,
-                    node: numa.ids[m],
-                    requested: n,
-                    available: node_room,
-                    limit: numa.node_ceiling(ceiling, m),
-                    holders: Holders::default(),
-                }
+                Refusal::NodeCeiling { node: m }
             }
         };
         // The node among `nodes` with the most room (ties to the lowest
@@ -380,7 +429,7 @@ impl Ledger {
             .is_none()
         {
             return Err(MemError::SizeOverflow {
-                engine: e.name.to_string(),
+                engine: String::from(&*e.name),
                 requested: n,
                 current: e.used,
             });
@@ -459,6 +508,11 @@ impl Ledger {
                 ceiling_bytes: numa.node_ceiling(self.ceiling, m),
             })
             .collect()
+    }
+
+    /// Whether the thresholds in force are `handle`'s latest.
+    pub(super) fn thresholds_current(&self, handle: &ThresholdsHandle) -> bool {
+        handle.version() == self.thresholds_version
     }
 
     /// Takes up the thresholds in `handle` if they changed, recomputes the

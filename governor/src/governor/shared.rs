@@ -73,7 +73,10 @@ impl CreditSource for Shared {
     }
 
     fn draw_credit(&self, slot: usize, node: usize, bytes: u64) -> bool {
-        self.with_ledger(|l| l.admit_as(slot, node, bytes, false).is_ok())
+        self.with_ledger_if(|l| {
+            let drawn = l.draw(slot, node, bytes);
+            (drawn, drawn)
+        })
     }
 
     fn return_credit(&self, slot: usize, node: usize, bytes: u64) {
@@ -134,12 +137,23 @@ impl Shared {
     /// Runs `f` on the ledger, then tells subscribers about level changes
     /// (outside the lock, so they may call back into the governor).
     pub(super) fn with_ledger<R>(&self, f: impl FnOnce(&mut Ledger) -> R) -> R {
+        self.with_ledger_if(|l| (f(l), true))
+    }
+
+    /// [`with_ledger`](Self::with_ledger) for an `f` that says whether it
+    /// changed what levels and the fast path's gates are made of (what an
+    /// engine holds, its cap, the ceiling); when it did not, and the
+    /// thresholds did not move either, they are left as they are (a
+    /// refusal changes nothing but a counter, and costs no more).
+    pub(super) fn with_ledger_if<R>(&self, f: impl FnOnce(&mut Ledger) -> (R, bool)) -> R {
         let mut changes = Vec::new();
         let r = {
             let mut ledger = self.lock();
-            let r = f(&mut ledger);
-            ledger.refresh_levels(&self.thresholds, &mut changes);
-            self.gate.refresh(&ledger);
+            let (r, changed) = f(&mut ledger);
+            if changed || !ledger.thresholds_current(&self.thresholds) {
+                ledger.refresh_levels(&self.thresholds, &mut changes);
+                self.gate.refresh(&ledger);
+            }
             r
         };
         if !changes.is_empty() {
@@ -234,7 +248,12 @@ impl Shared {
         // goes back first, so its own slack never decides its refusal.
         self.flush_credit(None);
         let node = self.node();
-        self.with_ledger(|l| l.admit(slot, node, bytes))
+        self.with_ledger_if(|l| {
+            let moves_caps = l.refusal_moves_caps(slot);
+            let r = l.admit(slot, node, bytes);
+            let changed = r.is_ok() || moves_caps;
+            (r, changed)
+        })
     }
 
     /// Returns this thread's credit for `slot` (every engine when None).
@@ -270,7 +289,7 @@ impl Shared {
             let left = timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
                 break Err(MemError::Timeout {
-                    engine: ledger.engines[slot].name.to_string(),
+                    engine: String::from(&*ledger.engines[slot].name),
                     requested: bytes,
                     waited_ms: start.elapsed().as_millis() as u64,
                     holders: ledger.holders(),
@@ -305,7 +324,7 @@ impl Shared {
         self.fault.1.fetch_add(1, Ordering::Relaxed);
         let l = self.lock();
         Err(MemError::GlobalCeilingExceeded {
-            engine: l.engines[slot].name.to_string(),
+            engine: String::from(&*l.engines[slot].name),
             requested: bytes,
             available: 0,
             limit: l.ceiling,
@@ -345,6 +364,6 @@ impl Shared {
 
     /// The engine's name in the ledger, for errors.
     pub(super) fn name(&self, slot: usize) -> String {
-        self.lock().engines[slot].name.to_string()
+        String::from(&*self.lock().engines[slot].name)
     }
 }

@@ -157,7 +157,7 @@ fn plan_sum(plan: &Arc<dyn ExecutionPlan>, f: &impl Fn(&MetricsSet) -> Option<us
 
 /// `SELECT k, SUM(v), COUNT(*) FROM t GROUP BY k` over `batches`, with
 /// DataFusion's memory drawn from `engine`'s budget through the governor's
-/// pool.
+/// pool (or from the pool given).
 pub struct GroupBy<'g> {
     pub governor: &'g MemoryGovernor,
     pub engine: EngineId,
@@ -166,12 +166,18 @@ pub struct GroupBy<'g> {
     /// DataFusion's target partitions (the input is split as many ways).
     pub partitions: usize,
     pub spill: Spill,
+    /// DataFusion's pool instead of the governor's (the static baseline:
+    /// `FairSpillPool` at the engine's budget); None: [`GovernorPool`].
+    pub pool: Option<Arc<dyn MemoryPool>>,
 }
 
 impl GroupBy<'_> {
     /// The session and the physical plan.
     async fn plan(self) -> Result<(SessionContext, Arc<dyn ExecutionPlan>)> {
-        let pool: Arc<dyn MemoryPool> = Arc::new(GovernorPool::new(self.governor, self.engine)?);
+        let pool: Arc<dyn MemoryPool> = match self.pool {
+            Some(pool) => pool,
+            None => Arc::new(GovernorPool::new(self.governor, self.engine)?),
+        };
         // Spill files through the library's factory: written and read
         // back without staying in the page cache.
         let disk = match self.spill {

@@ -83,6 +83,9 @@ pub struct VectorEngine {
     dir: PathBuf,
     segments: Mutex<Vec<Segment>>,
     stats: Mutex<VectorStats>,
+    /// How long a refused segment waits for room once (see
+    /// [`REFUSAL_WAIT`]).
+    refusal_wait: std::time::Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -102,7 +105,15 @@ impl VectorEngine {
             dir: dir.to_owned(),
             segments: Mutex::new(Vec::new()),
             stats: Mutex::new(VectorStats::default()),
+            refusal_wait: REFUSAL_WAIT,
         })
+    }
+
+    /// Sets how long a refused segment waits for room before it evicts;
+    /// zero evicts at once (a fixed budget: no loan will come back).
+    pub fn refusal_wait(mut self, wait: std::time::Duration) -> Self {
+        self.refusal_wait = wait;
+        self
     }
 
     pub fn stats(&self) -> VectorStats {
@@ -110,7 +121,8 @@ impl VectorEngine {
     }
 
     /// Builds a segment of vectors `first..first + n`. Its charge is taken
-    /// first; refused, it waits [`REFUSAL_WAIT`] for room once (a budget
+    /// first; refused, it waits its refusal wait ([`REFUSAL_WAIT`] unless
+    /// set) for room once (a budget
     /// it lent may be on its way back: the refusal is what asks for it),
     /// and while it is still refused, older segments go to disk. Fails
     /// when nothing is left to evict and the charge is still refused.
@@ -122,12 +134,13 @@ impl VectorEngine {
                 Ok(r) => break r,
                 Err(e) => {
                     lock(&self.stats).refusals += 1;
-                    if !waited {
+                    if !waited && !self.refusal_wait.is_zero() {
                         waited = true;
-                        if let Ok(r) =
-                            self.governor
-                                .reserve_timeout(EngineId::Vector, bytes, REFUSAL_WAIT)
-                        {
+                        if let Ok(r) = self.governor.reserve_timeout(
+                            EngineId::Vector,
+                            bytes,
+                            self.refusal_wait,
+                        ) {
                             break r;
                         }
                     }

@@ -59,6 +59,7 @@ fn query(
         batches,
         partitions: 2,
         spill,
+        pool: None,
     }
 }
 

@@ -115,7 +115,7 @@ enum Task {
         /// Time limit per run, in seconds.
         #[arg(long, default_value_t = 1800)]
         timeout_secs: u64,
-        /// The runs (nodedb-validate --modes; default: all five for
+        /// The runs (nodedb-validate --modes; default: all six for
         /// `mixed`, governed and ungoverned for `cache`).
         #[arg(long, value_delimiter = ',')]
         modes: Vec<String>,
@@ -185,9 +185,15 @@ fn main() -> ExitCode {
                 scenario,
                 modes: if modes.is_empty() {
                     match scenario {
-                        validate::Scenario::Mixed => {
-                            ["governed", "ungoverned", "ample", "roomy", "baseline"].as_slice()
-                        }
+                        validate::Scenario::Mixed => [
+                            "governed",
+                            "ungoverned",
+                            "ample",
+                            "roomy",
+                            "baseline",
+                            "static",
+                        ]
+                        .as_slice(),
                         validate::Scenario::Cache => ["ungoverned", "governed"].as_slice(),
                     }
                     .iter()

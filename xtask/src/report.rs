@@ -133,7 +133,7 @@ fn report(summary: &Value) -> String {
     if let Some(b) = run(&runs, "baseline").map(|b| &b["workload"])
         && b.is_object()
     {
-        let others: Vec<&Value> = ["governed", "roomy", "ample"]
+        let others: Vec<&Value> = ["governed", "static", "roomy", "ample"]
             .iter()
             .filter_map(|m| run(&runs, m))
             .filter(|r| r["workload"].is_object())
@@ -147,6 +147,7 @@ fn report(summary: &Value) -> String {
         // it (roomy against ample: nothing had to give).
         let costs: Vec<(&str, &Value, &Value)> = [
             ("governed / ample", "governed", "ample"),
+            ("governed / static", "governed", "static"),
             ("roomy / ample", "roomy", "ample"),
         ]
         .into_iter()
@@ -157,7 +158,9 @@ fn report(summary: &Value) -> String {
                 "\nThroughput against the baseline (no agent, no ceiling; same data, same run of the harness): \
                  the ratio is the run's rate over the baseline's (1.00 = as fast). \
                  The last columns are the cost of governance: governed against ample (ungoverned, ample memory), \
-                 and roomy against ample (governed with ample memory: the machinery alone, with nothing to spill).\n\n| engine | baseline |",
+                 governed against static (what a user would configure instead: each engine's fixed budget in a pool of its own, same ceiling), \
+                 and roomy against ample (governed with ample memory: the machinery alone, with nothing to spill). \
+                 The total row is the whole workload's rate (the same work in every run: one over its seconds).\n\n| engine | baseline |",
             );
             for o in &others {
                 s.push_str(&format!(
@@ -200,8 +203,25 @@ fn report(summary: &Value) -> String {
                 }
                 s.push('\n');
             }
+            // Runs of the whole workload per hour.
+            let per_hour = |w: &Value| 3600.0 / w["seconds"].as_f64().unwrap_or(f64::INFINITY);
+            let total = |r: &Value| per_hour(&r["workload"]);
+            let bt = per_hour(b);
+            s.push_str(&format!("| total (workloads/hour) | {bt:.0} |"));
+            for o in &others {
+                s.push_str(&format!(
+                    " {:.0} | {:.2} |",
+                    total(o),
+                    total(o) / bt.max(1e-12)
+                ));
+            }
+            for (_, x, y) in &costs {
+                s.push_str(&format!(" {:.2} |", total(x) / total(y).max(1e-12)));
+            }
+            s.push('\n');
         }
     }
+    s.push_str(&spills(&runs));
     if let Some(g) = run(&runs, "governed").map(|g| &g["workload"])
         && g.is_object()
     {
@@ -232,6 +252,42 @@ fn report(summary: &Value) -> String {
                 forced.join(", ")
             ));
         }
+    }
+    s
+}
+
+/// What each run gave up to stay within memory: per engine, what it
+/// spilled (vector segments evicted to disk, timeseries flushes before
+/// the final one, the `GROUP BY`'s spill files) and its peak.
+fn spills(runs: &[Value]) -> String {
+    let rows: Vec<&Value> = ["governed", "static", "ample"]
+        .iter()
+        .filter_map(|m| run(runs, m))
+        .filter(|r| r["workload"].is_object())
+        .collect();
+    if rows.len() < 2 {
+        return String::new();
+    }
+    let mut s = String::from(
+        "\nSpilled, per run: vector segments evicted to disk (searches that scanned disk), timeseries flushes (the final one included), \
+         the `GROUP BY`'s spill files and MiB; each engine's peak attributed resident, MiB.\n\n\
+         | run | vector evicted | timeseries flushes | GROUP BY spilled | peaks vector / timeseries / query | peak RSS |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let w = &r["workload"];
+        s.push_str(&format!(
+            "| {} | {} ({}) | {} | {} files, {} MiB | {} / {} / {} | {} |\n",
+            r["mode"].as_str().unwrap_or_default(),
+            w["vector"]["stats"]["evictions"],
+            w["vector"]["stats"]["disk_scans"],
+            w["timeseries"]["stats"]["flushes"],
+            w["query"]["spill_files"],
+            mib(&w["query"]["spilled_bytes"]),
+            mib(&r["engines"]["vector"]["peak_resident_bytes"]),
+            mib(&r["engines"]["timeseries"]["peak_resident_bytes"]),
+            mib(&r["engines"]["query"]["peak_resident_bytes"]),
+            mib(&r["peak_rss_bytes"]),
+        ));
     }
     s
 }

@@ -9,7 +9,10 @@
 //!   each engine takes when nothing holds it back);
 //! - `roomy`: the agent enforces, with 16 times the ceiling (nothing has
 //!   to give: against `ample`, the cost of the machinery alone);
-//! - `baseline`: no agent, no ceiling (the throughput reference).
+//! - `baseline`: no agent, no ceiling (the throughput reference);
+//! - `static`: what a user would configure instead, same ceiling: each
+//!   engine held to its configured budget by a pool of its own (no
+//!   lending; the `GROUP BY` on DataFusion's `FairSpillPool`).
 //!
 //! Writes `summary.json`, `report.md` and `timeline.svg` (plotters) under
 //! `target/validate/<kernel>/`; fails when the governed run misses the

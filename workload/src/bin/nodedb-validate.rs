@@ -13,7 +13,13 @@
 //!   machinery alone (reservations, control loop, enforcement), apart
 //!   from the cost of the spilling a tight ceiling forces;
 //! - `baseline`: no agent at all and no ceiling: ample memory, for the
-//!   throughput cost of governance (tracing included).
+//!   throughput cost of governance (tracing included);
+//! - `static`: what a user would configure instead of a governor, with
+//!   the same ceiling in the kernel: each engine held to its configured
+//!   budget by a pool of its own (the library with fixed caps and no
+//!   lending, which no agent moves; the `GROUP BY` on DataFusion's
+//!   `FairSpillPool` at the query budget). An observing agent only
+//!   attributes, as in `ungoverned`.
 //!
 //! Every `--interval-ms` it samples the workload's resident set
 //! (`/proc/<pid>/status`) and, under an agent, each engine's attributed
@@ -84,6 +90,7 @@ enum Mode {
     Ample,
     Roomy,
     Baseline,
+    Static,
 }
 
 impl Mode {
@@ -94,6 +101,7 @@ impl Mode {
             Mode::Ample => "ample",
             Mode::Roomy => "roomy",
             Mode::Baseline => "baseline",
+            Mode::Static => "static",
         }
     }
 }
@@ -144,7 +152,7 @@ struct Args {
     #[arg(long, default_value = "/tmp/nodedb-validate")]
     scratch: PathBuf,
     /// The runs, in order.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Mode::Governed, Mode::Ungoverned, Mode::Ample, Mode::Roomy, Mode::Baseline])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Mode::Governed, Mode::Ungoverned, Mode::Ample, Mode::Roomy, Mode::Baseline, Mode::Static])]
     modes: Vec<Mode>,
     /// Time limit per run, seconds.
     #[arg(long, default_value_t = 1800)]
@@ -546,6 +554,16 @@ impl Harness {
         }
         if self.args.scenario == Scenario::Cache && mode == Mode::Governed {
             cmd.arg("--governed");
+        }
+        if mode == Mode::Static {
+            let budgets: Vec<String> = ENGINES
+                .iter()
+                .map(|e| format!("{e}={}", self.budget(e)))
+                .collect();
+            cmd.arg("--static-budgets")
+                .arg(budgets.join(","))
+                .arg("--static-ceiling")
+                .arg(self.ceiling().to_string());
         }
         let mut workload = Reaped(
             cmd.arg("--dir")

@@ -31,6 +31,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use datafusion::execution::memory_pool::{FairSpillPool, MemoryPool};
 use nodedb_governor::{
     Budget, EngineId, MemoryGovernor, SpillConfig, SpillController,
     arena::EngineArenas,
@@ -108,17 +109,93 @@ struct Args {
     /// Keys the rows are drawn from (8M rows over 16M keys: 6.3M groups).
     #[arg(long, default_value_t = 16_000_000)]
     keys: u64,
+    /// The static baseline: each engine's fixed budget in bytes,
+    /// `vector=N,timeseries=N,query=N` (every engine named once).
+    #[arg(long, value_delimiter = ',', value_parser = engine_bytes, requires = "static_ceiling")]
+    static_budgets: Vec<(EngineId, u64)>,
+    /// The static baseline's ceiling in bytes (the library's, over the
+    /// vector and timeseries pools; the kernel holds the process's).
+    #[arg(long, requires = "static_budgets")]
+    static_ceiling: Option<u64>,
+}
+
+/// `engine=bytes`, for an engine of this workload.
+fn engine_bytes(s: &str) -> Result<(EngineId, u64), String> {
+    let (name, bytes) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected engine=bytes"))?;
+    let id = ENGINES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, id)| *id)
+        .ok_or_else(|| {
+            format!(
+                "{name:?} is not an engine of this workload ({})",
+                ENGINES.map(|(n, _)| n).join(", ")
+            )
+        })?;
+    let bytes = bytes
+        .parse::<u64>()
+        .map_err(|e| format!("{name}'s budget {bytes:?}: {e}"))?;
+    if bytes == 0 {
+        return Err(format!("{name}'s budget is zero"));
+    }
+    Ok((id, bytes))
+}
+
+/// The static budgets, one per engine in `ENGINES` order, or None.
+fn static_budgets(args: &Args) -> anyhow::Result<Option<(u64, [u64; 3])>> {
+    let Some(ceiling) = args.static_ceiling else {
+        return Ok(None);
+    };
+    let mut caps = [0u64; 3];
+    for (i, (name, id)) in ENGINES.iter().enumerate() {
+        let given: Vec<u64> = args
+            .static_budgets
+            .iter()
+            .filter(|(e, _)| e == id)
+            .map(|(_, b)| *b)
+            .collect();
+        match given[..] {
+            [b] => caps[i] = b,
+            [] => bail!("--static-budgets names no budget for {name}"),
+            _ => bail!("--static-budgets names {name} {} times", given.len()),
+        }
+    }
+    Ok(Some((ceiling, caps)))
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
-    let mut budget = Budget::builder(1 << 40);
-    for (_, id) in ENGINES {
-        budget = budget.engine(id, 0, 1 << 40);
-    }
-    let governor = MemoryGovernor::new(budget.build()?);
+    let unlimited = || {
+        let mut budget = Budget::builder(1 << 40);
+        for (_, id) in ENGINES {
+            budget = budget.engine(id, 0, 1 << 40);
+        }
+        budget.build()
+    };
+    let fixed = static_budgets(&args)?;
+    // The engines' governor; under an agent, the agent sets its budgets,
+    // except in the static baseline, whose pools nothing moves (the link
+    // then has a governor of its own, which nobody reserves from).
+    let governor = MemoryGovernor::new(match fixed {
+        Some((ceiling, caps)) => {
+            let mut budget = Budget::builder(ceiling);
+            for ((_, id), cap) in ENGINES.iter().zip(caps) {
+                budget = budget.engine(*id, 0, cap);
+            }
+            budget.build().context("the static budgets")?
+        }
+        None => unlimited()?,
+    });
+    let link_governor = match fixed {
+        Some(_) => MemoryGovernor::new(unlimited()?),
+        None => governor.clone(),
+    };
+    let query_pool: Option<Arc<dyn MemoryPool>> = fixed
+        .map(|(_, caps)| Arc::new(FairSpillPool::new(caps[2] as usize)) as Arc<dyn MemoryPool>);
     let arenas = Arc::new(EngineArenas::create(&ENGINES.map(|(_, e)| e))?);
     let spill = Arc::new(SpillController::new(SpillConfig::default())?);
     let ts = {
@@ -131,20 +208,26 @@ fn main() -> anyhow::Result<()> {
             ),
         )
     };
-    let vec = Arc::new(VectorEngine::new(
-        &governor,
-        &args.dir.join("vectors"),
-        args.payload,
-    )?);
+    let vec = Arc::new(
+        VectorEngine::new(&governor, &args.dir.join("vectors"), args.payload)?
+            // A fixed budget: no loan comes back to wait for.
+            .refusal_wait(if fixed.is_some() {
+                Duration::ZERO
+            } else {
+                vector::REFUSAL_WAIT
+            }),
+    );
     let _ts_reg = spill.register(EngineId::Timeseries, ts.clone());
     let _vec_reg = spill.register(EngineId::Vector, vec.clone());
     let link = match &args.socket {
         Some(socket) => {
-            let link =
-                AgentLink::builder(&governor, LinkConfig::new(socket, &args.database, &ENGINES))
-                    .spill_controller(spill.clone())
-                    .arenas(arenas.clone())
-                    .start()?;
+            let link = AgentLink::builder(
+                &link_governor,
+                LinkConfig::new(socket, &args.database, &ENGINES),
+            )
+            .spill_controller(spill.clone())
+            .arenas(arenas.clone())
+            .start()?;
             nodedb_governor_demo::governed::wait_welcomed(&link, socket, ENGINES.len())?;
             Some(link)
         }
@@ -289,6 +372,7 @@ fn main() -> anyhow::Result<()> {
                 batches,
                 partitions: args.partitions,
                 spill: Spill::To(args.dir.clone()),
+                pool: query_pool.clone(),
             };
             let (spill_files, spilled_bytes) = rt.block_on(query.run_into(|g| got.add(g)))?;
             let took = t0.elapsed();
@@ -319,7 +403,8 @@ fn main() -> anyhow::Result<()> {
     println!(
         "{}",
         json!({
-            "governed": link.is_some(),
+            "governed": link.is_some() && fixed.is_none(),
+            "static": fixed.is_some(),
             "seconds": started.elapsed().as_secs_f64(),
             "correct": ok,
             "vector": v,

@@ -160,6 +160,7 @@ fn report(summary: &Value) -> String {
                  The last columns are the cost of governance: governed against ample (ungoverned, ample memory), \
                  governed against static (what a user would configure instead: each engine's fixed budget in a pool of its own, same ceiling), \
                  and roomy against ample (governed with ample memory: the machinery alone, with nothing to spill). \
+                 Rows marked alone: each engine busy in turn while the others idle (the workload's solo phase); the others: all together. \
                  The total row is the whole workload's rate (the same work in every run: one over its seconds).\n\n| engine | baseline |",
             );
             for o in &others {
@@ -179,7 +180,7 @@ fn report(summary: &Value) -> String {
                 s.push_str("---:|");
             }
             s.push('\n');
-            for (name, path) in [
+            let rows = [
                 ("vector build (vectors/s)", ["vector", "vectors_per_second"]),
                 (
                     "vector search (searches/s)",
@@ -190,18 +191,34 @@ fn report(summary: &Value) -> String {
                     ["timeseries", "points_per_second"],
                 ),
                 ("query GROUP BY (rows/s)", ["query", "rows_per_second"]),
-            ] {
-                let rate = |r: &Value| r["workload"][path[0]][path[1]].as_f64().unwrap_or(0.0);
-                let bv = b[path[0]][path[1]].as_f64().unwrap_or(0.0);
-                s.push_str(&format!("| {name} | {bv:.0} |"));
-                for o in &others {
-                    let v = rate(o);
-                    s.push_str(&format!(" {v:.0} | {:.2} |", v / bv.max(1e-9)));
+            ];
+            // Each engine alone in turn (the solo phase), then all together.
+            for phase in ["solo", ""] {
+                if !phase.is_empty() && !b[phase].is_object() {
+                    continue;
                 }
-                for (_, x, y) in &costs {
-                    s.push_str(&format!(" {:.2} |", rate(x) / rate(y).max(1e-9)));
+                let at = |w: &Value, path: [&str; 2]| {
+                    let w = if phase.is_empty() { w } else { &w[phase] };
+                    w[path[0]][path[1]].as_f64().unwrap_or(0.0)
+                };
+                for (name, path) in rows {
+                    let rate = |r: &Value| at(&r["workload"], path);
+                    let bv = at(b, path);
+                    let label = if phase.is_empty() {
+                        name.to_owned()
+                    } else {
+                        format!("alone: {name}")
+                    };
+                    s.push_str(&format!("| {label} | {bv:.0} |"));
+                    for o in &others {
+                        let v = rate(o);
+                        s.push_str(&format!(" {v:.0} | {:.2} |", v / bv.max(1e-9)));
+                    }
+                    for (_, x, y) in &costs {
+                        s.push_str(&format!(" {:.2} |", rate(x) / rate(y).max(1e-9)));
+                    }
+                    s.push('\n');
                 }
-                s.push('\n');
             }
             // Runs of the whole workload per hour.
             let per_hour = |w: &Value| 3600.0 / w["seconds"].as_f64().unwrap_or(f64::INFINITY);
@@ -269,20 +286,30 @@ fn spills(runs: &[Value]) -> String {
         return String::new();
     }
     let mut s = String::from(
-        "\nSpilled, per run: vector segments evicted to disk (searches that scanned disk), timeseries flushes (the final one included), \
+        "\nSpilled, per run (alone + together, when each engine also ran alone): vector segments evicted to disk (searches that scanned disk), timeseries flushes (the final one included), \
          the `GROUP BY`'s spill files and MiB; each engine's peak attributed resident, MiB.\n\n\
          | run | vector evicted | timeseries flushes | GROUP BY spilled | peaks vector / timeseries / query | peak RSS |\n|---|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let w = &r["workload"];
+        // "alone + together" when the workload had its solo phase.
+        let both = |path: &[&str], f: &dyn Fn(&Value) -> u64| {
+            let at = |w: &Value| f(path.iter().fold(w, |v, k| &v[*k]));
+            if w["solo"].is_object() {
+                format!("{} + {}", at(&w["solo"]), at(w))
+            } else {
+                at(w).to_string()
+            }
+        };
+        let n = |v: &Value| v.as_u64().unwrap_or(0);
         s.push_str(&format!(
             "| {} | {} ({}) | {} | {} files, {} MiB | {} / {} / {} | {} |\n",
             r["mode"].as_str().unwrap_or_default(),
-            w["vector"]["stats"]["evictions"],
-            w["vector"]["stats"]["disk_scans"],
-            w["timeseries"]["stats"]["flushes"],
-            w["query"]["spill_files"],
-            mib(&w["query"]["spilled_bytes"]),
+            both(&["vector", "stats", "evictions"], &n),
+            both(&["vector", "stats", "disk_scans"], &n),
+            both(&["timeseries", "stats", "flushes"], &n),
+            both(&["query", "spill_files"], &n),
+            both(&["query", "spilled_bytes"], &mib),
             mib(&r["engines"]["vector"]["peak_resident_bytes"]),
             mib(&r["engines"]["timeseries"]["peak_resident_bytes"]),
             mib(&r["engines"]["query"]["peak_resident_bytes"]),

@@ -109,6 +109,12 @@ struct Args {
     /// Keys the rows are drawn from (8M rows over 16M keys: 6.3M groups).
     #[arg(long, default_value_t = 16_000_000)]
     keys: u64,
+    /// First, each engine busy alone in turn (vector builds and searches an
+    /// index, timeseries ingests and flushes, query runs its `GROUP BY`),
+    /// on a fresh instance it drops when done, the others idle: demand
+    /// that moves between engines. Then all together, as without it.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    solo: bool,
     /// The static baseline: each engine's fixed budget in bytes,
     /// `vector=N,timeseries=N,query=N` (every engine named once).
     #[arg(long, value_delimiter = ',', value_parser = engine_bytes, requires = "static_ceiling")]
@@ -165,6 +171,127 @@ fn static_budgets(args: &Args) -> anyhow::Result<Option<(u64, [u64; 3])>> {
     Ok(Some((ceiling, caps)))
 }
 
+/// Passes the rest of a sequence of waits on a barrier when dropped: a
+/// thread that fails or panics in its turn still lets the others through
+/// theirs.
+struct Turns<'a> {
+    barrier: &'a std::sync::Barrier,
+    left: usize,
+}
+
+impl<'a> Turns<'a> {
+    fn new(barrier: &'a std::sync::Barrier, waits: usize) -> Self {
+        Self {
+            barrier,
+            left: waits,
+        }
+    }
+
+    fn next(&mut self) {
+        if self.left > 0 {
+            self.left -= 1;
+            self.barrier.wait();
+        }
+    }
+}
+
+impl Drop for Turns<'_> {
+    fn drop(&mut self) {
+        while self.left > 0 {
+            self.next();
+        }
+    }
+}
+
+/// Builds the vector index, a segment at a time.
+fn build_index(vec: &VectorEngine, args: &Args) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    let mut first = 0;
+    while first < args.vectors {
+        let n = args.segment.min(args.vectors - first);
+        vec.add_segment(first, n)?;
+        first += n;
+    }
+    Ok(t0.elapsed())
+}
+
+/// Searches the index; the time taken and the recall of the first five
+/// searches against exact answers.
+fn search_index(vec: &VectorEngine, args: &Args) -> anyhow::Result<(Duration, f64)> {
+    let t1 = Instant::now();
+    let mut recall = 0.0;
+    let checked = args.queries.min(5);
+    for i in 0..args.queries {
+        let q = vector::vector(u32::MAX - i);
+        let found = vec.search(&q, 10)?;
+        if i < checked {
+            recall += vector::recall(&found, &vector::exact(&q, args.vectors, 10));
+        }
+    }
+    Ok((t1.elapsed(), recall / f64::from(checked.max(1))))
+}
+
+fn vector_result(
+    vec: &VectorEngine,
+    args: &Args,
+    build: Duration,
+    search: Duration,
+    recall: f64,
+) -> serde_json::Value {
+    json!({
+        "build_seconds": build.as_secs_f64(),
+        "vectors_per_second": f64::from(args.vectors) / build.as_secs_f64(),
+        "search_seconds": search.as_secs_f64(),
+        "searches_per_second": f64::from(args.queries) / search.as_secs_f64().max(1e-9),
+        "recall_at_10": recall,
+        "stats": vec.stats(),
+    })
+}
+
+/// Ingests the points into `ts`'s buffers: how long it took, the sum of
+/// the values, and when it ended.
+fn ingest(ts: &Timeseries, args: &Args) -> anyhow::Result<(Duration, f64, Instant)> {
+    let t0 = Instant::now();
+    let mut sum = 0.0;
+    for i in 0..args.points {
+        let v = 20.0 + (i % 977) as f64 * 0.125;
+        sum += v;
+        ts.ingest(
+            (i % args.series as u64) as usize,
+            1_700_000_000_000 + i as i64,
+            v,
+        )?;
+    }
+    Ok((t0.elapsed(), sum, Instant::now()))
+}
+
+/// Flushes what `ts` buffered and reads every point back.
+fn finish_ingest(
+    ts: &Timeseries,
+    args: &Args,
+    (buffering, sum, ingest_end): (Duration, f64, Instant),
+) -> anyhow::Result<serde_json::Value> {
+    // The ingest's rate counts the final flush too: every point is
+    // compressed and written once, whether a tight budget flushed it early
+    // or it waited for this one. So does a flush a spill request asked for
+    // once the ingest was over (an idle engine giving its buffers back): it
+    // ran on the spill's thread, and it is the ingest's work all the same.
+    let t0 = Instant::now();
+    ts.flush()?;
+    let final_flush = t0.elapsed();
+    let spilled_later = ts.spill_flush_time_since(ingest_end);
+    let took = buffering + final_flush + spilled_later;
+    let (points, back) = ts.verify()?;
+    Ok(json!({
+        "seconds": took.as_secs_f64(),
+        "final_flush_seconds": final_flush.as_secs_f64(),
+        "spill_flush_seconds_after_ingest": spilled_later.as_secs_f64(),
+        "points_per_second": args.points as f64 / took.as_secs_f64(),
+        "correct": points == args.points && back == sum,
+        "stats": ts.stats(),
+    }))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.dir)
@@ -198,25 +325,27 @@ fn main() -> anyhow::Result<()> {
         .map(|(_, caps)| Arc::new(FairSpillPool::new(caps[2] as usize)) as Arc<dyn MemoryPool>);
     let arenas = Arc::new(EngineArenas::create(&ENGINES.map(|(_, e)| e))?);
     let spill = Arc::new(SpillController::new(SpillConfig::default())?);
-    let ts = {
+    let timeseries = |file: &str| -> anyhow::Result<Arc<Timeseries>> {
         let arenas = arenas.clone();
-        Arc::new(
-            Timeseries::new(&governor, args.series, &args.dir.join("points.gorilla"))?.after_flush(
-                move || {
-                    let _ = arenas.purge(EngineId::Timeseries);
-                },
-            ),
-        )
-    };
-    let vec = Arc::new(
-        VectorEngine::new(&governor, &args.dir.join("vectors"), args.payload)?
-            // A fixed budget: no loan comes back to wait for.
-            .refusal_wait(if fixed.is_some() {
-                Duration::ZERO
-            } else {
-                vector::REFUSAL_WAIT
+        Ok(Arc::new(
+            Timeseries::new(&governor, args.series, &args.dir.join(file))?.after_flush(move || {
+                let _ = arenas.purge(EngineId::Timeseries);
             }),
-    );
+        ))
+    };
+    let vectors = |dir: &str| -> anyhow::Result<Arc<VectorEngine>> {
+        Ok(Arc::new(
+            VectorEngine::new(&governor, &args.dir.join(dir), args.payload)?
+                // A fixed budget: no loan comes back to wait for.
+                .refusal_wait(if fixed.is_some() {
+                    Duration::ZERO
+                } else {
+                    vector::REFUSAL_WAIT
+                }),
+        ))
+    };
+    let ts = timeseries("points.gorilla")?;
+    let vec = vectors("vectors")?;
     let _ts_reg = spill.register(EngineId::Timeseries, ts.clone());
     let _vec_reg = spill.register(EngineId::Vector, vec.clone());
     let link = match &args.socket {
@@ -245,161 +374,169 @@ fn main() -> anyhow::Result<()> {
         }
         Ok(())
     };
+    let data = GroupByData {
+        rows: args.rows,
+        keys: args.keys,
+        seed: 7,
+    };
     // The GROUP BY's reference answer, computed before the engines start
     // (the data is generated again from the same seed by the query
     // engine), so the check's own memory is no engine's.
-    let want = {
-        let data = GroupByData {
-            rows: args.rows,
-            keys: args.keys,
-            seed: 7,
-        };
-        query::reference_digest(&data.batches(8192)?.1)
-    };
+    let want = query::reference_digest(&data.batches(8192)?.1);
     // Its pages go back to the kernel before the engines start.
     nodedb_governor::arena::purge_all()?;
+    let group_by = |batches: (Arc<_>, Vec<_>)| -> anyhow::Result<serde_json::Value> {
+        let (schema, batches) = batches;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let t0 = Instant::now();
+        // The result is streamed into a digest, as a database streams it
+        // to its client.
+        let mut got = query::GroupsDigest::default();
+        let query = query::GroupBy {
+            governor: &governor,
+            engine: EngineId::Query,
+            schema,
+            batches,
+            partitions: args.partitions,
+            spill: Spill::To(args.dir.clone()),
+            pool: query_pool.clone(),
+        };
+        let (spill_files, spilled_bytes) = rt.block_on(query.run_into(|g| got.add(g)))?;
+        let took = t0.elapsed();
+        Ok(json!({
+            "seconds": took.as_secs_f64(),
+            "rows_per_second": args.rows as f64 / took.as_secs_f64(),
+            "groups": got.groups,
+            "correct": got == want,
+            "spill_files": spill_files,
+            "spilled_bytes": spilled_bytes,
+        }))
+    };
+    // The solo phase: each engine busy in turn on a fresh instance of its
+    // own (the others idle, holding nothing), which it drops when done,
+    // so that demand moves from one engine to the next.
+    let solo_vector = || -> anyhow::Result<serde_json::Value> {
+        let v = vectors("solo-vectors")?;
+        let _reg = spill.register(EngineId::Vector, v.clone());
+        let build = build_index(&v, &args)?;
+        let (search, recall) = search_index(&v, &args)?;
+        Ok(vector_result(&v, &args, build, search, recall))
+    };
+    let solo_timeseries = || -> anyhow::Result<serde_json::Value> {
+        let t = timeseries("solo-points.gorilla")?;
+        let _reg = spill.register(EngineId::Timeseries, t.clone());
+        let ingested = ingest(&t, &args)?;
+        finish_ingest(&t, &args, ingested)
+    };
+    let solo_query = || -> anyhow::Result<serde_json::Value> { group_by(data.batches(8192)?) };
+    let solo_turns = if args.solo { ENGINES.len() + 1 } else { 0 };
+    let solo = std::sync::Barrier::new(3);
     let started = Instant::now();
     // Between the phases; an engine that fails still passes both, so the
     // others are not left waiting.
     let loaded = std::sync::Barrier::new(3);
     let served = std::sync::Barrier::new(3);
-    let (v, t, q) = std::thread::scope(|s| {
-        let v = s.spawn(|| -> anyhow::Result<serde_json::Value> {
-            let load = PassOnDrop(&loaded);
-            let built = (|| -> anyhow::Result<Duration> {
-                enter(EngineId::Vector)?;
+    // An engine's thread: its turn alone (if any), then the load phase.
+    let solo_then = |me: usize, job: &dyn Fn() -> anyhow::Result<serde_json::Value>| {
+        let mut turns = Turns::new(&solo, solo_turns);
+        let mut alone = None;
+        for turn in 0..solo_turns.saturating_sub(1) {
+            turns.next();
+            if turn == me {
                 let t0 = Instant::now();
-                let mut first = 0;
-                while first < args.vectors {
-                    let n = args.segment.min(args.vectors - first);
-                    vec.add_segment(first, n)?;
-                    first += n;
-                }
-                Ok(t0.elapsed())
-            })();
-            drop(load);
-            let served = PassOnDrop(&served);
-            let build = built?;
-            let t1 = Instant::now();
-            let mut recall = 0.0;
-            let checked = args.queries.min(5);
-            for i in 0..args.queries {
-                let q = vector::vector(u32::MAX - i);
-                let found = vec.search(&q, 10)?;
-                if i < checked {
-                    recall += vector::recall(&found, &vector::exact(&q, args.vectors, 10));
-                }
+                alone = Some(job().map(|mut r| {
+                    r["phase_seconds"] = t0.elapsed().as_secs_f64().into();
+                    r
+                }));
+                // The job is over: what its arena keeps goes back too.
+                let _ = arenas.purge(ENGINES[me].1);
             }
-            let search = t1.elapsed();
-            drop(served);
-            Ok(json!({
-                "build_seconds": build.as_secs_f64(),
-                "vectors_per_second": f64::from(args.vectors) / build.as_secs_f64(),
-                "search_seconds": search.as_secs_f64(),
-                "searches_per_second": f64::from(args.queries) / search.as_secs_f64().max(1e-9),
-                "recall_at_10": recall / f64::from(checked.max(1)),
-                "stats": vec.stats(),
-            }))
-        });
-        let t = s.spawn(|| -> anyhow::Result<serde_json::Value> {
-            let load = PassOnDrop(&loaded);
-            let ingested = (|| -> anyhow::Result<(Duration, f64, Instant)> {
-                enter(EngineId::Timeseries)?;
-                let t0 = Instant::now();
-                let mut sum = 0.0;
-                for i in 0..args.points {
-                    let v = 20.0 + (i % 977) as f64 * 0.125;
-                    sum += v;
-                    ts.ingest(
-                        (i % args.series as u64) as usize,
-                        1_700_000_000_000 + i as i64,
-                        v,
-                    )?;
-                }
-                Ok((t0.elapsed(), sum, Instant::now()))
-            })();
-            drop(load);
-            // What was buffered stays buffered while the others serve.
-            drop(PassOnDrop(&served));
-            let (buffering, sum, ingest_end) = ingested?;
-            // The ingest's rate counts the final flush too: every point is
-            // compressed and written once, whether a tight budget flushed
-            // it early or it waited for this one. So does a flush a spill
-            // request asked for once the ingest was over (an idle engine
-            // giving its buffers back): it ran on the spill's thread, and
-            // it is the ingest's work all the same.
-            let t0 = Instant::now();
-            ts.flush()?;
-            let final_flush = t0.elapsed();
-            let spilled_later = ts.spill_flush_time_since(ingest_end);
-            let took = buffering + final_flush + spilled_later;
-            let (points, back) = ts.verify()?;
-            Ok(json!({
-                "seconds": took.as_secs_f64(),
-                "final_flush_seconds": final_flush.as_secs_f64(),
-                "spill_flush_seconds_after_ingest": spilled_later.as_secs_f64(),
-                "points_per_second": args.points as f64 / took.as_secs_f64(),
-                "correct": points == args.points && back == sum,
-                "stats": ts.stats(),
-            }))
-        });
-        let q = s.spawn(|| -> anyhow::Result<serde_json::Value> {
-            let load = PassOnDrop(&loaded);
-            let input = (|| -> anyhow::Result<_> {
-                enter(EngineId::Query)?;
-                let data = GroupByData {
-                    rows: args.rows,
-                    keys: args.keys,
-                    seed: 7,
+        }
+        drop(turns);
+        alone
+    };
+    let (v, t, q) = std::thread::scope(|s| {
+        let v = s.spawn(
+            || -> anyhow::Result<(serde_json::Value, Option<serde_json::Value>)> {
+                let load = PassOnDrop(&loaded);
+                let (alone, built) = match enter(EngineId::Vector) {
+                    Ok(()) => {
+                        let alone = solo_then(0, &solo_vector);
+                        (alone, build_index(&vec, &args))
+                    }
+                    Err(e) => (None, Err(e)),
                 };
-                let (schema, batches) = data.batches(8192)?;
-                Ok((schema, batches))
-            })();
-            drop(load);
-            let served = PassOnDrop(&served);
-            let (schema, batches) = input?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let t0 = Instant::now();
-            // The result is streamed into a digest, as a database streams
-            // it to its client.
-            let mut got = query::GroupsDigest::default();
-            let query = query::GroupBy {
-                governor: &governor,
-                engine: EngineId::Query,
-                schema,
-                batches,
-                partitions: args.partitions,
-                spill: Spill::To(args.dir.clone()),
-                pool: query_pool.clone(),
-            };
-            let (spill_files, spilled_bytes) = rt.block_on(query.run_into(|g| got.add(g)))?;
-            let took = t0.elapsed();
-            drop(served);
-            Ok(json!({
-                "seconds": took.as_secs_f64(),
-                "rows_per_second": args.rows as f64 / took.as_secs_f64(),
-                "groups": got.groups,
-                "correct": got == want,
-                "spill_files": spill_files,
-                "spilled_bytes": spilled_bytes,
-            }))
-        });
+                drop(load);
+                let served = PassOnDrop(&served);
+                let build = built?;
+                let (search, recall) = search_index(&vec, &args)?;
+                drop(served);
+                Ok((
+                    vector_result(&vec, &args, build, search, recall),
+                    alone.transpose()?,
+                ))
+            },
+        );
+        let t = s.spawn(
+            || -> anyhow::Result<(serde_json::Value, Option<serde_json::Value>)> {
+                let load = PassOnDrop(&loaded);
+                let (alone, ingested) = match enter(EngineId::Timeseries) {
+                    Ok(()) => {
+                        let alone = solo_then(1, &solo_timeseries);
+                        (alone, ingest(&ts, &args))
+                    }
+                    Err(e) => (None, Err(e)),
+                };
+                drop(load);
+                // What was buffered stays buffered while the others serve.
+                drop(PassOnDrop(&served));
+                let r = finish_ingest(&ts, &args, ingested?)?;
+                Ok((r, alone.transpose()?))
+            },
+        );
+        let q = s.spawn(
+            || -> anyhow::Result<(serde_json::Value, Option<serde_json::Value>)> {
+                let load = PassOnDrop(&loaded);
+                let (alone, input) = match enter(EngineId::Query) {
+                    Ok(()) => {
+                        let alone = solo_then(2, &solo_query);
+                        (alone, data.batches(8192))
+                    }
+                    Err(e) => (None, Err(e)),
+                };
+                drop(load);
+                let served = PassOnDrop(&served);
+                let r = group_by(input?)?;
+                drop(served);
+                Ok((r, alone.transpose()?))
+            },
+        );
         (v.join(), t.join(), q.join())
     });
-    let get = |r: std::thread::Result<anyhow::Result<serde_json::Value>>, name: &str| {
+    type Outcome = anyhow::Result<(serde_json::Value, Option<serde_json::Value>)>;
+    let get = |r: std::thread::Result<Outcome>, name: &str| {
         r.map_err(|_| anyhow::anyhow!("the {name} thread panicked"))?
             .with_context(|| format!("engine {name}"))
     };
-    let (v, t, q) = (get(v, "vector")?, get(t, "timeseries")?, get(q, "query")?);
+    let ((v, v1), (t, t1), (q, q1)) = (get(v, "vector")?, get(t, "timeseries")?, get(q, "query")?);
+    let solo = match (v1, t1, q1) {
+        (Some(v), Some(t), Some(q)) => Some(json!({"vector": v, "timeseries": t, "query": q})),
+        _ => None,
+    };
     let usage: Vec<_> = governor
         .usages()
         .into_iter()
         .map(|u| json!({"engine": format!("{:?}", u.engine).to_lowercase(), "cap_bytes": u.cap_bytes, "rejections": u.rejections}))
         .collect();
-    let ok =
-        t["correct"] == true && q["correct"] == true && v["recall_at_10"].as_f64() >= Some(0.8);
+    let right = |v: &serde_json::Value, t: &serde_json::Value, q: &serde_json::Value| {
+        t["correct"] == true && q["correct"] == true && v["recall_at_10"].as_f64() >= Some(0.8)
+    };
+    let ok = right(&v, &t, &q)
+        && solo
+            .as_ref()
+            .is_none_or(|s| right(&s["vector"], &s["timeseries"], &s["query"]));
     println!(
         "{}",
         json!({
@@ -410,6 +547,7 @@ fn main() -> anyhow::Result<()> {
             "vector": v,
             "timeseries": t,
             "query": q,
+            "solo": solo,
             "budgets": usage,
             "link": link.as_ref().map(|l| { let s = l.stats(); json!({"spills": s.spills, "spilled_bytes": s.spilled_bytes, "purges": s.purges, "limit_changes": s.limit_changes}) }),
         })

@@ -1,7 +1,8 @@
-//! The static baseline (`nodedb-workload --static-budgets`): each engine
-//! held to a fixed budget by a pool of its own, with no agent, as a user
-//! would configure a database without a governor. The validation compares
-//! the governed run with it; these tests hold it to being what it says.
+//! What the validation compares the governed run with, held to being what
+//! it says: the static baseline (`nodedb-workload --static-budgets`: each
+//! engine held to a fixed budget by a pool of its own, with no agent, as a
+//! user would configure a database without a governor), and the solo
+//! phase (each engine busy alone in turn: demand that moves).
 
 use std::{
     process::{Command, Output},
@@ -109,6 +110,56 @@ fn each_engine_is_held_to_its_own_fixed_budget_and_spills_within_it() {
         Some(0),
         "the GROUP BY drew from the library"
     );
+    // Alone in turn (the solo phase, on by default), each engine is held
+    // to the same budget: the idle ones lend nothing.
+    let solo = &r["solo"];
+    assert!(
+        solo["vector"]["stats"]["evictions"].as_u64() > Some(0),
+        "{solo}"
+    );
+    assert!(
+        solo["timeseries"]["stats"]["flushes"].as_u64() > Some(1),
+        "{solo}"
+    );
+    assert!(solo["query"]["spilled_bytes"].as_u64() > Some(0), "{solo}");
+}
+
+#[test]
+fn the_solo_phase_runs_each_engine_alone_and_can_be_left_out() {
+    let mut args = SMALL.to_vec();
+    let out = workload(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["correct"], true, "{r}");
+    let solo = &r["solo"];
+    // Each engine did the whole job alone, right, on an instance of its
+    // own: the together phase's figures are its own.
+    assert_eq!(solo["vector"]["stats"]["vectors"], 2000, "{solo}");
+    assert!(
+        solo["vector"]["recall_at_10"].as_f64() >= Some(0.8),
+        "{solo}"
+    );
+    assert_eq!(solo["timeseries"]["correct"], true, "{solo}");
+    assert_eq!(solo["timeseries"]["stats"]["points"], 400_000, "{solo}");
+    assert_eq!(solo["query"]["correct"], true, "{solo}");
+    assert_eq!(r["vector"]["stats"]["vectors"], 2000);
+    assert_eq!(r["timeseries"]["stats"]["points"], 400_000);
+    // One engine at a time, in the phase before the together one.
+    let took: f64 = ["vector", "timeseries", "query"]
+        .iter()
+        .map(|e| solo[e]["phase_seconds"].as_f64().unwrap())
+        .sum();
+    assert!(took < r["seconds"].as_f64().unwrap(), "{r}");
+    args.extend(["--solo", "false"]);
+    let out = workload(&args);
+    assert!(out.status.success());
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["solo"].is_null(), "{r}");
+    assert_eq!(r["correct"], true);
 }
 
 #[test]

@@ -80,7 +80,8 @@ enum Task {
         #[arg(long, default_value_t = 3600)]
         timeout_secs: u64,
         /// The validation runs in each VM (nodedb-validate --modes:
-        /// governed, ungoverned, ample, roomy, baseline); `none` for none.
+        /// governed, ungoverned, ample, roomy, baseline, static); `none`
+        /// for none.
         #[arg(long, value_delimiter = ',', default_values_t = ["governed".to_owned(), "ungoverned".to_owned(), "ample".to_owned()])]
         validate: Vec<String>,
         /// Arguments for nodedb-workload in the VMs (sizes), after `--`
@@ -104,7 +105,8 @@ enum Task {
     },
     /// The validation on this host: the mixed workload governed,
     /// ungoverned (observed, the same ceiling), observed with ample memory,
-    /// governed with ample memory, and without an agent; report, summary and timeline plot under
+    /// governed with ample memory, without an agent, and with static
+    /// budgets (a pool per engine); report, summary and timeline plot under
     /// target/validate/<kernel>/.
     Validate {
         /// `mixed`: the workload above; `cache`: a mapped vector index's

@@ -13,6 +13,17 @@ use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 
+/// Runs the workload, which must succeed; its result.
+fn result(args: &[&str]) -> Value {
+    let out = workload(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Runs the workload in a scratch directory of its own, removed after.
 fn workload(args: &[&str]) -> Output {
     static RUNS: AtomicU32 = AtomicU32::new(0);
@@ -61,13 +72,7 @@ fn each_engine_is_held_to_its_own_fixed_budget_and_spills_within_it() {
     let ceiling = (64 * MIB).to_string();
     let mut args = SMALL.to_vec();
     args.extend(["--static-budgets", &budgets, "--static-ceiling", &ceiling]);
-    let out = workload(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = result(&args);
     assert_eq!(
         (r["static"].as_bool(), r["governed"].as_bool()),
         (Some(true), Some(false))
@@ -127,13 +132,7 @@ fn each_engine_is_held_to_its_own_fixed_budget_and_spills_within_it() {
 #[test]
 fn the_solo_phase_runs_each_engine_alone_and_can_be_left_out() {
     let mut args = SMALL.to_vec();
-    let out = workload(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = result(&args);
     assert_eq!(r["correct"], true, "{r}");
     let solo = &r["solo"];
     // Each engine did the whole job alone, right, on an instance of its
@@ -155,9 +154,7 @@ fn the_solo_phase_runs_each_engine_alone_and_can_be_left_out() {
         .sum();
     assert!(took < r["seconds"].as_f64().unwrap(), "{r}");
     args.extend(["--solo", "false"]);
-    let out = workload(&args);
-    assert!(out.status.success());
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = result(&args);
     assert!(r["solo"].is_null(), "{r}");
     assert_eq!(r["correct"], true);
 }

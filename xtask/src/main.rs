@@ -187,15 +187,7 @@ fn main() -> ExitCode {
                 scenario,
                 modes: if modes.is_empty() {
                     match scenario {
-                        validate::Scenario::Mixed => [
-                            "governed",
-                            "ungoverned",
-                            "ample",
-                            "roomy",
-                            "baseline",
-                            "static",
-                        ]
-                        .as_slice(),
+                        validate::Scenario::Mixed => validate::MIXED_MODES.as_slice(),
                         validate::Scenario::Cache => ["ungoverned", "governed"].as_slice(),
                     }
                     .iter()

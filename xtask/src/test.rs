@@ -180,16 +180,7 @@ pub fn test() -> anyhow::Result<()> {
         step("the validation on this host (cgroup v1 fallback where the host has it)");
         crate::validate::validate(&crate::validate::Options {
             scenario: crate::validate::Scenario::Mixed,
-            modes: [
-                "governed",
-                "ungoverned",
-                "ample",
-                "roomy",
-                "baseline",
-                "static",
-            ]
-            .map(str::to_owned)
-            .to_vec(),
+            modes: crate::validate::MIXED_MODES.map(str::to_owned).to_vec(),
             workload_args: Vec::new(),
             timeout_secs: 1200,
         })?;

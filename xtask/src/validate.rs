@@ -57,6 +57,17 @@ impl Scenario {
     }
 }
 
+/// The mixed scenario's runs, all of them: what `cargo xtask validate`
+/// runs unless told otherwise, and `cargo xtask test` on the host.
+pub const MIXED_MODES: [&str; 6] = [
+    "governed",
+    "ungoverned",
+    "ample",
+    "roomy",
+    "baseline",
+    "static",
+];
+
 pub struct Options {
     pub scenario: Scenario,
     /// `nodedb-validate --modes`.

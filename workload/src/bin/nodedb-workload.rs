@@ -203,6 +203,29 @@ impl Drop for Turns<'_> {
     }
 }
 
+/// What an engine's thread returns: its result together, and alone (with
+/// the solo phase).
+type Outcome = anyhow::Result<(serde_json::Value, Option<serde_json::Value>)>;
+
+/// An engine's thread up to the serve phase: placed (`enter`), its turn
+/// alone (`solo`, which passes every turn), then its share of the load
+/// phase (`load`); it passes the load barrier whatever happens.
+fn load_phase<T>(
+    loaded: &std::sync::Barrier,
+    enter: impl FnOnce() -> anyhow::Result<()>,
+    solo: impl FnOnce() -> Option<anyhow::Result<serde_json::Value>>,
+    load: impl FnOnce() -> anyhow::Result<T>,
+) -> (Option<anyhow::Result<serde_json::Value>>, anyhow::Result<T>) {
+    let _load = PassOnDrop(loaded);
+    match enter() {
+        Ok(()) => {
+            let alone = solo();
+            (alone, load())
+        }
+        Err(e) => (None, Err(e)),
+    }
+}
+
 /// Builds the vector index, a segment at a time.
 fn build_index(vec: &VectorEngine, args: &Args) -> anyhow::Result<Duration> {
     let t0 = Instant::now();
@@ -458,64 +481,48 @@ fn main() -> anyhow::Result<()> {
         alone
     };
     let (v, t, q) = std::thread::scope(|s| {
-        let v = s.spawn(
-            || -> anyhow::Result<(serde_json::Value, Option<serde_json::Value>)> {
-                let load = PassOnDrop(&loaded);
-                let (alone, built) = match enter(EngineId::Vector) {
-                    Ok(()) => {
-                        let alone = solo_then(0, &solo_vector);
-                        (alone, build_index(&vec, &args))
-                    }
-                    Err(e) => (None, Err(e)),
-                };
-                drop(load);
-                let served = PassOnDrop(&served);
-                let build = built?;
-                let (search, recall) = search_index(&vec, &args)?;
-                drop(served);
-                Ok((
-                    vector_result(&vec, &args, build, search, recall),
-                    alone.transpose()?,
-                ))
-            },
-        );
-        let t = s.spawn(
-            || -> anyhow::Result<(serde_json::Value, Option<serde_json::Value>)> {
-                let load = PassOnDrop(&loaded);
-                let (alone, ingested) = match enter(EngineId::Timeseries) {
-                    Ok(()) => {
-                        let alone = solo_then(1, &solo_timeseries);
-                        (alone, ingest(&ts, &args))
-                    }
-                    Err(e) => (None, Err(e)),
-                };
-                drop(load);
-                // What was buffered stays buffered while the others serve.
-                drop(PassOnDrop(&served));
-                let r = finish_ingest(&ts, &args, ingested?)?;
-                Ok((r, alone.transpose()?))
-            },
-        );
-        let q = s.spawn(
-            || -> anyhow::Result<(serde_json::Value, Option<serde_json::Value>)> {
-                let load = PassOnDrop(&loaded);
-                let (alone, input) = match enter(EngineId::Query) {
-                    Ok(()) => {
-                        let alone = solo_then(2, &solo_query);
-                        (alone, data.batches(8192))
-                    }
-                    Err(e) => (None, Err(e)),
-                };
-                drop(load);
-                let served = PassOnDrop(&served);
-                let r = group_by(input?)?;
-                drop(served);
-                Ok((r, alone.transpose()?))
-            },
-        );
+        let v = s.spawn(|| -> Outcome {
+            let (alone, built) = load_phase(
+                &loaded,
+                || enter(EngineId::Vector),
+                || solo_then(0, &solo_vector),
+                || build_index(&vec, &args),
+            );
+            let served = PassOnDrop(&served);
+            let build = built?;
+            let (search, recall) = search_index(&vec, &args)?;
+            drop(served);
+            Ok((
+                vector_result(&vec, &args, build, search, recall),
+                alone.transpose()?,
+            ))
+        });
+        let t = s.spawn(|| -> Outcome {
+            let (alone, ingested) = load_phase(
+                &loaded,
+                || enter(EngineId::Timeseries),
+                || solo_then(1, &solo_timeseries),
+                || ingest(&ts, &args),
+            );
+            // What was buffered stays buffered while the others serve.
+            drop(PassOnDrop(&served));
+            let r = finish_ingest(&ts, &args, ingested?)?;
+            Ok((r, alone.transpose()?))
+        });
+        let q = s.spawn(|| -> Outcome {
+            let (alone, input) = load_phase(
+                &loaded,
+                || enter(EngineId::Query),
+                || solo_then(2, &solo_query),
+                || data.batches(8192),
+            );
+            let served = PassOnDrop(&served);
+            let r = group_by(input?)?;
+            drop(served);
+            Ok((r, alone.transpose()?))
+        });
         (v.join(), t.join(), q.join())
     });
-    type Outcome = anyhow::Result<(serde_json::Value, Option<serde_json::Value>)>;
     let get = |r: std::thread::Result<Outcome>, name: &str| {
         r.map_err(|_| anyhow::anyhow!("the {name} thread panicked"))?
             .with_context(|| format!("engine {name}"))

@@ -129,115 +129,7 @@ fn report(summary: &Value) -> String {
         ));
     }
     s.push_str(&per_node(summary, &runs));
-    // Throughput against the run without an agent.
-    if let Some(b) = run(&runs, "baseline").map(|b| &b["workload"])
-        && b.is_object()
-    {
-        let others: Vec<&Value> = ["governed", "static", "roomy", "ample"]
-            .iter()
-            .filter_map(|m| run(&runs, m))
-            .filter(|r| r["workload"].is_object())
-            .collect();
-        let pair = |a: &str, b: &str| {
-            Some((run(&runs, a)?, run(&runs, b)?))
-                .filter(|(x, y)| x["workload"].is_object() && y["workload"].is_object())
-        };
-        // The cost of governance as the validation defines it: governed
-        // against ungoverned with ample memory; and the machinery's part of
-        // it (roomy against ample: nothing had to give).
-        let costs: Vec<(&str, &Value, &Value)> = [
-            ("governed / ample", "governed", "ample"),
-            ("governed / static", "governed", "static"),
-            ("roomy / ample", "roomy", "ample"),
-        ]
-        .into_iter()
-        .filter_map(|(label, a, b)| pair(a, b).map(|(x, y)| (label, x, y)))
-        .collect();
-        if !others.is_empty() {
-            s.push_str(
-                "\nThroughput against the baseline (no agent, no ceiling; same data, same run of the harness): \
-                 the ratio is the run's rate over the baseline's (1.00 = as fast). \
-                 The last columns are the cost of governance: governed against ample (ungoverned, ample memory), \
-                 governed against static (what a user would configure instead: each engine's fixed budget in a pool of its own, same ceiling), \
-                 and roomy against ample (governed with ample memory: the machinery alone, with nothing to spill). \
-                 Rows marked alone: each engine busy in turn while the others idle (the workload's solo phase); the others: all together. \
-                 The total row is the whole workload's rate (the same work in every run: one over its seconds).\n\n| engine | baseline |",
-            );
-            for o in &others {
-                s.push_str(&format!(
-                    " {} | ratio |",
-                    o["mode"].as_str().unwrap_or_default()
-                ));
-            }
-            for (label, _, _) in &costs {
-                s.push_str(&format!(" {label} |"));
-            }
-            s.push_str("\n|---|---:|");
-            for _ in &others {
-                s.push_str("---:|---:|");
-            }
-            for _ in &costs {
-                s.push_str("---:|");
-            }
-            s.push('\n');
-            let rows = [
-                ("vector build (vectors/s)", ["vector", "vectors_per_second"]),
-                (
-                    "vector search (searches/s)",
-                    ["vector", "searches_per_second"],
-                ),
-                (
-                    "timeseries ingest (points/s)",
-                    ["timeseries", "points_per_second"],
-                ),
-                ("query GROUP BY (rows/s)", ["query", "rows_per_second"]),
-            ];
-            // Each engine alone in turn (the solo phase), then all together.
-            for phase in ["solo", ""] {
-                if !phase.is_empty() && !b[phase].is_object() {
-                    continue;
-                }
-                let at = |w: &Value, path: [&str; 2]| {
-                    let w = if phase.is_empty() { w } else { &w[phase] };
-                    w[path[0]][path[1]].as_f64().unwrap_or(0.0)
-                };
-                for (name, path) in rows {
-                    let rate = |r: &Value| at(&r["workload"], path);
-                    let bv = at(b, path);
-                    let label = if phase.is_empty() {
-                        name.to_owned()
-                    } else {
-                        format!("alone: {name}")
-                    };
-                    s.push_str(&format!("| {label} | {bv:.0} |"));
-                    for o in &others {
-                        let v = rate(o);
-                        s.push_str(&format!(" {v:.0} | {:.2} |", v / bv.max(1e-9)));
-                    }
-                    for (_, x, y) in &costs {
-                        s.push_str(&format!(" {:.2} |", rate(x) / rate(y).max(1e-9)));
-                    }
-                    s.push('\n');
-                }
-            }
-            // Runs of the whole workload per hour.
-            let per_hour = |w: &Value| 3600.0 / w["seconds"].as_f64().unwrap_or(f64::INFINITY);
-            let total = |r: &Value| per_hour(&r["workload"]);
-            let bt = per_hour(b);
-            s.push_str(&format!("| total (workloads/hour) | {bt:.0} |"));
-            for o in &others {
-                s.push_str(&format!(
-                    " {:.0} | {:.2} |",
-                    total(o),
-                    total(o) / bt.max(1e-12)
-                ));
-            }
-            for (_, x, y) in &costs {
-                s.push_str(&format!(" {:.2} |", total(x) / total(y).max(1e-12)));
-            }
-            s.push('\n');
-        }
-    }
+    s.push_str(&throughput(&runs));
     s.push_str(&spills(&runs));
     if let Some(g) = run(&runs, "governed").map(|g| &g["workload"])
         && g.is_object()
@@ -270,6 +162,124 @@ fn report(summary: &Value) -> String {
             ));
         }
     }
+    s
+}
+
+/// Each engine's rate in each run: against the run without an agent when
+/// there is one, and the ratios that say what governance costs or wins
+/// (each pair of runs present).
+fn throughput(runs: &[Value]) -> String {
+    let mut s = String::new();
+    let with_workload = |m: &str| run(runs, m).filter(|r| r["workload"].is_object());
+    let b = with_workload("baseline").map(|b| &b["workload"]);
+    let others: Vec<&Value> = ["governed", "static", "roomy", "ample"]
+        .iter()
+        .filter_map(|m| with_workload(m))
+        .collect();
+    // The cost of governance as the validation defines it: governed against
+    // ungoverned with ample memory; what it wins against what a user would
+    // configure instead (static budgets); and the machinery's part of it
+    // (roomy against ample: nothing had to give).
+    let costs: Vec<(&str, &Value, &Value)> = [
+        ("governed / ample", "governed", "ample"),
+        ("governed / static", "governed", "static"),
+        ("roomy / ample", "roomy", "ample"),
+    ]
+    .into_iter()
+    .filter_map(|(label, x, y)| Some((label, with_workload(x)?, with_workload(y)?)))
+    .collect();
+    if others.is_empty() || (b.is_none() && costs.is_empty()) {
+        return s;
+    }
+    s.push_str(
+        "\nThroughput (same data, same run of the harness). Against the baseline (no agent, no ceiling), when it ran: \
+         the ratio is the run's rate over the baseline's (1.00 = as fast). \
+         The last columns compare runs: governed against ample (ungoverned, ample memory: the cost of governance), \
+         governed against static (what a user would configure instead: each engine's fixed budget in a pool of its own, same ceiling), \
+         and roomy against ample (governed with ample memory: the machinery alone, with nothing to spill). \
+         Rows marked alone: each engine busy in turn while the others idle (the workload's solo phase); the others: all together. \
+         The total row is the whole workload's rate (the same work in every run: one over its seconds).\n\n| engine |",
+    );
+    if b.is_some() {
+        s.push_str(" baseline |");
+    }
+    for o in &others {
+        s.push_str(&format!(" {} |", o["mode"].as_str().unwrap_or_default()));
+        if b.is_some() {
+            s.push_str(" ratio |");
+        }
+    }
+    for (label, _, _) in &costs {
+        s.push_str(&format!(" {label} |"));
+    }
+    let columns =
+        usize::from(b.is_some()) + others.len() * (1 + usize::from(b.is_some())) + costs.len();
+    s.push_str(&format!("\n|---|{}\n", "---:|".repeat(columns)));
+    let rows = [
+        ("vector build (vectors/s)", ["vector", "vectors_per_second"]),
+        (
+            "vector search (searches/s)",
+            ["vector", "searches_per_second"],
+        ),
+        (
+            "timeseries ingest (points/s)",
+            ["timeseries", "points_per_second"],
+        ),
+        ("query GROUP BY (rows/s)", ["query", "rows_per_second"]),
+    ];
+    // Each engine alone in turn (the solo phase), then all together.
+    let solo = others.iter().all(|o| o["workload"]["solo"].is_object());
+    for phase in ["solo", ""] {
+        if !phase.is_empty() && !solo {
+            continue;
+        }
+        let at = |w: &Value, path: [&str; 2]| {
+            let w = if phase.is_empty() { w } else { &w[phase] };
+            w[path[0]][path[1]].as_f64().unwrap_or(0.0)
+        };
+        for (name, path) in rows {
+            let rate = |r: &Value| at(&r["workload"], path);
+            let label = if phase.is_empty() {
+                name.to_owned()
+            } else {
+                format!("alone: {name}")
+            };
+            s.push_str(&format!("| {label} |"));
+            let bv = b.map(|b| at(b, path));
+            if let Some(bv) = bv {
+                s.push_str(&format!(" {bv:.0} |"));
+            }
+            for o in &others {
+                let v = rate(o);
+                s.push_str(&format!(" {v:.0} |"));
+                if let Some(bv) = bv {
+                    s.push_str(&format!(" {:.2} |", v / bv.max(1e-9)));
+                }
+            }
+            for (_, x, y) in &costs {
+                s.push_str(&format!(" {:.2} |", rate(x) / rate(y).max(1e-9)));
+            }
+            s.push('\n');
+        }
+    }
+    // Runs of the whole workload per hour.
+    let per_hour = |w: &Value| 3600.0 / w["seconds"].as_f64().unwrap_or(f64::INFINITY);
+    let total = |r: &Value| per_hour(&r["workload"]);
+    s.push_str("| total (workloads/hour) |");
+    let bt = b.map(per_hour);
+    if let Some(bt) = bt {
+        s.push_str(&format!(" {bt:.0} |"));
+    }
+    for o in &others {
+        s.push_str(&format!(" {:.0} |", total(o)));
+        if let Some(bt) = bt {
+            s.push_str(&format!(" {:.2} |", total(o) / bt.max(1e-12)));
+        }
+    }
+    for (_, x, y) in &costs {
+        s.push_str(&format!(" {:.2} |", total(x) / total(y).max(1e-12)));
+    }
+    s.push('\n');
     s
 }
 
@@ -387,4 +397,101 @@ fn per_node(summary: &Value, runs: &[Value]) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// A run of `mode` whose engines ran at `rate` (alone at twice it) and
+    /// whose workload took `seconds`.
+    fn run_of(mode: &str, rate: f64, seconds: f64) -> Value {
+        let engines = |r: f64| {
+            json!({
+                "vector": {"vectors_per_second": r, "searches_per_second": r},
+                "timeseries": {"points_per_second": r},
+                "query": {"rows_per_second": r},
+            })
+        };
+        let mut w = engines(rate);
+        w["solo"] = engines(2.0 * rate);
+        w["seconds"] = seconds.into();
+        json!({"mode": mode, "workload": w})
+    }
+
+    /// The table's rows: cells per line, for lines that start with `|`.
+    fn rows(table: &str) -> Vec<Vec<String>> {
+        table
+            .lines()
+            .filter(|l| l.starts_with('|'))
+            .map(|l| {
+                l.trim_matches('|')
+                    .split('|')
+                    .map(|c| c.trim().to_owned())
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn governed_against_static_is_shown_with_or_without_a_baseline() {
+        let runs = [
+            run_of("governed", 150.0, 10.0),
+            run_of("static", 100.0, 12.5),
+        ];
+        let t = rows(&throughput(&runs));
+        assert_eq!(t[0], ["engine", "governed", "static", "governed / static"]);
+        // Every line has as many cells as the header.
+        assert!(t.iter().all(|r| r.len() == t[0].len()), "{t:?}");
+        let row = |name: &str| t.iter().find(|r| r[0] == name).unwrap().clone();
+        assert_eq!(
+            row("alone: query GROUP BY (rows/s)"),
+            ["alone: query GROUP BY (rows/s)", "300", "200", "1.50"]
+        );
+        assert_eq!(row("query GROUP BY (rows/s)")[3], "1.50");
+        // The whole workload: 12.5 s against 10 s.
+        assert_eq!(
+            row("total (workloads/hour)"),
+            ["total (workloads/hour)", "360", "288", "1.25"]
+        );
+
+        let mut with_baseline = runs.to_vec();
+        with_baseline.push(run_of("baseline", 200.0, 8.0));
+        with_baseline.push(run_of("ample", 160.0, 9.0));
+        let t = rows(&throughput(&with_baseline));
+        assert_eq!(
+            t[0],
+            [
+                "engine",
+                "baseline",
+                "governed",
+                "ratio",
+                "static",
+                "ratio",
+                "ample",
+                "ratio",
+                "governed / ample",
+                "governed / static"
+            ]
+        );
+        assert!(t.iter().all(|r| r.len() == t[0].len()), "{t:?}");
+        let vector = t
+            .iter()
+            .find(|r| r[0] == "vector build (vectors/s)")
+            .unwrap();
+        assert_eq!(
+            vector[1..],
+            [
+                "200", "150", "0.75", "100", "0.50", "160", "0.80", "0.94", "1.50"
+            ]
+        );
+    }
+
+    #[test]
+    fn without_runs_to_compare_there_is_no_table() {
+        assert_eq!(throughput(&[run_of("governed", 1.0, 1.0)]), "");
+        assert_eq!(throughput(&[run_of("baseline", 1.0, 1.0)]), "");
+    }
 }

@@ -47,8 +47,11 @@
 //! * **Loans follow need**: a busy engine that no idle engine can lend to
 //!   takes over loans held by a quiet borrower (one that has not grown for
 //!   [`LendingRules::idle_after`]) whose budget in force is a larger share
-//!   of its configured budget than its own: what it needs, at most up to
-//!   equal shares, whatever the loans' age. Budget lent to an engine that
+//!   of its configured budget than its own, or more than it needs: what it
+//!   needs, at most up to
+//!   equal shares or all the borrower does not need (what it holds plus
+//!   the cushion, under `warning`), whichever is more, whatever the loans'
+//!   age. Budget lent to an engine that
 //!   has stopped growing goes to the one that is growing; the quiet
 //!   borrower's budget drops by as much (a drop that brings it to
 //!   `critical` counts as a forced spill).
@@ -701,9 +704,11 @@ impl<K: Clone + PartialEq> LoanBook<K> {
     /// A busy engine no idle engine could lend to takes over loans held by
     /// a quiet borrower (one that has not grown for `idle_after`) whose
     /// budget in force is a larger share of its configured budget than the
-    /// busy engine's, whatever the loans' age (a busy engine's need is
+    /// busy engine's, or more than it needs, whatever the loans' age (a busy engine's need is
     /// real, as a lender's at `critical` is): what it needs, at most up to
-    /// equal shares. Loans follow need: budget lent to an engine
+    /// equal shares or what the quiet borrower does not need, whichever is
+    /// more (an engine done with a job and holding little keeps no more of
+    /// a loan than a lender would keep of its own budget). Loans follow need: budget lent to an engine
     /// that has stopped growing goes to the one that is growing. The quiet
     /// borrower's budget drops by as much, and if that leaves it at
     /// `critical` it spills (counted as a forced spill).
@@ -729,7 +734,9 @@ impl<K: Clone + PartialEq> LoanBook<K> {
                 })
                 .filter_map(|i| {
                     let x = self.account(&self.loans[i].borrower)?;
-                    (x.quiet(now, rules.idle_after) && share(x) > share(busy))
+                    let spare = x.in_force_bytes.saturating_sub(self.wanted(x, thresholds));
+                    (x.quiet(now, rules.idle_after)
+                        && (share(x) > share(busy) || spare >= rules.growth_bytes))
                         .then_some((i, share(x)))
                 })
                 .max_by(|p, q| p.1.total_cmp(&q.1));
@@ -737,11 +744,14 @@ impl<K: Clone + PartialEq> LoanBook<K> {
                 break;
             };
             let x = self.account(&self.loans[i].borrower).expect("picked");
-            // Up to equal shares: (x - m) / X = (b + m) / B.
+            // Up to equal shares: (x - m) / X = (b + m) / B; and whatever
+            // the quiet borrower does not need (what it holds plus the
+            // cushion, under Warning), which costs it nothing.
             let (xb, xi) = (x.budget_bytes as f64, x.in_force_bytes as f64);
             let (bb, bi) = (busy.budget_bytes as f64, busy.in_force_bytes as f64);
             let equal = ((xi * bb - bi * xb) / (xb + bb)).max(0.0) as u64;
-            let bytes = want.min(equal).min(self.loans[i].bytes);
+            let spare = x.in_force_bytes.saturating_sub(self.wanted(x, thresholds));
+            let bytes = want.min(equal.max(spare)).min(self.loans[i].bytes);
             if bytes < rules.growth_bytes {
                 break;
             }
@@ -1145,6 +1155,52 @@ mod tests {
         // Shares equal: nothing more moves, however busy query is.
         assert_eq!(b.round(t0 + ms(1400), &t, h(300, 340, 0)), []);
         // The budgets in force still add up.
+        let sum: u64 = ["timeseries", "vector", "query"]
+            .iter()
+            .map(|e| b.budget(e).unwrap())
+            .sum();
+        assert_eq!(sum, 3 * 256 * MIB);
+    }
+
+    #[test]
+    fn a_quiet_borrower_holding_little_gives_all_it_does_not_need_past_equal_shares() {
+        let t = PressureThresholds::default();
+        let mut b = three();
+        let t0 = Instant::now();
+        // Vector, busy alone, borrows from both idle engines.
+        b.round(t0, &t, h(240, 0, 0));
+        b.round(t0 + ms(100), &t, h(420, 0, 0));
+        b.round(t0 + ms(200), &t, h(600, 0, 0));
+        let vector = b.budget(&"vector").unwrap();
+        assert_eq!(vector, 640 * MIB, "all but the lenders' cushions");
+        // Its job over, it holds 16 MiB and stays quiet; timeseries gets
+        // busy. No idle engine has anything left to lend (query keeps its
+        // cushion), so timeseries takes over vector's loans: not only up
+        // to equal shares but all vector does not need.
+        b.round(t0 + ms(300), &t, h(16, 0, 0));
+        b.round(t0 + ms(1400), &t, h(16, 0, 200));
+        let mut ts = b.budget(&"timeseries").unwrap();
+        for i in 0..8 {
+            let held = (ts as f64 * 0.9) as u64 / MIB;
+            b.round(t0 + ms(1500 + 100 * i), &t, h(16, 0, held));
+            ts = b.budget(&"timeseries").unwrap();
+        }
+        let vector = b.budget(&"vector").unwrap();
+        let cushion = (256.0 * MIB as f64 * LendingRules::default().cushion) as u64;
+        assert!(
+            vector <= (16 * MIB + cushion).max(256 * MIB),
+            "vector kept {} MiB of loans it does not need",
+            vector / MIB
+        );
+        // Past equal shares: timeseries' share of its budget is above
+        // vector's.
+        assert!(
+            ts > vector,
+            "timeseries {} MiB, vector {}",
+            ts / MIB,
+            vector / MIB
+        );
+        assert_eq!(b.forced_spills(&"vector"), 0, "nothing it held was taken");
         let sum: u64 = ["timeseries", "vector", "query"]
             .iter()
             .map(|e| b.budget(e).unwrap())

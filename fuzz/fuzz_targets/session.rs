@@ -305,6 +305,7 @@ impl World {
             ceiling: charge.map(|c| CeilingUse {
                 working_set_bytes: u64::from(c) * MIB,
                 charge_bytes: u64::from(c) * MIB,
+                held_bytes: u64::from(c) * MIB,
                 limit_bytes: limit,
             }),
             psi: psi.map(|n| (u64::from(n), Duration::from_secs(2))),

@@ -346,10 +346,14 @@ impl Ceiling {
     /// set (two files; the events and the engines' domains are read for
     /// the status only).
     pub fn usage(&self) -> crate::policy::CeilingUse {
-        let (current, inactive) = match self.backend {
-            Backend::CgroupV2 => ("memory.current", "inactive_file"),
+        let (current, inactive, [anon, shmem]) = match self.backend {
+            Backend::CgroupV2 => ("memory.current", "inactive_file", ["anon", "shmem"]),
             // v1 keeps the hierarchical figure under `total_`.
-            Backend::CgroupV1 => ("memory.usage_in_bytes", "total_inactive_file"),
+            Backend::CgroupV1 => (
+                "memory.usage_in_bytes",
+                "total_inactive_file",
+                ["total_rss", "total_shmem"],
+            ),
         };
         let (current_path, stat_path) = (self.dir.join(current), self.dir.join("memory.stat"));
         let mut files = self.usage_files.lock().unwrap_or_else(|p| p.into_inner());
@@ -382,6 +386,7 @@ impl Ceiling {
         crate::policy::CeilingUse {
             working_set_bytes: current.saturating_sub(inactive_file),
             charge_bytes: current,
+            held_bytes: keyed_in(&stat_text, anon) + keyed_in(&stat_text, shmem),
             limit_bytes: self.limit,
         }
     }

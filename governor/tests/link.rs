@@ -718,13 +718,25 @@ fn an_agent_lost_for_long_gives_the_engines_their_own_limits_back() {
         engine: "query".into(),
         level: nodedb_governor::PressureLevel::Emergency,
     });
+    // The database holds 240 MiB (nothing of it this library's), and the
+    // agent's ceiling is 10 MiB below the library's 256: 6 MiB of room,
+    // whatever the cap.
+    agent.send(&ToLibrary::Outside {
+        bytes: 240 * MIB,
+        ceiling_bytes: 246 * MIB,
+    });
     let deadline = Instant::now() + Duration::from_secs(10);
     while governor.usage(EngineId::Query).unwrap().cap_bytes != 8 * MIB
         || link.agent_level(EngineId::Query).is_none()
+        || governor.outside_bytes() != 250 * MIB
     {
         assert!(Instant::now() < deadline, "the agent's cap was not applied");
         std::thread::sleep(Duration::from_millis(5));
     }
+    assert!(matches!(
+        governor.try_reserve(EngineId::Query, 7 * MIB),
+        Err(nodedb_governor::MemError::GlobalCeilingExceeded { available, .. }) if available == 6 * MIB
+    ));
     // The agent goes, and does not come back.
     drop(agent);
     drop(listener);
@@ -748,6 +760,8 @@ fn an_agent_lost_for_long_gives_the_engines_their_own_limits_back() {
         "{stats:?}"
     );
     assert_eq!(link.agent_level(EngineId::Query), None);
+    // The agent's figure for the database goes with it.
+    assert_eq!(governor.outside_bytes(), 0);
     assert!(governor.try_reserve(EngineId::Query, 32 * MIB).is_ok());
     // Given back once per loss, not at every failed attempt.
     std::thread::sleep(Duration::from_millis(700));

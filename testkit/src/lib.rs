@@ -9,5 +9,6 @@ pub mod privileged;
 pub mod probe;
 pub mod procfs;
 pub mod promtool;
+pub mod soak;
 pub mod wait;
 pub mod wire;

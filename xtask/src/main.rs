@@ -14,6 +14,7 @@ mod plot;
 mod report;
 mod run;
 mod setup;
+mod soak;
 mod test;
 mod validate;
 mod vm;
@@ -127,6 +128,22 @@ enum Task {
     },
     /// Benchmarks: the cost of tracing (page-fault and mmap/munmap loops with
     /// and without the programs attached, in one run).
+    /// The soak: the library, a real agent and the kernel driven together
+    /// through random demand from a seed (engines, budgets, faults in the
+    /// spill target, the agent killed, reloaded, the library reconnecting),
+    /// every invariant checked after every step; stops at the first
+    /// violation with the seed, the step and the state. As root.
+    Soak {
+        /// How long, in minutes (the hour: 60).
+        #[arg(long, conflicts_with = "seconds")]
+        minutes: Option<u64>,
+        /// How long, in seconds.
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// The seed to run (default: a fresh one, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     Bench {
         /// Rounds per configuration (more rounds, steadier medians).
         #[arg(long, default_value_t = 7)]
@@ -143,6 +160,16 @@ fn main() -> ExitCode {
         Task::Panels { secs, redraw } => setup::setup().and_then(|()| panels::panels(secs, redraw)),
         Task::CheckDeploy => setup::setup().and_then(|()| deploy::check_built()),
         Task::Run { seconds } => setup::setup().and_then(|()| run::run(seconds)),
+        Task::Soak {
+            minutes,
+            seconds,
+            seed,
+        } => setup::setup().and_then(|()| {
+            soak::soak(&soak::Options {
+                seconds: seconds.unwrap_or(minutes.unwrap_or(3) * 60),
+                seed,
+            })
+        }),
         Task::VmTest {
             series,
             kernels,

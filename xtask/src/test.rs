@@ -184,6 +184,13 @@ pub fn test() -> anyhow::Result<()> {
             workload_args: Vec::new(),
             timeout_secs: 1200,
         })?;
+        step(
+            "the soak: a 3-minute slice, a fresh seed (cargo xtask soak --minutes 60 runs the hour)",
+        );
+        crate::soak::soak(&crate::soak::Options {
+            seconds: 180,
+            seed: None,
+        })?;
         step("the cache scenario on this host: a mapped index's hot set against a flush");
         crate::validate::validate(&crate::validate::Options {
             scenario: crate::validate::Scenario::Cache,

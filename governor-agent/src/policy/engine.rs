@@ -57,6 +57,10 @@ pub struct EngineEnforcement {
     /// was short of it (`idle_spill`; counted in `spill_requests` too).
     #[serde(default)]
     pub idle_spills: u64,
+    /// Spill requests sent for its part of what the database had to give
+    /// back in an Emergency (counted in `spill_requests` too).
+    #[serde(default)]
+    pub ceiling_spills: u64,
     /// Per node, where its budget is split over nodes (its `cpus` lie on
     /// them): what it holds there against its share.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -92,6 +96,7 @@ pub(super) struct Counters {
     pub cache_drop_requests: u64,
     pub cache_dropped_bytes: u64,
     pub idle_spills: u64,
+    pub ceiling_spills: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -104,6 +109,10 @@ pub(super) struct EngineState {
     pub books: Option<Books>,
     /// When the last spill request went out and has not been answered.
     pub spill_sent: Option<Instant>,
+    /// When the last spill for its part of the database's Emergency went
+    /// out and has not been answered (apart from `spill_sent`, which the
+    /// ladder clears whenever the engine is below Critical).
+    pub ceiling_spill_sent: Option<Instant>,
     /// What the kernel sees it hold beyond its reservations, in whole
     /// steps, as last taken off its cap.
     pub untracked_bytes: u64,
@@ -171,6 +180,7 @@ impl EngineState {
             cache_drop_requests,
             cache_dropped_bytes,
             idle_spills,
+            ceiling_spills,
         } = self.counters;
         EngineEnforcement {
             level: self.level,
@@ -192,6 +202,7 @@ impl EngineState {
             cache_dropped_bytes,
             hot_set_bytes: self.books.map_or(0, |b| b.hot_set_bytes),
             idle_spills,
+            ceiling_spills,
             nodes: self.nodes.clone(),
         }
     }

@@ -33,6 +33,9 @@ pub struct Library {
     /// borrows and is enforced on).
     engines: BTreeMap<String, EngineState>,
     loans: LoanBook<String>,
+    /// What was last sent as held outside its books, and the ceiling
+    /// with it (`send_outside`).
+    outside_sent: Option<(u64, u64)>,
     /// Its `RLIMIT_MEMLOCK` as the agent raised it, or why it could not
     /// (None: no hot sets configured for its engines).
     pub(super) memlock: Option<Result<u64, String>>,
@@ -82,6 +85,17 @@ pub(super) struct Conditions {
     /// Its use is at the warning threshold of the ceiling: idle engines
     /// marked `idle_spill` spill down to their floors.
     pub short: bool,
+    /// The database is in Emergency (at the emergency threshold of its
+    /// ceiling, until below warning): what this process must give back
+    /// for the database to be at the restore point again (0 otherwise).
+    /// Its engines are asked to spill it between them, each in
+    /// proportion to what it holds above its floor, whatever its own
+    /// level: engines each within their budgets can still hold more than
+    /// the ceiling together (budgets add up to more than it), with memory
+    /// the library does not see (touched without reserving), and where
+    /// the kernel does not throttle them (cgroup v1 has no
+    /// `memory.high`) nothing else stops them before `memory.max`.
+    pub over_ceiling: u64,
     pub now: Instant,
 }
 
@@ -191,6 +205,7 @@ impl Library {
             observe_cap: (!rules.enforce).then_some(rules.ceiling_bytes),
             engines,
             loans,
+            outside_sent: None,
             memlock: None,
             crowded: Default::default(),
             calm_at: None,
@@ -456,6 +471,33 @@ impl Library {
             })
     }
 
+    /// Tells the library what the database holds that the kernel cannot
+    /// drop (`held`) beyond the library's books as last reported, when
+    /// that moved a step (ceiling / 64) from what was last sent or the
+    /// ceiling changed, and always first: the library takes it off its
+    /// room under the ceiling. Worked out here, not in the library, so
+    /// that memory moving from its books to somewhere else the kernel
+    /// cannot drop (a spill written to a tmpfs) is seen. Not while
+    /// observing (the library's limits are then its own).
+    pub(super) fn send_outside(&mut self, held: u64, rules: &Rules, out: &mut Vec<ToLibrary>) {
+        if self.observe_cap.is_some() {
+            return;
+        }
+        let books: u64 = self.engines.values().map(EngineState::reserved_bytes).sum();
+        let outside = held.saturating_sub(books);
+        let step = (rules.ceiling_bytes / 64).max(1);
+        if self.outside_sent.is_some_and(|(last, ceiling)| {
+            outside.abs_diff(last) < step && ceiling == rules.ceiling_bytes
+        }) {
+            return;
+        }
+        self.outside_sent = Some((outside, rules.ceiling_bytes));
+        out.push(ToLibrary::Outside {
+            bytes: outside,
+            ceiling_bytes: rules.ceiling_bytes,
+        });
+    }
+
     /// A spill request was answered.
     pub(super) fn on_spilled(&mut self, engine: &str, target_bytes: u64, freed_bytes: u64) {
         self.calm_at = None;
@@ -468,6 +510,7 @@ impl Library {
             return;
         };
         e.spill_sent = None;
+        e.ceiling_spill_sent = None;
         e.counters.spilled_bytes = e.counters.spilled_bytes.saturating_add(freed_bytes);
         tracing::info!(
             pid = self.pid,
@@ -597,6 +640,7 @@ impl Library {
             stalling,
             cache_pressure,
             short,
+            over_ceiling,
             now,
         } = at;
         let resident = |name: &str| process.engines.get(name).map_or(0, |e| e.resident_bytes);
@@ -865,7 +909,70 @@ impl Library {
                 marks.push((l.name.clone(), mark));
             }
         }
+        if over_ceiling > 0 && self.observe_cap.is_none() {
+            self.spill_over_ceiling(rules, process, over_ceiling, now, out);
+        }
         self.calm_at = (at_ease && self.calm()).then_some(figures);
+    }
+
+    /// The database is in Emergency and this process holds `excess` of
+    /// what it must give back: each engine is asked to spill its part (in
+    /// proportion to what it holds above its floor; by what it holds when
+    /// every engine is at its floor), unless its ladder asked it already
+    /// this round or a request is still out (`SPILL_RETRY`).
+    fn spill_over_ceiling(
+        &mut self,
+        rules: &Rules,
+        process: &ProcessAttribution,
+        excess: u64,
+        now: Instant,
+        out: &mut Vec<ToLibrary>,
+    ) {
+        let resident = |name: &str| process.engines.get(name).map_or(0, |e| e.resident_bytes);
+        let weights: Vec<(String, u64, u64)> = self
+            .declared(rules)
+            .iter()
+            .map(|l| {
+                let r = resident(&l.name);
+                (l.name.clone(), r, r.saturating_sub(l.floor_bytes))
+            })
+            .collect();
+        let above: u64 = weights.iter().map(|w| w.2).sum();
+        let all: u64 = weights.iter().map(|w| w.1).sum();
+        for (name, held, over_floor) in weights {
+            let (part, of) = if above > 0 {
+                (over_floor, above)
+            } else {
+                (held, all)
+            };
+            // Never more than its part itself (the excess can be more
+            // than every engine holds above its floor).
+            let target = ((excess as u128 * part as u128 / of.max(1) as u128) as u64).min(part);
+            let Some(e) = self.engines.get_mut(&name) else {
+                continue;
+            };
+            let asked = |sent: Option<Instant>| {
+                sent.is_some_and(|sent| now.duration_since(sent) < SPILL_RETRY)
+            };
+            if target == 0 || asked(e.spill_sent) || asked(e.ceiling_spill_sent) {
+                continue;
+            }
+            e.ceiling_spill_sent = Some(now);
+            e.counters.spill_requests += 1;
+            e.counters.ceiling_spills += 1;
+            tracing::info!(
+                pid = self.pid,
+                engine = %name,
+                resident = held,
+                target,
+                excess,
+                "ceiling spill requested: the database is in Emergency"
+            );
+            out.push(ToLibrary::Spill {
+                engine: name,
+                target_bytes: target,
+            });
+        }
     }
 
     /// The kernel saw `engine` cross its mark (and disarmed it).

@@ -65,7 +65,7 @@ use nodedb_governor::Node;
 use nodedb_governor_common::NODE_SLOTS;
 
 use crate::{
-    attribution::Reading,
+    attribution::{ProcessAttribution, Reading},
     config::{Config, ConfigError, EngineLimits},
 };
 
@@ -229,6 +229,9 @@ pub struct CeilingUse {
     /// The whole charge, page cache included (what engines' caches
     /// contend for).
     pub charge_bytes: u64,
+    /// What the kernel cannot drop: anonymous and shared memory (tmpfs
+    /// files among it). Sent to the libraries (`held`).
+    pub held_bytes: u64,
     pub limit_bytes: u64,
 }
 
@@ -537,7 +540,23 @@ impl Policy {
             let (current, limit) = ceiling_use;
             current as f64 >= limit as f64 * self.rules.thresholds.warning
         };
+        // The database's Emergency is judged before the ladders, so that
+        // while it lasts each library hears its share of what the
+        // database must give back (see `Conditions::over_ceiling`).
+        let was = self.emergency;
+        let ceiling_action = self.enforce_ceiling(ceiling_use);
+        let over_ceiling = if self.emergency && self.rules.enforce {
+            let (current, limit) = ceiling_use;
+            current.saturating_sub((limit as f64 * self.rules.restore) as u64)
+        } else {
+            0
+        };
         if let Some(reading) = t.reading {
+            let database_resident: u64 = reading.processes.iter().map(resident_of).sum();
+            // What the database holds that the kernel cannot drop, for the
+            // libraries' room under the ceiling: the cgroup's figure, or
+            // what its processes hold where the kernel has no ceiling.
+            let held = t.ceiling.map_or(database_resident, |c| c.held_bytes);
             let chosen = |l: &Library| only.is_none_or(|pids| pids.contains(&l.pid));
             for (session, l) in self.libraries.iter_mut().filter(|(_, l)| chosen(l)) {
                 let mut out = Vec::new();
@@ -546,13 +565,20 @@ impl Policy {
                 }
                 let mut marks = Vec::new();
                 if let Some(p) = reading.processes.iter().find(|p| p.pid == l.pid) {
+                    // This process's part of the excess: its part of what
+                    // the database holds.
+                    let over_ceiling = (over_ceiling as u128 * resident_of(p) as u128
+                        / database_resident.max(1) as u128)
+                        as u64;
                     let at = library::Conditions {
                         stalling,
                         cache_pressure,
                         short,
+                        over_ceiling,
                         now: t.now,
                     };
                     l.enforce(&self.rules, p, at, &mut out, &mut marks);
+                    l.send_outside(held, &self.rules, &mut out);
                 }
                 actions.extend(sends(*session, out));
                 actions.extend(marks.into_iter().map(|(engine, bytes)| Action::Mark {
@@ -562,8 +588,7 @@ impl Policy {
                 }));
             }
         }
-        let was = self.emergency;
-        actions.extend(self.enforce_ceiling(ceiling_use));
+        actions.extend(ceiling_action);
         // A reaction holds or frees every library only when it changed
         // the Emergency; otherwise the tick keeps them in step.
         if only.is_none() || self.emergency != was {
@@ -646,7 +671,18 @@ impl Policy {
             ),
         }
     }
+}
 
+/// What the kernel attributes to a process as resident, all of it.
+fn resident_of(p: &ProcessAttribution) -> u64 {
+    p.engines
+        .values()
+        .chain([&p.unattributed])
+        .map(|e| e.resident_bytes)
+        .sum()
+}
+
+impl Policy {
     /// The database's use of its ceiling and the ceiling: the larger of
     /// the cgroup's working set and what its processes hold resident (the
     /// attributed total, which adds up to their RSS), or the attributed
@@ -656,13 +692,9 @@ impl Policy {
     /// before it joined) are resident in it, and the ceiling is on the
     /// database's memory, not on its cgroup's share of it.
     fn ceiling_use(&self, t: &Tick<'_>) -> (u64, u64) {
-        let resident = t.reading.map_or(0, |r| {
-            r.processes
-                .iter()
-                .flat_map(|p| p.engines.values().chain([&p.unattributed]))
-                .map(|e| e.resident_bytes)
-                .sum()
-        });
+        let resident = t
+            .reading
+            .map_or(0, |r| r.processes.iter().map(resident_of).sum());
         match t.ceiling {
             Some(c) => (c.working_set_bytes.max(resident), c.limit_bytes),
             None => (resident, self.rules.ceiling_bytes),

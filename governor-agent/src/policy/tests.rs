@@ -57,9 +57,20 @@ fn name(engine: &str) -> &'static str {
     }
 }
 
+/// What the library was told, but the database's held memory (`held`:
+/// its own test, `memory_outside_the_books_is_sent_first_then_as_it_moves_a_step`).
 fn msgs(actions: Vec<Action>) -> Vec<Msg> {
     actions
         .into_iter()
+        .filter(|a| {
+            !matches!(
+                a,
+                Action::Send {
+                    message: ToLibrary::Outside { .. },
+                    ..
+                }
+            )
+        })
         .map(|a| match a {
             Action::Send { session, message } => {
                 assert_eq!(session, S);
@@ -112,6 +123,7 @@ fn cgroup(used: u64) -> Option<CeilingUse> {
     Some(CeilingUse {
         working_set_bytes: used * MIB,
         charge_bytes: used * MIB,
+        held_bytes: used * MIB,
         limit_bytes: 1024 * MIB,
     })
 }
@@ -713,8 +725,11 @@ fn the_emergency_counts_resident_memory_the_cgroup_was_not_charged_for() {
     );
     assert!(w.policy.emergency());
     // The process back below warning but the cgroup's working set (its
-    // page cache, say) still at 98%: the Emergency holds.
-    assert_eq!(w.after(20).tick_on(&process(300), cgroup(1004), None), []);
+    // page cache, say) still at 98%: the Emergency holds, and the engines
+    // are asked to spill what the database holds beyond the restore point
+    // (`in_an_emergency_every_engine_spills_its_part`).
+    let got = w.after(20).tick_on(&process(300), cgroup(1004), None);
+    assert!(got.iter().all(|m| matches!(m, Spill(..))), "{got:?}");
     assert!(w.policy.emergency());
     // Both below warning: over.
     let got = w.after(20).tick_on(&process(300), cgroup(700), None);
@@ -883,6 +898,7 @@ fn cache_tick(
             // while the charge, page cache included, is high.
             working_set_bytes: 200 * MIB,
             charge_bytes: charge * MIB,
+            held_bytes: 200 * MIB,
             limit_bytes: 1024 * MIB,
         }),
         psi: None,
@@ -1529,4 +1545,138 @@ fn a_reaction_runs_the_ladder_for_the_crossed_process_only() {
         ..t
     };
     assert_eq!(spills_to(w.policy.tick(&t)), [OTHER]);
+}
+
+/// The database in Emergency with every engine inside its budget (budgets
+/// add up to more than the ceiling, and memory nobody reserved fills the
+/// rest): each engine is asked for its part of what the database holds
+/// beyond the restore point, in proportion to what it holds above its
+/// floor, not again while a request is out, and no more once the
+/// Emergency is over. Where the kernel does not throttle (cgroup v1 has no
+/// `memory.high`) nothing else stops the database before `memory.max`:
+/// the soak (seed 1, six engines, a full tmpfs) was OOM-killed without it.
+#[test]
+fn in_an_emergency_every_engine_spills_its_part() {
+    use Msg::*;
+    let (mut w, _) = World::new(&["vector", "query"], true);
+    // vector 200 MiB (no floor), query 164 MiB (64 of floor): 100 above
+    // it; each at 78% / 64% of its 256 MiB budget, below Critical.
+    let r = reading(&[("vector", 200 * MIB), ("query", 164 * MIB)]);
+    // 1000 MiB of 1024 (98%): 232 MiB beyond the restore point (768).
+    let got = w.tick_on(&r, cgroup(1000), None);
+    assert!(got.contains(&High(Some(768 * MIB))), "{got:?}");
+    let spills: Vec<(&str, u64)> = got
+        .iter()
+        .filter_map(|m| match m {
+            Spill(e, b) => Some((*e, *b)),
+            _ => None,
+        })
+        .collect();
+    // 232 MiB split 200 : 100.
+    let part = |held: u64| 232 * MIB * held / 300;
+    assert_eq!(
+        spills,
+        [("vector", part(200)), ("query", part(100))],
+        "{got:?}"
+    );
+    assert_eq!(w.status().engines["vector"].ceiling_spills, 1);
+    assert_eq!(w.status().engines["query"].spill_requests, 1);
+    // A request out: not asked again within SPILL_RETRY.
+    let got = w.after(20).tick_on(&r, cgroup(1000), None);
+    assert!(!got.iter().any(|m| matches!(m, Spill(..))), "{got:?}");
+    // Still in Emergency after it: asked again, for what is left.
+    let got = w.after(250).tick_on(&r, cgroup(900), None);
+    assert!(
+        got.contains(&Spill("vector", 132 * MIB * 200 / 300)),
+        "{got:?}"
+    );
+    // An answer frees the engine for the next round at once.
+    w.policy.on_spilled(S, "query", 44 * MIB, 44 * MIB);
+    let got = w.after(20).tick_on(&r, cgroup(900), None);
+    assert_eq!(got, [Spill("query", 132 * MIB * 100 / 300)]);
+    // Below warning: over, and nothing more is asked.
+    let got = w.after(300).tick_on(&r, cgroup(700), None);
+    assert_eq!(got, [High(None), Limits("query", 64 * MIB, 256 * MIB)]);
+    let got = w.after(300).tick_on(&r, cgroup(700), None);
+    assert_eq!(got, []);
+}
+
+/// What the database holds that the kernel cannot drop beyond the
+/// library's books is sent to the library first, then only when it moved
+/// a step (ceiling / 64 = 16 MiB here) from what was last sent; observing,
+/// never. Memory that leaves the books for somewhere the kernel cannot drop
+/// it either (a spill written to a tmpfs: the cgroup's figure unmoved) is
+/// sent too: the soak (seed 1) was OOM-killed when the library, working it
+/// out from its own books, took such a spill for room.
+#[test]
+fn memory_outside_the_books_is_sent_first_then_as_it_moves_a_step() {
+    let outside = |w: &mut World, ms: u64, mib: u64| -> Vec<u64> {
+        w.now += Duration::from_millis(ms);
+        let mut c = cgroup(mib);
+        if let Some(c) = &mut c {
+            // Page cache besides: only anonymous and shared memory count.
+            c.charge_bytes += 100 * MIB;
+        }
+        w.policy
+            .tick(&Tick {
+                now: w.now,
+                reading: Some(&reading(&[("vector", 10 * MIB)])),
+                ceiling: c,
+                psi: None,
+            })
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Send {
+                    message: ToLibrary::Outside { bytes, .. },
+                    ..
+                } => Some(bytes),
+                _ => None,
+            })
+            .collect()
+    };
+    let (mut w, _) = World::new(&["vector", "query"], true);
+    w.report("vector", 100 * MIB, 0);
+    assert_eq!(outside(&mut w, 0, 300), [200 * MIB]);
+    assert!(outside(&mut w, 20, 300).is_empty());
+    assert!(outside(&mut w, 20, 315).is_empty());
+    assert_eq!(outside(&mut w, 20, 316), [216 * MIB]);
+    assert!(outside(&mut w, 20, 301).is_empty());
+    assert_eq!(outside(&mut w, 20, 300), [200 * MIB]);
+    // 40 MiB spilled to a tmpfs: the cgroup holds as much as before, the
+    // books 40 MiB less.
+    w.report("vector", 60 * MIB, 0);
+    assert_eq!(outside(&mut w, 20, 300), [240 * MIB]);
+    // Without a kernel ceiling: what the processes hold.
+    let r = reading(&[("vector", 64 * MIB)]);
+    let got: Vec<Action> = w
+        .policy
+        .tick(&Tick {
+            now: w.now + Duration::from_millis(20),
+            reading: Some(&r),
+            ceiling: None,
+            psi: None,
+        })
+        .into_iter()
+        .filter(|a| {
+            matches!(
+                a,
+                Action::Send {
+                    message: ToLibrary::Outside { .. },
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [Action::Send {
+            session: S,
+            message: ToLibrary::Outside {
+                bytes: 4 * MIB,
+                ceiling_bytes: 1024 * MIB
+            }
+        }]
+    );
+    let (mut observing, _) = World::new(&["vector", "query"], false);
+    assert!(outside(&mut observing, 0, 300).is_empty());
 }

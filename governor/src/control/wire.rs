@@ -121,6 +121,13 @@ pub enum ToLibrary {
     /// Drop about `target_bytes` of the engine's cold page cache (its
     /// least recently used files first).
     DropCache { engine: String, target_bytes: u64 },
+    /// What the database holds that the kernel cannot drop (anonymous and
+    /// shared memory in its cgroup) and the library's books, as last
+    /// reported, do not account for; and the agent's ceiling. Both are
+    /// taken off the room its reservations have under its own ceiling
+    /// (`MemoryGovernor::set_outside_bytes`: this, and whatever the
+    /// agent's ceiling is below the library's).
+    Outside { bytes: u64, ceiling_bytes: u64 },
     /// The request could not be served (or was malformed).
     Error { message: String },
 }

@@ -55,6 +55,9 @@ enum Refusal {
 pub(super) struct Ledger {
     pub(super) ceiling: u64,
     pub(super) total: u64,
+    /// What the database holds that no reservation here accounts for
+    /// (`MemoryGovernor::set_outside_bytes`): taken off the pool's room.
+    pub(super) outside: u64,
     /// Sum of every engine's `protected()`, kept up to date on each change.
     protected_total: u64,
     pub(super) engines: Vec<EngineLedger>,
@@ -195,6 +198,7 @@ impl Ledger {
         }
         Self {
             ceiling: budget.ceiling_bytes,
+            outside: 0,
             total: 0,
             protected_total: engines.iter().map(EngineLedger::protected).sum(),
             names: engines.iter().map(|e| e.name.clone()).collect(),
@@ -556,6 +560,7 @@ impl Ledger {
         let others = self.protected_total - self.engines[i].protected();
         self.ceiling
             .saturating_sub(self.total)
+            .saturating_sub(self.outside)
             .saturating_sub(others)
     }
 

@@ -281,6 +281,26 @@ impl MemoryGovernor {
         Ok(())
     }
 
+    /// Memory the database holds that none of this governor's reservations
+    /// accounts for (memory touched without reserving, other processes',
+    /// files on a tmpfs, allocator pages not yet returned): a reservation
+    /// is admitted only while the books, this and the reservation fit
+    /// under the ceiling, as an engine's cap leaves room only for what its
+    /// budget has left. The agent sets it from the kernel's figure for the
+    /// database (and back to 0 when it is lost); 0, the default, admits up
+    /// to the ceiling on the books alone. Floors stay guaranteed.
+    pub fn set_outside_bytes(&self, bytes: u64) {
+        self.shared.flush_credit(None);
+        self.shared.with_ledger(|l| l.outside = bytes);
+        // Less outside is more room, as a release would give.
+        self.shared.wake_waiters();
+    }
+
+    /// What [`set_outside_bytes`](Self::set_outside_bytes) last set.
+    pub fn outside_bytes(&self) -> u64 {
+        self.shared.lock().outside
+    }
+
     /// One round of rebalancing now: busy engines borrow the unused budget
     /// of idle ones, and lenders that got busy take it back (the rules are
     /// [`crate::lending`]'s; a lender that is refused a reservation takes

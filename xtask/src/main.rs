@@ -224,6 +224,7 @@ fn main() -> ExitCode {
                     modes
                 },
                 workload_args: workload,
+                solo_in: None,
                 timeout_secs,
             })
         }),

@@ -227,15 +227,30 @@ fn throughput(runs: &[Value]) -> String {
         ),
         ("query GROUP BY (rows/s)", ["query", "rows_per_second"]),
     ];
-    // Each engine alone in turn (the solo phase), then all together.
-    let solo = others.iter().all(|o| o["workload"]["solo"].is_object());
+    // Each engine alone in turn (the solo phase, in the runs that had
+    // it: `.ci/run` leaves it out of those it only compares together),
+    // then all together. A run without the phase shows a dash, and so does
+    // a ratio with one.
+    let solo = |w: &Value| w["solo"].is_object();
+    let any_solo = others.iter().any(|o| solo(&o["workload"])) || b.is_some_and(solo);
+    let ratio = |x: Option<f64>, y: Option<f64>| match (x, y) {
+        (Some(x), Some(y)) => format!(" {:.2} |", x / y.max(1e-12)),
+        _ => " — |".to_owned(),
+    };
+    let cell = |v: Option<f64>| v.map_or(" — |".to_owned(), |v| format!(" {v:.0} |"));
     for phase in ["solo", ""] {
-        if !phase.is_empty() && !solo {
+        if !phase.is_empty() && !any_solo {
             continue;
         }
         let at = |w: &Value, path: [&str; 2]| {
-            let w = if phase.is_empty() { w } else { &w[phase] };
-            w[path[0]][path[1]].as_f64().unwrap_or(0.0)
+            let w = if phase.is_empty() {
+                w
+            } else if solo(w) {
+                &w[phase]
+            } else {
+                return None;
+            };
+            Some(w[path[0]][path[1]].as_f64().unwrap_or(0.0))
         };
         for (name, path) in rows {
             let rate = |r: &Value| at(&r["workload"], path);
@@ -247,24 +262,26 @@ fn throughput(runs: &[Value]) -> String {
             s.push_str(&format!("| {label} |"));
             let bv = b.map(|b| at(b, path));
             if let Some(bv) = bv {
-                s.push_str(&format!(" {bv:.0} |"));
+                s.push_str(&cell(bv));
             }
             for o in &others {
                 let v = rate(o);
-                s.push_str(&format!(" {v:.0} |"));
+                s.push_str(&cell(v));
                 if let Some(bv) = bv {
-                    s.push_str(&format!(" {:.2} |", v / bv.max(1e-9)));
+                    s.push_str(&ratio(v, bv));
                 }
             }
             for (_, x, y) in &costs {
-                s.push_str(&format!(" {:.2} |", rate(x) / rate(y).max(1e-9)));
+                s.push_str(&ratio(rate(x), rate(y)));
             }
             s.push('\n');
         }
     }
-    // Runs of the whole workload per hour.
+    // Runs of the whole workload per hour; compared only between runs
+    // that did the same work (both with the solo phase, or neither).
     let per_hour = |w: &Value| 3600.0 / w["seconds"].as_f64().unwrap_or(f64::INFINITY);
     let total = |r: &Value| per_hour(&r["workload"]);
+    let same = |x: &Value, y: &Value| solo(x) == solo(y);
     s.push_str("| total (workloads/hour) |");
     let bt = b.map(per_hour);
     if let Some(bt) = bt {
@@ -272,12 +289,13 @@ fn throughput(runs: &[Value]) -> String {
     }
     for o in &others {
         s.push_str(&format!(" {:.0} |", total(o)));
-        if let Some(bt) = bt {
-            s.push_str(&format!(" {:.2} |", total(o) / bt.max(1e-12)));
+        if let (Some(bt), Some(b)) = (bt, b) {
+            s.push_str(&ratio(same(&o["workload"], b).then(|| total(o)), Some(bt)));
         }
     }
     for (_, x, y) in &costs {
-        s.push_str(&format!(" {:.2} |", total(x) / total(y).max(1e-12)));
+        let comparable = same(&x["workload"], &y["workload"]);
+        s.push_str(&ratio(comparable.then(|| total(x)), Some(total(y))));
     }
     s.push('\n');
     s
@@ -486,6 +504,46 @@ mod tests {
             [
                 "200", "150", "0.75", "100", "0.50", "160", "0.80", "0.94", "1.50"
             ]
+        );
+    }
+
+    /// `.ci/run` runs the solo phase only where it compares alone
+    /// (governed, static): the others show dashes on its rows, and their
+    /// whole workload is not compared with a run that did more.
+    #[test]
+    fn runs_without_the_solo_phase_show_dashes_where_it_would_be() {
+        let mut ample = run_of("ample", 160.0, 5.0);
+        ample["workload"].as_object_mut().unwrap().remove("solo");
+        let runs = [
+            run_of("governed", 150.0, 10.0),
+            run_of("static", 100.0, 12.5),
+            ample,
+        ];
+        let t = rows(&throughput(&runs));
+        assert_eq!(
+            t[0],
+            [
+                "engine",
+                "governed",
+                "static",
+                "ample",
+                "governed / ample",
+                "governed / static"
+            ]
+        );
+        assert!(t.iter().all(|r| r.len() == t[0].len()), "{t:?}");
+        let row = |name: &str| t.iter().find(|r| r[0] == name).unwrap().clone();
+        assert_eq!(
+            row("alone: query GROUP BY (rows/s)")[1..],
+            ["300", "200", "—", "—", "1.50"]
+        );
+        assert_eq!(
+            row("query GROUP BY (rows/s)")[1..],
+            ["150", "100", "160", "0.94", "1.50"]
+        );
+        assert_eq!(
+            row("total (workloads/hour)")[1..],
+            ["360", "288", "720", "—", "1.25"]
         );
     }
 

@@ -108,7 +108,7 @@ pub fn summary(r: &Value) -> String {
             .unwrap_or(0)
     };
     format!(
-        "soak: seed {} engines {} ceiling {} MiB: {} steps in {:.0} s\n  events: {}\n  invariants checked: {}\n  refusals {}, spills {}, spill writes failed on purpose {}, spill target full {}, restored {}\n  attribution against VmRSS: worst {:.1} MiB apart",
+        "soak: seed {} engines {} ceiling {} MiB: {} steps in {:.0} s\n  events: {}\n  invariants checked: {}\n  refusals {}, spills {}, spill writes failed on purpose {}, spill target full {}, restored {}\n  attribution against VmRSS: worst {:.1} MiB apart (agent restarts moved it by {}); one engine's against what it holds: worst {:.1} MiB",
         r["seed"],
         r["engines"].as_array().map_or(0, Vec::len),
         r["ceiling_bytes"].as_u64().unwrap_or(0) >> 20,
@@ -122,6 +122,17 @@ pub fn summary(r: &Value) -> String {
         sum("spill_no_space"),
         sum("restored"),
         r["attribution_worst_bytes"].as_f64().unwrap_or(0.0) / f64::from(1 << 20),
+        r["restart_shifts_bytes"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .map(|b| format!("{:.1} MiB", b.as_f64().unwrap_or(0.0) / f64::from(1 << 20)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "nothing: none".into()),
+        r["engine_attribution_worst_bytes"].as_f64().unwrap_or(0.0) / f64::from(1 << 20),
     )
 }
 
@@ -137,11 +148,12 @@ fn kill_leftover_agents() {
             continue;
         };
         let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.contains("nodedb-governor") && cmdline.contains("/nodedb-soak-") {
-            if let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() {
-                // SAFETY: signalling a process by pid.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-            }
+        if cmdline.contains("nodedb-governor")
+            && cmdline.contains("/nodedb-soak-")
+            && let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>()
+        {
+            // SAFETY: signalling a process by pid.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
         }
     }
     std::thread::sleep(Duration::from_millis(200));

@@ -74,6 +74,8 @@ pub struct Options {
     pub modes: Vec<String>,
     /// Arguments passed to nodedb-workload (sizes).
     pub workload_args: Vec<String>,
+    /// The runs with the workload's solo phase (None: every run).
+    pub solo_in: Option<Vec<String>>,
     pub timeout_secs: u64,
 }
 
@@ -110,6 +112,13 @@ pub fn validate(opts: &Options) -> anyhow::Result<()> {
         .arg(&scratch)
         .args(["--modes", &opts.modes.join(",")])
         .args(["--timeout-secs", &opts.timeout_secs.to_string()])
+        .args(
+            opts.solo_in
+                .as_ref()
+                .map(|m| ["--solo-in".to_owned(), m.join(",")])
+                .into_iter()
+                .flatten(),
+        )
         .arg("--")
         .args(&opts.workload_args)
         .stdout(std::process::Stdio::null())

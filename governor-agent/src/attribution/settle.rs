@@ -84,8 +84,43 @@ fn spread_and_clamp(
             neg
         })
         .sum();
-    if let Some(last) = rows.last_mut() {
-        *field(last) += deficit;
+    let Some(last) = rows.last_mut() else {
+        return;
+    };
+    *field(last) += deficit;
+    // `unattributed` below zero (releases charged to an engine that did not
+    // hold them, which then went below zero itself: a 2 MiB region's last
+    // faulter is not always the owner of every mapping in it) would show as
+    // none, and the parts would add up to more than the process holds: the
+    // soak saw the total 6 to 100 MiB above VmRSS. Its deficit comes off the
+    // engines instead, in proportion to what they hold.
+    let short = (*field(last)).min(0);
+    if short == 0 {
+        return;
+    }
+    *field(last) = 0;
+    let held: i64 = rows[..engines].iter_mut().map(|r| (*field(r)).max(0)).sum();
+    if held <= 0 {
+        return;
+    }
+    // Never more than they hold (a process cannot hold less than none).
+    let take = short.max(-held);
+    let mut left = take;
+    for r in rows[..engines].iter_mut() {
+        let v = field(r);
+        let share = (take as i128 * (*v).max(0) as i128 / held as i128) as i64;
+        *v += share;
+        left -= share;
+    }
+    // The rounding remainder (a few bytes) off the first engine that has it.
+    for r in rows[..engines].iter_mut() {
+        if left == 0 {
+            break;
+        }
+        let v = field(r);
+        let off = left.max(-*v);
+        *v += off;
+        left -= off;
     }
 }
 
@@ -170,10 +205,39 @@ mod tests {
         // node 0: spread over node 0's holders only.
         let u = settle(1, engines, node(0, 0), node(-200, 0), None);
         assert_eq!(u.engines["a"].node_resident_bytes[..2], [150, 0]);
-        assert_eq!(u.engines["b"].node_resident_bytes[..2], [50, 80]);
+        assert_eq!(u.engines["b"].node_resident_bytes[..2], [50, 40]);
         // a's -40 on node 1 (a release counted there by a thread that had
-        // moved) is clamped: a shows none, the deficit is the unattributed
-        // bucket's, which cannot show less than none either.
+        // moved) is clamped: a shows none, and the deficit, which the
+        // unattributed bucket cannot show, comes off b's 80 there.
         assert_eq!(u.unattributed.node_resident_bytes[..2], [0, 0]);
+    }
+
+    /// Releases charged to an engine that did not hold them (the last
+    /// faulter of a shared 2 MiB region): it goes below zero, and so does
+    /// `unattributed` when the deficit is more than it holds. The parts
+    /// still add up to the process's total: the rest of the deficit comes
+    /// off the other engines, by what they hold.
+    #[test]
+    fn a_deficit_beyond_unattributed_comes_off_the_engines_and_the_parts_still_add_up() {
+        let mut engines = BTreeMap::new();
+        engines.insert("a".to_owned(), stats(-60, 0));
+        engines.insert("b".to_owned(), stats(200, 0));
+        engines.insert("c".to_owned(), stats(100, 0));
+        let u = settle(1, engines, stats(30, 0), SlotStats::default(), None);
+        assert_eq!(u.engines["a"].anon_bytes, 0);
+        assert_eq!(u.unattributed.anon_bytes, 0);
+        // 30 short, taken 2:1.
+        assert_eq!(u.engines["b"].anon_bytes, 180);
+        assert_eq!(u.engines["c"].anon_bytes, 90);
+        let total: u64 = u.engines.values().map(|e| e.resident_bytes).sum::<u64>()
+            + u.unattributed.resident_bytes;
+        assert_eq!(total, 200 + 100 + 30 - 60);
+        // More short than the engines hold: none left anywhere.
+        let mut engines = BTreeMap::new();
+        engines.insert("a".to_owned(), stats(-500, 0));
+        engines.insert("b".to_owned(), stats(7, 0));
+        let u = settle(1, engines, stats(3, 0), SlotStats::default(), None);
+        assert_eq!(u.engines["b"].anon_bytes, 0);
+        assert_eq!(u.unattributed.anon_bytes, 0);
     }
 }

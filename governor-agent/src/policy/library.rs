@@ -485,16 +485,23 @@ impl Library {
         }
         let books: u64 = self.engines.values().map(EngineState::reserved_bytes).sum();
         let outside = held.saturating_sub(books);
+        // Reservations stop at the database's Emergency mark: the rest of
+        // the ceiling is for what nobody reserves as it comes and goes (a
+        // spill's piece on its way to a tmpfs, page tables, thread stacks).
+        // Admitted up to the ceiling itself, the soak's database was
+        // OOM-killed by the spill meant to relieve it.
+        let ceiling = (rules.ceiling_bytes as f64 * rules.thresholds.emergency) as u64;
         let step = (rules.ceiling_bytes / 64).max(1);
-        if self.outside_sent.is_some_and(|(last, ceiling)| {
-            outside.abs_diff(last) < step && ceiling == rules.ceiling_bytes
-        }) {
+        if self
+            .outside_sent
+            .is_some_and(|(last, sent)| outside.abs_diff(last) < step && sent == ceiling)
+        {
             return;
         }
-        self.outside_sent = Some((outside, rules.ceiling_bytes));
+        self.outside_sent = Some((outside, ceiling));
         out.push(ToLibrary::Outside {
             bytes: outside,
-            ceiling_bytes: rules.ceiling_bytes,
+            ceiling_bytes: ceiling,
         });
     }
 

@@ -297,13 +297,23 @@ impl EngineSide {
     }
 
     /// Writes a file of `bytes` in `dir`, reads it back, checks it and
-    /// deletes it (the page cache keeps what the kernel lets it).
+    /// deletes it (the page cache keeps what the kernel lets it). Its two
+    /// buffers are reserved first, as an engine reserves what it reads
+    /// into (refused: the step does nothing more).
     pub fn file_io(&self, dir: &std::path::Path, bytes: u64) -> Result<(), StepError> {
+        let _buffers = self.admitted(self.governor.try_reserve(self.id, 2 * bytes))?;
         let id = self.id();
         let path = dir.join(format!("{}-{id}", self.name));
         let h = Holding::new(id, None, bytes as usize)?;
         let result = (|| -> Result<(), StepError> {
-            fs::write(&path, &h.map[..])?;
+            // Written out before it is read back, as an engine makes its
+            // files durable: clean pages the kernel can drop (dirty ones
+            // count against the ceiling until written back, and cgroup v1
+            // does not throttle a writer for them).
+            let mut f = fs::File::create(&path)?;
+            std::io::Write::write_all(&mut f, &h.map[..])?;
+            f.sync_data()?;
+            drop(f);
             let back = read_back(&path)?;
             check_image(id, &back[..h.map.len()]).map_err(StepError::Other)
         })();

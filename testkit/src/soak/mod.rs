@@ -84,6 +84,11 @@ pub struct Report {
     /// engine's count cannot go below zero, so the total can move. Each
     /// restart starts a new baseline for the comparison.
     pub restart_shifts_bytes: Vec<i64>,
+    /// The largest |attributed - held| of one engine at a comparison, bytes
+    /// (held: what its holdings map; its threads' stacks besides). Not an
+    /// invariant: releases are charged to a 2 MiB region's last faulter,
+    /// and small mappings of several engines share regions.
+    pub engine_attribution_worst_bytes: u64,
     pub violation: Option<String>,
 }
 
@@ -536,6 +541,16 @@ impl Soak {
                     p
                 );
             }
+            for side in &self.sides {
+                let held: u64 = side.holdings().iter().map(|h| h.bytes()).sum();
+                let got = p["engines"][&side.name]["resident_bytes"]
+                    .as_u64()
+                    .unwrap_or(0);
+                self.report.engine_attribution_worst_bytes = self
+                    .report
+                    .engine_attribution_worst_bytes
+                    .max(held.abs_diff(got));
+            }
             *self
                 .report
                 .checks
@@ -561,6 +576,7 @@ impl Soak {
                     "used_bytes": u.as_ref().map(|u| u.used_bytes),
                     "cap_bytes": u.as_ref().map(|u| u.cap_bytes),
                     "holdings": s.holdings().len(),
+                    "holding_bytes": s.holdings().iter().map(|h| h.bytes()).sum::<u64>(),
                     "counters": s.counters(),
                 })
             })

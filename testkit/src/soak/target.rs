@@ -86,7 +86,14 @@ impl SpillTarget {
         len: usize,
     ) -> Result<(), WriteFailure> {
         let path = self.path(name);
-        let mut f = fs::File::create(&path).map_err(classify)?;
+        // Read and write: a failed spill reads its pieces back.
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(classify)?;
         let mut done = 0;
         let result = (|| {
             while done < len {

@@ -154,6 +154,11 @@ struct Args {
     /// The runs, in order.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Mode::Governed, Mode::Ungoverned, Mode::Ample, Mode::Roomy, Mode::Baseline, Mode::Static])]
     modes: Vec<Mode>,
+    /// The mixed scenario's runs whose workload has its solo phase (each
+    /// engine alone in turn; default: every run); the others run without
+    /// it (`--solo false`), unless the workload's arguments say otherwise.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    solo_in: Option<Vec<Mode>>,
     /// Time limit per run, seconds.
     #[arg(long, default_value_t = 1800)]
     timeout_secs: u64,
@@ -554,6 +559,16 @@ impl Harness {
         }
         if self.args.scenario == Scenario::Cache && mode == Mode::Governed {
             cmd.arg("--governed");
+        }
+        if self.args.scenario == Scenario::Mixed
+            && self
+                .args
+                .solo_in
+                .as_ref()
+                .is_some_and(|m| !m.contains(&mode))
+            && !self.args.workload.iter().any(|a| a.starts_with("--solo"))
+        {
+            cmd.args(["--solo", "false"]);
         }
         if mode == Mode::Static {
             let budgets: Vec<String> = ENGINES

@@ -151,13 +151,20 @@ fn memory_stalls_and_an_emergency_move_the_ladder() {
         || {
             // Held to what it holds: its 8 MiB and at most the thread's
             // credit (two 1 MiB batches).
-            lines.any(|l| {
+            let held = lines.any(|l| {
                 l["query_granted"] == false
-                    && l["vector_granted"] == true
                     && (8 * MIB..=10 * MIB).contains(&l["query_cap_bytes"].as_u64().unwrap_or(0))
-            })
+            });
+            let s = agent.status_json();
+            held && query(&s)["backpressure"] == true && vector(&s)["backpressure"] == false
         },
     );
+    // Vector is not held, but the tmpfs leaves the database no room under
+    // the Emergency mark of its ceiling, where reservations stop (`outside`):
+    // its reservation is refused for room, not by backpressure.
+    wait_for("no room for vector's reservation either", || {
+        lines.any(|l| l["vector_granted"] == false)
+    });
     let during = agent.status_json();
     eprintln!("psi: {} ceiling: {}", during["psi"], during["ceiling"]);
     // A reload during the Emergency (the same file) keeps the lowered

@@ -517,7 +517,13 @@ impl Library {
             return;
         };
         e.spill_sent = None;
-        e.ceiling_spill_sent = None;
+        // An engine that could free nothing of its part (its spill target
+        // full, say) is asked again after `SPILL_RETRY`, not at the next
+        // tick: the soak's engines, their tmpfs full, were asked every
+        // 20 ms.
+        if freed_bytes > 0 {
+            e.ceiling_spill_sent = None;
+        }
         e.counters.spilled_bytes = e.counters.spilled_bytes.saturating_add(freed_bytes);
         tracing::info!(
             pid = self.pid,

@@ -1590,8 +1590,10 @@ fn in_an_emergency_every_engine_spills_its_part() {
         got.contains(&Spill("vector", 132 * MIB * 200 / 300)),
         "{got:?}"
     );
-    // An answer frees the engine for the next round at once.
+    // An answer that freed something frees the engine for the next round
+    // at once; one that freed nothing waits SPILL_RETRY.
     w.policy.on_spilled(S, "query", 44 * MIB, 44 * MIB);
+    w.policy.on_spilled(S, "vector", 88 * MIB, 0);
     let got = w.after(20).tick_on(&r, cgroup(900), None);
     assert_eq!(got, [Spill("query", 132 * MIB * 100 / 300)]);
     // Below warning: over, and nothing more is asked.

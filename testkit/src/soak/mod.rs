@@ -295,23 +295,37 @@ impl Soak {
         .context("writing the agent's configuration")
     }
 
-    fn log_count(&self, what: &str) -> usize {
-        self.agent.log().matches(what).count()
-    }
-
-    /// SIGHUP with `body`; waits for the agent to say `outcome`.
-    fn reload(&mut self, body: &str, outcome: &str) -> anyhow::Result<()> {
-        let before = self.log_count(outcome);
+    /// SIGHUP with `body`; waits for the agent to say how it went (its
+    /// log from where it was before: reading all of an hour's log at every
+    /// poll would be the soak's own hang). Ok(None): reloaded; Ok(Some(
+    /// line)): refused, the agent's line saying why.
+    fn reload(&mut self, body: &str) -> anyhow::Result<Option<String>> {
+        use std::io::{Read, Seek};
+        let path = self.agent.dir().path().join("agent.log");
+        let from = std::fs::metadata(&path).map_or(0, |m| m.len());
         self.write_config(body)?;
         self.agent.signal(libc::SIGHUP);
         let deadline = Instant::now() + STEP_BOUND;
-        while self.log_count(outcome) == before {
+        let mut seen = String::new();
+        loop {
+            let mut f = std::fs::File::open(&path)?;
+            f.seek(std::io::SeekFrom::Start(from))?;
+            seen.clear();
+            f.read_to_string(&mut seen)?;
+            if seen.contains("SIGHUP: configuration reloaded") {
+                return Ok(None);
+            }
+            if let Some(line) = seen.lines().find(|l| l.contains("configuration refused")) {
+                return Ok(Some(line.to_owned()));
+            }
             if Instant::now() > deadline {
-                bail!("the agent did not say {outcome:?} within {STEP_BOUND:?} of a SIGHUP");
+                let tail: Vec<&str> = seen.lines().rev().take(5).collect();
+                bail!(
+                    "the agent said neither that it reloaded nor that it refused within {STEP_BOUND:?} of a SIGHUP; its last lines: {tail:?}"
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Ok(())
     }
 
     fn status(&self) -> anyhow::Result<Value> {
@@ -378,16 +392,35 @@ impl Soak {
             }
             Step::Reload(Reload::Valid { ceiling, budgets }) => {
                 let body = config_body(&self.plan.scenario, *ceiling, budgets);
-                self.reload(&body, "SIGHUP: configuration reloaded")?;
-                self.config = body;
-                self.in_force = (*ceiling, budgets.clone());
+                match self.reload(&body)? {
+                    None => {
+                        self.config = body;
+                        self.in_force = (*ceiling, budgets.clone());
+                    }
+                    // A ceiling below what the database holds, which the
+                    // kernel would not take (cgroup v1 answers EBUSY when
+                    // it cannot reclaim down to it): refused whole, as the
+                    // README says; the old configuration stays.
+                    Some(line) if line.contains("writing") && line.contains("memory.") => {
+                        *self
+                            .report
+                            .events
+                            .entry("agent_sighup_refused_by_kernel".into())
+                            .or_default() += 1;
+                        let config = self.config.clone();
+                        self.write_config(&config)?;
+                    }
+                    Some(line) => bail!("a valid configuration was refused: {line}"),
+                }
             }
             Step::Reload(Reload::FloorAboveBudget { engine }) => {
                 let before = self.status()?["ceiling"]["limit_bytes"].clone();
                 let (ceiling, mut budgets) = self.in_force.clone();
                 budgets[*engine].1 = budgets[*engine].0 + 4096;
                 let bad = config_body(&self.plan.scenario, ceiling, &budgets);
-                self.reload(&bad, "configuration refused")?;
+                if self.reload(&bad)?.is_none() {
+                    bail!("the agent took a configuration with a floor above its budget");
+                }
                 if let Ok(Some(st)) = self.agent_exit() {
                     bail!("the agent exited on a bad configuration: {st}");
                 }
@@ -812,7 +845,14 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
             .with_context(|| format!("seed {} after freeing everything", opts.seed))
     })();
     if let Err(e) = result {
-        soak.report.violation = Some(format!("{e:#}\nstate: {:#}", soak.state()));
+        // The agent's side of it, kept (its directory goes with it).
+        let kept = opts.scratch.join(format!("agent-{}.log", opts.seed));
+        let _ = std::fs::copy(soak.agent.dir().path().join("agent.log"), &kept);
+        soak.report.violation = Some(format!(
+            "{e:#}\nthe agent's log: {}\nstate: {:#}",
+            kept.display(),
+            soak.state()
+        ));
     }
     soak.report.seconds = started.elapsed().as_secs_f64();
     soak.report.per_engine = soak

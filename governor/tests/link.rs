@@ -737,6 +737,26 @@ fn an_agent_lost_for_long_gives_the_engines_their_own_limits_back() {
         governor.try_reserve(EngineId::Query, 7 * MIB),
         Err(nodedb_governor::MemError::GlobalCeilingExceeded { available, .. }) if available == 6 * MIB
     ));
+    // The agent's ceiling above the library's own 256 MiB: the room is the
+    // smaller of what each leaves (300 - 240 = 60 against 256), so 196 of
+    // the 240 count against the library's own.
+    agent.send(&ToLibrary::Outside {
+        bytes: 240 * MIB,
+        ceiling_bytes: 300 * MIB,
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while governor.outside_bytes() != 196 * MIB {
+        assert!(Instant::now() < deadline, "{}", governor.outside_bytes());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    agent.send(&ToLibrary::Outside {
+        bytes: 240 * MIB,
+        ceiling_bytes: 246 * MIB,
+    });
+    while governor.outside_bytes() != 250 * MIB {
+        assert!(Instant::now() < deadline, "{}", governor.outside_bytes());
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // The agent goes, and does not come back.
     drop(agent);
     drop(listener);

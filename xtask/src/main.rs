@@ -126,8 +126,6 @@ enum Task {
         #[arg(last = true)]
         workload: Vec<String>,
     },
-    /// Benchmarks: the cost of tracing (page-fault and mmap/munmap loops with
-    /// and without the programs attached, in one run).
     /// The soak: the library, a real agent and the kernel driven together
     /// through random demand from a seed (engines, budgets, faults in the
     /// spill target, the agent killed, reloaded, the library reconnecting),
@@ -144,6 +142,8 @@ enum Task {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Benchmarks: the cost of tracing (page-fault and mmap/munmap loops with
+    /// and without the programs attached, in one run).
     Bench {
         /// Rounds per configuration (more rounds, steadier medians).
         #[arg(long, default_value_t = 7)]

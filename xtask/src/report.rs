@@ -198,7 +198,7 @@ fn throughput(runs: &[Value]) -> String {
          governed against static (what a user would configure instead: each engine's fixed budget in a pool of its own, same ceiling), \
          and roomy against ample (governed with ample memory: the machinery alone, with nothing to spill). \
          Rows marked alone: each engine busy in turn while the others idle (the workload's solo phase); the others: all together. \
-         The total row is the whole workload's rate (the same work in every run: one over its seconds).\n\n| engine |",
+         The total row is the whole workload's rate (one over its seconds), compared only between runs that did the same work (both with the solo phase or neither; a dash otherwise).\n\n| engine |",
     );
     if b.is_some() {
         s.push_str(" baseline |");

@@ -36,6 +36,9 @@ pub struct Library {
     /// What was last sent as held outside its books, and the ceiling
     /// with it (`send_outside`).
     outside_sent: Option<(u64, u64)>,
+    /// The database's held memory at the last round (sent again with a new
+    /// ceiling at a reload, before the next round).
+    held_seen: Option<u64>,
     /// Its `RLIMIT_MEMLOCK` as the agent raised it, or why it could not
     /// (None: no hot sets configured for its engines).
     pub(super) memlock: Option<Result<u64, String>>,
@@ -206,6 +209,7 @@ impl Library {
             engines,
             loans,
             outside_sent: None,
+            held_seen: None,
             memlock: None,
             crowded: Default::default(),
             calm_at: None,
@@ -333,6 +337,13 @@ impl Library {
             self.loans.set_idle_spill(l.name.as_str(), l.idle_spill);
         }
         self.observe_cap = (!rules.enforce).then_some(rules.ceiling_bytes);
+        // The new ceiling's room first (the kernel has the new ceiling
+        // already): otherwise the library admits against the old one until
+        // the next tick, and the soak's reservations right after a reload
+        // that lowered the ceiling were OOM-killed in that window.
+        if let Some(held) = self.held_seen {
+            self.send_outside(held, rules, out);
+        }
         self.send_all_limits(rules, out);
     }
 
@@ -480,7 +491,21 @@ impl Library {
     /// cannot drop (a spill written to a tmpfs) is seen. Not while
     /// observing (the library's limits are then its own).
     pub(super) fn send_outside(&mut self, held: u64, rules: &Rules, out: &mut Vec<ToLibrary>) {
+        self.held_seen = Some(held);
         if self.observe_cap.is_some() {
+            // Observing (a reload turned enforcement off): a figure sent
+            // before is taken back once.
+            if self.outside_sent.take().is_some() {
+                out.push(ToLibrary::Outside {
+                    bytes: 0,
+                    ceiling_bytes: u64::MAX,
+                });
+            }
+            return;
+        }
+        // Not before every engine's books have been reported: counted as
+        // none, the library's own reservations would be outside them too.
+        if self.engines.values().any(|e| e.books.is_none()) {
             return;
         }
         let books: u64 = self.engines.values().map(EngineState::reserved_bytes).sum();
@@ -517,13 +542,11 @@ impl Library {
             return;
         };
         e.spill_sent = None;
-        // An engine that could free nothing of its part (its spill target
-        // full, say) is asked again after `SPILL_RETRY`, not at the next
-        // tick: the soak's engines, their tmpfs full, were asked every
-        // 20 ms.
-        if freed_bytes > 0 {
-            e.ceiling_spill_sent = None;
-        }
+        // The Emergency's requests are paced by `SPILL_RETRY` whatever the
+        // answer: the cgroup's figure can stay put after a spill (written
+        // to a tmpfs, it is still the database's), and an engine asked at
+        // every tick meanwhile would be spilled down to its floor; one that
+        // freed nothing (its spill target full) was asked every 20 ms.
         e.counters.spilled_bytes = e.counters.spilled_bytes.saturating_add(freed_bytes);
         tracing::info!(
             pid = self.pid,

@@ -370,6 +370,8 @@ impl AgentLink {
 
 impl Drop for AgentLink {
     fn drop(&mut self) {
+        // No agent, no figure for what the database holds besides.
+        self.inner.governor.set_outside_bytes(0);
         self.inner.stop_cache_thread();
         self.inner.changed.notify_all();
         // Whatever the agent does (stopped with its socket open, not
@@ -1164,8 +1166,12 @@ impl Inner {
                 ceiling_bytes,
             } => {
                 lock(&self.state).steered = true;
-                let short = self.governor.ceiling_bytes().saturating_sub(ceiling_bytes);
-                self.governor.set_outside_bytes(bytes.saturating_add(short));
+                // The room is the smaller of what the library's own
+                // ceiling leaves its books and what the agent's leaves
+                // them and the rest: ceiling - books - x, x this.
+                let own = self.governor.ceiling_bytes();
+                self.governor
+                    .set_outside_bytes(bytes.saturating_add(own).saturating_sub(ceiling_bytes));
                 None
             }
             ToLibrary::Purge { engine: name } => {

@@ -558,10 +558,15 @@ impl Ledger {
     /// the floors other engines keep (unused and not lent).
     fn global_free(&self, i: usize) -> u64 {
         let others = self.protected_total - self.engines[i].protected();
-        self.ceiling
+        let books = self
+            .ceiling
             .saturating_sub(self.total)
+            .saturating_sub(others);
+        // What the database holds outside the books takes room, but never
+        // what is left of the engine's floor.
+        books
             .saturating_sub(self.outside)
-            .saturating_sub(others)
+            .max(books.min(self.engines[i].protected()))
     }
 
     /// Bytes the engine could still take: the smaller of its cap room and

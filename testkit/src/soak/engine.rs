@@ -326,6 +326,14 @@ impl EngineSide {
         let Some((path, id, len)) = lock(&self.spilled).pop_front() else {
             return Ok(());
         };
+        // What it reads into is reserved first (refused: the file waits).
+        let _buffer = match self.admitted(self.governor.try_reserve(self.id, len as u64)) {
+            Ok(r) => r,
+            Err(e) => {
+                lock(&self.spilled).push_front((path, id, len));
+                return Err(e);
+            }
+        };
         let held = fs::metadata(&path)?.len() as usize;
         let back = read_back(&path)?;
         let _ = fs::remove_file(&path);
@@ -338,6 +346,11 @@ impl EngineSide {
         check_image(id, &back[..len]).map_err(StepError::Other)?;
         self.count(|c| c.restored += 1);
         Ok(())
+    }
+
+    /// Memory touched without reserving, all engines together.
+    pub fn untracked_bytes(&self) -> u64 {
+        self.untracked.load(Ordering::Relaxed)
     }
 
     /// Frees every holding and deletes every spill file.

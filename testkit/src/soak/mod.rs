@@ -392,10 +392,30 @@ impl Soak {
             }
             Step::Reload(Reload::Valid { ceiling, budgets }) => {
                 let body = config_body(&self.plan.scenario, *ceiling, budgets);
+                let link = self.link.clone();
+                let heard = move || {
+                    read_link(&link)
+                        .as_ref()
+                        .map_or(0, |l| l.stats().limit_changes)
+                };
+                let before = heard();
                 match self.reload(&body)? {
                     None => {
                         self.config = body;
                         self.in_force = (*ceiling, budgets.clone());
+                        // The engines carry on once the library has heard
+                        // (the new room comes first, the limits after it),
+                        // as an engine only learns of a new configuration
+                        // from its library.
+                        let deadline = Instant::now() + STEP_BOUND;
+                        while heard() == before {
+                            if Instant::now() > deadline {
+                                bail!(
+                                    "the library heard no new limits within {STEP_BOUND:?} of a reload"
+                                );
+                            }
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
                     }
                     // A ceiling below what the database holds, which the
                     // kernel would not take (cgroup v1 answers EBUSY when
@@ -634,6 +654,14 @@ impl Soak {
             }
         }
         self.check_books()?;
+        if let Some(side) = self.sides.first()
+            && side.untracked_bytes() != 0
+        {
+            bail!(
+                "{} bytes still counted as touched without reserving after everything was freed",
+                side.untracked_bytes()
+            );
+        }
         for side in &self.sides {
             let u = self.governor.usage(side.id)?;
             if u.used_bytes != 0 {
@@ -812,10 +840,15 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
             let n = soak.report.steps;
             {
                 use std::io::Write;
+                // With the library's view as the step starts: its books,
+                // what it takes as held outside them, its ceiling.
                 writeln!(
                     trail,
-                    "{n} {:.3}s {step:?}",
-                    started.elapsed().as_secs_f64()
+                    "{n} {:.3}s books {} outside {} ceiling {} {step:?}",
+                    started.elapsed().as_secs_f64(),
+                    soak.governor.total_bytes() >> 20,
+                    soak.governor.outside_bytes() >> 20,
+                    soak.governor.ceiling_bytes() >> 20,
                 )?;
             }
             soak.recent.push_back(format!("{n}: {step:?}"));

@@ -508,7 +508,13 @@ impl Library {
         if self.engines.values().any(|e| e.books.is_none()) {
             return;
         }
-        let books: u64 = self.engines.values().map(EngineState::reserved_bytes).sum();
+        // Saturating: the books are what the library says (any u64; the
+        // session fuzzer sent two that overflowed a plain sum).
+        let books = self
+            .engines
+            .values()
+            .map(EngineState::reserved_bytes)
+            .fold(0u64, u64::saturating_add);
         let outside = held.saturating_sub(books);
         // Reservations stop at the database's Emergency mark: the rest of
         // the ceiling is for what nobody reserves as it comes and goes (a
@@ -973,8 +979,8 @@ impl Library {
                 (l.name.clone(), r, r.saturating_sub(l.floor_bytes))
             })
             .collect();
-        let above: u64 = weights.iter().map(|w| w.2).sum();
-        let all: u64 = weights.iter().map(|w| w.1).sum();
+        let above = weights.iter().map(|w| w.2).fold(0u64, u64::saturating_add);
+        let all = weights.iter().map(|w| w.1).fold(0u64, u64::saturating_add);
         for (name, held, over_floor) in weights {
             let (part, of) = if above > 0 {
                 (over_floor, above)

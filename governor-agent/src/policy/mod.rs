@@ -552,7 +552,11 @@ impl Policy {
             0
         };
         if let Some(reading) = t.reading {
-            let database_resident: u64 = reading.processes.iter().map(resident_of).sum();
+            let database_resident = reading
+                .processes
+                .iter()
+                .map(resident_of)
+                .fold(0u64, u64::saturating_add);
             // What the database holds that the kernel cannot drop, for the
             // libraries' room under the ceiling: the cgroup's figure, or
             // what its processes hold where the kernel has no ceiling.
@@ -679,7 +683,7 @@ fn resident_of(p: &ProcessAttribution) -> u64 {
         .values()
         .chain([&p.unattributed])
         .map(|e| e.resident_bytes)
-        .sum()
+        .fold(0, u64::saturating_add)
 }
 
 impl Policy {

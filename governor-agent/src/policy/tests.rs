@@ -1773,3 +1773,31 @@ fn memory_outside_the_books_is_sent_first_then_as_it_moves_a_step() {
     let (mut observing, _) = World::new(&["vector", "query"], false);
     assert!(outside(&mut observing, 0, 300).is_empty());
 }
+
+/// Books the library reports are any u64: summed, they saturate (the
+/// session fuzzer's crash: two engines reporting near u64::MAX overflowed
+/// the sum behind `outside`).
+#[test]
+fn books_near_the_top_of_u64_saturate_instead_of_overflowing() {
+    let (mut w, _) = World::new(&["vector", "query"], true);
+    w.report("vector", u64::MAX / 2 + 1, 0);
+    w.report("query", u64::MAX / 2 + 1, 0);
+    let sent: Vec<u64> = w
+        .policy
+        .tick(&Tick {
+            now: w.now,
+            reading: Some(&reading(&[("vector", 10 * MIB)])),
+            ceiling: cgroup(300),
+            psi: None,
+        })
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                message: ToLibrary::Outside { bytes, .. },
+                ..
+            } => Some(bytes),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent, [0]);
+}

@@ -1612,6 +1612,32 @@ fn in_an_emergency_every_engine_spills_its_part() {
     assert_eq!(got, []);
 }
 
+/// A tick of `w` on vector holding 10 MiB and a cgroup of `c`, after `ms`:
+/// the `outside` figures it sent (bytes, ceiling).
+fn outside_after(w: &mut World, ms: u64, c: Option<CeilingUse>) -> Vec<(u64, u64)> {
+    w.now += Duration::from_millis(ms);
+    w.policy
+        .tick(&Tick {
+            now: w.now,
+            reading: Some(&reading(&[("vector", 10 * MIB)])),
+            ceiling: c,
+            psi: None,
+        })
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                message:
+                    ToLibrary::Outside {
+                        bytes,
+                        ceiling_bytes,
+                    },
+                ..
+            } => Some((bytes, ceiling_bytes)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// What the database holds that the kernel cannot drop beyond the
 /// library's books is sent to the library first, then only when it moved
 /// a step (ceiling / 64 = 16 MiB here) from what was last sent; observing,
@@ -1622,27 +1648,14 @@ fn in_an_emergency_every_engine_spills_its_part() {
 #[test]
 fn memory_outside_the_books_is_sent_first_then_as_it_moves_a_step() {
     let outside = |w: &mut World, ms: u64, mib: u64| -> Vec<u64> {
-        w.now += Duration::from_millis(ms);
         let mut c = cgroup(mib);
         if let Some(c) = &mut c {
             // Page cache besides: only anonymous and shared memory count.
             c.charge_bytes += 100 * MIB;
         }
-        w.policy
-            .tick(&Tick {
-                now: w.now,
-                reading: Some(&reading(&[("vector", 10 * MIB)])),
-                ceiling: c,
-                psi: None,
-            })
+        outside_after(w, ms, c)
             .into_iter()
-            .filter_map(|a| match a {
-                Action::Send {
-                    message: ToLibrary::Outside { bytes, .. },
-                    ..
-                } => Some(bytes),
-                _ => None,
-            })
+            .map(|(b, _)| b)
             .collect()
     };
     let (mut w, _) = World::new(&["vector", "query"], true);
@@ -1723,29 +1736,7 @@ fn memory_outside_the_books_is_sent_first_then_as_it_moves_a_step() {
     )));
     w.policy.reload(rules(true));
     // A reload to observing takes the figure back, once.
-    let back = |w: &mut World| -> Vec<(u64, u64)> {
-        w.now += Duration::from_millis(20);
-        w.policy
-            .tick(&Tick {
-                now: w.now,
-                reading: Some(&reading(&[("vector", 10 * MIB)])),
-                ceiling: cgroup(300),
-                psi: None,
-            })
-            .into_iter()
-            .filter_map(|a| match a {
-                Action::Send {
-                    message:
-                        ToLibrary::Outside {
-                            bytes,
-                            ceiling_bytes,
-                        },
-                    ..
-                } => Some((bytes, ceiling_bytes)),
-                _ => None,
-            })
-            .collect()
-    };
+    let back = |w: &mut World| outside_after(w, 20, cgroup(300));
     let sent = w.policy.reload(rules(false));
     let taken_back: Vec<&Action> = sent
         .iter()
@@ -1782,22 +1773,9 @@ fn books_near_the_top_of_u64_saturate_instead_of_overflowing() {
     let (mut w, _) = World::new(&["vector", "query"], true);
     w.report("vector", u64::MAX / 2 + 1, 0);
     w.report("query", u64::MAX / 2 + 1, 0);
-    let sent: Vec<u64> = w
-        .policy
-        .tick(&Tick {
-            now: w.now,
-            reading: Some(&reading(&[("vector", 10 * MIB)])),
-            ceiling: cgroup(300),
-            psi: None,
-        })
+    let sent: Vec<u64> = outside_after(&mut w, 0, cgroup(300))
         .into_iter()
-        .filter_map(|a| match a {
-            Action::Send {
-                message: ToLibrary::Outside { bytes, .. },
-                ..
-            } => Some(bytes),
-            _ => None,
-        })
+        .map(|(b, _)| b)
         .collect();
     assert_eq!(sent, [0]);
 }

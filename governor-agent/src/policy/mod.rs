@@ -696,9 +696,12 @@ impl Policy {
     /// before it joined) are resident in it, and the ceiling is on the
     /// database's memory, not on its cgroup's share of it.
     fn ceiling_use(&self, t: &Tick<'_>) -> (u64, u64) {
-        let resident = t
-            .reading
-            .map_or(0, |r| r.processes.iter().map(resident_of).sum());
+        let resident = t.reading.map_or(0, |r| {
+            r.processes
+                .iter()
+                .map(resident_of)
+                .fold(0, u64::saturating_add)
+        });
         match t.ceiling {
             Some(c) => (c.working_set_bytes.max(resident), c.limit_bytes),
             None => (resident, self.rules.ceiling_bytes),

@@ -370,8 +370,6 @@ impl AgentLink {
 
 impl Drop for AgentLink {
     fn drop(&mut self) {
-        // No agent, no figure for what the database holds besides.
-        self.inner.governor.set_outside_bytes(0);
         self.inner.stop_cache_thread();
         self.inner.changed.notify_all();
         // Whatever the agent does (stopped with its socket open, not
@@ -392,6 +390,9 @@ impl Drop for AgentLink {
         for t in spills {
             let _ = t.join();
         }
+        // No agent, no figure for what the database holds besides (after
+        // the link's thread, which could still be applying one).
+        self.inner.governor.set_outside_bytes(0);
     }
 }
 

@@ -342,19 +342,35 @@ impl Ceiling {
         Ok(())
     }
 
+    /// The `memory.stat` keys of what the kernel cannot drop: anonymous
+    /// and shared memory (v1 keeps the hierarchical figure under `total_`).
+    fn held_keys(&self) -> [&'static str; 2] {
+        match self.backend {
+            Backend::CgroupV2 => ["anon", "shmem"],
+            Backend::CgroupV1 => ["total_rss", "total_shmem"],
+        }
+    }
+
+    /// Where a library reads what the database holds when its room runs
+    /// short: the figure `usage` gives the policy (`held_bytes`), from the
+    /// same file.
+    pub fn held_from(&self) -> nodedb_governor::control::wire::HeldFrom {
+        nodedb_governor::control::wire::HeldFrom {
+            stat: self.dir.join("memory.stat").display().to_string(),
+            keys: self.held_keys().map(String::from).to_vec(),
+        }
+    }
+
     /// What the policy needs at every tick: the charge and the working
     /// set (two files; the events and the engines' domains are read for
     /// the status only).
     pub fn usage(&self) -> crate::policy::CeilingUse {
-        let (current, inactive, [anon, shmem]) = match self.backend {
-            Backend::CgroupV2 => ("memory.current", "inactive_file", ["anon", "shmem"]),
+        let (current, inactive) = match self.backend {
+            Backend::CgroupV2 => ("memory.current", "inactive_file"),
             // v1 keeps the hierarchical figure under `total_`.
-            Backend::CgroupV1 => (
-                "memory.usage_in_bytes",
-                "total_inactive_file",
-                ["total_rss", "total_shmem"],
-            ),
+            Backend::CgroupV1 => ("memory.usage_in_bytes", "total_inactive_file"),
         };
+        let [anon, shmem] = self.held_keys();
         let (current_path, stat_path) = (self.dir.join(current), self.dir.join("memory.stat"));
         let mut files = self.usage_files.lock().unwrap_or_else(|p| p.into_inner());
         if files.is_none() {

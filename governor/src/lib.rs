@@ -308,7 +308,9 @@ pub use budget::{Budget, BudgetBuilder, EngineBudget, NumaBudget};
 pub use cache::{CachedFile, EngineCache, HotSet};
 pub use engine::EngineId;
 pub use error::{Holders, MemError};
-pub use governor::{DEFAULT_BATCH_BYTES, EngineUsage, MemoryGovernor, Rebalancer, Reservation};
+pub use governor::{
+    DEFAULT_BATCH_BYTES, EngineUsage, MemoryGovernor, OutsideProbe, Rebalancer, Reservation,
+};
 pub use numa::{Node, NodeTotals, NodeUsage, NumaPolicy, Topology};
 pub use overflow::{OverflowError, OverflowRegion, OverflowSlot};
 pub use page_cache::{UncachedWriter, WritePath};

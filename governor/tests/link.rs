@@ -98,6 +98,15 @@ fn euid() -> u32 {
 /// The agent's end of `link`'s next connection on `listener`, once the
 /// link is welcomed.
 fn accept_welcomed(listener: &UnixListener, link: &AgentLink) -> Agent {
+    accept_welcomed_with(listener, link, None)
+}
+
+/// [`accept_welcomed`], the welcome naming `held_from`.
+fn accept_welcomed_with(
+    listener: &UnixListener,
+    link: &AgentLink,
+    held_from: Option<&wire::HeldFrom>,
+) -> Agent {
     let (stream, _) = listener.accept().unwrap();
     stream
         .set_read_timeout(Some(Duration::from_millis(50)))
@@ -110,6 +119,7 @@ fn accept_welcomed(listener: &UnixListener, link: &AgentLink) -> Agent {
     agent.send(&ToLibrary::Welcome {
         version: wire::VERSION,
         engine_cgroups: Default::default(),
+        held_from: held_from.cloned(),
     });
     assert!(link.wait_connected(Duration::from_secs(10)));
     agent
@@ -786,4 +796,152 @@ fn an_agent_lost_for_long_gives_the_engines_their_own_limits_back() {
     // Given back once per loss, not at every failed attempt.
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(link.stats().agent_lost, 1);
+}
+
+/// Waits until `f()` holds (10 s at most), naming `what` if it never does.
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The agent's figure follows the kernel at its own pace; near the ceiling
+/// the library reads the database's `memory.stat` itself (a file the test
+/// writes, as the kernel would): what a spill moved to a tmpfs since the
+/// agent's last figure is not admitted a second time. The figure follows
+/// the file both ways, keeps the agent's ceiling, and goes with the
+/// agent's take-back.
+#[test]
+fn near_the_ceiling_the_library_reads_what_the_database_holds_itself() {
+    let socket = own_socket("held");
+    let stat = socket.with_file_name("memory.stat");
+    let held = |rss: u64, shmem: u64| {
+        fs::write(
+            &stat,
+            format!(
+                "rss 1\ntotal_rss {}\ntotal_shmem {}\n",
+                rss * MIB,
+                shmem * MIB
+            ),
+        )
+        .unwrap();
+    };
+    held(0, 0);
+    let _ = fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).unwrap();
+    // Exact figures: no thread-local credit (what a thread has drawn and
+    // not used counts in the books, a batch at most).
+    let governor = MemoryGovernor::with_batch(
+        Budget::builder(256 * MIB)
+            .engine(EngineId::Query, 0, 256 * MIB)
+            .build()
+            .unwrap(),
+        Default::default(),
+        0,
+    );
+    let link = AgentLink::builder(
+        &governor,
+        LinkConfig {
+            agent_uid: Some(euid()),
+            ..LinkConfig::new(&socket, "nodedb", &[("query", EngineId::Query)])
+        },
+    )
+    .start()
+    .unwrap();
+    let from = wire::HeldFrom {
+        stat: stat.display().to_string(),
+        keys: vec!["total_rss".into(), "total_shmem".into()],
+    };
+    let mut agent = accept_welcomed_with(&listener, &link, Some(&from));
+    // The agent saw nothing outside the books (its ceiling the library's).
+    agent.send(&ToLibrary::Outside {
+        bytes: 0,
+        ceiling_bytes: 256 * MIB,
+    });
+    eventually("the agent's figure was not applied", || {
+        link.stats().connected && governor.outside_bytes() == 0
+    });
+    // Far from the ceiling the file is not read: the agent's figure holds.
+    held(0, 80);
+    let first = governor.try_reserve(EngineId::Query, 100 * MIB).unwrap();
+    assert_eq!(governor.outside_bytes(), 0);
+    // 100 MiB held by the reservation, 80 by a tmpfs the agent has not
+    // seen yet: 100 more would leave 56 of the 256 (under a quarter), so
+    // the file is read, and only 76 are left.
+    held(100, 80);
+    assert!(matches!(
+        governor.try_reserve(EngineId::Query, 100 * MIB),
+        Err(nodedb_governor::MemError::GlobalCeilingExceeded { available, .. }) if available == 76 * MIB
+    ));
+    assert_eq!(governor.outside_bytes(), 80 * MIB);
+    // The tmpfs emptied: read again (after the millisecond between
+    // reads), the room is back.
+    held(100, 0);
+    std::thread::sleep(Duration::from_millis(5));
+    let second = governor.try_reserve(EngineId::Query, 100 * MIB).unwrap();
+    assert_eq!(governor.outside_bytes(), 0);
+    // The agent's ceiling 10 MiB under the library's: kept in the figure
+    // read (what is held beyond the books, 30 MiB, and the 10).
+    agent.send(&ToLibrary::Outside {
+        bytes: 0,
+        ceiling_bytes: 246 * MIB,
+    });
+    eventually("the agent's ceiling was not applied", || {
+        governor.outside_bytes() == 10 * MIB
+    });
+    held(200, 30);
+    assert_eq!(governor.refresh_outside(), 40 * MIB);
+    // Taken back (a reload to observing): no figure, and the file is no
+    // longer read.
+    agent.send(&ToLibrary::Outside {
+        bytes: 0,
+        ceiling_bytes: u64::MAX,
+    });
+    eventually("the take-back was not applied", || {
+        governor.outside_bytes() == 0
+    });
+    assert_eq!(governor.refresh_outside(), 0);
+    // Enforcing again, then the link dropped: the figure and the probe go.
+    agent.send(&ToLibrary::Outside {
+        bytes: 0,
+        ceiling_bytes: 256 * MIB,
+    });
+    eventually("enforcing again", || governor.refresh_outside() == 30 * MIB);
+    drop(link);
+    assert_eq!(governor.outside_bytes(), 0);
+    assert_eq!(governor.refresh_outside(), 0);
+    drop((first, second));
+}
+
+/// A `held_from` that does not name a `memory.stat` is not read, and the
+/// link says why; the connection goes on under the agent's figures.
+#[test]
+fn a_held_from_that_is_not_a_memory_stat_is_refused_by_name() {
+    let socket = own_socket("held-bad");
+    let _ = fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).unwrap();
+    let (governor, link) = query_link(&socket, |c| LinkConfig {
+        agent_uid: Some(euid()),
+        ..c
+    });
+    let secret = socket.with_file_name("shadow");
+    fs::write(&secret, "total_rss 1\n").unwrap();
+    let from = wire::HeldFrom {
+        stat: secret.display().to_string(),
+        keys: vec!["total_rss".into()],
+    };
+    let mut agent = accept_welcomed_with(&listener, &link, Some(&from));
+    let e = first_error(&link);
+    assert!(e.contains("memory.stat") && e.contains("shadow"), "{e}");
+    agent.send(&ToLibrary::Outside {
+        bytes: 5 * MIB,
+        ceiling_bytes: 256 * MIB,
+    });
+    eventually("the agent's figure was not applied", || {
+        governor.outside_bytes() == 5 * MIB
+    });
+    assert_eq!(governor.refresh_outside(), 5 * MIB);
+    assert!(link.stats().connected);
 }

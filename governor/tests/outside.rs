@@ -1,8 +1,16 @@
 //! What the database holds outside the books (`set_outside_bytes`, the
 //! agent's `outside`) takes room from reservations, but never an engine's
-//! floor.
+//! floor. A probe installed (`set_outside_probe`) is read before a
+//! decision that would leave less than a quarter of the ceiling, with the
+//! books and the ceiling of the moment, and a figure set while it is read
+//! wins over what it read.
 
-use nodedb_governor::{Budget, EngineId, MemError, MemoryGovernor};
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicU64, Ordering},
+};
+
+use nodedb_governor::{Budget, EngineId, MemError, MemoryGovernor, OutsideProbe};
 
 const MIB: u64 = 1 << 20;
 
@@ -34,4 +42,75 @@ fn memory_outside_the_books_takes_room_but_never_a_floor() {
     // None: the books alone.
     governor.set_outside_bytes(0);
     assert!(governor.try_reserve(EngineId::Query, 80 * MIB).is_ok());
+}
+
+#[test]
+fn the_probe_is_read_only_near_the_ceiling_with_the_books_of_the_moment() {
+    // No thread-local credit: the books are the reservations, exactly.
+    let governor = MemoryGovernor::with_batch(
+        Budget::builder(100 * MIB)
+            .engine(EngineId::Query, 0, 100 * MIB)
+            .build()
+            .unwrap(),
+        Default::default(),
+        0,
+    );
+    // The kernel's figure for what the database holds, as the test sets it.
+    let held = Arc::new(AtomicU64::new(0));
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let probe: OutsideProbe = {
+        let (held, calls) = (held.clone(), calls.clone());
+        Arc::new(move |books, ceiling| {
+            calls.lock().unwrap().push((books, ceiling));
+            Some(held.load(Ordering::Relaxed).saturating_sub(books))
+        })
+    };
+    governor.set_outside_probe(Some(probe));
+    // 60 of 100 leaves 40: not read.
+    held.store(90 * MIB, Ordering::Relaxed);
+    let a = governor.try_reserve(EngineId::Query, 60 * MIB).unwrap();
+    assert!(calls.lock().unwrap().is_empty());
+    assert_eq!(governor.outside_bytes(), 0);
+    // 20 more would leave 20 (under 25): read with the books (60) and the
+    // ceiling; 90 held, so 30 outside and 10 of room.
+    assert!(matches!(
+        governor.try_reserve(EngineId::Query, 20 * MIB),
+        Err(MemError::GlobalCeilingExceeded { available, .. }) if available == 10 * MIB
+    ));
+    assert_eq!(*calls.lock().unwrap(), vec![(60 * MIB, 100 * MIB)]);
+    // Read now whatever the room, for memory about to be used unreserved.
+    held.store(70 * MIB, Ordering::Relaxed);
+    assert_eq!(governor.refresh_outside(), 10 * MIB);
+    let b = governor.try_reserve(EngineId::Query, 30 * MIB).unwrap();
+    // Removed: not read again, and the last figure stays until set.
+    governor.set_outside_probe(None);
+    let n = calls.lock().unwrap().len();
+    drop(b);
+    assert!(governor.try_reserve(EngineId::Query, 35 * MIB).is_err());
+    assert_eq!(calls.lock().unwrap().len(), n);
+    assert_eq!(governor.refresh_outside(), 10 * MIB);
+    drop(a);
+}
+
+#[test]
+fn a_figure_set_while_the_probe_is_read_wins_over_the_reading() {
+    let governor = MemoryGovernor::with_batch(
+        Budget::builder(100 * MIB)
+            .engine(EngineId::Query, 0, 100 * MIB)
+            .build()
+            .unwrap(),
+        Default::default(),
+        0,
+    );
+    // The agent's figure (7 MiB) arrives while the probe reads 50.
+    let g = governor.clone();
+    governor.set_outside_probe(Some(Arc::new(move |_, _| {
+        g.set_outside_bytes(7 * MIB);
+        Some(50 * MIB)
+    })));
+    assert_eq!(governor.refresh_outside(), 7 * MIB);
+    // With nothing set in between, the reading lands.
+    governor.set_outside_probe(Some(Arc::new(|_, _| Some(50 * MIB))));
+    assert_eq!(governor.refresh_outside(), 50 * MIB);
+    governor.set_outside_probe(None);
 }

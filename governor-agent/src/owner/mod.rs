@@ -472,6 +472,7 @@ impl Agent {
         out.send(ToLibrary::Welcome {
             version: nodedb_governor::control::wire::VERSION,
             engine_cgroups,
+            held_from: self.ceiling.as_ref().map(Ceiling::held_from),
         });
         self.sessions.insert(session, (peer, out));
         let actions = self.policy.connect(session, pid, uid, &declared);

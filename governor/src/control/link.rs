@@ -32,7 +32,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::wire::{self, Decoder, EngineDecl, EngineReport, ToAgent, ToLibrary, WireError};
+use super::{
+    held::HeldReader,
+    wire::{self, Decoder, EngineDecl, EngineReport, ToAgent, ToLibrary, WireError},
+};
 use crate::{
     EngineId, MemoryGovernor, PressureLevel, SpillController,
     cache::{Dropped, EngineCache},
@@ -148,6 +151,8 @@ struct State {
     /// The agent has changed a limit or sent a level since the link
     /// started or last gave its steering back.
     steered: bool,
+    /// The database's `memory.stat`, as the agent named it at `welcome`.
+    held: Option<Arc<HeldReader>>,
 }
 
 /// Spill work for one engine, not yet started.
@@ -392,7 +397,7 @@ impl Drop for AgentLink {
         }
         // No agent, no figure for what the database holds besides (after
         // the link's thread, which could still be applying one).
-        self.inner.governor.set_outside_bytes(0);
+        self.inner.set_outside(0, None);
     }
 }
 
@@ -518,6 +523,13 @@ impl Inner {
         Ok(tid)
     }
 
+    /// The outside figure and the probe that reads it fresh (None: the
+    /// agent's figures alone).
+    fn set_outside(&self, bytes: u64, probe: Option<crate::OutsideProbe>) {
+        self.governor.set_outside_probe(probe);
+        self.governor.set_outside_bytes(bytes);
+    }
+
     /// The agent lost for `lost`: the engines return to their own limits
     /// (once per loss, if the agent had steered them).
     fn give_steering_back(&self, lost: Duration) {
@@ -534,7 +546,7 @@ impl Inner {
                 refused.push(format!("{engine:?}: {e}"));
             }
         }
-        self.governor.set_outside_bytes(0);
+        self.set_outside(0, None);
         st.stats.agent_lost += 1;
         st.stats.last_error = Some(if refused.is_empty() {
             format!(
@@ -1027,6 +1039,7 @@ impl Inner {
             ToLibrary::Welcome {
                 version,
                 engine_cgroups,
+                held_from,
             } => {
                 if version != wire::VERSION {
                     return Err(Ended::Version { agent: version });
@@ -1038,6 +1051,14 @@ impl Inner {
                     .into_iter()
                     .map(|(n, d)| (n, PathBuf::from(d)))
                     .collect();
+                // Without it the agent's figures alone decide (noted).
+                st.held = held_from.and_then(|from| match HeldReader::open(&from) {
+                    Ok(r) => Some(Arc::new(r)),
+                    Err(e) => {
+                        st.stats.last_error = Some(e.to_string());
+                        None
+                    }
+                });
                 drop(st);
                 self.changed.notify_all();
                 // Hot sets an Emergency released before a reconnect: the
@@ -1166,13 +1187,25 @@ impl Inner {
                 bytes,
                 ceiling_bytes,
             } => {
-                lock(&self.state).steered = true;
+                let held = {
+                    let mut st = lock(&self.state);
+                    st.steered = true;
+                    st.held.clone()
+                };
                 // The room is the smaller of what the library's own
                 // ceiling leaves its books and what the agent's leaves
                 // them and the rest: ceiling - books - x, x this.
                 let own = self.governor.ceiling_bytes();
-                self.governor
-                    .set_outside_bytes(bytes.saturating_add(own).saturating_sub(ceiling_bytes));
+                let x = bytes.saturating_add(own).saturating_sub(ceiling_bytes);
+                // Near the ceiling the same figure is read fresh: what is
+                // held now less the books now (u64::MAX: taken back).
+                let probe = held.filter(|_| ceiling_bytes != u64::MAX).map(|held| {
+                    Arc::new(move |books: u64, own: u64| {
+                        let outside = held.read()?.saturating_sub(books);
+                        Some(outside.saturating_add(own).saturating_sub(ceiling_bytes))
+                    }) as crate::OutsideProbe
+                });
+                self.set_outside(x, probe);
                 None
             }
             ToLibrary::Purge { engine: name } => {

@@ -2,6 +2,7 @@
 //! `control`): [`wire`] is the versioned frame format both ends speak,
 //! [`link`] the library's end, a background thread.
 
+mod held;
 pub mod link;
 mod wake;
 pub mod wire;

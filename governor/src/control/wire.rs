@@ -42,6 +42,17 @@ pub struct EngineReport {
     pub hot_set_bytes: u64,
 }
 
+/// A file of the database's cgroup and the keys in it whose values, summed,
+/// are what it holds that the kernel cannot drop (anonymous and shared
+/// memory): the agent's own figure for it (`outside`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldFrom {
+    /// Absolute path of a `memory.stat`.
+    pub stat: String,
+    pub keys: Vec<String>,
+}
+
 /// Library to agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -95,6 +106,11 @@ pub enum ToLibrary {
         version: u32,
         #[serde(default)]
         engine_cgroups: Vec<(String, String)>,
+        /// Where the library reads, when its room under the ceiling runs
+        /// short, what the database holds that the kernel cannot drop
+        /// (sent when the agent has the database's cgroup).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        held_from: Option<HeldFrom>,
     },
     /// A thread was put in its engine's cgroup (or TID map).
     ThreadPlaced { tid: u32, engine: String },

@@ -58,6 +58,9 @@ pub(super) struct Ledger {
     /// What the database holds that no reservation here accounts for
     /// (`MemoryGovernor::set_outside_bytes`): taken off the pool's room.
     pub(super) outside: u64,
+    /// Moves with every figure set from outside the governor (and with the
+    /// probe): a probe's reading lands only if none came in between.
+    pub(super) outside_epoch: u64,
     /// Sum of every engine's `protected()`, kept up to date on each change.
     protected_total: u64,
     pub(super) engines: Vec<EngineLedger>,
@@ -199,6 +202,7 @@ impl Ledger {
         Self {
             ceiling: budget.ceiling_bytes,
             outside: 0,
+            outside_epoch: 0,
             total: 0,
             protected_total: engines.iter().map(EngineLedger::protected).sum(),
             names: engines.iter().map(|e| e.name.clone()).collect(),
@@ -556,7 +560,7 @@ impl Ledger {
 
     /// The pool room left for engine `i`: what is below the ceiling, less
     /// the floors other engines keep (unused and not lent).
-    fn global_free(&self, i: usize) -> u64 {
+    pub(super) fn global_free(&self, i: usize) -> u64 {
         let others = self.protected_total - self.engines[i].protected();
         let books = self
             .ceiling

@@ -57,6 +57,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use self::shared::OutsideProbe;
 use self::shared::Shared;
 pub use self::{ledger::EngineUsage, rebalance::Rebalancer, reservation::Reservation};
 use crate::{
@@ -291,9 +292,26 @@ impl MemoryGovernor {
     /// to the ceiling on the books alone. Floors stay guaranteed.
     pub fn set_outside_bytes(&self, bytes: u64) {
         self.shared.flush_credit(None);
-        self.shared.with_ledger(|l| l.outside = bytes);
-        // Less outside is more room, as a release would give.
-        self.shared.wake_waiters();
+        self.shared.set_outside(bytes);
+    }
+
+    /// Lets the governor read the outside figure itself when its room runs
+    /// short, between the figures [`set_outside_bytes`](Self::set_outside_bytes)
+    /// brings: before deciding a reservation (or a draw of credit) that
+    /// would leave less than a quarter of the ceiling, at most once a
+    /// millisecond, `probe(books, ceiling)` gives the figure (None: left as
+    /// it is). The agent's link installs one that reads the database's
+    /// cgroup (`memory.stat`, a few microseconds) while the agent enforces.
+    /// None removes it; a reading under way when it changes is dropped.
+    pub fn set_outside_probe(&self, probe: Option<OutsideProbe>) {
+        self.shared.set_outside_probe(probe);
+    }
+
+    /// Reads the probe now, if one is installed, and returns the outside
+    /// figure in force (for memory about to be used without a reservation:
+    /// whether there is room for it).
+    pub fn refresh_outside(&self) -> u64 {
+        self.shared.refresh_outside()
     }
 
     /// What [`set_outside_bytes`](Self::set_outside_bytes) last set.

@@ -4,7 +4,10 @@
 //! charging and waiting.
 
 use std::{
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -18,10 +21,19 @@ use crate::{
     error::MemError,
     numa::Topology,
     pressure::{PressureChange, ThresholdsHandle},
-    sync::{Condvar, Mutex, MutexGuard},
+    sync::{Condvar, Mutex, MutexGuard, StdMutex},
 };
 
 const NO_SLOT: usize = usize::MAX;
+
+/// The probe is read at most this often (a read of a cgroup's
+/// `memory.stat` costs a few microseconds).
+const PROBE_EVERY: Duration = Duration::from_millis(1);
+
+/// What the database holds outside the books, read fresh: given the books
+/// and the ceiling, the figure for `MemoryGovernor::set_outside_bytes`, or
+/// None when it cannot be read.
+pub type OutsideProbe = Arc<dyn Fn(u64, u64) -> Option<u64> + Send + Sync>;
 
 type Subscriber = Box<dyn Fn(PressureChange) + Send + Sync>;
 
@@ -41,6 +53,14 @@ pub(super) struct Shared {
     /// The machine's nodes when the budget is split across them (more
     /// than one node), else None: every charge is on node 0.
     topology: Option<Topology>,
+    /// Reads the outside figure itself when room runs short
+    /// (`MemoryGovernor::set_outside_probe`); `probe_on` says there is one
+    /// without taking a lock.
+    outside_probe: StdMutex<Option<OutsideProbe>>,
+    probe_on: AtomicBool,
+    /// When it was last read, in nanoseconds since `born` (0: never).
+    probed_at: AtomicU64,
+    born: Instant,
     /// Fault injection: refuse the reservation attempt this many attempts
     /// from now (0: off), and how many were refused so.
     #[cfg(feature = "fault-injection")]
@@ -73,6 +93,7 @@ impl CreditSource for Shared {
     }
 
     fn draw_credit(&self, slot: usize, node: usize, bytes: u64) -> bool {
+        self.probe_if_short(slot, bytes);
         self.with_ledger_if(|l| {
             let drawn = l.draw(slot, node, bytes);
             (drawn, drawn)
@@ -86,7 +107,7 @@ impl CreditSource for Shared {
 
 impl Shared {
     pub(super) fn new(budget: Budget, thresholds: ThresholdsHandle, batch_bytes: u64) -> Self {
-        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let max_index = budget
             .engines
             .iter()
@@ -113,6 +134,10 @@ impl Shared {
             slots,
             gate,
             topology,
+            outside_probe: StdMutex::new(None),
+            probe_on: AtomicBool::new(false),
+            probed_at: AtomicU64::new(0),
+            born: Instant::now(),
             #[cfg(feature = "fault-injection")]
             fault: Default::default(),
         };
@@ -247,6 +272,7 @@ impl Shared {
         // Exact: this thread's credit (for every engine of this governor)
         // goes back first, so its own slack never decides its refusal.
         self.flush_credit(None);
+        self.probe_if_short(slot, bytes);
         let node = self.node();
         self.with_ledger_if(|l| {
             let moves_caps = l.refusal_moves_caps(slot);
@@ -254,6 +280,93 @@ impl Shared {
             let changed = r.is_ok() || moves_caps;
             (r, changed)
         })
+    }
+
+    /// Installs (or with None removes) the probe; a figure set by the
+    /// caller or read before no longer lands.
+    pub(super) fn set_outside_probe(&self, probe: Option<OutsideProbe>) {
+        let on = probe.is_some();
+        *self.outside_probe.lock().unwrap_or_else(|p| p.into_inner()) = probe;
+        self.probe_on.store(on, Ordering::Release);
+        self.probed_at.store(0, Ordering::Relaxed);
+        self.lock().outside_epoch += 1;
+    }
+
+    /// Sets the outside figure, and no reading of the probe under way
+    /// lands over it.
+    pub(super) fn set_outside(&self, bytes: u64) {
+        self.with_ledger(|l| {
+            l.outside = bytes;
+            l.outside_epoch += 1;
+        });
+        // Less outside is more room, as a release would give.
+        self.wake_waiters();
+    }
+
+    /// Before a decision for `bytes` of `slot` under the lock: when a probe
+    /// is installed, the room left after them would be under a quarter of
+    /// the ceiling, and the probe was not read in the last millisecond,
+    /// reads it. The figure the agent sends follows the kernel at its own
+    /// pace (a tick, a report interval, a step of the ceiling), and memory
+    /// moving from the books to somewhere else the kernel cannot drop (a
+    /// spill written to a tmpfs), or touched without reserving, would be
+    /// admitted against a view tens of MiB behind the kernel.
+    fn probe_if_short(&self, slot: usize, bytes: u64) {
+        if !self.probe_on.load(Ordering::Acquire) {
+            return;
+        }
+        let now = (self.born.elapsed().as_nanos() as u64).max(1);
+        let last = self.probed_at.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < PROBE_EVERY.as_nanos() as u64 {
+            return;
+        }
+        let (epoch, books, ceiling) = {
+            let l = self.lock();
+            if l.global_free(slot) >= bytes.saturating_add(l.ceiling / 4) {
+                return;
+            }
+            (l.outside_epoch, l.total, l.ceiling)
+        };
+        self.probed_at.store(now, Ordering::Relaxed);
+        self.read_probe(epoch, books, ceiling);
+    }
+
+    /// Reads the probe now (if installed); the outside figure in force.
+    pub(super) fn refresh_outside(&self) -> u64 {
+        let (epoch, books, ceiling) = {
+            let l = self.lock();
+            (l.outside_epoch, l.total, l.ceiling)
+        };
+        if self.probe_on.load(Ordering::Acquire) {
+            let now = (self.born.elapsed().as_nanos() as u64).max(1);
+            self.probed_at.store(now, Ordering::Relaxed);
+            self.read_probe(epoch, books, ceiling);
+        }
+        self.lock().outside
+    }
+
+    /// Calls the probe outside every lock and applies its figure unless
+    /// another was set meanwhile.
+    fn read_probe(&self, epoch: u64, books: u64, ceiling: u64) {
+        let probe = self
+            .outside_probe
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(bytes) = probe.and_then(|f| f(books, ceiling)) else {
+            return;
+        };
+        let less = self.with_ledger(|l| {
+            if l.outside_epoch != epoch || l.outside == bytes {
+                return false;
+            }
+            let less = bytes < l.outside;
+            l.outside = bytes;
+            less
+        });
+        if less {
+            self.wake_waiters();
+        }
     }
 
     /// Returns this thread's credit for `slot` (every engine when None).
@@ -271,6 +384,7 @@ impl Shared {
     ) -> Result<usize, MemError> {
         let start = Instant::now();
         self.flush_credit(Some(slot));
+        self.probe_if_short(slot, bytes);
         let node = self.node();
         let mut ledger = self.lock();
         let result = loop {

@@ -14,7 +14,7 @@ use crate::wait::poll;
 use super::{
     agent_binary::agent_binary,
     cgroup::RemovedCgroup,
-    launch::launch,
+    launch::launch_in,
     pins::RemovedPins,
     probes::{probe_command, spawn},
     reaped::Reaped,
@@ -78,7 +78,7 @@ impl Agent {
             cgroups.push(RemovedCgroup::new(root.join(&database)));
         }
         let _pins = RemovedPins(database.clone());
-        let child = Self::launch(&dir, &control, &admin, faults);
+        let child = Self::launch(&dir, &control, &admin, faults, &[]);
         let mut agent = Self {
             child,
             cgroups,
@@ -102,15 +102,22 @@ impl Agent {
         agent
     }
 
-    fn launch(dir: &ScratchDir, control: &Path, admin: &Path, faults: &str) -> Reaped {
+    fn launch(
+        dir: &ScratchDir,
+        control: &Path,
+        admin: &Path,
+        faults: &str,
+        cgroups: &[PathBuf],
+    ) -> Reaped {
         let log = dir.path().join("agent.log");
-        launch(
+        launch_in(
             &agent_binary(),
             &dir.path().join("governor.toml"),
             &log,
             &[control, admin],
             &[("FAILPOINTS", faults)],
             Self::START_TIMEOUT,
+            cgroups,
         )
         .unwrap_or_else(|e| panic!("{e}: {}", std::fs::read_to_string(&log).unwrap_or_default()))
     }
@@ -164,9 +171,18 @@ impl Agent {
     ///
     /// [`kill`]: Self::kill
     pub fn restart(&mut self) {
+        self.restart_in(&[]);
+    }
+
+    /// [`restart`], the agent started in the cgroups whose `cgroup.procs`
+    /// files `cgroups` names (see [`super::launch::launch_in`]): a process
+    /// the agent governs restarts it where it was, not in its own cgroups.
+    ///
+    /// [`restart`]: Self::restart
+    pub fn restart_in(&mut self, cgroups: &[PathBuf]) {
         let _ = std::fs::remove_file(&self.control);
         let _ = std::fs::remove_file(&self.admin);
-        self.child = Self::launch(&self.dir, &self.control, &self.admin, &self.faults);
+        self.child = Self::launch(&self.dir, &self.control, &self.admin, &self.faults, cgroups);
     }
 
     /// Runs the CLI with `args` against this agent's admin socket.

@@ -264,9 +264,10 @@ impl EngineSide {
 
     /// Touches `bytes` without reserving them, within the soak's limit on
     /// untracked memory, and only while the database has room for them as
-    /// the library sees it (its ceiling less its books and what the agent
-    /// says the database holds besides, less all the untracked memory
-    /// again, which the agent's figure may not show yet): memory an
+    /// the library sees it (its ceiling less its books and what the
+    /// database holds besides, read fresh from its cgroup while the agent
+    /// enforces, less all the untracked memory again, which a figure from
+    /// the agent alone may not show yet): memory an
     /// engine allocates without reserving is never refused, so an engine
     /// that cooperates looks before it takes it; one that does not can be
     /// OOM-killed whatever the governor does. Otherwise the step does
@@ -276,7 +277,7 @@ impl EngineSide {
         let room = g
             .ceiling_bytes()
             .saturating_sub(g.total_bytes())
-            .saturating_sub(g.outside_bytes())
+            .saturating_sub(g.refresh_outside())
             .saturating_sub(self.untracked.load(Ordering::Relaxed));
         let now = self.untracked.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if now > self.untracked_limit || bytes > room {

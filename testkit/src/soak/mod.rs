@@ -357,18 +357,20 @@ impl Soak {
             Step::KillAgent => {
                 let connects = read_link(&self.link).as_ref().map(|l| l.stats().connects);
                 self.agent.kill();
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.agent.restart()))
-                    .map_err(|p| {
-                        anyhow!(
-                            "the agent did not start again: {:?}",
-                            p.downcast_ref::<String>()
-                        )
-                    })?;
-                // Started by this process, the agent was born in the
-                // database's cgroups (as the service manager would not
-                // start it): back where the soak began, so its memory is
-                // not the database's.
-                move_to(self.agent.pid(), &self.cgroups_at_start)?;
+                // Started by this process, the agent would be born in the
+                // database's cgroups (as a service manager would not start
+                // it) and charge its start to them: it starts where the
+                // soak began.
+                let home = cgroup_procs(&self.cgroups_at_start);
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.agent.restart_in(&home)
+                }))
+                .map_err(|p| {
+                    anyhow!(
+                        "the agent did not start again: {:?}",
+                        p.downcast_ref::<String>()
+                    )
+                })?;
                 // The library finds the new agent on its own.
                 let deadline = Instant::now() + Duration::from_secs(60);
                 loop {
@@ -705,11 +707,12 @@ impl Soak {
     }
 }
 
-/// Moves `pid` into the cgroups `/proc/<pid>/cgroup` text `cgroups` names
-/// (v1 hierarchies mounted under /sys/fs/cgroup/<controllers>, v2 at
-/// /sys/fs/cgroup or /sys/fs/cgroup/unified).
-fn move_to(pid: u32, cgroups: &str) -> anyhow::Result<()> {
+/// The `cgroup.procs` files of the cgroups a `/proc/<pid>/cgroup` text
+/// names (v1 hierarchies mounted under /sys/fs/cgroup/<controllers>, v2 at
+/// /sys/fs/cgroup or /sys/fs/cgroup/unified), those that exist.
+fn cgroup_procs(cgroups: &str) -> Vec<PathBuf> {
     let root = Path::new("/sys/fs/cgroup");
+    let mut procs = Vec::new();
     for line in cgroups.lines() {
         let mut parts = line.splitn(3, ':');
         let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
@@ -725,12 +728,15 @@ fn move_to(pid: u32, cgroups: &str) -> anyhow::Result<()> {
                     .join(path),
             ]
         };
-        if let Some(dir) = dirs.into_iter().find(|d| d.join("cgroup.procs").exists()) {
-            std::fs::write(dir.join("cgroup.procs"), pid.to_string())
-                .with_context(|| format!("moving the agent ({pid}) to {}", dir.display()))?;
+        if let Some(file) = dirs
+            .into_iter()
+            .map(|d| d.join("cgroup.procs"))
+            .find(|f| f.exists())
+        {
+            procs.push(file);
         }
     }
-    Ok(())
+    procs
 }
 
 /// Runs a soak; `Err` is a setup failure, a violation is in the report.

@@ -64,7 +64,7 @@ pub(super) struct Shared {
     /// Fault injection: refuse the reservation attempt this many attempts
     /// from now (0: off), and how many were refused so.
     #[cfg(feature = "fault-injection")]
-    pub(super) fault: (std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64),
+    pub(super) fault: (AtomicU64, AtomicU64),
 }
 
 impl std::fmt::Debug for Shared {

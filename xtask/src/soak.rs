@@ -50,7 +50,7 @@ pub fn soak(opts: &Options) -> anyhow::Result<()> {
     let scratch = root.join("target/soak");
     std::fs::create_dir_all(&scratch)?;
     let out = scratch.join(format!("report-{seed}.json"));
-    let status = Command::new(&soak)
+    let mut child = Command::new(&soak)
         .args(["--seed", &seed.to_string()])
         .args(["--seconds", &opts.seconds.to_string()])
         .arg("--scratch")
@@ -61,10 +61,11 @@ pub fn soak(opts: &Options) -> anyhow::Result<()> {
         )
         .stdout(std::fs::File::create(&out)?)
         .stderr(Stdio::inherit())
-        .status()
+        .spawn()
         .context("running nodedb-soak")?;
+    let status = child.wait().context("waiting for nodedb-soak")?;
     // A soak the kernel killed leaves its agent behind.
-    kill_leftover_agents();
+    kill_leftover_agents(child.id());
     let report: Option<Value> = std::fs::read(&out)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
@@ -136,10 +137,11 @@ pub fn summary(r: &Value) -> String {
     )
 }
 
-/// Stops soak agents (their configuration in a `nodedb-soak-*`
-/// directory) left behind when the kernel killed the soak that started
-/// them.
-fn kill_leftover_agents() {
+/// Stops the agents the soak `soak` started (their configuration in its
+/// `nodedb-soak-<pid>-*` directory), left behind when the kernel killed
+/// it; another run's are left alone.
+fn kill_leftover_agents(soak: u32) {
+    let theirs = format!("/nodedb-soak-{soak}-");
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return;
     };
@@ -149,7 +151,7 @@ fn kill_leftover_agents() {
         };
         let cmdline = String::from_utf8_lossy(&cmdline);
         if cmdline.contains("nodedb-governor")
-            && cmdline.contains("/nodedb-soak-")
+            && cmdline.contains(&theirs)
             && let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>()
         {
             // SAFETY: signalling a process by pid.

@@ -159,4 +159,35 @@ fn kill_leftover_agents(soak: u32) {
         }
     }
     std::thread::sleep(Duration::from_millis(200));
+    remove_cgroups(&theirs[1..]);
+}
+
+/// Removes the cgroups named `<prefix>*` the soak's harness made (its
+/// database's, in every hierarchy), deepest first: left behind when the
+/// kernel killed the soak before its harness could remove them. One
+/// still in use stays (the kernel refuses to remove it).
+fn remove_cgroups(prefix: &str) {
+    let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    fn remove_tree(dir: &std::path::Path) {
+        if let Ok(children) = std::fs::read_dir(dir) {
+            for c in children.flatten() {
+                if c.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove_tree(&c.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    for h in hierarchies.flatten() {
+        let Ok(cgroups) = std::fs::read_dir(h.path()) else {
+            continue;
+        };
+        for c in cgroups.flatten() {
+            if c.file_name().to_string_lossy().starts_with(prefix) {
+                remove_tree(&c.path());
+            }
+        }
+    }
 }

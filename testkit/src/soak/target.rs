@@ -40,6 +40,11 @@ impl SpillTarget {
     pub fn mount(dir: &Path, bytes: u64, per_mille: u32, seed: u64) -> anyhow::Result<Self> {
         fs::create_dir_all(dir)?;
         let target = CString::new(dir.as_os_str().as_bytes())?;
+        // A run the kernel killed left its tmpfs mounted here (its pages
+        // still charged to that run's cgroup): detached first, each layer.
+        // SAFETY: a NUL-terminated path; fails (EINVAL) once nothing is
+        // mounted there.
+        while unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } == 0 {}
         let options = CString::new(format!("size={bytes},mode=0700"))?;
         // SAFETY: NUL-terminated strings that outlive the call.
         let rc = unsafe {

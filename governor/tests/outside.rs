@@ -114,3 +114,50 @@ fn a_figure_set_while_the_probe_is_read_wins_over_the_reading() {
     assert_eq!(governor.refresh_outside(), 50 * MIB);
     governor.set_outside_probe(None);
 }
+
+#[test]
+fn with_thread_local_credit_a_reservation_near_the_ceiling_still_reads_the_probe() {
+    // The default batch: small reservations draw credit from the ledger a
+    // batch at a time (or go exact where the fast path is shut); either
+    // way, near the ceiling the probe decides.
+    let governor = MemoryGovernor::new(
+        Budget::builder(100 * MIB)
+            .engine(EngineId::Query, 0, 100 * MIB)
+            .build()
+            .unwrap(),
+    );
+    let calls = Arc::new(AtomicU64::new(0));
+    let c = calls.clone();
+    governor.set_outside_probe(Some(Arc::new(move |_, _| {
+        c.fetch_add(1, Ordering::Relaxed);
+        Some(40 * MIB)
+    })));
+    // Far from the ceiling (in small steps, through credit): not read.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(governor.try_reserve(EngineId::Query, MIB).unwrap());
+    }
+    assert_eq!(calls.load(Ordering::Relaxed), 0);
+    // Read once the room as the governor sees it (its books and a figure
+    // of 0 outside) is within a quarter of the ceiling, about 75 MiB in
+    // (a batch of credit either side), and refused from then on: 40 MiB
+    // outside leave none.
+    let mut refused = false;
+    for _ in 0..40 {
+        match governor.try_reserve(EngineId::Query, MIB) {
+            Ok(r) => held.push(r),
+            Err(MemError::GlobalCeilingExceeded { .. }) => {
+                refused = true;
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused, "{} MiB admitted", held.len());
+    assert!(calls.load(Ordering::Relaxed) >= 1);
+    assert_eq!(governor.outside_bytes(), 40 * MIB);
+    let books = governor.total_bytes();
+    assert!((72 * MIB..=76 * MIB).contains(&books), "{books}");
+    assert!(governor.try_reserve(EngineId::Query, MIB).is_err());
+    governor.set_outside_probe(None);
+}

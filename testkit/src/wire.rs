@@ -41,16 +41,17 @@ pub enum ReplyError {
     Malformed(#[from] WireError),
 }
 
-/// Reads one reply frame from `s` (an `outside` skipped), through `d` (which keeps what came
-/// after it for the next call).
+/// Reads one reply frame from `s` (`outside` and `held_from` skipped),
+/// through `d` (which keeps what came after it for the next call).
 pub fn read_reply(s: &mut UnixStream, d: &mut Decoder) -> Result<ToLibrary, ReplyError> {
     let mut buf = [0u8; 4096];
     loop {
         if let Some(m) = d.next_message::<ToLibrary>() {
             // What the database holds outside the client's books comes at
             // the agent's pace, unasked: these clients speak requests and
-            // answers, and a raw client reserves nothing to correct.
-            if matches!(m, Ok(ToLibrary::Outside { .. })) {
+            // answers, and a raw client reserves nothing to correct (nor
+            // reads the file the agent names for it).
+            if matches!(m, Ok(ToLibrary::Outside { .. } | ToLibrary::HeldFrom(_))) {
                 continue;
             }
             return Ok(m?);

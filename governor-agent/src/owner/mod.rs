@@ -472,8 +472,10 @@ impl Agent {
         out.send(ToLibrary::Welcome {
             version: nodedb_governor::control::wire::VERSION,
             engine_cgroups,
-            held_from: self.ceiling.as_ref().map(Ceiling::held_from),
         });
+        if let Some(c) = &self.ceiling {
+            out.send(ToLibrary::HeldFrom(c.held_from()));
+        }
         self.sessions.insert(session, (peer, out));
         let actions = self.policy.connect(session, pid, uid, &declared);
         self.apply(actions);

@@ -7,7 +7,7 @@
 
 use std::{
     fs::File,
-    os::unix::fs::FileExt,
+    os::unix::fs::{FileExt, OpenOptionsExt},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -16,6 +16,8 @@ use super::wire::HeldFrom;
 
 /// The most keys a `held_from` may name.
 const MAX_KEYS: usize = 4;
+/// A `memory.stat` is 1 to 4 KiB; it is read whole in one read of this.
+const READ_BYTES: usize = 64 << 10;
 
 /// An open `memory.stat` and the keys whose values are summed.
 #[derive(Debug)]
@@ -63,14 +65,26 @@ impl HeldReader {
         {
             return Err(HeldError::Key { key: key.clone() });
         }
-        let file = File::open(path).map_err(|source| HeldError::Open {
+        // Not blocking on what is not a file (a FIFO would hold the link's
+        // thread for good).
+        let open = || -> std::io::Result<File> {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(path)?;
+            if !file.metadata()?.is_file() {
+                return Err(std::io::Error::other("not a regular file"));
+            }
+            Ok(file)
+        };
+        let file = open().map_err(|source| HeldError::Open {
             path: path.to_path_buf(),
             source,
         })?;
         Ok(Self {
             file,
             keys: from.keys.clone(),
-            buf: Mutex::new(Vec::with_capacity(8192)),
+            buf: Mutex::new(vec![0; READ_BYTES]),
         })
     }
 
@@ -78,20 +92,15 @@ impl HeldReader {
     /// (the cgroup removed) or a key is missing.
     pub(super) fn read(&self) -> Option<u64> {
         let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
-        buf.clear();
-        // A cgroup file is generated anew at offset 0; read to its end.
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = self.file.read_at(&mut chunk, buf.len() as u64).ok()?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if buf.len() > 1 << 20 {
-                return None;
-            }
+        // In one read: a cgroup file is generated anew at each, so a
+        // second could tear a line from the first. One that fills the
+        // buffer is not this file.
+        let n = self.file.read_at(&mut buf, 0).ok()?;
+        if n == buf.len() {
+            return None;
         }
-        let text = std::str::from_utf8(&buf).ok()?;
+        let buf = &buf[..n];
+        let text = std::str::from_utf8(buf).ok()?;
         let mut sum = 0u64;
         for key in &self.keys {
             let value = text.lines().find_map(|line| {
@@ -158,7 +167,7 @@ mod tests {
     }
 
     #[test]
-    fn a_file_longer_than_one_read_is_read_whole() {
+    fn a_file_of_many_lines_is_read_whole_and_one_too_long_for_a_memory_stat_not_at_all() {
         let dir = TempDir::new("long");
         let stat = dir.path().join("memory.stat");
         let mut text = String::new();
@@ -166,9 +175,11 @@ mod tests {
             text.push_str(&format!("filler_{i} {i}\n"));
         }
         text.push_str("anon 42\nshmem 8\n");
-        std::fs::write(&stat, text).unwrap();
+        std::fs::write(&stat, &text).unwrap();
         let r = HeldReader::open(&from(&stat, &["anon", "shmem"])).unwrap();
         assert_eq!(r.read(), Some(50));
+        std::fs::write(&stat, text.repeat(8)).unwrap();
+        assert_eq!(r.read(), None);
     }
 
     #[test]
@@ -185,5 +196,16 @@ mod tests {
         assert!(err(from(&stat, &["a", "b", "c", "d", "e"])).contains("5 keys"));
         assert!(err(from(&stat, &["anon 1"])).contains("\"anon 1\""));
         assert!(err(from(&dir.path().join("x/memory.stat"), &["anon"])).contains("opening"));
+        // A directory (or a FIFO) by that name: refused, not waited on.
+        let fifo_dir = dir.path().join("fifo");
+        std::fs::create_dir_all(&fifo_dir).unwrap();
+        let fifo = fifo_dir.join("memory.stat");
+        let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(err(from(&fifo, &["anon"])).contains("not a regular file"));
+        let d = dir.path().join("d/memory.stat");
+        std::fs::create_dir_all(&d).unwrap();
+        assert!(err(from(&d, &["anon"])).contains("not a regular file"));
     }
 }

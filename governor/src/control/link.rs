@@ -1039,7 +1039,6 @@ impl Inner {
             ToLibrary::Welcome {
                 version,
                 engine_cgroups,
-                held_from,
             } => {
                 if version != wire::VERSION {
                     return Err(Ended::Version { agent: version });
@@ -1051,20 +1050,30 @@ impl Inner {
                     .into_iter()
                     .map(|(n, d)| (n, PathBuf::from(d)))
                     .collect();
-                // Without it the agent's figures alone decide (noted).
-                st.held = held_from.and_then(|from| match HeldReader::open(&from) {
-                    Ok(r) => Some(Arc::new(r)),
-                    Err(e) => {
-                        st.stats.last_error = Some(e.to_string());
-                        None
-                    }
-                });
+                // A new agent names its own file, if it has one; until it
+                // sends its figure, the last agent's is not read again.
+                st.held = None;
                 drop(st);
+                self.governor.set_outside_probe(None);
                 self.changed.notify_all();
                 // Hot sets an Emergency released before a reconnect: the
                 // new agent's ladder starts at Normal and would not say so.
                 if let Some(cache) = &self.cache {
                     cache.restore_hot_sets(None);
+                }
+                None
+            }
+            ToLibrary::HeldFrom(from) => {
+                // Opened before the state's lock is taken. Without it the
+                // agent's figures alone decide (noted).
+                let reader = HeldReader::open(&from);
+                let mut st = lock(&self.state);
+                match reader {
+                    Ok(r) => st.held = Some(Arc::new(r)),
+                    Err(e) => {
+                        st.held = None;
+                        st.stats.last_error = Some(e.to_string());
+                    }
                 }
                 None
             }

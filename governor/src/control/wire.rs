@@ -106,12 +106,14 @@ pub enum ToLibrary {
         version: u32,
         #[serde(default)]
         engine_cgroups: Vec<(String, String)>,
-        /// Where the library reads, when its room under the ceiling runs
-        /// short, what the database holds that the kernel cannot drop
-        /// (sent when the agent has the database's cgroup).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        held_from: Option<HeldFrom>,
     },
+    /// Right after `welcome`, when the agent has the database's cgroup:
+    /// where the library reads, when its room under the ceiling runs
+    /// short, what the database holds that the kernel cannot drop. A
+    /// message of its own, not a field of `welcome`: a library from before
+    /// it, which refuses unknown fields and messages, is still welcomed
+    /// and only notes this one as an error.
+    HeldFrom(HeldFrom),
     /// A thread was put in its engine's cgroup (or TID map).
     ThreadPlaced { tid: u32, engine: String },
     /// The engine's budget changes (rebalancing), and the bound on its

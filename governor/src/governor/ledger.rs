@@ -558,9 +558,20 @@ impl Ledger {
         }
     }
 
+    /// What a request may take and still leave a quarter of the ceiling
+    /// under it, the books and what is held outside them counted: beyond
+    /// it, a probe of what is held outside is read first. (What matters
+    /// there is the kernel's ceiling, so floors are not taken off.)
+    pub(super) fn probe_slack(&self) -> u64 {
+        self.ceiling
+            .saturating_sub(self.total)
+            .saturating_sub(self.outside)
+            .saturating_sub(self.ceiling / 4)
+    }
+
     /// The pool room left for engine `i`: what is below the ceiling, less
     /// the floors other engines keep (unused and not lent).
-    pub(super) fn global_free(&self, i: usize) -> u64 {
+    fn global_free(&self, i: usize) -> u64 {
         let others = self.protected_total - self.engines[i].protected();
         let books = self
             .ceiling

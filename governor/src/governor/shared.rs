@@ -60,6 +60,10 @@ pub(super) struct Shared {
     probe_on: AtomicBool,
     /// When it was last read, in nanoseconds since `born` (0: never).
     probed_at: AtomicU64,
+    /// A request up to this many bytes leaves at least a quarter of the
+    /// ceiling as the ledger last stood (`Ledger::probe_slack`): the probe
+    /// is not read for it, and the lock not taken to find out.
+    slack: AtomicU64,
     born: Instant,
     /// Fault injection: refuse the reservation attempt this many attempts
     /// from now (0: off), and how many were refused so.
@@ -93,7 +97,7 @@ impl CreditSource for Shared {
     }
 
     fn draw_credit(&self, slot: usize, node: usize, bytes: u64) -> bool {
-        self.probe_if_short(slot, bytes);
+        self.probe_if_short(bytes);
         self.with_ledger_if(|l| {
             let drawn = l.draw(slot, node, bytes);
             (drawn, drawn)
@@ -137,6 +141,7 @@ impl Shared {
             outside_probe: StdMutex::new(None),
             probe_on: AtomicBool::new(false),
             probed_at: AtomicU64::new(0),
+            slack: AtomicU64::new(0),
             born: Instant::now(),
             #[cfg(feature = "fault-injection")]
             fault: Default::default(),
@@ -178,6 +183,7 @@ impl Shared {
             if changed || !ledger.thresholds_current(&self.thresholds) {
                 ledger.refresh_levels(&self.thresholds, &mut changes);
                 self.gate.refresh(&ledger);
+                self.slack.store(ledger.probe_slack(), Ordering::Relaxed);
             }
             r
         };
@@ -272,7 +278,7 @@ impl Shared {
         // Exact: this thread's credit (for every engine of this governor)
         // goes back first, so its own slack never decides its refusal.
         self.flush_credit(None);
-        self.probe_if_short(slot, bytes);
+        self.probe_if_short(bytes);
         let node = self.node();
         self.with_ledger_if(|l| {
             let moves_caps = l.refusal_moves_caps(slot);
@@ -303,31 +309,33 @@ impl Shared {
         self.wake_waiters();
     }
 
-    /// Before a decision for `bytes` of `slot` under the lock: when a probe
-    /// is installed, the room left after them would be under a quarter of
-    /// the ceiling, and the probe was not read in the last millisecond,
-    /// reads it. The figure the agent sends follows the kernel at its own
+    /// Before a decision for `bytes` under the lock: when a probe is
+    /// installed, the room left after them (the ceiling less the books and
+    /// what is held outside them) would be under a quarter of the ceiling,
+    /// and the probe was not read in the last millisecond, reads it. The figure the agent sends follows the kernel at its own
     /// pace (a tick, a report interval, a step of the ceiling), and memory
     /// moving from the books to somewhere else the kernel cannot drop (a
     /// spill written to a tmpfs), or touched without reserving, would be
     /// admitted against a view tens of MiB behind the kernel.
-    fn probe_if_short(&self, slot: usize, bytes: u64) {
-        if !self.probe_on.load(Ordering::Acquire) {
+    fn probe_if_short(&self, bytes: u64) {
+        if !self.probe_on.load(Ordering::Acquire) || bytes <= self.slack.load(Ordering::Relaxed) {
             return;
         }
+        // Once a millisecond, by whichever thread wins the exchange.
         let now = (self.born.elapsed().as_nanos() as u64).max(1);
         let last = self.probed_at.load(Ordering::Relaxed);
-        if last != 0 && now.saturating_sub(last) < PROBE_EVERY.as_nanos() as u64 {
+        if last != 0 && now.saturating_sub(last) < PROBE_EVERY.as_nanos() as u64
+            || self
+                .probed_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
             return;
         }
         let (epoch, books, ceiling) = {
             let l = self.lock();
-            if l.global_free(slot) >= bytes.saturating_add(l.ceiling / 4) {
-                return;
-            }
             (l.outside_epoch, l.total, l.ceiling)
         };
-        self.probed_at.store(now, Ordering::Relaxed);
         self.read_probe(epoch, books, ceiling);
     }
 
@@ -384,7 +392,7 @@ impl Shared {
     ) -> Result<usize, MemError> {
         let start = Instant::now();
         self.flush_credit(Some(slot));
-        self.probe_if_short(slot, bytes);
+        self.probe_if_short(bytes);
         let node = self.node();
         let mut ledger = self.lock();
         let result = loop {

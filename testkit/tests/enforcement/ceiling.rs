@@ -57,3 +57,53 @@ fn the_kernel_enforces_the_ceiling_on_the_databases_cgroup() {
         after["ceiling"]
     );
 }
+
+/// Right after its welcome the agent names the file its own figure of what
+/// the database holds comes from (`held_from`): the ceiling's cgroup's
+/// `memory.stat`, and keys that are in it, so a library near the ceiling
+/// reads what the agent reads.
+#[test]
+fn the_agent_names_the_databases_memory_stat_after_its_welcome() {
+    if skip_unless_privileged("ceiling held_from") {
+        return;
+    }
+    let agent = super::start_agent_with(
+        "ceiling = \"64MiB\"",
+        "[[engine]]\nname = \"vector\"\nbudget = \"100%\"\n",
+    );
+    let status = agent.status_json();
+    let cgroup = PathBuf::from(status["ceiling"]["cgroup"].as_str().unwrap());
+    let (mut s, mut d) = nodedb_governor_testkit::wire::connect(&agent.control).unwrap();
+    std::io::Write::write_all(
+        &mut s,
+        &nodedb_governor_testkit::wire::hello(&agent.database, &["vector"]),
+    )
+    .unwrap();
+    // Raw frames, none skipped: the welcome, then the file.
+    let mut frames = Vec::new();
+    let mut buf = [0u8; 4096];
+    while frames.len() < 2 {
+        if let Some(m) = d.next_message::<ToLibrary>() {
+            frames.push(m.unwrap());
+            continue;
+        }
+        let n = std::io::Read::read(&mut s, &mut buf).unwrap();
+        assert!(n > 0, "closed after {frames:?}");
+        d.push(&buf[..n]);
+    }
+    assert!(matches!(frames[0], ToLibrary::Welcome { .. }), "{frames:?}");
+    let ToLibrary::HeldFrom(from) = &frames[1] else {
+        panic!("no held_from after the welcome: {frames:?}");
+    };
+    assert_eq!(PathBuf::from(&from.stat), cgroup.join("memory.stat"));
+    let stat = std::fs::read_to_string(&from.stat).unwrap();
+    for key in &from.keys {
+        assert!(
+            stat.lines()
+                .any(|l| l.split(' ').next() == Some(key.as_str())),
+            "{key} not in {}: {stat}",
+            from.stat
+        );
+    }
+    assert_eq!(from.keys.len(), 2, "{from:?}");
+}

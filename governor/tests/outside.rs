@@ -44,17 +44,23 @@ fn memory_outside_the_books_takes_room_but_never_a_floor() {
     assert!(governor.try_reserve(EngineId::Query, 80 * MIB).is_ok());
 }
 
-#[test]
-fn the_probe_is_read_only_near_the_ceiling_with_the_books_of_the_moment() {
-    // No thread-local credit: the books are the reservations, exactly.
-    let governor = MemoryGovernor::with_batch(
+/// A governor of the query engine alone, all of a 100 MiB ceiling its
+/// budget, its threads drawing credit `batch` bytes at a time (0: none).
+fn query_only(batch: u64) -> MemoryGovernor {
+    MemoryGovernor::with_batch(
         Budget::builder(100 * MIB)
             .engine(EngineId::Query, 0, 100 * MIB)
             .build()
             .unwrap(),
         Default::default(),
-        0,
-    );
+        batch,
+    )
+}
+
+#[test]
+fn the_probe_is_read_only_near_the_ceiling_with_the_books_of_the_moment() {
+    // No thread-local credit: the books are the reservations, exactly.
+    let governor = query_only(0);
     // The kernel's figure for what the database holds, as the test sets it.
     let held = Arc::new(AtomicU64::new(0));
     let calls = Arc::new(Mutex::new(Vec::new()));
@@ -94,14 +100,7 @@ fn the_probe_is_read_only_near_the_ceiling_with_the_books_of_the_moment() {
 
 #[test]
 fn a_figure_set_while_the_probe_is_read_wins_over_the_reading() {
-    let governor = MemoryGovernor::with_batch(
-        Budget::builder(100 * MIB)
-            .engine(EngineId::Query, 0, 100 * MIB)
-            .build()
-            .unwrap(),
-        Default::default(),
-        0,
-    );
+    let governor = query_only(0);
     // The agent's figure (7 MiB) arrives while the probe reads 50.
     let g = governor.clone();
     governor.set_outside_probe(Some(Arc::new(move |_, _| {
@@ -120,12 +119,7 @@ fn with_thread_local_credit_a_reservation_near_the_ceiling_still_reads_the_probe
     // The default batch: small reservations draw credit from the ledger a
     // batch at a time (or go exact where the fast path is shut); either
     // way, near the ceiling the probe decides.
-    let governor = MemoryGovernor::new(
-        Budget::builder(100 * MIB)
-            .engine(EngineId::Query, 0, 100 * MIB)
-            .build()
-            .unwrap(),
-    );
+    let governor = query_only(nodedb_governor::DEFAULT_BATCH_BYTES);
     let calls = Arc::new(AtomicU64::new(0));
     let c = calls.clone();
     governor.set_outside_probe(Some(Arc::new(move |_, _| {

@@ -270,6 +270,17 @@ impl Library {
             .collect()
     }
 
+    /// What this library's engines hold in `process` (the kernel's
+    /// attribution): its part of the process when several libraries share
+    /// one.
+    pub(super) fn engines_resident(&self, process: &ProcessAttribution) -> u64 {
+        self.engines
+            .keys()
+            .filter_map(|name| process.engines.get(name))
+            .map(|e| e.resident_bytes)
+            .fold(0u64, u64::saturating_add)
+    }
+
     /// Sends `l` the limits in force: its floor and its budget, less what it
     /// holds unreserved (never below the floor), or less again under
     /// backpressure. Observing, the cap is the ceiling and the floor 0.

@@ -562,6 +562,18 @@ impl Policy {
             // what its processes hold where the kernel has no ceiling.
             let held = t.ceiling.map_or(database_resident, |c| c.held_bytes);
             let chosen = |l: &Library| only.is_none_or(|pids| pids.contains(&l.pid));
+            let process_of = |pid: u32| reading.processes.iter().find(|p| p.pid == pid);
+            // Several libraries in one process split its part of the
+            // excess by what their own engines hold (each asked for the
+            // whole would together ask for it again per library).
+            let mut libraries_of: BTreeMap<u32, (usize, u64)> = BTreeMap::new();
+            for l in self.libraries.values() {
+                if let Some(p) = process_of(l.pid) {
+                    let e = libraries_of.entry(l.pid).or_default();
+                    e.0 += 1;
+                    e.1 = e.1.saturating_add(l.engines_resident(p));
+                }
+            }
             for (session, l) in self.libraries.iter_mut().filter(|(_, l)| chosen(l)) {
                 let mut out = Vec::new();
                 if new_stall {
@@ -571,9 +583,15 @@ impl Policy {
                 if let Some(p) = reading.processes.iter().find(|p| p.pid == l.pid) {
                     // This process's part of the excess: its part of what
                     // the database holds.
-                    let over_ceiling = (over_ceiling as u128 * resident_of(p) as u128
+                    let mut over_ceiling = (over_ceiling as u128 * resident_of(p) as u128
                         / database_resident.max(1) as u128)
                         as u64;
+                    if let Some(&(n, all)) = libraries_of.get(&l.pid)
+                        && n > 1
+                    {
+                        over_ceiling = (over_ceiling as u128 * l.engines_resident(p) as u128
+                            / all.max(1) as u128) as u64;
+                    }
                     let at = library::Conditions {
                         stalling,
                         cache_pressure,

@@ -1612,6 +1612,50 @@ fn in_an_emergency_every_engine_spills_its_part() {
     assert_eq!(got, []);
 }
 
+/// Two libraries in one process (vector's and query's): in an Emergency
+/// they split the process's part of the excess by what their own engines
+/// hold, instead of each being asked for all of it.
+#[test]
+fn libraries_sharing_a_process_split_its_part_of_an_emergency() {
+    const OTHER: SessionId = 2;
+    let (mut w, _) = World::new(&["vector"], true);
+    w.policy.connect(OTHER, PID, 0, &["query".to_owned()]);
+    let r = reading(&[("vector", 200 * MIB), ("query", 164 * MIB)]);
+    // 1000 MiB of 1024: 232 MiB beyond the restore point (768), all of it
+    // this process's; vector holds 200 of the 364, query 164 (64 of them
+    // its floor).
+    let actions = w.policy.tick(&Tick {
+        now: w.now,
+        reading: Some(&r),
+        ceiling: cgroup(1000),
+        psi: None,
+    });
+    let spills: Vec<(SessionId, String, u64)> = actions
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                session,
+                message:
+                    ToLibrary::Spill {
+                        engine,
+                        target_bytes,
+                    },
+            } => Some((session, engine, target_bytes)),
+            _ => None,
+        })
+        .collect();
+    let share = |held: u64| 232 * MIB * held / 364;
+    assert_eq!(
+        spills,
+        [
+            (S, "vector".to_owned(), share(200)),
+            (OTHER, "query".to_owned(), share(164).min(100 * MIB)),
+        ]
+    );
+    let asked: u64 = spills.iter().map(|s| s.2).sum();
+    assert!(asked <= 232 * MIB, "{asked}");
+}
+
 /// A tick of `w` on vector holding 10 MiB and a cgroup of `c`, after `ms`:
 /// the `outside` figures it sent (bytes, ceiling).
 fn outside_after(w: &mut World, ms: u64, c: Option<CeilingUse>) -> Vec<(u64, u64)> {

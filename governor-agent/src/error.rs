@@ -115,6 +115,10 @@ pub enum MessageError {
 pub enum ReloadError {
     #[error("{field} cannot change without a restart")]
     NeedsRestart { field: &'static str },
+    #[error(
+        "a ceiling of {ceiling} bytes would leave no room: the database holds {held} bytes the kernel cannot drop (anonymous and shared memory), above the new ceiling's Emergency mark ({mark} bytes); a spill needs room under the ceiling to write, so lowering it this far would end in an OOM kill. Lower the engines' budgets first, or the ceiling in steps as the database comes down"
+    )]
+    CeilingBelowHeld { ceiling: u64, held: u64, mark: u64 },
     #[error(transparent)]
     Agent(#[from] AgentError),
 }

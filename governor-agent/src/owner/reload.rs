@@ -7,6 +7,8 @@ use crate::{config::Config, error::ReloadError, policy::Rules};
 
 impl Agent {
     /// Applies a new (valid) configuration at once, or refuses it whole:
+    /// a ceiling lowered below what the database holds and cannot drop
+    /// (beyond the new ceiling's Emergency mark) is refused too;
     /// what only a restart can change (the database, identity, cgroup root,
     /// sockets and the admin group, the metrics address, delegation, observe mode, the set of
     /// engines) must be unchanged. Budgets, floors, thresholds, the
@@ -47,6 +49,23 @@ impl Agent {
         let rules = Rules::from_config(&new)
             .on_nodes(&new, &crate::numa::machine_nodes())
             .map_err(crate::error::AgentError::from)?;
+        // A ceiling lowered under what the database cannot give back at
+        // once is refused (nothing written): the kernel (v1) takes a limit
+        // it can reach by dropping page cache, and then the database's
+        // next spill, which writes before it frees, is OOM-killed.
+        if let Some(c) = &self.ceiling
+            && new.ceiling_bytes() < old.ceiling_bytes()
+        {
+            let held = c.usage().held_bytes;
+            let mark = (new.ceiling_bytes() as f64 * rules.thresholds.emergency) as u64;
+            if held > mark {
+                return Err(ReloadError::CeilingBelowHeld {
+                    ceiling: new.ceiling_bytes(),
+                    held,
+                    mark,
+                });
+            }
+        }
         // The kernel's part, all or nothing: the cpuset first (the kernel
         // refuses a set whole, nothing changed), then the limits; a write
         // refused midway puts back what the old configuration had written,

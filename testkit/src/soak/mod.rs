@@ -419,15 +419,19 @@ impl Soak {
                             std::thread::sleep(Duration::from_millis(2));
                         }
                     }
-                    // A ceiling below what the database holds, which the
-                    // kernel would not take (cgroup v1 answers EBUSY when
-                    // it cannot reclaim down to it): refused whole, as the
-                    // README says; the old configuration stays.
-                    Some(line) if line.contains("writing") && line.contains("memory.") => {
+                    // A ceiling below what the database holds: refused
+                    // whole, as the README says, by the agent (beyond the
+                    // new ceiling's Emergency mark) or by the kernel
+                    // (cgroup v1 answers EBUSY when it cannot reclaim down
+                    // to it); the old configuration stays.
+                    Some(line)
+                        if line.contains("would leave no room")
+                            || line.contains("writing") && line.contains("memory.") =>
+                    {
                         *self
                             .report
                             .events
-                            .entry("agent_sighup_refused_by_kernel".into())
+                            .entry("agent_sighup_refused_below_held".into())
                             .or_default() += 1;
                         let config = self.config.clone();
                         self.write_config(&config)?;

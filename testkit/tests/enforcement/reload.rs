@@ -144,3 +144,59 @@ fn a_reload_refused_midway_puts_back_what_it_wrote() {
     });
     assert_eq!(limit(&agent), Some(768 << 20));
 }
+
+/// A ceiling lowered below what the database holds and cannot drop is
+/// refused whole, nothing written (on cgroup v1 the kernel takes a limit
+/// it can reach by dropping page cache, and the database's next spill,
+/// which writes before it frees, was OOM-killed: the soak found it); one
+/// that leaves the Emergency margin above it applies.
+#[test]
+fn a_ceiling_lowered_below_what_the_database_holds_is_refused() {
+    if skip_unless_privileged("reload below what is held") {
+        return;
+    }
+    let agent = Agent::start(
+        "nodedb-enforce",
+        &format!("ceiling = \"1GiB\"\n{}", super::three_engines(&[])),
+    );
+    let status = agent.status_json();
+    let limit = |agent: &Agent| agent.status_json()["ceiling"]["limit_bytes"].as_u64();
+    let cgroup = std::path::PathBuf::from(status["ceiling"]["cgroup"].as_str().unwrap());
+    let charge_file = match status["ceiling"]["backend"].as_str() {
+        Some("cgroup-v1") => "memory.usage_in_bytes",
+        _ => "memory.current",
+    };
+    let charge = || -> u64 {
+        std::fs::read_to_string(cgroup.join(charge_file))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    // A library process of the database holding 100 MiB untracked.
+    let _holder = agent.spawn_probe(
+        env!("CARGO_BIN_EXE_wire-probe"),
+        &["--touch-mib", "100", "--hold-ms", "30000"],
+        std::process::Stdio::null(),
+    );
+    wait_for("the database to hold 100 MiB", || charge() >= 100 << 20);
+    let config = agent.config_path();
+    let original = std::fs::read_to_string(&config).unwrap();
+    let reload = |ceiling: &str, answer: &str| {
+        let before = agent.log().matches(answer).count();
+        std::fs::write(
+            &config,
+            original.replace("ceiling = \"1GiB\"", &format!("ceiling = \"{ceiling}\"")),
+        )
+        .unwrap();
+        agent.signal(libc::SIGHUP);
+        wait_for(answer, || agent.log().matches(answer).count() > before);
+    };
+    reload("96MiB", "SIGHUP: configuration refused");
+    let log = agent.log();
+    assert!(log.contains("would leave no room"), "{log}");
+    assert_eq!(limit(&agent), Some(1 << 30), "nothing written");
+    // Room above it, with the Emergency margin: applied.
+    reload("256MiB", "SIGHUP: configuration reloaded");
+    assert_eq!(limit(&agent), Some(256 << 20));
+}

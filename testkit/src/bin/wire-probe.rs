@@ -5,6 +5,7 @@
 //! connected a while. For tests that need another uid, a report the
 //! library would not send, or a process the kernel kills at the ceiling.
 //!
+//! `--raw-frames N` prints the agent's first N frames, none skipped.
 //! `--follow` prints every later reply too, until the agent ends the
 //! connection (then `{"closed": true}`). `--fork-keeper`: after the reply
 //! the process forks and exits, printing `{"parent": PID, "keeper":
@@ -41,6 +42,10 @@ struct Args {
     /// Print every reply until the connection ends.
     #[arg(long)]
     follow: bool,
+    /// Print the first N frames the agent sends, none skipped (`outside`
+    /// and `held_from` included), then exit.
+    #[arg(long, default_value_t = 0)]
+    raw_frames: usize,
     /// Fork after the reply; the parent exits, the child keeps the
     /// connection and sends a thread for each tid read from stdin.
     #[arg(long)]
@@ -58,12 +63,37 @@ fn follow(s: &mut std::os::unix::net::UnixStream, d: &mut wire::Decoder) -> anyh
     Ok(())
 }
 
+/// Prints the first `n` frames as JSON lines, none skipped.
+fn raw_frames(
+    s: &mut std::os::unix::net::UnixStream,
+    d: &mut wire::Decoder,
+    n: usize,
+) -> anyhow::Result<()> {
+    let mut buf = [0u8; 4096];
+    let mut printed = 0;
+    while printed < n {
+        if let Some(m) = d.next_message::<wire::ToLibrary>() {
+            println!("{}", serde_json::to_string(&m?)?);
+            printed += 1;
+            continue;
+        }
+        let got = std::io::Read::read(s, &mut buf)?;
+        anyhow::ensure!(got > 0, "the agent closed after {printed} frames");
+        d.push(&buf[..got]);
+    }
+    std::io::Write::flush(&mut std::io::stdout())?;
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let (mut s, mut d) = connect(&args.agent.socket)?;
     // The agent may refuse (and close) before the hello is written: the
     // reply is read either way.
     let _ = std::io::Write::write_all(&mut s, &hello(&args.agent.database, &[&args.engine]));
+    if args.raw_frames > 0 {
+        return raw_frames(&mut s, &mut d, args.raw_frames);
+    }
     let reply = read_reply(&mut s, &mut d)?;
     println!("{}", serde_json::to_string(&reply)?);
     std::io::Write::flush(&mut std::io::stdout())?;

@@ -73,24 +73,21 @@ fn the_agent_names_the_databases_memory_stat_after_its_welcome() {
     );
     let status = agent.status_json();
     let cgroup = PathBuf::from(status["ceiling"]["cgroup"].as_str().unwrap());
-    let (mut s, mut d) = nodedb_governor_testkit::wire::connect(&agent.control).unwrap();
-    std::io::Write::write_all(
-        &mut s,
-        &nodedb_governor_testkit::wire::hello(&agent.database, &["vector"]),
-    )
-    .unwrap();
-    // Raw frames, none skipped: the welcome, then the file.
-    let mut frames = Vec::new();
-    let mut buf = [0u8; 4096];
-    while frames.len() < 2 {
-        if let Some(m) = d.next_message::<ToLibrary>() {
-            frames.push(m.unwrap());
-            continue;
-        }
-        let n = std::io::Read::read(&mut s, &mut buf).unwrap();
-        assert!(n > 0, "closed after {frames:?}");
-        d.push(&buf[..n]);
-    }
+    // From a process of its own (a probe): the agent adopts a library's
+    // process into the database's cgroups, and this test's process runs
+    // the other tests' agents.
+    let out = agent
+        .probe(env!("CARGO_BIN_EXE_wire-probe"))
+        .args(["--raw-frames", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let frames: Vec<ToLibrary> = out
+        .stdout
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
     assert!(matches!(frames[0], ToLibrary::Welcome { .. }), "{frames:?}");
     let ToLibrary::HeldFrom(from) = &frames[1] else {
         panic!("no held_from after the welcome: {frames:?}");

@@ -64,8 +64,10 @@ pub fn soak(opts: &Options) -> anyhow::Result<()> {
         .spawn()
         .context("running nodedb-soak")?;
     let status = child.wait().context("waiting for nodedb-soak")?;
-    // A soak the kernel killed leaves its agent behind.
+    // A soak the kernel killed leaves its agent behind, and its spill
+    // tmpfs mounted (its pages charged until it goes).
     kill_leftover_agents(child.id());
+    detach(&scratch.join(format!("spill-{seed}")));
     let report: Option<Value> = std::fs::read(&out)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
@@ -160,6 +162,18 @@ fn kill_leftover_agents(soak: u32) {
     }
     std::thread::sleep(Duration::from_millis(200));
     remove_cgroups(&theirs[1..]);
+}
+
+/// Detaches whatever is mounted on `dir` (each layer); nothing when
+/// nothing is.
+fn detach(dir: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: a NUL-terminated path; fails (EINVAL, ENOENT) once nothing
+    // is mounted there.
+    while unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } == 0 {}
 }
 
 /// Removes the cgroups named `<prefix>*` the soak's harness made (its

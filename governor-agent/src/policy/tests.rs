@@ -1656,6 +1656,17 @@ fn libraries_sharing_a_process_split_its_part_of_an_emergency() {
     assert!(asked <= 232 * MIB, "{asked}");
 }
 
+/// An `outside` figure sent to a library.
+fn is_outside(a: &Action) -> bool {
+    matches!(
+        a,
+        Action::Send {
+            message: ToLibrary::Outside { .. },
+            ..
+        }
+    )
+}
+
 /// A tick of `w` on vector holding 10 MiB and a cgroup of `c`, after `ms`:
 /// the `outside` figures it sent (bytes, ceiling).
 fn outside_after(w: &mut World, ms: u64, c: Option<CeilingUse>) -> Vec<(u64, u64)> {
@@ -1729,15 +1740,7 @@ fn memory_outside_the_books_is_sent_first_then_as_it_moves_a_step() {
             psi: None,
         })
         .into_iter()
-        .filter(|a| {
-            matches!(
-                a,
-                Action::Send {
-                    message: ToLibrary::Outside { .. },
-                    ..
-                }
-            )
-        })
+        .filter(is_outside)
         .collect();
     assert_eq!(
         got,
@@ -1782,18 +1785,7 @@ fn memory_outside_the_books_is_sent_first_then_as_it_moves_a_step() {
     // A reload to observing takes the figure back, once.
     let back = |w: &mut World| outside_after(w, 20, cgroup(300));
     let sent = w.policy.reload(rules(false));
-    let taken_back: Vec<&Action> = sent
-        .iter()
-        .filter(|a| {
-            matches!(
-                a,
-                Action::Send {
-                    message: ToLibrary::Outside { .. },
-                    ..
-                }
-            )
-        })
-        .collect();
+    let taken_back: Vec<&Action> = sent.iter().filter(|a| is_outside(a)).collect();
     assert_eq!(
         taken_back,
         [&Action::Send {

@@ -312,17 +312,18 @@ impl Shared {
     /// Before a decision for `bytes` under the lock: when a probe is
     /// installed, the room left after them (the ceiling less the books and
     /// what is held outside them) would be under a quarter of the ceiling,
-    /// and the probe was not read in the last millisecond, reads it. The figure the agent sends follows the kernel at its own
-    /// pace (a tick, a report interval, a step of the ceiling), and memory
-    /// moving from the books to somewhere else the kernel cannot drop (a
-    /// spill written to a tmpfs), or touched without reserving, would be
-    /// admitted against a view tens of MiB behind the kernel.
+    /// and the probe was not read in the last millisecond, reads it. The
+    /// figure the agent sends follows the kernel at its own pace (a tick, a
+    /// report interval, a step of the ceiling), and memory moving from the
+    /// books to somewhere else the kernel cannot drop (a spill written to a
+    /// tmpfs), or touched without reserving, would be admitted against a
+    /// view tens of MiB behind the kernel.
     fn probe_if_short(&self, bytes: u64) {
         if !self.probe_on.load(Ordering::Acquire) || bytes <= self.slack.load(Ordering::Relaxed) {
             return;
         }
         // Once a millisecond, by whichever thread wins the exchange.
-        let now = (self.born.elapsed().as_nanos() as u64).max(1);
+        let now = self.nanos();
         let last = self.probed_at.load(Ordering::Relaxed);
         if last != 0 && now.saturating_sub(last) < PROBE_EVERY.as_nanos() as u64
             || self
@@ -332,30 +333,31 @@ impl Shared {
         {
             return;
         }
-        let (epoch, books, ceiling) = {
-            let l = self.lock();
-            (l.outside_epoch, l.total, l.ceiling)
-        };
-        self.read_probe(epoch, books, ceiling);
+        self.read_probe();
     }
 
     /// Reads the probe now (if installed); the outside figure in force.
     pub(super) fn refresh_outside(&self) -> u64 {
-        let (epoch, books, ceiling) = {
-            let l = self.lock();
-            (l.outside_epoch, l.total, l.ceiling)
-        };
         if self.probe_on.load(Ordering::Acquire) {
-            let now = (self.born.elapsed().as_nanos() as u64).max(1);
-            self.probed_at.store(now, Ordering::Relaxed);
-            self.read_probe(epoch, books, ceiling);
+            self.probed_at.store(self.nanos(), Ordering::Relaxed);
+            self.read_probe();
         }
         self.lock().outside
     }
 
-    /// Calls the probe outside every lock and applies its figure unless
-    /// another was set meanwhile.
-    fn read_probe(&self, epoch: u64, books: u64, ceiling: u64) {
+    /// Nanoseconds since the governor was made (never 0: 0 is "never").
+    fn nanos(&self) -> u64 {
+        (self.born.elapsed().as_nanos() as u64).max(1)
+    }
+
+    /// Calls the probe outside every lock, with the books and the ceiling
+    /// of the moment, and applies its figure unless another was set
+    /// meanwhile.
+    fn read_probe(&self) {
+        let (epoch, books, ceiling) = {
+            let l = self.lock();
+            (l.outside_epoch, l.total, l.ceiling)
+        };
         let probe = self
             .outside_probe
             .lock()

@@ -580,7 +580,7 @@ impl Policy {
                     l.on_stall(&mut out);
                 }
                 let mut marks = Vec::new();
-                if let Some(p) = reading.processes.iter().find(|p| p.pid == l.pid) {
+                if let Some(p) = process_of(l.pid) {
                     // This process's part of the excess: its part of what
                     // the database holds.
                     let mut over_ceiling = (over_ceiling as u128 * resident_of(p) as u128

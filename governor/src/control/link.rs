@@ -151,7 +151,8 @@ struct State {
     /// The agent has changed a limit or sent a level since the link
     /// started or last gave its steering back.
     steered: bool,
-    /// The database's `memory.stat`, as the agent named it at `welcome`.
+    /// The database's `memory.stat`, as the agent named it (`held_from`,
+    /// right after `welcome`).
     held: Option<Arc<HeldReader>>,
 }
 
@@ -1204,17 +1205,18 @@ impl Inner {
                 // The room is the smaller of what the library's own
                 // ceiling leaves its books and what the agent's leaves
                 // them and the rest: ceiling - books - x, x this.
-                let own = self.governor.ceiling_bytes();
-                let x = bytes.saturating_add(own).saturating_sub(ceiling_bytes);
+                let x = move |outside: u64, own: u64| {
+                    outside.saturating_add(own).saturating_sub(ceiling_bytes)
+                };
                 // Near the ceiling the same figure is read fresh: what is
                 // held now less the books now (u64::MAX: taken back).
                 let probe = held.filter(|_| ceiling_bytes != u64::MAX).map(|held| {
                     Arc::new(move |books: u64, own: u64| {
-                        let outside = held.read()?.saturating_sub(books);
-                        Some(outside.saturating_add(own).saturating_sub(ceiling_bytes))
+                        Some(x(held.read()?.saturating_sub(books), own))
                     }) as crate::OutsideProbe
                 });
-                self.set_outside(x, probe);
+                let bytes = x(bytes, self.governor.ceiling_bytes());
+                self.set_outside(bytes, probe);
                 None
             }
             ToLibrary::Purge { engine: name } => {

@@ -3,12 +3,23 @@
 //! documents' fields, `payload_bytes` a vector) are charged to the Vector
 //! budget. When a new segment's charge is refused, or the agent
 //! asks for a spill, the oldest resident segments are evicted: their
-//! vectors are written to disk and searched there by a scan (exact, and
-//! slower), and their charge is released.
+//! vectors and payload are written to disk and searched there by a scan
+//! (exact, and slower), and their charge is released. A search returns
+//! documents: the payload of each of the `k` nearest is fetched (from
+//! memory, or from an evicted segment's file) and checked.
+//!
+//! An evicted segment is read with direct I/O (`O_DIRECT`), as a database
+//! reads its own files when it keeps their pages in budgets of its own:
+//! through the page cache, every scan would leave the segment cached,
+//! memory in the database's cgroup that no engine's budget counts and
+//! that would make an evicted segment as fast as a resident one until the
+//! kernel takes it back. A filesystem that refuses `O_DIRECT` (tmpfs
+//! before Linux 6.6) is read through the cache, and the stats say so.
 
 use std::{
-    fs::File,
-    io::{BufReader, Read, Write},
+    fs::{File, OpenOptions},
+    io::Write,
+    os::unix::fs::{FileExt, OpenOptionsExt},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -26,6 +37,14 @@ pub const CHARGE_PER_VECTOR: u64 = 1024;
 /// for an agent to hear the refusal (the library reports every 50 ms) and
 /// give back what the engine lent, short beside a segment's build.
 pub const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// An evicted segment's record: the id, then the vector.
+const RECORD: usize = 4 + DIM * 4;
+/// Direct I/O works in whole blocks at aligned offsets.
+const BLOCK: usize = 4096;
+/// A scan reads this much at a time: whole blocks, and whole records
+/// (4,096 of them), so no record straddles two reads.
+const SCAN_WINDOW: usize = RECORD * BLOCK;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Vector(pub [f32; DIM]);
@@ -54,16 +73,78 @@ pub fn vector(id: u32) -> Vector {
     Vector(v)
 }
 
+/// Byte `i` of the payload of the segment starting at vector `first`
+/// (document `first + i / payload_bytes`'s fields).
+fn payload_byte(first: u32, i: usize) -> u8 {
+    (i as u32 ^ first) as u8
+}
+
 enum Segment {
     Resident {
+        first: u32,
         map: HnswMap<Vector, u32>,
         payload: Vec<u8>,
         charge: Reservation,
     },
     OnDisk {
+        first: u32,
         path: PathBuf,
         len: usize,
     },
+}
+
+/// A file read past the page cache where the filesystem allows it.
+struct DirectFile {
+    file: File,
+    direct: bool,
+}
+
+impl DirectFile {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(file) => Ok(Self { file, direct: true }),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Self {
+                file: File::open(path)?,
+                direct: false,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads `len` bytes at `offset` into `buf` (grown as needed) and
+    /// returns them; the read itself covers the whole blocks around them.
+    fn read<'b>(&self, buf: &'b mut Vec<u8>, offset: u64, len: usize) -> std::io::Result<&'b [u8]> {
+        let start = offset - offset % BLOCK as u64;
+        let skip = (offset - start) as usize;
+        let span = (skip + len).next_multiple_of(BLOCK);
+        // An aligned stretch inside the buffer (direct I/O wants the
+        // memory aligned too).
+        buf.resize(span + BLOCK, 0);
+        let at = buf.as_ptr().align_offset(BLOCK).min(BLOCK);
+        let window = &mut buf[at..at + span];
+        let mut got = 0;
+        while got < skip + len {
+            match self.file.read_at(&mut window[got..], start + got as u64) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "{len} bytes at {offset}: the file ends at {}",
+                            start + got as u64
+                        ),
+                    ));
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(&buf[at + skip..at + skip + len])
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
@@ -75,6 +156,15 @@ pub struct VectorStats {
     pub refusals: u64,
     pub searches: u64,
     pub disk_scans: u64,
+    /// Documents returned, and those of them read from an evicted
+    /// segment's file.
+    pub documents: u64,
+    pub documents_from_disk: u64,
+    /// Bytes read from evicted segments' files (scans and documents).
+    pub disk_bytes_read: u64,
+    /// Whether those reads went past the page cache (`O_DIRECT`); false
+    /// when the filesystem refused it, or nothing was read.
+    pub direct_io: bool,
 }
 
 pub struct VectorEngine {
@@ -164,9 +254,10 @@ impl VectorEngine {
             .build(points, values);
         // Each document's stored fields (every page written).
         let payload: Vec<u8> = (0..n as usize * self.payload_bytes)
-            .map(|i| (i as u32 ^ first) as u8)
+            .map(|i| payload_byte(first, i))
             .collect();
         lock(&self.segments).push(Segment::Resident {
+            first,
             map,
             payload,
             charge,
@@ -187,6 +278,7 @@ impl VectorEngine {
             return Ok(0);
         };
         let Segment::Resident {
+            first,
             map,
             payload,
             charge,
@@ -212,16 +304,24 @@ impl VectorEngine {
         w.flush()?;
         drop(w);
         let freed = charge.size();
-        segs[i] = Segment::OnDisk { path, len };
+        segs[i] = Segment::OnDisk {
+            first: *first,
+            path,
+            len,
+        };
         lock(&self.stats).evictions += 1;
         Ok(freed)
     }
 
-    /// The `k` nearest vectors to `q`: (distance, id), nearest first.
+    /// The `k` nearest vectors to `q`: (distance, id), nearest first,
+    /// each document's payload fetched and checked (a search returns the
+    /// documents, not only their ids). Resident segments are searched in
+    /// their graphs; evicted ones are scanned from their files.
     pub fn search(&self, q: &Vector, k: usize) -> std::io::Result<Vec<(f32, u32)>> {
         let segs = lock(&self.segments);
         let mut best: Vec<(f32, u32)> = Vec::with_capacity(k * (segs.len() + 1));
-        let mut scans = 0;
+        let (mut scans, mut read, mut direct) = (0, 0u64, false);
+        let mut buf = Vec::new();
         for s in segs.iter() {
             match s {
                 Segment::Resident { map, .. } => {
@@ -232,37 +332,100 @@ impl VectorEngine {
                             .map(|i| (i.distance, *i.value)),
                     );
                 }
-                Segment::OnDisk { path, len } => {
+                Segment::OnDisk { path, len, .. } => {
                     scans += 1;
-                    let mut r = BufReader::with_capacity(1 << 20, File::open(path)?);
-                    let mut rec = [0u8; 4 + DIM * 4];
+                    let file = DirectFile::open(path)?;
+                    direct |= file.direct;
                     let mut local: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
-                    for _ in 0..*len {
-                        r.read_exact(&mut rec)?;
-                        let id = u32::from_le_bytes(rec[..4].try_into().unwrap_or_default());
-                        let mut v = [0f32; DIM];
-                        for (j, c) in v.iter_mut().enumerate() {
-                            let at = 4 + j * 4;
-                            *c = f32::from_le_bytes(rec[at..at + 4].try_into().unwrap_or_default());
-                        }
-                        let d = q.distance(&Vector(v));
-                        if local.len() < k || d < local[local.len() - 1].0 {
-                            let at = local.partition_point(|x| x.0 <= d);
-                            local.insert(at, (d, id));
-                            local.truncate(k);
+                    let bytes = len * RECORD;
+                    let mut at = 0;
+                    while at < bytes {
+                        let n = SCAN_WINDOW.min(bytes - at);
+                        let window = file.read(&mut buf, at as u64, n)?;
+                        read += n as u64;
+                        at += n;
+                        for rec in window.chunks_exact(RECORD) {
+                            let (id, v) = decode(rec);
+                            let d = q.distance(&v);
+                            if local.len() < k || d < local[local.len() - 1].0 {
+                                let at = local.partition_point(|x| x.0 <= d);
+                                local.insert(at, (d, id));
+                                local.truncate(k);
+                            }
                         }
                     }
                     best.extend(local);
                 }
             }
         }
-        drop(segs);
         best.sort_by(|a, b| a.0.total_cmp(&b.0));
         best.truncate(k);
+        let mut from_disk = 0;
+        for &(_, id) in &best {
+            let (fetched, on_disk) = self.document(&segs, id, &mut buf)?;
+            read += fetched;
+            from_disk += u64::from(on_disk);
+        }
+        drop(segs);
         let mut st = lock(&self.stats);
         st.searches += 1;
         st.disk_scans += scans;
+        st.documents += best.len() as u64;
+        st.documents_from_disk += from_disk;
+        st.disk_bytes_read += read;
+        st.direct_io |= direct;
         Ok(best)
+    }
+
+    /// Fetches document `id`'s payload from the segment holding it and
+    /// checks every byte; returns the bytes read from disk and whether
+    /// it came from an evicted segment.
+    fn document(
+        &self,
+        segs: &[Segment],
+        id: u32,
+        buf: &mut Vec<u8>,
+    ) -> std::io::Result<(u64, bool)> {
+        let p = self.payload_bytes;
+        let holding = segs.iter().find_map(|s| match s {
+            Segment::Resident { first, map, .. }
+                if (*first..*first + map.values.len() as u32).contains(&id) =>
+            {
+                Some((s, *first))
+            }
+            Segment::OnDisk { first, len, .. } if (*first..*first + *len as u32).contains(&id) => {
+                Some((s, *first))
+            }
+            _ => None,
+        });
+        let Some((segment, first)) = holding else {
+            return Err(std::io::Error::other(format!(
+                "document {id} is in no segment"
+            )));
+        };
+        let from = (id - first) as usize * p;
+        let (bytes, read, on_disk) = match segment {
+            Segment::Resident { payload, .. } => (&payload[from..from + p], 0, false),
+            Segment::OnDisk { path, len, .. } => {
+                let file = DirectFile::open(path)?;
+                (
+                    file.read(buf, (len * RECORD + from) as u64, p)?,
+                    p as u64,
+                    true,
+                )
+            }
+        };
+        if let Some(bad) = bytes
+            .iter()
+            .enumerate()
+            .position(|(i, b)| *b != payload_byte(first, from + i))
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("document {id}'s payload is wrong at byte {bad}"),
+            ));
+        }
+        Ok((read, on_disk))
     }
 
     /// Bytes charged by resident segments.
@@ -275,6 +438,16 @@ impl VectorEngine {
             })
             .sum()
     }
+}
+
+/// An evicted segment's record: (id, vector).
+fn decode(rec: &[u8]) -> (u32, Vector) {
+    let word = |at: usize| [rec[at], rec[at + 1], rec[at + 2], rec[at + 3]];
+    let mut v = [0f32; DIM];
+    for (j, c) in v.iter_mut().enumerate() {
+        *c = f32::from_le_bytes(word(4 + j * 4));
+    }
+    (u32::from_le_bytes(word(0)), Vector(v))
 }
 
 /// The exact `k` nearest among vectors `0..n` (the reference for recall).

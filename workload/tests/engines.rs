@@ -106,15 +106,31 @@ fn a_spill_request_flushes_the_timeseries_buffers() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Whether files in `dir` can be opened for direct I/O.
+fn takes_direct_io(dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe = dir.join("direct-probe");
+    std::fs::write(&probe, [0u8; 4096]).unwrap();
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe)
+        .is_ok();
+    let _ = std::fs::remove_file(probe);
+    ok
+}
+
 #[test]
 fn vector_segments_are_evicted_to_fit_and_search_still_finds_the_nearest() {
     let per_segment = 1000u32;
     let segments = 6u32;
+    // Not a multiple of a block: documents straddle block boundaries.
+    let payload = 3000usize;
     // Room for two and a half segments.
-    let cap = u64::from(per_segment) * CHARGE_PER_VECTOR * 5 / 2;
+    let cap = u64::from(per_segment) * (CHARGE_PER_VECTOR + payload as u64) * 5 / 2;
     let g = governor(EngineId::Vector, cap);
     let dir = scratch("vec");
-    let v = VectorEngine::new(&g, &dir, 0).unwrap();
+    let v = VectorEngine::new(&g, &dir, payload).unwrap();
     for s in 0..segments {
         v.add_segment(s * per_segment, per_segment).unwrap();
         let used = g.usage(EngineId::Vector).unwrap().used_bytes;
@@ -133,7 +149,28 @@ fn vector_segments_are_evicted_to_fit_and_search_still_finds_the_nearest() {
     }
     let recall = total / f64::from(queries);
     assert!(recall >= 0.9, "recall@10 {recall}");
-    assert!(v.stats().disk_scans > 0);
+    let st = v.stats();
+    assert!(st.disk_scans > 0, "{st:?}");
+    // Every result's document was fetched and checked, most of them from
+    // the evicted segments (four of six), each scan reading its vectors.
+    assert_eq!(st.documents, 10 * u64::from(queries), "{st:?}");
+    assert!(st.documents_from_disk > st.documents / 2, "{st:?}");
+    let scanned = st.disk_scans * u64::from(per_segment) * (4 + 4 * vector::DIM as u64);
+    assert_eq!(
+        st.disk_bytes_read,
+        scanned + st.documents_from_disk * payload as u64,
+        "{st:?}"
+    );
+    // Read past the page cache: the evicted segments' files are not left
+    // in it by the scans.
+    if takes_direct_io(&dir) {
+        assert!(st.direct_io, "{st:?}");
+        for f in std::fs::read_dir(&dir).unwrap() {
+            let f = std::fs::File::open(f.unwrap().path()).unwrap();
+            let (cached, size) = nodedb_governor::page_cache::resident_bytes(&f).unwrap();
+            assert!(cached < size / 10, "{cached} of {size} bytes cached");
+        }
+    }
     // The agent's spill: everything resident can go.
     let spill = SpillController::new(SpillConfig::default()).unwrap();
     let v = std::sync::Arc::new(v);
@@ -141,6 +178,42 @@ fn vector_segments_are_evicted_to_fit_and_search_still_finds_the_nearest() {
     let held = v.resident_charge();
     assert!(held > 0);
     assert!(spill.spill_engines(&[EngineId::Vector], held) >= held);
+    // What this thread kept as credit from the releases goes back too.
+    g.flush_thread_credit();
     assert_eq!(g.usage(EngineId::Vector).unwrap().used_bytes, 0);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_document_changed_on_disk_fails_the_search_that_returns_it() {
+    let per_segment = 500u32;
+    let payload = 1000usize;
+    // Room for one segment: the first is evicted by the second.
+    let cap = u64::from(per_segment) * (CHARGE_PER_VECTOR + payload as u64) * 3 / 2;
+    let g = governor(EngineId::Vector, cap);
+    let dir = scratch("vec-bad");
+    let v = VectorEngine::new(&g, &dir, payload).unwrap();
+    v.add_segment(0, per_segment).unwrap();
+    v.add_segment(per_segment, per_segment).unwrap();
+    assert_eq!(v.stats().evictions, 1);
+    // The query is vector 7 itself: document 7, in the evicted segment,
+    // is its nearest.
+    let q = vector::vector(7);
+    let found = v.search(&q, 10).unwrap();
+    assert_eq!(found[0].1, 7);
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "vec"))
+        .unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = per_segment as usize * (4 + 4 * vector::DIM) + 7 * payload + 123;
+    bytes[at] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+    let err = v.search(&q, 10).unwrap_err().to_string();
+    assert!(
+        err.contains("document 7's payload is wrong at byte 123"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -122,6 +122,11 @@ enum Task {
         /// `mixed`, governed and ungoverned for `cache`).
         #[arg(long, value_delimiter = ',')]
         modes: Vec<String>,
+        /// Runs of the harness, one after the other (the mixed scenario):
+        /// with more than one, each comparison's ratio per round, median
+        /// and spread in rounds.md, each round's files under round-<k>/.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+        rounds: u32,
         /// Arguments for nodedb-workload (sizes), after `--`.
         #[arg(last = true)]
         workload: Vec<String>,
@@ -208,6 +213,7 @@ fn main() -> ExitCode {
             scenario,
             timeout_secs,
             modes,
+            rounds,
             workload,
         } => setup::setup().and_then(|()| {
             validate::validate(&validate::Options {
@@ -226,6 +232,7 @@ fn main() -> ExitCode {
                 workload_args: workload,
                 solo_in: None,
                 timeout_secs,
+                rounds,
             })
         }),
         Task::Bench { rounds } => setup::setup().and_then(|()| bench::bench(rounds)),

@@ -168,6 +168,125 @@ fn report(summary: &Value) -> String {
 /// Each engine's rate in each run: against the run without an agent when
 /// there is one, and the ratios that say what governance costs or wins
 /// (each pair of runs present).
+/// The comparisons between runs: label, the run compared, the run it is
+/// compared with.
+const COMPARISONS: [(&str, &str, &str); 3] = [
+    ("governed / ample", "governed", "ample"),
+    ("governed / static", "governed", "static"),
+    ("roomy / ample", "roomy", "ample"),
+];
+
+/// Each engine's rate: its label and where a workload's result has it.
+const RATE_ROWS: [(&str, [&str; 2]); 4] = [
+    ("vector build (vectors/s)", ["vector", "vectors_per_second"]),
+    (
+        "vector search (searches/s)",
+        ["vector", "searches_per_second"],
+    ),
+    (
+        "timeseries ingest (points/s)",
+        ["timeseries", "points_per_second"],
+    ),
+    ("query GROUP BY (rows/s)", ["query", "rows_per_second"]),
+];
+
+/// A workload result's rates, row by row: each engine alone (when it had
+/// the solo phase) and together, then the whole workload's runs per hour.
+fn rates(w: &Value) -> Vec<(String, Option<f64>)> {
+    let mut out = Vec::new();
+    for (phase, w) in [("alone: ", &w["solo"]), ("", w)] {
+        for (name, [engine, field]) in RATE_ROWS {
+            out.push((
+                format!("{phase}{name}"),
+                w[engine][field].as_f64().filter(|v| *v > 0.0),
+            ));
+        }
+    }
+    let solo = if w["solo"].is_object() {
+        ", with the solo phase"
+    } else {
+        ""
+    };
+    out.push((
+        format!("whole workload (runs/hour{solo})"),
+        w["seconds"]
+            .as_f64()
+            .filter(|s| *s > 0.0)
+            .map(|s| 3600.0 / s),
+    ));
+    out
+}
+
+/// Rounds of the same harness run: per comparison, each row's ratio in
+/// every round (paired: both runs of a ratio are of the same round), its
+/// median and its spread. A row shows only where every round has it.
+pub fn rounds(summaries: &[Value]) -> String {
+    let mut s = format!(
+        "# The validation in {} rounds\n\nEach round is one run of the harness (every mode in turn); a ratio is taken within a round, then the rounds' ratios are summarised: median, and lowest to highest.\n",
+        summaries.len()
+    );
+    for (label, x, y) in COMPARISONS {
+        let per_round: Vec<Vec<(String, Option<f64>)>> = summaries
+            .iter()
+            .filter_map(|summary| {
+                let runs = summary["runs"].as_array()?;
+                let (xw, yw) = (&run(runs, x)?["workload"], &run(runs, y)?["workload"]);
+                if !xw.is_object() || !yw.is_object() {
+                    return None;
+                }
+                let same_work = xw["solo"].is_object() == yw["solo"].is_object();
+                Some(
+                    rates(xw)
+                        .into_iter()
+                        .zip(rates(yw))
+                        .map(|((row, a), (_, b))| {
+                            let whole = row.starts_with("whole");
+                            let ratio = match (a, b) {
+                                (Some(a), Some(b)) if same_work || !whole => Some(a / b),
+                                _ => None,
+                            };
+                            (row, ratio)
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
+        if per_round.len() != summaries.len() || per_round.is_empty() {
+            continue;
+        }
+        s.push_str(&format!("\n## {label}\n\n| | "));
+        for k in 1..=per_round.len() {
+            s.push_str(&format!("round {k} | "));
+        }
+        s.push_str(&format!(
+            "median | spread |\n|---|{}\n",
+            "---:|".repeat(per_round.len() + 2)
+        ));
+        for (i, (row, _)) in per_round[0].iter().enumerate() {
+            let mut all: Vec<f64> = per_round.iter().filter_map(|r| r[i].1).collect();
+            if all.len() != per_round.len() {
+                continue;
+            }
+            s.push_str(&format!("| {row} | "));
+            for v in &all {
+                s.push_str(&format!("{v:.2} | "));
+            }
+            all.sort_by(f64::total_cmp);
+            let median = if all.len() % 2 == 1 {
+                all[all.len() / 2]
+            } else {
+                (all[all.len() / 2 - 1] + all[all.len() / 2]) / 2.0
+            };
+            s.push_str(&format!(
+                "**{median:.2}** | {:.2}-{:.2} |\n",
+                all[0],
+                all[all.len() - 1]
+            ));
+        }
+    }
+    s
+}
+
 fn throughput(runs: &[Value]) -> String {
     let mut s = String::new();
     let with_workload = |m: &str| run(runs, m).filter(|r| r["workload"].is_object());
@@ -180,14 +299,10 @@ fn throughput(runs: &[Value]) -> String {
     // ungoverned with ample memory; what it wins against what a user would
     // configure instead (static budgets); and the machinery's part of it
     // (roomy against ample: nothing had to give).
-    let costs: Vec<(&str, &Value, &Value)> = [
-        ("governed / ample", "governed", "ample"),
-        ("governed / static", "governed", "static"),
-        ("roomy / ample", "roomy", "ample"),
-    ]
-    .into_iter()
-    .filter_map(|(label, x, y)| Some((label, with_workload(x)?, with_workload(y)?)))
-    .collect();
+    let costs: Vec<(&str, &Value, &Value)> = COMPARISONS
+        .into_iter()
+        .filter_map(|(label, x, y)| Some((label, with_workload(x)?, with_workload(y)?)))
+        .collect();
     if others.is_empty() || (b.is_none() && costs.is_empty()) {
         return s;
     }
@@ -215,18 +330,6 @@ fn throughput(runs: &[Value]) -> String {
     let columns =
         usize::from(b.is_some()) + others.len() * (1 + usize::from(b.is_some())) + costs.len();
     s.push_str(&format!("\n|---|{}\n", "---:|".repeat(columns)));
-    let rows = [
-        ("vector build (vectors/s)", ["vector", "vectors_per_second"]),
-        (
-            "vector search (searches/s)",
-            ["vector", "searches_per_second"],
-        ),
-        (
-            "timeseries ingest (points/s)",
-            ["timeseries", "points_per_second"],
-        ),
-        ("query GROUP BY (rows/s)", ["query", "rows_per_second"]),
-    ];
     // Each engine alone in turn (the solo phase, in the runs that had
     // it: `.ci/run` leaves it out of those it only compares together),
     // then all together. A run without the phase shows a dash, and so does
@@ -252,7 +355,7 @@ fn throughput(runs: &[Value]) -> String {
             };
             Some(w[path[0]][path[1]].as_f64().unwrap_or(0.0))
         };
-        for (name, path) in rows {
+        for (name, path) in RATE_ROWS {
             let rate = |r: &Value| at(&r["workload"], path);
             let label = if phase.is_empty() {
                 name.to_owned()
@@ -451,6 +554,60 @@ mod tests {
                     .collect()
             })
             .collect()
+    }
+
+    #[test]
+    fn rounds_pair_the_runs_of_a_round_and_give_the_median_and_spread() {
+        // Governed against static: 1.5, 1.2 and 1.0 in the rounds (the
+        // static run the slower one in the first, the faster in the last);
+        // the median is the middle round's, whatever the order.
+        let round = |g: f64, st: f64| json!({"runs": [run_of("governed", g, 3600.0 / g), run_of("static", st, 3600.0 / st)]});
+        let summaries = [round(150.0, 100.0), round(90.0, 90.0), round(120.0, 100.0)];
+        let text = rounds(&summaries);
+        // Only the comparison both runs are in.
+        assert!(text.contains("## governed / static"), "{text}");
+        assert!(!text.contains("governed / ample"), "{text}");
+        let t = rows(&text);
+        assert_eq!(
+            t[0],
+            ["", "round 1", "round 2", "round 3", "median", "spread"]
+        );
+        let row = |name: &str| t.iter().find(|r| r[0] == name).unwrap().clone();
+        assert_eq!(
+            row("alone: vector search (searches/s)"),
+            [
+                "alone: vector search (searches/s)",
+                "1.50",
+                "1.00",
+                "1.20",
+                "**1.20**",
+                "1.00-1.50"
+            ]
+        );
+        assert_eq!(row("query GROUP BY (rows/s)")[4], "**1.20**");
+        assert_eq!(
+            row("whole workload (runs/hour, with the solo phase)")[1..],
+            ["1.50", "1.00", "1.20", "**1.20**", "1.00-1.50"]
+        );
+        // Two rounds: the median is the mean of the two.
+        let t = rows(&rounds(&summaries[..2]));
+        assert_eq!(
+            t.iter()
+                .find(|r| r[0] == "query GROUP BY (rows/s)")
+                .unwrap()[3..],
+            ["**1.25**", "1.00-1.50"]
+        );
+    }
+
+    #[test]
+    fn a_round_without_one_of_the_runs_leaves_its_comparison_out() {
+        let full =
+            json!({"runs": [run_of("governed", 150.0, 10.0), run_of("static", 100.0, 12.0)]});
+        let mut failed = run_of("static", 0.0, 0.0);
+        failed["workload"] = Value::Null;
+        let partial = json!({"runs": [run_of("governed", 150.0, 10.0), failed]});
+        let text = rounds(&[full, partial]);
+        assert!(!text.contains("## governed / static"), "{text}");
     }
 
     #[test]

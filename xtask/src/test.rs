@@ -192,6 +192,7 @@ pub fn test() -> anyhow::Result<()> {
             // and without it take half the time.
             solo_in: Some(["governed", "static"].map(str::to_owned).to_vec()),
             timeout_secs: 1200,
+            rounds: 1,
         })?;
         step(
             "the soak: a 3-minute slice, a fresh seed (cargo xtask soak --minutes 60 runs the hour)",
@@ -207,6 +208,7 @@ pub fn test() -> anyhow::Result<()> {
             workload_args: Vec::new(),
             solo_in: None,
             timeout_secs: 600,
+            rounds: 1,
         })?;
         step(
             "VM tests: cgroup v2 with the memory controller on Debian's 6.1 and 6.12 kernels (qemu), and the validation in each",

@@ -77,6 +77,12 @@ pub struct Options {
     /// The runs with the workload's solo phase (None: every run).
     pub solo_in: Option<Vec<String>>,
     pub timeout_secs: u64,
+    /// Harness runs of every mode, one after the other (the mixed
+    /// scenario): with more than one, each round's files go under
+    /// `round-<k>/` and `rounds.md` gives each comparison's ratio per
+    /// round, its median and its spread (a single run varies by ±0.1 on
+    /// this host).
+    pub rounds: u32,
 }
 
 pub fn validate(opts: &Options) -> anyhow::Result<()> {
@@ -96,20 +102,63 @@ pub fn validate(opts: &Options) -> anyhow::Result<()> {
         Scenario::Cache => root.join("target/validate/cache").join(&kernel),
     };
     let scratch = root.join("target/validate/scratch");
+    let rounds = if opts.scenario == Scenario::Mixed {
+        opts.rounds.max(1)
+    } else {
+        1
+    };
+    let mut summaries = Vec::new();
+    let mut all_met = true;
+    for round in 1..=rounds {
+        let dir = if rounds == 1 {
+            out_dir.clone()
+        } else {
+            out_dir.join(format!("round-{round}"))
+        };
+        step(&format!(
+            "validating on {kernel}: the {} scenario, {}{}",
+            opts.scenario.name(),
+            opts.modes.join(", "),
+            if rounds == 1 {
+                String::new()
+            } else {
+                format!(" (round {round} of {rounds})")
+            }
+        ));
+        let (summary, met) = run_harness(opts, &validate_bin, &root, &dir, &scratch)?;
+        all_met &= met;
+        summaries.push(summary);
+    }
+    if rounds > 1 {
+        let text = report::rounds(&summaries);
+        fs::write(out_dir.join("rounds.md"), &text)?;
+        println!("{text}");
+        println!("    written: {}", out_dir.join("rounds.md").display());
+    }
+    if !all_met {
+        bail!("the governed run missed the target (see the report)");
+    }
+    Ok(())
+}
+
+/// One run of `nodedb-validate` into `out_dir`, reported there: its
+/// summary, and whether it completed with the governed run on target.
+fn run_harness(
+    opts: &Options,
+    validate_bin: &std::path::Path,
+    root: &std::path::Path,
+    out_dir: &std::path::Path,
+    scratch: &std::path::Path,
+) -> anyhow::Result<(Value, bool)> {
     let _ = fs::remove_file(out_dir.join("summary.json"));
-    step(&format!(
-        "validating on {kernel}: the {} scenario, {}",
-        opts.scenario.name(),
-        opts.modes.join(", ")
-    ));
-    let status = Command::new(&validate_bin)
+    let status = Command::new(validate_bin)
         .args(["--scenario", opts.scenario.name()])
         .arg("--config")
         .arg(root.join(opts.scenario.config()))
         .arg("--out")
-        .arg(&out_dir)
+        .arg(out_dir)
         .arg("--scratch")
-        .arg(&scratch)
+        .arg(scratch)
         .args(["--modes", &opts.modes.join(",")])
         .args(["--timeout-secs", &opts.timeout_secs.to_string()])
         .args(
@@ -124,16 +173,13 @@ pub fn validate(opts: &Options) -> anyhow::Result<()> {
         .stdout(std::process::Stdio::null())
         .status()
         .context("running nodedb-validate")?;
-    let _ = fs::remove_dir_all(&scratch);
+    let _ = fs::remove_dir_all(scratch);
     let summary: Value = serde_json::from_slice(
         &fs::read(out_dir.join("summary.json")).context("nodedb-validate wrote no summary")?,
     )?;
     let met = match opts.scenario {
-        Scenario::Mixed => report::write(&out_dir, &summary)?,
-        Scenario::Cache => cache_report::write(&out_dir, &summary)?,
+        Scenario::Mixed => report::write(out_dir, &summary)?,
+        Scenario::Cache => cache_report::write(out_dir, &summary)?,
     };
-    if !met || !status.success() {
-        bail!("the governed run missed the target (see the report)");
-    }
-    Ok(())
+    Ok((summary, met && status.success()))
 }

@@ -50,6 +50,7 @@ pub fn soak(opts: &Options) -> anyhow::Result<()> {
     let scratch = root.join("target/soak");
     std::fs::create_dir_all(&scratch)?;
     let out = scratch.join(format!("report-{seed}.json"));
+    cmd::step(&format!("soaking for {} s", opts.seconds));
     let mut child = Command::new(&soak)
         .args(["--seed", &seed.to_string()])
         .args(["--seconds", &opts.seconds.to_string()])

@@ -155,3 +155,47 @@ fn with_thread_local_credit_a_reservation_near_the_ceiling_still_reads_the_probe
     assert!(governor.try_reserve(EngineId::Query, MIB).is_err());
     governor.set_outside_probe(None);
 }
+
+#[test]
+fn a_slow_probe_is_read_at_most_a_hundredth_of_the_time() {
+    // No thread-local credit: every reservation decides at the ledger.
+    let governor = query_only(0);
+    let reads = Arc::new(AtomicU64::new(0));
+    // A read that takes 2 ms (a cgroup v2 `memory.stat` under emulation
+    // can): after it, the next waits at least 200 ms, not one.
+    let probe: OutsideProbe = {
+        let reads = reads.clone();
+        Arc::new(move |_, _| {
+            reads.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            Some(0)
+        })
+    };
+    governor.set_outside_probe(Some(probe));
+    // 80 of 100 MiB held: every further MiB leaves under a quarter.
+    let _held = governor.try_reserve(EngineId::Query, 80 * MIB).unwrap();
+    let start = std::time::Instant::now();
+    let mut tries = 0;
+    while start.elapsed() < std::time::Duration::from_millis(100) {
+        drop(governor.try_reserve(EngineId::Query, MIB).unwrap());
+        tries += 1;
+    }
+    let read = reads.load(Ordering::Relaxed);
+    // The first reservation read it; in the 100 ms after, 2 ms reads once a
+    // millisecond would have been read some 30 times.
+    assert!(tries > 30, "{tries} reservations");
+    assert!(
+        (1..=2).contains(&read),
+        "read {read} times in {tries} reservations"
+    );
+    // Counted, with the time the reads took.
+    let (counted, took) = governor.outside_probe_reads();
+    assert_eq!(counted, read);
+    assert!(
+        took >= std::time::Duration::from_millis(2 * read),
+        "{took:?}"
+    );
+    // Asked for, it is read all the same.
+    governor.refresh_outside();
+    assert_eq!(reads.load(Ordering::Relaxed), read + 1);
+}

@@ -312,6 +312,12 @@ impl MemoryGovernor {
         self.shared.set_outside_probe(probe);
     }
 
+    /// How many times the outside probe was read, and the time those reads
+    /// took in all (on the reserving threads): what the probe costs.
+    pub fn outside_probe_reads(&self) -> (u64, Duration) {
+        self.shared.probe_reads()
+    }
+
     /// Reads the probe now, if one is installed, and returns the outside
     /// figure in force (for memory about to be used without a reservation:
     /// whether there is room for it).

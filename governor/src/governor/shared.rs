@@ -29,6 +29,12 @@ const NO_SLOT: usize = usize::MAX;
 /// The probe is read at most this often (a read of a cgroup's
 /// `memory.stat` costs a few microseconds).
 const PROBE_EVERY: Duration = Duration::from_millis(1);
+/// ... and at most 1% of one core: after a read that took `d`, the next
+/// waits at least `d` times this. A read is not always a few microseconds:
+/// cgroup v2's `memory.stat` flushes the memory controller's per-CPU
+/// statistics first, and under emulation (TCG) a read takes a large part
+/// of a millisecond, where once a millisecond would be a core's half.
+const PROBE_SPACING: u64 = 100;
 
 /// What the database holds outside the books, read fresh: given the books
 /// and the ceiling, the figure for `MemoryGovernor::set_outside_bytes`, or
@@ -60,6 +66,11 @@ pub(super) struct Shared {
     probe_on: AtomicBool,
     /// When it was last read, in nanoseconds since `born` (0: never).
     probed_at: AtomicU64,
+    /// How long that read took, in nanoseconds (`PROBE_SPACING`).
+    probe_cost: AtomicU64,
+    /// Reads of the probe so far, and the nanoseconds they took in all.
+    probe_reads: AtomicU64,
+    probe_nanos: AtomicU64,
     /// A request up to this many bytes leaves at least a quarter of the
     /// ceiling as the ledger last stood (`Ledger::probe_slack`): the probe
     /// is not read for it, and the lock not taken to find out.
@@ -141,6 +152,9 @@ impl Shared {
             outside_probe: StdMutex::new(None),
             probe_on: AtomicBool::new(false),
             probed_at: AtomicU64::new(0),
+            probe_cost: AtomicU64::new(0),
+            probe_reads: AtomicU64::new(0),
+            probe_nanos: AtomicU64::new(0),
             slack: AtomicU64::new(0),
             born: Instant::now(),
             #[cfg(feature = "fault-injection")]
@@ -295,6 +309,7 @@ impl Shared {
         *self.outside_probe.lock().unwrap_or_else(|p| p.into_inner()) = probe;
         self.probe_on.store(on, Ordering::Release);
         self.probed_at.store(0, Ordering::Relaxed);
+        self.probe_cost.store(0, Ordering::Relaxed);
         self.lock().outside_epoch += 1;
     }
 
@@ -322,10 +337,16 @@ impl Shared {
         if !self.probe_on.load(Ordering::Acquire) || bytes <= self.slack.load(Ordering::Relaxed) {
             return;
         }
-        // Once a millisecond, by whichever thread wins the exchange.
+        // Once a millisecond, and at most 1% of a core, by whichever
+        // thread wins the exchange.
         let now = self.nanos();
         let last = self.probed_at.load(Ordering::Relaxed);
-        if last != 0 && now.saturating_sub(last) < PROBE_EVERY.as_nanos() as u64
+        let every = (PROBE_EVERY.as_nanos() as u64).max(
+            self.probe_cost
+                .load(Ordering::Relaxed)
+                .saturating_mul(PROBE_SPACING),
+        );
+        if last != 0 && now.saturating_sub(last) < every
             || self
                 .probed_at
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
@@ -334,6 +355,14 @@ impl Shared {
             return;
         }
         self.read_probe();
+    }
+
+    /// Reads of the probe so far, and the time they took in all.
+    pub(super) fn probe_reads(&self) -> (u64, Duration) {
+        (
+            self.probe_reads.load(Ordering::Relaxed),
+            Duration::from_nanos(self.probe_nanos.load(Ordering::Relaxed)),
+        )
     }
 
     /// Reads the probe now (if installed); the outside figure in force.
@@ -352,7 +381,7 @@ impl Shared {
 
     /// Calls the probe outside every lock, with the books and the ceiling
     /// of the moment, and applies its figure unless another was set
-    /// meanwhile.
+    /// meanwhile; remembers how long the call took.
     fn read_probe(&self) {
         let (epoch, books, ceiling) = {
             let l = self.lock();
@@ -363,7 +392,15 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let Some(bytes) = probe.and_then(|f| f(books, ceiling)) else {
+        let started = Instant::now();
+        let read = probe.as_ref().and_then(|f| f(books, ceiling));
+        if probe.is_some() {
+            let took = started.elapsed().as_nanos() as u64;
+            self.probe_cost.store(took, Ordering::Relaxed);
+            self.probe_reads.fetch_add(1, Ordering::Relaxed);
+            self.probe_nanos.fetch_add(took, Ordering::Relaxed);
+        }
+        let Some(bytes) = read else {
             return;
         };
         let less = self.with_ledger(|l| {

@@ -556,7 +556,19 @@ fn main() -> anyhow::Result<()> {
             "query": q,
             "solo": solo,
             "budgets": usage,
-            "link": link.as_ref().map(|l| { let s = l.stats(); json!({"spills": s.spills, "spilled_bytes": s.spilled_bytes, "purges": s.purges, "limit_changes": s.limit_changes}) }),
+            "link": link.as_ref().map(|l| {
+                let s = l.stats();
+                let (probe_reads, probe_took) = link_governor.outside_probe_reads();
+                json!({
+                    "spills": s.spills,
+                    "spilled_bytes": s.spilled_bytes,
+                    "purges": s.purges,
+                    "limit_changes": s.limit_changes,
+                    // The database's memory.stat read near the ceiling.
+                    "probe_reads": probe_reads,
+                    "probe_seconds": probe_took.as_secs_f64(),
+                })
+            }),
         })
     );
     if !ok {

@@ -93,9 +93,13 @@ enum Segment {
     },
 }
 
-/// A file read past the page cache where the filesystem allows it.
+/// A file read past the page cache where the filesystem allows it: one
+/// that refuses `O_DIRECT` when the file is opened, or when it is read
+/// (a block larger than 4 KiB, some stacked filesystems), is read through
+/// the cache instead.
 struct DirectFile {
     file: File,
+    path: PathBuf,
     direct: bool,
 }
 
@@ -106,9 +110,14 @@ impl DirectFile {
             .custom_flags(libc::O_DIRECT)
             .open(path)
         {
-            Ok(file) => Ok(Self { file, direct: true }),
+            Ok(file) => Ok(Self {
+                file,
+                path: path.to_owned(),
+                direct: true,
+            }),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Self {
                 file: File::open(path)?,
+                path: path.to_owned(),
                 direct: false,
             }),
             Err(e) => Err(e),
@@ -117,7 +126,12 @@ impl DirectFile {
 
     /// Reads `len` bytes at `offset` into `buf` (grown as needed) and
     /// returns them; the read itself covers the whole blocks around them.
-    fn read<'b>(&self, buf: &'b mut Vec<u8>, offset: u64, len: usize) -> std::io::Result<&'b [u8]> {
+    fn read<'b>(
+        &mut self,
+        buf: &'b mut Vec<u8>,
+        offset: u64,
+        len: usize,
+    ) -> std::io::Result<&'b [u8]> {
         let start = offset - offset % BLOCK as u64;
         let skip = (offset - start) as usize;
         let span = (skip + len).next_multiple_of(BLOCK);
@@ -140,6 +154,12 @@ impl DirectFile {
                 }
                 Ok(n) => got += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // Direct I/O refused at the read: the rest through the
+                // cache (which takes any offset and length).
+                Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.file = File::open(&self.path)?;
+                    self.direct = false;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -160,7 +180,8 @@ pub struct VectorStats {
     /// segment's file.
     pub documents: u64,
     pub documents_from_disk: u64,
-    /// Bytes read from evicted segments' files (scans and documents).
+    /// Bytes asked of evicted segments' files (scans and documents; a
+    /// direct read covers the whole blocks around them).
     pub disk_bytes_read: u64,
     /// Whether those reads went past the page cache (`O_DIRECT`); false
     /// when the filesystem refused it, or nothing was read.
@@ -334,8 +355,7 @@ impl VectorEngine {
                 }
                 Segment::OnDisk { path, len, .. } => {
                     scans += 1;
-                    let file = DirectFile::open(path)?;
-                    direct |= file.direct;
+                    let mut file = DirectFile::open(path)?;
                     let mut local: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
                     let bytes = len * RECORD;
                     let mut at = 0;
@@ -354,6 +374,7 @@ impl VectorEngine {
                             }
                         }
                     }
+                    direct |= file.direct;
                     best.extend(local);
                 }
             }
@@ -406,8 +427,9 @@ impl VectorEngine {
         let from = (id - first) as usize * p;
         let (bytes, read, on_disk) = match segment {
             Segment::Resident { payload, .. } => (&payload[from..from + p], 0, false),
+            Segment::OnDisk { .. } if p == 0 => (&[][..], 0, true),
             Segment::OnDisk { path, len, .. } => {
-                let file = DirectFile::open(path)?;
+                let mut file = DirectFile::open(path)?;
                 (
                     file.read(buf, (len * RECORD + from) as u64, p)?,
                     p as u64,

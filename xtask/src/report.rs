@@ -165,9 +165,6 @@ fn report(summary: &Value) -> String {
     s
 }
 
-/// Each engine's rate in each run: against the run without an agent when
-/// there is one, and the ratios that say what governance costs or wins
-/// (each pair of runs present).
 /// The comparisons between runs: label, the run compared, the run it is
 /// compared with.
 const COMPARISONS: [(&str, &str, &str); 3] = [
@@ -287,6 +284,9 @@ pub fn rounds(summaries: &[Value]) -> String {
     s
 }
 
+/// Each engine's rate in each run: against the run without an agent when
+/// there is one, and the ratios that say what governance costs or wins
+/// (each pair of runs present).
 fn throughput(runs: &[Value]) -> String {
     let mut s = String::new();
     let with_workload = |m: &str| run(runs, m).filter(|r| r["workload"].is_object());
@@ -558,9 +558,9 @@ mod tests {
 
     #[test]
     fn rounds_pair_the_runs_of_a_round_and_give_the_median_and_spread() {
-        // Governed against static: 1.5, 1.2 and 1.0 in the rounds (the
-        // static run the slower one in the first, the faster in the last);
-        // the median is the middle round's, whatever the order.
+        // Governed against static: 1.5, 1.0 and 1.2 in the rounds, in
+        // that order; the median is the middle value (round 3's), whatever
+        // the order.
         let round = |g: f64, st: f64| json!({"runs": [run_of("governed", g, 3600.0 / g), run_of("static", st, 3600.0 / st)]});
         let summaries = [round(150.0, 100.0), round(90.0, 90.0), round(120.0, 100.0)];
         let text = rounds(&summaries);

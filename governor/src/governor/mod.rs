@@ -313,7 +313,8 @@ impl MemoryGovernor {
     }
 
     /// How many times the outside probe was read, and the time those reads
-    /// took in all (on the reserving threads): what the probe costs.
+    /// took in all (on the reserving threads, and in `refresh_outside`):
+    /// what the probe costs.
     pub fn outside_probe_reads(&self) -> (u64, Duration) {
         self.shared.probe_reads()
     }

@@ -26,15 +26,20 @@ use crate::{
 
 const NO_SLOT: usize = usize::MAX;
 
-/// The probe is read at most this often (a read of a cgroup's
-/// `memory.stat` costs a few microseconds).
+/// The probe is read at most this often (a read of a cgroup v1
+/// `memory.stat` costs a few microseconds)...
 const PROBE_EVERY: Duration = Duration::from_millis(1);
 /// ... and at most 1% of one core: after a read that took `d`, the next
 /// waits at least `d` times this. A read is not always a few microseconds:
 /// cgroup v2's `memory.stat` flushes the memory controller's per-CPU
-/// statistics first, and under emulation (TCG) a read takes a large part
-/// of a millisecond, where once a millisecond would be a core's half.
+/// statistics first, and under emulation (TCG) a read takes about a
+/// millisecond, where once a millisecond would be most of a core...
 const PROBE_SPACING: u64 = 100;
+/// ... but never waits longer than this: the wait is wall-clock time, and
+/// one read held up (preempted, or throttled by the kernel above
+/// `memory.high`) must not leave reservations near the ceiling without a
+/// fresh figure for long.
+const PROBE_LONGEST_WAIT: Duration = Duration::from_millis(100);
 
 /// What the database holds outside the books, read fresh: given the books
 /// and the ceiling, the figure for `MemoryGovernor::set_outside_bytes`, or
@@ -66,8 +71,11 @@ pub(super) struct Shared {
     probe_on: AtomicBool,
     /// When it was last read, in nanoseconds since `born` (0: never).
     probed_at: AtomicU64,
-    /// How long that read took, in nanoseconds (`PROBE_SPACING`).
+    /// How long that read took, in nanoseconds (`PROBE_SPACING`): the
+    /// file's cost, kept when the probe is installed again.
     probe_cost: AtomicU64,
+    /// A read is under way: no other starts beside it.
+    probe_busy: AtomicBool,
     /// Reads of the probe so far, and the nanoseconds they took in all.
     probe_reads: AtomicU64,
     probe_nanos: AtomicU64,
@@ -153,6 +161,7 @@ impl Shared {
             probe_on: AtomicBool::new(false),
             probed_at: AtomicU64::new(0),
             probe_cost: AtomicU64::new(0),
+            probe_busy: AtomicBool::new(false),
             probe_reads: AtomicU64::new(0),
             probe_nanos: AtomicU64::new(0),
             slack: AtomicU64::new(0),
@@ -303,13 +312,14 @@ impl Shared {
     }
 
     /// Installs (or with None removes) the probe; a figure set by the
-    /// caller or read before no longer lands.
+    /// caller or read before no longer lands. When the last read was, and
+    /// what it cost, carry over: the link installs the probe again with
+    /// every figure the agent sends (as often as every tick), and reading
+    /// at once each time would undo the spacing.
     pub(super) fn set_outside_probe(&self, probe: Option<OutsideProbe>) {
         let on = probe.is_some();
         *self.outside_probe.lock().unwrap_or_else(|p| p.into_inner()) = probe;
         self.probe_on.store(on, Ordering::Release);
-        self.probed_at.store(0, Ordering::Relaxed);
-        self.probe_cost.store(0, Ordering::Relaxed);
         self.lock().outside_epoch += 1;
     }
 
@@ -338,22 +348,37 @@ impl Shared {
             return;
         }
         // Once a millisecond, and at most 1% of a core, by whichever
-        // thread wins the exchange.
+        // thread wins the exchange, one read at a time.
+        if self.probe_busy.load(Ordering::Acquire) {
+            return;
+        }
         let now = self.nanos();
         let last = self.probed_at.load(Ordering::Relaxed);
-        let every = (PROBE_EVERY.as_nanos() as u64).max(
-            self.probe_cost
-                .load(Ordering::Relaxed)
-                .saturating_mul(PROBE_SPACING),
-        );
+        let every = self
+            .probe_cost
+            .load(Ordering::Relaxed)
+            .saturating_mul(PROBE_SPACING)
+            .clamp(
+                PROBE_EVERY.as_nanos() as u64,
+                PROBE_LONGEST_WAIT.as_nanos() as u64,
+            );
         if last != 0 && now.saturating_sub(last) < every
             || self
                 .probed_at
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_err()
+            || self.probe_busy.swap(true, Ordering::Acquire)
         {
             return;
         }
+        // Cleared however the read ends (a probe may panic).
+        struct Busy<'a>(&'a AtomicBool);
+        impl Drop for Busy<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _busy = Busy(&self.probe_busy);
         self.read_probe();
     }
 

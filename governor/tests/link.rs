@@ -889,9 +889,10 @@ fn near_the_ceiling_the_library_reads_what_the_database_holds_itself() {
         assert_eq!(governor.outside_bytes(), 80 * MIB);
     }
     drop(again);
-    // The tmpfs emptied: read again (after the millisecond between
-    // reads), the room is back.
-    std::thread::sleep(Duration::from_millis(5));
+    // The tmpfs emptied: read again (after the spacing between reads: a
+    // millisecond, or a hundred times what the last read took, at most
+    // 100 ms), the room is back.
+    std::thread::sleep(Duration::from_millis(110));
     let second = governor.try_reserve(EngineId::Query, 100 * MIB).unwrap();
     assert_eq!(governor.outside_bytes(), 0);
     // The agent's ceiling 10 MiB under the library's: kept in the figure

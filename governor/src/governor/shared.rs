@@ -337,7 +337,9 @@ impl Shared {
     /// Before a decision for `bytes` under the lock: when a probe is
     /// installed, the room left after them (the ceiling less the books and
     /// what is held outside them) would be under a quarter of the ceiling,
-    /// and the probe was not read in the last millisecond, reads it. The
+    /// no read is under way, and the last one started more than the
+    /// spacing ago (a millisecond, or a hundred times what it took, up to
+    /// 100 ms), reads it. The
     /// figure the agent sends follows the kernel at its own pace (a tick, a
     /// report interval, a step of the ceiling), and memory moving from the
     /// books to somewhere else the kernel cannot drop (a spill written to a

@@ -65,8 +65,8 @@ fn report(summary: &Value) -> String {
     let mut s = format!(
         "Kernel {kernel} ({backend}); the bundled configuration's ceiling ({} MiB) and budgets; workload `{}`.\n\n\
          Per engine: peak attributed resident / configured budget, MiB; in brackets, the governed run's peak against the budget in force (the configured budget moved by loans; for {} s after a loan is taken back, the larger budget, while the borrower spills), the other runs' against the configured budget. \
-         Peak RSS: the workload process's resident set.\n\n\
-         | run | vector | timeseries | query | peak RSS / ceiling | OOM kills | outcome |\n|---|---:|---:|---:|---:|---:|---|\n",
+         Peak RSS: the workload process's resident set. Throttled: how often the kernel throttled the database above `memory.high` / charges hit `memory.max` (cgroup v2's `memory.events`; v1 counts only the second).\n\n\
+         | run | vector | timeseries | query | peak RSS / ceiling | OOM kills | throttled (high / max) | outcome |\n|---|---:|---:|---:|---:|---:|---:|---|\n",
         mib(&summary["config"]["ceiling_bytes"]),
         summary["workload_args"]
             .as_array()
@@ -119,18 +119,21 @@ fn report(summary: &Value) -> String {
             _ => "",
         };
         s.push_str(&format!(
-            "| {mode} | {} | {} | {} | {} / {} | {} | {outcome}{verdict} |\n",
+            "| {mode} | {} | {} | {} | {} / {} | {} | {} / {} | {outcome}{verdict} |\n",
             e("vector"),
             e("timeseries"),
             e("query"),
             mib(&r["peak_rss_bytes"]),
             mib(&r["ceiling_bytes"]),
             r["oom_kills"].as_u64().unwrap_or(0),
+            r["high_events"].as_u64().unwrap_or(0),
+            r["max_events"].as_u64().unwrap_or(0),
         ));
     }
     s.push_str(&per_node(summary, &runs));
     s.push_str(&throughput(&runs));
     s.push_str(&spills(&runs));
+    s.push_str(&cpu(&runs));
     if let Some(g) = run(&runs, "governed").map(|g| &g["workload"])
         && g.is_object()
     {
@@ -407,6 +410,62 @@ fn throughput(runs: &[Value]) -> String {
 /// What each run gave up to stay within memory: per engine, what it
 /// spilled (vector segments evicted to disk, timeseries flushes before
 /// the final one, the `GROUP BY`'s spill files) and its peak.
+/// Where each run's CPU went: the engines' own threads (both phases; the
+/// vector index's build workers beside its thread), the spill threads,
+/// the rest of the workload process (link, rebalancer), and the agent;
+/// against the run's wall time. On a machine with few CPUs the engines
+/// share them, so work the governor adds or saves shows here before it
+/// shows in the rates.
+fn cpu(runs: &[Value]) -> String {
+    let rows: Vec<&Value> = runs
+        .iter()
+        .filter(|r| r["workload"]["cpu_seconds"].is_object())
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "\nCPU seconds, per run: each engine's own thread (vector: + its index build's workers), the spill threads, \
+         the rest of the workload process (link, rebalancer), the agent; the run's wall time.\n\n\
+         | run | vector | timeseries | query | spill threads | rest of the process | agent | wall |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let f = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.1}"));
+    for r in rows {
+        let c = &r["workload"]["cpu_seconds"];
+        let threads = c["threads"].as_object().cloned().unwrap_or_default();
+        let named = |p: &dyn Fn(&str) -> bool| -> f64 {
+            threads
+                .iter()
+                .filter(|(k, _)| p(k))
+                .filter_map(|(_, v)| v.as_f64())
+                .sum()
+        };
+        // Unnamed threads carry the process's name: the index build's.
+        let workers = named(&|k| k == "nodedb-workload");
+        let spill = named(&|k| k.starts_with("spill-"));
+        let engines: f64 = ["vector", "timeseries", "query"]
+            .iter()
+            .filter_map(|e| c[*e].as_f64())
+            .sum();
+        let rest = c["process"]
+            .as_f64()
+            .map(|p| (p - engines - workers - spill).max(0.0));
+        s.push_str(&format!(
+            "| {} | {} + {} | {} | {} | {} | {} | {} | {} |\n",
+            r["mode"].as_str().unwrap_or_default(),
+            f(c["vector"].as_f64()),
+            f(Some(workers)),
+            f(c["timeseries"].as_f64()),
+            f(c["query"].as_f64()),
+            f(Some(spill)),
+            f(rest),
+            f(r["agent_cpu_seconds"].as_f64()),
+            f(r["workload"]["seconds"].as_f64()),
+        ));
+    }
+    s
+}
+
 fn spills(runs: &[Value]) -> String {
     let rows: Vec<&Value> = ["governed", "static", "ample"]
         .iter()
@@ -702,6 +761,34 @@ mod tests {
             row("total (workloads/hour)")[1..],
             ["360", "288", "720", "—", "1.25"]
         );
+    }
+
+    #[test]
+    fn the_cpu_table_splits_the_process_into_engines_spill_threads_and_the_rest() {
+        let mut governed = run_of("governed", 150.0, 10.0);
+        governed["workload"]["cpu_seconds"] = json!({
+            "vector": 4.0, "timeseries": 2.5, "query": 3.0, "process": 21.0,
+            "threads": {"main": 0.0, "nodedb-workload": 8.0, "spill-timeserie": 1.25, "spill-vector": 0.25, "nodedb-agent-li": 1.0},
+        });
+        governed["agent_cpu_seconds"] = json!(0.75);
+        // A workload from before the figures: no row.
+        let old = run_of("static", 100.0, 12.5);
+        let t = rows(&cpu(&[governed, old]));
+        assert_eq!(t.len(), 3, "{t:?}");
+        assert_eq!(
+            t[2],
+            [
+                "governed",
+                "4.0 + 8.0",
+                "2.5",
+                "3.0",
+                "1.5",
+                "2.0",
+                "0.8",
+                "10.0"
+            ]
+        );
+        assert_eq!(cpu(&[run_of("static", 100.0, 12.5)]), "");
     }
 
     #[test]

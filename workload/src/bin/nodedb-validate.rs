@@ -197,6 +197,21 @@ struct Args {
     workload: Vec<String>,
 }
 
+/// A process's CPU time so far (user + system, its threads included),
+/// from `/proc/<pid>/stat`; None if it cannot be read.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command (which may hold spaces and parentheses)
+    // start at the state, field 3: utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then(|| (utime + stime) as f64 / ticks as f64)
+}
+
 /// A child killed (and reaped) when dropped: a failed run leaves no agent
 /// behind.
 struct Reaped(Child);
@@ -546,11 +561,20 @@ impl Harness {
         };
         // memory.events counts over the cgroup's life, which can span
         // runs: the run's OOM kills are the growth.
-        let oom_before = agent
+        // So are `high` (the database's threads throttled above
+        // memory.high) and `max` (charges that hit memory.max), and the
+        // time its tasks stalled on memory (PSI `some`).
+        let before = agent
             .as_ref()
             .and_then(|_| self.status(&run_dir))
-            .and_then(|s| s["ceiling"]["events"]["oom_kill"].as_u64())
-            .unwrap_or(0);
+            .unwrap_or(Value::Null);
+        let grown = |last: &Value, key: &str| {
+            last["ceiling"]["events"][key]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(before["ceiling"]["events"][key].as_u64().unwrap_or(0))
+        };
+        let stall_us = |s: &Value| s["psi"]["figures"]["some_total_us"].as_u64();
         let mut cmd = Command::new(&self.workload_bin);
         if agent.is_some() {
             cmd.arg("--socket")
@@ -669,6 +693,9 @@ impl Harness {
             .as_ref()
             .and_then(|_| self.status(&run_dir))
             .unwrap_or_default();
+        // The agent's own CPU over the run, which the database's threads
+        // share the machine with.
+        let agent_cpu = agent.as_ref().and_then(|a| process_cpu_seconds(a.0.id()));
         drop(agent);
         let _ = fs::remove_dir_all(&scratch);
         let peak =
@@ -708,10 +735,7 @@ impl Harness {
         let peak_rss = peak(&|p: &Value| p["rss_bytes"].as_u64());
         let ceiling = self.ceiling();
         let run_ceiling = last["ceiling"]["limit_bytes"].as_u64();
-        let oom_kills = last["ceiling"]["events"]["oom_kill"]
-            .as_u64()
-            .unwrap_or(0)
-            .saturating_sub(oom_before);
+        let oom_kills = grown(&last, "oom_kill");
         let completed = exit.success();
         let correct = match self.args.scenario {
             Scenario::Mixed => result["correct"] == true,
@@ -742,6 +766,11 @@ impl Harness {
             "peak_rss_bytes": peak_rss,
             "peak_cgroup_bytes": peak(&|p: &Value| p["cgroup_bytes"].as_u64()),
             "oom_kills": oom_kills,
+            "high_events": grown(&last, "high"),
+            "max_events": grown(&last, "max"),
+            "agent_cpu_seconds": agent_cpu,
+            "memory_stall_seconds": stall_us(&last)
+                .map(|t| t.saturating_sub(stall_us(&before).unwrap_or(0)) as f64 / 1e6),
             "exit": describe(exit),
             "completed": completed,
             "correct": correct,
@@ -761,7 +790,7 @@ impl Harness {
             "timeline": timeline,
         });
         eprintln!(
-            "nodedb-validate: {}: {} after {seconds:.1} s; peak RSS {} MiB (ceiling {} MiB); {} (peak / configured budget; governed: peak against the budget in force); OOM kills {oom_kills}",
+            "nodedb-validate: {}: {} after {seconds:.1} s; peak RSS {} MiB (ceiling {} MiB); {} (peak / configured budget; governed: peak against the budget in force); OOM kills {oom_kills}; throttled above memory.high {} times, memory.max hit {} times, stalled on memory {} s",
             mode.name(),
             summary["exit"].as_str().unwrap_or_default(),
             peak_rss >> 20,
@@ -784,6 +813,9 @@ impl Harness {
                 })
                 .collect::<Vec<_>>()
                 .join(", "),
+            summary["high_events"],
+            summary["max_events"],
+            summary["memory_stall_seconds"],
         );
         if !numa.is_null() {
             eprintln!(

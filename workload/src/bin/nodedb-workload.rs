@@ -205,6 +205,83 @@ impl Drop for Turns<'_> {
 
 /// What an engine's thread returns: its result together, and alone (with
 /// the solo phase).
+/// The CPU time (user + system) of the calling thread
+/// (`RUSAGE_THREAD`) or of the whole process, exited threads included
+/// (`RUSAGE_SELF`), in seconds.
+fn cpu_seconds(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(who, &mut u) } != 0 {
+        return f64::NAN;
+    }
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    s(u.ru_utime) + s(u.ru_stime)
+}
+
+/// The CPU seconds of the process's threads now running, by thread name
+/// ("main" for the main thread; unnamed threads have its name, as the
+/// vector index's build workers do).
+fn threads_cpu() -> std::collections::BTreeMap<String, f64> {
+    // SAFETY: sysconf and getpid have no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let main = unsafe { libc::getpid() }.to_string();
+    let mut by_name = std::collections::BTreeMap::<String, f64>::new();
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = if task.file_name().to_str() == Some(main.as_str()) {
+            "main"
+        } else {
+            &stat[open + 1..close]
+        };
+        // utime and stime: fields 14 and 15, the 12th and 13th after the
+        // name's closing parenthesis.
+        let mut f = stat[close + 1..].split_whitespace().skip(11);
+        let (Some(Ok(u)), Some(Ok(s))) = (
+            f.next().map(str::parse::<u64>),
+            f.next().map(str::parse::<u64>),
+        ) else {
+            continue;
+        };
+        *by_name.entry(name.to_owned()).or_default() += (u + s) as f64 / ticks;
+    }
+    by_name
+}
+
+/// What the threads running now took since `before` ([`threads_cpu`]),
+/// by name: the link's, the spill controller's, the rebalancer's, the
+/// index build's workers (the engines' own threads have ended, and are
+/// counted on their own).
+fn threads_cpu_since(
+    before: &std::collections::BTreeMap<String, f64>,
+) -> serde_json::Map<String, serde_json::Value> {
+    threads_cpu()
+        .into_iter()
+        .map(|(k, v)| {
+            let was = before.get(&k).copied().unwrap_or(0.0);
+            (k, (v - was).max(0.0).into())
+        })
+        .collect()
+}
+
+/// Writes the thread's CPU time where it points when the thread's job
+/// ends, however it ends.
+struct ThreadCpu<'a>(&'a std::sync::Mutex<f64>);
+
+impl Drop for ThreadCpu<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = cpu_seconds(libc::RUSAGE_THREAD);
+    }
+}
+
 type Outcome = anyhow::Result<(serde_json::Value, Option<serde_json::Value>)>;
 
 /// An engine's thread up to the serve phase: placed (`enter`), its turn
@@ -457,6 +534,10 @@ fn main() -> anyhow::Result<()> {
     let solo_turns = if args.solo { ENGINES.len() + 1 } else { 0 };
     let solo = std::sync::Barrier::new(3);
     let started = Instant::now();
+    // What the set-up took (the GROUP BY's reference answer) is not the
+    // run's.
+    let cpu_at_start = cpu_seconds(libc::RUSAGE_SELF);
+    let threads_at_start = threads_cpu();
     // Between the phases; an engine that fails still passes both, so the
     // others are not left waiting.
     let loaded = std::sync::Barrier::new(3);
@@ -480,8 +561,12 @@ fn main() -> anyhow::Result<()> {
         drop(turns);
         alone
     };
+    // Each engine thread's own CPU time, both phases (the spill and link
+    // threads' is the process's rest).
+    let cpu: [std::sync::Mutex<f64>; 3] = Default::default();
     let (v, t, q) = std::thread::scope(|s| {
         let v = s.spawn(|| -> Outcome {
+            let _cpu = ThreadCpu(&cpu[0]);
             let (alone, built) = load_phase(
                 &loaded,
                 || enter(EngineId::Vector),
@@ -498,6 +583,7 @@ fn main() -> anyhow::Result<()> {
             ))
         });
         let t = s.spawn(|| -> Outcome {
+            let _cpu = ThreadCpu(&cpu[1]);
             let (alone, ingested) = load_phase(
                 &loaded,
                 || enter(EngineId::Timeseries),
@@ -510,6 +596,7 @@ fn main() -> anyhow::Result<()> {
             Ok((r, alone.transpose()?))
         });
         let q = s.spawn(|| -> Outcome {
+            let _cpu = ThreadCpu(&cpu[2]);
             let (alone, input) = load_phase(
                 &loaded,
                 || enter(EngineId::Query),
@@ -522,6 +609,14 @@ fn main() -> anyhow::Result<()> {
             Ok((r, alone.transpose()?))
         });
         (v.join(), t.join(), q.join())
+    });
+    let cpu_of = |c: &std::sync::Mutex<f64>| *c.lock().unwrap_or_else(|p| p.into_inner());
+    let cpu = json!({
+        "vector": cpu_of(&cpu[0]),
+        "timeseries": cpu_of(&cpu[1]),
+        "query": cpu_of(&cpu[2]),
+        "process": cpu_seconds(libc::RUSAGE_SELF) - cpu_at_start,
+        "threads": threads_cpu_since(&threads_at_start),
     });
     let get = |r: std::thread::Result<Outcome>, name: &str| {
         r.map_err(|_| anyhow::anyhow!("the {name} thread panicked"))?
@@ -556,6 +651,7 @@ fn main() -> anyhow::Result<()> {
             "query": q,
             "solo": solo,
             "budgets": usage,
+            "cpu_seconds": cpu,
             "link": link.as_ref().map(|l| {
                 let s = l.stats();
                 let (probe_reads, probe_took) = link_governor.outside_probe_reads();

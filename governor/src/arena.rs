@@ -200,6 +200,24 @@ impl EngineArenas {
         Ok(sum)
     }
 
+    /// Every engine's arenas' resident bytes (every node's, summed), from
+    /// one refresh of jemalloc's statistics: [`stats`](Self::stats)
+    /// refreshes them at each call, which merges every arena's figures
+    /// under their locks.
+    pub fn resident_by_engine(&self) -> Result<BTreeMap<EngineId, u64>, ArenaError> {
+        tikv_jemalloc_ctl::epoch::advance().map_err(|e| mallctl_err("epoch", e))?;
+        self.arenas
+            .iter()
+            .map(|(&engine, arenas)| {
+                let mut sum = 0;
+                for &i in arenas {
+                    sum += read::<usize>(&format!("stats.arenas.{i}.resident"))? as u64;
+                }
+                Ok((engine, sum))
+            })
+            .collect()
+    }
+
     /// Fresh statistics of `engine`'s arena on node position `node`.
     pub fn stats_on(&self, engine: EngineId, node: usize) -> Result<ArenaStats, ArenaError> {
         let i = self.index_on(engine, node)?;

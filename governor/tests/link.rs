@@ -36,6 +36,12 @@ use nodedb_governor::{
 
 const MIB: u64 = 1 << 20;
 
+// With the arenas, allocations go through jemalloc, so an engine's thread
+// fills its arena as a database's does.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn dir() -> PathBuf {
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("link-{}", std::process::id()));
     fs::create_dir_all(&d).unwrap();
@@ -957,4 +963,78 @@ fn a_held_from_that_is_not_a_memory_stat_is_refused_by_name() {
     });
     assert_eq!(governor.refresh_outside(), 5 * MIB);
     assert!(link.stats().connected);
+}
+
+/// An engine that keeps allocating changes its arena's figures all the
+/// time; the reports carry them at most every `ARENA_FIGURES_EVERY`, so
+/// its unchanged books are not sent again at every report (20 a second)
+/// for the figures' sake, and the figures are still the arena's own.
+#[cfg(feature = "jemalloc")]
+#[test]
+fn an_engine_allocating_without_reserving_does_not_make_every_report_new() {
+    use nodedb_governor::{arena::EngineArenas, control::link::ARENA_FIGURES_EVERY};
+
+    let governor = MemoryGovernor::new(
+        Budget::builder(1 << 30)
+            .engine(EngineId::Wal, 0, 1 << 30)
+            .build()
+            .unwrap(),
+    );
+    let arenas = Arc::new(EngineArenas::create(&[EngineId::Wal]).unwrap());
+    // The books stay at one reservation while the arena grows by a MiB
+    // every 20 ms.
+    let _r = governor.try_reserve(EngineId::Wal, MIB).unwrap();
+    let socket = own_socket("arena-figures");
+    let a = arenas.clone();
+    let (_link, mut agent) = welcomed(&socket, &governor, &[("wal", EngineId::Wal)], |b| {
+        b.arenas(a)
+    });
+    let a = arenas.clone();
+    let churn = std::thread::spawn(move || {
+        a.pin_current_thread(EngineId::Wal).unwrap();
+        let mut kept: Vec<Vec<u8>> = Vec::new();
+        let until = Instant::now() + Duration::from_millis(2500);
+        while Instant::now() < until {
+            let mut v = vec![0u8; MIB as usize];
+            for i in (0..v.len()).step_by(4096) {
+                v[i] = 1;
+            }
+            kept.push(std::hint::black_box(v));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Kept until the reports are read.
+        kept
+    });
+    let (mut figures, mut books) = (Vec::new(), Vec::new());
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        if let ToAgent::Report { engines } = agent.wait_for(|m| matches!(m, ToAgent::Report { .. }))
+        {
+            let wal = engines.iter().find(|e| e.name == "wal").unwrap();
+            books.push(wal.reserved_bytes);
+            figures.push(wal.arena_resident_bytes.expect("the arena's figure"));
+        }
+    }
+    let kept = churn.join().unwrap();
+    let grown = kept.len() as u64 * MIB;
+    assert!(
+        books.iter().all(|b| *b == books[0] && *b >= MIB),
+        "{books:?}"
+    );
+    // Read every 50 ms, the figures would have made about 50 reports new
+    // in 2.5 s; once a second, at most 4 (with the heartbeat's).
+    assert_eq!(ARENA_FIGURES_EVERY, Duration::from_secs(1));
+    let most = 5;
+    assert!(
+        figures.len() <= most,
+        "{} reports in 2.5 s (at most {most}): {figures:?}",
+        figures.len()
+    );
+    // They are the arena's: it grew by tens of MiB meanwhile (a MiB per
+    // 20 ms sleep), and the last figure, at most a second old, saw a good
+    // part of it.
+    assert!(grown >= 50 * MIB, "{grown}");
+    let last = *figures.last().unwrap();
+    assert!(last >= grown / 3, "{last} of {grown}: {figures:?}");
+    drop(kept);
 }

@@ -438,7 +438,8 @@ fn cpu(runs: &[Value]) -> String {
                 .iter()
                 .filter(|(k, _)| p(k))
                 .filter_map(|(_, v)| v.as_f64())
-                .sum()
+                // An empty sum of f64 is -0.0.
+                .fold(0.0, |a, b| a + b)
         };
         // Unnamed threads carry the process's name: the index build's.
         let workers = named(&|k| k == "nodedb-workload");

@@ -260,7 +260,7 @@ impl AgentLinkBuilder {
             a.purge(e).ok()?;
             Some((before, a.stats(e).ok()?.resident_bytes))
         })
-        .arena_resident(move |e| arenas.stats(e).ok().map(|s| s.resident_bytes))
+        .arena_resident(ArenaFigures::new(arenas).into_fn())
     }
 
     /// Starts the link's thread.
@@ -399,6 +399,52 @@ impl Drop for AgentLink {
         // No agent, no figure for what the database holds besides (after
         // the link's thread, which could still be applying one).
         self.inner.set_outside(0, None);
+    }
+}
+
+/// How old the arenas' figures in a report may be. They are the agent's
+/// to show, not to act on (its ladder works from the kernel's attribution):
+/// read at every report (20 a second) they cost a merge of every arena's
+/// statistics per engine, under the arenas' locks, and, changing with
+/// every allocation, made every report new (an unchanged one is not sent).
+#[cfg(feature = "jemalloc")]
+pub const ARENA_FIGURES_EVERY: Duration = Duration::from_secs(1);
+
+/// The engines' arena resident bytes for the reports: all engines from one
+/// refresh of jemalloc's statistics, at most every
+/// [`ARENA_FIGURES_EVERY`].
+#[cfg(feature = "jemalloc")]
+struct ArenaFigures {
+    arenas: Arc<crate::arena::EngineArenas>,
+    last: Mutex<Option<(Instant, BTreeMap<EngineId, u64>)>>,
+}
+
+#[cfg(feature = "jemalloc")]
+impl ArenaFigures {
+    fn new(arenas: Arc<crate::arena::EngineArenas>) -> Self {
+        Self {
+            arenas,
+            last: Mutex::new(None),
+        }
+    }
+
+    fn resident(&self, engine: EngineId) -> Option<u64> {
+        let mut last = lock(&self.last);
+        if last
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= ARENA_FIGURES_EVERY)
+        {
+            *last = self
+                .arenas
+                .resident_by_engine()
+                .ok()
+                .map(|f| (Instant::now(), f));
+        }
+        last.as_ref()?.1.get(&engine).copied()
+    }
+
+    fn into_fn(self) -> impl Fn(EngineId) -> Option<u64> + Send + Sync + 'static {
+        move |e| self.resident(e)
     }
 }
 

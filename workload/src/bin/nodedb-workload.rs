@@ -209,8 +209,9 @@ impl Drop for Turns<'_> {
 /// (`RUSAGE_THREAD`) or of the whole process, exited threads included
 /// (`RUSAGE_SELF`), in seconds.
 fn cpu_seconds(who: libc::c_int) -> f64 {
-    // SAFETY: getrusage fills the struct it is given.
+    // SAFETY: rusage is plain data, valid zeroed.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct it is given, which outlives it.
     if unsafe { libc::getrusage(who, &mut u) } != 0 {
         return f64::NAN;
     }
@@ -222,8 +223,9 @@ fn cpu_seconds(who: libc::c_int) -> f64 {
 /// ("main" for the main thread; unnamed threads have its name, as the
 /// vector index's build workers do).
 fn threads_cpu() -> std::collections::BTreeMap<String, f64> {
-    // SAFETY: sysconf and getpid have no preconditions.
+    // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // SAFETY: getpid has no preconditions and cannot fail.
     let main = unsafe { libc::getpid() }.to_string();
     let mut by_name = std::collections::BTreeMap::<String, f64>::new();
     for task in std::fs::read_dir("/proc/self/task")

@@ -1022,7 +1022,8 @@ fn an_engine_allocating_without_reserving_does_not_make_every_report_new() {
         "{books:?}"
     );
     // Read every 50 ms, the figures would have made about 50 reports new
-    // in 2.5 s; once a second, at most 4 (with the heartbeat's).
+    // in 2.5 s; once a second, about 4 (the first, one a second, the one
+    // read after the deadline).
     assert_eq!(ARENA_FIGURES_EVERY, Duration::from_secs(1));
     let most = 5;
     assert!(
@@ -1033,7 +1034,7 @@ fn an_engine_allocating_without_reserving_does_not_make_every_report_new() {
     // They are the arena's: it grew by tens of MiB meanwhile (a MiB per
     // 20 ms sleep), and the last figure, at most a second old, saw a good
     // part of it.
-    assert!(grown >= 50 * MIB, "{grown}");
+    assert!(grown >= 20 * MIB, "{grown}");
     let last = *figures.last().unwrap();
     assert!(last >= grown / 3, "{last} of {grown}: {figures:?}");
     drop(kept);

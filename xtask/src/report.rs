@@ -407,13 +407,11 @@ fn throughput(runs: &[Value]) -> String {
     s
 }
 
-/// What each run gave up to stay within memory: per engine, what it
-/// spilled (vector segments evicted to disk, timeseries flushes before
-/// the final one, the `GROUP BY`'s spill files) and its peak.
 /// Where each run's CPU went: the engines' own threads (both phases; the
 /// vector index's build workers beside its thread), the spill threads,
-/// the rest of the workload process (link, rebalancer), and the agent;
-/// against the run's wall time. On a machine with few CPUs the engines
+/// the rest of the workload process (link, rebalancer, threads that ended
+/// other than the engines'), and the agent (its status polled by the
+/// harness included); against the run's wall time. On a machine with few CPUs the engines
 /// share them, so work the governor adds or saves shows here before it
 /// shows in the rates.
 fn cpu(runs: &[Value]) -> String {
@@ -426,7 +424,7 @@ fn cpu(runs: &[Value]) -> String {
     }
     let mut s = String::from(
         "\nCPU seconds, per run: each engine's own thread (vector: + its index build's workers), the spill threads, \
-         the rest of the workload process (link, rebalancer), the agent; the run's wall time.\n\n\
+         the rest of the workload process (link, rebalancer), the agent (answering the harness's status requests included); the run's wall time.\n\n\
          | run | vector | timeseries | query | spill threads | rest of the process | agent | wall |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let f = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.1}"));
@@ -441,8 +439,8 @@ fn cpu(runs: &[Value]) -> String {
                 // An empty sum of f64 is -0.0.
                 .fold(0.0, |a, b| a + b)
         };
-        // Unnamed threads carry the process's name: the index build's.
-        let workers = named(&|k| k == "nodedb-workload");
+        // The threads nobody named: the index build's workers.
+        let workers = named(&|k| k == "unnamed");
         let spill = named(&|k| k.starts_with("spill-"));
         let engines: f64 = ["vector", "timeseries", "query"]
             .iter()
@@ -467,6 +465,9 @@ fn cpu(runs: &[Value]) -> String {
     s
 }
 
+/// What each run gave up to stay within memory: per engine, what it
+/// spilled (vector segments evicted to disk, timeseries flushes before
+/// the final one, the `GROUP BY`'s spill files) and its peak.
 fn spills(runs: &[Value]) -> String {
     let rows: Vec<&Value> = ["governed", "static", "ample"]
         .iter()
@@ -769,7 +770,7 @@ mod tests {
         let mut governed = run_of("governed", 150.0, 10.0);
         governed["workload"]["cpu_seconds"] = json!({
             "vector": 4.0, "timeseries": 2.5, "query": 3.0, "process": 21.0,
-            "threads": {"main": 0.0, "nodedb-workload": 8.0, "spill-timeserie": 1.25, "spill-vector": 0.25, "nodedb-agent-li": 1.0},
+            "threads": {"main": 0.0, "unnamed": 8.0, "spill-timeserie": 1.25, "spill-vector": 0.25, "nodedb-agent-li": 1.0},
         });
         governed["agent_cpu_seconds"] = json!(0.75);
         // A workload from before the figures: no row.

@@ -251,7 +251,8 @@ impl AgentLinkBuilder {
         self
     }
 
-    /// Per-engine jemalloc arenas: purges and reports go to them.
+    /// Per-engine jemalloc arenas: purges and reports go to them (the
+    /// reports' arena figures up to [`ARENA_FIGURES_EVERY`] old).
     #[cfg(feature = "jemalloc")]
     pub fn arenas(self, arenas: Arc<crate::arena::EngineArenas>) -> Self {
         let a = arenas.clone();
@@ -402,9 +403,9 @@ impl Drop for AgentLink {
     }
 }
 
-/// How old the arenas' figures in a report may be. They are the agent's
-/// to show, not to act on (its ladder works from the kernel's attribution):
-/// read at every report (20 a second) they cost a merge of every arena's
+/// How old the arenas' figures in a report may be. The agent does not act
+/// on them (its ladder works from the kernel's attribution): read at
+/// every report (20 a second) they cost a merge of every arena's
 /// statistics per engine, under the arenas' locks, and, changing with
 /// every allocation, made every report new (an unchanged one is not sent).
 #[cfg(feature = "jemalloc")]
@@ -434,11 +435,11 @@ impl ArenaFigures {
             .as_ref()
             .is_none_or(|(at, _)| at.elapsed() >= ARENA_FIGURES_EVERY)
         {
-            *last = self
-                .arenas
-                .resident_by_engine()
-                .ok()
-                .map(|f| (Instant::now(), f));
+            // A failed read is not tried again before the next refresh.
+            *last = Some((
+                Instant::now(),
+                self.arenas.resident_by_engine().unwrap_or_default(),
+            ));
         }
         last.as_ref()?.1.get(&engine).copied()
     }

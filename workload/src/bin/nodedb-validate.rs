@@ -203,7 +203,7 @@ fn process_cpu_seconds(pid: u32) -> Option<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The fields after the command (which may hold spaces and parentheses)
     // start at the state, field 3: utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
     let mut fields = rest.split_whitespace().skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
@@ -574,6 +574,9 @@ impl Harness {
                 .unwrap_or(0)
                 .saturating_sub(before["ceiling"]["events"][key].as_u64().unwrap_or(0))
         };
+        let agent_cpu_before = agent.as_ref().and_then(|a| process_cpu_seconds(a.0.id()));
+        // The agent refreshes it once a PSI window (2 s by default): the
+        // run's last stalls may be missing.
         let stall_us = |s: &Value| s["psi"]["figures"]["some_total_us"].as_u64();
         let mut cmd = Command::new(&self.workload_bin);
         if agent.is_some() {
@@ -695,7 +698,10 @@ impl Harness {
             .unwrap_or_default();
         // The agent's own CPU over the run, which the database's threads
         // share the machine with.
-        let agent_cpu = agent.as_ref().and_then(|a| process_cpu_seconds(a.0.id()));
+        let agent_cpu = agent
+            .as_ref()
+            .and_then(|a| process_cpu_seconds(a.0.id()))
+            .map(|c| c - agent_cpu_before.unwrap_or(0.0));
         drop(agent);
         let _ = fs::remove_dir_all(&scratch);
         let peak =
@@ -769,6 +775,9 @@ impl Harness {
             "high_events": grown(&last, "high"),
             "max_events": grown(&last, "max"),
             "agent_cpu_seconds": agent_cpu,
+            // The database's cgroup, or the whole machine's where it has
+            // no cgroup v2 of its own.
+            "memory_stall_source": last["psi"]["source"],
             "memory_stall_seconds": stall_us(&last)
                 .map(|t| t.saturating_sub(stall_us(&before).unwrap_or(0)) as f64 / 1e6),
             "exit": describe(exit),
@@ -790,7 +799,7 @@ impl Harness {
             "timeline": timeline,
         });
         eprintln!(
-            "nodedb-validate: {}: {} after {seconds:.1} s; peak RSS {} MiB (ceiling {} MiB); {} (peak / configured budget; governed: peak against the budget in force); OOM kills {oom_kills}; throttled above memory.high {} times, memory.max hit {} times, stalled on memory {} s",
+            "nodedb-validate: {}: {} after {seconds:.1} s; peak RSS {} MiB (ceiling {} MiB); {} (peak / configured budget; governed: peak against the budget in force); OOM kills {oom_kills}; throttled above memory.high {} times, memory.max hit {} times, stalled on memory {:.1} s",
             mode.name(),
             summary["exit"].as_str().unwrap_or_default(),
             peak_rss >> 20,
@@ -815,7 +824,7 @@ impl Harness {
                 .join(", "),
             summary["high_events"],
             summary["max_events"],
-            summary["memory_stall_seconds"],
+            summary["memory_stall_seconds"].as_f64().unwrap_or(f64::NAN),
         );
         if !numa.is_null() {
             eprintln!(

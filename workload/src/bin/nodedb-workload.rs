@@ -203,8 +203,6 @@ impl Drop for Turns<'_> {
     }
 }
 
-/// What an engine's thread returns: its result together, and alone (with
-/// the solo phase).
 /// The CPU time (user + system) of the calling thread
 /// (`RUSAGE_THREAD`) or of the whole process, exited threads included
 /// (`RUSAGE_SELF`), in seconds.
@@ -220,13 +218,15 @@ fn cpu_seconds(who: libc::c_int) -> f64 {
 }
 
 /// The CPU seconds of the process's threads now running, by thread name
-/// ("main" for the main thread; unnamed threads have its name, as the
-/// vector index's build workers do).
+/// ("main" for the main thread, "unnamed" for threads that carry its name
+/// because nobody named them, as the vector index's build workers).
 fn threads_cpu() -> std::collections::BTreeMap<String, f64> {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     // SAFETY: getpid has no preconditions and cannot fail.
     let main = unsafe { libc::getpid() }.to_string();
+    let main_comm = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
+    let main_comm = main_comm.trim_end();
     let mut by_name = std::collections::BTreeMap::<String, f64>::new();
     for task in std::fs::read_dir("/proc/self/task")
         .into_iter()
@@ -239,10 +239,15 @@ fn threads_cpu() -> std::collections::BTreeMap<String, f64> {
         let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
             continue;
         };
+        let comm = &stat[open + 1..close];
         let name = if task.file_name().to_str() == Some(main.as_str()) {
             "main"
+        } else if comm == main_comm {
+            // Threads nobody named carry the main thread's name: here,
+            // the vector index build's workers.
+            "unnamed"
         } else {
-            &stat[open + 1..close]
+            comm
         };
         // utime and stime: fields 14 and 15, the 12th and 13th after the
         // name's closing parenthesis.
@@ -260,8 +265,9 @@ fn threads_cpu() -> std::collections::BTreeMap<String, f64> {
 
 /// What the threads running now took since `before` ([`threads_cpu`]),
 /// by name: the link's, the spill controller's, the rebalancer's, the
-/// index build's workers (the engines' own threads have ended, and are
-/// counted on their own).
+/// index build's workers. Threads that ended are not in it (the engines'
+/// own threads are counted on their own; others are only in the
+/// process's total).
 fn threads_cpu_since(
     before: &std::collections::BTreeMap<String, f64>,
 ) -> serde_json::Map<String, serde_json::Value> {
@@ -284,6 +290,8 @@ impl Drop for ThreadCpu<'_> {
     }
 }
 
+/// What an engine's thread returns: its result together, and alone (with
+/// the solo phase).
 type Outcome = anyhow::Result<(serde_json::Value, Option<serde_json::Value>)>;
 
 /// An engine's thread up to the serve phase: placed (`enter`), its turn

@@ -189,15 +189,7 @@ impl EngineArenas {
     /// Fresh statistics of `engine`'s arenas (every node's, summed).
     pub fn stats(&self, engine: EngineId) -> Result<ArenaStats, ArenaError> {
         tikv_jemalloc_ctl::epoch::advance().map_err(|e| mallctl_err("epoch", e))?;
-        let mut sum = ArenaStats::default();
-        for &i in self.all(engine)? {
-            let st = self.arena_stats(i)?;
-            sum.resident_bytes += st.resident_bytes;
-            sum.active_bytes += st.active_bytes;
-            sum.dirty_bytes += st.dirty_bytes;
-            sum.mapped_bytes += st.mapped_bytes;
-        }
-        Ok(sum)
+        self.summed(engine)
     }
 
     /// Every engine's arenas' resident bytes (every node's, summed), from
@@ -207,15 +199,23 @@ impl EngineArenas {
     pub fn resident_by_engine(&self) -> Result<BTreeMap<EngineId, u64>, ArenaError> {
         tikv_jemalloc_ctl::epoch::advance().map_err(|e| mallctl_err("epoch", e))?;
         self.arenas
-            .iter()
-            .map(|(&engine, arenas)| {
-                let mut sum = 0;
-                for &i in arenas {
-                    sum += read::<usize>(&format!("stats.arenas.{i}.resident"))? as u64;
-                }
-                Ok((engine, sum))
-            })
+            .keys()
+            .map(|&engine| Ok((engine, self.summed(engine)?.resident_bytes)))
             .collect()
+    }
+
+    /// `engine`'s arenas' statistics as of the last refresh, every node's
+    /// summed.
+    fn summed(&self, engine: EngineId) -> Result<ArenaStats, ArenaError> {
+        let mut sum = ArenaStats::default();
+        for &i in self.all(engine)? {
+            let st = self.arena_stats(i)?;
+            sum.resident_bytes += st.resident_bytes;
+            sum.active_bytes += st.active_bytes;
+            sum.dirty_bytes += st.dirty_bytes;
+            sum.mapped_bytes += st.mapped_bytes;
+        }
+        Ok(sum)
     }
 
     /// Fresh statistics of `engine`'s arena on node position `node`.

@@ -7,10 +7,12 @@
 //! - [`query`]: the SQL engine, a DataFusion `GROUP BY` through the
 //!   library's memory pool, spilling to disk when refused;
 //! - [`cache`]: the cache scenario's mapped index and flush;
+//! - [`cpu`]: where a run's CPU went (processes' and threads' CPU time);
 //! - [`irq`]: where a disk's interrupts land (the cache scenario places its
 //!   engines by it).
 
 pub mod cache;
+pub mod cpu;
 pub mod gorilla;
 pub mod irq;
 pub mod query;

@@ -256,12 +256,13 @@ impl AgentLinkBuilder {
     #[cfg(feature = "jemalloc")]
     pub fn arenas(self, arenas: Arc<crate::arena::EngineArenas>) -> Self {
         let a = arenas.clone();
+        let figures = ArenaFigures::new(arenas);
         self.on_purge(move |e| {
             let before = a.stats(e).ok()?.resident_bytes;
             a.purge(e).ok()?;
             Some((before, a.stats(e).ok()?.resident_bytes))
         })
-        .arena_resident(ArenaFigures::new(arenas).into_fn())
+        .arena_resident(move |e| figures.resident(e))
     }
 
     /// Starts the link's thread.
@@ -442,10 +443,6 @@ impl ArenaFigures {
             ));
         }
         last.as_ref()?.1.get(&engine).copied()
-    }
-
-    fn into_fn(self) -> impl Fn(EngineId) -> Option<u64> + Send + Sync + 'static {
-        move |e| self.resident(e)
     }
 }
 

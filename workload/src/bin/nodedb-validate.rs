@@ -74,6 +74,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
+use nodedb_governor_workload::cpu;
 use serde_json::{Value, json};
 
 const ENGINES: [&str; 3] = ["vector", "timeseries", "query"];
@@ -195,21 +196,6 @@ struct Args {
     /// Arguments for nodedb-workload (sizes), after `--`.
     #[arg(last = true)]
     workload: Vec<String>,
-}
-
-/// A process's CPU time so far (user + system, its threads included),
-/// from `/proc/<pid>/stat`; None if it cannot be read.
-fn process_cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The fields after the command (which may hold spaces and parentheses)
-    // start at the state, field 3: utime and stime are fields 14 and 15.
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (ticks > 0).then(|| (utime + stime) as f64 / ticks as f64)
 }
 
 /// A child killed (and reaped) when dropped: a failed run leaves no agent
@@ -574,7 +560,7 @@ impl Harness {
                 .unwrap_or(0)
                 .saturating_sub(before["ceiling"]["events"][key].as_u64().unwrap_or(0))
         };
-        let agent_cpu_before = agent.as_ref().and_then(|a| process_cpu_seconds(a.0.id()));
+        let agent_cpu_before = agent.as_ref().and_then(|a| cpu::process_seconds(a.0.id()));
         // The agent refreshes it once a PSI window (2 s by default): the
         // run's last stalls may be missing.
         let stall_us = |s: &Value| s["psi"]["figures"]["some_total_us"].as_u64();
@@ -700,7 +686,7 @@ impl Harness {
         // share the machine with.
         let agent_cpu = agent
             .as_ref()
-            .and_then(|a| process_cpu_seconds(a.0.id()))
+            .and_then(|a| cpu::process_seconds(a.0.id()))
             .map(|c| c - agent_cpu_before.unwrap_or(0.0));
         drop(agent);
         let _ = fs::remove_dir_all(&scratch);

@@ -39,6 +39,7 @@ use nodedb_governor::{
 };
 use nodedb_governor_workload::query::{self, GroupByData, Spill};
 use nodedb_governor_workload::{
+    cpu,
     timeseries::Timeseries,
     vector::{self, VectorEngine},
 };
@@ -203,67 +204,8 @@ impl Drop for Turns<'_> {
     }
 }
 
-/// The CPU time (user + system) of the calling thread
-/// (`RUSAGE_THREAD`) or of the whole process, exited threads included
-/// (`RUSAGE_SELF`), in seconds.
-fn cpu_seconds(who: libc::c_int) -> f64 {
-    // SAFETY: rusage is plain data, valid zeroed.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage fills the struct it is given, which outlives it.
-    if unsafe { libc::getrusage(who, &mut u) } != 0 {
-        return f64::NAN;
-    }
-    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    s(u.ru_utime) + s(u.ru_stime)
-}
-
-/// The CPU seconds of the process's threads now running, by thread name
-/// ("main" for the main thread, "unnamed" for threads that carry its name
-/// because nobody named them, as the vector index's build workers).
-fn threads_cpu() -> std::collections::BTreeMap<String, f64> {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    // SAFETY: getpid has no preconditions and cannot fail.
-    let main = unsafe { libc::getpid() }.to_string();
-    let main_comm = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
-    let main_comm = main_comm.trim_end();
-    let mut by_name = std::collections::BTreeMap::<String, f64>::new();
-    for task in std::fs::read_dir("/proc/self/task")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = &stat[open + 1..close];
-        let name = if task.file_name().to_str() == Some(main.as_str()) {
-            "main"
-        } else if comm == main_comm {
-            // Threads nobody named carry the main thread's name: here,
-            // the vector index build's workers.
-            "unnamed"
-        } else {
-            comm
-        };
-        // utime and stime: fields 14 and 15, the 12th and 13th after the
-        // name's closing parenthesis.
-        let mut f = stat[close + 1..].split_whitespace().skip(11);
-        let (Some(Ok(u)), Some(Ok(s))) = (
-            f.next().map(str::parse::<u64>),
-            f.next().map(str::parse::<u64>),
-        ) else {
-            continue;
-        };
-        *by_name.entry(name.to_owned()).or_default() += (u + s) as f64 / ticks;
-    }
-    by_name
-}
-
-/// What the threads running now took since `before` ([`threads_cpu`]),
+/// What the threads running now took since `before`
+/// ([`cpu::threads_by_name`]),
 /// by name: the link's, the spill controller's, the rebalancer's, the
 /// index build's workers. Threads that ended are not in it (the engines'
 /// own threads are counted on their own; others are only in the
@@ -271,7 +213,7 @@ fn threads_cpu() -> std::collections::BTreeMap<String, f64> {
 fn threads_cpu_since(
     before: &std::collections::BTreeMap<String, f64>,
 ) -> serde_json::Map<String, serde_json::Value> {
-    threads_cpu()
+    cpu::threads_by_name()
         .into_iter()
         .map(|(k, v)| {
             let was = before.get(&k).copied().unwrap_or(0.0);
@@ -286,7 +228,8 @@ struct ThreadCpu<'a>(&'a std::sync::Mutex<f64>);
 
 impl Drop for ThreadCpu<'_> {
     fn drop(&mut self) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = cpu_seconds(libc::RUSAGE_THREAD);
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) =
+            cpu::rusage_seconds(libc::RUSAGE_THREAD);
     }
 }
 
@@ -546,8 +489,8 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     // What the set-up took (the GROUP BY's reference answer) is not the
     // run's.
-    let cpu_at_start = cpu_seconds(libc::RUSAGE_SELF);
-    let threads_at_start = threads_cpu();
+    let cpu_at_start = cpu::rusage_seconds(libc::RUSAGE_SELF);
+    let threads_at_start = cpu::threads_by_name();
     // Between the phases; an engine that fails still passes both, so the
     // others are not left waiting.
     let loaded = std::sync::Barrier::new(3);
@@ -625,7 +568,7 @@ fn main() -> anyhow::Result<()> {
         "vector": cpu_of(&cpu[0]),
         "timeseries": cpu_of(&cpu[1]),
         "query": cpu_of(&cpu[2]),
-        "process": cpu_seconds(libc::RUSAGE_SELF) - cpu_at_start,
+        "process": cpu::rusage_seconds(libc::RUSAGE_SELF) - cpu_at_start,
         "threads": threads_cpu_since(&threads_at_start),
     });
     let get = |r: std::thread::Result<Outcome>, name: &str| {

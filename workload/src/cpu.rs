@@ -1,0 +1,120 @@
+//! Where a run's CPU went: the CPU time (user + system) of processes and
+//! threads, from `getrusage` and procfs.
+
+use std::collections::BTreeMap;
+
+/// The command and the CPU seconds (utime + stime) in the text of a
+/// `/proc/<pid>/stat` or `/proc/<pid>/task/<tid>/stat`; None if it is not
+/// one. The command may hold spaces and parentheses: the fields after it
+/// start past its last `)`, at the state (field 3); utime and stime are
+/// fields 14 and 15.
+pub fn parse_stat(stat: &str) -> Option<(&str, f64)> {
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let command = stat.get(open + 1..close)?;
+    let mut fields = stat.get(close + 1..)?.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then(|| (command, (utime + stime) as f64 / ticks as f64))
+}
+
+/// A process's CPU seconds so far, its threads included; None if it
+/// cannot be read.
+pub fn process_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat).map(|(_, s)| s)
+}
+
+/// The CPU seconds of the calling thread (`RUSAGE_THREAD`) or of the whole
+/// process, exited threads included (`RUSAGE_SELF`); NaN if they cannot be
+/// read.
+pub fn rusage_seconds(who: libc::c_int) -> f64 {
+    // SAFETY: rusage is plain data, valid zeroed.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct it is given, which outlives it.
+    if unsafe { libc::getrusage(who, &mut u) } != 0 {
+        return f64::NAN;
+    }
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    s(u.ru_utime) + s(u.ru_stime)
+}
+
+/// The CPU seconds of this process's threads now running, by thread name:
+/// "main" for the main thread, "unnamed" for threads that carry its name
+/// because nobody named them (the vector index build's workers).
+pub fn threads_by_name() -> BTreeMap<String, f64> {
+    let main = std::process::id().to_string();
+    let main_command = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
+    let main_command = main_command.trim_end();
+    let mut by_name = BTreeMap::<String, f64>::new();
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let Some((command, seconds)) = parse_stat(&stat) else {
+            continue;
+        };
+        let name = if task.file_name().to_str() == Some(main.as_str()) {
+            "main"
+        } else if command == main_command {
+            "unnamed"
+        } else {
+            command
+        };
+        *by_name.entry(name.to_owned()).or_default() += seconds;
+    }
+    by_name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_with_spaces_and_parentheses_does_not_shift_the_fields() {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        // utime 150, stime 50 (fields 14 and 15).
+        let stat =
+            "4242 (a (b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 150 50 0 0 20 0 3 0 99 1000 10";
+        let (command, seconds) = parse_stat(stat).unwrap();
+        assert_eq!(command, "a (b) c");
+        assert!((seconds - 200.0 / hz).abs() < 1e-9, "{seconds}");
+        assert_eq!(parse_stat("4242 (cut) S 1 2"), None);
+        assert_eq!(parse_stat("no command here"), None);
+    }
+
+    #[test]
+    fn this_thread_s_work_shows_in_its_own_and_the_process_s_figures() {
+        let (thread, process) = (
+            rusage_seconds(libc::RUSAGE_THREAD),
+            rusage_seconds(libc::RUSAGE_SELF),
+        );
+        // Busy until the thread's own figure has grown by 0.1 s (however
+        // loaded the machine), within 10 s.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut x = 0u64;
+        while rusage_seconds(libc::RUSAGE_THREAD) - thread < 0.1 {
+            assert!(
+                std::time::Instant::now() < until,
+                "the thread's CPU time did not grow"
+            );
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+        assert!(rusage_seconds(libc::RUSAGE_SELF) - process >= 0.1);
+        let mine = process_seconds(std::process::id()).unwrap();
+        assert!(mine >= 0.1, "{mine}");
+        // This thread (named by the test harness) under its name.
+        let name = std::fs::read_to_string("/proc/thread-self/comm").unwrap();
+        let threads = threads_by_name();
+        let this = threads.get(name.trim_end()).or(threads.get("unnamed"));
+        assert!(this.is_some_and(|s| *s >= 0.1), "{name:?} in {threads:?}");
+    }
+}

@@ -44,11 +44,16 @@ pub fn rusage_seconds(who: libc::c_int) -> f64 {
 /// "main" for the main thread, "unnamed" for threads that carry its name
 /// because nobody named them (the vector index build's workers).
 pub fn threads_by_name() -> BTreeMap<String, f64> {
-    let main = std::process::id().to_string();
-    let main_command = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
+    threads_by_name_of(std::process::id())
+}
+
+/// The same for another process (`pid`): empty if it cannot be read.
+pub fn threads_by_name_of(pid: u32) -> BTreeMap<String, f64> {
+    let main = pid.to_string();
+    let main_command = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     let main_command = main_command.trim_end();
     let mut by_name = BTreeMap::<String, f64>::new();
-    for task in std::fs::read_dir("/proc/self/task")
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
         .flatten()
         .flatten()
@@ -69,6 +74,20 @@ pub fn threads_by_name() -> BTreeMap<String, f64> {
         *by_name.entry(name.to_owned()).or_default() += seconds;
     }
     by_name
+}
+
+/// What each thread name in `now` took since `before` (a name not in
+/// `before` from zero); never negative.
+pub fn grown_since(
+    before: &BTreeMap<String, f64>,
+    now: BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
+    now.into_iter()
+        .map(|(k, v)| {
+            let was = before.get(&k).copied().unwrap_or(0.0);
+            (k, (v - was).max(0.0))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -116,5 +135,30 @@ mod tests {
         let threads = threads_by_name();
         let this = threads.get(name.trim_end()).or(threads.get("unnamed"));
         assert!(this.is_some_and(|s| *s >= 0.1), "{name:?} in {threads:?}");
+        // Read as another process's (the harness reads the agent's so).
+        let seen = threads_by_name_of(std::process::id());
+        let that = seen.get(name.trim_end()).or(seen.get("unnamed"));
+        assert!(that.is_some_and(|s| *s >= 0.1), "{name:?} in {seen:?}");
+        assert!(threads_by_name_of(u32::MAX).is_empty());
+    }
+
+    #[test]
+    fn growth_is_per_name_from_zero_for_new_names_and_never_negative() {
+        let before = BTreeMap::from([("link".to_owned(), 1.0), ("gone".to_owned(), 2.0)]);
+        let now = BTreeMap::from([
+            ("link".to_owned(), 1.5),
+            ("new".to_owned(), 0.25),
+            // A thread of that name exited and a new one took its name.
+            ("gone".to_owned(), 0.5),
+        ]);
+        let grown = grown_since(&before, now);
+        assert_eq!(
+            grown,
+            BTreeMap::from([
+                ("gone".to_owned(), 0.0),
+                ("link".to_owned(), 0.5),
+                ("new".to_owned(), 0.25),
+            ])
+        );
     }
 }

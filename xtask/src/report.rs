@@ -462,7 +462,38 @@ fn cpu(runs: &[Value]) -> String {
             f(r["workload"]["seconds"].as_f64()),
         ));
     }
+    let agents: Vec<String> = runs.iter().filter_map(agent_ticks).collect();
+    if !agents.is_empty() {
+        s.push_str(&format!(
+            "\nThe agent's CPU, per run: its ticks (reading the kernel, deciding, acting; how many, how many at the calm pace, their time in all and p50 / p99 of the last ones) and its threads' seconds.\n\n{}\n",
+            agents.join("\n")
+        ));
+    }
     s
+}
+
+/// One run's line on the agent's ticks and threads (None: the run had
+/// no agent, or predates the figures).
+fn agent_ticks(r: &Value) -> Option<String> {
+    let t = &r["agent_ticks"];
+    let ticks = t["ticks"].as_u64()?;
+    let threads = r["agent_threads_cpu_seconds"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some(format!("{k} {:.2}", v.as_f64()?)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    Some(format!(
+        "- {}: {ticks} ticks ({} calm), {:.2} s, p50 {} µs, p99 {} µs; threads: {threads}",
+        r["mode"].as_str().unwrap_or_default(),
+        t["calm_ticks"].as_u64().unwrap_or(0),
+        t["seconds"].as_f64().unwrap_or(0.0),
+        t["time_us"]["p50_us"].as_u64().unwrap_or(0),
+        t["time_us"]["p99_us"].as_u64().unwrap_or(0),
+    ))
 }
 
 /// What each run gave up to stay within memory: per engine, what it
@@ -773,9 +804,22 @@ mod tests {
             "threads": {"main": 0.0, "unnamed": 8.0, "spill-timeserie": 1.25, "spill-vector": 0.25, "nodedb-agent-li": 1.0},
         });
         governed["agent_cpu_seconds"] = json!(0.75);
+        governed["agent_ticks"] = json!({
+            "ticks": 1268, "calm_ticks": 27, "seconds": 0.2,
+            "time_us": {"p50_us": 116, "p99_us": 315},
+        });
+        governed["agent_threads_cpu_seconds"] = json!({"main": 0.44, "serve": 0.05});
         // A workload from before the figures: no row.
         let old = run_of("static", 100.0, 12.5);
-        let t = rows(&cpu(&[governed, old]));
+        let text = cpu(&[governed, old.clone()]);
+        assert!(
+            text.contains(
+                "- governed: 1268 ticks (27 calm), 0.20 s, p50 116 µs, p99 315 µs; threads: main 0.44, serve 0.05\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(agent_ticks(&old), None);
+        let t = rows(&text);
         assert_eq!(t.len(), 3, "{t:?}");
         assert_eq!(
             t[2],

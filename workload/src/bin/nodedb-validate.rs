@@ -561,6 +561,10 @@ impl Harness {
                 .saturating_sub(before["ceiling"]["events"][key].as_u64().unwrap_or(0))
         };
         let agent_cpu_before = agent.as_ref().and_then(|a| cpu::process_seconds(a.0.id()));
+        let agent_threads_before = agent
+            .as_ref()
+            .map(|a| cpu::threads_by_name_of(a.0.id()))
+            .unwrap_or_default();
         // The agent refreshes it once a PSI window (2 s by default): the
         // run's last stalls may be missing.
         let stall_us = |s: &Value| s["psi"]["figures"]["some_total_us"].as_u64();
@@ -688,6 +692,22 @@ impl Harness {
             .as_ref()
             .and_then(|a| cpu::process_seconds(a.0.id()))
             .map(|c| c - agent_cpu_before.unwrap_or(0.0));
+        // Where it went: by thread, and how much of it the ticks were.
+        let agent_threads = agent
+            .as_ref()
+            .map(|a| cpu::grown_since(&agent_threads_before, cpu::threads_by_name_of(a.0.id())))
+            .unwrap_or_default();
+        let tick_grown = |key: &str| {
+            last["ticks"][key]
+                .as_u64()
+                .map(|n| n.saturating_sub(before["ticks"][key].as_u64().unwrap_or(0)))
+        };
+        let agent_ticks = json!({
+            "ticks": tick_grown("ticks"),
+            "calm_ticks": tick_grown("calm_ticks"),
+            "seconds": tick_grown("total_us").map(|us| us as f64 / 1e6),
+            "time_us": last["ticks"]["time"],
+        });
         drop(agent);
         let _ = fs::remove_dir_all(&scratch);
         let peak =
@@ -761,6 +781,8 @@ impl Harness {
             "high_events": grown(&last, "high"),
             "max_events": grown(&last, "max"),
             "agent_cpu_seconds": agent_cpu,
+            "agent_threads_cpu_seconds": agent_threads,
+            "agent_ticks": agent_ticks,
             // The database's cgroup, or the whole machine's where it has
             // no cgroup v2 of its own.
             "memory_stall_source": last["psi"]["source"],

@@ -213,12 +213,9 @@ impl Drop for Turns<'_> {
 fn threads_cpu_since(
     before: &std::collections::BTreeMap<String, f64>,
 ) -> serde_json::Map<String, serde_json::Value> {
-    cpu::threads_by_name()
+    cpu::grown_since(before, cpu::threads_by_name())
         .into_iter()
-        .map(|(k, v)| {
-            let was = before.get(&k).copied().unwrap_or(0.0);
-            (k, (v - was).max(0.0).into())
-        })
+        .map(|(k, v)| (k, v.into()))
         .collect()
 }
 

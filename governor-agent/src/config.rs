@@ -264,8 +264,8 @@ pub struct LendingConfig {
     /// (a refused reservation, or Critical of its reduced budget).
     #[serde(default = "d_min_loan_ms")]
     pub min_loan_ms: u64,
-    /// A lender at Warning of its reduced budget takes back only after
-    /// staying there this long.
+    /// A lender at Warning of its reduced budget, or growing past what it
+    /// kept, takes back only after rising this long.
     #[serde(default = "d_rise_after_ms")]
     pub rise_after_ms: u64,
     /// A lender keeps this fraction of its budget beyond what it holds.

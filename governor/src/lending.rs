@@ -32,11 +32,15 @@
 //!   ([`LoanBook::take_back`]) takes all its loans back; a lender that
 //!   holds `critical` of its reduced budget (where it would be spilled
 //!   itself) takes back what it needs, whatever the loans' age.
-//! * **Taken back, when the rise is sustained**: a lender that has held
-//!   `warning` of its reduced budget for [`LendingRules::rise_after`] takes
-//!   back what it needs from the loans older than
-//!   [`LendingRules::min_loan`]; a flicker above `warning`, or a young
-//!   loan, is left alone.
+//! * **Taken back, when the rise is sustained**: a lender that has, for
+//!   [`LendingRules::rise_after`], held `warning` of its reduced budget or
+//!   kept growing past what it kept (what it holds plus the cushion is
+//!   more than its reduced budget, by [`LendingRules::growth_bytes`] or
+//!   more) takes back what it needs from the loans older than
+//!   [`LendingRules::min_loan`]; a flicker, or a young loan, is left
+//!   alone. A growing lender takes back before it is at `warning` (where
+//!   its own spilling starts soon after), as a growing engine borrows
+//!   before it is refused.
 //! * **What it needs**: enough for its budget in force to be its floor,
 //!   what it holds plus the cushion, and what it holds over `warning`,
 //!   whichever is most; taken from its newest loans first, the last one
@@ -54,7 +58,8 @@
 //!   age. Budget lent to an engine that
 //!   has stopped growing goes to the one that is growing; the quiet
 //!   borrower's budget drops by as much (a drop that brings it to
-//!   `critical` counts as a forced spill).
+//!   `critical` counts as a forced spill). A loan that moves keeps its
+//!   age: [`LendingRules::min_loan`] runs from when its lender lent it.
 //! * **Idle spill**: an engine whose spill is cheap (a buffer it must write
 //!   anyway; marked with [`LoanBook::set_idle_spill`]) that has not grown
 //!   for [`LendingRules::idle_spill_after`] while memory is short (the
@@ -87,11 +92,12 @@ pub struct LendingRules {
     /// A lender keeps this fraction of its configured budget beyond what it
     /// holds.
     pub cushion: f64,
-    /// A loan stands at least this long unless its lender really needs it
-    /// (refused, or at `critical` of its reduced budget).
+    /// A loan stands at least this long from when its lender lent it
+    /// (moving to another borrower does not restart it) unless its lender
+    /// really needs it (refused, or at `critical` of its reduced budget).
     pub min_loan: Duration,
-    /// A lender at `warning` of its reduced budget takes back only once it
-    /// has stayed there this long.
+    /// A lender at `warning` of its reduced budget, or growing past what
+    /// it kept, takes back only once it has risen this long.
     pub rise_after: Duration,
     /// An engine marked to spill when idle (see
     /// [`LoanBook::set_idle_spill`]) is asked to spill down to its floor
@@ -210,8 +216,10 @@ struct Account<K> {
     activity: Option<(u64, Instant)>,
     /// What it held at the last round.
     last: Holding,
-    /// Since when a lender has held `warning` of its budget in force.
-    rising_since: Option<Instant>,
+    /// Since when a lender has been rising (held `warning` of its budget
+    /// in force, or grown past what it kept), and what it held then: a
+    /// fall below that ends the rise (a flicker).
+    rising_since: Option<(Instant, u64)>,
     /// Take-backs that left this engine, as borrower, at `critical` of
     /// its new budget.
     forced_spills: u64,
@@ -244,8 +252,8 @@ enum Need {
     All,
     /// At `critical` of its reduced budget: what it needs, any loan.
     Urgent,
-    /// A sustained rise past `warning`: what it needs, from loans older
-    /// than `min_loan`.
+    /// A sustained rise past `warning`, or growth past what it kept: what
+    /// it needs, from loans older than `min_loan`.
     Sustained,
 }
 
@@ -256,7 +264,8 @@ pub struct LoanBook<K> {
     /// In the order engines were added: ties go the same way every time.
     accounts: Vec<Account<K>>,
     /// In the order they were made (a top-up of a loan moves it last),
-    /// each with when it was made or last topped up.
+    /// each with when it was made or last topped up (a loan moved to
+    /// another borrower keeps its time).
     loans: Vec<Loan<K>>,
     made: Vec<Instant>,
 }
@@ -614,12 +623,29 @@ impl<K: Clone + PartialEq> LoanBook<K> {
             }
             let r = a.last.resident_bytes as f64;
             let budget = a.in_force_bytes as f64;
+            // Growing past what it kept when it lent: it will be at
+            // `warning` soon.
+            let outgrowing = !a.quiet(now, rules.idle_after)
+                && self.needed(a, thresholds)
+                    >= a.in_force_bytes.saturating_add(rules.growth_bytes);
             let need = if r >= budget * thresholds.critical {
                 Some(Need::Urgent)
-            } else if r >= budget * thresholds.warning {
-                let since = *self.accounts[l].rising_since.get_or_insert(now);
-                (now.saturating_duration_since(since) >= rules.rise_after)
-                    .then_some(Need::Sustained)
+            } else if r >= budget * thresholds.warning || outgrowing {
+                let held = a.last.resident_bytes;
+                let rising = &mut self.accounts[l].rising_since;
+                match *rising {
+                    // Fell back below where it started: a flicker.
+                    Some((_, from)) if held < from => {
+                        *rising = None;
+                        None
+                    }
+                    Some((since, _)) => (now.saturating_duration_since(since) >= rules.rise_after)
+                        .then_some(Need::Sustained),
+                    None => {
+                        *rising = Some((now, held));
+                        None
+                    }
+                }
             } else {
                 self.accounts[l].rising_since = None;
                 None
@@ -675,25 +701,27 @@ impl<K: Clone + PartialEq> LoanBook<K> {
         events
     }
 
-    /// Records `bytes` lent by `lender` to `borrower` at `now` (the budgets
-    /// in force are the caller's to move): a top-up of a loan between the
-    /// two makes it new again, and newest.
-    fn book(&mut self, lender: K, borrower: K, bytes: u64, now: Instant) -> LoanEvent<K> {
+    /// Records `bytes` lent by `lender` to `borrower` at `made` (the
+    /// budgets in force are the caller's to move): a top-up of a loan
+    /// between the two makes it newest, and as young as the younger of the
+    /// two (a top-up lent now: new again).
+    fn book(&mut self, lender: K, borrower: K, bytes: u64, made: Instant) -> LoanEvent<K> {
         let mut loan = Loan {
             lender: lender.clone(),
             borrower: borrower.clone(),
             bytes,
         };
+        let mut made = made;
         if let Some(x) = self
             .loans
             .iter()
             .position(|x| x.lender == lender && x.borrower == borrower)
         {
             loan.bytes += self.loans.remove(x).bytes;
-            self.made.remove(x);
+            made = made.max(self.made.remove(x));
         }
         self.loans.push(loan);
-        self.made.push(now);
+        self.made.push(made);
         LoanEvent::Lent(Loan {
             lender,
             borrower,
@@ -759,6 +787,8 @@ impl<K: Clone + PartialEq> LoanBook<K> {
             let lender = self.loans[i].lender.clone();
             let from = self.loans[i].borrower.clone();
             let to = busy.engine.clone();
+            // Moved, not lent anew: the lender lent it when it did.
+            let made = self.made[i];
             if bytes == self.loans[i].bytes {
                 self.loans.remove(i);
                 self.made.remove(i);
@@ -778,7 +808,7 @@ impl<K: Clone + PartialEq> LoanBook<K> {
                 borrower: from,
                 bytes,
             }));
-            events.push(self.book(lender, to, bytes, now));
+            events.push(self.book(lender, to, bytes, made));
         }
         events
     }
@@ -914,6 +944,61 @@ mod tests {
         assert_eq!(b.forced_spills(&"query"), 1);
         let sum = b.budget(&"vector").unwrap() + b.budget(&"query").unwrap();
         assert_eq!(sum, 512 * MIB);
+    }
+
+    #[test]
+    fn a_lender_growing_again_takes_back_before_warning_even_a_loan_that_moved() {
+        let t = PressureThresholds::default();
+        let mut b = three();
+        let t0 = Instant::now();
+        // Query busy; vector (10 MiB) lends it 182 MiB, more than
+        // timeseries (30 MiB) could.
+        b.round(t0, &t, h(10, 240, 30));
+        assert_eq!(b.lent_bytes(&"vector"), 182 * MIB);
+        // Query done and quiet; timeseries busy: no idle engine can lend
+        // (vector kept what it holds plus the cushion), so the loan moves
+        // to timeseries, three seconds after vector lent it.
+        b.round(t0 + ms(2900), &t, h(10, 60, 100));
+        let ev = b.round(t0 + ms(3000), &t, h(10, 60, 240));
+        assert!(
+            ev.iter()
+                .any(|e| matches!(e, LoanEvent::Lent(l) if l.borrower == "timeseries")),
+            "{ev:?}"
+        );
+        // Vector grows again, 4 MiB every 50 ms (80 MiB/s), to 170 MiB.
+        // It takes back as it grows, from the loan timeseries now holds
+        // (it has stood since vector lent it), starting before it is at
+        // warning, and is never at critical of its budget in force, where
+        // it would be spilled itself. (Taking back only from warning, it
+        // was at critical 700 ms into the rise; with the moved loan as
+        // young as its move, it took back from query's older one first.)
+        let mut first_from = None;
+        let (mut at, mut v) = (3050, 14);
+        while v <= 170 {
+            let budget = b.budget(&"vector").unwrap();
+            assert!(
+                (v * MIB) < (budget as f64 * t.critical) as u64,
+                "at {at} ms vector holds {v} MiB of {} MiB in force",
+                budget >> 20
+            );
+            let ev = b.round(t0 + ms(at), &t, h(v, 60, 240));
+            first_from = first_from.or_else(|| {
+                ev.iter().find_map(|e| match e {
+                    LoanEvent::TakenBack(l) if l.lender == "vector" => Some(l.borrower),
+                    _ => None,
+                })
+            });
+            at += 50;
+            v += 4;
+        }
+        // The newest loan first: the one that moved, which has stood
+        // since vector lent it.
+        assert_eq!(first_from, Some("timeseries"));
+        let sum: u64 = ["vector", "query", "timeseries"]
+            .iter()
+            .map(|e| b.budget(e).unwrap())
+            .sum();
+        assert_eq!(sum, 768 * MIB);
     }
 
     #[test]

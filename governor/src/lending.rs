@@ -39,14 +39,14 @@
 //!   more) takes back what it needs from the loans older than
 //!   [`LendingRules::min_loan`]; a flicker (a fall of more than
 //!   [`LendingRules::growth_bytes`] below where the rise started), or a
-//!   young loan, is left alone. A growing lender takes back before it is at `warning` (where
-//!   its own spilling starts soon after), as a growing engine borrows
-//!   before it is refused.
+//!   young loan, is left alone. A growing lender takes back before it is
+//!   at `warning` (where its own spilling starts soon after), as a
+//!   growing engine borrows before it is refused.
 //! * **What it needs**: enough for its budget in force to be its floor,
 //!   what it holds plus the cushion, and what it holds over `warning`,
 //!   whichever is most; taken from the loans booked last first (a loan
-//!   moved to another borrower is booked anew, keeping its age), the last one
-//!   partly. The borrower's budget drops by as much; what it holds beyond
+//!   moved to another borrower is booked anew, keeping its age), the last
+//!   one partly. The borrower's budget drops by as much; what it holds beyond
 //!   it is spilled by whoever enforces the budget, and a take-back that
 //!   brings the borrower to `critical` of its new budget (from below it)
 //!   is counted as one that forced a spill ([`LoanBook::forced_spills`]).
@@ -709,13 +709,12 @@ impl<K: Clone + PartialEq> LoanBook<K> {
     /// budgets in force are the caller's to move): a top-up of a loan
     /// between the two makes it newest, and as young as the younger of the
     /// two (a top-up lent now: new again).
-    fn book(&mut self, lender: K, borrower: K, bytes: u64, made: Instant) -> LoanEvent<K> {
+    fn book(&mut self, lender: K, borrower: K, bytes: u64, mut made: Instant) -> LoanEvent<K> {
         let mut loan = Loan {
             lender: lender.clone(),
             borrower: borrower.clone(),
             bytes,
         };
-        let mut made = made;
         if let Some(x) = self
             .loans
             .iter()

@@ -554,20 +554,17 @@ impl Harness {
             .as_ref()
             .and_then(|_| self.status(&run_dir))
             .unwrap_or(Value::Null);
-        let grown = |last: &Value, key: &str| {
-            last["ceiling"]["events"][key]
-                .as_u64()
-                .unwrap_or(0)
-                .saturating_sub(before["ceiling"]["events"][key].as_u64().unwrap_or(0))
+        // A counter's growth over the run (`ptr` a JSON pointer into the
+        // status), None when the last status lacks it.
+        let grown = |last: &Value, ptr: &str| {
+            let now = last.pointer(ptr)?.as_u64()?;
+            Some(now.saturating_sub(before.pointer(ptr).and_then(Value::as_u64).unwrap_or(0)))
         };
         let agent_cpu_before = agent.as_ref().and_then(|a| cpu::process_seconds(a.0.id()));
         let agent_threads_before = agent
             .as_ref()
             .map(|a| cpu::threads_by_name_of(a.0.id()))
             .unwrap_or_default();
-        // The agent refreshes it once a PSI window (2 s by default): the
-        // run's last stalls may be missing.
-        let stall_us = |s: &Value| s["psi"]["figures"]["some_total_us"].as_u64();
         let mut cmd = Command::new(&self.workload_bin);
         if agent.is_some() {
             cmd.arg("--socket")
@@ -697,15 +694,10 @@ impl Harness {
             .as_ref()
             .map(|a| cpu::grown_since(&agent_threads_before, cpu::threads_by_name_of(a.0.id())))
             .unwrap_or_default();
-        let tick_grown = |key: &str| {
-            last["ticks"][key]
-                .as_u64()
-                .map(|n| n.saturating_sub(before["ticks"][key].as_u64().unwrap_or(0)))
-        };
         let agent_ticks = json!({
-            "ticks": tick_grown("ticks"),
-            "calm_ticks": tick_grown("calm_ticks"),
-            "seconds": tick_grown("total_us").map(|us| us as f64 / 1e6),
+            "ticks": grown(&last, "/ticks/ticks"),
+            "calm_ticks": grown(&last, "/ticks/calm_ticks"),
+            "seconds": grown(&last, "/ticks/total_us").map(|us| us as f64 / 1e6),
             "time_us": last["ticks"]["time"],
         });
         drop(agent);
@@ -747,7 +739,7 @@ impl Harness {
         let peak_rss = peak(&|p: &Value| p["rss_bytes"].as_u64());
         let ceiling = self.ceiling();
         let run_ceiling = last["ceiling"]["limit_bytes"].as_u64();
-        let oom_kills = grown(&last, "oom_kill");
+        let oom_kills = grown(&last, "/ceiling/events/oom_kill").unwrap_or(0);
         let completed = exit.success();
         let correct = match self.args.scenario {
             Scenario::Mixed => result["correct"] == true,
@@ -778,16 +770,18 @@ impl Harness {
             "peak_rss_bytes": peak_rss,
             "peak_cgroup_bytes": peak(&|p: &Value| p["cgroup_bytes"].as_u64()),
             "oom_kills": oom_kills,
-            "high_events": grown(&last, "high"),
-            "max_events": grown(&last, "max"),
+            "high_events": grown(&last, "/ceiling/events/high").unwrap_or(0),
+            "max_events": grown(&last, "/ceiling/events/max").unwrap_or(0),
             "agent_cpu_seconds": agent_cpu,
             "agent_threads_cpu_seconds": agent_threads,
             "agent_ticks": agent_ticks,
             // The database's cgroup, or the whole machine's where it has
             // no cgroup v2 of its own.
             "memory_stall_source": last["psi"]["source"],
-            "memory_stall_seconds": stall_us(&last)
-                .map(|t| t.saturating_sub(stall_us(&before).unwrap_or(0)) as f64 / 1e6),
+            // The agent refreshes it once a PSI window (2 s by default):
+            // the run's last stalls may be missing.
+            "memory_stall_seconds": grown(&last, "/psi/figures/some_total_us")
+                .map(|us| us as f64 / 1e6),
             "exit": describe(exit),
             "completed": completed,
             "correct": correct,

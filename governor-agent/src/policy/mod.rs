@@ -105,8 +105,8 @@ pub struct Rules {
     pub node_shares: BTreeMap<String, Vec<NodeShare>>,
     /// Each node's part of the ceiling, 0 to 1, by `numa.weights` or else
     /// the nodes' memory, on a machine of several nodes with the ladder
-    /// per node (empty otherwise). Without `numa.weights` it is only where
-    /// the budgets placed nowhere count (see [`Rules::node_parts`]).
+    /// per node (empty otherwise). Without `numa.weights` it is the least
+    /// part a node has (see [`Rules::node_parts`]).
     pub node_ceiling: BTreeMap<u32, f64>,
     /// `numa.weights` was given: the nodes' parts of the ceiling are
     /// fixed by it, wherever the budgets are.
@@ -143,12 +143,14 @@ impl Rules {
     /// Each node's part of the ceiling (0 to 1) while the engines have
     /// these budgets in force: what the placed engines there must fit in
     /// (empty on one node, or with the ladder per node off). By
-    /// `numa.weights` when given. Otherwise it follows the budgets: a
-    /// node's part is the placed budgets' shares there, plus the budgets
-    /// placed nowhere split by the nodes' memory, over all the budgets;
-    /// so a node the configuration fills with engines has the ceiling's
-    /// room for them, and loans moving a budget from one node to another
-    /// move the room with it. No part is more than the node's memory.
+    /// `numa.weights` when given. Otherwise the larger of the nodes'
+    /// memory's split and the budgets' (the placed budgets' shares on the
+    /// node, plus the budgets placed nowhere split by the nodes' memory,
+    /// over all the budgets): a node the configuration or its loans fill
+    /// with engines has the ceiling's room for them, and no node has less
+    /// than its memory's share, so one node's room is not cut to what its
+    /// budgets are while the ceiling has room on the other (the ceiling
+    /// itself bounds the total). No part is more than the node's memory.
     pub fn node_parts<'a>(
         &self,
         budgets: impl IntoIterator<Item = (&'a str, u64)>,
@@ -176,8 +178,9 @@ impl Rules {
         self.node_ceiling
             .iter()
             .map(|(&node, &by_memory)| {
-                let part =
+                let by_budgets =
                     (placed.get(&node).copied().unwrap_or(0.0) + unplaced * by_memory) / total;
+                let part = by_budgets.max(by_memory);
                 let most = self
                     .node_memory
                     .get(&node)

@@ -236,11 +236,11 @@ struct Harness {
 /// cpus`: each engine's budget lies on its CPUs' node), as a thread-per-core
 /// database pins each engine's shards: vector on the first node,
 /// timeseries and query on the last. Each node's part of the ceiling is
-/// the agent's: with the bundled configuration (no `numa.weights`), where
-/// the budgets in force are placed (the bundled budgets, 40%, 30% and 40%,
-/// put 64% of them on the last node), so loans move it; budgets add up to
-/// more than the ceiling, so the agent fits the engines on a node to its
-/// part when they crowd it.
+/// the agent's: with the bundled configuration (no `numa.weights`), the
+/// larger of the nodes' memory's split and where the budgets in force are
+/// placed (the bundled budgets, 40%, 30% and 40%, put 64% of them on the
+/// last node), so loans move it; budgets add up to more than the ceiling,
+/// so the agent fits the engines on a node to its part when they crowd it.
 ///
 /// (Query split over both nodes, its budget half on each, was run too: its
 /// DataFusion pool's transient buffers, unreserved, spike by some 40 MiB

@@ -486,8 +486,12 @@ fn agent_ticks(r: &Value) -> Option<String> {
                 .join(", ")
         })
         .unwrap_or_default();
+    let marks = match (t["mark_events"].as_u64(), t["mark_reactions"].as_u64()) {
+        (Some(e), Some(r)) => format!("; {e} crossings woke it, {r} reactions"),
+        _ => String::new(),
+    };
     Some(format!(
-        "- {}: {ticks} ticks ({} calm), {:.2} s, p50 {} µs, p99 {} µs; threads: {threads}",
+        "- {}: {ticks} ticks ({} calm), {:.2} s, p50 {} µs, p99 {} µs{marks}; threads: {threads}",
         r["mode"].as_str().unwrap_or_default(),
         t["calm_ticks"].as_u64().unwrap_or(0),
         t["seconds"].as_f64().unwrap_or(0.0),
@@ -808,6 +812,7 @@ mod tests {
         governed["agent_ticks"] = json!({
             "ticks": 1268, "calm_ticks": 27, "seconds": 0.2,
             "time_us": {"p50_us": 116, "p99_us": 315},
+            "mark_events": 40, "mark_reactions": 31,
         });
         governed["agent_threads_cpu_seconds"] = json!({"main": 0.44, "serve": 0.05});
         // A workload from before the figures: no row.
@@ -815,7 +820,7 @@ mod tests {
         let text = cpu(&[governed, old.clone()]);
         assert!(
             text.contains(
-                "- governed: 1268 ticks (27 calm), 0.20 s, p50 116 µs, p99 315 µs; threads: main 0.44, serve 0.05\n"
+                "- governed: 1268 ticks (27 calm), 0.20 s, p50 116 µs, p99 315 µs; 40 crossings woke it, 31 reactions; threads: main 0.44, serve 0.05\n"
             ),
             "{text}"
         );

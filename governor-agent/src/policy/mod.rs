@@ -635,17 +635,20 @@ impl Policy {
             let held = t.ceiling.map_or(database_resident, |c| c.held_bytes);
             let chosen = |l: &Library| only.is_none_or(|pids| pids.contains(&l.pid));
             // The nodes' parts of the ceiling, from every library's
-            // budgets in force (the ceiling is the database's).
-            if !self.rules.node_ceiling.is_empty() {
+            // budgets in force (the ceiling is the database's); none on
+            // one node or with the ladder per node off (a reload may have
+            // turned it off).
+            self.node_parts = if self.rules.node_ceiling.is_empty() {
+                BTreeMap::new()
+            } else {
                 let budgets: Vec<(String, u64)> = self
                     .libraries
                     .values()
                     .flat_map(|l| l.budgets_in_force(&self.rules))
                     .collect();
-                self.node_parts = self
-                    .rules
-                    .node_parts(budgets.iter().map(|(e, b)| (e.as_str(), *b)));
-            }
+                self.rules
+                    .node_parts(budgets.iter().map(|(e, b)| (e.as_str(), *b)))
+            };
             let process_of = |pid: u32| reading.processes.iter().find(|p| p.pid == pid);
             // Several libraries in one process split its part of the
             // excess by what their own engines hold (each asked for the

@@ -1528,6 +1528,12 @@ fn a_node_the_configuration_fills_with_budgets_has_the_ceilings_room_for_them() 
         "node 1's part is 600 of 1000 MiB: not crowded at 470 MiB: {sent:?}"
     );
     assert!(w.status().crowded_nodes.is_empty());
+    // The parts the round judged by, for the status: node 0 keeps its
+    // memory's half (more than its budgets' 40%).
+    assert_eq!(
+        w.policy.node_parts().values().copied().collect::<Vec<_>>(),
+        [0.5, 0.6]
+    );
     // Split by the nodes' memory (the operator's equal weights), the same
     // figures crowd node 1 (470 MiB past Critical of its 500): its engines
     // are held to shares fitted by 500 / 600 and spill.

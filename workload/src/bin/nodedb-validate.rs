@@ -701,6 +701,10 @@ impl Harness {
             "ticks": grown(&last, "/ticks/ticks"),
             "calm_ticks": grown(&last, "/ticks/calm_ticks"),
             "seconds": grown(&last, "/ticks/total_us").map(|us| us as f64 / 1e6),
+            // The kernel's marks: crossings that woke it between ticks,
+            // and the ladder runs they cost.
+            "mark_events": grown(&last, "/marks/events"),
+            "mark_reactions": grown(&last, "/marks/reactions"),
             "time_us": last["ticks"]["time"],
         });
         drop(agent);

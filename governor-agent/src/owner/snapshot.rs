@@ -183,15 +183,7 @@ impl Agent {
             &self.policy.rules().thresholds,
             self.config.numa.weights.as_deref(),
         ) {
-            Ok(mut nodes) => {
-                crate::numa::judge_by_parts(
-                    &mut nodes,
-                    ceiling.as_ref().map(|c| c.limit_bytes),
-                    self.policy.node_parts(),
-                    &self.policy.rules().thresholds,
-                );
-                report.numa = nodes;
-            }
+            Ok(nodes) => report.numa = nodes,
             Err(e) => report.numa_error = Some(e),
         }
         report.ceiling = ceiling;

@@ -5,6 +5,7 @@
 //! `--stay` the engine thread stays alive (parked) and the lines carry its
 //! tid, so a test can read what the agent did to it.
 
+use std::io::Write;
 use std::time::Duration;
 
 use anyhow::bail;
@@ -66,7 +67,11 @@ fn main() -> anyhow::Result<()> {
         };
         loop {
             let st = link.stats();
-            println!(
+            // The test reading these lines may have stopped reading (and is
+            // about to kill this process): a closed pipe ends the probe (its
+            // parked engine thread with it).
+            let line = writeln!(
+                std::io::stdout(),
                 "{}",
                 serde_json::json!({
                     "connected": st.connected,
@@ -75,6 +80,9 @@ fn main() -> anyhow::Result<()> {
                     "engine_tid": engine_tid,
                 })
             );
+            if line.is_err() {
+                std::process::exit(0);
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     })

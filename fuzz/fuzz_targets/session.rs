@@ -307,6 +307,9 @@ impl World {
                 charge_bytes: u64::from(c) * MIB,
                 held_bytes: u64::from(c) * MIB,
                 limit_bytes: limit,
+                // Half the charges as under cgroup v2 (a high mark at the
+                // Critical threshold), half as under v1 (none).
+                throttle_bytes: (c % 2 == 0).then_some((limit as f64 * 0.9) as u64),
             }),
             psi: psi.map(|n| (u64::from(n), Duration::from_secs(2))),
         };

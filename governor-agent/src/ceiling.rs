@@ -404,6 +404,7 @@ impl Ceiling {
             charge_bytes: current,
             held_bytes: keyed_in(&stat_text, anon) + keyed_in(&stat_text, shmem),
             limit_bytes: self.limit,
+            throttle_bytes: (self.backend == Backend::CgroupV2).then_some(self.high),
         }
     }
 

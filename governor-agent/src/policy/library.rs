@@ -36,9 +36,9 @@ pub struct Library {
     /// What was last sent as held outside its books, and the ceiling
     /// with it (`send_outside`).
     outside_sent: Option<(u64, u64)>,
-    /// The database's held memory at the last round (sent again with a new
-    /// ceiling at a reload, before the next round).
-    held_seen: Option<u64>,
+    /// The database's held memory and throttling mark at the last round
+    /// (sent again with a new ceiling at a reload, before the next round).
+    held_seen: Option<super::Held>,
     /// Its `RLIMIT_MEMLOCK` as the agent raised it, or why it could not
     /// (None: no hot sets configured for its engines).
     pub(super) memlock: Option<Result<u64, String>>,
@@ -501,7 +501,12 @@ impl Library {
     /// that memory moving from its books to somewhere else the kernel
     /// cannot drop (a spill written to a tmpfs) is seen. Not while
     /// observing (the library's limits are then its own).
-    pub(super) fn send_outside(&mut self, held: u64, rules: &Rules, out: &mut Vec<ToLibrary>) {
+    pub(super) fn send_outside(
+        &mut self,
+        held: super::Held,
+        rules: &Rules,
+        out: &mut Vec<ToLibrary>,
+    ) {
         self.held_seen = Some(held);
         if self.observe_cap.is_some() {
             // Observing (a reload turned enforcement off): a figure sent
@@ -526,13 +531,22 @@ impl Library {
             .values()
             .map(EngineState::reserved_bytes)
             .fold(0u64, u64::saturating_add);
-        let outside = held.saturating_sub(books);
+        let outside = held.bytes.saturating_sub(books);
         // Reservations stop at the database's Emergency mark: the rest of
         // the ceiling is for what nobody reserves as it comes and goes (a
         // spill's piece on its way to a tmpfs, page tables, thread stacks).
         // Admitted up to the ceiling itself, the soak's database was
-        // OOM-killed by the spill meant to relieve it.
-        let ceiling = (rules.ceiling_bytes as f64 * rules.thresholds.emergency) as u64;
+        // OOM-killed by the spill meant to relieve it. Where the kernel
+        // throttles below that (cgroup v2's high mark, at the Critical
+        // threshold), they stop there: admitted above it, a reservation is
+        // paid for in reclaim and throttling of every thread of the
+        // database instead of a refusal its engine spills on (a 6.1 run
+        // whose engines' budgets added up to more than the high mark sat
+        // under it for 320 s, 286 s of them stalled on memory).
+        let ceiling = held.throttle_bytes.map_or(
+            (rules.ceiling_bytes as f64 * rules.thresholds.emergency) as u64,
+            |high| high.min((rules.ceiling_bytes as f64 * rules.thresholds.emergency) as u64),
+        );
         let step = (rules.ceiling_bytes / 64).max(1);
         if self
             .outside_sent
@@ -558,7 +572,15 @@ impl Library {
             );
             return;
         };
-        e.spill_sent = None;
+        // An answer that freed something lets the ladder ask again at once
+        // (the engine may hold more to spill). One that freed nothing (no
+        // spill handler, its spill target full) leaves the request's clock
+        // running: asked again at once, such an engine was asked at every
+        // tick (a 6.1 run's query engine, which spills only on a refused
+        // reservation: 7,070 requests, nothing freed).
+        if freed_bytes > 0 {
+            e.spill_sent = None;
+        }
         // The Emergency's requests are paced by `SPILL_RETRY` whatever the
         // answer: the cgroup's figure can stay put after a spill (written
         // to a tmpfs, it is still the database's), and an engine asked at

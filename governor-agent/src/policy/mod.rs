@@ -233,6 +233,11 @@ pub struct CeilingUse {
     /// files among it). Sent to the libraries (`held`).
     pub held_bytes: u64,
     pub limit_bytes: u64,
+    /// The high mark above which the kernel throttles the database, as
+    /// configured (cgroup v2's `memory.high`, not its lowered value in an
+    /// Emergency); None where nothing throttles below the ceiling (v1's
+    /// soft limit acts only under the host's own pressure).
+    pub throttle_bytes: Option<u64>,
 }
 
 /// What the owner read from the kernel for one tick.
@@ -560,7 +565,16 @@ impl Policy {
             // What the database holds that the kernel cannot drop, for the
             // libraries' room under the ceiling: the cgroup's figure, or
             // what its processes hold where the kernel has no ceiling.
-            let held = t.ceiling.map_or(database_resident, |c| c.held_bytes);
+            let held = t.ceiling.map_or(
+                Held {
+                    bytes: database_resident,
+                    throttle_bytes: None,
+                },
+                |c| Held {
+                    bytes: c.held_bytes,
+                    throttle_bytes: c.throttle_bytes,
+                },
+            );
             let chosen = |l: &Library| only.is_none_or(|pids| pids.contains(&l.pid));
             let process_of = |pid: u32| reading.processes.iter().find(|p| p.pid == pid);
             // Several libraries in one process split its part of the
@@ -693,6 +707,15 @@ impl Policy {
             ),
         }
     }
+}
+
+/// What the database holds that the kernel cannot drop, and the mark above
+/// which the kernel throttles it: a library's room for reservations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Held {
+    pub bytes: u64,
+    /// See [`CeilingUse::throttle_bytes`].
+    pub throttle_bytes: Option<u64>,
 }
 
 /// What the kernel attributes to a process as resident, all of it.

@@ -125,6 +125,7 @@ fn cgroup(used: u64) -> Option<CeilingUse> {
         charge_bytes: used * MIB,
         held_bytes: used * MIB,
         limit_bytes: 1024 * MIB,
+        throttle_bytes: None,
     })
 }
 
@@ -353,7 +354,8 @@ fn every_rung_of_the_ladder() {
 }
 
 #[test]
-fn an_answered_spill_is_asked_again_at_the_next_tick_while_still_critical() {
+fn an_answered_spill_is_asked_again_at_the_next_tick_while_still_critical_unless_it_freed_nothing()
+{
     let (mut w, _) = World::new(&["vector"], true);
     w.tick(&[("vector", 240 * MIB)]);
     w.policy.on_spilled(S, "vector", 48 * MIB, 20 * MIB);
@@ -361,6 +363,16 @@ fn an_answered_spill_is_asked_again_at_the_next_tick_while_still_critical() {
     assert_eq!(got, [Msg::Spill("vector", 43 * MIB)]);
     let e = &w.status().engines["vector"];
     assert_eq!((e.spill_requests, e.spilled_bytes), (2, 20 * MIB));
+    // An answer that freed nothing (no spill handler, a full spill
+    // target): not asked again until the request is SPILL_RETRY old.
+    w.policy.on_spilled(S, "vector", 43 * MIB, 0);
+    assert_eq!(w.after(20).tick(&[("vector", 235 * MIB)]), []);
+    assert_eq!(w.after(200).tick(&[("vector", 235 * MIB)]), []);
+    assert_eq!(
+        w.after(30).tick(&[("vector", 235 * MIB)]),
+        [Msg::Spill("vector", 43 * MIB)]
+    );
+    assert_eq!(w.status().engines["vector"].spill_requests, 3);
     // An answer for an engine it did not declare changes nothing.
     w.policy.on_spilled(S, "query", 1, 1 << 40);
     assert_eq!(w.status().engines["vector"].spilled_bytes, 20 * MIB);
@@ -900,6 +912,7 @@ fn cache_tick(
             charge_bytes: charge * MIB,
             held_bytes: 200 * MIB,
             limit_bytes: 1024 * MIB,
+            throttle_bytes: None,
         }),
         psi: None,
     }))
@@ -1799,6 +1812,67 @@ fn memory_outside_the_books_is_sent_first_then_as_it_moves_a_step() {
     assert!(back(&mut w).is_empty());
     let (mut observing, _) = World::new(&["vector", "query"], false);
     assert!(outside(&mut observing, 0, 300).is_empty());
+}
+
+/// Where the kernel throttles the database above a high mark (cgroup v2's
+/// `memory.high`, at the Critical threshold), the libraries' reservations
+/// stop at that mark instead of the Emergency's: above it each one would
+/// be paid for in reclaim and throttling of the whole database, not
+/// refused for its engine to spill. A 6.1 run whose budgets added up to
+/// more than the high mark sat under it for 320 s, 286 s of them stalled.
+#[test]
+fn reservations_stop_at_the_high_mark_where_the_kernel_throttles_above_it() {
+    let (mut w, _) = World::new(&["vector", "query"], true);
+    w.report("vector", 100 * MIB, 0);
+    w.report("query", 0, 0);
+    let emergency_mark = (1024.0 * MIB as f64 * 0.97) as u64;
+    let high = |mib: u64| {
+        cgroup(300).map(|c| CeilingUse {
+            throttle_bytes: Some(mib * MIB),
+            ..c
+        })
+    };
+    // cgroup v1 (no throttling below the ceiling): the Emergency's mark.
+    assert_eq!(
+        outside_after(&mut w, 0, cgroup(300)),
+        [(200 * MIB, emergency_mark)]
+    );
+    // v2, the high mark at 90%: there, sent at once although the held
+    // figure did not move.
+    assert_eq!(
+        outside_after(&mut w, 20, high(921)),
+        [(200 * MIB, 921 * MIB)]
+    );
+    assert!(outside_after(&mut w, 20, high(921)).is_empty());
+    // A high mark above the Emergency's (thresholds set so): the lower.
+    assert_eq!(
+        outside_after(&mut w, 20, high(1000)),
+        [(200 * MIB, emergency_mark)]
+    );
+    // A reload sends the room with the mark last seen, against the new
+    // ceiling: the lower of the two.
+    outside_after(&mut w, 20, high(921));
+    let half = Rules::from_config(
+        &Config::parse(
+            "database = \"t\"\nceiling = \"512MiB\"\n\
+             [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\n\
+             [[engine]]\nname = \"query\"\nbudget = \"256MiB\"\n",
+        )
+        .unwrap(),
+    );
+    let sent: Vec<u64> = w
+        .policy
+        .reload(half)
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                message: ToLibrary::Outside { ceiling_bytes, .. },
+                ..
+            } => Some(ceiling_bytes),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent, [(512.0 * MIB as f64 * 0.97) as u64]);
 }
 
 /// Books the library reports are any u64: summed, they saturate (the

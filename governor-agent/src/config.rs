@@ -185,7 +185,13 @@ pub struct NumaConfig {
     #[serde(default = "yes")]
     pub ladder: bool,
     /// One weight per online node, in node order (default: the nodes'
-    /// memory sizes); an engine's `node_weights` take its place.
+    /// memory sizes); an engine's `node_weights` take its place. Given, it
+    /// also fixes each node's part of the ceiling (what the placed engines
+    /// there must fit in); absent, that part is the larger of the nodes'
+    /// memory's split and where the budgets in force are placed (the
+    /// budgets placed nowhere split by the nodes' memory), so a node the
+    /// configuration fills with engines, or that loans fill, has the room
+    /// for them.
     #[serde(default)]
     pub weights: Option<Vec<u64>>,
 }

@@ -388,7 +388,7 @@ pub fn render(snapshot: &Snapshot, alive: Liveness) -> prometheus::Result<String
                 ("nodedb_governor_node_memory_free_bytes", "The NUMA node's free memory"),
                 ("nodedb_governor_node_file_bytes", "The NUMA node's page cache (every process's)"),
                 ("nodedb_governor_node_anon_bytes", "The NUMA node's anonymous memory (every process's)"),
-                ("nodedb_governor_node_ceiling_share_bytes", "The NUMA node's share of the ceiling (by the nodes' memory)"),
+                ("nodedb_governor_node_ceiling_share_bytes", "The NUMA node's share of the ceiling (numa.weights, or by the nodes' memory and where the budgets in force are placed)"),
                 ("nodedb_governor_node_pressure_level", "The database's memory on the NUMA node against its share: 0 Normal .. 3 Emergency"),
             ]
             .map(|(name, help)| gauge(&r, name, help, n));

@@ -6,10 +6,12 @@
 //! node<N>/meminfo`: MemTotal, MemFree, FilePages, AnonPages) and the
 //! database cgroup's memory on it (`memory.numa_stat`: v2 `anon N0=<bytes>
 //! N1=...`, v1 `anon=<pages> N0=<pages> ...`), and judges the database's
-//! part of each node against the node's share of the ceiling (the ceiling
-//! split by `numa.weights`, or else the nodes' memory, as the library
-//! splits a budget), with the same thresholds as the engines' levels. The
-//! ladder holds the placed engines on a node to that part (see
+//! part of each node against the node's share of the ceiling, with the
+//! same thresholds as the engines' levels. The share is the policy's (see
+//! `policy::Rules::node_parts`: by `numa.weights`, or else following where
+//! the budgets in force are placed) once it has judged a round, and
+//! before that the ceiling split by `numa.weights` or the nodes' memory.
+//! The ladder holds the placed engines on a node to that part (see
 //! `policy::library`), from the attribution's per-node figures at every
 //! tick.
 //!
@@ -38,7 +40,7 @@ pub struct NodeStatus {
     /// ceiling cgroup to read.
     pub database_anon_bytes: Option<u64>,
     pub database_file_bytes: Option<u64>,
-    /// The node's share of the ceiling (by the nodes' memory).
+    /// The node's share of the ceiling (see the module's doc).
     pub ceiling_share_bytes: Option<u64>,
     /// The database's memory on the node against that share.
     pub level: Option<PressureLevel>,
@@ -110,6 +112,30 @@ pub fn read(
         });
     }
     Ok(out)
+}
+
+/// Judges `nodes` against the policy's parts of `ceiling` (0 to 1 per
+/// node; see `policy::Rules::node_parts`) instead of the static split
+/// `read` used: a node the parts do not name keeps its figures.
+pub fn judge_by_parts(
+    nodes: &mut [NodeStatus],
+    ceiling: Option<u64>,
+    parts: &std::collections::BTreeMap<u32, f64>,
+    thresholds: &PressureThresholds,
+) {
+    let Some(ceiling) = ceiling else {
+        return;
+    };
+    for n in nodes {
+        let Some(&part) = parts.get(&n.node) else {
+            continue;
+        };
+        let share = (ceiling as f64 * part) as u64;
+        n.ceiling_share_bytes = Some(share);
+        if let (Some(a), Some(f)) = (n.database_anon_bytes, n.database_file_bytes) {
+            n.level = Some(thresholds.level(a + f, share));
+        }
+    }
 }
 
 /// The machine's NUMA nodes (one, with a warning, if the kernel's cannot
@@ -211,6 +237,44 @@ mod tests {
         assert_eq!(parse_node_meminfo(node), parse_node_meminfo(proc));
         assert_eq!(parse_node_meminfo(node)[0], ("MemTotal".into(), 1 << 20));
         assert_eq!(kernel_list([0, 1, 2, 5, 7, 8].into_iter()), "0-2,5,7-8");
+    }
+
+    #[test]
+    fn the_policys_parts_replace_the_static_split_where_they_name_a_node() {
+        let t = PressureThresholds::default();
+        let node = |id: u32, share: u64| NodeStatus {
+            node: id,
+            cpus: id.to_string(),
+            memory_total_bytes: 1 << 31,
+            memory_free_bytes: 1 << 30,
+            file_bytes: 0,
+            anon_bytes: 0,
+            database_anon_bytes: Some(420 << 20),
+            database_file_bytes: Some(50 << 20),
+            ceiling_share_bytes: Some(share),
+            level: Some(t.level(470 << 20, share)),
+        };
+        // Node 1 holds 470 MiB: Critical of its 512 MiB by memory, Normal
+        // of the 717 MiB the placed budgets give it.
+        let mut nodes = vec![node(0, 512 << 20), node(1, 512 << 20), node(2, 512 << 20)];
+        assert_eq!(nodes[1].level, Some(PressureLevel::Critical));
+        let parts = [(0, 0.3), (1, 0.7)].into_iter().collect();
+        judge_by_parts(&mut nodes, Some(1 << 30), &parts, &t);
+        assert_eq!(
+            nodes[1].ceiling_share_bytes,
+            Some((0.7 * (1u64 << 30) as f64) as u64)
+        );
+        assert_eq!(nodes[1].level, Some(PressureLevel::Normal));
+        assert_eq!(
+            nodes[0].ceiling_share_bytes,
+            Some((0.3 * (1u64 << 30) as f64) as u64)
+        );
+        assert_eq!(nodes[0].level, Some(PressureLevel::Emergency));
+        assert_eq!(nodes[2], node(2, 512 << 20), "a node the parts do not name");
+        // Without a ceiling there is nothing to split.
+        let before = nodes.clone();
+        judge_by_parts(&mut nodes, None, &[(0, 0.9)].into_iter().collect(), &t);
+        assert_eq!(nodes, before);
     }
 
     #[test]

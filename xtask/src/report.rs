@@ -554,7 +554,7 @@ fn per_node(summary: &Value, runs: &[Value]) -> String {
         return String::new();
     };
     let mut s = format!(
-        "\nSpread over the NUMA nodes ({}): per node, the database's peak anonymous memory there (its cgroup's `memory.numa_stat`) / the node's part of the ceiling, MiB (within it + 5% to meet the target, as budgets: the agent holds it, not the kernel); \
+        "\nSpread over the NUMA nodes ({}): per node, the database's peak anonymous memory there (its cgroup's `memory.numa_stat`) / the node's part of the ceiling then, MiB, and in brackets the worst sample against the part in force (within it + 5% to meet the target, as budgets: the agent holds it, not the kernel; without `numa.weights` the part follows where the budgets in force are placed); \
          each placed engine's peak there / its share of its budget in force there, in brackets (the worst sample, with the same loan grace).\n\n\
          | run | per node | engines per node | the agent | per node met |\n|---|---|---|---|---|\n",
         spread
@@ -571,10 +571,11 @@ fn per_node(summary: &Value, runs: &[Value]) -> String {
             .flatten()
             .map(|n| {
                 format!(
-                    "node {}: {} / {}",
+                    "node {}: {} / {} ({:.0}%)",
                     n["node"],
                     mib(&n["peak_anon_bytes"]),
-                    mib(&n["ceiling_share_bytes"])
+                    mib(&n["ceiling_share_bytes"]),
+                    n["peak_over_share"].as_f64().unwrap_or(0.0) * 100.0
                 )
             })
             .collect::<Vec<_>>()

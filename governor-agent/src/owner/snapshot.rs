@@ -183,7 +183,15 @@ impl Agent {
             &self.policy.rules().thresholds,
             self.config.numa.weights.as_deref(),
         ) {
-            Ok(nodes) => report.numa = nodes,
+            Ok(mut nodes) => {
+                crate::numa::judge_by_parts(
+                    &mut nodes,
+                    ceiling.as_ref().map(|c| c.limit_bytes),
+                    self.policy.node_parts(),
+                    &self.policy.rules().thresholds,
+                );
+                report.numa = nodes;
+            }
             Err(e) => report.numa_error = Some(e),
         }
         report.ceiling = ceiling;

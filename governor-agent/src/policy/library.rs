@@ -136,18 +136,20 @@ fn judge_nodes(
 /// The nodes whose placed engines must give way, with the factor their
 /// shares there are fitted by: a node where what the kernel attributes to
 /// the process (its engines, and its threads that are none's) has reached
-/// the Critical threshold of the node's part of the ceiling, while the engines' shares there add up to more
+/// the Critical threshold of the node's part of the ceiling (`parts`, see
+/// [`Rules::node_parts`]), while the engines' shares there add up to more
 /// than that part (budgets overcommit the ceiling, and an engine within
 /// its share can still fill the node). Each is then held to its share
 /// scaled down to fit (the node's part over the sum of the shares), so the
 /// engines holding the most beyond that give it back.
 fn crowded_nodes(
     rules: &Rules,
+    parts: &BTreeMap<u32, f64>,
     budgets: &BTreeMap<String, u64>,
     process: &ProcessAttribution,
 ) -> BTreeMap<u32, f64> {
     let mut out = BTreeMap::new();
-    for (&node, &part) in &rules.node_ceiling {
+    for (&node, &part) in parts {
         let room = rules.ceiling_bytes as f64 * part;
         let shares: f64 = rules
             .node_shares
@@ -261,6 +263,14 @@ impl Library {
     }
 
     /// The limits of the engines it declared, in configuration order.
+    /// Each declared engine's budget in force.
+    pub(super) fn budgets_in_force(&self, rules: &Rules) -> BTreeMap<String, u64> {
+        self.declared(rules)
+            .iter()
+            .map(|l| (l.name.clone(), self.budget(&l.name)))
+            .collect()
+    }
+
     fn declared(&self, rules: &Rules) -> Vec<EngineLimits> {
         rules
             .limits
@@ -687,6 +697,7 @@ impl Library {
     pub(super) fn enforce(
         &mut self,
         rules: &Rules,
+        node_parts: &BTreeMap<u32, f64>,
         process: &ProcessAttribution,
         at: Conditions,
         out: &mut Vec<ToLibrary>,
@@ -766,12 +777,8 @@ impl Library {
                 });
             }
         }
-        let budgets: BTreeMap<String, u64> = self
-            .declared(rules)
-            .iter()
-            .map(|l| (l.name.clone(), self.budget(&l.name)))
-            .collect();
-        let crowded = crowded_nodes(rules, &budgets, process);
+        let budgets = self.budgets_in_force(rules);
+        let crowded = crowded_nodes(rules, node_parts, &budgets, process);
         for &node in crowded.keys() {
             if self.crowded.0.insert(node) {
                 *self.crowded.1.entry(node).or_default() += 1;

@@ -103,10 +103,16 @@ pub struct Rules {
     /// [`crate::config::NumaConfig`]); an engine absent here is judged in
     /// all only.
     pub node_shares: BTreeMap<String, Vec<NodeShare>>,
-    /// Each node's part of the ceiling, 0 to 1 (by `numa.weights`, or the
-    /// nodes' memory), on a machine of several nodes with the ladder per
-    /// node (empty otherwise): what the placed engines there must fit in.
+    /// Each node's part of the ceiling, 0 to 1, by `numa.weights` or else
+    /// the nodes' memory, on a machine of several nodes with the ladder
+    /// per node (empty otherwise). Without `numa.weights` it is the least
+    /// part a node has (see [`Rules::node_parts`]).
     pub node_ceiling: BTreeMap<u32, f64>,
+    /// `numa.weights` was given: the nodes' parts of the ceiling are
+    /// fixed by it, wherever the budgets are.
+    pub node_parts_fixed: bool,
+    /// Each node's memory: no part of the ceiling is more than that.
+    pub node_memory: BTreeMap<u32, u64>,
 }
 
 /// A node's part of an engine's budget.
@@ -129,7 +135,59 @@ impl Rules {
             mark_events: config.mark_events,
             node_shares: BTreeMap::new(),
             node_ceiling: BTreeMap::new(),
+            node_parts_fixed: false,
+            node_memory: BTreeMap::new(),
         }
+    }
+
+    /// Each node's part of the ceiling (0 to 1) while the engines have
+    /// these budgets in force: what the placed engines there must fit in
+    /// (empty on one node, or with the ladder per node off). By
+    /// `numa.weights` when given. Otherwise the larger of the nodes'
+    /// memory's split and the budgets' (the placed budgets' shares on the
+    /// node, plus the budgets placed nowhere split by the nodes' memory,
+    /// over all the budgets): a node the configuration or its loans fill
+    /// with engines has the ceiling's room for them, and no node has less
+    /// than its memory's share, so one node's room is not cut to what its
+    /// budgets are while the ceiling has room on the other (the ceiling
+    /// itself bounds the total). No part is more than the node's memory.
+    pub fn node_parts<'a>(
+        &self,
+        budgets: impl IntoIterator<Item = (&'a str, u64)>,
+    ) -> BTreeMap<u32, f64> {
+        if self.node_parts_fixed || self.node_ceiling.is_empty() {
+            return self.node_ceiling.clone();
+        }
+        let mut placed: BTreeMap<u32, f64> = BTreeMap::new();
+        let (mut unplaced, mut total) = (0.0, 0.0);
+        for (engine, budget) in budgets {
+            let budget = budget as f64;
+            total += budget;
+            match self.node_shares.get(engine) {
+                Some(shares) => {
+                    for s in shares {
+                        *placed.entry(s.node).or_default() += budget * s.fraction;
+                    }
+                }
+                None => unplaced += budget,
+            }
+        }
+        if total <= 0.0 {
+            return self.node_ceiling.clone();
+        }
+        self.node_ceiling
+            .iter()
+            .map(|(&node, &by_memory)| {
+                let by_budgets =
+                    (placed.get(&node).copied().unwrap_or(0.0) + unplaced * by_memory) / total;
+                let part = by_budgets.max(by_memory);
+                let most = self
+                    .node_memory
+                    .get(&node)
+                    .map_or(1.0, |&m| m as f64 / self.ceiling_bytes.max(1) as f64);
+                (node, part.min(most))
+            })
+            .collect()
     }
 
     /// The rules on a machine of these NUMA `nodes`: each placed engine
@@ -142,9 +200,12 @@ impl Rules {
     pub fn on_nodes(mut self, config: &Config, nodes: &[Node]) -> Result<Self, ConfigError> {
         self.node_shares.clear();
         self.node_ceiling.clear();
+        self.node_memory.clear();
+        self.node_parts_fixed = config.numa.weights.is_some();
         if !config.numa.ladder || nodes.len() < 2 {
             return Ok(self);
         }
+        self.node_memory = nodes.iter().map(|n| (n.id, n.memory_bytes)).collect();
         let fits = |field: String, w: &[u64]| -> Result<(), ConfigError> {
             if w.len() != nodes.len() {
                 return Err(ConfigError {
@@ -336,6 +397,9 @@ pub struct Policy {
     psi_last: Option<Instant>,
     /// Nothing was under way at the last tick (see [`Policy::calm`]).
     calm: bool,
+    /// Each node's part of the ceiling at the last round (see
+    /// [`Rules::node_parts`]), for the budgets in force of every library.
+    node_parts: BTreeMap<u32, f64>,
 }
 
 fn sends(session: SessionId, out: Vec<ToLibrary>) -> impl Iterator<Item = Action> {
@@ -352,7 +416,15 @@ impl Policy {
             psi_seen: 0,
             psi_last: None,
             calm: false,
+            node_parts: BTreeMap::new(),
         }
+    }
+
+    /// Each NUMA node's part of the ceiling (0 to 1) at the last round:
+    /// what the engines placed there were judged against (empty on one
+    /// node, or before the first round).
+    pub fn node_parts(&self) -> &BTreeMap<u32, f64> {
+        &self.node_parts
     }
 
     /// Whether nothing was under way at the last tick: every engine of
@@ -576,6 +648,21 @@ impl Policy {
                 },
             );
             let chosen = |l: &Library| only.is_none_or(|pids| pids.contains(&l.pid));
+            // The nodes' parts of the ceiling, from every library's
+            // budgets in force (the ceiling is the database's); none on
+            // one node or with the ladder per node off (a reload may have
+            // turned it off).
+            self.node_parts = if self.rules.node_ceiling.is_empty() {
+                BTreeMap::new()
+            } else {
+                let budgets: Vec<(String, u64)> = self
+                    .libraries
+                    .values()
+                    .flat_map(|l| l.budgets_in_force(&self.rules))
+                    .collect();
+                self.rules
+                    .node_parts(budgets.iter().map(|(e, b)| (e.as_str(), *b)))
+            };
             let process_of = |pid: u32| reading.processes.iter().find(|p| p.pid == pid);
             // Several libraries in one process split its part of the
             // excess by what their own engines hold (each asked for the
@@ -613,7 +700,7 @@ impl Policy {
                         over_ceiling,
                         now: t.now,
                     };
-                    l.enforce(&self.rules, p, at, &mut out, &mut marks);
+                    l.enforce(&self.rules, &self.node_parts, p, at, &mut out, &mut marks);
                     l.send_outside(held, &self.rules, &mut out);
                 }
                 actions.extend(sends(*session, out));

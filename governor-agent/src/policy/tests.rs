@@ -53,6 +53,7 @@ fn name(engine: &str) -> &'static str {
     match engine {
         "vector" => "vector",
         "query" => "query",
+        "timeseries" => "timeseries",
         other => panic!("unexpected engine {other}"),
     }
 }
@@ -1401,12 +1402,12 @@ fn a_node_hovering_under_a_threshold_that_fired_is_not_armed_again() {
 fn engines_that_crowd_a_node_past_its_part_of_the_ceiling_give_way_by_what_they_hold_beyond_a_fitted_share()
  {
     use Msg::*;
-    // A 512 MiB ceiling over two equal nodes: 256 MiB each. Vector's 256
-    // MiB budget all on node 0, query's 128 MiB half there: their shares
-    // on node 0 add up to 320 MiB, more than the node's part (fitted by
-    // 0.8: vector 204.8 MiB, query 51.2 MiB). Floors at the budgets: no
-    // loans.
-    let text = "database = \"t\"\nceiling = \"512MiB\"\n\
+    // A 512 MiB ceiling over two equal nodes, split evenly by the
+    // operator's weights: 256 MiB each. Vector's 256 MiB budget all on
+    // node 0, query's 128 MiB half there: their shares on node 0 add up
+    // to 320 MiB, more than the node's part (fitted by 0.8: vector 204.8
+    // MiB, query 51.2 MiB). Floors at the budgets: no loans.
+    let text = "database = \"t\"\nceiling = \"512MiB\"\n[numa]\nweights = [1, 1]\n\
          [[engine]]\nname = \"vector\"\nbudget = \"256MiB\"\nfloor = \"256MiB\"\n\
          cpus = \"0\"\nnode_weights = [1, 0]\n\
          [[engine]]\nname = \"query\"\nbudget = \"128MiB\"\nfloor = \"128MiB\"\n\
@@ -1456,6 +1457,115 @@ fn engines_that_crowd_a_node_past_its_part_of_the_ceiling_give_way_by_what_they_
         w.tick_on(&r, None, None),
         [Pressure("vector", Warning), Purge("vector")]
     );
+}
+
+#[test]
+fn without_weights_the_nodes_parts_of_the_ceiling_follow_the_budgets_in_force() {
+    // Vector on node 0, query on node 1, sparse placed nowhere (split by
+    // the nodes' memory, equal here).
+    let text = "database = \"t\"\nceiling = \"1GiB\"\n\
+         [[engine]]\nname = \"vector\"\nbudget = \"512MiB\"\ncpus = \"0\"\n\
+         [[engine]]\nname = \"query\"\nbudget = \"256MiB\"\ncpus = \"1\"\n\
+         [[engine]]\nname = \"sparse\"\nbudget = \"256MiB\"\n";
+    let config = Config::parse(text).unwrap();
+    let rules = Rules::from_config(&config)
+        .on_nodes(&config, &two_nodes())
+        .unwrap();
+    let parts = |b: [u64; 3]| -> Vec<f64> {
+        rules
+            .node_parts([
+                ("vector", b[0] * MIB),
+                ("query", b[1] * MIB),
+                ("sparse", b[2] * MIB),
+            ])
+            .into_values()
+            .collect()
+    };
+    // Node 0: vector's 512 and half of sparse's 256, of 1024; node 1 no
+    // less than its memory's half.
+    assert_eq!(parts([512, 256, 256]), [0.625, 0.5]);
+    // Vector lends 256 MiB to query: the room moves with the loan.
+    assert_eq!(parts([256, 512, 256]), [0.5, 0.625]);
+    // No budget at all (nothing connected yet): the nodes' memory.
+    assert_eq!(parts([0, 0, 0]), [0.5, 0.5]);
+    // No part is more than the node has: a 3 GiB ceiling over two nodes
+    // of 1 GiB, vector's budget all on node 0.
+    let big = Config::parse(&text.replace("\"1GiB\"", "\"3GiB\"")).unwrap();
+    let rules = Rules::from_config(&big)
+        .on_nodes(&big, &two_nodes())
+        .unwrap();
+    let p = rules.node_parts([("vector", 2048 * MIB), ("query", 0), ("sparse", 0)]);
+    assert_eq!(p.into_values().collect::<Vec<_>>(), [1.0 / 3.0, 1.0 / 3.0]);
+    // The operator's weights fix the parts, wherever the budgets are.
+    let fixed = Config::parse(&text.replace(
+        "ceiling = \"1GiB\"\n",
+        "ceiling = \"1GiB\"\n[numa]\nweights = [1, 3]\n",
+    ))
+    .unwrap();
+    let rules = Rules::from_config(&fixed)
+        .on_nodes(&fixed, &two_nodes())
+        .unwrap();
+    let p = rules.node_parts([("vector", 512 * MIB), ("query", 256 * MIB), ("sparse", 0)]);
+    assert_eq!(p.into_values().collect::<Vec<_>>(), [0.25, 0.75]);
+}
+
+#[test]
+fn a_node_the_configuration_fills_with_budgets_has_the_ceilings_room_for_them() {
+    use Msg::*;
+    // A 1000 MiB ceiling over two equal nodes; vector (400 MiB) on node 0,
+    // query and timeseries (300 MiB each) on node 1: 600 MiB of budgets
+    // there, against 500 MiB if the ceiling were split by the nodes'
+    // memory. Floors at the budgets: no loans.
+    let text = "database = \"t\"\nceiling = \"1000MiB\"\n\
+         [[engine]]\nname = \"vector\"\nbudget = \"400MiB\"\nfloor = \"400MiB\"\ncpus = \"0\"\n\
+         [[engine]]\nname = \"query\"\nbudget = \"300MiB\"\nfloor = \"300MiB\"\ncpus = \"1\"\n\
+         [[engine]]\nname = \"timeseries\"\nbudget = \"300MiB\"\nfloor = \"300MiB\"\ncpus = \"1\"\n";
+    let engines = ["vector", "query", "timeseries"];
+    // Node 1 holds 470 MiB, each engine there at 78% of its budget
+    // (Warning), the database at 57% of its ceiling.
+    let r = node_reading(&[
+        ("vector", [100, 0]),
+        ("query", [0, 235]),
+        ("timeseries", [0, 235]),
+    ]);
+    let config = Config::parse(text).unwrap();
+    let rules = Rules::from_config(&config)
+        .on_nodes(&config, &two_nodes())
+        .unwrap();
+    let (mut w, _) = World::with_rules(rules, &engines);
+    let sent = w.tick_on(&r, None, None);
+    assert!(
+        !sent
+            .iter()
+            .any(|m| matches!(m, Spill(..) | Pressure(_, Critical))),
+        "node 1's part is 600 of 1000 MiB: not crowded at 470 MiB: {sent:?}"
+    );
+    assert!(w.status().crowded_nodes.is_empty());
+    // The parts the round judged by, for the status: node 0 keeps its
+    // memory's half (more than its budgets' 40%).
+    assert_eq!(
+        w.policy.node_parts().values().copied().collect::<Vec<_>>(),
+        [0.5, 0.6]
+    );
+    // Split by the nodes' memory (the operator's equal weights), the same
+    // figures crowd node 1 (470 MiB past Critical of its 500): its engines
+    // are held to shares fitted by 500 / 600 and spill.
+    let even = Config::parse(&text.replace(
+        "ceiling = \"1000MiB\"\n",
+        "ceiling = \"1000MiB\"\n[numa]\nweights = [1, 1]\n",
+    ))
+    .unwrap();
+    let rules = Rules::from_config(&even)
+        .on_nodes(&even, &two_nodes())
+        .unwrap();
+    let (mut w, _) = World::with_rules(rules, &engines);
+    let sent = w.tick_on(&r, None, None);
+    assert!(
+        sent.iter().any(|m| matches!(m, Spill("query", _)))
+            && sent.iter().any(|m| matches!(m, Spill("timeseries", _))),
+        "{sent:?}"
+    );
+    assert_eq!(w.status().crowded_nodes, [(1, 1)].into());
 }
 
 #[test]

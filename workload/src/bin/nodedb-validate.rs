@@ -51,9 +51,9 @@
 //! the governed run's target holds on each node as well: every placed
 //! engine within its share there of its budget in force + 5%, and the
 //! database's anonymous memory on each node (its cgroup's
-//! `memory.numa_stat`) within the node's part of the ceiling + 5% (the
-//! agent holds that part, a tick late, as it holds the budgets; the
-//! kernel holds the ceiling).
+//! `memory.numa_stat`) within the node's part of the ceiling in force +
+//! 5% (the agent's part, which follows the budgets in force; it holds it,
+//! a tick late, as it holds the budgets; the kernel holds the ceiling).
 //!
 //! The governed run places the engines as an operator would (`[[engine]]
 //! cpus`): the scratch disk's interrupt CPU is found by a probe write
@@ -236,9 +236,11 @@ struct Harness {
 /// cpus`: each engine's budget lies on its CPUs' node), as a thread-per-core
 /// database pins each engine's shards: vector on the first node,
 /// timeseries and query on the last. Each node's part of the ceiling is
-/// the ceiling split by the nodes' memory, as the agent splits it; the
-/// bundled budgets (40%, 30%, 40%) give the last node's engines more than
-/// its part, so the agent fits them to it when they crowd it.
+/// the agent's: with the bundled configuration (no `numa.weights`), the
+/// larger of the nodes' memory's split and where the budgets in force are
+/// placed (the bundled budgets, 40%, 30% and 40%, put 64% of them on the
+/// last node), so loans move it; budgets add up to more than the ceiling,
+/// so the agent fits the engines on a node to its part when they crowd it.
 ///
 /// (Query split over both nodes, its budget half on each, was run too: its
 /// DataFusion pool's transient buffers, unreserved, spike by some 40 MiB
@@ -668,6 +670,7 @@ impl Harness {
                                 "node": n["node"],
                                 "anon_bytes": n["database_anon_bytes"],
                                 "file_bytes": n["database_file_bytes"],
+                                "ceiling_share_bytes": n["ceiling_share_bytes"],
                             })
                         })
                         .collect();
@@ -1077,7 +1080,8 @@ fn on_node<'a>(p: &'a Value, engine: &str, node: u64) -> Option<&'a Value> {
 /// The per-node criteria of a spread run: each placed engine on each node
 /// against its share there of its budget in force (with the loan grace, as
 /// in all), and the database's anonymous memory on each node against the
-/// node's share of `ceiling`. Returns the verdict and its figures.
+/// node's part of `ceiling` in force (the agent's, with the same grace).
+/// Returns the verdict and its figures.
 fn judge_nodes(timeline: &[Value], spread: &Spread, ceiling: u64, grace: f64) -> (bool, Value) {
     let mut met = true;
     let mut engines = json!({});
@@ -1111,28 +1115,37 @@ fn judge_nodes(timeline: &[Value], spread: &Spread, ceiling: u64, grace: f64) ->
                 .find(|x| x["node"].as_u64() == Some(u64::from(node)))?[k]
                 .as_u64()
         };
-        let anon = timeline
+        let anon = |p: &Value| field(p, "anon_bytes");
+        let peak = timeline
             .iter()
-            .filter_map(|p| field(p, "anon_bytes"))
-            .max()
-            .unwrap_or(0);
+            .max_by_key(|p| anon(p).unwrap_or(0))
+            .filter(|p| anon(p).is_some());
         let file = timeline
             .iter()
             .filter_map(|p| field(p, "file_bytes"))
             .max()
             .unwrap_or(0);
-        // The node's part is held by the agent from what the kernel
+        // The node's part as the agent judged it at each sample (it
+        // follows the budgets in force unless `numa.weights` fixes it),
+        // or, from an agent that does not say, the ceiling split by the
+        // nodes' memory. It is held by the agent from what the kernel
         // reports, a tick late, as the budgets are (the ceiling itself is
-        // the kernel's: memory.max): the same 5%.
-        let share = spread.ceiling_share(node, ceiling);
-        let under = anon as f64 <= share as f64 * BUDGET_SLACK;
+        // the kernel's: memory.max): the same 5%, and the same grace when
+        // a loan taken back shrinks it.
+        let share = |p: &Value| {
+            field(p, "ceiling_share_bytes").or(Some(spread.ceiling_share(node, ceiling)))
+        };
+        let worst = in_force_ratios(timeline, grace, anon, share)
+            .into_iter()
+            .fold(0.0, f64::max);
+        let under = worst <= BUDGET_SLACK;
         met &= under;
         totals.push(json!({
             "node": node,
-            "peak_anon_bytes": anon,
+            "peak_anon_bytes": peak.and_then(anon).unwrap_or(0),
             "peak_file_bytes": file,
-            "ceiling_share_bytes": share,
-            "peak_over_share": anon as f64 / share.max(1) as f64,
+            "ceiling_share_bytes": peak.and_then(share),
+            "peak_over_share": worst,
             "under_share": under,
         }));
     }
@@ -1255,6 +1268,40 @@ mod tests {
             [300, 538],
         ));
         let (met, v) = judge_nodes(&full, &spread, ceiling, 1.0);
+        assert!(!met, "{v:#}");
+        assert_eq!(v["nodes"][1]["under_share"], false);
+        assert_eq!(v["nodes"][0]["under_share"], true);
+    }
+
+    #[test]
+    fn a_node_is_judged_on_the_agents_part_in_force_with_the_loan_grace() {
+        let spread = Spread {
+            cpus: Vec::new(),
+            nodes: vec![(0, 1536 << 20), (1, 1536 << 20)],
+        };
+        let ceiling = 1024 << 20;
+        // Node 1 at 600 MiB: over the memory's split (512 MiB) but within
+        // the 640 MiB part the agent gave it while query borrowed.
+        let at = |t: f64, anon1: u64, part1: u64| {
+            let mut p = spread_sample(t, (200, 307), [(0, 0), (200, 409)], [300, anon1]);
+            p["numa"][1]["ceiling_share_bytes"] = json!(part1 << 20);
+            p["numa"][0]["ceiling_share_bytes"] = json!(384u64 << 20);
+            p
+        };
+        let lent = [at(0.0, 500, 640), at(0.5, 600, 640)];
+        let (met, v) = judge_nodes(&lent, &spread, ceiling, 1.0);
+        assert!(met, "{v:#}");
+        assert_eq!(v["nodes"][1]["ceiling_share_bytes"], 640u64 << 20);
+        assert_eq!(v["nodes"][1]["peak_anon_bytes"], 600u64 << 20);
+        // The loan is taken back (the part seen at 512 MiB from 1.0 s):
+        // within the grace the larger part holds, after it the node is
+        // over.
+        let mut back = lent.to_vec();
+        back.extend([at(1.0, 600, 512), at(1.6, 600, 512)]);
+        let (met, v) = judge_nodes(&back, &spread, ceiling, 1.0);
+        assert!(met, "{v:#}");
+        back.push(at(2.1, 600, 512));
+        let (met, v) = judge_nodes(&back, &spread, ceiling, 1.0);
         assert!(!met, "{v:#}");
         assert_eq!(v["nodes"][1]["under_share"], false);
         assert_eq!(v["nodes"][0]["under_share"], true);

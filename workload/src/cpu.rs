@@ -42,7 +42,7 @@ pub fn rusage_seconds(who: libc::c_int) -> f64 {
 
 /// The CPU seconds of this process's threads now running, by thread name:
 /// "main" for the main thread, "unnamed" for threads that carry its name
-/// because nobody named them (the vector index build's workers).
+/// because nobody named them.
 pub fn threads_by_name() -> BTreeMap<String, f64> {
     threads_by_name_of(std::process::id())
 }

@@ -439,8 +439,10 @@ fn cpu(runs: &[Value]) -> String {
                 // An empty sum of f64 is -0.0.
                 .fold(0.0, |a, b| a + b)
         };
-        // The threads nobody named: the index build's workers.
-        let workers = named(&|k| k == "unnamed");
+        // The index build's workers: its pool's (`vector-build-N`), and
+        // threads nobody named (rayon's global pool, in runs from before
+        // the pool was the engine's).
+        let workers = named(&|k| k.starts_with("vector-build") || k == "unnamed");
         let spill = named(&|k| k.starts_with("spill-"));
         let engines: f64 = ["vector", "timeseries", "query"]
             .iter()
@@ -806,7 +808,7 @@ mod tests {
         let mut governed = run_of("governed", 150.0, 10.0);
         governed["workload"]["cpu_seconds"] = json!({
             "vector": 4.0, "timeseries": 2.5, "query": 3.0, "process": 21.0,
-            "threads": {"main": 0.0, "unnamed": 8.0, "spill-timeserie": 1.25, "spill-vector": 0.25, "nodedb-agent-li": 1.0},
+            "threads": {"main": 0.0, "vector-build-0": 5.0, "vector-build-1": 2.5, "unnamed": 0.5, "spill-timeserie": 1.25, "spill-vector": 0.25, "nodedb-agent-li": 1.0},
         });
         governed["agent_cpu_seconds"] = json!(0.75);
         governed["agent_ticks"] = json!({

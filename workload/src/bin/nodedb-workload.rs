@@ -467,10 +467,10 @@ fn main() -> anyhow::Result<()> {
     // The solo phase: each engine busy in turn on a fresh instance of its
     // own (the others idle, holding nothing), which it drops when done,
     // so that demand moves from one engine to the next.
-    let solo_vector = || -> anyhow::Result<serde_json::Value> {
+    let solo_vector = |workers: &rayon::ThreadPool| -> anyhow::Result<serde_json::Value> {
         let v = vectors("solo-vectors")?;
         let _reg = spill.register(EngineId::Vector, v.clone());
-        let build = build_index(&v, &args)?;
+        let build = workers.install(|| build_index(&v, &args))?;
         let (search, recall) = search_index(&v, &args)?;
         Ok(vector_result(&v, &args, build, search, recall))
     };
@@ -514,59 +514,92 @@ fn main() -> anyhow::Result<()> {
     // Each engine thread's own CPU time, both phases (the spill and link
     // threads' is the process's rest).
     let cpu: [std::sync::Mutex<f64>; 3] = Default::default();
-    let (v, t, q) = std::thread::scope(|s| {
-        let v = s.spawn(|| -> Outcome {
-            let _cpu = ThreadCpu(&cpu[0]);
-            let (alone, built) = load_phase(
-                &loaded,
-                || enter(EngineId::Vector),
-                || solo_then(0, &solo_vector),
-                || build_index(&vec, &args),
-            );
-            let served = PassOnDrop(&served);
-            let build = built?;
-            let (search, recall) = search_index(&vec, &args)?;
-            drop(served);
-            Ok((
-                vector_result(&vec, &args, build, search, recall),
-                alone.transpose()?,
-            ))
-        });
-        let t = s.spawn(|| -> Outcome {
-            let _cpu = ThreadCpu(&cpu[1]);
-            let (alone, ingested) = load_phase(
-                &loaded,
-                || enter(EngineId::Timeseries),
-                || solo_then(1, &solo_timeseries),
-                || ingest(&ts, &args),
-            );
-            // What was buffered stays buffered while the others serve.
-            drop(PassOnDrop(&served));
-            let r = finish_ingest(&ts, &args, ingested?)?;
-            Ok((r, alone.transpose()?))
-        });
-        let q = s.spawn(|| -> Outcome {
-            let _cpu = ThreadCpu(&cpu[2]);
-            let (alone, input) = load_phase(
-                &loaded,
-                || enter(EngineId::Query),
-                || solo_then(2, &solo_query),
-                || data.batches(8192),
-            );
-            let served = PassOnDrop(&served);
-            let r = group_by(input?)?;
-            drop(served);
-            Ok((r, alone.transpose()?))
-        });
-        (v.join(), t.join(), q.join())
-    });
+    // The index build's workers (the HNSW builder runs on rayon): a pool
+    // of the vector engine's own, each worker registered and placed as the
+    // engine's thread is and allocating from its arena, so that what they
+    // build is counted as the engine's, on its CPUs and node. (On rayon's
+    // global pool they were nobody's: their pages went to the database's
+    // unattributed figure, out of reach of the engine's budget and purges.)
+    let worker_failed = std::sync::Mutex::new(None::<anyhow::Error>);
+    let ((v, t, q), threads_cpu) = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("vector-build-{i}"))
+        .build_scoped(
+            |worker| {
+                if let Err(e) = enter(EngineId::Vector) {
+                    worker_failed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(e);
+                }
+                worker.run()
+            },
+            |workers| {
+                let solo_vector = || solo_vector(workers);
+                let joined = std::thread::scope(|s| {
+                    let v = s.spawn(|| -> Outcome {
+                        let _cpu = ThreadCpu(&cpu[0]);
+                        let (alone, built) = load_phase(
+                            &loaded,
+                            || enter(EngineId::Vector),
+                            || solo_then(0, &solo_vector),
+                            || workers.install(|| build_index(&vec, &args)),
+                        );
+                        let served = PassOnDrop(&served);
+                        let build = built?;
+                        let (search, recall) = search_index(&vec, &args)?;
+                        drop(served);
+                        Ok((
+                            vector_result(&vec, &args, build, search, recall),
+                            alone.transpose()?,
+                        ))
+                    });
+                    let t = s.spawn(|| -> Outcome {
+                        let _cpu = ThreadCpu(&cpu[1]);
+                        let (alone, ingested) = load_phase(
+                            &loaded,
+                            || enter(EngineId::Timeseries),
+                            || solo_then(1, &solo_timeseries),
+                            || ingest(&ts, &args),
+                        );
+                        // What was buffered stays buffered while the others serve.
+                        drop(PassOnDrop(&served));
+                        let r = finish_ingest(&ts, &args, ingested?)?;
+                        Ok((r, alone.transpose()?))
+                    });
+                    let q = s.spawn(|| -> Outcome {
+                        let _cpu = ThreadCpu(&cpu[2]);
+                        let (alone, input) = load_phase(
+                            &loaded,
+                            || enter(EngineId::Query),
+                            || solo_then(2, &solo_query),
+                            || data.batches(8192),
+                        );
+                        let served = PassOnDrop(&served);
+                        let r = group_by(input?)?;
+                        drop(served);
+                        Ok((r, alone.transpose()?))
+                    });
+                    (v.join(), t.join(), q.join())
+                });
+                // Read while the pool's workers are still alive: the
+                // figures are of the threads running.
+                (joined, threads_cpu_since(&threads_at_start))
+            },
+        )
+        .context("the vector index build's worker pool")?;
+    if let Some(e) = worker_failed
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+    {
+        return Err(e.context("a vector index build worker"));
+    }
     let cpu_of = |c: &std::sync::Mutex<f64>| *c.lock().unwrap_or_else(|p| p.into_inner());
     let cpu = json!({
         "vector": cpu_of(&cpu[0]),
         "timeseries": cpu_of(&cpu[1]),
         "query": cpu_of(&cpu[2]),
         "process": cpu::rusage_seconds(libc::RUSAGE_SELF) - cpu_at_start,
-        "threads": threads_cpu_since(&threads_at_start),
+        "threads": threads_cpu,
     });
     let get = |r: std::thread::Result<Outcome>, name: &str| {
         r.map_err(|_| anyhow::anyhow!("the {name} thread panicked"))?

@@ -965,6 +965,15 @@ fn gated(criterion: &str, emulated_timing: bool) -> bool {
         ))
 }
 
+/// How far above the quiet windows' p99 the flush windows' may be
+/// whatever the ratio: the p99 of ~1,000 queries is their 10th slowest,
+/// and on two CPUs with the flush on one, the scheduler alone moves it by
+/// tens of µs (a `.ci/run` on the host: 266 against 197 µs, 1.35; three
+/// runs of the same code after it 0.97-1.00), while what the criterion is
+/// for, the index's pages evicted and read back from disk, costs
+/// milliseconds (49 ms ungoverned in the same run).
+const P99_SLACK_US: f64 = 100.0;
+
 /// Judges a governed cache run (`g`) against an ungoverned one (`u`):
 /// each criterion with its measured value, its limit and whether it holds.
 fn judge_cache(g: &Value, u: &Value, emulated_timing: bool) -> Value {
@@ -977,6 +986,9 @@ fn judge_cache(g: &Value, u: &Value, emulated_timing: bool) -> Value {
     // between and after the flush windows).
     let quiet_p99 = g["quiet_p99_us"].as_f64().unwrap_or(0.0);
     let p99_during = during(g, "p99_us").unwrap_or(f64::MAX);
+    // Within 1.2 times, or within `P99_SLACK_US` of, the quiet p99 (as a
+    // ratio, the larger of the two).
+    let p99_limit = 1.2f64.max(1.0 + P99_SLACK_US / quiet_p99.max(1.0));
     let tput = |r: &Value| r["flush"]["mib_per_s"].as_f64().unwrap_or(0.0);
     // What the flush left in the cache: the writer's own doing, apart
     // from the lock on the index (which alone would meet the first two).
@@ -995,8 +1007,8 @@ fn judge_cache(g: &Value, u: &Value, emulated_timing: bool) -> Value {
         (
             "p99_during_vs_quiet",
             p99_during / quiet_p99.max(1.0),
-            1.2,
-            p99_during <= quiet_p99 * 1.2,
+            p99_limit,
+            p99_during <= quiet_p99.max(1.0) * p99_limit,
         ),
         (
             "flush_throughput_vs_ungoverned",
@@ -1341,14 +1353,35 @@ mod tests {
         let v = judge_cache(&good, &ungoverned, false);
         assert_eq!(v["met"], true, "{v:#}");
         assert!((v["ungoverned"]["p99_during_vs_before"].as_f64().unwrap() - 264.4).abs() < 0.1);
+        // The p99's limit: 1.2 times the quiet one, or 100 µs above it,
+        // whichever is more. 266 µs against 197 (1.35, 69 µs more) is
+        // within it; 300 against 197 (103 µs more) is not; at 1,000 µs
+        // quiet, 1.2 times rules (1,190 within, 1,210 not).
+        for (quiet, during, ok) in [
+            (197, 266, true),
+            (197, 300, false),
+            (1000, 1190, true),
+            (1000, 1210, false),
+        ] {
+            let v = judge_cache(
+                &cache_run(448, 0, [quiet, during, 150], 855.0),
+                &ungoverned,
+                false,
+            );
+            assert_eq!(
+                v["p99_during_vs_quiet"]["ok"], ok,
+                "{quiet} {during}: {v:#}"
+            );
+            assert_eq!(v["met"], ok, "{quiet} {during}: {v:#}");
+        }
         // Under emulated timing the p99 is reported, not gated; the rest
         // still decide.
-        let slow = cache_run(448, 0, [67, 81, 60], 855.0);
+        let slow = cache_run(448, 0, [67, 181, 60], 855.0);
         let v = judge_cache(&slow, &ungoverned, true);
         assert_eq!(v["p99_during_vs_quiet"]["ok"], false, "{v:#}");
         assert_eq!(v["p99_during_vs_quiet"]["gated"], false, "{v:#}");
         assert_eq!(v["met"], true, "{v:#}");
-        let v = judge_cache(&cache_run(440, 0, [67, 81, 60], 855.0), &ungoverned, true);
+        let v = judge_cache(&cache_run(440, 0, [67, 181, 60], 855.0), &ungoverned, true);
         assert_eq!(v["met"], false, "{v:#}");
         // So is the throughput: reported, not gated, under emulation.
         let slow_disk = cache_run(448, 0, [67, 75, 60], 400.0);
@@ -1372,9 +1405,10 @@ mod tests {
                 cache_run_left(448, 0, [67, 75, 60], 855.0, 64),
                 "flush_left_cached",
             ),
-            // 81 µs during the flush against 67 quiet: 1.21 times.
+            // 368 µs during the flush against 267 quiet: 1.38 times and
+            // 101 µs more.
             (
-                cache_run(448, 0, [67, 81, 60], 855.0),
+                cache_run(448, 0, [267, 368, 260], 855.0),
                 "p99_during_vs_quiet",
             ),
         ] {

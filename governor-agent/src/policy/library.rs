@@ -553,10 +553,10 @@ impl Library {
         // database instead of a refusal its engine spills on (a 6.1 run
         // whose engines' budgets added up to more than the high mark sat
         // under it for 320 s, 286 s of them stalled on memory).
-        let ceiling = held.throttle_bytes.map_or(
-            (rules.ceiling_bytes as f64 * rules.thresholds.emergency) as u64,
-            |high| high.min((rules.ceiling_bytes as f64 * rules.thresholds.emergency) as u64),
-        );
+        let emergency_mark = (rules.ceiling_bytes as f64 * rules.thresholds.emergency) as u64;
+        let ceiling = held
+            .throttle_bytes
+            .map_or(emergency_mark, |high| high.min(emergency_mark));
         let step = (rules.ceiling_bytes / 64).max(1);
         if self
             .outside_sent

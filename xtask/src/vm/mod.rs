@@ -142,7 +142,11 @@ pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
     let mut failed = Vec::new();
     let mut summary = Vec::new();
     for k in &kernels {
-        step(&format!("booting {} under TCG", k.display()));
+        step(&format!(
+            "booting {} under TCG ({})",
+            k.display(),
+            qemu::accel()?
+        ));
         let booted = qemu::boot_twice_if_lost(k, &initrd, opts.timeout, opts.numa_nodes, &vm_dir);
         match booted {
             Ok((result, validations)) => {

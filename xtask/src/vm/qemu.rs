@@ -42,7 +42,8 @@ pub type Results = (serde_json::Value, Vec<serde_json::Value>);
 /// Boots `kernel` with `initrd`, and once more if the guest was lost to
 /// its kernel (a freeze, seen once in ~20 boots of 6.1 under TCG before
 /// any test output; a guest that stopped before its script ended, once on
-/// 6.12 right after vm-check): a second loss fails. The result of a second
+/// 6.12 right after vm-check, and the `int3` of [`accel_for`] before TCG
+/// ran on one thread there): a second loss fails. The result of a second
 /// boot says why there was one (`lost_boot`).
 pub fn boot_twice_if_lost(
     kernel: &Path,
@@ -69,6 +70,55 @@ pub fn boot_twice_if_lost(
         );
     }
     booted
+}
+
+/// `-accel` for this machine's qemu: see [`accel_for`].
+pub fn accel() -> anyhow::Result<&'static str> {
+    let out = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .context("running qemu-system-x86_64 --version")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    accel_for(text.lines().next().unwrap_or_default())
+}
+
+/// `-accel` for the qemu whose `--version` line is `line`: TCG, run by a
+/// single thread before qemu 8.1. Before 8.1 (its commit "accel/tcg:
+/// Always lock pages before translation"), a block that one vCPU
+/// translates while the other patches that page can outlive the patch;
+/// when the kernel patches the static branch in `__schedule` (a program
+/// attached to or detached from `sched_switch`, as the agent does at every
+/// start and stop), the other vCPU can go on executing the `int3` that
+/// `text_poke_bp` left there, and the guest dies ("Oops: int3" in
+/// `__schedule`, 2 of 4 first boots of 6.12 in `.ci/run` on Debian 12's
+/// qemu 7.2, each half a second after an OOM kill). One thread running
+/// both vCPUs cannot race with itself; it costs about a third more time.
+fn accel_for(line: &str) -> anyhow::Result<&'static str> {
+    let version = line
+        .split_once("version ")
+        .map(|(_, v)| v.split_whitespace().next().unwrap_or_default())
+        .with_context(|| format!("no version in qemu's `--version` line {line:?}"))?;
+    let mut parts = version.split('.').map(str::parse::<u32>);
+    let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) else {
+        bail!("qemu's version {version:?} (from {line:?}) is not major.minor[.patch]");
+    };
+    Ok(if (major, minor) < (8, 1) {
+        "tcg,thread=single"
+    } else {
+        "tcg"
+    })
+}
+
+/// `-smp`: a socket per NUMA node, so that no CPU shares a last-level
+/// cache with a CPU of another node (with both CPUs in one socket, 6.12
+/// warns at boot that CPU 1's LLC sibling is on another node and taints
+/// itself).
+fn smp_arg(nodes: u32) -> String {
+    let sockets = nodes.max(1);
+    format!(
+        "{VM_CPUS},sockets={sockets},cores={},threads=1",
+        VM_CPUS / sockets
+    )
 }
 
 /// qemu's arguments for `nodes` NUMA nodes sharing the VM's memory and
@@ -113,7 +163,8 @@ fn boot(
     let monitor = vm_dir.join(format!("monitor-{name}.sock"));
     let _ = fs::remove_file(&monitor);
     let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-smp", &VM_CPUS.to_string()])
+        .args(["-accel", accel()?, "-cpu", "max", "-smp"])
+        .arg(smp_arg(numa_nodes))
         .args(["-m", &VM_MEMORY_MIB.to_string()])
         .args(numa_args(numa_nodes)?)
         .arg("-drive")
@@ -129,8 +180,10 @@ fn boot(
         .arg("-append")
         // nokaslr: the vCPUs' addresses read from the monitor on a stall
         // are System.map's. nodedb.numa_nodes: what vm-check expects.
+        // loglevel=5: warnings too, so that a WARN that taints the kernel
+        // is in the console (and in its tail when a boot is lost).
         .arg(format!(
-            "console=ttyS0 panic=-1 oops=panic loglevel=4 nokaslr nodedb.numa_nodes={}",
+            "console=ttyS0 panic=-1 oops=panic loglevel=5 nokaslr nodedb.numa_nodes={}",
             numa_nodes.max(1)
         ))
         .args(["-display", "none", "-no-reboot"])
@@ -326,7 +379,33 @@ impl std::error::Error for Lost {}
 
 #[cfg(test)]
 mod tests {
-    use super::result_blocks;
+    use super::{accel_for, result_blocks, smp_arg};
+
+    #[test]
+    fn tcg_runs_on_one_thread_before_qemu_8_1_and_a_bad_version_line_is_an_error() {
+        let debian12 = "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)";
+        assert_eq!(accel_for(debian12).unwrap(), "tcg,thread=single");
+        assert_eq!(
+            accel_for("QEMU emulator version 8.0.5").unwrap(),
+            "tcg,thread=single"
+        );
+        assert_eq!(accel_for("QEMU emulator version 8.1.0").unwrap(), "tcg");
+        assert_eq!(
+            accel_for("QEMU emulator version 10.0.2 (Debian)").unwrap(),
+            "tcg"
+        );
+        let none = accel_for("qemu-system-x86_64: command not found").unwrap_err();
+        assert!(format!("{none:#}").contains("no version"), "{none:#}");
+        let bad = accel_for("QEMU emulator version eight").unwrap_err();
+        assert!(format!("{bad:#}").contains("\"eight\""), "{bad:#}");
+    }
+
+    #[test]
+    fn each_numa_node_is_a_socket_of_its_own() {
+        assert_eq!(smp_arg(2), "2,sockets=2,cores=1,threads=1");
+        assert_eq!(smp_arg(1), "2,sockets=1,cores=2,threads=1");
+        assert_eq!(smp_arg(0), "2,sockets=1,cores=2,threads=1");
+    }
 
     #[test]
     fn result_blocks_are_read_whole_and_a_cut_one_is_left_out() {

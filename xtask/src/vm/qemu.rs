@@ -92,7 +92,8 @@ pub fn accel() -> anyhow::Result<&'static str> {
 /// `text_poke_bp` left there, and the guest dies ("Oops: int3" in
 /// `__schedule`, 2 of 4 first boots of 6.12 in `.ci/run` on Debian 12's
 /// qemu 7.2, each half a second after an OOM kill). One thread running
-/// both vCPUs cannot race with itself; it costs about a third more time.
+/// both vCPUs cannot race with itself; it costs a boot a quarter to a
+/// third more time.
 fn accel_for(line: &str) -> anyhow::Result<&'static str> {
     let version = line
         .split_once("version ")

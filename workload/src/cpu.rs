@@ -30,14 +30,20 @@ pub fn process_seconds(pid: u32) -> Option<f64> {
 /// process, exited threads included (`RUSAGE_SELF`); NaN if they cannot be
 /// read.
 pub fn rusage_seconds(who: libc::c_int) -> f64 {
+    let (user, system) = rusage_split(who);
+    user + system
+}
+
+/// The same, as user and system (in the kernel) seconds.
+pub fn rusage_split(who: libc::c_int) -> (f64, f64) {
     // SAFETY: rusage is plain data, valid zeroed.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage fills the struct it is given, which outlives it.
     if unsafe { libc::getrusage(who, &mut u) } != 0 {
-        return f64::NAN;
+        return (f64::NAN, f64::NAN);
     }
     let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    s(u.ru_utime) + s(u.ru_stime)
+    (s(u.ru_utime), s(u.ru_stime))
 }
 
 /// The CPU seconds of this process's threads now running, by thread name:

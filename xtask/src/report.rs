@@ -466,6 +466,35 @@ fn cpu(runs: &[Value]) -> String {
             f(r["workload"]["seconds"].as_f64()),
         ));
     }
+    // Of the engines' own threads, what ran in the kernel (runs from
+    // before the split say nothing).
+    let system: Vec<String> = runs
+        .iter()
+        .filter_map(|r| {
+            let sys = &r["workload"]["cpu_seconds"]["system"];
+            let parts: Vec<String> = ["vector", "timeseries", "query"]
+                .iter()
+                .filter_map(|e| sys[*e].as_f64().map(|x| format!("{e} {x:.1}")))
+                .collect();
+            (!parts.is_empty()).then(|| {
+                format!(
+                    "- {}: {}",
+                    r["mode"].as_str().unwrap_or_default(),
+                    parts.join(", ")
+                )
+            })
+        })
+        .collect();
+    if !system.is_empty() {
+        s.push_str(&format!(
+            "
+Of the engines' own threads' seconds, those in the kernel (page faults, the memory cgroups' charging and reclaim, the attribution's programs, I/O):
+
+{}
+",
+            system.join("\n")
+        ));
+    }
     let agents: Vec<String> = runs.iter().filter_map(agent_ticks).collect();
     if !agents.is_empty() {
         s.push_str(&format!(
@@ -810,6 +839,7 @@ mod tests {
         let mut governed = run_of("governed", 150.0, 10.0);
         governed["workload"]["cpu_seconds"] = json!({
             "vector": 4.0, "timeseries": 2.5, "query": 3.0, "process": 21.0,
+            "system": {"vector": 0.5, "timeseries": 1.25, "query": 0.25},
             "threads": {"main": 0.0, "vector-build-0": 5.0, "vector-build-1": 2.5, "unnamed": 0.5, "spill-timeserie": 1.25, "spill-vector": 0.25, "nodedb-agent-li": 1.0},
         });
         governed["agent_cpu_seconds"] = json!(0.75);
@@ -829,6 +859,11 @@ mod tests {
             "{text}"
         );
         assert_eq!(agent_ticks(&old), None);
+        assert!(
+            text.contains("\n- governed: vector 0.5, timeseries 1.2, query 0.2\n"),
+            "{text}"
+        );
+        assert!(!text.contains("- static: vector"), "{text}");
         let t = rows(&text);
         assert_eq!(t.len(), 3, "{t:?}");
         assert_eq!(

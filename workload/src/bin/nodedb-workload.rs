@@ -219,9 +219,9 @@ fn threads_cpu_since(
         .collect()
 }
 
-/// Writes the thread's CPU time where it points when the thread's job
-/// ends, however it ends.
-struct ThreadCpu<'a>(&'a std::sync::Mutex<f64>);
+/// Writes the thread's CPU time (user, system seconds) where it points
+/// when the thread's job ends, however it ends.
+struct ThreadCpu<'a>(&'a std::sync::Mutex<(f64, f64)>);
 
 impl<'a> ThreadCpu<'a> {
     /// Names the calling engine thread `name` too, so that the
@@ -229,7 +229,7 @@ impl<'a> ThreadCpu<'a> {
     /// thread just joined can still be listed when they are read; unnamed,
     /// it was counted with the index build's workers). A name the kernel
     /// refuses leaves the thread as it was: the figures are a report's.
-    fn named(cell: &'a std::sync::Mutex<f64>, name: &str) -> Self {
+    fn named(cell: &'a std::sync::Mutex<(f64, f64)>, name: &str) -> Self {
         if let Err(e) = cpu::name_this_thread(name) {
             eprintln!("nodedb-workload: naming the {name} thread: {e}");
         }
@@ -239,8 +239,7 @@ impl<'a> ThreadCpu<'a> {
 
 impl Drop for ThreadCpu<'_> {
     fn drop(&mut self) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) =
-            cpu::rusage_seconds(libc::RUSAGE_THREAD);
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = cpu::rusage_split(libc::RUSAGE_THREAD);
     }
 }
 
@@ -527,7 +526,7 @@ fn main() -> anyhow::Result<()> {
     };
     // Each engine thread's own CPU time, both phases (the spill and link
     // threads' is the process's rest).
-    let cpu: [std::sync::Mutex<f64>; 3] = Default::default();
+    let cpu: [std::sync::Mutex<(f64, f64)>; 3] = Default::default();
     // The index build's workers (the HNSW builder runs on rayon): a pool
     // of the vector engine's own, each worker registered and placed as the
     // engine's thread is and allocating from its arena, so that what they
@@ -607,11 +606,15 @@ fn main() -> anyhow::Result<()> {
     {
         return Err(e.context("a vector index build worker"));
     }
-    let cpu_of = |c: &std::sync::Mutex<f64>| *c.lock().unwrap_or_else(|p| p.into_inner());
+    let cpu_of = |c: &std::sync::Mutex<(f64, f64)>| *c.lock().unwrap_or_else(|p| p.into_inner());
+    let [v_cpu, t_cpu, q_cpu] = [&cpu[0], &cpu[1], &cpu[2]].map(cpu_of);
     let cpu = json!({
-        "vector": cpu_of(&cpu[0]),
-        "timeseries": cpu_of(&cpu[1]),
-        "query": cpu_of(&cpu[2]),
+        "vector": v_cpu.0 + v_cpu.1,
+        "timeseries": t_cpu.0 + t_cpu.1,
+        "query": q_cpu.0 + q_cpu.1,
+        // Of which in the kernel (page faults, the memory cgroups'
+        // charging and reclaim, the attribution's programs, I/O).
+        "system": {"vector": v_cpu.1, "timeseries": t_cpu.1, "query": q_cpu.1},
         "process": cpu::rusage_seconds(libc::RUSAGE_SELF) - cpu_at_start,
         "threads": threads_cpu,
     });

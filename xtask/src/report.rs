@@ -487,11 +487,7 @@ fn cpu(runs: &[Value]) -> String {
         .collect();
     if !system.is_empty() {
         s.push_str(&format!(
-            "
-Of the engines' own threads' seconds, those in the kernel (page faults, the memory cgroups' charging and reclaim, the attribution's programs, I/O):
-
-{}
-",
+            "\nOf the engines' own threads' seconds, those in the kernel (page faults, the memory cgroups' charging and reclaim, the attribution's programs, I/O):\n\n{}\n",
             system.join("\n")
         ));
     }

@@ -16,8 +16,9 @@
 //!
 //! In Emergency the high mark is lowered to force reclaim (v2; on v1 the
 //! soft limit only acts under global pressure, and is reported as such),
-//! and restored when the pressure is gone. The charge and `memory.stat`
-//! are read every tick (`usage`); `memory.events` (v2) or
+//! and restored when the pressure is gone. The charge is read every tick
+//! (`usage`), and `memory.stat` with it unless a read of it 100 ms old
+//! still holds (see `StatMemo`); `memory.events` (v2) or
 //! `memory.failcnt` / `memory.oom_control` (v1) when the status is built.
 
 use std::{
@@ -106,6 +107,58 @@ pub struct Ceiling {
     /// The two files read at every tick, opened at the first (and again
     /// after a read fails).
     usage_files: Mutex<Option<UsageFiles>>,
+    /// The last `memory.stat` read, while it still holds.
+    stat_memo: Mutex<Option<StatMemo>>,
+}
+
+/// A `memory.stat` read and the charge it went with. Reading the file
+/// costs far more than the charge (every counter of the subtree; on
+/// cgroup v2 it first flushes the memory controller's per-CPU statistics),
+/// and at the busy tick it was the agent's largest cost (a tenth of its
+/// time on the host, more under emulation). So it is read again only when
+/// the last read is `STAT_EVERY` old, or the charge moved by 1/128 of the
+/// ceiling since, or the charge is within an eighth of the ceiling of the
+/// high mark (where the ladder decides and the kernel throttles: exact
+/// figures there). Between reads the figures are estimated upward: growth
+/// of the charge is counted as held memory and as working set, a fall is
+/// counted as page cache dropped, never as held memory freed; so an
+/// estimate never shows less pressure than there is, and errs by at most
+/// 1/128 of the ceiling for at most `STAT_EVERY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StatMemo {
+    at: std::time::Instant,
+    charge: u64,
+    inactive_file: u64,
+    held: u64,
+}
+
+/// How long a `memory.stat` read holds (at the 20 ms busy tick: one read
+/// in five ticks while the charge holds still far from the high mark).
+const STAT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl StatMemo {
+    /// The inactive file pages and held bytes at charge `charge`, estimated
+    /// from this read; `None` when the file must be read again.
+    fn estimate(
+        &self,
+        now: std::time::Instant,
+        charge: u64,
+        limit: u64,
+        high: u64,
+    ) -> Option<(u64, u64)> {
+        let holds = now.saturating_duration_since(self.at) < STAT_EVERY
+            && charge.abs_diff(self.charge) < limit / 128
+            && charge.saturating_add(limit / 8) < high;
+        holds.then(|| {
+            (
+                self.inactive_file
+                    .saturating_sub(self.charge.saturating_sub(charge)),
+                self.held
+                    .saturating_add(charge.saturating_sub(self.charge))
+                    .min(charge),
+            )
+        })
+    }
 }
 
 /// The charge and `memory.stat`, kept open: a kernfs file read again from
@@ -194,6 +247,7 @@ impl Ceiling {
             engines: Default::default(),
             protection: Ok(0),
             usage_files: Mutex::new(None),
+            stat_memo: Mutex::new(None),
         })
     }
 
@@ -383,26 +437,43 @@ impl Ceiling {
                 })
                 .ok();
         }
-        let read = files
-            .as_ref()
-            .and_then(|f| Some((reread(&f.current)?, reread(&f.stat)?)));
-        let (current_text, stat_text) = match read {
-            Some(texts) => texts,
+        let current_text = match files.as_ref().and_then(|f| reread(&f.current)) {
+            Some(text) => text,
             None => {
                 // Opened again at the next tick; read by path this time.
                 *files = None;
-                (
-                    fs::read_to_string(&current_path).unwrap_or_default(),
-                    fs::read_to_string(&stat_path).unwrap_or_default(),
-                )
+                fs::read_to_string(&current_path).unwrap_or_default()
             }
         };
         let current = parse_u64(&current_text).unwrap_or(0);
-        let inactive_file = keyed_in(&stat_text, inactive);
+        let now = std::time::Instant::now();
+        let mut memo = self.stat_memo.lock().unwrap_or_else(|p| p.into_inner());
+        let estimate = memo.and_then(|m| m.estimate(now, current, self.limit, self.high_now));
+        let (inactive_file, held) = match estimate {
+            Some(figures) => figures,
+            None => {
+                let stat_text = match files.as_ref().and_then(|f| reread(&f.stat)) {
+                    Some(text) => text,
+                    None => {
+                        *files = None;
+                        fs::read_to_string(&stat_path).unwrap_or_default()
+                    }
+                };
+                let inactive_file = keyed_in(&stat_text, inactive);
+                let held = keyed_in(&stat_text, anon) + keyed_in(&stat_text, shmem);
+                *memo = Some(StatMemo {
+                    at: now,
+                    charge: current,
+                    inactive_file,
+                    held,
+                });
+                (inactive_file, held)
+            }
+        };
         crate::policy::CeilingUse {
             working_set_bytes: current.saturating_sub(inactive_file),
             charge_bytes: current,
-            held_bytes: keyed_in(&stat_text, anon) + keyed_in(&stat_text, shmem),
+            held_bytes: held,
             limit_bytes: self.limit,
             throttle_bytes: (self.backend == Backend::CgroupV2).then_some(self.high),
         }
@@ -472,5 +543,89 @@ impl Ceiling {
             }
             let _ = fs::remove_dir(&self.dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const LIMIT: u64 = 1024 * MIB;
+    const HIGH: u64 = 922 * MIB;
+
+    fn read_at(at: Instant) -> StatMemo {
+        StatMemo {
+            at,
+            charge: 500 * MIB,
+            inactive_file: 100 * MIB,
+            held: 380 * MIB,
+        }
+    }
+
+    #[test]
+    fn a_stat_read_holds_for_a_short_while_and_a_small_move_of_the_charge() {
+        let t = Instant::now();
+        let m = read_at(t);
+        // The same charge 60 ms later: the read's own figures.
+        assert_eq!(
+            m.estimate(t + Duration::from_millis(60), 500 * MIB, LIMIT, HIGH),
+            Some((100 * MIB, 380 * MIB))
+        );
+        // Read again once STAT_EVERY has passed...
+        assert_eq!(m.estimate(t + STAT_EVERY, 500 * MIB, LIMIT, HIGH), None);
+        // ... or the charge moved by 1/128 of the ceiling (8 MiB here),
+        // either way.
+        assert_eq!(m.estimate(t, 508 * MIB, LIMIT, HIGH), None);
+        assert_eq!(m.estimate(t, 492 * MIB, LIMIT, HIGH), None);
+        assert!(m.estimate(t, 507 * MIB, LIMIT, HIGH).is_some());
+        assert!(m.estimate(t, 493 * MIB, LIMIT, HIGH).is_some());
+    }
+
+    #[test]
+    fn near_the_high_mark_memory_stat_is_read_every_time() {
+        let t = Instant::now();
+        let m = StatMemo {
+            charge: 795 * MIB,
+            ..read_at(t)
+        };
+        // An eighth of the ceiling (128 MiB) below the high mark: read.
+        assert!(m.estimate(t, 793 * MIB, LIMIT, HIGH).is_some());
+        assert_eq!(m.estimate(t, 794 * MIB, LIMIT, HIGH), None);
+        assert_eq!(m.estimate(t, 795 * MIB, LIMIT, HIGH), None);
+        // The high mark lowered (Emergency): the same charge is near it.
+        assert_eq!(m.estimate(t, 793 * MIB, LIMIT, 900 * MIB), None);
+    }
+
+    #[test]
+    fn between_reads_the_estimate_never_shows_less_pressure_than_there_is() {
+        let t = Instant::now();
+        let m = read_at(t);
+        // Growth: all of it held, none of it page cache (working set
+        // 406 - 100 = 306, the read's 400 + 6).
+        assert_eq!(
+            m.estimate(t, 506 * MIB, LIMIT, HIGH),
+            Some((100 * MIB, 386 * MIB))
+        );
+        // A fall: page cache dropped (the working set stays 400), the held
+        // figure kept.
+        assert_eq!(
+            m.estimate(t, 494 * MIB, LIMIT, HIGH),
+            Some((94 * MIB, 380 * MIB))
+        );
+        // A fall larger than the page cache read: none left, and held
+        // never above the charge.
+        let little_cache = StatMemo {
+            charge: 384 * MIB,
+            inactive_file: 2 * MIB,
+            held: 382 * MIB,
+            ..m
+        };
+        assert_eq!(
+            little_cache.estimate(t, 378 * MIB, LIMIT, HIGH),
+            Some((0, 378 * MIB))
+        );
     }
 }

@@ -109,6 +109,8 @@ pub(super) struct EngineState {
     pub books: Option<Books>,
     /// When the last spill request went out and has not been answered.
     pub spill_sent: Option<Instant>,
+    /// When the ladder last asked for its arena to be purged.
+    pub purged_at: Option<Instant>,
     /// When the last spill for its part of the database's Emergency went
     /// out and has not been answered (apart from `spill_sent`, which the
     /// ladder clears whenever the engine is below Critical).

@@ -703,6 +703,7 @@ impl Library {
         out: &mut Vec<ToLibrary>,
         marks: &mut Vec<(String, Option<u64>)>,
     ) {
+        let round_from = out.len();
         // A calm library whose engines' figures have not moved since a
         // round that left it calm, with nothing heard from it since (an
         // answer, a report, a crossing, a new configuration clears
@@ -994,7 +995,40 @@ impl Library {
         if over_ceiling > 0 && self.observe_cap.is_none() {
             self.spill_over_ceiling(rules, process, over_ceiling, now, out);
         }
+        self.coalesce_limits(round_from, out);
         self.calm_at = (at_ease && self.calm()).then_some(figures);
+    }
+
+    /// Leaves one `limits` per engine among the messages of this round
+    /// (`out[from..]`): the last, where it stands. A loan moves an engine's
+    /// budget and the correction for what it holds unreserved then moves
+    /// its cap again in the same round; the library would apply the first
+    /// only to replace it at once (a growing borrower had two a tick).
+    /// Nothing the round sends depends on the cap in between: a spill's
+    /// target is in bytes, and a pressure level is the engine's.
+    fn coalesce_limits(&mut self, from: usize, out: &mut Vec<ToLibrary>) {
+        let limits_of = |m: &ToLibrary| match m {
+            ToLibrary::Limits { engine, .. } => Some(engine.clone()),
+            _ => None,
+        };
+        let mut later = std::collections::BTreeSet::new();
+        let mut keep = vec![true; out.len() - from];
+        for (i, m) in out[from..].iter().enumerate().rev() {
+            if let Some(engine) = limits_of(m)
+                && !later.insert(engine.clone())
+            {
+                keep[i] = false;
+                if let Some(e) = self.engines.get_mut(&engine) {
+                    e.counters.limit_changes -= 1;
+                }
+            }
+        }
+        let mut keep = keep.into_iter();
+        let mut i = 0;
+        out.retain(|_| {
+            i += 1;
+            i <= from || keep.next().unwrap_or(true)
+        });
     }
 
     /// The database is in Emergency and this process holds `excess` of

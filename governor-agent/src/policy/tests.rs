@@ -538,10 +538,11 @@ fn every_loan_transition() {
     // A rise to Warning (110 of 134 MiB) held for 2 s, the loan's least
     // term: then it takes back what it needs (110 + 64 MiB), and the
     // borrower, at 330 of 338 MiB, is spilled: a forced spill, counted.
+    // Its arena was purged 40 ms ago: not again (`PURGE_SPACING`).
     let got = w
         .after(20)
         .tick(&[("vector", 110 * MIB), ("query", 330 * MIB)]);
-    assert_eq!(got, [Pressure("vector", Warning), Purge("vector")]);
+    assert_eq!(got, [Pressure("vector", Warning)]);
     for _ in 0..19 {
         let got = w
             .after(100)
@@ -589,6 +590,60 @@ fn every_loan_transition() {
     );
     assert_eq!(w.report("query", 10 * MIB, 5), []);
     assert_eq!(w.status().loans.len(), 1);
+}
+
+/// A round that lends to an engine and corrects its cap for what it holds
+/// unreserved sends it one `limits`, the last.
+#[test]
+fn a_round_sends_an_engine_one_limits_with_its_loan_and_its_correction() {
+    use Msg::*;
+    let (mut w, _) = World::new(&["vector", "query"], true);
+    // Query has reserved 200 MiB and the kernel sees 240: 40 MiB beyond
+    // its books, taken off its cap.
+    w.report("query", 200 * MIB, 0);
+    let got = w.tick(&[("vector", 10 * MIB), ("query", 240 * MIB)]);
+    // The 438 MiB in force less the 40 MiB in whole steps of a 64th of it.
+    let cap = 438 * MIB - 6 * (438 * MIB / 64);
+    let limits: Vec<&Msg> = got.iter().filter(|m| matches!(m, Limits(..))).collect();
+    assert_eq!(
+        limits,
+        [
+            &Limits("vector", 0, 74 * MIB),
+            &Limits("query", 64 * MIB, cap)
+        ],
+        "{got:?}"
+    );
+    assert_eq!(
+        w.status().engines["query"].limit_changes,
+        2,
+        "the welcome's and this round's"
+    );
+    assert_eq!(w.status().engines["query"].cap_bytes, cap);
+}
+
+/// An engine that enters Warning again and again has its arena purged at
+/// most once a `PURGE_SPACING`.
+#[test]
+fn an_engine_flickering_at_warning_is_purged_once_a_second() {
+    use Msg::*;
+    let (mut w, _) = World::new(&["vector"], true);
+    w.tick(&[("vector", 100 * MIB)]);
+    let mut purges = 0;
+    // Warning from 192 MiB: in and out every 100 ms for 900 ms.
+    for i in 0..10 {
+        let resident = if i % 2 == 0 { 200 } else { 180 };
+        let got = w.after(100).tick(&[("vector", resident * MIB)]);
+        purges += got.iter().filter(|m| **m == Purge("vector")).count();
+        if i % 2 == 0 {
+            assert!(got.contains(&Pressure("vector", Warning)), "{i}: {got:?}");
+        }
+    }
+    assert_eq!(purges, 1, "five entries in 900 ms");
+    // A second after the purge, the next entry purges again.
+    w.after(100).tick(&[("vector", 180 * MIB)]);
+    let got = w.after(100).tick(&[("vector", 200 * MIB)]);
+    assert_eq!(got, [Pressure("vector", Warning), Purge("vector")]);
+    assert_eq!(w.status().engines["vector"].purges, 2);
 }
 
 #[test]

@@ -51,13 +51,13 @@ pub struct NodeStatus {
 /// per node, `numa.weights`) or else the nodes' memory. An error names the
 /// file.
 pub fn read(
+    topology: &Topology,
     cgroup: Option<(&Path, Backend)>,
     ceiling: Option<u64>,
     thresholds: &PressureThresholds,
     weights: Option<&[u64]>,
 ) -> Result<Vec<NodeStatus>, String> {
     let nodes_dir = Path::new("/sys/devices/system/node");
-    let topology = Topology::detect().map_err(|e| e.to_string())?;
     let db = match cgroup {
         Some((dir, backend)) => {
             let path = dir.join("memory.numa_stat");
@@ -280,7 +280,9 @@ mod tests {
     #[test]
     fn this_machine_reads_and_each_node_is_judged_on_its_share() {
         let t = PressureThresholds::default();
-        let nodes = read(None, Some(1 << 30), &t, None).expect("sysfs");
+        let topology = Topology::detect().expect("sysfs");
+        let read = |w: Option<&[u64]>| read(&topology, None, Some(1 << 30), &t, w);
+        let nodes = read(None).expect("sysfs");
         assert!(!nodes.is_empty());
         // Weights split the ceiling instead of the nodes' memory (here the
         // last node gets three parts in n + 2); weights that do not fit
@@ -288,10 +290,10 @@ mod tests {
         let n = nodes.len();
         let mut w = vec![1; n];
         w[n - 1] = 3;
-        let weighted = read(None, Some(1 << 30), &t, Some(&w)).expect("sysfs");
+        let weighted = read(Some(&w)).expect("sysfs");
         let last = weighted[n - 1].ceiling_share_bytes.unwrap();
         assert_eq!(last, ((1u128 << 30) * 3 / (n as u128 + 2)) as u64);
-        let unfit = read(None, Some(1 << 30), &t, Some(&[1; 9])).expect("sysfs");
+        let unfit = read(Some(&[1; 9])).expect("sysfs");
         let shares_of = |v: &[NodeStatus]| -> Vec<Option<u64>> {
             v.iter().map(|n| n.ceiling_share_bytes).collect()
         };

@@ -136,9 +136,9 @@ pub struct Agent {
     metrics_addr: Option<std::net::SocketAddr>,
     /// Keeps the kernel's program statistics on (run counts and times).
     _program_stats: Option<std::os::fd::OwnedFd>,
-    /// The eBPF programs' statistics as last read (a system call per
-    /// program).
-    programs: Vec<crate::attribution::ProgramStats>,
+    /// What the snapshot shows that changes slowly (or only at a
+    /// person's pace), read at most once a `SLOW_PARTS_EVERY`.
+    slow: Option<snapshot::SlowParts>,
     /// A reader of the snapshot waits for one: the owner builds it when
     /// woken, or at the tick (reading what only the snapshot shows: VmRSS,
     /// the programs' statistics, the ceiling's events). No reader, no

@@ -161,13 +161,40 @@ impl Snapshots {
     }
 }
 
+/// How long the slow parts of a snapshot are shown as read: the
+/// harness and dashboards read the status several times a second, and
+/// these took most of a snapshot's system calls (a file per agent thread
+/// for the capabilities, a call per program for its statistics, the
+/// nodes' directories for the topology).
+pub(super) const SLOW_PARTS_EVERY: Duration = Duration::from_secs(1);
+
+/// What a snapshot shows that changes slowly: the programs' run counts
+/// and times (read for the status and `/metrics`, a second old at most),
+/// the agent's capabilities (they only ever shrink, at startup) and the
+/// machine's NUMA topology (it changes with hotplug only).
+pub(super) struct SlowParts {
+    pub at: Instant,
+    pub programs: Vec<crate::attribution::ProgramStats>,
+    pub capabilities: crate::status::CapabilityStatus,
+    pub topology: Result<nodedb_governor::Topology, String>,
+}
+
 impl Agent {
     /// Builds the status report from `reading` and `ceiling` (this tick's
     /// figures) and the policy's state, and publishes it.
     pub(super) fn publish(&mut self, reading: Reading, ceiling: Option<CeilingStatus>) {
         let now = Instant::now();
         self.wanted.flag.store(false, Ordering::Relaxed);
-        self.programs = self.attribution.program_stats();
+        let slow = match self.slow.take() {
+            Some(slow) if now.duration_since(slow.at) < SLOW_PARTS_EVERY => slow,
+            _ => SlowParts {
+                at: now,
+                programs: self.attribution.program_stats(),
+                // Read as the snapshot is built (a file per thread).
+                capabilities: crate::procfs::capabilities(),
+                topology: nodedb_governor::Topology::detect().map_err(|e| e.to_string()),
+            },
+        };
         let mut report = StatusReport::new(
             &self.config.database,
             self.identity,
@@ -177,12 +204,20 @@ impl Agent {
             &self.config.engine_names(),
             reading,
         );
-        match crate::numa::read(
-            self.ceiling.as_ref().map(|c| (c.dir(), c.backend())),
-            ceiling.as_ref().map(|c| c.limit_bytes),
-            &self.policy.rules().thresholds,
-            self.config.numa.weights.as_deref(),
-        ) {
+        let nodes = slow
+            .topology
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|topology| {
+                crate::numa::read(
+                    topology,
+                    self.ceiling.as_ref().map(|c| (c.dir(), c.backend())),
+                    ceiling.as_ref().map(|c| c.limit_bytes),
+                    &self.policy.rules().thresholds,
+                    self.config.numa.weights.as_deref(),
+                )
+            });
+        match nodes {
             Ok(mut nodes) => {
                 crate::numa::judge_by_parts(
                     &mut nodes,
@@ -199,15 +234,15 @@ impl Agent {
         report.cpuset = self.cpuset.as_ref().map(crate::cpuset::Cpuset::status);
         report.cpuset_error = self.cpuset_error.clone();
         report.metrics_addr = self.metrics_addr.map(|a| a.to_string());
-        // Read as the snapshot is built (a file per thread, two threads).
-        report.capabilities = crate::procfs::capabilities();
+        report.capabilities = slow.capabilities.clone();
         report.emergency = self.policy.emergency();
         report.psi = self
             .psi
             .as_ref()
             .map(|m| m.status(self.policy.stalling(now, m.window())));
         report.psi_error = self.psi_error.clone();
-        report.programs = self.programs.clone();
+        report.programs = slow.programs.clone();
+        self.slow = Some(slow);
         report.restart = self.restart.clone();
         match self.attribution.kernel_events() {
             Ok(events) => {

@@ -93,7 +93,7 @@ impl Agent {
             deliveries: Default::default(),
             metrics_addr: None,
             _program_stats: program_stats,
-            programs: Vec::new(),
+            slow: None,
             wanted: Arc::new(super::snapshot::Wanted::new()),
             scanned: None,
             restart,

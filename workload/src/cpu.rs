@@ -114,6 +114,69 @@ pub fn grown_since(
         .collect()
 }
 
+/// Where a stretch of one thread's time went: on the CPU in user space
+/// and in the kernel (`getrusage(RUSAGE_THREAD)`), waiting for a CPU
+/// while runnable (`/proc/thread-self/schedstat`, the scheduler's run
+/// delay), and the rest of its wall time off the CPU (blocked: a lock, a
+/// sleep, I/O, the memory cgroup's throttling). Taken on the thread it
+/// measures.
+#[derive(Clone, Copy, Debug)]
+pub struct ThreadTimes {
+    at: std::time::Instant,
+    user: f64,
+    system: f64,
+    /// Nanoseconds on the CPU and waiting on a run queue (None: the
+    /// kernel keeps no schedstat).
+    sched: Option<(u64, u64)>,
+}
+
+/// The first two fields of a `schedstat` line: nanoseconds on the CPU
+/// and waiting to run.
+pub fn parse_schedstat(text: &str) -> Option<(u64, u64)> {
+    let mut f = text.split_whitespace().map(str::parse::<u64>);
+    Some((f.next()?.ok()?, f.next()?.ok()?))
+}
+
+impl ThreadTimes {
+    /// The calling thread's figures now.
+    pub fn now() -> Self {
+        let (user, system) = rusage_split(libc::RUSAGE_THREAD);
+        let sched = std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|t| parse_schedstat(&t));
+        Self {
+            at: std::time::Instant::now(),
+            user,
+            system,
+            sched,
+        }
+    }
+
+    /// What the calling thread did since `self` (taken on it): seconds of
+    /// wall time, user, system, waiting for a CPU and blocked.
+    pub fn since(&self) -> serde_json::Value {
+        let now = Self::now();
+        let wall = now.at.duration_since(self.at).as_secs_f64();
+        let (user, system) = (now.user - self.user, now.system - self.system);
+        let waited = match (self.sched, now.sched) {
+            (Some((c0, w0)), Some((c1, w1))) => Some((
+                c1.saturating_sub(c0) as f64 / 1e9,
+                w1.saturating_sub(w0) as f64 / 1e9,
+            )),
+            _ => None,
+        };
+        serde_json::json!({
+            "wall": wall,
+            "user": user,
+            "system": system,
+            "runnable_waiting": waited.map(|(_, w)| w),
+            // Wall time neither on the CPU nor waiting for one (by the
+            // scheduler's own clock of the CPU time where it has one).
+            "blocked": waited.map(|(c, w)| (wall - c - w).max(0.0)),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +260,36 @@ mod tests {
         );
         done_tx.send(()).unwrap();
         t.join().unwrap();
+    }
+
+    #[test]
+    fn a_thread_s_time_splits_into_work_and_blocking() {
+        assert_eq!(parse_schedstat("123 456 7\n"), Some((123, 456)));
+        assert_eq!(parse_schedstat("123"), None);
+        assert_eq!(parse_schedstat("x 1 2"), None);
+        let t = ThreadTimes::now();
+        // 0.2 s asleep, then busy until 0.1 s of user time.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let busy = rusage_seconds(libc::RUSAGE_THREAD);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut x = 0u64;
+        while rusage_seconds(libc::RUSAGE_THREAD) - busy < 0.1 && std::time::Instant::now() < until
+        {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+        let d = t.since();
+        let f = |k: &str| d[k].as_f64().unwrap_or(f64::NAN);
+        assert!(f("wall") >= 0.3, "{d}");
+        assert!(f("user") + f("system") >= 0.1, "{d}");
+        if std::path::Path::new("/proc/thread-self/schedstat").exists() {
+            // The sleep is blocked time; the loop is not.
+            assert!(f("blocked") >= 0.19, "{d}");
+            assert!(f("blocked") < f("wall") - 0.09, "{d}");
+        } else {
+            assert!(d["blocked"].is_null(), "{d}");
+        }
     }
 
     #[test]

@@ -313,8 +313,9 @@ fn vector_result(
 
 /// Ingests the points into `ts`'s buffers: how long it took, the sum of
 /// the values, and when it ended.
-fn ingest(ts: &Timeseries, args: &Args) -> anyhow::Result<(Duration, f64, Instant)> {
+fn ingest(ts: &Timeseries, args: &Args) -> anyhow::Result<Ingested> {
     let t0 = Instant::now();
+    let times = cpu::ThreadTimes::now();
     let mut sum = 0.0;
     for i in 0..args.points {
         let v = 20.0 + (i % 977) as f64 * 0.125;
@@ -325,14 +326,18 @@ fn ingest(ts: &Timeseries, args: &Args) -> anyhow::Result<(Duration, f64, Instan
             v,
         )?;
     }
-    Ok((t0.elapsed(), sum, Instant::now()))
+    Ok((t0.elapsed(), sum, Instant::now(), times.since()))
 }
+
+/// An ingest's buffering time, the sum of what it ingested, when it
+/// ended, and where the ingesting thread's time went.
+type Ingested = (Duration, f64, Instant, serde_json::Value);
 
 /// Flushes what `ts` buffered and reads every point back.
 fn finish_ingest(
     ts: &Timeseries,
     args: &Args,
-    (buffering, sum, ingest_end): (Duration, f64, Instant),
+    (buffering, sum, ingest_end, buffering_times): Ingested,
 ) -> anyhow::Result<serde_json::Value> {
     // The ingest's rate counts the final flush too: every point is
     // compressed and written once, whether a tight budget flushed it early
@@ -340,8 +345,10 @@ fn finish_ingest(
     // once the ingest was over (an idle engine giving its buffers back): it
     // ran on the spill's thread, and it is the ingest's work all the same.
     let t0 = Instant::now();
+    let times = cpu::ThreadTimes::now();
     ts.flush()?;
     let final_flush = t0.elapsed();
+    let final_flush_times = times.since();
     let spilled_later = ts.spill_flush_time_since(ingest_end);
     let took = buffering + final_flush + spilled_later;
     let (points, back) = ts.verify()?;
@@ -349,6 +356,9 @@ fn finish_ingest(
         "seconds": took.as_secs_f64(),
         "final_flush_seconds": final_flush.as_secs_f64(),
         "spill_flush_seconds_after_ingest": spilled_later.as_secs_f64(),
+        // Where the ingesting thread's time went, buffering and in the
+        // final flush (wall, user, system, waiting for a CPU, blocked).
+        "thread_seconds": {"buffering": buffering_times, "final_flush": final_flush_times},
         "points_per_second": args.points as f64 / took.as_secs_f64(),
         "correct": points == args.points && back == sum,
         "stats": ts.stats(),

@@ -95,6 +95,8 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     let kept =
         crate::privilege::drop_capabilities(&crate::privilege::kept_capabilities(delegating))?;
     tracing::info!(kept = %kept.join(","), "capabilities dropped");
+    // The snapshot made at startup showed them before the drop.
+    agent.slow_parts_changed();
 
     let (inputs, rx) = mpsc::channel(INPUT_QUEUE);
     let mut serving = Serving::start(serving::Parts {

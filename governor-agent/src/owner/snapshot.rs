@@ -280,6 +280,13 @@ impl Agent {
         }));
     }
 
+    /// The agent's threads dropped capabilities (or anything else the slow
+    /// parts show changed at once): the next snapshot reads them afresh,
+    /// not the second-old figures.
+    pub fn slow_parts_changed(&mut self) {
+        self.slow = None;
+    }
+
     /// Publishes a snapshot read afresh, outside a tick (after an `assign`,
     /// so that a `status` straight after it shows the process).
     pub(super) fn publish_now(&mut self) {

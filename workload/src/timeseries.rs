@@ -2,12 +2,14 @@
 //! bytes a point) in fixed chunks, each charged to the Timeseries budget
 //! when it is allocated (a chunk never grows, so what is charged is what
 //! is held). When a chunk is refused, or the agent asks for a spill, the
-//! buffers are flushed: each series' points are Gorilla-compressed into a
-//! segment and appended to the engine's file on disk (through the
-//! library's uncached writer), and series by series the buffers'
-//! reservations are released and the engine's arena gives the freed pages
-//! back to the kernel (the `after_flush` hook, every 32 MiB and at the
-//! end).
+//! buffers are flushed: taken whole from the ingest (a memtable swap: the
+//! ingest goes on into new buffers at once, within what the budget has
+//! left), then each series' points are Gorilla-compressed into a segment
+//! and appended to the engine's file on disk (through the library's
+//! uncached writer; one flush writes at a time), and series by series the
+//! buffers' reservations are released and the engine's arena gives the
+//! freed pages back to the kernel (the `after_flush` hook, every 32 MiB
+//! and at the end).
 
 use std::{
     fs::File,
@@ -42,14 +44,35 @@ impl Series {
     }
 }
 
+/// The buffers the ingest fills.
 struct State {
     series: Vec<Series>,
     /// One reservation per chunk held by the buffers.
     chunks: Vec<Reservation>,
-    /// Segments go out through the library's uncached writer: a flush
-    /// does not leave its data in the page cache, where it would push
-    /// out other engines' pages.
-    out: UncachedWriter,
+}
+
+/// Buffers taken from the ingest for a flush: each series' chunks, and
+/// their reservations (released as the series go to disk).
+struct Frozen {
+    series: Vec<(usize, Series)>,
+    chunks: Vec<Reservation>,
+}
+
+impl State {
+    /// Takes every buffered series and its reservations, leaving the
+    /// ingest empty buffers.
+    fn freeze(&mut self) -> Frozen {
+        Frozen {
+            series: self
+                .series
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, s)| !s.chunks.is_empty())
+                .map(|(i, s)| (i, std::mem::replace(s, Series { chunks: Vec::new() })))
+                .collect(),
+            chunks: std::mem::take(&mut self.chunks),
+        }
+    }
 }
 
 /// What the engine did.
@@ -71,6 +94,10 @@ pub struct Timeseries {
     path: PathBuf,
     after_flush: Option<Hook>,
     state: Mutex<State>,
+    /// Segments go out through the library's uncached writer: a flush
+    /// does not leave its data in the page cache, where it would push
+    /// out other engines' pages. Held by the flush writing.
+    out: Mutex<UncachedWriter>,
     stats: Mutex<TimeseriesStats>,
     /// When each flush a spill request asked for started, and how long it
     /// took (it runs on the caller's thread, not the ingest's).
@@ -86,8 +113,8 @@ impl Timeseries {
             state: Mutex::new(State {
                 series: (0..series).map(|_| Series { chunks: Vec::new() }).collect(),
                 chunks: Vec::new(),
-                out: UncachedWriter::create(path)?,
             }),
+            out: Mutex::new(UncachedWriter::create(path)?),
             stats: Mutex::new(TimeseriesStats::default()),
             spill_flushes: Mutex::new(Vec::new()),
         })
@@ -124,7 +151,7 @@ impl Timeseries {
     pub fn ingest(&self, series: usize, ts: i64, value: f64) -> std::io::Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let n = st.series.len();
-        let s = &mut st.series[series % n];
+        let s = &st.series[series % n];
         if s.chunks.last().is_none_or(|c| c.len() == CHUNK_POINTS) {
             let bytes = CHUNK_POINTS as u64 * POINT_BYTES;
             let r = match self.governor.try_reserve(EngineId::Timeseries, bytes) {
@@ -134,12 +161,19 @@ impl Timeseries {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .refusals += 1;
-                    self.flush_locked(&mut st, false)?;
-                    // After a flush the buffers hold nothing: a refusal
-                    // now means the budget is smaller than one chunk.
-                    self.governor
+                    let frozen = st.freeze();
+                    drop(st);
+                    self.write(frozen, false)?;
+                    // The buffers were flushed (and any flush under way
+                    // when this one started is done: one writes at a
+                    // time): a refusal now means the budget is smaller
+                    // than one chunk.
+                    let r = self
+                        .governor
                         .try_reserve(EngineId::Timeseries, bytes)
-                        .map_err(std::io::Error::other)?
+                        .map_err(std::io::Error::other)?;
+                    st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    r
                 }
             };
             st.chunks.push(r);
@@ -155,40 +189,35 @@ impl Timeseries {
         Ok(())
     }
 
-    /// Compresses every buffered series to disk and releases the buffers.
+    /// Compresses `frozen` to disk, series by series, releasing each
+    /// series' reservations as it goes; one flush writes at a time.
     /// Returns the bytes released.
-    fn flush_locked(&self, st: &mut State, spill: bool) -> std::io::Result<u64> {
+    fn write(&self, frozen: Frozen, spill: bool) -> std::io::Result<u64> {
+        let Frozen { series, mut chunks } = frozen;
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
         let mut segments = 0;
         let (mut raw, mut compressed) = (0u64, 0u64);
         let (mut released, mut unpurged) = (0u64, 0u64);
-        for i in 0..st.series.len() {
-            let s = &mut st.series[i];
-            if s.chunks.is_empty() {
-                continue;
-            }
+        for (i, s) in series {
             let mut e = Encoder::new();
             for &(t, v) in s.points() {
                 e.push(t, v);
             }
             raw += s.len() as u64 * POINT_BYTES;
             let held = s.chunks.len();
-            s.chunks = Vec::new();
+            drop(s);
             let seg = e.finish();
-            st.out.write_all(&(i as u32).to_le_bytes())?;
-            st.out.write_all(&(seg.len() as u32).to_le_bytes())?;
-            st.out.write_all(&seg)?;
+            out.write_all(&(i as u32).to_le_bytes())?;
+            out.write_all(&(seg.len() as u32).to_le_bytes())?;
+            out.write_all(&seg)?;
             compressed += seg.len() as u64;
             segments += 1;
             // The series is on its way to disk: its chunks' reservations go
             // now (they are all the same size), and every 32 MiB the arena
             // gives the freed pages back, so a long flush brings the
             // engine down as it goes rather than at its end.
-            let n = held.min(st.chunks.len());
-            let gone: u64 = st
-                .chunks
-                .drain(st.chunks.len() - n..)
-                .map(|r| r.size())
-                .sum();
+            let n = held.min(chunks.len());
+            let gone: u64 = chunks.drain(chunks.len() - n..).map(|r| r.size()).sum();
             released += gone;
             unpurged += gone;
             if unpurged >= PURGE_EVERY
@@ -198,9 +227,10 @@ impl Timeseries {
                 unpurged = 0;
             }
         }
-        st.out.flush()?;
-        released += st.chunks.iter().map(Reservation::size).sum::<u64>();
-        st.chunks.clear();
+        out.flush()?;
+        drop(out);
+        released += chunks.iter().map(Reservation::size).sum::<u64>();
+        drop(chunks);
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         stats.flushes += 1;
         stats.spill_flushes += u64::from(spill);
@@ -214,10 +244,15 @@ impl Timeseries {
         Ok(released)
     }
 
-    /// Flushes what is buffered (the end of the run).
+    /// Flushes what is buffered (the end of the run), after any flush
+    /// under way.
     pub fn flush(&self) -> std::io::Result<u64> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.flush_locked(&mut st, false)
+        let frozen = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .freeze();
+        self.write(frozen, false)
     }
 
     /// Reads every segment back: (points, sum of values), to check nothing
@@ -260,13 +295,104 @@ impl SpillHandler for Timeseries {
     }
 
     fn spill(&self, _target_bytes: u64) -> u64 {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let started = Instant::now();
-        let freed = self.flush_locked(&mut st, true).unwrap_or(0);
+        let frozen = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .freeze();
+        let freed = self.write(frozen, true).unwrap_or(0);
         self.spill_flushes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push((started, started.elapsed()));
         freed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, mpsc};
+
+    use nodedb_governor::Budget;
+
+    use super::*;
+
+    /// A spill's flush takes the buffers and lets the ingest go on: while
+    /// the flush is held at its first purge point (32 MiB written), new
+    /// points are buffered, and every point is read back once.
+    #[test]
+    fn the_ingest_goes_on_while_a_spill_flushes_what_it_took() {
+        let dir = std::env::temp_dir().join(format!("nodedb-ts-swap-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let budget = Budget::builder(1 << 40)
+            .engine(EngineId::Timeseries, 0, 1 << 40)
+            .build()
+            .unwrap();
+        let governor = MemoryGovernor::new(budget);
+        let (inside_tx, inside_rx) = mpsc::sync_channel::<()>(1);
+        let (go_tx, go_rx) = mpsc::sync_channel::<()>(1);
+        let (inside_tx, go_rx) = (Mutex::new(Some(inside_tx)), Mutex::new(go_rx));
+        let ts = Arc::new(
+            Timeseries::new(&governor, 8, &dir.join("points.gorilla"))
+                .unwrap()
+                .after_flush(move || {
+                    // The first call only: the spill's first purge point.
+                    if let Some(tx) = inside_tx.lock().unwrap().take() {
+                        tx.send(()).unwrap();
+                        go_rx.lock().unwrap().recv().unwrap();
+                    }
+                }),
+        );
+        // 40 MiB of points, over the purge point.
+        let first = 40 * (1 << 20) / POINT_BYTES;
+        let mut sum = 0.0;
+        for i in 0..first {
+            let v = (i % 977) as f64 * 0.125;
+            sum += v;
+            ts.ingest((i % 8) as usize, i as i64, v).unwrap();
+        }
+        let buffered = ts.reclaimable_bytes();
+        assert!(buffered >= first * POINT_BYTES, "{buffered}");
+        let spiller = {
+            let ts = ts.clone();
+            std::thread::spawn(move || ts.spill(u64::MAX))
+        };
+        inside_rx.recv().unwrap();
+        // The spill holds what it took; the ingest starts on empty buffers
+        // and is not held up (on another thread, so that a flush that held
+        // the ingest fails the test instead of hanging it).
+        assert_eq!(ts.reclaimable_bytes(), 0);
+        let (done_tx, done_rx) = mpsc::channel();
+        {
+            let ts = ts.clone();
+            std::thread::spawn(move || {
+                let mut sum = 0.0;
+                for i in first..first + 10_000 {
+                    let v = (i % 977) as f64 * 0.125;
+                    sum += v;
+                    ts.ingest((i % 8) as usize, i as i64, v).unwrap();
+                }
+                done_tx.send(sum).unwrap();
+            });
+        }
+        sum += done_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the ingest was held up by the spill's flush");
+        assert!(ts.reclaimable_bytes() > 0);
+        assert_eq!(ts.stats().flushes, 0, "the spill is still writing");
+        go_tx.send(()).unwrap();
+        let freed = spiller.join().unwrap();
+        assert_eq!(freed, buffered);
+        ts.flush().unwrap();
+        let stats = ts.stats();
+        assert_eq!((stats.flushes, stats.spill_flushes), (2, 1));
+        assert_eq!(stats.points, first + 10_000);
+        assert_eq!(ts.verify().unwrap(), (first + 10_000, sum));
+        // Every reservation released (this thread's unused credit given back
+        // first; the spill's thread gave its own back when it ended).
+        governor.flush_thread_credit();
+        assert_eq!(governor.usage(EngineId::Timeseries).unwrap().used_bytes, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

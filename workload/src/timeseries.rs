@@ -28,6 +28,9 @@ pub const CHUNK_POINTS: usize = 4096;
 /// A flush has the arena give freed pages back every this many bytes.
 const PURGE_EVERY: u64 = 32 << 20;
 const POINT_BYTES: u64 = 16;
+/// How long the ingest waits for a chunk when its own buffers are flushed
+/// and the budget still has no room (a write stall) before it fails.
+const STALL_LIMIT: Duration = Duration::from_secs(60);
 
 struct Series {
     /// Full chunks and the one being filled (each `CHUNK_POINTS` long).
@@ -82,6 +85,10 @@ pub struct TimeseriesStats {
     pub flushes: u64,
     pub spill_flushes: u64,
     pub refusals: u64,
+    /// Refusals that came again after the ingest's own flush, and the
+    /// time it then waited for memory to be released (a write stall).
+    pub stalls: u64,
+    pub stalled_micros: u64,
     pub segments: u64,
     pub raw_bytes_flushed: u64,
     pub compressed_bytes: u64,
@@ -166,12 +173,27 @@ impl Timeseries {
                     self.write(frozen, false)?;
                     // The buffers were flushed (and any flush under way
                     // when this one started is done: one writes at a
-                    // time): a refusal now means the budget is smaller
-                    // than one chunk.
-                    let r = self
-                        .governor
-                        .try_reserve(EngineId::Timeseries, bytes)
-                        .map_err(std::io::Error::other)?;
+                    // time). A refusal now is the other engines' doing
+                    // (the ceiling, or a NUMA node's part of it, taken
+                    // while the agent spills them) or a cap lowered for a
+                    // moment: the ingest stalls until memory is released,
+                    // as a write stall does, and gives up only after
+                    // `STALL_LIMIT` (or at once if one chunk can never fit).
+                    let r = match self.governor.try_reserve(EngineId::Timeseries, bytes) {
+                        Ok(r) => r,
+                        Err(_) => {
+                            let t0 = Instant::now();
+                            let r = self
+                                .governor
+                                .reserve_timeout(EngineId::Timeseries, bytes, STALL_LIMIT)
+                                .map_err(std::io::Error::other);
+                            let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+                            stats.stalls += 1;
+                            stats.stalled_micros += t0.elapsed().as_micros() as u64;
+                            drop(stats);
+                            r?
+                        }
+                    };
                     st = self.state.lock().unwrap_or_else(|p| p.into_inner());
                     r
                 }
@@ -393,6 +415,56 @@ mod tests {
         // first; the spill's thread gave its own back when it ended).
         governor.flush_thread_credit();
         assert_eq!(governor.usage(EngineId::Timeseries).unwrap().used_bytes, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// When the ceiling is still full after the ingest flushed its own
+    /// buffers (another engine took the room), the ingest waits for memory
+    /// to be released rather than failing, and goes on once it is.
+    #[test]
+    fn the_ingest_stalls_until_another_engine_releases_the_ceiling() {
+        let dir = std::env::temp_dir().join(format!("nodedb-ts-stall-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let chunk = CHUNK_POINTS as u64 * POINT_BYTES;
+        // Room for two chunks in all; each engine could take both.
+        let budget = Budget::builder(2 * chunk)
+            .engine(EngineId::Timeseries, 0, 2 * chunk)
+            .engine(EngineId::Query, 0, 2 * chunk)
+            .build()
+            .unwrap();
+        let governor = MemoryGovernor::new(budget);
+        let query = governor.clone();
+        let taken = std::sync::atomic::AtomicBool::new(false);
+        let ts = Timeseries::new(&governor, 1, &dir.join("points.gorilla"))
+            .unwrap()
+            .after_flush(move || {
+                // The first flush: the query engine takes all the room the
+                // flush freed, and gives it back 300 ms later.
+                if taken.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let r = query.try_reserve(EngineId::Query, 2 * chunk).unwrap();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(300));
+                    drop(r);
+                });
+            });
+        // Three chunks' points: the third chunk is refused (both taken),
+        // the ingest flushes, the query engine takes the room.
+        let n = 3 * CHUNK_POINTS as u64;
+        let mut sum = 0.0;
+        for i in 0..n {
+            let v = (i % 977) as f64 * 0.125;
+            sum += v;
+            ts.ingest(0, i as i64, v)
+                .expect("the ingest waits for the room instead of failing");
+        }
+        let stats = ts.stats();
+        assert_eq!((stats.refusals, stats.stalls), (1, 1), "{stats:?}");
+        // It went on only once the query engine released, 300 ms on.
+        assert!(stats.stalled_micros >= 250_000, "{stats:?}");
+        ts.flush().unwrap();
+        assert_eq!(ts.verify().unwrap(), (n, sum));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

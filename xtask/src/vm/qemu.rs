@@ -273,6 +273,14 @@ fn boot(
                         Ok(()) => eprintln!("    the guest's {log} log: {}", file.display()),
                         Err(e) => eprintln!("    writing {}: {e}", file.display()),
                     }
+                    // A workload's last lines say why it exited non-zero;
+                    // printed, so a CI log that keeps no files still has
+                    // them.
+                    if log.ends_with("-workload") {
+                        for line in console_tail(&json, 12).lines() {
+                            eprintln!("      | {line}");
+                        }
+                    }
                     continue;
                 }
                 match serde_json::from_str::<serde_json::Value>(&json) {

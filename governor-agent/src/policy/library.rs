@@ -1007,18 +1007,14 @@ impl Library {
     /// Nothing the round sends depends on the cap in between: a spill's
     /// target is in bytes, and a pressure level is the engine's.
     fn coalesce_limits(&mut self, from: usize, out: &mut Vec<ToLibrary>) {
-        let limits_of = |m: &ToLibrary| match m {
-            ToLibrary::Limits { engine, .. } => Some(engine.clone()),
-            _ => None,
-        };
         let mut later = std::collections::BTreeSet::new();
         let mut keep = vec![true; out.len() - from];
         for (i, m) in out[from..].iter().enumerate().rev() {
-            if let Some(engine) = limits_of(m)
-                && !later.insert(engine.clone())
+            if let ToLibrary::Limits { engine, .. } = m
+                && !later.insert(engine.as_str())
             {
                 keep[i] = false;
-                if let Some(e) = self.engines.get_mut(&engine) {
+                if let Some(e) = self.engines.get_mut(engine.as_str()) {
                     e.counters.limit_changes -= 1;
                 }
             }

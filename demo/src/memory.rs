@@ -94,6 +94,38 @@ impl Block {
         })
     }
 
+    /// Maps `len` bytes of private anonymous memory at `addr`, over what
+    /// was mapped there (a `PROT_NONE` reservation of the caller's), and
+    /// touches them on the calling thread.
+    ///
+    /// # Safety
+    /// `addr..addr+len` must be page aligned and mapped by the caller for
+    /// this purpose (nothing else may use it).
+    pub unsafe fn new_at(addr: usize, len: usize) -> std::io::Result<Self> {
+        // SAFETY: the caller's reservation, replaced in place.
+        let p = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let block = Self {
+            ptr: NonNull::new(p as *mut u8).expect("MAP_FIXED at a non-null address"),
+            len,
+            kind: Kind::Anon,
+            resident: true,
+        };
+        block.touch();
+        Ok(block)
+    }
+
     /// Touches every page, on the calling thread.
     pub fn fault_in(&mut self) {
         self.touch();

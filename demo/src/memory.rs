@@ -126,6 +126,18 @@ impl Block {
         Ok(block)
     }
 
+    /// Asks for transparent huge pages (`MADV_HUGEPAGE`): where a whole
+    /// aligned 2 MiB of the block is faulted in at once, one fault brings
+    /// it all, as under the kernel's `always` setting.
+    pub fn advise_huge_pages(&self) -> std::io::Result<()> {
+        // SAFETY: advice on the block's own mapping.
+        let r = unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, libc::MADV_HUGEPAGE) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Touches every page, on the calling thread.
     pub fn fault_in(&mut self) {
         self.touch();

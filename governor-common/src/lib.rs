@@ -465,6 +465,8 @@ pub struct ReleaseCtx {
     pub owner_node: u32,
     /// Length of the range in bytes (munmap: mapped bytes go away).
     pub len: u64,
+    /// Where the range starts (munmap: its regions' owners are dropped).
+    pub addr: u64,
 }
 
 /// Per-thread state between a syscall's entry and exit.

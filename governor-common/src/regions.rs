@@ -128,6 +128,31 @@ impl RegionOwners {
         }
     }
 
+    /// The value once the units `first..=last` are unmapped: an engine
+    /// all of whose units went is dropped ([`Self::EMPTY`] when both
+    /// went), so that memory mapped there again starts with no owner and
+    /// its first fault (one for a whole huge page) owns it.
+    pub const fn released(self, first: u32, last: u32) -> Self {
+        if first == 0 && last == UNITS - 1 {
+            return Self::EMPTY;
+        }
+        if self.other == NONE {
+            return self;
+        }
+        let (lo, hi) = self.span();
+        let other_gone = first <= lo && hi <= last;
+        // The owner's units are those below the span and above it.
+        let below = lo == 0 || (first == 0 && last + 1 >= lo);
+        let above = hi == UNITS - 1 || (last == UNITS - 1 && first <= hi + 1);
+        let owner_gone = below && above;
+        match (owner_gone, other_gone) {
+            (true, true) => Self::EMPTY,
+            (true, false) => Self::sole(self.other),
+            (false, true) => Self::sole(self.owner),
+            (false, false) => self,
+        }
+    }
+
     /// How many of the units `first..=last` each engine holds: the owner's
     /// and the second engine's ([`NONE`] and 0 when there is none).
     pub const fn split(&self, first: u32, last: u32) -> [(u32, u32); 2] {
@@ -219,6 +244,34 @@ mod tests {
         assert_eq!(v.span(), (9, 10));
         let v = faults(v, A, [10, 9].into_iter());
         assert_eq!(v, RegionOwners::sole(A));
+    }
+
+    #[test]
+    fn an_unmap_drops_the_engines_whose_units_all_went() {
+        let v = faults(RegionOwners::EMPTY, A, 0..16);
+        let v = faults(v, B, 16..UNITS);
+        // B's blocks (the upper half) unmapped: A's alone.
+        assert_eq!(v.released(16, 31), RegionOwners::sole(A));
+        assert_eq!(v.released(10, 31), RegionOwners::sole(A));
+        // A's (the lower half): B's alone.
+        assert_eq!(v.released(0, 15), RegionOwners::sole(B));
+        // Part of each: both stay.
+        assert_eq!(v.released(8, 20), v);
+        // All of it: nobody's, and the next fault, a huge page's perhaps,
+        // owns all of it.
+        assert_eq!(v.released(0, 31), RegionOwners::EMPTY);
+        assert_eq!(
+            RegionOwners::after_fault(v.released(0, 31), C, 7),
+            RegionOwners::sole(C)
+        );
+        // A span in the middle: the owner holds both sides.
+        let m = faults(faults(RegionOwners::EMPTY, A, 0..UNITS), B, 8..12);
+        assert_eq!(m.released(8, 11), RegionOwners::sole(A));
+        assert_eq!(m.released(0, 20), RegionOwners::sole(A));
+        assert_eq!(m.released(0, 7), m);
+        // One engine's region, partly unmapped: still its own.
+        let a = RegionOwners::sole(A);
+        assert_eq!(a.released(3, 9), a);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use nodedb_governor_common::{
 use crate::{
     counters::{add_mapped, insert_or_count, page_align},
     identity::{identity, ids},
-    maps::{REGIONS, RELEASING},
+    maps::{REGION_CACHE, REGIONS, RELEASING},
     record::{offsets, read_arg, read_ret},
 };
 
@@ -136,6 +136,7 @@ pub fn begin_release(addr: u64, len: u64) -> Result<u32, u32> {
         owner_slot,
         owner_node,
         len,
+        addr,
     };
     insert_or_count(
         RELEASING.insert(tid, ctx, 0),
@@ -201,7 +202,80 @@ fn try_sys_exit_munmap(ctx: &TracePointContext) -> Result<u32, u32> {
         slot
     };
     add_mapped(owner, -(page_align(rel.len) as i64));
+    forget_regions(rel.addr, page_align(rel.len));
     Ok(0)
+}
+
+/// Regions between an unmapped range's ends whose owners are dropped (2
+/// GiB); past them, they are left to be taken over by their next faults.
+const FORGET_REGIONS: u64 = 1024;
+
+/// `[addr, addr + len)` was unmapped: its units are nobody's now (see
+/// `RegionOwners::released`). Memory mapped there again then starts with
+/// no owner, and its first fault owns its region: a huge page's one fault
+/// brings a whole region in, which a unit-by-unit takeover from a stale
+/// owner would leave to the engine that unmapped it.
+#[inline(always)]
+fn forget_regions(addr: u64, len: u64) {
+    if len == 0 {
+        return;
+    }
+    let (tgid, _) = ids();
+    let end = addr + len - 1;
+    let first = addr >> REGION_SHIFT;
+    let last = end >> REGION_SHIFT;
+    let hi = if first == last {
+        RegionOwners::unit(end)
+    } else {
+        UNITS - 1
+    };
+    forget_units(tgid, first, RegionOwners::unit(addr), hi);
+    if last == first {
+        return;
+    }
+    forget_units(tgid, last, 0, RegionOwners::unit(end));
+    let mut key = RegionKey {
+        tgid,
+        _pad: 0,
+        region: first,
+    };
+    for i in 0..FORGET_REGIONS {
+        key.region = first + 1 + i;
+        if key.region >= last {
+            break;
+        }
+        let _ = REGIONS.remove(key);
+    }
+    // This CPU's cache may name one of them as the running slot's: its
+    // next fault there must record it again.
+    if let Some(cache) = REGION_CACHE.get_ptr_mut(0) {
+        // SAFETY: this CPU's entry of a live per-CPU map; one aligned store.
+        unsafe { core::ptr::write_volatile(&raw mut (*cache).word, 0) };
+    }
+}
+
+/// The units `lo..=hi` of `region` were unmapped.
+#[inline(always)]
+fn forget_units(tgid: u32, region: u64, lo: u32, hi: u32) {
+    let key = RegionKey {
+        tgid,
+        _pad: 0,
+        region,
+    };
+    // SAFETY: copy out of the map value.
+    let v = match unsafe { REGIONS.get(key) } {
+        Some(v) => *v,
+        None => return,
+    };
+    let next = v.released(lo, hi);
+    if next == RegionOwners::EMPTY {
+        let _ = REGIONS.remove(key);
+    } else if next != v {
+        insert_or_count(
+            REGIONS.insert(key, next, 0),
+            kernel_event::REGIONS_INSERT_FAILED,
+        );
+    }
 }
 
 // name: sys_enter_madvise

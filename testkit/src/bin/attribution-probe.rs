@@ -140,7 +140,14 @@ fn execute(
             // One engine's thread maps, another's faults the pages in
             // (a buffer pool handing out its reservation).
             let len = mib(n)?;
-            let mut block = engine(mapper)?.on(0, move || Block::reserve(len))?;
+            // Huge pages where the kernel allows them (its `always`
+            // setting gives them to every mapping; here, asked for): one
+            // fault brings a whole region in.
+            let mut block = engine(mapper)?.on(0, move || -> std::io::Result<Block> {
+                let block = Block::reserve(len)?;
+                block.advise_huge_pages()?;
+                Ok(block)
+            })?;
             let block = engine(user)?.on(0, move || {
                 block.fault_in();
                 block

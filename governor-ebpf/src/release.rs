@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// Regions between a released range's ends sampled to find its owner.
-const OWNER_SAMPLES: u64 = 62;
+const OWNER_SAMPLES: u64 = 30;
 /// Distinct owners tallied per range.
 const OWNER_CANDIDATES: usize = 4;
 
@@ -27,7 +27,7 @@ const OWNER_CANDIDATES: usize = 4;
 /// `nodedb_governor_common::regions`). Mappings are not 2 MiB aligned, so
 /// a range's end regions are often shared with its neighbours: there each
 /// unit of the range goes to the engine that faulted it, which keeps a
-/// neighbour from taking the release. Between them, up to 62 regions
+/// neighbour from taking the release. Between them, up to 30 regions
 /// spread evenly over the range each give all their units to the engine
 /// holding most of them. The node is that of the winner's first region
 /// seen.

@@ -80,3 +80,7 @@ pub static MARK_EVENTS: RingBuf = RingBuf::with_byte_size(64 << 10, 0);
 #[map]
 pub static KERNEL_EVENTS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(nodedb_governor_common::kernel_event::COUNT, 0);
+/// The release vote's tally, one per CPU (see `release::Votes`). Not
+/// pinned: it holds nothing between two programs' runs.
+#[map]
+pub static VOTES: PerCpuArray<crate::release::Votes> = PerCpuArray::with_max_entries(1, 0);

@@ -12,7 +12,7 @@ use nodedb_governor_common::{
 use crate::{
     counters::{add_mapped, insert_or_count, page_align},
     identity::{identity, ids},
-    maps::{REGION_CACHE, REGIONS, RELEASING},
+    maps::{REGION_CACHE, REGIONS, RELEASING, VOTES},
     record::{offsets, read_arg, read_ret},
 };
 
@@ -33,14 +33,16 @@ const OWNER_CANDIDATES: usize = 4;
 /// seen.
 #[inline(always)]
 pub fn region_owner(tgid: u32, addr: u64, len: u64) -> (u32, u32) {
+    let Some(votes) = VOTES.get_ptr_mut(0) else {
+        return (NO_SLOT, NO_NODE);
+    };
+    // SAFETY: this CPU's entry of a live per-CPU map, used by one program
+    // at a time (classic tracepoint programs do not nest on a CPU).
+    let votes = unsafe { &mut *votes };
+    *votes = Votes::EMPTY;
     let end = addr + len.max(1) - 1;
     let first = addr >> REGION_SHIFT;
     let last = end >> REGION_SHIFT;
-    let mut votes = Votes {
-        slots: [NO_SLOT; OWNER_CANDIDATES],
-        nodes: [NO_NODE; OWNER_CANDIDATES],
-        units: [0; OWNER_CANDIDATES],
-    };
     let mut key = RegionKey {
         tgid,
         _pad: 0,
@@ -87,13 +89,27 @@ pub fn region_owner(tgid: u32, addr: u64, len: u64) -> (u32, u32) {
 }
 
 /// A release's vote: up to `OWNER_CANDIDATES` engines and their units.
-struct Votes {
+///
+/// Kept in a per-CPU map ([`VOTES`]), not on the stack: the verifier
+/// tracks a stack tally's values exactly, and every candidate filled or
+/// not in every sampled region is a state of its own (with 30 samples,
+/// 6.1's verifier processed some 577,000 instructions for `munmap`'s
+/// program; at 62 it refused it, past 1,000,000). Values in a map are
+/// just numbers to it, so the loop's states prune.
+#[repr(C)]
+pub struct Votes {
     slots: [u32; OWNER_CANDIDATES],
     nodes: [u32; OWNER_CANDIDATES],
     units: [u32; OWNER_CANDIDATES],
 }
 
 impl Votes {
+    const EMPTY: Self = Self {
+        slots: [NO_SLOT; OWNER_CANDIDATES],
+        nodes: [NO_NODE; OWNER_CANDIDATES],
+        units: [0; OWNER_CANDIDATES],
+    };
+
     #[inline(always)]
     fn add(&mut self, packed: u32, units: u32) {
         if packed == NONE || units == 0 {

@@ -94,6 +94,50 @@ impl Block {
         })
     }
 
+    /// Maps `len` bytes of private anonymous memory at `addr`, over what
+    /// was mapped there (a `PROT_NONE` reservation of the caller's), and
+    /// touches them on the calling thread.
+    ///
+    /// # Safety
+    /// `addr..addr+len` must be page aligned and mapped by the caller for
+    /// this purpose (nothing else may use it).
+    pub unsafe fn new_at(addr: usize, len: usize) -> std::io::Result<Self> {
+        // SAFETY: the caller's reservation, replaced in place.
+        let p = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let block = Self {
+            ptr: NonNull::new(p as *mut u8).expect("MAP_FIXED at a non-null address"),
+            len,
+            kind: Kind::Anon,
+            resident: true,
+        };
+        block.touch();
+        Ok(block)
+    }
+
+    /// Asks for transparent huge pages (`MADV_HUGEPAGE`): where a whole
+    /// aligned 2 MiB of the block is faulted in at once, one fault brings
+    /// it all, as under the kernel's `always` setting.
+    pub fn advise_huge_pages(&self) -> std::io::Result<()> {
+        // SAFETY: advice on the block's own mapping.
+        let r = unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, libc::MADV_HUGEPAGE) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Touches every page, on the calling thread.
     pub fn fault_in(&mut self) {
         self.touch();

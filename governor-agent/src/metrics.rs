@@ -456,10 +456,21 @@ pub fn render(snapshot: &Snapshot, alive: Liveness) -> prometheus::Result<String
                 &["program"],
             )?;
             r.register(Box::new(time.clone()))?;
+            let verified = IntGaugeVec::new(
+                Opts::new(
+                    "nodedb_governor_bpf_program_verified_instructions",
+                    "Instructions the kernel's verifier processed to load the program (limit 1,000,000)",
+                ),
+                &["program"],
+            )?;
+            r.register(Box::new(verified.clone()))?;
             for p in &status.programs {
                 runs.with_label_values(&[&p.name]).inc_by(p.run_count);
                 time.with_label_values(&[&p.name])
                     .inc_by(p.run_time_ns as f64 / 1e9);
+                if let Some(n) = p.verified_insns {
+                    verified.with_label_values(&[&p.name]).set(i64::from(n));
+                }
             }
         }
         plain(

@@ -11,6 +11,7 @@
 #![no_std]
 
 pub mod names;
+pub mod regions;
 
 /// Number of slots in the per-CPU statistics array.
 pub const MAX_SLOTS: u32 = 1024;
@@ -70,9 +71,10 @@ pub const NO_SLOT: u32 = u32::MAX;
 /// No node: where a released range was faulted in is not known.
 pub const NO_NODE: u32 = u32::MAX;
 
-/// A `REGIONS` value: the slot that owns the region, and the NUMA node of
-/// the CPU that faulted it in (so a release, whichever CPU makes it, is
-/// taken off the node its pages were counted on).
+/// An engine in a `REGIONS` value ([`regions::RegionOwners`]): its slot,
+/// and the NUMA node of the CPU that faulted its part of the region in (so
+/// a release, whichever CPU makes it, is taken off the node its pages were
+/// counted on).
 pub mod region_owner {
     pub const fn pack(slot: u32, node: u32) -> u32 {
         (slot & 0xffff) | ((node & 0xff) << 16)
@@ -327,9 +329,9 @@ pub mod identity {
 /// A fault is taken for one of two reasons the tracepoint cannot tell
 /// apart: to bring a page in, and so take the region for the faulting
 /// slot, or (NUMA balancing) to sample which node uses a page already
-/// there, which changes nothing. A fault that gives a region another owner
-/// leaves the change here, with the thread and its count of finished
-/// faults; a hinting fault (the `task_numa_fault` program) hands the region
+/// there, which changes nothing. A fault that gives a region (or part of
+/// one, see [`regions`]) to another slot leaves the change here, with the thread and its count of finished
+/// faults; a hinting fault (the `task_numa_fault` program) puts the value
 /// back if it is that same fault: the same thread, on this CPU, with the
 /// same count (the kernel counts a fault when it finishes, so any later
 /// fault, from user or kernel mode, sees a larger one). Without this, a
@@ -348,22 +350,41 @@ pub struct RegionCache {
     pub word: u64,
     /// The thread whose fault gave a region a new owner, or 0.
     pub moved_tid: u32,
-    /// The slot that owned the region before.
-    pub moved_from: u32,
+    pub _pad: u32,
     /// The region (address >> [`REGION_SHIFT`]).
     pub moved_region: u64,
     /// The thread's finished faults (`min_flt + maj_flt`) when it faulted.
     pub moved_faults: u64,
+    /// What the region's value was before.
+    pub moved_from: regions::RegionOwners,
+    pub _pad2: u32,
 }
 
 /// The word of [`RegionCache::word`]: bit 63 valid, bits 53..63 slot,
-/// bits 0..53 region number.
+/// bits 47..53 the unit (its number + 1; 0: the whole region, when it is
+/// the slot's alone), bits 0..47 region number (a 57-bit address space
+/// has 2^36 regions).
 pub mod region_cache {
     const SLOT_SHIFT: u32 = 53;
-    const REGION_MASK: u64 = (1 << 53) - 1;
+    const UNIT_SHIFT: u32 = 47;
+    const REGION_MASK: u64 = (1 << UNIT_SHIFT) - 1;
 
-    pub const fn pack(slot: u32, region: u64) -> u64 {
-        super::identity::VALID | ((slot as u64 & 0x3ff) << SLOT_SHIFT) | (region & REGION_MASK)
+    /// The word for a fault by `slot` in `region`: `unit` is `None` when
+    /// the region is the slot's alone (any unit of it matches).
+    pub const fn pack(slot: u32, region: u64, unit: Option<u32>) -> u64 {
+        let unit = match unit {
+            Some(u) => (u as u64 & 0x1f) + 1,
+            None => 0,
+        };
+        super::identity::VALID
+            | ((slot as u64 & 0x3ff) << SLOT_SHIFT)
+            | (unit << UNIT_SHIFT)
+            | (region & REGION_MASK)
+    }
+
+    /// Whether `word` is of `slot` in `region`, whatever its unit.
+    pub const fn is_of(word: u64, slot: u32, region: u64) -> bool {
+        word & !(0x3f << UNIT_SHIFT) == pack(slot, region, None)
     }
 }
 
@@ -393,11 +414,23 @@ mod tests {
     }
 
     #[test]
-    fn region_words_differ_by_slot_and_region() {
-        let a = region_cache::pack(3, 1 << 26);
-        assert_ne!(a, region_cache::pack(4, 1 << 26));
-        assert_ne!(a, region_cache::pack(3, (1 << 26) + 1));
+    fn region_words_differ_by_slot_region_and_unit() {
+        let r = 1 << 35;
+        let a = region_cache::pack(3, r, None);
+        assert_ne!(a, region_cache::pack(4, r, None));
+        assert_ne!(a, region_cache::pack(3, r + 1, None));
         assert_ne!(a, 0);
+        let units: [u64; 3] = [0, 5, 31].map(|u| region_cache::pack(3, r, Some(u)));
+        assert!(
+            units
+                .iter()
+                .all(|&w| w != a && region_cache::is_of(w, 3, r))
+        );
+        assert_ne!(units[0], units[1]);
+        assert_ne!(units[1], units[2]);
+        assert!(region_cache::is_of(a, 3, r));
+        assert!(!region_cache::is_of(units[1], 4, r));
+        assert!(!region_cache::is_of(units[1], 3, r + 1));
     }
 }
 
@@ -432,6 +465,8 @@ pub struct ReleaseCtx {
     pub owner_node: u32,
     /// Length of the range in bytes (munmap: mapped bytes go away).
     pub len: u64,
+    /// Where the range starts (munmap: its regions' owners are dropped).
+    pub addr: u64,
 }
 
 /// Per-thread state between a syscall's entry and exit.
@@ -476,6 +511,8 @@ mod pod {
     unsafe impl aya::Pod for super::MmState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RegionKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::regions::RegionOwners {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ReleaseCtx {}
     // SAFETY: as above.

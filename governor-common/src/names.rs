@@ -28,6 +28,7 @@ pub mod map {
     pub const MARK_TOTALS: &str = "MARK_TOTALS";
     pub const MARK_EVENTS: &str = "MARK_EVENTS";
     pub const KERNEL_EVENTS: &str = "KERNEL_EVENTS";
+    pub const VOTES: &str = "VOTES";
 
     /// Every map in the object.
     pub const ALL: &[&str] = &[
@@ -49,6 +50,7 @@ pub mod map {
         MARK_TOTALS,
         MARK_EVENTS,
         KERNEL_EVENTS,
+        VOTES,
     ];
 }
 

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use nodedb_governor_common::{
     CgroupKey, FileKey, FileOwner, MAX_ENGINE_CGROUPS, MAX_FILES, MAX_PROCS, MAX_REGIONS,
     MAX_SLOTS, MAX_TIDS, MmState, PendingMap, ProcInfo, RegionCache, RegionKey, ReleaseCtx,
-    SlotMark, SlotStats,
+    SlotMark, SlotStats, regions::RegionOwners,
 };
 
 #[map]
@@ -30,7 +30,8 @@ pub static MM_STATES: Array<MmState> = Array::with_max_entries(MAX_PROCS, 0);
 #[map]
 pub static MM_BY_PTR: HashMap<u64, u32> = HashMap::with_max_entries(MAX_PROCS, 0);
 #[map]
-pub static REGIONS: LruHashMap<RegionKey, u32> = LruHashMap::with_max_entries(MAX_REGIONS, 0);
+pub static REGIONS: LruHashMap<RegionKey, RegionOwners> =
+    LruHashMap::with_max_entries(MAX_REGIONS, 0);
 #[map]
 pub static RELEASING: HashMap<u32, ReleaseCtx> = HashMap::with_max_entries(MAX_TIDS, 0);
 #[map]
@@ -79,3 +80,7 @@ pub static MARK_EVENTS: RingBuf = RingBuf::with_byte_size(64 << 10, 0);
 #[map]
 pub static KERNEL_EVENTS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(nodedb_governor_common::kernel_event::COUNT, 0);
+/// The release vote's tally, one per CPU (see `release::Votes`). Not
+/// pinned: it holds nothing between two programs' runs.
+#[map]
+pub static VOTES: PerCpuArray<crate::release::Votes> = PerCpuArray::with_max_entries(1, 0);

@@ -8,7 +8,7 @@
 //! `nodedb_governor_common::RegionCache`, and its limits).
 
 use aya_ebpf::{macros::fentry, programs::FEntryContext};
-use nodedb_governor_common::{RegionKey, kernel_event, region_cache, region_owner};
+use nodedb_governor_common::{RegionKey, kernel_event, region_cache};
 
 use crate::{
     counters::{add_u64, insert_or_count, stats},
@@ -56,7 +56,7 @@ fn try_task_numa_fault() -> Result<u32, u32> {
         region,
     };
     // SAFETY: copy out of the map value.
-    if unsafe { REGIONS.get(key) }.map(|&v| region_owner::slot(v)) == Some(me.slot) {
+    if unsafe { REGIONS.get(key) }.is_some_and(|v| v.holds(me.slot)) {
         insert_or_count(
             REGIONS.insert(key, from, 0),
             kernel_event::REGIONS_INSERT_FAILED,
@@ -68,7 +68,7 @@ fn try_task_numa_fault() -> Result<u32, u32> {
     }
     // SAFETY: as above; the next fault of this slot there looks again.
     unsafe {
-        if core::ptr::read_volatile(&(*cache).word) == region_cache::pack(me.slot, region) {
+        if region_cache::is_of(core::ptr::read_volatile(&(*cache).word), me.slot, region) {
             core::ptr::write_volatile(&raw mut (*cache).word, 0);
         }
     }

@@ -392,6 +392,26 @@ fn accuracy_with_tid_identity() {
     scenario(&att, &mut probe);
 }
 
+#[test]
+fn blocks_sharing_regions_with_another_engine_s_are_released_from_their_owner() {
+    if skip_unless_privileged("interleaved blocks") {
+        return;
+    }
+    // Two engines' 2 MiB blocks alternate, none 2 MiB aligned: every
+    // region holds the end of one engine's block and the start of the
+    // other's, and the region's last faulter is the block below. A release
+    // of one engine's blocks must come off that engine, not off the
+    // neighbour that faulted a shared region last.
+    let (att, mut probe) = by_tid(Probe::spawn_with(&["--engines", "vector:1,query:1"]));
+    probe.run("interleave vector query 16");
+    check(&att, &mut probe, "interleaved");
+    probe.run("free vector mmap 32");
+    check(&att, &mut probe, "one engine's blocks unmapped");
+    probe.run("interleave query vector 16");
+    probe.run("free query mmap 64");
+    check(&att, &mut probe, "the other's unmapped");
+}
+
 /// The programs loaded, and `probe`'s engines told apart by the TID map.
 fn by_tid(probe: Probe) -> (Attribution, Probe) {
     let mut att = Attribution::load(ProgramSet::Full).expect("loading eBPF");

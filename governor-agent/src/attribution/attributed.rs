@@ -96,4 +96,9 @@ pub struct ProgramStats {
     pub name: String,
     pub run_count: u64,
     pub run_time_ns: u64,
+    /// Instructions the verifier processed to accept the program (prog
+    /// info, kernel 5.16 and later): its limit is 1,000,000, so this is
+    /// how close a change to a program came to being refused at load.
+    #[serde(default)]
+    pub verified_insns: Option<u32>,
 }

@@ -229,6 +229,7 @@ impl Attribution {
                     name: name.to_owned(),
                     run_count: info.run_count(),
                     run_time_ns: info.run_time().as_nanos() as u64,
+                    verified_insns: info.verified_instruction_count(),
                 })
             })
             .collect()

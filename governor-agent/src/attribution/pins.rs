@@ -48,7 +48,7 @@ pub(super) fn pinned_layout(
 ) -> [(&'static str, u32, u32, u32); 13] {
     use nodedb_governor_common::{
         FileKey, FileOwner, MAX_ENGINE_CGROUPS, MAX_PROCS, MAX_SLOTS, MmState, PendingMap,
-        ProcInfo, RegionKey, ReleaseCtx, SlotStats,
+        ProcInfo, RegionKey, ReleaseCtx, SlotStats, regions::RegionOwners,
     };
     fn sz<T>() -> u32 {
         size_of::<T>() as u32
@@ -65,7 +65,12 @@ pub(super) fn pinned_layout(
         (map::ENGINE_BY_TID, 4, 4, maps.threads),
         (map::MM_STATES, 4, sz::<MmState>(), MAX_PROCS),
         (map::MM_BY_PTR, 8, 4, MAX_PROCS),
-        (map::REGIONS, sz::<RegionKey>(), 4, maps.regions),
+        (
+            map::REGIONS,
+            sz::<RegionKey>(),
+            sz::<RegionOwners>(),
+            maps.regions,
+        ),
         (map::RELEASING, 4, sz::<ReleaseCtx>(), maps.threads),
         (map::PENDING_MMAP, 4, sz::<PendingMap>(), maps.threads),
         (map::BRK, 4, 8, MAX_PROCS),
@@ -84,8 +89,9 @@ pub(super) fn pinned_layout(
 /// smaller values, and are not reused). 3: `SlotStats` counts untracked
 /// page cache, and `FILE_OWNERS` holds each file's bytes. 4: `SlotStats`
 /// holds the per-CPU part of the mark count, `MARK_TOTALS` the rest. 5:
-/// `SlotStats` counts hinting faults and resident bytes per NUMA node.
-const STATE_VERSION: u32 = 5;
+/// `SlotStats` counts hinting faults and resident bytes per NUMA node. 6:
+/// `REGIONS` values hold a second engine and its span of the region.
+const STATE_VERSION: u32 = 6;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SavedProcess {

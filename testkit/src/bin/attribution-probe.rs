@@ -12,6 +12,8 @@
 //! * `read VICTIM BY MILLIS` (a thread of engine BY reads every page of
 //!   VICTIM's anonymous memory, over and over for MILLIS; answers
 //!   `{"passes":N}`)
+//! * `interleave FIRST SECOND N` (N blocks of 2 MiB each, alternating
+//!   between the engines, every 2 MiB region shared by two blocks)
 //! * `pin ENGINE NODE` (the engine's first thread onto NODE's CPUs)
 //! * `nodes`: each engine's resident mapped memory by node, from the
 //!   kernel (`move_pages`): `{"engine":{"node":bytes}}`
@@ -138,12 +140,54 @@ fn execute(
             // One engine's thread maps, another's faults the pages in
             // (a buffer pool handing out its reservation).
             let len = mib(n)?;
-            let mut block = engine(mapper)?.on(0, move || Block::reserve(len))?;
+            // Huge pages where the kernel allows them (its `always`
+            // setting gives them to every mapping; here, asked for): one
+            // fault brings a whole region in.
+            let mut block = engine(mapper)?.on(0, move || -> std::io::Result<Block> {
+                let block = Block::reserve(len)?;
+                block.advise_huge_pages()?;
+                Ok(block)
+            })?;
             let block = engine(user)?.on(0, move || {
                 block.fault_in();
                 block
             });
             engine(user)?.keep(vec![block]);
+        }
+        ["interleave", first, second, n] => {
+            // N blocks of 2 MiB for each engine, alternating, each
+            // starting halfway into a 2 MiB region (mmap does not align
+            // them), so every region holds the end of one engine's block
+            // and the start of the other's; faulted from the highest
+            // address down, the order in which mmap hands addresses out.
+            let n: usize = n.parse()?;
+            const BLOCK: usize = 2 * MIB;
+            let span = (2 * n + 2) * BLOCK;
+            // SAFETY: a fresh reservation at an address of the kernel's
+            // choosing; what the blocks do not replace stays reserved
+            // (never resident) until the probe exits.
+            let base = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    span,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if base == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            let start = (base as usize).next_multiple_of(BLOCK) + BLOCK / 2;
+            for i in (0..2 * n).rev() {
+                let at = start + i * BLOCK;
+                let owner = engine(if i % 2 == 0 { first } else { second })?;
+                // SAFETY: inside the reservation above, used by nothing
+                // else.
+                let block = owner.on(0, move || unsafe { Block::new_at(at, BLOCK) })?;
+                owner.keep(vec![block]);
+            }
         }
         ["read", victim, by, millis] => {
             let blocks = engine(victim)?.take(Kind::Anon, usize::MAX);

@@ -187,6 +187,8 @@ fn main() -> anyhow::Result<()> {
         Ok(json!({"seconds": started.elapsed().as_secs_f64()})),
     );
 
+    checks.record("verifier margin", verifier_margin(&env));
+
     // The ceiling and the own-process engine's high mark, in the kernel.
     let status = env.status()?;
     let domain = PathBuf::from(status["cgroup"].as_str().unwrap_or_default());
@@ -421,6 +423,48 @@ fn main() -> anyhow::Result<()> {
 
 /// With two NUMA nodes or more: `(engine, cpus, node)` of the engine
 /// placed on the first node and of the one placed on the last.
+/// The most instructions the verifier may process for one program before
+/// this check fails: 40% of the kernel's limit (1,000,000), so a change
+/// that brings a program near the limit on some kernel fails here, with
+/// the figures, before an agent on that kernel cannot start.
+const VERIFIER_MARGIN: u64 = 400_000;
+
+/// Every loaded program's verified instruction count, each under
+/// [`VERIFIER_MARGIN`].
+fn verifier_margin(env: &Env) -> anyhow::Result<Value> {
+    let mut programs = Vec::new();
+    wait_until(
+        "the programs in the status",
+        Duration::from_secs(10),
+        || {
+            programs = env.status()?["programs"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            Ok(!programs.is_empty())
+        },
+    )?;
+    let mut counts: Vec<(String, u64)> = programs
+        .iter()
+        .map(|p| {
+            let name = p["name"].as_str().unwrap_or_default().to_owned();
+            match p["verified_insns"].as_u64() {
+                Some(n) => Ok((name, n)),
+                None => Err(anyhow::anyhow!("no verified instruction count for {name}")),
+            }
+        })
+        .collect::<anyhow::Result<_>>()?;
+    counts.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    let over: Vec<_> = counts
+        .iter()
+        .filter(|(_, n)| *n > VERIFIER_MARGIN)
+        .collect();
+    if !over.is_empty() {
+        bail!("over {VERIFIER_MARGIN} verified instructions: {over:?} (all: {counts:?})");
+    }
+    Ok(json!(counts.iter().take(4).collect::<Vec<_>>()))
+}
+
 fn placed_engines() -> anyhow::Result<Vec<(String, String, u32)>> {
     use nodedb_governor_testkit::numa;
     let nodes = numa::online_nodes()?;

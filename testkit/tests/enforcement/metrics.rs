@@ -67,6 +67,24 @@ fn metrics_are_served_over_http() {
         runs(&http_get(&addr, "/metrics")) > first
     });
     assert!(moved, "the run counts move");
+    // How near each program came to the verifier's limit: a figure for
+    // every program the kernel counted, under the limit.
+    let verified: Vec<(&str, u64)> = text
+        .lines()
+        .filter(|l| l.starts_with("nodedb_governor_bpf_program_verified_instructions{"))
+        .filter_map(|l| {
+            let name = l.split('"').nth(1)?;
+            Some((name, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    assert!(
+        verified.iter().any(|(p, _)| *p == "sys_enter_munmap"),
+        "no verified instruction count for sys_enter_munmap in:\n{text}"
+    );
+    assert!(
+        verified.iter().all(|(_, n)| (1..1_000_000).contains(n)),
+        "{verified:?}"
+    );
     for series in [
         format!("nodedb_governor_agent_engine_refusals_total{{engine=\"query\",pid=\"{pid}\"}} 3"),
         format!(

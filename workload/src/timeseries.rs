@@ -15,7 +15,10 @@ use std::{
     fs::File,
     io::{BufRead, Read, Write},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -89,12 +92,37 @@ pub struct TimeseriesStats {
     /// time it then waited for memory to be released (a write stall).
     pub stalls: u64,
     pub stalled_micros: u64,
+    /// Refusals met while a flush was under way, and the time the ingest
+    /// then waited for that flush's releases (instead of flushing its new
+    /// buffers behind it).
+    pub flush_waits: u64,
+    pub flush_waited_micros: u64,
     pub segments: u64,
     pub raw_bytes_flushed: u64,
     pub compressed_bytes: u64,
 }
 
 type Hook = Box<dyn Fn() + Send + Sync>;
+
+/// How long each wait for a flush's releases lasts before the ingest
+/// looks again whether the flush is still under way.
+const FLUSH_WAIT_STEP: Duration = Duration::from_millis(20);
+
+/// A flush under way, counted in `Timeseries::flushing` until dropped.
+struct Flushing<'a>(&'a AtomicU32);
+
+impl<'a> Flushing<'a> {
+    fn start(n: &'a AtomicU32) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Self(n)
+    }
+}
+
+impl Drop for Flushing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 pub struct Timeseries {
     governor: MemoryGovernor,
@@ -106,6 +134,8 @@ pub struct Timeseries {
     /// out other engines' pages. Held by the flush writing.
     out: Mutex<UncachedWriter>,
     stats: Mutex<TimeseriesStats>,
+    /// Flushes under way (taken, not yet written).
+    flushing: AtomicU32,
     /// When each flush a spill request asked for started, and how long it
     /// took (it runs on the caller's thread, not the ingest's).
     spill_flushes: Mutex<Vec<(Instant, Duration)>>,
@@ -123,6 +153,7 @@ impl Timeseries {
             }),
             out: Mutex::new(UncachedWriter::create(path)?),
             stats: Mutex::new(TimeseriesStats::default()),
+            flushing: AtomicU32::new(0),
             spill_flushes: Mutex::new(Vec::new()),
         })
     }
@@ -154,61 +185,106 @@ impl Timeseries {
     }
 
     /// Appends one point to `series`; takes a chunk's reservation when the
-    /// buffers grow by a chunk, flushing first when it is refused.
+    /// buffers grow by a chunk (see [`Self::chunk`]).
     pub fn ingest(&self, series: usize, ts: i64, value: f64) -> std::io::Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let n = st.series.len();
-        let s = &st.series[series % n];
-        if s.chunks.last().is_none_or(|c| c.len() == CHUNK_POINTS) {
-            let bytes = CHUNK_POINTS as u64 * POINT_BYTES;
-            let r = match self.governor.try_reserve(EngineId::Timeseries, bytes) {
-                Ok(r) => r,
-                Err(_) => {
-                    self.stats
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .refusals += 1;
-                    let frozen = st.freeze();
-                    drop(st);
-                    self.write(frozen, false)?;
-                    // The buffers were flushed (and any flush under way
-                    // when this one started is done: one writes at a
-                    // time). A refusal now is the other engines' doing
-                    // (the ceiling, or a NUMA node's part of it, taken
-                    // while the agent spills them) or a cap lowered for a
-                    // moment: the ingest stalls until memory is released,
-                    // as a write stall does, and gives up only after
-                    // `STALL_LIMIT` (or at once if one chunk can never fit).
-                    let r = match self.governor.try_reserve(EngineId::Timeseries, bytes) {
-                        Ok(r) => r,
-                        Err(_) => {
-                            let t0 = Instant::now();
-                            let r = self
-                                .governor
-                                .reserve_timeout(EngineId::Timeseries, bytes, STALL_LIMIT)
-                                .map_err(std::io::Error::other);
-                            let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-                            stats.stalls += 1;
-                            stats.stalled_micros += t0.elapsed().as_micros() as u64;
-                            drop(stats);
-                            r?
-                        }
-                    };
-                    st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                    r
-                }
-            };
+        let i = series % st.series.len();
+        if st.series[i]
+            .chunks
+            .last()
+            .is_none_or(|c| c.len() == CHUNK_POINTS)
+        {
+            let r;
+            (st, r) = self.chunk(st)?;
             st.chunks.push(r);
-            st.series[series % n]
-                .chunks
-                .push(Vec::with_capacity(CHUNK_POINTS));
+            st.series[i].chunks.push(Vec::with_capacity(CHUNK_POINTS));
         }
-        if let Some(c) = st.series[series % n].chunks.last_mut() {
+        if let Some(c) = st.series[i].chunks.last_mut() {
             c.push((ts, value));
         }
         drop(st);
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).points += 1;
         Ok(())
+    }
+
+    /// A new chunk's reservation, and the buffers' lock again. Refused,
+    /// the ingest waits for a flush under way to release what it took
+    /// ([`Self::wait_for_flush`]); with none under way (or none that
+    /// freed enough), it flushes its own buffers and asks again, and then
+    /// stalls until memory is released.
+    fn chunk<'a>(
+        &'a self,
+        st: MutexGuard<'a, State>,
+    ) -> std::io::Result<(MutexGuard<'a, State>, Reservation)> {
+        let bytes = CHUNK_POINTS as u64 * POINT_BYTES;
+        if let Ok(r) = self.governor.try_reserve(EngineId::Timeseries, bytes) {
+            return Ok((st, r));
+        }
+        self.stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refusals += 1;
+        drop(st);
+        let relock = || self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = self.wait_for_flush(bytes) {
+            return Ok((relock(), r));
+        }
+        self.flush_buffers(false)?;
+        // The buffers were flushed (and any flush under way when this one
+        // started is done: one writes at a time). A refusal now is the
+        // other engines' doing (the ceiling, or a NUMA node's part of it,
+        // taken while the agent spills them) or a cap lowered for a
+        // moment: the ingest stalls until memory is released, as a write
+        // stall does, and gives up only after `STALL_LIMIT` (or at once if
+        // one chunk can never fit).
+        let r = match self.governor.try_reserve(EngineId::Timeseries, bytes) {
+            Ok(r) => r,
+            Err(_) => {
+                let t0 = Instant::now();
+                let r = self
+                    .governor
+                    .reserve_timeout(EngineId::Timeseries, bytes, STALL_LIMIT)
+                    .map_err(std::io::Error::other);
+                let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+                stats.stalls += 1;
+                stats.stalled_micros += t0.elapsed().as_micros() as u64;
+                drop(stats);
+                r?
+            }
+        };
+        Ok((relock(), r))
+    }
+
+    /// While a flush is under way (a spill's, on another thread), waits
+    /// for its releases to make room for `bytes`, as a write stall behind
+    /// an immutable memtable does, rather than flushing the new buffers
+    /// behind it: that would hold the ingest until the whole flush is
+    /// written (one flush writes at a time) and leave small segments. The
+    /// flush releases its buffers series by series, so the ingest goes on
+    /// after the first of them. `None` when no flush is under way, when it
+    /// ended without making room, or when the request could never fit.
+    fn wait_for_flush(&self, bytes: u64) -> Option<Reservation> {
+        if self.flushing.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let t0 = Instant::now();
+        let r = loop {
+            let asked = Instant::now();
+            match self
+                .governor
+                .reserve_timeout(EngineId::Timeseries, bytes, FLUSH_WAIT_STEP)
+            {
+                Ok(r) => break Some(r),
+                // Refused at once: it cannot fit, however much is freed.
+                Err(_) if asked.elapsed() < FLUSH_WAIT_STEP / 2 => break None,
+                Err(_) if self.flushing.load(Ordering::Acquire) == 0 => break None,
+                Err(_) => {}
+            }
+        };
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.flush_waits += 1;
+        stats.flush_waited_micros += t0.elapsed().as_micros() as u64;
+        r
     }
 
     /// Compresses `frozen` to disk, series by series, releasing each
@@ -269,12 +345,19 @@ impl Timeseries {
     /// Flushes what is buffered (the end of the run), after any flush
     /// under way.
     pub fn flush(&self) -> std::io::Result<u64> {
+        self.flush_buffers(false)
+    }
+
+    /// Takes every buffer from the ingest and writes it ([`Self::write`]),
+    /// counted as under way from before it takes them until it is written.
+    fn flush_buffers(&self, spill: bool) -> std::io::Result<u64> {
+        let _under_way = Flushing::start(&self.flushing);
         let frozen = self
             .state
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .freeze();
-        self.write(frozen, false)
+        self.write(frozen, spill)
     }
 
     /// Reads every segment back: (points, sum of values), to check nothing
@@ -318,12 +401,7 @@ impl SpillHandler for Timeseries {
 
     fn spill(&self, _target_bytes: u64) -> u64 {
         let started = Instant::now();
-        let frozen = self
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .freeze();
-        let freed = self.write(frozen, true).unwrap_or(0);
+        let freed = self.flush_buffers(true).unwrap_or(0);
         self.spill_flushes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -418,6 +496,102 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Refused while a spill's flush is under way, the ingest waits for
+    /// that flush's releases and keeps its new buffers, rather than
+    /// flushing them behind it: held at the flush's first purge point, the
+    /// ingest waits with its buffers whole, and goes on when the flush
+    /// releases the rest; the spill's is the only flush.
+    #[test]
+    fn a_refused_ingest_waits_for_the_flush_under_way_instead_of_flushing_behind_it() {
+        let dir = std::env::temp_dir().join(format!("nodedb-ts-wait-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        const MIB: u64 = 1 << 20;
+        let budget = Budget::builder(1 << 40)
+            .engine(EngineId::Timeseries, 0, 48 * MIB)
+            .build()
+            .unwrap();
+        let governor = MemoryGovernor::new(budget);
+        let (inside_tx, inside_rx) = mpsc::sync_channel::<()>(1);
+        let (go_tx, go_rx) = mpsc::sync_channel::<()>(1);
+        let (inside_tx, go_rx) = (Mutex::new(Some(inside_tx)), Mutex::new(go_rx));
+        let ts = Arc::new(
+            Timeseries::new(&governor, 8, &dir.join("points.gorilla"))
+                .unwrap()
+                .after_flush(move || {
+                    if let Some(tx) = inside_tx.lock().unwrap().take() {
+                        tx.send(()).unwrap();
+                        go_rx.lock().unwrap().recv().unwrap();
+                    }
+                }),
+        );
+        let point = |i: u64| (i % 977) as f64 * 0.125;
+        // 40 MiB buffered, in eight series of 5 MiB.
+        let first = 40 * MIB / POINT_BYTES;
+        let mut sum = 0.0;
+        for i in 0..first {
+            sum += point(i);
+            ts.ingest((i % 8) as usize, i as i64, point(i)).unwrap();
+        }
+        let spiller = {
+            let ts = ts.clone();
+            std::thread::spawn(move || ts.spill(u64::MAX))
+        };
+        // Held after seven series (35 MiB) are released: the spill still
+        // holds 5 MiB, so 43 MiB of the 48 are left, and the ingest's next
+        // 45 MiB are refused before their end.
+        inside_rx.recv().unwrap();
+        let second = 45 * MIB / POINT_BYTES;
+        let (done_tx, done_rx) = mpsc::channel();
+        {
+            let ts = ts.clone();
+            std::thread::spawn(move || {
+                let mut sum = 0.0;
+                for i in first..first + second {
+                    sum += point(i);
+                    ts.ingest((i % 8) as usize, i as i64, point(i)).unwrap();
+                }
+                done_tx.send(sum).unwrap();
+            });
+        }
+        let waiting = {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if ts.stats().refusals > 0 {
+                    break true;
+                }
+                if Instant::now() > deadline {
+                    break false;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        assert!(waiting, "the ingest was never refused: {:?}", ts.stats());
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            done_rx.try_recv().is_err(),
+            "the ingest went past the budget"
+        );
+        // Waiting with its new buffers whole: it flushed nothing itself.
+        let held = ts.reclaimable_bytes();
+        assert!(
+            held >= 40 * MIB,
+            "the ingest flushed its buffers: {held} left"
+        );
+        go_tx.send(()).unwrap();
+        assert_eq!(spiller.join().unwrap(), first * POINT_BYTES);
+        sum += done_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the ingest went on once the flush released the rest");
+        let stats = ts.stats();
+        assert_eq!((stats.flushes, stats.spill_flushes), (1, 1), "{stats:?}");
+        assert!(stats.flush_waits >= 1 && stats.stalls == 0, "{stats:?}");
+        ts.flush().unwrap();
+        assert_eq!(ts.verify().unwrap(), (first + second, sum));
+        governor.flush_thread_credit();
+        assert_eq!(governor.usage(EngineId::Timeseries).unwrap().used_bytes, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// When the ceiling is still full after the ingest flushed its own
     /// buffers (another engine took the room), the ingest waits for memory
     /// to be released rather than failing, and goes on once it is.
@@ -440,7 +614,7 @@ mod tests {
             .after_flush(move || {
                 // The first flush: the query engine takes all the room the
                 // flush freed, and gives it back 300 ms later.
-                if taken.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                if taken.swap(true, Ordering::Relaxed) {
                     return;
                 }
                 let r = query.try_reserve(EngineId::Query, 2 * chunk).unwrap();

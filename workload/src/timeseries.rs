@@ -9,7 +9,9 @@
 //! uncached writer; one flush writes at a time), and series by series the
 //! buffers' reservations are released and the engine's arena gives the
 //! freed pages back to the kernel (the `after_flush` hook, every 32 MiB
-//! and at the end).
+//! and at the end). A chunk refused while a spill's flush is under way
+//! waits for that flush's releases rather than flushing behind it, as a
+//! write stall behind an immutable memtable does.
 
 use std::{
     fs::File,

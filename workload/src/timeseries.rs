@@ -420,15 +420,21 @@ mod tests {
 
     use super::*;
 
-    /// A spill's flush takes the buffers and lets the ingest go on: while
-    /// the flush is held at its first purge point (32 MiB written), new
-    /// points are buffered, and every point is read back once.
-    #[test]
-    fn the_ingest_goes_on_while_a_spill_flushes_what_it_took() {
-        let dir = std::env::temp_dir().join(format!("nodedb-ts-swap-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+    /// A governor with `cap` bytes for the Timeseries engine, and an
+    /// engine of 8 series whose first `after_flush` call (a spill's first
+    /// purge point, 32 MiB released) says so on the first channel and
+    /// holds the flush until the second one says go.
+    fn held_at_first_purge(
+        cap: u64,
+        file: &Path,
+    ) -> (
+        MemoryGovernor,
+        Arc<Timeseries>,
+        mpsc::Receiver<()>,
+        mpsc::SyncSender<()>,
+    ) {
         let budget = Budget::builder(1 << 40)
-            .engine(EngineId::Timeseries, 0, 1 << 40)
+            .engine(EngineId::Timeseries, 0, cap)
             .build()
             .unwrap();
         let governor = MemoryGovernor::new(budget);
@@ -436,16 +442,27 @@ mod tests {
         let (go_tx, go_rx) = mpsc::sync_channel::<()>(1);
         let (inside_tx, go_rx) = (Mutex::new(Some(inside_tx)), Mutex::new(go_rx));
         let ts = Arc::new(
-            Timeseries::new(&governor, 8, &dir.join("points.gorilla"))
+            Timeseries::new(&governor, 8, file)
                 .unwrap()
                 .after_flush(move || {
-                    // The first call only: the spill's first purge point.
                     if let Some(tx) = inside_tx.lock().unwrap().take() {
                         tx.send(()).unwrap();
                         go_rx.lock().unwrap().recv().unwrap();
                     }
                 }),
         );
+        (governor, ts, inside_rx, go_tx)
+    }
+
+    /// A spill's flush takes the buffers and lets the ingest go on: while
+    /// the flush is held at its first purge point (32 MiB written), new
+    /// points are buffered, and every point is read back once.
+    #[test]
+    fn the_ingest_goes_on_while_a_spill_flushes_what_it_took() {
+        let dir = std::env::temp_dir().join(format!("nodedb-ts-swap-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (governor, ts, inside_rx, go_tx) =
+            held_at_first_purge(1 << 40, &dir.join("points.gorilla"));
         // 40 MiB of points, over the purge point.
         let first = 40 * (1 << 20) / POINT_BYTES;
         let mut sum = 0.0;
@@ -508,24 +525,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("nodedb-ts-wait-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         const MIB: u64 = 1 << 20;
-        let budget = Budget::builder(1 << 40)
-            .engine(EngineId::Timeseries, 0, 48 * MIB)
-            .build()
-            .unwrap();
-        let governor = MemoryGovernor::new(budget);
-        let (inside_tx, inside_rx) = mpsc::sync_channel::<()>(1);
-        let (go_tx, go_rx) = mpsc::sync_channel::<()>(1);
-        let (inside_tx, go_rx) = (Mutex::new(Some(inside_tx)), Mutex::new(go_rx));
-        let ts = Arc::new(
-            Timeseries::new(&governor, 8, &dir.join("points.gorilla"))
-                .unwrap()
-                .after_flush(move || {
-                    if let Some(tx) = inside_tx.lock().unwrap().take() {
-                        tx.send(()).unwrap();
-                        go_rx.lock().unwrap().recv().unwrap();
-                    }
-                }),
-        );
+        let (governor, ts, inside_rx, go_tx) =
+            held_at_first_purge(48 * MIB, &dir.join("points.gorilla"));
         let point = |i: u64| (i % 977) as f64 * 0.125;
         // 40 MiB buffered, in eight series of 5 MiB.
         let first = 40 * MIB / POINT_BYTES;

@@ -98,6 +98,16 @@ fn main() -> anyhow::Result<()> {
     println!("{}", serde_json::to_string(&reply)?);
     std::io::Write::flush(&mut std::io::stdout())?;
     if args.fork_keeper {
+        // The child prints the agent's frames on the same stdout: it waits
+        // for the parent's line first (a byte on this pipe, or its end),
+        // so the reader sees the parent's line second, whatever runs first.
+        let mut printed = [0 as libc::c_int; 2];
+        // SAFETY: `printed` has room for the two descriptors.
+        anyhow::ensure!(
+            unsafe { libc::pipe(printed.as_mut_ptr()) } == 0,
+            "pipe: {}",
+            std::io::Error::last_os_error()
+        );
         // SAFETY: this process has one thread; the child only makes system
         // calls and allocates.
         let child = unsafe { libc::fork() };
@@ -108,8 +118,20 @@ fn main() -> anyhow::Result<()> {
                 serde_json::json!({"parent": std::process::id(), "keeper": child})
             );
             std::io::Write::flush(&mut std::io::stdout())?;
-            // SAFETY: leaving at once, the connection left to the child.
-            unsafe { libc::_exit(0) };
+            // SAFETY: a byte from a live buffer to the pipe's write end;
+            // then leaving at once, the connection left to the child.
+            unsafe {
+                libc::write(printed[1], [1u8].as_ptr().cast(), 1);
+                libc::_exit(0)
+            };
+        }
+        // SAFETY: the pipe's descriptors, this process's own; the read
+        // goes into a live one-byte buffer (a byte, or 0 at the end).
+        unsafe {
+            libc::close(printed[1]);
+            let mut byte = 0u8;
+            libc::read(printed[0], (&raw mut byte).cast(), 1);
+            libc::close(printed[0]);
         }
         let mut w = s.try_clone()?;
         let engine = args.engine.clone();

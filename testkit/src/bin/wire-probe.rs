@@ -103,11 +103,8 @@ fn main() -> anyhow::Result<()> {
         // so the reader sees the parent's line second, whatever runs first.
         let mut printed = [0 as libc::c_int; 2];
         // SAFETY: `printed` has room for the two descriptors.
-        anyhow::ensure!(
-            unsafe { libc::pipe(printed.as_mut_ptr()) } == 0,
-            "pipe: {}",
-            std::io::Error::last_os_error()
-        );
+        let piped = unsafe { libc::pipe(printed.as_mut_ptr()) };
+        anyhow::ensure!(piped == 0, "pipe: {}", std::io::Error::last_os_error());
         // SAFETY: this process has one thread; the child only makes system
         // calls and allocates.
         let child = unsafe { libc::fork() };

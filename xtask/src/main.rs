@@ -127,6 +127,11 @@ enum Task {
         /// and spread in rounds.md, each round's files under round-<k>/.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
         rounds: u32,
+        /// The cache scenario: its timing criteria (p99 during the flush,
+        /// the flush's throughput) reported beside the verdict instead of
+        /// deciding it, as `cargo xtask test` does.
+        #[arg(long)]
+        report_timing: bool,
         /// Arguments for nodedb-workload (sizes), after `--`.
         #[arg(last = true)]
         workload: Vec<String>,
@@ -214,6 +219,7 @@ fn main() -> ExitCode {
             timeout_secs,
             modes,
             rounds,
+            report_timing,
             workload,
         } => setup::setup().and_then(|()| {
             validate::validate(&validate::Options {
@@ -233,6 +239,7 @@ fn main() -> ExitCode {
                 solo_in: None,
                 timeout_secs,
                 rounds,
+                report_timing,
             })
         }),
         Task::Bench { rounds } => setup::setup().and_then(|()| bench::bench(rounds)),

@@ -83,6 +83,11 @@ pub struct Options {
     /// round, its median and its spread (a single run varies by ±0.1 on
     /// this host).
     pub rounds: u32,
+    /// The cache scenario's timing criteria reported beside its verdict
+    /// instead of deciding it (`nodedb-validate --timing reported`):
+    /// `cargo xtask test`, where a timed figure of one run would be a
+    /// timed assertion.
+    pub report_timing: bool,
 }
 
 pub fn validate(opts: &Options) -> anyhow::Result<()> {
@@ -161,6 +166,12 @@ fn run_harness(
         .arg(scratch)
         .args(["--modes", &opts.modes.join(",")])
         .args(["--timeout-secs", &opts.timeout_secs.to_string()])
+        .args(
+            (opts.scenario == Scenario::Cache && opts.report_timing)
+                .then_some(["--timing", "reported"])
+                .into_iter()
+                .flatten(),
+        )
         .args(
             opts.solo_in
                 .as_ref()

@@ -40,11 +40,13 @@
 //! interleaved with them, the flush's throughput at least 0.9 times the
 //! ungoverned run's, and at most 1% of what the flush wrote left in the
 //! page cache (the writer's part: the lock on the index alone would meet
-//! the first two). A failed ungoverned run fails the verdict. Under
-//! `--emulated-timing` (the VM tests, on qemu's TCG) the p99 and the
-//! throughput criteria are reported, not gated: they would judge the
-//! emulator's jitter and its emulated disk's speed from one run to the
-//! next (see `emulated_timing`).
+//! the first two). A failed ungoverned run fails the verdict. The two
+//! timing criteria (p99, throughput) decide only under `--timing gated`
+//! (the default, `cargo xtask validate --scenario cache`); `cargo xtask
+//! test` reports them beside the verdict (`--timing reported`: a timed
+//! figure of one run is a benchmark's, not a test's), and so do the VM
+//! tests (`--timing emulated`: qemu's TCG times the emulator, not the
+//! kernel; see `Args::timing`).
 //!
 //! On a machine of two NUMA nodes or more (the VMs), the mixed scenario's
 //! runs under an agent spread the engines over the nodes (`Spread`), and
@@ -173,16 +175,26 @@ struct Args {
     /// flush alone takes over 1 s.
     #[arg(long, default_value_t = 1000)]
     loan_grace_ms: u64,
-    /// The CPUs' timing is emulated (qemu's TCG): the cache scenario's
-    /// timing criteria are then reported, not gated. Its p99 measures the
-    /// emulator's jitter (p99 of 14 to 24 ms per 2 s window with no flush
-    /// at all, under TCG), not the kernel's; its flush throughput, the
-    /// emulated disk's speed, which varies more from one run to the next
-    /// than the criterion's 10% margin: the same ungoverned flush measured
-    /// 46 to 62 MiB/s in four runs of one boot of the 6.1 VM, and governed
-    /// runs of one configuration 49 to 68 MiB/s across two boots.
-    #[arg(long)]
-    emulated_timing: bool,
+    /// The cache scenario's timing criteria (the p99 in the flush windows
+    /// against the quiet ones, the flush's throughput against the
+    /// ungoverned run's): `gated` (they decide the verdict, as every other
+    /// criterion does), `reported` (in the summary and the report, beside
+    /// the verdict: `cargo xtask test` on the host, since a timed
+    /// criterion of one run is a benchmark, not a test), or `emulated`
+    /// (reported, not gated: the CPUs' timing is emulated, qemu's TCG).
+    /// Under TCG the p99 measures the emulator's jitter (p99 of 14 to 24 ms
+    /// per 2 s window with no flush at all), not the kernel's; the flush
+    /// throughput, the emulated disk's speed, which varies more from one
+    /// run to the next than the criterion's 10% margin: the same
+    /// ungoverned flush measured 46 to 62 MiB/s in four runs of one boot
+    /// of the 6.1 VM, and governed runs of one configuration 49 to 68
+    /// MiB/s across two boots. On the host, the p99 of one run moved from
+    /// 1.10 to 1.35 times between runs of the same code (`.ci/run`s), the
+    /// scheduler's doing, where what the criterion is for (the index's
+    /// pages read back from disk) costs milliseconds and shows in the
+    /// gated criteria too (index resident, major faults).
+    #[arg(long, value_enum, default_value_t = Timing::Gated)]
+    timing: Timing,
     /// Engine placement. The cache scenario's governed run: `auto` puts
     /// the flushing engine on the CPU the scratch disk interrupts and the
     /// vector engine on the others; `none` leaves both to the scheduler, as
@@ -888,7 +900,7 @@ fn main() -> anyhow::Result<()> {
         runs.push(harness.run(mode)?);
     }
     let cache = (harness.args.scenario == Scenario::Cache)
-        .then(|| cache_verdict(&mut runs, harness.args.emulated_timing));
+        .then(|| cache_verdict(&mut runs, harness.args.timing));
     let summary = json!({
         "kernel": kernel,
         "scenario": harness.args.scenario.name(),
@@ -916,7 +928,7 @@ fn main() -> anyhow::Result<()> {
 /// The cache criteria for the governed run, against the ungoverned run of
 /// the same invocation; a governed run that misses one misses its target.
 /// Without both runs there is nothing to judge by (and no verdict).
-fn cache_verdict(runs: &mut [Value], emulated_timing: bool) -> Value {
+fn cache_verdict(runs: &mut [Value], timing: Timing) -> Value {
     let find = |runs: &[Value], mode: &str| runs.iter().position(|r| r["mode"] == mode);
     let (Some(g), Some(u)) = (find(runs, "governed"), find(runs, "ungoverned")) else {
         return Value::Null;
@@ -930,7 +942,7 @@ fn cache_verdict(runs: &mut [Value], emulated_timing: bool) -> Value {
             "why": "the ungoverned run did not complete correctly: nothing to judge against",
         });
     }
-    let mut verdict = judge_cache(&runs[g]["workload"], &runs[u]["workload"], emulated_timing);
+    let mut verdict = judge_cache(&runs[g]["workload"], &runs[u]["workload"], timing);
     if verdict["met"] != true {
         runs[g]["target_met"] = false.into();
     }
@@ -954,15 +966,39 @@ fn evicted(run: &Value, engine: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether the cache scenario's timing criteria decide its verdict
+/// (`nodedb-validate --timing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Timing {
+    /// They decide it, as every other criterion does.
+    Gated,
+    /// Reported beside the verdict: a timed criterion of one run is a
+    /// benchmark's figure, not a test's.
+    Reported,
+    /// Reported beside the verdict: the CPUs' timing is emulated.
+    Emulated,
+}
+
+impl Timing {
+    /// Why a timing criterion does not decide, for the report (None: it
+    /// does).
+    fn why_reported(self) -> Option<&'static str> {
+        match self {
+            Timing::Gated => None,
+            Timing::Reported => Some("a timed figure of one run"),
+            Timing::Emulated => Some("emulated CPUs"),
+        }
+    }
+}
+
 /// Whether a cache criterion decides the verdict: all do, but the timing
-/// ones (latency, throughput) where the CPUs' timing is emulated
-/// (`--emulated-timing`).
-fn gated(criterion: &str, emulated_timing: bool) -> bool {
-    !(emulated_timing
-        && matches!(
+/// ones (latency, throughput) unless `--timing gated`.
+fn gated(criterion: &str, timing: Timing) -> bool {
+    timing == Timing::Gated
+        || !matches!(
             criterion,
             "p99_during_vs_quiet" | "flush_throughput_vs_ungoverned"
-        ))
+        )
 }
 
 /// How far above the quiet windows' p99 the flush windows' may be
@@ -976,7 +1012,7 @@ const P99_SLACK_US: f64 = 100.0;
 
 /// Judges a governed cache run (`g`) against an ungoverned one (`u`):
 /// each criterion with its measured value, its limit and whether it holds.
-fn judge_cache(g: &Value, u: &Value, emulated_timing: bool) -> Value {
+fn judge_cache(g: &Value, u: &Value, timing: Timing) -> Value {
     let during = |r: &Value, k: &str| r["phases"]["during"][k].as_f64();
     let index = g["index_bytes"].as_f64().unwrap_or(0.0);
     let resident = during(g, "min_hot_resident_bytes").unwrap_or(0.0) / index.max(1.0);
@@ -1020,14 +1056,15 @@ fn judge_cache(g: &Value, u: &Value, emulated_timing: bool) -> Value {
     let mut v = json!({
         "met": criteria
             .iter()
-            .all(|c| c.3 || !gated(c.0, emulated_timing)),
+            .all(|c| c.3 || !gated(c.0, timing)),
+        "timing_reported_why": timing.why_reported(),
     });
     for (name, value, limit, ok) in criteria {
         v[name] = json!({
             "value": value,
             "limit": limit,
             "ok": ok,
-            "gated": gated(name, emulated_timing),
+            "gated": gated(name, timing),
         });
     }
     // The problem, as the ungoverned run shows it.
@@ -1350,7 +1387,7 @@ mod tests {
     fn the_cache_criteria_judge_the_governed_run_against_the_ungoverned_one() {
         let ungoverned = cache_run(286, 316, [211, 55_786, 3469], 613.0);
         let good = cache_run(448, 0, [67, 75, 60], 855.0);
-        let v = judge_cache(&good, &ungoverned, false);
+        let v = judge_cache(&good, &ungoverned, Timing::Gated);
         assert_eq!(v["met"], true, "{v:#}");
         assert!((v["ungoverned"]["p99_during_vs_before"].as_f64().unwrap() - 264.4).abs() < 0.1);
         // The p99's limit: 1.2 times the quiet one, or 100 µs above it,
@@ -1366,7 +1403,7 @@ mod tests {
             let v = judge_cache(
                 &cache_run(448, 0, [quiet, during, 150], 855.0),
                 &ungoverned,
-                false,
+                Timing::Gated,
             );
             assert_eq!(
                 v["p99_during_vs_quiet"]["ok"], ok,
@@ -1377,19 +1414,41 @@ mod tests {
         // Under emulated timing the p99 is reported, not gated; the rest
         // still decide.
         let slow = cache_run(448, 0, [67, 181, 60], 855.0);
-        let v = judge_cache(&slow, &ungoverned, true);
+        let v = judge_cache(&slow, &ungoverned, Timing::Emulated);
         assert_eq!(v["p99_during_vs_quiet"]["ok"], false, "{v:#}");
         assert_eq!(v["p99_during_vs_quiet"]["gated"], false, "{v:#}");
         assert_eq!(v["met"], true, "{v:#}");
-        let v = judge_cache(&cache_run(440, 0, [67, 181, 60], 855.0), &ungoverned, true);
+        let v = judge_cache(
+            &cache_run(440, 0, [67, 181, 60], 855.0),
+            &ungoverned,
+            Timing::Emulated,
+        );
         assert_eq!(v["met"], false, "{v:#}");
         // So is the throughput: reported, not gated, under emulation.
         let slow_disk = cache_run(448, 0, [67, 75, 60], 400.0);
-        let v = judge_cache(&slow_disk, &ungoverned, true);
+        let v = judge_cache(&slow_disk, &ungoverned, Timing::Emulated);
         assert_eq!(v["flush_throughput_vs_ungoverned"]["ok"], false, "{v:#}");
         assert_eq!(v["flush_throughput_vs_ungoverned"]["gated"], false, "{v:#}");
         assert_eq!(v["met"], true, "{v:#}");
-        assert_eq!(judge_cache(&slow_disk, &ungoverned, false)["met"], false);
+        assert_eq!(
+            judge_cache(&slow_disk, &ungoverned, Timing::Gated)["met"],
+            false
+        );
+        // `--timing reported` (the host's `cargo xtask test`): the timing
+        // criteria are measured and reported as missed, with why they do
+        // not decide; the index's residency and faults still do.
+        for run in [&slow, &slow_disk] {
+            let v = judge_cache(run, &ungoverned, Timing::Reported);
+            assert_eq!(v["met"], true, "{v:#}");
+            assert_eq!(v["timing_reported_why"], "a timed figure of one run");
+        }
+        let v = judge_cache(&slow, &ungoverned, Timing::Reported);
+        assert_eq!(v["p99_during_vs_quiet"]["ok"], false, "{v:#}");
+        let faulting = cache_run(448, 4, [67, 181, 60], 855.0);
+        let v = judge_cache(&faulting, &ungoverned, Timing::Reported);
+        assert_eq!(v["met"], false, "{v:#}");
+        assert_eq!(v["major_faults_vs_ungoverned"]["gated"], true, "{v:#}");
+        assert!(judge_cache(&slow, &ungoverned, Timing::Gated)["timing_reported_why"].is_null());
         // Each criterion alone fails the run.
         for (bad, criterion) in [
             (cache_run(440, 0, [67, 75, 60], 855.0), "hot_set_resident"),
@@ -1412,7 +1471,7 @@ mod tests {
                 "p99_during_vs_quiet",
             ),
         ] {
-            let v = judge_cache(&bad, &ungoverned, false);
+            let v = judge_cache(&bad, &ungoverned, Timing::Gated);
             assert_eq!(v["met"], false, "{criterion}: {v:#}");
             assert_eq!(v[criterion]["ok"], false, "{criterion}: {v:#}");
         }
@@ -1421,7 +1480,7 @@ mod tests {
             json!({"mode": "governed", "target_met": true, "workload": cache_run(448, 4, [67, 75, 60], 855.0)}),
             json!({"mode": "ungoverned", "target_met": false, "completed": true, "correct": true, "workload": ungoverned}),
         ];
-        assert_eq!(cache_verdict(&mut runs, false)["met"], false);
+        assert_eq!(cache_verdict(&mut runs, Timing::Gated)["met"], false);
         assert_eq!(runs[0]["target_met"], false);
         // A good governed run against a failed ungoverned one: no verdict
         // to pass by.
@@ -1429,7 +1488,7 @@ mod tests {
             json!({"mode": "governed", "target_met": true, "workload": good}),
             json!({"mode": "ungoverned", "completed": false, "correct": false, "workload": null}),
         ];
-        assert_eq!(cache_verdict(&mut runs, false)["met"], false);
+        assert_eq!(cache_verdict(&mut runs, Timing::Gated)["met"], false);
         assert_eq!(runs[0]["target_met"], false);
     }
 }

@@ -152,7 +152,7 @@ pub fn init_script(opts: &Options) -> String {
             CACHE_FLUSH_BY_KERNEL.to_owned(),
             "if [ \"$disk\" = /mnt ]; then".to_owned(),
             format!(
-                "  /bin/nodedb-validate --scenario cache --config /etc/nodedb-cache.toml --out /tmp/validate-cache \\\n    --scratch /mnt --timeout-secs 1800 --modes ungoverned,governed --emulated-timing -- --flush-mib \"$flush\" {}",
+                "  /bin/nodedb-validate --scenario cache --config /etc/nodedb-cache.toml --out /tmp/validate-cache \\\n    --scratch /mnt --timeout-secs 1800 --modes ungoverned,governed --timing emulated -- --flush-mib \"$flush\" {}",
                 VM_CACHE.join(" ")
             ),
             "  echo \"NODEDB-VALIDATE-EXIT cache $?\"".to_owned(),

@@ -70,7 +70,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
 };
 use nodedb_governor_common::{
-    CgroupKey, FileKey, FileOwner, MmState, ProcInfo, SlotMark, SlotStats,
+    CgroupKey, CpuParts, FileKey, FileOwner, MmState, ProcInfo, SlotMark, SlotStats,
 };
 
 pub use attributed::{Attributed, ProcessAttribution, ProgramStats, Reading};
@@ -90,6 +90,9 @@ pub struct Attribution {
     by_cgroup: BpfHashMap<MapData, CgroupKey, u32>,
     by_tid: BpfHashMap<MapData, u32, u32>,
     mm_states: Array<MapData, MmState>,
+    /// Each CPU's view of the per-CPU counter parts, by `mm_index`
+    /// (cleared when an index is given to another process).
+    cpu_parts: PerCpuArray<MapData, CpuParts>,
     mm_by_ptr: BpfHashMap<MapData, u64, u32>,
     free_mm_indexes: Vec<u32>,
     generation: Array<MapData, u64>,

@@ -306,7 +306,21 @@ pub struct CpuParts {
     pub part: [u64; 4],
     /// Each part's value at this CPU's last look, in pages.
     pub seen: [i32; 4],
+    /// Bytes counted on this CPU and not charged yet, per counter: one
+    /// party's (`pending_slot`, on `pending_node`), charged when another
+    /// party's change comes or they pass [`CPU_PENDING_PAGES`] pages, so
+    /// a thread faulting page after page is charged once a batch, as it
+    /// was when only folds moved the count.
+    pub pending: [i64; 4],
+    pub pending_slot: [u32; 4],
+    pub pending_node: [u32; 4],
 }
+
+/// The most pages a CPU holds uncharged per counter of an address space
+/// ([`CpuParts::pending`]): the kernel's own per-CPU batch on a small
+/// machine, so the count lags by no more than the central count alone
+/// did.
+pub const CPU_PENDING_PAGES: i64 = 32;
 
 /// The per-CPU cache of the running thread's identity, packed into one
 /// 64-bit word so that a single store writes it (a program preempted while

@@ -11,10 +11,12 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use nodedb_governor_common::{KernelLayout, MmState, NO_NODE, NO_SLOT, kernel_event, kind};
+use nodedb_governor_common::{
+    CPU_PENDING_PAGES, CpuParts, KernelLayout, MmState, NO_NODE, NO_SLOT, kernel_event, kind,
+};
 
 use crate::{
-    counters::{add_i64, add_resident, add_resident_on, insert_or_count, stats},
+    counters::{add_i64, add_resident_on, insert_or_count, stats},
     identity::{Identity, identity, ids},
     maps::{CPU_BASE, CPU_PARTS, MM_BY_PTR, MM_STATES, RELEASING},
 };
@@ -145,16 +147,18 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<u32, u32> {
     };
     // What this CPU's part moved by (from 6.2): with the total's change,
     // the change's own amount (see `CpuParts`).
-    delta += cpu_part_change(mm as u64, index, member) << page_shift();
+    let (part_change, parts) = cpu_part_change(mm as u64, index, member);
+    delta += part_change << page_shift();
     if delta == 0 {
         return Ok(0);
     }
     let Some(me) = me else {
         // SAFETY: valid map value pointer.
-        add_resident(unsafe { (*state).external_slot }, bucket, delta);
+        let external = unsafe { (*state).external_slot };
+        charge(parts, member, external, bucket, delta, NO_NODE);
         return Ok(0);
     };
-    let mut node = NO_NODE;
+    let (mut slot, mut node) = (me.slot, NO_NODE);
     if delta < 0 {
         // Memory going away inside a release syscall belongs to whoever
         // faulted the range in, not to the thread that released it, and
@@ -164,17 +168,60 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<u32, u32> {
             node = rel.owner_node;
             let owner = rel.owner_slot;
             if owner != NO_SLOT && owner != me.slot {
-                add_resident_on(owner, bucket, delta, node);
+                slot = owner;
                 if let Some(s) = stats(me.slot) {
                     // SAFETY: valid per-CPU map value pointer.
                     unsafe { add_i64(&raw mut (*s).released_for_others_bytes, -delta) };
                 }
-                return Ok(0);
             }
         }
     }
-    add_resident_on(me.slot, bucket, delta, node);
+    charge(parts, member, slot, bucket, delta, node);
     Ok(0)
+}
+
+/// Charges `delta` to `slot` on `node`; where the counters have per-CPU
+/// parts (`parts`), through this CPU's pending bytes for the counter (see
+/// `CpuParts::pending`): held while the same party's changes stay within
+/// the batch, charged when another party's comes.
+#[inline(always)]
+fn charge(
+    parts: Option<*mut CpuParts>,
+    member: u32,
+    slot: u32,
+    bucket: usize,
+    delta: i64,
+    node: u32,
+) {
+    let Some(parts) = parts else {
+        add_resident_on(slot, bucket, delta, node);
+        return;
+    };
+    let m = member as usize & 3;
+    // SAFETY: this CPU's entry of a live per-CPU map, indexes masked.
+    unsafe {
+        let pending = &raw mut (*parts).pending[m];
+        let mut held = core::ptr::read_volatile(pending);
+        if held != 0 {
+            let (was_slot, was_node) = (
+                core::ptr::read_volatile(&raw const (*parts).pending_slot[m]),
+                core::ptr::read_volatile(&raw const (*parts).pending_node[m]),
+            );
+            if was_slot != slot || was_node != node {
+                add_resident_on(was_slot, bucket, held, was_node);
+                held = 0;
+            }
+        }
+        let sum = held + delta;
+        if sum.abs() < CPU_PENDING_PAGES << page_shift() {
+            core::ptr::write_volatile(pending, sum);
+            core::ptr::write_volatile(&raw mut (*parts).pending_slot[m], slot);
+            core::ptr::write_volatile(&raw mut (*parts).pending_node[m], node);
+            return;
+        }
+        core::ptr::write_volatile(pending, 0);
+        add_resident_on(slot, bucket, sum, node);
+    }
 }
 
 /// First counter change of a governed process since registration: checks
@@ -245,19 +292,25 @@ fn this_cpu_offset() -> Option<u64> {
 }
 
 /// How far counter `member`'s part on this CPU moved since this CPU last
-/// looked (pages); 0 where the counters have no per-CPU part (up to 6.1),
-/// and at the first look at an address space on a CPU, which takes the
-/// part as it finds it.
+/// looked (pages), and this CPU's entry for the address space; 0 and none
+/// where the counters have no per-CPU part (up to 6.1). 0 at the first
+/// look at an address space on a CPU, which takes the part as it finds
+/// it.
 #[inline(always)]
-fn cpu_part_change(mm: u64, index: u32, member: u32) -> i64 {
+fn cpu_part_change(mm: u64, index: u32, member: u32) -> (i64, Option<*mut CpuParts>) {
     // SAFETY: read-only data written by the loader.
     let first = unsafe { core::ptr::read_volatile(&LAYOUT.rss_cpu_part[0]) };
     if first == 0 {
-        return 0;
+        return (0, None);
     }
     let Some(parts) = CPU_PARTS.get_ptr_mut(index) else {
-        return 0;
+        return (0, None);
     };
+    (part_change(mm, parts, member), Some(parts))
+}
+
+#[inline(always)]
+fn part_change(mm: u64, parts: *mut CpuParts, member: u32) -> i64 {
     let m = member as usize & 3;
     // SAFETY: this CPU's entry of a live per-CPU map; the helper reads the
     // kernel's memory at addresses from the counter's own per-CPU pointer

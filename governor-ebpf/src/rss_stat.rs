@@ -131,24 +131,26 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<u32, u32> {
             (None, index, MM_STATES.get_ptr_mut(index).ok_or(0u32)?)
         }
     };
-    let bytes = read_counter(mm, member) << page_shift();
-    // SAFETY: `state` is a valid map value pointer. Most events leave the
-    // total where it was (from 6.2 it moves in per-CPU batches), so look
-    // before exchanging.
-    let last = unsafe { &raw mut (*state).last_bytes[bucket] };
-    // SAFETY: as above.
-    let mut delta = if unsafe { core::ptr::read_volatile(last) } == bytes {
-        0
-    } else {
-        // SAFETY: as above; the exchange is atomic so concurrent events on
-        // other CPUs each see a distinct predecessor, and the deltas
-        // telescope.
-        bytes - unsafe { atomic_xchg::<i64, { AtomicOrdering::Relaxed }>(last, bytes) }
-    };
-    // What this CPU's part moved by (from 6.2): with the total's change,
-    // the change's own amount (see `CpuParts`).
-    let (part_change, parts) = cpu_part_change(mm as u64, index, member);
-    delta += part_change << page_shift();
+    // What this CPU's part moved by (from 6.2), and where it stands.
+    let (part_change, parts, part_now) = cpu_part_change(mm as u64, index, member);
+    let mut delta = part_change << page_shift();
+    // The total moves only when a part is folded into it, which leaves
+    // that part at 0: only then (and where there are no parts) is it
+    // read. A change is charged as the change of total + this CPU's part
+    // (see `CpuParts`): its own amount, folded or not.
+    if parts.is_none() || part_now == 0 {
+        let bytes = read_counter(mm, member) << page_shift();
+        // SAFETY: `state` is a valid map value pointer.
+        let last = unsafe { &raw mut (*state).last_bytes[bucket] };
+        // SAFETY: as above.
+        if unsafe { core::ptr::read_volatile(last) } != bytes {
+            // SAFETY: as above; the exchange is atomic so concurrent
+            // events on other CPUs each see a distinct predecessor, and
+            // the deltas telescope.
+            delta +=
+                bytes - unsafe { atomic_xchg::<i64, { AtomicOrdering::Relaxed }>(last, bytes) };
+        }
+    }
     if delta == 0 {
         return Ok(0);
     }
@@ -297,20 +299,22 @@ fn this_cpu_offset() -> Option<u64> {
 /// look at an address space on a CPU, which takes the part as it finds
 /// it.
 #[inline(always)]
-fn cpu_part_change(mm: u64, index: u32, member: u32) -> (i64, Option<*mut CpuParts>) {
+fn cpu_part_change(mm: u64, index: u32, member: u32) -> (i64, Option<*mut CpuParts>, i32) {
     // SAFETY: read-only data written by the loader.
     let first = unsafe { core::ptr::read_volatile(&LAYOUT.rss_cpu_part[0]) };
     if first == 0 {
-        return (0, None);
+        return (0, None, 0);
     }
     let Some(parts) = CPU_PARTS.get_ptr_mut(index) else {
-        return (0, None);
+        return (0, None, 0);
     };
-    (part_change(mm, parts, member), Some(parts))
+    let (change, now) = part_change(mm, parts, member);
+    (change, Some(parts), now)
 }
 
+/// The part's change since this CPU's last look, and its value now.
 #[inline(always)]
-fn part_change(mm: u64, parts: *mut CpuParts, member: u32) -> i64 {
+fn part_change(mm: u64, parts: *mut CpuParts, member: u32) -> (i64, i32) {
     let m = member as usize & 3;
     // SAFETY: this CPU's entry of a live per-CPU map; the helper reads the
     // kernel's memory at addresses from the counter's own per-CPU pointer
@@ -318,7 +322,7 @@ fn part_change(mm: u64, parts: *mut CpuParts, member: u32) -> i64 {
     unsafe {
         if core::ptr::read_volatile(&raw const (*parts).mm) != mm {
             let Some(offset) = this_cpu_offset() else {
-                return 0;
+                return (0, 0);
             };
             for i in 0..4 {
                 let at = core::ptr::read_volatile(&LAYOUT.rss_cpu_part[i]);
@@ -338,16 +342,18 @@ fn part_change(mm: u64, parts: *mut CpuParts, member: u32) -> i64 {
                 core::ptr::write_volatile(&raw mut (*parts).seen[i], value);
             }
             core::ptr::write_volatile(&raw mut (*parts).mm, mm);
-            return 0;
+            // The total is read at a first look: it may have moved since
+            // this CPU's last one.
+            return (0, 0);
         }
         let part = core::ptr::read_volatile(&raw const (*parts).part[m]);
         if part == 0 {
-            return 0;
+            return (0, 0);
         }
         let now = bpf_probe_read_kernel(part as *const i32).unwrap_or(0);
         let seen = &raw mut (*parts).seen[m];
         let change = i64::from(now) - i64::from(core::ptr::read_volatile(seen));
         core::ptr::write_volatile(seen, now);
-        change
+        (change, now)
     }
 }

@@ -277,27 +277,36 @@ pub struct RssLayout {
     pub stride: u32,
     /// Offset of `mm` in `struct task_struct`.
     pub task_mm: u32,
+    /// Offset of the first counter's per-CPU part pointer
+    /// (`percpu_counter.counters`, 6.2+; the others follow at `stride`).
+    pub first_cpu_part: Option<u32>,
 }
 
 /// Finds the RSS counters in `mm_struct`:
 /// * 6.2+: `struct percpu_counter rss_stat[NR_MM_COUNTERS]`; we read each
-///   counter's central `count`, which lags the exact per-CPU sum by at most
-///   `percpu_counter_batch` pages per CPU (see `attribution`);
+///   counter's central `count` and the running CPU's part (`counters`, a
+///   per-CPU pointer), whose changes together are each change's amount
+///   (see `nodedb_governor_common::CpuParts`);
 /// * up to 6.1: `struct mm_rss_stat { atomic_long_t count[NR_MM_COUNTERS]; }`.
 pub fn rss_layout(btf: &Btf) -> Result<RssLayout, AgentError> {
     let mm = btf.struct_id("mm_struct")?;
     let (rss_off, rss_ty) = btf.member(mm, "rss_stat")?;
-    let (first_counter, stride) = if let Some((elem, _n)) = btf.array(rss_ty)? {
-        // percpu_counter[]: value is `count`.
+    let (first_counter, stride, first_cpu_part) = if let Some((elem, _n)) = btf.array(rss_ty)? {
+        // percpu_counter[]: value is `count`, this CPU's part at `counters`.
         let (count_off, _) = btf.member(elem, "count")?;
-        (rss_off + count_off, btf.size_of(elem)?)
+        let (part_off, _) = btf.member(elem, "counters")?;
+        (
+            rss_off + count_off,
+            btf.size_of(elem)?,
+            Some(rss_off + part_off),
+        )
     } else if btf.is_struct(rss_ty)? {
         // mm_rss_stat { atomic_long_t count[]; }
         let (count_off, count_ty) = btf.member(rss_ty, "count")?;
         let (elem, _) = btf
             .array(count_ty)?
             .ok_or_else(|| bad("mm_rss_stat.count is not an array"))?;
-        (rss_off + count_off, btf.size_of(elem)?)
+        (rss_off + count_off, btf.size_of(elem)?, None)
     } else {
         return Err(bad("mm_struct.rss_stat is neither an array nor a struct"));
     };
@@ -312,7 +321,16 @@ pub fn rss_layout(btf: &Btf) -> Result<RssLayout, AgentError> {
         first_counter,
         stride,
         task_mm,
+        first_cpu_part,
     })
+}
+
+/// Offset of `pptrs` in `struct bpf_array` (through its anonymous union
+/// and, from 6.4, `DECLARE_FLEX_ARRAY`'s anonymous struct): where a
+/// per-CPU array map keeps its entries' per-CPU pointers.
+pub fn bpf_array_pptrs(btf: &Btf) -> Result<u32, AgentError> {
+    let array = btf.struct_id("bpf_array")?;
+    Ok(btf.member(array, "pptrs")?.0)
 }
 
 /// Offset of `flags` in `struct task_struct` (the eBPF side tests
@@ -381,7 +399,7 @@ mod tests {
     /// resolved string offset is patched in by `member_words`.
     fn layout_6_2() -> Vec<u8> {
         // strings: 1 mm_struct 2 rss_stat 3 percpu_counter 4 count 5 long
-        //          6 task_struct 7 mm 8 lock
+        //          6 task_struct 7 mm 8 lock 9 counters
         let strings = [
             "mm_struct",
             "rss_stat",
@@ -391,6 +409,7 @@ mod tests {
             "task_struct",
             "mm",
             "lock",
+            "counters",
         ];
         let off = |i: usize| -> u32 {
             1 + strings[..i - 1]
@@ -401,8 +420,14 @@ mod tests {
         let types = vec![
             // 1: long
             (5, KIND_INT << 24, 8, vec![64]),
-            // 2: struct percpu_counter { lock @0 (long), count @8 (long), pad } size 40
-            (3, strukt(2), 40, vec![off(8), 1, 0, off(4), 1, 64]),
+            // 2: struct percpu_counter { lock @0 (long), count @8 (long),
+            //    counters @32 (long: a per-CPU pointer) } size 40
+            (
+                3,
+                strukt(3),
+                40,
+                vec![off(8), 1, 0, off(4), 1, 64, off(9), 1, 256],
+            ),
             // 3: percpu_counter[4]
             (0, KIND_ARRAY << 24, 0, vec![2, 1, 4]),
             // 4: anonymous struct { rss_stat @ 128 bytes }
@@ -422,6 +447,7 @@ mod tests {
         let btf = Btf::parse(&layout_6_2()).expect("parse");
         let l = rss_layout(&btf).expect("layout");
         assert_eq!(l.first_counter, 64 + 128 + 8);
+        assert_eq!(l.first_cpu_part, Some(64 + 128 + 32));
         assert_eq!(l.stride, 40);
         assert_eq!(l.task_mm, 900);
     }
@@ -457,5 +483,19 @@ mod tests {
             l.stride >= 8 && l.first_counter > 0 && l.task_mm > 0,
             "{l:?}"
         );
+        // A per-CPU part where the counters are `percpu_counter`s (6.2+),
+        // and the per-CPU array's pointers the programs find it through.
+        if btf
+            .array(
+                btf.member(btf.struct_id("mm_struct").unwrap(), "rss_stat")
+                    .unwrap()
+                    .1,
+            )
+            .unwrap()
+            .is_some()
+        {
+            assert!(l.first_cpu_part.is_some(), "{l:?}");
+            assert!(bpf_array_pptrs(&btf).expect("bpf_array.pptrs") > 0);
+        }
     }
 }

@@ -274,7 +274,53 @@ pub struct KernelLayout {
     /// [`RegionCache`]).
     pub task_min_flt: u32,
     pub task_maj_flt: u32,
+    /// Offset of each counter's per-CPU part (`percpu_counter.counters`, a
+    /// per-CPU pointer) in `struct mm_struct`, by kernel counter number; 0
+    /// where the counters have no per-CPU part (up to 6.1).
+    pub rss_cpu_part: [u32; 4],
+    /// Offset of `pptrs` (the per-CPU pointers of a per-CPU array's
+    /// entries) in `struct bpf_array`: how the programs find this CPU's
+    /// per-CPU offset (see [`CpuParts`]); 0 if unknown.
+    pub array_pptrs: u32,
+    pub _pad: u32,
 }
+
+/// This CPU's view of one governed address space's per-CPU RSS counter
+/// parts, in the per-CPU `CPU_PARTS` array at the process's `mm_index`
+/// (kernels from 6.2, whose counters are `percpu_counter`s).
+///
+/// A change goes into the CPU's part, and into the counter's total
+/// (`count`) only when the part passes the batch, all of it at once: the
+/// total alone would charge whoever tips the part over with what every
+/// thread of the process left there. So each change is charged as the
+/// change of total + this CPU's part since this CPU's last look: the
+/// change's own amount, whether it folded or not, and the sum over all
+/// changes still telescopes to the counter's exact value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuParts {
+    /// The `struct mm_struct` these are for (0: none yet; another address
+    /// space at this index is looked at afresh).
+    pub mm: u64,
+    /// This CPU's address of each counter's part (an `s32`).
+    pub part: [u64; 4],
+    /// Each part's value at this CPU's last look, in pages.
+    pub seen: [i32; 4],
+    /// Bytes counted on this CPU and not charged yet, per counter: one
+    /// party's (`pending_slot`, on `pending_node`), charged when another
+    /// party's change comes or they pass [`CPU_PENDING_PAGES`] pages, so
+    /// a thread faulting page after page is charged once a batch, as it
+    /// was when only folds moved the count.
+    pub pending: [i64; 4],
+    pub pending_slot: [u32; 4],
+    pub pending_node: [u32; 4],
+}
+
+/// The most pages a CPU holds uncharged per counter of an address space
+/// ([`CpuParts::pending`]): the kernel's own per-CPU batch on a small
+/// machine, so the count lags by no more than the central count alone
+/// did.
+pub const CPU_PENDING_PAGES: i64 = 32;
 
 /// The per-CPU cache of the running thread's identity, packed into one
 /// 64-bit word so that a single store writes it (a program preempted while
@@ -523,6 +569,8 @@ mod pod {
     unsafe impl aya::Pod for super::CgroupKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelLayout {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CpuParts {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FileKey {}
     // SAFETY: as above.

@@ -29,6 +29,8 @@ pub mod map {
     pub const MARK_EVENTS: &str = "MARK_EVENTS";
     pub const KERNEL_EVENTS: &str = "KERNEL_EVENTS";
     pub const VOTES: &str = "VOTES";
+    pub const CPU_PARTS: &str = "CPU_PARTS";
+    pub const CPU_BASE: &str = "CPU_BASE";
 
     /// Every map in the object.
     pub const ALL: &[&str] = &[
@@ -51,6 +53,8 @@ pub mod map {
         MARK_EVENTS,
         KERNEL_EVENTS,
         VOTES,
+        CPU_PARTS,
+        CPU_BASE,
     ];
 }
 

@@ -43,12 +43,6 @@ pub fn add_u64(field: *mut u64, delta: u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, delta) };
 }
 
-/// Adds `delta` to the slot's resident bytes, on the running CPU's node.
-#[inline(always)]
-pub fn add_resident(slot: u32, bucket: usize, delta: i64) {
-    add_resident_on(slot, bucket, delta, NO_NODE);
-}
-
 /// Adds `delta` to the slot's resident bytes, on `node` (`NO_NODE`: the
 /// running CPU's).
 #[inline(always)]

@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use nodedb_governor_common::{
-    CgroupKey, FileKey, FileOwner, MAX_ENGINE_CGROUPS, MAX_FILES, MAX_PROCS, MAX_REGIONS,
+    CgroupKey, CpuParts, FileKey, FileOwner, MAX_ENGINE_CGROUPS, MAX_FILES, MAX_PROCS, MAX_REGIONS,
     MAX_SLOTS, MAX_TIDS, MmState, PendingMap, ProcInfo, RegionCache, RegionKey, ReleaseCtx,
     SlotMark, SlotStats, regions::RegionOwners,
 };
@@ -84,3 +84,13 @@ pub static KERNEL_EVENTS: PerCpuArray<u64> =
 /// pinned: it holds nothing between two programs' runs.
 #[map]
 pub static VOTES: PerCpuArray<crate::release::Votes> = PerCpuArray::with_max_entries(1, 0);
+/// This CPU's view of each governed address space's per-CPU RSS counter
+/// parts (see `nodedb_governor_common::CpuParts`), at its `mm_index`. Not
+/// pinned: a restarted agent's programs look at each part afresh (what
+/// changed in a part meanwhile, at most the batch per CPU, goes uncounted
+/// until it folds).
+#[map]
+pub static CPU_PARTS: PerCpuArray<CpuParts> = PerCpuArray::with_max_entries(MAX_PROCS, 0);
+/// This CPU's per-CPU offset (see `rss_stat::this_cpu_offset`).
+#[map]
+pub static CPU_BASE: PerCpuArray<crate::rss_stat::CpuBase> = PerCpuArray::with_max_entries(1, 0);

@@ -11,12 +11,14 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use nodedb_governor_common::{KernelLayout, MmState, NO_NODE, NO_SLOT, kernel_event, kind};
+use nodedb_governor_common::{
+    CPU_PENDING_PAGES, CpuParts, KernelLayout, MmState, NO_NODE, NO_SLOT, kernel_event, kind,
+};
 
 use crate::{
-    counters::{add_i64, add_resident, add_resident_on, insert_or_count, stats},
+    counters::{add_i64, add_resident_on, insert_or_count, stats},
     identity::{Identity, identity, ids},
-    maps::{MM_BY_PTR, MM_STATES, RELEASING},
+    maps::{CPU_BASE, CPU_PARTS, MM_BY_PTR, MM_STATES, RELEASING},
 };
 
 /// Written by the agent at load time from kernel BTF. The verifier sees
@@ -31,6 +33,9 @@ static LAYOUT: KernelLayout = KernelLayout {
     task_flags: 0,
     task_min_flt: 0,
     task_maj_flt: 0,
+    rss_cpu_part: [0; 4],
+    array_pptrs: 0,
+    _pad: 0,
 };
 
 /// log2 of the kernel's page size, from the same layout.
@@ -112,41 +117,50 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<u32, u32> {
     });
     // SAFETY: `state` is a valid map value pointer.
     let known_mm = own.map(|(_, state)| unsafe { (*state).mm });
-    let (me, state) = match own {
-        Some((me, state)) if known_mm == Some(mm as u64) => (Some(me), state),
+    let (me, index, state) = match own {
+        Some((me, state)) if known_mm == Some(mm as u64) => (Some(me), me.mm_index, state),
         Some((me, state)) if known_mm == Some(0) => {
             learn_mm(mm as u64, me, state)?;
-            (Some(me), state)
+            (Some(me), me.mm_index, state)
         }
         _ => {
             // A change to an address space that is not the running thread's
             // own: reclaim, a remote access, or another process entirely.
             // SAFETY: copy out of the map value.
             let index = unsafe { MM_BY_PTR.get(mm as u64) }.copied().ok_or(0u32)?;
-            (None, MM_STATES.get_ptr_mut(index).ok_or(0u32)?)
+            (None, index, MM_STATES.get_ptr_mut(index).ok_or(0u32)?)
         }
     };
-    let bytes = read_counter(mm, member) << page_shift();
-    // SAFETY: `state` is a valid map value pointer. Most events leave the
-    // counter where it was (from 6.2 the value we read moves in per-CPU
-    // batches), so look before exchanging.
-    let last = unsafe { &raw mut (*state).last_bytes[bucket] };
-    // SAFETY: as above.
-    if unsafe { core::ptr::read_volatile(last) } == bytes {
-        return Ok(0);
+    // What this CPU's part moved by (from 6.2), and where it stands.
+    let (part_change, parts, part_now) = cpu_part_change(mm as u64, index, member);
+    let mut delta = part_change << page_shift();
+    // The total moves only when a part is folded into it, which leaves
+    // that part at 0: only then (and where there are no parts) is it
+    // read. A change is charged as the change of total + this CPU's part
+    // (see `CpuParts`): its own amount, folded or not.
+    if parts.is_none() || part_now == 0 {
+        let bytes = read_counter(mm, member) << page_shift();
+        // SAFETY: `state` is a valid map value pointer.
+        let last = unsafe { &raw mut (*state).last_bytes[bucket] };
+        // SAFETY: as above.
+        if unsafe { core::ptr::read_volatile(last) } != bytes {
+            // SAFETY: as above; the exchange is atomic so concurrent
+            // events on other CPUs each see a distinct predecessor, and
+            // the deltas telescope.
+            delta +=
+                bytes - unsafe { atomic_xchg::<i64, { AtomicOrdering::Relaxed }>(last, bytes) };
+        }
     }
-    // SAFETY: as above; the exchange is atomic so concurrent events on other
-    // CPUs each see a distinct predecessor, and the deltas telescope.
-    let delta = bytes - unsafe { atomic_xchg::<i64, { AtomicOrdering::Relaxed }>(last, bytes) };
     if delta == 0 {
         return Ok(0);
     }
     let Some(me) = me else {
         // SAFETY: valid map value pointer.
-        add_resident(unsafe { (*state).external_slot }, bucket, delta);
+        let external = unsafe { (*state).external_slot };
+        charge(parts, member, external, bucket, delta, NO_NODE);
         return Ok(0);
     };
-    let mut node = NO_NODE;
+    let (mut slot, mut node) = (me.slot, NO_NODE);
     if delta < 0 {
         // Memory going away inside a release syscall belongs to whoever
         // faulted the range in, not to the thread that released it, and
@@ -156,17 +170,60 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<u32, u32> {
             node = rel.owner_node;
             let owner = rel.owner_slot;
             if owner != NO_SLOT && owner != me.slot {
-                add_resident_on(owner, bucket, delta, node);
+                slot = owner;
                 if let Some(s) = stats(me.slot) {
                     // SAFETY: valid per-CPU map value pointer.
                     unsafe { add_i64(&raw mut (*s).released_for_others_bytes, -delta) };
                 }
-                return Ok(0);
             }
         }
     }
-    add_resident_on(me.slot, bucket, delta, node);
+    charge(parts, member, slot, bucket, delta, node);
     Ok(0)
+}
+
+/// Charges `delta` to `slot` on `node`; where the counters have per-CPU
+/// parts (`parts`), through this CPU's pending bytes for the counter (see
+/// `CpuParts::pending`): held while the same party's changes stay within
+/// the batch, charged when another party's comes.
+#[inline(always)]
+fn charge(
+    parts: Option<*mut CpuParts>,
+    member: u32,
+    slot: u32,
+    bucket: usize,
+    delta: i64,
+    node: u32,
+) {
+    let Some(parts) = parts else {
+        add_resident_on(slot, bucket, delta, node);
+        return;
+    };
+    let m = member as usize & 3;
+    // SAFETY: this CPU's entry of a live per-CPU map, indexes masked.
+    unsafe {
+        let pending = &raw mut (*parts).pending[m];
+        let mut held = core::ptr::read_volatile(pending);
+        if held != 0 {
+            let (was_slot, was_node) = (
+                core::ptr::read_volatile(&raw const (*parts).pending_slot[m]),
+                core::ptr::read_volatile(&raw const (*parts).pending_node[m]),
+            );
+            if was_slot != slot || was_node != node {
+                add_resident_on(was_slot, bucket, held, was_node);
+                held = 0;
+            }
+        }
+        let sum = held + delta;
+        if sum.abs() < CPU_PENDING_PAGES << page_shift() {
+            core::ptr::write_volatile(pending, sum);
+            core::ptr::write_volatile(&raw mut (*parts).pending_slot[m], slot);
+            core::ptr::write_volatile(&raw mut (*parts).pending_node[m], node);
+            return;
+        }
+        core::ptr::write_volatile(pending, 0);
+        add_resident_on(slot, bucket, sum, node);
+    }
 }
 
 /// First counter change of a governed process since registration: checks
@@ -190,4 +247,113 @@ fn learn_mm(mm: u64, me: Identity, state: *mut MmState) -> Result<(), u32> {
         kernel_event::MM_BY_PTR_INSERT_FAILED,
     );
     Ok(())
+}
+
+/// This CPU's per-CPU offset (what `per_cpu_ptr` adds to a per-CPU
+/// pointer for it), found once per CPU.
+#[repr(C)]
+pub struct CpuBase {
+    offset: u64,
+    known: u64,
+    /// Where an address is written and read back as a number.
+    scratch: u64,
+}
+
+/// This CPU's per-CPU offset. The kernel keeps it in `__per_cpu_offset`,
+/// a symbol `/proc/kallsyms` may not show (it lists data only with
+/// `CONFIG_KALLSYMS_ALL`), so it is worked out from a per-CPU map's own
+/// entry: a lookup returns this CPU's copy, `pptrs[0] + offset`, and
+/// `pptrs[0]` is in the map's `struct bpf_array` (its offset from BTF).
+/// The two addresses become numbers by being written to the map value and
+/// read back (the agent loads the programs with `CAP_PERFMON`, which lets
+/// a program store an address).
+#[inline(always)]
+fn this_cpu_offset() -> Option<u64> {
+    let base = CPU_BASE.get_ptr_mut(0)?;
+    // SAFETY: this CPU's entry of a live per-CPU map; the layout is
+    // read-only data written by the loader.
+    unsafe {
+        if core::ptr::read_volatile(&raw const (*base).known) != 0 {
+            return Some(core::ptr::read_volatile(&raw const (*base).offset));
+        }
+        let pptrs = core::ptr::read_volatile(&LAYOUT.array_pptrs);
+        if pptrs == 0 {
+            return None;
+        }
+        let scratch = &raw mut (*base).scratch;
+        core::ptr::write_volatile(scratch, &raw const CPU_BASE as u64);
+        let map = core::ptr::read_volatile(scratch);
+        core::ptr::write_volatile(scratch, base as u64);
+        let mine = core::ptr::read_volatile(scratch);
+        let first = bpf_probe_read_kernel((map + u64::from(pptrs)) as *const u64).ok()?;
+        let offset = mine.wrapping_sub(first);
+        core::ptr::write_volatile(&raw mut (*base).offset, offset);
+        core::ptr::write_volatile(&raw mut (*base).known, 1);
+        Some(offset)
+    }
+}
+
+/// How far counter `member`'s part on this CPU moved since this CPU last
+/// looked (pages), and this CPU's entry for the address space; 0 and none
+/// where the counters have no per-CPU part (up to 6.1). 0 at the first
+/// look at an address space on a CPU, which takes the part as it finds
+/// it.
+#[inline(always)]
+fn cpu_part_change(mm: u64, index: u32, member: u32) -> (i64, Option<*mut CpuParts>, i32) {
+    // SAFETY: read-only data written by the loader.
+    let first = unsafe { core::ptr::read_volatile(&LAYOUT.rss_cpu_part[0]) };
+    if first == 0 {
+        return (0, None, 0);
+    }
+    let Some(parts) = CPU_PARTS.get_ptr_mut(index) else {
+        return (0, None, 0);
+    };
+    let (change, now) = part_change(mm, parts, member);
+    (change, Some(parts), now)
+}
+
+/// The part's change since this CPU's last look, and its value now.
+#[inline(always)]
+fn part_change(mm: u64, parts: *mut CpuParts, member: u32) -> (i64, i32) {
+    let m = member as usize & 3;
+    // SAFETY: this CPU's entry of a live per-CPU map; the helper reads the
+    // kernel's memory at addresses from the counter's own per-CPU pointer
+    // and tolerates a bad one (read as 0).
+    unsafe {
+        if core::ptr::read_volatile(&raw const (*parts).mm) != mm {
+            let Some(offset) = this_cpu_offset() else {
+                return (0, 0);
+            };
+            for i in 0..4 {
+                let at = core::ptr::read_volatile(&LAYOUT.rss_cpu_part[i]);
+                let pointer =
+                    bpf_probe_read_kernel((mm + u64::from(at)) as *const u64).unwrap_or(0);
+                let part = if pointer == 0 {
+                    0
+                } else {
+                    pointer.wrapping_add(offset)
+                };
+                core::ptr::write_volatile(&raw mut (*parts).part[i], part);
+                let value = if part == 0 {
+                    0
+                } else {
+                    bpf_probe_read_kernel(part as *const i32).unwrap_or(0)
+                };
+                core::ptr::write_volatile(&raw mut (*parts).seen[i], value);
+            }
+            core::ptr::write_volatile(&raw mut (*parts).mm, mm);
+            // The total is read at a first look: it may have moved since
+            // this CPU's last one.
+            return (0, 0);
+        }
+        let part = core::ptr::read_volatile(&raw const (*parts).part[m]);
+        if part == 0 {
+            return (0, 0);
+        }
+        let now = bpf_probe_read_kernel(part as *const i32).unwrap_or(0);
+        let seen = &raw mut (*parts).seen[m];
+        let change = i64::from(now) - i64::from(core::ptr::read_volatile(seen));
+        core::ptr::write_volatile(seen, now);
+        (change, now)
+    }
 }

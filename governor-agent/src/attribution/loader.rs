@@ -162,6 +162,7 @@ impl Attribution {
         let by_cgroup = take(&mut ebpf, map::ENGINE_BY_CGROUP)?;
         let by_tid = take(&mut ebpf, map::ENGINE_BY_TID)?;
         let mm_states = take(&mut ebpf, map::MM_STATES)?;
+        let cpu_parts = take(&mut ebpf, map::CPU_PARTS)?;
         let mm_by_ptr = take(&mut ebpf, map::MM_BY_PTR)?;
         let generation = take(&mut ebpf, map::GENERATION)?;
         let file_owners = take(&mut ebpf, map::FILE_OWNERS)?;
@@ -179,6 +180,7 @@ impl Attribution {
             by_cgroup,
             by_tid,
             mm_states,
+            cpu_parts,
             mm_by_ptr,
             free_mm_indexes: (0..MAX_PROCS).rev().collect(),
             generation,
@@ -252,6 +254,14 @@ fn kernel_layout(tracefs: &TraceFs) -> Result<KernelLayout, AgentError> {
         });
     }
     let counter = |member: u32| rss.first_counter + member * rss.stride;
+    // The per-CPU parts (6.2+), and how the programs find this CPU's copy.
+    let (rss_cpu_part, array_pptrs) = match rss.first_cpu_part {
+        Some(first) => (
+            [0, 1, 2, 3].map(|member| first + member * rss.stride),
+            btf::bpf_array_pptrs(&kernel_btf)?,
+        ),
+        None => ([0; 4], 0),
+    };
     Ok(KernelLayout {
         rss_counter: [counter(0), counter(1), counter(2), counter(3)],
         task_mm: rss.task_mm,
@@ -260,6 +270,9 @@ fn kernel_layout(tracefs: &TraceFs) -> Result<KernelLayout, AgentError> {
         task_flags,
         task_min_flt: faults.0,
         task_maj_flt: faults.1,
+        rss_cpu_part,
+        array_pptrs,
+        _pad: 0,
     })
 }
 

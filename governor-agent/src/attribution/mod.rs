@@ -29,10 +29,22 @@
 //! - **The BTF tracepoint** (what we use) costs 0.1% when empty. The program
 //!   reads the counter from `mm_struct` itself, at offsets taken from kernel
 //!   BTF ([`super::btf`]).
-//! - **On 6.2+** that value is the per-CPU counter's central count. It lags
-//!   the exact sum by at most `percpu_counter_batch` pages per CPU, about
-//!   0.1 MiB measured on 2 CPUs, which is the price of an O(1) read instead
-//!   of an O(CPUs) sum on every fault.
+//! - **On 6.2+** the counter is a `percpu_counter`: a change goes into the
+//!   running CPU's part, and into the central count only when that part
+//!   passes the batch (32 pages on a small machine), all of it at once.
+//!   Differencing the central count alone charged each fold to the thread
+//!   whose change tipped it, with whatever every other thread of the
+//!   process had left on that CPU: where two engines' threads take turns
+//!   on a CPU, one engine's pages drifted to the other, fold after fold
+//!   (the accuracy test `engines_taking_turns_on_one_cpu_keep_their_own_counts`:
+//!   15.6 MiB of one engine's counted as the other's). So the program also
+//!   reads this CPU's part (O(1): one CPU's, not the O(CPUs) sum) and
+//!   charges each change as the change of central count + this CPU's part
+//!   since this CPU last looked: the change's own amount, folded or not
+//!   (see `nodedb_governor_common::CpuParts`). The sum still telescopes,
+//!   to the exact count; what lags is a part as it was first seen on each
+//!   CPU (at registration, or after the agent restarts), at most the batch
+//!   per CPU.
 
 //! # Buckets
 //! Each process has an `unattributed` slot (governed threads with no
@@ -70,7 +82,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
 };
 use nodedb_governor_common::{
-    CgroupKey, FileKey, FileOwner, MmState, ProcInfo, SlotMark, SlotStats,
+    CgroupKey, CpuParts, FileKey, FileOwner, MmState, ProcInfo, SlotMark, SlotStats,
 };
 
 pub use attributed::{Attributed, ProcessAttribution, ProgramStats, Reading};
@@ -90,6 +102,9 @@ pub struct Attribution {
     by_cgroup: BpfHashMap<MapData, CgroupKey, u32>,
     by_tid: BpfHashMap<MapData, u32, u32>,
     mm_states: Array<MapData, MmState>,
+    /// Each CPU's view of the per-CPU counter parts, by `mm_index`
+    /// (cleared when an index is given to another process).
+    cpu_parts: PerCpuArray<MapData, CpuParts>,
     mm_by_ptr: BpfHashMap<MapData, u64, u32>,
     free_mm_indexes: Vec<u32>,
     generation: Array<MapData, u64>,

@@ -10,8 +10,8 @@ use std::{
 
 use aya::maps::PerCpuValues;
 use nodedb_governor_common::{
-    CgroupKey, FileKey, FileOwner, MAX_PROCS, MAX_SLOTS, MmState, ProcInfo, SlotStats, identity,
-    kind,
+    CgroupKey, CpuParts, FileKey, FileOwner, MAX_PROCS, MAX_SLOTS, MmState, ProcInfo, SlotStats,
+    identity, kind,
 };
 
 use super::Attribution;
@@ -173,6 +173,17 @@ impl Attribution {
                 0,
             )
             .map_err(|e| AgentError::ebpf("seeding baseline", e))?;
+        // Every CPU looks at this address space's counter parts afresh
+        // (the index's last process may have had its `mm_struct` at the
+        // same address, and its parts elsewhere).
+        self.cpu_parts
+            .set(
+                mm_index,
+                PerCpuValues::try_from(vec![CpuParts::default(); self.nr_cpus])
+                    .map_err(|e| AgentError::io("per-CPU parts", e))?,
+                0,
+            )
+            .map_err(|e| AgentError::ebpf(format!("clearing the counter parts of pid {pid}"), e))?;
         // The programs difference the counters against this baseline from
         // the process's first change on.
         let state = MmState {

@@ -14,6 +14,12 @@
 //!   `{"passes":N}`)
 //! * `interleave FIRST SECOND N` (N blocks of 2 MiB each, alternating
 //!   between the engines, every 2 MiB region shared by two blocks)
+//! * `turns FIRST SECOND ROUNDS PAGES` (both engines' first threads on
+//!   one CPU, taking turns: FIRST faults PAGES pages in and keeps them,
+//!   then SECOND faults 64 pages in and unmaps them, ROUNDS times; with
+//!   PAGES under the kernel's per-CPU counter batch, FIRST's pages stay
+//!   in the CPU's part of the process's RSS counter until SECOND's pages
+//!   push it over the batch and fold it into the total)
 //! * `pin ENGINE NODE` (the engine's first thread onto NODE's CPUs)
 //! * `nodes`: each engine's resident mapped memory by node, from the
 //!   kernel (`move_pages`): `{"engine":{"node":bytes}}`
@@ -187,6 +193,29 @@ fn execute(
                 // else.
                 let block = owner.on(0, move || unsafe { Block::new_at(at, BLOCK) })?;
                 owner.keep(vec![block]);
+            }
+        }
+        ["turns", first, second, rounds, pages] => {
+            let (first, second) = (engine(first)?, engine(second)?);
+            let pages: usize = pages.parse()?;
+            // The CPU the first engine's thread is on: both go there.
+            let cpu = first.on(0, || {
+                // SAFETY: no arguments; returns this thread's CPU.
+                u32::try_from(unsafe { libc::sched_getcpu() })
+            })?;
+            first.on(0, move || numa::pin_current_thread(&[cpu]))?;
+            second.on(0, move || numa::pin_current_thread(&[cpu]))?;
+            for _ in 0..rounds.parse::<usize>()? {
+                let block = first.on(0, move || -> std::io::Result<Block> {
+                    let mut block = Block::reserve(pages * 4096)?;
+                    block.fault_in();
+                    Ok(block)
+                })?;
+                first.keep(vec![block]);
+                second.on(0, || -> std::io::Result<()> {
+                    Block::reserve(64 * 4096)?.fault_in();
+                    Ok(())
+                })?;
             }
         }
         ["read", victim, by, millis] => {

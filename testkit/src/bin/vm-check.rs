@@ -367,18 +367,25 @@ fn main() -> anyhow::Result<()> {
             &env.bin,
             "attribution_accuracy",
             // The cgroup identity path (what a v2 kernel is for): the TID
-            // map's path has the same programs and runs on the host.
-            &["accuracy_with_cgroup_identity", "per_node_attribution"],
+            // map's path has the same programs and runs on the host; and
+            // two engines taking turns on one CPU (6.12's per-CPU RSS
+            // counters, 6.1's per-thread ones).
+            &[
+                "accuracy_with_cgroup_identity",
+                "per_node_attribution",
+                "engines_taking_turns",
+            ],
             &args.disk,
         )
         .map(|text| {
             let lines = |prefix: &str| -> Vec<&str> {
                 text.lines().filter(|l| l.starts_with(prefix)).collect()
             };
-            let (read, placed, moved) = (
+            let (read, placed, moved, turns) = (
                 lines("[read by another engine]"),
                 lines("[placed]"),
                 lines("[moved, then freed]"),
+                lines("[taking turns on one CPU]"),
             );
             let page_cache: Vec<&str> = text
                 .lines()
@@ -395,6 +402,7 @@ fn main() -> anyhow::Result<()> {
                 "read_by_another_engine": read,
                 "nodes_placed": placed,
                 "nodes_thread_moved": moved,
+                "taking_turns_on_one_cpu": turns,
             })
         }),
     );

@@ -308,8 +308,7 @@ fn cpu_part_change(mm: u64, index: u32, member: u32) -> (i64, Option<*mut CpuPar
     let Some(parts) = CPU_PARTS.get_ptr_mut(index) else {
         return (0, None, 0);
     };
-    // SAFETY: copy out of the map value.
-    let epoch = unsafe { MM_EPOCHS.get(index) }.copied().unwrap_or(0);
+    let epoch = MM_EPOCHS.get(index).copied().unwrap_or(0);
     let (change, now) = part_change(mm, epoch, parts, member);
     (change, Some(parts), now)
 }

@@ -302,6 +302,10 @@ pub struct CpuParts {
     /// The `struct mm_struct` these are for (0: none yet; another address
     /// space at this index is looked at afresh).
     pub mm: u64,
+    /// The process's exec count (`MM_EPOCHS`) when they were looked at: an
+    /// address space after an exec is looked at afresh even where the
+    /// allocator gave it an earlier one's address.
+    pub epoch: u64,
     /// This CPU's address of each counter's part (an `s32`).
     pub part: [u64; 4],
     /// Each part's value at this CPU's last look, in pages.
@@ -310,7 +314,10 @@ pub struct CpuParts {
     /// party's (`pending_slot`, on `pending_node`), charged when another
     /// party's change comes or they pass [`CPU_PENDING_PAGES`] pages, so
     /// a thread faulting page after page is charged once a batch, as it
-    /// was when only folds moved the count.
+    /// was when only folds moved the count. Until then the party's count
+    /// lags by them: at most the batch per CPU and counter, as the central
+    /// count alone lagged (what is charged and what is pending together
+    /// telescope to the exact count).
     pub pending: [i64; 4],
     pub pending_slot: [u32; 4],
     pub pending_node: [u32; 4],

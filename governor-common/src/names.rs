@@ -31,6 +31,7 @@ pub mod map {
     pub const VOTES: &str = "VOTES";
     pub const CPU_PARTS: &str = "CPU_PARTS";
     pub const CPU_BASE: &str = "CPU_BASE";
+    pub const MM_EPOCHS: &str = "MM_EPOCHS";
 
     /// Every map in the object.
     pub const ALL: &[&str] = &[
@@ -55,6 +56,7 @@ pub mod map {
         VOTES,
         CPU_PARTS,
         CPU_BASE,
+        MM_EPOCHS,
     ];
 }
 

@@ -85,12 +85,16 @@ pub static KERNEL_EVENTS: PerCpuArray<u64> =
 #[map]
 pub static VOTES: PerCpuArray<crate::release::Votes> = PerCpuArray::with_max_entries(1, 0);
 /// This CPU's view of each governed address space's per-CPU RSS counter
-/// parts (see `nodedb_governor_common::CpuParts`), at its `mm_index`. Not
-/// pinned: a restarted agent's programs look at each part afresh (what
-/// changed in a part meanwhile, at most the batch per CPU, goes uncounted
-/// until it folds).
+/// parts (see `nodedb_governor_common::CpuParts`), at its `mm_index`.
+/// Pinned: a restarted agent's programs go on from where the last one's
+/// looked (the parts' addresses hold while the process lives), with its
+/// pending bytes.
 #[map]
 pub static CPU_PARTS: PerCpuArray<CpuParts> = PerCpuArray::with_max_entries(MAX_PROCS, 0);
 /// This CPU's per-CPU offset (see `rss_stat::this_cpu_offset`).
 #[map]
 pub static CPU_BASE: PerCpuArray<crate::rss_stat::CpuBase> = PerCpuArray::with_max_entries(1, 0);
+/// Each governed process's exec count, at its `mm_index` (see
+/// `nodedb_governor_common::CpuParts::epoch`); only grows.
+#[map]
+pub static MM_EPOCHS: Array<u64> = Array::with_max_entries(MAX_PROCS, 0);

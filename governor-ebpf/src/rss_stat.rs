@@ -18,7 +18,7 @@ use nodedb_governor_common::{
 use crate::{
     counters::{add_i64, add_resident_on, insert_or_count, stats},
     identity::{Identity, identity, ids},
-    maps::{CPU_BASE, CPU_PARTS, MM_BY_PTR, MM_STATES, RELEASING},
+    maps::{CPU_BASE, CPU_PARTS, MM_BY_PTR, MM_EPOCHS, MM_STATES, RELEASING},
 };
 
 /// Written by the agent at load time from kernel BTF. The verifier sees
@@ -215,7 +215,7 @@ fn charge(
             }
         }
         let sum = held + delta;
-        if sum.abs() < CPU_PENDING_PAGES << page_shift() {
+        if sum.unsigned_abs() < (CPU_PENDING_PAGES as u64) << page_shift() {
             core::ptr::write_volatile(pending, sum);
             core::ptr::write_volatile(&raw mut (*parts).pending_slot[m], slot);
             core::ptr::write_volatile(&raw mut (*parts).pending_node[m], node);
@@ -308,19 +308,22 @@ fn cpu_part_change(mm: u64, index: u32, member: u32) -> (i64, Option<*mut CpuPar
     let Some(parts) = CPU_PARTS.get_ptr_mut(index) else {
         return (0, None, 0);
     };
-    let (change, now) = part_change(mm, parts, member);
+    let epoch = MM_EPOCHS.get(index).copied().unwrap_or(0);
+    let (change, now) = part_change(mm, epoch, parts, member);
     (change, Some(parts), now)
 }
 
 /// The part's change since this CPU's last look, and its value now.
 #[inline(always)]
-fn part_change(mm: u64, parts: *mut CpuParts, member: u32) -> (i64, i32) {
+fn part_change(mm: u64, epoch: u64, parts: *mut CpuParts, member: u32) -> (i64, i32) {
     let m = member as usize & 3;
     // SAFETY: this CPU's entry of a live per-CPU map; the helper reads the
     // kernel's memory at addresses from the counter's own per-CPU pointer
     // and tolerates a bad one (read as 0).
     unsafe {
-        if core::ptr::read_volatile(&raw const (*parts).mm) != mm {
+        if core::ptr::read_volatile(&raw const (*parts).mm) != mm
+            || core::ptr::read_volatile(&raw const (*parts).epoch) != epoch
+        {
             let Some(offset) = this_cpu_offset() else {
                 return (0, 0);
             };
@@ -342,6 +345,7 @@ fn part_change(mm: u64, parts: *mut CpuParts, member: u32) -> (i64, i32) {
                 core::ptr::write_volatile(&raw mut (*parts).seen[i], value);
             }
             core::ptr::write_volatile(&raw mut (*parts).mm, mm);
+            core::ptr::write_volatile(&raw mut (*parts).epoch, epoch);
             // The total is read at a first look: it may have moved since
             // this CPU's last one.
             return (0, 0);

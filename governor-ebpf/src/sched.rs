@@ -12,11 +12,11 @@ use aya_ebpf::{
 use nodedb_governor_common::kernel_event;
 
 use crate::{
-    counters::{count_event, insert_or_count},
+    counters::{add_u64, count_event, insert_or_count},
     identity::{identity, ids},
     maps::{
-        BRK, ENGINE_BY_TID, IDENTITY_CACHE, MM_BY_PTR, MM_STATES, PENDING_MMAP, REGION_CACHE,
-        RELEASING,
+        BRK, ENGINE_BY_TID, IDENTITY_CACHE, MM_BY_PTR, MM_EPOCHS, MM_STATES, PENDING_MMAP,
+        REGION_CACHE, RELEASING,
     },
     record::offsets,
 };
@@ -136,6 +136,10 @@ fn try_sched_process_exec() -> Result<u32, u32> {
     // SAFETY: as above.
     unsafe { core::ptr::write_volatile(&raw mut (*state).mm, 0) };
     let _ = BRK.remove(ids().0);
+    // Every CPU looks at the new address space's counter parts afresh.
+    if let Some(epoch) = MM_EPOCHS.get_ptr_mut(me.mm_index) {
+        add_u64(epoch, 1);
+    }
     count_event(kernel_event::EXEC_FOLLOWED);
     Ok(0)
 }

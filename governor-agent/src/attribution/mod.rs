@@ -41,10 +41,12 @@
 //!   reads this CPU's part (O(1): one CPU's, not the O(CPUs) sum) and
 //!   charges each change as the change of central count + this CPU's part
 //!   since this CPU last looked: the change's own amount, folded or not
-//!   (see `nodedb_governor_common::CpuParts`). The sum still telescopes,
-//!   to the exact count; what lags is a part as it was first seen on each
-//!   CPU (at registration, or after the agent restarts), at most the batch
-//!   per CPU.
+//!   (see `nodedb_governor_common::CpuParts`). What is charged and what a
+//!   CPU holds pending (one party's changes, up to 32 pages, so a faulting
+//!   thread is charged once a batch) telescope to the exact count; what a
+//!   reading lags by is those pending bytes and a part as it was first
+//!   seen on each CPU (at registration, or after an exec), each at most
+//!   the batch per CPU and counter, as the central count alone lagged.
 
 //! # Buckets
 //! Each process has an `unattributed` slot (governed threads with no

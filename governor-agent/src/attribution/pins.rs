@@ -37,6 +37,8 @@ pub(super) const PINNED_MAPS: &[&str] = &[
     map::GENERATION,
     map::FILE_OWNERS,
     map::MARK_TOTALS,
+    map::CPU_PARTS,
+    map::MM_EPOCHS,
 ];
 
 /// Each pinned map as this build makes it, in [`PINNED_MAPS`]' order: its
@@ -45,10 +47,10 @@ pub(super) const PINNED_MAPS: &[&str] = &[
 /// configuration, and are not used.
 pub(super) fn pinned_layout(
     maps: &crate::config::MapsConfig,
-) -> [(&'static str, u32, u32, u32); 13] {
+) -> [(&'static str, u32, u32, u32); 15] {
     use nodedb_governor_common::{
-        FileKey, FileOwner, MAX_ENGINE_CGROUPS, MAX_PROCS, MAX_SLOTS, MmState, PendingMap,
-        ProcInfo, RegionKey, ReleaseCtx, SlotStats, regions::RegionOwners,
+        CpuParts, FileKey, FileOwner, MAX_ENGINE_CGROUPS, MAX_PROCS, MAX_SLOTS, MmState,
+        PendingMap, ProcInfo, RegionKey, ReleaseCtx, SlotStats, regions::RegionOwners,
     };
     fn sz<T>() -> u32 {
         size_of::<T>() as u32
@@ -82,6 +84,8 @@ pub(super) fn pinned_layout(
             maps.files,
         ),
         (map::MARK_TOTALS, 4, 8, MAX_SLOTS),
+        (map::CPU_PARTS, 4, sz::<CpuParts>(), MAX_PROCS),
+        (map::MM_EPOCHS, 4, 8, MAX_PROCS),
     ]
 }
 
@@ -90,8 +94,9 @@ pub(super) fn pinned_layout(
 /// page cache, and `FILE_OWNERS` holds each file's bytes. 4: `SlotStats`
 /// holds the per-CPU part of the mark count, `MARK_TOTALS` the rest. 5:
 /// `SlotStats` counts hinting faults and resident bytes per NUMA node. 6:
-/// `REGIONS` values hold a second engine and its span of the region.
-const STATE_VERSION: u32 = 6;
+/// `REGIONS` values hold a second engine and its span of the region. 7:
+/// `CPU_PARTS` and `MM_EPOCHS` (the per-CPU counter parts) are pinned.
+const STATE_VERSION: u32 = 7;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SavedProcess {

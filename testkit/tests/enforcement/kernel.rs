@@ -18,7 +18,10 @@ const MIB: u64 = 1 << 20;
 /// memory the new program touches is counted for its engine (its new
 /// address space is learned), the exec is counted, and the agent says so.
 /// Before, every change of the new address space was dropped as another
-/// process's: the engine showed the old image's memory, forever.
+/// process's: the engine showed the old image's memory, forever. Two
+/// execs, as the allocator may give the third address space the first
+/// one's address: each CPU's view of the counters' per-CPU parts must be
+/// taken afresh at each (`MM_EPOCHS`), never read at the first one's.
 #[test]
 fn a_governed_process_that_execs_is_followed_into_its_new_image() {
     if skip_unless_privileged("exec followed") {
@@ -26,10 +29,15 @@ fn a_governed_process_that_execs_is_followed_into_its_new_image() {
     }
     let agent = super::start_agent("");
     let probe = env!("CARGO_BIN_EXE_touch-probe");
-    // A shell, governed, that execs the probe when told to.
+    // A shell, governed, that execs a shell that execs the probe when
+    // told to.
     let mut shell = Reaped(
         Command::new("sh")
-            .args(["-c", "read go; exec \"$0\" --mib 64", probe])
+            .args([
+                "-c",
+                "read go; exec sh -c 'read go; exec \"$0\" --mib 64' \"$0\"",
+                probe,
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -57,15 +65,20 @@ fn a_governed_process_that_execs_is_followed_into_its_new_image() {
     };
     let before = resident();
     assert!(before < 16 * MIB, "the shell holds {before} bytes");
-    writeln!(shell.stdin.take().unwrap(), "go").unwrap();
+    let mut stdin = shell.stdin.take().unwrap();
+    writeln!(stdin, "go").unwrap();
+    writeln!(stdin, "go").unwrap();
     let touched = JsonLines::of(&mut shell).next_value();
     assert_eq!(touched["touched_bytes"], 64 * MIB, "{touched}");
     wait_for("the new image's memory to be the vector engine's", || {
         resident() >= 60 * MIB
     });
+    // What the probe holds, not an old image's parts read as counts.
+    let now = resident();
+    assert!(now < 80 * MIB, "64 MiB touched, {now} bytes attributed");
     let status = agent.status_json();
     assert!(
-        status["kernel_events"]["execs_followed"].as_u64() >= Some(1),
+        status["kernel_events"]["execs_followed"].as_u64() >= Some(2),
         "{}",
         status["kernel_events"]
     );

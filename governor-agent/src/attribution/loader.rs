@@ -253,17 +253,15 @@ fn kernel_layout(tracefs: &TraceFs) -> Result<KernelLayout, AgentError> {
             reason: format!("page size {page_size} is not a power of two"),
         });
     }
-    let counter = |member: u32| rss.first_counter + member * rss.stride;
+    // Each counter's field, the first one's at `first`, by counter number.
+    let fields = |first: u32| [0, 1, 2, 3].map(|member| first + member * rss.stride);
     // The per-CPU parts (6.2+), and how the programs find this CPU's copy.
     let (rss_cpu_part, array_pptrs) = match rss.first_cpu_part {
-        Some(first) => (
-            [0, 1, 2, 3].map(|member| first + member * rss.stride),
-            btf::bpf_array_pptrs(&kernel_btf)?,
-        ),
+        Some(first) => (fields(first), btf::bpf_array_pptrs(&kernel_btf)?),
         None => ([0; 4], 0),
     };
     Ok(KernelLayout {
-        rss_counter: [counter(0), counter(1), counter(2), counter(3)],
+        rss_counter: fields(rss.first_counter),
         task_mm: rss.task_mm,
         page_shift: (page_size as u64).trailing_zeros(),
         member_kind,
